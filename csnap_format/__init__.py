@@ -1,0 +1,143 @@
+# csnap_format: the on-disk format of a csnap store.
+#
+# Owns every byte layout (superblock, bitmaps, btree nodes, journal commit
+# records), their checksums, and pure encode/decode functions between bytes
+# and frozen dataclasses. Rule 1: decoding arbitrary bytes raises a
+# FormatError subclass and nothing else. Rule 2: nothing here does I/O except
+# the mkcsnap command-line tool. Other packages import only from this module.
+from __future__ import annotations
+
+from csnap_format.bitmap import BitmapBlock, decode_bitmap, encode_bitmap
+from csnap_format.btree import (
+    RCHUNK_LIMIT,
+    IndexNode,
+    Leaf,
+    decode_index,
+    decode_leaf,
+    encode_index,
+    encode_leaf,
+    leaf_bytes_used,
+)
+from csnap_format.constants import (
+    FORMAT_VERSION,
+    GEOMETRY_BACKUP_ADDRESS,
+    HEADER_SIZE,
+    MAX_BLOCK_SIZE,
+    MAX_CHUNK_SIZE,
+    MAX_DEPTH,
+    MAX_SNAPSHOTS,
+    MAX_TAG,
+    MIN_BLOCK_SIZE,
+    MIN_CHUNK_SIZE,
+    MIN_JOURNAL_BLOCKS,
+    SECTOR_SIZE,
+    SUPERBLOCK_ADDRESS,
+    BlockType,
+    SnapshotState,
+)
+from csnap_format.errors import (
+    BadMagicError,
+    ChecksumError,
+    CorruptBlockError,
+    ForeignBlockError,
+    FormatError,
+    LayoutError,
+    MisdirectedBlockError,
+    UnsupportedVersionError,
+    WrongBlockTypeError,
+)
+from csnap_format.geometry import (
+    EXCEPTION_BYTES,
+    LEAF_ENTRY_BYTES,
+    Geometry,
+    bitmap_bits_per_block,
+    commit_capacity,
+    index_capacity,
+    leaf_room,
+    plan_geometry,
+)
+from csnap_format.header import BlockContext, BlockHeader, block_checksum, read_header
+from csnap_format.journal import CommitRecord, decode_commit, encode_commit, payload_crc
+from csnap_format.mkfs import (
+    FORMAT_SEQUENCE,
+    empty_superblock,
+    format_block_count,
+    format_blocks,
+)
+from csnap_format.superblock import (
+    SnapshotRecord,
+    Superblock,
+    decode_geometry,
+    decode_superblock,
+    encode_geometry_backup,
+    encode_superblock,
+)
+
+__all__ = [
+    # constants
+    "FORMAT_VERSION",
+    "HEADER_SIZE",
+    "SECTOR_SIZE",
+    "MIN_BLOCK_SIZE",
+    "MAX_BLOCK_SIZE",
+    "MIN_CHUNK_SIZE",
+    "MAX_CHUNK_SIZE",
+    "MAX_SNAPSHOTS",
+    "MAX_DEPTH",
+    "MAX_TAG",
+    "MIN_JOURNAL_BLOCKS",
+    "SUPERBLOCK_ADDRESS",
+    "GEOMETRY_BACKUP_ADDRESS",
+    "RCHUNK_LIMIT",
+    "LEAF_ENTRY_BYTES",
+    "EXCEPTION_BYTES",
+    "FORMAT_SEQUENCE",
+    "BlockType",
+    "SnapshotState",
+    # errors
+    "FormatError",
+    "BadMagicError",
+    "WrongBlockTypeError",
+    "ChecksumError",
+    "MisdirectedBlockError",
+    "ForeignBlockError",
+    "UnsupportedVersionError",
+    "CorruptBlockError",
+    "LayoutError",
+    # geometry
+    "Geometry",
+    "plan_geometry",
+    "bitmap_bits_per_block",
+    "index_capacity",
+    "leaf_room",
+    "commit_capacity",
+    # blocks
+    "BlockContext",
+    "BlockHeader",
+    "block_checksum",
+    "read_header",
+    "Superblock",
+    "SnapshotRecord",
+    "encode_superblock",
+    "decode_superblock",
+    "decode_geometry",
+    "encode_geometry_backup",
+    "BitmapBlock",
+    "encode_bitmap",
+    "decode_bitmap",
+    "Leaf",
+    "IndexNode",
+    "encode_leaf",
+    "decode_leaf",
+    "encode_index",
+    "decode_index",
+    "leaf_bytes_used",
+    "CommitRecord",
+    "encode_commit",
+    "decode_commit",
+    "payload_crc",
+    # a new store
+    "empty_superblock",
+    "format_blocks",
+    "format_block_count",
+]

@@ -1,0 +1,19 @@
+# Cached struct formats for variable-length arrays of little-endian integers.
+from __future__ import annotations
+
+import functools
+import struct
+
+__all__ = ["u32_array", "u64_array"]
+
+
+@functools.lru_cache(maxsize=1024)
+def u32_array(count: int) -> struct.Struct:
+    """A struct for `count` little-endian u32 values."""
+    return struct.Struct(f"<{count}I")
+
+
+@functools.lru_cache(maxsize=1024)
+def u64_array(count: int) -> struct.Struct:
+    """A struct for `count` little-endian u64 values."""
+    return struct.Struct(f"<{count}Q")

@@ -1,0 +1,341 @@
+# The superblock (block 0) and the geometry backup (block 1).
+#
+# The superblock holds three things (docs/format.md, "Superblock"):
+#
+#   bytes    0..40    common header (checksum over the whole block)
+#   bytes   40..512   geometry: identity, sizes, region positions, and a
+#                     CRC32 of its own at 508..512
+#   bytes  512..1024  state: clean/busy, btree root and depth, free counts,
+#                     allocation cursors, deletion sweep cursor
+#   bytes 1024..3072  snapshot table: 64 records of 32 bytes, one per share bit
+#
+# Why the geometry has its own checksum: the superblock is rewritten in place
+# (after its new contents are durable in the journal), and a write torn at a
+# 512-byte sector boundary would fail the whole-block checksum. The first
+# sector is byte-for-byte the same in every version except for the header's
+# checksum and sequence fields, which the geometry CRC skips, so the journal
+# can always be found and replayed, and the replay repairs the tear.
+from __future__ import annotations
+
+import struct
+import zlib
+from dataclasses import dataclass
+
+from csnap_format.constants import (
+    FORMAT_VERSION,
+    GEOMETRY_BACKUP_ADDRESS,
+    HEADER_SIZE,
+    MAGIC,
+    MAX_DEPTH,
+    MAX_SNAPSHOTS,
+    SECTOR_SIZE,
+    SUPERBLOCK_ADDRESS,
+    BlockType,
+    SnapshotState,
+)
+from csnap_format.errors import (
+    BadMagicError,
+    ChecksumError,
+    CorruptBlockError,
+    UnsupportedVersionError,
+    WrongBlockTypeError,
+)
+from csnap_format.geometry import Geometry, geometry_problems
+from csnap_format.header import read_header, write_header
+
+__all__ = [
+    "SnapshotRecord",
+    "Superblock",
+    "encode_superblock",
+    "decode_superblock",
+    "decode_geometry",
+    "encode_geometry_backup",
+    "STATE_CLEAN",
+    "STATE_BUSY",
+]
+
+#: Superblock `state` values: closed cleanly, or open (or crashed) since.
+STATE_CLEAN = 1
+STATE_BUSY = 2
+
+# Geometry: version, incompat, compat, reserved, uuid, created, block size,
+# chunk size, then 12 u64 sizes and positions.
+_GEOMETRY = struct.Struct("<IIII16sQII12Q")
+_GEOMETRY_AT = HEADER_SIZE
+_GEOMETRY_CRC_AT = SECTOR_SIZE - 4
+# State: state, depth, root, meta free, data free, meta cursor, data cursor,
+# sweep cursor.
+_STATE = struct.Struct("<II6Q")
+_STATE_AT = SECTOR_SIZE
+_STATE_END = 1024
+# Snapshot record: tag, state, priority, reserved, use count, reserved,
+# created, origin chunks.
+_RECORD = struct.Struct("<IBbHIIQQ")
+_TABLE_AT = 1024
+_TABLE_END = _TABLE_AT + MAX_SNAPSHOTS * _RECORD.size
+_NAME = "superblock"
+
+assert _GEOMETRY_AT + _GEOMETRY.size <= _GEOMETRY_CRC_AT
+assert _STATE_AT + _STATE.size <= _STATE_END
+assert _RECORD.size == 32
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotRecord:
+    """One row of the snapshot table. Its index in the table is its share bit."""
+
+    tag: int
+    state: SnapshotState
+    priority: int
+    use_count: int
+    created_ns: int
+    origin_chunks: int
+
+
+@dataclass(frozen=True, slots=True)
+class Superblock:
+    """The decoded superblock: geometry, store state and snapshot table."""
+
+    geometry: Geometry
+    sequence: int
+    clean: bool
+    depth: int
+    root: int
+    meta_free: int
+    data_free: int
+    meta_cursor: int
+    data_cursor: int
+    sweep_cursor: int
+    #: 64 entries indexed by share bit; None marks a free slot.
+    snapshots: tuple[SnapshotRecord | None, ...]
+
+
+def _pack_geometry(block: bytearray, g: Geometry) -> None:
+    _GEOMETRY.pack_into(
+        block,
+        _GEOMETRY_AT,
+        FORMAT_VERSION,
+        0,
+        0,
+        0,
+        g.uuid,
+        g.created_ns,
+        g.block_size,
+        g.chunk_size,
+        g.store_chunks,
+        g.origin_chunks,
+        g.journal_start,
+        g.journal_blocks,
+        g.meta_bitmap_start,
+        g.meta_bitmap_blocks,
+        g.data_bitmap_start,
+        g.data_bitmap_blocks,
+        g.meta_start,
+        g.meta_blocks,
+        g.data_start,
+        g.data_chunks,
+    )
+    crc = zlib.crc32(memoryview(block)[_GEOMETRY_AT:_GEOMETRY_CRC_AT])
+    struct.pack_into("<I", block, _GEOMETRY_CRC_AT, crc)
+
+
+def encode_superblock(sb: Superblock) -> bytes:
+    """Encode `sb` into one metadata block, header and checksums included."""
+    g = sb.geometry
+    block = bytearray(g.block_size)
+    _pack_geometry(block, g)
+    _STATE.pack_into(
+        block,
+        _STATE_AT,
+        STATE_CLEAN if sb.clean else STATE_BUSY,
+        sb.depth,
+        sb.root,
+        sb.meta_free,
+        sb.data_free,
+        sb.meta_cursor,
+        sb.data_cursor,
+        sb.sweep_cursor,
+    )
+    for bit, record in enumerate(sb.snapshots):
+        if record is not None:
+            _RECORD.pack_into(
+                block,
+                _TABLE_AT + bit * _RECORD.size,
+                record.tag,
+                record.state,
+                record.priority,
+                0,
+                record.use_count,
+                0,
+                record.created_ns,
+                record.origin_chunks,
+            )
+    write_header(
+        block, BlockType.SUPERBLOCK, SUPERBLOCK_ADDRESS, g.store_id, sb.sequence
+    )
+    return bytes(block)
+
+
+def encode_geometry_backup(g: Geometry) -> bytes:
+    """Block 1: the geometry sector again, for when block 0 is unreadable."""
+    block = bytearray(g.block_size)
+    _pack_geometry(block, g)
+    write_header(block, BlockType.GEOMETRY, GEOMETRY_BACKUP_ADDRESS, g.store_id, 0)
+    return bytes(block)
+
+
+def decode_geometry(block: bytes | bytearray | memoryview) -> Geometry:
+    """Read the geometry from the first sector of block 0 or from block 1.
+
+    Only the first 512 bytes are trusted: their own CRC is checked, not the
+    whole block's, so that a superblock torn after its first sector still
+    tells where the journal is.
+
+    Raises:
+        FormatError: not a csnap store, an unsupported version, or damage.
+    """
+    if len(block) < SECTOR_SIZE:
+        raise BadMagicError(f"only {len(block)} bytes, not a csnap store", kind=_NAME)
+    if bytes(block[:4]) != MAGIC:
+        raise BadMagicError("not a csnap store (no csnap magic at byte 0)", kind=_NAME)
+    # type, then skip reserved (2), checksum (4), reserved (4): address, store id.
+    kind, address, store_id = struct.unpack_from("<H10xQQ", block, 4)
+    expected = {
+        BlockType.SUPERBLOCK: SUPERBLOCK_ADDRESS,
+        BlockType.GEOMETRY: GEOMETRY_BACKUP_ADDRESS,
+    }
+    if kind not in expected:
+        raise WrongBlockTypeError(f"block type {kind} is not a superblock", kind=_NAME)
+    name = "superblock" if kind == BlockType.SUPERBLOCK else "geometry backup"
+    stored_crc = struct.unpack_from("<I", block, _GEOMETRY_CRC_AT)[0]
+    crc = zlib.crc32(memoryview(block)[_GEOMETRY_AT:_GEOMETRY_CRC_AT])
+    if crc != stored_crc:
+        raise ChecksumError(
+            f"geometry checksum mismatch (stored {stored_crc:#010x},"
+            f" computed {crc:#010x})",
+            block=expected[kind],
+            kind=name,
+        )
+    fields = _GEOMETRY.unpack_from(block, _GEOMETRY_AT)
+    version, incompat, compat, reserved = fields[:4]
+    if version != FORMAT_VERSION:
+        raise UnsupportedVersionError(
+            f"format version {version}; this csnap reads version {FORMAT_VERSION}",
+            block=expected[kind],
+            kind=name,
+        )
+    if incompat or compat or reserved:
+        raise UnsupportedVersionError(
+            f"unknown feature flags (incompat {incompat:#x}, compat {compat:#x})",
+            block=expected[kind],
+            kind=name,
+        )
+    if any(block[_GEOMETRY_AT + _GEOMETRY.size : _GEOMETRY_CRC_AT]):
+        raise CorruptBlockError(
+            "reserved geometry bytes are not zero", block=expected[kind], kind=name
+        )
+    geometry = Geometry(fields[4], *fields[5:])
+    problems = geometry_problems(geometry)
+    if problems:
+        raise CorruptBlockError("; ".join(problems), block=expected[kind], kind=name)
+    if address != expected[kind] or store_id != geometry.store_id:
+        raise CorruptBlockError(
+            "header address or store id disagrees with the geometry",
+            block=expected[kind],
+            kind=name,
+        )
+    return geometry
+
+
+def decode_superblock(block: bytes | bytearray | memoryview) -> Superblock:
+    """Decode and validate block 0 in full.
+
+    Raises:
+        FormatError: a subclass naming what is wrong.
+    """
+    geometry = decode_geometry(block)
+    header = read_header(
+        block,
+        BlockType.SUPERBLOCK,
+        address=SUPERBLOCK_ADDRESS,
+        store_id=geometry.store_id,
+        block_size=geometry.block_size,
+    )
+    state, depth, root, meta_free, data_free, meta_cursor, data_cursor, sweep = (
+        _STATE.unpack_from(block, _STATE_AT)
+    )
+    problems = []
+    if state not in (STATE_CLEAN, STATE_BUSY):
+        problems.append(f"state {state} is neither clean nor busy")
+    if depth > MAX_DEPTH:
+        problems.append(f"btree depth {depth} exceeds {MAX_DEPTH}")
+    if not geometry.meta_start <= root < geometry.meta_end:
+        problems.append(f"btree root {root} is outside the metadata area")
+    if meta_free >= geometry.meta_blocks:
+        problems.append(f"metadata free count {meta_free} exceeds the area")
+    if data_free > geometry.data_chunks:
+        problems.append(f"data free count {data_free} exceeds the data area")
+    if not geometry.meta_start <= meta_cursor < geometry.meta_end:
+        problems.append(f"metadata cursor {meta_cursor} is outside the metadata area")
+    if not geometry.data_start <= data_cursor < geometry.store_chunks:
+        problems.append(f"data cursor {data_cursor} is outside the data area")
+    if any(block[_STATE_AT + _STATE.size : _STATE_END]) or any(
+        block[_TABLE_END : geometry.block_size]
+    ):
+        problems.append("reserved bytes are not zero")
+    snapshots = _decode_table(block, problems)
+    if problems:
+        raise CorruptBlockError(
+            "; ".join(problems), block=SUPERBLOCK_ADDRESS, kind=_NAME
+        )
+    return Superblock(
+        geometry=geometry,
+        sequence=header.sequence,
+        clean=state == STATE_CLEAN,
+        depth=depth,
+        root=root,
+        meta_free=meta_free,
+        data_free=data_free,
+        meta_cursor=meta_cursor,
+        data_cursor=data_cursor,
+        sweep_cursor=sweep,
+        snapshots=snapshots,
+    )
+
+
+def _decode_table(
+    block: bytes | bytearray | memoryview, problems: list[str]
+) -> tuple[SnapshotRecord | None, ...]:
+    records: list[SnapshotRecord | None] = []
+    tags: set[int] = set()
+    for bit in range(MAX_SNAPSHOTS):
+        at = _TABLE_AT + bit * _RECORD.size
+        tag, state, priority, pad1, use_count, pad2, created, origin_chunks = (
+            _RECORD.unpack_from(block, at)
+        )
+        if state == SnapshotState.FREE:
+            if any(block[at : at + _RECORD.size]):
+                problems.append(f"free snapshot slot {bit} is not all zeros")
+            records.append(None)
+            continue
+        if state not in _STATES:
+            problems.append(f"snapshot slot {bit} has unknown state {state}")
+            records.append(None)
+            continue
+        if pad1 or pad2:
+            problems.append(f"snapshot slot {bit} has non-zero reserved bytes")
+        if origin_chunks < 1:
+            problems.append(f"snapshot slot {bit} records an empty origin")
+        if state != SnapshotState.DELETING:
+            if tag in tags:
+                problems.append(f"snapshot tag {tag} appears twice")
+            tags.add(tag)
+        records.append(
+            SnapshotRecord(
+                tag, SnapshotState(state), priority, use_count, created, origin_chunks
+            )
+        )
+    return tuple(records)
+
+
+_STATES = frozenset(int(s) for s in SnapshotState)

@@ -1,0 +1,24 @@
+# Shared pytest configuration: hypothesis profiles.
+#
+# CI sets CI=true, which makes hypothesis load its built-in "ci" profile
+# (derandomised, no deadline). Locally the "dev" profile keeps runs short;
+# CSNAP_HYPOTHESIS_PROFILE=long is for hunting outside CI.
+from __future__ import annotations
+
+import os
+
+from hypothesis import HealthCheck, settings
+
+settings.register_profile(
+    "dev", max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+settings.register_profile(
+    "long",
+    max_examples=5000,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+if os.environ.get("CSNAP_HYPOTHESIS_PROFILE"):
+    settings.load_profile(os.environ["CSNAP_HYPOTHESIS_PROFILE"])
+elif not os.environ.get("CI"):
+    settings.load_profile("dev")
