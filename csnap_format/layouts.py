@@ -92,6 +92,8 @@ STATE = Struct(
     "meta_cursor" / Int64ul,
     "data_cursor" / Int64ul,
     "sweep_cursor" / Int64ul,
+    "sweep_mask" / Int64ul,
+    "exceptions" / Int64ul,
 )
 
 SNAPSHOT_RECORD = Struct(
@@ -103,6 +105,8 @@ SNAPSHOT_RECORD = Struct(
     "reserved2" / Int32ul,
     "created_ns" / Int64ul,
     "origin_chunks" / Int64ul,
+    "unique_chunks" / Int64ul,
+    "shared_chunks" / Int64ul,
 )
 
 _GEOMETRY_PAD = SECTOR_SIZE - 4 - HEADER_SIZE - GEOMETRY.sizeof()
@@ -118,6 +122,7 @@ SUPERBLOCK = Struct(
     "snapshots" / Array(MAX_SNAPSHOTS, SNAPSHOT_RECORD),
     "reserved" / GreedyBytes,
 )
+assert SUPERBLOCK.subcons[-2].sizeof() == 3072  # the table fills 1024..4096
 
 GEOMETRY_BACKUP = Struct(
     "header" / HEADER,

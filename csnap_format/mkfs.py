@@ -39,6 +39,8 @@ def empty_superblock(g: Geometry) -> Superblock:
         meta_cursor=g.meta_start + 1 if g.meta_blocks > 1 else g.meta_start,
         data_cursor=g.data_start,
         sweep_cursor=0,
+        sweep_mask=0,
+        exceptions=0,
         snapshots=(None,) * MAX_SNAPSHOTS,
     )
 

@@ -6,8 +6,8 @@
 #   bytes   40..512   geometry: identity, sizes, region positions, and a
 #                     CRC32 of its own at 508..512
 #   bytes  512..1024  state: clean/busy, btree root and depth, free counts,
-#                     allocation cursors, deletion sweep cursor
-#   bytes 1024..3072  snapshot table: 64 records of 32 bytes, one per share bit
+#                     allocation cursors, deletion sweep position, exceptions
+#   bytes 1024..4096  snapshot table: 64 records of 48 bytes, one per share bit
 #
 # Why the geometry has its own checksum: the superblock is rewritten in place
 # (after its new contents are durable in the journal), and a write torn at a
@@ -64,20 +64,21 @@ _GEOMETRY = struct.Struct("<IIII16sQII12Q")
 _GEOMETRY_AT = HEADER_SIZE
 _GEOMETRY_CRC_AT = SECTOR_SIZE - 4
 # State: state, depth, root, meta free, data free, meta cursor, data cursor,
-# sweep cursor.
-_STATE = struct.Struct("<II6Q")
+# sweep cursor, sweep mask, exception count.
+_STATE = struct.Struct("<II8Q")
 _STATE_AT = SECTOR_SIZE
 _STATE_END = 1024
 # Snapshot record: tag, state, priority, reserved, use count, reserved,
-# created, origin chunks.
-_RECORD = struct.Struct("<IBbHIIQQ")
+# created, origin chunks, unique chunks, shared chunks.
+_RECORD = struct.Struct("<IBbHIIQQQQ")
 _TABLE_AT = 1024
 _TABLE_END = _TABLE_AT + MAX_SNAPSHOTS * _RECORD.size
 _NAME = "superblock"
 
 assert _GEOMETRY_AT + _GEOMETRY.size <= _GEOMETRY_CRC_AT
 assert _STATE_AT + _STATE.size <= _STATE_END
-assert _RECORD.size == 32
+assert _RECORD.size == 48
+assert _TABLE_END == 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +91,10 @@ class SnapshotRecord:
     use_count: int
     created_ns: int
     origin_chunks: int
+    #: Exceptions whose share mask holds this snapshot's bit alone.
+    unique_chunks: int = 0
+    #: Exceptions whose share mask holds this bit and others.
+    shared_chunks: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +111,10 @@ class Superblock:
     meta_cursor: int
     data_cursor: int
     sweep_cursor: int
+    #: Share bits of the deleted snapshots the sweep at `sweep_cursor` clears.
+    sweep_mask: int
+    #: Exceptions in the btree.
+    exceptions: int
     #: 64 entries indexed by share bit; None marks a free slot.
     snapshots: tuple[SnapshotRecord | None, ...]
 
@@ -155,6 +164,8 @@ def encode_superblock(sb: Superblock) -> bytes:
         sb.meta_cursor,
         sb.data_cursor,
         sb.sweep_cursor,
+        sb.sweep_mask,
+        sb.exceptions,
     )
     for bit, record in enumerate(sb.snapshots):
         if record is not None:
@@ -169,6 +180,8 @@ def encode_superblock(sb: Superblock) -> bytes:
                 0,
                 record.created_ns,
                 record.origin_chunks,
+                record.unique_chunks,
+                record.shared_chunks,
             )
     write_header(
         block, BlockType.SUPERBLOCK, SUPERBLOCK_ADDRESS, g.store_id, sb.sequence
@@ -261,9 +274,18 @@ def decode_superblock(block: bytes | bytearray | memoryview) -> Superblock:
         store_id=geometry.store_id,
         block_size=geometry.block_size,
     )
-    state, depth, root, meta_free, data_free, meta_cursor, data_cursor, sweep = (
-        _STATE.unpack_from(block, _STATE_AT)
-    )
+    (
+        state,
+        depth,
+        root,
+        meta_free,
+        data_free,
+        meta_cursor,
+        data_cursor,
+        sweep,
+        sweep_mask,
+        exceptions,
+    ) = _STATE.unpack_from(block, _STATE_AT)
     problems = []
     if state not in (STATE_CLEAN, STATE_BUSY):
         problems.append(f"state {state} is neither clean nor busy")
@@ -279,11 +301,20 @@ def decode_superblock(block: bytes | bytearray | memoryview) -> Superblock:
         problems.append(f"metadata cursor {meta_cursor} is outside the metadata area")
     if not geometry.data_start <= data_cursor < geometry.store_chunks:
         problems.append(f"data cursor {data_cursor} is outside the data area")
+    if exceptions > geometry.data_chunks:
+        problems.append(f"exception count {exceptions} exceeds the data area")
     if any(block[_STATE_AT + _STATE.size : _STATE_END]) or any(
         block[_TABLE_END : geometry.block_size]
     ):
         problems.append("reserved bytes are not zero")
     snapshots = _decode_table(block, problems)
+    deleting = sum(
+        1 << bit
+        for bit, record in enumerate(snapshots)
+        if record is not None and record.state == SnapshotState.DELETING
+    )
+    if sweep_mask & ~deleting:
+        problems.append("the sweep clears bits of snapshots that are not deleting")
     if problems:
         raise CorruptBlockError(
             "; ".join(problems), block=SUPERBLOCK_ADDRESS, kind=_NAME
@@ -299,6 +330,8 @@ def decode_superblock(block: bytes | bytearray | memoryview) -> Superblock:
         meta_cursor=meta_cursor,
         data_cursor=data_cursor,
         sweep_cursor=sweep,
+        sweep_mask=sweep_mask,
+        exceptions=exceptions,
         snapshots=snapshots,
     )
 
@@ -310,9 +343,9 @@ def _decode_table(
     tags: set[int] = set()
     for bit in range(MAX_SNAPSHOTS):
         at = _TABLE_AT + bit * _RECORD.size
-        tag, state, priority, pad1, use_count, pad2, created, origin_chunks = (
-            _RECORD.unpack_from(block, at)
-        )
+        fields = _RECORD.unpack_from(block, at)
+        tag, state, priority, pad1, use_count, pad2, created, origin_chunks = fields[:8]
+        unique, shared = fields[8:]
         if state == SnapshotState.FREE:
             if any(block[at : at + _RECORD.size]):
                 problems.append(f"free snapshot slot {bit} is not all zeros")
@@ -332,7 +365,14 @@ def _decode_table(
             tags.add(tag)
         records.append(
             SnapshotRecord(
-                tag, SnapshotState(state), priority, use_count, created, origin_chunks
+                tag,
+                SnapshotState(state),
+                priority,
+                use_count,
+                created,
+                origin_chunks,
+                unique,
+                shared,
             )
         )
     return tuple(records)

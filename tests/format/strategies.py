@@ -81,6 +81,8 @@ def snapshot_tables(draw: st.DrawFn, g: Geometry) -> tuple[SnapshotRecord | None
                 use_count=draw(st.integers(0, 0xFFFF_FFFF)),
                 created_ns=draw(sequences),
                 origin_chunks=draw(st.integers(1, (1 << 64) - 1)),
+                unique_chunks=draw(sequences),
+                shared_chunks=draw(sequences),
             )
         )
     return tuple(records)
@@ -89,6 +91,12 @@ def snapshot_tables(draw: st.DrawFn, g: Geometry) -> tuple[SnapshotRecord | None
 @st.composite
 def superblocks(draw: st.DrawFn) -> Superblock:
     g = draw(geometries())
+    table = draw(snapshot_tables(g))
+    deleting = sum(
+        1 << bit
+        for bit, r in enumerate(table)
+        if r is not None and r.state == SnapshotState.DELETING
+    )
     return Superblock(
         geometry=g,
         sequence=draw(sequences),
@@ -100,7 +108,9 @@ def superblocks(draw: st.DrawFn) -> Superblock:
         meta_cursor=draw(st.integers(g.meta_start, g.meta_end - 1)),
         data_cursor=draw(st.integers(g.data_start, g.store_chunks - 1)),
         sweep_cursor=draw(sequences),
-        snapshots=draw(snapshot_tables(g)),
+        sweep_mask=draw(sequences) & deleting,
+        exceptions=draw(st.integers(0, g.data_chunks)),
+        snapshots=table,
     )
 
 
