@@ -70,8 +70,6 @@ class Progress:
         fraction = min(self.done / self.total, 1.0)
         filled = int(fraction * _WIDTH)
         bar = "#" * filled + " " * (_WIDTH - filled)
-        self.stream.write(
-            f"\r{self.label} [{bar}] {fraction:4.0%} {self.done}/{self.total}"
-        )
+        self.stream.write(f"\r{self.label} [{bar}] {fraction:4.0%} {self.done}/{self.total}")
         self.stream.flush()
         self._drawn = True

@@ -32,8 +32,7 @@ def encode_bitmap(bitmap: BitmapBlock, ctx: BlockContext) -> bytes:
     """Encode a bitmap block; `bits` must fill the block exactly."""
     if len(bitmap.bits) != ctx.block_size - HEADER_SIZE:
         raise ValueError(
-            f"bitmap body is {len(bitmap.bits)} bytes,"
-            f" expected {ctx.block_size - HEADER_SIZE}"
+            f"bitmap body is {len(bitmap.bits)} bytes, expected {ctx.block_size - HEADER_SIZE}"
         )
     block = bytearray(HEADER_SIZE) + bitmap.bits
     write_header(block, BlockType.BITMAP, bitmap.address, ctx.store_id, bitmap.sequence)

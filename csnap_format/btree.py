@@ -107,23 +107,15 @@ def encode_leaf(leaf: Leaf, ctx: BlockContext) -> bytes:
     size = ctx.block_size
     count, total = len(leaf.chunks), len(leaf.shares)
     if leaf_bytes_used(count, total) > leaf_room(size):
-        raise ValueError(
-            f"leaf with {count} entries and {total} exceptions does not fit"
-        )
-    if (
-        len(leaf.counts) != count
-        or sum(leaf.counts) != total
-        or len(leaf.targets) != total
-    ):
+        raise ValueError(f"leaf with {count} entries and {total} exceptions does not fit")
+    if len(leaf.counts) != count or sum(leaf.counts) != total or len(leaf.targets) != total:
         raise ValueError("leaf arrays disagree in length")
     block = bytearray(size)
     _LEAF_FIXED.pack_into(block, HEADER_SIZE, leaf.base_chunk, count, 0)
     top = size - total * EXCEPTION_BYTES
     flat = [0] * (2 * count + 2)
     flat[0:-2:2] = [chunk - leaf.base_chunk for chunk in leaf.chunks]
-    flat[1::2] = [
-        top + EXCEPTION_BYTES * n for n in itertools.accumulate(leaf.counts, initial=0)
-    ]
+    flat[1::2] = [top + EXCEPTION_BYTES * n for n in itertools.accumulate(leaf.counts, initial=0)]
     pairs = [0] * (2 * total)
     pairs[0::2] = leaf.shares
     pairs[1::2] = leaf.targets
@@ -136,9 +128,7 @@ def encode_leaf(leaf: Leaf, ctx: BlockContext) -> bytes:
     return bytes(block)
 
 
-def decode_leaf(
-    block: bytes | bytearray | memoryview, ctx: BlockContext, address: int
-) -> Leaf:
+def decode_leaf(block: bytes | bytearray | memoryview, ctx: BlockContext, address: int) -> Leaf:
     """Decode and validate a leaf read from `address`.
 
     Raises:
@@ -168,15 +158,11 @@ def decode_leaf(
         raise corrupt("directory sentinel is not {0, block size}")
     low = offsets[0]
     if low < map_end or (size - low) % EXCEPTION_BYTES:
-        raise corrupt(
-            f"exception area starts at {low}, inside the directory or misaligned"
-        )
+        raise corrupt(f"exception area starts at {low}, inside the directory or misaligned")
     if any(memoryview(block)[map_end:low]):
         raise corrupt("free space between directory and exceptions is not zero")
     counts = tuple((b - a) // EXCEPTION_BYTES for a, b in itertools.pairwise(offsets))
-    if any(
-        b - a <= 0 or (b - a) % EXCEPTION_BYTES for a, b in itertools.pairwise(offsets)
-    ):
+    if any(b - a <= 0 or (b - a) % EXCEPTION_BYTES for a, b in itertools.pairwise(offsets)):
         raise corrupt("directory offsets are not increasing in whole exceptions")
     rel = rchunks[:count]
     if any(a >= b for a, b in itertools.pairwise(rel)):
@@ -223,9 +209,7 @@ def encode_index(node: IndexNode, ctx: BlockContext) -> bytes:
     """
     count = len(node.keys)
     if count > index_capacity(ctx.block_size) or len(node.children) != count:
-        raise ValueError(
-            f"index node with {count} keys does not fit or is inconsistent"
-        )
+        raise ValueError(f"index node with {count} keys does not fit or is inconsistent")
     block = bytearray(ctx.block_size)
     _INDEX_FIXED.pack_into(block, HEADER_SIZE, count, node.level, 0)
     flat = [0] * (2 * count)

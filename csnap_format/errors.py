@@ -31,11 +31,7 @@ class FormatError(Exception):
         self.kind = kind
 
     def __str__(self) -> str:
-        where = (
-            f"{self.kind} at block {self.block}"
-            if self.block is not None
-            else self.kind
-        )
+        where = f"{self.kind} at block {self.block}" if self.block is not None else self.kind
         return f"{where}: {self.what}"
 
 

@@ -232,15 +232,10 @@ def geometry_problems(g: Geometry) -> list[str]:
     if g.origin_chunks < 1:
         problems.append("origin has no chunks")
     if g.journal_blocks < MIN_JOURNAL_BLOCKS:
-        problems.append(
-            f"journal of {g.journal_blocks} blocks is below {MIN_JOURNAL_BLOCKS}"
-        )
+        problems.append(f"journal of {g.journal_blocks} blocks is below {MIN_JOURNAL_BLOCKS}")
     if g.meta_blocks < 1:
         problems.append("metadata area is empty")
-    if (
-        g.store_chunks * g.chunk_size >= 1 << 64
-        or g.origin_chunks * g.chunk_size >= 1 << 64
-    ):
+    if g.store_chunks * g.chunk_size >= 1 << 64 or g.origin_chunks * g.chunk_size >= 1 << 64:
         problems.append("store or origin larger than 2^64 bytes")
     if problems:
         return problems
@@ -255,9 +250,7 @@ def geometry_problems(g: Geometry) -> list[str]:
         meta_blocks=g.meta_blocks,
     )
     if expected != g:
-        problems.append(
-            "region positions do not follow from the sizes (see docs/format.md)"
-        )
+        problems.append("region positions do not follow from the sizes (see docs/format.md)")
     elif g.data_chunks < 1:
         problems.append("no room left for data chunks")
     return problems
@@ -270,17 +263,14 @@ def check_unit_sizes(*, block_size: int, chunk_size: int) -> None:
         LayoutError: with a message fit to show the user as is.
     """
     if not _power_of_two_in(chunk_size, MIN_CHUNK_SIZE, MAX_CHUNK_SIZE):
-        raise LayoutError(
-            f"chunk size {chunk_size} is not a power of two between 4K and 1M"
-        )
+        raise LayoutError(f"chunk size {chunk_size} is not a power of two between 4K and 1M")
     if not _power_of_two_in(block_size, MIN_BLOCK_SIZE, MAX_BLOCK_SIZE):
         raise LayoutError(
             f"metadata block size {block_size} is not a power of two between 4K and 1M"
         )
     if block_size > chunk_size:
         raise LayoutError(
-            f"metadata block size {block_size} is larger than "
-            f"the chunk size {chunk_size}"
+            f"metadata block size {block_size} is larger than the chunk size {chunk_size}"
         )
 
 
@@ -303,8 +293,7 @@ def plan_geometry(
     origin_chunks = origin_bytes // chunk_size
     if origin_chunks < 1:
         raise LayoutError(
-            f"origin of {origin_bytes} bytes is smaller than one "
-            f"{chunk_size}-byte chunk"
+            f"origin of {origin_bytes} bytes is smaller than one {chunk_size}-byte chunk"
         )
     if journal_bytes is None:
         journal_blocks = default_journal_blocks(store_bytes, block_size)

@@ -173,9 +173,7 @@ def read_header(
             kind=name,
         )
     if reserved1 or reserved2:
-        raise CorruptBlockError(
-            "reserved header fields are not zero", block=address, kind=name
-        )
+        raise CorruptBlockError("reserved header fields are not zero", block=address, kind=name)
     return BlockHeader(BlockType(raw_type), own_address, own_store, sequence)
 
 

@@ -59,9 +59,7 @@ def encode_commit(record: CommitRecord, ctx: BlockContext) -> bytes:
     if count > commit_capacity(ctx.block_size):
         raise ValueError(f"{count} blocks do not fit in one commit record")
     block = bytearray(ctx.block_size)
-    _COMMIT_FIXED.pack_into(
-        block, HEADER_SIZE, record.tail_sequence, count, record.payload_crc
-    )
+    _COMMIT_FIXED.pack_into(block, HEADER_SIZE, record.tail_sequence, count, record.payload_crc)
     u64_array(count).pack_into(block, COMMIT_BODY_OFFSET, *record.homes)
     write_header(block, BlockType.COMMIT, record.address, ctx.store_id, record.sequence)
     return bytes(block)
@@ -90,18 +88,13 @@ def decode_commit(
     if count > commit_capacity(ctx.block_size):
         raise corrupt(f"block count {count} cannot fit in the record")
     if tail > header.sequence:
-        raise corrupt(
-            f"tail sequence {tail} is after the record's own {header.sequence}"
-        )
+        raise corrupt(f"tail sequence {tail} is after the record's own {header.sequence}")
     end = COMMIT_BODY_OFFSET + 8 * count
     if any(memoryview(block)[end:]):
         raise corrupt("bytes after the last home address are not zero")
     homes = u64_array(count).unpack_from(block, COMMIT_BODY_OFFSET)
     for home in homes:
-        if (
-            home != SUPERBLOCK_ADDRESS
-            and not ctx.meta_bitmap_start <= home < ctx.meta_end
-        ):
+        if home != SUPERBLOCK_ADDRESS and not ctx.meta_bitmap_start <= home < ctx.meta_end:
             raise corrupt(f"home address {home} is not a journaled metadata block")
     if len(set(homes)) != count:
         raise corrupt("a home address appears twice")

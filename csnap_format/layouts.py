@@ -172,9 +172,7 @@ LEAF = Struct(
     "exceptions"
     / Pointer(
         lambda ctx: ctx.map[0].offset,
-        Array(
-            lambda ctx: (ctx._params.block_size - ctx.map[0].offset) // 16, EXCEPTION
-        ),
+        Array(lambda ctx: (ctx._params.block_size - ctx.map[0].offset) // 16, EXCEPTION),
     ),
 )
 

@@ -77,8 +77,7 @@ class FormatResult:
             "data_chunks": g.data_chunks,
             "data_bytes": g.data_chunks * g.chunk_size,
             "journal_bytes": g.journal_blocks * g.block_size,
-            "bitmap_bytes": (g.meta_bitmap_blocks + g.data_bitmap_blocks)
-            * g.block_size,
+            "bitmap_bytes": (g.meta_bitmap_blocks + g.data_bitmap_blocks) * g.block_size,
             "btree_area_bytes": g.meta_blocks * g.block_size,
             "metadata_bytes": g.metadata_bytes,
             "metadata_percent": round(100 * g.metadata_bytes / g.store_bytes, 3),
@@ -128,8 +127,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--journal-size",
-        help="journal size (default 4M, or a sixteenth of a small store;"
-        " at least 64 blocks)",
+        help="journal size (default 4M, or a sixteenth of a small store; at least 64 blocks)",
     )
     parser.add_argument(
         "--store-size", help="create STORE as a sparse file of this size (or resize it)"
@@ -138,9 +136,7 @@ def _parser() -> argparse.ArgumentParser:
         "--origin-size",
         help="create ORIGIN as a sparse file of this size if it does not exist",
     )
-    parser.add_argument(
-        "--force", action="store_true", help="overwrite an existing csnap store"
-    )
+    parser.add_argument("--force", action="store_true", help="overwrite an existing csnap store")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     return parser
 
@@ -213,9 +209,7 @@ def _prepare_store(path: str, size: int | None, force: bool) -> int:
         return size
     found = _existing_store(path)
     if found and not force:
-        raise FormatRefusedError(
-            f"{path} already holds {found}; use --force to overwrite it"
-        )
+        raise FormatRefusedError(f"{path} already holds {found}; use --force to overwrite it")
     actual = _device_size(path)
     if size is not None and size != actual and not stat.S_ISREG(os.stat(path).st_mode):
         raise FormatRefusedError(f"--store-size cannot resize block device {path}")
@@ -259,11 +253,7 @@ def format_store(
     check_unit_sizes(block_size=block_size, chunk_size=chunk_size)
     origin_bytes = _prepare_origin(origin, origin_size)
     store_bytes = _prepare_store(store, store_size, force)
-    if (
-        os.path.exists(store)
-        and os.path.exists(origin)
-        and os.path.samefile(store, origin)
-    ):
+    if os.path.exists(store) and os.path.exists(origin) and os.path.samefile(store, origin):
         raise FormatRefusedError(f"store and origin are the same file ({store})")
     geometry = plan_geometry(
         store_bytes=store_bytes,
@@ -276,9 +266,7 @@ def format_store(
     )
     if not os.path.exists(origin):
         _create_sparse(origin, origin_bytes)
-    if store_size is not None and (
-        not os.path.exists(store) or _device_size(store) != store_size
-    ):
+    if store_size is not None and (not os.path.exists(store) or _device_size(store) != store_size):
         _create_sparse(store, store_size)
     _write_blocks(store, geometry, progress)
     return FormatResult(store, origin, geometry)

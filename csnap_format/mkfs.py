@@ -59,15 +59,11 @@ def format_blocks(g: Geometry) -> Iterator[tuple[int, bytes]]:
     yield GEOMETRY_BACKUP_ADDRESS, encode_geometry_backup(g)
     yield (
         g.journal_start,
-        encode_commit(
-            CommitRecord(g.journal_start, FORMAT_SEQUENCE, FORMAT_SEQUENCE, 0, ()), ctx
-        ),
+        encode_commit(CommitRecord(g.journal_start, FORMAT_SEQUENCE, FORMAT_SEQUENCE, 0, ()), ctx),
     )
     # Metadata area bitmap: bit i is block meta_start + i; the root leaf is
     # block meta_start.
-    yield from _bitmap_blocks(
-        g, g.meta_bitmap_start, g.meta_bitmap_blocks, 1, g.meta_blocks
-    )
+    yield from _bitmap_blocks(g, g.meta_bitmap_start, g.meta_bitmap_blocks, 1, g.meta_blocks)
     # Data bitmap: bit i is store chunk i; the chunks below the data area
     # hold metadata and stay marked.
     yield from _bitmap_blocks(
@@ -91,9 +87,7 @@ def _bitmap_blocks(
         first, last = index * bits, (index + 1) * bits
         if used_below <= first and last <= limit:
             if empty is None:
-                empty = encode_bitmap(
-                    BitmapBlock(0, FORMAT_SEQUENCE, bytes(bits // 8)), ctx
-                )
+                empty = encode_bitmap(BitmapBlock(0, FORMAT_SEQUENCE, bytes(bits // 8)), ctx)
             # Same bits every time: only the header (address, checksum) differs.
             body = empty[HEADER_SIZE:]
         else:

@@ -183,9 +183,7 @@ def encode_superblock(sb: Superblock) -> bytes:
                 record.unique_chunks,
                 record.shared_chunks,
             )
-    write_header(
-        block, BlockType.SUPERBLOCK, SUPERBLOCK_ADDRESS, g.store_id, sb.sequence
-    )
+    write_header(block, BlockType.SUPERBLOCK, SUPERBLOCK_ADDRESS, g.store_id, sb.sequence)
     return bytes(block)
 
 
@@ -224,8 +222,7 @@ def decode_geometry(block: bytes | bytearray | memoryview) -> Geometry:
     crc = zlib.crc32(memoryview(block)[_GEOMETRY_AT:_GEOMETRY_CRC_AT])
     if crc != stored_crc:
         raise ChecksumError(
-            f"geometry checksum mismatch (stored {stored_crc:#010x},"
-            f" computed {crc:#010x})",
+            f"geometry checksum mismatch (stored {stored_crc:#010x}, computed {crc:#010x})",
             block=expected[kind],
             kind=name,
         )
@@ -316,9 +313,7 @@ def decode_superblock(block: bytes | bytearray | memoryview) -> Superblock:
     if sweep_mask & ~deleting:
         problems.append("the sweep clears bits of snapshots that are not deleting")
     if problems:
-        raise CorruptBlockError(
-            "; ".join(problems), block=SUPERBLOCK_ADDRESS, kind=_NAME
-        )
+        raise CorruptBlockError("; ".join(problems), block=SUPERBLOCK_ADDRESS, kind=_NAME)
     return Superblock(
         geometry=geometry,
         sequence=header.sequence,

@@ -22,6 +22,4 @@ def test_format_table_matches_layout(name: str) -> None:
         for row in layouts.field_rows(getattr(layouts, name))
     ]
     assert documented == declared
-    assert all(r[4] for r in FORMAT_TABLES[name]), (
-        f"{name}: a field has no meaning written"
-    )
+    assert all(r[4] for r in FORMAT_TABLES[name]), f"{name}: a field has no meaning written"

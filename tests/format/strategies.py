@@ -144,9 +144,7 @@ def leaves(draw: st.DrawFn, g: Geometry) -> Leaf:
         chunks.append(base + r)
         counts.append(n)
         shares.extend(masks)
-        targets.extend(
-            draw(st.integers(g.data_start, g.store_chunks - 1)) for _ in range(n)
-        )
+        targets.extend(draw(st.integers(g.data_start, g.store_chunks - 1)) for _ in range(n))
     return Leaf(
         address=draw(st.integers(g.meta_start, g.meta_end - 1)),
         sequence=draw(sequences),
@@ -163,9 +161,7 @@ def index_nodes(draw: st.DrawFn, g: Geometry) -> IndexNode:
     capacity = index_capacity(g.block_size)
     count = draw(st.integers(1, min(capacity, g.meta_blocks, g.origin_chunks, 300)))
     keys = sorted(
-        draw(
-            st.sets(st.integers(0, g.origin_chunks - 1), min_size=count, max_size=count)
-        )
+        draw(st.sets(st.integers(0, g.origin_chunks - 1), min_size=count, max_size=count))
     )
     children = draw(
         st.lists(
@@ -190,9 +186,7 @@ def commit_records(draw: st.DrawFn, g: Geometry) -> CommitRecord:
     homes = draw(st.lists(homes_pool, max_size=50, unique=True))
     sequence = draw(sequences)
     return CommitRecord(
-        address=draw(
-            st.integers(g.journal_start, g.journal_start + g.journal_blocks - 1)
-        ),
+        address=draw(st.integers(g.journal_start, g.journal_start + g.journal_blocks - 1)),
         sequence=sequence,
         tail_sequence=draw(st.integers(0, sequence)),
         payload_crc=draw(st.integers(0, 0xFFFF_FFFF)),

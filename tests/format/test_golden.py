@@ -20,9 +20,7 @@ _FORMATS = {"u8": "<B", "s8": "<b", "u16": "<H", "u32": "<I", "u64": "<Q"}
 
 def golden_image() -> dict[int, bytes]:
     """The blocks of a 1 MiB store for a 1 MiB origin, fixed uuid and time."""
-    g = plan_geometry(
-        store_bytes=1 << 20, origin_bytes=1 << 20, uuid=UUID, created_ns=CREATED_NS
-    )
+    g = plan_geometry(store_bytes=1 << 20, origin_bytes=1 << 20, uuid=UUID, created_ns=CREATED_NS)
     return dict(format_blocks(g))
 
 

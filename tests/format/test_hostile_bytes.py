@@ -114,9 +114,7 @@ def test_mutated_blocks_raise_only_format_error(name: str, data: st.DataObject) 
 
 @pytest.mark.parametrize("name", sorted(DECODERS))
 @given(st.data())
-def test_resealed_field_mutations_raise_only_format_error(
-    name: str, data: st.DataObject
-) -> None:
+def test_resealed_field_mutations_raise_only_format_error(name: str, data: st.DataObject) -> None:
     """Mutations of the first few hundred bytes, checksum fixed up: the
     field validation itself must hold the line."""
     block = bytearray(VALID[name])
@@ -145,17 +143,13 @@ def test_misdirected_block_names_both_addresses() -> None:
 
 
 def test_block_of_another_store_is_foreign() -> None:
-    other = BlockContext(
-        **{**{f: getattr(CTX, f) for f in CTX.__slots__}, "store_id": 1}
-    )
+    other = BlockContext(**{**{f: getattr(CTX, f) for f in CTX.__slots__}, "store_id": 1})
     with pytest.raises(ForeignBlockError, match="earlier format"):
         decode_leaf(VALID["leaf"], other, G.meta_start)
 
 
 def test_wrong_block_type_is_named() -> None:
-    with pytest.raises(
-        WrongBlockTypeError, match="expected a leaf, found a index node"
-    ):
+    with pytest.raises(WrongBlockTypeError, match="expected a leaf, found a index node"):
         decode_leaf(VALID["index"], CTX, G.meta_start)
 
 
@@ -199,9 +193,7 @@ def test_leaf_exception_outside_data_area_is_corrupt() -> None:
 def test_leaf_overlapping_share_masks_are_corrupt() -> None:
     from csnap_format import Leaf
 
-    leaf = Leaf(
-        G.meta_start, 1, 0, (3,), (2,), (3, 2), (G.data_start, G.data_start + 1)
-    )
+    leaf = Leaf(G.meta_start, 1, 0, (3,), (2,), (3, 2), (G.data_start, G.data_start + 1))
     with pytest.raises(CorruptBlockError, match="share a snapshot"):
         decode_leaf(encode_leaf(leaf, CTX), CTX, G.meta_start)
 

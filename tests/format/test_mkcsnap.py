@@ -48,9 +48,7 @@ def verify_store(path: Path) -> None:
     assert sb.clean and sb.depth == 0 and sb.root == g.meta_start
     leaf = decode_leaf(read_block(path, g.meta_start, size), ctx, g.meta_start)
     assert leaf.chunks == ()
-    record = decode_commit(
-        read_block(path, g.journal_start, size), ctx, g.journal_start
-    )
+    record = decode_commit(read_block(path, g.journal_start, size), ctx, g.journal_start)
     assert (record.sequence, record.tail_sequence, record.homes) == (1, 1, ())
     bits = bitmap_bits_per_block(size)
     meta_free = data_free = 0
@@ -65,9 +63,7 @@ def verify_store(path: Path) -> None:
         address = g.data_bitmap_start + k
         block = decode_bitmap(read_block(path, address, size), ctx, address)
         if k == 0 or k == g.data_bitmap_blocks - 1:
-            data_free += count_clear_bits(
-                block.bits, min(bits, g.store_chunks - k * bits)
-            )
+            data_free += count_clear_bits(block.bits, min(bits, g.store_chunks - k * bits))
         else:
             data_free += bits - sum(bin(b).count("1") for b in block.bits)
     assert meta_free == sb.meta_free == g.meta_blocks - 1
@@ -101,9 +97,7 @@ def test_creates_sparse_files_and_a_valid_store(
         ("1M", "1M", "1G"),
     ],
 )
-def test_chunk_and_block_sizes(
-    tmp_path: Path, chunk: str, block: str, store_size: str
-) -> None:
+def test_chunk_and_block_sizes(tmp_path: Path, chunk: str, block: str, store_size: str) -> None:
     store, origin = tmp_path / "store", tmp_path / "origin"
     args = ["--chunk-size", chunk, "--block-size", block, "--store-size", store_size]
     assert run(*args, "--origin-size", "16M", store, origin) == 0
@@ -113,9 +107,7 @@ def test_chunk_and_block_sizes(
 @pytest.mark.slow
 def test_one_tebibyte_sparse_store(tmp_path: Path) -> None:
     store, origin = tmp_path / "store", tmp_path / "origin"
-    assert (
-        run("--store-size", "1T", "--origin-size", "1T", "--json", store, origin) == 0
-    )
+    assert run("--store-size", "1T", "--origin-size", "1T", "--json", store, origin) == 0
     g = decode_superblock(read_block(store, 0, 4096)).geometry
     assert g.store_chunks == 1 << 28
     assert g.data_bitmap_blocks == -(-(1 << 28) // bitmap_bits_per_block(4096))
@@ -201,9 +193,7 @@ def test_bad_arguments(
         args = [*args, "--store-size", "64M"]
     assert run(*args, "--origin-size", "8M", store, origin) == status
     err = capsys.readouterr().err
-    assert (
-        message in err and err.startswith("mkcsnap: error: ") and err.count("\n") == 1
-    )
+    assert message in err and err.startswith("mkcsnap: error: ") and err.count("\n") == 1
     assert not store.exists() and not origin.exists()  # nothing created
 
 
@@ -217,15 +207,10 @@ def test_missing_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
     assert "does not exist (give --store-size to create it)" in capsys.readouterr().err
 
 
-def test_missing_origin_is_named(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_missing_origin_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert run("--store-size", "8M", tmp_path / "s", tmp_path / "o") == 1
     err = capsys.readouterr().err
-    assert (
-        f"origin {tmp_path / 'o'} does not exist (give --origin-size to create it)"
-        in err
-    )
+    assert f"origin {tmp_path / 'o'} does not exist (give --origin-size to create it)" in err
 
 
 def test_origin_of_another_size_is_not_touched(
@@ -238,9 +223,7 @@ def test_origin_of_another_size_is_not_touched(
     assert origin.read_bytes() == b"user data" * 1000
 
 
-def test_store_and_origin_the_same_file(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_store_and_origin_the_same_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     same = tmp_path / "x"
     same.write_bytes(bytes(8 << 20))
     assert run(same, same) == 1

@@ -128,9 +128,7 @@ def test_commit_roundtrip_and_layout(data: st.DataObject) -> None:
 def test_bitmap_roundtrip(data: st.DataObject) -> None:
     g = data.draw(geometries(max_store=1 << 32))
     body = data.draw(
-        st.binary(
-            min_size=g.block_size - HEADER_SIZE, max_size=g.block_size - HEADER_SIZE
-        )
+        st.binary(min_size=g.block_size - HEADER_SIZE, max_size=g.block_size - HEADER_SIZE)
     )
     address = data.draw(st.integers(g.meta_bitmap_start, g.meta_start - 1))
     bitmap = BitmapBlock(address, data.draw(st.integers(0, 1 << 40)), body)

@@ -1,0 +1,84 @@
+# csnapd.engine: the synchronous store engine.
+#
+# Owns the store's block devices and bounded page cache, the allocators, the
+# exception btree, the journal, snapshots, copy-out, the read-lock table and
+# the offline check. Imports no trio, msgpack or sockets: a call into the
+# engine is atomic with respect to trio tasks, so one task owns it and nothing
+# needs locks. Other packages import only from this module.
+from __future__ import annotations
+
+from csnapd.engine.device import (
+    BlockDevice,
+    DeviceStats,
+    FileDevice,
+    MemoryDevice,
+    PendingWrite,
+)
+from csnapd.engine.engine import (
+    DEFAULT_CACHE_BYTES,
+    MAX_REQUEST_CHUNKS,
+    Engine,
+    EngineStats,
+    Ranges,
+    read_geometry,
+)
+from csnapd.engine.errors import (
+    EngineError,
+    EngineFailedError,
+    InvalidRequestError,
+    MetadataFullError,
+    RequestTooLargeError,
+    SnapshotBusyError,
+    SnapshotExistsError,
+    SnapshotNotFoundError,
+    SnapshotUnavailableError,
+    StoreCorruptError,
+    StoreFullError,
+    StoreIOError,
+    StoreLockedError,
+    StoreOpenError,
+    TooManySnapshotsError,
+)
+from csnapd.engine.journal import RecoveryReport
+from csnapd.engine.results import (
+    OriginWriteResult,
+    ReadSegment,
+    SnapshotInfo,
+    StoreStatus,
+    WriteSegment,
+)
+
+__all__ = [
+    "BlockDevice",
+    "DeviceStats",
+    "FileDevice",
+    "MemoryDevice",
+    "PendingWrite",
+    "Engine",
+    "EngineStats",
+    "Ranges",
+    "DEFAULT_CACHE_BYTES",
+    "MAX_REQUEST_CHUNKS",
+    "read_geometry",
+    "RecoveryReport",
+    "OriginWriteResult",
+    "ReadSegment",
+    "WriteSegment",
+    "SnapshotInfo",
+    "StoreStatus",
+    "EngineError",
+    "EngineFailedError",
+    "InvalidRequestError",
+    "RequestTooLargeError",
+    "MetadataFullError",
+    "SnapshotBusyError",
+    "SnapshotExistsError",
+    "SnapshotNotFoundError",
+    "SnapshotUnavailableError",
+    "StoreCorruptError",
+    "StoreFullError",
+    "StoreIOError",
+    "StoreLockedError",
+    "StoreOpenError",
+    "TooManySnapshotsError",
+]

@@ -1,0 +1,271 @@
+# The exception btree: one tree keyed by logical chunk, leaves holding every
+# exception of the chunks in their range (docs/format.md, "Exception btree").
+#
+# Rules:
+#   * Every edit goes through the pager (modify/create/forget), so a failed
+#     request rolls back exactly.
+#   * A leaf's base equals its key in its parent; index keys[0] equals the
+#     node's own lower bound; the root's lower bound is 0. Descent checks both,
+#     so a damaged pointer is reported instead of followed.
+#   * A leaf gets room for one more exception by splitting at the byte middle,
+#     or, when the chunk is 2^32 or more past its base, by starting a new leaf
+#     at that chunk (64-bit chunks in u32 directory entries, B9).
+#   * Deleting snapshots' bits are cleared by a sweep in key order; a leaf left
+#     half empty is merged into its left sibling, index nodes likewise, and a
+#     root with one child gives way to that child.
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterator
+
+from csnap_format import (
+    EXCEPTION_BYTES,
+    LEAF_ENTRY_BYTES,
+    MAX_DEPTH,
+    RCHUNK_LIMIT,
+    Geometry,
+    index_capacity,
+    leaf_room,
+)
+from csnapd.engine.allocator import Allocator
+from csnapd.engine.errors import StoreCorruptError
+from csnapd.engine.pager import Pager
+from csnapd.engine.pages import IndexPage, LeafPage
+from csnapd.engine.state import StoreState
+
+__all__ = ["ExceptionTree", "Path"]
+
+#: The index nodes from the root down to a leaf, with the slot taken in each.
+Path = list[tuple[IndexPage, int]]
+
+
+class ExceptionTree:
+    """Lookups and edits of the exception btree."""
+
+    def __init__(self, pager: Pager, state: StoreState, geometry: Geometry, meta: Allocator):
+        self._pager = pager
+        self._state = state
+        self._meta = meta
+        self._room = leaf_room(geometry.block_size)
+        self._fanout = index_capacity(geometry.block_size)
+        self._end = geometry.origin_chunks
+
+    # -- lookups ---------------------------------------------------------------
+
+    def descend(self, chunk: int) -> tuple[LeafPage, Path, int]:
+        """The leaf whose range holds `chunk`, the path to it, and its upper bound."""
+        address = self._state.root
+        lo, hi = 0, self._end
+        path: Path = []
+        for level in range(self._state.depth, 0, -1):
+            node = self._pager.index(address)
+            if node.level != level or node.keys[0] != lo:
+                raise StoreCorruptError(
+                    f"index node {address} has level {node.level} and lower key"
+                    f" {node.keys[0]}; its parent expects level {level} from {lo}"
+                )
+            slot = node.slot(chunk)
+            if slot + 1 < len(node.keys):
+                hi = node.keys[slot + 1]
+            lo = node.keys[slot]
+            path.append((node, slot))
+            address = node.children[slot]
+        leaf = self._pager.leaf(address)
+        if leaf.base != lo:
+            raise StoreCorruptError(f"leaf {address} has base {leaf.base}; its parent expects {lo}")
+        return leaf, path, hi
+
+    def entries(self, start: int, count: int) -> Iterator[tuple[int, LeafPage, int, bool]]:
+        """(chunk, leaf, entry index, found) for chunks start..start+count-1.
+
+        One descent per leaf. The caller must not edit the tree while iterating.
+        """
+        chunk, end = start, start + count
+        while chunk < end:
+            leaf, _, hi = self.descend(chunk)
+            stop = min(end, hi)
+            for c in range(chunk, stop):
+                i, found = leaf.find(c)
+                yield c, leaf, i, found
+            chunk = stop
+
+    def leaves(self) -> Iterator[tuple[LeafPage, Path, int]]:
+        """Every leaf in key order, with its path and upper bound."""
+        chunk = 0
+        while True:
+            leaf, path, hi = self.descend(chunk)
+            yield leaf, path, hi
+            if hi >= self._end:
+                return
+            chunk = hi
+
+    # -- insertion -------------------------------------------------------------
+
+    def leaf_for_update(self, chunk: int) -> LeafPage:
+        """A writable leaf holding `chunk`'s range, with room for one more exception."""
+        while True:
+            leaf, path, _ = self.descend(chunk)
+            if chunk - leaf.base >= RCHUNK_LIMIT:
+                self._split(leaf, path, len(leaf.chunks), chunk)
+                continue
+            _, found = leaf.find(chunk)
+            need = EXCEPTION_BYTES + (0 if found else LEAF_ENTRY_BYTES)
+            if leaf.used + need <= self._room:
+                return self._pager.modify(leaf)
+            self._split(leaf, path, _split_point(leaf), None)
+
+    def _split(self, leaf: LeafPage, path: Path, at: int, key: int | None) -> None:
+        """Move entries [at:] of `leaf` to a new leaf starting at `key`."""
+        address = self._meta.allocate_one()
+        left = self._pager.modify(leaf)
+        base = key if key is not None else left.chunks[at]
+        right = left.split_off(at, address, base)
+        self._pager.create(right)
+        self._insert_child(path, base, address)
+
+    def _insert_child(self, path: Path, key: int, child: int) -> None:
+        """Insert (key, child) after the slot of the last node of `path`."""
+        if not path:
+            self._grow_root(key, child)
+            return
+        node, slot = path[-1]
+        node = self._pager.modify(node)
+        node.keys.insert(slot + 1, key)
+        node.children.insert(slot + 1, child)
+        if len(node.keys) <= self._fanout:
+            return
+        middle = len(node.keys) // 2
+        address = self._meta.allocate_one()
+        right = IndexPage(address, node.level, node.keys[middle:], node.children[middle:])
+        del node.keys[middle:]
+        del node.children[middle:]
+        self._pager.create(right)
+        self._insert_child(path[:-1], right.keys[0], address)
+
+    def _grow_root(self, key: int, child: int) -> None:
+        if self._state.depth >= MAX_DEPTH:
+            raise StoreCorruptError(f"the btree would grow beyond {MAX_DEPTH} levels")
+        address = self._meta.allocate_one()
+        level = self._state.depth + 1
+        self._pager.create(IndexPage(address, level, [0, key], [self._state.root, child]))
+        self._state.root = address
+        self._state.depth = level
+
+    # -- the deletion sweep ----------------------------------------------------
+
+    def sweep_leaf(
+        self,
+        chunk: int,
+        mask: int,
+        free_chunk: Callable[[int], None],
+        may_continue: Callable[[], bool],
+    ) -> int | None:
+        """Clear `mask` from the exceptions of the leaf holding `chunk`.
+
+        Exceptions left with an empty mask are removed and their chunks freed
+        through `free_chunk`. Stops early when `may_continue()` says the
+        transaction is full; clearing is idempotent, so the caller simply
+        comes back to the same chunk.
+
+        Returns:
+            where to continue: the next leaf's first chunk, `chunk` again if
+            the leaf is not finished, or None after the last leaf.
+        """
+        leaf, path, hi = self.descend(chunk)
+        if any(share & mask for share in leaf.shares):
+            leaf = self._pager.modify(leaf)
+            if not self._clear(leaf, mask, free_chunk, may_continue):
+                return chunk
+            self._merge_leaf(leaf, path)
+        return hi if hi < self._end else None
+
+    def _clear(
+        self,
+        leaf: LeafPage,
+        mask: int,
+        free_chunk: Callable[[int], None],
+        may_continue: Callable[[], bool],
+    ) -> bool:
+        """Clear `mask` in `leaf`, last exception first; False if stopped early."""
+        state = self._state
+        end = len(leaf.shares)
+        for i in range(len(leaf.chunks) - 1, -1, -1):
+            start = end - leaf.counts[i]
+            for j in range(end - 1, start - 1, -1):
+                share = leaf.shares[j]
+                if not share & mask:
+                    continue
+                if not may_continue():
+                    return False
+                state.count_exception(share, -1)
+                remaining = share & ~mask
+                if remaining:
+                    leaf.shares[j] = remaining
+                    state.count_exception(remaining, 1)
+                else:
+                    free_chunk(leaf.targets[j])
+                    leaf.remove_exception(i, j)
+                    state.exceptions -= 1
+            end = start
+        return True
+
+    def _merge_leaf(self, leaf: LeafPage, path: Path) -> None:
+        """Fold a leaf that is at most half full into its left sibling."""
+        if not path:
+            return
+        parent, slot = path[-1]
+        if slot == 0 or leaf.used > self._room // 2:
+            return
+        left = self._pager.leaf(parent.children[slot - 1])
+        if left.used + leaf.used > self._room:
+            return
+        if leaf.chunks and leaf.chunks[-1] - left.base >= RCHUNK_LIMIT:
+            return
+        self._pager.modify(left).absorb(leaf)
+        self._remove_child(path)
+
+    def _remove_child(self, path: Path) -> None:
+        """Drop the child at the last slot of `path` (never slot 0) and free it."""
+        node, slot = path[-1]
+        node = self._pager.modify(node)
+        del node.keys[slot]
+        child = node.children.pop(slot)
+        self._meta.free(child)
+        self._pager.forget(child)
+        above = path[:-1]
+        if above and len(node.keys) <= self._fanout // 2:
+            parent, parent_slot = above[-1]
+            if parent_slot > 0:
+                left = self._pager.index(parent.children[parent_slot - 1])
+                if len(left.keys) + len(node.keys) <= self._fanout:
+                    left = self._pager.modify(left)
+                    left.keys.extend(node.keys)
+                    left.children.extend(node.children)
+                    self._remove_child(above)
+        self._shrink_root()
+
+    def _shrink_root(self) -> None:
+        while self._state.depth > 0:
+            root = self._pager.index(self._state.root)
+            if len(root.keys) > 1:
+                return
+            self._meta.free(root.address)
+            self._pager.forget(root.address)
+            self._state.root = root.children[0]
+            self._state.depth -= 1
+
+
+def _split_point(leaf: LeafPage) -> int:
+    """Entry index that splits `leaf` into two halves of about equal bytes."""
+    n = len(leaf.chunks)
+    if n < 2:
+        raise StoreCorruptError(f"leaf {leaf.address} is full with a single chunk")
+    sizes = [LEAF_ENTRY_BYTES + EXCEPTION_BYTES * c for c in leaf.counts]
+    half = sum(sizes) / 2
+    best, best_gap = 1, float("inf")
+    for at, before in enumerate(itertools.accumulate(sizes)):
+        if 0 < at + 1 < n:
+            gap = abs(before - half)
+            if gap < best_gap:
+                best, best_gap = at + 1, gap
+    return best

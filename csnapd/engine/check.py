@@ -1,0 +1,541 @@
+# Offline verification (and bitmap repair) of a store, in the spirit of
+# thin_check: every block reachable from the superblock is decoded and
+# checked, and every chunk and block is recounted against the bitmaps.
+#
+# What is checked (docs/operations.md, "Checking a store"):
+#   superblock   decodes (geometry, state, snapshot table)
+#   journal      the transactions a server would replay; checked as replayed
+#   btree        each node decodes; levels, key order and key ranges agree
+#                with the parent; leaf bases equal their keys; no block is
+#                reached twice; share masks hold only bits of live, squashed
+#                or not-yet-swept deleted snapshots
+#   recount      every node and every exception's chunk is marked in its
+#                bitmap exactly once; nothing marked is unreferenced (leak);
+#                layout-reserved bits are set; free counts, the exception
+#                count and each snapshot's unique/shared counts are exact
+#
+# The check reads the store as the server would see it after replay, without
+# writing anything unless asked (--replay writes the replay home, --repair
+# also rewrites bitmaps and counters from the recount, through the journal).
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from csnap_format import (
+    HEADER_SIZE,
+    FormatError,
+    Geometry,
+    Superblock,
+    bitmap_bits_per_block,
+    decode_bitmap,
+    decode_index,
+    decode_leaf,
+    decode_superblock,
+    encode_superblock,
+)
+from csnapd.engine.device import BlockDevice
+from csnapd.engine.engine import read_geometry
+from csnapd.engine.errors import StoreIOError, StoreOpenError
+from csnapd.engine.journal import Journal, scan_journal
+from csnapd.engine.pages import BitmapPage, encode_page
+from csnapd.engine.state import StoreState, bits_of
+
+__all__ = [
+    "Problem",
+    "CheckReport",
+    "check_store",
+    "EXIT_CLEAN",
+    "EXIT_REPAIRED",
+    "EXIT_ERRORS",
+    "EXIT_FAILED",
+]
+
+#: Exit codes, as fsck's.
+EXIT_CLEAN = 0
+EXIT_REPAIRED = 1
+EXIT_ERRORS = 4
+EXIT_FAILED = 8
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """One thing wrong with the store."""
+
+    #: "superblock", "btree", "bitmap", "counter", "journal".
+    area: str
+    message: str
+    #: Metadata block the problem is in, where there is one.
+    block: int | None = None
+    #: Logical or store chunk concerned, where there is one.
+    chunk: int | None = None
+    #: Whether --repair can fix it (bitmaps and counters).
+    repairable: bool = False
+
+    def __str__(self) -> str:
+        where = f" (block {self.block})" if self.block is not None else ""
+        return f"{self.area}{where}: {self.message}"
+
+
+@dataclass(slots=True)
+class CheckReport:
+    """What a check found."""
+
+    geometry: Geometry | None = None
+    problems: list[Problem] = field(default_factory=list)
+    #: Transactions in the journal's replay window (replayed at next open).
+    journal_transactions: int = 0
+    journal_newest: int = 0
+    replayed: bool = False
+    repaired: list[str] = field(default_factory=list)
+    depth: int = 0
+    leaves: int = 0
+    index_nodes: int = 0
+    exceptions: int = 0
+    data_used: int = 0
+    meta_used: int = 0
+    fatal: str | None = None
+
+    @property
+    def exit_code(self) -> int:
+        if self.fatal is not None:
+            return EXIT_FAILED
+        if self.problems:
+            left = [p for p in self.problems if not (p.repairable and self.repaired)]
+            return EXIT_ERRORS if left else EXIT_REPAIRED
+        return EXIT_CLEAN
+
+    def as_json(self) -> dict[str, object]:
+        return {
+            "exit_code": self.exit_code,
+            "fatal": self.fatal,
+            "problems": [
+                {
+                    "area": p.area,
+                    "message": p.message,
+                    "block": p.block,
+                    "chunk": p.chunk,
+                    "repairable": p.repairable,
+                }
+                for p in self.problems
+            ],
+            "journal": {
+                "transactions": self.journal_transactions,
+                "newest_sequence": self.journal_newest,
+                "replayed": self.replayed,
+            },
+            "repaired": self.repaired,
+            "btree": {
+                "depth": self.depth,
+                "leaves": self.leaves,
+                "index_nodes": self.index_nodes,
+                "exceptions": self.exceptions,
+            },
+            "data_chunks_used": self.data_used,
+            "metadata_blocks_used": self.meta_used,
+        }
+
+
+class _Overlay:
+    """Reads of the store with the journal's replay laid over them."""
+
+    def __init__(self, device: BlockDevice, images: dict[int, bytes], block_size: int):
+        self._device = device
+        self._images = images
+        self._size = block_size
+
+    def block(self, address: int) -> bytes:
+        image = self._images.get(address)
+        if image is not None:
+            return image
+        try:
+            return self._device.read(address * self._size, self._size)
+        except OSError as exc:
+            raise StoreIOError(f"reading block {address}: {exc.strerror or exc}") from exc
+
+
+class _Checker:
+    def __init__(
+        self,
+        view: _Overlay,
+        sb: Superblock,
+        report: CheckReport,
+        advance: Callable[[int], None],
+    ):
+        g = sb.geometry
+        self.view = view
+        self.sb = sb
+        self.g = g
+        self.ctx = g.context
+        self.report = report
+        self.advance = advance
+        self.meta_refs = bytearray((g.meta_blocks + 7) // 8)
+        self.data_refs = bytearray((g.store_chunks + 7) // 8)
+        self.unique = [0] * 64
+        self.shared = [0] * 64
+        self.exceptions = 0
+        #: Bits an exception may carry: those of snapshots in the table.
+        self.allowed = sum(1 << bit for bit, r in enumerate(sb.snapshots) if r is not None)
+        #: Bits the sweep in progress has cleared below its cursor.
+        self.swept = sb.sweep_mask
+
+    def problem(
+        self,
+        area: str,
+        message: str,
+        *,
+        block: int | None = None,
+        chunk: int | None = None,
+        repairable: bool = False,
+    ) -> None:
+        self.report.problems.append(Problem(area, message, block, chunk, repairable))
+
+    # -- btree ---------------------------------------------------------------
+
+    def mark_meta(self, address: int, parent: int | None) -> bool:
+        rel = address - self.g.meta_start
+        if not 0 <= rel < self.g.meta_blocks:
+            self.problem(
+                "btree",
+                f"node address {address} is outside the metadata area",
+                block=parent,
+            )
+            return False
+        if self.meta_refs[rel >> 3] >> (rel & 7) & 1:
+            self.problem("btree", f"block {address} is reached twice", block=parent)
+            return False
+        self.meta_refs[rel >> 3] |= 1 << (rel & 7)
+        return True
+
+    def walk(self) -> None:
+        sb = self.sb
+        self.report.depth = sb.depth
+        if not self.mark_meta(sb.root, None):
+            return
+        stack: list[tuple[int, int, int, int]] = [(sb.root, sb.depth, 0, self.g.origin_chunks)]
+        while stack:
+            address, level, lo, hi = stack.pop()
+            if level == 0:
+                self.leaf(address, lo, hi)
+                continue
+            try:
+                node = decode_index(self.view.block(address), self.ctx, address)
+            except FormatError as exc:
+                self.problem("btree", str(exc), block=address)
+                continue
+            self.report.index_nodes += 1
+            if node.level != level:
+                self.problem("btree", f"level {node.level}, expected {level}", block=address)
+            if node.keys[0] != lo:
+                self.problem(
+                    "btree",
+                    f"first key {node.keys[0]}, expected its lower bound {lo}",
+                    block=address,
+                )
+            if node.keys[-1] >= hi:
+                self.problem(
+                    "btree",
+                    f"key {node.keys[-1]} is not below the upper bound {hi}",
+                    block=address,
+                )
+            bounds = [*node.keys[1:], hi]
+            children = []
+            for key, child, end in zip(node.keys, node.children, bounds, strict=True):
+                if self.mark_meta(child, address):
+                    children.append((child, level - 1, key, end))
+            stack.extend(reversed(children))
+
+    def leaf(self, address: int, lo: int, hi: int) -> None:
+        try:
+            leaf = decode_leaf(self.view.block(address), self.ctx, address)
+        except FormatError as exc:
+            self.problem("btree", str(exc), block=address)
+            return
+        self.report.leaves += 1
+        if leaf.base_chunk != lo:
+            self.problem("btree", f"base chunk {leaf.base_chunk}, expected {lo}", block=address)
+        if leaf.chunks and (leaf.chunks[0] < lo or leaf.chunks[-1] >= hi):
+            self.problem(
+                "btree",
+                f"holds chunks {leaf.chunks[0]}..{leaf.chunks[-1]}"
+                f" outside its range {lo}..{hi - 1}",
+                block=address,
+            )
+        at = 0
+        for chunk, count in zip(leaf.chunks, leaf.counts, strict=True):
+            for share, target in zip(
+                leaf.shares[at : at + count], leaf.targets[at : at + count], strict=True
+            ):
+                self.exception(address, chunk, share, target)
+            at += count
+        self.advance(len(leaf.shares))
+
+    def exception(self, address: int, chunk: int, share: int, target: int) -> None:
+        self.exceptions += 1
+        stray = share & ~self.allowed
+        if stray:
+            self.problem(
+                "btree",
+                f"chunk {chunk} has an exception for snapshot bits {bits_of(stray)}"
+                " that no snapshot owns",
+                block=address,
+                chunk=chunk,
+            )
+        if share & self.swept and chunk < self.sb.sweep_cursor:
+            self.problem(
+                "btree",
+                f"chunk {chunk} still carries deleted bits {bits_of(share & self.swept)}"
+                " that the sweep has passed",
+                block=address,
+                chunk=chunk,
+            )
+        if share & (share - 1) == 0:
+            self.unique[share.bit_length() - 1] += 1
+        else:
+            for bit in bits_of(share):
+                self.shared[bit] += 1
+        if self.data_refs[target >> 3] >> (target & 7) & 1:
+            self.problem(
+                "btree",
+                f"store chunk {target} is used by more than one exception"
+                f" (one is for chunk {chunk})",
+                block=address,
+                chunk=target,
+            )
+        self.data_refs[target >> 3] |= 1 << (target & 7)
+
+    # -- recount against the bitmaps -------------------------------------------
+
+    def bitmaps(self) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+        """Compare bitmaps with the references; return the bits each block should hold."""
+        g = self.g
+        bits = bitmap_bits_per_block(g.block_size)
+        meta_refs = int.from_bytes(self.meta_refs, "little")
+        data_refs = int.from_bytes(self.data_refs, "little")
+        # Layout-reserved data chunks count as used.
+        data_refs |= (1 << g.data_start) - 1
+        self.report.meta_used = meta_refs.bit_count()
+        self.report.data_used = data_refs.bit_count() - g.data_start
+        meta_fix = self.space(
+            "metadata",
+            g.meta_bitmap_start,
+            g.meta_bitmap_blocks,
+            meta_refs,
+            g.meta_blocks,
+            g.meta_start,
+            bits,
+        )
+        data_fix = self.space(
+            "data",
+            g.data_bitmap_start,
+            g.data_bitmap_blocks,
+            data_refs,
+            g.store_chunks,
+            0,
+            bits,
+        )
+        meta_free = g.meta_blocks - self.report.meta_used
+        data_free = g.data_chunks - self.report.data_used
+        if self.sb.meta_free != meta_free:
+            self.problem(
+                "counter",
+                f"metadata free count is {self.sb.meta_free}, recount {meta_free}",
+                block=0,
+                repairable=True,
+            )
+        if self.sb.data_free != data_free:
+            self.problem(
+                "counter",
+                f"data free count is {self.sb.data_free}, recount {data_free}",
+                block=0,
+                repairable=True,
+            )
+        return meta_fix, data_fix
+
+    def space(
+        self,
+        name: str,
+        start: int,
+        blocks: int,
+        refs: int,
+        units: int,
+        first: int,
+        bits: int,
+    ) -> list[tuple[int, int]]:
+        fixes = []
+        full = (1 << bits) - 1
+        for index in range(blocks):
+            address = start + index
+            lo = index * bits
+            expected = (refs >> lo) & full
+            if lo + bits > units:  # bits past the end of the space stay set
+                expected |= full & ~((1 << (units - lo)) - 1)
+            try:
+                actual = int.from_bytes(
+                    decode_bitmap(self.view.block(address), self.ctx, address).bits,
+                    "little",
+                )
+            except FormatError as exc:
+                self.problem("bitmap", str(exc), block=address, repairable=True)
+                fixes.append((address, expected))
+                continue
+            if actual == expected:
+                continue
+            fixes.append((address, expected))
+            leaked = actual & ~expected
+            lost = expected & ~actual
+            for kind, diff in (
+                ("leaked (marked used, referenced by nothing)", leaked),
+                ("used but marked free", lost),
+            ):
+                positions = bits_of(diff)
+                if not positions:
+                    continue
+                shown = ", ".join(str(first + lo + p) for p in positions[:8])
+                more = f" and {len(positions) - 8} more" if len(positions) > 8 else ""
+                unit = "blocks" if name == "metadata" else "chunks"
+                self.problem(
+                    "bitmap",
+                    f"{name} {unit} {kind}: {shown}{more}",
+                    block=address,
+                    chunk=first + lo + positions[0],
+                    repairable=True,
+                )
+        return fixes
+
+    def counters(self) -> None:
+        sb = self.sb
+        if sb.exceptions != self.exceptions:
+            self.problem(
+                "counter",
+                f"exception count is {sb.exceptions}, recount {self.exceptions}",
+                block=0,
+                repairable=True,
+            )
+        for bit, record in enumerate(sb.snapshots):
+            if record is None:
+                continue
+            if (record.unique_chunks, record.shared_chunks) != (
+                self.unique[bit],
+                self.shared[bit],
+            ):
+                self.problem(
+                    "counter",
+                    f"snapshot {record.tag} (bit {bit}) counts {record.unique_chunks} unique and"
+                    f" {record.shared_chunks} shared chunks,"
+                    f" recount {self.unique[bit]} and {self.shared[bit]}",
+                    block=0,
+                    repairable=True,
+                )
+
+
+def check_store(
+    store: BlockDevice,
+    *,
+    replay: bool = False,
+    repair: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+) -> CheckReport:
+    """Check a store that no server has open; optionally replay and repair.
+
+    Args:
+        store: the store device (opened writable if replay or repair).
+        replay: write the journal's replay home (as opening would).
+        repair: rebuild bitmaps, free counts and counters from the recount.
+        progress: called with (exceptions checked, exceptions expected).
+    """
+    report = CheckReport()
+    try:
+        geometry = read_geometry(store)
+        report.geometry = geometry
+        scan = scan_journal(store, geometry)
+    except (StoreOpenError, StoreIOError) as exc:
+        report.fatal = str(exc)
+        return report
+    report.journal_newest = scan.newest.record.sequence
+    report.journal_transactions = len(scan.replay)
+    if scan.problem:
+        report.problems.append(Problem("journal", scan.problem))
+    images = scan.images
+    if replay or repair:
+        try:
+            Journal.recover(store, geometry)
+        except (StoreOpenError, StoreIOError) as exc:
+            report.fatal = f"replaying the journal: {exc}"
+            return report
+        report.replayed = True
+        images = {}
+    view = _Overlay(store, images, geometry.block_size)
+    try:
+        sb = decode_superblock(view.block(0))
+    except (FormatError, StoreIOError) as exc:
+        report.fatal = f"superblock: {exc}"
+        return report
+    done = 0
+
+    def advance(count: int) -> None:
+        nonlocal done
+        done += count
+        if progress is not None:
+            progress(done, sb.exceptions)
+
+    checker = _Checker(view, sb, report, advance)
+    try:
+        checker.walk()
+        meta_fix, data_fix = checker.bitmaps()
+        checker.counters()
+    except StoreIOError as exc:
+        report.fatal = str(exc)
+        return report
+    report.exceptions = checker.exceptions
+    structural = [p for p in report.problems if not p.repairable]
+    if repair and any(p.repairable for p in report.problems):
+        if structural:
+            report.repaired.append(
+                "nothing: the btree is damaged; bitmaps cannot be rebuilt from it"
+            )
+        else:
+            _repair(store, geometry, sb, checker, meta_fix + data_fix, report)
+    return report
+
+
+def _repair(
+    store: BlockDevice,
+    geometry: Geometry,
+    sb: Superblock,
+    checker: _Checker,
+    fixes: list[tuple[int, int]],
+    report: CheckReport,
+) -> None:
+    """Rewrite the given bitmap blocks and the counters, through the journal."""
+    journal, _ = Journal.recover(store, geometry)
+    state = StoreState.from_superblock(sb)
+    state.meta_free = geometry.meta_blocks - report.meta_used
+    state.data_free = geometry.data_chunks - report.data_used
+    state.exceptions = checker.exceptions
+    for bit, record in enumerate(state.snapshots):
+        if record is not None:
+            state.unique[bit], state.shared[bit] = (
+                checker.unique[bit],
+                checker.shared[bit],
+            )
+    nbytes = geometry.block_size - HEADER_SIZE
+    pages = [BitmapPage(address, nbytes, bits) for address, bits in fixes]
+    per = journal.max_blocks - 1
+    for start in range(0, max(len(pages), 1), per):
+        batch = pages[start : start + per]
+        encode = functools.partial(_encode_repair, batch, state, geometry)
+        journal.commit(len(batch) + 1, encode, data_written=False)
+    journal.sync()
+    report.repaired.append(
+        f"rewrote {len(fixes)} bitmap blocks, the free counts and the snapshot counters"
+    )
+
+
+def _encode_repair(
+    batch: list[BitmapPage], state: StoreState, geometry: Geometry, sequence: int
+) -> list[tuple[int, bytes]]:
+    images = [(page.address, encode_page(page, sequence, geometry)) for page in batch]
+    images.append((0, encode_superblock(state.to_superblock(geometry, sequence))))
+    return images

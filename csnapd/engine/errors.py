@@ -1,0 +1,123 @@
+# Errors the engine raises to its callers.
+#
+# Each carries a stable symbolic `code` that the protocol layer maps to a wire
+# error; the message is for people. Rule: a request that fails with an
+# EngineError has changed nothing (its staged changes are rolled back), except
+# EngineFailedError, after which the engine refuses all work until reopened.
+from __future__ import annotations
+
+from typing import ClassVar
+
+__all__ = [
+    "EngineError",
+    "InvalidRequestError",
+    "RequestTooLargeError",
+    "SnapshotNotFoundError",
+    "SnapshotExistsError",
+    "TooManySnapshotsError",
+    "SnapshotBusyError",
+    "SnapshotUnavailableError",
+    "StoreFullError",
+    "MetadataFullError",
+    "StoreIOError",
+    "StoreCorruptError",
+    "EngineFailedError",
+    "StoreOpenError",
+    "StoreLockedError",
+]
+
+
+class EngineError(Exception):
+    """Base of every error the engine reports to a caller."""
+
+    #: Stable symbolic name, used on the wire and in logs.
+    code: ClassVar[str] = "engine_error"
+
+
+class InvalidRequestError(EngineError):
+    """A request names chunks outside the origin, a bad value, or no chunks."""
+
+    code = "invalid_request"
+
+
+class RequestTooLargeError(InvalidRequestError):
+    """One request would change more metadata than one transaction may hold."""
+
+    code = "request_too_large"
+
+
+class SnapshotNotFoundError(EngineError):
+    """No live snapshot has this tag."""
+
+    code = "no_such_snapshot"
+
+
+class SnapshotExistsError(EngineError):
+    """A live snapshot already has this tag."""
+
+    code = "snapshot_exists"
+
+
+class TooManySnapshotsError(EngineError):
+    """All 64 snapshot slots are taken (live, or still being deleted)."""
+
+    code = "too_many_snapshots"
+
+
+class SnapshotBusyError(EngineError):
+    """The snapshot's use count is not zero, so it may not be deleted."""
+
+    code = "snapshot_busy"
+
+
+class SnapshotUnavailableError(EngineError):
+    """The snapshot exists but cannot serve I/O (squashed)."""
+
+    code = "snapshot_unavailable"
+
+
+class StoreFullError(EngineError):
+    """No free chunk in the data area for a copy-out."""
+
+    code = "store_full"
+
+
+class MetadataFullError(EngineError):
+    """No free block in the metadata area for a btree node."""
+
+    code = "metadata_full"
+
+
+class StoreIOError(EngineError):
+    """Reading or writing the store or the origin failed."""
+
+    code = "io_error"
+
+
+class StoreCorruptError(EngineError):
+    """A metadata block read from the store is damaged or inconsistent."""
+
+    code = "store_corrupt"
+
+
+class EngineFailedError(EngineError):
+    """A commit or sync failed; nothing more is accepted until a reopen.
+
+    After a failed sync the page cache may have dropped the data, so neither
+    retrying nor carrying on is safe: the only way on is recovery from the
+    journal.
+    """
+
+    code = "engine_failed"
+
+
+class StoreOpenError(EngineError):
+    """The store cannot be opened: not a store, wrong origin, damaged."""
+
+    code = "cannot_open"
+
+
+class StoreLockedError(StoreOpenError):
+    """Another server holds the store's lock (rule 7: one server per store)."""
+
+    code = "store_locked"

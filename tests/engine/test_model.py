@@ -1,0 +1,391 @@
+# The engine against a plain model of what every view (the origin and each
+# snapshot) should read, chunk by chunk, through creates, deletes, sweeps,
+# origin and snapshot writes, clean restarts, crashes that lose or tear
+# unsynced writes, and power cuts in the middle of a commit.
+#
+# After every step: the engine's snapshots are the model's, the full check
+# finds nothing, and a sample of chunks of every view reads what the model
+# says. After every restart or crash, every chunk of every view is compared.
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+from collections.abc import Callable
+
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+)
+
+from csnapd.engine import (
+    BlockDevice,
+    Engine,
+    EngineFailedError,
+    FileDevice,
+    MemoryDevice,
+    RequestTooLargeError,
+    SnapshotBusyError,
+    SnapshotExistsError,
+    SnapshotNotFoundError,
+)
+from tests.engine.helpers import (
+    CutDevice,
+    assert_clean,
+    format_device,
+    new_geometry,
+    pattern,
+    read_snapshot,
+    write_origin,
+)
+
+N = 1024  # origin chunks
+TAGS = st.integers(0, 5)
+
+
+@st.composite
+def chunk_ranges(draw: st.DrawFn) -> tuple[int, int]:
+    start = draw(st.integers(0, N - 1))
+    if draw(st.integers(0, 4)) == 0:
+        count = draw(st.integers(64, 700))
+    else:
+        count = draw(st.integers(1, 48))
+    return start, min(count, N - start)
+
+
+OPS = st.sampled_from(["origin", "snapshot", "create", "delete"])
+STEPS = int(os.environ.get("CSNAP_MODEL_STEPS", "40"))
+EXAMPLES = int(os.environ.get("CSNAP_MODEL_EXAMPLES", "60"))
+
+
+class EngineMachine(RuleBasedStateMachine):
+    """Drives an Engine on a memory store whose power can be cut."""
+
+    crashes = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.g = new_geometry(store_bytes=24 << 20, origin_bytes=N * 4096, journal_bytes=128 * 4096)
+        self.mem = MemoryDevice(self.g.store_bytes)
+        format_device(self.mem, self.g)
+        self.store = CutDevice(self.mem)
+        self.origin: BlockDevice = MemoryDevice(self.g.origin_bytes)
+        self.origin_v = [0] * N
+        self.snaps: dict[int, list[int]] = {}
+        self.use: dict[int, int] = {}
+        self.version = 0
+        self.clock = 0
+        self.rng = random.Random(0)
+        self.engine = self.open()
+
+    # -- plumbing ----------------------------------------------------------
+
+    def tick(self) -> int:
+        self.clock += 1
+        return self.clock
+
+    def open(self) -> Engine:
+        return Engine.open(self.store, self.origin, cache_bytes=48 * 4096, clock=self.tick)
+
+    def store_device(self) -> BlockDevice:
+        return self.mem
+
+    def pick_tag(self, data: st.DataObject) -> int:
+        """Mostly a tag that exists, so that steps are rarely wasted."""
+        if self.snaps and data.draw(st.integers(0, 9), label="existing") > 0:
+            return data.draw(st.sampled_from(sorted(self.snaps)), label="tag")
+        return data.draw(TAGS, label="tag")
+
+    def next_version(self) -> int:
+        self.version += 1
+        return self.version
+
+    def expect(self, tag: int | None) -> list[int]:
+        return self.origin_v if tag is None else self.snaps[tag]
+
+    def verify(self, tag: int | None, chunks: list[int]) -> None:
+        size = self.g.chunk_size
+        for chunk in chunks:
+            want = pattern(chunk, self.expect(tag)[chunk], size)
+            if tag is None:
+                got = self.origin.read(chunk * size, size)
+            else:
+                got = read_snapshot(self.engine, self.store_device(), self.origin, tag, chunk, 1)[0]
+            assert got == want, f"view {tag} chunk {chunk}"
+
+    def verify_everything(self) -> None:
+        for tag in self.snaps:
+            size = self.g.chunk_size
+            got = read_snapshot(self.engine, self.store_device(), self.origin, tag, 0, N)
+            for chunk, data in enumerate(got):
+                assert data == pattern(chunk, self.snaps[tag][chunk], size), (tag, chunk)
+
+    # -- setup -------------------------------------------------------------
+
+    @initialize(rng=st.randoms(use_true_random=False))
+    def seed(self, rng: random.Random) -> None:
+        self.rng = rng
+
+    # -- snapshots -----------------------------------------------------------
+
+    @rule(tag=TAGS, priority=st.integers(-128, 127))
+    def create(self, tag: int, priority: int) -> None:
+        if tag in self.snaps:
+            with pytest.raises(SnapshotExistsError):
+                self.engine.create_snapshot(tag, priority)
+            return
+        info = self.engine.create_snapshot(tag, priority)
+        self.engine.commit()
+        assert (info.tag, info.priority, info.unique_chunks, info.shared_chunks) == (
+            tag,
+            priority,
+            0,
+            0,
+        )
+        self.snaps[tag] = list(self.origin_v)
+        self.use[tag] = 0
+
+    @rule(data=st.data())
+    def delete(self, data: st.DataObject) -> None:
+        tag = self.pick_tag(data)
+        if tag not in self.snaps:
+            with pytest.raises(SnapshotNotFoundError):
+                self.engine.delete_snapshot(tag)
+        elif self.use[tag]:
+            with pytest.raises(SnapshotBusyError):
+                self.engine.delete_snapshot(tag)
+        else:
+            self.engine.delete_snapshot(tag)
+            self.engine.commit()
+            del self.snaps[tag], self.use[tag]
+
+    @rule(data=st.data(), delta=st.integers(-1, 1))
+    def use_count(self, data: st.DataObject, delta: int) -> None:
+        tag = self.pick_tag(data)
+        if tag not in self.snaps:
+            with pytest.raises(SnapshotNotFoundError):
+                self.engine.change_use_count(tag, delta)
+            return
+        if self.use[tag] + delta < 0:
+            with pytest.raises(Exception, match="would become -1"):
+                self.engine.change_use_count(tag, delta)
+            return
+        assert self.engine.change_use_count(tag, delta).use_count == self.use[tag] + delta
+        self.engine.commit()
+        self.use[tag] += delta
+
+    @rule()
+    def sweep(self) -> None:
+        for _ in range(10_000):
+            more = self.engine.sweep()
+            self.engine.commit()
+            if not more:
+                break
+        assert not self.engine.sweep_pending
+
+    # -- data ----------------------------------------------------------------
+
+    @rule(r=chunk_ranges())
+    def origin_write(self, r: tuple[int, int]) -> None:
+        start, count = r
+        try:
+            self.engine.origin_write([r])
+        except RequestTooLargeError:
+            return
+        self.engine.commit()
+        version = self.next_version()
+        for chunk in range(start, start + count):
+            write_origin(self.origin, self.g, chunk, version)
+            self.origin_v[chunk] = version
+
+    @rule(data=st.data(), r=chunk_ranges())
+    def snapshot_write(self, data: st.DataObject, r: tuple[int, int]) -> None:
+        tag = self.pick_tag(data)
+        if tag not in self.snaps:
+            with pytest.raises(SnapshotNotFoundError):
+                self.engine.snapshot_write(tag, [r])
+            return
+        try:
+            segments = self.engine.snapshot_write(tag, [r])
+        except RequestTooLargeError:
+            return
+        self.engine.commit()
+        assert sum(s.count for s in segments) == r[1]
+        version = self.next_version()
+        size = self.g.chunk_size
+        for segment in segments:
+            for k in range(segment.count):
+                chunk = segment.chunk + k
+                self.mem.write((segment.store_chunk + k) * size, pattern(chunk, version, size))
+                self.snaps[tag][chunk] = version
+        self.mem.sync()  # the client flushes its own writes
+
+    @rule(data=st.data(), r=chunk_ranges())
+    def read(self, data: st.DataObject, r: tuple[int, int]) -> None:
+        tag: int | None = None if data.draw(st.booleans(), label="origin") else self.pick_tag(data)
+        if tag is not None and tag not in self.snaps:
+            return
+        start, count = r
+        self.verify(tag, list(range(start, start + min(count, 64))))
+
+    # -- restarts and crashes ----------------------------------------------------
+
+    @rule()
+    def restart(self) -> None:
+        self.engine.close()
+        self.engine = self.open()
+        assert self.engine.recovery.problem is None
+        self.verify_everything()
+
+    def reopen_after_crash(self) -> None:
+        crashed = self.mem.random_crash(self.rng)
+        self.mem = crashed
+        self.store = CutDevice(crashed)
+        self.engine = self.open()
+        assert self.engine.recovery.problem is None
+
+    @precondition(lambda self: self.crashes)
+    @rule()
+    def crash(self) -> None:
+        self.reopen_after_crash()
+        self.verify_everything()
+
+    def stage(self, op: str, tag: int, r: tuple[int, int]) -> Callable[[], None] | None:
+        """Apply `op` without committing; return what the model must do if it lands."""
+        try:
+            if op == "origin":
+                self.engine.origin_write([r])
+                return lambda: None  # the client never wrote: contents unchanged
+            if op == "snapshot" and tag in self.snaps:
+                self.engine.snapshot_write(tag, [r])
+                return lambda: None
+            if op == "create" and tag not in self.snaps:
+                self.engine.create_snapshot(tag)
+                versions = list(self.origin_v)
+                return lambda: self.snaps.__setitem__(tag, versions) or self.use.__setitem__(tag, 0)
+            if op == "delete" and tag in self.snaps and not self.use[tag]:
+                self.engine.delete_snapshot(tag)
+                return lambda: self.snaps.pop(tag) and self.use.pop(tag) and None
+        except (SnapshotExistsError, SnapshotNotFoundError, RequestTooLargeError):
+            return None
+        return None
+
+    @precondition(lambda self: self.crashes)
+    @rule(op=OPS, data=st.data(), r=chunk_ranges())
+    def crash_before_commit(self, op: str, data: st.DataObject, r: tuple[int, int]) -> None:
+        """An applied but uncommitted request never survives a crash."""
+        self.stage(op, self.pick_tag(data), r)
+        self.reopen_after_crash()
+        self.verify_everything()
+
+    @precondition(lambda self: self.crashes)
+    @rule(
+        ops=st.lists(st.tuples(OPS, chunk_ranges()), min_size=1, max_size=3),
+        data=st.data(),
+        cut=st.integers(0, 16),
+    )
+    def power_cut_during_commit(
+        self, ops: list[tuple[str, tuple[int, int]]], data: st.DataObject, cut: int
+    ) -> None:
+        """A commit cut short lands whole or not at all."""
+        staged = (self.stage(op, self.pick_tag(data), r) for op, r in ops)
+        effects = [e for e in staged if e is not None]
+        before = set(self.snaps)
+        self.store.budget = cut
+        try:
+            self.engine.commit()
+            landed = True
+        except EngineFailedError:
+            landed = None  # unknown: it may or may not be durable
+        self.store.budget = 1 << 62
+        saved = (dict((t, list(v)) for t, v in self.snaps.items()), dict(self.use))
+        for effect in effects:
+            effect()
+        after = set(self.snaps)
+        self.reopen_after_crash()
+        found = {info.tag for info in self.engine.snapshots()}
+        if landed or found != before:
+            assert found == after, (before, after, found)
+        else:
+            self.snaps, self.use = saved
+        self.verify_everything()
+
+    # -- invariants ------------------------------------------------------------
+
+    @invariant()
+    def matches_model(self) -> None:
+        infos = self.engine.snapshots()
+        assert {info.tag for info in infos} == set(self.snaps)
+        for info in infos:
+            assert info.use_count == self.use[info.tag]
+        assert not self.engine.pending
+        assert_clean(self.store_device())
+        sample = [self.rng.randrange(N) for _ in range(8)]
+        for tag in [None, *self.snaps]:
+            self.verify(tag, sample)
+
+
+class FileEngineMachine(EngineMachine):
+    """The same, on real files with real fdatasync; restarts instead of crashes."""
+
+    crashes = False
+
+    def __init__(self) -> None:
+        self.tmp = tempfile.TemporaryDirectory()
+        super().__init__()
+
+    def open(self) -> Engine:
+        if not hasattr(self, "file_store"):
+            path = os.path.join(self.tmp.name, "store")
+            with open(path, "wb") as f:
+                f.truncate(self.g.store_bytes)
+            self.file_store = FileDevice(path)
+            format_device(self.file_store, self.g)
+        return Engine.open(self.file_store, self.origin, cache_bytes=48 * 4096, clock=self.tick)
+
+    def store_device(self) -> BlockDevice:
+        return self.file_store
+
+    @rule(data=st.data(), r=chunk_ranges())
+    def snapshot_write(self, data: st.DataObject, r: tuple[int, int]) -> None:
+        tag = self.pick_tag(data)
+        if tag not in self.snaps:
+            return
+        try:
+            segments = self.engine.snapshot_write(tag, [r])
+        except RequestTooLargeError:
+            return
+        self.engine.commit()
+        version = self.next_version()
+        size = self.g.chunk_size
+        for segment in segments:
+            for k in range(segment.count):
+                chunk = segment.chunk + k
+                self.file_store.write(
+                    (segment.store_chunk + k) * size, pattern(chunk, version, size)
+                )
+                self.snaps[tag][chunk] = version
+
+    def teardown(self) -> None:
+        self.engine.close()
+        self.file_store.close()
+        self.tmp.cleanup()
+
+
+_settings = settings(
+    max_examples=EXAMPLES,
+    stateful_step_count=STEPS,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+)
+
+TestEngineModel = EngineMachine.TestCase
+TestEngineModel.settings = _settings
+TestEngineOnFiles = FileEngineMachine.TestCase
+TestEngineOnFiles.settings = _settings
