@@ -304,7 +304,7 @@ class EngineMachine(RuleBasedStateMachine):
         except EngineFailedError:
             landed = None  # unknown: it may or may not be durable
         self.store.budget = 1 << 62
-        saved = (dict((t, list(v)) for t, v in self.snaps.items()), dict(self.use))
+        saved = ({t: list(v) for t, v in self.snaps.items()}, dict(self.use))
         for effect in effects:
             effect()
         after = set(self.snaps)
