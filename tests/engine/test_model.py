@@ -268,10 +268,19 @@ class EngineMachine(RuleBasedStateMachine):
             if op == "create" and tag not in self.snaps:
                 self.engine.create_snapshot(tag)
                 versions = list(self.origin_v)
-                return lambda: self.snaps.__setitem__(tag, versions) or self.use.__setitem__(tag, 0)
+
+                def created() -> None:
+                    self.snaps[tag] = versions
+                    self.use[tag] = 0
+
+                return created
             if op == "delete" and tag in self.snaps and not self.use[tag]:
                 self.engine.delete_snapshot(tag)
-                return lambda: self.snaps.pop(tag) and self.use.pop(tag) and None
+
+                def deleted() -> None:
+                    del self.snaps[tag], self.use[tag]
+
+                return deleted
         except (SnapshotExistsError, SnapshotNotFoundError, RequestTooLargeError):
             return None
         return None
