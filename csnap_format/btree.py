@@ -32,7 +32,7 @@ import itertools
 import struct
 from dataclasses import dataclass
 
-from csnap_format._structs import u32_array, u64_array
+from csnap_format._structs import is_zero, u32_array, u64_array
 from csnap_format.constants import HEADER_SIZE, MAX_DEPTH, BlockType
 from csnap_format.errors import CorruptBlockError
 from csnap_format.geometry import (
@@ -159,7 +159,7 @@ def decode_leaf(block: bytes | bytearray | memoryview, ctx: BlockContext, addres
     low = offsets[0]
     if low < map_end or (size - low) % EXCEPTION_BYTES:
         raise corrupt(f"exception area starts at {low}, inside the directory or misaligned")
-    if any(memoryview(block)[map_end:low]):
+    if not is_zero(block, map_end, low):
         raise corrupt("free space between directory and exceptions is not zero")
     counts = tuple((b - a) // EXCEPTION_BYTES for a, b in itertools.pairwise(offsets))
     if any(b - a <= 0 or (b - a) % EXCEPTION_BYTES for a, b in itertools.pairwise(offsets)):
@@ -250,7 +250,7 @@ def decode_index(
     if not 1 <= level <= MAX_DEPTH:
         raise corrupt(f"level {level} out of range")
     end = INDEX_BODY_OFFSET + 16 * count
-    if any(memoryview(block)[end:]):
+    if not is_zero(block, end, len(block)):
         raise corrupt("bytes after the last child are not zero")
     flat = u64_array(2 * count).unpack_from(block, INDEX_BODY_OFFSET)
     keys, children = flat[0::2], flat[1::2]

@@ -19,7 +19,7 @@ import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from csnap_format._structs import u64_array
+from csnap_format._structs import is_zero, u64_array
 from csnap_format.constants import HEADER_SIZE, SUPERBLOCK_ADDRESS, BlockType
 from csnap_format.errors import CorruptBlockError
 from csnap_format.geometry import COMMIT_BODY_OFFSET, commit_capacity
@@ -90,7 +90,7 @@ def decode_commit(
     if tail > header.sequence:
         raise corrupt(f"tail sequence {tail} is after the record's own {header.sequence}")
     end = COMMIT_BODY_OFFSET + 8 * count
-    if any(memoryview(block)[end:]):
+    if not is_zero(block, end, len(block)):
         raise corrupt("bytes after the last home address are not zero")
     homes = u64_array(count).unpack_from(block, COMMIT_BODY_OFFSET)
     for home in homes:

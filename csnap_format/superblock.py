@@ -21,6 +21,7 @@ import struct
 import zlib
 from dataclasses import dataclass
 
+from csnap_format._structs import is_zero
 from csnap_format.constants import (
     FORMAT_VERSION,
     GEOMETRY_BACKUP_ADDRESS,
@@ -240,7 +241,7 @@ def decode_geometry(block: bytes | bytearray | memoryview) -> Geometry:
             block=expected[kind],
             kind=name,
         )
-    if any(block[_GEOMETRY_AT + _GEOMETRY.size : _GEOMETRY_CRC_AT]):
+    if not is_zero(block, _GEOMETRY_AT + _GEOMETRY.size, _GEOMETRY_CRC_AT):
         raise CorruptBlockError(
             "reserved geometry bytes are not zero", block=expected[kind], kind=name
         )
@@ -300,8 +301,8 @@ def decode_superblock(block: bytes | bytearray | memoryview) -> Superblock:
         problems.append(f"data cursor {data_cursor} is outside the data area")
     if exceptions > geometry.data_chunks:
         problems.append(f"exception count {exceptions} exceeds the data area")
-    if any(block[_STATE_AT + _STATE.size : _STATE_END]) or any(
-        block[_TABLE_END : geometry.block_size]
+    if not is_zero(block, _STATE_AT + _STATE.size, _STATE_END) or not is_zero(
+        block, _TABLE_END, geometry.block_size
     ):
         problems.append("reserved bytes are not zero")
     snapshots = _decode_table(block, problems)
@@ -342,7 +343,7 @@ def _decode_table(
         tag, state, priority, pad1, use_count, pad2, created, origin_chunks = fields[:8]
         unique, shared = fields[8:]
         if state == SnapshotState.FREE:
-            if any(block[at : at + _RECORD.size]):
+            if any(fields):
                 problems.append(f"free snapshot slot {bit} is not all zeros")
             records.append(None)
             continue

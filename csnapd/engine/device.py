@@ -36,6 +36,7 @@ __all__ = [
 #: Unit of torn writes: a write may persist partly, but whole sectors at a time.
 SECTOR = 512
 _PAGE = 4096  # MemoryDevice storage granularity
+_ZERO_PAGE = bytes(_PAGE)
 
 
 @dataclass(slots=True)
@@ -167,6 +168,9 @@ class PendingWrite:
 
     offset: int
     data: bytes
+    #: Made durable by its writer already (see MemoryDevice.write_through):
+    #: a crash always keeps it, in its place in the order.
+    durable: bool = False
 
     @property
     def sectors(self) -> int:
@@ -182,16 +186,18 @@ class MemoryDevice:
     Durable contents live in 4 KiB pages; writes since the last sync are kept
     in order as PendingWrite records and are visible to reads. `crash()`
     returns a new device holding the durable contents plus a chosen subset of
-    the pending writes, some of them torn.
+    the pending writes, some of them torn. Pages are immutable bytes shared
+    between a device and its crash images, so an image costs little.
     """
 
-    def __init__(self, size: int, *, record: bool = False):
+    def __init__(self, size: int, *, log: list[tuple[str, int, bytes]] | None = None):
         self._size = size
         self.stats = DeviceStats()
-        self._pages: dict[int, bytearray] = {}
+        self._pages: dict[int, bytes] = {}
         self.pending: list[PendingWrite] = []
-        #: With record=True, every ("write", offset, data) and ("sync", 0, b"").
-        self.log: list[tuple[str, int, bytes]] | None = [] if record else None
+        #: If given, every ("write" | "durable", offset, data) and ("sync", 0,
+        #: b"") is appended to it, in order.
+        self.log = log
 
     @property
     def size(self) -> int:
@@ -201,7 +207,11 @@ class MemoryDevice:
         if offset < 0 or offset + length > self._size:
             raise OSError(errno.EIO, f"access at {offset}+{length} beyond {self._size} bytes")
 
-    def _durable_read(self, offset: int, length: int) -> bytearray:
+    def _durable_read(self, offset: int, length: int) -> bytes | bytearray:
+        first, inner = divmod(offset, _PAGE)
+        if inner == 0 and length % _PAGE == 0:  # whole pages: join, no copying loop
+            pages = self._pages
+            return b"".join(pages.get(n, _ZERO_PAGE) for n in range(first, first + length // _PAGE))
         out = bytearray(length)
         at = offset
         end = offset + length
@@ -219,25 +229,30 @@ class MemoryDevice:
         while at < len(data):
             page_no, inner = divmod(offset + at, _PAGE)
             step = min(_PAGE - inner, len(data) - at)
-            page = self._pages.get(page_no)
-            if page is None:
-                page = self._pages[page_no] = bytearray(_PAGE)
-            page[inner : inner + step] = data[at : at + step]
+            if step == _PAGE:
+                self._pages[page_no] = bytes(data[at : at + step])
+            else:
+                page = bytearray(self._pages.get(page_no, bytes(_PAGE)))
+                page[inner : inner + step] = data[at : at + step]
+                self._pages[page_no] = bytes(page)
             at += step
 
     def read(self, offset: int, length: int) -> bytes:
         self._check(offset, length)
         self.stats.reads += 1
         self.stats.bytes_read += length
-        out = self._durable_read(offset, length)
+        durable = self._durable_read(offset, length)
         end = offset + length
+        out: bytearray | None = None
         for write in self.pending:
             w_end = write.offset + len(write.data)
             if write.offset < end and w_end > offset:
+                if out is None:
+                    out = bytearray(durable)
                 lo = max(offset, write.offset)
                 hi = min(end, w_end)
                 out[lo - offset : hi - offset] = write.data[lo - write.offset : hi - write.offset]
-        return bytes(out)
+        return bytes(durable) if out is None else bytes(out)
 
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         self._check(offset, len(data))
@@ -250,6 +265,17 @@ class MemoryDevice:
 
     def writev(self, offset: int, buffers: Sequence[bytes]) -> None:
         self.write(offset, b"".join(buffers))
+
+    def write_through(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        """A write already durable when this returns, as a client's write
+        followed by its own flush: no crash loses or reorders it."""
+        self._check(offset, len(data))
+        self.stats.writes += 1
+        self.stats.bytes_written += len(data)
+        record = PendingWrite(offset, bytes(data), durable=True)
+        self.pending.append(record)
+        if self.log is not None:
+            self.log.append(("durable", offset, record.data))
 
     def sync(self) -> None:
         self.stats.syncs += 1
@@ -274,8 +300,11 @@ class MemoryDevice:
                 Writes not named were lost. Kept writes land in issue order.
         """
         survivor = MemoryDevice(self._size)
-        survivor._pages = {n: bytearray(p) for n, p in self._pages.items()}
+        survivor._pages = dict(self._pages)
         for index, write in enumerate(self.pending):
+            if write.durable:
+                survivor._durable_write(write.offset, write.data)
+                continue
             if index not in kept:
                 continue
             sectors = kept[index]
@@ -294,6 +323,8 @@ class MemoryDevice:
         """Crash keeping a random subset of pending writes, some torn."""
         kept: dict[int, list[int] | None] = {}
         for index, write in enumerate(self.pending):
+            if write.durable:
+                continue
             roll = rng.random()
             if roll < 0.4:
                 continue
@@ -309,5 +340,4 @@ class MemoryDevice:
 
     def snapshot_copy(self) -> MemoryDevice:
         """A device holding everything written so far, as if synced."""
-        survivor = self.crash(dict.fromkeys(range(len(self.pending))))
-        return survivor
+        return self.crash(dict.fromkeys(range(len(self.pending))))

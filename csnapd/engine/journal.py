@@ -91,6 +91,10 @@ class JournalScan:
         return out
 
 
+#: Magic and type of a commit record, as they start its block.
+_COMMIT_HEAD = MAGIC + int(BlockType.COMMIT).to_bytes(2, "little")
+
+
 def _image_kind(g: Geometry, home: int, image: bytes) -> BlockType:
     if home == SUPERBLOCK_ADDRESS:
         return BlockType.SUPERBLOCK
@@ -135,10 +139,13 @@ def scan_journal(device: BlockDevice, g: Geometry) -> JournalScan:
     except OSError as exc:
         raise StoreIOError(f"reading the journal: {exc.strerror or exc}") from exc
     found: dict[int, list[tuple[int, CommitRecord]]] = {}
+    view = memoryview(raw)
     for slot in range(slots):
-        block = raw[slot * size : (slot + 1) * size]
-        if block[:4] != MAGIC:
+        at = slot * size
+        # Most slots hold block images: skip them on their type field alone.
+        if raw[at : at + 6] != _COMMIT_HEAD:
             continue
+        block = view[at : at + size]
         try:
             record = decode_commit(block, ctx, g.journal_start + slot)
         except FormatError:

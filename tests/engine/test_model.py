@@ -222,9 +222,10 @@ class EngineMachine(RuleBasedStateMachine):
         for segment in segments:
             for k in range(segment.count):
                 chunk = segment.chunk + k
-                self.mem.write((segment.store_chunk + k) * size, pattern(chunk, version, size))
+                self.mem.write_through(
+                    (segment.store_chunk + k) * size, pattern(chunk, version, size)
+                )
                 self.snaps[tag][chunk] = version
-        self.mem.sync()  # the client flushes its own writes
 
     @rule(data=st.data(), r=chunk_ranges())
     def read(self, data: st.DataObject, r: tuple[int, int]) -> None:

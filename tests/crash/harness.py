@@ -1,0 +1,347 @@
+# Crash-state enumeration: run a seeded workload on a recording memory store,
+# then rebuild the store as a power cut would leave it at every write
+# boundary, recover each image, and check it.
+#
+# The trace is one ordered list of events:
+#   ("write", offset, data)    a store write the engine issued (not yet durable)
+#   ("sync", 0, b"")           a store sync: every earlier write is durable
+#   ("durable", offset, data)  a client's own write to a snapshot's store chunk,
+#                              durable when issued (it flushes itself)
+#   ("origin", chunk, version) a client write to the origin (after its ack)
+#   ("view", tag, chunk|version) the model learns a snapshot chunk's new version
+#   ("ack", n, b"")            commit n returned: its effects are acknowledged
+#
+# A crash state at a write boundary keeps everything synced, every client
+# write, and a chosen subset of the unsynced engine writes since the last
+# sync, some of them torn at 512-byte sectors. It must recover to a store
+# that the full check finds clean, whose snapshots are those acknowledged,
+# plus possibly the effects of the one commit in flight (acknowledged ⊆
+# recovered ⊆ issued), each reading exactly what the model says.
+from __future__ import annotations
+
+import random
+import struct
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+from csnap_format import Geometry
+from csnapd.engine import (
+    Engine,
+    MemoryDevice,
+    RequestTooLargeError,
+    SnapshotBusyError,
+    StoreFullError,
+    WriteSegment,
+)
+from csnapd.engine.check import check_store
+from tests.engine.helpers import format_device, new_geometry, pattern, read_snapshot
+
+Event = tuple[str, int, bytes]
+
+#: Geometry of the crash workloads: small, so that a state costs milliseconds,
+#: with the minimum journal so that it wraps and checkpoints all the time.
+ORIGIN_CHUNKS = 256
+
+
+def crash_geometry() -> Geometry:
+    return new_geometry(
+        store_bytes=4 << 20, origin_bytes=ORIGIN_CHUNKS * 4096, journal_bytes=64 * 4096
+    )
+
+
+@dataclass
+class Workload:
+    """A recorded run: the formatted image, the trace, and commit effects."""
+
+    geometry: Geometry
+    base: MemoryDevice
+    trace: list[Event]
+    #: Effects of commit n: ("create", tag) or ("delete", tag).
+    effects: dict[int, list[tuple[str, int]]] = field(default_factory=dict)
+
+
+def _pack(chunk: int, version: int) -> bytes:
+    return struct.pack("<QQ", chunk, version)
+
+
+class _Runner:
+    """Drives an Engine with random operations, recording the trace."""
+
+    def __init__(self, seed: int, g: Geometry):
+        self.rng = random.Random(seed)
+        self.g = g
+        self.trace: list[Event] = []
+        self.base = MemoryDevice(g.store_bytes)
+        format_device(self.base, g)
+        self.store = self.base.durable_copy()
+        self.store.log = self.trace
+        self.origin = MemoryDevice(g.origin_bytes)
+        self.clock = 0
+        self.engine = self._open()
+        self.live: set[int] = set()
+        self.used: dict[int, int] = {}
+        self.version = 0
+        self.commits = 0
+        self.effects: dict[int, list[tuple[str, int]]] = {}
+
+    def _tick(self) -> int:
+        self.clock += 1
+        return self.clock
+
+    def _open(self) -> Engine:
+        return Engine.open(self.store, self.origin, cache_bytes=32 * 4096, clock=self._tick)
+
+    def _range(self) -> tuple[int, int]:
+        start = self.rng.randrange(ORIGIN_CHUNKS)
+        count = self.rng.choice((1, 1, 2, 3, 8, 17, 40))
+        return start, min(count, ORIGIN_CHUNKS - start)
+
+    def _commit(self, effects: list[tuple[str, int]]) -> None:
+        self.engine.commit()
+        self.commits += 1
+        self.effects[self.commits] = effects
+        self.trace.append(("ack", self.commits, b""))
+
+    # -- one request, staged; returns its effect and the client's follow-up --
+
+    def _stage(
+        self, after_origin_write: bool
+    ) -> tuple[str, list[tuple[str, int]], Callable[[], object]]:
+        kind = self.rng.choices(
+            ["create", "delete", "origin", "snapshot", "priority"], weights=[3, 2, 8, 5, 1]
+        )[0]
+        # A server never commits a create after an origin write it granted in
+        # the same transaction: that write lands after the snapshot was taken.
+        # (The protocol's create barrier; docs/protocol.md.)
+        if kind == "create" and len(self.live) < 6 and not after_origin_write:
+            tag = self.rng.choice([t for t in range(10) if t not in self.live])
+            self.engine.create_snapshot(tag, self.rng.randrange(-128, 128))
+            self.live.add(tag)
+            return kind, [("create", tag)], lambda: None
+        if kind == "delete" and self.live:
+            tag = self.rng.choice(sorted(self.live))
+            self.engine.delete_snapshot(tag)
+            self.live.discard(tag)
+            return kind, [("delete", tag)], lambda: None
+        if kind == "snapshot" and self.live:
+            tag = self.rng.choice(sorted(self.live))
+            segments = self.engine.snapshot_write(tag, [self._range()])
+            # A client whose snapshot is deleted in the same commit never writes.
+            return (
+                kind,
+                [],
+                lambda: tag in self.live and self._client_snapshot_writes(tag, segments),
+            )
+        if kind == "priority" and self.live:
+            self.engine.set_priority(
+                self.rng.choice(sorted(self.live)), self.rng.randrange(-128, 128)
+            )
+            return kind, [], lambda: None
+        r = self._range()
+        self.engine.origin_write([r])
+        return "origin", [], lambda: self._client_origin_writes(r)
+
+    def _client_origin_writes(self, r: tuple[int, int]) -> None:
+        self.version += 1
+        size = self.g.chunk_size
+        for chunk in range(r[0], r[0] + r[1]):
+            self.trace.append(("origin", chunk, struct.pack("<Q", self.version)))
+            self.origin.write(chunk * size, pattern(chunk, self.version, size))
+
+    def _client_snapshot_writes(self, tag: int, segments: list[WriteSegment]) -> bool:
+        self.version += 1
+        size = self.g.chunk_size
+        for segment in segments:
+            for k in range(segment.count):
+                chunk = segment.chunk + k
+                self.trace.append(("view", tag, _pack(chunk, self.version)))
+                address = (segment.store_chunk + k) * size
+                self.store.write_through(address, pattern(chunk, self.version, size))
+        return True
+
+    def step(self) -> None:
+        roll = self.rng.random()
+        if roll < 0.04:
+            self.engine.close()
+            self.engine = self._open()
+            return
+        if roll < 0.12 and self.engine.sweep_pending:
+            self.engine.sweep()
+            self._commit([])
+            return
+        batch = 1 if roll < 0.8 else self.rng.randrange(2, 4)
+        effects: list[tuple[str, int]] = []
+        followups: list[Callable[[], object]] = []
+        granted = False
+        for _ in range(batch):
+            try:
+                kind, effect, followup = self._stage(granted)
+            except (StoreFullError, RequestTooLargeError, SnapshotBusyError):
+                continue
+            granted |= kind == "origin"
+            effects += effect
+            followups.append(followup)
+        self._commit(effects)
+        for followup in followups:
+            followup()
+
+
+def run_workload(seed: int, operations: int) -> Workload:
+    """Run `operations` random steps and return the recorded trace."""
+    g = crash_geometry()
+    runner = _Runner(seed, g)
+    for _ in range(operations):
+        runner.step()
+    runner.engine.close()
+    return Workload(g, runner.base, runner.trace, runner.effects)
+
+
+# -- replay and verification -------------------------------------------------
+
+
+@dataclass
+class _Model:
+    """What each view reads, as versions per chunk, at a point of the trace."""
+
+    origin: list[int]
+    snaps: dict[int, list[int]]
+
+
+@dataclass
+class CrashStats:
+    points: int = 0
+    states: int = 0
+    torn: int = 0
+    in_flight_landed: int = 0
+
+
+class CrashCheckError(AssertionError):
+    """A crash state that recovered wrongly, with what was kept."""
+
+
+def crash_states(
+    pending: list[int], sectors: list[int], rng: random.Random, subsets: int
+) -> Iterator[tuple[str, dict[int, list[int] | None]]]:
+    """Which unsynced writes survive: every one, none, each one dropped or
+    kept alone, random subsets, and torn variants."""
+    yield "prefix", dict.fromkeys(pending)
+    if not pending:
+        return
+    yield "none", {}
+    for index in pending[:4]:
+        yield f"drop {index}", {i: None for i in pending if i != index}
+        if len(pending) > 1:
+            yield f"only {index}", {index: None}
+    for n in range(subsets):
+        chosen = [i for i in pending if rng.random() < 0.5]
+        yield f"subset {n}", dict.fromkeys(chosen)
+    tearable = [i for i in pending if sectors[i] > 1]
+    if tearable:
+        victim = rng.choice(tearable)
+        kept: dict[int, list[int] | None] = {i: None for i in pending if rng.random() < 0.7}
+        kept[victim] = [s for s in range(sectors[victim]) if rng.random() < 0.5]
+        yield f"torn {victim}", kept
+
+
+def enumerate_crashes(
+    workload: Workload,
+    *,
+    seed: int = 0,
+    subsets: int = 2,
+    stride: int = 1,
+    limit: int | None = None,
+    stats: CrashStats | None = None,
+) -> CrashStats:
+    """Check crash states at every `stride`-th write boundary of the trace.
+
+    Raises:
+        CrashCheckError: the first state that recovered wrongly.
+    """
+    g = workload.geometry
+    stats = stats if stats is not None else CrashStats()
+    rng = random.Random(seed)
+    replay = workload.base.durable_copy()
+    origin = MemoryDevice(g.origin_bytes)
+    model = _Model([0] * ORIGIN_CHUNKS, {})
+    acked = 0
+    boundary = 0
+    for index, (kind, a, data) in enumerate(workload.trace):
+        if kind == "write":
+            replay.write(a, data)
+        elif kind == "durable":
+            replay.write_through(a, data)
+        elif kind == "sync":
+            replay.sync()
+        elif kind == "origin":
+            version = struct.unpack("<Q", data)[0]
+            origin.write(a * g.chunk_size, pattern(a, version, g.chunk_size))
+            model.origin[a] = version
+            continue
+        elif kind == "view":
+            chunk, version = struct.unpack("<QQ", data)
+            model.snaps[a][chunk] = version
+            continue
+        elif kind == "ack":
+            acked = a
+            _apply(model, workload.effects[a])
+            continue
+        boundary += 1
+        if boundary % stride:
+            continue
+        stats.points += 1
+        pending = [i for i, w in enumerate(replay.pending) if not w.durable]
+        sectors = [w.sectors for w in replay.pending]
+        in_flight = workload.effects.get(acked + 1, [])
+        for label, kept in crash_states(pending, sectors, rng, subsets):
+            image = replay.crash(kept)
+            try:
+                landed = _verify(image, origin, model, in_flight, g)
+            except AssertionError as exc:
+                raise CrashCheckError(
+                    f"trace event {index} ({kind}), state {label!r}: {exc}"
+                ) from exc
+            stats.states += 1
+            stats.torn += label.startswith("torn")
+            stats.in_flight_landed += landed
+            if limit is not None and stats.states >= limit:
+                return stats
+    return stats
+
+
+def _apply(model: _Model, effects: list[tuple[str, int]]) -> None:
+    for kind, tag in effects:
+        if kind == "create":
+            model.snaps[tag] = list(model.origin)
+        else:
+            del model.snaps[tag]
+
+
+def _verify(
+    image: MemoryDevice,
+    origin: MemoryDevice,
+    model: _Model,
+    in_flight: list[tuple[str, int]],
+    g: Geometry,
+) -> bool:
+    """Check one crash image; returns whether the in-flight commit landed."""
+    report = check_store(image)
+    assert report.fatal is None, f"check could not run: {report.fatal}"
+    assert not report.problems, "; ".join(map(str, report.problems[:3]))
+    engine = Engine.open(image, origin)
+    assert engine.recovery.problem is None, engine.recovery.problem
+    found = {info.tag for info in engine.snapshots()}
+    expected = _Model(model.origin, dict(model.snaps))
+    landed = False
+    if found != set(expected.snaps) and in_flight:
+        _apply(expected, in_flight)
+        landed = True
+    assert found == set(expected.snaps), (
+        f"snapshots {sorted(found)}, expected {sorted(expected.snaps)}"
+    )
+    size = g.chunk_size
+    for tag, versions in expected.snaps.items():
+        got = read_snapshot(engine, image, origin, tag, 0, ORIGIN_CHUNKS)
+        for chunk, data in enumerate(got):
+            if data != pattern(chunk, versions[chunk], size):
+                raise AssertionError(f"snapshot {tag} chunk {chunk} reads the wrong data")
+    return landed
