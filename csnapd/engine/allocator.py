@@ -86,13 +86,23 @@ class Allocator:
     def _cursor(self) -> int:
         return self.state.meta_cursor if self.space.name == "metadata" else self.state.data_cursor
 
-    def _full(self, wanted: int) -> Exception:
+    def _full(self, wanted: int, pending: int) -> Exception:
+        usable = self._free() - pending
+        later = f" ({pending} more once the open transaction commits)" if pending else ""
         if self.space.name == "metadata":
             return MetadataFullError(
-                f"the metadata area has {self._free()} free blocks, {wanted} needed"
+                f"the metadata area has {usable} free blocks{later}, {wanted} needed",
+                pending_frees=pending,
             )
         return StoreFullError(
-            f"the snapshot store is full: {self._free()} free chunks, {wanted} needed"
+            f"the snapshot store is full: {usable} free chunks{later}, {wanted} needed",
+            pending_frees=pending,
+        )
+
+    def pending_frees(self) -> int:
+        """Units freed by the open transaction: free, but not yet usable."""
+        return sum(
+            self._pager.bitmap(address).reserved.bit_count() for address in self._reserved_pages
         )
 
     def _page(self, index: int) -> BitmapPage:
@@ -107,8 +117,9 @@ class Allocator:
             StoreFullError, MetadataFullError: not enough free units.
         """
         free = self._free()
-        if count > free:
-            raise self._full(count)
+        pending = self.pending_frees() if self._reserved_pages else 0
+        if count > free - pending:
+            raise self._full(count, pending)
         space = self.space
         bits = space.bits_per_block
         rel = self._cursor() - space.first_unit

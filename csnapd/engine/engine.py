@@ -42,11 +42,13 @@ from csnapd.engine.device import BlockDevice, FileDevice
 from csnapd.engine.errors import (
     EngineFailedError,
     InvalidRequestError,
+    MetadataFullError,
     RequestTooLargeError,
     SnapshotBusyError,
     SnapshotExistsError,
     SnapshotNotFoundError,
     SnapshotUnavailableError,
+    StoreFullError,
     StoreIOError,
     StoreOpenError,
     TooManySnapshotsError,
@@ -322,6 +324,15 @@ class Engine:
             self._pager.begin_request()
             try:
                 result = work()
+            except (StoreFullError, MetadataFullError) as exc:
+                self._rollback(saved, data_written)
+                if attempt == 1 and exc.pending_frees:
+                    # Space freed by the open transaction becomes usable once
+                    # it is durable: commit, then try once more.
+                    self.commit()
+                    continue
+                self.stats.failed_requests += 1
+                raise
             except BaseException:
                 self._rollback(saved, data_written)
                 self.stats.failed_requests += 1
@@ -626,6 +637,35 @@ class Engine:
                     out[-1] = (out[-1][0], out[-1][1] + 1)
                 else:
                     out.append((chunk, 1))
+        return out
+
+    def exceptions(self, start: int, count: int) -> list[tuple[int, int, int]]:
+        """Every exception of logical chunks start..start+count-1, in order.
+
+        Returns (logical chunk, share mask, store chunk) triples: the btree as
+        it is, including bits of snapshots still being deleted. Costs one
+        descent per leaf whatever the range, so it can list a whole origin.
+        """
+        end = self.geometry.origin_chunks
+        if count < 1 or start < 0 or start + count > end:
+            raise InvalidRequestError(
+                f"chunks {start}..{start + count - 1} are not inside the origin"
+            )
+        return self._request(lambda: self._exceptions(start, start + count))
+
+    def _exceptions(self, start: int, end: int) -> list[tuple[int, int, int]]:
+        out: list[tuple[int, int, int]] = []
+        chunk = start
+        while chunk < end:
+            leaf, _, hi = self._tree.descend(chunk)
+            i, _ = leaf.find(chunk)
+            at = sum(leaf.counts[:i])
+            while i < len(leaf.chunks) and leaf.chunks[i] < end:
+                logical, n = leaf.chunks[i], leaf.counts[i]
+                out.extend((logical, leaf.shares[j], leaf.targets[j]) for j in range(at, at + n))
+                at += n
+                i += 1
+            chunk = hi
         return out
 
     # -- snapshots ---------------------------------------------------------------

@@ -76,13 +76,22 @@ class SnapshotUnavailableError(EngineError):
     code = "snapshot_unavailable"
 
 
-class StoreFullError(EngineError):
+class _SpaceError(EngineError):
+    """Not enough free units; some may only be waiting for a commit."""
+
+    def __init__(self, message: str, *, pending_frees: int = 0):
+        super().__init__(message)
+        #: Units freed by the open transaction, usable once it is durable.
+        self.pending_frees = pending_frees
+
+
+class StoreFullError(_SpaceError):
     """No free chunk in the data area for a copy-out."""
 
     code = "store_full"
 
 
-class MetadataFullError(EngineError):
+class MetadataFullError(_SpaceError):
     """No free block in the metadata area for a btree node."""
 
     code = "metadata_full"

@@ -16,7 +16,10 @@
 # sync, some of them torn at 512-byte sectors. It must recover to a store
 # that the full check finds clean, whose snapshots are those acknowledged,
 # plus possibly the effects of the one commit in flight (acknowledged ⊆
-# recovered ⊆ issued), each reading exactly what the model says.
+# recovered ⊆ issued), each reading exactly what the model says. And every
+# copy the btree points at, live or being deleted, must hold data of its own
+# chunk, which is what makes a chunk reused before its free was durable
+# (rule 4) visible.
 from __future__ import annotations
 
 import random
@@ -37,15 +40,17 @@ from csnapd.engine.check import check_store
 from tests.engine.helpers import format_device, new_geometry, pattern, read_snapshot
 
 Event = tuple[str, int, bytes]
+#: A commit's effect on the snapshot set: (kind, tag, created_ns).
+Effect = tuple[str, int, int]
 
 #: Geometry of the crash workloads: small, so that a state costs milliseconds,
 #: with the minimum journal so that it wraps and checkpoints all the time.
 ORIGIN_CHUNKS = 256
 
 
-def crash_geometry() -> Geometry:
+def crash_geometry(store_bytes: int = 4 << 20) -> Geometry:
     return new_geometry(
-        store_bytes=4 << 20, origin_bytes=ORIGIN_CHUNKS * 4096, journal_bytes=64 * 4096
+        store_bytes=store_bytes, origin_bytes=ORIGIN_CHUNKS * 4096, journal_bytes=64 * 4096
     )
 
 
@@ -56,8 +61,8 @@ class Workload:
     geometry: Geometry
     base: MemoryDevice
     trace: list[Event]
-    #: Effects of commit n: ("create", tag) or ("delete", tag).
-    effects: dict[int, list[tuple[str, int]]] = field(default_factory=dict)
+    #: Effects of commit n: ("create" | "delete", tag, snapshot's created_ns).
+    effects: dict[int, list[Effect]] = field(default_factory=dict)
 
 
 def _pack(chunk: int, version: int) -> bytes:
@@ -78,11 +83,11 @@ class _Runner:
         self.origin = MemoryDevice(g.origin_bytes)
         self.clock = 0
         self.engine = self._open()
-        self.live: set[int] = set()
+        self.live: dict[int, int] = {}  # tag -> created_ns
         self.used: dict[int, int] = {}
         self.version = 0
         self.commits = 0
-        self.effects: dict[int, list[tuple[str, int]]] = {}
+        self.effects: dict[int, list[Effect]] = {}
 
     def _tick(self) -> int:
         self.clock += 1
@@ -96,7 +101,7 @@ class _Runner:
         count = self.rng.choice((1, 1, 2, 3, 8, 17, 40))
         return start, min(count, ORIGIN_CHUNKS - start)
 
-    def _commit(self, effects: list[tuple[str, int]]) -> None:
+    def _commit(self, effects: list[Effect]) -> None:
         self.engine.commit()
         self.commits += 1
         self.effects[self.commits] = effects
@@ -104,9 +109,7 @@ class _Runner:
 
     # -- one request, staged; returns its effect and the client's follow-up --
 
-    def _stage(
-        self, after_origin_write: bool
-    ) -> tuple[str, list[tuple[str, int]], Callable[[], object]]:
+    def _stage(self, after_origin_write: bool) -> tuple[str, list[Effect], Callable[[], object]]:
         kind = self.rng.choices(
             ["create", "delete", "origin", "snapshot", "priority"], weights=[3, 2, 8, 5, 1]
         )[0]
@@ -115,14 +118,13 @@ class _Runner:
         # (The protocol's create barrier; docs/protocol.md.)
         if kind == "create" and len(self.live) < 6 and not after_origin_write:
             tag = self.rng.choice([t for t in range(10) if t not in self.live])
-            self.engine.create_snapshot(tag, self.rng.randrange(-128, 128))
-            self.live.add(tag)
-            return kind, [("create", tag)], lambda: None
+            info = self.engine.create_snapshot(tag, self.rng.randrange(-128, 128))
+            self.live[tag] = info.created_ns
+            return kind, [("create", tag, info.created_ns)], lambda: None
         if kind == "delete" and self.live:
             tag = self.rng.choice(sorted(self.live))
             self.engine.delete_snapshot(tag)
-            self.live.discard(tag)
-            return kind, [("delete", tag)], lambda: None
+            return kind, [("delete", tag, self.live.pop(tag))], lambda: None
         if kind == "snapshot" and self.live:
             tag = self.rng.choice(sorted(self.live))
             segments = self.engine.snapshot_write(tag, [self._range()])
@@ -165,12 +167,14 @@ class _Runner:
             self.engine.close()
             self.engine = self._open()
             return
-        if roll < 0.12 and self.engine.sweep_pending:
-            self.engine.sweep()
-            self._commit([])
-            return
         batch = 1 if roll < 0.8 else self.rng.randrange(2, 4)
-        effects: list[tuple[str, int]] = []
+        if roll < 0.14 and self.engine.sweep_pending:
+            # A sweep step, alone or sharing its transaction with requests.
+            self.engine.sweep()
+            if roll < 0.09:
+                self._commit([])
+                return
+        effects: list[Effect] = []
         followups: list[Callable[[], object]] = []
         granted = False
         for _ in range(batch):
@@ -186,9 +190,13 @@ class _Runner:
             followup()
 
 
-def run_workload(seed: int, operations: int) -> Workload:
-    """Run `operations` random steps and return the recorded trace."""
-    g = crash_geometry()
+def run_workload(seed: int, operations: int, *, store_bytes: int = 4 << 20) -> Workload:
+    """Run `operations` random steps and return the recorded trace.
+
+    A small `store_bytes` keeps the store nearly full, so allocation wraps
+    around onto chunks freed moments before.
+    """
+    g = crash_geometry(store_bytes)
     runner = _Runner(seed, g)
     for _ in range(operations):
         runner.step()
@@ -204,7 +212,10 @@ class _Model:
     """What each view reads, as versions per chunk, at a point of the trace."""
 
     origin: list[int]
-    snaps: dict[int, list[int]]
+    #: Live snapshots: tag -> created_ns.
+    snaps: dict[int, int]
+    #: Contents of every snapshot ever created, by created_ns.
+    contents: dict[int, list[int]]
 
 
 @dataclass
@@ -262,7 +273,7 @@ def enumerate_crashes(
     rng = random.Random(seed)
     replay = workload.base.durable_copy()
     origin = MemoryDevice(g.origin_bytes)
-    model = _Model([0] * ORIGIN_CHUNKS, {})
+    model = _Model([0] * ORIGIN_CHUNKS, {}, {})
     acked = 0
     boundary = 0
     for index, (kind, a, data) in enumerate(workload.trace):
@@ -279,7 +290,7 @@ def enumerate_crashes(
             continue
         elif kind == "view":
             chunk, version = struct.unpack("<QQ", data)
-            model.snaps[a][chunk] = version
+            model.contents[model.snaps[a]][chunk] = version
             continue
         elif kind == "ack":
             acked = a
@@ -308,10 +319,11 @@ def enumerate_crashes(
     return stats
 
 
-def _apply(model: _Model, effects: list[tuple[str, int]]) -> None:
-    for kind, tag in effects:
+def _apply(model: _Model, effects: list[Effect]) -> None:
+    for kind, tag, created_ns in effects:
         if kind == "create":
-            model.snaps[tag] = list(model.origin)
+            model.snaps[tag] = created_ns
+            model.contents[created_ns] = list(model.origin)
         else:
             del model.snaps[tag]
 
@@ -320,7 +332,7 @@ def _verify(
     image: MemoryDevice,
     origin: MemoryDevice,
     model: _Model,
-    in_flight: list[tuple[str, int]],
+    in_flight: list[Effect],
     g: Geometry,
 ) -> bool:
     """Check one crash image; returns whether the in-flight commit landed."""
@@ -330,7 +342,7 @@ def _verify(
     engine = Engine.open(image, origin)
     assert engine.recovery.problem is None, engine.recovery.problem
     found = {info.tag for info in engine.snapshots()}
-    expected = _Model(model.origin, dict(model.snaps))
+    expected = _Model(model.origin, dict(model.snaps), dict(model.contents))
     landed = False
     if found != set(expected.snaps) and in_flight:
         _apply(expected, in_flight)
@@ -339,9 +351,25 @@ def _verify(
         f"snapshots {sorted(found)}, expected {sorted(expected.snaps)}"
     )
     size = g.chunk_size
-    for tag, versions in expected.snaps.items():
+    for tag, created_ns in expected.snaps.items():
+        versions = expected.contents[created_ns]
         got = read_snapshot(engine, image, origin, tag, 0, ORIGIN_CHUNKS)
         for chunk, data in enumerate(got):
             if data != pattern(chunk, versions[chunk], size):
                 raise AssertionError(f"snapshot {tag} chunk {chunk} reads the wrong data")
+    # Every copy the btree points at holds data of its own logical chunk:
+    # a chunk handed out again while a durable exception still used it
+    # (rule 4) holds another chunk's data. (Workload data is labelled with
+    # its chunk and version; version 0 is all zeros.)
+    zeros = bytes(size)
+    for chunk, _, target in engine.exceptions(0, ORIGIN_CHUNKS):
+        data = image.read(target * size, size)
+        if data == zeros:
+            continue
+        label, version = struct.unpack_from("<QQ", data)
+        if label != chunk or not version or data != pattern(chunk, version, size):
+            raise AssertionError(
+                f"store chunk {target}, a copy of chunk {chunk}, holds other data"
+                f" (labelled chunk {label}, version {version})"
+            )
     return landed

@@ -1,0 +1,102 @@
+# The crash harness proves itself: with each of the ancestors' journal
+# defects planted (anchors.md, B3, B4, B6 and rule 4), it must find a crash
+# state that recovers wrongly within its first thousand states.
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable, Iterable
+
+import pytest
+
+from csnap_format import Geometry
+from csnapd.engine import EngineError
+from csnapd.engine import journal as journal_module
+from csnapd.engine.allocator import Allocator
+from csnapd.engine.device import BlockDevice
+from csnapd.engine.journal import Journal, RecoveryReport, scan_journal
+from tests.crash.harness import CrashCheckError, enumerate_crashes, run_workload
+
+FIRST_STATES = 1000
+
+
+def _partial_crc(images: Iterable[bytes | bytearray | memoryview]) -> int:
+    """B4: a checksum over the first 12 bytes only, like ddsnap's."""
+    for image in images:
+        return zlib.crc32(bytes(image[:12]))
+    return 0
+
+
+def _no_check(*args: object, **kw: object) -> None:
+    """Stands in for the per-image header check."""
+
+
+def _plant_b4(mp: pytest.MonkeyPatch) -> None:
+    """B4 as the ancestors had it: the transaction checksum covers 12 bytes and
+    nothing else checks the journaled images (ours carry their own checksum,
+    which would catch the tear, so that check goes too)."""
+    mp.setattr(journal_module, "payload_crc", _partial_crc)
+    mp.setattr(journal_module, "read_header", _no_check)
+
+
+def _homes_first(original: Callable[..., int]) -> Callable[..., int]:
+    """B3: home blocks written before the commit record is durable."""
+
+    def append(self: Journal, images: list[tuple[int, bytes]], tail: int) -> int:
+        self._write_homes(images)
+        return original(self, images, tail)
+
+    return append
+
+
+def _recover_to_wrong_home(device: BlockDevice, g: Geometry) -> tuple[Journal, RecoveryReport]:
+    """B6: replay writes each block of commit i to that commit's i-th home."""
+    scan = scan_journal(device, g)
+    for number, txn in enumerate(scan.replay):
+        homes = txn.record.homes
+        for image in txn.images:
+            device.write(homes[min(number, len(homes) - 1)] * g.block_size, image)
+    device.sync()
+    report = RecoveryReport(scan.newest.record.sequence, len(scan.replay), 0, scan.problem)
+    return Journal(device, g, scan), report
+
+
+def _reuse_at_once(original: Callable[[Allocator, int], None]) -> Callable[[Allocator, int], None]:
+    """Rule 4 broken: a freed unit may be handed out again in the same transaction."""
+
+    def free(self: Allocator, unit: int) -> None:
+        original(self, unit)
+        self.committed()
+
+    return free
+
+
+DEFECTS = {
+    "B4 partial commit checksum": _plant_b4,
+    "B3 homes before the commit": lambda mp: mp.setattr(
+        Journal, "_append", _homes_first(Journal._append)
+    ),
+    "B6 replay to the wrong address": lambda mp: mp.setattr(
+        Journal, "recover", staticmethod(_recover_to_wrong_home)
+    ),
+    "rule 4 freed chunk reused": lambda mp: mp.setattr(
+        Allocator, "free", _reuse_at_once(Allocator.free)
+    ),
+}
+
+
+@pytest.mark.parametrize("defect", sorted(DEFECTS))
+def test_planted_defect_is_caught(defect: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    DEFECTS[defect](monkeypatch)
+    caught = False
+    for seed in range(3):
+        try:
+            # A store kept nearly full, so that allocation wraps onto chunks
+            # freed in the same transaction when nothing stops it; every
+            # fourth write boundary, so a thousand states reach far enough.
+            workload = run_workload(seed, 100, store_bytes=1 << 20)
+            enumerate_crashes(workload, seed=seed, limit=FIRST_STATES, stride=4)
+        except (CrashCheckError, EngineError) as exc:
+            caught = True
+            print(f"\n{defect}: {type(exc).__name__}: {str(exc)[:200]}")
+            break
+    assert caught, f"{defect} survived {FIRST_STATES} crash states of three workloads"
