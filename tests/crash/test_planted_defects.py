@@ -70,17 +70,23 @@ def _reuse_at_once(original: Callable[[Allocator, int], None]) -> Callable[[Allo
     return free
 
 
-DEFECTS = {
+def _plant_b3(mp: pytest.MonkeyPatch) -> None:
+    mp.setattr(Journal, "_append", _homes_first(Journal._append))
+
+
+def _plant_b6(mp: pytest.MonkeyPatch) -> None:
+    mp.setattr(Journal, "recover", staticmethod(_recover_to_wrong_home))
+
+
+def _plant_rule4(mp: pytest.MonkeyPatch) -> None:
+    mp.setattr(Allocator, "free", _reuse_at_once(Allocator.free))
+
+
+DEFECTS: dict[str, Callable[[pytest.MonkeyPatch], None]] = {
     "B4 partial commit checksum": _plant_b4,
-    "B3 homes before the commit": lambda mp: mp.setattr(
-        Journal, "_append", _homes_first(Journal._append)
-    ),
-    "B6 replay to the wrong address": lambda mp: mp.setattr(
-        Journal, "recover", staticmethod(_recover_to_wrong_home)
-    ),
-    "rule 4 freed chunk reused": lambda mp: mp.setattr(
-        Allocator, "free", _reuse_at_once(Allocator.free)
-    ),
+    "B3 homes before the commit": _plant_b3,
+    "B6 replay to the wrong address": _plant_b6,
+    "rule 4 freed chunk reused": _plant_rule4,
 }
 
 
