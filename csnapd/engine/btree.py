@@ -239,10 +239,50 @@ class ExceptionTree:
                 left = self._pager.index(parent.children[parent_slot - 1])
                 if len(left.keys) + len(node.keys) <= self._fanout:
                     left = self._pager.modify(left)
+                    boundary = len(left.keys)
                     left.keys.extend(node.keys)
                     left.children.extend(node.children)
                     self._remove_child(above)
+                    self._merge_at(left, boundary)
         self._shrink_root()
+
+    def _merge_at(self, node: IndexPage, slot: int) -> None:
+        """Merge the children at `slot` - 1 and `slot` of `node` if they fit.
+
+        They became siblings when two index nodes merged; before, each was
+        its parent's end child, which the sweep's left-merge never reaches.
+        """
+        if not 0 < slot < len(node.keys):
+            return
+        left_address, right_address = node.children[slot - 1], node.children[slot]
+        if node.level == 1:
+            left_leaf = self._pager.leaf(left_address)
+            right_leaf = self._pager.leaf(right_address)
+            if left_leaf.used + right_leaf.used > self._room:
+                return
+            if right_leaf.chunks and right_leaf.chunks[-1] - left_leaf.base >= RCHUNK_LIMIT:
+                return
+            self._pager.modify(left_leaf).absorb(right_leaf)
+            self._drop_slot(node, slot)
+            return
+        left_node = self._pager.index(left_address)
+        right_node = self._pager.index(right_address)
+        if len(left_node.keys) + len(right_node.keys) > self._fanout:
+            return
+        left_node = self._pager.modify(left_node)
+        boundary = len(left_node.keys)
+        left_node.keys.extend(right_node.keys)
+        left_node.children.extend(right_node.children)
+        self._drop_slot(node, slot)
+        self._merge_at(left_node, boundary)
+
+    def _drop_slot(self, node: IndexPage, slot: int) -> None:
+        """Remove child `slot` (never 0) of `node` and free its block."""
+        node = self._pager.modify(node)
+        del node.keys[slot]
+        child = node.children.pop(slot)
+        self._meta.free(child)
+        self._pager.forget(child)
 
     def _shrink_root(self) -> None:
         while self._state.depth > 0:

@@ -454,7 +454,8 @@ def check_store(
         report.fatal = str(exc)
         return report
     report.journal_newest = scan.newest.record.sequence
-    report.journal_transactions = len(scan.replay)
+    # Transactions with blocks to write home (the format's own has none).
+    report.journal_transactions = sum(1 for txn in scan.replay if txn.record.homes)
     if scan.problem:
         report.problems.append(Problem("journal", scan.problem))
     images = scan.images
