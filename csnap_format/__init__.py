@@ -64,6 +64,7 @@ from csnap_format.mkfs import (
     format_block_count,
     format_blocks,
 )
+from csnap_format.registry import Registry, decode_registry, encode_registry, registry_capacity
 from csnap_format.superblock import (
     SnapshotRecord,
     Superblock,
@@ -136,6 +137,10 @@ __all__ = [
     "encode_commit",
     "decode_commit",
     "payload_crc",
+    "Registry",
+    "encode_registry",
+    "decode_registry",
+    "registry_capacity",
     # a new store
     "empty_superblock",
     "format_blocks",

@@ -78,6 +78,8 @@ class BlockType(enum.IntEnum):
     LEAF = 5
     #: Journal commit record.
     COMMIT = 6
+    #: The client registry: snapshot clients connected to the server.
+    REGISTRY = 7
 
 
 class SnapshotState(enum.IntEnum):

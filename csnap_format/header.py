@@ -51,6 +51,7 @@ KIND_NAMES = {
     BlockType.INDEX: "index node",
     BlockType.LEAF: "leaf",
     BlockType.COMMIT: "commit record",
+    BlockType.REGISTRY: "client registry",
 }
 
 

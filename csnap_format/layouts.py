@@ -45,6 +45,7 @@ __all__ = [
     "EXCEPTION",
     "LEAF",
     "COMMIT",
+    "REGISTRY",
     "FieldRow",
     "field_rows",
 ]
@@ -94,6 +95,7 @@ STATE = Struct(
     "sweep_cursor" / Int64ul,
     "sweep_mask" / Int64ul,
     "exceptions" / Int64ul,
+    "registry" / Int64ul,
 )
 
 SNAPSHOT_RECORD = Struct(
@@ -174,6 +176,14 @@ LEAF = Struct(
         lambda ctx: ctx.map[0].offset,
         Array(lambda ctx: (ctx._params.block_size - ctx.map[0].offset) // 16, EXCEPTION),
     ),
+)
+
+REGISTRY = Struct(
+    "header" / HEADER,
+    "count" / Int32ul,
+    "flags" / Int32ul,
+    "clients" / Array(this.count, Int64ul),
+    "unused" / GreedyBytes,
 )
 
 COMMIT = Struct(

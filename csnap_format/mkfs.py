@@ -41,6 +41,7 @@ def empty_superblock(g: Geometry) -> Superblock:
         sweep_cursor=0,
         sweep_mask=0,
         exceptions=0,
+        registry=0,
         snapshots=(None,) * MAX_SNAPSHOTS,
     )
 

@@ -65,8 +65,8 @@ _GEOMETRY = struct.Struct("<IIII16sQII12Q")
 _GEOMETRY_AT = HEADER_SIZE
 _GEOMETRY_CRC_AT = SECTOR_SIZE - 4
 # State: state, depth, root, meta free, data free, meta cursor, data cursor,
-# sweep cursor, sweep mask, exception count.
-_STATE = struct.Struct("<II8Q")
+# sweep cursor, sweep mask, exception count, client registry block.
+_STATE = struct.Struct("<II9Q")
 _STATE_AT = SECTOR_SIZE
 _STATE_END = 1024
 # Snapshot record: tag, state, priority, reserved, use count, reserved,
@@ -116,6 +116,8 @@ class Superblock:
     sweep_mask: int
     #: Exceptions in the btree.
     exceptions: int
+    #: Block of the client registry, or 0 when there has never been one.
+    registry: int
     #: 64 entries indexed by share bit; None marks a free slot.
     snapshots: tuple[SnapshotRecord | None, ...]
 
@@ -167,6 +169,7 @@ def encode_superblock(sb: Superblock) -> bytes:
         sb.sweep_cursor,
         sb.sweep_mask,
         sb.exceptions,
+        sb.registry,
     )
     for bit, record in enumerate(sb.snapshots):
         if record is not None:
@@ -272,50 +275,16 @@ def decode_superblock(block: bytes | bytearray | memoryview) -> Superblock:
         store_id=geometry.store_id,
         block_size=geometry.block_size,
     )
-    (
-        state,
-        depth,
-        root,
-        meta_free,
-        data_free,
-        meta_cursor,
-        data_cursor,
-        sweep,
-        sweep_mask,
-        exceptions,
-    ) = _STATE.unpack_from(block, _STATE_AT)
+    state, depth, root, *counts, registry = _STATE.unpack_from(block, _STATE_AT)
+    meta_free, data_free, meta_cursor, data_cursor, sweep, sweep_mask, exceptions = counts
     problems = []
     if state not in (STATE_CLEAN, STATE_BUSY):
         problems.append(f"state {state} is neither clean nor busy")
-    if depth > MAX_DEPTH:
-        problems.append(f"btree depth {depth} exceeds {MAX_DEPTH}")
-    if not geometry.meta_start <= root < geometry.meta_end:
-        problems.append(f"btree root {root} is outside the metadata area")
-    if meta_free >= geometry.meta_blocks:
-        problems.append(f"metadata free count {meta_free} exceeds the area")
-    if data_free > geometry.data_chunks:
-        problems.append(f"data free count {data_free} exceeds the data area")
-    if not geometry.meta_start <= meta_cursor < geometry.meta_end:
-        problems.append(f"metadata cursor {meta_cursor} is outside the metadata area")
-    if not geometry.data_start <= data_cursor < geometry.store_chunks:
-        problems.append(f"data cursor {data_cursor} is outside the data area")
-    if exceptions > geometry.data_chunks:
-        problems.append(f"exception count {exceptions} exceeds the data area")
     if not is_zero(block, _STATE_AT + _STATE.size, _STATE_END) or not is_zero(
         block, _TABLE_END, geometry.block_size
     ):
         problems.append("reserved bytes are not zero")
-    snapshots = _decode_table(block, problems)
-    deleting = sum(
-        1 << bit
-        for bit, record in enumerate(snapshots)
-        if record is not None and record.state == SnapshotState.DELETING
-    )
-    if sweep_mask & ~deleting:
-        problems.append("the sweep clears bits of snapshots that are not deleting")
-    if problems:
-        raise CorruptBlockError("; ".join(problems), block=SUPERBLOCK_ADDRESS, kind=_NAME)
-    return Superblock(
+    sb = Superblock(
         geometry=geometry,
         sequence=header.sequence,
         clean=state == STATE_CLEAN,
@@ -328,8 +297,43 @@ def decode_superblock(block: bytes | bytearray | memoryview) -> Superblock:
         sweep_cursor=sweep,
         sweep_mask=sweep_mask,
         exceptions=exceptions,
-        snapshots=snapshots,
+        registry=registry,
+        snapshots=_decode_table(block, problems),
     )
+    problems += _state_problems(sb)
+    if problems:
+        raise CorruptBlockError("; ".join(problems), block=SUPERBLOCK_ADDRESS, kind=_NAME)
+    return sb
+
+
+def _state_problems(sb: Superblock) -> list[str]:
+    """What is out of range in a superblock's state fields."""
+    g = sb.geometry
+    problems = []
+    if sb.depth > MAX_DEPTH:
+        problems.append(f"btree depth {sb.depth} exceeds {MAX_DEPTH}")
+    if not g.meta_start <= sb.root < g.meta_end:
+        problems.append(f"btree root {sb.root} is outside the metadata area")
+    if sb.meta_free >= g.meta_blocks:
+        problems.append(f"metadata free count {sb.meta_free} exceeds the area")
+    if sb.data_free > g.data_chunks:
+        problems.append(f"data free count {sb.data_free} exceeds the data area")
+    if not g.meta_start <= sb.meta_cursor < g.meta_end:
+        problems.append(f"metadata cursor {sb.meta_cursor} is outside the metadata area")
+    if not g.data_start <= sb.data_cursor < g.store_chunks:
+        problems.append(f"data cursor {sb.data_cursor} is outside the data area")
+    if sb.registry and not g.meta_start <= sb.registry < g.meta_end:
+        problems.append(f"client registry {sb.registry} is outside the metadata area")
+    if sb.exceptions > g.data_chunks:
+        problems.append(f"exception count {sb.exceptions} exceeds the data area")
+    deleting = sum(
+        1 << bit
+        for bit, record in enumerate(sb.snapshots)
+        if record is not None and record.state == SnapshotState.DELETING
+    )
+    if sb.sweep_mask & ~deleting:
+        problems.append("the sweep clears bits of snapshots that are not deleting")
+    return problems
 
 
 def _decode_table(

@@ -32,6 +32,7 @@ from csnap_format import (
     decode_bitmap,
     decode_index,
     decode_leaf,
+    decode_registry,
     decode_superblock,
     encode_superblock,
 )
@@ -207,6 +208,15 @@ class _Checker:
             return False
         self.meta_refs[rel >> 3] |= 1 << (rel & 7)
         return True
+
+    def registry(self) -> None:
+        address = self.sb.registry
+        if not address or not self.mark_meta(address, 0):
+            return
+        try:
+            decode_registry(self.view.block(address), self.ctx, address)
+        except FormatError as exc:
+            self.problem("registry", str(exc), block=address)
 
     def walk(self) -> None:
         sb = self.sb
@@ -484,6 +494,7 @@ def check_store(
     checker = _Checker(view, sb, report, advance)
     try:
         checker.walk()
+        checker.registry()
         meta_fix, data_fix = checker.bitmaps()
         checker.counters()
     except StoreIOError as exc:

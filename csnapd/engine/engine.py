@@ -35,6 +35,7 @@ from csnap_format import (
     decode_geometry,
     decode_superblock,
     encode_superblock,
+    registry_capacity,
 )
 from csnapd.engine.allocator import Allocator, data_space, metadata_space
 from csnapd.engine.btree import ExceptionTree
@@ -55,7 +56,7 @@ from csnapd.engine.errors import (
 )
 from csnapd.engine.journal import Journal, RecoveryReport
 from csnapd.engine.pager import Pager
-from csnapd.engine.pages import encode_page
+from csnapd.engine.pages import RegistryPage, encode_page
 from csnapd.engine.results import (
     OriginWriteResult,
     ReadSegment,
@@ -667,6 +668,41 @@ class Engine:
                 i += 1
             chunk = hi
         return out
+
+    # -- the client registry -------------------------------------------------------
+
+    def registered_clients(self) -> tuple[frozenset[int], bool]:
+        """The snapshot clients the registry names, and whether it overflowed.
+
+        Read when a server starts: after a crash these are the clients that
+        may still hold read locks on origin chunks.
+        """
+        self._check_usable()
+        if not self._state.registry:
+            return frozenset(), False
+        page = self._pager.registry(self._state.registry)
+        return frozenset(page.clients), page.overflow
+
+    def set_registered_clients(self, clients: frozenset[int]) -> None:
+        """Record which snapshot clients are connected (a request)."""
+        self._request(lambda: self._set_registry(clients))
+
+    def _set_registry(self, clients: frozenset[int]) -> None:
+        ids = tuple(sorted(clients))
+        capacity = registry_capacity(self.geometry.block_size)
+        overflow = len(ids) > capacity
+        ids = ids[:capacity]
+        state = self._state
+        if not state.registry:
+            if ids or overflow:
+                address = self._meta.allocate_one()
+                self._pager.create(RegistryPage(address, ids, overflow))
+                state.registry = address
+            return
+        page = self._pager.registry(state.registry)
+        if (page.clients, page.overflow) != (ids, overflow):
+            page = self._pager.modify(page)
+            page.clients, page.overflow = ids, overflow
 
     # -- snapshots ---------------------------------------------------------------
 

@@ -91,6 +91,9 @@ class JournalScan:
         return out
 
 
+#: Block types that live in the metadata area.
+_AREA_KINDS = frozenset({BlockType.INDEX, BlockType.LEAF, BlockType.REGISTRY})
+
 #: Magic and type of a commit record, as they start its block.
 _COMMIT_HEAD = MAGIC + int(BlockType.COMMIT).to_bytes(2, "little")
 
@@ -100,7 +103,8 @@ def _image_kind(g: Geometry, home: int, image: bytes) -> BlockType:
         return BlockType.SUPERBLOCK
     if home < g.meta_start:
         return BlockType.BITMAP
-    return BlockType.INDEX if image[4:6] == b"\x04\x00" else BlockType.LEAF
+    kind = int.from_bytes(image[4:6], "little")
+    return BlockType(kind) if kind in _AREA_KINDS else BlockType.LEAF
 
 
 def _verified(

@@ -24,14 +24,15 @@ from csnap_format import (
     decode_bitmap,
     decode_index,
     decode_leaf,
+    decode_registry,
 )
 from csnapd.engine.device import BlockDevice
 from csnapd.engine.errors import StoreCorruptError, StoreIOError
-from csnapd.engine.pages import BitmapPage, IndexPage, LeafPage, Page
+from csnapd.engine.pages import BitmapPage, IndexPage, LeafPage, Page, RegistryPage
 
 __all__ = ["Pager", "CacheStats"]
 
-_P = TypeVar("_P", LeafPage, IndexPage, BitmapPage)
+_P = TypeVar("_P", LeafPage, IndexPage, BitmapPage, RegistryPage)
 _Decoder = Callable[[bytes, BlockContext, int], _P]
 
 
@@ -45,6 +46,10 @@ def _decode_index(data: bytes, ctx: BlockContext, address: int) -> IndexPage:
 
 def _decode_bitmap(data: bytes, ctx: BlockContext, address: int) -> BitmapPage:
     return BitmapPage.from_format(decode_bitmap(data, ctx, address))
+
+
+def _decode_registry(data: bytes, ctx: BlockContext, address: int) -> RegistryPage:
+    return RegistryPage.from_format(decode_registry(data, ctx, address))
 
 
 @dataclass(slots=True)
@@ -82,6 +87,9 @@ class Pager:
 
     def bitmap(self, address: int) -> BitmapPage:
         return self._get(address, BitmapPage, _decode_bitmap)
+
+    def registry(self, address: int) -> RegistryPage:
+        return self._get(address, RegistryPage, _decode_registry)
 
     def _get(self, address: int, kind: type[_P], decode: _Decoder[_P]) -> _P:
         page = self._pages.get(address)

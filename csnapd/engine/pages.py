@@ -23,12 +23,14 @@ from csnap_format import (
     Geometry,
     IndexNode,
     Leaf,
+    Registry,
     encode_bitmap,
     encode_index,
     encode_leaf,
+    encode_registry,
 )
 
-__all__ = ["LeafPage", "IndexPage", "BitmapPage", "Page", "encode_page"]
+__all__ = ["LeafPage", "IndexPage", "BitmapPage", "RegistryPage", "Page", "encode_page"]
 
 
 class LeafPage:
@@ -209,7 +211,26 @@ class BitmapPage:
         return BitmapPage(self.address, self.nbytes, self.bits, self.reserved)
 
 
-Page = LeafPage | IndexPage | BitmapPage
+@dataclass(slots=True)
+class RegistryPage:
+    """The client registry: ids of the snapshot clients connected."""
+
+    address: int
+    clients: tuple[int, ...]
+    overflow: bool
+
+    @classmethod
+    def from_format(cls, registry: Registry) -> RegistryPage:
+        return cls(registry.address, registry.clients, registry.overflow)
+
+    def to_format(self, sequence: int) -> Registry:
+        return Registry(self.address, sequence, self.clients, self.overflow)
+
+    def copy(self) -> RegistryPage:
+        return RegistryPage(self.address, self.clients, self.overflow)
+
+
+Page = LeafPage | IndexPage | BitmapPage | RegistryPage
 
 
 def encode_page(page: Page, sequence: int, geometry: Geometry) -> bytes:
@@ -219,4 +240,6 @@ def encode_page(page: Page, sequence: int, geometry: Geometry) -> bytes:
         return encode_leaf(page.to_format(sequence), ctx)
     if isinstance(page, IndexPage):
         return encode_index(page.to_format(sequence), ctx)
+    if isinstance(page, RegistryPage):
+        return encode_registry(page.to_format(sequence), ctx)
     return encode_bitmap(page.to_format(sequence), ctx)

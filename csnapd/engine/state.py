@@ -42,6 +42,7 @@ class StoreState:
     sweep_cursor: int
     sweep_mask: int
     exceptions: int
+    registry: int
     #: Snapshot records indexed by share bit; the counters live apart below.
     snapshots: list[SnapshotRecord | None]
     unique: list[int]
@@ -60,6 +61,7 @@ class StoreState:
             sweep_cursor=sb.sweep_cursor,
             sweep_mask=sb.sweep_mask,
             exceptions=sb.exceptions,
+            registry=sb.registry,
             snapshots=list(sb.snapshots),
             unique=[r.unique_chunks if r else 0 for r in sb.snapshots],
             shared=[r.shared_chunks if r else 0 for r in sb.snapshots],
@@ -96,6 +98,7 @@ class StoreState:
             sweep_cursor=self.sweep_cursor,
             sweep_mask=self.sweep_mask,
             exceptions=self.exceptions,
+            registry=self.registry,
             snapshots=tuple(records),
         )
 
@@ -111,6 +114,7 @@ class StoreState:
             self.sweep_cursor,
             self.sweep_mask,
             self.exceptions,
+            self.registry,
             list(self.snapshots),
             list(self.unique),
             list(self.shared),

@@ -110,6 +110,7 @@ def superblocks(draw: st.DrawFn) -> Superblock:
         sweep_cursor=draw(sequences),
         sweep_mask=draw(sequences) & deleting,
         exceptions=draw(st.integers(0, g.data_chunks)),
+        registry=draw(st.just(0) | st.integers(g.meta_start, g.meta_end - 1)),
         snapshots=table,
     )
 

@@ -21,6 +21,7 @@ from csnap_format import (
     FormatError,
     Geometry,
     MisdirectedBlockError,
+    Registry,
     UnsupportedVersionError,
     WrongBlockTypeError,
     block_checksum,
@@ -29,10 +30,12 @@ from csnap_format import (
     decode_geometry,
     decode_index,
     decode_leaf,
+    decode_registry,
     decode_superblock,
     encode_commit,
     encode_index,
     encode_leaf,
+    encode_registry,
     encode_superblock,
     format_blocks,
 )
@@ -57,6 +60,7 @@ DECODERS: dict[str, Decoder] = {
     "leaf": lambda b: decode_leaf(b, CTX, G.meta_start),
     "index": lambda b: decode_index(b, CTX, G.meta_start),
     "commit": lambda b: decode_commit(b, CTX, G.journal_start),
+    "registry": lambda b: decode_registry(b, CTX, G.meta_start),
 }
 
 
@@ -79,6 +83,7 @@ def _valid_blocks() -> dict[str, bytes]:
             CTX,
         ),
         "commit": image[G.journal_start],
+        "registry": encode_registry(Registry(G.meta_start, 4, (3, 9, 12), False), CTX),
     }
 
 

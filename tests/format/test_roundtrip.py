@@ -12,19 +12,23 @@ from hypothesis import strategies as st
 from csnap_format import (
     HEADER_SIZE,
     BitmapBlock,
+    Registry,
     decode_bitmap,
     decode_commit,
     decode_geometry,
     decode_index,
     decode_leaf,
+    decode_registry,
     decode_superblock,
     encode_bitmap,
     encode_commit,
     encode_geometry_backup,
     encode_index,
     encode_leaf,
+    encode_registry,
     encode_superblock,
     layouts,
+    registry_capacity,
 )
 from csnap_format.superblock import STATE_BUSY, STATE_CLEAN
 from tests.format.strategies import (
@@ -136,3 +140,21 @@ def test_bitmap_roundtrip(data: st.DataObject) -> None:
     block = encode_bitmap(bitmap, g.context)
     assert decode_bitmap(block, g.context, address) == bitmap
     assert layouts.BITMAP.parse(block).bits == body
+
+
+@given(st.data())
+def test_registry_roundtrip_and_layout(data: st.DataObject) -> None:
+    g = data.draw(geometries(max_store=1 << 32))
+    capacity = registry_capacity(g.block_size)
+    clients = sorted(data.draw(st.sets(st.integers(0, (1 << 64) - 1), max_size=min(capacity, 40))))
+    registry = Registry(
+        data.draw(st.integers(g.meta_start, g.meta_end - 1)),
+        data.draw(st.integers(0, 1 << 40)),
+        tuple(clients),
+        data.draw(st.booleans()),
+    )
+    block = encode_registry(registry, g.context)
+    assert decode_registry(block, g.context, registry.address) == registry
+    parsed = layouts.REGISTRY.parse(block)
+    assert list(parsed.clients) == clients
+    assert layouts.REGISTRY.build(parsed) == block

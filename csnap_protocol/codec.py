@@ -1,0 +1,249 @@
+# The sans-IO connection: bytes in, messages out; messages in, bytes out.
+#
+# Framing: every message is a frame of a 4-byte big-endian length followed
+# by that many bytes of msgpack (a map). A frame longer than the receiver's
+# limit, an empty frame, a payload that is not a valid message, or a message
+# the peer's role may not send is a RemoteProtocolError; so is anything but
+# a hello first, or a hello later.
+#
+# States (docs/protocol.md, "Connection states"):
+#   HANDSHAKE --hello sent and received--> OPEN
+#   any --protocol error--> ERROR (poisoned: every further call raises)
+#   any --end of stream--> CLOSED
+#
+# Rule: whatever bytes arrive, in whatever pieces, the receive side yields
+# messages or raises RemoteProtocolError, nothing else.
+from __future__ import annotations
+
+import enum
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+from csnap_protocol.errors import (
+    ErrorCode,
+    LocalProtocolError,
+    ProtocolError,
+    RemoteProtocolError,
+)
+from csnap_protocol.messages import (
+    MESSAGES,
+    PROTOCOL_MAGIC,
+    PROTOCOL_VERSION,
+    Hello,
+    Message,
+    Role,
+)
+from csnap_protocol.schema import FieldError
+
+__all__ = [
+    "Connection",
+    "ConnectionState",
+    "ConnectionClosed",
+    "DEFAULT_MAX_FRAME",
+    "MIN_MAX_FRAME",
+    "encode_frame",
+]
+
+#: Largest frame accepted by default: ample for 8192 ranges or segments.
+DEFAULT_MAX_FRAME = 1 << 20
+#: No peer may ask for frames smaller than this (a hello must fit).
+MIN_MAX_FRAME = 4096
+_LENGTH = struct.Struct(">I")
+
+
+class ConnectionState(enum.Enum):
+    """Where a connection is in its life (docs/protocol.md)."""
+
+    #: Waiting for the hellos to cross.
+    HANDSHAKE = "handshake"
+    #: Messages flow both ways.
+    OPEN = "open"
+    #: A protocol error happened; the connection must be closed.
+    ERROR = "error"
+    #: The peer closed its side.
+    CLOSED = "closed"
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionClosed:
+    """Returned by next_message() once the peer has closed cleanly."""
+
+
+def encode_frame(message: Message) -> bytes:
+    """The frame for `message`, with no state checks (for tests and tools)."""
+    payload = msgpack.packb(message.to_wire(), use_bin_type=True)
+    return _LENGTH.pack(len(payload)) + payload
+
+
+def _decode(payload: bytes) -> Message:
+    """Turn one frame's payload into a message; RemoteProtocolError otherwise."""
+    try:
+        body = msgpack.unpackb(payload, raw=False, strict_map_key=True, use_list=True)
+    except (ValueError, msgpack.UnpackException, TypeError) as exc:
+        raise RemoteProtocolError(f"frame is not valid msgpack: {exc}") from exc
+    if type(body) is not dict:
+        raise RemoteProtocolError(f"a message must be a map, got {type(body).__name__}")
+    kind = body.pop("type", None)
+    if type(kind) is not str:
+        raise RemoteProtocolError("a message needs a string 'type'")
+    cls = MESSAGES.get(kind)
+    if cls is None:
+        raise RemoteProtocolError(f"unknown message type {kind!r}")
+    extra = set(body) - set(cls.FIELDS)
+    if extra:
+        raise RemoteProtocolError(f"{kind}: unknown fields {sorted(map(str, extra))}")
+    try:
+        values = {
+            name: spec.check(body.get(name), f"{kind}.{name}") for name, spec in cls.FIELDS.items()
+        }
+    except FieldError as exc:
+        raise RemoteProtocolError(str(exc)) from exc
+    return cls(**values)
+
+
+class Connection:
+    """One end of a csnap protocol connection, without any I/O."""
+
+    def __init__(self, role: Role, *, max_frame: int = DEFAULT_MAX_FRAME, name: str | None = None):
+        self.our_role = role
+        self.name = name
+        #: The largest frame we accept.
+        self.max_frame = max(max_frame, MIN_MAX_FRAME)
+        #: The largest frame the peer accepts (known after its hello).
+        self.peer_max_frame = MIN_MAX_FRAME
+        self.peer_role: Role | None = None
+        self.peer_name: str | None = None
+        self.state = ConnectionState.HANDSHAKE
+        self._buffer = bytearray()
+        self._eof = False
+        self._sent_hello = False
+        self._received_hello = False
+
+    # -- sending -----------------------------------------------------------
+
+    def hello(self) -> bytes:
+        """The bytes of our hello (send it first)."""
+        return self.send(
+            Hello(PROTOCOL_MAGIC, PROTOCOL_VERSION, self.our_role.value, self.max_frame, self.name)
+        )
+
+    def send(self, message: Message) -> bytes:
+        """The bytes that carry `message`.
+
+        Raises:
+            LocalProtocolError: the message is invalid or not ours to send now.
+        """
+        if self.state is ConnectionState.ERROR:
+            raise LocalProtocolError("the connection is in the ERROR state")
+        if self.our_role not in message.SENDERS:
+            raise LocalProtocolError(f"a {self.our_role.value} may not send {message.TYPE}")
+        if isinstance(message, Hello) == self._sent_hello:
+            raise LocalProtocolError("hello must be the first message, and only the first")
+        wire = message.to_wire()
+        try:
+            for name, spec in message.FIELDS.items():
+                spec.check(_as_wire(wire[name]), f"{message.TYPE}.{name}")
+        except FieldError as exc:
+            raise LocalProtocolError(str(exc)) from exc
+        payload = msgpack.packb(wire, use_bin_type=True)
+        limit = self.peer_max_frame if self._received_hello else MIN_MAX_FRAME
+        if len(payload) > limit and not isinstance(message, Hello):
+            raise LocalProtocolError(
+                f"{message.TYPE} of {len(payload)} bytes exceeds the peer's frame limit {limit}"
+            )
+        if isinstance(message, Hello):
+            self._sent_hello = True
+            self._maybe_open()
+        return _LENGTH.pack(len(payload)) + payload
+
+    # -- receiving ---------------------------------------------------------
+
+    def receive_data(self, data: bytes) -> None:
+        """Feed bytes from the peer; b"" means it closed its side."""
+        if data:
+            self._buffer += data
+        else:
+            self._eof = True
+
+    def next_message(self) -> Message | ConnectionClosed | None:
+        """The next complete message, ConnectionClosed, or None (need more data).
+
+        Raises:
+            RemoteProtocolError: the peer broke the protocol; the connection is
+                now in the ERROR state.
+        """
+        if self.state is ConnectionState.ERROR:
+            raise RemoteProtocolError("the connection is in the ERROR state")
+        try:
+            return self._next()
+        except ProtocolError as exc:
+            self.state = ConnectionState.ERROR
+            if isinstance(exc, RemoteProtocolError):
+                raise
+            raise RemoteProtocolError(str(exc), exc.code) from exc
+
+    def _next(self) -> Message | ConnectionClosed | None:
+        buffer = self._buffer
+        if len(buffer) < 4:
+            if self._eof:
+                if buffer:
+                    raise RemoteProtocolError("the peer closed in the middle of a frame")
+                self.state = ConnectionState.CLOSED
+                return ConnectionClosed()
+            return None
+        (length,) = _LENGTH.unpack_from(buffer)
+        if length == 0:
+            raise RemoteProtocolError("empty frame")
+        if length > self.max_frame:
+            raise RemoteProtocolError(
+                f"frame of {length} bytes exceeds the limit of {self.max_frame}"
+            )
+        if len(buffer) < 4 + length:
+            if self._eof:
+                raise RemoteProtocolError("the peer closed in the middle of a frame")
+            return None
+        payload = bytes(buffer[4 : 4 + length])
+        del buffer[: 4 + length]
+        message = _decode(payload)
+        return self._admit(message)
+
+    def _admit(self, message: Message) -> Message:
+        if not self._received_hello:
+            if not isinstance(message, Hello):
+                raise RemoteProtocolError(f"expected hello, got {message.TYPE}")
+            if message.magic != PROTOCOL_MAGIC or message.version != PROTOCOL_VERSION:
+                raise RemoteProtocolError(
+                    f"peer speaks {message.magic!r} version {message.version}; this side speaks"
+                    f" {PROTOCOL_MAGIC!r} version {PROTOCOL_VERSION}",
+                    ErrorCode.VERSION_MISMATCH,
+                )
+            self.peer_role = Role(message.role)
+            self.peer_name = message.name
+            self.peer_max_frame = max(message.max_frame, MIN_MAX_FRAME)
+            self._received_hello = True
+            self._maybe_open()
+            return message
+        if isinstance(message, Hello):
+            raise RemoteProtocolError("a second hello")
+        assert self.peer_role is not None
+        if self.peer_role not in message.SENDERS:
+            raise RemoteProtocolError(
+                f"a {self.peer_role.value} may not send {message.TYPE}", ErrorCode.WRONG_ROLE
+            )
+        return message
+
+    def _maybe_open(self) -> None:
+        if self._sent_hello and self._received_hello and self.state is ConnectionState.HANDSHAKE:
+            self.state = ConnectionState.OPEN
+
+
+def _as_wire(value: Any) -> Any:
+    """What msgpack turns a Python value into (tuples become lists)."""
+    if isinstance(value, tuple | list):
+        return [_as_wire(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _as_wire(v) for k, v in value.items()}
+    return value

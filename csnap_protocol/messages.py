@@ -1,0 +1,490 @@
+# Every message of the csnap protocol, as frozen dataclasses.
+#
+# A message is a msgpack map: {"type": <name>, <field>: <value>, ...}. Each
+# class declares its wire name (TYPE), which roles may send it (SENDERS) and
+# a spec for every field (FIELDS); the codec refuses anything else. The
+# registry MESSAGES is what docs/protocol.md's tables are checked against.
+#
+# Requests carry an `id` the sender chooses (unique among its requests in
+# flight); the reply carries the same id. Replies may come in any order.
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar, TypeVar
+
+from csnap_protocol.schema import (
+    S8,
+    S32,
+    U16,
+    U32,
+    U64,
+    Blob,
+    Choice,
+    Int,
+    ListOf,
+    Nullable,
+    Ranges,
+    Record,
+    Segments,
+    Spec,
+    Text,
+)
+
+__all__ = [
+    "Role",
+    "Message",
+    "MESSAGES",
+    "PROTOCOL_MAGIC",
+    "PROTOCOL_VERSION",
+    "MAX_RANGES",
+    "SNAPSHOT_INFO",
+    "STORE_STATUS",
+    "SERVER_INFO",
+    "Hello",
+    "Error",
+    "Ok",
+    "Identify",
+    "Identified",
+    "QueryWrite",
+    "WriteOk",
+    "SnapshotWriteOk",
+    "QuerySnapshotRead",
+    "SnapshotReadOk",
+    "FinishSnapshotRead",
+    "UploadLock",
+    "FinishUploadLock",
+    "Barrier",
+    "BarrierDone",
+    "SnapshotDeleted",
+    "CreateSnapshot",
+    "DeleteSnapshot",
+    "ListSnapshots",
+    "GetStatus",
+    "SetPriority",
+    "ChangeUseCount",
+    "GetServerInfo",
+    "Shutdown",
+    "SnapshotReply",
+    "SnapshotList",
+    "StatusReply",
+    "ServerInfoReply",
+]
+
+#: First field of every hello: this is the csnap protocol.
+PROTOCOL_MAGIC = "csnap"
+#: Bumped on any incompatible change; peers of other versions are refused.
+PROTOCOL_VERSION = 1
+#: Most ranges (or segments) one message may carry.
+MAX_RANGES = 8192
+#: Most snapshots a list carries (the table has 64 slots).
+MAX_LIST = 64
+
+
+class Role(enum.Enum):
+    """What a peer is, declared in its hello."""
+
+    #: A data-path client (NBD gateway, kernel target): identifies to the
+    #: origin or one snapshot and asks where chunks are.
+    CLIENT = "client"
+    #: An administrative peer (the agent relaying the csnap CLI): snapshots.
+    ADMIN = "admin"
+    #: The metadata server.
+    SERVER = "server"
+
+
+CLIENT = frozenset({Role.CLIENT})
+ADMIN = frozenset({Role.ADMIN})
+SERVER = frozenset({Role.SERVER})
+ANYONE = frozenset(Role)
+
+ID = U32
+TAG = U32
+
+SNAPSHOT_INFO = Record(
+    "snapshot",
+    {
+        "tag": TAG,
+        "bit": Int(0, 63, "u8"),
+        "state": Choice(("live", "deleting", "squashed")),
+        "priority": S8,
+        "use_count": U32,
+        "created_ns": U64,
+        "origin_chunks": U64,
+        "unique_chunks": U64,
+        "shared_chunks": U64,
+    },
+)
+
+STORE_STATUS = Record(
+    "store",
+    {
+        "uuid": Blob(16),
+        "created_ns": U64,
+        "chunk_size": U32,
+        "block_size": U32,
+        "store_chunks": U64,
+        "origin_chunks": U64,
+        "data_chunks": U64,
+        "data_free": U64,
+        "meta_blocks": U64,
+        "meta_free": U64,
+        "exceptions": U64,
+        "sequence": U64,
+        "sweep_cursor": U64,
+    },
+)
+
+SERVER_INFO = Record(
+    "server",
+    {
+        "address": Text(256),
+        "store": Text(4096),
+        "started_ns": U64,
+        "epoch": U64,
+        "state": Choice(("active", "uploading", "failed", "stopping")),
+        "clients": U32,
+        "origin_clients": U32,
+        "snapshot_clients": U32,
+        "commits": U64,
+        "requests": U64,
+    },
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """Base of every message."""
+
+    TYPE: ClassVar[str]
+    SENDERS: ClassVar[frozenset[Role]]
+    FIELDS: ClassVar[Mapping[str, Spec]]
+
+    def to_wire(self) -> dict[str, Any]:
+        """The msgpack map for this message."""
+        body: dict[str, Any] = {"type": self.TYPE}
+        for name in self.FIELDS:
+            body[name] = getattr(self, name)
+        return body
+
+
+#: Wire name -> message class.
+MESSAGES: dict[str, type[Message]] = {}
+
+_M = TypeVar("_M", bound=type[Message])
+
+
+def _message(wire_name: str, senders: frozenset[Role], /, **specs: Spec) -> Callable[[_M], _M]:
+    def register(cls: _M) -> _M:
+        declared = [f.name for f in fields(cls)]
+        if declared != list(specs):
+            raise TypeError(f"{cls.__name__}: fields {declared} do not match specs {list(specs)}")
+        cls.TYPE = wire_name
+        cls.SENDERS = senders
+        cls.FIELDS = specs
+        if wire_name in MESSAGES:
+            raise TypeError(f"message type {wire_name!r} registered twice")
+        MESSAGES[wire_name] = cls
+        return cls
+
+    return register
+
+
+# -- handshake and generic replies --------------------------------------------
+
+
+@_message(
+    "hello",
+    ANYONE,
+    magic=Text(16),
+    version=U16,
+    role=Choice(tuple(r.value for r in Role)),
+    max_frame=U32,
+    name=Nullable(Text(256)),
+)
+@dataclass(frozen=True, slots=True)
+class Hello(Message):
+    """First frame in each direction: protocol, version, role, frame limit."""
+
+    magic: str
+    version: int
+    role: str
+    max_frame: int
+    name: str | None
+
+
+@_message("error", SERVER, id=Nullable(ID), code=U16, name=Text(64), message=Text(1024))
+@dataclass(frozen=True, slots=True)
+class Error(Message):
+    """A request failed (id set), or the connection is being closed (id nil)."""
+
+    id: int | None
+    code: int
+    name: str
+    message: str
+
+
+@_message("ok", SERVER, id=ID)
+@dataclass(frozen=True, slots=True)
+class Ok(Message):
+    """A request that returns nothing succeeded."""
+
+    id: int
+
+
+# -- the data path ------------------------------------------------------------
+
+
+@_message("identify", CLIENT, id=ID, client=U64, snapshot=Nullable(TAG))
+@dataclass(frozen=True, slots=True)
+class Identify(Message):
+    """Bind this connection to the origin (snapshot nil) or to a snapshot's tag."""
+
+    id: int
+    client: int
+    snapshot: int | None
+
+
+@_message(
+    "identified",
+    SERVER,
+    id=ID,
+    snapshot=Nullable(TAG),
+    chunk_size=U32,
+    origin_chunks=U64,
+    epoch=U64,
+    max_chunks=U32,
+)
+@dataclass(frozen=True, slots=True)
+class Identified(Message):
+    """Identify succeeded: the geometry a client needs, and the server's epoch."""
+
+    id: int
+    snapshot: int | None
+    chunk_size: int
+    origin_chunks: int
+    epoch: int
+    max_chunks: int
+
+
+@_message("query_write", CLIENT, id=ID, ranges=Ranges(MAX_RANGES))
+@dataclass(frozen=True, slots=True)
+class QueryWrite(Message):
+    """May I write these chunks? (origin: copy out first; snapshot: where to)."""
+
+    id: int
+    ranges: tuple[tuple[int, int], ...]
+
+
+@_message("write_ok", SERVER, id=ID, copied=U32)
+@dataclass(frozen=True, slots=True)
+class WriteOk(Message):
+    """An origin client may write the chunks it asked about; `copied` were copied out."""
+
+    id: int
+    copied: int
+
+
+@_message("snapshot_write_ok", SERVER, id=ID, segments=Segments(MAX_RANGES))
+@dataclass(frozen=True, slots=True)
+class SnapshotWriteOk(Message):
+    """A snapshot client writes its chunks at these store chunks."""
+
+    id: int
+    segments: tuple[tuple[int, int, int], ...]
+
+
+@_message("query_snapshot_read", CLIENT, id=ID, ranges=Ranges(MAX_RANGES))
+@dataclass(frozen=True, slots=True)
+class QuerySnapshotRead(Message):
+    """Where do I read these chunks of my snapshot?"""
+
+    id: int
+    ranges: tuple[tuple[int, int], ...]
+
+
+@_message(
+    "snapshot_read_ok",
+    SERVER,
+    id=ID,
+    store=Segments(MAX_RANGES),
+    origin=Ranges(MAX_RANGES),
+)
+@dataclass(frozen=True, slots=True)
+class SnapshotReadOk(Message):
+    """Read `store` segments from the store; `origin` ranges from the origin,
+    now read-locked for this connection until finish_snapshot_read."""
+
+    id: int
+    store: tuple[tuple[int, int, int], ...]
+    origin: tuple[tuple[int, int], ...]
+
+
+@_message("finish_snapshot_read", CLIENT, id=ID, ranges=Ranges(MAX_RANGES))
+@dataclass(frozen=True, slots=True)
+class FinishSnapshotRead(Message):
+    """I have read these origin chunks: release their read locks."""
+
+    id: int
+    ranges: tuple[tuple[int, int], ...]
+
+
+@_message("upload_lock", CLIENT, id=ID, ranges=Ranges(MAX_RANGES))
+@dataclass(frozen=True, slots=True)
+class UploadLock(Message):
+    """After a reconnect: I still read these origin chunks (re-take their locks)."""
+
+    id: int
+    ranges: tuple[tuple[int, int], ...]
+
+
+@_message("finish_upload_lock", CLIENT, id=ID)
+@dataclass(frozen=True, slots=True)
+class FinishUploadLock(Message):
+    """After a reconnect: every lock I hold is uploaded."""
+
+    id: int
+
+
+@_message("barrier", SERVER, barrier=U64)
+@dataclass(frozen=True, slots=True)
+class Barrier(Message):
+    """To origin clients: finish the writes you were granted, then say barrier_done."""
+
+    barrier: int
+
+
+@_message("barrier_done", CLIENT, barrier=U64)
+@dataclass(frozen=True, slots=True)
+class BarrierDone(Message):
+    """Every origin write granted before that barrier has reached the origin."""
+
+    barrier: int
+
+
+@_message("snapshot_deleted", SERVER, snapshot=TAG)
+@dataclass(frozen=True, slots=True)
+class SnapshotDeleted(Message):
+    """To a snapshot's clients: it was deleted; finish your writes and close."""
+
+    snapshot: int
+
+
+# -- administration -----------------------------------------------------------
+
+
+@_message("create_snapshot", ADMIN, id=ID, tag=TAG, priority=S8)
+@dataclass(frozen=True, slots=True)
+class CreateSnapshot(Message):
+    """Take a snapshot of the origin now (after the origin-write barrier)."""
+
+    id: int
+    tag: int
+    priority: int
+
+
+@_message("delete_snapshot", ADMIN, id=ID, tag=TAG)
+@dataclass(frozen=True, slots=True)
+class DeleteSnapshot(Message):
+    """Delete a snapshot; its space is reclaimed in the background."""
+
+    id: int
+    tag: int
+
+
+@_message("list_snapshots", ADMIN, id=ID)
+@dataclass(frozen=True, slots=True)
+class ListSnapshots(Message):
+    """Every live snapshot, oldest first."""
+
+    id: int
+
+
+@_message("get_status", ADMIN, id=ID)
+@dataclass(frozen=True, slots=True)
+class GetStatus(Message):
+    """Store totals, every snapshot, and those still being deleted."""
+
+    id: int
+
+
+@_message("set_priority", ADMIN, id=ID, tag=TAG, priority=S8)
+@dataclass(frozen=True, slots=True)
+class SetPriority(Message):
+    """Set a snapshot's priority (-128..127)."""
+
+    id: int
+    tag: int
+    priority: int
+
+
+@_message("change_use_count", ADMIN, id=ID, tag=TAG, delta=S32)
+@dataclass(frozen=True, slots=True)
+class ChangeUseCount(Message):
+    """Add delta to a snapshot's use count (0 reads it)."""
+
+    id: int
+    tag: int
+    delta: int
+
+
+@_message("get_server_info", ADMIN, id=ID)
+@dataclass(frozen=True, slots=True)
+class GetServerInfo(Message):
+    """Where the server listens, since when, and who is connected."""
+
+    id: int
+
+
+@_message("shutdown", ADMIN, id=ID)
+@dataclass(frozen=True, slots=True)
+class Shutdown(Message):
+    """Finish in-flight work, mark the store clean and exit."""
+
+    id: int
+
+
+@_message("snapshot", SERVER, id=ID, snapshot=SNAPSHOT_INFO)
+@dataclass(frozen=True, slots=True)
+class SnapshotReply(Message):
+    """One snapshot, as it is after the request."""
+
+    id: int
+    snapshot: dict[str, Any]
+
+
+@_message("snapshot_list", SERVER, id=ID, snapshots=ListOf(SNAPSHOT_INFO, MAX_LIST))
+@dataclass(frozen=True, slots=True)
+class SnapshotList(Message):
+    """Live snapshots, oldest first."""
+
+    id: int
+    snapshots: tuple[dict[str, Any], ...]
+
+
+@_message(
+    "status",
+    SERVER,
+    id=ID,
+    store=STORE_STATUS,
+    snapshots=ListOf(SNAPSHOT_INFO, MAX_LIST),
+    deleting=ListOf(SNAPSHOT_INFO, MAX_LIST),
+)
+@dataclass(frozen=True, slots=True)
+class StatusReply(Message):
+    """Store totals, live snapshots, and snapshots still being deleted."""
+
+    id: int
+    store: dict[str, Any]
+    snapshots: tuple[dict[str, Any], ...]
+    deleting: tuple[dict[str, Any], ...]
+
+
+@_message("server_info", SERVER, id=ID, server=SERVER_INFO)
+@dataclass(frozen=True, slots=True)
+class ServerInfoReply(Message):
+    """The server's address, start time, state and connections."""
+
+    id: int
+    server: dict[str, Any]

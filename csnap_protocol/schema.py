@@ -1,0 +1,225 @@
+# A small declarative schema for message fields: each spec checks one
+# decoded msgpack value and names its wire type for docs/protocol.md.
+#
+# Rule: every value taken from the wire passes through a spec before any
+# other code sees it. msgpack gives Python ints, strs, bytes, lists, dicts,
+# bools, floats and None; `bool` is an `int` in Python, so integer specs test
+# the exact type.
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = [
+    "Spec",
+    "Int",
+    "Text",
+    "Choice",
+    "Blob",
+    "Flag",
+    "Nullable",
+    "Ranges",
+    "Segments",
+    "ListOf",
+    "Record",
+    "U8",
+    "U16",
+    "U32",
+    "U64",
+    "S8",
+    "S32",
+    "FieldError",
+]
+
+
+class FieldError(ValueError):
+    """A value that does not match its spec; `where` names the field."""
+
+
+class Spec:
+    """Checks a decoded value and returns it in its Python form."""
+
+    def wire(self) -> str:
+        """How docs/protocol.md names this type."""
+        raise NotImplementedError
+
+    def check(self, value: object, where: str) -> Any:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class Int(Spec):
+    low: int
+    high: int
+    name: str = "int"
+
+    def wire(self) -> str:
+        return self.name
+
+    def check(self, value: object, where: str) -> int:
+        if type(value) is not int:
+            raise FieldError(f"{where}: expected an integer, got {type(value).__name__}")
+        if not self.low <= value <= self.high:
+            raise FieldError(f"{where}: {value} is not in {self.low}..{self.high}")
+        return value
+
+
+U8 = Int(0, 0xFF, "u8")
+U16 = Int(0, 0xFFFF, "u16")
+U32 = Int(0, 0xFFFF_FFFF, "u32")
+U64 = Int(0, (1 << 64) - 1, "u64")
+S8 = Int(-128, 127, "s8")
+S32 = Int(-(1 << 31), (1 << 31) - 1, "s32")
+
+
+@dataclass(frozen=True)
+class Text(Spec):
+    max_length: int
+
+    def wire(self) -> str:
+        return "str"
+
+    def check(self, value: object, where: str) -> str:
+        if type(value) is not str:
+            raise FieldError(f"{where}: expected a string, got {type(value).__name__}")
+        if len(value) > self.max_length:
+            raise FieldError(
+                f"{where}: string of {len(value)} characters exceeds {self.max_length}"
+            )
+        return value
+
+
+@dataclass(frozen=True)
+class Choice(Spec):
+    values: tuple[str, ...]
+
+    def wire(self) -> str:
+        return "str"
+
+    def check(self, value: object, where: str) -> str:
+        if type(value) is not str or value not in self.values:
+            raise FieldError(f"{where}: expected one of {', '.join(self.values)}")
+        return value
+
+
+@dataclass(frozen=True)
+class Blob(Spec):
+    length: int
+
+    def wire(self) -> str:
+        return "bin"
+
+    def check(self, value: object, where: str) -> bytes:
+        if type(value) is not bytes or len(value) != self.length:
+            raise FieldError(f"{where}: expected {self.length} bytes of binary")
+        return value
+
+
+@dataclass(frozen=True)
+class Flag(Spec):
+    def wire(self) -> str:
+        return "bool"
+
+    def check(self, value: object, where: str) -> bool:
+        if type(value) is not bool:
+            raise FieldError(f"{where}: expected true or false")
+        return value
+
+
+@dataclass(frozen=True)
+class Nullable(Spec):
+    inner: Spec
+
+    def wire(self) -> str:
+        return f"{self.inner.wire()} or nil"
+
+    def check(self, value: object, where: str) -> Any:
+        return None if value is None else self.inner.check(value, where)
+
+
+def _list(value: object, where: str, most: int) -> list[object]:
+    if type(value) is not list:
+        raise FieldError(f"{where}: expected an array, got {type(value).__name__}")
+    if len(value) > most:
+        raise FieldError(f"{where}: {len(value)} items exceed the limit of {most}")
+    return value
+
+
+@dataclass(frozen=True)
+class Ranges(Spec):
+    """Chunk ranges: [[first chunk u64, count u32 >= 1], ...]."""
+
+    most: int
+
+    def wire(self) -> str:
+        return "ranges"
+
+    def check(self, value: object, where: str) -> tuple[tuple[int, int], ...]:
+        out = []
+        for n, item in enumerate(_list(value, where, self.most)):
+            pair = _list(item, f"{where}[{n}]", 2)
+            if len(pair) != 2:
+                raise FieldError(f"{where}[{n}]: expected [chunk, count]")
+            chunk = U64.check(pair[0], f"{where}[{n}] chunk")
+            count = Int(1, 0xFFFF_FFFF).check(pair[1], f"{where}[{n}] count")
+            out.append((chunk, count))
+        return tuple(out)
+
+
+@dataclass(frozen=True)
+class Segments(Spec):
+    """Store segments: [[first chunk u64, count u32 >= 1, store chunk u64], ...]."""
+
+    most: int
+
+    def wire(self) -> str:
+        return "segments"
+
+    def check(self, value: object, where: str) -> tuple[tuple[int, int, int], ...]:
+        out = []
+        for n, item in enumerate(_list(value, where, self.most)):
+            triple = _list(item, f"{where}[{n}]", 3)
+            if len(triple) != 3:
+                raise FieldError(f"{where}[{n}]: expected [chunk, count, store chunk]")
+            chunk = U64.check(triple[0], f"{where}[{n}] chunk")
+            count = Int(1, 0xFFFF_FFFF).check(triple[1], f"{where}[{n}] count")
+            store = U64.check(triple[2], f"{where}[{n}] store chunk")
+            out.append((chunk, count, store))
+        return tuple(out)
+
+
+@dataclass(frozen=True)
+class Record(Spec):
+    """A nested map with exactly these fields."""
+
+    name: str
+    fields: Mapping[str, Spec]
+
+    def wire(self) -> str:
+        return self.name
+
+    def check(self, value: object, where: str) -> dict[str, Any]:
+        if type(value) is not dict:
+            raise FieldError(f"{where}: expected a map, got {type(value).__name__}")
+        extra = set(value) - set(self.fields)
+        if extra:
+            raise FieldError(f"{where}: unknown fields {sorted(map(str, extra))}")
+        return {
+            key: spec.check(value.get(key), f"{where}.{key}") for key, spec in self.fields.items()
+        }
+
+
+@dataclass(frozen=True)
+class ListOf(Spec):
+    inner: Spec
+    most: int
+
+    def wire(self) -> str:
+        return f"array of {self.inner.wire()}"
+
+    def check(self, value: object, where: str) -> tuple[Any, ...]:
+        return tuple(
+            self.inner.check(item, f"{where}[{n}]")
+            for n, item in enumerate(_list(value, where, self.most))
+        )
