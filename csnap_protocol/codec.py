@@ -6,9 +6,15 @@
 # the peer's role may not send is a RemoteProtocolError; so is anything but
 # a hello first, or a hello later.
 #
+# Handshake: the connecting side says hello first; the server answers with
+# its own hello, or instead with an `error` (too many connections, shutting
+# down, another protocol version) and closes. An error as the very first
+# message is therefore accepted and returned; the connection is then over.
+#
 # States (docs/protocol.md, "Connection states"):
 #   HANDSHAKE --hello sent and received--> OPEN
-#   any --protocol error--> ERROR (poisoned: every further call raises)
+#   any --protocol error--> ERROR (poisoned: nothing more is received; after a
+#       peer's error we may still send one `error` message to say why)
 #   any --end of stream--> CLOSED
 #
 # Rule: whatever bytes arrive, in whatever pieces, the receive side yields
@@ -32,6 +38,7 @@ from csnap_protocol.messages import (
     MESSAGES,
     PROTOCOL_MAGIC,
     PROTOCOL_VERSION,
+    Error,
     Hello,
     Message,
     Role,
@@ -136,17 +143,19 @@ class Connection:
         Raises:
             LocalProtocolError: the message is invalid or not ours to send now.
         """
-        if self.state is ConnectionState.ERROR:
+        if self.state is ConnectionState.ERROR and not isinstance(message, Error):
             raise LocalProtocolError("the connection is in the ERROR state")
         if self.our_role not in message.SENDERS:
             raise LocalProtocolError(f"a {self.our_role.value} may not send {message.TYPE}")
-        if isinstance(message, Hello) == self._sent_hello:
+        refusal = isinstance(message, Error) and not self._sent_hello
+        if isinstance(message, Hello) == self._sent_hello and not refusal:
             raise LocalProtocolError("hello must be the first message, and only the first")
         wire = message.to_wire()
         try:
             for name, spec in message.FIELDS.items():
                 spec.check(_as_wire(wire[name]), f"{message.TYPE}.{name}")
         except FieldError as exc:
+            # Nothing was produced: the connection is as it was.
             raise LocalProtocolError(str(exc)) from exc
         payload = msgpack.packb(wire, use_bin_type=True)
         limit = self.peer_max_frame if self._received_hello else MIN_MAX_FRAME
@@ -161,7 +170,7 @@ class Connection:
 
     # -- receiving ---------------------------------------------------------
 
-    def receive_data(self, data: bytes) -> None:
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
         """Feed bytes from the peer; b"" means it closed its side."""
         if data:
             self._buffer += data
@@ -212,6 +221,9 @@ class Connection:
 
     def _admit(self, message: Message) -> Message:
         if not self._received_hello:
+            if isinstance(message, Error) and self.our_role is not Role.SERVER:
+                self.state = ConnectionState.CLOSED  # refused instead of greeted
+                return message
             if not isinstance(message, Hello):
                 raise RemoteProtocolError(f"expected hello, got {message.TYPE}")
             if message.magic != PROTOCOL_MAGIC or message.version != PROTOCOL_VERSION:

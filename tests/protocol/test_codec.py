@@ -17,6 +17,7 @@ from csnap_protocol import (
     ConnectionClosed,
     ConnectionState,
     CreateSnapshot,
+    Error,
     ErrorCode,
     Hello,
     LocalProtocolError,
@@ -224,3 +225,15 @@ def test_registry_names_match_classes() -> None:
     for name, cls in MESSAGES.items():
         assert name == cls.TYPE
         assert cls.SENDERS
+
+
+def test_after_a_peers_error_we_may_still_explain() -> None:
+    client, server = pair(Role.CLIENT, Role.SERVER)
+    server.receive_data(b"\xff\xff\xff\xff")
+    with pytest.raises(RemoteProtocolError):
+        server.next_message()
+    data = server.send(Error(None, 1, "protocol_error", "frame too large"))
+    client.receive_data(data)
+    assert isinstance(client.next_message(), Error)
+    with pytest.raises(LocalProtocolError, match="ERROR state"):
+        server.send(WriteOk(1, 0))

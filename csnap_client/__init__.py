@@ -1,0 +1,40 @@
+# csnap_client: the trio client library for csnapd.
+#
+# DataClient (open_client) is the data path: identify to the origin or a
+# snapshot, ask before touching chunks, survive server restarts. AdminClient
+# (open_admin) creates, deletes and inspects snapshots. Both speak
+# csnap_protocol over any trio stream a Connector opens.
+from __future__ import annotations
+
+from csnap_client.admin import AdminClient, open_admin
+from csnap_client.client import (
+    ClientClosedError,
+    DataClient,
+    ReadPlan,
+    SnapshotDeletedError,
+    open_client,
+)
+from csnap_client.session import (
+    ConnectionLostError,
+    Connector,
+    ServerError,
+    Session,
+    open_session,
+    tcp_connector,
+)
+
+__all__ = [
+    "AdminClient",
+    "open_admin",
+    "DataClient",
+    "ReadPlan",
+    "SnapshotDeletedError",
+    "ClientClosedError",
+    "open_client",
+    "ConnectionLostError",
+    "Connector",
+    "ServerError",
+    "Session",
+    "open_session",
+    "tcp_connector",
+]

@@ -1,0 +1,90 @@
+# The administrative client: snapshots and server information, over one
+# admin-role connection (no reconnecting: the caller retries).
+from __future__ import annotations
+
+import itertools
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import trio
+
+from csnap_client.session import Connector, Session, open_session
+from csnap_protocol import (
+    ChangeUseCount,
+    CreateSnapshot,
+    DeleteSnapshot,
+    GetServerInfo,
+    GetStatus,
+    ListSnapshots,
+    Message,
+    Role,
+    ServerInfoReply,
+    SetPriority,
+    Shutdown,
+    SnapshotList,
+    SnapshotReply,
+    StatusReply,
+)
+
+__all__ = ["AdminClient", "open_admin"]
+
+
+class AdminClient:
+    """Snapshot administration; each method raises ServerError on refusal."""
+
+    def __init__(self, session: Session):
+        self._session = session
+        self._ids = itertools.count(1)
+
+    async def _call(self, message: Message) -> Message:
+        return await self._session.request(message)
+
+    async def create_snapshot(self, tag: int, priority: int = 0) -> dict[str, Any]:
+        reply = await self._call(CreateSnapshot(next(self._ids), tag, priority))
+        assert isinstance(reply, SnapshotReply)
+        return reply.snapshot
+
+    async def delete_snapshot(self, tag: int) -> dict[str, Any]:
+        reply = await self._call(DeleteSnapshot(next(self._ids), tag))
+        assert isinstance(reply, SnapshotReply)
+        return reply.snapshot
+
+    async def list_snapshots(self) -> list[dict[str, Any]]:
+        reply = await self._call(ListSnapshots(next(self._ids)))
+        assert isinstance(reply, SnapshotList)
+        return list(reply.snapshots)
+
+    async def status(self) -> StatusReply:
+        reply = await self._call(GetStatus(next(self._ids)))
+        assert isinstance(reply, StatusReply)
+        return reply
+
+    async def set_priority(self, tag: int, priority: int) -> dict[str, Any]:
+        reply = await self._call(SetPriority(next(self._ids), tag, priority))
+        assert isinstance(reply, SnapshotReply)
+        return reply.snapshot
+
+    async def change_use_count(self, tag: int, delta: int) -> dict[str, Any]:
+        reply = await self._call(ChangeUseCount(next(self._ids), tag, delta))
+        assert isinstance(reply, SnapshotReply)
+        return reply.snapshot
+
+    async def server_info(self) -> dict[str, Any]:
+        reply = await self._call(GetServerInfo(next(self._ids)))
+        assert isinstance(reply, ServerInfoReply)
+        return reply.server
+
+    async def shutdown(self) -> None:
+        await self._call(Shutdown(next(self._ids)))
+
+
+@asynccontextmanager
+async def open_admin(connect: Connector) -> AsyncIterator[AdminClient]:
+    """An admin connection, closed when the block ends."""
+    async with trio.open_nursery() as nursery:
+        session = await open_session(nursery, connect, Role.ADMIN)
+        try:
+            yield AdminClient(session)
+        finally:
+            await trio.aclose_forcefully(session.stream)

@@ -1,0 +1,372 @@
+# The data-path client: what an NBD gateway or a test uses to ask csnapd
+# about chunks before touching them.
+#
+# Usage, for an origin client:
+#
+#     async with open_client(tcp_connector(host, port)) as client:
+#         async with client.origin_write([(chunk, count)]):
+#             ... write those origin chunks ...
+#
+# and for a snapshot client:
+#
+#     async with open_client(connect, snapshot=7) as client:
+#         async with client.snapshot_read([(chunk, count)]) as plan:
+#             ... read plan.store from the store, plan.origin from the origin ...
+#         async with client.snapshot_write([(chunk, count)]) as segments:
+#             ... write into the store at the segments ...
+#
+# Rules:
+#   * A grant (an origin write the server allowed, or the store chunks a
+#     snapshot write goes to) stays open until its `async with` ends; the
+#     create barrier and snapshot deletion wait for open grants.
+#   * A snapshot read holds read locks on its origin ranges until its
+#     `async with` ends, which tells the server it is done.
+#   * When the connection breaks, the client reconnects, identifies again,
+#     re-declares the read locks it holds, and sends again every request
+#     that had no answer. Callers only see the delay.
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import random
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import trio
+import trio.lowlevel
+
+from csnap_client.session import (
+    ConnectionLostError,
+    Connector,
+    ServerError,
+    Session,
+    open_session,
+)
+from csnap_protocol import (
+    MAX_RANGES,
+    Barrier,
+    BarrierDone,
+    ErrorCode,
+    FinishSnapshotRead,
+    FinishUploadLock,
+    Identified,
+    Identify,
+    Message,
+    QuerySnapshotRead,
+    QueryWrite,
+    Role,
+    SnapshotDeleted,
+    SnapshotReadOk,
+    SnapshotWriteOk,
+    UploadLock,
+    WriteOk,
+)
+
+__all__ = [
+    "DataClient",
+    "ReadPlan",
+    "SnapshotDeletedError",
+    "ClientClosedError",
+    "open_client",
+]
+
+log = logging.getLogger("csnap.client")
+
+Ranges = Sequence[tuple[int, int]]
+
+
+class SnapshotDeletedError(Exception):
+    """The snapshot this client serves was deleted (or no longer exists)."""
+
+
+class ClientClosedError(Exception):
+    """The client was closed."""
+
+
+@dataclass(frozen=True)
+class ReadPlan:
+    """Where to read: `store` as (chunk, count, store chunk), `origin` as (chunk, count)."""
+
+    store: tuple[tuple[int, int, int], ...]
+    origin: tuple[tuple[int, int], ...]
+
+
+class DataClient:
+    """A data-path connection to csnapd that survives server restarts."""
+
+    def __init__(
+        self,
+        connect: Connector,
+        *,
+        snapshot: int | None = None,
+        client_id: int | None = None,
+        reconnect: bool = True,
+        retry_interval: float = 0.05,
+        max_retry_interval: float = 1.0,
+    ):
+        self._connect = connect
+        self.snapshot = snapshot
+        self.client_id = client_id if client_id is not None else random.getrandbits(63)
+        self._reconnect = reconnect
+        self._retry = (retry_interval, max_retry_interval)
+        self._ids = itertools.count(1)
+        self._session: Session | None = None
+        # Set and replaced at every change of session, closing or deletion;
+        # waiters re-check the state (see _wait_ready).
+        self._changed = trio.Event()
+        self._closing = False
+        self._deleted = False
+        self.info: Identified | None = None
+        #: Request ids of grants not yet closed by their holder.
+        self._grants: set[int] = set()
+        self._grants_changed = trio.Event()
+        #: Origin ranges this client holds read locks on, by request id.
+        self._held: dict[int, tuple[tuple[int, int], ...]] = {}
+        self.reconnects = 0
+
+    # -- geometry -------------------------------------------------------------
+
+    @property
+    def chunk_size(self) -> int:
+        assert self.info is not None
+        return self.info.chunk_size
+
+    @property
+    def origin_chunks(self) -> int:
+        assert self.info is not None
+        return self.info.origin_chunks
+
+    @property
+    def max_chunks(self) -> int:
+        assert self.info is not None
+        return self.info.max_chunks
+
+    # -- running ---------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Keep a session up until closed; report started once first identified."""
+        delay = self._retry[0]
+        started = False
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            while not self._closing and not self._deleted:
+                try:
+                    session = await self._establish(nursery)
+                except (OSError, ConnectionLostError, ServerError) as exc:
+                    if isinstance(exc, ServerError) and not _retryable(exc):
+                        raise
+                    if not self._reconnect and not started:
+                        raise
+                    log.info("cannot reach csnapd (%s); retrying in %.2fs", exc, delay)
+                    await trio.sleep(delay)
+                    delay = min(delay * 2, self._retry[1])
+                    continue
+                delay = self._retry[0]
+                if not started:
+                    started = True
+                    task_status.started()
+                await session.closed.wait()
+                self._session = None
+                self._notify()
+                if not self._reconnect:
+                    break
+                if not self._closing and not self._deleted:
+                    self.reconnects += 1
+                    log.warning("lost the connection to csnapd; reconnecting")
+            nursery.cancel_scope.cancel()
+
+    async def _establish(self, nursery: trio.Nursery) -> Session:
+        session = await open_session(nursery, self._connect, Role.CLIENT, self._notice, self._reply)
+        try:
+            identified = await session.request(
+                Identify(next(self._ids), self.client_id, self.snapshot)
+            )
+        except ServerError as exc:
+            if exc.error in (ErrorCode.NO_SUCH_SNAPSHOT, ErrorCode.SNAPSHOT_UNAVAILABLE):
+                self._gone()
+            raise
+        assert isinstance(identified, Identified)
+        if self.info is not None and (
+            identified.chunk_size != self.info.chunk_size
+            or identified.origin_chunks != self.info.origin_chunks
+        ):
+            raise ServerError(
+                int(ErrorCode.INVALID_REQUEST), "invalid_request", "the server's geometry changed"
+            )
+        self.info = identified
+        if self.snapshot is not None:
+            held = [r for ranges in self._held.values() for r in ranges]
+            for first in range(0, len(held), MAX_RANGES):
+                batch = tuple(held[first : first + MAX_RANGES])
+                await session.request(UploadLock(next(self._ids), batch))
+            await session.request(FinishUploadLock(next(self._ids)))
+        self._session = session
+        self._notify()
+        return session
+
+    def _reply(self, message: Message) -> None:
+        # Runs in the session reader, before any later message is read.
+        if isinstance(message, WriteOk | SnapshotWriteOk):
+            self._grants.add(message.id)
+        elif isinstance(message, SnapshotReadOk) and message.origin:
+            self._held[message.id] = message.origin
+
+    def _notice(self, message: Message) -> None:
+        if isinstance(message, Barrier):
+            self._nursery.start_soon(self._answer_barrier, message.barrier, frozenset(self._grants))
+        elif isinstance(message, SnapshotDeleted):
+            self._gone()
+            self._nursery.start_soon(self._leave)
+
+    async def _answer_barrier(self, barrier: int, grants: frozenset[int]) -> None:
+        await self._wait_grants(grants)
+        session = self._session
+        if session is not None:
+            # If the connection broke, the new server has no barrier waiting.
+            with contextlib.suppress(ConnectionLostError):
+                await session.send(BarrierDone(barrier))
+
+    async def _wait_grants(self, grants: frozenset[int]) -> None:
+        while grants & self._grants:
+            self._grants_changed = trio.Event()
+            await self._grants_changed.wait()
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    def _gone(self) -> None:
+        self._deleted = True
+        self._notify()
+
+    async def _leave(self) -> None:
+        """The snapshot was deleted: finish open grants, then close."""
+        await self._wait_grants(frozenset(self._grants))
+        session = self._session
+        if session is not None:
+            await trio.aclose_forcefully(session.stream)
+
+    async def aclose(self) -> None:
+        """Stop: close the connection and do not reconnect."""
+        self._closing = True
+        self._notify()
+        session = self._session
+        if session is not None:
+            await trio.aclose_forcefully(session.stream)
+
+    # -- requests --------------------------------------------------------------
+
+    async def _call(self, make: Callable[[int], Message]) -> Message:
+        """Send a request, again after every reconnect, until it is answered."""
+        message = make(next(self._ids))
+        while True:
+            session = await self._wait_ready()
+            try:
+                return await session.request(message)
+            except ConnectionLostError:
+                if not self._reconnect:
+                    raise
+                await session.closed.wait()  # then wait for the next session
+            except ServerError as exc:
+                if exc.error is ErrorCode.SNAPSHOT_DELETED:
+                    self._gone()
+                    raise SnapshotDeletedError(exc.message) from exc
+                raise
+
+    async def _wait_ready(self) -> Session:
+        """The current session, once there is a live one.
+
+        Raises:
+            SnapshotDeletedError, ClientClosedError: there will be none.
+        """
+        while True:
+            if self._deleted:
+                raise SnapshotDeletedError(f"snapshot {self.snapshot} was deleted")
+            if self._closing:
+                raise ClientClosedError("the client is closed")
+            session = self._session
+            if session is not None and not session.closed.is_set():
+                return session
+            await self._changed.wait()
+
+    def _close_grant(self, request: int) -> None:
+        self._grants.discard(request)
+        self._grants_changed.set()
+
+    @asynccontextmanager
+    async def origin_write(self, ranges: Ranges) -> AsyncIterator[WriteOk]:
+        """Ask to write origin chunks; the grant is open inside the block."""
+        reply = await self._call(lambda rid: QueryWrite(rid, tuple(ranges)))
+        assert isinstance(reply, WriteOk)
+        try:
+            yield reply
+        finally:
+            self._close_grant(reply.id)
+
+    @asynccontextmanager
+    async def snapshot_write(
+        self, ranges: Ranges
+    ) -> AsyncIterator[tuple[tuple[int, int, int], ...]]:
+        """Where to write snapshot chunks: (chunk, count, store chunk) segments."""
+        reply = await self._call(lambda rid: QueryWrite(rid, tuple(ranges)))
+        assert isinstance(reply, SnapshotWriteOk)
+        try:
+            yield reply.segments
+        finally:
+            self._close_grant(reply.id)
+
+    @asynccontextmanager
+    async def snapshot_read(self, ranges: Ranges) -> AsyncIterator[ReadPlan]:
+        """Where to read snapshot chunks; origin ranges stay locked inside the block."""
+        reply = await self._call(lambda rid: QuerySnapshotRead(rid, tuple(ranges)))
+        assert isinstance(reply, SnapshotReadOk)
+        try:
+            yield ReadPlan(reply.store, reply.origin)
+        finally:
+            if reply.origin:
+                with trio.CancelScope(shield=True):
+                    await self._finish_read(reply.id, reply.origin)
+
+    async def _finish_read(self, request: int, origin: tuple[tuple[int, int], ...]) -> None:
+        try:
+            await self._call(lambda rid: FinishSnapshotRead(rid, origin))
+        except (SnapshotDeletedError, ClientClosedError):
+            pass  # the server dropped our locks with the connection
+        except ServerError as exc:
+            log.warning("releasing read locks: %s", exc)
+        finally:
+            self._held.pop(request, None)
+
+
+def _retryable(exc: ServerError) -> bool:
+    return exc.error in (
+        ErrorCode.TOO_MANY_CONNECTIONS,
+        ErrorCode.SHUTTING_DOWN,
+        ErrorCode.NOT_ACTIVE,
+        ErrorCode.SERVER_FAILED,
+    )
+
+
+@asynccontextmanager
+async def open_client(
+    connect: Connector,
+    *,
+    snapshot: int | None = None,
+    client_id: int | None = None,
+    reconnect: bool = True,
+) -> AsyncIterator[DataClient]:
+    """A connected, identified client; closed when the block ends.
+
+    Raises:
+        ServerError: the server refused (an unknown snapshot, ...).
+        OSError, ConnectionLostError: unreachable and `reconnect` is off.
+    """
+    client = DataClient(connect, snapshot=snapshot, client_id=client_id, reconnect=reconnect)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(client.run)
+        try:
+            yield client
+        finally:
+            await client.aclose()

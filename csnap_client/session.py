@@ -1,0 +1,211 @@
+# One protocol connection to csnapd: hello, then requests matched to replies
+# by id, and notices (messages without a request id) handed to a callback.
+#
+# A session does no reconnecting: when its stream breaks, every request
+# waiting on it fails with ConnectionLostError and the owner decides.
+from __future__ import annotations
+
+import itertools
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import trio
+
+from csnap_protocol import (
+    Connection,
+    ConnectionClosed,
+    Error,
+    ErrorCode,
+    Hello,
+    Message,
+    RemoteProtocolError,
+    Role,
+)
+
+__all__ = [
+    "Session",
+    "ServerError",
+    "ConnectionLostError",
+    "Connector",
+    "tcp_connector",
+    "open_session",
+]
+
+#: Opens a stream to the server (directly, or after asking an agent).
+Connector = Callable[[], Awaitable[trio.abc.Stream]]
+
+
+class ServerError(Exception):
+    """The server refused a request: a stable code, its name, and why."""
+
+    def __init__(self, code: int, name: str, message: str):
+        super().__init__(f"{name}: {message}")
+        self.code = code
+        self.name = name
+        self.message = message
+
+    @property
+    def error(self) -> ErrorCode | None:
+        """The code as an ErrorCode, if this side knows it."""
+        try:
+            return ErrorCode(self.code)
+        except ValueError:
+            return None
+
+
+class ConnectionLostError(Exception):
+    """The connection to the server broke before the reply came."""
+
+
+def tcp_connector(host: str, port: int) -> Connector:
+    """A connector for a server at a fixed TCP address."""
+
+    async def connect() -> trio.abc.Stream:
+        return await trio.open_tcp_stream(host, port)
+
+    return connect
+
+
+@dataclass(eq=False)
+class _Waiter:
+    done: trio.Event = field(default_factory=trio.Event)
+    reply: Message | None = None
+    lost: bool = False
+
+
+class Session:
+    """An open connection; create with open_session()."""
+
+    def __init__(
+        self,
+        stream: trio.abc.Stream,
+        role: Role,
+        on_notice: Callable[[Message], None],
+        on_reply: Callable[[Message], None] | None = None,
+    ):
+        self.stream = stream
+        self.codec = Connection(role, name="csnap-client")
+        self._on_notice = on_notice
+        # Called in the reader, before the requester wakes: state that must
+        # be in place before any later message is read (grants) goes here.
+        self._on_reply = on_reply
+        self._waiting: dict[int, _Waiter] = {}
+        self._send_lock = trio.Lock()
+        self.closed = trio.Event()
+        self.server_hello: Hello | None = None
+        self.ids = itertools.count(1)
+        #: Why the session ended, once it has.
+        self.failure: BaseException | None = None
+
+    async def send(self, message: Message) -> None:
+        """Send a message; ConnectionLostError if the stream is gone."""
+        async with self._send_lock:
+            try:
+                await self.stream.send_all(self.codec.send(message))
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                raise ConnectionLostError(str(exc) or "connection closed") from exc
+
+    async def request(self, message: Message) -> Message:
+        """Send a request (its id must be unique here) and await its reply.
+
+        Raises:
+            ServerError: the reply was an error.
+            ConnectionLostError: the connection broke first.
+        """
+        request = getattr(message, "id")  # noqa: B009 - every request has an id
+        waiter = self._waiting[request] = _Waiter()
+        try:
+            if self.closed.is_set():
+                raise ConnectionLostError("connection closed")
+            await self.send(message)
+            await waiter.done.wait()
+        finally:
+            self._waiting.pop(request, None)
+        if waiter.lost or waiter.reply is None:
+            raise ConnectionLostError("connection lost before the reply")
+        if isinstance(waiter.reply, Error):
+            raise ServerError(waiter.reply.code, waiter.reply.name, waiter.reply.message)
+        return waiter.reply
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Say hello, then read until the stream ends; wakes every waiter on exit.
+
+        Until the server's hello arrives, a refusal (ServerError) or a broken
+        stream is raised to whoever started the session; afterwards they just
+        end it, and `failure` says why.
+        """
+        started = False
+
+        def ready() -> None:
+            nonlocal started
+            started = True
+            task_status.started()
+
+        try:
+            async with self._send_lock:
+                await self.stream.send_all(self.codec.hello())
+            await self._read(ready)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionLostError) as exc:
+            self.failure = exc
+            if not started:
+                raise ConnectionLostError(f"connection lost during the hello: {exc}") from exc
+        except (RemoteProtocolError, ServerError) as exc:
+            self.failure = exc
+            if not started:
+                raise
+        finally:
+            self.closed.set()
+            for waiter in self._waiting.values():
+                waiter.lost = True
+                waiter.done.set()
+            with trio.CancelScope(shield=True):
+                await trio.aclose_forcefully(self.stream)
+        if not started:
+            raise ConnectionLostError("the server closed the connection during the hello")
+
+    async def _read(self, ready: Callable[[], None]) -> None:
+        while True:
+            data = await self.stream.receive_some(1 << 16)
+            self.codec.receive_data(data)
+            while (message := self.codec.next_message()) is not None:
+                if isinstance(message, ConnectionClosed):
+                    return
+                if isinstance(message, Hello):
+                    self.server_hello = message
+                    ready()
+                    continue
+                request = getattr(message, "id", None)
+                waiter = self._waiting.get(request) if request is not None else None
+                if isinstance(message, Error) and self.server_hello is None:
+                    raise ServerError(message.code, message.name, message.message)
+                if waiter is not None:
+                    if self._on_reply is not None:
+                        self._on_reply(message)
+                    waiter.reply = message
+                    waiter.done.set()
+                elif isinstance(message, Error) and message.id is None:
+                    raise ServerError(message.code, message.name, message.message)
+                else:
+                    self._on_notice(message)
+            if not data:
+                return
+
+
+async def open_session(
+    nursery: trio.Nursery,
+    connect: Connector,
+    role: Role,
+    on_notice: Callable[[Message], None] = lambda message: None,
+    on_reply: Callable[[Message], None] | None = None,
+) -> Session:
+    """Connect, exchange hellos, and run the session's reader in `nursery`.
+
+    Raises:
+        OSError: the server cannot be reached.
+        ServerError: the server refused the connection (too many, shutting down).
+        ConnectionLostError: the connection broke during the hello.
+    """
+    stream = await connect()
+    session = Session(stream, role, on_notice, on_reply)
+    await nursery.start(session.run)
+    return session

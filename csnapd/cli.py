@@ -1,0 +1,167 @@
+# csnapd: the command line of the metadata server.
+#
+# The first line of stdout is "listening HOST:PORT" once the server accepts
+# connections (scripts and tests read it); logs go to stderr. SIGTERM and
+# SIGINT finish in-flight work, mark the store clean and exit 0.
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+
+import trio
+
+from csnap_common import SizeError, parse_size
+from csnapd.engine import EngineError, StoreLockedError
+from csnapd.server import ServerConfig, ServerFailedError, serve
+
+__all__ = ["main", "run"]
+
+log = logging.getLogger("csnapd")
+
+EXIT_OK = 0
+EXIT_FAILED = 1  # the engine failed while serving: restart to replay
+EXIT_USAGE = 2
+EXIT_CANNOT_START = 3  # the store could not be opened (locked, damaged, missing)
+
+_EPILOG = """\
+examples:
+  csnapd store.img origin.img --listen 127.0.0.1:7000
+  csnapd /dev/vg/snapstore /dev/vg/data --listen 0.0.0.0:7000 --cache-size 256M
+
+The first line on stdout is "listening HOST:PORT" once connections are
+accepted (port 0 picks a free port). SIGTERM or SIGINT finish the work in
+flight, mark the store clean and exit 0.
+
+exit status: 0 stopped cleanly, 1 the store failed while serving (restart
+replays the journal), 2 bad arguments, 3 the store could not be opened
+(missing, not a store, or held by another csnapd).
+"""
+
+
+def _listen(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or int(port) > 65535:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except SizeError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="csnapd",
+        description="The csnap metadata server: owns a snapshot store and answers clients.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("store", help="the snapshot store (made by mkcsnap)")
+    parser.add_argument("origin", help="the origin volume the store was made for")
+    parser.add_argument(
+        "--listen",
+        type=_listen,
+        default=("127.0.0.1", 0),
+        metavar="HOST:PORT",
+        help="address to listen on (default 127.0.0.1:0, a free port)",
+    )
+    parser.add_argument(
+        "--cache-size",
+        type=_size,
+        default="64M",
+        metavar="SIZE",
+        help="metadata cache bound, e.g. 64M (default 64M)",
+    )
+    parser.add_argument(
+        "--grace",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="after a crash, how long origin writes wait for snapshot clients"
+        " to re-declare their reads (default 30)",
+    )
+    parser.add_argument(
+        "--barrier-timeout",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="how long a snapshot create waits for origin clients (default 30)",
+    )
+    parser.add_argument("--max-connections", type=int, default=1024)
+    parser.add_argument("--max-in-flight", type=int, default=256, help="requests per connection")
+    parser.add_argument(
+        "--log-level", default="info", choices=["debug", "info", "warning", "error"]
+    )
+    return parser
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run csnapd; returns the exit status."""
+    args = _parser().parse_args(argv)
+    configure_logging(args.log_level)
+    host, port = args.listen
+    config = ServerConfig(
+        store=args.store,
+        origin=args.origin,
+        host=host,
+        port=port,
+        cache_bytes=args.cache_size
+        if isinstance(args.cache_size, int)
+        else parse_size(args.cache_size),
+        grace=args.grace,
+        barrier_timeout=args.barrier_timeout,
+        max_connections=args.max_connections,
+        max_in_flight=args.max_in_flight,
+    )
+    try:
+        trio.run(_main, config)
+    except StoreLockedError as exc:
+        log.error("%s", exc)
+        return EXIT_CANNOT_START
+    except EngineError as exc:
+        log.error("cannot open the store: %s", exc)
+        return EXIT_CANNOT_START
+    except ServerFailedError as exc:
+        log.critical("%s", exc)
+        return EXIT_FAILED
+    except OSError as exc:
+        log.error("cannot listen on %s:%d: %s", host, port, exc.strerror or exc)
+        return EXIT_CANNOT_START
+    return EXIT_OK
+
+
+async def _main(config: ServerConfig) -> None:
+    stop = trio.Event()
+    async with trio.open_nursery() as nursery:
+        address = await nursery.start(
+            lambda task_status: serve(config, stop=stop, task_status=task_status)
+        )
+        print(f"listening {address}", flush=True)
+        nursery.start_soon(_signals, stop)
+
+
+async def _signals(stop: trio.Event) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for signum in signals:
+            log.info("%s: shutting down", signal.Signals(signum).name)
+            stop.set()
+            return
+
+
+def run() -> None:
+    """Console-script entry point."""
+    sys.exit(main())

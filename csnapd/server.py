@@ -1,0 +1,401 @@
+# The csnapd server: the trio transport around the Dispatcher.
+#
+# Tasks:
+#   * one listener task per address, accepting connections;
+#   * per connection, a reader (bytes -> codec -> work queue) and a writer
+#     (outbox -> codec -> socket), so a slow reader never blocks anyone;
+#   * one engine task: takes everything queued, hands the batch to the
+#     Dispatcher in a worker thread (the engine's syncs stay off the event
+#     loop), then delivers the replies: group commit;
+#   * timers for barriers, detaching clients and the post-restart grace.
+#
+# Resource handling: a connection beyond `max_connections` is refused with an
+# error; a request beyond `max_in_flight` on one connection is refused with an
+# error; a frame beyond `max_frame` closes that connection; a client whose
+# outbox fills (it does not read its replies) is closed. None of these touch
+# any other connection.
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+from dataclasses import dataclass, field
+
+import trio
+
+from csnap_protocol import (
+    DEFAULT_MAX_FRAME,
+    Connection,
+    ConnectionClosed,
+    Error,
+    ErrorCode,
+    Hello,
+    LocalProtocolError,
+    Message,
+    Ok,
+    RemoteProtocolError,
+    Role,
+)
+from csnapd.dispatch import (
+    BarrierExpired,
+    Connected,
+    Disconnected,
+    Dispatcher,
+    GraceExpired,
+    Item,
+    Outcome,
+    Peer,
+    Received,
+    SweepTick,
+)
+from csnapd.engine import DEFAULT_CACHE_BYTES, Engine
+
+__all__ = ["ServerConfig", "Server", "serve", "ServerFailedError"]
+
+log = logging.getLogger("csnapd")
+
+#: Replies queued for one connection before it counts as not reading them.
+OUTBOX_LIMIT = 4096
+#: Largest read from a socket at once.
+RECEIVE_SIZE = 1 << 16
+#: Placeholder in an outbox for "send our hello" (the codec builds it).
+_HELLO = Ok(0)
+
+
+class ServerFailedError(Exception):
+    """The engine failed (a commit could not be made durable); the server stopped."""
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Everything csnapd is started with."""
+
+    store: str
+    origin: str
+    host: str = "127.0.0.1"
+    port: int = 0
+    cache_bytes: int = DEFAULT_CACHE_BYTES
+    #: Seconds origin writes wait for lock uploads after a crash.
+    grace: float = 30.0
+    #: Seconds a create waits for origin clients to finish granted writes.
+    barrier_timeout: float = 30.0
+    #: Seconds a deleted snapshot's clients get to finish and close.
+    detach_timeout: float = 30.0
+    max_connections: int = 1024
+    max_in_flight: int = 256
+    max_frame: int = DEFAULT_MAX_FRAME
+    #: Most chunks one request may name (clients split larger ones).
+    max_chunks: int = 4096
+    #: Most items one batch (one transaction) takes.
+    max_batch: int = 512
+
+
+@dataclass(eq=False)
+class _Link:
+    """The transport side of a connection."""
+
+    peer: Peer
+    stream: trio.abc.Stream
+    codec: Connection
+    outbox: trio.MemorySendChannel[Message | None]
+    in_flight: set[int] = field(default_factory=set)
+    closing: bool = False
+
+
+class Server:
+    """A running csnapd; see serve()."""
+
+    def __init__(self, config: ServerConfig, engine: Engine, address: str):
+        self.config = config
+        self.engine = engine
+        self.address = address
+        self.dispatcher = Dispatcher(
+            engine, address=address, store=config.store, max_chunks=config.max_chunks
+        )
+        self._send, self._receive = trio.open_memory_channel[Item](math.inf)
+        self._links: dict[Peer, _Link] = {}
+        self._numbers = itertools.count(1)
+        self._stopping = trio.Event()
+        self._stopped = trio.Event()
+        self._shutdown_reply: tuple[Peer, int] | None = None
+        self.failed = False
+
+    # -- lifecycle -------------------------------------------------------------
+
+    def request_shutdown(self) -> None:
+        """Stop: finish in-flight work, close the store cleanly (idempotent)."""
+        self._stopping.set()
+
+    async def run(
+        self, listeners: list[trio.SocketListener], *, task_status: trio.TaskStatus[None]
+    ) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            for listener in listeners:
+                nursery.start_soon(self._accept, listener)
+            nursery.start_soon(self._engine_loop)
+            if self.dispatcher.grace:
+                nursery.start_soon(self._after, self.config.grace, GraceExpired())
+            task_status.started()
+            await self._stopping.wait()
+            log.info("shutting down")
+            for listener in listeners:
+                await listener.aclose()
+            await self._stopped.wait()
+            nursery.cancel_scope.cancel()
+        await self._close_engine()
+
+    async def _close_engine(self) -> None:
+        if self.failed:
+            return
+        await trio.to_thread.run_sync(self.engine.close)
+        log.info("store closed cleanly")
+
+    async def _after(self, seconds: float, item: Item) -> None:
+        await trio.sleep(seconds)
+        self._send.send_nowait(item)
+
+    # -- connections ---------------------------------------------------------
+
+    async def _accept(self, listener: trio.SocketListener) -> None:
+        while not self._stopping.is_set():
+            try:
+                stream = await listener.accept()
+            except trio.ClosedResourceError:
+                return
+            except OSError as exc:  # EMFILE and friends: wait, log, go on
+                log.warning("accept failed: %s", exc)
+                await trio.sleep(0.1)
+                continue
+            self._nursery.start_soon(self._connection, stream)
+
+    async def _connection(self, stream: trio.SocketStream) -> None:
+        try:
+            host, port = stream.socket.getpeername()[:2]
+            label = f"{host}:{port}"
+        except OSError:
+            label = "?"
+        codec = Connection(Role.SERVER, max_frame=self.config.max_frame, name="csnapd")
+        send, receive = trio.open_memory_channel[Message | None](OUTBOX_LIMIT)
+        peer = Peer(next(self._numbers), Role.CLIENT, label)
+        link = _Link(peer, stream, codec, send)
+        async with stream, trio.open_nursery() as nursery:
+            nursery.start_soon(self._writer, link, receive)
+            try:
+                await self._reader(link)
+            finally:
+                link.closing = True
+                if peer in self._links:
+                    del self._links[peer]
+                    self._send.send_nowait(Disconnected(peer))
+                send.send_nowait(None)  # let the writer finish and stop
+
+    async def _reader(self, link: _Link) -> None:
+        codec, peer = link.codec, link.peer
+        try:
+            while not link.closing:
+                try:
+                    data = await link.stream.receive_some(RECEIVE_SIZE)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    return
+                codec.receive_data(data)
+                while (message := codec.next_message()) is not None:
+                    if isinstance(message, ConnectionClosed):
+                        return
+                    self._admit(link, message)
+        except RemoteProtocolError as exc:
+            log.warning("%s: protocol error: %s", peer, exc)
+            link.outbox.send_nowait(Error(None, int(exc.code), exc.code.symbol, str(exc)[:1024]))
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return
+
+    def _admit(self, link: _Link, message: Message) -> None:
+        peer = link.peer
+        if isinstance(message, Hello):
+            if len(self._links) >= self.config.max_connections:
+                self._refuse(link, ErrorCode.TOO_MANY_CONNECTIONS, "too many connections")
+                return
+            if self._stopping.is_set():
+                self._refuse(link, ErrorCode.SHUTTING_DOWN, "the server is shutting down")
+                return
+            peer.role = Role(message.role)
+            self._links[peer] = link
+            link.outbox.send_nowait(_HELLO)
+            self._send.send_nowait(Connected(peer))
+            log.info("%s connected as %s", peer, peer.role.value)
+            return
+        request = getattr(message, "id", None)
+        if request is not None:
+            if request in link.in_flight:
+                self._error(link, request, ErrorCode.DUPLICATE_REQUEST, "request id in flight")
+                return
+            if len(link.in_flight) >= self.config.max_in_flight:
+                self._error(
+                    link,
+                    request,
+                    ErrorCode.TOO_MANY_REQUESTS,
+                    f"more than {self.config.max_in_flight} requests in flight",
+                )
+                return
+            link.in_flight.add(request)
+        self._send.send_nowait(Received(peer, message))
+
+    def _error(self, link: _Link, request: int | None, code: ErrorCode, text: str) -> None:
+        self._deliver(link, Error(request, int(code), code.symbol, text))
+
+    def _refuse(self, link: _Link, code: ErrorCode, text: str) -> None:
+        self._error(link, None, code, text)
+        link.closing = True
+
+    async def _writer(self, link: _Link, outbox: trio.MemoryReceiveChannel[Message | None]) -> None:
+        async for message in outbox:
+            if message is None:
+                return
+            try:
+                data = link.codec.hello() if message is _HELLO else link.codec.send(message)
+            except LocalProtocolError as exc:
+                log.error("%s: cannot send %s: %s", link.peer, message.TYPE, exc)
+                continue
+            try:
+                await link.stream.send_all(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return
+
+    def _deliver(self, link: _Link, message: Message) -> None:
+        request = getattr(message, "id", None)
+        if request is not None and not isinstance(message, Hello):
+            link.in_flight.discard(request)
+        try:
+            link.outbox.send_nowait(message)
+        except trio.WouldBlock:
+            log.warning("%s does not read its replies; closing it", link.peer)
+            link.closing = True
+            self._nursery.start_soon(_abort, link.stream)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+
+    # -- the engine ------------------------------------------------------------
+
+    async def _engine_loop(self) -> None:
+        config = self.config
+        try:
+            while True:
+                item = await self._next_item()
+                if item is None:
+                    break
+                batch = [item]
+                while len(batch) < config.max_batch:
+                    try:
+                        batch.append(self._receive.receive_nowait())
+                    except trio.WouldBlock:
+                        break
+                outcome = await trio.to_thread.run_sync(self.dispatcher.apply, batch)
+                self._deliver_outcome(outcome)
+                if outcome.failed:
+                    self.failed = True
+                    log.critical("the engine failed: refusing all further work")
+                    self._stopping.set()
+                    break
+        finally:
+            self._stopped.set()
+
+    async def _next_item(self) -> Item | None:
+        """The next thing to do; SweepTick when idle and space awaits reclaiming."""
+        while True:
+            if self._stopping.is_set():
+                try:
+                    return self._receive.receive_nowait()
+                except trio.WouldBlock:
+                    return None
+            try:
+                return self._receive.receive_nowait()
+            except trio.WouldBlock:
+                pass
+            if self.engine.sweep_pending:
+                return SweepTick()
+            with trio.move_on_after(0.5):
+                return await self._receive.receive()
+
+    def _deliver_outcome(self, outcome: Outcome) -> None:
+        for peer, message in outcome.sends:
+            link = self._links.get(peer)
+            if link is not None:
+                self._deliver(link, message)
+        if outcome.barrier_started is not None:
+            self._nursery.start_soon(
+                self._after, self.config.barrier_timeout, BarrierExpired(outcome.barrier_started)
+            )
+        for peer in outcome.detached:
+            self._nursery.start_soon(self._detach_timer, peer)
+        if outcome.shutdown is not None:
+            self._shutdown_reply = outcome.shutdown
+            peer, request = outcome.shutdown
+            link = self._links.get(peer)
+            if link is not None:
+                self._deliver(link, Ok(request))
+            self._stopping.set()
+
+    async def _detach_timer(self, peer: Peer) -> None:
+        await trio.sleep(self.config.detach_timeout)
+        link = self._links.get(peer)
+        if link is not None:
+            log.warning("%s did not close after its snapshot was deleted; closing it", peer)
+            link.closing = True
+            await _abort(link.stream)
+
+
+async def _abort(stream: trio.abc.Stream) -> None:
+    with trio.move_on_after(1):
+        await trio.aclose_forcefully(stream)
+
+
+async def serve(
+    config: ServerConfig,
+    *,
+    stop: trio.Event | None = None,
+    task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Open the store, listen, and serve until shutdown.
+
+    Reports the bound "host:port" through task_status once listening. Setting
+    `stop` (or an administrator's shutdown request) finishes in-flight work,
+    marks the store clean and returns.
+
+    Raises:
+        StoreOpenError, StoreLockedError, StoreIOError: the store cannot be opened.
+        ServerFailedError: the engine failed while serving.
+    """
+    engine = await trio.to_thread.run_sync(
+        lambda: Engine.open_files(config.store, config.origin, cache_bytes=config.cache_bytes)
+    )
+    report = engine.recovery
+    log.info(
+        "store %s opened: replayed %d transactions (%d blocks), newest %d%s",
+        config.store,
+        report.replayed,
+        report.blocks,
+        report.newest_sequence,
+        f"; {report.problem}" if report.problem else "",
+    )
+    try:
+        listeners = await trio.open_tcp_listeners(config.port, host=config.host)
+    except BaseException:
+        engine.close()
+        raise
+    host, port = listeners[0].socket.getsockname()[:2]
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    server = Server(config, engine, address)
+    log.info("listening on %s", address)
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.run, listeners)
+        task_status.started(address)
+        if stop is not None:
+            nursery.start_soon(_stop_on, stop, server)
+    if server.failed:
+        raise ServerFailedError("the engine failed; the store needs a restart (journal replay)")
+
+
+async def _stop_on(event: trio.Event, server: Server) -> None:
+    await event.wait()
+    server.request_shutdown()

@@ -1,0 +1,301 @@
+# csnapd over real TCP on loopback: the data path, read locks, barriers,
+# limits and hostile peers.
+from __future__ import annotations
+
+import random
+import struct
+from pathlib import Path
+
+import pytest
+import trio
+import trio.lowlevel
+
+from csnap_client import DataClient, ServerError, SnapshotDeletedError, open_session
+from csnap_protocol import (
+    ErrorCode,
+    Identify,
+    QueryWrite,
+    Role,
+)
+from tests.server.support import (
+    CHUNK,
+    Running,
+    label,
+    make_store,
+    pread,
+    pwrite,
+    read_snapshot,
+    running,
+    write_origin,
+)
+
+pytestmark = pytest.mark.slow
+
+
+async def test_origin_write_copies_out_for_a_snapshot(tmp_path: Path) -> None:
+    config = make_store(tmp_path)
+    with trio.fail_after(30):
+        async with running(config) as server, server.admin() as admin, server.client() as origin:
+            assert origin.chunk_size == CHUNK and origin.origin_chunks == 4096
+            await write_origin(origin, server.origin, 5, 1)
+            snap = await admin.create_snapshot(1, priority=3)
+            assert (snap["tag"], snap["priority"], snap["state"]) == (1, 3, "live")
+            async with origin.origin_write([(5, 1)]) as grant:
+                assert grant.copied == 1
+                pwrite(server.origin, 5, label(5, 2))
+            async with server.client(snapshot=1) as reader:
+                assert await read_snapshot(reader, server, 5) == [label(5, 1)]
+                assert await read_snapshot(reader, server, 6) == [bytes(CHUNK)]
+            listed = await admin.list_snapshots()
+            assert [s["tag"] for s in listed] == [1] and listed[0]["unique_chunks"] == 1
+
+
+async def test_an_origin_write_waits_for_a_snapshot_read(tmp_path: Path) -> None:
+    config = make_store(tmp_path)
+    with trio.fail_after(30):
+        async with running(config) as server, server.admin() as admin, server.client() as origin:
+            await write_origin(origin, server.origin, 9, 1)
+            await admin.create_snapshot(4)
+            async with server.client(snapshot=4) as reader:
+                granted = trio.Event()
+
+                async def writer() -> None:
+                    await write_origin(origin, server.origin, 9, 2)
+                    granted.set()
+
+                async with trio.open_nursery() as nursery:
+                    async with reader.snapshot_read([(9, 1)]) as plan:
+                        assert plan.origin == ((9, 1),) and plan.store == ()
+                        nursery.start_soon(writer)
+                        with trio.move_on_after(0.3):
+                            await granted.wait()
+                        assert not granted.is_set(), "granted while the chunk was read-locked"
+                        assert pread(server.origin, 9) == label(9, 1)
+                    with trio.fail_after(5):
+                        await granted.wait()
+                assert pread(server.origin, 9) == label(9, 2)
+                assert await read_snapshot(reader, server, 9) == [label(9, 1)]
+
+
+async def test_a_disconnected_readers_locks_are_released(tmp_path: Path) -> None:
+    config = make_store(tmp_path)
+    with trio.fail_after(30):
+        async with running(config) as server, server.admin() as admin, server.client() as origin:
+            await admin.create_snapshot(2)
+            granted = trio.Event()
+
+            async def writer() -> None:
+                await write_origin(origin, server.origin, 3, 1)
+                granted.set()
+
+            async with (
+                trio.open_nursery() as nursery,
+                server.client(snapshot=2, reconnect=False) as reader,
+            ):
+                async with reader.snapshot_read([(3, 1)]) as plan:
+                    assert plan.origin == ((3, 1),)
+                    nursery.start_soon(writer)
+                    await trio.sleep(0.2)
+                    assert not granted.is_set()
+                    # The reader's node dies with the lock held.
+                    await reader.aclose()
+                with trio.fail_after(5):
+                    await granted.wait()
+
+
+async def test_two_hundred_clients_at_once(tmp_path: Path) -> None:
+    config = make_store(tmp_path)
+    with trio.fail_after(120):
+        async with running(config) as server, server.admin() as admin:
+            await admin.create_snapshot(1)
+            done = []
+
+            async def one(n: int) -> None:
+                snapshot = 1 if n % 2 else None
+                async with server.client(snapshot=snapshot) as client:
+                    for k in range(3):
+                        chunk = (n * 7 + k) % 4096
+                        if snapshot is None:
+                            await write_origin(client, server.origin, chunk, n)
+                        else:
+                            await read_snapshot(client, server, chunk, 2)
+                done.append(n)
+
+            async with trio.open_nursery() as nursery:
+                for n in range(200):
+                    nursery.start_soon(one, n)
+            assert sorted(done) == list(range(200))
+            info = await admin.server_info()
+            assert info["state"] == "active"
+
+
+async def test_garbage_on_one_connection_leaves_the_others_alone(tmp_path: Path) -> None:
+    config = make_store(tmp_path)
+    with trio.fail_after(30):
+        async with running(config) as server, server.client() as good:
+            hostile = [
+                b"\xff" * 64,
+                struct.pack(">I", 1 << 30),
+                struct.pack(">I", 5) + b"\xc1\xc1\xc1\xc1\xc1",
+                b"GET / HTTP/1.1\r\n\r\n",
+            ]
+            for junk in hostile:
+                stream = await trio.open_tcp_stream(server.host, server.port)
+                await stream.send_all(junk)
+                with trio.fail_after(5):
+                    answer = b""
+                    while chunk := await stream.receive_some(65536):
+                        answer += chunk
+                await stream.aclose()
+                # The server said hello, then an error, then closed.
+                assert b"protocol_error" in answer or b"version_mismatch" in answer
+                await write_origin(good, server.origin, 1, 1)
+
+
+async def test_a_snapshot_taken_under_load_never_changes(tmp_path: Path) -> None:
+    config = make_store(tmp_path)
+    chunks = 64
+    with trio.fail_after(60):
+        async with running(config) as server, server.admin() as admin:
+            stop = trio.Event()
+            versions = [0] * chunks
+
+            async def load(client_no: int) -> None:
+                rng = random.Random(client_no)
+                async with server.client() as client:
+                    version = client_no * 1_000_000
+                    while not stop.is_set():
+                        chunk = rng.randrange(chunks)
+                        version += 1
+                        async with client.origin_write([(chunk, 1)]):
+                            await trio.lowlevel.checkpoint()
+                            pwrite(server.origin, chunk, label(chunk, version))
+                            versions[chunk] = version
+
+            async with trio.open_nursery() as nursery:
+                for n in range(4):
+                    nursery.start_soon(load, n + 1)
+                await trio.sleep(0.3)
+                await admin.create_snapshot(7)
+                async with server.client(snapshot=7) as reader:
+                    first = await read_snapshot(reader, server, 0, chunks)
+                    await trio.sleep(0.3)
+                    second = await read_snapshot(reader, server, 0, chunks)
+                    stop.set()
+                    nursery.cancel_scope.deadline = trio.current_time() + 10
+                    third = await read_snapshot(reader, server, 0, chunks)
+            assert first == second == third
+            assert any(data != bytes(CHUNK) for data in first)
+
+
+async def test_create_fails_when_origin_clients_do_not_finish(tmp_path: Path) -> None:
+    config = make_store(tmp_path)
+    with trio.fail_after(30):
+        async with running(config, barrier_timeout=0.5) as server, server.admin() as admin:
+            async with server.client() as origin, origin.origin_write([(1, 1)]):
+                # Holding a grant open: the barrier cannot complete.
+                with pytest.raises(ServerError) as info:
+                    await admin.create_snapshot(5)
+                assert info.value.error is ErrorCode.BARRIER_TIMEOUT
+            assert await admin.list_snapshots() == []
+            # Once the grant is closed, creating works.
+            async with server.client() as origin:
+                await write_origin(origin, server.origin, 1, 1)
+                assert (await admin.create_snapshot(5))["tag"] == 5
+
+
+async def test_request_errors_carry_codes(tmp_path: Path) -> None:
+    config = make_store(tmp_path)
+    with trio.fail_after(30):
+        async with running(config) as server, server.admin() as admin:
+            async with trio.open_nursery() as nursery:
+                session = await open_session(nursery, server.connector(), Role.CLIENT)
+                with pytest.raises(ServerError) as info:
+                    await session.request(QueryWrite(1, ((0, 1),)))
+                assert info.value.error is ErrorCode.NOT_IDENTIFIED
+                with pytest.raises(ServerError) as info:
+                    await session.request(Identify(2, 1, 99))
+                assert info.value.error is ErrorCode.NO_SUCH_SNAPSHOT
+                await session.request(Identify(3, 1, None))
+                with pytest.raises(ServerError) as info:
+                    await session.request(Identify(4, 1, None))
+                assert info.value.error is ErrorCode.ALREADY_IDENTIFIED
+                with pytest.raises(ServerError) as info:
+                    await session.request(QueryWrite(5, ((4095, 2),)))
+                assert info.value.error is ErrorCode.INVALID_REQUEST
+                assert "not inside the origin" in info.value.message
+                with pytest.raises(ServerError) as info:
+                    await session.request(QueryWrite(6, ((0, 5000),)))
+                assert info.value.error is ErrorCode.REQUEST_TOO_LARGE
+                # (This raw origin session answers no barriers: close it
+                # before creating snapshots.)
+                nursery.cancel_scope.cancel()
+            with pytest.raises(ServerError) as info:
+                await admin.delete_snapshot(3)
+            assert info.value.error is ErrorCode.NO_SUCH_SNAPSHOT
+            await admin.create_snapshot(3)
+            with pytest.raises(ServerError) as info:
+                await admin.create_snapshot(3)
+            assert info.value.error is ErrorCode.SNAPSHOT_EXISTS
+            await admin.change_use_count(3, 1)
+            with pytest.raises(ServerError) as info:
+                await admin.delete_snapshot(3)
+            assert info.value.error is ErrorCode.SNAPSHOT_BUSY
+
+
+async def test_limits_refuse_without_harm(tmp_path: Path) -> None:
+    config = make_store(tmp_path)
+    with trio.fail_after(30):
+        async with (
+            running(config, max_connections=2, max_in_flight=1) as server,
+            trio.open_nursery() as nursery,
+        ):
+            first = await open_session(nursery, server.connector(), Role.CLIENT)
+            await open_session(nursery, server.connector(), Role.CLIENT)
+            with pytest.raises(ServerError) as info:
+                await open_session(nursery, server.connector(), Role.CLIENT)
+            assert info.value.error is ErrorCode.TOO_MANY_CONNECTIONS
+            await first.request(Identify(1, 1, None))
+            # Two requests at once where one is allowed: the second is refused.
+            results: list[object] = []
+
+            async def ask(request: int) -> None:
+                try:
+                    results.append(await first.request(QueryWrite(request, ((0, 1),))))
+                except ServerError as exc:
+                    results.append(exc.error)
+
+            async with trio.open_nursery() as inner:
+                inner.start_soon(ask, 10)
+                inner.start_soon(ask, 11)
+            assert ErrorCode.TOO_MANY_REQUESTS in results
+            nursery.cancel_scope.cancel()
+
+
+async def test_deleting_a_snapshot_detaches_its_clients(tmp_path: Path) -> None:
+    config = make_store(tmp_path)
+    with trio.fail_after(30):
+        async with running(config) as server, server.admin() as admin, server.client() as origin:
+            await admin.create_snapshot(8)
+            await write_origin(origin, server.origin, 2, 1)  # gives snapshot 8 a copy
+            async with server.client(snapshot=8) as reader:
+                assert await read_snapshot(reader, server, 2) == [bytes(CHUNK)]
+                await admin.delete_snapshot(8)
+                await _read_until_deleted(reader, server)
+            # Once the client left, the sweep reclaims the copy.
+            for _ in range(200):
+                if not (await admin.status()).deleting:
+                    break
+                await trio.sleep(0.05)
+            assert (await admin.status()).store["exceptions"] == 0
+
+
+async def _read_until_deleted(reader: DataClient, server: Running) -> None:
+    """Keep reading until the client learns its snapshot is gone (bounded)."""
+    for _ in range(100):
+        try:
+            await read_snapshot(reader, server, 2)
+        except SnapshotDeletedError:
+            return
+        await trio.sleep(0.05)
+    raise AssertionError("the client was never told its snapshot was deleted")
