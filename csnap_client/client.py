@@ -118,6 +118,8 @@ class DataClient:
         self._changed = trio.Event()
         self._closing = False
         self._deleted = False
+        #: The connection broke and `reconnect` is off: no session will come.
+        self._lost = False
         self.info: Identified | None = None
         #: Request ids of grants not yet closed by their holder.
         self._grants: set[int] = set()
@@ -169,9 +171,11 @@ class DataClient:
                     task_status.started()
                 await session.closed.wait()
                 self._session = None
-                self._notify()
                 if not self._reconnect:
+                    self._lost = True
+                    self._notify()
                     break
+                self._notify()
                 if not self._closing and not self._deleted:
                     self.reconnects += 1
                     log.warning("lost the connection to csnapd; reconnecting")
@@ -279,13 +283,16 @@ class DataClient:
         """The current session, once there is a live one.
 
         Raises:
-            SnapshotDeletedError, ClientClosedError: there will be none.
+            SnapshotDeletedError, ClientClosedError, ConnectionLostError:
+                there will be none.
         """
         while True:
             if self._deleted:
                 raise SnapshotDeletedError(f"snapshot {self.snapshot} was deleted")
             if self._closing:
                 raise ClientClosedError("the client is closed")
+            if self._lost:
+                raise ConnectionLostError("the connection to csnapd was lost")
             session = self._session
             if session is not None and not session.closed.is_set():
                 return session
@@ -332,7 +339,7 @@ class DataClient:
     async def _finish_read(self, request: int, origin: tuple[tuple[int, int], ...]) -> None:
         try:
             await self._call(lambda rid: FinishSnapshotRead(rid, origin))
-        except (SnapshotDeletedError, ClientClosedError):
+        except (SnapshotDeletedError, ClientClosedError, ConnectionLostError):
             pass  # the server dropped our locks with the connection
         except ServerError as exc:
             log.warning("releasing read locks: %s", exc)

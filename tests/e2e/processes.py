@@ -1,0 +1,74 @@
+# Real csnapd processes for end-to-end tests: started, read for their
+# address, killed with SIGKILL or stopped with SIGTERM.
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import trio
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class Daemon:
+    """A running process and what it printed first."""
+
+    process: trio.Process
+    first_line: str
+    log: Path
+
+    async def kill(self) -> None:
+        """SIGKILL: no cleanup at all, as a power cut or a crashed node."""
+        self.process.send_signal(signal.SIGKILL)
+        await self.process.wait()
+
+    async def stop(self) -> int:
+        """SIGTERM, then wait for the exit status."""
+        self.process.send_signal(signal.SIGTERM)
+        with trio.fail_after(30):
+            return await self.process.wait()
+
+
+def _open_log(log: Path) -> BinaryIO:
+    return open(log, "ab")
+
+
+def tail(log: Path, size: int = 2000) -> str:
+    """The end of a daemon's log, for a failure message."""
+    return log.read_text(errors="replace")[-size:]
+
+
+async def start(argv: list[str], log: Path, *, ready_timeout: float = 30) -> Daemon:
+    """Start `python -m argv...` and wait for its first line on stdout."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+    err = _open_log(log)
+    process = await trio.lowlevel.open_process(
+        [sys.executable, "-m", *argv], stdout=subprocess.PIPE, stderr=err, env=env
+    )
+    err.close()
+    assert process.stdout is not None
+    line = b""
+    with trio.fail_after(ready_timeout):
+        while not line.endswith(b"\n"):
+            data = await process.stdout.receive_some(1)
+            if not data:
+                raise RuntimeError(f"{argv[0]} exited before it was ready: {tail(log)}")
+            line += data
+    return Daemon(process, line.decode().strip(), log)
+
+
+async def start_csnapd(
+    store: Path, origin: Path, log: Path, *extra: str
+) -> tuple[Daemon, str, int]:
+    """A csnapd on loopback; returns it with its host and port."""
+    daemon = await start(["csnapd", str(store), str(origin), *extra], log)
+    word, _, address = daemon.first_line.partition(" ")
+    assert word == "listening", daemon.first_line
+    host, _, port = address.rpartition(":")
+    return daemon, host, int(port)
