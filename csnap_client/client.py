@@ -53,7 +53,9 @@ from csnap_protocol import (
     FinishUploadLock,
     Identified,
     Identify,
+    MapReply,
     Message,
+    QueryMap,
     QuerySnapshotRead,
     QueryWrite,
     Role,
@@ -335,6 +337,16 @@ class DataClient:
             if reply.origin:
                 with trio.CancelScope(shield=True):
                     await self._finish_read(reply.id, reply.origin)
+
+    async def copied_ranges(self, ranges: Ranges) -> tuple[tuple[int, int], ...]:
+        """Which of these chunks have store copies (query_map); takes no locks.
+
+        A snapshot client learns the chunks its snapshot owns in the store;
+        an origin client the chunks some live snapshot holds a copy of.
+        """
+        reply = await self._call(lambda rid: QueryMap(rid, tuple(ranges)))
+        assert isinstance(reply, MapReply)
+        return reply.ranges
 
     async def _finish_read(self, request: int, origin: tuple[tuple[int, int], ...]) -> None:
         try:

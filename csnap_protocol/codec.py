@@ -221,8 +221,10 @@ class Connection:
 
     def _admit(self, message: Message) -> Message:
         if not self._received_hello:
-            if isinstance(message, Error) and self.our_role is not Role.SERVER:
-                self.state = ConnectionState.CLOSED  # refused instead of greeted
+            if isinstance(message, Error) and self._sent_hello:
+                # The side that connected said hello first; the accepting
+                # side may refuse instead of greeting.
+                self.state = ConnectionState.CLOSED
                 return message
             if not isinstance(message, Hello):
                 raise RemoteProtocolError(f"expected hello, got {message.TYPE}")

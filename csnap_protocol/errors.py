@@ -73,6 +73,8 @@ class ErrorCode(enum.IntEnum):
     INTERNAL_ERROR = 24
     #: The server is on standby: its store is not open.
     NOT_ACTIVE = 25
+    #: The agent has no active server to give or relay to.
+    NO_SERVER = 26
 
     @property
     def symbol(self) -> str:

@@ -22,6 +22,7 @@ from csnap_protocol.schema import (
     U64,
     Blob,
     Choice,
+    Flag,
     Int,
     ListOf,
     Nullable,
@@ -70,6 +71,12 @@ __all__ = [
     "SnapshotList",
     "StatusReply",
     "ServerInfoReply",
+    "QueryMap",
+    "MapReply",
+    "ServerReady",
+    "StartServer",
+    "NeedServer",
+    "ServerAt",
 ]
 
 #: First field of every hello: this is the csnap protocol.
@@ -92,11 +99,17 @@ class Role(enum.Enum):
     ADMIN = "admin"
     #: The metadata server.
     SERVER = "server"
+    #: A node's csnap-agent: servers register with it, clients find the
+    #: server through it, administrators reach the server through it.
+    AGENT = "agent"
 
 
 CLIENT = frozenset({Role.CLIENT})
 ADMIN = frozenset({Role.ADMIN})
 SERVER = frozenset({Role.SERVER})
+AGENT = frozenset({Role.AGENT})
+#: Replies an agent relays from the server, or makes itself.
+ANSWERS = SERVER | AGENT
 ANYONE = frozenset(Role)
 
 ID = U32
@@ -141,6 +154,7 @@ SERVER_INFO = Record(
     {
         "address": Text(256),
         "store": Text(4096),
+        "origin": Text(4096),
         "started_ns": U64,
         "epoch": U64,
         "state": Choice(("active", "uploading", "failed", "stopping")),
@@ -214,7 +228,7 @@ class Hello(Message):
     name: str | None
 
 
-@_message("error", SERVER, id=Nullable(ID), code=U16, name=Text(64), message=Text(1024))
+@_message("error", ANSWERS, id=Nullable(ID), code=U16, name=Text(64), message=Text(1024))
 @dataclass(frozen=True, slots=True)
 class Error(Message):
     """A request failed (id set), or the connection is being closed (id nil)."""
@@ -225,7 +239,7 @@ class Error(Message):
     message: str
 
 
-@_message("ok", SERVER, id=ID)
+@_message("ok", ANSWERS, id=ID)
 @dataclass(frozen=True, slots=True)
 class Ok(Message):
     """A request that returns nothing succeeded."""
@@ -347,6 +361,29 @@ class FinishUploadLock(Message):
     id: int
 
 
+@_message("query_map", CLIENT, id=ID, ranges=Ranges(MAX_RANGES))
+@dataclass(frozen=True, slots=True)
+class QueryMap(Message):
+    """Which of these chunks have copies in the store? Takes no locks.
+
+    For a snapshot client: the chunks its snapshot owns in the store. For an
+    origin client: the chunks some live snapshot holds a copy of (an origin
+    write there copies nothing).
+    """
+
+    id: int
+    ranges: tuple[tuple[int, int], ...]
+
+
+@_message("map", SERVER, id=ID, ranges=Ranges(MAX_RANGES))
+@dataclass(frozen=True, slots=True)
+class MapReply(Message):
+    """The asked-about chunks that have copies, as ascending ranges."""
+
+    id: int
+    ranges: tuple[tuple[int, int], ...]
+
+
 @_message("barrier", SERVER, barrier=U64)
 @dataclass(frozen=True, slots=True)
 class Barrier(Message):
@@ -445,7 +482,7 @@ class Shutdown(Message):
     id: int
 
 
-@_message("snapshot", SERVER, id=ID, snapshot=SNAPSHOT_INFO)
+@_message("snapshot", ANSWERS, id=ID, snapshot=SNAPSHOT_INFO)
 @dataclass(frozen=True, slots=True)
 class SnapshotReply(Message):
     """One snapshot, as it is after the request."""
@@ -454,7 +491,7 @@ class SnapshotReply(Message):
     snapshot: dict[str, Any]
 
 
-@_message("snapshot_list", SERVER, id=ID, snapshots=ListOf(SNAPSHOT_INFO, MAX_LIST))
+@_message("snapshot_list", ANSWERS, id=ID, snapshots=ListOf(SNAPSHOT_INFO, MAX_LIST))
 @dataclass(frozen=True, slots=True)
 class SnapshotList(Message):
     """Live snapshots, oldest first."""
@@ -465,7 +502,7 @@ class SnapshotList(Message):
 
 @_message(
     "status",
-    SERVER,
+    ANSWERS,
     id=ID,
     store=STORE_STATUS,
     snapshots=ListOf(SNAPSHOT_INFO, MAX_LIST),
@@ -481,10 +518,69 @@ class StatusReply(Message):
     deleting: tuple[dict[str, Any], ...]
 
 
-@_message("server_info", SERVER, id=ID, server=SERVER_INFO)
+@_message("server_info", ANSWERS, id=ID, server=SERVER_INFO)
 @dataclass(frozen=True, slots=True)
 class ServerInfoReply(Message):
     """The server's address, start time, state and connections."""
 
     id: int
     server: dict[str, Any]
+
+
+# -- the agent ----------------------------------------------------------------
+
+
+@_message(
+    "server_ready",
+    SERVER,
+    id=ID,
+    address=Text(256),
+    store=Text(4096),
+    pid=U32,
+    active=Flag(),
+)
+@dataclass(frozen=True, slots=True)
+class ServerReady(Message):
+    """A server registers with its node's agent: where it listens, which store.
+
+    `active` is false for a server on standby (store not open, waiting for
+    start_server), true for one already serving that re-registers after
+    losing its agent.
+    """
+
+    id: int
+    address: str
+    store: str
+    pid: int
+    active: bool
+
+
+@_message("start_server", AGENT, id=ID)
+@dataclass(frozen=True, slots=True)
+class StartServer(Message):
+    """The agent activates its standby server: open the store and serve.
+
+    Answered with ok once clients may connect, or error if the store cannot
+    be opened.
+    """
+
+    id: int
+
+
+@_message("need_server", CLIENT | ADMIN, id=ID, wait=Flag())
+@dataclass(frozen=True, slots=True)
+class NeedServer(Message):
+    """Where is the active server? With `wait`, the answer comes once there is one."""
+
+    id: int
+    wait: bool
+
+
+@_message("server_at", AGENT, id=ID, address=Text(256), since_ns=U64)
+@dataclass(frozen=True, slots=True)
+class ServerAt(Message):
+    """The active server's address, and since when it has been active."""
+
+    id: int
+    address: str
+    since_ns: int

@@ -42,8 +42,10 @@ from csnap_protocol import (
     Identified,
     Identify,
     ListSnapshots,
+    MapReply,
     Message,
     Ok,
+    QueryMap,
     QuerySnapshotRead,
     QueryWrite,
     Role,
@@ -196,6 +198,17 @@ _Handled = tuple[Message | None, bool]
 _Handler = Callable[["Peer", Any, list[_Write]], _Handled]
 
 
+def _merged(ranges: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Ascending ranges with touching neighbours joined."""
+    out: list[tuple[int, int]] = []
+    for start, count in sorted(ranges):
+        if out and out[-1][0] + out[-1][1] == start:
+            out[-1] = (out[-1][0], out[-1][1] + count)
+        else:
+            out.append((start, count))
+    return out
+
+
 def _info(info: SnapshotInfo) -> dict[str, Any]:
     return asdict(info)
 
@@ -210,11 +223,13 @@ class Dispatcher:
         address: str,
         store: str,
         max_chunks: int,
+        origin: str = "",
         clock: Callable[[], int] = time.time_ns,
     ):
         self.engine = engine
         self.address = address
         self.store = store
+        self.origin = origin
         self.max_chunks = max_chunks
         self.started_ns = clock()
         #: Changes every time a server starts: clients see a restart.
@@ -243,6 +258,7 @@ class Dispatcher:
             GetServerInfo: self._get_server_info,
             QueryWrite: self._query_write,
             QuerySnapshotRead: self._query_read,
+            QueryMap: self._query_map,
             FinishSnapshotRead: self._finish_read,
             UploadLock: self._upload,
             FinishUploadLock: self._finish_upload,
@@ -431,6 +447,15 @@ class Dispatcher:
         self._check_ranges(peer, message.ranges)
         return self._snapshot_read(peer, message), False
 
+    def _query_map(self, peer: Peer, message: Any, writes: list[_Write]) -> _Handled:
+        self._check_ranges(peer, message.ranges)
+        if peer.snapshot is None:
+            copied = self.engine.origin_copied(message.ranges)
+        else:
+            segments = self.engine.snapshot_read(peer.snapshot, message.ranges)
+            copied = [(s.chunk, s.count) for s in segments if s.store_chunk is not None]
+        return MapReply(message.id, tuple(_merged(copied))), False
+
     def _finish_read(self, peer: Peer, message: Any, writes: list[_Write]) -> _Handled:
         self._check_ranges(peer, message.ranges)
         stray = self.locks.release(peer, message.ranges)
@@ -555,6 +580,7 @@ class Dispatcher:
         return {
             "address": self.address,
             "store": self.store,
+            "origin": self.origin,
             "started_ns": self.started_ns,
             "epoch": self.epoch,
             "state": state,

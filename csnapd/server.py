@@ -110,7 +110,11 @@ class Server:
         self.engine = engine
         self.address = address
         self.dispatcher = Dispatcher(
-            engine, address=address, store=config.store, max_chunks=config.max_chunks
+            engine,
+            address=address,
+            store=config.store,
+            origin=config.origin,
+            max_chunks=config.max_chunks,
         )
         self._send, self._receive = trio.open_memory_channel[Item](math.inf)
         self._links: dict[Peer, _Link] = {}
@@ -217,6 +221,13 @@ class Server:
                 return
             if self._stopping.is_set():
                 self._refuse(link, ErrorCode.SHUTTING_DOWN, "the server is shutting down")
+                return
+            if Role(message.role) not in (Role.CLIENT, Role.ADMIN):
+                self._refuse(
+                    link,
+                    ErrorCode.WRONG_ROLE,
+                    f"csnapd serves clients and admins, not a {message.role}",
+                )
                 return
             peer.role = Role(message.role)
             self._links[peer] = link

@@ -640,6 +640,26 @@ class Engine:
                     out.append((chunk, 1))
         return out
 
+    def origin_copied(self, ranges: Ranges) -> list[tuple[int, int]]:
+        """Ranges of origin chunks that some live snapshot holds a copy of."""
+        self._check_ranges(ranges)
+        return self._request(lambda: self._origin_copied(ranges))
+
+    def _origin_copied(self, ranges: Ranges) -> list[tuple[int, int]]:
+        live = self._state.live_mask
+        out: list[tuple[int, int]] = []
+        if not live:
+            return out
+        for start, count in ranges:
+            for chunk, leaf, i, found in self._tree.entries(start, count):
+                if not found or not live & leaf.using(i):
+                    continue
+                if out and out[-1][0] + out[-1][1] == chunk:
+                    out[-1] = (out[-1][0], out[-1][1] + 1)
+                else:
+                    out.append((chunk, 1))
+        return out
+
     def exceptions(self, start: int, count: int) -> list[tuple[int, int, int]]:
         """Every exception of logical chunks start..start+count-1, in order.
 

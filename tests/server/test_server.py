@@ -299,3 +299,28 @@ async def _read_until_deleted(reader: DataClient, server: Running) -> None:
             return
         await trio.sleep(0.05)
     raise AssertionError("the client was never told its snapshot was deleted")
+
+
+async def test_query_map_reports_copies_without_locking(tmp_path: Path) -> None:
+    config = make_store(tmp_path)
+    async with running(config) as server, server.admin() as admin:
+        await admin.create_snapshot(1)
+        async with server.client() as origin_client:
+            assert await origin_client.copied_ranges([(0, 16)]) == ()
+            async with origin_client.origin_write([(3, 2), (9, 1)]):
+                pass
+            assert await origin_client.copied_ranges([(0, 16)]) == ((3, 2), (9, 1))
+            async with server.client(1) as snap:
+                assert await snap.copied_ranges([(0, 16)]) == ((3, 2), (9, 1))
+                async with snap.snapshot_write([(5, 1)]):
+                    pass
+                assert await snap.copied_ranges([(4, 4)]) == ((4, 2),)
+                # No read lock was taken: an origin write goes straight through.
+                with trio.fail_after(5):
+                    async with origin_client.origin_write([(0, 1)]):
+                        pass
+        await admin.create_snapshot(2)
+        async with server.client() as origin_client:
+            # Snapshot 2 has no copies yet; snapshot 1's copies of 3, 4 and
+            # 5 still count, chunk 6 was never copied.
+            assert await origin_client.copied_ranges([(3, 4)]) == ((3, 3),)
