@@ -3,10 +3,19 @@
 # DataClient (open_client) is the data path: identify to the origin or a
 # snapshot, ask before touching chunks, survive server restarts. AdminClient
 # (open_admin) creates, deletes and inspects snapshots. Both speak
-# csnap_protocol over any trio stream a Connector opens.
+# csnap_protocol over any trio stream a Connector opens; agent_connector finds
+# the server through a node's csnap-agent.
 from __future__ import annotations
 
 from csnap_client.admin import AdminClient, open_admin
+from csnap_client.agent import (
+    DEFAULT_AGENT,
+    agent_admin_connector,
+    agent_connector,
+    default_agent,
+    find_server,
+    open_agent_stream,
+)
 from csnap_client.client import (
     ClientClosedError,
     DataClient,
@@ -24,6 +33,12 @@ from csnap_client.session import (
 )
 
 __all__ = [
+    "DEFAULT_AGENT",
+    "agent_admin_connector",
+    "agent_connector",
+    "default_agent",
+    "find_server",
+    "open_agent_stream",
     "AdminClient",
     "open_admin",
     "DataClient",

@@ -10,6 +10,7 @@ from typing import Any
 import trio
 
 from csnap_client.session import Connector, Session, open_session
+from csnap_common import single_errors
 from csnap_protocol import (
     ChangeUseCount,
     CreateSnapshot,
@@ -81,10 +82,16 @@ class AdminClient:
 
 @asynccontextmanager
 async def open_admin(connect: Connector) -> AsyncIterator[AdminClient]:
-    """An admin connection, closed when the block ends."""
-    async with trio.open_nursery() as nursery:
-        session = await open_session(nursery, connect, Role.ADMIN)
-        try:
-            yield AdminClient(session)
-        finally:
-            await trio.aclose_forcefully(session.stream)
+    """An admin connection, closed when the block ends.
+
+    Raises:
+        OSError: the server (or agent) cannot be reached.
+        ServerError: it refused the connection.
+    """
+    with single_errors():
+        async with trio.open_nursery() as nursery:
+            session = await open_session(nursery, connect, Role.ADMIN)
+            try:
+                yield AdminClient(session)
+            finally:
+                await trio.aclose_forcefully(session.stream)

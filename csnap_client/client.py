@@ -44,6 +44,7 @@ from csnap_client.session import (
     Session,
     open_session,
 )
+from csnap_common import single_errors
 from csnap_protocol import (
     MAX_RANGES,
     Barrier,
@@ -383,9 +384,10 @@ async def open_client(
         OSError, ConnectionLostError: unreachable and `reconnect` is off.
     """
     client = DataClient(connect, snapshot=snapshot, client_id=client_id, reconnect=reconnect)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(client.run)
-        try:
-            yield client
-        finally:
-            await client.aclose()
+    with single_errors():
+        async with trio.open_nursery() as nursery:
+            await nursery.start(client.run)
+            try:
+                yield client
+            finally:
+                await client.aclose()

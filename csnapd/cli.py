@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import trio
 
-from csnap_common import SizeError, parse_size
+from csnap_common import AddressError, SizeError, parse_size, single_errors, split_host_port
 from csnapd.engine import EngineError, StoreLockedError
 from csnapd.server import ServerConfig, ServerFailedError, serve
 
@@ -30,9 +30,11 @@ _EPILOG = """\
 examples:
   csnapd store.img origin.img --listen 127.0.0.1:7000
   csnapd /dev/vg/snapstore /dev/vg/data --listen 0.0.0.0:7000 --cache-size 256M
+  csnapd store.img origin.img --agent @csnap-agent
 
 The first line on stdout is "listening HOST:PORT" once connections are
-accepted (port 0 picks a free port). SIGTERM or SIGINT finish the work in
+accepted (port 0 picks a free port); with --agent, once the port is bound and
+the server waits on standby for the agent to start it. SIGTERM or SIGINT finish the work in
 flight, mark the store clean and exit 0.
 
 exit status: 0 stopped cleanly, 1 the store failed while serving (restart
@@ -42,10 +44,10 @@ replays the journal), 2 bad arguments, 3 the store could not be opened
 
 
 def _listen(text: str) -> tuple[str, int]:
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or int(port) > 65535:
-        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
-    return host.strip("[]") or "127.0.0.1", int(port)
+    try:
+        return split_host_port(text)
+    except AddressError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
 def _size(text: str) -> int:
@@ -70,6 +72,12 @@ def _parser() -> argparse.ArgumentParser:
         default=("127.0.0.1", 0),
         metavar="HOST:PORT",
         help="address to listen on (default 127.0.0.1:0, a free port)",
+    )
+    parser.add_argument(
+        "--agent",
+        metavar="SOCKET",
+        help="register with this node's csnap-agent (a Unix socket path, or @name)"
+        " and wait on standby, store unopened, until it starts this server",
     )
     parser.add_argument(
         "--cache-size",
@@ -126,9 +134,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         barrier_timeout=args.barrier_timeout,
         max_connections=args.max_connections,
         max_in_flight=args.max_in_flight,
+        agent=args.agent,
     )
     try:
-        trio.run(_main, config)
+        with single_errors():
+            trio.run(_main, config)
     except StoreLockedError as exc:
         log.error("%s", exc)
         return EXIT_CANNOT_START
@@ -147,11 +157,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 async def _main(config: ServerConfig) -> None:
     stop = trio.Event()
     async with trio.open_nursery() as nursery:
-        address = await nursery.start(
-            lambda task_status: serve(config, stop=stop, task_status=task_status)
-        )
-        print(f"listening {address}", flush=True)
+
+        async def serve_then_stop(task_status: trio.TaskStatus[str]) -> None:
+            await serve(config, stop=stop, task_status=task_status)
+            nursery.cancel_scope.cancel()  # also after an admin's shutdown
+
         nursery.start_soon(_signals, stop)
+        address = await nursery.start(serve_then_stop)
+        print(f"listening {address}", flush=True)
 
 
 async def _signals(stop: trio.Event) -> None:

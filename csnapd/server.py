@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import trio
 
+from csnap_common import join_host_port
 from csnap_protocol import (
     DEFAULT_MAX_FRAME,
     Connection,
@@ -36,6 +37,7 @@ from csnap_protocol import (
     RemoteProtocolError,
     Role,
 )
+from csnapd.agent_link import AgentLink
 from csnapd.dispatch import (
     BarrierExpired,
     Connected,
@@ -47,8 +49,9 @@ from csnapd.dispatch import (
     Peer,
     Received,
     SweepTick,
+    error_code,
 )
-from csnapd.engine import DEFAULT_CACHE_BYTES, Engine
+from csnapd.engine import DEFAULT_CACHE_BYTES, Engine, EngineError
 
 __all__ = ["ServerConfig", "Server", "serve", "ServerFailedError"]
 
@@ -88,6 +91,8 @@ class ServerConfig:
     max_chunks: int = 4096
     #: Most items one batch (one transaction) takes.
     max_batch: int = 512
+    #: The node agent's socket: register there and wait on standby to be started.
+    agent: str | None = None
 
 
 @dataclass(eq=False)
@@ -368,7 +373,9 @@ async def serve(
 ) -> None:
     """Open the store, listen, and serve until shutdown.
 
-    Reports the bound "host:port" through task_status once listening. Setting
+    Reports the bound "host:port" through task_status once listening. With
+    `config.agent`, the server listens first, registers with that agent and
+    stays on standby, store unopened, until the agent starts it. Setting
     `stop` (or an administrator's shutdown request) finishes in-flight work,
     marks the store clean and returns.
 
@@ -376,6 +383,68 @@ async def serve(
         StoreOpenError, StoreLockedError, StoreIOError: the store cannot be opened.
         ServerFailedError: the engine failed while serving.
     """
+    if config.agent is not None:
+        await _serve_for_agent(config, config.agent, stop, task_status)
+        return
+    engine = await _open_engine(config)
+    try:
+        listeners = await trio.open_tcp_listeners(config.port, host=config.host)
+    except BaseException:
+        engine.close()
+        raise
+    address = _address(listeners)
+    async with trio.open_nursery() as nursery:
+        server = await _start_server(nursery, config, engine, listeners, address, stop)
+        task_status.started(address)
+    if server.failed:
+        raise ServerFailedError("the engine failed; the store needs a restart (journal replay)")
+
+
+async def _serve_for_agent(
+    config: ServerConfig, agent: str, stop: trio.Event | None, task_status: trio.TaskStatus[str]
+) -> None:
+    listeners = await trio.open_tcp_listeners(config.port, host=config.host)
+    address = _address(listeners)
+    link = AgentLink(agent, address=address, store=config.store)
+    async with trio.open_nursery() as outer:
+        outer.start_soon(link.run)
+        task_status.started(address)
+        log.info("standby on %s: waiting for agent %s to start this server", address, agent)
+        if not await _first(link.start_requested, stop):
+            for listener in listeners:
+                await listener.aclose()
+            outer.cancel_scope.cancel()
+            return
+        try:
+            engine = await _open_engine(config)
+        except EngineError as exc:
+            await link.failed(error_code(exc), f"cannot open the store: {exc}")
+            for listener in listeners:
+                await listener.aclose()
+            raise
+        async with trio.open_nursery() as nursery:
+            server = await _start_server(nursery, config, engine, listeners, address, stop)
+            await link.started()
+        outer.cancel_scope.cancel()
+    if server.failed:
+        raise ServerFailedError("the engine failed; the store needs a restart (journal replay)")
+
+
+async def _first(wanted: trio.Event, stop: trio.Event | None) -> bool:
+    """Wait for `wanted` or `stop`; whether `wanted` came first."""
+    async with trio.open_nursery() as nursery:
+
+        async def watch(event: trio.Event) -> None:
+            await event.wait()
+            nursery.cancel_scope.cancel()
+
+        nursery.start_soon(watch, wanted)
+        if stop is not None:
+            nursery.start_soon(watch, stop)
+    return wanted.is_set()
+
+
+async def _open_engine(config: ServerConfig) -> Engine:
     engine = await trio.to_thread.run_sync(
         lambda: Engine.open_files(config.store, config.origin, cache_bytes=config.cache_bytes)
     )
@@ -388,23 +457,28 @@ async def serve(
         report.newest_sequence,
         f"; {report.problem}" if report.problem else "",
     )
-    try:
-        listeners = await trio.open_tcp_listeners(config.port, host=config.host)
-    except BaseException:
-        engine.close()
-        raise
+    return engine
+
+
+def _address(listeners: list[trio.SocketListener]) -> str:
     host, port = listeners[0].socket.getsockname()[:2]
-    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return join_host_port(host, port)
+
+
+async def _start_server(
+    nursery: trio.Nursery,
+    config: ServerConfig,
+    engine: Engine,
+    listeners: list[trio.SocketListener],
+    address: str,
+    stop: trio.Event | None,
+) -> Server:
     server = Server(config, engine, address)
     log.info("listening on %s", address)
-
-    async with trio.open_nursery() as nursery:
-        await nursery.start(server.run, listeners)
-        task_status.started(address)
-        if stop is not None:
-            nursery.start_soon(_stop_on, stop, server)
-    if server.failed:
-        raise ServerFailedError("the engine failed; the store needs a restart (journal replay)")
+    await nursery.start(server.run, listeners)
+    if stop is not None:
+        nursery.start_soon(_stop_on, stop, server)
+    return server
 
 
 async def _stop_on(event: trio.Event, server: Server) -> None:

@@ -72,3 +72,26 @@ async def start_csnapd(
     assert word == "listening", daemon.first_line
     host, _, port = address.rpartition(":")
     return daemon, host, int(port)
+
+
+async def start_agent(socket_path: Path, log: Path) -> Daemon:
+    """A csnap-agent on a Unix socket."""
+    daemon = await start(["csnap_agent", "--socket", str(socket_path)], log)
+    assert daemon.first_line == f"listening unix:{socket_path}", daemon.first_line
+    return daemon
+
+
+async def csnap(agent: Path, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """Run the csnap CLI against `agent`; returns its exit status and output."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    with trio.fail_after(timeout):
+        result = await trio.run_process(
+            [sys.executable, "-m", "csnap_agent.ctl", "--agent", str(agent), *args],
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+            env=env,
+        )
+    return subprocess.CompletedProcess(
+        result.args, result.returncode, result.stdout.decode(), result.stderr.decode()
+    )

@@ -1,0 +1,425 @@
+# The csnap-agent: a node's control point, on a Unix socket.
+#
+# Three kinds of peers connect (the role in their hello says which):
+#   * a server registers (`server_ready`) and waits on standby until the
+#     agent, when its coordinator agrees, sends `start_server`;
+#   * a data-path client asks `need_server` and gets the active server's
+#     address, at once or (with wait) once there is one;
+#   * an administrator (the csnap CLI) sends admin requests, which the agent
+#     relays to the active server over its own admin connection, answering
+#     with the server's reply under the caller's request id.
+#
+# Rules: a bad peer gets an error or a closed connection and nobody else
+# notices; only peers running as the agent's own user (or root) are served;
+# when the active server's connection closes, the agent forgets it at once,
+# so nobody is sent to a dead address.
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+import os
+import socket
+import struct
+import time
+from dataclasses import dataclass, field
+
+import trio
+
+from csnap_agent.coordinator import Candidate, Coordinator, LocalCoordinator
+from csnap_client import (
+    ConnectionLostError,
+    ServerError,
+    Session,
+    open_session,
+    tcp_connector,
+)
+from csnap_common import split_host_port
+from csnap_protocol import (
+    ChangeUseCount,
+    Connection,
+    ConnectionClosed,
+    CreateSnapshot,
+    DeleteSnapshot,
+    Error,
+    ErrorCode,
+    GetServerInfo,
+    GetStatus,
+    Hello,
+    ListSnapshots,
+    LocalProtocolError,
+    Message,
+    NeedServer,
+    Ok,
+    RemoteProtocolError,
+    Role,
+    ServerAt,
+    ServerReady,
+    SetPriority,
+    Shutdown,
+    StartServer,
+)
+
+__all__ = ["Agent", "Registration"]
+
+log = logging.getLogger("csnap-agent")
+
+#: Admin requests the agent relays to the active server.
+RELAYED = (
+    CreateSnapshot,
+    DeleteSnapshot,
+    ListSnapshots,
+    GetStatus,
+    SetPriority,
+    ChangeUseCount,
+    GetServerInfo,
+    Shutdown,
+)
+#: Largest frame the agent accepts: its messages are small.
+MAX_FRAME = 1 << 16
+#: Requests one peer may have in flight at the agent.
+MAX_IN_FLIGHT = 64
+_PEERCRED = struct.Struct("3i")
+
+
+@dataclass(eq=False)
+class _Peer:
+    """One connection to the agent."""
+
+    number: int
+    stream: trio.SocketStream
+    codec: Connection
+    nursery: trio.Nursery
+    role: Role | None = None
+    send_lock: trio.Lock = field(default_factory=trio.Lock)
+    in_flight: set[int] = field(default_factory=set)
+    #: For a server link: replies to our start_server requests, by id.
+    answers: dict[int, trio.MemorySendChannel[Message]] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        role = self.role.value if self.role else "peer"
+        return f"{role} {self.number}"
+
+    async def send(self, message: Message) -> None:
+        async with self.send_lock:
+            try:
+                await self.stream.send_all(self.codec.send(message))
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass  # the reader sees the end and cleans up
+            except LocalProtocolError as exc:
+                log.error("%s: cannot send %s: %s", self, message.TYPE, exc)
+
+
+@dataclass(eq=False)
+class Registration:
+    """A server registered with this agent."""
+
+    candidate: Candidate
+    peer: _Peer
+    registered_ns: int
+    active: bool = False
+    since_ns: int = 0
+
+
+class Agent:
+    """The agent's state and connection handling; run with serve()."""
+
+    def __init__(self, coordinator: Coordinator | None = None):
+        self.coordinator = coordinator or LocalCoordinator()
+        self.servers: list[Registration] = []
+        self.active: Registration | None = None
+        self._active_changed = trio.Event()
+        self._numbers = itertools.count(1)
+        self._relay: Session | None = None
+        self._relay_lock = trio.Lock()
+        self._relay_ids = itertools.count(1)
+        self._electing = False
+
+    async def serve(
+        self,
+        listener: trio.SocketListener,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Accept peers until cancelled."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            while True:
+                try:
+                    stream = await listener.accept()
+                except trio.ClosedResourceError:
+                    return
+                except OSError as exc:
+                    log.warning("accept failed: %s", exc)
+                    await trio.sleep(0.1)
+                    continue
+                nursery.start_soon(self._connection, stream)
+
+    # -- connections -----------------------------------------------------------
+
+    async def _connection(self, stream: trio.SocketStream) -> None:
+        async with stream, trio.open_nursery() as nursery:
+            codec = Connection(Role.AGENT, max_frame=MAX_FRAME, name="csnap-agent")
+            peer = _Peer(next(self._numbers), stream, codec, nursery)
+            refusal = _check_credentials(stream)
+            try:
+                if refusal is not None:
+                    log.warning("%s refused: %s", peer, refusal)
+                    await _refuse(peer, ErrorCode.WRONG_ROLE, refusal)
+                    return
+                await self._read(peer)
+            finally:
+                nursery.cancel_scope.cancel()
+                await self._gone(peer)
+
+    async def _read(self, peer: _Peer) -> None:
+        codec = peer.codec
+        try:
+            while True:
+                try:
+                    data = await peer.stream.receive_some(1 << 16)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    return
+                codec.receive_data(data)
+                while (message := codec.next_message()) is not None:
+                    if isinstance(message, ConnectionClosed):
+                        return
+                    if not await self._admit(peer, message):
+                        return
+        except RemoteProtocolError as exc:
+            log.warning("%s: protocol error: %s", peer, exc)
+            await peer.send(Error(None, int(exc.code), exc.code.symbol, str(exc)[:1024]))
+
+    async def _admit(self, peer: _Peer, message: Message) -> bool:
+        """Handle one message; False ends the connection."""
+        if isinstance(message, Hello):
+            peer.role = Role(message.role)
+            if peer.role is Role.AGENT:
+                await _refuse(peer, ErrorCode.WRONG_ROLE, "an agent does not connect to an agent")
+                return False
+            async with peer.send_lock:
+                await peer.stream.send_all(peer.codec.hello())
+            log.debug("%s connected", peer)
+            return True
+        request = getattr(message, "id", None)
+        if peer.role is Role.SERVER and isinstance(message, Ok | Error) and request is not None:
+            answer = peer.answers.pop(request, None)
+            if answer is not None:
+                answer.send_nowait(message)
+            return True
+        if request is not None:
+            if request in peer.in_flight:
+                await self._error(peer, request, ErrorCode.DUPLICATE_REQUEST, "id in flight")
+                return True
+            if len(peer.in_flight) >= MAX_IN_FLIGHT:
+                await self._error(
+                    peer, request, ErrorCode.TOO_MANY_REQUESTS, "too many requests in flight"
+                )
+                return True
+        if isinstance(message, ServerReady):
+            await self._register(peer, message)
+        elif isinstance(message, NeedServer):
+            peer.in_flight.add(message.id)
+            peer.nursery.start_soon(self._need_server, peer, message)
+        elif isinstance(message, RELAYED):
+            peer.in_flight.add(message.id)
+            peer.nursery.start_soon(self._relay_request, peer, message)
+        else:
+            await self._error(
+                peer,
+                request,
+                ErrorCode.INVALID_REQUEST,
+                f"the agent does not answer {message.TYPE}",
+            )
+        return True
+
+    async def _error(self, peer: _Peer, request: int | None, code: ErrorCode, text: str) -> None:
+        if request is not None:
+            peer.in_flight.discard(request)
+        await peer.send(Error(request, int(code), code.symbol, text[:1024]))
+
+    async def _answer(self, peer: _Peer, message: Message) -> None:
+        peer.in_flight.discard(getattr(message, "id", -1))
+        await peer.send(message)
+
+    async def _gone(self, peer: _Peer) -> None:
+        for answer in peer.answers.values():
+            answer.close()  # a start_server that will never be answered
+        peer.answers.clear()
+        for registration in [r for r in self.servers if r.peer is peer]:
+            self.servers.remove(registration)
+            if registration is self.active:
+                log.warning("the active server at %s went away", registration.candidate.address)
+                self.active = None
+                self._changed()
+                await self._drop_relay()
+                await self.coordinator.resign(registration.candidate)
+                self._nursery.start_soon(self._elect)
+            else:
+                log.info("standby server at %s went away", registration.candidate.address)
+
+    def _changed(self) -> None:
+        self._active_changed.set()
+        self._active_changed = trio.Event()
+
+    # -- servers ---------------------------------------------------------------
+
+    async def _register(self, peer: _Peer, message: ServerReady) -> None:
+        if peer.role is not Role.SERVER:
+            await self._error(
+                peer, message.id, ErrorCode.WRONG_ROLE, "only a server sends server_ready"
+            )
+            return
+        if any(r.peer is peer for r in self.servers):
+            await self._error(peer, message.id, ErrorCode.INVALID_REQUEST, "already registered")
+            return
+        candidate = Candidate(message.address, message.store, message.pid, message.active)
+        try:
+            split_host_port(message.address)
+        except ValueError:
+            await self._error(
+                peer, message.id, ErrorCode.INVALID_REQUEST, f"bad address {message.address!r}"
+            )
+            return
+        registration = Registration(candidate, peer, time.time_ns())
+        self.servers.append(registration)
+        log.info(
+            "server pid %d at %s registered (%s), store %s",
+            candidate.pid,
+            candidate.address,
+            "serving" if candidate.serving else "standby",
+            candidate.store,
+        )
+        await self._answer(peer, Ok(message.id))
+        self._nursery.start_soon(self._elect)
+
+    async def _elect(self) -> None:
+        """Activate a registered server if there is none active and the coordinator agrees."""
+        if self._electing:
+            return
+        self._electing = True
+        try:
+            # Servers already serving first: they are the active one's survivors.
+            for registration in sorted(self.servers, key=lambda r: not r.candidate.serving):
+                if self.active is not None:
+                    return
+                if registration not in self.servers:
+                    continue
+                if await self.coordinator.elect(registration.candidate, active=None):
+                    await self._start(registration)
+        finally:
+            self._electing = False
+
+    async def _start(self, registration: Registration) -> None:
+        peer = registration.peer
+        request = next(self._relay_ids)
+        send, receive = trio.open_memory_channel[Message](1)
+        peer.answers[request] = send
+        address = registration.candidate.address
+        log.info("starting the server at %s", address)
+        await peer.send(StartServer(request))
+        answer: Message | None = None
+        async with receive:
+            try:
+                answer = await receive.receive()
+            except trio.EndOfChannel:
+                answer = None
+        if registration not in self.servers:
+            log.warning("the server at %s went away while starting", address)
+            return
+        if isinstance(answer, Error):
+            log.error("the server at %s could not start: %s", address, answer.message)
+            return
+        registration.active = True
+        registration.since_ns = time.time_ns()
+        self.active = registration
+        log.info("the server at %s is active", address)
+        self._changed()
+
+    # -- clients and administrators ----------------------------------------------
+
+    async def _need_server(self, peer: _Peer, message: NeedServer) -> None:
+        while True:
+            active = self.active
+            if active is not None:
+                reply = ServerAt(message.id, active.candidate.address, active.since_ns)
+                await self._answer(peer, reply)
+                return
+            remote = self.coordinator.remote_server()
+            if remote is not None:
+                await self._answer(peer, ServerAt(message.id, remote, 0))
+                return
+            if not message.wait:
+                await self._error(peer, message.id, ErrorCode.NO_SERVER, _NO_SERVER)
+                return
+            await self._active_changed.wait()
+
+    async def _relay_request(self, peer: _Peer, message: Message) -> None:
+        request: int = getattr(message, "id")  # noqa: B009 - relayed messages are requests
+        try:
+            session = await self._relay_session()
+        except (OSError, ServerError, ConnectionLostError) as exc:
+            await self._error(peer, request, ErrorCode.NO_SERVER, f"{_NO_SERVER} ({exc})")
+            return
+        if session is None:
+            await self._error(peer, request, ErrorCode.NO_SERVER, _NO_SERVER)
+            return
+        relayed = dataclasses.replace(message, id=next(self._relay_ids))  # type: ignore[call-arg]
+        try:
+            reply = await session.request(relayed)
+        except ServerError as exc:
+            await peer.send(Error(request, exc.code, exc.name, exc.message))
+            peer.in_flight.discard(request)
+            return
+        except ConnectionLostError:
+            if isinstance(message, Shutdown):
+                # The server closes as it exits; its ok may be lost with it.
+                await self._answer(peer, Ok(request))
+                return
+            await self._error(
+                peer, request, ErrorCode.NO_SERVER, "the server went away before answering"
+            )
+            return
+        await self._answer(peer, dataclasses.replace(reply, id=request))  # type: ignore[call-arg]
+
+    async def _relay_session(self) -> Session | None:
+        """The admin connection to the active server, opened on first use."""
+        async with self._relay_lock:
+            active = self.active
+            if active is None:
+                return None
+            session = self._relay
+            if session is not None and not session.closed.is_set():
+                return session
+            host, port = split_host_port(active.candidate.address)
+            session = await open_session(self._nursery, tcp_connector(host, port), Role.ADMIN)
+            if self.active is not active:
+                await trio.aclose_forcefully(session.stream)
+                return None
+            self._relay = session
+            return session
+
+    async def _drop_relay(self) -> None:
+        session, self._relay = self._relay, None
+        if session is not None:
+            await trio.aclose_forcefully(session.stream)
+
+
+_NO_SERVER = "no csnapd is active: none has registered with this agent, or it went away"
+
+
+async def _refuse(peer: _Peer, code: ErrorCode, text: str) -> None:
+    await peer.send(Error(None, int(code), code.symbol, text))
+
+
+def _check_credentials(stream: trio.SocketStream) -> str | None:
+    """Why this peer may not use the agent, or None: only our own user and root may."""
+    try:
+        raw = stream.socket.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
+    except OSError:
+        return None  # not a Unix socket with credentials (tests over socketpairs)
+    _pid, uid, _gid = _PEERCRED.unpack(raw)
+    if uid in (0, os.getuid()):
+        return None
+    return f"uid {uid} may not use this agent (it runs as uid {os.getuid()})"

@@ -1,0 +1,147 @@
+# csnap-agent: the command line of a node's agent.
+#
+# The first line of stdout is "listening unix:PATH" once peers can connect;
+# logs go to stderr. SIGTERM and SIGINT close the socket (removing its file)
+# and exit 0; registered servers keep running and register again with the
+# next agent.
+from __future__ import annotations
+
+import argparse
+import contextlib
+import errno
+import logging
+import os
+import signal
+import socket
+import stat
+import sys
+from collections.abc import Sequence
+
+import trio
+
+from csnap_agent.agent import Agent
+from csnap_client import DEFAULT_AGENT
+from csnap_common import unix_address
+
+__all__ = ["main", "run", "open_agent_listener", "AgentSocketError"]
+
+log = logging.getLogger("csnap-agent")
+
+EXIT_OK = 0
+EXIT_USAGE = 2
+EXIT_CANNOT_START = 3
+
+_EPILOG = f"""\
+examples:
+  csnap-agent                                 # listens on {DEFAULT_AGENT}
+  csnap-agent --socket /run/csnap/agent.sock
+  csnapd store.img origin.img --agent /run/csnap/agent.sock
+  csnap --agent /run/csnap/agent.sock list
+
+A socket name starting with @ is in Linux's abstract namespace (no file).
+Only processes of the agent's own user, and root, may use it; a socket file
+is created with mode 0600.
+
+exit status: 0 stopped cleanly, 2 bad arguments, 3 the socket could not be
+created (in use by a running agent, or no permission).
+"""
+
+
+class AgentSocketError(Exception):
+    """The agent's socket cannot be created."""
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="csnap-agent",
+        description="A node's csnap control point: servers register with it, clients"
+        " find the server through it, administrators reach the server through it.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--socket",
+        default=os.environ.get("CSNAP_AGENT") or DEFAULT_AGENT,
+        metavar="PATH",
+        help=f"Unix socket to listen on, or @name (default $CSNAP_AGENT or {DEFAULT_AGENT})",
+    )
+    parser.add_argument(
+        "--log-level", default="info", choices=["debug", "info", "warning", "error"]
+    )
+    return parser
+
+
+def open_agent_listener(path: str) -> socket.socket:
+    """Bind and listen on the agent socket, replacing a stale socket file.
+
+    Raises:
+        AgentSocketError: another agent is listening there, or binding failed.
+    """
+    address = unix_address(path)
+    if not path.startswith("@") and os.path.lexists(path):
+        if not stat.S_ISSOCK(os.lstat(path).st_mode):
+            raise AgentSocketError(f"{path} exists and is not a socket")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+        except OSError:
+            os.unlink(path)  # left by an agent that died: nobody answers
+        else:
+            raise AgentSocketError(f"another agent is listening on {path}")
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old_umask = os.umask(0o177)
+    try:
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise AgentSocketError(f"another agent is listening on {path}") from exc
+        raise AgentSocketError(f"cannot listen on {path}: {exc.strerror}") from exc
+    finally:
+        os.umask(old_umask)
+    sock.listen(128)
+    return sock
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the agent; returns the exit status."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, args.log_level.upper()),
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        listener = open_agent_listener(args.socket)
+    except AgentSocketError as exc:
+        log.error("%s", exc)
+        return EXIT_CANNOT_START
+    try:
+        trio.run(_main, listener, args.socket)
+    finally:
+        if not args.socket.startswith("@"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(args.socket)
+    return EXIT_OK
+
+
+async def _main(sock: socket.socket, path: str) -> None:
+    listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+    agent = Agent()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(agent.serve, listener)
+        log.info("listening on %s", path)
+        print(f"listening unix:{path}", flush=True)
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                log.info("%s: stopping", signal.Signals(signum).name)
+                break
+        await listener.aclose()
+        nursery.cancel_scope.cancel()
+
+
+def run() -> None:
+    """Console-script entry point."""
+    sys.exit(main())

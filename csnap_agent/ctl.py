@@ -1,0 +1,412 @@
+# csnap: the administrator's command line, spoken to a node's agent.
+#
+# Every verb opens one admin connection to the agent, which relays it to the
+# active server. Output is a table for people, or JSON with --json. The exit
+# status says what happened, so scripts need not parse messages:
+#   0 done, 1 refused by the server, 2 bad usage, 3 no such snapshot,
+#   4 the agent or the server could not be reached (or did not answer in time).
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TextIO
+
+import trio
+
+from csnap_client import (
+    AdminClient,
+    ConnectionLostError,
+    ServerError,
+    agent_admin_connector,
+    default_agent,
+    find_server,
+    open_admin,
+)
+from csnap_common import format_size
+from csnap_protocol import ErrorCode
+
+__all__ = [
+    "main",
+    "run",
+    "EXIT_OK",
+    "EXIT_REFUSED",
+    "EXIT_USAGE",
+    "EXIT_NO_SUCH",
+    "EXIT_UNREACHABLE",
+]
+
+EXIT_OK = 0
+EXIT_REFUSED = 1
+EXIT_USAGE = 2
+EXIT_NO_SUCH = 3
+EXIT_UNREACHABLE = 4
+
+_UNREACHABLE_CODES = {
+    ErrorCode.NO_SERVER,
+    ErrorCode.NOT_ACTIVE,
+    ErrorCode.SHUTTING_DOWN,
+    ErrorCode.TOO_MANY_CONNECTIONS,
+    ErrorCode.SERVER_FAILED,
+}
+
+_EPILOG = """\
+verbs (csnap VERB --help for each):
+  create TAG [--priority N]   take a snapshot of the origin now
+  delete TAG                  delete a snapshot (space is reclaimed in the background)
+  list                        live snapshots, oldest first
+  status [TAG]                store size and free space, and every snapshot
+  priority TAG N              set a snapshot's priority (-128..127)
+  usecount TAG [DELTA]        read, or add DELTA to, a snapshot's use count
+  server                      where the active server is, since when, its clients
+  shutdown                    stop the server cleanly (the store is marked clean)
+
+examples:
+  csnap create 7 --priority 10
+  csnap --json list
+  csnap --agent /run/csnap/agent.sock status
+
+exit status: 0 done, 1 refused by the server (snapshot exists, 64 snapshots
+live, use count not zero, store full, ...), 2 bad usage, 3 no such snapshot,
+4 the agent or the server could not be reached or did not answer in time.
+"""
+
+
+class _Failure(Exception):
+    def __init__(self, status: int, name: str, message: str):
+        super().__init__(message)
+        self.status = status
+        self.name = name
+        self.message = message
+
+
+def _tag(text: str) -> int:
+    try:
+        value = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a tag is a number, got {text!r}") from None
+    if not 0 <= value <= 0xFFFF_FFFF:
+        raise argparse.ArgumentTypeError(f"a tag is 0..4294967295, got {value}")
+    return value
+
+
+def _ranged(low: int, high: int, what: str) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text, 0)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{what} is a number, got {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{what} is {low}..{high}, got {value}")
+        return value
+
+    return parse
+
+
+_priority = _ranged(-128, 127, "a priority")
+_delta = _ranged(-(1 << 31), (1 << 31) - 1, "a delta")
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--agent",
+        default=argparse.SUPPRESS,
+        metavar="PATH",
+        help="the agent's socket, a path or @name (default $CSNAP_AGENT or @csnap-agent)",
+    )
+    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print JSON")
+    common.add_argument(
+        "--timeout",
+        type=float,
+        default=argparse.SUPPRESS,
+        metavar="SECONDS",
+        help="give up after this long (default 120)",
+    )
+    parser = argparse.ArgumentParser(
+        prog="csnap",
+        description="Create, delete and inspect csnap snapshots through the node's agent.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        parents=[common],
+    )
+    verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
+
+    def verb(name: str, summary: str, example: str) -> argparse.ArgumentParser:
+        return verbs.add_parser(
+            name,
+            help=summary,
+            description=summary,
+            epilog=f"example:\n  {example}",
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+            parents=[common],
+        )
+
+    create = verb(
+        "create",
+        "Take a snapshot of the origin now. Origin writes already granted finish first,"
+        " so the snapshot is exactly the origin at this moment.",
+        "csnap create 7 --priority 10",
+    )
+    create.add_argument("tag", type=_tag, help="the new snapshot's tag (a number)")
+    create.add_argument("--priority", type=_priority, default=0, help="-128..127 (default 0)")
+    delete = verb(
+        "delete",
+        "Delete a snapshot. Its tag is gone at once; its space is reclaimed in the"
+        " background. Refused while its use count is not zero.",
+        "csnap delete 7",
+    )
+    delete.add_argument("tag", type=_tag)
+    verb("list", "List live snapshots, oldest first.", "csnap list --json")
+    status = verb(
+        "status",
+        "Store size and free space, and per snapshot: creation time, priority, use count,"
+        " state, chunks it owns alone and chunks it shares. With TAG, that snapshot only.",
+        "csnap status 7",
+    )
+    status.add_argument("tag", type=_tag, nargs="?")
+    priority = verb("priority", "Set a snapshot's priority (-128..127).", "csnap priority 7 -5")
+    priority.add_argument("tag", type=_tag)
+    priority.add_argument("priority", type=_priority)
+    usecount = verb(
+        "usecount",
+        "Show a snapshot's use count, or add DELTA to it. A snapshot in use cannot be deleted.",
+        "csnap usecount 7 +1",
+    )
+    usecount.add_argument("tag", type=_tag)
+    usecount.add_argument("delta", type=_delta, nargs="?", default=0)
+    verb(
+        "server",
+        "Where the active server listens, since when, its state and its clients.",
+        "csnap server",
+    )
+    verb(
+        "shutdown",
+        "Stop the server: work in flight finishes and the store is marked clean.",
+        "csnap shutdown",
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
+    """Run one verb; returns the exit status."""
+    out = out or sys.stdout
+    args = _parser().parse_args(argv)
+    agent = getattr(args, "agent", None) or default_agent()
+    as_json = getattr(args, "json", False)
+    timeout = getattr(args, "timeout", 120.0)
+    try:
+        result = trio.run(_run_verb, args, agent, timeout)
+    except _Failure as failure:
+        if as_json:
+            json.dump({"error": {"name": failure.name, "message": failure.message}}, out, indent=2)
+            out.write("\n")
+        print(f"csnap: {failure.message}", file=sys.stderr)
+        return failure.status
+    if as_json:
+        json.dump(_jsonable(result), out, indent=2)
+        out.write("\n")
+    else:
+        out.write(_render(args.verb, args, result))
+    return EXIT_OK
+
+
+async def _run_verb(args: argparse.Namespace, agent: str, limit: float) -> Any:
+    try:
+        with trio.fail_after(limit):
+            if args.verb == "server":
+                return await _server(agent)
+            async with open_admin(agent_admin_connector(agent)) as admin:
+                return await _VERBS[args.verb](admin, args)
+    except trio.TooSlowError:
+        raise _Failure(EXIT_UNREACHABLE, "timeout", f"no answer within {limit:g} seconds") from None
+    except OSError as exc:
+        raise _Failure(
+            EXIT_UNREACHABLE,
+            "agent_unreachable",
+            f"cannot reach the agent at {agent}: {exc.strerror or exc}"
+            " (is csnap-agent running? --agent or $CSNAP_AGENT names its socket)",
+        ) from exc
+    except ConnectionLostError as exc:
+        raise _Failure(EXIT_UNREACHABLE, "connection_lost", f"connection lost: {exc}") from exc
+    except ServerError as exc:
+        raise _Failure(_status_of(exc), exc.name, exc.message) from exc
+
+
+def _status_of(exc: ServerError) -> int:
+    code = exc.error
+    if code is ErrorCode.NO_SUCH_SNAPSHOT:
+        return EXIT_NO_SUCH
+    if code in _UNREACHABLE_CODES:
+        return EXIT_UNREACHABLE
+    return EXIT_REFUSED
+
+
+async def _server(agent: str) -> dict[str, Any]:
+    where = await find_server(agent, wait=False)
+    async with open_admin(agent_admin_connector(agent)) as admin:
+        info = await admin.server_info()
+    return {**info, "active_since_ns": where.since_ns}
+
+
+async def _status(admin: AdminClient, args: argparse.Namespace) -> Any:
+    reply = await admin.status()
+    if args.tag is None:
+        return {
+            "store": reply.store,
+            "snapshots": list(reply.snapshots),
+            "deleting": list(reply.deleting),
+        }
+    for snapshot in reply.snapshots:
+        if snapshot["tag"] == args.tag:
+            return {"store": reply.store, "snapshot": snapshot}
+    raise ServerError(
+        int(ErrorCode.NO_SUCH_SNAPSHOT),
+        ErrorCode.NO_SUCH_SNAPSHOT.symbol,
+        f"no live snapshot has tag {args.tag}",
+    )
+
+
+async def _shutdown(admin: AdminClient, args: argparse.Namespace) -> Any:
+    await admin.shutdown()
+    return {"shutdown": True}
+
+
+async def _list(admin: AdminClient, args: argparse.Namespace) -> Any:
+    # The chunk size comes with the store status, so sizes can be shown.
+    reply = await admin.status()
+    return {"chunk_size": reply.store["chunk_size"], "snapshots": list(reply.snapshots)}
+
+
+_VERBS: dict[str, Callable[[AdminClient, argparse.Namespace], Awaitable[Any]]] = {
+    "create": lambda admin, args: admin.create_snapshot(args.tag, args.priority),
+    "delete": lambda admin, args: admin.delete_snapshot(args.tag),
+    "list": _list,
+    "status": _status,
+    "priority": lambda admin, args: admin.set_priority(args.tag, args.priority),
+    "usecount": lambda admin, args: admin.change_use_count(args.tag, args.delta),
+    "shutdown": _shutdown,
+}
+
+
+# -- output ----------------------------------------------------------------------
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return value.hex()
+    if isinstance(value, dict):
+        return {key: _jsonable(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(item) for item in value]
+    return value
+
+
+def _when(ns: int) -> str:
+    if not ns:
+        return "-"
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ns / 1e9))
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+    lines = [headers, *rows]
+    return "".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip()
+        + "\n"
+        for line in lines
+    )
+
+
+_SNAPSHOT_HEADERS = ("TAG", "CREATED", "PRIORITY", "USE", "STATE", "OWNS ALONE", "SHARES")
+
+
+def _snapshot_row(snapshot: dict[str, Any], chunk_size: int) -> list[str]:
+    def amount(chunks: int) -> str:
+        return f"{chunks} ({format_size(chunks * chunk_size)})"
+
+    return [
+        str(snapshot["tag"]),
+        _when(snapshot["created_ns"]),
+        str(snapshot["priority"]),
+        str(snapshot["use_count"]),
+        snapshot["state"],
+        amount(snapshot["unique_chunks"]),
+        amount(snapshot["shared_chunks"]),
+    ]
+
+
+def _render(verb: str, args: argparse.Namespace, result: Any) -> str:
+    if verb in ("create", "delete", "priority", "usecount"):
+        done = {
+            "create": "created",
+            "delete": "deleted (space is reclaimed in the background)",
+            "priority": f"priority {result['priority']}",
+            "usecount": f"use count {result['use_count']}",
+        }[verb]
+        return f"snapshot {result['tag']}: {done}\n"
+    if verb == "list":
+        snapshots = result["snapshots"]
+        if not snapshots:
+            return "no snapshots\n"
+        rows = [_snapshot_row(s, result["chunk_size"]) for s in snapshots]
+        return _table(_SNAPSHOT_HEADERS, rows)
+    if verb == "status":
+        return _render_status(result)
+    if verb == "server":
+        return (
+            f"server     {result['address']}\n"
+            f"state      {result['state']}\n"
+            f"active     since {_when(result['active_since_ns'])}\n"
+            f"started    {_when(result['started_ns'])}\n"
+            f"store      {result['store']}\n"
+            f"origin     {result['origin']}\n"
+            f"clients    {result['clients']} connected: {result['origin_clients']} origin,"
+            f" {result['snapshot_clients']} snapshot\n"
+            f"commits    {result['commits']}\n"
+            f"requests   {result['requests']}\n"
+        )
+    return "server stopped; the store is clean\n"
+
+
+def _render_status(result: dict[str, Any]) -> str:
+    store = result["store"]
+    chunk = store["chunk_size"]
+    data, free = store["data_chunks"], store["data_free"]
+    used = data - free
+    lines = [
+        f"store      {format_size(store['store_chunks'] * chunk)}"
+        f" ({store['store_chunks']} chunks of {format_size(chunk)})",
+        f"origin     {format_size(store['origin_chunks'] * chunk)}"
+        f" ({store['origin_chunks']} chunks)",
+        f"data       {format_size(used * chunk)} used, {format_size(free * chunk)} free"
+        f" of {format_size(data * chunk)} ({100 * used / data if data else 0:.1f}% used)",
+        f"metadata   {store['meta_blocks'] - store['meta_free']} of {store['meta_blocks']}"
+        f" blocks used",
+        f"exceptions {store['exceptions']}",
+        "",
+    ]
+    if "snapshot" in result:
+        snapshots = [result["snapshot"]]
+    else:
+        snapshots = result["snapshots"]
+    if snapshots:
+        lines.append(_table(_SNAPSHOT_HEADERS, [_snapshot_row(s, chunk) for s in snapshots]))
+    else:
+        lines.append("no snapshots\n")
+    deleting = result.get("deleting") or []
+    if deleting:
+        tags = ", ".join(str(s["tag"]) for s in deleting)
+        lines.append(f"being deleted (space not yet reclaimed): {tags}\n")
+    return "\n".join(lines)
+
+
+def run() -> None:
+    """Console-script entry point."""
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    run()

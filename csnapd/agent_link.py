@@ -1,0 +1,143 @@
+# csnapd's link to its node's csnap-agent.
+#
+# A server started with --agent registers (`server_ready`) and waits on
+# standby, store unopened, until the agent sends `start_server`; it answers
+# that request once it serves, or with an error if the store cannot be
+# opened. The link then stays up: if the agent goes away the server keeps
+# serving and registers again, as active, whenever an agent is back, so
+# clients asking that agent find it.
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+
+import trio
+
+from csnap_common import unix_address
+from csnap_protocol import (
+    Connection,
+    ConnectionClosed,
+    Error,
+    ErrorCode,
+    Hello,
+    LocalProtocolError,
+    Message,
+    Ok,
+    RemoteProtocolError,
+    Role,
+    ServerReady,
+    StartServer,
+)
+
+__all__ = ["AgentLink", "AgentRefusedError"]
+
+log = logging.getLogger("csnapd.agent")
+
+#: Seconds between attempts to reach an agent that is not there.
+RETRY_INTERVAL = 1.0
+
+
+class AgentRefusedError(Exception):
+    """The agent refused this server's registration."""
+
+
+class AgentLink:
+    """Registers with the agent at `path` and waits to be started."""
+
+    def __init__(self, path: str, *, address: str, store: str):
+        self.path = path
+        self.address = address
+        self.store = store
+        #: Set when the agent asked this server to start.
+        self.start_requested = trio.Event()
+        self._start_request: int | None = None
+        self._active = False
+        self._stream: trio.SocketStream | None = None
+        self._codec: Connection | None = None
+        self._send_lock = trio.Lock()
+
+    async def run(self) -> None:
+        """Stay registered with the agent until cancelled; never raises on its loss."""
+        told = False
+        while True:
+            try:
+                await self._session()
+            except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                if not told:
+                    log.warning("agent %s not reachable (%s); retrying", self.path, exc)
+                    told = True
+            except RemoteProtocolError as exc:
+                log.error("agent %s broke the protocol: %s", self.path, exc)
+            except AgentRefusedError as exc:
+                log.error("agent %s refused this server: %s", self.path, exc)
+            else:
+                told = False
+                log.warning("lost the agent %s; registering again when it is back", self.path)
+            self._stream = None
+            await trio.sleep(RETRY_INTERVAL)
+
+    async def started(self) -> None:
+        """Answer the agent's start_server: this server is now serving."""
+        self._active = True
+        request, self._start_request = self._start_request, None
+        if request is not None:
+            await self._send(Ok(request))
+        log.info("active: serving the store")
+
+    async def failed(self, code: ErrorCode, text: str) -> None:
+        """Answer the agent's start_server with an error (the store cannot be opened)."""
+        request, self._start_request = self._start_request, None
+        if request is not None:
+            await self._send(Error(request, int(code), code.symbol, text[:1024]))
+
+    async def _send(self, message: Message) -> None:
+        stream, codec = self._stream, self._codec
+        if stream is None or codec is None:
+            return  # no agent now; a new one learns our state from server_ready
+        async with self._send_lock:
+            with contextlib.suppress(
+                trio.BrokenResourceError, trio.ClosedResourceError, LocalProtocolError
+            ):
+                await stream.send_all(codec.send(message))
+
+    async def _session(self) -> None:
+        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            await sock.connect(unix_address(self.path))
+        except BaseException:
+            sock.close()
+            raise
+        codec = Connection(Role.SERVER, name="csnapd")
+        async with trio.SocketStream(sock) as stream:
+            self._stream, self._codec = stream, codec
+            await stream.send_all(codec.hello())
+            registered = False
+            while True:
+                data = await stream.receive_some(1 << 16)
+                codec.receive_data(data)
+                while (message := codec.next_message()) is not None:
+                    if isinstance(message, ConnectionClosed):
+                        return
+                    if isinstance(message, Hello):
+                        state = "active" if self._active else "standby"
+                        log.info("registering with agent %s (%s)", self.path, state)
+                        await self._send(
+                            ServerReady(1, self.address, self.store, os.getpid(), self._active)
+                        )
+                    elif isinstance(message, Error):
+                        raise AgentRefusedError(f"{message.name}: {message.message}")
+                    elif isinstance(message, Ok) and not registered:
+                        registered = True
+                        log.info("registered with agent %s", self.path)
+                    elif isinstance(message, StartServer):
+                        if self._active:
+                            await self._send(Ok(message.id))  # a new agent; already serving
+                        else:
+                            self._start_request = message.id
+                            self.start_requested.set()
+                    else:
+                        log.warning("agent sent an unexpected %s", message.TYPE)
+                if not data:
+                    return
