@@ -1,0 +1,143 @@
+# The origin and snapshot store files the gateway reads and writes directly,
+# once csnapd has said where: positional reads and writes, and fdatasync.
+#
+# One descriptor per file serves every connection (pread/pwrite carry their
+# own offsets, so they need no lock). Small transfers run on the trio thread,
+# where a page-cache hit costs microseconds; bigger ones and every sync go to
+# a worker thread so one slow disk access does not stall other connections.
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import trio
+
+from csnap_nbd.geometry import Placement
+
+__all__ = ["Backing", "BackingIOError", "Transfer", "INLINE_BYTES"]
+
+#: Transfers up to this many bytes in total run without a thread hop.
+INLINE_BYTES = 128 << 10
+
+
+class BackingIOError(Exception):
+    """Reading, writing or syncing the origin or store file failed."""
+
+    def __init__(self, message: str, errno_value: int | None):
+        super().__init__(message)
+        self.errno = errno_value
+
+    @property
+    def no_space(self) -> bool:
+        return self.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+@dataclass(frozen=True, slots=True)
+class Transfer:
+    """Placements in one file (`fd`), with a label for errors."""
+
+    fd: int
+    what: str
+    placements: Sequence[Placement]
+
+
+class Backing:
+    """The origin and the store, open for the gateway's lifetime."""
+
+    def __init__(self, origin: str, store: str, *, read_only: bool):
+        flags = os.O_RDONLY if read_only else os.O_RDWR
+        self.origin_path = origin
+        self.store_path = store
+        self.origin = _open(origin, flags)
+        try:
+            self.store = _open(store, flags)
+        except BaseException:
+            os.close(self.origin)
+            raise
+
+    def close(self) -> None:
+        for fd in (self.origin, self.store):
+            os.close(fd)
+
+    async def read(self, transfers: Sequence[Transfer], into: bytearray) -> None:
+        """Fill `into` at each placement's buffer offset from its file position."""
+        if _total(transfers) <= INLINE_BYTES:
+            _read_all(transfers, into)
+        else:
+            await trio.to_thread.run_sync(_read_all, transfers, into)
+
+    async def write(self, transfers: Sequence[Transfer], data: memoryview) -> None:
+        """Write `data` at each placement's buffer offset to its file position."""
+        if _total(transfers) <= INLINE_BYTES:
+            _write_all(transfers, data)
+        else:
+            await trio.to_thread.run_sync(_write_all, transfers, data)
+
+    async def sync(self, *, origin: bool = True, store: bool = True) -> None:
+        """fdatasync: every write that returned before this call is durable after it."""
+        fds: list[tuple[int, str]] = []
+        if origin:
+            fds.append((self.origin, "origin"))
+        if store:
+            fds.append((self.store, "store"))
+        await trio.to_thread.run_sync(_sync_all, fds)
+
+
+def _open(path: str, flags: int) -> int:
+    try:
+        return os.open(path, flags | os.O_CLOEXEC)
+    except OSError as exc:
+        raise BackingIOError(f"cannot open {path}: {exc.strerror}", exc.errno) from exc
+
+
+def _total(transfers: Sequence[Transfer]) -> int:
+    return sum(p.size for t in transfers for p in t.placements)
+
+
+def _read_all(transfers: Sequence[Transfer], into: bytearray) -> None:
+    view = memoryview(into)
+    for transfer in transfers:
+        for p in transfer.placements:
+            done = 0
+            while done < p.size:
+                target = view[p.buffer + done : p.buffer + p.size]
+                try:
+                    got = os.preadv(transfer.fd, [target], p.position + done)
+                except OSError as exc:
+                    raise BackingIOError(
+                        f"reading the {transfer.what} at {p.position + done}: {exc.strerror}",
+                        exc.errno,
+                    ) from exc
+                if got == 0:
+                    # Past the end of a file shorter than the export: reads as zeroes
+                    # (the buffer starts zeroed).
+                    break
+                done += got
+
+
+def _write_all(transfers: Sequence[Transfer], data: memoryview) -> None:
+    for transfer in transfers:
+        for p in transfer.placements:
+            done = 0
+            while done < p.size:
+                try:
+                    done += os.pwrite(
+                        transfer.fd,
+                        data[p.buffer + done : p.buffer + p.size],
+                        p.position + done,
+                    )
+                except OSError as exc:
+                    raise BackingIOError(
+                        f"writing the {transfer.what} at {p.position + done}: {exc.strerror}",
+                        exc.errno,
+                    ) from exc
+
+
+def _sync_all(fds: Sequence[tuple[int, str]]) -> None:
+    for fd, what in fds:
+        try:
+            os.fdatasync(fd)
+        except OSError as exc:
+            raise BackingIOError(f"syncing the {what}: {exc.strerror}", exc.errno) from exc

@@ -1,0 +1,167 @@
+# csnap-nbd: the command line of the NBD gateway.
+#
+# One process serves many NBD connections to the origin ("origin", also the
+# default export) and to every live snapshot ("snap-TAG"). Once listening it
+# prints one "listening URL" line per listener on stdout, then flushes
+# (scripts and tests read them); logs go to stderr. SIGTERM and SIGINT stop
+# it cleanly with exit status 0.
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+
+import trio
+
+from csnap_client import Connector, tcp_connector
+from csnap_nbd.server import GatewayConfig, GatewayStartError, serve
+from csnap_nbd.settings import Settings
+
+__all__ = ["main", "run"]
+
+log = logging.getLogger("csnap.nbd")
+
+EXIT_OK = 0
+EXIT_USAGE = 2
+EXIT_CANNOT_START = 3
+
+#: The IANA port for NBD.
+NBD_PORT = 10809
+
+_EPILOG = """\
+examples:
+  csnap-nbd --server 127.0.0.1:7000 --listen 127.0.0.1:10809
+  csnap-nbd --agent /run/csnap/agent.sock --unix /run/csnap/nbd.sock --read-only
+  nbdinfo --list nbd://127.0.0.1:10809
+  qemu-img convert -O raw nbd://127.0.0.1:10809/snap-3 snap-3.raw
+
+Exports: "origin" (also the empty default name) and "snap-TAG" for each live
+snapshot. Without --listen or --unix, listens on 127.0.0.1:10809. Each
+listener is printed on stdout as "listening nbd://HOST:PORT" or
+"listening nbd+unix:///?socket=PATH" once connections are accepted.
+SIGTERM or SIGINT answer the requests in flight and exit 0.
+
+exit status: 0 stopped cleanly, 2 bad arguments, 3 could not start (a file
+would not open, an address is in use).
+"""
+
+
+def _host_port(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or int(port) > 65535:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="csnap-nbd",
+        description="Export a csnap origin and its snapshots over NBD.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument(
+        "--agent",
+        metavar="PATH",
+        help="find csnapd through the csnap-agent at this socket"
+        " (the default, with $CSNAP_AGENT or @csnap-agent)",
+    )
+    where.add_argument(
+        "--server", type=_host_port, metavar="HOST:PORT", help="csnapd's address, directly"
+    )
+    parser.add_argument(
+        "--listen",
+        type=_host_port,
+        action="append",
+        default=[],
+        metavar="HOST:PORT",
+        help="TCP address to serve NBD on (repeatable; port 0 picks a free port)",
+    )
+    parser.add_argument(
+        "--unix", action="append", default=[], metavar="PATH", help="Unix socket to serve NBD on"
+    )
+    parser.add_argument(
+        "--read-only", action="store_true", help="advertise read-only exports, refuse writes"
+    )
+    parser.add_argument(
+        "--store", metavar="PATH", help="the snapshot store file (default: csnapd's)"
+    )
+    parser.add_argument("--origin", metavar="PATH", help="the origin file (default: csnapd's)")
+    parser.add_argument(
+        "--log-level", default="info", choices=["debug", "info", "warning", "error"]
+    )
+    return parser
+
+
+def _connectors(args: argparse.Namespace) -> tuple[Connector, Connector]:
+    """Data and admin connectors: a fixed address, or whatever the agent says."""
+    if args.server is not None:
+        connector = tcp_connector(*args.server)
+        return connector, connector
+    # Imported here: the agent helpers are only needed when an agent is used.
+    import csnap_client
+
+    path = args.agent or csnap_client.default_agent()
+    return csnap_client.agent_connector(path), csnap_client.agent_admin_connector(path)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the gateway; returns the exit status."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, args.log_level.upper()),
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+    connect, admin_connect = _connectors(args)
+    tcp = args.listen or ([] if args.unix else [("127.0.0.1", NBD_PORT)])
+    config = GatewayConfig(
+        connect=connect,
+        admin_connect=admin_connect,
+        tcp=tcp,
+        unix=args.unix,
+        settings=Settings(read_only=args.read_only),
+        origin=args.origin,
+        store=args.store,
+    )
+    try:
+        trio.run(_main, config)
+    except GatewayStartError as exc:
+        log.error("%s", exc)
+        return EXIT_CANNOT_START
+    return EXIT_OK
+
+
+async def _main(config: GatewayConfig) -> None:
+    stop = trio.Event()
+    serving = False
+    async with trio.open_nursery() as nursery:
+
+        async def signals() -> None:
+            # Watched from the start: a SIGTERM while csnapd is still being
+            # looked for stops the gateway too (there is nothing to drain).
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as received:
+                async for signum in received:
+                    log.info("%s: shutting down", signal.Signals(signum).name)
+                    stop.set()
+                    if not serving:
+                        nursery.cancel_scope.cancel()
+                    return
+
+        nursery.start_soon(signals)
+        urls = await nursery.start(
+            lambda task_status: serve(config, stop=stop, task_status=task_status)
+        )
+        serving = True
+        for url in urls:
+            print(f"listening {url}")
+        sys.stdout.flush()
+        await stop.wait()
+
+
+def run() -> None:
+    """Console-script entry point."""
+    sys.exit(main())

@@ -1,0 +1,238 @@
+# The data path of one export: NBD reads, writes, zeroes, flushes and block
+# status turned into csnapd requests and file I/O.
+#
+#   origin read      straight from the origin file (no server round trip)
+#   origin write     origin_write grant for the chunks touched, then write
+#                    the origin inside it; the grant closes after the data
+#                    is written, because a snapshot create waits for it
+#   snapshot read    snapshot_read plan: store chunks or the origin (the
+#                    latter read-locked until the block ends)
+#   snapshot write   snapshot_write segments: the server has already copied
+#                    each chunk's old contents into the store chunk it gives,
+#                    so only the bytes asked for are written there
+#
+# Requests are split into pieces of at most max_chunks chunks, one grant at
+# a time: holding one grant while asking for the next could wait forever on
+# a create barrier that itself waits for the first grant.
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from csnap_client import (
+    ClientClosedError,
+    ConnectionLostError,
+    DataClient,
+    ServerError,
+    SnapshotDeletedError,
+)
+from csnap_nbd.backing import Backing, BackingIOError, Transfer
+from csnap_nbd.geometry import (
+    Piece,
+    Placement,
+    extents,
+    origin_placements,
+    pieces,
+    store_placements,
+)
+from csnap_nbd.wire.constants import Errno
+from csnap_protocol import ErrorCode
+
+__all__ = [
+    "DataPath",
+    "OriginPath",
+    "SnapshotPath",
+    "IOFailedError",
+    "ExportGoneError",
+    "EXCEPTIONS_FLAG",
+    "STATUS_PIECES",
+]
+
+#: csnap:exceptions status bit: the chunk has a copy in the store.
+EXCEPTIONS_FLAG = 1
+#: Most server queries one BLOCK_STATUS answers with; clients ask again for the rest.
+STATUS_PIECES = 4
+#: Zeroes are written from one shared buffer of this size.
+_ZERO_SLICE = 1 << 20
+_ZEROES = memoryview(bytes(_ZERO_SLICE))
+
+#: csnapd errors that mean the request can never succeed as asked.
+_INVALID = frozenset({ErrorCode.INVALID_REQUEST, ErrorCode.REQUEST_TOO_LARGE})
+_NO_SPACE = frozenset({ErrorCode.STORE_FULL, ErrorCode.METADATA_FULL})
+
+
+class IOFailedError(Exception):
+    """A request failed; `error` is the NBD error to reply with."""
+
+    def __init__(self, error: Errno, message: str):
+        super().__init__(message)
+        self.error = error
+
+
+class ExportGoneError(IOFailedError):
+    """The export's snapshot was deleted (or its client closed): nothing more will work."""
+
+    def __init__(self, message: str):
+        super().__init__(Errno.EIO, message)
+
+
+@contextmanager
+def _translated() -> Iterator[None]:
+    """csnapd and file errors as NBD errors."""
+    try:
+        yield
+    except (SnapshotDeletedError, ClientClosedError, ConnectionLostError) as exc:
+        raise ExportGoneError(str(exc) or type(exc).__name__) from exc
+    except ServerError as exc:
+        if exc.error in _NO_SPACE:
+            raise IOFailedError(Errno.ENOSPC, str(exc)) from exc
+        if exc.error in _INVALID:
+            raise IOFailedError(Errno.EINVAL, str(exc)) from exc
+        raise IOFailedError(Errno.EIO, str(exc)) from exc
+    except BackingIOError as exc:
+        raise IOFailedError(Errno.ENOSPC if exc.no_space else Errno.EIO, str(exc)) from exc
+
+
+def _zero_placements(placements: list[Placement]) -> list[Placement]:
+    """Placements that all read from the start of the shared zero buffer."""
+    return [
+        Placement(p.position + done, 0, min(_ZERO_SLICE, p.size - done))
+        for p in placements
+        for done in range(0, p.size, _ZERO_SLICE)
+    ]
+
+
+def _check_covers(piece: Piece, transfers: list[Transfer], what: str) -> None:
+    """csnapd must place every byte of a piece; a gap would lose data silently."""
+    placed = sum(p.size for t in transfers for p in t.placements)
+    if placed != piece.end - piece.start:
+        raise IOFailedError(
+            Errno.EIO,
+            f"{what} for chunks {piece.first}+{piece.count} placed {placed} of"
+            f" {piece.end - piece.start} bytes",
+        )
+
+
+class DataPath:
+    """What every export does the same way; subclasses place the data."""
+
+    #: Whether writes land in the store (snapshot) or the origin.
+    writes_store = False
+
+    def __init__(self, client: DataClient, backing: Backing):
+        self.client = client
+        self.backing = backing
+        self.chunk_size = client.chunk_size
+        self.size = client.origin_chunks * client.chunk_size
+
+    def _pieces(self, offset: int, length: int) -> Iterator[Piece]:
+        return pieces(offset, length, self.chunk_size, self.client.max_chunks)
+
+    async def read(self, offset: int, length: int) -> bytearray:
+        raise NotImplementedError
+
+    async def _write_piece(self, piece: Piece, offset: int, data: memoryview, zeroes: bool) -> None:
+        raise NotImplementedError
+
+    async def write(self, offset: int, data: memoryview, *, fua: bool) -> None:
+        with _translated():
+            for piece in self._pieces(offset, len(data)):
+                await self._write_piece(piece, offset, data, False)
+            if fua:
+                await self._sync_written()
+
+    async def zero(self, offset: int, length: int, *, fua: bool) -> None:
+        with _translated():
+            for piece in self._pieces(offset, length):
+                await self._write_piece(piece, offset, _ZEROES, True)
+            if fua:
+                await self._sync_written()
+
+    async def _sync_written(self) -> None:
+        await self.backing.sync(origin=not self.writes_store, store=self.writes_store)
+
+    async def flush(self) -> None:
+        """Both files: a flush covers every write replied to, on any export."""
+        with _translated():
+            await self.backing.sync()
+
+    async def exceptions(self, offset: int, length: int, *, req_one: bool) -> list[tuple[int, int]]:
+        """csnap:exceptions descriptors from the start of the request.
+
+        Answers at most STATUS_PIECES server queries' worth; the spec lets a
+        server describe less than asked, and clients ask again from where
+        the answer stopped.
+        """
+        out: list[tuple[int, int]] = []
+        with _translated():
+            for number, piece in enumerate(self._pieces(offset, length)):
+                if number == STATUS_PIECES or (req_one and out):
+                    break
+                copied = await self.client.copied_ranges([(piece.first, piece.count)])
+                for extent in extents(piece, copied, self.chunk_size, EXCEPTIONS_FLAG):
+                    if out and out[-1][1] == extent[1]:
+                        out[-1] = (out[-1][0] + extent[0], extent[1])
+                    else:
+                        out.append(extent)
+        return out[:1] if req_one else out
+
+    @staticmethod
+    def allocation(length: int) -> list[tuple[int, int]]:
+        """base:allocation: all data, since nothing proves a hole or zeroes here."""
+        return [(length, 0)]
+
+
+class OriginPath(DataPath):
+    """The origin volume: reads need nobody, writes need a grant."""
+
+    async def read(self, offset: int, length: int) -> bytearray:
+        into = bytearray(length)
+        placement = [Placement(offset, 0, length)]
+        with _translated():
+            await self.backing.read([Transfer(self.backing.origin, "origin", placement)], into)
+        return into
+
+    async def _write_piece(self, piece: Piece, offset: int, data: memoryview, zeroes: bool) -> None:
+        placements = [Placement(piece.start, piece.start - offset, piece.end - piece.start)]
+        if zeroes:
+            placements = _zero_placements(placements)
+        transfer = Transfer(self.backing.origin, "origin", placements)
+        async with self.client.origin_write([(piece.first, piece.count)]):
+            await self.backing.write([transfer], data)
+
+
+class SnapshotPath(DataPath):
+    """One snapshot: csnapd says where every chunk is."""
+
+    writes_store = True
+
+    async def read(self, offset: int, length: int) -> bytearray:
+        into = bytearray(length)
+        cs = self.chunk_size
+        with _translated():
+            for piece in self._pieces(offset, length):
+                async with self.client.snapshot_read([(piece.first, piece.count)]) as plan:
+                    transfers = [
+                        Transfer(
+                            self.backing.store,
+                            "store",
+                            store_placements(plan.store, piece, offset, cs),
+                        ),
+                        Transfer(
+                            self.backing.origin,
+                            "origin",
+                            origin_placements(plan.origin, piece, offset, cs),
+                        ),
+                    ]
+                    _check_covers(piece, transfers, "snapshot_read")
+                    await self.backing.read(transfers, into)
+        return into
+
+    async def _write_piece(self, piece: Piece, offset: int, data: memoryview, zeroes: bool) -> None:
+        async with self.client.snapshot_write([(piece.first, piece.count)]) as segments:
+            placements = store_placements(segments, piece, offset, self.chunk_size)
+            transfer = Transfer(self.backing.store, "store", placements)
+            _check_covers(piece, [transfer], "snapshot_write")
+            if zeroes:
+                transfer = Transfer(self.backing.store, "store", _zero_placements(placements))
+            await self.backing.write([transfer], data)

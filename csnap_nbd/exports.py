@@ -1,0 +1,245 @@
+# Which exports exist and the csnapd client behind each one in use.
+#
+# Names: "origin" (also the default, empty name) and "snap-TAG" for every
+# live snapshot. The list comes from csnapd when a client asks (NBD_OPT_LIST,
+# INFO, GO), so a snapshot created a moment ago is there and a deleted one
+# is not.
+#
+# One DataClient per export in use, shared by every NBD connection to it:
+# opened by the first connection, closed when the last one leaves. Its task
+# lives in the gateway's nursery, not in any connection's, so a connection
+# that goes away does not take the client down under the others.
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+import trio
+
+from csnap_client import (
+    ConnectionLostError,
+    Connector,
+    DataClient,
+    ServerError,
+    open_admin,
+    open_client,
+)
+from csnap_nbd.backing import Backing
+from csnap_nbd.datapath import DataPath, OriginPath, SnapshotPath
+
+__all__ = [
+    "ORIGIN",
+    "SNAPSHOT_PREFIX",
+    "Geometry",
+    "ExportInfo",
+    "Exports",
+    "UnknownExportError",
+    "ServerUnreachableError",
+    "parse_export_name",
+    "snapshot_export",
+]
+
+log = logging.getLogger("csnap.nbd.exports")
+
+ORIGIN = "origin"
+SNAPSHOT_PREFIX = "snap-"
+#: How long a list or lookup may wait for csnapd before the option fails.
+ADMIN_TIMEOUT = 30.0
+
+
+class UnknownExportError(Exception):
+    """No such export (a bad name, or a snapshot that is not live)."""
+
+
+class ServerUnreachableError(Exception):
+    """csnapd did not answer in time."""
+
+
+@dataclass(frozen=True, slots=True)
+class Geometry:
+    chunk_size: int
+    origin_chunks: int
+
+    @property
+    def size(self) -> int:
+        return self.chunk_size * self.origin_chunks
+
+
+@dataclass(frozen=True, slots=True)
+class ExportInfo:
+    name: str
+    tag: int | None
+    description: str
+
+
+def parse_export_name(name: str) -> int | None:
+    """The snapshot tag an export name means (None for the origin).
+
+    Raises:
+        UnknownExportError: not a name this gateway exports.
+    """
+    if name in ("", ORIGIN):
+        return None
+    digits = name.removeprefix(SNAPSHOT_PREFIX)
+    if digits != name and digits.isascii() and digits.isdigit() and len(digits) <= 10:
+        tag = int(digits)
+        if tag < 1 << 32 and str(tag) == digits:
+            return tag
+    raise UnknownExportError(f"no export named {name!r}")
+
+
+def snapshot_export(tag: int) -> str:
+    return f"{SNAPSHOT_PREFIX}{tag}"
+
+
+def _describe(tag: int | None) -> str:
+    return "the origin volume" if tag is None else f"snapshot {tag}"
+
+
+@dataclass(eq=False)
+class _Open:
+    """A DataClient shared by the connections using one export."""
+
+    tag: int | None
+    users: int = 0
+    ready: trio.Event = field(default_factory=trio.Event)
+    release: trio.Event = field(default_factory=trio.Event)
+    path: DataPath | None = None
+    failure: str | None = None
+
+
+class Exports:
+    """The exports of one gateway; `run` must be running for `use` to work."""
+
+    def __init__(
+        self,
+        connect: Connector,
+        admin_connect: Connector,
+        geometry: Geometry,
+        backing: Backing,
+    ):
+        self._connect = connect
+        self._admin_connect = admin_connect
+        self.geometry = geometry
+        self.backing = backing
+        self._open: dict[int | None, _Open] = {}
+        self._nursery: trio.Nursery | None = None
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Host the export clients until cancelled."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            await trio.sleep_forever()
+
+    async def _snapshot_tags(self) -> list[int]:
+        try:
+            with trio.fail_after(ADMIN_TIMEOUT):
+                async with open_admin(self._admin_connect) as admin:
+                    snapshots = await admin.list_snapshots()
+        except trio.TooSlowError as exc:
+            raise ServerUnreachableError("csnapd did not list its snapshots in time") from exc
+        except (OSError, ServerError, ConnectionLostError) as exc:
+            raise ServerUnreachableError(f"cannot list snapshots: {exc}") from exc
+        return [int(s["tag"]) for s in snapshots if s.get("state", "live") == "live"]
+
+    async def list_exports(self) -> list[ExportInfo]:
+        """Every export now: the origin, then each live snapshot, oldest first."""
+        tags = await self._snapshot_tags()
+        return [ExportInfo(ORIGIN, None, _describe(None))] + [
+            ExportInfo(snapshot_export(tag), tag, _describe(tag)) for tag in tags
+        ]
+
+    async def lookup(self, name: str) -> ExportInfo:
+        """The export `name` means, if it exists now.
+
+        Raises:
+            UnknownExportError, ServerUnreachableError.
+        """
+        tag = parse_export_name(name)
+        if tag is not None:
+            entry = self._open.get(tag)
+            # An export in use is known to be live without asking csnapd.
+            in_use = entry is not None and entry.path is not None
+            if not in_use and tag not in await self._snapshot_tags():
+                raise UnknownExportError(f"snapshot {tag} is not live")
+        return ExportInfo(ORIGIN if tag is None else name, tag, _describe(tag))
+
+    @asynccontextmanager
+    async def use(self, tag: int | None) -> AsyncIterator[DataPath]:
+        """The export's data path, shared; released when the block ends.
+
+        Raises:
+            UnknownExportError: csnapd refused the export (a snapshot not live).
+        """
+        entry = self._open.get(tag)
+        if entry is None:
+            entry = self._open[tag] = _Open(tag)
+            await self._start(entry)
+        else:
+            await entry.ready.wait()
+        if entry.path is None:
+            raise UnknownExportError(entry.failure or f"cannot open {_describe(tag)}")
+        entry.users += 1
+        try:
+            yield entry.path
+        finally:
+            entry.users -= 1
+            if entry.users == 0:
+                self._forget(entry)
+                entry.release.set()
+
+    def gone(self, path: DataPath) -> None:
+        """The export behind `path` ended (snapshot deleted): new users open afresh."""
+        for entry in list(self._open.values()):
+            if entry.path is path:
+                self._forget(entry)
+
+    def _forget(self, entry: _Open) -> None:
+        if self._open.get(entry.tag) is entry:
+            del self._open[entry.tag]
+
+    async def _start(self, entry: _Open) -> None:
+        assert self._nursery is not None, "Exports.run is not running"
+        try:
+            await self._nursery.start(self._hold, entry)
+        except ServerError as exc:
+            entry.failure = f"csnapd refused {_describe(entry.tag)}: {exc.message}"
+        except BaseException:
+            entry.failure = f"opening {_describe(entry.tag)} was interrupted"
+            self._forget(entry)
+            entry.ready.set()
+            raise
+        if entry.path is None:
+            self._forget(entry)
+        entry.ready.set()
+
+    async def _hold(self, entry: _Open, *, task_status: trio.TaskStatus[None]) -> None:
+        started = False
+        try:
+            async with open_client(self._connect, snapshot=entry.tag) as client:
+                entry.path = self._path(client, entry.tag)
+                log.info("opened %s", _describe(entry.tag))
+                started = True
+                task_status.started()
+                await entry.release.wait()
+        except Exception as exc:
+            if not started:
+                raise
+            # The client failed for good (e.g. the snapshot vanished across a
+            # server restart): its users see errors and new users reopen.
+            log.warning("%s: client ended: %s", _describe(entry.tag), exc)
+            self._forget(entry)
+        else:
+            log.info("closed %s", _describe(entry.tag))
+
+    def _path(self, client: DataClient, tag: int | None) -> DataPath:
+        if client.chunk_size != self.geometry.chunk_size or (
+            client.origin_chunks != self.geometry.origin_chunks
+        ):
+            raise ServerError(0, "geometry", "csnapd's geometry changed since the gateway started")
+        if tag is None:
+            return OriginPath(client, self.backing)
+        return SnapshotPath(client, self.backing)

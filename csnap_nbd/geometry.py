@@ -1,0 +1,116 @@
+# Byte ranges of an export against csnap's chunks: which chunks a request
+# touches, in pieces the server accepts (at most max_chunks each), where each
+# byte of a piece lives in the origin or store file, and the extents of a
+# chunk-granular answer (query_map) clipped to a byte-granular request.
+#
+# Pure arithmetic, no I/O: unaligned requests are the point of this module,
+# and it is tested on its own.
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+
+__all__ = ["Piece", "Placement", "pieces", "store_placements", "origin_placements", "extents"]
+
+
+@dataclass(frozen=True, slots=True)
+class Piece:
+    """Chunks first..first+count-1, covering export bytes start..end-1 of a request."""
+
+    first: int
+    count: int
+    start: int
+    end: int
+
+
+@dataclass(frozen=True, slots=True)
+class Placement:
+    """`size` bytes at byte `position` of a file, and at `buffer` in the request's data."""
+
+    position: int
+    buffer: int
+    size: int
+
+
+def pieces(offset: int, length: int, chunk_size: int, max_chunks: int) -> Iterator[Piece]:
+    """Split export bytes offset..offset+length-1 into runs of at most max_chunks chunks."""
+    if length <= 0:
+        return
+    end = offset + length
+    chunk = offset // chunk_size
+    last = (end - 1) // chunk_size
+    while chunk <= last:
+        count = min(max_chunks, last - chunk + 1)
+        start = max(offset, chunk * chunk_size)
+        stop = min(end, (chunk + count) * chunk_size)
+        yield Piece(chunk, count, start, stop)
+        chunk += count
+
+
+def _clip(chunk: int, count: int, chunk_size: int, piece: Piece) -> tuple[int, int] | None:
+    lo = max(piece.start, chunk * chunk_size)
+    hi = min(piece.end, (chunk + count) * chunk_size)
+    return (lo, hi) if lo < hi else None
+
+
+def store_placements(
+    segments: Iterable[tuple[int, int, int]], piece: Piece, offset: int, chunk_size: int
+) -> list[Placement]:
+    """Where the bytes of `piece` are in the store, for (chunk, count, store chunk) segments.
+
+    `offset` is where the request's buffer starts in the export. Only the
+    bytes the request covers are placed: a partial chunk is never widened.
+    """
+    out: list[Placement] = []
+    for chunk, count, store_chunk in segments:
+        span = _clip(chunk, count, chunk_size, piece)
+        if span is not None:
+            lo, hi = span
+            position = store_chunk * chunk_size + (lo - chunk * chunk_size)
+            out.append(Placement(position, lo - offset, hi - lo))
+    return out
+
+
+def origin_placements(
+    ranges: Iterable[tuple[int, int]], piece: Piece, offset: int, chunk_size: int
+) -> list[Placement]:
+    """Where the bytes of `piece` are in the origin, for (chunk, count) ranges."""
+    out: list[Placement] = []
+    for chunk, count in ranges:
+        span = _clip(chunk, count, chunk_size, piece)
+        if span is not None:
+            lo, hi = span
+            out.append(Placement(lo, lo - offset, hi - lo))
+    return out
+
+
+def extents(
+    piece: Piece, flagged: Sequence[tuple[int, int]], chunk_size: int, flag: int
+) -> list[tuple[int, int]]:
+    """(length, flags) descriptors for bytes piece.start..piece.end-1.
+
+    `flagged` are ascending (chunk, count) ranges whose chunks get `flag`;
+    every other byte gets 0. Neighbours with equal flags are merged, as the
+    spec asks servers to do.
+    """
+    out: list[tuple[int, int]] = []
+
+    def emit(length: int, value: int) -> None:
+        if length <= 0:
+            return
+        if out and out[-1][1] == value:
+            out[-1] = (out[-1][0] + length, value)
+        else:
+            out.append((length, value))
+
+    position = piece.start
+    for chunk, count in sorted(flagged):
+        span = _clip(chunk, count, chunk_size, piece)
+        if span is None:
+            continue
+        lo, hi = span
+        emit(lo - position, 0)
+        emit(hi - max(lo, position), flag)
+        position = max(position, hi)
+    emit(piece.end - position, 0)
+    return out

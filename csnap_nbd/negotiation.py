@@ -1,0 +1,260 @@
+# The handshake of one connection, over trio: greeting, client flags, then
+# options until the client picks an export (GO or EXPORT_NAME) or leaves.
+#
+# Every option gets a reply, an unknown one NBD_REP_ERR_UNSUP, a malformed
+# one NBD_REP_ERR_INVALID; only broken framing (bad magic, unknown client
+# flags, an option too long to skip) ends the connection, as the spec asks.
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
+
+from csnap_nbd.connection import Connection
+from csnap_nbd.datapath import DataPath
+from csnap_nbd.exports import (
+    ExportInfo,
+    Exports,
+    ServerUnreachableError,
+    UnknownExportError,
+)
+from csnap_nbd.settings import Settings
+from csnap_nbd.wire import NbdProtocolError, OptionDataError
+from csnap_nbd.wire import handshake as hs
+from csnap_nbd.wire.constants import ClientFlag, HandshakeFlag, Info, Option, Reply
+from csnap_nbd.wire.constants import TransmissionFlag as TF
+from csnap_nbd.wire.contexts import MetaContext, select_contexts, valid_query
+
+__all__ = ["Negotiated", "negotiate", "transmission_flags", "MIN_BLOCK"]
+
+log = logging.getLogger("csnap.nbd.handshake")
+
+OFFERED = HandshakeFlag.FIXED_NEWSTYLE | HandshakeFlag.NO_ZEROES
+#: Requests of any alignment work (partial chunks are handled), so the
+#: advertised minimum is one byte.
+MIN_BLOCK = 1
+
+
+@dataclass
+class Negotiated:
+    """What the handshake settled: the export, its data path, reply style, contexts."""
+
+    export: ExportInfo
+    path: DataPath
+    flags: TF
+    structured: bool
+    contexts: list[MetaContext]
+
+
+def transmission_flags(settings: Settings, *, structured: bool) -> TF:
+    """What every export advertises: flush and FUA, zeroes, trim (a hint we
+    ignore), cache (a hint we ignore), and multi-conn, since the gateway
+    keeps no cache of its own and a flush syncs the files every connection
+    writes to."""
+    flags = TF.HAS_FLAGS | TF.SEND_FLUSH | TF.SEND_FUA | TF.SEND_CACHE | TF.CAN_MULTI_CONN
+    if settings.read_only:
+        flags |= TF.READ_ONLY
+    else:
+        flags |= TF.SEND_WRITE_ZEROES | TF.SEND_TRIM
+    if structured:
+        # Reads are always answered with one data chunk, so "don't fragment"
+        # costs nothing to honour.
+        flags |= TF.SEND_DF
+    return flags
+
+
+@dataclass
+class _State:
+    conn: Connection
+    exports: Exports
+    settings: Settings
+    stack: AsyncExitStack
+    stopping: Callable[[], bool]
+    no_zeroes: bool = False
+    structured: bool = False
+    contexts: list[MetaContext] = field(default_factory=list)
+    #: The export the contexts were selected for: GO on another drops them.
+    contexts_for: str | None = None
+    result: Negotiated | None = None
+    done: bool = False
+
+    async def reply(self, opt: int, reply: int, data: bytes = b"") -> None:
+        await self.conn.send(hs.option_reply(opt, reply, data))
+
+    async def error(self, opt: int, reply: Reply, message: str) -> None:
+        log.debug("option %d refused: %s", opt, message)
+        await self.conn.send(hs.error_reply(opt, reply, message))
+
+
+async def negotiate(
+    conn: Connection,
+    exports: Exports,
+    settings: Settings,
+    stack: AsyncExitStack,
+    stopping: Callable[[], bool] = lambda: False,
+) -> Negotiated | None:
+    """Run the handshake; the export (if any) stays open until `stack` closes.
+
+    Returns None when the client aborted or asked for an export that cannot
+    be served with EXPORT_NAME (which has no way to say no but closing).
+
+    Raises:
+        NbdProtocolError: framing the connection cannot recover from.
+        PeerClosedError: the client went away.
+    """
+    await conn.send(hs.greeting(OFFERED))
+    flags = hs.parse_client_flags(await conn.receive_exactly(hs.CLIENT_FLAGS.size), OFFERED)
+    state = _State(conn, exports, settings, stack, stopping)
+    state.no_zeroes = bool(flags & ClientFlag.C_NO_ZEROES)
+    while not state.done:
+        header = hs.parse_option_header(await conn.receive_exactly(hs.OPTION_HEADER.size))
+        handler = _HANDLERS.get(header.option)
+        if header.length > settings.max_option:
+            if header.length > settings.max_drain:
+                raise NbdProtocolError(f"option {header.option} with {header.length} bytes")
+            await conn.discard(header.length)
+            if handler is None:
+                await state.error(header.option, Reply.ERR_UNSUP, "unknown option")
+            else:
+                await state.error(header.option, Reply.ERR_TOO_BIG, "option data too long")
+            continue
+        data = await conn.receive_exactly(header.length)
+        if stopping() and header.option != Option.ABORT:
+            if header.option == Option.EXPORT_NAME:
+                return None
+            await state.error(header.option, Reply.ERR_SHUTDOWN, "the gateway is shutting down")
+            continue
+        if handler is None:
+            await state.error(header.option, Reply.ERR_UNSUP, f"option {header.option} unknown")
+            continue
+        try:
+            await handler(state, header.option, data)
+        except OptionDataError as exc:
+            if header.option == Option.EXPORT_NAME:
+                return None  # no error reply exists for it
+            await state.error(header.option, Reply.ERR_INVALID, str(exc))
+    return state.result
+
+
+async def _abort(state: _State, opt: int, data: bytes) -> None:
+    await state.reply(opt, Reply.ACK)
+    state.done = True
+
+
+async def _list(state: _State, opt: int, data: bytes) -> None:
+    if data:
+        raise OptionDataError("NBD_OPT_LIST carries no data")
+    try:
+        exports = await state.exports.list_exports()
+    except ServerUnreachableError as exc:
+        await state.error(opt, Reply.ERR_POLICY, str(exc))
+        return
+    for export in exports:
+        await state.reply(opt, Reply.SERVER, hs.server_entry(export.name, export.description))
+    await state.reply(opt, Reply.ACK)
+
+
+async def _structured(state: _State, opt: int, data: bytes) -> None:
+    if data:
+        raise OptionDataError("NBD_OPT_STRUCTURED_REPLY carries no data")
+    state.structured = True
+    await state.reply(opt, Reply.ACK)
+
+
+async def _lookup(state: _State, opt: int, name: str) -> ExportInfo | None:
+    try:
+        return await state.exports.lookup(name)
+    except UnknownExportError as exc:
+        await state.error(opt, Reply.ERR_UNKNOWN, str(exc))
+    except ServerUnreachableError as exc:
+        await state.error(opt, Reply.ERR_UNKNOWN, f"cannot check export {name!r}: {exc}")
+    return None
+
+
+async def _info(state: _State, opt: int, data: bytes) -> None:
+    """NBD_OPT_INFO and NBD_OPT_GO; GO also opens the export and ends the handshake."""
+    request = hs.parse_info_request(data)
+    export = await _lookup(state, opt, request.name)
+    if export is None:
+        return
+    path: DataPath | None = None
+    if opt == Option.GO:
+        try:
+            path = await state.stack.enter_async_context(state.exports.use(export.tag))
+        except UnknownExportError as exc:
+            await state.error(opt, Reply.ERR_UNKNOWN, str(exc))
+            return
+    flags = transmission_flags(state.settings, structured=state.structured)
+    size = state.exports.geometry.size
+    await state.reply(opt, Reply.INFO, hs.info_export(size, flags))
+    if Info.NAME in request.infos:
+        await state.reply(opt, Reply.INFO, hs.info_name(export.name))
+    if Info.DESCRIPTION in request.infos:
+        await state.reply(opt, Reply.INFO, hs.info_description(export.description))
+    # Sent even when not asked for: clients that did not ask treat it as a
+    # hint, and nothing here depends on them obeying it.
+    block = hs.info_block_size(
+        MIN_BLOCK, state.exports.geometry.chunk_size, state.settings.max_payload
+    )
+    await state.reply(opt, Reply.INFO, block)
+    await state.reply(opt, Reply.ACK)
+    if path is not None:
+        _finish(state, export, path, flags)
+
+
+async def _export_name(state: _State, opt: int, data: bytes) -> None:
+    """The old way in: no error reply exists, so a bad export closes the connection."""
+    name = hs.parse_export_name(data)
+    state.done = True
+    try:
+        export = await state.exports.lookup(name)
+        path = await state.stack.enter_async_context(state.exports.use(export.tag))
+    except (UnknownExportError, ServerUnreachableError) as exc:
+        log.info("NBD_OPT_EXPORT_NAME %r: %s; closing", name, exc)
+        return
+    flags = transmission_flags(state.settings, structured=state.structured)
+    size = state.exports.geometry.size
+    await state.conn.send(hs.export_name_reply(size, flags, no_zeroes=state.no_zeroes))
+    _finish(state, export, path, flags)
+
+
+def _finish(state: _State, export: ExportInfo, path: DataPath, flags: TF) -> None:
+    contexts = state.contexts if state.contexts_for == export.name else []
+    state.result = Negotiated(export, path, flags, state.structured, contexts)
+    state.done = True
+
+
+async def _meta_context(state: _State, opt: int, data: bytes) -> None:
+    """LIST_META_CONTEXT (ids 0, as the spec reserves) and SET_META_CONTEXT."""
+    if not state.structured:
+        raise OptionDataError("metadata contexts need structured replies first")
+    request = hs.parse_meta_context_request(data)
+    for query in request.queries:
+        if not valid_query(query):
+            raise OptionDataError(f"query {query!r} does not start with a namespace")
+    listing = opt == Option.LIST_META_CONTEXT
+    export = await _lookup(state, opt, request.name)
+    if export is None:
+        if not listing:
+            state.contexts, state.contexts_for = [], None
+        return
+    chosen = select_contexts(request.queries, listing=listing)
+    for context in chosen:
+        entry = hs.meta_context_entry(0 if listing else context.id, context.name)
+        await state.reply(opt, Reply.META_CONTEXT, entry)
+    if not listing:
+        state.contexts, state.contexts_for = chosen, export.name
+    await state.reply(opt, Reply.ACK)
+
+
+_HANDLERS: dict[int, Callable[[_State, int, bytes], Awaitable[None]]] = {
+    Option.EXPORT_NAME: _export_name,
+    Option.ABORT: _abort,
+    Option.LIST: _list,
+    Option.INFO: _info,
+    Option.GO: _info,
+    Option.STRUCTURED_REPLY: _structured,
+    Option.LIST_META_CONTEXT: _meta_context,
+    Option.SET_META_CONTEXT: _meta_context,
+}

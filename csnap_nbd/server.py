@@ -1,0 +1,285 @@
+# The gateway process: find csnapd's geometry and files, listen on TCP
+# and/or Unix sockets, run one handshake then one transmission per
+# connection, and stop cleanly.
+#
+# Stopping: listeners close first, connections still negotiating are
+# dropped, connections in transmission answer what they already took and
+# close; after a grace period whatever is left is cancelled. Export clients
+# close last, so no grant is left open behind a write.
+from __future__ import annotations
+
+import errno
+import itertools
+import logging
+import os
+import socket
+import stat
+from collections.abc import Sequence
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
+
+import trio
+
+from csnap_client import ConnectionLostError, Connector, ServerError, open_admin
+from csnap_nbd.backing import Backing
+from csnap_nbd.commands import Transmission
+from csnap_nbd.connection import Connection, PeerClosedError, set_nodelay
+from csnap_nbd.exports import Exports, Geometry
+from csnap_nbd.negotiation import negotiate
+from csnap_nbd.settings import Settings
+from csnap_nbd.wire import NbdProtocolError
+
+__all__ = ["GatewayConfig", "serve", "discover", "GatewayStartError"]
+
+log = logging.getLogger("csnap.nbd")
+
+#: How long stopping waits for requests in flight before cancelling them.
+STOP_GRACE = 10.0
+#: How long one attempt to reach csnapd at start may take.
+DISCOVER_TIMEOUT = 30.0
+
+
+class GatewayStartError(Exception):
+    """The gateway cannot start (a file will not open, an address is taken)."""
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    connect: Connector
+    admin_connect: Connector
+    tcp: Sequence[tuple[str, int]] = ()
+    unix: Sequence[str] = ()
+    settings: Settings = field(default_factory=Settings)
+    #: Override the file paths csnapd reports (e.g. when it runs elsewhere).
+    origin: str | None = None
+    store: str | None = None
+
+
+@dataclass
+class _Conn:
+    number: int
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    transmission: Transmission | None = None
+
+
+async def discover(admin_connect: Connector) -> tuple[Geometry, str, str]:
+    """csnapd's geometry and its (store, origin) paths; retries until it answers."""
+    delay = 0.1
+    while True:
+        try:
+            with trio.fail_after(DISCOVER_TIMEOUT):
+                async with open_admin(admin_connect) as admin:
+                    info = await admin.server_info()
+                    status = await admin.status()
+            geometry = Geometry(int(status.store["chunk_size"]), int(status.store["origin_chunks"]))
+            return geometry, str(info["store"]), str(info["origin"])
+        except (OSError, ServerError, ConnectionLostError, trio.TooSlowError) as exc:
+            log.warning("cannot reach csnapd yet (%s); retrying", exc or type(exc).__name__)
+            await trio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
+
+class _Gateway:
+    def __init__(self, exports: Exports, settings: Settings):
+        self.exports = exports
+        self.settings = settings
+        self.stopping = False
+        self._conns: dict[int, _Conn] = {}
+        self._numbers = itertools.count(1)
+        self.idle = trio.Event()
+        self.idle.set()
+
+    async def accept(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
+        async with listener:
+            while True:
+                try:
+                    stream = await listener.accept()
+                except OSError as exc:
+                    # Out of descriptors or memory: back off instead of spinning.
+                    log.error("accept failed: %s", exc.strerror or exc)
+                    await trio.sleep(0.1)
+                    continue
+                nursery.start_soon(self.connection, stream)
+
+    async def connection(self, stream: trio.SocketStream) -> None:
+        set_nodelay(stream)
+        conn = Connection(stream)
+        entry = _Conn(next(self._numbers))
+        self._conns[entry.number] = entry
+        self.idle = trio.Event()
+        try:
+            with entry.scope:
+                await self._serve(conn, entry)
+        except (PeerClosedError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            log.debug("connection %d: closed (%s)", entry.number, exc)
+        except NbdProtocolError as exc:
+            log.info("connection %d: protocol violation, closing: %s", entry.number, exc)
+        except Exception:
+            # One connection's bug must not take the gateway and every
+            # other connection down with it.
+            log.exception("connection %d failed", entry.number)
+        finally:
+            del self._conns[entry.number]
+            with trio.CancelScope(shield=True):
+                await conn.aclose()
+            if not self._conns:
+                self.idle.set()
+
+    async def _serve(self, conn: Connection, entry: _Conn) -> None:
+        async with AsyncExitStack() as stack:
+            negotiated = await negotiate(
+                conn, self.exports, self.settings, stack, lambda: self.stopping
+            )
+            if negotiated is None:
+                return
+            log.info("connection %d: serving %s", entry.number, negotiated.export.name)
+            transmission = entry.transmission = Transmission(
+                conn, negotiated, self.exports, self.settings
+            )
+            if self.stopping:
+                transmission.stop()
+            await transmission.run()
+            log.info("connection %d: done", entry.number)
+
+    @property
+    def open_connections(self) -> int:
+        return len(self._conns)
+
+    def stop_connections(self) -> None:
+        self.stopping = True
+        for entry in self._conns.values():
+            if entry.transmission is not None:
+                entry.transmission.stop()
+            else:
+                entry.scope.cancel()
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+async def _unix_listener(path: str) -> trio.SocketListener:
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        pass
+    else:
+        if not stat.S_ISSOCK(mode):
+            raise GatewayStartError(f"{path} exists and is not a socket")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+        except OSError:
+            os.unlink(path)  # stale: nobody listens there
+        else:
+            raise GatewayStartError(f"another server listens on {path}")
+        finally:
+            probe.close()
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        await sock.bind(path)
+        sock.listen(socket.SOMAXCONN)
+    except OSError as exc:
+        sock.close()
+        raise GatewayStartError(f"cannot listen on {path}: {exc.strerror or exc}") from exc
+    return trio.SocketListener(sock)
+
+
+async def _listeners(
+    config: GatewayConfig, created: list[str]
+) -> tuple[list[trio.SocketListener], list[str]]:
+    """Open every listener; Unix socket paths made are added to `created`."""
+    listeners: list[trio.SocketListener] = []
+    urls: list[str] = []
+    try:
+        for host, port in config.tcp:
+            try:
+                opened = await trio.open_tcp_listeners(port, host=host)
+            except OSError as exc:
+                raise GatewayStartError(
+                    f"cannot listen on {host}:{port}: {exc.strerror or exc}"
+                ) from exc
+            listeners.extend(opened)
+            for listener in opened:
+                bound_host, bound_port = listener.socket.getsockname()[:2]
+                urls.append(f"nbd://{_url_host(bound_host)}:{bound_port}")
+        for path in config.unix:
+            listeners.append(await _unix_listener(path))
+            created.append(path)
+            urls.append(f"nbd+unix:///?socket={path}")
+    except BaseException:
+        for listener in listeners:
+            listener.socket.close()
+        raise
+    return listeners, urls
+
+
+def _open_backing(config: GatewayConfig, store: str, origin: str, geometry: Geometry) -> Backing:
+    origin = config.origin or origin
+    store = config.store or store
+    try:
+        backing = Backing(origin, store, read_only=config.settings.read_only)
+    except OSError as exc:
+        raise GatewayStartError(str(exc)) from exc
+    size = os.lseek(backing.origin, 0, os.SEEK_END)
+    if stat.S_ISREG(os.fstat(backing.origin).st_mode) and size < geometry.size:
+        log.warning(
+            "origin %s has %d bytes, fewer than the export's %d", origin, size, geometry.size
+        )
+    log.info(
+        "origin %s, store %s, chunk size %d, %d chunks",
+        origin,
+        store,
+        geometry.chunk_size,
+        geometry.origin_chunks,
+    )
+    return backing
+
+
+async def serve(
+    config: GatewayConfig,
+    *,
+    stop: trio.Event,
+    task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run the gateway until `stop` is set; reports the URLs it listens on.
+
+    Raises:
+        GatewayStartError: a file or an address could not be opened.
+    """
+    geometry, store, origin = await discover(config.admin_connect)
+    backing = _open_backing(config, store, origin, geometry)
+    created: list[str] = []
+    try:
+        exports = Exports(config.connect, config.admin_connect, geometry, backing)
+        gateway = _Gateway(exports, config.settings)
+        async with trio.open_nursery() as top:
+            await top.start(exports.run)
+            listeners, urls = await _listeners(config, created)
+            async with trio.open_nursery() as conns:
+                accepting = trio.CancelScope()
+
+                async def accept_all() -> None:
+                    with accepting:
+                        async with trio.open_nursery() as acceptors:
+                            for listener in listeners:
+                                acceptors.start_soon(gateway.accept, listener, conns)
+
+                conns.start_soon(accept_all)
+                task_status.started(urls)
+                await stop.wait()
+                log.info("stopping: %d connections open", gateway.open_connections)
+                accepting.cancel()
+                gateway.stop_connections()
+                with trio.move_on_after(STOP_GRACE):
+                    await gateway.idle.wait()
+                conns.cancel_scope.cancel()
+            top.cancel_scope.cancel()
+    finally:
+        backing.close()
+        for path in created:
+            try:
+                os.unlink(path)
+            except OSError as exc:
+                if exc.errno != errno.ENOENT:
+                    log.warning("cannot remove %s: %s", path, exc.strerror)
