@@ -9,6 +9,7 @@ from collections.abc import Iterator, Mapping
 
 import pytest
 
+from csnap_agent import agent as csnap_agent
 from csnap_protocol import (
     DEFAULT_MAX_FRAME,
     MESSAGES,
@@ -55,6 +56,8 @@ LIMITS: dict[str, object] = {
     )
 }
 LIMITS["OUTBOX_LIMIT"] = OUTBOX_LIMIT
+#: The agent's limits, for the "agent_limits" table.
+AGENT_LIMITS = {"MAX_IN_FLIGHT": csnap_agent.MAX_IN_FLIGHT, "MAX_FRAME": csnap_agent.MAX_FRAME}
 
 _GENERIC_TYPES = {"T or nil", "array of T"}
 
@@ -220,7 +223,7 @@ def test_error_table_lists_every_code() -> None:
     for row in rows:
         assert len(row) == 5, row
         scopes = {word.strip() for word in row[2].split(";")}
-        assert scopes <= {"request", "connection", "refusal"}, row[1]
+        assert scopes <= {"request", "connection", "refusal", "reserved"}, row[1]
         assert row[3] and row[4], f"{row[1]}: when and what to do must be written"
 
 
@@ -258,3 +261,10 @@ def test_limits_match_csnapd() -> None:
         if option != "—":
             assert re.search(rf"(^|\s){re.escape(option)}\b", usage), f"{name}: {option}"
         assert row[3] and row[4], f"{name}: bounds and effect must be written"
+
+
+def test_agent_limits_match_the_agent() -> None:
+    rows = marked_table(DOC, "agent_limits")
+    documented = {_name(row[0]): int(row[1]) for row in rows}
+    assert documented == AGENT_LIMITS
+    assert all(row[2] and row[3] for row in rows)
