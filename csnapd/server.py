@@ -16,10 +16,12 @@
 # any other connection.
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import math
 from dataclasses import dataclass, field
+from functools import partial
 
 import trio
 
@@ -61,6 +63,8 @@ log = logging.getLogger("csnapd")
 OUTBOX_LIMIT = 4096
 #: Largest read from a socket at once.
 RECEIVE_SIZE = 1 << 16
+#: Seconds connections get at shutdown to send the replies already queued.
+FLUSH_TIMEOUT = 2.0
 #: Placeholder in an outbox for "send our hello" (the codec builds it).
 _HELLO = Ok(0)
 
@@ -105,6 +109,8 @@ class _Link:
     outbox: trio.MemorySendChannel[Message | None]
     in_flight: set[int] = field(default_factory=set)
     closing: bool = False
+    #: Set once the writer has sent everything queued before its end marker.
+    flushed: trio.Event = field(default_factory=trio.Event)
 
 
 class Server:
@@ -136,10 +142,17 @@ class Server:
         self._stopping.set()
 
     async def run(
-        self, listeners: list[trio.SocketListener], *, task_status: trio.TaskStatus[None]
+        self,
+        listeners: list[trio.SocketListener],
+        *,
+        stop: trio.Event | None = None,
+        task_status: trio.TaskStatus[None],
     ) -> None:
+        """Serve until `stop` is set or an administrator asks for shutdown."""
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            if stop is not None:
+                nursery.start_soon(_stop_on, stop, self)
             for listener in listeners:
                 nursery.start_soon(self._accept, listener)
             nursery.start_soon(self._engine_loop)
@@ -151,8 +164,19 @@ class Server:
             for listener in listeners:
                 await listener.aclose()
             await self._stopped.wait()
+            await self._flush()
             nursery.cancel_scope.cancel()
         await self._close_engine()
+
+    async def _flush(self) -> None:
+        """Let every connection send what is queued (the shutdown ok among it)."""
+        links = list(self._links.values())
+        for link in links:
+            with contextlib.suppress(trio.WouldBlock, trio.BrokenResourceError):
+                link.outbox.send_nowait(None)
+        with trio.move_on_after(FLUSH_TIMEOUT):
+            for link in links:
+                await link.flushed.wait()
 
     async def _close_engine(self) -> None:
         if self.failed:
@@ -243,7 +267,12 @@ class Server:
         request = getattr(message, "id", None)
         if request is not None:
             if request in link.in_flight:
-                self._error(link, request, ErrorCode.DUPLICATE_REQUEST, "request id in flight")
+                # The first request with this id is still in flight: keep it.
+                self._deliver(
+                    link,
+                    _error_message(request, ErrorCode.DUPLICATE_REQUEST, "request id in flight"),
+                    finished=False,
+                )
                 return
             if len(link.in_flight) >= self.config.max_in_flight:
                 self._error(
@@ -257,29 +286,49 @@ class Server:
         self._send.send_nowait(Received(peer, message))
 
     def _error(self, link: _Link, request: int | None, code: ErrorCode, text: str) -> None:
-        self._deliver(link, Error(request, int(code), code.symbol, text))
+        self._deliver(link, _error_message(request, code, text))
 
     def _refuse(self, link: _Link, code: ErrorCode, text: str) -> None:
         self._error(link, None, code, text)
         link.closing = True
 
     async def _writer(self, link: _Link, outbox: trio.MemoryReceiveChannel[Message | None]) -> None:
+        try:
+            await self._write_all(link, outbox)
+        finally:
+            link.flushed.set()
+
+    async def _write_all(
+        self, link: _Link, outbox: trio.MemoryReceiveChannel[Message | None]
+    ) -> None:
         async for message in outbox:
             if message is None:
                 return
             try:
                 data = link.codec.hello() if message is _HELLO else link.codec.send(message)
             except LocalProtocolError as exc:
+                # Too big for the peer's frame limit, say: it still gets an answer.
                 log.error("%s: cannot send %s: %s", link.peer, message.TYPE, exc)
-                continue
+                request = getattr(message, "id", None)
+                if request is None or isinstance(message, Error):
+                    continue
+                data = link.codec.send(
+                    _error_message(
+                        request,
+                        ErrorCode.REQUEST_TOO_LARGE,
+                        f"the {message.TYPE} reply does not fit in your frame limit;"
+                        " ask about fewer chunks at once",
+                    )
+                )
             try:
                 await link.stream.send_all(data)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 return
 
-    def _deliver(self, link: _Link, message: Message) -> None:
+    def _deliver(self, link: _Link, message: Message, *, finished: bool = True) -> None:
+        """Queue `message`; `finished`: it answers its request id."""
         request = getattr(message, "id", None)
-        if request is not None and not isinstance(message, Hello):
+        if finished and request is not None and not isinstance(message, Hello):
             link.in_flight.discard(request)
         try:
             link.outbox.send_nowait(message)
@@ -475,12 +524,14 @@ async def _start_server(
 ) -> Server:
     server = Server(config, engine, address)
     log.info("listening on %s", address)
-    await nursery.start(server.run, listeners)
-    if stop is not None:
-        nursery.start_soon(_stop_on, stop, server)
+    await nursery.start(partial(server.run, listeners, stop=stop))
     return server
 
 
 async def _stop_on(event: trio.Event, server: Server) -> None:
     await event.wait()
     server.request_shutdown()
+
+
+def _error_message(request: int | None, code: ErrorCode, text: str) -> Error:
+    return Error(request, int(code), code.symbol, text[:1024])

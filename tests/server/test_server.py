@@ -4,19 +4,34 @@ from __future__ import annotations
 
 import random
 import struct
+from functools import partial
 from pathlib import Path
 
 import pytest
 import trio
 import trio.lowlevel
 
-from csnap_client import DataClient, ServerError, SnapshotDeletedError, open_session
+from csnap_client import (
+    DataClient,
+    ServerError,
+    SnapshotDeletedError,
+    open_admin,
+    open_session,
+    tcp_connector,
+)
 from csnap_protocol import (
+    MIN_MAX_FRAME,
+    Connection,
+    Error,
     ErrorCode,
     Identify,
+    QuerySnapshotRead,
     QueryWrite,
     Role,
 )
+from csnapd.engine import FileDevice
+from csnapd.engine.check import check_store
+from csnapd.server import serve
 from tests.server.support import (
     CHUNK,
     Running,
@@ -324,3 +339,66 @@ async def test_query_map_reports_copies_without_locking(tmp_path: Path) -> None:
             # Snapshot 2 has no copies yet; snapshot 1's copies of 3, 4 and
             # 5 still count, chunk 6 was never copied.
             assert await origin_client.copied_ranges([(3, 4)]) == ((3, 3),)
+
+
+async def test_an_admin_shutdown_ends_serve_and_answers(tmp_path: Path) -> None:
+    config = make_store(tmp_path)
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            address = await nursery.start(partial(serve, config, stop=trio.Event()))
+            host, _, port = address.rpartition(":")
+            async with open_admin(tcp_connector(host, int(port))) as admin:
+                await admin.shutdown()  # answered: ok, not a lost connection
+        # serve() returned by itself (the nursery ended) and closed the store.
+    device = FileDevice(Path(config.store), writable=False)
+    try:
+        assert check_store(device).exit_code == 0
+    finally:
+        device.close()
+
+
+async def test_a_duplicate_id_never_frees_the_original(tmp_path: Path) -> None:
+    config = make_store(tmp_path)
+    with trio.fail_after(30):
+        async with running(config) as server, server.admin() as admin:
+            await admin.create_snapshot(1)
+            # A read lock holds origin write 50 in flight.
+            async with (
+                server.client(1) as reader,
+                reader.snapshot_read([(0, 1)]),
+                trio.open_nursery() as nursery,
+            ):
+                session = await open_session(nursery, server.connector(), Role.CLIENT)
+                await session.request(Identify(1, 99, None))
+                nursery.start_soon(session.request, QueryWrite(50, ((0, 1),)))
+                await trio.sleep(0.2)
+                for _ in range(2):
+                    with pytest.raises(ServerError) as info:
+                        await session.request(QueryWrite(50, ((1, 1),)))
+                    assert info.value.error is ErrorCode.DUPLICATE_REQUEST
+                nursery.cancel_scope.cancel()
+
+
+async def test_a_reply_too_big_for_the_peer_gets_an_error(tmp_path: Path) -> None:
+    config = make_store(tmp_path)
+    with trio.fail_after(30):
+        async with running(config) as server, server.admin() as admin:
+            await admin.create_snapshot(1)
+            async with server.client() as origin:
+                # Every other chunk copied out: the snapshot's read plan
+                # alternates store segments and origin ranges.
+                for chunk in range(0, 2048, 2):
+                    await write_origin(origin, server.origin, chunk, 2)
+            stream = await server.connector()()
+            codec = Connection(Role.CLIENT, max_frame=MIN_MAX_FRAME)
+            await stream.send_all(codec.hello())
+            await stream.send_all(codec.send(Identify(1, 5, 1)))
+            await stream.send_all(codec.send(QuerySnapshotRead(2, ((0, 2048),))))
+            replies: dict[int, object] = {}
+            while 2 not in replies:
+                codec.receive_data(await stream.receive_some(1 << 16))
+                while (message := codec.next_message()) is not None:
+                    replies[getattr(message, "id", -1)] = message
+            reply = replies[2]
+            assert isinstance(reply, Error) and reply.code == ErrorCode.REQUEST_TOO_LARGE
+            await stream.aclose()
