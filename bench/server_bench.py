@@ -28,6 +28,9 @@
 #                    (Journal.checkpoint). Checkpoints are the store's
 #                    sequence advance minus the commits: both advance it.
 #   batch          = replies / commits: requests answered per group commit.
+# CPU time per reply of the csnapd process (from /proc) and of this load
+# generator says which side is busy: on a small machine both compete for
+# the same cores.
 #
 # Snapshot lifecycle: create latency with 0 and with 8 idle origin clients
 # connected (the latter includes the create barrier's round trips),
