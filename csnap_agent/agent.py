@@ -225,13 +225,19 @@ class Agent:
         elif isinstance(message, RELAYED):
             peer.in_flight.add(message.id)
             peer.nursery.start_soon(self._relay_request, peer, message)
-        else:
+        elif request is not None:
             await self._error(
                 peer,
                 request,
                 ErrorCode.INVALID_REQUEST,
                 f"the agent does not answer {message.TYPE}",
             )
+        else:
+            # A notice meant for someone else: the peer is confused; say so and close.
+            await self._error(
+                peer, None, ErrorCode.PROTOCOL_ERROR, f"the agent takes no {message.TYPE}"
+            )
+            return False
         return True
 
     async def _error(self, peer: _Peer, request: int | None, code: ErrorCode, text: str) -> None:
@@ -306,7 +312,7 @@ class Agent:
                     return
                 if registration not in self.servers:
                     continue
-                if await self.coordinator.elect(registration.candidate, active=None):
+                if await self.coordinator.elect(registration.candidate):
                     await self._start(registration)
         finally:
             self._electing = False

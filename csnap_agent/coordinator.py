@@ -5,7 +5,8 @@
 # per store, whichever node it runs on), so it lives behind this small
 # interface: the local coordinator, the default, activates a local server at
 # once when none is active; a cluster backend (a lock service, membership
-# events) implements the same three methods.
+# events) implements the same three methods. The agent asks `elect` only
+# while no server is active, one candidate at a time.
 from __future__ import annotations
 
 import abc
@@ -29,8 +30,8 @@ class Coordinator(abc.ABC):
     """Decides when a registered server becomes the active one."""
 
     @abc.abstractmethod
-    async def elect(self, candidate: Candidate, *, active: Candidate | None) -> bool:
-        """Whether `candidate` may become active now (`active`: the current one, if any).
+    async def elect(self, candidate: Candidate) -> bool:
+        """Whether `candidate` may become active now; asked only while none is.
 
         May wait (for a cluster lock, say); the agent keeps serving meanwhile.
         """
@@ -47,8 +48,8 @@ class Coordinator(abc.ABC):
 class LocalCoordinator(Coordinator):
     """One node: the first server to register is started; others wait their turn."""
 
-    async def elect(self, candidate: Candidate, *, active: Candidate | None) -> bool:
-        return active is None
+    async def elect(self, candidate: Candidate) -> bool:
+        return True
 
     async def resign(self, candidate: Candidate) -> None:
         return None

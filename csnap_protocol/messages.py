@@ -368,7 +368,7 @@ class QueryMap(Message):
 
     For a snapshot client: the chunks its snapshot owns in the store. For an
     origin client: the chunks some live snapshot holds a copy of (an origin
-    write there copies nothing).
+    write there may still copy out for another live snapshot without one).
     """
 
     id: int

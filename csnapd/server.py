@@ -89,6 +89,8 @@ class ServerConfig:
     #: Seconds a deleted snapshot's clients get to finish and close.
     detach_timeout: float = 30.0
     max_connections: int = 1024
+    #: Seconds a new connection has to say hello before it is closed.
+    hello_timeout: float = 10.0
     max_in_flight: int = 256
     max_frame: int = DEFAULT_MAX_FRAME
     #: Most chunks one request may name (clients split larger ones).
@@ -212,16 +214,30 @@ class Server:
         send, receive = trio.open_memory_channel[Message | None](OUTBOX_LIMIT)
         peer = Peer(next(self._numbers), Role.CLIENT, label)
         link = _Link(peer, stream, codec, send)
+        timer = trio.CancelScope()
         async with stream, trio.open_nursery() as nursery:
             nursery.start_soon(self._writer, link, receive)
+            nursery.start_soon(self._hello_timer, link, timer)
             try:
                 await self._reader(link)
             finally:
+                timer.cancel()
                 link.closing = True
                 if peer in self._links:
                     del self._links[peer]
                     self._send.send_nowait(Disconnected(peer))
                 send.send_nowait(None)  # let the writer finish and stop
+
+    async def _hello_timer(self, link: _Link, scope: trio.CancelScope) -> None:
+        """Close a connection that says no hello in time: it holds a socket for nothing."""
+        with scope:
+            await trio.sleep(self.config.hello_timeout)
+            if link.peer not in self._links and not link.closing:
+                log.warning(
+                    "%s said no hello within %gs; closing it", link.peer, self.config.hello_timeout
+                )
+                link.closing = True
+                await _abort(link.stream)
 
     async def _reader(self, link: _Link) -> None:
         codec, peer = link.codec, link.peer
@@ -459,7 +475,12 @@ async def _serve_for_agent(
         outer.start_soon(link.run)
         task_status.started(address)
         log.info("standby on %s: waiting for agent %s to start this server", address, agent)
-        if not await _first(link.start_requested, stop):
+        async with trio.open_nursery() as standby:
+            for listener in listeners:
+                standby.start_soon(_refuse_while_standby, listener)
+            started = await _first(link.start_requested, stop)
+            standby.cancel_scope.cancel()
+        if not started:
             for listener in listeners:
                 await listener.aclose()
             outer.cancel_scope.cancel()
@@ -477,6 +498,28 @@ async def _serve_for_agent(
         outer.cancel_scope.cancel()
     if server.failed:
         raise ServerFailedError("the engine failed; the store needs a restart (journal replay)")
+
+
+async def _refuse_while_standby(listener: trio.SocketListener) -> None:
+    """Answer every connection with not_active until cancelled (the agent started us)."""
+    async with trio.open_nursery() as nursery:
+        while True:
+            stream = await listener.accept()
+            nursery.start_soon(_refuse_not_active, stream)
+
+
+async def _refuse_not_active(stream: trio.SocketStream) -> None:
+    codec = Connection(Role.SERVER, name="csnapd")
+    refusal = _error_message(
+        None, ErrorCode.NOT_ACTIVE, "this csnapd is on standby; ask its agent for the server"
+    )
+    with trio.move_on_after(5):
+        async with stream:
+            await stream.send_all(codec.send(refusal))
+            # Read the peer's hello before closing, so that closing with
+            # unread data does not reset the connection under our error.
+            with trio.move_on_after(1):
+                await stream.receive_some(4096)
 
 
 async def _first(wanted: trio.Event, stop: trio.Event | None) -> bool:

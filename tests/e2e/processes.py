@@ -6,11 +6,14 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
 import trio
+
+from csnap_client import find_server
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -81,10 +84,10 @@ async def start_agent(socket_path: Path, log: Path) -> Daemon:
     return daemon
 
 
-async def csnap(agent: Path, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+async def csnap(agent: Path, *args: str, limit: float = 60) -> subprocess.CompletedProcess[str]:
     """Run the csnap CLI against `agent`; returns its exit status and output."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    with trio.fail_after(timeout):
+    with trio.fail_after(limit):
         result = await trio.run_process(
             [sys.executable, "-m", "csnap_agent.ctl", "--agent", str(agent), *args],
             capture_stdout=True,
@@ -95,3 +98,21 @@ async def csnap(agent: Path, *args: str, timeout: float = 60) -> subprocess.Comp
     return subprocess.CompletedProcess(
         result.args, result.returncode, result.stdout.decode(), result.stderr.decode()
     )
+
+
+async def poll(check: Callable[[], Awaitable[bool]], *, interval: float = 0.05) -> None:
+    """Until `check()` is true: for state outside this process (logs, other daemons)."""
+    while True:
+        if await check():
+            return
+        await trio.sleep(interval)
+
+
+async def start_csnapd_with_agent(
+    store: Path, origin: Path, log: Path, agent: Path
+) -> tuple[Daemon, str, int]:
+    """A csnapd registered with `agent`, returned once the agent has started it."""
+    daemon, host, port = await start_csnapd(store, origin, log, "--agent", str(agent))
+    with trio.fail_after(30):
+        await find_server(str(agent), wait=True)
+    return daemon, host, port

@@ -402,3 +402,14 @@ async def test_a_reply_too_big_for_the_peer_gets_an_error(tmp_path: Path) -> Non
             reply = replies[2]
             assert isinstance(reply, Error) and reply.code == ErrorCode.REQUEST_TOO_LARGE
             await stream.aclose()
+
+
+async def test_a_connection_that_never_says_hello_is_closed(tmp_path: Path) -> None:
+    config = make_store(tmp_path)
+    with trio.fail_after(30):
+        async with running(config, hello_timeout=0.5) as server:
+            silent = await server.connector()()
+            async with server.admin() as admin:  # others are served meanwhile
+                await admin.list_snapshots()
+            assert await silent.receive_some(100) == b""  # closed by the server
+            await silent.aclose()
