@@ -76,6 +76,10 @@ __all__ = [
 
 log = logging.getLogger("csnapd.engine")
 
+#: Most btree leaves one sweep step visits (a step is one transaction and,
+#: in csnapd, a pause for every client: a few milliseconds at most).
+SWEEP_LEAVES_PER_STEP = 16
+
 #: Default bound on cached metadata (64 MiB of 4 KiB blocks: 16384 pages).
 DEFAULT_CACHE_BYTES = 64 << 20
 #: Copy-out reads and writes are done in pieces of at most this many bytes.
@@ -890,7 +894,9 @@ class Engine:
             return len(self._pager.dirty) < limit
 
         chunk = state.sweep_cursor
-        while True:
+        # Bounded in leaves too: leaves emptied and merged away leave nothing
+        # dirty, and a server answers nobody while a step runs.
+        for _ in range(SWEEP_LEAVES_PER_STEP):
             after = self._tree.sweep_leaf(chunk, state.sweep_mask, self._data.free, may_continue)
             if after is None:
                 self._finish_sweep()

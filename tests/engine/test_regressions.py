@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from csnapd.engine import Engine, MemoryDevice, StoreFullError
+from csnapd.engine.engine import SWEEP_LEAVES_PER_STEP
 from csnapd.engine.journal import scan_journal
 from tests.engine.helpers import (
     assert_clean,
@@ -196,3 +197,28 @@ def test_chunks_freed_in_a_transaction_are_not_reused_before_it_is_durable() -> 
         engine.origin_write([(0, freed + 5)])
     assert engine.status().data_free == freed - 1
     assert not engine.pending
+
+
+def test_a_sweep_step_is_bounded_even_when_nothing_stays_dirty() -> None:
+    # A snapshot owning its exceptions alone: swept leaves empty out and merge
+    # away, so the dirty-block bound alone would sweep everything in one step
+    # (one transaction during which a server answers nobody).
+    store, origin, _ = new_store(origin_bytes=64 << 20, store_bytes=160 << 20)
+    engine = Engine.open(store, origin)
+    engine.create_snapshot(1)
+    for first in range(0, 16384, 1024):
+        engine.origin_write([(first, 1024)])
+        engine.commit()
+    # Hundreds of leaves: many more than one step visits.
+    assert engine.status().exceptions == 16384 > 20 * SWEEP_LEAVES_PER_STEP
+    engine.delete_snapshot(1)
+    engine.commit()
+    steps = 0
+    while engine.sweep():
+        engine.commit()
+        steps += 1
+    engine.commit()
+    assert steps >= 2
+    assert engine.status().exceptions == 0
+    engine.close()
+    assert_clean(store)
