@@ -29,6 +29,10 @@ FORBIDDEN = [
     ("csnap_agent/_probe.py", "import csnapd.engine"),
     ("csnap_client/_probe.py", "import construct"),
     ("csnap_nbd/_probe.py", "from csnap_format import Leaf"),
+    ("csnap_nbd/_probe.py", "import msgpack"),
+    ("csnap_nbd/wire/_probe.py", "import trio"),
+    ("csnap_nbd/wire/_probe.py", "import socket"),
+    ("csnap_nbd/wire/_probe.py", "from csnap_client import DataClient"),
     ("csnap_common/_probe.py", "import csnap_format"),
 ]
 
@@ -38,6 +42,8 @@ ALLOWED = [
     ("csnap_protocol/_probe.py", "import msgpack"),
     ("csnapd/_probe.py", "import trio"),
     ("csnap_agent/_probe.py", "import trio"),
+    ("csnap_nbd/_probe.py", "import trio"),
+    ("csnap_nbd/wire/_probe.py", "import struct"),
     ("tests/_probe.py", "import trio"),
 ]
 

@@ -125,7 +125,9 @@ def parse_client_flags(data: bytes, offered: HandshakeFlag) -> ClientFlag:
     allowed = ClientFlag.C_FIXED_NEWSTYLE
     if offered & HandshakeFlag.NO_ZEROES:
         allowed |= ClientFlag.C_NO_ZEROES
-    if value & ~allowed:
+    # int(): ~ on an IntFlag only complements the bits the enum defines, and
+    # unknown bits are exactly what must be caught.
+    if value & ~int(allowed):
         raise NbdProtocolError(f"unknown client flags {value:#x}")
     return ClientFlag(value)
 

@@ -238,34 +238,38 @@ def check_request(req: Request, shape: ExportShape) -> Refusal | None:
     """Why this request must be refused before any I/O, or None if it may run.
 
     DISC is always allowed (it has no reply). The order follows the errors'
-    usefulness to a client: unknown command, flags, permission, bounds.
+    usefulness to a client: unknown command, permission, flags, size, bounds.
     """
     if req.command not in _COMMAND_FLAGS:
         return Refusal(Errno.EINVAL, f"unknown command {req.command}")
     if req.command == Command.DISC:
         return None
     command = Command(req.command)
+    if command in _WRITES and shape.flags & TransmissionFlag.READ_ONLY:
+        # Before "not advertised": a read-only export advertises no TRIM or
+        # WRITE_ZEROES, and EPERM is the answer that explains why.
+        return Refusal(Errno.EPERM, "the export is read-only")
     needed = _NEEDS.get(command)
     if needed is not None and not shape.flags & needed:
         return Refusal(Errno.EINVAL, f"{command.name} was not advertised")
-    allowed = _COMMAND_FLAGS[command] | CommandFlag.FUA
+    # int(): ~ on an IntFlag only complements the bits the enum defines, and
+    # unknown bits are exactly what must be caught.
+    allowed = int(_COMMAND_FLAGS[command] | CommandFlag.FUA)
     if req.flags & ~allowed:
         return Refusal(Errno.EINVAL, f"flags {req.flags:#x} are not valid for {command.name}")
     for flag, transmission in _FLAG_NEEDS.items():
         if req.flags & flag and not shape.flags & transmission:
             return Refusal(Errno.EINVAL, f"flag {flag.name} was not advertised")
-    if command in _WRITES and shape.flags & TransmissionFlag.READ_ONLY:
-        return Refusal(Errno.EPERM, "the export is read-only")
     if command == Command.BLOCK_STATUS and not (shape.structured and shape.contexts):
         return Refusal(Errno.EINVAL, "no metadata context was selected")
     if command == Command.FLUSH:
         return None  # offset and length are reserved; nothing to bound
-    if req.offset + req.length > shape.size:
-        # Writes past the end are "no space"; other accesses are invalid (spec).
-        error = Errno.ENOSPC if command in (Command.WRITE, Command.WRITE_ZEROES) else Errno.EINVAL
-        return Refusal(error, f"{req.offset}+{req.length} is past the end ({shape.size})")
     if command in (Command.READ, Command.WRITE) and req.length > shape.max_payload:
         return Refusal(
             Errno.EOVERFLOW, f"{req.length} bytes in one request (at most {shape.max_payload})"
         )
+    if req.offset + req.length > shape.size:
+        # Writes past the end are "no space"; other accesses are invalid (spec).
+        error = Errno.ENOSPC if command in (Command.WRITE, Command.WRITE_ZEROES) else Errno.EINVAL
+        return Refusal(error, f"{req.offset}+{req.length} is past the end ({shape.size})")
     return None
