@@ -68,6 +68,10 @@ class Backing:
         else:
             await trio.to_thread.run_sync(_read_all, transfers, into)
 
+    def read_now(self, transfers: Sequence[Transfer], into: bytearray) -> None:
+        """`read` on this thread, for callers that know the transfer is small."""
+        _read_all(transfers, into)
+
     async def write(self, transfers: Sequence[Transfer], data: memoryview) -> None:
         """Write `data` at each placement's buffer offset to its file position."""
         if _total(transfers) <= INLINE_BYTES:

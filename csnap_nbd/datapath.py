@@ -26,7 +26,7 @@ from csnap_client import (
     ServerError,
     SnapshotDeletedError,
 )
-from csnap_nbd.backing import Backing, BackingIOError, Transfer
+from csnap_nbd.backing import INLINE_BYTES, Backing, BackingIOError, Transfer
 from csnap_nbd.geometry import (
     Piece,
     Placement,
@@ -128,6 +128,10 @@ class DataPath:
     def _pieces(self, offset: int, length: int) -> Iterator[Piece]:
         return pieces(offset, length, self.chunk_size, self.client.max_chunks)
 
+    def read_now(self, offset: int, length: int) -> bytearray | None:
+        """The data at once, when it needs neither csnapd nor a thread; else None."""
+        return None
+
     async def read(self, offset: int, length: int) -> bytearray:
         raise NotImplementedError
 
@@ -184,6 +188,15 @@ class DataPath:
 
 class OriginPath(DataPath):
     """The origin volume: reads need nobody, writes need a grant."""
+
+    def read_now(self, offset: int, length: int) -> bytearray | None:
+        if length > INLINE_BYTES:
+            return None
+        into = bytearray(length)
+        placement = [Placement(offset, 0, length)]
+        with _translated():
+            self.backing.read_now([Transfer(self.backing.origin, "origin", placement)], into)
+        return into
 
     async def read(self, offset: int, length: int) -> bytearray:
         into = bytearray(length)

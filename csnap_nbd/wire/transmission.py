@@ -204,34 +204,43 @@ class Refusal:
 
 #: Flags each command may carry besides FUA (which every command may carry
 #: once SEND_FUA is advertised); each needs its transmission flag as well.
-_COMMAND_FLAGS: dict[int, CommandFlag] = {
-    Command.READ: CommandFlag.DF,
-    Command.WRITE: CommandFlag(0),
-    Command.DISC: CommandFlag(0),
-    Command.FLUSH: CommandFlag(0),
-    Command.TRIM: CommandFlag(0),
-    Command.CACHE: CommandFlag(0),
-    Command.WRITE_ZEROES: CommandFlag.NO_HOLE | CommandFlag.FAST_ZERO,
-    Command.BLOCK_STATUS: CommandFlag.REQ_ONE,
+#: Plain ints throughout: this runs for every request, and IntFlag arithmetic
+#: costs more than the rest of the check.
+_COMMAND_FLAGS: dict[int, int] = {
+    Command.READ: int(CommandFlag.DF),
+    Command.WRITE: 0,
+    Command.DISC: 0,
+    Command.FLUSH: 0,
+    Command.TRIM: 0,
+    Command.CACHE: 0,
+    Command.WRITE_ZEROES: int(CommandFlag.NO_HOLE | CommandFlag.FAST_ZERO),
+    Command.BLOCK_STATUS: int(CommandFlag.REQ_ONE),
 }
 
 #: The transmission flag that must have been advertised for a command.
-_NEEDS: dict[int, TransmissionFlag] = {
-    Command.FLUSH: TransmissionFlag.SEND_FLUSH,
-    Command.TRIM: TransmissionFlag.SEND_TRIM,
-    Command.CACHE: TransmissionFlag.SEND_CACHE,
-    Command.WRITE_ZEROES: TransmissionFlag.SEND_WRITE_ZEROES,
+_NEEDS: dict[int, int] = {
+    Command.FLUSH: int(TransmissionFlag.SEND_FLUSH),
+    Command.TRIM: int(TransmissionFlag.SEND_TRIM),
+    Command.CACHE: int(TransmissionFlag.SEND_CACHE),
+    Command.WRITE_ZEROES: int(TransmissionFlag.SEND_WRITE_ZEROES),
 }
 
 #: Command flags that need a transmission flag.
-_FLAG_NEEDS: dict[CommandFlag, TransmissionFlag] = {
-    CommandFlag.FUA: TransmissionFlag.SEND_FUA,
-    CommandFlag.DF: TransmissionFlag.SEND_DF,
-    CommandFlag.FAST_ZERO: TransmissionFlag.SEND_FAST_ZERO,
-    CommandFlag.NO_HOLE: TransmissionFlag.SEND_WRITE_ZEROES,
-}
+_FLAG_NEEDS: tuple[tuple[int, int, str], ...] = tuple(
+    (int(flag), int(needs), str(flag.name))
+    for flag, needs in (
+        (CommandFlag.FUA, TransmissionFlag.SEND_FUA),
+        (CommandFlag.DF, TransmissionFlag.SEND_DF),
+        (CommandFlag.FAST_ZERO, TransmissionFlag.SEND_FAST_ZERO),
+        (CommandFlag.NO_HOLE, TransmissionFlag.SEND_WRITE_ZEROES),
+    )
+)
 
-_WRITES = frozenset({Command.WRITE, Command.TRIM, Command.WRITE_ZEROES})
+_FUA = int(CommandFlag.FUA)
+_READ_ONLY = int(TransmissionFlag.READ_ONLY)
+_WRITES = frozenset({int(Command.WRITE), int(Command.TRIM), int(Command.WRITE_ZEROES)})
+_PAYLOAD = frozenset({int(Command.READ), int(Command.WRITE)})
+_NO_SPACE = frozenset({int(Command.WRITE), int(Command.WRITE_ZEROES)})
 
 
 def check_request(req: Request, shape: ExportShape) -> Refusal | None:
@@ -240,36 +249,46 @@ def check_request(req: Request, shape: ExportShape) -> Refusal | None:
     DISC is always allowed (it has no reply). The order follows the errors'
     usefulness to a client: unknown command, permission, flags, size, bounds.
     """
-    if req.command not in _COMMAND_FLAGS:
-        return Refusal(Errno.EINVAL, f"unknown command {req.command}")
-    if req.command == Command.DISC:
+    command = req.command
+    allowed = _COMMAND_FLAGS.get(command)
+    if allowed is None:
+        return Refusal(Errno.EINVAL, f"unknown command {command}")
+    if command == Command.DISC:
         return None
-    command = Command(req.command)
-    if command in _WRITES and shape.flags & TransmissionFlag.READ_ONLY:
+    flags = int(shape.flags)
+    if command in _WRITES and flags & _READ_ONLY:
         # Before "not advertised": a read-only export advertises no TRIM or
         # WRITE_ZEROES, and EPERM is the answer that explains why.
         return Refusal(Errno.EPERM, "the export is read-only")
-    needed = _NEEDS.get(command)
-    if needed is not None and not shape.flags & needed:
-        return Refusal(Errno.EINVAL, f"{command.name} was not advertised")
-    # int(): ~ on an IntFlag only complements the bits the enum defines, and
-    # unknown bits are exactly what must be caught.
-    allowed = int(_COMMAND_FLAGS[command] | CommandFlag.FUA)
-    if req.flags & ~allowed:
-        return Refusal(Errno.EINVAL, f"flags {req.flags:#x} are not valid for {command.name}")
-    for flag, transmission in _FLAG_NEEDS.items():
-        if req.flags & flag and not shape.flags & transmission:
-            return Refusal(Errno.EINVAL, f"flag {flag.name} was not advertised")
+    refusal = _negotiated(req, allowed, flags)
+    if refusal is not None:
+        return refusal
     if command == Command.BLOCK_STATUS and not (shape.structured and shape.contexts):
         return Refusal(Errno.EINVAL, "no metadata context was selected")
     if command == Command.FLUSH:
         return None  # offset and length are reserved; nothing to bound
-    if command in (Command.READ, Command.WRITE) and req.length > shape.max_payload:
+    if command in _PAYLOAD and req.length > shape.max_payload:
         return Refusal(
             Errno.EOVERFLOW, f"{req.length} bytes in one request (at most {shape.max_payload})"
         )
     if req.offset + req.length > shape.size:
         # Writes past the end are "no space"; other accesses are invalid (spec).
-        error = Errno.ENOSPC if command in (Command.WRITE, Command.WRITE_ZEROES) else Errno.EINVAL
+        error = Errno.ENOSPC if command in _NO_SPACE else Errno.EINVAL
         return Refusal(error, f"{req.offset}+{req.length} is past the end ({shape.size})")
+    return None
+
+
+def _negotiated(req: Request, allowed: int, flags: int) -> Refusal | None:
+    """Refuse a command or command flag this connection did not negotiate."""
+    needed = _NEEDS.get(req.command)
+    if needed is not None and not flags & needed:
+        return Refusal(Errno.EINVAL, f"{Command(req.command).name} was not advertised")
+    if req.flags & ~(allowed | _FUA):
+        return Refusal(
+            Errno.EINVAL, f"flags {req.flags:#x} are not valid for {Command(req.command).name}"
+        )
+    if req.flags:
+        for flag, transmission, name in _FLAG_NEEDS:
+            if req.flags & flag and not flags & transmission:
+                return Refusal(Errno.EINVAL, f"flag {name} was not advertised")
     return None
