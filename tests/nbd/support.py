@@ -108,6 +108,10 @@ class Gateway:
         async with self.admin() as admin:
             await admin.delete_snapshot(tag)
 
+    async def server_info(self) -> dict[str, object]:
+        async with self.admin() as admin:
+            return await admin.server_info()
+
     async def copied(self, snapshot: int | None) -> set[int]:
         """csnapd's own answer: chunks with store copies (query_map)."""
         chunks = ORIGIN_SIZE // CHUNK
@@ -162,15 +166,19 @@ async def start_gateway(
 
 @asynccontextmanager
 async def gateway(
-    directory: Path, *extra: str, image: bytes | None = None
+    directory: Path,
+    *extra: str,
+    image: bytes | None = None,
+    csnapd_args: Sequence[str] = (),
 ) -> AsyncIterator[Gateway]:
     """A fresh store whose origin holds `image`, served by csnapd and csnap-nbd."""
     store, origin = directory / "store.img", directory / "origin.img"
     format_store(str(store), str(origin), store_size=64 << 20, origin_size=ORIGIN_SIZE)
     origin.write_bytes(origin_image() if image is None else image)
-    csnapd, _, port = await start_csnapd(store, origin, directory / "csnapd.log")
+    csnapd, _, port = await start_csnapd(store, origin, directory / "csnapd.log", *csnapd_args)
     socket_path = directory / "nbd.sock"
     nbd = None
+    running: Gateway | None = None
     try:
         nbd, urls = await start_gateway(
             directory,
@@ -182,14 +190,15 @@ async def gateway(
             server=f"127.0.0.1:{port}",
         )
         tcp = next(u for u in urls if u.startswith("nbd://"))
-        yield Gateway(
+        running = Gateway(
             directory, store, origin, csnapd, port, nbd, directory / "nbd.log", tcp, socket_path
         )
+        yield running
     finally:
         with trio.CancelScope(shield=True):
             if nbd is not None:
                 await stop(nbd)
-            await stop(csnapd)
+            await stop(running.csnapd if running is not None else csnapd)
 
 
 async def stop(daemon: Daemon) -> int:

@@ -116,6 +116,58 @@ async def test_deleted_snapshot_export_ends_cleanly(tmp_path: Path) -> None:
         await run("nbdinfo", gw.url("origin"))
 
 
+async def test_connections_to_one_export_share_one_csnapd_client(tmp_path: Path) -> None:
+    async with gateway(tmp_path) as gw:
+        await gw.create(1)
+
+        async def counts() -> tuple[object, object]:
+            info = await gw.server_info()
+            return info["origin_clients"], info["snapshot_clients"]
+
+        assert await counts() == (0, 0)  # opened lazily
+        clients = []
+        for export in ("snap-1", "snap-1", "snap-1", "origin", "origin"):
+            client = await RawClient.unix(gw.socket)
+            await client.go(export)
+            clients.append(client)
+        assert await counts() == (1, 1)
+        for client in clients:
+            await client.request(Command.DISC)
+            assert await client.closed()
+        # Closed once unused.
+        with trio.fail_after(10):
+            while True:
+                if await counts() == (0, 0):
+                    break
+                await trio.sleep(0.02)
+
+
+async def test_gateway_rides_out_a_csnapd_crash_and_restart(tmp_path: Path) -> None:
+    need("qemu-io")
+    image = origin_image()
+    with trio.socket.socket() as sock:
+        await sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    listen = ("--listen", f"127.0.0.1:{port}", "--grace", "5")
+    async with gateway(tmp_path, image=image, csnapd_args=listen) as gw:
+        await gw.create(1)
+        await run(*qemu_io(gw.url(), "write -P 0x61 0 8192"))
+        client = await RawClient.unix(gw.socket)
+        await client.go("snap-1")  # its csnapd client stays open across the crash
+        await gw.csnapd.kill()
+        gw.csnapd, _, _ = await start_csnapd(
+            gw.store, gw.origin, tmp_path / "csnapd-again.log", *listen
+        )
+        # The open connection goes on, new ones work, copy-on-write still holds.
+        await client.request(Command.READ, 0, 3 * CHUNK)
+        assert (await client.answer()).data == image[: 3 * CHUNK]
+        await run(*qemu_io(gw.url(), "write -P 0x62 4096 8192", "read -P 0x62 4096 8192"))
+        await client.request(Command.READ, 0, 3 * CHUNK, cookie=2)
+        assert (await client.answer()).data == image[: 3 * CHUNK]
+        await client.request(Command.DISC)
+        assert await client.closed()
+
+
 async def test_sigterm_stops_cleanly_with_open_connections(tmp_path: Path) -> None:
     async with gateway(tmp_path) as gw:
         idle = await RawClient.unix(gw.socket)
