@@ -16,6 +16,7 @@ from collections.abc import Sequence
 import trio
 
 from csnap_client import Connector, tcp_connector
+from csnap_common import single_errors
 from csnap_nbd.server import GatewayConfig, GatewayStartError, serve
 from csnap_nbd.settings import Settings
 
@@ -128,7 +129,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         store=args.store,
     )
     try:
-        trio.run(_main, config)
+        with single_errors():
+            trio.run(_main, config)
     except GatewayStartError as exc:
         log.error("%s", exc)
         return EXIT_CANNOT_START

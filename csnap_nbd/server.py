@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 import trio
 
 from csnap_client import ConnectionLostError, Connector, ServerError, open_admin
-from csnap_nbd.backing import Backing
+from csnap_common import single_errors
+from csnap_nbd.backing import Backing, BackingIOError
 from csnap_nbd.commands import Transmission
 from csnap_nbd.connection import Connection, PeerClosedError, set_nodelay
 from csnap_nbd.exports import Exports, Geometry
@@ -219,7 +220,7 @@ def _open_backing(config: GatewayConfig, store: str, origin: str, geometry: Geom
     store = config.store or store
     try:
         backing = Backing(origin, store, read_only=config.settings.read_only)
-    except OSError as exc:
+    except BackingIOError as exc:
         raise GatewayStartError(str(exc)) from exc
     size = os.lseek(backing.origin, 0, os.SEEK_END)
     if stat.S_ISREG(os.fstat(backing.origin).st_mode) and size < geometry.size:
@@ -247,6 +248,13 @@ async def serve(
     Raises:
         GatewayStartError: a file or an address could not be opened.
     """
+    with single_errors():
+        await _serve(config, stop, task_status)
+
+
+async def _serve(
+    config: GatewayConfig, stop: trio.Event, task_status: trio.TaskStatus[list[str]]
+) -> None:
     geometry, store, origin = await discover(config.admin_connect)
     backing = _open_backing(config, store, origin, geometry)
     created: list[str] = []

@@ -213,6 +213,34 @@ async def test_sigterm_before_csnapd_answers_exits_zero(tmp_path: Path) -> None:
             await process.wait()
 
 
+async def test_a_gateway_that_cannot_start_exits_3(tmp_path: Path) -> None:
+    async with gateway(tmp_path) as gw:
+        not_a_socket = tmp_path / "plain-file"
+        not_a_socket.write_bytes(b"")
+        server = f"127.0.0.1:{gw.csnapd_port}"
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        for extra in (
+            ["--unix", str(not_a_socket)],
+            ["--unix", str(gw.socket)],  # a live gateway listens there
+            ["--listen", gw.tcp.removeprefix("nbd://")],  # address in use
+            ["--origin", str(tmp_path / "missing.img"), "--listen", "127.0.0.1:0"],
+        ):
+            with trio.fail_after(30):
+                result = await trio.run_process(
+                    [sys.executable, "-m", "csnap_nbd", "--server", server, *extra],
+                    capture_stdout=True,
+                    capture_stderr=True,
+                    check=False,
+                    env=env,
+                )
+            assert result.returncode == 3, (extra, result.stderr.decode())
+            assert result.stdout == b""
+        # The live gateway's socket was left alone.
+        client = await RawClient.unix(gw.socket)
+        await client.go("origin")
+        await client.aclose()
+
+
 async def test_gateway_finds_csnapd_through_the_agent(tmp_path: Path) -> None:
     need("nbdinfo", "qemu-io")
     store, origin = tmp_path / "store.img", tmp_path / "origin.img"
