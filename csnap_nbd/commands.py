@@ -40,6 +40,8 @@ _WRITE = int(Command.WRITE)
 _DISC = int(Command.DISC)
 _FUA = int(CommandFlag.FUA)
 _REQ_ONE = int(CommandFlag.REQ_ONE)
+#: Budget every request holds until its reply is sent, on top of its data.
+_REPLY_COST = 1024
 #: Queued replies up to this size are joined into one send; bigger data is
 #: sent on its own rather than copied.
 _JOIN = 256 << 10
@@ -196,14 +198,18 @@ class Transmission:
             if command == _DISC:
                 log.debug("disconnect requested")
                 return
+            if command == _WRITE and req.length > self.settings.max_payload:
+                await self._drain(req)
+                continue
+            # Every reply costs a little until it is sent, and a READ or
+            # WRITE its data too: a client that sends without reading its
+            # replies stops being read instead of growing the queue.
+            held = _REPLY_COST
+            if command in (_READ, _WRITE) and req.length <= self.shape.max_payload:
+                held += req.length
+            await self._budget.acquire(held)
             payload: bytearray | None = None
-            held = 0
             if command == _WRITE:
-                if req.length > self.settings.max_payload:
-                    await self._drain(req)
-                    continue
-                held = req.length
-                await self._budget.acquire(held)
                 payload = bytearray(req.length)
                 await self.conn.receive_into(payload)
             refusal = tx.check_request(req, self.shape)
@@ -211,8 +217,6 @@ class Transmission:
                 self._error(req, refusal.error, refusal.message, held)
                 continue
             if command == _READ:
-                held = req.length
-                await self._budget.acquire(held)
                 try:
                     data = path.read_now(req.offset, req.length)
                 except IOFailedError as exc:

@@ -17,6 +17,7 @@ import stat
 from collections.abc import Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
+from urllib.parse import quote
 
 import trio
 
@@ -128,9 +129,13 @@ class _Gateway:
 
     async def _serve(self, conn: Connection, entry: _Conn) -> None:
         async with AsyncExitStack() as stack:
-            negotiated = await negotiate(
-                conn, self.exports, self.settings, stack, lambda: self.stopping
-            )
+            negotiated = None
+            with trio.move_on_after(self.settings.handshake_timeout) as deadline:
+                negotiated = await negotiate(
+                    conn, self.exports, self.settings, stack, lambda: self.stopping
+                )
+            if deadline.cancelled_caught:
+                log.info("connection %d: no export chosen in time; closing", entry.number)
             if negotiated is None:
                 return
             log.info("connection %d: serving %s", entry.number, negotiated.export.name)
@@ -207,7 +212,7 @@ async def _listeners(
         for path in config.unix:
             listeners.append(await _unix_listener(path))
             created.append(path)
-            urls.append(f"nbd+unix:///?socket={path}")
+            urls.append(f"nbd+unix:///?socket={quote(path, safe='/@')}")
     except BaseException:
         for listener in listeners:
             listener.socket.close()

@@ -22,6 +22,9 @@ class Settings:
     max_in_flight: int = 128
     #: Largest option data the handshake reads; more ends the connection.
     max_option: int = 1 << 16
+    #: Seconds a client may take to pick an export; then the connection is
+    #: closed, so idle half-open connections do not pile up.
+    handshake_timeout: float = 60.0
     #: A WRITE larger than max_payload but at most this is read and dropped
     #: (then refused); a larger one ends the connection, as no client sends it.
     max_drain: int = 64 << 20

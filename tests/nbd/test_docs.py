@@ -48,6 +48,8 @@ def test_limits_table_matches_the_defaults() -> None:
     assert limits["requests in flight per connection"] == str(defaults.max_in_flight)
     assert limits["option data"] == f"{defaults.max_option >> 10} KiB"
     assert limits["option data or write payload skipped"] == f"{defaults.max_drain // mib} MiB"
+    handshake = limits["time from connecting to choosing an export"]
+    assert handshake == f"{defaults.handshake_timeout:g} s"
     assert any(
         f"at most {STATUS_PIECES} \N{MULTIPLICATION SIGN} `max_chunks`" in line
         for line in doc_lines(DOC)
