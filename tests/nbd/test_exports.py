@@ -1,0 +1,120 @@
+# The gateway's export registry against an in-process csnapd: names, one
+# shared csnapd client per export in use, a refused snapshot, and the data
+# paths' partial-chunk writes as csnapd places them.
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+import trio
+
+from csnap_nbd.backing import Backing
+from csnap_nbd.exports import (
+    Exports,
+    Geometry,
+    UnknownExportError,
+    parse_export_name,
+    snapshot_export,
+)
+from tests.server.support import CHUNK, Running, label, make_store, pread, pwrite, running
+
+
+def test_export_names() -> None:
+    assert parse_export_name("") is None
+    assert parse_export_name("origin") is None
+    assert parse_export_name("snap-0") == 0
+    assert parse_export_name("snap-4294967295") == (1 << 32) - 1
+    assert snapshot_export(12) == "snap-12"
+    for bad in (
+        "snap-",
+        "snap-01",
+        "snap-+1",
+        "snap-4294967296",
+        "snap-1 ",
+        "Origin",
+        "snap-\N{ARABIC-INDIC DIGIT ONE}",
+    ):
+        with pytest.raises(UnknownExportError):
+            parse_export_name(bad)
+
+
+@asynccontextmanager
+async def exports_of(tmp_path: Path) -> AsyncIterator[tuple[Running, Exports]]:
+    config = make_store(tmp_path)
+    async with running(config) as server:
+        backing = Backing(config.origin, config.store, read_only=False)
+        try:
+            async with trio.open_nursery() as nursery:
+                exports = Exports(
+                    server.connector(), server.connector(), Geometry(CHUNK, 4096), backing
+                )
+                await nursery.start(exports.run)
+                yield server, exports
+                nursery.cancel_scope.cancel()
+        finally:
+            backing.close()
+
+
+async def clients(server: Running) -> tuple[int, int]:
+    async with server.admin() as admin:
+        info = await admin.server_info()
+    return info["origin_clients"], info["snapshot_clients"]
+
+
+async def test_one_client_per_export_in_use(tmp_path: Path) -> None:
+    async with exports_of(tmp_path) as (server, exports):
+        async with server.admin() as admin:
+            await admin.create_snapshot(3)
+        assert [e.name for e in await exports.list_exports()] == ["origin", "snap-3"]
+        assert (await exports.lookup("")).name == "origin"
+        with pytest.raises(UnknownExportError):
+            await exports.lookup("snap-4")
+
+        async with exports.use(3) as first, exports.use(3) as second, exports.use(None) as origin:
+            assert first is second and origin is not first
+            assert await clients(server) == (1, 1)
+        with trio.fail_after(10):
+            while True:
+                if await clients(server) == (0, 0):
+                    break
+                await trio.sleep(0.01)
+
+        with pytest.raises(UnknownExportError, match="no snapshot with tag 9"):
+            async with exports.use(9):
+                pass
+
+
+async def test_partial_chunk_writes_keep_the_rest_of_the_chunk(tmp_path: Path) -> None:
+    """csnapd copies a chunk's old contents before giving its store chunk, so
+    a snapshot write of a few bytes keeps the rest: whether the old contents
+    are the origin's or another snapshot's store copy."""
+    async with exports_of(tmp_path) as (server, exports):
+        for chunk in range(8):
+            pwrite(server.origin, chunk, label(chunk, 1))
+        async with server.admin() as admin:
+            await admin.create_snapshot(1)
+            await admin.create_snapshot(2)
+        async with exports.use(None) as origin, exports.use(2) as snap2, exports.use(1) as snap1:
+            # Chunk 5 is copied out for both snapshots by an origin write.
+            await origin.write(5 * CHUNK, memoryview(label(5, 2)), fua=False)
+            await snap2.write(100, memoryview(b"A" * 10), fua=True)  # from the origin
+            await snap2.write(5 * CHUNK + 4000, memoryview(b"B" * 200), fua=False)  # from the store
+            await snap2.zero(7 * CHUNK - 3, 6, fua=False)  # across two chunks
+
+            expected = bytearray(b"".join(label(c, 1) for c in range(8)))
+            expected[100:110] = b"A" * 10
+            expected[5 * CHUNK + 4000 : 5 * CHUNK + 4200] = b"B" * 200
+            expected[7 * CHUNK - 3 : 7 * CHUNK + 3] = bytes(6)
+            assert await snap2.read(0, 8 * CHUNK) == expected
+            assert await snap1.read(0, 8 * CHUNK) == b"".join(label(c, 1) for c in range(8))
+            assert await origin.read(5 * CHUNK, CHUNK) == label(5, 2)
+            assert pread(server.origin, 0) == label(0, 1)  # snapshot writes left the origin
+            # Chunks 0, 5, 6 and 7 have store copies for snapshot 2.
+            assert await snap2.exceptions(0, 8 * CHUNK, req_one=False) == [
+                (CHUNK, 1),
+                (4 * CHUNK, 0),
+                (3 * CHUNK, 1),
+            ]
+            assert await snap1.exceptions(0, 8 * CHUNK, req_one=True) == [(5 * CHUNK, 0)]
