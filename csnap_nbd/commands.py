@@ -240,31 +240,32 @@ class Transmission:
         )
 
     async def _serve(self, req: tx.Request, payload: bytearray | None, held: int) -> None:
-        answered = False
+        reply = _Reply(self, req, held)
         try:
-            answered = await self._dispatch(req, payload, held)
+            await self._dispatch(req, payload, reply)
         except ExportGoneError as exc:
             log.info("export %s ended: %s", self.neg.export.name, exc)
-            answered = self._error(req, exc.error, str(exc), held)
+            reply.error(exc.error, str(exc))
             # Nothing on this export will work again: answer what is in
             # flight and close, so clients do not wait on a dead export.
             self.exports.gone(self.path)
             self.stop()
         except IOFailedError as exc:
             log.warning("%s on %s failed: %s", _name(req.command), self.neg.export.name, exc)
-            answered = self._error(req, exc.error, str(exc), held)
+            reply.error(exc.error, str(exc))
         finally:
-            if not answered:
+            if not reply.sent:
                 self._budget.release(held)
             self._slots.release()
 
-    async def _dispatch(self, req: tx.Request, payload: bytearray | None, held: int) -> bool:
-        """Run one request and queue its reply (which releases `held`)."""
+    async def _dispatch(self, req: tx.Request, payload: bytearray | None, reply: _Reply) -> None:
+        """Run one request and queue its reply (which releases its budget)."""
         fua = bool(req.flags & _FUA)
         command = req.command
         if command == _READ:
-            data = await self.path.read(req.offset, req.length)
-            return self._read_reply(req, data, held)
+            data = await self.path.read(req.offset, req.length, reply.read)
+            reply.read(data)
+            return
         if command == _WRITE:
             assert payload is not None
             await self.path.write(req.offset, memoryview(payload), fua=fua)
@@ -273,14 +274,13 @@ class Transmission:
         elif command == Command.FLUSH:
             await self.path.flush()
         elif command == Command.BLOCK_STATUS:
-            await self._block_status(req, held)
-            return True
+            reply.put(await self._block_status(req))
+            return
         # TRIM and CACHE are hints: the contents after TRIM are whatever they
         # were, which the spec allows, and there is no cache to warm.
-        self._writer.put(tx.simple_reply(req.cookie), held=held)
-        return True
+        reply.put(tx.simple_reply(req.cookie))
 
-    async def _block_status(self, req: tx.Request, held: int) -> None:
+    async def _block_status(self, req: tx.Request) -> bytes:
         req_one = bool(req.flags & _REQ_ONE)
         chunks: list[bytes] = []
         contexts = self.neg.contexts
@@ -293,7 +293,7 @@ class Transmission:
                 raise AssertionError(context)
             done = number == len(contexts) - 1
             chunks.append(tx.block_status_chunk(req.cookie, context.id, extents, done=done))
-        self._writer.put(b"".join(chunks), held=held)
+        return b"".join(chunks)
 
     # -- replies -------------------------------------------------------------
 
@@ -314,6 +314,37 @@ class Transmission:
         else:
             self._writer.put(tx.simple_reply(req.cookie, error), held=held)
         return True
+
+
+class _Reply:
+    """The one reply of a request: whichever comes first is sent, later ones
+    are dropped (a read may be answered before its csnapd bookkeeping ends,
+    and an error found after that must not make a second reply)."""
+
+    __slots__ = ("held", "req", "sent", "transmission")
+
+    def __init__(self, transmission: Transmission, req: tx.Request, held: int):
+        self.transmission = transmission
+        self.req = req
+        self.held = held
+        self.sent = False
+
+    def put(self, header: bytes) -> None:
+        if not self.sent:
+            self.sent = True
+            self.transmission._writer.put(header, held=self.held)
+
+    def read(self, data: bytearray) -> None:
+        if not self.sent:
+            self.sent = True
+            self.transmission._read_reply(self.req, data, self.held)
+
+    def error(self, error: Errno, message: str) -> None:
+        if not self.sent:
+            self.sent = True
+            self.transmission._error(self.req, error, message, self.held)
+        else:
+            log.warning("%s failed after its reply: %s", _name(self.req.command), message)
 
 
 def _name(command: int) -> str:

@@ -16,7 +16,7 @@
 # a create barrier that itself waits for the first grant.
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from csnap_client import (
@@ -132,7 +132,15 @@ class DataPath:
         """The data at once, when it needs neither csnapd nor a thread; else None."""
         return None
 
-    async def read(self, offset: int, length: int) -> bytearray:
+    async def read(
+        self, offset: int, length: int, deliver: Callable[[bytearray], None] | None = None
+    ) -> bytearray:
+        """The export's bytes offset..offset+length-1.
+
+        `deliver`, if given, may be called with the data before the read has
+        finished with csnapd (the reply can leave while read locks are being
+        released); the same data is returned either way.
+        """
         raise NotImplementedError
 
     async def _write_piece(self, piece: Piece, offset: int, data: memoryview, zeroes: bool) -> None:
@@ -198,7 +206,9 @@ class OriginPath(DataPath):
             self.backing.read_now([Transfer(self.backing.origin, "origin", placement)], into)
         return into
 
-    async def read(self, offset: int, length: int) -> bytearray:
+    async def read(
+        self, offset: int, length: int, deliver: Callable[[bytearray], None] | None = None
+    ) -> bytearray:
         into = bytearray(length)
         placement = [Placement(offset, 0, length)]
         with _translated():
@@ -219,11 +229,14 @@ class SnapshotPath(DataPath):
 
     writes_store = True
 
-    async def read(self, offset: int, length: int) -> bytearray:
+    async def read(
+        self, offset: int, length: int, deliver: Callable[[bytearray], None] | None = None
+    ) -> bytearray:
         into = bytearray(length)
         cs = self.chunk_size
+        todo = list(self._pieces(offset, length))
         with _translated():
-            for piece in self._pieces(offset, length):
+            for number, piece in enumerate(todo, 1):
                 async with self.client.snapshot_read([(piece.first, piece.count)]) as plan:
                     transfers = [
                         Transfer(
@@ -239,6 +252,10 @@ class SnapshotPath(DataPath):
                     ]
                     _check_covers(piece, transfers, "snapshot_read")
                     await self.backing.read(transfers, into)
+                    if number == len(todo) and deliver is not None:
+                        # Every byte is read: the reply need not wait for the
+                        # read locks' release, one more csnapd round trip.
+                        deliver(into)
         return into
 
     async def _write_piece(self, piece: Piece, offset: int, data: memoryview, zeroes: bool) -> None:
