@@ -74,6 +74,7 @@ __all__ = [
     "SweepTick",
     "Item",
     "Outcome",
+    "Batch",
     "Dispatcher",
     "error_code",
 ]
@@ -159,6 +160,19 @@ class Outcome:
     failed: bool = False
     #: More deleted-snapshot space remains to sweep.
     sweep_pending: bool = False
+
+
+@dataclass(eq=False)
+class Batch:
+    """A batch between Dispatcher.prepare() and Dispatcher.finish()."""
+
+    out: Outcome = field(default_factory=Outcome)
+    replies: list[tuple[Peer, Message]] = field(default_factory=list)
+    notices: list[tuple[Peer, Message]] = field(default_factory=list)
+    writes: list[_Write] = field(default_factory=list)
+    #: The engine has changes only a commit makes durable.
+    needs_commit: bool = False
+    failure: EngineFailedError | None = None
 
 
 _ENGINE_CODES = {
@@ -274,27 +288,45 @@ class Dispatcher:
 
     def apply(self, items: Iterable[Item]) -> Outcome:
         """Handle `items` in order, commit once, and say what to send."""
-        out = Outcome()
-        replies: list[tuple[Peer, Message]] = []
-        notices: list[tuple[Peer, Message]] = []
-        writes: list[_Write] = []
+        batch = self.prepare(items)
+        if batch.needs_commit:
+            self.commit(batch)
+        return self.finish(batch)
+
+    # The three steps of apply(), for a transport that runs only the commit
+    # (the fsyncs) in a worker thread: lookups and reads then never pay for
+    # a thread hop. Nothing else may touch the engine between them.
+
+    def prepare(self, items: Iterable[Item]) -> Batch:
+        """Handle `items` in order, up to the commit."""
+        batch = Batch()
         recheck = False
         for item in items:
-            recheck |= self._item(item, out, replies, notices, writes)
+            recheck |= self._item(item, batch.out, batch.replies, batch.notices, batch.writes)
         self._sync_registry()
         if recheck:
-            writes = self._reapply(replies) + writes
-        if self.engine.pending:
-            try:
-                self.engine.commit()
-            except EngineFailedError as exc:
-                return self._fail(exc, replies, writes, out)
-        for write in writes:
+            batch.writes = self._reapply(batch.replies) + batch.writes
+        batch.needs_commit = self.engine.pending
+        return batch
+
+    def commit(self, batch: Batch) -> None:
+        """Make the batch durable (blocking: fsyncs)."""
+        try:
+            self.engine.commit()
+        except EngineFailedError as exc:
+            batch.failure = exc
+
+    def finish(self, batch: Batch) -> Outcome:
+        """After the commit: grant what may be granted, and say what to send."""
+        out, replies = batch.out, batch.replies
+        if batch.failure is not None:
+            return self._fail(batch.failure, replies, batch.writes, out)
+        for write in batch.writes:
             if self.barrier or self.grace or self.locks.locked(write.ranges):
                 self.parked.append(write)
             else:
                 replies.append((write.peer, WriteOk(write.request, write.copied)))
-        out.sends = replies + notices
+        out.sends = replies + batch.notices
         out.sweep_pending = self.engine.sweep_pending
         return out
 
@@ -343,11 +375,12 @@ class Dispatcher:
                 self.grace = False
                 return True
             return False
-        if self._may_sweep():
+        if self.may_sweep():
             self.engine.sweep()
         return False
 
-    def _may_sweep(self) -> bool:
+    def may_sweep(self) -> bool:
+        """Deleted snapshots' space awaits reclaiming and none of their clients remain."""
         return self.engine.sweep_pending and not any(p.detaching for p in self.peers)
 
     def _received(

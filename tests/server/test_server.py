@@ -28,6 +28,7 @@ from csnap_protocol import (
     QuerySnapshotRead,
     QueryWrite,
     Role,
+    WriteOk,
 )
 from csnapd.engine import FileDevice
 from csnapd.engine.check import check_store
@@ -262,29 +263,37 @@ async def test_limits_refuse_without_harm(tmp_path: Path) -> None:
     config = make_store(tmp_path)
     with trio.fail_after(30):
         async with (
-            running(config, max_connections=2, max_in_flight=1) as server,
-            trio.open_nursery() as nursery,
+            running(config, max_connections=3, max_in_flight=1) as server,
+            server.admin() as admin,
         ):
-            first = await open_session(nursery, server.connector(), Role.CLIENT)
-            await open_session(nursery, server.connector(), Role.CLIENT)
-            with pytest.raises(ServerError) as info:
-                await open_session(nursery, server.connector(), Role.CLIENT)
-            assert info.value.error is ErrorCode.TOO_MANY_CONNECTIONS
-            await first.request(Identify(1, 1, None))
-            # Two requests at once where one is allowed: the second is refused.
-            results: list[object] = []
+            await admin.create_snapshot(1)
+            async with server.client(1) as reader, trio.open_nursery() as nursery:
+                first = await open_session(nursery, server.connector(), Role.CLIENT)
+                with pytest.raises(ServerError) as info:
+                    await open_session(nursery, server.connector(), Role.CLIENT)
+                assert info.value.error is ErrorCode.TOO_MANY_CONNECTIONS
+                await first.request(Identify(1, 1, None))
+                results: list[object] = []
+                two = trio.Event()
 
-            async def ask(request: int) -> None:
-                try:
-                    results.append(await first.request(QueryWrite(request, ((0, 1),))))
-                except ServerError as exc:
-                    results.append(exc.error)
+                async def ask(request: int) -> None:
+                    try:
+                        results.append(await first.request(QueryWrite(request, ((0, 1),))))
+                    except ServerError as exc:
+                        results.append(exc.error)
+                    if len(results) == 2:
+                        two.set()
 
-            async with trio.open_nursery() as inner:
-                inner.start_soon(ask, 10)
-                inner.start_soon(ask, 11)
-            assert ErrorCode.TOO_MANY_REQUESTS in results
-            nursery.cancel_scope.cancel()
+                # A read lock holds write 10 in flight: write 11 is one too many.
+                async with reader.snapshot_read([(0, 1)]):
+                    nursery.start_soon(ask, 10)
+                    await trio.sleep(0.2)
+                    await ask(11)
+                    assert results == [ErrorCode.TOO_MANY_REQUESTS]
+                with trio.fail_after(5):
+                    await two.wait()
+                assert isinstance(results[1], WriteOk)
+                nursery.cancel_scope.cancel()
 
 
 async def test_deleting_a_snapshot_detaches_its_clients(tmp_path: Path) -> None:
