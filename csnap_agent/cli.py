@@ -22,6 +22,7 @@ import trio
 from csnap_agent.agent import Agent
 from csnap_client import DEFAULT_AGENT
 from csnap_common import unix_address
+from csnap_common.cli import add_log_level, configure_logging
 
 __all__ = ["main", "run", "open_agent_listener", "AgentSocketError"]
 
@@ -65,9 +66,7 @@ def _parser() -> argparse.ArgumentParser:
         metavar="PATH",
         help=f"Unix socket to listen on, or @name (default $CSNAP_AGENT or {DEFAULT_AGENT})",
     )
-    parser.add_argument(
-        "--log-level", default="info", choices=["debug", "info", "warning", "error"]
-    )
+    add_log_level(parser)
     return parser
 
 
@@ -108,11 +107,7 @@ def open_agent_listener(path: str) -> socket.socket:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the agent; returns the exit status."""
     args = _parser().parse_args(argv)
-    logging.basicConfig(
-        level=getattr(logging, args.log_level.upper()),
-        format="%(asctime)s %(name)s %(levelname)s %(message)s",
-        stream=sys.stderr,
-    )
+    configure_logging(args.log_level)
     try:
         listener = open_agent_listener(args.socket)
     except AgentSocketError as exc:

@@ -21,7 +21,8 @@ from pathlib import Path
 import trio
 
 from csnap_client import find_server
-from csnap_common import SizeError, format_size, parse_size
+from csnap_common import format_size
+from csnap_common.cli import configure_logging, size_arg
 
 __all__ = ["main", "run"]
 
@@ -56,13 +57,6 @@ class Child:
         return await self.process.wait()
 
 
-def _size(text: str) -> int:
-    try:
-        return parse_size(text)
-    except SizeError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from exc
-
-
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="scripts/run",
@@ -72,8 +66,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--data", type=Path, default=Path("data"), help="directory of the demo (default data)"
     )
-    parser.add_argument("--store-size", type=_size, default="1G", metavar="SIZE")
-    parser.add_argument("--origin-size", type=_size, default="1G", metavar="SIZE")
+    parser.add_argument("--store-size", type=size_arg, default="1G", metavar="SIZE")
+    parser.add_argument("--origin-size", type=size_arg, default="1G", metavar="SIZE")
     parser.add_argument(
         "--nbd-listen",
         default="127.0.0.1:10809",
@@ -86,11 +80,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO,
-        format="%(asctime)s %(name)s %(levelname)s %(message)s",
-        stream=sys.stderr,
-    )
+    configure_logging("info")
     try:
         return trio.run(_main, args)
     except ChildFailedError as exc:

@@ -17,6 +17,7 @@ import trio
 
 from csnap_client import Connector, tcp_connector
 from csnap_common import single_errors
+from csnap_common.cli import add_log_level, configure_logging, host_port_arg
 from csnap_nbd.server import GatewayConfig, GatewayStartError, serve
 from csnap_nbd.settings import Settings
 
@@ -49,13 +50,6 @@ would not open, an address is in use).
 """
 
 
-def _host_port(text: str) -> tuple[str, int]:
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or int(port) > 65535:
-        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
-    return host.strip("[]") or "127.0.0.1", int(port)
-
-
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="csnap-nbd",
@@ -71,11 +65,11 @@ def _parser() -> argparse.ArgumentParser:
         " (the default, with $CSNAP_AGENT or @csnap-agent)",
     )
     where.add_argument(
-        "--server", type=_host_port, metavar="HOST:PORT", help="csnapd's address, directly"
+        "--server", type=host_port_arg, metavar="HOST:PORT", help="csnapd's address, directly"
     )
     parser.add_argument(
         "--listen",
-        type=_host_port,
+        type=host_port_arg,
         action="append",
         default=[],
         metavar="HOST:PORT",
@@ -91,9 +85,7 @@ def _parser() -> argparse.ArgumentParser:
         "--store", metavar="PATH", help="the snapshot store file (default: csnapd's)"
     )
     parser.add_argument("--origin", metavar="PATH", help="the origin file (default: csnapd's)")
-    parser.add_argument(
-        "--log-level", default="info", choices=["debug", "info", "warning", "error"]
-    )
+    add_log_level(parser)
     return parser
 
 
@@ -112,11 +104,7 @@ def _connectors(args: argparse.Namespace) -> tuple[Connector, Connector]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the gateway; returns the exit status."""
     args = _parser().parse_args(argv)
-    logging.basicConfig(
-        level=getattr(logging, args.log_level.upper()),
-        format="%(asctime)s %(name)s %(levelname)s %(message)s",
-        stream=sys.stderr,
-    )
+    configure_logging(args.log_level)
     connect, admin_connect = _connectors(args)
     tcp = args.listen or ([] if args.unix else [("127.0.0.1", NBD_PORT)])
     config = GatewayConfig(

@@ -13,7 +13,8 @@ from collections.abc import Sequence
 
 import trio
 
-from csnap_common import AddressError, SizeError, parse_size, single_errors, split_host_port
+from csnap_common import parse_size, single_errors
+from csnap_common.cli import add_log_level, configure_logging, host_port_arg, size_arg
 from csnapd.engine import EngineError, StoreLockedError
 from csnapd.server import ServerConfig, ServerFailedError, serve
 
@@ -43,20 +44,6 @@ replays the journal), 2 bad arguments, 3 the store could not be opened
 """
 
 
-def _listen(text: str) -> tuple[str, int]:
-    try:
-        return split_host_port(text)
-    except AddressError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from exc
-
-
-def _size(text: str) -> int:
-    try:
-        return parse_size(text)
-    except SizeError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from exc
-
-
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="csnapd",
@@ -68,7 +55,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("origin", help="the origin volume the store was made for")
     parser.add_argument(
         "--listen",
-        type=_listen,
+        type=host_port_arg,
         default=("127.0.0.1", 0),
         metavar="HOST:PORT",
         help="address to listen on (default 127.0.0.1:0, a free port)",
@@ -81,7 +68,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--cache-size",
-        type=_size,
+        type=size_arg,
         default="64M",
         metavar="SIZE",
         help="metadata cache bound, e.g. 64M (default 64M)",
@@ -103,18 +90,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--max-connections", type=int, default=1024)
     parser.add_argument("--max-in-flight", type=int, default=256, help="requests per connection")
-    parser.add_argument(
-        "--log-level", default="info", choices=["debug", "info", "warning", "error"]
-    )
+    add_log_level(parser)
     return parser
-
-
-def configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper()),
-        format="%(asctime)s %(name)s %(levelname)s %(message)s",
-        stream=sys.stderr,
-    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

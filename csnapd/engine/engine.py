@@ -630,19 +630,8 @@ class Engine:
         return self._request(lambda: self._origin_shared(ranges))
 
     def _origin_shared(self, ranges: Ranges) -> list[tuple[int, int]]:
-        live = self._state.live_mask
-        out: list[tuple[int, int]] = []
-        if not live:
-            return out
-        for start, count in ranges:
-            for chunk, leaf, i, found in self._tree.entries(start, count):
-                if found and not live & ~leaf.using(i):
-                    continue
-                if out and out[-1][0] + out[-1][1] == chunk:
-                    out[-1] = (out[-1][0], out[-1][1] + 1)
-                else:
-                    out.append((chunk, 1))
-        return out
+        # Shared: some live snapshot has no exception of its own there.
+        return self._origin_where(ranges, lambda found, using, live: not found or live & ~using)
 
     def origin_copied(self, ranges: Ranges) -> list[tuple[int, int]]:
         """Ranges of origin chunks that some live snapshot holds a copy of."""
@@ -650,13 +639,20 @@ class Engine:
         return self._request(lambda: self._origin_copied(ranges))
 
     def _origin_copied(self, ranges: Ranges) -> list[tuple[int, int]]:
+        # Copied: some live snapshot uses an exception there.
+        return self._origin_where(ranges, lambda found, using, live: found and live & using)
+
+    def _origin_where(
+        self, ranges: Ranges, wanted: Callable[[bool, int, int], object]
+    ) -> list[tuple[int, int]]:
+        """Ranges of the origin chunks for which wanted(found, share mask, live mask)."""
         live = self._state.live_mask
         out: list[tuple[int, int]] = []
         if not live:
             return out
         for start, count in ranges:
             for chunk, leaf, i, found in self._tree.entries(start, count):
-                if not found or not live & leaf.using(i):
+                if not wanted(found, leaf.using(i) if found else 0, live):
                     continue
                 if out and out[-1][0] + out[-1][1] == chunk:
                     out[-1] = (out[-1][0], out[-1][1] + 1)
