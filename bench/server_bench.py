@@ -46,9 +46,7 @@ import argparse
 import json
 import math
 import os
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -57,11 +55,11 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import trio
-import trio.lowlevel
 
+from bench.common import Part, listening, progress
 from csnap_client import AdminClient, Connector, DataClient, open_admin, open_client, tcp_connector
 from csnap_format.mkcsnap import format_store
 
@@ -71,7 +69,6 @@ CLIENTS = (1, 8, 64)
 SNAPSHOT = 1
 #: Chunks per request when filling regions before measuring.
 FILL_REQUEST = 1024
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @dataclass(frozen=True)
@@ -124,10 +121,19 @@ QUICK = Plan(
 
 @dataclass(frozen=True)
 class Server:
-    """A running csnapd: how to reach it, and its process id for CPU time."""
+    """A running csnapd: how to reach it, and its process (CPU time, memory, signals)."""
 
     connect: Connector
-    pid: int
+    process: trio.Process
+    #: "host:port" it listens on.
+    address: str
+    #: perf_counter_ns when it was spawned and when it said it was listening.
+    spawned_ns: int
+    listening_ns: int
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
 
     def cpu_ns(self) -> int | None:
         """CPU time the server used so far (all its threads), if /proc says."""
@@ -141,47 +147,18 @@ class Server:
 
 
 @asynccontextmanager
-async def csnapd(store: Path, origin: Path, log: Path) -> AsyncIterator[Server]:
+async def csnapd(store: Path, origin: Path, log: Path, *options: str) -> AsyncIterator[Server]:
     """A real csnapd on loopback; stopped with SIGTERM when the block ends."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
-    with _open_log(log) as err:
-        process = await trio.lowlevel.open_process(
-            [sys.executable, "-m", "csnapd", str(store), str(origin), "--listen", "127.0.0.1:0"],
-            stdout=subprocess.PIPE,
-            stderr=err,
-            env=env,
+    argv = [sys.executable, "-m", "csnapd", str(store), str(origin), "--listen", "127.0.0.1:0"]
+    async with listening([*argv, *options], log) as started:
+        host, _, port = started.said.rpartition(":")
+        yield Server(
+            tcp_connector(host.strip("[]"), int(port)),
+            started.process,
+            started.said,
+            started.spawned_ns,
+            started.listening_ns,
         )
-    try:
-        assert process.stdout is not None
-        line = b""
-        with trio.fail_after(30):
-            while not line.endswith(b"\n"):
-                data = await process.stdout.receive_some(1)
-                if not data:
-                    raise RuntimeError(f"csnapd exited before listening: {_tail(log)}")
-                line += data
-        word, _, address = line.decode().strip().partition(" ")
-        if word != "listening":
-            raise RuntimeError(f"csnapd said {line!r}, not 'listening HOST:PORT'")
-        host, _, port = address.rpartition(":")
-        yield Server(tcp_connector(host.strip("[]"), int(port)), process.pid)
-    finally:
-        with trio.CancelScope(shield=True):
-            if process.returncode is None:
-                process.send_signal(signal.SIGTERM)
-                with trio.move_on_after(30):
-                    await process.wait()
-                if process.returncode is None:
-                    process.kill()
-                    await process.wait()
-
-
-def _open_log(log: Path) -> BinaryIO:
-    return open(log, "ab")
-
-
-def _tail(log: Path) -> str:
-    return log.read_text(errors="replace")[-2000:]
 
 
 def make_store(
@@ -590,6 +567,26 @@ async def run(plan: Plan) -> dict[str, Any]:
         results["snapshot_lifecycle"] = await lifecycle(directory, plan)
         print("\n".join(_lifecycle_lines(results["snapshot_lifecycle"])), flush=True)
     return results
+
+
+def server_part(directory: Path, *, quick: bool) -> Part:
+    """The data-path workloads, for the suite (python -m bench)."""
+    results: dict[str, Any] = {}
+    rows: list[str] = []
+
+    def report(key: str, figs: dict[str, Any]) -> None:
+        results[key] = figs
+        rows.append(_row(key, figs))
+        progress(rows[-1])
+
+    trio.run(data_path, directory, QUICK if quick else FULL, report)
+    return Part(results, "\n".join([_HEADER, *rows]))
+
+
+def lifecycle_part(directory: Path, *, quick: bool) -> Part:
+    """Snapshot create, delete and sweep, for the suite (python -m bench)."""
+    figs = trio.run(lifecycle, directory, QUICK if quick else FULL)
+    return Part(figs, "\n".join(_lifecycle_lines(figs)))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -89,3 +89,103 @@ def test_engine_bench_quick(tmp_path: Path) -> None:
     assert 0 < large["lookup_p50_us"] <= large["lookup_p99_us"]
     for key in ("build_s", "open_s", "rss_mib", "cached_pages", "check_s"):
         assert large[key] > 0, key
+
+
+def test_suite_quick(tmp_path: Path) -> None:
+    out = tmp_path / "suite.json"
+    work = tmp_path / "work"
+    work.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "CSNAP_BENCH_DIR": str(work)}
+    done = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--json", str(out)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    results: dict[str, Any] = json.loads(out.read_text())
+    assert results["quick"] is True
+    assert results["machine"]["cores"] >= 1
+    parts = results["parts"]
+    assert set(parts) == {"server", "nbd", "snapshots", "scale", "lifecycle", "recovery"}
+    for name, part in parts.items():
+        assert "error" not in part, name
+        assert part["part_seconds"] > 0, name
+        assert f"== {name}:" in done.stdout
+    # Every temporary file went with the run's directory.
+    assert not list(work.iterdir())
+    check_server_part(parts["server"])
+    check_nbd_part(parts["nbd"])
+    check_snapshots_part(parts["snapshots"])
+    check_scale_part(parts["scale"])
+    check_recovery_part(parts["recovery"])
+    assert parts["lifecycle"]["exceptions_swept"] == parts["lifecycle"]["exceptions"]
+
+
+def check_server_part(part: dict[str, Any]) -> None:
+    for workload in SERVER_WORKLOADS:
+        for clients in (1, 8, 64):
+            row = part[f"{workload}_{clients}_clients"]
+            assert row["ops"] > 0 and row["chunks_per_s"] > 0
+
+
+NBD_PHASES = ("first_write", "rewrite", "snapshot_read", "first_write_fua", "rewrite_fua")
+
+
+def check_nbd_part(part: dict[str, Any]) -> None:
+    assert part["io_bytes"] == 4096 and part["queue_depth"] == 16
+    skipped = part["skipped"]
+    assert "csnap" not in skipped, skipped
+    for system in ("csnap", "qcow2", "file"):
+        if system in skipped:
+            assert skipped[system]  # a reason, not just a name
+            continue
+        for phase in NBD_PHASES:
+            assert part[system]["iops"][phase] > 0, (system, phase)
+            assert len(part[system]["round_iops"][phase]) == part["rounds"]
+    # Each first write after a snapshot copies exactly one 64 KiB chunk.
+    assert part["csnap"]["copied_bytes_per_first_write"] == part["chunk_bytes"]
+    for peer in ("qcow2", "file"):
+        if peer not in skipped:
+            assert all(r is not None and r > 0 for r in part["ratios"][peer].values())
+
+
+def check_snapshots_part(part: dict[str, Any]) -> None:
+    levels = part["levels"]
+    assert set(levels) == {"0", "1", "2", "4", "8", "16", "32", "64"}
+    assert levels["0"]["copied_bytes_per_write"] == 0
+    for k in ("1", "2", "4", "8", "16", "32", "64"):
+        row = levels[k]
+        # One chunk per first write, however many snapshots share it.
+        assert row["copied_bytes_per_write"] == part["chunk_bytes"], k
+        assert row["writes_per_s"] > 0 and 0 < row["p50_ms"] <= row["p99_ms"], k
+        assert row["time_vs_1_snapshot"] > 0, k
+    assert part["time_64_vs_1"] == levels["64"]["time_vs_1_snapshot"]
+
+
+def check_scale_part(part: dict[str, Any]) -> None:
+    assert part["exceptions"] > 0 and part["snapshots"] == 64
+    server = part["server"]
+    assert 0 < server["startup_s"] <= server["ready_s"]
+    assert server["lookups"] > 0 and 0 < server["lookup_p50_us"] <= server["lookup_p99_us"]
+    assert server["rss_mib"] > 0 and server["peak_rss_mib"] >= server["rss_mib"]
+    assert part["csnap_check"]["seconds"] > 0 and part["csnap_check"]["mappings_per_s"] > 0
+    if "thin_check" in part["skipped"]:
+        assert part["thin_check"] is None and part["check_ratio"] is None
+    else:
+        assert part["thin_check"]["seconds"] > 0 and part["check_ratio"] > 0
+
+
+def check_recovery_part(part: dict[str, Any]) -> None:
+    assert part["python_import_floor_s"] > 0
+    assert part["journals"]
+    for figs in part["journals"].values():
+        assert figs["journal_commit_records"] > 0
+        assert figs["copied_before_kill"] > 0
+        assert 0 < figs["crash_listening_s"] <= figs["crash_ready_s"]
+        assert 0 < figs["clean_listening_s"] <= figs["clean_ready_s"]
+        assert all(state == "active" for state in figs["state_after_crash"])
+        assert figs["check_clean"] is True

@@ -1,0 +1,104 @@
+# python -m bench: the whole benchmark suite, on loopback, in one command.
+#
+# Runs each part in turn in a temporary directory (under $CSNAP_BENCH_DIR
+# when set), prints one table per part on stdout (progress on stderr), and
+# writes every figure, with a description of the machine, as JSON.
+#
+#   server     csnapd under 1/8/64 clients (bench.server_bench)
+#   nbd        end to end through csnap-nbd with qemu-img bench, beside
+#              qemu-nbd + qcow2 and nbdkit file (bench.nbd_bench)
+#   snapshots  first-write cost against 1..64 live snapshots (bench.snapshots_bench)
+#   scale      a million exceptions: csnapd memory, start-up, lookups, and
+#              csnap-check beside thin_check (bench.scale_bench)
+#   lifecycle  snapshot create and delete latency, sweep rate (bench.server_bench)
+#   recovery   start to ready after SIGKILL with a full journal (bench.recovery_bench)
+#
+# --quick runs every part small, in seconds, as a smoke test; --only PART
+# (repeatable) runs only those parts. Peers whose tools are missing are
+# reported as skipped, with the reason, and the rest still runs.
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from bench.common import Part, machine, progress
+from bench.nbd_bench import nbd_part
+from bench.recovery_bench import recovery_part
+from bench.scale_bench import scale_part
+from bench.server_bench import lifecycle_part, server_part
+from bench.snapshots_bench import snapshots_part
+
+PARTS: dict[str, tuple[str, Callable[..., Part]]] = {
+    "server": ("the metadata server under 1, 8 and 64 clients", server_part),
+    "nbd": ("end to end through csnap-nbd, beside qemu-nbd + qcow2 and nbdkit file", nbd_part),
+    "snapshots": ("first-write cost against the number of live snapshots", snapshots_part),
+    "scale": ("a million exceptions across 64 snapshots, beside thin_check", scale_part),
+    "lifecycle": ("snapshot create and delete latency, sweep rate", lifecycle_part),
+    "recovery": ("start to ready after SIGKILL with a full journal", recovery_part),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench",
+        description="csnap's benchmark suite: every part on loopback, tables on stdout,"
+        " figures as JSON.",
+    )
+    parser.add_argument("--quick", action="store_true", help="a small smoke run of every part")
+    parser.add_argument(
+        "--only",
+        action="append",
+        choices=list(PARTS),
+        metavar="PART",
+        help=f"run only this part (repeatable): {', '.join(PARTS)}",
+    )
+    parser.add_argument(
+        "--json",
+        default="bench-results.json",
+        metavar="FILE",
+        help="where to write the figures (default bench-results.json)",
+    )
+    args = parser.parse_args(argv)
+    chosen = [name for name in PARTS if args.only is None or name in args.only]
+    results: dict[str, Any] = {"machine": machine(), "quick": args.quick, "parts": {}}
+    failed = []
+    with tempfile.TemporaryDirectory(
+        prefix="csnap-bench-", dir=os.environ.get("CSNAP_BENCH_DIR")
+    ) as tmp:
+        for name in chosen:
+            title, run = PARTS[name]
+            directory = Path(tmp) / name
+            directory.mkdir()
+            progress(f"== {name}: {title}")
+            t0 = time.perf_counter()
+            try:
+                part = run(directory, quick=args.quick)
+            except Exception:
+                failed.append(name)
+                progress(traceback.format_exc())
+                results["parts"][name] = {"error": traceback.format_exc(limit=3)}
+                print(f"\n== {name}: {title}\nFAILED (see stderr)", flush=True)
+                continue
+            seconds = time.perf_counter() - t0
+            results["parts"][name] = {**part.figures, "part_seconds": seconds}
+            print(f"\n== {name}: {title} ({seconds:.0f} s)\n{part.table}", flush=True)
+            # Written after every part: a long run that fails late keeps the rest.
+            Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    results["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    if failed:
+        print(f"\nfailed parts: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

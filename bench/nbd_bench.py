@@ -1,0 +1,316 @@
+# End to end through the NBD gateway: `qemu-img bench` against csnap-nbd
+# (in front of a real csnapd) over a Unix socket, beside qemu-nbd serving a
+# qcow2 image with an internal snapshot over a Unix socket, and beside
+# `nbdkit file` on the origin file itself as the ceiling (no snapshots, no
+# metadata: just the file).
+#
+# Every request is 4 KiB, queue depth 16, one request per 64 KiB (-s 4k
+# -S 64k -d 16), over a region of `writes` x 64 KiB. csnap uses 64 KiB
+# chunks and qcow2 64 KiB clusters, so each request of a first-write pass
+# is the first write to its chunk (cluster) since the snapshot and makes the
+# server copy one whole chunk. Both the csnap origin and the qcow2 image are
+# filled with data before the snapshot, so the copies read real blocks, and
+# synced, so that both start in the page cache with nothing to write back.
+#
+# Phases, in this order, each one `qemu-img bench` run:
+#   first_write      writes after snapshot 1 (-t none: no FUA, no flush)
+#   rewrite          the same writes again: chunks already unique
+#   snapshot_read    reads of snapshot 1 at the same offsets (csnap: the
+#                    snap-1 export, every chunk in the store; qcow2: qemu-nbd
+#                    --load-snapshot; file: the file)
+#   first_write_fua  writes after snapshot 2 with -t directsync: every write
+#                    carries FUA, so each reply means the data is durable
+#   rewrite_fua      the same again
+# Without FUA, csnap still commits each copy-out's metadata before replying;
+# qemu-nbd keeps qcow2 metadata in its caches until a flush.
+#
+# A round runs every system through every phase, each on fresh state
+# (a newly formatted store, a new qcow2 image); the systems' order rotates
+# from round to round so that drift on a shared machine falls on all of
+# them. The figure for each phase is the median over rounds of the IOPS
+# qemu-img reports ("Run completed in T seconds": writes / T); ratios are
+# csnap's median over the peer's median.
+#
+# csnap's copies are counted from the store: data chunks free before and
+# after the first-write pass; qcow2's from the image's allocated bytes.
+from __future__ import annotations
+
+import os
+import re
+import sys
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from bench.common import (
+    Part,
+    fill_file,
+    fmt_ratio,
+    listening,
+    median,
+    missing_tools,
+    progress,
+    ratio,
+    run_tool,
+    serving_unix,
+    sync_file,
+    table,
+)
+from bench.server_bench import csnapd
+from csnap_client import AdminClient, open_admin
+from csnap_format.mkcsnap import format_store
+
+IO = 4096
+STRIDE = 64 << 10
+DEPTH = 16
+#: csnap chunk size and qcow2 cluster size.
+CHUNK = 64 << 10
+PATTERN = 0xA5
+
+PHASES = ("first_write", "rewrite", "snapshot_read", "first_write_fua", "rewrite_fua")
+SYSTEMS = ("csnap", "qcow2", "file")
+LABELS = {
+    "csnap": "csnap-nbd + csnapd",
+    "qcow2": "qemu-nbd + qcow2",
+    "file": "nbdkit file",
+}
+
+
+@dataclass(frozen=True)
+class Plan:
+    rounds: int
+    #: Requests per qemu-img bench run (one per 64 KiB of the region).
+    writes: int
+
+    @property
+    def region(self) -> int:
+        return self.writes * STRIDE
+
+
+FULL = Plan(rounds=5, writes=4096)
+QUICK = Plan(rounds=1, writes=128)
+
+
+async def qemu_bench(url: str, count: int, *, write: bool, fua: bool = False) -> float:
+    """Seconds qemu-img bench says the run took."""
+    argv = ["qemu-img", "bench", "-f", "raw", "-c", str(count), "-s", str(IO), "-S", str(STRIDE)]
+    argv += ["-d", str(DEPTH), "-t", "directsync" if fua else "none"]
+    if write:
+        argv += ["-w", f"--pattern={PATTERN}"]
+    out = await run_tool([*argv, url])
+    found = re.search(r"Run completed in ([0-9.]+) seconds", out)
+    if found is None:
+        raise RuntimeError(f"qemu-img bench said {out!r}")
+    # A run too short for its clock's resolution still took some time.
+    return max(float(found.group(1)), 1e-3)
+
+
+def _url(sock: Path, export: str) -> str:
+    return f"nbd+unix:///{export}?socket={sock}"
+
+
+# -- csnap ---------------------------------------------------------------------
+
+
+async def _data_free(admin: AdminClient) -> int:
+    free: int = (await admin.status()).store["data_free"]
+    return free
+
+
+async def csnap_round(d: Path, origin: Path, plan: Plan) -> tuple[dict[str, float], dict[str, Any]]:
+    store = d / "csnap.store"
+    store.unlink(missing_ok=True)
+    # Room for two snapshots' copies of the whole region, plus metadata.
+    format_store(
+        str(store),
+        str(origin),
+        chunk_size=CHUNK,
+        store_size=2 * plan.region + (64 << 20),
+        progress=False,
+    )
+    sock = d / "csnap.sock"
+    times: dict[str, float] = {}
+    gateway = ["-m", "csnap_nbd", "--unix", str(sock), "--log-level", "warning"]
+    async with (
+        csnapd(store, origin, d / "csnapd.log", "--log-level", "warning") as server,
+        open_admin(server.connect) as admin,
+        listening([sys.executable, *gateway, "--server", server.address], d / "nbd.log"),
+    ):
+        n = plan.writes
+        await admin.create_snapshot(1)
+        free = await _data_free(admin)
+        times["first_write"] = await qemu_bench(_url(sock, "origin"), n, write=True)
+        copied = free - await _data_free(admin)
+        times["rewrite"] = await qemu_bench(_url(sock, "origin"), n, write=True)
+        times["snapshot_read"] = await qemu_bench(_url(sock, "snap-1"), n, write=False)
+        await admin.create_snapshot(2)
+        times["first_write_fua"] = await qemu_bench(_url(sock, "origin"), n, write=True, fua=True)
+        times["rewrite_fua"] = await qemu_bench(_url(sock, "origin"), n, write=True, fua=True)
+    store.unlink()
+    return times, {"copied_bytes_per_first_write": copied * CHUNK / plan.writes}
+
+
+# -- qemu-nbd with qcow2 ---------------------------------------------------------
+
+
+@asynccontextmanager
+async def qemu_nbd(
+    image: Path, sock: Path, log: Path, *, snapshot: str | None = None
+) -> AsyncIterator[None]:
+    argv = ["qemu-nbd", "--format=qcow2", f"--socket={sock}", "--persistent"]
+    argv += ["--cache=writeback", "--aio=threads"]
+    if snapshot is None:
+        argv += ["--export-name=origin"]
+    else:
+        argv += [f"--load-snapshot={snapshot}", "--read-only", "--export-name=snap"]
+    async with serving_unix([*argv, str(image)], sock, log):
+        yield
+
+
+def _allocated(path: Path) -> int:
+    return os.stat(path).st_blocks * 512
+
+
+async def qcow2_round(d: Path, plan: Plan) -> tuple[dict[str, float], dict[str, Any]]:
+    image, sock, log = d / "peer.qcow2", d / "qemu-nbd.sock", d / "qemu-nbd.log"
+    image.unlink(missing_ok=True)
+    n = plan.writes
+    create = ["qemu-img", "create", "-q", "-f", "qcow2", "-o", f"cluster_size={CHUNK}"]
+    await run_tool([*create, str(image), str(plan.region)])
+    # Every cluster allocated with data before the snapshot.
+    fill = ["qemu-img", "bench", "-q", "-f", "qcow2", "-w", "-c", str(n), "-s", str(STRIDE)]
+    await run_tool([*fill, "-d", str(DEPTH), "--pattern=90", str(image)])
+    sync_file(image)
+    await run_tool(["qemu-img", "snapshot", "-c", "s1", str(image)])
+    times: dict[str, float] = {}
+    allocated = _allocated(image)
+    async with qemu_nbd(image, sock, log):
+        times["first_write"] = await qemu_bench(_url(sock, "origin"), n, write=True)
+        times["rewrite"] = await qemu_bench(_url(sock, "origin"), n, write=True)
+    grown = _allocated(image) - allocated
+    async with qemu_nbd(image, sock, log, snapshot="s1"):
+        times["snapshot_read"] = await qemu_bench(_url(sock, "snap"), n, write=False)
+    await run_tool(["qemu-img", "snapshot", "-c", "s2", str(image)])
+    async with qemu_nbd(image, sock, log):
+        times["first_write_fua"] = await qemu_bench(_url(sock, "origin"), n, write=True, fua=True)
+        times["rewrite_fua"] = await qemu_bench(_url(sock, "origin"), n, write=True, fua=True)
+    image.unlink()
+    return times, {"allocated_bytes_per_first_write": grown / n}
+
+
+# -- nbdkit file -----------------------------------------------------------------
+
+
+async def file_round(d: Path, origin: Path, plan: Plan) -> tuple[dict[str, float], dict[str, Any]]:
+    sock, log = d / "nbdkit.sock", d / "nbdkit.log"
+    argv = ["nbdkit", "--foreground", "--exit-with-parent", "--unix", str(sock)]
+    times: dict[str, float] = {}
+    n = plan.writes
+    async with serving_unix([*argv, "file", f"file={origin}"], sock, log):
+        url = _url(sock, "")
+        times["first_write"] = await qemu_bench(url, n, write=True)
+        times["rewrite"] = await qemu_bench(url, n, write=True)
+        times["snapshot_read"] = await qemu_bench(url, n, write=False)
+        times["first_write_fua"] = await qemu_bench(url, n, write=True, fua=True)
+        times["rewrite_fua"] = await qemu_bench(url, n, write=True, fua=True)
+    return times, {}
+
+
+# -- the part --------------------------------------------------------------------
+
+
+def _skips() -> dict[str, str]:
+    skipped = {}
+    for system, tools in (
+        ("csnap", ("qemu-img",)),
+        ("qcow2", ("qemu-img", "qemu-nbd")),
+        ("file", ("qemu-img", "nbdkit")),
+    ):
+        reason = missing_tools(*tools)
+        if reason is not None:
+            skipped[system] = reason
+    return skipped
+
+
+async def _rounds(
+    d: Path, plan: Plan, systems: Sequence[str]
+) -> dict[str, list[tuple[dict[str, float], dict[str, Any]]]]:
+    origin = d / "origin.img"
+    fill_file(origin, plan.region, 0x5A)
+    runs: dict[str, Callable[[], Any]] = {
+        "csnap": lambda: csnap_round(d, origin, plan),
+        "qcow2": lambda: qcow2_round(d, plan),
+        "file": lambda: file_round(d, origin, plan),
+    }
+    results: dict[str, list[tuple[dict[str, float], dict[str, Any]]]] = {s: [] for s in systems}
+    for number in range(plan.rounds):
+        shift = number % len(systems)
+        for system in [*systems[shift:], *systems[:shift]]:
+            times, extra = await runs[system]()
+            results[system].append((times, extra))
+            rates = "  ".join(f"{p} {plan.writes / times[p]:,.0f}" for p in PHASES)
+            progress(f"nbd round {number + 1}/{plan.rounds} {system}: IOPS {rates}")
+    return results
+
+
+def nbd_part(directory: Path, *, quick: bool) -> Part:
+    plan = QUICK if quick else FULL
+    skipped = _skips()
+    systems = [s for s in SYSTEMS if s not in skipped]
+    results = trio.run(_rounds, directory, plan, systems) if "csnap" in systems else {}
+    figures: dict[str, Any] = {
+        "io_bytes": IO,
+        "stride_bytes": STRIDE,
+        "queue_depth": DEPTH,
+        "chunk_bytes": CHUNK,
+        "writes": plan.writes,
+        "rounds": plan.rounds,
+        "skipped": skipped,
+    }
+    iops: dict[str, dict[str, float]] = {}
+    for system, runs in results.items():
+        per_phase = {p: [plan.writes / times[p] for times, _ in runs] for p in PHASES}
+        iops[system] = {p: median(v) for p, v in per_phase.items()}
+        extra = {k: median([e[k] for _, e in runs]) for k in runs[0][1]}
+        figures[system] = {
+            "iops": iops[system],
+            "round_iops": per_phase,
+            **extra,
+        }
+    ratios = {
+        peer: {p: ratio(iops["csnap"][p], iops[peer][p]) for p in PHASES}
+        for peer in ("qcow2", "file")
+        if peer in iops and "csnap" in iops
+    }
+    figures["ratios"] = ratios
+    rows = [
+        [
+            p,
+            *(iops.get(s, {}).get(p) for s in SYSTEMS),
+            *(fmt_ratio(ratios.get(peer, {}).get(p)) for peer in ("qcow2", "file")),
+        ]
+        for p in PHASES
+    ]
+    notes = [
+        f"IOPS, median of {plan.rounds} rounds: qemu-img bench -s 4k -S 64k -d 16,"
+        f" {plan.writes} requests over {plan.region >> 20} MiB, Unix sockets",
+        "csnap 64 KiB chunks, qcow2 64 KiB clusters; *_fua: -t directsync (FUA on every write)",
+    ]
+    if "csnap" in figures:
+        notes.append(
+            "csnap copied per first write: "
+            f"{figures['csnap']['copied_bytes_per_first_write']:,.0f} bytes"
+            + (
+                f"; qcow2 allocated per first write: "
+                f"{figures['qcow2']['allocated_bytes_per_first_write']:,.0f} bytes"
+                if "qcow2" in figures
+                else ""
+            )
+        )
+    notes += [f"skipped {s}: {why}" for s, why in skipped.items()]
+    headers = ["phase", *(f"{LABELS[s]}" for s in SYSTEMS), "csnap/qcow2", "csnap/file"]
+    return Part(figures, table(headers, rows, notes=notes), skipped)
