@@ -42,18 +42,10 @@ OTHER_CONSTANTS: dict[str, object] = {"MAX_LIST": messages.MAX_LIST}
 
 #: csnapd limits the "Limits" table must give, with their defaults.
 _CONFIG_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ServerConfig)}
+#: Every ServerConfig field is a limit the doc must list, except these.
+_NOT_LIMITS = {"store", "origin", "host", "port", "cache_bytes", "agent"}
 LIMITS: dict[str, object] = {
-    name: _CONFIG_DEFAULTS[name]
-    for name in (
-        "max_connections",
-        "max_in_flight",
-        "max_frame",
-        "max_chunks",
-        "max_batch",
-        "grace",
-        "barrier_timeout",
-        "detach_timeout",
-    )
+    name: default for name, default in _CONFIG_DEFAULTS.items() if name not in _NOT_LIMITS
 }
 LIMITS["OUTBOX_LIMIT"] = OUTBOX_LIMIT
 #: The agent's limits, for the "agent_limits" table.

@@ -57,12 +57,20 @@ async def start(argv: list[str], log: Path, *, ready_timeout: float = 30) -> Dae
     err.close()
     assert process.stdout is not None
     line = b""
-    with trio.fail_after(ready_timeout):
-        while not line.endswith(b"\n"):
-            data = await process.stdout.receive_some(1)
-            if not data:
-                raise RuntimeError(f"{argv[0]} exited before it was ready: {tail(log)}")
-            line += data
+    try:
+        with trio.fail_after(ready_timeout):
+            while not line.endswith(b"\n"):
+                data = await process.stdout.receive_some(1)
+                if not data:
+                    raise RuntimeError(f"{argv[0]} exited before it was ready: {tail(log)}")
+                line += data
+    except BaseException:
+        with trio.CancelScope(shield=True):
+            if process.returncode is None:
+                process.kill()
+            await process.wait()
+            await process.stdout.aclose()
+        raise
     return Daemon(process, line.decode().strip(), log)
 
 
