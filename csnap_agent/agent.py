@@ -194,14 +194,7 @@ class Agent:
     async def _admit(self, peer: _Peer, message: Message) -> bool:
         """Handle one message; False ends the connection."""
         if isinstance(message, Hello):
-            peer.role = Role(message.role)
-            if peer.role is Role.AGENT:
-                await _refuse(peer, ErrorCode.WRONG_ROLE, "an agent does not connect to an agent")
-                return False
-            async with peer.send_lock:
-                await peer.stream.send_all(peer.codec.hello())
-            log.debug("%s connected", peer)
-            return True
+            return await self._hello(peer, message)
         request = getattr(message, "id", None)
         if peer.role is Role.SERVER and isinstance(message, Ok | Error) and request is not None:
             answer = peer.answers.pop(request, None)
@@ -238,6 +231,20 @@ class Agent:
                 peer, None, ErrorCode.PROTOCOL_ERROR, f"the agent takes no {message.TYPE}"
             )
             return False
+        return True
+
+    async def _hello(self, peer: _Peer, message: Hello) -> bool:
+        """Answer a hello; False ends the connection."""
+        peer.role = Role(message.role)
+        if peer.role is Role.AGENT:
+            await _refuse(peer, ErrorCode.WRONG_ROLE, "an agent does not connect to an agent")
+            return False
+        async with peer.send_lock:
+            try:
+                await peer.stream.send_all(peer.codec.hello())
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return False  # it hung up after its hello: nothing to serve
+        log.debug("%s connected", peer)
         return True
 
     async def _error(self, peer: _Peer, request: int | None, code: ErrorCode, text: str) -> None:

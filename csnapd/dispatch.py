@@ -83,6 +83,9 @@ log = logging.getLogger("csnapd")
 
 Ranges = tuple[tuple[int, int], ...]
 
+#: Seconds before a sweep step that failed (an I/O error) is tried again.
+SWEEP_RETRY = 1.0
+
 
 @dataclass(eq=False)
 class Peer:
@@ -255,6 +258,8 @@ class Dispatcher:
         self._barriers = 0
         self._barrier_waiting: set[Peer] = set()
         self._pending_creates: list[tuple[Peer, CreateSnapshot]] = []
+        #: After a sweep step failed (an I/O error), no sweep before this time.
+        self._sweep_after = 0.0
         registered, overflow = engine.registered_clients()
         #: Snapshot clients the registry named at start, not yet uploaded.
         self.awaiting: set[int] = set(registered)
@@ -301,11 +306,27 @@ class Dispatcher:
         """Handle `items` in order, up to the commit."""
         batch = Batch()
         recheck = False
-        for item in items:
-            recheck |= self._item(item, batch.out, batch.replies, batch.notices, batch.writes)
-        self._sync_registry()
-        if recheck:
-            batch.writes = self._reapply(batch.replies) + batch.writes
+        items = list(items)
+        done = 0
+        try:
+            for item in items:
+                recheck |= self._item(item, batch.out, batch.replies, batch.notices, batch.writes)
+                done += 1
+            self._sync_registry()
+            if recheck:
+                batch.writes = self._reapply(batch.replies) + batch.writes
+        except EngineFailedError as exc:
+            # A commit inside the batch failed (one that made room for a big
+            # request): the batch ends here, and finish() answers every
+            # request of it, handled or not, server_failed.
+            batch.failure = exc
+            for item in items[done:]:
+                if isinstance(item, Received):
+                    request = getattr(item.message, "id", None)
+                    if request is not None:
+                        failed = _error(request, ErrorCode.SERVER_FAILED, "")
+                        batch.replies.append((item.peer, failed))
+            return batch
         batch.needs_commit = self.engine.pending
         return batch
 
@@ -376,12 +397,23 @@ class Dispatcher:
                 return True
             return False
         if self.may_sweep():
-            self.engine.sweep()
+            try:
+                self.engine.sweep()
+            except EngineFailedError:
+                raise
+            except EngineError as exc:
+                # No caller to tell: the step was rolled back; try again later.
+                log.error("sweep step failed, retrying in %gs: %s", SWEEP_RETRY, exc)
+                self._sweep_after = time.monotonic() + SWEEP_RETRY
         return False
 
     def may_sweep(self) -> bool:
         """Deleted snapshots' space awaits reclaiming and none of their clients remain."""
-        return self.engine.sweep_pending and not any(p.detaching for p in self.peers)
+        return (
+            self.engine.sweep_pending
+            and not any(p.detaching for p in self.peers)
+            and time.monotonic() >= self._sweep_after
+        )
 
     def _received(
         self,

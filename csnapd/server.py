@@ -64,6 +64,10 @@ log = logging.getLogger("csnapd")
 OUTBOX_LIMIT = 4096
 #: Largest read from a socket at once.
 RECEIVE_SIZE = 1 << 16
+#: Messages of one connection waiting for the engine task: past this, its
+#: reader stops decoding until the engine has taken some. Requests are bounded
+#: by max_in_flight already; this bounds notices (barrier_done) too.
+QUEUED_LIMIT = 1024
 #: Seconds connections get at shutdown to send the replies already queued.
 FLUSH_TIMEOUT = 2.0
 #: Placeholder in an outbox for "send our hello" (the codec builds it).
@@ -112,6 +116,8 @@ class _Link:
     outbox: trio.MemorySendChannel[Message | None]
     in_flight: set[int] = field(default_factory=set)
     closing: bool = False
+    #: Messages handed to the engine task that it has not taken yet.
+    queued: int = 0
     #: Set once the writer has sent everything queued before its end marker.
     flushed: trio.Event = field(default_factory=trio.Event)
 
@@ -135,6 +141,8 @@ class Server:
         self._numbers = itertools.count(1)
         self._stopping = trio.Event()
         self._stopped = trio.Event()
+        #: Set (and replaced) whenever the engine task takes a batch.
+        self._taken = trio.Event()
         self._shutdown_reply: tuple[Peer, int] | None = None
         self.failed = False
 
@@ -249,10 +257,14 @@ class Server:
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     return
                 codec.receive_data(data)
-                while (message := codec.next_message()) is not None:
+                # Once closing (a refused hello, say), what follows in the same
+                # read is dropped: a refused peer's requests must never run.
+                while not link.closing and (message := codec.next_message()) is not None:
                     if isinstance(message, ConnectionClosed):
                         return
                     self._admit(link, message)
+                    while link.queued >= QUEUED_LIMIT and not link.closing:
+                        await self._taken.wait()
         except RemoteProtocolError as exc:
             log.warning("%s: protocol error: %s", peer, exc)
             link.outbox.send_nowait(Error(None, int(exc.code), exc.code.symbol, str(exc)[:1024]))
@@ -300,6 +312,7 @@ class Server:
                 )
                 return
             link.in_flight.add(request)
+        link.queued += 1
         self._send.send_nowait(Received(peer, message))
 
     def _error(self, link: _Link, request: int | None, code: ErrorCode, text: str) -> None:
@@ -371,6 +384,7 @@ class Server:
                         batch.append(self._receive.receive_nowait())
                     except trio.WouldBlock:
                         break
+                self._took(batch)
                 outcome = await self._apply(batch)
                 self._deliver_outcome(outcome)
                 # Let readers and writers run between batches, whatever they did.
@@ -382,6 +396,16 @@ class Server:
                     break
         finally:
             self._stopped.set()
+
+    def _took(self, batch: list[Item]) -> None:
+        """Count the batch's messages off their connections; wake waiting readers."""
+        for item in batch:
+            if isinstance(item, Received):
+                link = self._links.get(item.peer)
+                if link is not None:
+                    link.queued -= 1
+        self._taken.set()
+        self._taken = trio.Event()
 
     async def _apply(self, items: list[Item]) -> Outcome:
         """One batch: requests applied here, the commit's fsyncs in a worker thread.
