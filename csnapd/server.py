@@ -31,6 +31,7 @@ from csnap_protocol import (
     DEFAULT_MAX_FRAME,
     Connection,
     ConnectionClosed,
+    ConnectionState,
     Error,
     ErrorCode,
     Hello,
@@ -334,6 +335,8 @@ class Server:
         async for message in outbox:
             if message is None:
                 return
+            if link.codec.state is ConnectionState.ERROR and not isinstance(message, Error):
+                continue  # the peer broke the protocol: only our error goes out
             try:
                 data = link.codec.hello() if message is _HELLO else link.codec.send(message)
             except LocalProtocolError as exc:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import random
+import socket
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, replace
@@ -38,6 +39,7 @@ from csnap_client import (
 from csnap_protocol import (
     BarrierDone,
     Identify,
+    ListSnapshots,
     QuerySnapshotRead,
     Role,
     UploadLock,
@@ -416,3 +418,38 @@ def test_the_agent_survives_hostile_peers(agent: AgentUnderTest, script: Script)
     _settle(agent.servers, 0, "registrations left")
     trio.run(partial(_agent_serves, agent, alone=True))
     _settle(agent.connection_tasks, 0, "agent connection tasks left")
+
+
+async def test_replies_queued_before_a_protocol_error_are_not_mislabelled(
+    tmp_path: Path,
+) -> None:
+    """A peer that stops reading, then breaks the protocol, has replies still
+    queued for it. After its protocol error only that error may be sent:
+    never those replies turned into other errors."""
+    config = make_files(tmp_path, origin_size=ORIGIN_CHUNKS * 4096)
+    opened = open_store(config)
+    for tag in range(60):  # big replies to list_snapshots
+        opened.engine.create_snapshot(tag)
+    opened.engine.commit()
+    with trio.fail_after(60):
+        async with serving(config, opened.engine) as served:
+            stream = await trio.open_tcp_stream(served.host, served.port)
+            stream.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            peer = RawPeer(stream)
+            await peer.send(hello_frame("admin"))
+            backlog = 0
+            for request in range(1000):
+                await peer.send(encode_frame(ListSnapshots(request)))
+                links = list(served.server._links.values())
+                backlog = max(
+                    (link.outbox.statistics().current_buffer_used for link in links), default=0
+                )
+                if backlog > 50:
+                    break
+            assert backlog > 50, "the replies never backed up"
+            await peer.send(b"\x00\x00\x00\x02\xc1\xc1")  # not msgpack
+            heard = await peer.listen(LISTEN)
+            await peer.aclose()
+    assert heard.end != "open"
+    mislabelled = [f for f in heard.errors() if f.get("id") is not None]
+    assert not mislabelled, mislabelled[:3]
