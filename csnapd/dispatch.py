@@ -315,9 +315,15 @@ class Dispatcher:
             self._sync_registry()
             if recheck:
                 batch.writes = self._reapply(batch.replies) + batch.writes
-        except EngineFailedError as exc:
+        except EngineError as exc:
+            if not isinstance(exc, EngineFailedError):
+                # Only the client registry's update gets here (requests catch
+                # their own errors). Snapshot clients it does not record would
+                # lose their read locks' protection in a restart: stop, as for
+                # a failed commit.
+                exc = EngineFailedError(f"recording the connected snapshot clients: {exc}")
             # A commit inside the batch failed (one that made room for a big
-            # request): the batch ends here, and finish() answers every
+            # request), say: the batch ends here, and finish() answers every
             # request of it, handled or not, server_failed.
             batch.failure = exc
             for item in items[done:]:

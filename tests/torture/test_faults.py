@@ -612,3 +612,36 @@ async def test_a_full_store_refuses_copies_and_serves_the_rest(tmp_path: Path) -
             async with writer.origin_write([(first, 1)]) as grant:
                 assert grant.copied == 1
     _assert_clean(config)
+
+
+def test_a_client_registry_that_cannot_be_read_stops_the_server(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The registry names the snapshot clients whose read locks a restarted
+    server must wait for. If it cannot be updated when one identifies, that
+    client is not acknowledged and the server stops (as for a failed commit)
+    rather than serve a client whose locks a restart would forget."""
+    caplog.set_level("CRITICAL")
+    g = new_geometry(store_bytes=64 << 20, origin_bytes=32 << 20)
+    mem = MemoryDevice(g.store_bytes)
+    format_device(mem, g)
+    store = FaultyDevice(mem)
+    engine = Engine.open(store, MemoryDevice(g.origin_bytes), cache_bytes=16 * 4096)
+    dispatcher = Dispatcher(engine, address="test", store="test", max_chunks=8192)
+    admin, first, second, writer = (Peer(n, Role.CLIENT, f"peer {n}") for n in range(4))
+    admin.role = Role.ADMIN
+    dispatcher.apply([Connected(p) for p in (admin, first, second, writer)])
+    dispatcher.apply([Received(admin, CreateSnapshot(1, 1, 0))])
+    dispatcher.apply([Received(first, Identify(1, 11, 1)), Received(writer, Identify(1, 33, None))])
+    for n in range(8):  # enough btree leaves through the cache to evict the registry
+        dispatcher.apply([Received(writer, QueryWrite(2 + n, ((n * 1000, 1000),)))])
+    registry = engine._state.registry  # where the registry block is: no public way to ask
+    assert registry
+    size = g.block_size
+    store.arm(Fault("read", where=(registry * size, (registry + 1) * size)))
+    outcome = dispatcher.apply([Received(second, Identify(1, 22, 1))])
+    assert store.injected, "the registry was still cached"
+    assert outcome.failed
+    assert [(p.number, getattr(m, "code", None)) for p, m in outcome.sends] == [
+        (second.number, ErrorCode.SERVER_FAILED)
+    ]
