@@ -13,7 +13,7 @@ import contextlib
 import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Any, Generic, TypeVar
@@ -27,7 +27,7 @@ from csnap_agent.cli import open_agent_listener
 from csnap_client import AdminClient, Connector, DataClient, open_admin, open_client, tcp_connector
 from csnap_format.mkcsnap import format_store
 from csnapd.engine import Engine, FileDevice
-from csnapd.server import Server, ServerConfig
+from csnapd.server import Server, ServerConfig, serve
 from tests.torture.faulty import FaultyDevice
 
 __all__ = [
@@ -196,16 +196,38 @@ class AgentService:
 
 
 @asynccontextmanager
-async def agent_service(path: str) -> AsyncIterator[AgentService]:
-    """The real Agent class on a Unix socket at `path`, until the block ends."""
+async def agent_service(
+    path: str, server: ServerConfig | None = None
+) -> AsyncIterator[AgentService]:
+    """The real Agent class on a Unix socket at `path`, until the block ends.
+
+    With `server`, a csnapd for that store registers with the agent (as
+    `csnapd --agent` does) and is active before the block starts, so that
+    administration is relayed to it.
+    """
     sock = open_agent_listener(path)
     listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+    stop = trio.Event()
     async with trio.open_nursery() as nursery:
         agent = Agent()
         await nursery.start(agent.serve, listener)
+        if server is not None:
+            await nursery.start(partial(serve, replace(server, agent=path), stop=stop))
+            for _ in range(1000):
+                if agent.active is not None:
+                    break
+                await trio.sleep(0.01)
+            else:
+                raise TimeoutError("the server never became active")
         try:
             yield AgentService(agent, path, agent._nursery)
         finally:
+            stop.set()
+            if server is not None:
+                for _ in range(3000):  # let csnapd close its store cleanly
+                    if agent.active is None:
+                        break
+                    await trio.sleep(0.01)
             await listener.aclose()
             nursery.cancel_scope.cancel()
 

@@ -125,6 +125,8 @@ class AgentUnderTest:
     thread: InThread[AgentService]
     service: AgentService
     tally: Tally
+    #: A csnapd is registered and active: administration is relayed to it.
+    relaying: bool
 
     def servers(self) -> int:
         return self.thread.call(lambda: len(self.service.agent.servers))
@@ -156,14 +158,21 @@ def csnapd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Csnapd]:
     assert not served.server.failed
 
 
-@pytest.fixture(scope="module")
-def agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AgentUnderTest]:
-    path = str(tmp_path_factory.mktemp("agent") / "agent.sock")
-    thread = InThread(lambda: agent_service(path))
+@pytest.fixture(scope="module", params=["alone", "with csnapd"])
+def agent(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[AgentUnderTest]:
+    """The agent on its own, and with a csnapd registered to relay to."""
+    directory = tmp_path_factory.mktemp("agent")
+    path = str(directory / "agent.sock")
+    server = None
+    if request.param == "with csnapd":
+        server = make_files(directory, origin_size=ORIGIN_CHUNKS * 4096)
+    thread = InThread(lambda: agent_service(path, server))
     with thread as service:
-        under_test = AgentUnderTest(thread, service, Tally())
+        under_test = AgentUnderTest(thread, service, Tally(), relaying=server is not None)
         yield under_test
-    under_test.tally.report("csnap-agent")
+    under_test.tally.report(f"csnap-agent ({request.param})")
 
 
 # -- one hostile connection ------------------------------------------------------------
@@ -372,8 +381,9 @@ def test_a_flood_of_notices_stays_bounded(csnapd: Csnapd) -> None:
 async def _agent_serves(service: AgentUnderTest, *, alone: bool) -> None:
     """A well-behaved client and admin of the agent get their answers.
 
-    With no server registered the answer is no_server; while a hostile peer
-    is connected it may have registered as a server, so any answer will do.
+    With no server registered the answer is no_server, with one its address
+    and the relayed list; while a hostile peer is connected it may have
+    registered as a server too, so any answer will do.
     """
     path = service.service.path
     with trio.fail_after(LISTEN):
@@ -388,7 +398,9 @@ async def _agent_serves(service: AgentUnderTest, *, alone: bool) -> None:
                 relayed = "snapshot_list"
             except ServerError as exc:
                 relayed = exc.name
-    if alone:
+    if alone and service.relaying:
+        assert (answer, relayed) == ("server_at", "snapshot_list")
+    elif alone:
         assert (answer, relayed) == ("no_server", "no_server")
 
 
@@ -414,10 +426,12 @@ def test_the_agent_survives_hostile_peers(agent: AgentUnderTest, script: Script)
         await _play(partial(open_agent_stream, path), script, expected, while_open)
 
     trio.run(example)
-    _settle(agent.connection_tasks, 0, "agent connection tasks left")
-    _settle(agent.servers, 0, "registrations left")
+    # What remains is the registered csnapd's own connection, if there is one.
+    baseline = int(agent.relaying)
+    _settle(agent.connection_tasks, baseline, "agent connection tasks left")
+    _settle(agent.servers, baseline, "registrations left")
     trio.run(partial(_agent_serves, agent, alone=True))
-    _settle(agent.connection_tasks, 0, "agent connection tasks left")
+    _settle(agent.connection_tasks, baseline, "agent connection tasks left")
 
 
 async def test_replies_queued_before_a_protocol_error_are_not_mislabelled(
