@@ -24,6 +24,12 @@
 #   * When the connection breaks, the client reconnects, identifies again,
 #     re-declares the read locks it holds, and sends again every request
 #     that had no answer. Callers only see the delay.
+#   * An origin client remembers the chunks the server let it write: each
+#     was then copied out for every live snapshot, so writing it again needs
+#     no question until a new snapshot exists. The server's create barrier
+#     (and any reconnect) forgets them all, before any later write is
+#     granted from memory; writes granted from memory are open grants like
+#     any other, so the barrier waits for them.
 from __future__ import annotations
 
 import contextlib
@@ -129,6 +135,14 @@ class DataClient:
         self._grants_changed = trio.Event()
         #: Origin ranges this client holds read locks on, by request id.
         self._held: dict[int, tuple[tuple[int, int], ...]] = {}
+        #: Origin clients: a bit per origin chunk known unique for every live
+        #: snapshot (None until identified), and the ranges of origin writes
+        #: asked and not yet answered, by request id.
+        self._unique: bytearray | None = None
+        self._asking: dict[int, tuple[tuple[int, int], ...]] = {}
+        self._local_grants = itertools.count(1)
+        #: Origin writes granted from memory, without a server round trip.
+        self.remembered_grants = 0
         self.reconnects = 0
 
     # -- geometry -------------------------------------------------------------
@@ -174,6 +188,7 @@ class DataClient:
                     task_status.started()
                 await session.closed.wait()
                 self._session = None
+                self._forget_unique()
                 if not self._reconnect:
                     self._lost = True
                     self._notify()
@@ -203,6 +218,9 @@ class DataClient:
                 int(ErrorCode.INVALID_REQUEST), "invalid_request", "the server's geometry changed"
             )
         self.info = identified
+        if self.snapshot is None:
+            # A new session: snapshots may have been created meanwhile.
+            self._unique = bytearray((identified.origin_chunks + 7) // 8)
         if self.snapshot is not None:
             held = [r for ranges in self._held.values() for r in ranges]
             for first in range(0, len(held), MAX_RANGES):
@@ -214,7 +232,14 @@ class DataClient:
         return session
 
     def _reply(self, message: Message) -> None:
-        # Runs in the session reader, before any later message is read.
+        # Runs in the session reader, before any later message is read: a
+        # barrier after this reply forgets what this reply teaches.
+        asked = self._asking.pop(getattr(message, "id", -1), None)
+        if isinstance(message, WriteOk) and asked is not None and self._unique is not None:
+            bits = self._unique
+            for start, count in asked:
+                for chunk in range(start, start + count):
+                    bits[chunk >> 3] |= 1 << (chunk & 7)
         if isinstance(message, WriteOk | SnapshotWriteOk):
             self._grants.add(message.id)
         elif isinstance(message, SnapshotReadOk) and message.origin:
@@ -222,6 +247,7 @@ class DataClient:
 
     def _notice(self, message: Message) -> None:
         if isinstance(message, Barrier):
+            self._forget_unique()
             self._nursery.start_soon(self._answer_barrier, message.barrier, frozenset(self._grants))
         elif isinstance(message, SnapshotDeleted):
             self._gone()
@@ -239,6 +265,24 @@ class DataClient:
         while grants & self._grants:
             self._grants_changed = trio.Event()
             await self._grants_changed.wait()
+
+    def _forget_unique(self) -> None:
+        if self._unique is not None:
+            self._unique = bytearray(len(self._unique))
+
+    def _known_unique(self, ranges: Ranges) -> bool:
+        """Whether every chunk of `ranges` is known unique (a write may go ahead)."""
+        bits = self._unique
+        session = self._session
+        if bits is None or session is None or session.closed.is_set():
+            return False
+        for start, count in ranges:
+            if start < 0 or count < 1 or start + count > len(bits) * 8:
+                return False
+            for chunk in range(start, start + count):
+                if not bits[chunk >> 3] & (1 << (chunk & 7)):
+                    return False
+        return True
 
     def _notify(self) -> None:
         self._changed.set()
@@ -307,9 +351,34 @@ class DataClient:
 
     @asynccontextmanager
     async def origin_write(self, ranges: Ranges) -> AsyncIterator[WriteOk]:
-        """Ask to write origin chunks; the grant is open inside the block."""
-        reply = await self._call(lambda rid: QueryWrite(rid, tuple(ranges)))
-        assert isinstance(reply, WriteOk)
+        """Ask to write origin chunks; the grant is open inside the block.
+
+        Chunks this client was already allowed to write since the last
+        snapshot was created need no question: the grant is local (negative
+        id, nothing copied).
+        """
+        if self._known_unique(ranges):
+            # No await between the check and the grant: a barrier cannot
+            # slip in between.
+            reply = WriteOk(-next(self._local_grants), 0)
+            self._grants.add(reply.id)
+            self.remembered_grants += 1
+        else:
+            asked = tuple(ranges)
+            asked_as: list[int] = []
+
+            def query(rid: int) -> QueryWrite:
+                self._asking[rid] = asked
+                asked_as.append(rid)
+                return QueryWrite(rid, asked)
+
+            try:
+                reply_message = await self._call(query)
+            finally:
+                for rid in asked_as:
+                    self._asking.pop(rid, None)
+            assert isinstance(reply_message, WriteOk)
+            reply = reply_message
         try:
             yield reply
         finally:

@@ -187,7 +187,10 @@ class Exports:
             yield entry.path
         finally:
             entry.users -= 1
-            if entry.users == 0:
+            # The origin's client stays open once used: it remembers which
+            # chunks may be rewritten without asking csnapd, until the next
+            # snapshot, and that is worth keeping between NBD connections.
+            if entry.users == 0 and tag is not None:
                 self._forget(entry)
                 entry.release.set()
 

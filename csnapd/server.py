@@ -69,6 +69,8 @@ RECEIVE_SIZE = 1 << 16
 #: reader stops decoding until the engine has taken some. Requests are bounded
 #: by max_in_flight already; this bounds notices (barrier_done) too.
 QUEUED_LIMIT = 1024
+#: Most queued messages one send carries to a peer.
+WRITE_COALESCE = 256
 #: Seconds connections get at shutdown to send the replies already queued.
 FLUSH_TIMEOUT = 2.0
 #: Placeholder in an outbox for "send our hello" (the codec builds it).
@@ -332,31 +334,50 @@ class Server:
     async def _write_all(
         self, link: _Link, outbox: trio.MemoryReceiveChannel[Message | None]
     ) -> None:
-        async for message in outbox:
-            if message is None:
-                return
-            if link.codec.state is ConnectionState.ERROR and not isinstance(message, Error):
-                continue  # the peer broke the protocol: only our error goes out
+        # Everything queued goes out in one send: a batch's replies to one
+        # peer cost one system call and one wake-up of the peer, not one each.
+        async for first in outbox:
+            messages: list[Message | None] = [first]
+            while len(messages) < WRITE_COALESCE:
+                try:
+                    messages.append(outbox.receive_nowait())
+                except (trio.WouldBlock, trio.EndOfChannel):
+                    break
+            data = bytearray()
+            ended = False
+            for message in messages:
+                if message is None:
+                    ended = True
+                    break
+                data += self._encode(link, message)
             try:
-                data = link.codec.hello() if message is _HELLO else link.codec.send(message)
-            except LocalProtocolError as exc:
-                # Too big for the peer's frame limit, say: it still gets an answer.
-                log.error("%s: cannot send %s: %s", link.peer, message.TYPE, exc)
-                request = getattr(message, "id", None)
-                if request is None or isinstance(message, Error):
-                    continue
-                data = link.codec.send(
-                    _error_message(
-                        request,
-                        ErrorCode.REQUEST_TOO_LARGE,
-                        f"the {message.TYPE} reply does not fit in your frame limit;"
-                        " ask about fewer chunks at once",
-                    )
-                )
-            try:
-                await link.stream.send_all(data)
+                if data:
+                    await link.stream.send_all(data)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 return
+            if ended:
+                return
+
+    def _encode(self, link: _Link, message: Message) -> bytes:
+        """The bytes for `message` on this link (b"" for nothing to send)."""
+        if link.codec.state is ConnectionState.ERROR and not isinstance(message, Error):
+            return b""  # the peer broke the protocol: only our error goes out
+        try:
+            return link.codec.hello() if message is _HELLO else link.codec.send(message)
+        except LocalProtocolError as exc:
+            # Too big for the peer's frame limit, say: it still gets an answer.
+            log.error("%s: cannot send %s: %s", link.peer, message.TYPE, exc)
+            request = getattr(message, "id", None)
+            if request is None or isinstance(message, Error):
+                return b""
+            return link.codec.send(
+                _error_message(
+                    request,
+                    ErrorCode.REQUEST_TOO_LARGE,
+                    f"the {message.TYPE} reply does not fit in your frame limit;"
+                    " ask about fewer chunks at once",
+                )
+            )
 
     def _deliver(self, link: _Link, message: Message, *, finished: bool = True) -> None:
         """Queue `message`; `finished`: it answers its request id."""

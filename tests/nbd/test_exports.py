@@ -75,11 +75,15 @@ async def test_one_client_per_export_in_use(tmp_path: Path) -> None:
         async with exports.use(3) as first, exports.use(3) as second, exports.use(None) as origin:
             assert first is second and origin is not first
             assert await clients(server) == (1, 1)
+        # A snapshot's client closes with its last user; the origin's stays
+        # open (it remembers which chunks may be rewritten without asking).
         with trio.fail_after(10):
             while True:
-                if await clients(server) == (0, 0):
+                if await clients(server) == (1, 0):
                     break
                 await trio.sleep(0.01)
+        async with exports.use(None) as again:
+            assert again is origin
 
         with pytest.raises(UnknownExportError, match="no snapshot with tag 9"):
             async with exports.use(9):

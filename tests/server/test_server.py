@@ -422,3 +422,39 @@ async def test_a_connection_that_never_says_hello_is_closed(tmp_path: Path) -> N
                 await admin.list_snapshots()
             assert await silent.receive_some(100) == b""  # closed by the server
             await silent.aclose()
+
+
+async def test_an_origin_client_remembers_chunks_until_the_next_snapshot(tmp_path: Path) -> None:
+    config = make_store(tmp_path)
+    with trio.fail_after(30):
+        async with running(config) as server, server.admin() as admin, server.client() as origin:
+            await admin.create_snapshot(1)
+            await write_origin(origin, server.origin, 5, 1)  # asks: copies for snapshot 1
+            before = (await admin.server_info())["requests"]
+            async with origin.origin_write([(5, 1)]) as grant:
+                assert grant.id < 0 and grant.copied == 0  # from memory, not asked
+                pwrite(server.origin, 5, label(5, 2))
+            assert (await admin.server_info())["requests"] == before + 1  # the info only
+            assert origin.remembered_grants == 1
+            # A grant from memory is open like any other: a create waits for it.
+            created = trio.Event()
+
+            async def create() -> None:
+                await admin.create_snapshot(2)
+                created.set()
+
+            async with trio.open_nursery() as nursery, origin.origin_write([(5, 1)]):
+                nursery.start_soon(create)
+                with trio.move_on_after(0.3):
+                    await created.wait()
+                assert not created.is_set()
+                pwrite(server.origin, 5, label(5, 3))
+            assert created.is_set()
+            # Snapshot 2 forgot the memory: the next write asks, and copies.
+            async with origin.origin_write([(5, 1)]) as grant:
+                assert grant.id > 0 and grant.copied == 1
+                pwrite(server.origin, 5, label(5, 4))
+            async with server.client(2) as reader:
+                assert await read_snapshot(reader, server, 5) == [label(5, 3)]
+            async with server.client(1) as reader:
+                assert await read_snapshot(reader, server, 5) == [bytes(CHUNK)]
