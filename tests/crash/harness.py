@@ -341,14 +341,16 @@ def _verify(
     assert not report.problems, "; ".join(map(str, report.problems[:3]))
     engine = Engine.open(image, origin)
     assert engine.recovery.problem is None, engine.recovery.problem
-    found = {info.tag for info in engine.snapshots()}
+    # Snapshots by tag and creation time: a batch may delete a tag and create
+    # it again, and only the creation time tells the two snapshots apart.
+    found = {(info.tag, info.created_ns) for info in engine.snapshots()}
     expected = _Model(model.origin, dict(model.snaps), dict(model.contents))
     landed = False
-    if found != set(expected.snaps) and in_flight:
+    if found != set(expected.snaps.items()) and in_flight:
         _apply(expected, in_flight)
         landed = True
-    assert found == set(expected.snaps), (
-        f"snapshots {sorted(found)}, expected {sorted(expected.snaps)}"
+    assert found == set(expected.snaps.items()), (
+        f"snapshots {sorted(found)}, expected {sorted(expected.snaps.items())}"
     )
     size = g.chunk_size
     for tag, created_ns in expected.snaps.items():
