@@ -122,6 +122,9 @@ class DataClient:
         self._retry = (retry_interval, max_retry_interval)
         self._ids = itertools.count(1)
         self._session: Session | None = None
+        #: The session opened last: the one notices come from, even before
+        #: its identify is answered and it becomes `_session`.
+        self._latest: Session | None = None
         # Set and replaced at every change of session, closing or deletion;
         # waiters re-check the state (see _wait_ready).
         self._changed = trio.Event()
@@ -201,6 +204,7 @@ class DataClient:
 
     async def _establish(self, nursery: trio.Nursery) -> Session:
         session = await open_session(nursery, self._connect, Role.CLIENT, self._notice, self._reply)
+        self._latest = session
         try:
             identified = await session.request(
                 Identify(next(self._ids), self.client_id, self.snapshot)
@@ -248,15 +252,20 @@ class DataClient:
     def _notice(self, message: Message) -> None:
         if isinstance(message, Barrier):
             self._forget_unique()
-            self._nursery.start_soon(self._answer_barrier, message.barrier, frozenset(self._grants))
+            self._nursery.start_soon(
+                self._answer_barrier, message.barrier, frozenset(self._grants), self._latest
+            )
         elif isinstance(message, SnapshotDeleted):
             self._gone()
             self._nursery.start_soon(self._leave)
 
-    async def _answer_barrier(self, barrier: int, grants: frozenset[int]) -> None:
+    async def _answer_barrier(
+        self, barrier: int, grants: frozenset[int], session: Session | None
+    ) -> None:
+        # Answer on the session the barrier came from: it may come right
+        # behind identify's reply, before that session is `_session`.
         await self._wait_grants(grants)
-        session = self._session
-        if session is not None:
+        if session is not None and not session.closed.is_set():
             # If the connection broke, the new server has no barrier waiting.
             with contextlib.suppress(ConnectionLostError):
                 await session.send(BarrierDone(barrier))

@@ -28,7 +28,8 @@ from pathlib import Path
 import pytest
 import trio
 
-from csnap_client import DataClient
+from csnap_client import DataClient, open_client, tcp_connector
+from csnap_protocol import Barrier, BarrierDone, Connection, Hello, Identified, Identify, Role
 from csnapd.engine import Engine
 from tests.server.support import CHUNK, label, pread, pwrite
 from tests.torture.support import Served, make_files, serving
@@ -319,3 +320,42 @@ async def _reads_the_copy(served: Served, number: int) -> None:
                 assert not plan.origin and plan.store, "a reader after the write took a lock"
                 assert pread(Path(served.server.config.store), plan.store[0][2]) == label(10, 1)
                 await trio.sleep(0.001 * number)
+
+
+async def test_a_barrier_right_behind_the_identify_reply_is_answered() -> None:
+    """csnapd may send a create's barrier in the same write as the identify
+    reply. The client must answer it all the same: an unanswered barrier
+    holds every origin write until barrier_timeout. (Task order is random
+    in trio, so the race is run many times.)"""
+    answered: list[int] = []
+
+    async def fake_server(stream: trio.SocketStream) -> None:
+        codec = Connection(Role.SERVER)
+        async with stream:
+            while True:
+                data = await stream.receive_some(4096)
+                if not data:
+                    return
+                codec.receive_data(data)
+                while (message := codec.next_message()) is not None:
+                    if isinstance(message, Hello):
+                        await stream.send_all(codec.hello())
+                    elif isinstance(message, Identify):
+                        reply = Identified(message.id, None, CHUNK, 64, 1, 4096)
+                        await stream.send_all(codec.send(reply) + codec.send(Barrier(7)))
+                    elif isinstance(message, BarrierDone):
+                        answered.append(message.barrier)
+
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(trio.serve_listeners, fake_server, listeners)
+            for attempt in range(20):
+                async with open_client(tcp_connector("127.0.0.1", port), reconnect=False):
+                    for _ in range(200):
+                        if len(answered) > attempt:
+                            break
+                        await trio.sleep(0.01)
+                assert len(answered) == attempt + 1, f"barrier unanswered (attempt {attempt})"
+            nursery.cancel_scope.cancel()
