@@ -21,7 +21,7 @@ from csnap_protocol import (
 )
 from csnap_protocol.schema import Blob, Choice, ListOf, Nullable, Record, Spec, Text
 from csnapd.cli import _parser as csnapd_parser
-from csnapd.server import OUTBOX_LIMIT, ServerConfig
+from csnapd.server import OUTBOX_LIMIT, QUEUED_LIMIT, ServerConfig
 from tests.docs_tables import doc_lines, marked_table, marked_table_list, marker_of
 
 DOC = "protocol.md"
@@ -48,6 +48,7 @@ LIMITS: dict[str, object] = {
     name: default for name, default in _CONFIG_DEFAULTS.items() if name not in _NOT_LIMITS
 }
 LIMITS["OUTBOX_LIMIT"] = OUTBOX_LIMIT
+LIMITS["QUEUED_LIMIT"] = QUEUED_LIMIT
 #: The agent's limits, for the "agent_limits" table.
 AGENT_LIMITS = {"MAX_IN_FLIGHT": csnap_agent.MAX_IN_FLIGHT, "MAX_FRAME": csnap_agent.MAX_FRAME}
 
