@@ -33,6 +33,7 @@ from tests.torture.faulty import FaultyDevice
 __all__ = [
     "Served",
     "serving",
+    "Opened",
     "open_store",
     "make_files",
     "InThread",
