@@ -314,7 +314,12 @@ class Dispatcher:
                 done += 1
             self._sync_registry()
             if recheck:
-                batch.writes = self._reapply(batch.replies) + batch.writes
+                # The writes applied earlier in this batch may predate a
+                # snapshot created later in it (the last barrier_done came
+                # after them): they are applied again too, which copies out
+                # for it.
+                self.parked.extend(batch.writes)
+                batch.writes = self._reapply(batch.replies)
         except EngineError as exc:
             if not isinstance(exc, EngineFailedError):
                 # Only the client registry's update gets here (requests catch
