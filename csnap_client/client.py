@@ -366,6 +366,8 @@ class DataClient:
         snapshot was created need no question: the grant is local (negative
         id, nothing copied).
         """
+        # A checkpoint whatever happens next: callers may loop on this.
+        await trio.lowlevel.checkpoint()
         if self._known_unique(ranges):
             # No await between the check and the grant: a barrier cannot
             # slip in between.

@@ -91,6 +91,8 @@ class Session:
         self._on_reply = on_reply
         self._waiting: dict[int, _Waiter] = {}
         self._send_lock = trio.Lock()
+        #: Encoded messages waiting for the task that holds _send_lock.
+        self._unsent = bytearray()
         self.closed = trio.Event()
         self.server_hello: Hello | None = None
         self.ids = itertools.count(1)
@@ -98,12 +100,30 @@ class Session:
         self.failure: BaseException | None = None
 
     async def send(self, message: Message) -> None:
-        """Send a message; ConnectionLostError if the stream is gone."""
+        """Send a message; ConnectionLostError if the stream is gone.
+
+        Messages sent while another task is writing join its next write: a
+        gateway's concurrent requests cost one system call, not one each.
+        """
+        await self._send_bytes(self.codec.send(message))
+
+    async def _send_bytes(self, data: bytes) -> None:
+        self._unsent += data
+        if self._send_lock.locked():
+            return  # the writing task sends it (or the session ends: waiters learn)
         async with self._send_lock:
             try:
-                await self.stream.send_all(self.codec.send(message))
+                while self._unsent:
+                    data = bytes(self._unsent)
+                    self._unsent.clear()
+                    await self.stream.send_all(data)
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 raise ConnectionLostError(str(exc) or "connection closed") from exc
+            except BaseException:
+                # Cancelled part-way through a frame: the stream can carry
+                # nothing more. Closing it ends the session, and every waiter.
+                await trio.aclose_forcefully(self.stream)
+                raise
 
     async def request(self, message: Message) -> Message:
         """Send a request (its id must be unique here) and await its reply.
@@ -142,8 +162,7 @@ class Session:
             task_status.started()
 
         try:
-            async with self._send_lock:
-                await self.stream.send_all(self.codec.hello())
+            await self._send_bytes(self.codec.hello())
             await self._read(ready)
         except (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionLostError) as exc:
             self.failure = exc
