@@ -79,6 +79,10 @@ RELAYED = (
 MAX_FRAME = 1 << 16
 #: Requests one peer may have in flight at the agent.
 MAX_IN_FLIGHT = 64
+#: Connections the agent serves at once; more are refused.
+MAX_CONNECTIONS = 256
+#: Seconds a new connection has to say hello before it is closed.
+HELLO_TIMEOUT = 10
 _PEERCRED = struct.Struct("3i")
 
 
@@ -134,6 +138,7 @@ class Agent:
         self._relay_lock = trio.Lock()
         self._relay_ids = itertools.count(1)
         self._electing = False
+        self._connections = 0
 
     async def serve(
         self,
@@ -159,19 +164,29 @@ class Agent:
     # -- connections -----------------------------------------------------------
 
     async def _connection(self, stream: trio.SocketStream) -> None:
-        async with stream, trio.open_nursery() as nursery:
-            codec = Connection(Role.AGENT, max_frame=MAX_FRAME, name="csnap-agent")
-            peer = _Peer(next(self._numbers), stream, codec, nursery)
-            refusal = _check_credentials(stream)
-            try:
-                if refusal is not None:
-                    log.warning("%s refused: %s", peer, refusal)
-                    await _refuse(peer, ErrorCode.WRONG_ROLE, refusal)
-                    return
-                await self._read(peer)
-            finally:
-                nursery.cancel_scope.cancel()
-                await self._gone(peer)
+        self._connections += 1
+        try:
+            async with stream, trio.open_nursery() as nursery:
+                codec = Connection(Role.AGENT, max_frame=MAX_FRAME, name="csnap-agent")
+                peer = _Peer(next(self._numbers), stream, codec, nursery)
+                refusal = _check_credentials(stream)
+                try:
+                    if refusal is not None:
+                        log.warning("%s refused: %s", peer, refusal)
+                        await _refuse(peer, ErrorCode.WRONG_ROLE, refusal)
+                        return
+                    if self._connections > MAX_CONNECTIONS:
+                        await _refuse(
+                            peer, ErrorCode.TOO_MANY_CONNECTIONS, "the agent is serving enough"
+                        )
+                        return
+                    nursery.start_soon(_hello_timer, peer)
+                    await self._read(peer)
+                finally:
+                    nursery.cancel_scope.cancel()
+                    await self._gone(peer)
+        finally:
+            self._connections -= 1
 
     async def _read(self, peer: _Peer) -> None:
         codec = peer.codec
@@ -420,6 +435,14 @@ class Agent:
 
 
 _NO_SERVER = "no csnapd is active: none has registered with this agent, or it went away"
+
+
+async def _hello_timer(peer: _Peer) -> None:
+    """Close a connection that says no hello in time: it holds a socket for nothing."""
+    await trio.sleep(HELLO_TIMEOUT)
+    if peer.role is None:
+        log.warning("%s said no hello within %ds; closing it", peer, HELLO_TIMEOUT)
+        await trio.aclose_forcefully(peer.stream)
 
 
 async def _refuse(peer: _Peer, code: ErrorCode, text: str) -> None:

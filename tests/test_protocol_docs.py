@@ -50,7 +50,10 @@ LIMITS: dict[str, object] = {
 LIMITS["OUTBOX_LIMIT"] = OUTBOX_LIMIT
 LIMITS["QUEUED_LIMIT"] = QUEUED_LIMIT
 #: The agent's limits, for the "agent_limits" table.
-AGENT_LIMITS = {"MAX_IN_FLIGHT": csnap_agent.MAX_IN_FLIGHT, "MAX_FRAME": csnap_agent.MAX_FRAME}
+AGENT_LIMITS = {
+    name: getattr(csnap_agent, name)
+    for name in ("MAX_IN_FLIGHT", "MAX_FRAME", "MAX_CONNECTIONS", "HELLO_TIMEOUT")
+}
 
 _GENERIC_TYPES = {"T or nil", "array of T"}
 

@@ -28,6 +28,7 @@ import trio
 import trio.lowlevel
 from hypothesis import HealthCheck, given, settings
 
+from csnap_agent import agent as agent_module
 from csnap_agent.agent import MAX_FRAME as AGENT_MAX_FRAME
 from csnap_client import (
     ServerError,
@@ -467,3 +468,17 @@ async def test_replies_queued_before_a_protocol_error_are_not_mislabelled(
     assert heard.end != "open"
     mislabelled = [f for f in heard.errors() if f.get("id") is not None]
     assert not mislabelled, mislabelled[:3]
+
+
+async def test_the_agent_closes_a_connection_that_never_says_hello(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(agent_module, "HELLO_TIMEOUT", 0.3)
+    async with agent_service(str(tmp_path / "agent.sock")) as service:
+        silent = await open_agent_stream(service.path)
+        with trio.fail_after(10):
+            assert await silent.receive_some(100) == b""  # closed by the agent
+        await silent.aclose()
+        with pytest.raises(ServerError) as refused:  # and it still answers others
+            await find_server(service.path, wait=False)
+        assert refused.value.name == "no_server"
