@@ -359,10 +359,20 @@ def _verify(
         for chunk, data in enumerate(got):
             if data != pattern(chunk, versions[chunk], size):
                 raise AssertionError(f"snapshot {tag} chunk {chunk} reads the wrong data")
-    # Every copy the btree points at holds data of its own logical chunk:
-    # a chunk handed out again while a durable exception still used it
-    # (rule 4) holds another chunk's data. (Workload data is labelled with
-    # its chunk and version; version 0 is all zeros.)
+    problem = misplaced_copy(engine, image, size)
+    if problem is not None:
+        raise AssertionError(problem)
+    return landed
+
+
+def misplaced_copy(engine: Engine, image: MemoryDevice, size: int) -> str | None:
+    """The first store copy that holds another chunk's data, described; or None.
+
+    Every copy the btree points at holds data of its own logical chunk: a
+    chunk handed out again while a durable exception still used it (rule 4)
+    holds another chunk's data. (Workload data is labelled with its chunk
+    and version; version 0 is all zeros.)
+    """
     zeros = bytes(size)
     for chunk, _, target in engine.exceptions(0, ORIGIN_CHUNKS):
         data = image.read(target * size, size)
@@ -370,8 +380,8 @@ def _verify(
             continue
         label, version = struct.unpack_from("<QQ", data)
         if label != chunk or not version or data != pattern(chunk, version, size):
-            raise AssertionError(
+            return (
                 f"store chunk {target}, a copy of chunk {chunk}, holds other data"
                 f" (labelled chunk {label}, version {version})"
             )
-    return landed
+    return None

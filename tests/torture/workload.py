@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import random
-import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -33,7 +32,7 @@ from csnapd.engine import (
     StoreIOError,
 )
 from csnapd.engine.check import check_store
-from tests.crash.harness import ORIGIN_CHUNKS, crash_geometry
+from tests.crash.harness import ORIGIN_CHUNKS, crash_geometry, misplaced_copy
 from tests.engine.helpers import format_device, pattern, read_snapshot
 from tests.torture.faulty import Fault, FaultyDevice
 
@@ -266,18 +265,9 @@ class FaultRun:
             for chunk, data in enumerate(got):
                 if data != pattern(chunk, versions[chunk], size):
                     raise RecoveryCheckError(f"snapshot {tag} chunk {chunk} reads wrong data")
-        # Every copy holds data of its own chunk: a chunk reused while a
-        # durable exception still pointed at it would not.
-        zeros = bytes(size)
-        for chunk, _, target in engine.exceptions(0, ORIGIN_CHUNKS):
-            data = image.read(target * size, size)
-            if data == zeros:
-                continue
-            label, version = struct.unpack_from("<QQ", data)
-            if label != chunk or data != pattern(chunk, version, size):
-                raise RecoveryCheckError(
-                    f"store chunk {target}, a copy of {chunk}, holds other data"
-                )
+        problem = misplaced_copy(engine, image, size)
+        if problem is not None:
+            raise RecoveryCheckError(problem)
         engine.close()
         return landed
 
