@@ -151,7 +151,7 @@ async def _start_all(
     data = store.parent
     agent_socket, nbd_socket = data / "agent.sock", data / "nbd.sock"
     agent = await _start(nursery, "agent", ["csnap_agent", "--socket", str(agent_socket)], children)
-    server = await _start(
+    await _start(
         nursery,
         "csnapd",
         ["csnapd", str(store), str(origin), "--agent", str(agent_socket)],
@@ -159,7 +159,6 @@ async def _start_all(
     )
     with trio.fail_after(START_TIMEOUT):
         where = await find_server(str(agent_socket), wait=True)
-    del server  # reached through the agent, like every client does
     lines = [f"agent {agent.first_line.partition(' ')[2]}", f"server {where.address}"]
     if not args.no_nbd:
         nbd = await _start(

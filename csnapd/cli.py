@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import trio
 
-from csnap_common import parse_size, single_errors
+from csnap_common import single_errors
 from csnap_common.cli import add_log_level, configure_logging, host_port_arg, size_arg
 from csnapd.engine import EngineError, StoreLockedError
 from csnapd.server import ServerConfig, ServerFailedError, serve
@@ -104,9 +104,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         origin=args.origin,
         host=host,
         port=port,
-        cache_bytes=args.cache_size
-        if isinstance(args.cache_size, int)
-        else parse_size(args.cache_size),
+        cache_bytes=args.cache_size,  # argparse applies size_arg to the default too
         grace=args.grace,
         barrier_timeout=args.barrier_timeout,
         max_connections=args.max_connections,
