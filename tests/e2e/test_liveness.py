@@ -5,20 +5,36 @@
 # read their replies cost only their own connections.
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
 import trio
 
-from csnap_client import open_admin, open_client, tcp_connector
+from csnap_client import DataClient, open_admin, open_client, tcp_connector
 from csnap_format.mkcsnap import format_store
-from csnap_protocol import Connection, ConnectionClosed, GetStatus, Hello, Role
+from csnap_nbd.backing import Backing
+from csnap_nbd.datapath import SnapshotPath
+from csnap_protocol import (
+    Connection,
+    ConnectionClosed,
+    GetStatus,
+    Hello,
+    Identified,
+    Identify,
+    Keepalive,
+    Ok,
+    QueryWrite,
+    Role,
+    WriteOk,
+)
 from csnapd.engine import FileDevice
 from csnapd.engine.check import check_store
 from tests.e2e.processes import ROOT, poll, start_csnapd, tail
@@ -237,3 +253,96 @@ async def _flood(
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
     ends[name] = "closed by csnapd"
+
+
+async def test_the_gateway_reads_again_when_its_read_locks_lease_ran_out(
+    tmp_path: Path,
+) -> None:
+    """csnap-nbd's snapshot read path, stalled between its read lock and its
+    origin read for longer than the lease while another node overwrites the
+    chunk: it must answer with the snapshot's data, not the new origin data."""
+    store, origin = make(tmp_path)
+    chunk = 42
+    pwrite(origin, chunk, label(chunk, 1))
+    log = tmp_path / "csnapd.log"
+    daemon, host, port = await start_csnapd(store, origin, log, "--lease", str(LEASE))
+    connect = tcp_connector(host, port)
+    try:
+        async with open_admin(connect) as admin:
+            await admin.create_snapshot(1)
+        async with open_client(connect, snapshot=1) as client:
+            backing = Backing(str(origin), str(store), read_only=True)
+            path = SnapshotPath(client, backing)
+            reading = trio.lowlevel.current_task()
+            stall = _StallHoldingLock(reading, client, host, port, origin, chunk)
+            trio.lowlevel.add_instrument(stall)
+            try:
+                with trio.fail_after(60):
+                    data = await path.read(chunk * CHUNK, CHUNK)
+            finally:
+                trio.lowlevel.remove_instrument(stall)
+                backing.close()
+            assert stall.granted is not None, "the read never held a lock"
+            assert stall.granted.copied == 1
+            assert pread(origin, chunk) == label(chunk, 2)
+            # The chunk's label says which version was read.
+            assert bytes(data[:16]) == label(chunk, 1)[:16], "read the origin write's data"
+            assert bytes(data) == label(chunk, 1)
+        assert "silent for more than its lease" in log.read_text()
+    finally:
+        status = await daemon.stop()
+    assert status == 0, tail(log)
+
+
+class _StallHoldingLock(trio.abc.Instrument):
+    """Freezes this whole process (as SIGSTOP would) the moment the reading
+    task holds a read lock and has not yet read the origin; while frozen,
+    another node writes the chunk through csnapd, waiting for its grant."""
+
+    def __init__(
+        self,
+        task: trio.lowlevel.Task,
+        client: DataClient,
+        host: str,
+        port: int,
+        origin: Path,
+        chunk: int,
+    ) -> None:
+        self.task, self.client = task, client
+        self.host, self.port, self.origin, self.chunk = host, port, origin, chunk
+        self.granted: WriteOk | None = None
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        if task is self.task and self.granted is None and self.client._held:
+            self.granted = _write_origin_blocking(self.host, self.port, self.origin, self.chunk)
+
+
+def _write_origin_blocking(host: str, port: int, origin: Path, chunk: int) -> WriteOk:
+    """An origin write by another node, without the (frozen) event loop.
+
+    It sends keepalives while it waits, as csnap_client would.
+    """
+    codec = Connection(Role.CLIENT)
+    keepalives = itertools.count(100)
+    give_up = time.monotonic() + LEASE + SLACK
+    with socket.create_connection((host, port), timeout=LEASE / 3) as sock:
+
+        def receive() -> object:
+            while (message := codec.next_message()) is None or isinstance(message, Ok):
+                assert time.monotonic() < give_up, "no answer from csnapd"
+                try:
+                    codec.receive_data(sock.recv(1 << 16))
+                except TimeoutError:
+                    sock.sendall(codec.send(Keepalive(next(keepalives))))
+            return message
+
+        sock.sendall(codec.hello())
+        assert isinstance(receive(), Hello)
+        sock.sendall(codec.send(Identify(1, 99, None)))
+        assert isinstance(receive(), Identified)
+        # Parked behind the frozen reader's lock until csnapd drops it.
+        sock.sendall(codec.send(QueryWrite(2, ((chunk, 1),))))
+        reply = receive()
+        assert isinstance(reply, WriteOk), reply
+        pwrite(origin, chunk, label(chunk, 2))
+    return reply
