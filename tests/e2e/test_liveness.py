@@ -25,6 +25,7 @@ from csnap_nbd.datapath import SnapshotPath
 from csnap_protocol import (
     Connection,
     ConnectionClosed,
+    CreateSnapshot,
     GetStatus,
     Hello,
     Identified,
@@ -33,6 +34,7 @@ from csnap_protocol import (
     Ok,
     QueryWrite,
     Role,
+    SnapshotReply,
     WriteOk,
 )
 from csnapd.engine import FileDevice
@@ -346,3 +348,75 @@ def _write_origin_blocking(host: str, port: int, origin: Path, chunk: int) -> Wr
         assert isinstance(reply, WriteOk), reply
         pwrite(origin, chunk, label(chunk, 2))
     return reply
+
+
+async def test_an_origin_write_granted_before_a_stall_asks_again(tmp_path: Path) -> None:
+    """An origin client frozen between its grant and its write, for longer
+    than the lease, while a snapshot is created (its barrier stops waiting
+    for the frozen client): once running it must not write under the old
+    grant, which skipped the new snapshot's copy-out."""
+    store, origin = make(tmp_path)
+    chunk = 17
+    pwrite(origin, chunk, label(chunk, 1))
+    log = tmp_path / "csnapd.log"
+    daemon, host, port = await start_csnapd(
+        store, origin, log, "--lease", str(LEASE), "--barrier-timeout", "300"
+    )
+    connect = tcp_connector(host, port)
+    try:
+        async with open_client(connect) as writer:
+            stall = _StallHoldingGrant(trio.lowlevel.current_task(), writer, host, port)
+            trio.lowlevel.add_instrument(stall)
+            try:
+                with trio.fail_after(60):
+                    async with writer.origin_write([(chunk, 1)]) as grant:
+                        pwrite(origin, chunk, label(chunk, 2))
+            finally:
+                trio.lowlevel.remove_instrument(stall)
+            assert stall.created, "the write never held a grant"
+            # It asked again, after the create: the snapshot's data was copied.
+            assert grant.copied == 1
+            assert writer.reconnects >= 1
+        async with open_client(connect, snapshot=2) as reader:
+            async with reader.snapshot_read([(chunk, 1)]) as plan:
+                assert not plan.origin, "the snapshot still shares the overwritten chunk"
+                copy = pread(store, plan.store[0][2])
+            assert copy[:16] == label(chunk, 1)[:16], "the snapshot holds the later write"
+        assert "silent for more than its lease" in log.read_text()
+    finally:
+        status = await daemon.stop()
+    assert status == 0, tail(log)
+    _assert_store_checks(store)
+
+
+class _StallHoldingGrant(trio.abc.Instrument):
+    """Freezes this process the moment the writing task holds an origin write
+    grant and has not yet written; while frozen, an administrator on another
+    node creates snapshot 2."""
+
+    def __init__(self, task: trio.lowlevel.Task, client: DataClient, host: str, port: int):
+        self.task, self.client, self.host, self.port = task, client, host, port
+        self.created = False
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        if task is self.task and not self.created and self.client._grants:
+            _create_snapshot_blocking(self.host, self.port, 2)
+            self.created = True
+
+
+def _create_snapshot_blocking(host: str, port: int, tag: int) -> None:
+    """create_snapshot from another node, without the (frozen) event loop."""
+    codec = Connection(Role.ADMIN)
+    with socket.create_connection((host, port), timeout=LEASE + SLACK) as sock:
+
+        def receive() -> object:
+            while (message := codec.next_message()) is None:
+                codec.receive_data(sock.recv(1 << 16))
+            return message
+
+        sock.sendall(codec.hello())
+        assert isinstance(receive(), Hello)
+        # Its barrier waits for the frozen origin client until csnapd drops it.
+        sock.sendall(codec.send(CreateSnapshot(1, tag, 0)))
+        reply = receive()
+        assert isinstance(reply, SnapshotReply), reply
