@@ -44,7 +44,7 @@ from tests.server.support import CHUNK, label, pread, pwrite
 
 pytestmark = pytest.mark.e2e
 
-LEASE = 1.0
+LEASE = 2.0
 #: Beyond the lease: how long the test waits for a release (a bound on a
 #: hang, not a measure; the barrier timeout is far longer).
 SLACK = 15.0
