@@ -19,6 +19,7 @@ from csnap_client.agent import (
 from csnap_client.client import (
     ClientClosedError,
     DataClient,
+    LeaseExpiredError,
     ReadPlan,
     SnapshotDeletedError,
     open_client,
@@ -43,6 +44,7 @@ __all__ = [
     "open_admin",
     "DataClient",
     "ReadPlan",
+    "LeaseExpiredError",
     "SnapshotDeletedError",
     "ClientClosedError",
     "open_client",

@@ -12,6 +12,7 @@
 #     async with open_client(connect, snapshot=7) as client:
 #         async with client.snapshot_read([(chunk, count)]) as plan:
 #             ... read plan.store from the store, plan.origin from the origin ...
+#             if not client.read_trusted(plan): ... read again: ask anew ...
 #         async with client.snapshot_write([(chunk, count)]) as segments:
 #             ... write into the store at the segments ...
 #
@@ -24,6 +25,16 @@
 #   * When the connection breaks, the client reconnects, identifies again,
 #     re-declares the read locks it holds, and sends again every request
 #     that had no answer. Callers only see the delay.
+#   * Liveness (docs/protocol.md, "Liveness"): the server drops a client it
+#     has not heard from for its lease, and its read locks and barrier duty
+#     with it. The client sends a keepalive every third of the lease, and
+#     trusts a read lock or a write grant only until its lease deadline: the
+#     send time of the newest request the server answered on the session
+#     that holds it, plus TRUST_FRACTION of the lease. A snapshot read whose
+#     origin data arrived after that (read_trusted() false) must be asked
+#     again; a grant past it is given back and asked again before any write.
+#     A lock re-declared after a reconnect keeps the server from writing
+#     under a reader, but a read it covered is asked again all the same.
 #   * An origin client remembers the chunks the server let it write: each
 #     was then copied out for every live snapshot, so writing it again needs
 #     no question until a new snapshot exists. The server's create barrier
@@ -35,6 +46,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import math
 import random
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -60,6 +72,7 @@ from csnap_protocol import (
     FinishUploadLock,
     Identified,
     Identify,
+    Keepalive,
     MapReply,
     Message,
     QueryMap,
@@ -78,12 +91,25 @@ __all__ = [
     "ReadPlan",
     "SnapshotDeletedError",
     "ClientClosedError",
+    "LeaseExpiredError",
+    "TRUST_FRACTION",
     "open_client",
 ]
 
 log = logging.getLogger("csnap.client")
 
 Ranges = Sequence[tuple[int, int]]
+
+#: Share of the server's lease a lock or grant is trusted for, counted from
+#: the send time of the newest answered request. The rest is the margin for
+#: the two clocks' rates: it covers a relative rate error up to 5%, where
+#: (1 - 0.05) / (1 + 0.05) > 0.9 (docs/protocol.md, "Liveness").
+TRUST_FRACTION = 0.9
+#: Keepalives per lease.
+KEEPALIVES_PER_LEASE = 3
+#: Grants asked for in a row that arrive past the lease deadline before the
+#: write fails (each is a fresh round trip; one is almost always enough).
+GRANT_ATTEMPTS = 4
 
 
 class SnapshotDeletedError(Exception):
@@ -94,12 +120,20 @@ class ClientClosedError(Exception):
     """The client was closed."""
 
 
+class LeaseExpiredError(Exception):
+    """Every grant the server gave arrived past this client's lease deadline."""
+
+
 @dataclass(frozen=True)
 class ReadPlan:
-    """Where to read: `store` as (chunk, count, store chunk), `origin` as (chunk, count)."""
+    """Where to read: `store` as (chunk, count, store chunk), `origin` as (chunk, count).
+
+    `request`: the snapshot read's id, by which read_trusted() finds its locks.
+    """
 
     store: tuple[tuple[int, int, int], ...]
     origin: tuple[tuple[int, int], ...]
+    request: int = 0
 
 
 class DataClient:
@@ -138,6 +172,9 @@ class DataClient:
         self._grants_changed = trio.Event()
         #: Origin ranges this client holds read locks on, by request id.
         self._held: dict[int, tuple[tuple[int, int], ...]] = {}
+        #: The session whose lease covers a read's locks or a grant, by
+        #: request id: the one that answered it.
+        self._answered_on: dict[int, Session] = {}
         #: Origin clients: a bit per origin chunk known unique for every live
         #: snapshot (None until identified), and the ranges of origin writes
         #: asked and not yet answered, by request id.
@@ -231,14 +268,54 @@ class DataClient:
                 batch = tuple(held[first : first + MAX_RANGES])
                 await session.request(UploadLock(next(self._ids), batch))
             await session.request(FinishUploadLock(next(self._ids)))
+        session.lease = identified.lease_ms / 1000
         self._session = session
         self._notify()
+        if session.lease:
+            nursery.start_soon(self._keep_alive, session)
         return session
+
+    async def _keep_alive(self, session: Session) -> None:
+        """Keep `session` heard from, and its lease deadline moving, until it ends."""
+        interval = session.lease / KEEPALIVES_PER_LEASE
+        while session.usable:
+            await trio.sleep(interval)
+            try:
+                await session.request(Keepalive(next(self._ids)))
+            except (ConnectionLostError, ServerError):
+                return
+
+    def lease_deadline(self, session: Session | None) -> float:
+        """trio.current_time() until which what `session` answered is trusted."""
+        if session is None or not session.usable or self._closing or self._deleted:
+            return -math.inf
+        if not session.lease:
+            return math.inf  # this server drops no silent client
+        return session.confirmed + session.lease * TRUST_FRACTION
+
+    def read_trusted(self, plan: ReadPlan) -> bool:
+        """Whether origin data read under `plan`'s locks, just now, is the snapshot's.
+
+        Call it after the origin read completed. False when the lease
+        deadline of the session holding the locks has passed (the server
+        may have dropped them, and an origin write overwritten the chunks)
+        or that session ended: read again through a new snapshot_read.
+        """
+        if not plan.origin:
+            return True
+        session = self._answered_on.get(plan.request)
+        return trio.current_time() < self.lease_deadline(session)
 
     def _reply(self, message: Message) -> None:
         # Runs in the session reader, before any later message is read: a
         # barrier after this reply forgets what this reply teaches.
-        asked = self._asking.pop(getattr(message, "id", -1), None)
+        request = getattr(message, "id", -1)
+        if isinstance(message, WriteOk | SnapshotWriteOk | SnapshotReadOk) and (
+            self._latest is not None
+        ):
+            # The reader of the newest session is the only one still reading.
+            self._answered_on[request] = self._latest
+        asked = self._asking.pop(request, None)
         if isinstance(message, WriteOk) and asked is not None and self._unique is not None:
             bits = self._unique
             for start, count in asked:
@@ -306,7 +383,7 @@ class DataClient:
         await self._wait_grants(frozenset(self._grants))
         session = self._session
         if session is not None:
-            await trio.aclose_forcefully(session.stream)
+            await session.abandon()
 
     async def aclose(self) -> None:
         """Stop: close the connection and do not reconnect."""
@@ -314,7 +391,7 @@ class DataClient:
         self._notify()
         session = self._session
         if session is not None:
-            await trio.aclose_forcefully(session.stream)
+            await session.abandon()
 
     # -- requests --------------------------------------------------------------
 
@@ -356,7 +433,13 @@ class DataClient:
 
     def _close_grant(self, request: int) -> None:
         self._grants.discard(request)
+        self._answered_on.pop(request, None)
         self._grants_changed.set()
+
+    def _grant_in_lease(self, request: int) -> bool:
+        """Whether a write under grant `request` may start now."""
+        session = self._answered_on.get(request)
+        return trio.current_time() < self.lease_deadline(session)
 
     @asynccontextmanager
     async def origin_write(self, ranges: Ranges) -> AsyncIterator[WriteOk]:
@@ -368,40 +451,66 @@ class DataClient:
         """
         # A checkpoint whatever happens next: callers may loop on this.
         await trio.lowlevel.checkpoint()
+        for _ in range(GRANT_ATTEMPTS):
+            reply = await self._origin_grant(ranges)
+            if self._grant_in_lease(reply.id):
+                break
+            # Past the lease deadline: the server may have dropped this
+            # session and run a barrier without us. Give it back, ask again.
+            self._close_grant(reply.id)
+            self._forget_unique()
+        else:
+            raise LeaseExpiredError(
+                f"{GRANT_ATTEMPTS} origin write grants in a row came past the lease deadline"
+            )
+        try:
+            yield reply
+        finally:
+            self._close_grant(reply.id)
+
+    async def _origin_grant(self, ranges: Ranges) -> WriteOk:
         if self._known_unique(ranges):
             # No await between the check and the grant: a barrier cannot
             # slip in between.
             reply = WriteOk(-next(self._local_grants), 0)
             self._grants.add(reply.id)
+            if self._session is not None:
+                self._answered_on[reply.id] = self._session
             self.remembered_grants += 1
-        else:
-            asked = tuple(ranges)
-            asked_as: list[int] = []
+            return reply
+        asked = tuple(ranges)
+        asked_as: list[int] = []
 
-            def query(rid: int) -> QueryWrite:
-                self._asking[rid] = asked
-                asked_as.append(rid)
-                return QueryWrite(rid, asked)
+        def query(rid: int) -> QueryWrite:
+            self._asking[rid] = asked
+            asked_as.append(rid)
+            return QueryWrite(rid, asked)
 
-            try:
-                reply_message = await self._call(query)
-            finally:
-                for rid in asked_as:
-                    self._asking.pop(rid, None)
-            assert isinstance(reply_message, WriteOk)
-            reply = reply_message
         try:
-            yield reply
+            reply_message = await self._call(query)
         finally:
-            self._close_grant(reply.id)
+            for rid in asked_as:
+                self._asking.pop(rid, None)
+        assert isinstance(reply_message, WriteOk)
+        return reply_message
 
     @asynccontextmanager
     async def snapshot_write(
         self, ranges: Ranges
     ) -> AsyncIterator[tuple[tuple[int, int, int], ...]]:
         """Where to write snapshot chunks: (chunk, count, store chunk) segments."""
-        reply = await self._call(lambda rid: QueryWrite(rid, tuple(ranges)))
-        assert isinstance(reply, SnapshotWriteOk)
+        for _ in range(GRANT_ATTEMPTS):
+            reply = await self._call(lambda rid: QueryWrite(rid, tuple(ranges)))
+            assert isinstance(reply, SnapshotWriteOk)
+            if self._grant_in_lease(reply.id):
+                break
+            # Past the lease deadline: the snapshot may have been deleted
+            # and its store chunks reused meanwhile. Ask again.
+            self._close_grant(reply.id)
+        else:
+            raise LeaseExpiredError(
+                f"{GRANT_ATTEMPTS} snapshot write grants in a row came past the lease deadline"
+            )
         try:
             yield reply.segments
         finally:
@@ -413,8 +522,9 @@ class DataClient:
         reply = await self._call(lambda rid: QuerySnapshotRead(rid, tuple(ranges)))
         assert isinstance(reply, SnapshotReadOk)
         try:
-            yield ReadPlan(reply.store, reply.origin)
+            yield ReadPlan(reply.store, reply.origin, reply.id)
         finally:
+            self._answered_on.pop(reply.id, None)
             if reply.origin:
                 with trio.CancelScope(shield=True):
                     await self._finish_read(reply.id, reply.origin)

@@ -3,9 +3,15 @@
 #
 # A session does no reconnecting: when its stream breaks, every request
 # waiting on it fails with ConnectionLostError and the owner decides.
+#
+# A session also knows how recently the server certainly heard from it:
+# `confirmed` is when the newest request the server answered was sent (the
+# server heard it no earlier). Lease deadlines are counted from it
+# (docs/protocol.md, "Liveness").
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -71,6 +77,8 @@ class _Waiter:
     done: trio.Event = field(default_factory=trio.Event)
     reply: Message | None = None
     lost: bool = False
+    #: trio.current_time() just before the request was queued for sending.
+    sent: float = math.inf
 
 
 class Session:
@@ -98,6 +106,15 @@ class Session:
         self.ids = itertools.count(1)
         #: Why the session ended, once it has.
         self.failure: BaseException | None = None
+        #: When the newest request that got an answer was sent (the server
+        #: heard it no earlier); -inf before any answer.
+        self.confirmed = -math.inf
+        #: Seconds of silence after which the server drops this session
+        #: (told in identified); 0: it drops none.
+        self.lease = 0.0
+        #: This side closed (or is closing) the stream: the server may have
+        #: seen the end already, whatever `closed` says yet.
+        self.abandoned = False
 
     async def send(self, message: Message) -> None:
         """Send a message; ConnectionLostError if the stream is gone.
@@ -122,8 +139,18 @@ class Session:
             except BaseException:
                 # Cancelled part-way through a frame: the stream can carry
                 # nothing more. Closing it ends the session, and every waiter.
-                await trio.aclose_forcefully(self.stream)
+                await self.abandon()
                 raise
+
+    async def abandon(self) -> None:
+        """Close the stream from this side; the session then ends."""
+        self.abandoned = True
+        await trio.aclose_forcefully(self.stream)
+
+    @property
+    def usable(self) -> bool:
+        """Neither side has ended the session (as far as this side knows)."""
+        return not self.abandoned and not self.closed.is_set()
 
     async def request(self, message: Message) -> Message:
         """Send a request (its id must be unique here) and await its reply.
@@ -137,6 +164,7 @@ class Session:
         try:
             if self.closed.is_set():
                 raise ConnectionLostError("connection closed")
+            waiter.sent = trio.current_time()
             await self.send(message)
             await waiter.done.wait()
         finally:
@@ -198,6 +226,8 @@ class Session:
                 if isinstance(message, Error) and self.server_hello is None:
                     raise ServerError(message.code, message.name, message.message)
                 if waiter is not None:
+                    # Any answer, an error too, proves the server heard it.
+                    self.confirmed = max(self.confirmed, waiter.sent)
                     if self._on_reply is not None:
                         self._on_reply(message)
                     waiter.reply = message

@@ -6,7 +6,9 @@
 #                    the origin inside it; the grant closes after the data
 #                    is written, because a snapshot create waits for it
 #   snapshot read    snapshot_read plan: store chunks or the origin (the
-#                    latter read-locked until the block ends)
+#                    latter read-locked until the block ends); origin data
+#                    that arrived past the locks' lease deadline is read
+#                    again under a new plan (docs/protocol.md, "Liveness")
 #   snapshot write   snapshot_write segments: the server has already copied
 #                    each chunk's old contents into the store chunk it gives,
 #                    so only the bytes asked for are written there
@@ -23,6 +25,7 @@ from csnap_client import (
     ClientClosedError,
     ConnectionLostError,
     DataClient,
+    LeaseExpiredError,
     ServerError,
     SnapshotDeletedError,
 )
@@ -52,6 +55,9 @@ __all__ = [
 EXCEPTIONS_FLAG = 1
 #: Most server queries one BLOCK_STATUS answers with; clients ask again for the rest.
 STATUS_PIECES = 4
+#: Plans one snapshot read piece may take whose origin data came past the
+#: lease deadline before the read fails with EIO.
+READ_ATTEMPTS = 4
 #: Zeroes are written from one shared buffer of this size.
 _ZERO_SLICE = 1 << 20
 _ZEROES = memoryview(bytes(_ZERO_SLICE))
@@ -88,6 +94,8 @@ def _translated() -> Iterator[None]:
             raise IOFailedError(Errno.ENOSPC, str(exc)) from exc
         if exc.error in _INVALID:
             raise IOFailedError(Errno.EINVAL, str(exc)) from exc
+        raise IOFailedError(Errno.EIO, str(exc)) from exc
+    except LeaseExpiredError as exc:
         raise IOFailedError(Errno.EIO, str(exc)) from exc
     except BackingIOError as exc:
         raise IOFailedError(Errno.ENOSPC if exc.no_space else Errno.EIO, str(exc)) from exc
@@ -237,25 +245,37 @@ class SnapshotPath(DataPath):
         todo = list(self._pieces(offset, length))
         with _translated():
             for number, piece in enumerate(todo, 1):
-                async with self.client.snapshot_read([(piece.first, piece.count)]) as plan:
-                    transfers = [
-                        Transfer(
-                            self.backing.store,
-                            "store",
-                            store_placements(plan.store, piece, offset, cs),
-                        ),
-                        Transfer(
-                            self.backing.origin,
-                            "origin",
-                            origin_placements(plan.origin, piece, offset, cs),
-                        ),
-                    ]
-                    _check_covers(piece, transfers, "snapshot_read")
-                    await self.backing.read(transfers, into)
-                    if number == len(todo) and deliver is not None:
-                        # Every byte is read: the reply need not wait for the
-                        # read locks' release, one more csnapd round trip.
-                        deliver(into)
+                for _ in range(READ_ATTEMPTS):
+                    async with self.client.snapshot_read([(piece.first, piece.count)]) as plan:
+                        transfers = [
+                            Transfer(
+                                self.backing.store,
+                                "store",
+                                store_placements(plan.store, piece, offset, cs),
+                            ),
+                            Transfer(
+                                self.backing.origin,
+                                "origin",
+                                origin_placements(plan.origin, piece, offset, cs),
+                            ),
+                        ]
+                        _check_covers(piece, transfers, "snapshot_read")
+                        await self.backing.read(transfers, into)
+                        # Origin data that came after the locks' lease
+                        # deadline may be an origin write's: ask again.
+                        if not self.client.read_trusted(plan):
+                            continue
+                        if number == len(todo) and deliver is not None:
+                            # Every byte is read: the reply need not wait for
+                            # the read locks' release, one more round trip.
+                            deliver(into)
+                        break
+                else:
+                    raise IOFailedError(
+                        Errno.EIO,
+                        f"chunks {piece.first}+{piece.count}: origin data came past the"
+                        f" read locks' lease deadline {READ_ATTEMPTS} times",
+                    )
         return into
 
     async def _write_piece(self, piece: Piece, offset: int, data: memoryview, zeroes: bool) -> None:

@@ -73,6 +73,7 @@ __all__ = [
     "ServerInfoReply",
     "QueryMap",
     "MapReply",
+    "Keepalive",
     "ServerReady",
     "StartServer",
     "NeedServer",
@@ -269,10 +270,11 @@ class Identify(Message):
     origin_chunks=U64,
     epoch=U64,
     max_chunks=U32,
+    lease_ms=U32,
 )
 @dataclass(frozen=True, slots=True)
 class Identified(Message):
-    """Identify succeeded: the geometry a client needs, and the server's epoch."""
+    """Identify succeeded: the geometry a client needs, the server's epoch and lease."""
 
     id: int
     snapshot: int | None
@@ -280,6 +282,9 @@ class Identified(Message):
     origin_chunks: int
     epoch: int
     max_chunks: int
+    #: Milliseconds of silence after which the server drops this connection
+    #: and its read locks; 0: it drops no silent connection.
+    lease_ms: int = 0
 
 
 @_message("query_write", CLIENT, id=ID, ranges=Ranges(MAX_RANGES))
@@ -382,6 +387,14 @@ class MapReply(Message):
 
     id: int
     ranges: tuple[tuple[int, int], ...]
+
+
+@_message("keepalive", CLIENT, id=ID)
+@dataclass(frozen=True, slots=True)
+class Keepalive(Message):
+    """I am alive: answered with ok at once; keeps this connection's lease."""
+
+    id: int
 
 
 @_message("barrier", SERVER, barrier=U64)

@@ -88,10 +88,34 @@ def _parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="how long a snapshot create waits for origin clients (default 30)",
     )
-    parser.add_argument("--max-connections", type=int, default=1024)
+    parser.add_argument(
+        "--lease",
+        type=_lease_arg,
+        default=5.0,
+        metavar="SECONDS",
+        help="how long a data-path client may stay silent before it is dropped and"
+        " its read locks and barrier duty released (default 5; clients send"
+        " keepalives every third of it)",
+    )
+    parser.add_argument(
+        "--max-connections",
+        type=int,
+        default=1024,
+        help="connections open at once, counted from accept (default 1024)",
+    )
     parser.add_argument("--max-in-flight", type=int, default=256, help="requests per connection")
     add_log_level(parser)
     return parser
+
+
+def _lease_arg(text: str) -> float:
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0.05 <= seconds <= 3600:
+        raise argparse.ArgumentTypeError(f"a lease is 0.05 to 3600 seconds, not {text!r}")
+    return seconds
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -107,6 +131,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         cache_bytes=args.cache_size,  # argparse applies size_arg to the default too
         grace=args.grace,
         barrier_timeout=args.barrier_timeout,
+        lease=args.lease,
         max_connections=args.max_connections,
         max_in_flight=args.max_in_flight,
         agent=args.agent,

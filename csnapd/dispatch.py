@@ -241,6 +241,7 @@ class Dispatcher:
         store: str,
         max_chunks: int,
         origin: str = "",
+        lease_ms: int = 0,
         clock: Callable[[], int] = time.time_ns,
     ):
         self.engine = engine
@@ -248,6 +249,8 @@ class Dispatcher:
         self.store = store
         self.origin = origin
         self.max_chunks = max_chunks
+        #: Told to clients in identified: how long the transport lets them be silent.
+        self.lease_ms = lease_ms
         self.started_ns = clock()
         #: Changes every time a server starts: clients see a restart.
         self.epoch = self.started_ns
@@ -601,7 +604,13 @@ class Dispatcher:
         )
         g = self.engine.geometry
         identified = Identified(
-            message.id, message.snapshot, g.chunk_size, g.origin_chunks, self.epoch, self.max_chunks
+            message.id,
+            message.snapshot,
+            g.chunk_size,
+            g.origin_chunks,
+            self.epoch,
+            self.max_chunks,
+            self.lease_ms,
         )
         return identified, False
 

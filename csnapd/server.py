@@ -7,13 +7,17 @@
 #   * one engine task: takes everything queued, hands the batch to the
 #     Dispatcher in a worker thread (the engine's syncs stay off the event
 #     loop), then delivers the replies: group commit;
-#   * timers for barriers, detaching clients and the post-restart grace.
+#   * timers for barriers, detaching clients and the post-restart grace;
+#   * per connection, a lease watch: an identified data-path client silent
+#     for longer than `lease` is dropped, which releases its read locks and
+#     its barrier duty (docs/protocol.md, "Liveness").
 #
-# Resource handling: a connection beyond `max_connections` is refused with an
-# error; a request beyond `max_in_flight` on one connection is refused with an
-# error; a frame beyond `max_frame` closes that connection; a client whose
-# outbox fills (it does not read its replies) is closed. None of these touch
-# any other connection.
+# Resource handling: a connection accepted beyond `max_connections` (said
+# hello or not) is refused with an error; a request beyond `max_in_flight` on
+# one connection is refused with an error; a frame beyond `max_frame` closes
+# that connection; a peer whose outbox fills (it does not read its replies)
+# is closed. Every message queued to a peer goes through Server._queue, so
+# none of these touches any other connection.
 from __future__ import annotations
 
 import contextlib
@@ -35,6 +39,7 @@ from csnap_protocol import (
     Error,
     ErrorCode,
     Hello,
+    Keepalive,
     LocalProtocolError,
     Message,
     Ok,
@@ -75,6 +80,11 @@ SWEEP_EVERY = 8
 WRITE_COALESCE = 256
 #: Seconds connections get at shutdown to send the replies already queued.
 FLUSH_TIMEOUT = 2.0
+#: Connections being refused at once for max_connections (each is given a
+#: moment to read its error); beyond this, one is closed without a word.
+REFUSING_LIMIT = 64
+#: Seconds a refused connection gets to read its error before it is closed.
+REFUSE_LINGER = 1.0
 #: Placeholder in an outbox for "send our hello" (the codec builds it).
 _HELLO = Ok(0)
 
@@ -98,6 +108,10 @@ class ServerConfig:
     barrier_timeout: float = 30.0
     #: Seconds a deleted snapshot's clients get to finish and close.
     detach_timeout: float = 30.0
+    #: Seconds an identified data-path client may stay silent before it is
+    #: dropped with its read locks and barrier duty (clients send keepalives).
+    lease: float = 5.0
+    #: Connections open at once, counted from accept, hello said or not.
     max_connections: int = 1024
     #: Seconds a new connection has to say hello before it is closed.
     hello_timeout: float = 10.0
@@ -118,12 +132,16 @@ class _Link:
     peer: Peer
     stream: trio.abc.Stream
     codec: Connection
-    outbox: trio.MemorySendChannel[Message | None]
+    outbox: trio.MemorySendChannel[Message]
+    #: trio.current_time() when a message from the peer last arrived.
+    heard: float
     in_flight: set[int] = field(default_factory=set)
     closing: bool = False
+    #: Its outbox overflowed: nothing more is queued for it.
+    dropped: bool = False
     #: Messages handed to the engine task that it has not taken yet.
     queued: int = 0
-    #: Set once the writer has sent everything queued before its end marker.
+    #: Set once the writer has sent everything queued before the outbox closed.
     flushed: trio.Event = field(default_factory=trio.Event)
 
 
@@ -140,9 +158,14 @@ class Server:
             store=config.store,
             origin=config.origin,
             max_chunks=config.max_chunks,
+            lease_ms=math.ceil(config.lease * 1000),
         )
         self._send, self._receive = trio.open_memory_channel[Item](math.inf)
         self._links: dict[Peer, _Link] = {}
+        #: Connections accepted and not yet closed, hello said or not.
+        self._accepted = 0
+        #: Connections being refused for max_connections.
+        self._refusing = 0
         self._numbers = itertools.count(1)
         self._stopping = trio.Event()
         self._stopped = trio.Event()
@@ -190,8 +213,7 @@ class Server:
         """Let every connection send what is queued (the shutdown ok among it)."""
         links = list(self._links.values())
         for link in links:
-            with contextlib.suppress(trio.WouldBlock, trio.BrokenResourceError):
-                link.outbox.send_nowait(None)
+            link.outbox.close()  # its writer sends what is queued, then ends
         with trio.move_on_after(FLUSH_TIMEOUT):
             for link in links:
                 await link.flushed.wait()
@@ -218,42 +240,118 @@ class Server:
                 log.warning("accept failed: %s", exc)
                 await trio.sleep(0.1)
                 continue
+            if self._accepted >= self.config.max_connections:
+                self._refuse_connection(stream)
+                continue
+            # Counted here, not in the task: a burst of accepts sees every one.
+            self._accepted += 1
             self._nursery.start_soon(self._connection, stream)
 
+    def _refuse_connection(self, stream: trio.SocketStream) -> None:
+        """One connection too many: say so (when not too busy refusing) and close."""
+        if self._refusing >= REFUSING_LIMIT:
+            log.warning("too many connections: closing a new one without a message")
+            self._nursery.start_soon(_abort, stream)
+            return
+        self._refusing += 1
+        log.warning("too many connections (%d): refusing a new one", self.config.max_connections)
+        self._nursery.start_soon(self._send_refusal, stream)
+
+    async def _send_refusal(self, stream: trio.SocketStream) -> None:
+        codec = Connection(Role.SERVER, name="csnapd")
+        refusal = _error_message(
+            None,
+            ErrorCode.TOO_MANY_CONNECTIONS,
+            f"csnapd has {self.config.max_connections} connections open, its limit;"
+            " try again later",
+        )
+        try:
+            with trio.move_on_after(REFUSE_LINGER):
+                async with stream:
+                    with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                        await stream.send_all(codec.send(refusal))
+                        # Read what the peer sent (its hello) before closing, so
+                        # that closing with unread data does not reset the
+                        # connection under our error.
+                        while await stream.receive_some(RECEIVE_SIZE):
+                            pass
+        finally:
+            self._refusing -= 1
+
     async def _connection(self, stream: trio.SocketStream) -> None:
+        try:
+            await self._serve_connection(stream)
+        finally:
+            self._accepted -= 1
+
+    async def _serve_connection(self, stream: trio.SocketStream) -> None:
         try:
             host, port = stream.socket.getpeername()[:2]
             label = f"{host}:{port}"
         except OSError:
             label = "?"
         codec = Connection(Role.SERVER, max_frame=self.config.max_frame, name="csnapd")
-        send, receive = trio.open_memory_channel[Message | None](OUTBOX_LIMIT)
+        send, receive = trio.open_memory_channel[Message](OUTBOX_LIMIT)
         peer = Peer(next(self._numbers), Role.CLIENT, label)
-        link = _Link(peer, stream, codec, send)
-        timer = trio.CancelScope()
+        link = _Link(peer, stream, codec, send, trio.current_time())
         async with stream, trio.open_nursery() as nursery:
             nursery.start_soon(self._writer, link, receive)
-            nursery.start_soon(self._hello_timer, link, timer)
+            nursery.start_soon(self._hello_timer, link)
+            nursery.start_soon(self._lease_watch, link)
             try:
                 await self._reader(link)
             finally:
-                timer.cancel()
                 link.closing = True
                 if peer in self._links:
                     del self._links[peer]
                     self._send.send_nowait(Disconnected(peer))
-                send.send_nowait(None)  # let the writer finish and stop
+                send.close()  # the writer sends what is queued, then ends
+            # ... if the peer takes it in time: it may not be reading at all.
+            with trio.move_on_after(FLUSH_TIMEOUT):
+                await link.flushed.wait()
+            nursery.cancel_scope.cancel()
 
-    async def _hello_timer(self, link: _Link, scope: trio.CancelScope) -> None:
+    async def _hello_timer(self, link: _Link) -> None:
         """Close a connection that says no hello in time: it holds a socket for nothing."""
-        with scope:
-            await trio.sleep(self.config.hello_timeout)
-            if link.peer not in self._links and not link.closing:
-                log.warning(
-                    "%s said no hello within %gs; closing it", link.peer, self.config.hello_timeout
-                )
-                link.closing = True
-                await _abort(link.stream)
+        await trio.sleep(self.config.hello_timeout)
+        if link.peer not in self._links and not link.closing:
+            log.warning(
+                "%s said no hello within %gs; closing it", link.peer, self.config.hello_timeout
+            )
+            link.closing = True
+            await _abort(link.stream)
+
+    async def _lease_watch(self, link: _Link) -> None:
+        """Drop an identified data-path client silent for longer than the lease.
+
+        Dropping it releases its read locks and its barrier duty. The client
+        stops trusting its locks before this can happen: it counts the lease
+        from when it sent a request this server answered, which is no later
+        than when this server heard it (docs/protocol.md, "Liveness").
+        """
+        lease, peer = self.config.lease, link.peer
+        while not link.closing:
+            await trio.sleep_until(link.heard + lease)
+            if link.closing:
+                return
+            if peer.role is Role.ADMIN:
+                return  # holds no locks and no barrier duty
+            if trio.current_time() - link.heard < lease:
+                continue  # heard from meanwhile
+            if not peer.identified or link.queued:
+                # It holds nothing yet, or its own messages wait for the
+                # engine task (then its silence is ours): look again later.
+                await trio.sleep(lease / 4)
+                continue
+            log.warning(
+                "%s silent for more than its lease (%gs): dropping it, releasing its"
+                " read locks and barrier duty",
+                peer,
+                lease,
+            )
+            link.closing = True
+            await _abort(link.stream)
+            return
 
     async def _reader(self, link: _Link) -> None:
         codec, peer = link.codec, link.peer
@@ -269,21 +367,19 @@ class Server:
                 while not link.closing and (message := codec.next_message()) is not None:
                     if isinstance(message, ConnectionClosed):
                         return
+                    link.heard = trio.current_time()
                     self._admit(link, message)
                     while link.queued >= QUEUED_LIMIT and not link.closing:
                         await self._taken.wait()
         except RemoteProtocolError as exc:
             log.warning("%s: protocol error: %s", peer, exc)
-            link.outbox.send_nowait(Error(None, int(exc.code), exc.code.symbol, str(exc)[:1024]))
+            self._queue(link, Error(None, int(exc.code), exc.code.symbol, str(exc)[:1024]))
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             return
 
     def _admit(self, link: _Link, message: Message) -> None:
         peer = link.peer
         if isinstance(message, Hello):
-            if len(self._links) >= self.config.max_connections:
-                self._refuse(link, ErrorCode.TOO_MANY_CONNECTIONS, "too many connections")
-                return
             if self._stopping.is_set():
                 self._refuse(link, ErrorCode.SHUTTING_DOWN, "the server is shutting down")
                 return
@@ -296,9 +392,14 @@ class Server:
                 return
             peer.role = Role(message.role)
             self._links[peer] = link
-            link.outbox.send_nowait(_HELLO)
+            self._queue(link, _HELLO)
             self._send.send_nowait(Connected(peer))
             log.info("%s connected as %s", peer, peer.role.value)
+            return
+        if isinstance(message, Keepalive):
+            # Answered here, not by the engine task: a busy engine must not
+            # make a live client look silent to itself.
+            self._queue(link, Ok(message.id))
             return
         request = getattr(message, "id", None)
         if request is not None:
@@ -329,37 +430,30 @@ class Server:
         self._error(link, None, code, text)
         link.closing = True
 
-    async def _writer(self, link: _Link, outbox: trio.MemoryReceiveChannel[Message | None]) -> None:
+    async def _writer(self, link: _Link, outbox: trio.MemoryReceiveChannel[Message]) -> None:
         try:
             await self._write_all(link, outbox)
         finally:
             link.flushed.set()
 
-    async def _write_all(
-        self, link: _Link, outbox: trio.MemoryReceiveChannel[Message | None]
-    ) -> None:
+    async def _write_all(self, link: _Link, outbox: trio.MemoryReceiveChannel[Message]) -> None:
         # Everything queued goes out in one send: a batch's replies to one
         # peer cost one system call and one wake-up of the peer, not one each.
+        # Ends once the outbox is closed and drained.
         async for first in outbox:
-            messages: list[Message | None] = [first]
+            messages = [first]
             while len(messages) < WRITE_COALESCE:
                 try:
                     messages.append(outbox.receive_nowait())
                 except (trio.WouldBlock, trio.EndOfChannel):
                     break
             data = bytearray()
-            ended = False
             for message in messages:
-                if message is None:
-                    ended = True
-                    break
                 data += self._encode(link, message)
             try:
                 if data:
                     await link.stream.send_all(data)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
-                return
-            if ended:
                 return
 
     def _encode(self, link: _Link, message: Message) -> bytes:
@@ -388,14 +482,25 @@ class Server:
         request = getattr(message, "id", None)
         if finished and request is not None and not isinstance(message, Hello):
             link.in_flight.discard(request)
+        self._queue(link, message)
+
+    def _queue(self, link: _Link, message: Message) -> None:
+        """Queue `message` for the peer; a peer whose outbox is full is closed.
+
+        The only way anything enters an outbox: a peer that does not read
+        costs its own connection and nothing else.
+        """
+        if link.dropped:
+            return
         try:
             link.outbox.send_nowait(message)
         except trio.WouldBlock:
             log.warning("%s does not read its replies; closing it", link.peer)
+            link.dropped = True
             link.closing = True
             self._nursery.start_soon(_abort, link.stream)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
+            pass  # the connection is ending; its writer sends no more
 
     # -- the engine ------------------------------------------------------------
 
