@@ -25,7 +25,7 @@ from csnap_nbd.exports import (
     UnknownExportError,
 )
 from csnap_nbd.settings import Settings
-from csnap_nbd.tls import TlsMode, TlsPolicy, start_tls
+from csnap_nbd.tls import TlsMode, TlsPolicy, describe, start_tls
 from csnap_nbd.wire import NbdProtocolError, OptionDataError
 from csnap_nbd.wire import handshake as hs
 from csnap_nbd.wire.constants import ClientFlag, HandshakeFlag, Info, Option, Reply
@@ -212,7 +212,7 @@ async def _starttls(state: _State, opt: int, data: bytes) -> None:
     # The specification: nothing negotiated before STARTTLS is kept.
     state.structured = False
     state.contexts, state.contexts_for = [], None
-    log.debug("TLS %s with %s", stream.version(), stream.cipher())
+    log.debug("TLS up: %s", describe(stream))
 
 
 async def _abort(state: _State, opt: int, data: bytes) -> None:

@@ -33,7 +33,14 @@ from csnap_nbd.connection import Connection, PeerClosedError, set_nodelay
 from csnap_nbd.exports import Exports, Geometry
 from csnap_nbd.negotiation import negotiate
 from csnap_nbd.settings import Settings
-from csnap_nbd.tls import CERTIFICATES_HINT, TlsHandshakeError, TlsMode, TlsPolicy, is_loopback
+from csnap_nbd.tls import (
+    CERTIFICATES_HINT,
+    TlsHandshakeError,
+    TlsMode,
+    TlsPolicy,
+    describe,
+    is_loopback,
+)
 from csnap_nbd.wire import NbdProtocolError
 
 __all__ = ["GatewayConfig", "serve", "discover", "GatewayStartError"]
@@ -172,12 +179,9 @@ class _Gateway:
                 log.info("connection %d: no export chosen in time; closing", entry.number)
             if negotiated is None:
                 return
-            log.info(
-                "connection %d: serving %s%s",
-                entry.number,
-                negotiated.export.name,
-                " over TLS" if entry.encrypted else "",
-            )
+            stream = entry.conn.stream
+            over = f" over TLS ({describe(stream)})" if isinstance(stream, trio.SSLStream) else ""
+            log.info("connection %d: serving %s%s", entry.number, negotiated.export.name, over)
             transmission = entry.transmission = Transmission(
                 negotiated.conn, negotiated, self.exports, self.settings
             )

@@ -28,6 +28,7 @@ __all__ = [
     "server_context",
     "start_tls",
     "is_loopback",
+    "describe",
     "CERTIFICATES_HINT",
 ]
 
@@ -132,6 +133,17 @@ async def start_tls(
     except trio.BrokenResourceError as exc:
         raise TlsHandshakeError(f"TLS handshake failed: {_reason(exc.__cause__ or exc)}") from exc
     return tls
+
+
+def describe(stream: trio.SSLStream[trio.abc.Stream]) -> str:
+    """The TLS version, cipher and client certificate subject, for logs."""
+    cipher = stream.cipher()
+    parts = [str(stream.version()), cipher[0] if cipher else "no cipher"]
+    peer = stream.getpeercert()
+    if peer:
+        subject = ", ".join(f"{k}={v}" for rdn in peer.get("subject", ()) for k, v in rdn)
+        parts.append(f"client {subject or 'without a subject'}")
+    return ", ".join(parts)
 
 
 def is_loopback(host: str) -> bool:

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from csnap_nbd.tls import TlsMode, TlsPolicy, is_loopback, server_context
 from csnap_nbd.wire import handshake as hs
 from csnap_nbd.wire.constants import IHAVEOPT, Command, Option, Reply
 from tests.e2e.processes import ROOT
@@ -238,6 +239,9 @@ async def test_verify_peer_refuses_foreign_and_missing_client_certificates(
         sized = await run("nbdinfo", "--size", tls_url(gw, pki))
         assert int(sized.stdout) == ORIGIN_SIZE
         await served_over_tls(gw, pki)
+        # The log says who was let in.
+        log = gw.log()
+        assert "over TLS (TLSv1.3, " in log and "client commonName=csnap NBD client" in log
 
 
 # -- NBD_OPT_STARTTLS byte by byte ----------------------------------------------------
@@ -444,3 +448,24 @@ async def test_plaintext_outside_loopback_is_refused_with_how_to_make_certificat
     (broken / "server-key.pem").write_text("not a key\n")
     done = await start_expecting_failure(*nobody, f"--tls-certificates={broken}")
     assert done.returncode == 3 and f"cannot load {broken / 'server-cert.pem'}" in done.stderr
+
+
+# -- the policy's pieces ------------------------------------------------------------------
+
+
+def test_loopback_addresses() -> None:
+    for host in ("127.0.0.1", "127.8.9.10", "::1", "::ffff:127.0.0.1"):
+        assert is_loopback(host), host
+    for host in ("0.0.0.0", "::", "192.0.2.1", "fe80::1%eth0", "::ffff:192.0.2.1", "localhost"):
+        assert not is_loopback(host), host
+
+
+def test_policy_has_a_context_exactly_when_tls_is_on(pki: Path) -> None:
+    with pytest.raises(ValueError):
+        TlsPolicy(TlsMode.ON)
+    with pytest.raises(ValueError):
+        TlsPolicy(TlsMode.OFF, server_context(pki))
+    assert not TlsPolicy(TlsMode.REQUIRE, server_context(pki)).verify_peer
+    checking = TlsPolicy(TlsMode.REQUIRE, server_context(pki, verify_peer=True))
+    assert checking.verify_peer and checking.scheme == "nbds"
+    assert TlsPolicy(TlsMode.ON, server_context(pki)).scheme == "nbd"
