@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import ssl
+import struct
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -274,6 +275,17 @@ async def test_require_refuses_every_option_but_starttls_and_abort(
     assert [r for r, _ in replies] == [Reply.SERVER, Reply.SERVER, Reply.ACK]
     assert (await client.option(Option.GO, hs.info_request("snap-1")))[-1][0] == Reply.ACK
     assert await client.read_origin(4095, 9000) == IMAGE[4095:13095]
+    await client.request(Command.DISC)
+    assert await client.closed()
+
+    # Over TLS, NBD_OPT_EXPORT_NAME works too (its reply is not an option reply).
+    client = await TlsClient.unix(gw.socket)
+    await client.greet()
+    await client.starttls(client_context(pki), hostname="localhost")
+    await client.send(hs.option(Option.EXPORT_NAME, b"snap-1"))
+    size, _flags = struct.unpack(">QH", await client.receive(10))
+    assert size == ORIGIN_SIZE
+    assert await client.read_origin(ORIGIN_SIZE - 100, 100) == IMAGE[-100:]
     await client.request(Command.DISC)
     assert await client.closed()
 
