@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import enum
 import ipaddress
+import logging
 import ssl
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +33,8 @@ __all__ = [
     "describe",
     "CERTIFICATES_HINT",
 ]
+
+log = logging.getLogger("csnap.nbd.tls")
 
 #: The files of a certificate directory, named as nbdkit and qemu name them.
 CA_CERT = "ca-cert.pem"
@@ -101,10 +105,16 @@ def server_context(directory: Path, *, verify_peer: bool = False) -> ssl.SSLCont
     """
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
+    # A client may not renegotiate a TLS 1.2 session: it buys an attacker
+    # handshakes for one connection, and nothing an NBD client needs.
+    context.options |= ssl.OP_NO_RENEGOTIATION
     cert, key = directory / SERVER_CERT, directory / SERVER_KEY
     for needed in (cert, key, *([directory / CA_CERT] if verify_peer else [])):
         if not needed.is_file():
             raise TlsConfigError(f"{needed} not found: {CERTIFICATES_HINT}")
+    mode = key.stat().st_mode
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        log.warning("%s can be read by other users (mode %o): make it 0600", key, mode & 0o777)
     try:
         context.load_cert_chain(cert, key)
     except (OSError, ssl.SSLError) as exc:

@@ -481,3 +481,18 @@ def test_policy_has_a_context_exactly_when_tls_is_on(pki: Path) -> None:
     checking = TlsPolicy(TlsMode.REQUIRE, server_context(pki, verify_peer=True))
     assert checking.verify_peer and checking.scheme == "nbds"
     assert TlsPolicy(TlsMode.ON, server_context(pki)).scheme == "nbd"
+
+
+def test_a_key_others_can_read_is_warned_about(
+    pki: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    for name in ("server-cert.pem", "server-key.pem"):
+        shutil.copy(pki / name, tmp_path)
+    with caplog.at_level("WARNING", logger="csnap.nbd.tls"):
+        server_context(tmp_path)
+        assert caplog.messages == []
+        (tmp_path / "server-key.pem").chmod(0o644)
+        server_context(tmp_path)
+    assert caplog.messages == [
+        f"{tmp_path / 'server-key.pem'} can be read by other users (mode 644): make it 0600"
+    ]
