@@ -40,7 +40,7 @@ examples:
   csnap-nbd --agent /run/csnap/agent.sock --unix /run/csnap/nbd.sock --read-only
   nbdinfo --list nbd://127.0.0.1:10809
   qemu-img convert -O raw nbd://127.0.0.1:10809/snap-3 snap-3.raw
-  csnap-nbd --server 127.0.0.1:7000 --listen 0.0.0.0:10809 --tls=require \
+  csnap-nbd --server 127.0.0.1:7000 --listen 0.0.0.0:10809 --tls=require \\
       --tls-certificates=/etc/csnap/nbd-pki
   nbdinfo 'nbds://nbd1.example.com/snap-3?tls-certificates=/etc/csnap/nbd-client'
 
