@@ -32,6 +32,7 @@ from tests.nbd.support import (
     nbdcopy_to_bytes,
     origin_image,
     run,
+    stop,
 )
 
 pytestmark = [pytest.mark.e2e]
@@ -106,6 +107,16 @@ class TlsClient(RawClient):
             await tls.do_handshake()
         self.channel = tls
 
+    async def closed_with_close_notify(self) -> bool:
+        """True if the gateway ended TLS with close_notify before closing
+        (a TLS stream closed without it raises instead: a truncation)."""
+        try:
+            with trio.fail_after(WAIT):
+                data = await self.channel.receive_some(1 << 16)
+        finally:
+            await trio.aclose_forcefully(self.channel)
+        return data == b""
+
     async def read_origin(self, offset: int, length: int, cookie: int = 1) -> bytes:
         await self.request(Command.READ, offset, length, cookie=cookie)
         answer = await self.answer(read_length=length)
@@ -129,7 +140,7 @@ async def served_over_tls(gw: Gateway, pki: Path) -> None:
     client = await tls_client(gw, pki)
     assert await client.read_origin(54321, 777) == IMAGE[54321 : 54321 + 777]
     await client.request(Command.DISC)
-    assert await client.closed()
+    assert await client.closed_with_close_notify()
 
 
 @pytest.fixture
@@ -320,6 +331,18 @@ async def test_starttls_forgets_what_was_negotiated_before(tmp_path: Path, pki: 
         assert (await client.answer()).errors == [22]  # EINVAL: no context selected
         await client.request(Command.DISC)
         assert await client.closed()
+
+
+async def test_sigterm_ends_tls_connections_with_close_notify(tmp_path: Path, pki: Path) -> None:
+    async with gateway(tmp_path, f"--tls-certificates={pki}", image=IMAGE) as gw:
+        serving = await tls_client(gw, pki)
+        assert await serving.read_origin(0, 100) == IMAGE[:100]
+        negotiating = await TlsClient.unix(gw.socket)
+        await negotiating.greet()
+        await negotiating.starttls(client_context(pki), hostname="localhost")
+        assert await stop(gw.nbd) == 0
+        assert await serving.closed_with_close_notify()
+        assert await negotiating.closed_with_close_notify()
 
 
 async def test_starttls_with_tls_off_is_unsupported(tmp_path: Path) -> None:
