@@ -33,11 +33,24 @@
 #
 # csnap's copies are counted from the store: data chunks free before and
 # after the first-write pass; qcow2's from the image's allocated bytes.
+#
+# Then what TLS costs (a second table): one csnap-nbd with --tls=on serves
+# the same store to plaintext and TLS clients, and nbdcopy (libnbd) is the
+# client both ways, one connection, 16 requests in flight, so the only
+# difference is TLS (Python's ssl in the gateway, GnuTLS in libnbd). Per
+# round, on a fresh store with snapshot 1 whose region has been written
+# once since (so every timed write is a rewrite, whichever mode goes first):
+#   read_4k    the snapshot export to null:, 4 KiB requests
+#   write_4k   a file to the origin export, 4 KiB requests
+#   read_256k  the snapshot export to null:, 256 KiB requests
+# The modes swap order each round; the time is the nbdcopy run's wall clock,
+# connecting and the TLS handshake included.
 from __future__ import annotations
 
 import os
 import re
 import sys
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -90,6 +103,12 @@ class Plan:
     def region(self) -> int:
         return self.writes * STRIDE
 
+
+#: The TLS table's phases and their request sizes.
+TLS_PHASES = {"read_4k": 4096, "write_4k": 4096, "read_256k": 256 << 10}
+TLS_MODES = ("plaintext", "tls")
+#: Makes the CA, server and client certificates for the TLS runs.
+NBD_CERTS = Path(__file__).resolve().parents[1] / "scripts" / "nbd-certs"
 
 FULL = Plan(rounds=5, writes=4096)
 QUICK = Plan(rounds=1, writes=128)
@@ -220,6 +239,120 @@ async def file_round(d: Path, origin: Path, plan: Plan) -> tuple[dict[str, float
     return times, {}
 
 
+# -- csnap with and without TLS ----------------------------------------------------
+
+
+def _csnap_url(sock: Path, export: str, certificates: Path | None) -> str:
+    if certificates is None:
+        return _url(sock, export)
+    return f"nbds+unix:///{export}?socket={sock}&tls-certificates={certificates}"
+
+
+async def nbdcopy_seconds(source: str, target: str, request: int) -> float:
+    """Wall-clock seconds of one nbdcopy run: one connection, DEPTH requests."""
+    argv = ["nbdcopy", "--connections=1", "--threads=1", f"--requests={DEPTH}"]
+    argv += [f"--request-size={request}", "--no-extents", source, target]
+    started = time.perf_counter()
+    await run_tool(argv)
+    return max(time.perf_counter() - started, 1e-3)
+
+
+async def tls_round(
+    d: Path, origin: Path, plan: Plan, certificates: Path, order: Sequence[str]
+) -> dict[str, dict[str, float]]:
+    """Seconds per mode and phase, on one gateway serving both modes."""
+    store = d / "csnap-tls.store"
+    store.unlink(missing_ok=True)
+    format_store(
+        str(store),
+        str(origin),
+        chunk_size=CHUNK,
+        store_size=plan.region + (64 << 20),
+        progress=False,
+    )
+    source = d / "tls-source.raw"
+    if not source.exists():
+        fill_file(source, plan.region, 0xC3)
+    sock = d / "csnap-tls.sock"
+    gateway = ["-m", "csnap_nbd", "--unix", str(sock), "--log-level", "warning"]
+    gateway += ["--tls=on", f"--tls-certificates={certificates}"]
+    seconds: dict[str, dict[str, float]] = {mode: {} for mode in order}
+    async with (
+        csnapd(store, origin, d / "csnapd-tls.log", "--log-level", "warning") as server,
+        open_admin(server.connect) as admin,
+        listening([sys.executable, *gateway, "--server", server.address], d / "nbd-tls.log"),
+    ):
+        await admin.create_snapshot(1)
+        # Every chunk copied out once, untimed: the timed writes only rewrite.
+        await nbdcopy_seconds(str(source), _url(sock, "origin"), 256 << 10)
+        for phase, request in TLS_PHASES.items():
+            for mode in order:
+                tls = certificates if mode == "tls" else None
+                snap, to_origin = _csnap_url(sock, "snap-1", tls), _csnap_url(sock, "origin", tls)
+                copy = (str(source), to_origin) if phase.startswith("write") else (snap, "null:")
+                seconds[mode][phase] = await nbdcopy_seconds(*copy, request)
+    store.unlink()
+    return seconds
+
+
+async def _tls_rounds(d: Path, plan: Plan) -> list[dict[str, dict[str, float]]]:
+    origin = d / "tls-origin.img"
+    fill_file(origin, plan.region, 0x5A)
+    certificates = d / "nbd-pki"
+    await run_tool([str(NBD_CERTS), str(certificates)])
+    rounds = []
+    for number in range(plan.rounds):
+        order = TLS_MODES if number % 2 == 0 else TLS_MODES[::-1]
+        seconds = await tls_round(d, origin, plan, certificates, order)
+        rounds.append(seconds)
+        rates = "  ".join(
+            f"{phase} {mode} {plan.region / TLS_PHASES[phase] / seconds[mode][phase]:,.0f}"
+            for phase in TLS_PHASES
+            for mode in TLS_MODES
+        )
+        progress(f"nbd tls round {number + 1}/{plan.rounds}: IOPS {rates}")
+    return rounds
+
+
+def _tls_figures(plan: Plan, rounds: list[dict[str, dict[str, float]]]) -> dict[str, Any]:
+    figures: dict[str, Any] = {"requests_in_flight": DEPTH, "bytes": plan.region}
+    for mode in TLS_MODES:
+        figures[mode] = {
+            phase: {
+                "iops": median([plan.region / request / r[mode][phase] for r in rounds]),
+                "mib_per_s": median([plan.region / (1 << 20) / r[mode][phase] for r in rounds]),
+                "round_iops": [plan.region / request / r[mode][phase] for r in rounds],
+            }
+            for phase, request in TLS_PHASES.items()
+        }
+    figures["tls_vs_plaintext"] = {
+        phase: ratio(figures["tls"][phase]["iops"], figures["plaintext"][phase]["iops"])
+        for phase in TLS_PHASES
+    }
+    return figures
+
+
+def _tls_table(plan: Plan, figures: dict[str, Any]) -> str:
+    rows = [
+        [
+            phase,
+            figures["plaintext"][phase]["iops"],
+            figures["tls"][phase]["iops"],
+            figures["plaintext"][phase]["mib_per_s"],
+            figures["tls"][phase]["mib_per_s"],
+            fmt_ratio(figures["tls_vs_plaintext"][phase]),
+        ]
+        for phase in TLS_PHASES
+    ]
+    notes = [
+        f"csnap-nbd --tls=on, plaintext and TLS clients side by side, median of"
+        f" {plan.rounds} rounds: nbdcopy, 1 connection, {DEPTH} requests in flight,"
+        f" {plan.region >> 20} MiB per run, Unix socket; writes rewrite the origin",
+    ]
+    headers = ["phase", "IOPS plain", "IOPS TLS", "MiB/s plain", "MiB/s TLS", "TLS/plain"]
+    return table(headers, rows, notes=notes)
+
+
 # -- the part --------------------------------------------------------------------
 
 
@@ -311,6 +444,13 @@ def nbd_part(directory: Path, *, quick: bool) -> Part:
                 else ""
             )
         )
+    tls_skip = missing_tools("nbdcopy", "openssl")
+    if tls_skip is not None:
+        skipped["csnap_tls"] = tls_skip
     notes += [f"skipped {s}: {why}" for s, why in skipped.items()]
     headers = ["phase", *(f"{LABELS[s]}" for s in SYSTEMS), "csnap/qcow2", "csnap/file"]
-    return Part(figures, table(headers, rows, notes=notes), skipped)
+    text = table(headers, rows, notes=notes)
+    if tls_skip is None:
+        figures["tls"] = _tls_figures(plan, trio.run(_tls_rounds, directory, plan))
+        text += "\n\n" + _tls_table(plan, figures["tls"])
+    return Part(figures, text, skipped)

@@ -12,6 +12,7 @@ import logging
 import signal
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import trio
 
@@ -20,6 +21,7 @@ from csnap_common import single_errors
 from csnap_common.cli import add_log_level, configure_logging, host_port_arg
 from csnap_nbd.server import GatewayConfig, GatewayStartError, serve
 from csnap_nbd.settings import Settings
+from csnap_nbd.tls import TlsConfigError, TlsMode, TlsPolicy, server_context
 
 __all__ = ["main", "run"]
 
@@ -38,15 +40,24 @@ examples:
   csnap-nbd --agent /run/csnap/agent.sock --unix /run/csnap/nbd.sock --read-only
   nbdinfo --list nbd://127.0.0.1:10809
   qemu-img convert -O raw nbd://127.0.0.1:10809/snap-3 snap-3.raw
+  csnap-nbd --server 127.0.0.1:7000 --listen 0.0.0.0:10809 --tls=require \\
+      --tls-certificates=/etc/csnap/nbd-pki
+  nbdinfo 'nbds://nbd1.example.com/snap-3?tls-certificates=/etc/csnap/nbd-client'
 
 Exports: "origin" (also the empty default name) and "snap-TAG" for each live
 snapshot. Without --listen or --unix, listens on 127.0.0.1:10809. Each
 listener is printed on stdout as "listening nbd://HOST:PORT" or
-"listening nbd+unix:///?socket=PATH" once connections are accepted.
-SIGTERM or SIGINT answer the requests in flight and exit 0.
+"listening nbd+unix:///?socket=PATH" (nbds with --tls=require) once
+connections are accepted. SIGTERM or SIGINT answer the requests in flight
+and exit 0.
+
+TLS: --tls-certificates=DIR holds ca-cert.pem, server-cert.pem and
+server-key.pem (scripts/nbd-certs DIR makes them). A TCP address outside
+loopback is refused without TLS unless --tls=off is given.
 
 exit status: 0 stopped cleanly, 2 bad arguments, 3 could not start (a file
-would not open, an address is in use).
+would not open, an address is in use, certificates would not load, no TLS
+outside loopback).
 """
 
 
@@ -85,8 +96,50 @@ def _parser() -> argparse.ArgumentParser:
         "--store", metavar="PATH", help="the snapshot store file (default: csnapd's)"
     )
     parser.add_argument("--origin", metavar="PATH", help="the origin file (default: csnapd's)")
+    parser.add_argument(
+        "--tls",
+        choices=[m.value for m in TlsMode],
+        help="off: no TLS; on: clients may upgrade with STARTTLS; require: only TLS"
+        " clients (the default with --tls-certificates; otherwise off, and only"
+        " loopback TCP addresses are allowed)",
+    )
+    parser.add_argument(
+        "--tls-certificates",
+        type=Path,
+        metavar="DIR",
+        help="directory with ca-cert.pem, server-cert.pem, server-key.pem",
+    )
+    parser.add_argument(
+        "--tls-verify-peer",
+        action="store_true",
+        help="clients must present a certificate signed by DIR/ca-cert.pem",
+    )
     add_log_level(parser)
     return parser
+
+
+def _tls_policy(parser: argparse.ArgumentParser, args: argparse.Namespace) -> TlsPolicy:
+    """The TLS options as one policy; contradictory ones are usage errors.
+
+    Raises:
+        TlsConfigError: the certificate directory cannot be used.
+    """
+    directory: Path | None = args.tls_certificates
+    if args.tls is None:
+        # Certificates alone mean TLS, and all of it: never plaintext by surprise.
+        mode = TlsMode.REQUIRE if directory is not None else TlsMode.OFF
+    else:
+        mode = TlsMode(args.tls)
+    if mode is TlsMode.OFF:
+        if directory is not None:
+            parser.error("--tls-certificates with --tls=off: choose one")
+        if args.tls_verify_peer:
+            parser.error("--tls-verify-peer needs TLS (--tls=on or --tls=require)")
+        return TlsPolicy(plaintext_anywhere=args.tls is not None)
+    if directory is None:
+        parser.error(f"--tls={mode.value} needs --tls-certificates=DIR")
+    context = server_context(directory, verify_peer=args.tls_verify_peer)
+    return TlsPolicy(mode, context)
 
 
 def _connectors(args: argparse.Namespace) -> tuple[Connector, Connector]:
@@ -103,8 +156,14 @@ def _connectors(args: argparse.Namespace) -> tuple[Connector, Connector]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the gateway; returns the exit status."""
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
     configure_logging(args.log_level)
+    try:
+        tls = _tls_policy(parser, args)
+    except TlsConfigError as exc:
+        log.error("%s", exc)
+        return EXIT_CANNOT_START
     connect, admin_connect = _connectors(args)
     tcp = args.listen or ([] if args.unix else [("127.0.0.1", NBD_PORT)])
     config = GatewayConfig(
@@ -115,6 +174,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings=Settings(read_only=args.read_only),
         origin=args.origin,
         store=args.store,
+        tls=tls,
     )
     try:
         with single_errors():

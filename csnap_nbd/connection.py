@@ -42,6 +42,11 @@ class Connection:
         self._send_lock = trio.Lock()
         self._sock = stream.socket if isinstance(stream, trio.SocketStream) else None
 
+    @property
+    def buffered(self) -> int:
+        """Bytes received from the peer that no read has taken yet."""
+        return len(self._buffer)
+
     async def _fill(self) -> None:
         data = await self.stream.receive_some(_RECEIVE)
         if not data:

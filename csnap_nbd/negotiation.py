@@ -4,6 +4,11 @@
 # Every option gets a reply, an unknown one NBD_REP_ERR_UNSUP, a malformed
 # one NBD_REP_ERR_INVALID; only broken framing (bad magic, unknown client
 # flags, an option too long to skip) ends the connection, as the spec asks.
+#
+# NBD_OPT_STARTTLS (docs/nbd.md, "TLS"): the ACK, then the TLS handshake,
+# then haggling starts again on the encrypted stream with nothing kept from
+# before. With --tls=require every other option but ABORT is refused with
+# NBD_REP_ERR_TLS_REQD until then.
 from __future__ import annotations
 
 import logging
@@ -20,6 +25,7 @@ from csnap_nbd.exports import (
     UnknownExportError,
 )
 from csnap_nbd.settings import Settings
+from csnap_nbd.tls import TlsMode, TlsPolicy, describe, start_tls
 from csnap_nbd.wire import NbdProtocolError, OptionDataError
 from csnap_nbd.wire import handshake as hs
 from csnap_nbd.wire.constants import ClientFlag, HandshakeFlag, Info, Option, Reply
@@ -45,6 +51,8 @@ class Negotiated:
     flags: TF
     structured: bool
     contexts: list[MetaContext]
+    #: The connection transmission runs on: the TLS one after STARTTLS.
+    conn: Connection
 
 
 def transmission_flags(settings: Settings, *, structured: bool) -> TF:
@@ -71,7 +79,11 @@ class _State:
     settings: Settings
     stack: AsyncExitStack
     stopping: Callable[[], bool]
+    tls: TlsPolicy
+    upgraded: Callable[[Connection], None]
     no_zeroes: bool = False
+    #: TLS is up: everything from here on is encrypted.
+    encrypted: bool = False
     structured: bool = False
     contexts: list[MetaContext] = field(default_factory=list)
     #: The export the contexts were selected for: GO on another drops them.
@@ -87,14 +99,24 @@ class _State:
         await self.conn.send(hs.error_reply(opt, reply, message))
 
 
+#: The policy of a gateway without TLS.
+_NO_TLS = TlsPolicy()
+
+
 async def negotiate(
     conn: Connection,
     exports: Exports,
     settings: Settings,
     stack: AsyncExitStack,
     stopping: Callable[[], bool] = lambda: False,
+    tls: TlsPolicy = _NO_TLS,
+    upgraded: Callable[[Connection], None] = lambda conn: None,
 ) -> Negotiated | None:
     """Run the handshake; the export (if any) stays open until `stack` closes.
+
+    After NBD_OPT_STARTTLS the handshake goes on over a new Connection on
+    the TLS stream; `upgraded` is told of it, and it is the one transmission
+    must use (Negotiated.conn).
 
     Returns None when the client aborted or asked for an export that cannot
     be served with EXPORT_NAME (which has no way to say no but closing).
@@ -102,39 +124,95 @@ async def negotiate(
     Raises:
         NbdProtocolError: framing the connection cannot recover from.
         PeerClosedError: the client went away.
+        TlsHandshakeError: the TLS handshake after STARTTLS failed.
     """
     await conn.send(hs.greeting(OFFERED))
     flags = hs.parse_client_flags(await conn.receive_exactly(hs.CLIENT_FLAGS.size), OFFERED)
-    state = _State(conn, exports, settings, stack, stopping)
+    state = _State(conn, exports, settings, stack, stopping, tls, upgraded)
     state.no_zeroes = bool(flags & ClientFlag.C_NO_ZEROES)
     while not state.done:
-        header = hs.parse_option_header(await conn.receive_exactly(hs.OPTION_HEADER.size))
-        handler = _HANDLERS.get(header.option)
-        if header.length > settings.max_option:
-            if header.length > settings.max_drain:
-                raise NbdProtocolError(f"option {header.option} with {header.length} bytes")
-            await conn.discard(header.length)
-            if handler is None:
-                await state.error(header.option, Reply.ERR_UNSUP, "unknown option")
-            else:
-                await state.error(header.option, Reply.ERR_TOO_BIG, "option data too long")
-            continue
-        data = await conn.receive_exactly(header.length)
-        if stopping() and header.option != Option.ABORT:
-            if header.option == Option.EXPORT_NAME:
-                return None
-            await state.error(header.option, Reply.ERR_SHUTDOWN, "the gateway is shutting down")
-            continue
-        if handler is None:
-            await state.error(header.option, Reply.ERR_UNSUP, f"option {header.option} unknown")
-            continue
-        try:
-            await handler(state, header.option, data)
-        except OptionDataError as exc:
-            if header.option == Option.EXPORT_NAME:
-                return None  # no error reply exists for it
-            await state.error(header.option, Reply.ERR_INVALID, str(exc))
+        header = hs.parse_option_header(await state.conn.receive_exactly(hs.OPTION_HEADER.size))
+        if not await _option(state, header):
+            return None
     return state.result
+
+
+async def _option(state: _State, header: hs.OptionHeader) -> bool:
+    """Read one option's data and answer it; False when the only answer is
+    to close (NBD_OPT_EXPORT_NAME has no error reply)."""
+    opt, settings = header.option, state.settings
+    handler = _HANDLERS.get(opt)
+    # FORCEDTLS in the specification's words: before TLS is up only
+    # STARTTLS and ABORT are answered, whatever the option.
+    refused = _tls_required(state, opt)
+    if header.length > settings.max_option:
+        if header.length > settings.max_drain:
+            raise NbdProtocolError(f"option {opt} with {header.length} bytes")
+        await state.conn.discard(header.length)
+        if refused:
+            await state.error(opt, Reply.ERR_TLS_REQD, _TLS_REQUIRED)
+        elif handler is None:
+            await state.error(opt, Reply.ERR_UNSUP, "unknown option")
+        else:
+            await state.error(opt, Reply.ERR_TOO_BIG, "option data too long")
+        return True
+    data = await state.conn.receive_exactly(header.length)
+    if state.stopping() and opt != Option.ABORT:
+        if opt == Option.EXPORT_NAME:
+            return False
+        await state.error(opt, Reply.ERR_SHUTDOWN, "the gateway is shutting down")
+        return True
+    if refused:
+        if opt == Option.EXPORT_NAME:
+            log.info("NBD_OPT_EXPORT_NAME before TLS, which is required; closing")
+            return False
+        await state.error(opt, Reply.ERR_TLS_REQD, _TLS_REQUIRED)
+        return True
+    if handler is None:
+        await state.error(opt, Reply.ERR_UNSUP, f"option {opt} unknown")
+        return True
+    try:
+        await handler(state, opt, data)
+    except OptionDataError as exc:
+        if opt == Option.EXPORT_NAME:
+            return False
+        await state.error(opt, Reply.ERR_INVALID, str(exc))
+    return True
+
+
+_TLS_REQUIRED = "TLS is required: send NBD_OPT_STARTTLS first"
+
+
+def _tls_required(state: _State, opt: int) -> bool:
+    return (
+        state.tls.mode is TlsMode.REQUIRE
+        and not state.encrypted
+        and opt not in (Option.STARTTLS, Option.ABORT)
+    )
+
+
+async def _starttls(state: _State, opt: int, data: bytes) -> None:
+    """NBD_OPT_STARTTLS: ACK, handshake, then negotiation starts over encrypted."""
+    if state.tls.context is None:
+        await state.error(opt, Reply.ERR_UNSUP, "TLS is not enabled on this gateway (--tls=off)")
+        return
+    if data:
+        raise OptionDataError("NBD_OPT_STARTTLS carries no data")
+    if state.encrypted:
+        raise OptionDataError("TLS is already running on this connection")
+    if state.conn.buffered:
+        # The client must wait for the ACK before its TLS handshake; bytes
+        # already sent could only be lost to the TLS layer.
+        raise NbdProtocolError("data sent after NBD_OPT_STARTTLS before its reply")
+    await state.reply(opt, Reply.ACK)
+    stream = await start_tls(state.conn.stream, state.tls.context)
+    state.conn = Connection(stream)
+    state.encrypted = True
+    state.upgraded(state.conn)
+    # The specification: nothing negotiated before STARTTLS is kept.
+    state.structured = False
+    state.contexts, state.contexts_for = [], None
+    log.debug("TLS up: %s", describe(stream))
 
 
 async def _abort(state: _State, opt: int, data: bytes) -> None:
@@ -221,7 +299,7 @@ async def _export_name(state: _State, opt: int, data: bytes) -> None:
 
 def _finish(state: _State, export: ExportInfo, path: DataPath, flags: TF) -> None:
     contexts = state.contexts if state.contexts_for == export.name else []
-    state.result = Negotiated(export, path, flags, state.structured, contexts)
+    state.result = Negotiated(export, path, flags, state.structured, contexts, state.conn)
     state.done = True
 
 
@@ -252,6 +330,7 @@ _HANDLERS: dict[int, Callable[[_State, int, bytes], Awaitable[None]]] = {
     Option.EXPORT_NAME: _export_name,
     Option.ABORT: _abort,
     Option.LIST: _list,
+    Option.STARTTLS: _starttls,
     Option.INFO: _info,
     Option.GO: _info,
     Option.STRUCTURED_REPLY: _structured,

@@ -6,8 +6,12 @@
 # dropped, connections in transmission answer what they already took and
 # close; after a grace period whatever is left is cancelled. Export clients
 # close last, so no grant is left open behind a write.
+#
+# TLS (docs/nbd.md, "TLS"): one policy for every listener; a TCP listener
+# outside loopback is refused without TLS unless --tls=off says so.
 from __future__ import annotations
 
+import contextlib
 import errno
 import itertools
 import logging
@@ -29,6 +33,14 @@ from csnap_nbd.connection import Connection, PeerClosedError, set_nodelay
 from csnap_nbd.exports import Exports, Geometry
 from csnap_nbd.negotiation import negotiate
 from csnap_nbd.settings import Settings
+from csnap_nbd.tls import (
+    CERTIFICATES_HINT,
+    TlsHandshakeError,
+    TlsMode,
+    TlsPolicy,
+    describe,
+    is_loopback,
+)
 from csnap_nbd.wire import NbdProtocolError
 
 __all__ = ["GatewayConfig", "serve", "discover", "GatewayStartError"]
@@ -39,6 +51,8 @@ log = logging.getLogger("csnap.nbd")
 STOP_GRACE = 10.0
 #: How long one attempt to reach csnapd at start may take.
 DISCOVER_TIMEOUT = 30.0
+#: How long closing a TLS connection may wait to send its close_notify.
+TLS_CLOSE_TIMEOUT = 1.0
 
 
 class GatewayStartError(Exception):
@@ -55,13 +69,32 @@ class GatewayConfig:
     #: Override the file paths csnapd reports (e.g. when it runs elsewhere).
     origin: str | None = None
     store: str | None = None
+    tls: TlsPolicy = field(default_factory=TlsPolicy)
 
 
 @dataclass
 class _Conn:
     number: int
+    #: The connection's stream: the TLS one once STARTTLS succeeded.
+    conn: Connection
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     transmission: Transmission | None = None
+    encrypted: bool = False
+
+    def upgraded(self, conn: Connection) -> None:
+        self.conn = conn
+        self.encrypted = True
+
+    async def close(self) -> None:
+        """Close the connection: TLS says goodbye first (close_notify), briefly."""
+        if self.encrypted:
+            # A peer already gone has nothing to be told goodbye.
+            with (
+                trio.move_on_after(TLS_CLOSE_TIMEOUT),
+                contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError),
+            ):
+                await self.conn.stream.aclose()
+        await self.conn.aclose()
 
 
 async def discover(admin_connect: Connector) -> tuple[Geometry, str, str]:
@@ -82,9 +115,10 @@ async def discover(admin_connect: Connector) -> tuple[Geometry, str, str]:
 
 
 class _Gateway:
-    def __init__(self, exports: Exports, settings: Settings):
+    def __init__(self, exports: Exports, settings: Settings, tls: TlsPolicy):
         self.exports = exports
         self.settings = settings
+        self.tls = tls
         self.stopping = False
         self._conns: dict[int, _Conn] = {}
         self._numbers = itertools.count(1)
@@ -105,17 +139,18 @@ class _Gateway:
 
     async def connection(self, stream: trio.SocketStream) -> None:
         set_nodelay(stream)
-        conn = Connection(stream)
-        entry = _Conn(next(self._numbers))
+        entry = _Conn(next(self._numbers), Connection(stream))
         self._conns[entry.number] = entry
         self.idle = trio.Event()
         try:
             with entry.scope:
-                await self._serve(conn, entry)
+                await self._serve(entry)
         except (PeerClosedError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             log.debug("connection %d: closed (%s)", entry.number, exc)
         except NbdProtocolError as exc:
             log.info("connection %d: protocol violation, closing: %s", entry.number, exc)
+        except TlsHandshakeError as exc:
+            log.info("connection %d: %s; closing", entry.number, exc)
         except Exception:
             # One connection's bug must not take the gateway and every
             # other connection down with it.
@@ -123,24 +158,32 @@ class _Gateway:
         finally:
             del self._conns[entry.number]
             with trio.CancelScope(shield=True):
-                await conn.aclose()
+                await entry.close()
             if not self._conns:
                 self.idle.set()
 
-    async def _serve(self, conn: Connection, entry: _Conn) -> None:
+    async def _serve(self, entry: _Conn) -> None:
         async with AsyncExitStack() as stack:
             negotiated = None
             with trio.move_on_after(self.settings.handshake_timeout) as deadline:
                 negotiated = await negotiate(
-                    conn, self.exports, self.settings, stack, lambda: self.stopping
+                    entry.conn,
+                    self.exports,
+                    self.settings,
+                    stack,
+                    lambda: self.stopping,
+                    self.tls,
+                    entry.upgraded,
                 )
             if deadline.cancelled_caught:
                 log.info("connection %d: no export chosen in time; closing", entry.number)
             if negotiated is None:
                 return
-            log.info("connection %d: serving %s", entry.number, negotiated.export.name)
+            stream = entry.conn.stream
+            over = f" over TLS ({describe(stream)})" if isinstance(stream, trio.SSLStream) else ""
+            log.info("connection %d: serving %s%s", entry.number, negotiated.export.name, over)
             transmission = entry.transmission = Transmission(
-                conn, negotiated, self.exports, self.settings
+                negotiated.conn, negotiated, self.exports, self.settings
             )
             if self.stopping:
                 transmission.stop()
@@ -197,6 +240,7 @@ async def _listeners(
     """Open every listener; Unix socket paths made are added to `created`."""
     listeners: list[trio.SocketListener] = []
     urls: list[str] = []
+    scheme = config.tls.scheme
     try:
         for host, port in config.tcp:
             try:
@@ -208,16 +252,40 @@ async def _listeners(
             listeners.extend(opened)
             for listener in opened:
                 bound_host, bound_port = listener.socket.getsockname()[:2]
-                urls.append(f"nbd://{_url_host(bound_host)}:{bound_port}")
+                urls.append(f"{scheme}://{_url_host(bound_host)}:{bound_port}")
         for path in config.unix:
             listeners.append(await _unix_listener(path))
             created.append(path)
-            urls.append(f"nbd+unix:///?socket={quote(path, safe='/@')}")
+            urls.append(f"{scheme}+unix:///?socket={quote(path, safe='/@')}")
     except BaseException:
         for listener in listeners:
             listener.socket.close()
         raise
     return listeners, urls
+
+
+async def _refuse_plaintext_outside_loopback(config: GatewayConfig) -> None:
+    """Without TLS, only loopback TCP addresses, unless --tls=off was explicit.
+
+    Checked before csnapd is looked for, so a wrong command line fails at once.
+    """
+    if config.tls.mode is not TlsMode.OFF or config.tls.plaintext_anywhere:
+        return
+    for host, port in config.tcp:
+        try:
+            found = await trio.socket.getaddrinfo(
+                host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+            )
+        except OSError as exc:
+            raise GatewayStartError(f"cannot resolve {host}: {exc.strerror or exc}") from exc
+        outside = sorted({str(a[4][0]) for a in found if not is_loopback(str(a[4][0]))})
+        if outside:
+            raise GatewayStartError(
+                f"refusing to serve NBD without TLS on {host}:{port}, which reaches beyond"
+                f" this machine ({', '.join(outside)}). Give --tls=require"
+                f" --tls-certificates=DIR, where {CERTIFICATES_HINT}; or --tls=off to"
+                " serve in the clear anyway"
+            )
 
 
 def _open_backing(config: GatewayConfig, store: str, origin: str, geometry: Geometry) -> Backing:
@@ -260,12 +328,13 @@ async def serve(
 async def _serve(
     config: GatewayConfig, stop: trio.Event, task_status: trio.TaskStatus[list[str]]
 ) -> None:
+    await _refuse_plaintext_outside_loopback(config)
     geometry, store, origin = await discover(config.admin_connect)
     backing = _open_backing(config, store, origin, geometry)
     created: list[str] = []
     try:
         exports = Exports(config.connect, config.admin_connect, geometry, backing)
-        gateway = _Gateway(exports, config.settings)
+        gateway = _Gateway(exports, config.settings, config.tls)
         async with trio.open_nursery() as top:
             await top.start(exports.run)
             listeners, urls = await _listeners(config, created)

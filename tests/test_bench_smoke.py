@@ -148,6 +148,14 @@ def check_nbd_part(part: dict[str, Any]) -> None:
             assert len(part[system]["round_iops"][phase]) == part["rounds"]
     # Each first write after a snapshot copies exactly one 64 KiB chunk.
     assert part["csnap"]["copied_bytes_per_first_write"] == part["chunk_bytes"]
+    # NBD with and without TLS, side by side on one gateway.
+    assert "csnap_tls" not in skipped, skipped
+    tls = part["tls"]
+    for mode in ("plaintext", "tls"):
+        for phase in ("read_4k", "write_4k", "read_256k"):
+            assert tls[mode][phase]["iops"] > 0, (mode, phase)
+            assert len(tls[mode][phase]["round_iops"]) == part["rounds"]
+    assert all(r is not None and r > 0 for r in tls["tls_vs_plaintext"].values())
     for peer in ("qcow2", "file"):
         if peer not in skipped:
             assert all(r is not None and r > 0 for r in part["ratios"][peer].values())

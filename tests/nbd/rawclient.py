@@ -9,6 +9,7 @@ from __future__ import annotations
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Self
 
 import trio
 
@@ -46,32 +47,35 @@ class Answer:
 class RawClient:
     def __init__(self, stream: trio.SocketStream):
         self.stream = stream
+        #: What the bytes go through: the socket, or TLS over it once a
+        #: test has started TLS (tests/nbd/test_tls.py).
+        self.channel: trio.abc.Stream = stream
         self._buffer = bytearray()
         self.structured = False
 
     @classmethod
-    async def unix(cls, path: Path) -> RawClient:
+    async def unix(cls, path: Path) -> Self:
         sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         with trio.fail_after(WAIT):
             await sock.connect(str(path))
         return cls(trio.SocketStream(sock))
 
     @classmethod
-    async def tcp(cls, port: int) -> RawClient:
+    async def tcp(cls, port: int) -> Self:
         with trio.fail_after(WAIT):
             return cls(await trio.open_tcp_stream("127.0.0.1", port))
 
     async def aclose(self) -> None:
-        await self.stream.aclose()
+        await self.channel.aclose()
 
     async def send(self, data: bytes) -> None:
         with trio.fail_after(WAIT):
-            await self.stream.send_all(data)
+            await self.channel.send_all(data)
 
     async def receive(self, size: int) -> bytes:
         with trio.fail_after(WAIT):
             while len(self._buffer) < size:
-                data = await self.stream.receive_some(1 << 16)
+                data = await self.channel.receive_some(1 << 16)
                 if not data:
                     raise EOFError(f"closed with {len(self._buffer)} of {size} bytes read")
                 self._buffer += data
@@ -85,13 +89,13 @@ class RawClient:
         try:
             with trio.fail_after(WAIT):
                 while True:
-                    data = await self.stream.receive_some(1 << 16)
+                    data = await self.channel.receive_some(1 << 16)
                     if not data:
                         return True
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             return True
         finally:
-            await trio.aclose_forcefully(self.stream)
+            await trio.aclose_forcefully(self.channel)
 
     # -- handshake -------------------------------------------------------------
 

@@ -74,7 +74,7 @@ class Gateway:
     csnapd_port: int
     nbd: Daemon
     nbd_log: Path
-    #: nbd://127.0.0.1:PORT
+    #: nbd://127.0.0.1:PORT (nbds:// with --tls=require)
     tcp: str
     #: The gateway's Unix socket.
     socket: Path
@@ -189,7 +189,7 @@ async def gateway(
             *extra,
             server=f"127.0.0.1:{port}",
         )
-        tcp = next(u for u in urls if u.startswith("nbd://"))
+        tcp = next(u for u in urls if u.startswith(("nbd://", "nbds://")))
         running = Gateway(
             directory, store, origin, csnapd, port, nbd, directory / "nbd.log", tcp, socket_path
         )
