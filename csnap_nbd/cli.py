@@ -18,6 +18,7 @@ import trio
 from csnap_client import Connector, tcp_connector
 from csnap_common import single_errors
 from csnap_common.cli import add_log_level, configure_logging, host_port_arg
+from csnap_common.systemd import keep_watchdog_fed, notify_ready, notify_status, notify_stopping
 from csnap_nbd.server import GatewayConfig, GatewayStartError, serve
 from csnap_nbd.settings import Settings
 
@@ -104,7 +105,7 @@ def _connectors(args: argparse.Namespace) -> tuple[Connector, Connector]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the gateway; returns the exit status."""
     args = _parser().parse_args(argv)
-    configure_logging(args.log_level)
+    configure_logging(args.log_level, args.log_format, service="csnap-nbd")
     connect, admin_connect = _connectors(args)
     tcp = args.listen or ([] if args.unix else [("127.0.0.1", NBD_PORT)])
     config = GatewayConfig(
@@ -136,19 +137,30 @@ async def _main(config: GatewayConfig) -> None:
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as received:
                 async for signum in received:
                     log.info("%s: shutting down", signal.Signals(signum).name)
+                    notify_stopping()
                     stop.set()
                     if not serving:
                         nursery.cancel_scope.cancel()
                     return
 
+        async def serve_then_stop(task_status: trio.TaskStatus[list[str]]) -> None:
+            await serve(config, stop=stop, task_status=task_status)
+            nursery.cancel_scope.cancel()  # the watchdog's pings end with it
+
         nursery.start_soon(signals)
-        urls = await nursery.start(
-            lambda task_status: serve(config, stop=stop, task_status=task_status)
-        )
+        nursery.start_soon(keep_watchdog_fed, trio.sleep)
+        notify_status("looking for csnapd")
+        urls = await nursery.start(serve_then_stop)
         serving = True
         for url in urls:
             print(f"listening {url}")
         sys.stdout.flush()
+        log.info(
+            "listening on %s",
+            ", ".join(urls),
+            extra={"event": "gateway.listening", "address": " ".join(urls)},
+        )
+        notify_ready("serving on " + ", ".join(urls))
         await stop.wait()
 
 
