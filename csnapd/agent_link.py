@@ -138,7 +138,12 @@ class AgentLink:
                         log.info(
                             "registered with agent %s",
                             self.path,
-                            extra={"event": "server.registered", "agent": self.path},
+                            extra={
+                                "event": "server.registered",
+                                "address": self.address,
+                                "store": self.store,
+                                "agent": self.path,
+                            },
                         )
                         if not self._active:
                             notify_ready(f"standby on {self.address}: registered with {self.path}")

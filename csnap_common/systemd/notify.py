@@ -38,9 +38,7 @@ def _socket_address(target: str) -> str | None:
     return None  # vsock: and other transports csnap is never started with
 
 
-def notify(
-    *assignments: str, environ: Mapping[str, str] | None = None, wait: bool = True
-) -> bool:
+def notify(*assignments: str, environ: Mapping[str, str] | None = None, wait: bool = True) -> bool:
     """Send "KEY=value" assignments to the service manager; whether it was sent.
 
     With `wait` false, a manager whose queue is full is not waited for.
