@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from types import TracebackType
 
 from csnap_common.addresses import AddressError, split_host_port
 from csnap_common.logs import TEXT_FORMAT, JsonFormatter
@@ -45,10 +46,30 @@ def add_log_level(parser: argparse.ArgumentParser) -> None:
 
 
 def configure_logging(level: str, log_format: str = "text", *, service: str = "csnap") -> None:
-    """Log lines on stderr: text (time, logger, level, message) or JSON objects."""
+    """Log lines on stderr: text (time, logger, level, message) or JSON objects.
+
+    In JSON, Python's warnings and an uncaught exception's traceback are log
+    records too, so that stderr holds nothing but JSON lines.
+    """
     handler = logging.StreamHandler(sys.stderr)
     if log_format == "json":
         handler.setFormatter(JsonFormatter(service))
+        logging.captureWarnings(True)
+        sys.excepthook = _log_uncaught
     else:
         handler.setFormatter(logging.Formatter(TEXT_FORMAT))
     logging.basicConfig(level=getattr(logging, level.upper()), handlers=[handler])
+
+
+def _log_uncaught(
+    kind: type[BaseException], value: BaseException, traceback: TracebackType | None
+) -> None:
+    if issubclass(kind, KeyboardInterrupt):
+        sys.__excepthook__(kind, value, traceback)
+        return
+    logging.getLogger("csnap").critical(
+        "stopped by an unexpected error: %s",
+        value,
+        exc_info=(kind, value, traceback),
+        extra={"event": "service.crashed"},
+    )

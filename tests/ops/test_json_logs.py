@@ -7,8 +7,11 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import subprocess
+import sys
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -143,3 +146,30 @@ def test_the_docs_list_every_field_and_every_event() -> None:
         for path in (ROOT / package).rglob("*.py"):
             in_code |= set(re.findall(r'"event": "([\w.]+)"', path.read_text()))
     assert in_code == set(documented_events())
+
+
+CRASH = """
+import warnings
+from csnap_common.cli import configure_logging
+configure_logging("info", "json", service="csnapd")
+warnings.warn("a deprecated thing")
+raise RuntimeError("boom")
+"""
+
+
+def test_warnings_and_an_uncaught_error_are_json_lines_too() -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", CRASH],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert result.returncode == 1
+    warning, crash = (json.loads(line) for line in result.stderr.splitlines())
+    for record in (warning, crash):
+        check_record(record, "csnapd")
+    assert warning["level"] == "warning" and "a deprecated thing" in warning["message"]
+    assert crash["event"] == "service.crashed" and crash["level"] == "critical"
+    assert crash["error"].splitlines()[-1] == "RuntimeError: boom"
