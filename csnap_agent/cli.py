@@ -130,9 +130,10 @@ def activated_listener() -> tuple[socket.socket, str] | None:
     ):
         for sock in sockets:
             sock.close()
+        kinds = ", ".join(f"{sock.family.name}/{sock.type.name}" for sock in sockets)
         raise AgentSocketError(
-            f"socket activation passed {len(sockets)} sockets; the agent takes one"
-            " Unix stream socket (ListenStream=)"
+            f"socket activation passed {kinds}; the agent takes one Unix stream socket"
+            " (ListenStream=)"
         )
     name = sockets[0].getsockname()
     path = "@" + name[1:].decode(errors="replace") if isinstance(name, bytes) else str(name)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import uuid
@@ -189,6 +190,40 @@ async def test_the_agent_serves_the_socket_systemd_passes_it(tmp_path: Path) -> 
                 if process.returncode is None:
                     process.kill()
                 await process.wait()
+
+
+async def test_the_agent_refuses_sockets_it_cannot_serve(tmp_path: Path) -> None:
+    """Passed a TCP socket besides the Unix one, the agent says so and exits 3."""
+    activate = shutil.which("systemd-socket-activate")
+    assert activate, "systemd-socket-activate is missing: scripts/test installs systemd"
+    with socket.socket() as probe:  # a free port for the TCP socket
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    sock = tmp_path / "agent.sock"
+    argv = [activate, "--listen", f"127.0.0.1:{port}", "--listen", str(sock)]
+    argv += ["--setenv", f"PYTHONPATH={ROOT}", sys.executable, "-m", "csnap_agent"]
+    with (tmp_path / "agent.log").open("wb") as err:
+        process = await trio.lowlevel.open_process(argv, stderr=err)
+    try:
+
+        async def socket_exists() -> bool:
+            return sock.exists()
+
+        with trio.fail_after(LIMIT):
+            await poll(socket_exists)
+        answer = await csnap(sock, "server")  # starts the agent, which refuses to run
+        assert answer.returncode == 4
+        with trio.fail_after(LIMIT):
+            assert await process.wait() == 3
+        assert (
+            "socket activation passed AF_INET/SOCK_STREAM, AF_UNIX/SOCK_STREAM; the agent"
+            " takes one Unix stream socket" in (tmp_path / "agent.log").read_text()
+        )
+    finally:
+        with trio.CancelScope(shield=True):
+            if process.returncode is None:
+                process.kill()
+            await process.wait()
 
 
 def test_watchdog_pings_only_for_the_process_it_is_meant_for() -> None:
