@@ -278,14 +278,30 @@ class Agent:
         for registration in [r for r in self.servers if r.peer is peer]:
             self.servers.remove(registration)
             if registration is self.active:
-                log.warning("the active server at %s went away", registration.candidate.address)
+                log.warning(
+                    "the active server at %s went away",
+                    registration.candidate.address,
+                    extra={
+                        "event": "server.lost",
+                        "address": registration.candidate.address,
+                        "store": registration.candidate.store,
+                    },
+                )
                 self.active = None
                 self._changed()
                 await self._drop_relay()
                 await self.coordinator.resign(registration.candidate)
                 self._nursery.start_soon(self._elect)
             else:
-                log.info("standby server at %s went away", registration.candidate.address)
+                log.info(
+                    "standby server at %s went away",
+                    registration.candidate.address,
+                    extra={
+                        "event": "server.gone",
+                        "address": registration.candidate.address,
+                        "store": registration.candidate.store,
+                    },
+                )
 
     def _changed(self) -> None:
         self._active_changed.set()
@@ -318,6 +334,11 @@ class Agent:
             candidate.address,
             "serving" if candidate.serving else "standby",
             candidate.store,
+            extra={
+                "event": "server.registered",
+                "address": candidate.address,
+                "store": candidate.store,
+            },
         )
         await self._answer(peer, Ok(message.id))
         self._nursery.start_soon(self._elect)
@@ -345,7 +366,11 @@ class Agent:
         send, receive = trio.open_memory_channel[Message](1)
         peer.answers[request] = send
         address = registration.candidate.address
-        log.info("starting the server at %s", address)
+        log.info(
+            "starting the server at %s",
+            address,
+            extra={"event": "server.starting", "address": address, "request": request},
+        )
         await peer.send(StartServer(request))
         answer: Message | None = None
         async with receive:
@@ -357,12 +382,25 @@ class Agent:
             log.warning("the server at %s went away while starting", address)
             return
         if isinstance(answer, Error):
-            log.error("the server at %s could not start: %s", address, answer.message)
+            log.error(
+                "the server at %s could not start: %s",
+                address,
+                answer.message,
+                extra={"event": "server.start_failed", "address": address, "request": request},
+            )
             return
         registration.active = True
         registration.since_ns = time.time_ns()
         self.active = registration
-        log.info("the server at %s is active", address)
+        log.info(
+            "the server at %s is active",
+            address,
+            extra={
+                "event": "server.active",
+                "address": address,
+                "store": registration.candidate.store,
+            },
+        )
         self._changed()
 
     # -- clients and administrators ----------------------------------------------

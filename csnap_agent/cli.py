@@ -3,7 +3,8 @@
 # The first line of stdout is "listening unix:PATH" once peers can connect;
 # logs go to stderr. SIGTERM and SIGINT close the socket (removing its file)
 # and exit 0; registered servers keep running and register again with the
-# next agent.
+# next agent. Under socket activation the service manager's socket is used
+# instead of --socket, and left in place on exit.
 from __future__ import annotations
 
 import argparse
@@ -23,6 +24,13 @@ from csnap_agent.agent import Agent
 from csnap_client import DEFAULT_AGENT
 from csnap_common import unix_address
 from csnap_common.cli import add_log_level, configure_logging
+from csnap_common.systemd import (
+    ActivationError,
+    keep_watchdog_fed,
+    listen_sockets,
+    notify_ready,
+    notify_stopping,
+)
 
 __all__ = ["main", "run", "open_agent_listener", "AgentSocketError"]
 
@@ -41,7 +49,8 @@ examples:
 
 A socket name starting with @ is in Linux's abstract namespace (no file).
 Only processes of the agent's own user, and root, may use it; a socket file
-is created with mode 0600.
+is created with mode 0600. Started by systemd socket activation
+($LISTEN_FDS), the agent serves on the one socket it is passed instead.
 
 exit status: 0 stopped cleanly, 2 bad arguments, 3 the socket could not be
 created (in use by a running agent, or no permission).
@@ -104,21 +113,54 @@ def open_agent_listener(path: str) -> socket.socket:
     return sock
 
 
+def activated_listener() -> tuple[socket.socket, str] | None:
+    """The socket the service manager passed, with its name; None if not activated.
+
+    Raises:
+        AgentSocketError: it passed something else than one Unix stream socket.
+    """
+    try:
+        sockets = listen_sockets()
+    except ActivationError as exc:
+        raise AgentSocketError(str(exc)) from exc
+    if not sockets:
+        return None
+    if len(sockets) != 1 or any(
+        sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM for sock in sockets
+    ):
+        for sock in sockets:
+            sock.close()
+        kinds = ", ".join(f"{sock.family.name}/{sock.type.name}" for sock in sockets)
+        raise AgentSocketError(
+            f"socket activation passed {kinds}; the agent takes one Unix stream socket"
+            " (ListenStream=)"
+        )
+    name = sockets[0].getsockname()
+    path = "@" + name[1:].decode(errors="replace") if isinstance(name, bytes) else str(name)
+    return sockets[0], path
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the agent; returns the exit status."""
     args = _parser().parse_args(argv)
-    configure_logging(args.log_level)
+    configure_logging(args.log_level, args.log_format, service="csnap-agent")
     try:
-        listener = open_agent_listener(args.socket)
+        activated = activated_listener()
+        if activated is not None:
+            listener, path = activated
+            log.info("using the socket %s passed by the service manager", path)
+        else:
+            listener, path = open_agent_listener(args.socket), args.socket
     except AgentSocketError as exc:
         log.error("%s", exc)
         return EXIT_CANNOT_START
     try:
-        trio.run(_main, listener, args.socket)
+        trio.run(_main, listener, path)
     finally:
-        if not args.socket.startswith("@"):
+        # A passed socket belongs to the service manager: it stays for the next start.
+        if activated is None and not path.startswith("@"):
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(args.socket)
+                os.unlink(path)
     return EXIT_OK
 
 
@@ -127,11 +169,15 @@ async def _main(sock: socket.socket, path: str) -> None:
     agent = Agent()
     async with trio.open_nursery() as nursery:
         await nursery.start(agent.serve, listener)
-        log.info("listening on %s", path)
-        print(f"listening unix:{path}", flush=True)
+        nursery.start_soon(keep_watchdog_fed, trio.sleep)
+        # Signals are ours before anyone is told the agent is up.
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            log.info("listening on %s", path, extra={"event": "agent.listening", "address": path})
+            print(f"listening unix:{path}", flush=True)
+            notify_ready(f"listening on {path}")
             async for signum in signals:
                 log.info("%s: stopping", signal.Signals(signum).name)
+                notify_stopping()
                 break
         await listener.aclose()
         nursery.cancel_scope.cancel()

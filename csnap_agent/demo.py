@@ -257,18 +257,28 @@ async def _forward(name: str, stream: trio.abc.ReceiveStream) -> None:
 
 
 async def _supervise(children: list[Child]) -> int:
-    """Wait until a child exits on its own (returns 1); signals cancel this wait."""
+    """Wait until a child exits on its own; signals cancel this wait.
+
+    Returns 0 when it was csnapd stopping cleanly (an administrator's
+    `csnap shutdown`), 1 for any other exit.
+    """
+    status = 1
     async with trio.open_nursery() as nursery:
 
         async def watch(child: Child) -> None:
+            nonlocal status
             code = await child.process.wait()
             child.stopped = True
-            log.error("%s exited on its own (status %d); stopping the rest", child.name, code)
+            if child.name == "csnapd" and code == 0:
+                status = 0
+                log.info("csnapd was shut down (csnap shutdown); stopping the rest")
+            else:
+                log.error("%s exited on its own (status %d); stopping the rest", child.name, code)
             nursery.cancel_scope.cancel()
 
         for child in children:
             nursery.start_soon(watch, child)
-    return 1
+    return status
 
 
 def _banner(

@@ -1,17 +1,20 @@
 # What every csnap command line shares: argparse types for sizes and
-# addresses, the --log-level option, and one log format on stderr.
+# addresses, the --log-level and --log-format options, and logs on stderr.
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
+from types import TracebackType
 
 from csnap_common.addresses import AddressError, split_host_port
+from csnap_common.logs import TEXT_FORMAT, JsonFormatter
 from csnap_common.sizes import SizeError, parse_size
 
 __all__ = ["size_arg", "host_port_arg", "add_log_level", "configure_logging"]
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("text", "json")
 
 
 def size_arg(text: str) -> int:
@@ -31,13 +34,42 @@ def host_port_arg(text: str) -> tuple[str, int]:
 
 
 def add_log_level(parser: argparse.ArgumentParser) -> None:
+    """--log-level and --log-format, as every service takes them."""
     parser.add_argument("--log-level", default="info", choices=LOG_LEVELS, help="default info")
+    parser.add_argument(
+        "--log-format",
+        default="text",
+        choices=LOG_FORMATS,
+        help="text lines (the default), or one JSON object per line"
+        " (fields in docs/operations.md, Logs)",
+    )
 
 
-def configure_logging(level: str) -> None:
-    """Log lines on stderr: time, logger, level, message."""
-    logging.basicConfig(
-        level=getattr(logging, level.upper()),
-        format="%(asctime)s %(name)s %(levelname)s %(message)s",
-        stream=sys.stderr,
+def configure_logging(level: str, log_format: str = "text", *, service: str = "csnap") -> None:
+    """Log lines on stderr: text (time, logger, level, message) or JSON objects.
+
+    In JSON, Python's warnings and an uncaught exception's traceback are log
+    records too, so that stderr holds nothing but JSON lines.
+    """
+    handler = logging.StreamHandler(sys.stderr)
+    if log_format == "json":
+        handler.setFormatter(JsonFormatter(service))
+        logging.captureWarnings(True)
+        sys.excepthook = _log_uncaught
+    else:
+        handler.setFormatter(logging.Formatter(TEXT_FORMAT))
+    logging.basicConfig(level=getattr(logging, level.upper()), handlers=[handler])
+
+
+def _log_uncaught(
+    kind: type[BaseException], value: BaseException, traceback: TracebackType | None
+) -> None:
+    if issubclass(kind, KeyboardInterrupt):
+        sys.__excepthook__(kind, value, traceback)
+        return
+    logging.getLogger("csnap").critical(
+        "stopped by an unexpected error: %s",
+        value,
+        exc_info=(kind, value, traceback),
+        extra={"event": "service.crashed"},
     )

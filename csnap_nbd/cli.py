@@ -19,6 +19,7 @@ import trio
 from csnap_client import Connector, tcp_connector
 from csnap_common import single_errors
 from csnap_common.cli import add_log_level, configure_logging, host_port_arg
+from csnap_common.systemd import keep_watchdog_fed, notify_ready, notify_status, notify_stopping
 from csnap_nbd.server import GatewayConfig, GatewayStartError, serve
 from csnap_nbd.settings import Settings
 from csnap_nbd.tls import TlsConfigError, TlsMode, TlsPolicy, server_context
@@ -158,7 +159,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the gateway; returns the exit status."""
     parser = _parser()
     args = parser.parse_args(argv)
-    configure_logging(args.log_level)
+    configure_logging(args.log_level, args.log_format, service="csnap-nbd")
     try:
         tls = _tls_policy(parser, args)
     except TlsConfigError as exc:
@@ -196,19 +197,30 @@ async def _main(config: GatewayConfig) -> None:
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as received:
                 async for signum in received:
                     log.info("%s: shutting down", signal.Signals(signum).name)
+                    notify_stopping()
                     stop.set()
                     if not serving:
                         nursery.cancel_scope.cancel()
                     return
 
+        async def serve_then_stop(task_status: trio.TaskStatus[list[str]]) -> None:
+            await serve(config, stop=stop, task_status=task_status)
+            nursery.cancel_scope.cancel()  # the watchdog's pings end with it
+
         nursery.start_soon(signals)
-        urls = await nursery.start(
-            lambda task_status: serve(config, stop=stop, task_status=task_status)
-        )
+        nursery.start_soon(keep_watchdog_fed, trio.sleep)
+        notify_status("looking for csnapd")
+        urls = await nursery.start(serve_then_stop)
         serving = True
         for url in urls:
             print(f"listening {url}")
         sys.stdout.flush()
+        log.info(
+            "listening on %s",
+            ", ".join(urls),
+            extra={"event": "gateway.listening", "address": " ".join(urls)},
+        )
+        notify_ready("serving on " + ", ".join(urls))
         await stop.wait()
 
 

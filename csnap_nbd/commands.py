@@ -21,6 +21,7 @@ import logging
 import trio
 import trio.lowlevel
 
+from csnap_common.logs import chunk_range
 from csnap_nbd.connection import Connection, PeerClosedError
 from csnap_nbd.datapath import ExportGoneError, IOFailedError
 from csnap_nbd.exports import Exports
@@ -244,14 +245,35 @@ class Transmission:
         try:
             await self._dispatch(req, payload, reply)
         except ExportGoneError as exc:
-            log.info("export %s ended: %s", self.neg.export.name, exc)
+            log.info(
+                "export %s ended: %s",
+                self.neg.export.name,
+                exc,
+                extra={
+                    "event": "nbd.export_ended",
+                    "export": self.neg.export.name,
+                    "snapshot": self.neg.export.tag,
+                },
+            )
             reply.error(exc.error, str(exc))
             # Nothing on this export will work again: answer what is in
             # flight and close, so clients do not wait on a dead export.
             self.exports.gone(self.path)
             self.stop()
         except IOFailedError as exc:
-            log.warning("%s on %s failed: %s", _name(req.command), self.neg.export.name, exc)
+            log.warning(
+                "%s on %s failed: %s",
+                _name(req.command),
+                self.neg.export.name,
+                exc,
+                extra={
+                    "event": "nbd.request_failed",
+                    "export": self.neg.export.name,
+                    "snapshot": self.neg.export.tag,
+                    "request": req.cookie,
+                    "chunks": chunk_range(req.offset, req.length, self.exports.geometry.chunk_size),
+                },
+            )
             reply.error(exc.error, str(exc))
         finally:
             if not reply.sent:

@@ -224,7 +224,11 @@ class Exports:
         try:
             async with open_client(self._connect, snapshot=entry.tag) as client:
                 entry.path = self._path(client, entry.tag)
-                log.info("opened %s", _describe(entry.tag))
+                log.info(
+                    "opened %s",
+                    _describe(entry.tag),
+                    extra={"event": "nbd.export_opened", "snapshot": entry.tag},
+                )
                 started = True
                 task_status.started()
                 await entry.release.wait()
@@ -236,7 +240,11 @@ class Exports:
             log.warning("%s: client ended: %s", _describe(entry.tag), exc)
             self._forget(entry)
         else:
-            log.info("closed %s", _describe(entry.tag))
+            log.info(
+                "closed %s",
+                _describe(entry.tag),
+                extra={"event": "nbd.export_closed", "snapshot": entry.tag},
+            )
 
     def _path(self, client: DataClient, tag: int | None) -> DataPath:
         if client.chunk_size != self.geometry.chunk_size or (

@@ -181,14 +181,33 @@ class _Gateway:
                 return
             stream = entry.conn.stream
             over = f" over TLS ({describe(stream)})" if isinstance(stream, trio.SSLStream) else ""
-            log.info("connection %d: serving %s%s", entry.number, negotiated.export.name, over)
+            log.info(
+                "connection %d: serving %s%s",
+                entry.number,
+                negotiated.export.name,
+                over,
+                extra={
+                    "event": "nbd.connected",
+                    "connection": entry.number,
+                    "export": negotiated.export.name,
+                    "snapshot": negotiated.export.tag,
+                },
+            )
             transmission = entry.transmission = Transmission(
                 negotiated.conn, negotiated, self.exports, self.settings
             )
             if self.stopping:
                 transmission.stop()
             await transmission.run()
-            log.info("connection %d: done", entry.number)
+            log.info(
+                "connection %d: done",
+                entry.number,
+                extra={
+                    "event": "nbd.disconnected",
+                    "connection": entry.number,
+                    "export": negotiated.export.name,
+                },
+            )
 
     @property
     def open_connections(self) -> int:
@@ -350,7 +369,11 @@ async def _serve(
                 conns.start_soon(accept_all)
                 task_status.started(urls)
                 await stop.wait()
-                log.info("stopping: %d connections open", gateway.open_connections)
+                log.info(
+                    "stopping: %d connections open",
+                    gateway.open_connections,
+                    extra={"event": "gateway.stopping"},
+                )
                 accepting.cancel()
                 gateway.stop_connections()
                 with trio.move_on_after(STOP_GRACE):

@@ -16,6 +16,7 @@ import socket
 import trio
 
 from csnap_common import unix_address
+from csnap_common.systemd import notify_ready, notify_status
 from csnap_protocol import (
     Connection,
     ConnectionClosed,
@@ -75,6 +76,7 @@ class AgentLink:
             else:
                 told = False
                 log.warning("lost the agent %s; registering again when it is back", self.path)
+                notify_status(f"lost the agent {self.path}; registering again when it is back")
             self._stream = None
             await trio.sleep(RETRY_INTERVAL)
 
@@ -84,7 +86,10 @@ class AgentLink:
         request, self._start_request = self._start_request, None
         if request is not None:
             await self._send(Ok(request))
-        log.info("active: serving the store")
+        log.info(
+            "active: serving the store",
+            extra={"event": "server.active", "address": self.address, "store": self.store},
+        )
 
     async def failed(self, code: ErrorCode, text: str) -> None:
         """Answer the agent's start_server with an error (the store cannot be opened)."""
@@ -130,7 +135,18 @@ class AgentLink:
                         raise AgentRefusedError(f"{message.name}: {message.message}")
                     elif isinstance(message, Ok) and not registered:
                         registered = True
-                        log.info("registered with agent %s", self.path)
+                        log.info(
+                            "registered with agent %s",
+                            self.path,
+                            extra={
+                                "event": "server.registered",
+                                "address": self.address,
+                                "store": self.store,
+                                "agent": self.path,
+                            },
+                        )
+                        if not self._active:
+                            notify_ready(f"standby on {self.address}: registered with {self.path}")
                     elif isinstance(message, StartServer):
                         if self._active:
                             await self._send(Ok(message.id))  # a new agent; already serving

@@ -15,6 +15,7 @@ import trio
 
 from csnap_common import single_errors
 from csnap_common.cli import add_log_level, configure_logging, host_port_arg, size_arg
+from csnap_common.systemd import keep_watchdog_fed, notify_ready, notify_status, notify_stopping
 from csnapd.engine import EngineError, StoreLockedError
 from csnapd.server import ServerConfig, ServerFailedError, serve
 
@@ -121,7 +122,7 @@ def _lease_arg(text: str) -> float:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run csnapd; returns the exit status."""
     args = _parser().parse_args(argv)
-    configure_logging(args.log_level)
+    configure_logging(args.log_level, args.log_format, service="csnapd")
     host, port = args.listen
     config = ServerConfig(
         store=args.store,
@@ -163,14 +164,22 @@ async def _main(config: ServerConfig) -> None:
             nursery.cancel_scope.cancel()  # also after an admin's shutdown
 
         nursery.start_soon(_signals, stop)
+        nursery.start_soon(keep_watchdog_fed, trio.sleep)
+        if config.agent is None:
+            notify_status(f"opening the store {config.store}")
+        else:  # ready once registered on standby: see csnapd.agent_link
+            notify_status(f"registering with agent {config.agent}")
         address = await nursery.start(serve_then_stop)
         print(f"listening {address}", flush=True)
+        if config.agent is None:
+            notify_ready(f"active: serving {config.store} on {address}")
 
 
 async def _signals(stop: trio.Event) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async for signum in signals:
             log.info("%s: shutting down", signal.Signals(signum).name)
+            notify_stopping()
             stop.set()
             return
 

@@ -385,7 +385,12 @@ class Dispatcher:
         if isinstance(item, BarrierExpired):
             if item.barrier == self.barrier and self._barrier_waiting:
                 names = ", ".join(sorted(str(p) for p in self._barrier_waiting))
-                log.warning("barrier %d expired waiting for %s", item.barrier, names)
+                log.warning(
+                    "barrier %d expired waiting for %s",
+                    item.barrier,
+                    names,
+                    extra={"event": "barrier.expired", "barrier": item.barrier},
+                )
                 for peer, request in self._pending_creates:
                     replies.append(
                         (
@@ -601,6 +606,12 @@ class Dispatcher:
             peer,
             message.client,
             "origin" if message.snapshot is None else f"snapshot {message.snapshot}",
+            extra={
+                "event": "client.identified",
+                "connection": peer.number,
+                "client": f"{message.client:#x}",
+                "snapshot": message.snapshot,
+            },
         )
         g = self.engine.geometry
         identified = Identified(
@@ -720,7 +731,17 @@ class Dispatcher:
             except EngineError as exc:
                 replies.append((peer, _error(message.id, error_code(exc), str(exc))))
                 continue
-            log.info("snapshot %d created (share bit %d)", info.tag, info.bit)
+            log.info(
+                "snapshot %d created (share bit %d)",
+                info.tag,
+                info.bit,
+                extra={
+                    "event": "snapshot.created",
+                    "snapshot": info.tag,
+                    "connection": peer.number,
+                    "request": message.id,
+                },
+            )
             replies.append((peer, SnapshotReply(message.id, _info(info))))
         self._pending_creates = []
 
@@ -738,7 +759,16 @@ class Dispatcher:
         notices: list[tuple[Peer, Message]],
     ) -> None:
         info = self.engine.delete_snapshot(message.tag)
-        log.info("snapshot %d deleted", message.tag)
+        log.info(
+            "snapshot %d deleted",
+            message.tag,
+            extra={
+                "event": "snapshot.deleted",
+                "snapshot": message.tag,
+                "connection": peer.number,
+                "request": message.id,
+            },
+        )
         replies.append((peer, SnapshotReply(message.id, _info(info))))
         for other in self.peers:
             if other.identified and other.snapshot == message.tag and not other.detaching:
@@ -753,8 +783,18 @@ class Dispatcher:
         self.peers.discard(peer)
         released = self.locks.release_all(peer)
         self.parked = [w for w in self.parked if w.peer is not peer]
-        if released:
-            log.info("%s gone: released read locks on %d chunks", peer, released)
+        log.info(
+            "%s gone: released read locks on %d chunks",
+            peer,
+            released,
+            extra={
+                "event": "client.gone",
+                "connection": peer.number,
+                "peer": peer.label,
+                "client": None if peer.client_id is None else f"{peer.client_id:#x}",
+                "locks": released,
+            },
+        )
         if peer in self._barrier_waiting:
             return self._barrier_done(peer, self.barrier, replies) or bool(released)
         return bool(released)

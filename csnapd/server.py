@@ -31,6 +31,7 @@ import trio
 import trio.lowlevel
 
 from csnap_common import join_host_port
+from csnap_common.systemd import notify_status, notify_stopping
 from csnap_protocol import (
     DEFAULT_MAX_FRAME,
     Connection,
@@ -201,7 +202,8 @@ class Server:
                 nursery.start_soon(self._after, self.config.grace, GraceExpired())
             task_status.started()
             await self._stopping.wait()
-            log.info("shutting down")
+            log.info("shutting down", extra={"event": "server.stopping", "address": self.address})
+            notify_stopping()
             for listener in listeners:
                 await listener.aclose()
             await self._stopped.wait()
@@ -222,7 +224,9 @@ class Server:
         if self.failed:
             return
         await trio.to_thread.run_sync(self.engine.close)
-        log.info("store closed cleanly")
+        log.info(
+            "store closed cleanly", extra={"event": "store.closed", "store": self.config.store}
+        )
 
     async def _after(self, seconds: float, item: Item) -> None:
         await trio.sleep(seconds)
@@ -394,7 +398,17 @@ class Server:
             self._links[peer] = link
             self._queue(link, _HELLO)
             self._send.send_nowait(Connected(peer))
-            log.info("%s connected as %s", peer, peer.role.value)
+            log.info(
+                "%s connected as %s",
+                peer,
+                peer.role.value,
+                extra={
+                    "event": "client.connected",
+                    "connection": peer.number,
+                    "peer": peer.label,
+                    "role": peer.role.value,
+                },
+            )
             return
         if isinstance(message, Keepalive):
             # Answered here, not by the engine task: a busy engine must not
@@ -524,7 +538,11 @@ class Server:
                 await trio.lowlevel.checkpoint()
                 if outcome.failed:
                     self.failed = True
-                    log.critical("the engine failed: refusing all further work")
+                    log.critical(
+                        "the engine failed: refusing all further work",
+                        extra={"event": "server.failed", "store": self.config.store},
+                    )
+                    notify_status("failed: the store needs a restart (journal replay)")
                     self._stopping.set()
                     break
         finally:
@@ -660,7 +678,12 @@ async def _serve_for_agent(
     async with trio.open_nursery() as outer:
         outer.start_soon(link.run)
         task_status.started(address)
-        log.info("standby on %s: waiting for agent %s to start this server", address, agent)
+        log.info(
+            "standby on %s: waiting for agent %s to start this server",
+            address,
+            agent,
+            extra={"event": "server.standby", "address": address, "agent": agent},
+        )
         async with trio.open_nursery() as standby:
             for listener in listeners:
                 standby.start_soon(_refuse_while_standby, listener)
@@ -681,6 +704,7 @@ async def _serve_for_agent(
         async with trio.open_nursery() as nursery:
             server = await _start_server(nursery, config, engine, listeners, address, stop)
             await link.started()
+            notify_status(f"active: serving {config.store} on {address}")
         outer.cancel_scope.cancel()
     if server.failed:
         raise ServerFailedError("the engine failed; the store needs a restart (journal replay)")
@@ -734,6 +758,7 @@ async def _open_engine(config: ServerConfig) -> Engine:
         report.blocks,
         report.newest_sequence,
         f"; {report.problem}" if report.problem else "",
+        extra={"event": "store.opened", "store": config.store, "transactions": report.replayed},
     )
     return engine
 
@@ -752,7 +777,11 @@ async def _start_server(
     stop: trio.Event | None,
 ) -> Server:
     server = Server(config, engine, address)
-    log.info("listening on %s", address)
+    log.info(
+        "listening on %s",
+        address,
+        extra={"event": "server.listening", "address": address, "store": config.store},
+    )
     await nursery.start(partial(server.run, listeners, stop=stop))
     return server
 

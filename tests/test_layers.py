@@ -34,6 +34,9 @@ FORBIDDEN = [
     ("csnap_nbd/wire/_probe.py", "import socket"),
     ("csnap_nbd/wire/_probe.py", "from csnap_client import DataClient"),
     ("csnap_common/_probe.py", "import csnap_format"),
+    ("csnap_common/_probe.py", "import socket"),
+    ("csnap_common/systemd/_probe.py", "import trio"),
+    ("csnap_common/systemd/_probe.py", "import csnapd"),
 ]
 
 ALLOWED = [
@@ -45,6 +48,7 @@ ALLOWED = [
     ("csnap_nbd/_probe.py", "import trio"),
     ("csnap_nbd/wire/_probe.py", "import struct"),
     ("tests/_probe.py", "import trio"),
+    ("csnap_common/systemd/_probe.py", "import socket"),
 ]
 
 
