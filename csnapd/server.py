@@ -43,6 +43,8 @@ from csnap_protocol import (
 )
 from csnapd.agent_link import AgentLink
 from csnapd.dispatch import (
+    DEFAULT_MAX_READ_LOCKS,
+    DEFAULT_MAX_SERVER_READ_LOCKS,
     BarrierExpired,
     Connected,
     Disconnected,
@@ -107,6 +109,10 @@ class ServerConfig:
     max_chunks: int = 4096
     #: Most items one batch (one transaction) takes.
     max_batch: int = 512
+    #: Most read locks one connection holds (a chunk locked twice counts twice).
+    max_read_locks: int = DEFAULT_MAX_READ_LOCKS
+    #: Most read locks all connections hold together.
+    max_server_read_locks: int = DEFAULT_MAX_SERVER_READ_LOCKS
     #: The node agent's socket: register there and wait on standby to be started.
     agent: str | None = None
 
@@ -140,6 +146,8 @@ class Server:
             store=config.store,
             origin=config.origin,
             max_chunks=config.max_chunks,
+            max_read_locks=config.max_read_locks,
+            max_server_read_locks=config.max_server_read_locks,
         )
         self._send, self._receive = trio.open_memory_channel[Item](math.inf)
         self._links: dict[Peer, _Link] = {}
@@ -295,6 +303,7 @@ class Server:
                 )
                 return
             peer.role = Role(message.role)
+            peer.max_frame = link.codec.peer_max_frame
             self._links[peer] = link
             link.outbox.send_nowait(_HELLO)
             self._send.send_nowait(Connected(peer))
