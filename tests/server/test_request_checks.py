@@ -17,6 +17,7 @@ from csnap_common import join_host_port
 from csnap_protocol import (
     MIN_MAX_FRAME,
     Connection,
+    ConnectionClosed,
     Error,
     ErrorCode,
     FinishSnapshotRead,
@@ -136,6 +137,7 @@ async def test_a_reply_too_big_for_the_peer_is_refused_before_anything_is_done(
                 while request not in replies:
                     codec.receive_data(await stream.receive_some(1 << 16))
                     while (reply := codec.next_message()) is not None:
+                        assert not isinstance(reply, ConnectionClosed)
                         replies[getattr(reply, "id", -1)] = reply
                 return replies[request]
 
