@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from csnap_protocol import (
+    MAX_RANGES,
     MIN_MAX_FRAME,
     Barrier,
     BarrierDone,
@@ -619,6 +620,13 @@ class Dispatcher:
         A reply lists at most one entry per chunk asked about, so its largest
         size is known from the request, before anything is done.
         """
+        if chunks > MAX_RANGES:
+            # One entry per chunk may be more than a list carries.
+            raise RequestRefused(
+                ErrorCode.REQUEST_TOO_LARGE,
+                f"the {reply.TYPE} reply for {chunks} chunks may list more than"
+                f" {MAX_RANGES} ranges; ask about fewer chunks at once",
+            )
         largest = largest_payload(reply, chunks)
         if largest > peer.max_frame:
             raise RequestRefused(
