@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from csnapd.engine import Engine, InvalidRequestError, OverlappingRangesError
 from tests.engine.helpers import assert_clean, new_store
@@ -57,5 +59,48 @@ def test_touching_and_unordered_ranges_are_accepted() -> None:
     segments = engine.snapshot_write(1, [(300, 2), (200, 1), (302, 1)])
     chunks = [s.chunk + k for s in segments for k in range(s.count)]
     assert chunks == [200, 300, 301, 302]
+    engine.close()
+    assert_clean(store)
+
+
+#: Origin chunks of the store the hunt runs on.
+HUNT_CHUNKS = 256
+
+_range = st.tuples(st.integers(0, HUNT_CHUNKS + 8), st.integers(0, 24))
+_request = st.tuples(
+    st.sampled_from(sorted(CALLS)),
+    st.lists(_range, max_size=6),
+)
+
+
+def _acceptable(ranges: list[tuple[int, int]]) -> bool:
+    """Whether the engine must accept these ranges: chunks inside the origin, each once."""
+    chunks = [c for start, count in ranges for c in range(start, start + count)]
+    return (
+        bool(chunks)
+        and all(count >= 1 and start + count <= HUNT_CHUNKS for start, count in ranges)
+        and len(chunks) == len(set(chunks))
+    )
+
+
+@given(requests=st.lists(_request, min_size=1, max_size=12))
+@settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_no_ranges_damage_the_store(requests: list[tuple[str, list[tuple[int, int]]]]) -> None:
+    # Whatever ranges a caller passes, the engine either does the request or
+    # refuses it having changed nothing; the store stays consistent.
+    store, origin, _ = new_store(store_bytes=16 << 20, origin_bytes=HUNT_CHUNKS * 4096)
+    engine = Engine.open(store, origin)
+    engine.create_snapshot(1)
+    engine.create_snapshot(2)
+    engine.commit()
+    for call, ranges in requests:
+        before = engine.status()
+        if _acceptable(ranges):
+            CALLS[call](engine, ranges)
+        else:
+            with pytest.raises(InvalidRequestError):
+                CALLS[call](engine, ranges)
+            assert engine.status() == before
+        engine.commit()
     engine.close()
     assert_clean(store)
