@@ -536,8 +536,8 @@ class Engine:
             overflow = exc
         # The whole attempt ran to its end before it was rolled back: every
         # chunk it allocated was free and every copy it read was readable.
-        # The pieces do the same work in the same order, with commits between
-        # them that can only add free space.
+        # The pieces do the same work, with commits between them that can
+        # only add free space (frees of the open transaction become usable).
         self.stats.split_requests += 1
         total = sum(count for _, count in ranges)
         budget = int(self.max_transaction_blocks * _PIECE_FILL)
