@@ -31,8 +31,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from csnap_protocol import (
+    DEFAULT_MAX_FRAME,
     MAX_RANGES,
-    MIN_MAX_FRAME,
     Barrier,
     BarrierDone,
     ChangeUseCount,
@@ -111,8 +111,9 @@ class Peer:
     identified: bool = False
     #: Its snapshot was deleted: it was told to finish and go.
     detaching: bool = False
-    #: The largest frame it accepts, from its hello: no reply may be larger.
-    max_frame: int = MIN_MAX_FRAME
+    #: The largest frame it accepts: no reply may be larger. The transport
+    #: sets it from the peer's hello.
+    max_frame: int = DEFAULT_MAX_FRAME
     #: It sent finish_upload_lock: it uploads no more locks.
     uploaded: bool = False
 
