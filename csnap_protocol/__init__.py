@@ -7,6 +7,7 @@
 # its tables in step with MESSAGES and ErrorCode.
 from __future__ import annotations
 
+from csnap_protocol.bounds import largest_payload
 from csnap_protocol.codec import (
     DEFAULT_MAX_FRAME,
     MIN_MAX_FRAME,
@@ -31,6 +32,7 @@ __all__ = [
     "DEFAULT_MAX_FRAME",
     "MIN_MAX_FRAME",
     "encode_frame",
+    "largest_payload",
     "ErrorCode",
     "ProtocolError",
     "LocalProtocolError",

@@ -19,6 +19,9 @@
 #      grace period ends.
 #   5. A deleted snapshot's clients are told to finish and go; its space is
 #      swept only once they have.
+#   6. A request is refused before it does anything: its ranges (csnapd.checks),
+#      the size of its reply against the peer's frame limit and the read-lock
+#      limits are checked first, in the order docs/protocol.md gives.
 from __future__ import annotations
 
 import logging
@@ -28,6 +31,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from csnap_protocol import (
+    DEFAULT_MAX_FRAME,
+    MAX_RANGES,
     Barrier,
     BarrierDone,
     ChangeUseCount,
@@ -60,7 +65,9 @@ from csnap_protocol import (
     StatusReply,
     UploadLock,
     WriteOk,
+    largest_payload,
 )
+from csnapd.checks import RequestRefused, check_ranges
 from csnapd.engine import Engine, EngineError, EngineFailedError, SnapshotInfo
 from csnapd.engine.locks import LockTable
 
@@ -85,6 +92,10 @@ Ranges = tuple[tuple[int, int], ...]
 
 #: Seconds before a sweep step that failed (an I/O error) is tried again.
 SWEEP_RETRY = 1.0
+#: Default bound on the read locks one connection holds (docs/protocol.md, "Limits").
+DEFAULT_MAX_READ_LOCKS = 1 << 18
+#: Default bound on the read locks all connections hold together.
+DEFAULT_MAX_SERVER_READ_LOCKS = 1 << 20
 
 
 @dataclass(eq=False)
@@ -100,6 +111,11 @@ class Peer:
     identified: bool = False
     #: Its snapshot was deleted: it was told to finish and go.
     detaching: bool = False
+    #: The largest frame it accepts: no reply may be larger. The transport
+    #: sets it from the peer's hello.
+    max_frame: int = DEFAULT_MAX_FRAME
+    #: It sent finish_upload_lock: it uploads no more locks.
+    uploaded: bool = False
 
     def __str__(self) -> str:
         return f"peer {self.number} ({self.label})"
@@ -192,14 +208,6 @@ def error_code(exc: EngineError) -> ErrorCode:
     return ErrorCode[exc.code.upper()]
 
 
-class _RequestError(Exception):
-    """A request the dispatcher refuses, with its wire code."""
-
-    def __init__(self, code: ErrorCode, message: str):
-        super().__init__(message)
-        self.code = code
-
-
 @dataclass(eq=False)
 class _Write:
     """An origin write waiting to be granted."""
@@ -242,6 +250,8 @@ class Dispatcher:
         max_chunks: int,
         origin: str = "",
         lease_ms: int = 0,
+        max_read_locks: int = DEFAULT_MAX_READ_LOCKS,
+        max_server_read_locks: int = DEFAULT_MAX_SERVER_READ_LOCKS,
         clock: Callable[[], int] = time.time_ns,
     ):
         self.engine = engine
@@ -251,6 +261,8 @@ class Dispatcher:
         self.max_chunks = max_chunks
         #: Told to clients in identified: how long the transport lets them be silent.
         self.lease_ms = lease_ms
+        self.max_read_locks = max_read_locks
+        self.max_server_read_locks = max_server_read_locks
         self.started_ns = clock()
         #: Changes every time a server starts: clients see a restart.
         self.epoch = self.started_ns
@@ -459,7 +471,7 @@ class Dispatcher:
             if reply is not None:
                 replies.append((peer, reply))
             return released
-        except _RequestError as exc:
+        except RequestRefused as exc:
             replies.append((peer, _error(request, exc.code, str(exc))))
         except EngineFailedError:
             raise
@@ -497,7 +509,7 @@ class Dispatcher:
         """
         handler = self._handlers.get(type(message))
         if handler is None:
-            raise _RequestError(ErrorCode.PROTOCOL_ERROR, f"{message.TYPE} is not a request")
+            raise RequestRefused(ErrorCode.PROTOCOL_ERROR, f"{message.TYPE} is not a request")
         return handler(peer, message, writes)
 
     def _list(self, peer: Peer, message: Any, writes: list[_Write]) -> _Handled:
@@ -518,7 +530,10 @@ class Dispatcher:
         return ServerInfoReply(message.id, self.server_info()), False
 
     def _query_write(self, peer: Peer, message: Any, writes: list[_Write]) -> _Handled:
-        self._check_ranges(peer, message.ranges)
+        self._need_identified(peer)
+        chunks = self._check_ranges(message.ranges)
+        if peer.snapshot is not None:
+            self._check_reply_fits(peer, SnapshotWriteOk, chunks)
         if peer.snapshot is None:
             result = self.engine.origin_write(message.ranges)
             writes.append(_Write(peer, message.id, message.ranges, result.copied))
@@ -528,11 +543,16 @@ class Dispatcher:
         return SnapshotWriteOk(message.id, triples), False
 
     def _query_read(self, peer: Peer, message: Any, writes: list[_Write]) -> _Handled:
-        self._check_ranges(peer, message.ranges)
+        self._need_identified(peer)
+        self._need_snapshot(peer)
+        chunks = self._check_ranges(message.ranges)
+        self._check_reply_fits(peer, SnapshotReadOk, chunks)
         return self._snapshot_read(peer, message), False
 
     def _query_map(self, peer: Peer, message: Any, writes: list[_Write]) -> _Handled:
-        self._check_ranges(peer, message.ranges)
+        self._need_identified(peer)
+        chunks = self._check_ranges(message.ranges)
+        self._check_reply_fits(peer, MapReply, chunks)
         if peer.snapshot is None:
             copied = self.engine.origin_copied(message.ranges)
         else:
@@ -541,24 +561,36 @@ class Dispatcher:
         return MapReply(message.id, tuple(_merged(copied))), False
 
     def _finish_read(self, peer: Peer, message: Any, writes: list[_Write]) -> _Handled:
-        self._check_ranges(peer, message.ranges)
-        stray = self.locks.release(peer, message.ranges)
-        if stray:
-            raise _RequestError(
+        self._need_identified(peer)
+        self._check_ranges(message.ranges, repeats=True)
+        # All or nothing: an error reply means no lock was released.
+        missing = self.locks.missing(peer, message.ranges)
+        if missing:
+            raise RequestRefused(
                 ErrorCode.INVALID_REQUEST,
-                f"{len(stray)} chunks were not read-locked by this connection"
-                f" (first {stray[0]}); the others were released",
+                f"{len(missing)} chunks are not read-locked by this connection as many times"
+                f" as named (first {missing[0]}); no lock was released",
             )
+        self.locks.release(peer, message.ranges)
         return Ok(message.id), True
 
     def _upload(self, peer: Peer, message: Any, writes: list[_Write]) -> _Handled:
-        self._check_ranges(peer, message.ranges)
+        self._need_identified(peer)
         self._need_snapshot(peer)
+        if peer.uploaded:
+            raise RequestRefused(
+                ErrorCode.INVALID_REQUEST,
+                "upload_lock after finish_upload_lock: a connection uploads its locks"
+                " right after identify, once",
+            )
+        chunks = self._check_ranges(message.ranges, repeats=True)
+        self._check_lock_limits(peer, chunks)
         self.locks.hold(peer, message.ranges)
         return Ok(message.id), False
 
     def _finish_upload(self, peer: Peer, message: Any, writes: list[_Write]) -> _Handled:
         self._need_identified(peer)
+        peer.uploaded = True
         if peer.client_id in self.awaiting:
             self.awaiting.discard(peer.client_id)
             if not self.awaiting and self.grace:
@@ -569,33 +601,73 @@ class Dispatcher:
 
     def _need_identified(self, peer: Peer) -> None:
         if not peer.identified:
-            raise _RequestError(ErrorCode.NOT_IDENTIFIED, "identify before querying chunks")
+            raise RequestRefused(ErrorCode.NOT_IDENTIFIED, "identify before querying chunks")
         if peer.detaching:
-            raise _RequestError(ErrorCode.SNAPSHOT_DELETED, f"snapshot {peer.snapshot} was deleted")
+            raise RequestRefused(
+                ErrorCode.SNAPSHOT_DELETED, f"snapshot {peer.snapshot} was deleted"
+            )
 
     def _need_snapshot(self, peer: Peer) -> None:
         if peer.snapshot is None:
-            raise _RequestError(
+            raise RequestRefused(
                 ErrorCode.INVALID_REQUEST,
                 "origin connections read the origin directly and hold no read locks",
             )
 
-    def _check_ranges(self, peer: Peer, ranges: Ranges) -> None:
-        self._need_identified(peer)
-        total = sum(count for _, count in ranges)
-        if total > self.max_chunks:
-            raise _RequestError(
+    def _check_ranges(self, ranges: Ranges, *, repeats: bool = False) -> int:
+        """Refuse bad ranges (csnapd.checks); returns how many chunks they name."""
+        return check_ranges(
+            ranges,
+            origin_chunks=self.engine.geometry.origin_chunks,
+            max_chunks=self.max_chunks,
+            repeats=repeats,
+        )
+
+    def _check_reply_fits(self, peer: Peer, reply: type[Message], chunks: int) -> None:
+        """Refuse a request whose reply could exceed the peer's frame limit.
+
+        A reply lists at most one entry per chunk asked about, so its largest
+        size is known from the request, before anything is done.
+        """
+        if chunks > MAX_RANGES:
+            # One entry per chunk may be more than a list carries.
+            raise RequestRefused(
                 ErrorCode.REQUEST_TOO_LARGE,
-                f"{total} chunks in one request; this server takes at most {self.max_chunks}",
+                f"the {reply.TYPE} reply for {chunks} chunks may list more than"
+                f" {MAX_RANGES} ranges; ask about fewer chunks at once",
+            )
+        largest = largest_payload(reply, chunks)
+        if largest > peer.max_frame:
+            raise RequestRefused(
+                ErrorCode.REQUEST_TOO_LARGE,
+                f"the {reply.TYPE} reply for {chunks} chunks may take {largest} bytes, more"
+                f" than your frame limit of {peer.max_frame}; ask about fewer chunks at once",
+            )
+
+    def _check_lock_limits(self, peer: Peer, locks: int) -> None:
+        """Refuse read locks past the per-connection or the server's limit."""
+        held = self.locks.locks_of(peer)
+        if held + locks > self.max_read_locks:
+            raise RequestRefused(
+                ErrorCode.TOO_MANY_REQUESTS,
+                f"this connection holds {held} read locks and asks for {locks} more;"
+                f" at most {self.max_read_locks}: finish snapshot reads first",
+            )
+        total = self.locks.total
+        if total + locks > self.max_server_read_locks:
+            raise RequestRefused(
+                ErrorCode.TOO_MANY_REQUESTS,
+                f"connections hold {total} read locks and this one asks for {locks} more;"
+                f" the server holds at most {self.max_server_read_locks}: try again later",
             )
 
     def _identify(self, peer: Peer, message: Any, writes: list[_Write]) -> _Handled:
         if peer.identified:
-            raise _RequestError(ErrorCode.ALREADY_IDENTIFIED, "this connection is identified")
+            raise RequestRefused(ErrorCode.ALREADY_IDENTIFIED, "this connection is identified")
         if message.snapshot is not None:
             info = self.engine.snapshot(message.snapshot)
             if info.state != "live":
-                raise _RequestError(
+                raise RequestRefused(
                     ErrorCode.SNAPSHOT_UNAVAILABLE, f"snapshot {message.snapshot} is {info.state}"
                 )
         peer.client_id = message.client
@@ -626,7 +698,6 @@ class Dispatcher:
         return identified, False
 
     def _snapshot_read(self, peer: Peer, message: QuerySnapshotRead) -> Message:
-        self._need_snapshot(peer)
         assert peer.snapshot is not None
         segments = self.engine.snapshot_read(peer.snapshot, message.ranges)
         store = tuple(
@@ -634,6 +705,8 @@ class Dispatcher:
         )
         origin = tuple((s.chunk, s.count) for s in segments if s.store_chunk is None)
         if origin:
+            # The lookup changed nothing: refusing here still does nothing.
+            self._check_lock_limits(peer, sum(count for _, count in origin))
             self.locks.hold(peer, origin)
         return SnapshotReadOk(message.id, store, origin)
 

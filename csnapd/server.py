@@ -49,6 +49,8 @@ from csnap_protocol import (
 )
 from csnapd.agent_link import AgentLink
 from csnapd.dispatch import (
+    DEFAULT_MAX_READ_LOCKS,
+    DEFAULT_MAX_SERVER_READ_LOCKS,
     BarrierExpired,
     Connected,
     Disconnected,
@@ -122,6 +124,10 @@ class ServerConfig:
     max_chunks: int = 4096
     #: Most items one batch (one transaction) takes.
     max_batch: int = 512
+    #: Most read locks one connection holds (a chunk locked twice counts twice).
+    max_read_locks: int = DEFAULT_MAX_READ_LOCKS
+    #: Most read locks all connections hold together.
+    max_server_read_locks: int = DEFAULT_MAX_SERVER_READ_LOCKS
     #: The node agent's socket: register there and wait on standby to be started.
     agent: str | None = None
 
@@ -160,6 +166,8 @@ class Server:
             origin=config.origin,
             max_chunks=config.max_chunks,
             lease_ms=math.ceil(config.lease * 1000),
+            max_read_locks=config.max_read_locks,
+            max_server_read_locks=config.max_server_read_locks,
         )
         self._send, self._receive = trio.open_memory_channel[Item](math.inf)
         self._links: dict[Peer, _Link] = {}
@@ -395,6 +403,7 @@ class Server:
                 )
                 return
             peer.role = Role(message.role)
+            peer.max_frame = link.codec.peer_max_frame
             self._links[peer] = link
             self._queue(link, _HELLO)
             self._send.send_nowait(Connected(peer))

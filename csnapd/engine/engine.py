@@ -10,7 +10,15 @@
 #     caller must not report a request's result before the commit that
 #     carries it returns (rule 1).
 #   * A request that would overflow the transaction commits the earlier ones
-#     first; one that cannot fit a transaction on its own is refused.
+#     first. A write too big for one transaction on its own is carried by
+#     several: it is applied in pieces of chunks, each piece committed before
+#     the next starts, and only the last left pending for the caller's commit
+#     (docs/protocol.md, "Requests larger than one transaction"). Its first,
+#     whole attempt ran to the end before it was rolled back, so the space
+#     and the reads the pieces need are known to be there.
+#   * Ranges are checked before anything is done: inside the origin, at least
+#     one chunk, and no chunk named twice (a chunk copied twice would give
+#     two exceptions of one chunk the same share bit).
 #   * If a commit fails, the engine refuses all further work
 #     (EngineFailedError): after a failed sync nothing is known to be durable,
 #     and the only safe way on is to reopen the store and replay the journal.
@@ -23,6 +31,7 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import TypeVar
 
 from csnap_format import (
@@ -44,6 +53,7 @@ from csnapd.engine.errors import (
     EngineFailedError,
     InvalidRequestError,
     MetadataFullError,
+    OverlappingRangesError,
     RequestTooLargeError,
     SnapshotBusyError,
     SnapshotExistsError,
@@ -92,6 +102,19 @@ Ranges = Sequence[tuple[int, int]]
 
 _T = TypeVar("_T")
 
+#: Fraction of a transaction one piece of a split write aims to fill: room
+#: for pieces whose chunks need more metadata than the average.
+_PIECE_FILL = 0.75
+
+
+class _TransactionOverflowError(RequestTooLargeError):
+    """A request alone changes more metadata blocks than one transaction holds."""
+
+    def __init__(self, message: str, *, blocks: int):
+        super().__init__(message)
+        #: Metadata blocks (superblock included) the whole request changed.
+        self.blocks = blocks
+
 
 @dataclass(slots=True)
 class EngineStats:
@@ -104,6 +127,8 @@ class EngineStats:
     copy_reads: int = 0
     copy_writes: int = 0
     deferred_commits: int = 0
+    #: Writes too big for one transaction, carried by several.
+    split_requests: int = 0
 
 
 def read_geometry(store: BlockDevice) -> Geometry:
@@ -342,16 +367,18 @@ class Engine:
                 self._rollback(saved, data_written)
                 self.stats.failed_requests += 1
                 raise
-            if len(self._pager.dirty) + 1 <= self.max_transaction_blocks:
+            blocks = len(self._pager.dirty) + 1
+            if blocks <= self.max_transaction_blocks:
                 self._pager.end_request()
                 self._pending_requests += 1
                 return result
             self._rollback(saved, data_written)
             if attempt == 2 or self._pending_requests == 0:
                 self.stats.failed_requests += 1
-                raise RequestTooLargeError(
-                    "the request changes more metadata than one transaction holds"
-                    f" ({self.max_transaction_blocks} blocks); split it"
+                raise _TransactionOverflowError(
+                    f"the request changes {blocks} metadata blocks; one transaction"
+                    f" holds {self.max_transaction_blocks}",
+                    blocks=blocks,
                 )
             self.stats.deferred_commits += 1
             self.commit()
@@ -409,6 +436,7 @@ class Engine:
     # -- validation ------------------------------------------------------------
 
     def _check_ranges(self, ranges: Ranges) -> None:
+        """Refuse ranges outside the origin, naming no chunk, or naming one twice."""
         total = 0
         end = self.geometry.origin_chunks
         for start, count in ranges:
@@ -424,6 +452,13 @@ class Engine:
             raise RequestTooLargeError(
                 f"the request names {total} chunks; at most {MAX_REQUEST_CHUNKS}"
             )
+        following = 0
+        for start, count in sorted(ranges):
+            if start < following:
+                raise OverlappingRangesError(
+                    f"chunk {start} is named twice (ranges repeat or overlap)"
+                )
+            following = start + count
 
     def _bit(self, tag: int) -> int:
         bit = self._state.bit_of(tag)
@@ -486,6 +521,46 @@ class Engine:
             i = j
         self.stats.copied_chunks += len(pairs)
 
+    # -- requests larger than one transaction --------------------------------
+
+    def _split_request(self, ranges: Ranges, work: Callable[[Ranges], _T]) -> list[_T]:
+        """Apply `work` to `ranges` as one request, or in pieces if it must be.
+
+        Returns the result of each piece, in ascending chunk order. Every
+        piece but the last is committed before the next starts; the last is
+        left pending for the caller's commit, as any request is.
+        """
+        try:
+            return [self._request(lambda: work(ranges))]
+        except _TransactionOverflowError as exc:
+            overflow = exc
+        # The whole attempt ran to its end before it was rolled back: every
+        # chunk it allocated was free and every copy it read was readable.
+        # The pieces do the same work, with commits between them that can
+        # only add free space (frees of the open transaction become usable).
+        self.stats.split_requests += 1
+        total = sum(count for _, count in ranges)
+        budget = int(self.max_transaction_blocks * _PIECE_FILL)
+        size = max(1, total * budget // overflow.blocks)
+        todo = sorted(ranges)
+        results: list[_T] = []
+        while todo:
+            piece, rest = _take(todo, size)
+            if self.pending:
+                self.commit()
+            try:
+                results.append(self._request(partial(work, piece)))
+            except _TransactionOverflowError:
+                if size == 1:
+                    raise RequestTooLargeError(
+                        "one chunk changes more metadata than one transaction holds"
+                        f" ({self.max_transaction_blocks} blocks): the journal is too small"
+                    ) from None
+                size = max(1, size // 2)
+                continue
+            todo = rest
+        return results
+
     # -- data-path requests ------------------------------------------------------
 
     def origin_write(self, ranges: Ranges) -> OriginWriteResult:
@@ -497,7 +572,8 @@ class Engine:
         request, the origin chunks may be written.
         """
         self._check_ranges(ranges)
-        return self._request(lambda: self._origin_write(ranges))
+        results = self._split_request(ranges, self._origin_write)
+        return OriginWriteResult(sum(result.copied for result in results))
 
     def _origin_write(self, ranges: Ranges) -> OriginWriteResult:
         live = self._state.live_mask
@@ -534,7 +610,10 @@ class Engine:
         new store chunk first.
         """
         self._check_ranges(ranges)
-        return self._request(lambda: self._snapshot_write(tag, ranges))
+        pieces = self._split_request(ranges, lambda piece: self._snapshot_write(tag, piece))
+        if len(pieces) == 1:
+            return pieces[0]
+        return _joined([segment for piece in pieces for segment in piece])
 
     def _snapshot_write(self, tag: int, ranges: Ranges) -> list[WriteSegment]:
         state = self._state
@@ -932,6 +1011,37 @@ def _segments(where: dict[int, int]) -> list[WriteSegment]:
         else:
             out.append(WriteSegment(chunk, 1, target))
     return out
+
+
+def _joined(segments: list[WriteSegment]) -> list[WriteSegment]:
+    """Segments in ascending chunk order, neighbours that continue each other joined."""
+    out: list[WriteSegment] = []
+    for segment in sorted(segments, key=lambda s: s.chunk):
+        last = out[-1] if out else None
+        if (
+            last is not None
+            and last.chunk + last.count == segment.chunk
+            and last.store_chunk + last.count == segment.store_chunk
+        ):
+            out[-1] = WriteSegment(last.chunk, last.count + segment.count, last.store_chunk)
+        else:
+            out.append(segment)
+    return out
+
+
+def _take(ranges: list[tuple[int, int]], size: int) -> tuple[Ranges, list[tuple[int, int]]]:
+    """The first `size` chunks of `ranges`, and the ranges left after them."""
+    piece: list[tuple[int, int]] = []
+    for n, (start, count) in enumerate(ranges):
+        if count >= size:
+            piece.append((start, size))
+            rest = ranges[n + 1 :]
+            if count > size:
+                rest = [(start + size, count - size), *rest]
+            return piece, rest
+        piece.append((start, count))
+        size -= count
+    return piece, []
 
 
 def _check_tag(tag: int) -> None:

@@ -12,6 +12,7 @@ __all__ = [
     "EngineError",
     "InvalidRequestError",
     "RequestTooLargeError",
+    "OverlappingRangesError",
     "SnapshotNotFoundError",
     "SnapshotExistsError",
     "TooManySnapshotsError",
@@ -40,8 +41,16 @@ class InvalidRequestError(EngineError):
     code = "invalid_request"
 
 
+class OverlappingRangesError(InvalidRequestError):
+    """A request names one chunk twice (repeated or overlapping ranges).
+
+    Applying it would copy that chunk twice and give two exceptions of one
+    chunk the same share bit: the store would be damaged for good.
+    """
+
+
 class RequestTooLargeError(InvalidRequestError):
-    """One request would change more metadata than one transaction may hold."""
+    """One request names more chunks than the engine takes at once."""
 
     code = "request_too_large"
 
