@@ -18,6 +18,7 @@ import trio
 from csnap_client import Connector, tcp_connector
 from csnap_common import single_errors
 from csnap_common.cli import add_log_level, configure_logging, host_port_arg
+from csnap_nbd.files import checked_agent_connectors
 from csnap_nbd.server import GatewayConfig, GatewayStartError, serve
 from csnap_nbd.settings import Settings
 
@@ -34,7 +35,7 @@ NBD_PORT = 10809
 
 _EPILOG = """\
 examples:
-  csnap-nbd --server 127.0.0.1:7000 --listen 127.0.0.1:10809
+  csnap-nbd --server 127.0.0.1:7000 --origin origin.img --store store.img
   csnap-nbd --agent /run/csnap/agent.sock --unix /run/csnap/nbd.sock --read-only
   nbdinfo --list nbd://127.0.0.1:10809
   qemu-img convert -O raw nbd://127.0.0.1:10809/snap-3 snap-3.raw
@@ -44,6 +45,11 @@ snapshot. Without --listen or --unix, listens on 127.0.0.1:10809. Each
 listener is printed on stdout as "listening nbd://HOST:PORT" or
 "listening nbd+unix:///?socket=PATH" once connections are accepted.
 SIGTERM or SIGINT answer the requests in flight and exit 0.
+
+With --server, --origin and --store are required and csnapd must report the
+same files. Through an agent (of this user or root), csnapd's paths are used
+unless given: absolute, not a symbolic link, a regular file or block device
+owned by this user or root.
 
 exit status: 0 stopped cleanly, 2 bad arguments, 3 could not start (a file
 would not open, an address is in use).
@@ -82,28 +88,41 @@ def _parser() -> argparse.ArgumentParser:
         "--read-only", action="store_true", help="advertise read-only exports, refuse writes"
     )
     parser.add_argument(
-        "--store", metavar="PATH", help="the snapshot store file (default: csnapd's)"
+        "--store",
+        metavar="PATH",
+        help="the snapshot store to serve; csnapd must report this file"
+        " (default: csnapd's, through an agent only)",
     )
-    parser.add_argument("--origin", metavar="PATH", help="the origin file (default: csnapd's)")
+    parser.add_argument(
+        "--origin",
+        metavar="PATH",
+        help="the origin to serve; csnapd must report this file"
+        " (default: csnapd's, through an agent only)",
+    )
     add_log_level(parser)
     return parser
 
 
 def _connectors(args: argparse.Namespace) -> tuple[Connector, Connector]:
-    """Data and admin connectors: a fixed address, or whatever the agent says."""
+    """Data and admin connectors: a fixed address, or whatever the agent says
+    (an agent of our own user or root: it vouches for the server)."""
     if args.server is not None:
         connector = tcp_connector(*args.server)
         return connector, connector
     # Imported here: the agent helpers are only needed when an agent is used.
     import csnap_client
 
-    path = args.agent or csnap_client.default_agent()
-    return csnap_client.agent_connector(path), csnap_client.agent_admin_connector(path)
+    return checked_agent_connectors(args.agent or csnap_client.default_agent())
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the gateway; returns the exit status."""
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.server is not None and (args.origin is None or args.store is None):
+        # Nothing authenticates a server reached over TCP: the gateway opens
+        # only files it is given (docs/nbd.md, "Which files the gateway opens").
+        parser.error("--server needs --origin and --store (csnapd is not authenticated over TCP)")
     configure_logging(args.log_level)
     connect, admin_connect = _connectors(args)
     tcp = args.listen or ([] if args.unix else [("127.0.0.1", NBD_PORT)])
@@ -115,6 +134,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings=Settings(read_only=args.read_only),
         origin=args.origin,
         store=args.store,
+        vouched=args.server is None,
     )
     try:
         with single_errors():

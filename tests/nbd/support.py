@@ -197,6 +197,10 @@ async def gateway(
             "127.0.0.1:0",
             "--unix",
             str(socket_path),
+            "--origin",
+            str(origin),
+            "--store",
+            str(store),
             *extra,
             server=f"127.0.0.1:{port}",
         )

@@ -199,6 +199,10 @@ async def test_sigterm_before_csnapd_answers_exits_zero(tmp_path: Path) -> None:
                 "csnap_nbd",
                 "--server",
                 f"127.0.0.1:{port}",
+                "--origin",
+                str(tmp_path / "origin.img"),
+                "--store",
+                str(tmp_path / "store.img"),
                 "--listen",
                 "127.0.0.1:0",
             ],
@@ -221,7 +225,8 @@ async def test_a_gateway_that_cannot_start_exits_3(tmp_path: Path) -> None:
     async with gateway(tmp_path) as gw:
         not_a_socket = tmp_path / "plain-file"
         not_a_socket.write_bytes(b"")
-        server = f"127.0.0.1:{gw.csnapd_port}"
+        server = ["--server", f"127.0.0.1:{gw.csnapd_port}"]
+        server += ["--origin", str(gw.origin), "--store", str(gw.store)]
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         for extra in (
             ["--unix", str(not_a_socket)],
@@ -231,7 +236,7 @@ async def test_a_gateway_that_cannot_start_exits_3(tmp_path: Path) -> None:
         ):
             with trio.fail_after(30):
                 result = await trio.run_process(
-                    [sys.executable, "-m", "csnap_nbd", "--server", server, *extra],
+                    [sys.executable, "-m", "csnap_nbd", *server, *extra],
                     capture_stdout=True,
                     capture_stderr=True,
                     check=False,
