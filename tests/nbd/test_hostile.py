@@ -25,6 +25,7 @@ from csnap_nbd.wire.constants import (
     Option,
     Reply,
 )
+from tests.compare import assert_same_bytes
 from tests.nbd.rawclient import RawClient
 from tests.nbd.support import CHUNK, ORIGIN_SIZE, Gateway, gateway, origin_image
 
@@ -227,7 +228,7 @@ async def test_simple_replies_and_export_name(gw: Gateway) -> None:
     await client.request(Command.DISC)
     assert await client.closed()
     # The origin did not change.
-    assert gw.origin.read_bytes() == IMAGE
+    assert_same_bytes(gw.origin.read_bytes(), IMAGE, "origin file")
 
     # Without NO_ZEROES, EXPORT_NAME is answered with 124 zero bytes more;
     # an unknown export can only be refused by closing.
@@ -283,4 +284,4 @@ async def test_read_only_refuses_every_write_with_eperm(tmp_path: Path) -> None:
         await client.request(Command.FLUSH, cookie=3)
         assert (await client.answer()).errors == []
         await client.aclose()
-        assert gw.origin.read_bytes() == IMAGE
+        assert_same_bytes(gw.origin.read_bytes(), IMAGE, "origin file")

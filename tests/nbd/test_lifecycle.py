@@ -18,6 +18,7 @@ from csnap_client import open_admin, tcp_connector
 from csnap_format.mkcsnap import format_store
 from csnap_nbd.wire import handshake as hs
 from csnap_nbd.wire.constants import Command, Errno, Option, Reply
+from tests.compare import assert_same_bytes
 from tests.e2e.processes import ROOT, start_agent, start_csnapd
 from tests.nbd.rawclient import RawClient
 from tests.nbd.support import (
@@ -84,7 +85,8 @@ async def test_snapshot_taken_during_writes_is_a_point_in_time(tmp_path: Path) -
         snapshot = await nbdcopy_to_bytes(gw.url("snap-1"), tmp_path)
 
     new = b"\xab" * CHUNK
-    assert gw.origin.read_bytes() == new * (WRITTEN // CHUNK) + before[WRITTEN:]
+    expected = new * (WRITTEN // CHUNK) + before[WRITTEN:]
+    assert_same_bytes(gw.origin.read_bytes(), expected, "origin file")
     # Every chunk of the snapshot is wholly from before or wholly from after
     # the create, which waited for the origin writes it had granted.
     for chunk in range(ORIGIN_SIZE // CHUNK):
@@ -326,5 +328,6 @@ async def test_nbdfuse_file_reads_and_writes_through_the_kernel(tmp_path: Path) 
                     await fuse.wait()
         expected = bytearray(image)
         expected[123_457 : 123_457 + len(data)] = data
-        assert gw.origin.read_bytes() == bytes(expected)
-        assert await nbdcopy_to_bytes(gw.url("snap-1"), tmp_path) == image
+        assert_same_bytes(gw.origin.read_bytes(), expected, "origin file")
+        snap = await nbdcopy_to_bytes(gw.url("snap-1"), tmp_path)
+        assert_same_bytes(snap, image, "snap-1")
