@@ -52,7 +52,7 @@ unless given: absolute, not a symbolic link, a regular file or block device
 owned by this user or root.
 
 exit status: 0 stopped cleanly, 2 bad arguments, 3 could not start (a file
-would not open, an address is in use).
+would not open or may not be opened, an address is in use).
 """
 
 
