@@ -157,7 +157,13 @@ async def csnap_round(d: Path, origin: Path, plan: Plan) -> tuple[dict[str, floa
     async with (
         csnapd(store, origin, d / "csnapd.log", "--log-level", "warning") as server,
         open_admin(server.connect) as admin,
-        listening([sys.executable, *gateway, "--server", server.address], d / "nbd.log"),
+        listening(
+            [
+                *(sys.executable, *gateway, "--server", server.address),
+                *("--origin", str(origin), "--store", str(store)),
+            ],
+            d / "nbd.log",
+        ),
     ):
         n = plan.writes
         await admin.create_snapshot(1)

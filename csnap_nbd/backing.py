@@ -57,6 +57,14 @@ class Backing:
             os.close(self.origin)
             raise
 
+    @classmethod
+    def adopt(cls, origin_fd: int, store_fd: int, *, origin: str, store: str) -> Backing:
+        """A Backing over descriptors already opened (and checked) by the caller."""
+        backing = cls.__new__(cls)
+        backing.origin_path, backing.store_path = origin, store
+        backing.origin, backing.store = origin_fd, store_fd
+        return backing
+
     def close(self) -> None:
         for fd in (self.origin, self.store):
             os.close(fd)

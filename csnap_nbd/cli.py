@@ -20,6 +20,7 @@ from csnap_client import Connector, tcp_connector
 from csnap_common import single_errors
 from csnap_common.cli import add_log_level, configure_logging, host_port_arg
 from csnap_common.systemd import keep_watchdog_fed, notify_ready, notify_status, notify_stopping
+from csnap_nbd.files import checked_agent_connectors
 from csnap_nbd.server import GatewayConfig, GatewayStartError, serve
 from csnap_nbd.settings import Settings
 from csnap_nbd.tls import TlsConfigError, TlsMode, TlsPolicy, server_context
@@ -37,7 +38,7 @@ NBD_PORT = 10809
 
 _EPILOG = """\
 examples:
-  csnap-nbd --server 127.0.0.1:7000 --listen 127.0.0.1:10809
+  csnap-nbd --server 127.0.0.1:7000 --origin origin.img --store store.img
   csnap-nbd --agent /run/csnap/agent.sock --unix /run/csnap/nbd.sock --read-only
   nbdinfo --list nbd://127.0.0.1:10809
   qemu-img convert -O raw nbd://127.0.0.1:10809/snap-3 snap-3.raw
@@ -56,9 +57,14 @@ TLS: --tls-certificates=DIR holds ca-cert.pem, server-cert.pem and
 server-key.pem (scripts/nbd-certs DIR makes them). A TCP address outside
 loopback is refused without TLS unless --tls=off is given.
 
+With --server, --origin and --store are required and csnapd must report the
+same files. Through an agent (of this user or root), csnapd's paths are used
+unless given: absolute, not a symbolic link, a regular file or block device
+owned by this user or root.
+
 exit status: 0 stopped cleanly, 2 bad arguments, 3 could not start (a file
-would not open, an address is in use, certificates would not load, no TLS
-outside loopback).
+would not open or may not be opened, an address is in use, certificates would
+not load, no TLS outside loopback).
 """
 
 
@@ -94,9 +100,17 @@ def _parser() -> argparse.ArgumentParser:
         "--read-only", action="store_true", help="advertise read-only exports, refuse writes"
     )
     parser.add_argument(
-        "--store", metavar="PATH", help="the snapshot store file (default: csnapd's)"
+        "--store",
+        metavar="PATH",
+        help="the snapshot store to serve; csnapd must report this file"
+        " (default: csnapd's, through an agent only)",
     )
-    parser.add_argument("--origin", metavar="PATH", help="the origin file (default: csnapd's)")
+    parser.add_argument(
+        "--origin",
+        metavar="PATH",
+        help="the origin to serve; csnapd must report this file"
+        " (default: csnapd's, through an agent only)",
+    )
     parser.add_argument(
         "--tls",
         choices=[m.value for m in TlsMode],
@@ -144,21 +158,25 @@ def _tls_policy(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Tl
 
 
 def _connectors(args: argparse.Namespace) -> tuple[Connector, Connector]:
-    """Data and admin connectors: a fixed address, or whatever the agent says."""
+    """Data and admin connectors: a fixed address, or whatever the agent says
+    (an agent of our own user or root: it vouches for the server)."""
     if args.server is not None:
         connector = tcp_connector(*args.server)
         return connector, connector
     # Imported here: the agent helpers are only needed when an agent is used.
     import csnap_client
 
-    path = args.agent or csnap_client.default_agent()
-    return csnap_client.agent_connector(path), csnap_client.agent_admin_connector(path)
+    return checked_agent_connectors(args.agent or csnap_client.default_agent())
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the gateway; returns the exit status."""
     parser = _parser()
     args = parser.parse_args(argv)
+    if args.server is not None and (args.origin is None or args.store is None):
+        # Nothing authenticates a server reached over TCP: the gateway opens
+        # only files it is given (docs/nbd.md, "Which files the gateway opens").
+        parser.error("--server needs --origin and --store (csnapd is not authenticated over TCP)")
     configure_logging(args.log_level, args.log_format, service="csnap-nbd")
     try:
         tls = _tls_policy(parser, args)
@@ -176,6 +194,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         origin=args.origin,
         store=args.store,
         tls=tls,
+        vouched=args.server is None,
     )
     try:
         with single_errors():

@@ -230,15 +230,18 @@ class Transmission:
             nursery.start_soon(self._serve, req, payload, held)
 
     async def _drain(self, req: tx.Request) -> None:
-        """A WRITE longer than advertised: skip its payload if we can, refuse it."""
+        """A WRITE longer than advertised: skip its payload if we can, refuse it.
+
+        Past `max_drain` the payload is not worth reading (no client sends
+        one; the spec lets a server hang up on a payload that large), and
+        without reading it the stream cannot be followed: the connection ends.
+        """
         if req.length > self.settings.max_drain:
             raise NbdProtocolError(f"a WRITE of {req.length} bytes")
         await self.conn.discard(req.length)
-        self._error(
-            req,
-            Errno.EOVERFLOW,
-            f"{req.length} bytes in one WRITE (at most {self.shape.max_payload})",
-        )
+        refusal = tx.check_request(req, self.shape)
+        assert refusal is not None, "a WRITE over the maximum block size is refused"
+        self._error(req, refusal.error, refusal.message)
 
     async def _serve(self, req: tx.Request, payload: bytearray | None, held: int) -> None:
         reply = _Reply(self, req, held)
@@ -275,6 +278,11 @@ class Transmission:
                 },
             )
             reply.error(exc.error, str(exc))
+        except Exception as exc:
+            # A fault of the gateway itself: this request fails, but the
+            # connection and the requests in flight on it go on.
+            log.exception("%s on %s failed", _name(req.command), self.neg.export.name)
+            reply.error(Errno.EIO, f"internal error: {type(exc).__name__}")
         finally:
             if not reply.sent:
                 self._budget.release(held)

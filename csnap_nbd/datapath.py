@@ -13,12 +13,15 @@
 #                    each chunk's old contents into the store chunk it gives,
 #                    so only the bytes asked for are written there
 #
-# Requests are split into pieces of at most max_chunks chunks, one grant at
-# a time: holding one grant while asking for the next could wait forever on
-# a create barrier that itself waits for the first grant.
+# Requests are split into pieces of at most max_chunks chunks (csnapd's
+# announced limit), one grant at a time: holding one grant while asking for
+# the next could wait forever on a create barrier that itself waits for the
+# first grant. A write piece csnapd still refuses as too large (its
+# metadata would not fit one transaction) is halved and asked again, down
+# to one chunk: whatever a request names, the gateway gets it through.
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 
 from csnap_client import (
@@ -34,6 +37,7 @@ from csnap_nbd.geometry import (
     Piece,
     Placement,
     extents,
+    halves,
     origin_placements,
     pieces,
     store_placements,
@@ -58,6 +62,9 @@ STATUS_PIECES = 4
 #: Plans one snapshot read piece may take whose origin data came past the
 #: lease deadline before the read fails with EIO.
 READ_ATTEMPTS = 4
+#: Most chunks one csnapd request names, whatever csnapd announces (its
+#: protocol's own ceiling): a server announcing more gets no larger requests.
+MAX_PIECE_CHUNKS = 65536
 #: Zeroes are written from one shared buffer of this size.
 _ZERO_SLICE = 1 << 20
 _ZEROES = memoryview(bytes(_ZERO_SLICE))
@@ -134,7 +141,31 @@ class DataPath:
         self.size = client.origin_chunks * client.chunk_size
 
     def _pieces(self, offset: int, length: int) -> Iterator[Piece]:
-        return pieces(offset, length, self.chunk_size, self.client.max_chunks)
+        # Read at each call: a csnapd restarted in between may announce another limit.
+        limit = min(max(1, self.client.max_chunks), MAX_PIECE_CHUNKS)
+        return pieces(offset, length, self.chunk_size, limit)
+
+    async def _each_write_piece(
+        self, offset: int, length: int, write: Callable[[Piece], Awaitable[None]]
+    ) -> None:
+        for piece in self._pieces(offset, length):
+            await self._write_in_parts(piece, write)
+
+    async def _write_in_parts(
+        self, piece: Piece, write: Callable[[Piece], Awaitable[None]]
+    ) -> None:
+        """`write(piece)`; halves of it, recursively, if csnapd finds it too large.
+
+        A refusal means csnapd did nothing for the request, so asking again
+        for the halves neither copies nor allocates twice.
+        """
+        try:
+            await write(piece)
+        except ServerError as exc:
+            if exc.error is not ErrorCode.REQUEST_TOO_LARGE or piece.count == 1:
+                raise
+            for half in halves(piece, self.chunk_size):
+                await self._write_in_parts(half, write)
 
     def read_now(self, offset: int, length: int) -> bytearray | None:
         """The data at once, when it needs neither csnapd nor a thread; else None."""
@@ -155,16 +186,20 @@ class DataPath:
         raise NotImplementedError
 
     async def write(self, offset: int, data: memoryview, *, fua: bool) -> None:
+        async def write(piece: Piece) -> None:
+            await self._write_piece(piece, offset, data, False)
+
         with _translated():
-            for piece in self._pieces(offset, len(data)):
-                await self._write_piece(piece, offset, data, False)
+            await self._each_write_piece(offset, len(data), write)
             if fua:
                 await self._sync_written()
 
     async def zero(self, offset: int, length: int, *, fua: bool) -> None:
+        async def zero(piece: Piece) -> None:
+            await self._write_piece(piece, offset, _ZEROES, True)
+
         with _translated():
-            for piece in self._pieces(offset, length):
-                await self._write_piece(piece, offset, _ZEROES, True)
+            await self._each_write_piece(offset, length, zero)
             if fua:
                 await self._sync_written()
 

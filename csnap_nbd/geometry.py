@@ -10,7 +10,15 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
-__all__ = ["Piece", "Placement", "pieces", "store_placements", "origin_placements", "extents"]
+__all__ = [
+    "Piece",
+    "Placement",
+    "pieces",
+    "halves",
+    "store_placements",
+    "origin_placements",
+    "extents",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +53,18 @@ def pieces(offset: int, length: int, chunk_size: int, max_chunks: int) -> Iterat
         stop = min(end, (chunk + count) * chunk_size)
         yield Piece(chunk, count, start, stop)
         chunk += count
+
+
+def halves(piece: Piece, chunk_size: int) -> tuple[Piece, Piece]:
+    """`piece` (of at least two chunks) as two pieces, the first chunk-aligned at its end."""
+    if piece.count < 2:
+        raise ValueError(f"a piece of {piece.count} chunk cannot be halved")
+    count = piece.count // 2
+    middle = (piece.first + count) * chunk_size
+    return (
+        Piece(piece.first, count, piece.start, middle),
+        Piece(piece.first + count, piece.count - count, middle, piece.end),
+    )
 
 
 def _clip(chunk: int, count: int, chunk_size: int, piece: Piece) -> tuple[int, int] | None:

@@ -27,10 +27,11 @@ import trio
 
 from csnap_client import ConnectionLostError, Connector, ServerError, open_admin
 from csnap_common import single_errors
-from csnap_nbd.backing import Backing, BackingIOError
+from csnap_nbd.backing import Backing
 from csnap_nbd.commands import Transmission
 from csnap_nbd.connection import Connection, PeerClosedError, set_nodelay
 from csnap_nbd.exports import Exports, Geometry
+from csnap_nbd.files import FileRefusedError, open_backing
 from csnap_nbd.negotiation import negotiate
 from csnap_nbd.settings import Settings
 from csnap_nbd.tls import (
@@ -66,10 +67,13 @@ class GatewayConfig:
     tcp: Sequence[tuple[str, int]] = ()
     unix: Sequence[str] = ()
     settings: Settings = field(default_factory=Settings)
-    #: Override the file paths csnapd reports (e.g. when it runs elsewhere).
+    #: The files to serve; the paths csnapd reports must name them (csnap_nbd.files).
     origin: str | None = None
     store: str | None = None
     tls: TlsPolicy = field(default_factory=TlsPolicy)
+    #: csnapd is found through an agent whose credentials are checked, so the
+    #: paths it reports may be opened when not given (csnap_nbd.files).
+    vouched: bool = False
 
 
 @dataclass
@@ -308,12 +312,18 @@ async def _refuse_plaintext_outside_loopback(config: GatewayConfig) -> None:
 
 
 def _open_backing(config: GatewayConfig, store: str, origin: str, geometry: Geometry) -> Backing:
-    origin = config.origin or origin
-    store = config.store or store
     try:
-        backing = Backing(origin, store, read_only=config.settings.read_only)
-    except BackingIOError as exc:
+        backing = open_backing(
+            reported_origin=origin,
+            reported_store=store,
+            origin=config.origin,
+            store=config.store,
+            vouched=config.vouched,
+            read_only=config.settings.read_only,
+        )
+    except FileRefusedError as exc:
         raise GatewayStartError(str(exc)) from exc
+    origin, store = backing.origin_path, backing.store_path
     size = os.lseek(backing.origin, 0, os.SEEK_END)
     if stat.S_ISREG(os.fstat(backing.origin).st_mode) and size < geometry.size:
         log.warning(

@@ -239,15 +239,23 @@ _FLAG_NEEDS: tuple[tuple[int, int, str], ...] = tuple(
 _FUA = int(CommandFlag.FUA)
 _READ_ONLY = int(TransmissionFlag.READ_ONLY)
 _WRITES = frozenset({int(Command.WRITE), int(Command.TRIM), int(Command.WRITE_ZEROES)})
-_PAYLOAD = frozenset({int(Command.READ), int(Command.WRITE)})
+#: Commands whose length the advertised maximum block size bounds (the spec
+#: names these four; TRIM and BLOCK_STATUS have no such limit).
+_SIZED = frozenset(
+    {int(Command.READ), int(Command.WRITE), int(Command.WRITE_ZEROES), int(Command.CACHE)}
+)
 _NO_SPACE = frozenset({int(Command.WRITE), int(Command.WRITE_ZEROES)})
+_FLUSH = int(Command.FLUSH)
+_BLOCK_STATUS = int(Command.BLOCK_STATUS)
 
 
 def check_request(req: Request, shape: ExportShape) -> Refusal | None:
     """Why this request must be refused before any I/O, or None if it may run.
 
-    DISC is always allowed (it has no reply). The order follows the errors'
-    usefulness to a client: unknown command, permission, flags, size, bounds.
+    The checks run in the order docs/nbd.md ("Request checks") lists them,
+    and the first that fails gives the error. DISC is never refused (it has
+    no reply). Every offset, length and flag combination ends here or runs:
+    nothing a client sends in a well-framed request may end the connection.
     """
     command = req.command
     allowed = _COMMAND_FLAGS.get(command)
@@ -263,14 +271,22 @@ def check_request(req: Request, shape: ExportShape) -> Refusal | None:
     refusal = _negotiated(req, allowed, flags)
     if refusal is not None:
         return refusal
-    if command == Command.BLOCK_STATUS and not (shape.structured and shape.contexts):
+    if command == _BLOCK_STATUS and not (shape.structured and shape.contexts):
         return Refusal(Errno.EINVAL, "no metadata context was selected")
-    if command == Command.FLUSH:
-        return None  # offset and length are reserved; nothing to bound
-    if command in _PAYLOAD and req.length > shape.max_payload:
+    if command == _FLUSH:
+        if req.offset or req.length:
+            # Reserved fields the client must send as zero.
+            return Refusal(Errno.EINVAL, "a FLUSH carries offset and length 0")
+        return None
+    if command in _SIZED and req.length > shape.max_payload:
         return Refusal(
-            Errno.EOVERFLOW, f"{req.length} bytes in one request (at most {shape.max_payload})"
+            Errno.EINVAL,
+            f"{req.length} bytes in one {Command(command).name}"
+            f" (the maximum block size is {shape.max_payload})",
         )
+    if command == _BLOCK_STATUS and req.length == 0:
+        # A descriptor's length is never 0, so no answer could describe it.
+        return Refusal(Errno.EINVAL, "a BLOCK_STATUS of length 0")
     if req.offset + req.length > shape.size:
         # Writes past the end are "no space"; other accesses are invalid (spec).
         error = Errno.ENOSPC if command in _NO_SPACE else Errno.EINVAL

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import socket
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Self
@@ -149,12 +150,15 @@ class RawClient:
     ) -> None:
         await self.send(tx.request(command, cookie, offset, length, flags) + payload)
 
-    async def answer(self, read_length: int = 0) -> Answer:
-        """The next reply; `read_length` is the data a simple READ reply carries."""
+    async def answer(self, read_length: int | Mapping[int, int] = 0) -> Answer:
+        """The next reply; `read_length` is the data a simple READ reply carries
+        (by cookie, when several READs may be answered in any order)."""
         head = await self.receive(4)
         _, rest = tx.parse_reply_header(head)
         header = tx.decode_reply_header(head + await self.receive(rest))
         if not header.structured:
+            if not isinstance(read_length, int):
+                read_length = read_length.get(header.cookie, 0)
             data = await self.receive(read_length) if header.error == 0 else b""
             return Answer(header.cookie, error=header.error, data=data)
         answer = Answer(header.cookie)

@@ -170,11 +170,22 @@ async def gateway(
     *extra: str,
     image: bytes | None = None,
     csnapd_args: Sequence[str] = (),
+    origin_size: int = ORIGIN_SIZE,
+    store_size: int = 64 << 20,
+    journal_size: int | None = None,
 ) -> AsyncIterator[Gateway]:
     """A fresh store whose origin holds `image`, served by csnapd and csnap-nbd."""
     store, origin = directory / "store.img", directory / "origin.img"
-    format_store(str(store), str(origin), store_size=64 << 20, origin_size=ORIGIN_SIZE)
-    origin.write_bytes(origin_image() if image is None else image)
+    format_store(
+        str(store),
+        str(origin),
+        store_size=store_size,
+        origin_size=origin_size,
+        journal_size=journal_size,
+        progress=False,
+    )
+    if image is not None or origin_size == ORIGIN_SIZE:
+        origin.write_bytes(origin_image() if image is None else image)
     csnapd, _, port = await start_csnapd(store, origin, directory / "csnapd.log", *csnapd_args)
     socket_path = directory / "nbd.sock"
     nbd = None
@@ -186,6 +197,10 @@ async def gateway(
             "127.0.0.1:0",
             "--unix",
             str(socket_path),
+            "--origin",
+            str(origin),
+            "--store",
+            str(store),
             *extra,
             server=f"127.0.0.1:{port}",
         )
@@ -199,6 +214,13 @@ async def gateway(
             if nbd is not None:
                 await stop(nbd)
             await stop(running.csnapd if running is not None else csnapd)
+
+
+async def csnap_check(store: Path) -> None:
+    """`csnap-check` on a store no csnapd has open: it must find nothing wrong."""
+    result = await run(sys.executable, "-m", "csnapd.check_cli", str(store), check=False)
+    if result.returncode != 0:
+        raise AssertionError(f"csnap-check exited {result.returncode}: {result.stdout[-3000:]}")
 
 
 async def stop(daemon: Daemon) -> int:

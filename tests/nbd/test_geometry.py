@@ -10,7 +10,14 @@ import random
 from hypothesis import given
 from hypothesis import strategies as st
 
-from csnap_nbd.geometry import Piece, extents, origin_placements, pieces, store_placements
+from csnap_nbd.geometry import (
+    Piece,
+    extents,
+    halves,
+    origin_placements,
+    pieces,
+    store_placements,
+)
 
 CHUNK_SIZES = st.sampled_from([1, 2, 3, 8, 512, 4096])
 
@@ -41,6 +48,20 @@ def test_pieces_cover_the_request_exactly(request: tuple[int, int, int, int]) ->
         assert 1 <= piece.count <= max_chunks
         assert piece.first == piece.start // chunk_size
         assert piece.first + piece.count - 1 == (piece.end - 1) // chunk_size
+
+
+@given(requests())
+def test_halves_of_a_piece_cover_it_exactly(request: tuple[int, int, int, int]) -> None:
+    chunk_size, offset, length, max_chunks = request
+    for piece in pieces(offset, length, chunk_size, max_chunks):
+        if piece.count == 1:
+            continue
+        first, second = halves(piece, chunk_size)
+        assert (first.first, first.start) == (piece.first, piece.start)
+        assert (second.end, second.first + second.count) == (piece.end, piece.first + piece.count)
+        assert first.end == second.start == second.first * chunk_size
+        assert first.first + first.count == second.first
+        assert 1 <= first.count <= second.count <= first.count + 1
 
 
 @given(requests(), st.integers(0, 2**32))

@@ -18,6 +18,7 @@ from csnap_client import open_admin, tcp_connector
 from csnap_format.mkcsnap import format_store
 from csnap_nbd.wire import handshake as hs
 from csnap_nbd.wire.constants import Command, Errno, Option, Reply
+from tests.compare import assert_same_bytes
 from tests.e2e.processes import ROOT, start_agent, start_csnapd
 from tests.nbd.rawclient import RawClient
 from tests.nbd.support import (
@@ -84,7 +85,8 @@ async def test_snapshot_taken_during_writes_is_a_point_in_time(tmp_path: Path) -
         snapshot = await nbdcopy_to_bytes(gw.url("snap-1"), tmp_path)
 
     new = b"\xab" * CHUNK
-    assert gw.origin.read_bytes() == new * (WRITTEN // CHUNK) + before[WRITTEN:]
+    expected = new * (WRITTEN // CHUNK) + before[WRITTEN:]
+    assert_same_bytes(gw.origin.read_bytes(), expected, "origin file")
     # Every chunk of the snapshot is wholly from before or wholly from after
     # the create, which waited for the origin writes it had granted.
     for chunk in range(ORIGIN_SIZE // CHUNK):
@@ -199,6 +201,10 @@ async def test_sigterm_before_csnapd_answers_exits_zero(tmp_path: Path) -> None:
                 "csnap_nbd",
                 "--server",
                 f"127.0.0.1:{port}",
+                "--origin",
+                str(tmp_path / "origin.img"),
+                "--store",
+                str(tmp_path / "store.img"),
                 "--listen",
                 "127.0.0.1:0",
             ],
@@ -221,7 +227,8 @@ async def test_a_gateway_that_cannot_start_exits_3(tmp_path: Path) -> None:
     async with gateway(tmp_path) as gw:
         not_a_socket = tmp_path / "plain-file"
         not_a_socket.write_bytes(b"")
-        server = f"127.0.0.1:{gw.csnapd_port}"
+        server = ["--server", f"127.0.0.1:{gw.csnapd_port}"]
+        server += ["--origin", str(gw.origin), "--store", str(gw.store)]
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         for extra in (
             ["--unix", str(not_a_socket)],
@@ -231,7 +238,7 @@ async def test_a_gateway_that_cannot_start_exits_3(tmp_path: Path) -> None:
         ):
             with trio.fail_after(30):
                 result = await trio.run_process(
-                    [sys.executable, "-m", "csnap_nbd", "--server", server, *extra],
+                    [sys.executable, "-m", "csnap_nbd", *server, *extra],
                     capture_stdout=True,
                     capture_stderr=True,
                     check=False,
@@ -321,5 +328,6 @@ async def test_nbdfuse_file_reads_and_writes_through_the_kernel(tmp_path: Path) 
                     await fuse.wait()
         expected = bytearray(image)
         expected[123_457 : 123_457 + len(data)] = data
-        assert gw.origin.read_bytes() == bytes(expected)
-        assert await nbdcopy_to_bytes(gw.url("snap-1"), tmp_path) == image
+        assert_same_bytes(gw.origin.read_bytes(), expected, "origin file")
+        snap = await nbdcopy_to_bytes(gw.url("snap-1"), tmp_path)
+        assert_same_bytes(snap, image, "snap-1")

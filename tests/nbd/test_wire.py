@@ -209,22 +209,41 @@ def test_request_checks() -> None:
     assert refusal(Command.READ, flags=1 << 9) == Errno.EINVAL
     assert refusal(Command.READ, flags=1 << 15) == Errno.EINVAL
     # FUA goes with any command once advertised; others only where documented.
-    for command in (Command.READ, Command.WRITE, Command.FLUSH, Command.TRIM, Command.CACHE):
+    for command in (Command.READ, Command.WRITE, Command.TRIM, Command.CACHE):
         assert refusal(command, flags=CommandFlag.FUA) == 0, command
+    assert refusal(Command.FLUSH, 0, 0, flags=CommandFlag.FUA) == 0
     assert refusal(Command.READ, flags=CommandFlag.REQ_ONE) == Errno.EINVAL
     assert refusal(Command.BLOCK_STATUS, flags=CommandFlag.REQ_ONE) == 0
     assert refusal(Command.WRITE_ZEROES, flags=CommandFlag.NO_HOLE) == 0
     assert refusal(Command.WRITE_ZEROES, flags=CommandFlag.FAST_ZERO) == Errno.EINVAL
     assert refusal(Command.READ, flags=CommandFlag.DF) == 0
-    # Bounds: writes past the end are ENOSPC, the rest EINVAL; sizes EOVERFLOW.
+    # Bounds: writes past the end are ENOSPC, the rest EINVAL.
     assert refusal(Command.READ, (1 << 20) - 1, 2) == Errno.EINVAL
     assert refusal(Command.WRITE, (1 << 20) - 1, 2) == Errno.ENOSPC
     assert refusal(Command.WRITE_ZEROES, 1 << 20, 1) == Errno.ENOSPC
     assert refusal(Command.TRIM, 1 << 20, 1) == Errno.EINVAL
     assert refusal(Command.BLOCK_STATUS, 1 << 20, 1) == Errno.EINVAL
-    assert refusal(Command.READ, 0, (1 << 16) + 1) == Errno.EOVERFLOW
-    assert refusal(Command.WRITE_ZEROES, 0, 1 << 20) == 0  # no payload: no size limit
-    assert refusal(Command.FLUSH, 1 << 40, 1 << 30) == 0  # offset, length reserved
+    assert refusal(Command.CACHE, (1 << 20) - 1, 2) == Errno.EINVAL
+    # offset + length past 2^64 is past the end, not a wrapped small number.
+    for command in (Command.READ, Command.TRIM, Command.BLOCK_STATUS, Command.CACHE):
+        assert refusal(command, (1 << 64) - 1, 2) == Errno.EINVAL, command
+    assert refusal(Command.WRITE, (1 << 64) - 1, 2) == Errno.ENOSPC
+    # Over the advertised maximum block size: EINVAL for the four commands it bounds.
+    for command in (Command.READ, Command.WRITE, Command.WRITE_ZEROES, Command.CACHE):
+        assert refusal(command, 0, (1 << 16) + 1) == Errno.EINVAL, command
+        assert refusal(command, 0, 1 << 16) == 0, command
+    assert refusal(Command.TRIM, 0, 1 << 20) == 0  # no maximum for trim
+    assert refusal(Command.BLOCK_STATUS, 0, 1 << 20) == 0  # an answer may describe less
+    # Length 0: a no-op everywhere but BLOCK_STATUS, which no descriptor can answer.
+    for command in (Command.READ, Command.WRITE, Command.TRIM, Command.CACHE):
+        assert refusal(command, 1 << 20, 0) == 0, command
+        assert refusal(command, (1 << 20) + 1, 0) != 0, command  # but not past the end
+    assert refusal(Command.WRITE_ZEROES, 0, 0) == 0
+    assert refusal(Command.BLOCK_STATUS, 0, 0) == Errno.EINVAL
+    # FLUSH's offset and length are reserved: zero, or EINVAL.
+    assert refusal(Command.FLUSH, 0, 0) == 0
+    assert refusal(Command.FLUSH, 1 << 40, 0) == Errno.EINVAL
+    assert refusal(Command.FLUSH, 0, 1) == Errno.EINVAL
 
 
 def test_request_checks_depend_on_negotiation() -> None:
