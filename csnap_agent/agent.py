@@ -138,6 +138,7 @@ class Agent:
         self._relay_lock = trio.Lock()
         self._relay_ids = itertools.count(1)
         self._electing = False
+        self._elect_again = False
         self._connections = 0
 
     async def serve(
@@ -183,8 +184,11 @@ class Agent:
                     nursery.start_soon(_hello_timer, peer)
                     await self._read(peer)
                 finally:
+                    # Forget the peer before anything can wait: this scope is
+                    # cancelled next (or already, when the agent stops), and
+                    # clean-up that waits would be cut short there.
+                    self._gone(peer)
                     nursery.cancel_scope.cancel()
-                    await self._gone(peer)
         finally:
             self._connections -= 1
 
@@ -271,7 +275,13 @@ class Agent:
         peer.in_flight.discard(getattr(message, "id", -1))
         await peer.send(message)
 
-    async def _gone(self, peer: _Peer) -> None:
+    def _gone(self, peer: _Peer) -> None:
+        """Forget a closed connection's registration; never waits.
+
+        What must wait (closing the relay, telling the coordinator, starting
+        a standby) runs as a task of the agent, not of the connection being
+        torn down, so that its cancellation cannot cut it short.
+        """
         for answer in peer.answers.values():
             answer.close()  # a start_server that will never be answered
         peer.answers.clear()
@@ -281,11 +291,17 @@ class Agent:
                 log.warning("the active server at %s went away", registration.candidate.address)
                 self.active = None
                 self._changed()
-                await self._drop_relay()
-                await self.coordinator.resign(registration.candidate)
-                self._nursery.start_soon(self._elect)
+                relay, self._relay = self._relay, None
+                self._nursery.start_soon(self._replace_active, registration, relay)
             else:
                 log.info("standby server at %s went away", registration.candidate.address)
+
+    async def _replace_active(self, gone: Registration, relay: Session | None) -> None:
+        """After the active server went away: close its relay, resign, elect another."""
+        if relay is not None:
+            await trio.aclose_forcefully(relay.stream)
+        await self.coordinator.resign(gone.candidate)
+        await self._elect()
 
     def _changed(self) -> None:
         self._active_changed.set()
@@ -325,17 +341,22 @@ class Agent:
     async def _elect(self) -> None:
         """Activate a registered server if there is none active and the coordinator agrees."""
         if self._electing:
+            self._elect_again = True  # the running election looks once more
             return
         self._electing = True
         try:
-            # Servers already serving first: they are the active one's survivors.
-            for registration in sorted(self.servers, key=lambda r: not r.candidate.serving):
-                if self.active is not None:
+            while self.active is None:
+                self._elect_again = False
+                # Servers already serving first: they are the active one's survivors.
+                for registration in sorted(self.servers, key=lambda r: not r.candidate.serving):
+                    if self.active is not None:
+                        return
+                    if registration not in self.servers:
+                        continue
+                    if await self.coordinator.elect(registration.candidate):
+                        await self._start(registration)
+                if not self._elect_again:
                     return
-                if registration not in self.servers:
-                    continue
-                if await self.coordinator.elect(registration.candidate):
-                    await self._start(registration)
         finally:
             self._electing = False
 
@@ -427,11 +448,6 @@ class Agent:
                 return None
             self._relay = session
             return session
-
-    async def _drop_relay(self) -> None:
-        session, self._relay = self._relay, None
-        if session is not None:
-            await trio.aclose_forcefully(session.stream)
 
 
 _NO_SERVER = "no csnapd is active: none has registered with this agent, or it went away"
