@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import trio
 
 from csnap_agent.coordinator import Candidate, Coordinator, LocalCoordinator
+from csnap_agent.registration import RegistrationError, check_against, check_fields
 from csnap_client import (
     ConnectionLostError,
     ServerError,
@@ -139,6 +140,8 @@ class Agent:
         self._relay_ids = itertools.count(1)
         self._electing = False
         self._elect_again = False
+        #: The server sent start_server and not yet answered, if any.
+        self._starting: Registration | None = None
         self._connections = 0
 
     async def serve(
@@ -215,10 +218,8 @@ class Agent:
         if isinstance(message, Hello):
             return await self._hello(peer, message)
         request = getattr(message, "id", None)
-        if peer.role is Role.SERVER and isinstance(message, Ok | Error) and request is not None:
-            answer = peer.answers.pop(request, None)
-            if answer is not None:
-                answer.send_nowait(message)
+        if isinstance(message, Ok | Error) and request in peer.answers:
+            peer.answers.pop(request).send_nowait(message)
             return True
         if request is not None:
             if request in peer.in_flight:
@@ -237,6 +238,13 @@ class Agent:
         elif isinstance(message, RELAYED):
             peer.in_flight.add(message.id)
             peer.nursery.start_soon(self._relay_request, peer, message)
+        elif isinstance(message, Ok | Error) and request is not None:
+            await self._error(
+                peer,
+                request,
+                ErrorCode.INVALID_REQUEST,
+                f"{message.TYPE} {request} answers no request the agent sent",
+            )
         elif request is not None:
             await self._error(
                 peer,
@@ -318,14 +326,21 @@ class Agent:
         if any(r.peer is peer for r in self.servers):
             await self._error(peer, message.id, ErrorCode.INVALID_REQUEST, "already registered")
             return
-        candidate = Candidate(message.address, message.store, message.pid, message.active)
         try:
-            split_host_port(message.address)
-        except ValueError:
-            await self._error(
-                peer, message.id, ErrorCode.INVALID_REQUEST, f"bad address {message.address!r}"
+            check_fields(message.address, message.store, message.pid)
+            serving = self.active or self._starting
+            check_against(
+                message.address,
+                message.store,
+                message.active,
+                [r.candidate for r in self.servers],
+                serving.candidate if serving is not None else None,
             )
+        except RegistrationError as exc:
+            log.warning("%s: registration refused: %s", peer, exc)
+            await self._error(peer, message.id, ErrorCode.INVALID_REQUEST, str(exc))
             return
+        candidate = Candidate(message.address, message.store, message.pid, message.active)
         registration = Registration(candidate, peer, time.time_ns())
         self.servers.append(registration)
         log.info(
@@ -367,13 +382,17 @@ class Agent:
         peer.answers[request] = send
         address = registration.candidate.address
         log.info("starting the server at %s", address)
-        await peer.send(StartServer(request))
-        answer: Message | None = None
-        async with receive:
-            try:
-                answer = await receive.receive()
-            except trio.EndOfChannel:
-                answer = None
+        self._starting = registration
+        try:
+            await peer.send(StartServer(request))
+            answer: Message | None = None
+            async with receive:
+                try:
+                    answer = await receive.receive()
+                except trio.EndOfChannel:
+                    answer = None
+        finally:
+            self._starting = None
         if registration not in self.servers:
             log.warning("the server at %s went away while starting", address)
             return

@@ -49,7 +49,8 @@ class AgentLink:
     def __init__(self, path: str, *, address: str, store: str):
         self.path = path
         self.address = address
-        self.store = store
+        #: Absolute, as the agent requires: it may run in another directory.
+        self.store = os.path.abspath(store)
         #: Set when the agent asked this server to start.
         self.start_requested = trio.Event()
         self._start_request: int | None = None
