@@ -106,9 +106,24 @@ class _Peer:
         return f"{role} {self.number}"
 
     async def send(self, message: Message) -> None:
+        """Send `message`; a reply too big for the peer's frame limit becomes
+        `error` `request_too_large`, so that every request is answered."""
         async with self.send_lock:
             try:
-                await self.stream.send_all(self.codec.send(message))
+                try:
+                    data = self.codec.send(message)
+                except LocalProtocolError as exc:
+                    log.warning("%s: cannot send %s: %s", self, message.TYPE, exc)
+                    request = getattr(message, "id", None)
+                    if request is None or isinstance(message, Error):
+                        return
+                    code = ErrorCode.REQUEST_TOO_LARGE
+                    data = self.codec.send(
+                        Error(
+                            request, int(code), code.symbol, f"the reply does not fit: {exc}"[:1024]
+                        )
+                    )
+                await self.stream.send_all(data)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 pass  # the reader sees the end and cleans up
             except LocalProtocolError as exc:
@@ -223,7 +238,10 @@ class Agent:
             return True
         if request is not None:
             if request in peer.in_flight:
-                await self._error(peer, request, ErrorCode.DUPLICATE_REQUEST, "id in flight")
+                # Not _error: the request already in flight under this id
+                # still counts against the limit until it is answered.
+                code = ErrorCode.DUPLICATE_REQUEST
+                await peer.send(Error(request, int(code), code.symbol, "id in flight"))
                 return True
             if len(peer.in_flight) >= MAX_IN_FLIGHT:
                 await self._error(
