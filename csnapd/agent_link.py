@@ -62,6 +62,7 @@ class AgentLink:
     async def run(self) -> None:
         """Stay registered with the agent until cancelled; never raises on its loss."""
         told = False
+        refusal = ""
         while True:
             try:
                 await self._session()
@@ -72,9 +73,12 @@ class AgentLink:
             except RemoteProtocolError as exc:
                 log.error("agent %s broke the protocol: %s", self.path, exc)
             except AgentRefusedError as exc:
-                log.error("agent %s refused this server: %s", self.path, exc)
+                if str(exc) != refusal:  # said once, not every second
+                    refusal = str(exc)
+                    log.error("agent %s refused this server: %s; retrying", self.path, exc)
             else:
                 told = False
+                refusal = ""
                 log.warning("lost the agent %s; registering again when it is back", self.path)
             self._stream = None
             await trio.sleep(RETRY_INTERVAL)

@@ -4,6 +4,7 @@
 # refusal changes nothing, and the active server keeps being the answer.
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -23,7 +24,7 @@ from csnap_protocol import (
     ServerReady,
     StartServer,
 )
-from tests.e2e.processes import csnap, poll, start_agent, start_csnapd_with_agent
+from tests.e2e.processes import csnap, poll, start, start_agent, start_csnapd_with_agent
 from tests.e2e.test_agent import make
 from tests.e2e.test_failover import reaped
 
@@ -137,3 +138,40 @@ async def test_nonsense_registrations_are_refused(tmp_path: Path) -> None:
 
             with trio.fail_after(10):
                 await poll(standby_active)
+
+
+def _relative(path: Path) -> str:
+    return os.path.relpath(path)
+
+
+async def test_a_csnapd_for_another_store_is_refused_and_says_so_once(tmp_path: Path) -> None:
+    store, origin = make(tmp_path)
+    other = tmp_path / "other"
+    other.mkdir()
+    other_store, other_origin = make(other)
+    sock = tmp_path / "agent.sock"
+    async with reaped() as daemons:
+        daemons.append(await start_agent(sock, tmp_path / "agent.log"))
+        server, host, port = await start_csnapd_with_agent(
+            store, origin, tmp_path / "csnapd.log", sock
+        )
+        daemons.append(server)
+        log = other / "csnapd.log"
+        # Given relative paths: csnapd registers their absolute form.
+        intruder = await start(
+            ["csnapd", _relative(other_store), _relative(other_origin), "--agent", str(sock)], log
+        )
+        daemons.append(intruder)
+
+        async def refused() -> bool:
+            return "refused this server" in log.read_text()
+
+        with trio.fail_after(10):
+            await poll(refused)
+        await trio.sleep(2.5)  # it tries again every second
+        text = log.read_text()
+        assert text.count("refused this server") == 1, text
+        assert f"serve the store {store}, not {other_store}" in text, text
+        assert (await find_server(str(sock), wait=False)).address == f"{host}:{port}"
+        assert await intruder.stop() == 0
+        assert await server.stop() == 0
