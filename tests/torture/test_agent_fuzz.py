@@ -84,6 +84,9 @@ _fuzz = settings(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 
+#: Snapshots the fixture creates; steps create, delete and change a few more.
+BIG_TAGS = range(100, 160)
+
 # Stand-ins the steps use for what only the running cluster knows.
 SERVER_ADDRESS = "<csnapd's address>"
 SERVER_STORE = "<csnapd's store>"
@@ -107,6 +110,8 @@ class Cluster:
     baseline: int = 0
     examples: int = 0
     steps: int = 0
+    #: Answers to checked registrations: "ok" or the error's name, counted.
+    registrations: dict[str, int] = field(default_factory=dict)
 
     def agent_sockets(self) -> int:
         """Sockets the agent process holds open."""
@@ -163,6 +168,10 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         async def settle() -> None:
             with trio.fail_after(30):
                 await find_server(sock, wait=True)
+            # Snapshots enough that a status does not fit in a 4096-byte frame.
+            async with open_admin(agent_admin_connector(sock)) as admin:
+                for tag in BIG_TAGS:
+                    await admin.create_snapshot(tag)
             await _good_client(built)  # opens the relay connection
 
         trio.run(settle)
@@ -170,7 +179,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         yield built
         print(
             f"\ncsnap-agent fuzz: {built.examples} sequences, {built.steps} steps"
-            f" from up to {PEERS} peers at once"
+            f" from up to {PEERS} peers at once; registrations answered {built.registrations}"
         )
         assert _stop(server) == 0, (directory / "csnapd.log").read_text()[-3000:]
         assert _stop(agent) == 0, (directory / "agent.log").read_text()[-3000:]
@@ -231,6 +240,8 @@ class Register:
     active: bool
     #: Whether the fields are sensible on their own (the model's word).
     sensible: bool
+    #: Sent on a new connection: the peer's old one is closed first.
+    reconnect: bool = False
 
 
 @dataclass(frozen=True)
@@ -262,42 +273,36 @@ class Close:
     half: bool
 
 
-#: Addresses, and whether each is sensible on its own.
-_ADDRESSES = [
-    (":70", False),
-    ("127.0.0.1:0", False),
-    ("127.0.0.1:65536", False),
-    ("127.0.0.1: 7", False),
-    ("127.0.0.1:0x10", False),
-    ("::1:70", False),
-    ("", False),
-    ("[::1]:7001", True),
-    ("localhost:7002", True),
-    ("127.0.0.1:7003", True),
-    ("127.0.0.1:7004", True),
-    (SERVER_ADDRESS, True),
-]
-_STORES = [
-    ("", False),
-    ("store.img", False),
-    ("/srv/../store", False),
-    ("/srv/store\0", False),
-    ("/elsewhere/store", True),
-    (SERVER_STORE, True),
-    (SERVER_STORE, True),
-]
+#: Addresses that make no sense, and sensible ones (few, so that peers
+#: collide on them).
+_BAD_ADDRESSES = [":70", "127.0.0.1:0", "127.0.0.1:65536", "127.0.0.1: 7", "127.0.0.1:0x10"]
+_BAD_ADDRESSES += ["::1:70", "", "[localhost]:7", "host_name:7", "127.0.0.1:-7"]
+_GOOD_ADDRESSES = ["[::1]:7001", "localhost:7002", "127.0.0.1:7003", "127.0.0.1:7004"]
+_BAD_STORES = ["", "store.img", "/srv/../store", "/srv/store\0", "/srv/store/"]
 
 
 @st.composite
 def _registrations(draw: st.DrawFn) -> Register:
-    address, good_address = draw(st.sampled_from(_ADDRESSES))
-    store, good_store = draw(st.sampled_from(_STORES))
-    pid = draw(st.sampled_from([0, 1, 4242, 0xFFFF_FFFF]))
-    active = draw(st.booleans())
-    return Register(address, store, pid, active, good_address and good_store and pid != 0)
+    """Mostly sensible registrations; some with one field that makes no sense,
+    some contradicting csnapd's (its address, another store)."""
+    address = draw(st.sampled_from(_GOOD_ADDRESSES))
+    store, pid, sensible = SERVER_STORE, draw(st.sampled_from([1, 4242, 0xFFFF_FFFF])), True
+    flaw = draw(st.sampled_from(["none", "none", "none", "address", "store", "pid", "other"]))
+    if flaw == "address":
+        address, sensible = draw(st.sampled_from(_BAD_ADDRESSES)), False
+    elif flaw == "store":
+        store, sensible = draw(st.sampled_from(_BAD_STORES)), False
+    elif flaw == "pid":
+        pid, sensible = 0, False
+    elif flaw == "other":
+        address, store = draw(
+            st.sampled_from([(SERVER_ADDRESS, SERVER_STORE), (address, "/elsewhere/store")])
+        )
+    active, reconnect = draw(st.booleans()), draw(st.booleans())
+    return Register(address, store, pid, active, sensible, reconnect)
 
 
-_tags = st.integers(0, 5) | st.sampled_from([0xFFFF_FFFF, 1 << 20])
+_tags = st.integers(0, 5) | st.sampled_from([100, 159, 0xFFFF_FFFF, 1 << 20])
 _relayed = st.one_of(
     st.builds(ListSnapshots, st.just(0)),
     st.builds(GetStatus, st.just(0)),
@@ -322,14 +327,18 @@ _actions = st.one_of(
         st.sampled_from(["server", "server", "client", "admin", "admin"]),
         st.sampled_from([4096, 65536, 1 << 20]),
     ),
+    # Registrations and relays weigh more: they are where the model has most to say.
+    _registrations(),
+    _registrations(),
     _registrations(),
     st.builds(Flood, st.integers(1, 100), st.booleans(), st.booleans()),
+    st.builds(Relay, _relayed),
     st.builds(Relay, _relayed),
     st.builds(Garbage, _garbage),
     st.just(StopReading()),
     st.builds(Close, st.booleans()),
 )
-_sequences = st.lists(st.tuples(st.integers(0, PEERS - 1), _actions), min_size=1, max_size=STEPS)
+_sequences = st.lists(st.tuples(st.integers(0, PEERS - 1), _actions), min_size=2, max_size=STEPS)
 
 
 # -- peers and the model ---------------------------------------------------------------
@@ -416,14 +425,29 @@ class Sequence:
                 perhaps |= other.maybe_registered
         return sure, perhaps
 
-    async def step(self, index: int, action: object) -> None:
+    async def _peer_for(self, index: int, action: object) -> Peer | None:
+        """The peer a step acts on, connected first if the step needs it."""
         peer = self.peers.get(index)
-        if isinstance(action, Open):
+        if isinstance(action, Open) or (isinstance(action, Register) and action.reconnect):
             if peer is not None:
                 await self.close(index, half=False)
+            peer = None
+        if isinstance(action, Open):
             await self.open(index, action)
-            return
-        if peer is None or peer.broken:
+            return None
+        if peer is None:
+            # A step for a peer not connected connects one in the role the
+            # step fits, with the smallest frame limit one time in two.
+            role = {Register: "server", Flood: "client", Relay: "admin"}.get(type(action))
+            if role is None:
+                return None
+            await self.open(index, Open(role, 4096 if index % 2 else 1 << 20))
+            peer = self.peers[index]
+        return None if peer.broken else peer
+
+    async def step(self, index: int, action: object) -> None:
+        peer = await self._peer_for(index, action)
+        if peer is None:
             return
         if isinstance(action, Register):
             await self.register(peer, action)
@@ -433,8 +457,7 @@ class Sequence:
             await self.relay(peer, action.request)
         elif isinstance(action, Garbage):
             await peer.send(action.data)
-            peer.broken = True  # the agent closes it; what it sent before stands
-            await self.wait_closed(peer)
+            await self.broken(peer)
         elif isinstance(action, StopReading):
             peer.reading = False
             peer.stop.cancel()
@@ -463,6 +486,18 @@ class Sequence:
         peer.stop.cancel()
         await trio.aclose_forcefully(peer.stream)
 
+    async def broken(self, peer: Peer) -> None:
+        """The peer broke the protocol: the agent closes its connection, and
+        with it forgets its registration (before closing, so a peer that
+        reads knows it is gone once it sees the end)."""
+        peer.broken = True
+        if peer.registered is not None:
+            peer.maybe_registered.add(peer.registered)
+            peer.registered = None
+        if peer.reading:
+            await self.wait_closed(peer)
+            peer.maybe_registered.clear()
+
     async def wait_closed(self, peer: Peer) -> None:
         if peer.reading:
             await peer.until(lambda: peer.ended)
@@ -475,9 +510,8 @@ class Sequence:
         if peer.reading:
             await self.all_answered(peer)
         await peer.send(encode_frame(message))
-        peer.broken = True
+        await self.broken(peer)
         if peer.reading:
-            await self.wait_closed(peer)
             ends = [f for f in peer.frames if f.get("type") == "error" and f.get("id") is None]
             assert ends and ends[-1]["name"] == "wrong_role", peer.frames[-3:]
         return True
@@ -520,6 +554,8 @@ class Sequence:
             return
         outcome = reply["type"] if reply["type"] == "ok" else reply.get("name")
         assert outcome in expected, (action, address, store, reply)
+        tally = self.cluster.registrations
+        tally[outcome] = tally.get(outcome, 0) + 1
         if outcome == "ok":
             peer.registered = address
 
@@ -600,19 +636,48 @@ def test_the_agent_answers_a_good_client_whatever_its_peers_send(
     async def run() -> None:
         async with trio.open_nursery() as nursery:
             peers = Sequence(cluster, nursery)
-            for index, action in sequence:
-                cluster.steps += 1
-                await peers.step(index, action)
-                await _good_client(cluster)
-            for index in list(peers.peers):
-                await peers.close(index, half=False)
-            nursery.cancel_scope.cancel()
+            try:
+                for index, action in sequence:
+                    cluster.steps += 1
+                    await peers.step(index, action)
+                    await _good_client(cluster)
+                for index in list(peers.peers):
+                    await peers.close(index, half=False)
+            finally:
+                # Also when a check failed: the next example starts afresh.
+                for peer in peers.peers.values():
+                    await trio.aclose_forcefully(peer.stream)
+                nursery.cancel_scope.cancel()
         await _good_client(cluster)
 
     trio.run(run)
-    # Every hostile connection is gone at the agent: back to its own sockets.
+    _back_to_baseline(cluster)
+    # The agent forgot every registration with its connection: each address
+    # may be registered again (the agent closes a socket only after that).
+    trio.run(_register_every_address, cluster)
+    _back_to_baseline(cluster)
+
+
+def _back_to_baseline(cluster: Cluster) -> None:
+    """Every hostile connection is gone at the agent: back to its own sockets."""
     deadline = time.monotonic() + ANSWER
     while (sockets := cluster.agent_sockets()) > cluster.baseline:
         assert time.monotonic() < deadline, f"{sockets} sockets, {cluster.baseline} expected"
         time.sleep(0.01)
     assert sockets == cluster.baseline
+
+
+async def _register_every_address(cluster: Cluster) -> None:
+    async with trio.open_nursery() as nursery:
+        peers = Sequence(cluster, nursery)
+        sensible = _GOOD_ADDRESSES
+        try:
+            for index, address in enumerate(sensible):
+                await peers.open(index, Open("server", 65536))
+                registration = Register(address, SERVER_STORE, 4242, False, True)
+                await peers.register(peers.peers[index], registration)
+                assert peers.peers[index].registered == address
+        finally:
+            for peer in peers.peers.values():
+                await trio.aclose_forcefully(peer.stream)
+            nursery.cancel_scope.cancel()
