@@ -17,8 +17,9 @@
 #     no_server (csnapd is active all along);
 #   * garbage closes only its own connection;
 #   * at the end, once the peers are gone, the agent holds no connection but
-#     its own (listener, csnapd's registration, the relay), and when csnapd
-#     stops the store is clean.
+#     its own (listener, csnapd's registration, the relay), and no
+#     registration outlives its connection: every address may be registered
+#     again; when csnapd stops, the store is clean.
 # CSNAP_AGENT_FUZZ_EXAMPLES sets the number of sequences (scripts/torture's
 # long run uses thousands).
 from __future__ import annotations
