@@ -9,7 +9,7 @@
 #     so a damaged pointer is reported instead of followed.
 #   * A leaf gets room for one more exception by splitting at the byte middle,
 #     or, when the chunk is 2^32 or more past its base, by starting a new leaf
-#     at that chunk (64-bit chunks in u32 directory entries, B9).
+#     at that chunk (64-bit chunks in u32 directory entries).
 #   * Deleting snapshots' bits are cleared by a sweep in key order; a leaf left
 #     half empty is merged into its left sibling, index nodes likewise, and a
 #     root with one child gives way to that child.
