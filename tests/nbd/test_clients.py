@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.compare import assert_same_bytes
 from tests.nbd.support import (
     CHUNK,
     ORIGIN_SIZE,
@@ -75,9 +76,13 @@ async def test_snapshot_keeps_the_old_data_while_the_origin_changes(tmp_path: Pa
         await run(*qemu_io(gw.url(), "flush"))
 
         # Byte-exact images through both listeners, several connections each.
-        assert await nbdcopy_to_bytes(gw.url("snap-1"), tmp_path, "snap.raw") == before
-        assert await nbdcopy_to_bytes(gw.url(unix=True), tmp_path, "origin.raw") == after
-        assert gw.origin.read_bytes() == after
+        assert_same_bytes(
+            await nbdcopy_to_bytes(gw.url("snap-1"), tmp_path, "snap.raw"), before, "snap-1"
+        )
+        assert_same_bytes(
+            await nbdcopy_to_bytes(gw.url(unix=True), tmp_path, "origin.raw"), after, "origin"
+        )
+        assert_same_bytes(gw.origin.read_bytes(), after, "origin file")
         # qemu-io's own pattern check on an unaligned range of each side.
         await run(*qemu_io(gw.url(), "read -P 0xa2 10000 5000", read_only=True))
         snap = gw.url("snap-1", unix=True)
@@ -119,10 +124,16 @@ async def test_snapshot_writes_of_any_alignment_keep_the_rest_of_each_chunk(
         await run(*qemu_io(gw.url("snap-4"), f"write -z {500 * CHUNK + 3} 5000"))
         patch(snap4, 500 * CHUNK + 3, bytes(5000))
 
-        assert await nbdcopy_to_bytes(gw.url("snap-4"), tmp_path, "s4.raw") == snap4
-        assert await nbdcopy_to_bytes(gw.url("snap-3"), tmp_path, "s3.raw") == before
-        assert await nbdcopy_to_bytes(gw.url(), tmp_path, "o.raw") == origin_after
-        assert gw.origin.read_bytes() == origin_after
+        assert_same_bytes(
+            await nbdcopy_to_bytes(gw.url("snap-4"), tmp_path, "s4.raw"), snap4, "snap-4"
+        )
+        assert_same_bytes(
+            await nbdcopy_to_bytes(gw.url("snap-3"), tmp_path, "s3.raw"), before, "snap-3"
+        )
+        assert_same_bytes(
+            await nbdcopy_to_bytes(gw.url(), tmp_path, "o.raw"), origin_after, "origin"
+        )
+        assert_same_bytes(gw.origin.read_bytes(), origin_after, "origin file")
 
 
 async def test_block_status_reports_the_chunks_csnapd_has_copied(tmp_path: Path) -> None:
@@ -197,9 +208,9 @@ async def test_read_only_gateway_serves_reads_and_refuses_writes(tmp_path: Path)
         export = info["exports"][0]
         assert export["is_read_only"] is True
         assert export["can_zero"] is False and export["can_trim"] is False
-        assert await nbdcopy_to_bytes(gw.url("snap-1"), tmp_path) == before
+        assert_same_bytes(await nbdcopy_to_bytes(gw.url("snap-1"), tmp_path), before, "snap-1")
         # qemu refuses to open a read-only export for writing at all...
         refused = await run(*qemu_io(gw.url(), "write -P 1 0 512"), check=False)
         assert refused.returncode != 0
         # ...and the raw-client tests check the gateway's own EPERM.
-        assert gw.origin.read_bytes() == before
+        assert_same_bytes(gw.origin.read_bytes(), before, "origin file")

@@ -25,6 +25,7 @@ from csnap_nbd.wire.constants import (
     Option,
     Reply,
 )
+from tests.compare import assert_same_bytes
 from tests.nbd.rawclient import RawClient
 from tests.nbd.support import CHUNK, ORIGIN_SIZE, Gateway, gateway, origin_image
 
@@ -211,11 +212,11 @@ async def test_simple_replies_and_export_name(gw: Gateway) -> None:
     await client.send(hs.option(Option.EXPORT_NAME, b"snap-1"))
     size, flags = struct.unpack(">QH", await client.receive(10))  # NO_ZEROES was agreed
     assert size == ORIGIN_SIZE and flags & 1
-    assert await read(client, 4095, 4098) == IMAGE[4095 : 4095 + 4098]
+    assert_same_bytes(await read(client, 4095, 4098), IMAGE[4095 : 4095 + 4098], "snap-1")
     data = b"\x42" * 5000
     await client.request(Command.WRITE, 6000, len(data), cookie=3, payload=data)
     assert (await client.answer()).error == 0
-    assert await read(client, 6000, 5000) == data
+    assert_same_bytes(await read(client, 6000, 5000), data, "snap-1")
     await client.request(Command.FLUSH, cookie=4)
     assert (await client.answer()).error == 0
     # Errors in simple mode carry no data.
@@ -227,7 +228,7 @@ async def test_simple_replies_and_export_name(gw: Gateway) -> None:
     await client.request(Command.DISC)
     assert await client.closed()
     # The origin did not change.
-    assert gw.origin.read_bytes() == IMAGE
+    assert_same_bytes(gw.origin.read_bytes(), IMAGE, "origin file")
 
     # Without NO_ZEROES, EXPORT_NAME is answered with 124 zero bytes more;
     # an unknown export can only be refused by closing.
@@ -283,4 +284,4 @@ async def test_read_only_refuses_every_write_with_eperm(tmp_path: Path) -> None:
         await client.request(Command.FLUSH, cookie=3)
         assert (await client.answer()).errors == []
         await client.aclose()
-        assert gw.origin.read_bytes() == IMAGE
+        assert_same_bytes(gw.origin.read_bytes(), IMAGE, "origin file")
