@@ -12,11 +12,13 @@ from collections.abc import Sequence
 
 __all__ = ["assert_same_bytes", "assert_same_chunks", "first_difference"]
 
+Bytes = bytes | bytearray | memoryview
+
 #: Bytes shown either side of the first difference.
 WINDOW = 16
 
 
-def first_difference(actual: bytes | bytearray | memoryview, expected: bytes) -> int | None:
+def first_difference(actual: Bytes, expected: Bytes) -> int | None:
     """Offset of the first byte where the two differ (or one ends), or None."""
     a, e = memoryview(actual).cast("B"), memoryview(expected).cast("B")
     if a == e:
@@ -33,15 +35,13 @@ def first_difference(actual: bytes | bytearray | memoryview, expected: bytes) ->
     return lo
 
 
-def _window(data: bytes | bytearray | memoryview, at: int) -> str:
+def _window(data: Bytes, at: int) -> str:
     start = max(0, at - WINDOW)
     piece = bytes(data[start : at + WINDOW])
     return f"[{start}:{start + len(piece)}] {piece.hex(' ')}"
 
 
-def assert_same_bytes(
-    actual: bytes | bytearray | memoryview, expected: bytes, what: str = "data"
-) -> None:
+def assert_same_bytes(actual: Bytes, expected: Bytes, what: str = "data") -> None:
     """Fail, without a diff, unless `actual` equals `expected`.
 
     Raises:
@@ -61,7 +61,7 @@ def assert_same_bytes(
 
 
 def assert_same_chunks(
-    actual: Sequence[bytes], expected: Sequence[bytes], what: str = "chunks"
+    actual: Sequence[Bytes], expected: Sequence[Bytes], what: str = "chunks"
 ) -> None:
     """Like assert_same_bytes for lists of chunks, naming the first bad chunk."""
     if len(actual) != len(expected):
