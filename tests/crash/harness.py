@@ -374,7 +374,7 @@ def misplaced_copy(engine: Engine, image: MemoryDevice, size: int) -> str | None
     and version; version 0 is all zeros.)
     """
     zeros = bytes(size)
-    for chunk, _, target in engine.exceptions(0, ORIGIN_CHUNKS):
+    for chunk, _, target in engine.exceptions(0, engine.origin_chunks):
         data = image.read(target * size, size)
         if data == zeros:
             continue
