@@ -75,6 +75,8 @@ class _Timer:
         self.item = item
         self.timeout = timeout
         self.cancelled = False
+        #: The trio run last cancelled for this test.
+        self.cancelled_run: trio.lowlevel.TrioToken | None = None
 
     def start(self) -> None:
         signal.signal(signal.SIGALRM, self._fire)
@@ -93,9 +95,13 @@ class _Timer:
         if token is None:
             _dump_stacks()
             pytest.fail(_message(self.item, self.timeout))
-        if not self.cancelled:
+        if token is not self.cancelled_run:
+            # The first alarm, or a new trio run since (hypothesis runs an
+            # async test once per example): cancel it and give it time.
+            if not self.cancelled:
+                _dump_stacks()
             self.cancelled = True
-            _dump_stacks()
+            self.cancelled_run = token
             token.run_sync_soon(_cancel_every_task)
             signal.setitimer(signal.ITIMER_REAL, GRACE_SECONDS)
             return
