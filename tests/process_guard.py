@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import gc
 import os
 import signal
 import time
@@ -105,6 +106,10 @@ def _no_process_outlives_its_test(request: pytest.FixtureRequest) -> Iterator[No
     before = frozenset(descendants())
     yield
     left = kill_descendants(keep=before)
+    if left:
+        # The test's process objects of what was killed warn when collected:
+        # let that happen now, in this test, not in a later one.
+        gc.collect()
     report = getattr(request.node, "_csnap_call_report", None)
     if left and report is not None and report.passed:
         names = "; ".join(f"{pid}: {cmd}" for pid, cmd in sorted(left.items()))
