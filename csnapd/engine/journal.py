@@ -14,8 +14,9 @@
 # them all.
 #
 # Recovery reads every slot, takes the newest transaction whose images match
-# its payload CRC, and replays from its tail in sequence order, stopping at
-# the first missing or damaged transaction (rule 3).
+# its payload CRC and carry its sequence, and replays from its tail in
+# sequence order, stopping at the first missing or damaged transaction
+# (rule 3).
 from __future__ import annotations
 
 from collections import deque
@@ -107,6 +108,25 @@ def _image_kind(g: Geometry, home: int, image: bytes) -> BlockType:
     return BlockType(kind) if kind in _AREA_KINDS else BlockType.LEAF
 
 
+def _images_belong(g: Geometry, record: CommitRecord, images: list[bytes]) -> bool:
+    """Whether each image is an intact block of its home, written by `record`.
+
+    docs/format.md, "Image sequence rule": an intact image of another
+    transaction in the slot is stale, whatever the CRC says.
+    """
+    try:
+        for home, image in zip(record.homes, images, strict=True):
+            kind = _image_kind(g, home, image)
+            header = read_header(
+                image, kind, address=home, store_id=g.store_id, block_size=g.block_size
+            )
+            if header.sequence != record.sequence:
+                return False
+    except FormatError:
+        return False
+    return True
+
+
 def _verified(
     raw: bytes, g: Geometry, candidates: list[tuple[int, CommitRecord]]
 ) -> _Transaction | None:
@@ -119,11 +139,7 @@ def _verified(
             images.append(raw[at : at + size])
         if payload_crc(images) != record.payload_crc:
             continue
-        try:
-            for home, image in zip(record.homes, images, strict=True):
-                kind = _image_kind(g, home, image)
-                read_header(image, kind, address=home, store_id=g.store_id, block_size=size)
-        except FormatError:
+        if not _images_belong(g, record, images):
             continue
         return _Transaction(slot, record, images)
     return None
