@@ -19,7 +19,7 @@
 # recovered ⊆ issued), each reading exactly what the model says. And every
 # copy the btree points at, live or being deleted, must hold data of its own
 # chunk, which is what makes a chunk reused before its free was durable
-# (rule 4) visible.
+# (rule: no reuse before durable) visible.
 from __future__ import annotations
 
 import random
@@ -386,7 +386,7 @@ def misplaced_copy(engine: Engine, image: MemoryDevice, size: int) -> str | None
     """The first store copy that holds another chunk's data, described; or None.
 
     Every copy the btree points at holds data of its own logical chunk: a
-    chunk handed out again while a durable exception still used it (rule 4)
+    chunk handed out again while a durable exception still used it (no reuse before durable)
     holds another chunk's data. (Workload data is labelled with its chunk
     and version; version 0 is all zeros.)
     """

@@ -1,5 +1,5 @@
 # Space coming back: a chunk freed by a transaction is not written before that
-# transaction is durable (rule 4), seen from the disk after a power cut rather
+# transaction is durable (no reuse before durable), seen from the disk after a power cut rather
 # than from the engine's counters; and the deletion sweep reaches the origin's
 # last leaf.
 from __future__ import annotations
