@@ -52,8 +52,23 @@ class Csnapd:
                 return int(line.split()[1])
         raise RuntimeError("no VmRSS line in /proc/PID/status")
 
-    def log_tail(self, size: int = 3000) -> str:
-        return self.log.read_text(errors="replace")[-size:]
+    def log_tail(self, lines: int = 40) -> str:
+        """The end of its log, a run of one message repeated shown once with its count."""
+        out: list[str] = []
+        repeats = 0
+        for line in self.log.read_text(errors="replace").splitlines():
+            # "2026-11-30 14:42:54,983 csnapd ...": compare without the time.
+            logged = line[:4].isdigit() and line[23:24] == " "
+            if logged and out and line[24:] == out[-1][24:]:
+                repeats += 1
+                continue
+            if repeats:
+                out.append(f"    (the line above {repeats} more times)")
+                repeats = 0
+            out.append(line)
+        if repeats:
+            out.append(f"    (the line above {repeats} more times)")
+        return "\n".join(out[-lines:])
 
     def stop(self) -> int:
         """SIGTERM, then its exit status (killed if it does not stop in time)."""

@@ -69,14 +69,19 @@ def ranges_strategy(origin_chunks: int, max_chunks: int) -> st.SearchStrategy[Ra
     spread = st.tuples(st.integers(0, 1), st.sampled_from([700, 1100, min(2047, n // 2 - 1)])).map(
         lambda s: tuple((s[0] + 2 * i, 1) for i in range(s[1]))
     )
+
+    def at_limit(kind: str) -> Ranges:
+        if kind == "max_chunks":
+            return ((0, max_chunks),)
+        if kind == "max_chunks + 1":
+            return ((0, max_chunks + 1),)
+        if kind == "max_chunks ranges":
+            return tuple((i, 1) for i in range(min(max_chunks, n)))
+        return tuple((i % n, 1) for i in range(MAX_RANGES))
+
     limits = st.sampled_from(
-        [
-            ((0, max_chunks),),
-            ((0, max_chunks + 1),),
-            tuple((i, 1) for i in range(min(max_chunks, n))),
-            tuple((i % n, 1) for i in range(MAX_RANGES)),
-        ]
-    )
+        ["max_chunks", "max_chunks + 1", "max_chunks ranges", "MAX_RANGES ranges"]
+    ).map(at_limit)
     return st.one_of(
         few, few, few, repeated, overlaps, overlaps, edge, beyond, st.just(()), spread, limits
     ).map(Drawn)
