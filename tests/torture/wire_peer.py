@@ -29,15 +29,19 @@ from csnap_protocol import (
     StatusReply,
 )
 
-__all__ = ["WirePeer", "PeerClosed", "get_status"]
+__all__ = ["WirePeer", "PeerClosed", "SendStalled", "get_status"]
 
-#: Seconds a send may block before the test gives up on the peer.
-SEND_TIMEOUT = 20.0
+#: Seconds a send may make no progress before the peer gives up (SendStalled).
+SEND_TIMEOUT = 60.0
 RECEIVE_SIZE = 1 << 16
 
 
 class PeerClosed(Exception):
     """csnapd closed (or reset) this connection."""
+
+
+class SendStalled(Exception):
+    """csnapd read nothing more from this connection for SEND_TIMEOUT seconds."""
 
 
 class WirePeer:
@@ -50,9 +54,12 @@ class WirePeer:
         *,
         max_frame: int = 1 << 20,
         receive_buffer: int | None = None,
+        reads: bool = True,
         name: str = "fuzz",
     ):
         self.role = role
+        #: It reads what arrives while it sends (a peer that stops reading does not).
+        self.reads = reads
         self.codec = Connection(role, max_frame=max_frame, name=name)
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         if receive_buffer is not None:
@@ -60,6 +67,7 @@ class WirePeer:
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
         self.sock.settimeout(SEND_TIMEOUT)
         self.sock.connect(address)
+        self.sock.setblocking(False)
         self.inbox: deque[Message] = deque()
         #: csnapd ended the stream (cleanly or by a reset), or we closed it.
         self.ended = False
@@ -78,13 +86,33 @@ class WirePeer:
         self.send_bytes(b"".join(self.codec.send(m) for m in messages))
 
     def send_bytes(self, data: bytes) -> None:
-        if self.ended:
-            raise PeerClosed("the connection is closed")
-        try:
-            self.sock.sendall(data)
-        except (BrokenPipeError, ConnectionResetError) as exc:
-            self._end()
-            raise PeerClosed(str(exc)) from exc
+        """Send all of `data`, reading replies meanwhile if this peer reads.
+
+        Raises:
+            PeerClosed: csnapd closed the connection.
+            SendStalled: csnapd took no byte for SEND_TIMEOUT seconds.
+        """
+        view = memoryview(data)
+        stalled = time.monotonic() + SEND_TIMEOUT
+        while view:
+            if self.ended:
+                raise PeerClosed("the connection is closed")
+            if self.reads:
+                self.pump()
+            try:
+                sent = self.sock.send(view[: 1 << 20])
+            except BlockingIOError:
+                sent = 0
+            except (BrokenPipeError, ConnectionResetError) as exc:
+                self._end()
+                raise PeerClosed(str(exc)) from exc
+            if sent:
+                view = view[sent:]
+                stalled = time.monotonic() + SEND_TIMEOUT
+            elif time.monotonic() > stalled:
+                raise SendStalled(f"csnapd took none of {len(view)} bytes in {SEND_TIMEOUT}s")
+            else:
+                _writable(self.sock, 0.01)
 
     # -- receiving -----------------------------------------------------------
 
@@ -94,6 +122,8 @@ class WirePeer:
         while not self.ended and _readable(self.sock, 0):
             try:
                 data = self.sock.recv(RECEIVE_SIZE)
+            except BlockingIOError:
+                return len(self.inbox) - before
             except (ConnectionResetError, BrokenPipeError):
                 data = b""
             self.codec.receive_data(data)
@@ -163,6 +193,12 @@ def _readable(sock: socket.socket, seconds: float) -> bool:
     """Data (or the end of the stream) waits on `sock`; poll(), as a test opens 1000+ sockets."""
     poller = select.poll()
     poller.register(sock, select.POLLIN)
+    return bool(poller.poll(seconds * 1000))
+
+
+def _writable(sock: socket.socket, seconds: float) -> bool:
+    poller = select.poll()
+    poller.register(sock, select.POLLOUT)
     return bool(poller.poll(seconds * 1000))
 
 
