@@ -148,27 +148,54 @@ class ProtocolFuzz(Session, RuleBasedStateMachine):
             self.settle()
             peer = self.peer_at(draft.peer, listening=True)
             message = None if peer is None else self.request(draft, peer)
-            if peer is None or message is None:
+            if peer is not None and message is not None:
+                self.isolated(peer, message)
+
+    @rule(draft=DRAFTS, write=st.booleans())
+    def reply_beyond_frame(self, draft: Draft, write: bool) -> None:
+        """Alone, a snapshot query whose reply cannot fit a 4096-byte frame limit.
+
+        Thousands of one-chunk ranges with gaps: the reply lists each one.
+        Whatever csnapd answers, an error must have done nothing: no copy
+        committed, no read lock taken.
+        """
+        with self.step():
+            self.settle()
+            live = sorted(self.snapshots)
+            if not live or self.tag_in_flight(None):
                 return
-            before = get_status(self.address())
-            held = set(+peer.locks) | peer.unsure
-            request = request_id(message)
-            self.send(peer, message, self.must(peer, message))
+            peer = self.connect(Role.CLIENT, 4096)
+            tag = live[draft.tag % len(live)]
+            self.send(peer, Identify(peer.wire.next_id(), draft.client_id, tag), Must.SUCCEED)
             deadline = time.monotonic() + REPLY_WAIT
-            while request in peer.pending and not peer.wire.ended:
-                if self.parked(peer, peer.pending[request]):
-                    return  # an origin write held back by a read lock
-                if time.monotonic() > deadline:
-                    raise self.finding(f"{peer}: no answer to {message!r:.300}")
+            while peer.identifying and time.monotonic() < deadline:
                 self.pump(0.005)
-            error = self.errors.get((peer.number, request or 0))
-            if error is None:
-                return
-            if isinstance(message, FinishSnapshotRead) and held & chunks_of(
-                message.ranges, ORIGIN_CHUNKS
-            ):
-                return  # the documented partial release: the held chunks were let go
-            self.check_no_effect(peer, message, error, before)
+            ranges = tuple((draft.held % 2 + 2 * i, 1) for i in range(1100))
+            build = QueryWrite if write else QuerySnapshotRead
+            self.isolated(peer, build(peer.wire.next_id(), ranges))
+            self.close(peer)
+
+    def isolated(self, peer: Peer, message: Message) -> None:
+        """Send `message` with nothing else in flight; an error reply must have done nothing."""
+        before = get_status(self.address())
+        held = set(+peer.locks) | peer.unsure
+        request = request_id(message)
+        self.send(peer, message, self.must(peer, message))
+        deadline = time.monotonic() + REPLY_WAIT
+        while request in peer.pending and not peer.wire.ended:
+            if self.parked(peer, peer.pending[request]):
+                return  # an origin write held back by a read lock
+            if time.monotonic() > deadline:
+                raise self.finding(f"{peer}: no answer to {message!r:.300}")
+            self.pump(0.005)
+        error = self.errors.get((peer.number, request or 0))
+        if error is None:
+            return
+        if isinstance(message, FinishSnapshotRead) and held & chunks_of(
+            message.ranges, ORIGIN_CHUNKS
+        ):
+            return  # the documented partial release: the held chunks were let go
+        self.check_no_effect(peer, message, error, before)
 
     def check_no_effect(
         self, peer: Peer, message: Message, error: Error, before: StatusReply
