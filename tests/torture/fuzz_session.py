@@ -117,7 +117,7 @@ DRAFTS = st.builds(
     priority=st.integers(-128, 127),
     delta=st.sampled_from([-1, 0, 1, 1, -(1 << 31), (1 << 31) - 1]),
     client=st.sampled_from(
-        ["write"] * 4 + ["read"] * 4 + ["map", "finish", "finish", "upload", "done", "id"]
+        ["write"] * 4 + ["read"] * 4 + ["map", "finish", "finish", "upload", "upload", "done", "id"]
     ),
     target=st.none() | st.integers(0, 2 * len(TAG_VALUES) - 1),
     client_id=st.integers(0, 3),
@@ -334,7 +334,9 @@ class Session:
             self.failed(peer, sent, message)
             return
         if sent.must is Must.FAIL:
-            raise self.finding(f"{peer}: {sent.message!r:.300} must fail, but got {message.TYPE}")
+            raise self.finding(
+                f"{peer}: {describe(sent.message)} must fail, but got {message.TYPE}"
+            )
         self.succeeded(peer, sent, message)
 
     def failed(self, peer: Peer, sent: Sent, error: Error) -> None:
@@ -342,7 +344,8 @@ class Session:
             isinstance(sent.message, QueryWrite) and error.code in STORE_LIMITS
         ):
             raise self.finding(
-                f"{peer}: {sent.message!r:.300} must succeed, but got {error.name}: {error.message}"
+                f"{peer}: {describe(sent.message)} must succeed,"
+                f" but got {error.name}: {error.message}"
             )
         if error.code == ErrorCode.SNAPSHOT_DELETED:
             peer.detaching = True
@@ -380,7 +383,7 @@ class Session:
         ):
             self.check_list(peer, sent, [s["tag"] for s in reply.snapshots])
         else:
-            raise self.finding(f"{peer}: {request!r:.200} answered by {reply!r:.200}")
+            raise self.finding(f"{peer}: {describe(request)} answered by {describe(reply)}")
 
     def identified(self, peer: Peer, request: Identify, reply: Identified) -> None:
         peer.identifying = False
@@ -457,7 +460,7 @@ class Session:
     def admin_reply(self, peer: Peer, sent: Sent, reply: Message) -> None:
         request = sent.message
         if not isinstance(reply, SnapshotReply):
-            raise self.finding(f"{peer}: {request!r} answered by {reply!r:.200}")
+            raise self.finding(f"{peer}: {describe(request)} answered by {describe(reply)}")
         self.admin_changes += 1
         record = reply.snapshot
         if isinstance(request, CreateSnapshot):
@@ -666,7 +669,7 @@ class Session:
             if not waiting and not deleting:
                 return
             if time.monotonic() > deadline:
-                text = "; ".join(f"{p}: {s.message!r:.120}" for p, s in waiting[:5])
+                text = "; ".join(f"{p}: {describe(s.message)}" for p, s in waiting[:5])
                 raise self.finding(
                     f"after {SETTLE_WAIT}s still unanswered: {text or 'none'};"
                     f" still sweeping: {[s['tag'] for s in deleting]}"
@@ -756,6 +759,17 @@ def _ranges(message: Message) -> Ranges:
     ranges = getattr(message, "ranges", ())
     assert isinstance(ranges, tuple)
     return ranges
+
+
+def describe(message: Message) -> str:
+    """A message for a failure report: its fields, long ranges cut short."""
+    fields = []
+    for name in message.FIELDS:
+        value = getattr(message, name)
+        if isinstance(value, tuple) and len(value) > 6:
+            value = _short(value)
+        fields.append(f"{name}={value}")
+    return f"{message.TYPE}({', '.join(fields)})"[:400]
 
 
 def _chunk_list(ranges: Ranges) -> list[int]:

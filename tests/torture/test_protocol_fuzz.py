@@ -83,6 +83,7 @@ from tests.torture.fuzz_session import (
     Peer,
     Sent,
     Session,
+    describe,
     request_id,
 )
 from tests.torture.wire_peer import PeerClosed, SendStalled, get_status
@@ -103,12 +104,15 @@ class ProtocolFuzz(Session, RuleBasedStateMachine):
 
     @initialize(tag=TAGS, max_frame=FRAME_LIMITS)
     def scene(self, tag: int, max_frame: int) -> None:
-        """Most steps should do real work: an admin, an origin client and a snapshot."""
+        """Most steps should do real work: an admin, an origin client, a snapshot and its client."""
         with self.step():
             admin = self.connect(Role.ADMIN, 1 << 20)
             origin = self.connect(Role.CLIENT, max_frame)
             self.send(origin, Identify(origin.wire.next_id(), 1, None), Must.SUCCEED)
             self.send(admin, CreateSnapshot(admin.wire.next_id(), tag, 0), Must.SUCCEED)
+            self.settle()
+            reader = self.connect(Role.CLIENT, max_frame)
+            self.send(reader, Identify(reader.wire.next_id(), 2, tag), Must.SUCCEED)
             self.settle()
 
     @precondition(lambda self: len(self.peers) < PEERS_EVER)
@@ -186,7 +190,7 @@ class ProtocolFuzz(Session, RuleBasedStateMachine):
             if self.parked(peer, peer.pending[request]):
                 return  # an origin write held back by a read lock
             if time.monotonic() > deadline:
-                raise self.finding(f"{peer}: no answer to {message!r:.300}")
+                raise self.finding(f"{peer}: no answer to {describe(message)}")
             self.pump(0.005)
         error = self.errors.get((peer.number, request or 0))
         if error is None:
@@ -200,7 +204,7 @@ class ProtocolFuzz(Session, RuleBasedStateMachine):
     def check_no_effect(
         self, peer: Peer, message: Message, error: Error, before: StatusReply
     ) -> None:
-        what = f"{peer}: {message!r:.300} answered {error.name} ({error.message})"
+        what = f"{peer}: {describe(message)} answered {error.name} ({error.message})"
         after = get_status(self.address())
         if (after.store, after.snapshots, after.deleting) != (
             before.store,
