@@ -70,6 +70,7 @@ from csnap_protocol import (
 from csnapd.checks import RequestRefused, check_ranges
 from csnapd.engine import Engine, EngineError, EngineFailedError, SnapshotInfo
 from csnapd.engine.locks import LockTable
+from csnapd.wire_errors import error_code
 
 __all__ = [
     "Peer",
@@ -192,20 +193,6 @@ class Batch:
     #: The engine has changes only a commit makes durable.
     needs_commit: bool = False
     failure: EngineFailedError | None = None
-
-
-_ENGINE_CODES = {
-    "engine_failed": ErrorCode.SERVER_FAILED,
-    "cannot_open": ErrorCode.IO_ERROR,
-    "store_locked": ErrorCode.IO_ERROR,
-}
-
-
-def error_code(exc: EngineError) -> ErrorCode:
-    """The wire code of an engine error."""
-    if exc.code in _ENGINE_CODES:
-        return _ENGINE_CODES[exc.code]
-    return ErrorCode[exc.code.upper()]
 
 
 @dataclass(eq=False)

@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from csnap_format import Geometry, bitmap_bits_per_block
+from csnap_format.runs import append_run
 from csnapd.engine.errors import MetadataFullError, StoreCorruptError, StoreFullError
 from csnapd.engine.pager import Pager
 from csnapd.engine.pages import BitmapPage
@@ -147,10 +148,7 @@ class Allocator:
             length = min(need, run_end - start)
             self._pager.modify(page).bits |= ((1 << length) - 1) << start
             first = space.first_unit + index * bits + start
-            if runs and runs[-1][0] + runs[-1][1] == first:
-                runs[-1] = (runs[-1][0], runs[-1][1] + length)
-            else:
-                runs.append((first, length))
+            append_run(runs, first, length)
             need -= length
             rel = index * bits + start + length
         cursor = space.first_unit + rel

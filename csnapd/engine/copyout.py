@@ -1,0 +1,231 @@
+"""The copy-out path: origin writes and snapshot writes, and the data they move.
+
+Owns the movement of chunk data into the store's data area. Copy-out data goes
+only into chunks allocated by the request itself, so a crash before the commit
+leaves no committed chunk overwritten; consecutive chunks move in one read and
+one write, in pieces of at most COPY_IO_BYTES.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from csnap_format import Geometry
+from csnap_format.runs import append_mapped_run
+from csnapd.engine.allocator import Allocator
+from csnapd.engine.btree import ExceptionTree
+from csnapd.engine.device import BlockDevice
+from csnapd.engine.errors import StoreIOError
+from csnapd.engine.results import OriginWriteResult, WriteSegment
+from csnapd.engine.snapshots import SnapshotTable
+from csnapd.engine.state import StoreState
+from csnapd.engine.stats import EngineStats
+from csnapd.engine.transaction import Transaction
+from csnapd.engine.validation import Ranges, check_ranges
+
+__all__ = ["COPY_IO_BYTES", "CopyOut"]
+
+#: Copy-out reads and writes are done in pieces of at most this many bytes.
+COPY_IO_BYTES = 8 << 20
+
+
+class CopyOut:
+    """Gives snapshots their own copies of chunks before they change."""
+
+    def __init__(
+        self,
+        *,
+        devices: tuple[BlockDevice, BlockDevice],
+        geometry: Geometry,
+        state: StoreState,
+        tree: ExceptionTree,
+        data: Allocator,
+        snapshots: SnapshotTable,
+        transaction: Transaction,
+        stats: EngineStats,
+    ):
+        self._store, self._origin = devices
+        self._geometry = geometry
+        self._state = state
+        self._tree = tree
+        self._data = data
+        self._snapshots = snapshots
+        self._txn = transaction
+        self._stats = stats
+
+    # -- origin writes -------------------------------------------------------------
+
+    def origin_write(self, ranges: Ranges) -> OriginWriteResult:
+        """Prepare origin chunks to be overwritten.
+
+        Every chunk that some live snapshot still shares with the origin is
+        copied out into new store chunks, with an exception shared by every
+        live snapshot that lacks its own. After the commit that carries this
+        request, the origin chunks may be written.
+        """
+        check_ranges(ranges, self._geometry.origin_chunks)
+        results = self._txn.split_request(ranges, self._origin_write)
+        return OriginWriteResult(sum(result.copied for result in results))
+
+    def _origin_write(self, ranges: Ranges) -> OriginWriteResult:
+        live = self._state.live_mask
+        if not live:
+            return OriginWriteResult(0)
+        todo: list[tuple[int, int]] = []
+        for start, count in ranges:
+            for chunk, leaf, i, found in self._tree.entries(start, count):
+                missing = live & ~leaf.using(i) if found else live
+                if missing:
+                    todo.append((chunk, missing))
+        if not todo:
+            return OriginWriteResult(0)
+        targets = self._allocate_chunks(len(todo))
+        self._move(
+            [(c, t) for (c, _), t in zip(todo, targets, strict=True)],
+            self._origin,
+            "origin",
+        )
+        state = self._state
+        for (chunk, missing), target in zip(todo, targets, strict=True):
+            leaf = self._tree.leaf_for_update(chunk)
+            i, found = leaf.find(chunk)
+            leaf.add(i, found, chunk, missing, target)
+            state.count_exception(missing, 1)
+            state.exceptions += 1
+        return OriginWriteResult(len(todo))
+
+    # -- snapshot writes -----------------------------------------------------------
+
+    def snapshot_write(self, tag: int, ranges: Ranges) -> list[WriteSegment]:
+        """Give snapshot `tag` its own copy of each chunk; return where they are.
+
+        A chunk the snapshot already owns alone is returned as it is; a chunk
+        it shares (with the origin or with other snapshots) is copied into a
+        new store chunk first.
+        """
+        check_ranges(ranges, self._geometry.origin_chunks)
+        pieces = self._txn.split_request(ranges, lambda piece: self._snapshot_write(tag, piece))
+        if len(pieces) == 1:
+            return pieces[0]
+        return _joined([segment for piece in pieces for segment in piece])
+
+    def _snapshot_write(self, tag: int, ranges: Ranges) -> list[WriteSegment]:
+        bit = 1 << self._snapshots.io_bit(tag)
+        others = self._state.live_mask & ~bit
+        where: dict[int, int] = {}
+        from_origin: list[int] = []
+        from_store: list[tuple[int, int]] = []
+        for start, count in ranges:
+            for chunk, leaf, i, found in self._tree.entries(start, count):
+                j = leaf.exception_of(i, bit) if found else -1
+                if j < 0:
+                    from_origin.append(chunk)
+                elif leaf.shares[j] & others:
+                    from_store.append((chunk, leaf.targets[j]))
+                else:
+                    where[chunk] = leaf.targets[j]
+        targets = self._allocate_chunks(len(from_origin) + len(from_store))
+        origin_targets, store_targets = (
+            targets[: len(from_origin)],
+            targets[len(from_origin) :],
+        )
+        if from_origin:
+            self._move(
+                list(zip(from_origin, origin_targets, strict=True)),
+                self._origin,
+                "origin",
+            )
+        if from_store:
+            pairs = [(src, dst) for (_, src), dst in zip(from_store, store_targets, strict=True)]
+            self._move(pairs, self._store, "store")
+        for chunk, target in zip(from_origin, origin_targets, strict=True):
+            self._add_own(chunk, bit, target, shared=False)
+            where[chunk] = target
+        for (chunk, _), target in zip(from_store, store_targets, strict=True):
+            self._add_own(chunk, bit, target, shared=True)
+            where[chunk] = target
+        return _segments(where)
+
+    def _add_own(self, chunk: int, bit: int, target: int, *, shared: bool) -> None:
+        """Give the snapshot with share `bit` its own exception for `chunk`."""
+        state = self._state
+        leaf = self._tree.leaf_for_update(chunk)
+        i, found = leaf.find(chunk)
+        if shared:
+            j = leaf.exception_of(i, bit)
+            old = leaf.shares[j]
+            state.count_exception(old, -1)
+            leaf.shares[j] = old & ~bit
+            state.count_exception(old & ~bit, 1)
+        leaf.add(i, found, chunk, bit, target)
+        state.count_exception(bit, 1)
+        state.exceptions += 1
+
+    # -- data movement -----------------------------------------------------------
+
+    def _allocate_chunks(self, count: int) -> list[int]:
+        chunks: list[int] = []
+        for first, length in self._data.allocate(count):
+            chunks.extend(range(first, first + length))
+        return chunks
+
+    def _move(self, pairs: Sequence[tuple[int, int]], source: BlockDevice, name: str) -> None:
+        """Copy chunk `src` of `source` to store chunk `dst` for each pair.
+
+        Consecutive sources are read together and consecutive targets written
+        together, in pieces of at most COPY_IO_BYTES.
+        """
+        size = self._geometry.chunk_size
+        most = max(1, COPY_IO_BYTES // size)
+        i = 0
+        while i < len(pairs):
+            j = i + 1
+            while j < len(pairs) and j - i < most and pairs[j][0] == pairs[j - 1][0] + 1:
+                j += 1
+            src = pairs[i][0]
+            try:
+                data = memoryview(source.read(src * size, (j - i) * size))
+            except OSError as exc:
+                raise StoreIOError(
+                    f"reading {name} chunks {src}..{src + j - i - 1}: {exc.strerror or exc}"
+                ) from exc
+            self._stats.copy_reads += 1
+            self._txn.note_data_written()
+            self._write_copies(pairs[i:j], data)
+            i = j
+        self._stats.copied_chunks += len(pairs)
+
+    def _write_copies(self, pairs: Sequence[tuple[int, int]], data: memoryview) -> None:
+        """Write `data`, read for `pairs`, to their targets: consecutive ones together."""
+        size = self._geometry.chunk_size
+        k = 0
+        while k < len(pairs):
+            m = k + 1
+            while m < len(pairs) and pairs[m][1] == pairs[m - 1][1] + 1:
+                m += 1
+            dst = pairs[k][1]
+            try:
+                self._store.write(dst * size, data[k * size : m * size])
+            except OSError as exc:
+                raise StoreIOError(
+                    f"writing copies to store chunks {dst}..{dst + m - k - 1}:"
+                    f" {exc.strerror or exc}"
+                ) from exc
+            self._stats.copy_writes += 1
+            k = m
+
+
+def _segments(where: dict[int, int]) -> list[WriteSegment]:
+    """Where each chunk went (chunk -> store chunk), as segments in chunk order."""
+    runs: list[tuple[int, int, int]] = []
+    for chunk in sorted(where):
+        append_mapped_run(runs, chunk, 1, where[chunk])
+    return [WriteSegment(*run) for run in runs]
+
+
+def _joined(segments: list[WriteSegment]) -> list[WriteSegment]:
+    """Segments in ascending chunk order, neighbours that continue each other joined."""
+    runs: list[tuple[int, int, int]] = []
+    for segment in sorted(segments, key=lambda s: s.chunk):
+        append_mapped_run(runs, segment.chunk, segment.count, segment.store_chunk)
+    return [WriteSegment(*run) for run in runs]

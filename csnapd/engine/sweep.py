@@ -1,0 +1,103 @@
+"""The sweep: reclaiming deleted snapshots' space in the background.
+
+Owns the sweep's progress in the store state (the share bits being swept and
+the next logical chunk to visit). Each step is one request of a fresh
+transaction, bounded in dirty blocks and in leaves visited, so that a server
+pauses its clients for a few milliseconds at most.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from csnap_format import SnapshotState
+from csnapd.engine.allocator import Allocator
+from csnapd.engine.btree import ExceptionTree
+from csnapd.engine.pager import Pager
+from csnapd.engine.state import StoreState, bits_of
+from csnapd.engine.transaction import Transaction
+
+__all__ = ["SWEEP_LEAVES_PER_STEP", "Sweeper"]
+
+log = logging.getLogger("csnapd.engine")
+
+#: Most btree leaves one sweep step visits (a step is one transaction and,
+#: in csnapd, a pause for every client: a few milliseconds at most).
+SWEEP_LEAVES_PER_STEP = 16
+
+
+class Sweeper:
+    """Clears deleted snapshots' share bits from the btree, a step at a time."""
+
+    def __init__(
+        self,
+        state: StoreState,
+        pager: Pager,
+        tree: ExceptionTree,
+        data: Allocator,
+        transaction: Transaction,
+    ):
+        self._state = state
+        self._pager = pager
+        self._tree = tree
+        self._data = data
+        self._txn = transaction
+
+    @property
+    def pending(self) -> bool:
+        """Whether deleted snapshots still have space to reclaim."""
+        return bool(self._state.mask_in(SnapshotState.DELETING))
+
+    def sweep(self) -> bool:
+        """Reclaim deleted snapshots' space for one transaction's worth.
+
+        Starts a fresh transaction (committing pending requests first) and
+        leaves its changes pending; the caller commits. Returns whether more
+        remains to do.
+        """
+        self._txn.check_usable()
+        if not self.pending:
+            return False
+        if self._pager.dirty:
+            self._txn.commit()
+        self._txn.request(self._step)
+        return self.pending
+
+    def _step(self) -> None:
+        state = self._state
+        if not state.sweep_mask:
+            state.sweep_mask = state.mask_in(SnapshotState.DELETING)
+            state.sweep_cursor = 0
+        # Room for merges and root changes beyond the leaf being swept.
+        limit = self._txn.max_blocks - 1 - 2 * (state.depth + 2) - 2
+
+        def may_continue() -> bool:
+            return len(self._pager.dirty) < limit
+
+        chunk = state.sweep_cursor
+        # Bounded in leaves too: leaves emptied and merged away leave nothing
+        # dirty, and a server answers nobody while a step runs.
+        for _ in range(SWEEP_LEAVES_PER_STEP):
+            after = self._tree.sweep_leaf(chunk, state.sweep_mask, self._data.free, may_continue)
+            if after is None:
+                self._finish()
+                return
+            state.sweep_cursor = chunk = after
+            if not may_continue():
+                return
+
+    def _finish(self) -> None:
+        state = self._state
+        for bit in bits_of(state.sweep_mask):
+            if state.unique[bit] or state.shared[bit]:
+                log.error(
+                    "sweep of share bit %d done but %d unique and %d shared exceptions"
+                    " are still counted; run csnap-check",
+                    bit,
+                    state.unique[bit],
+                    state.shared[bit],
+                )
+            state.snapshots[bit] = None
+            state.unique[bit] = state.shared[bit] = 0
+        state.sweep_mask = state.mask_in(SnapshotState.DELETING)
+        state.sweep_cursor = 0

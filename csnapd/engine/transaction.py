@@ -1,0 +1,257 @@
+"""The open transaction: atomic requests, group commit, and writes split over several.
+
+Owns everything between two commits: the store state as last committed,
+whether data was written to the store since, how many requests are pending,
+and whether a commit ever failed.
+
+  * A request changes pages and the store state of the open transaction. If
+    it fails, every change it made is rolled back and the transaction goes on
+    without it.
+  * `commit()` makes every request applied since the last commit durable with
+    one journal transaction and (at most) two syncs: group commit. A caller
+    must not report a request's result before the commit that carries it
+    returns.
+  * A request that would overflow the transaction commits the earlier ones
+    first. A write too big for one transaction on its own is carried by
+    several: it is applied in pieces of chunks, each piece committed before
+    the next starts, and only the last left pending for the caller's commit
+    (docs/protocol.md, "Requests larger than one transaction"). Its first,
+    whole attempt ran to the end before it was rolled back, so the space and
+    the reads the pieces need are known to be there.
+  * If a commit fails, the engine refuses all further work
+    (EngineFailedError): after a failed sync nothing is known to be durable,
+    and the only safe way on is to reopen the store and replay the journal.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from functools import partial
+from typing import TypeVar
+
+from csnap_format import Geometry, encode_superblock
+from csnapd.engine.allocator import Allocator
+from csnapd.engine.errors import (
+    EngineFailedError,
+    MetadataFullError,
+    RequestTooLargeError,
+    StoreFullError,
+)
+from csnapd.engine.journal import Journal
+from csnapd.engine.pager import Pager
+from csnapd.engine.pages import encode_page
+from csnapd.engine.state import StoreState
+from csnapd.engine.stats import EngineStats
+from csnapd.engine.validation import Ranges
+
+__all__ = ["Transaction"]
+
+log = logging.getLogger("csnapd.engine")
+
+_T = TypeVar("_T")
+
+#: Fraction of a transaction one piece of a split write aims to fill: room
+#: for pieces whose chunks need more metadata than the average.
+_PIECE_FILL = 0.75
+
+
+class _TransactionOverflowError(RequestTooLargeError):
+    """A request alone changes more metadata blocks than one transaction holds."""
+
+    def __init__(self, message: str, *, blocks: int):
+        super().__init__(message)
+        #: Metadata blocks (superblock included) the whole request changed.
+        self.blocks = blocks
+
+
+class Transaction:
+    """The requests applied since the last commit, and the commit that makes them durable."""
+
+    def __init__(
+        self,
+        journal: Journal,
+        pager: Pager,
+        state: StoreState,
+        geometry: Geometry,
+        allocators: tuple[Allocator, ...],
+        stats: EngineStats,
+    ):
+        self._journal = journal
+        self._pager = pager
+        self._state = state
+        self._committed = state.copy()
+        self._geometry = geometry
+        self._allocators = allocators
+        self._stats = stats
+        self._failure: BaseException | None = None
+        self._data_written = False
+        self._pending_requests = 0
+        #: Most metadata blocks (superblock included) one transaction carries:
+        #: three such transactions fit the journal, so checkpoints are rare.
+        self.max_blocks = min(journal.max_blocks, max(8, (geometry.journal_blocks - 4) // 3 - 1))
+
+    @property
+    def failed(self) -> bool:
+        """Whether a commit failed; nothing more is accepted."""
+        return self._failure is not None
+
+    @property
+    def pending(self) -> bool:
+        """Whether requests were applied that no commit has made durable."""
+        return bool(self._pager.dirty) or self._state != self._committed
+
+    def check_usable(self) -> None:
+        """Refuse work after a failed commit."""
+        if self._failure is not None:
+            raise EngineFailedError(f"an earlier commit failed ({self._failure}); reopen the store")
+
+    def note_data_written(self) -> None:
+        """Record that the open request wrote data to the store (synced before the commit)."""
+        self._data_written = True
+
+    def request(self, work: Callable[[], _T]) -> _T:
+        """Apply `work` as one atomic request of the open transaction."""
+        self.check_usable()
+        self._stats.requests += 1
+        for attempt in (1, 2):
+            saved = self._state.copy()
+            data_written = self._data_written
+            self._pager.begin_request()
+            try:
+                result = work()
+            except (StoreFullError, MetadataFullError) as exc:
+                self._rollback(saved, data_written)
+                if attempt == 1 and exc.pending_frees:
+                    # Space freed by the open transaction becomes usable once
+                    # it is durable: commit, then try once more.
+                    self.commit()
+                    continue
+                self._stats.failed_requests += 1
+                raise
+            except BaseException:
+                self._rollback(saved, data_written)
+                self._stats.failed_requests += 1
+                raise
+            blocks = len(self._pager.dirty) + 1
+            if blocks <= self.max_blocks:
+                self._pager.end_request()
+                self._pending_requests += 1
+                return result
+            self._rollback(saved, data_written)
+            if attempt == 2 or self._pending_requests == 0:
+                self._stats.failed_requests += 1
+                raise _TransactionOverflowError(
+                    f"the request changes {blocks} metadata blocks; one transaction"
+                    f" holds {self.max_blocks}",
+                    blocks=blocks,
+                )
+            self._stats.deferred_commits += 1
+            self.commit()
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _rollback(self, saved: StoreState, data_written: bool) -> None:
+        self._pager.rollback_request()
+        self._state.assign(saved)
+        self._data_written = data_written
+
+    def commit(self) -> int | None:
+        """Make every request applied so far durable; returns the sequence.
+
+        Returns None when there was nothing to commit.
+
+        Raises:
+            EngineFailedError: the commit failed; the engine is now unusable.
+        """
+        self.check_usable()
+        state_changed = self._state != self._committed
+        pages = list(self._pager.dirty.values())
+        if not pages and not state_changed:
+            return None
+        geometry = self._geometry
+        state = self._state
+
+        def encode(sequence: int) -> list[tuple[int, bytes]]:
+            images = [(page.address, encode_page(page, sequence, geometry)) for page in pages]
+            if state_changed:
+                sb = state.to_superblock(geometry, sequence)
+                images.append((0, encode_superblock(sb)))
+            return images
+
+        try:
+            sequence = self._journal.commit(
+                len(pages) + state_changed, encode, data_written=self._data_written
+            )
+        except OSError as exc:
+            self._failure = exc
+            self._pager.drop_all()
+            log.critical("commit failed, refusing all further work: %s", exc)
+            raise EngineFailedError(
+                f"commit failed: {exc.strerror or exc}; the store must be reopened"
+                " (journal replay) before it is used again"
+            ) from exc
+        self._committed_now()
+        return sequence
+
+    def _committed_now(self) -> None:
+        """The journal holds the open transaction: start the next one."""
+        self._data_written = False
+        for allocator in self._allocators:
+            allocator.committed()
+        self._pager.committed()
+        self._committed = self._state.copy()
+        self._pending_requests = 0
+        self._stats.commits += 1
+
+    def split_request(self, ranges: Ranges, work: Callable[[Ranges], _T]) -> list[_T]:
+        """Apply `work` to `ranges` as one request, or in pieces if it must be.
+
+        Returns the result of each piece, in ascending chunk order. Every
+        piece but the last is committed before the next starts; the last is
+        left pending for the caller's commit, as any request is.
+        """
+        try:
+            return [self.request(lambda: work(ranges))]
+        except _TransactionOverflowError as exc:
+            overflow = exc
+        # The whole attempt ran to its end before it was rolled back: every
+        # chunk it allocated was free and every copy it read was readable.
+        # The pieces do the same work, with commits between them that can
+        # only add free space (frees of the open transaction become usable).
+        self._stats.split_requests += 1
+        total = sum(count for _, count in ranges)
+        budget = int(self.max_blocks * _PIECE_FILL)
+        size = max(1, total * budget // overflow.blocks)
+        todo = sorted(ranges)
+        results: list[_T] = []
+        while todo:
+            piece, rest = _take(todo, size)
+            if self.pending:
+                self.commit()
+            try:
+                results.append(self.request(partial(work, piece)))
+            except _TransactionOverflowError:
+                if size == 1:
+                    raise RequestTooLargeError(
+                        "one chunk changes more metadata than one transaction holds"
+                        f" ({self.max_blocks} blocks): the journal is too small"
+                    ) from None
+                size = max(1, size // 2)
+                continue
+            todo = rest
+        return results
+
+
+def _take(ranges: list[tuple[int, int]], size: int) -> tuple[Ranges, list[tuple[int, int]]]:
+    """The first `size` chunks of `ranges`, and the ranges left after them."""
+    piece: list[tuple[int, int]] = []
+    for n, (start, count) in enumerate(ranges):
+        if count >= size:
+            piece.append((start, size))
+            rest = ranges[n + 1 :]
+            if count > size:
+                rest = [(start + size, count - size), *rest]
+            return piece, rest
+        piece.append((start, count))
+        size -= count
+    return piece, []
