@@ -211,7 +211,7 @@ class Engine:
         """Open a store kept in files or block devices, taking its lock.
 
         Raises:
-            StoreLockedError: another server holds the store (rule 7).
+            StoreLockedError: another server holds the store (rule: one server per store).
             StoreOpenError, StoreIOError: as for `open`.
         """
         try:
