@@ -135,7 +135,7 @@ class Engine:
         self._pager = Pager(store, geometry, cache_bytes // geometry.block_size)
         meta = Allocator(self._pager, state, metadata_space(geometry))
         data = Allocator(self._pager, state, data_space(geometry))
-        tree = ExceptionTree(self._pager, state, geometry, meta)
+        tree = self._tree = ExceptionTree(self._pager, state, geometry, meta)
         txn = Transaction(journal, self._pager, state, geometry, (meta, data), self.stats)
         self._txn = txn
         self._snapshots = SnapshotTable(state, geometry, txn, clock)

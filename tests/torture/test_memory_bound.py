@@ -70,6 +70,8 @@ CYCLES = 3
 #: Seconds csnapd gets to let go of the peers (bounds a hang, measures nothing).
 SETTLE_SECONDS = 30.0
 REPLY_WAIT = 30.0
+#: Seconds over which the settled RSS is the least one seen.
+SETTLE_RSS_SECONDS = 3.0
 #: Upload requests of MAX_CHUNKS chunks each, every chunk a new one, mostly
 #: outside the origin: a lock table keyed by whatever a peer names would grow
 #: by hundreds of MiB.
@@ -283,7 +285,16 @@ def _after_peers_leave(csnapd: Csnapd, meter: Meter, cycle: int) -> int:
     """RSS once csnapd has let go of every peer (it says it serves only the prober)."""
     deadline = time.monotonic() + SETTLE_SECONDS
     while True:
-        prober = _connect(csnapd, Role.ADMIN)
+        prober = WirePeer(csnapd.address, Role.ADMIN)
+        if not prober.wait_open(REPLY_WAIT):
+            # Refused while csnapd still counts connections the peers closed
+            # (it counts from accept): ask again once it has seen them go.
+            refusal = prober.connection_error
+            prober.close()
+            assert refusal is not None and refusal.code == ErrorCode.TOO_MANY_CONNECTIONS, refusal
+            assert time.monotonic() < deadline, "csnapd kept refusing connections"
+            time.sleep(0.2)
+            continue
         request = prober.next_id()
         prober.send(GetServerInfo(request))
         info = prober.reply(request, REPLY_WAIT)
@@ -293,4 +304,11 @@ def _after_peers_leave(csnapd: Csnapd, meter: Meter, cycle: int) -> int:
             break
         time.sleep(0.2)
     assert info.server["clients"] <= 1, f"csnapd still has {info.server['clients']} clients"
-    return meter.sample(f"{cycle}: after the peers left")
+    # Connection tasks finish (and drop their buffers) a moment after csnapd
+    # forgets their peers: what it keeps is the least RSS over a short while.
+    settled = csnapd.rss_kib()
+    for _ in range(int(SETTLE_RSS_SECONDS / 0.2)):
+        time.sleep(0.2)
+        settled = min(settled, csnapd.rss_kib())
+    meter.samples.append((f"{cycle}: after the peers left", settled))
+    return settled

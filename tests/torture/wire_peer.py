@@ -99,6 +99,8 @@ class WirePeer:
                 raise PeerClosed("the connection is closed")
             if self.reads:
                 self.pump()
+                if self.ended:
+                    raise PeerClosed("csnapd closed the connection")
             try:
                 sent = self.sock.send(view[: 1 << 20])
             except BlockingIOError:
