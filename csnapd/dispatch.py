@@ -28,7 +28,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, assert_never
 
 from csnap_protocol import (
     DEFAULT_MAX_FRAME,
@@ -90,6 +90,8 @@ log = logging.getLogger("csnapd")
 
 Ranges = tuple[tuple[int, int], ...]
 
+#: Under load, one sweep step at least every this many batches.
+SWEEP_EVERY = 8
 #: Seconds before a sweep step that failed (an I/O error) is tried again.
 SWEEP_RETRY = 1.0
 #: Default bound on the read locks one connection holds (docs/protocol.md, "Limits").
@@ -253,6 +255,7 @@ class Dispatcher:
         max_read_locks: int = DEFAULT_MAX_READ_LOCKS,
         max_server_read_locks: int = DEFAULT_MAX_SERVER_READ_LOCKS,
         clock: Callable[[], int] = time.time_ns,
+        monotonic: Callable[[], float] = time.monotonic,
     ):
         self.engine = engine
         self.address = address
@@ -273,8 +276,12 @@ class Dispatcher:
         self._barriers = 0
         self._barrier_waiting: set[Peer] = set()
         self._pending_creates: list[tuple[Peer, CreateSnapshot]] = []
-        #: After a sweep step failed (an I/O error), no sweep before this time.
+        self._monotonic = monotonic
+        #: After a sweep step failed (an I/O error), no sweep before this
+        #: time (of `monotonic`).
         self._sweep_after = 0.0
+        #: Batches prepared since the last sweep step (see SWEEP_EVERY).
+        self._unswept_batches = 0
         registered, overflow = engine.registered_clients()
         #: Snapshot clients the registry named at start, not yet uploaded.
         self.awaiting: set[int] = set(registered)
@@ -322,10 +329,11 @@ class Dispatcher:
         batch = Batch()
         recheck = False
         items = list(items)
+        self._unswept_batches += 1
         done = 0
         try:
             for item in items:
-                recheck |= self._item(item, batch.out, batch.replies, batch.notices, batch.writes)
+                recheck |= self._item(item, batch)
                 done += 1
             self._sync_registry()
             if recheck:
@@ -377,18 +385,12 @@ class Dispatcher:
         out.sweep_pending = self.engine.sweep_pending
         return out
 
-    def _item(
-        self,
-        item: Item,
-        out: Outcome,
-        replies: list[tuple[Peer, Message]],
-        notices: list[tuple[Peer, Message]],
-        writes: list[_Write],
-    ) -> bool:
+    def _item(self, item: Item, batch: Batch) -> bool:
         """Handle one item; returns whether parked writes may now be grantable."""
+        replies = batch.replies
         if isinstance(item, Received):
             self.requests += 1
-            return self._received(item.peer, item.message, out, replies, notices, writes)
+            return self._received(item.peer, item.message, batch)
         if isinstance(item, Connected):
             self.peers.add(item.peer)
             return False
@@ -427,34 +429,44 @@ class Dispatcher:
                 self.grace = False
                 return True
             return False
-        if self.may_sweep():
-            try:
-                self.engine.sweep()
-            except EngineFailedError:
-                raise
-            except EngineError as exc:
-                # No caller to tell: the step was rolled back; try again later.
-                log.error("sweep step failed, retrying in %gs: %s", SWEEP_RETRY, exc)
-                self._sweep_after = time.monotonic() + SWEEP_RETRY
-        return False
+        if isinstance(item, SweepTick):
+            self._sweep()
+            return False
+        assert_never(item)
 
-    def may_sweep(self) -> bool:
+    def sweep_due(self, *, idle: bool) -> bool:
+        """Whether the transport should hand over a SweepTick now.
+
+        Idle, whenever there is space to reclaim; busy, once every
+        SWEEP_EVERY batches, so that a steady load does not keep deleted
+        snapshots' slots taken forever.
+        """
+        return self._may_sweep() and (idle or self._unswept_batches >= SWEEP_EVERY)
+
+    def _may_sweep(self) -> bool:
         """Deleted snapshots' space awaits reclaiming and none of their clients remain."""
         return (
             self.engine.sweep_pending
             and not any(p.detaching for p in self.peers)
-            and time.monotonic() >= self._sweep_after
+            and self._monotonic() >= self._sweep_after
         )
 
-    def _received(
-        self,
-        peer: Peer,
-        message: Message,
-        out: Outcome,
-        replies: list[tuple[Peer, Message]],
-        notices: list[tuple[Peer, Message]],
-        writes: list[_Write],
-    ) -> bool:
+    def _sweep(self) -> None:
+        """One sweep step, if one is due."""
+        self._unswept_batches = 0
+        if not self._may_sweep():
+            return
+        try:
+            self.engine.sweep()
+        except EngineFailedError:
+            raise
+        except EngineError as exc:
+            # No caller to tell: the step was rolled back; try again later.
+            log.error("sweep step failed, retrying in %gs: %s", SWEEP_RETRY, exc)
+            self._sweep_after = self._monotonic() + SWEEP_RETRY
+
+    def _received(self, peer: Peer, message: Message, batch: Batch) -> bool:
+        out, replies, notices, writes = batch.out, batch.replies, batch.notices, batch.writes
         request = getattr(message, "id", None)
         try:
             if isinstance(message, BarrierDone):

@@ -77,8 +77,6 @@ RECEIVE_SIZE = 1 << 16
 #: reader stops decoding until the engine has taken some. Requests are bounded
 #: by max_in_flight already; this bounds notices (barrier_done) too.
 QUEUED_LIMIT = 1024
-#: Under load, one sweep step at least every this many batches.
-SWEEP_EVERY = 8
 #: Most queued messages one send carries to a peer.
 WRITE_COALESCE = 256
 #: Seconds connections get at shutdown to send the replies already queued.
@@ -181,8 +179,6 @@ class Server:
         #: Set (and replaced) whenever the engine task takes a batch.
         self._taken = trio.Event()
         self._shutdown_reply: tuple[Peer, int] | None = None
-        #: Batches started since the last sweep step (see SWEEP_EVERY).
-        self._unswept_batches = 0
         self.failed = False
 
     # -- lifecycle -------------------------------------------------------------
@@ -588,27 +584,18 @@ class Server:
                     return self._receive.receive_nowait()
                 except trio.WouldBlock:
                     return None
-            if self.dispatcher.may_sweep() and self._unswept_batches >= SWEEP_EVERY:
-                # Busy, but deleted snapshots' space is reclaimed anyway: a
-                # steady load must not keep their slots taken forever.
-                self._unswept_batches = 0
+            if self.dispatcher.sweep_due(idle=False):
                 return SweepTick()
             try:
-                item = self._receive.receive_nowait()
+                return self._receive.receive_nowait()
             except trio.WouldBlock:
                 pass
-            else:
-                self._unswept_batches += 1
-                return item
-            if self.dispatcher.may_sweep():
+            if self.dispatcher.sweep_due(idle=True):
                 # Still a checkpoint: applying a batch may not yield at all.
                 await trio.lowlevel.checkpoint()
-                self._unswept_batches = 0
                 return SweepTick()
             with trio.move_on_after(0.5):
-                item = await self._receive.receive()
-                self._unswept_batches += 1
-                return item
+                return await self._receive.receive()
 
     def _deliver_outcome(self, outcome: Outcome) -> None:
         for peer, message in outcome.sends:
