@@ -52,12 +52,14 @@ from csnap_protocol import (
     NeedServer,
     Ok,
     RemoteProtocolError,
+    Request,
     Role,
     ServerAt,
     ServerReady,
     SetPriority,
     Shutdown,
     StartServer,
+    message_id,
 )
 
 __all__ = ["Agent", "Registration"]
@@ -210,7 +212,7 @@ class Agent:
         """Handle one message; False ends the connection."""
         if isinstance(message, Hello):
             return await self._hello(peer, message)
-        request = getattr(message, "id", None)
+        request = message_id(message)
         if peer.role is Role.SERVER and isinstance(message, Ok | Error) and request is not None:
             answer = peer.answers.pop(request, None)
             if answer is not None:
@@ -268,7 +270,9 @@ class Agent:
         await peer.send(Error(request, int(code), code.symbol, text[:1024]))
 
     async def _answer(self, peer: _Peer, message: Message) -> None:
-        peer.in_flight.discard(getattr(message, "id", -1))
+        request = message_id(message)
+        if request is not None:
+            peer.in_flight.discard(request)
         await peer.send(message)
 
     async def _gone(self, peer: _Peer) -> None:
@@ -421,8 +425,8 @@ class Agent:
                 return
             await self._active_changed.wait()
 
-    async def _relay_request(self, peer: _Peer, message: Message) -> None:
-        request: int = getattr(message, "id")  # noqa: B009 - relayed messages are requests
+    async def _relay_request(self, peer: _Peer, message: Request) -> None:
+        request = message.id
         try:
             session = await self._relay_session()
         except (OSError, ServerError, ConnectionLostError) as exc:
@@ -431,7 +435,7 @@ class Agent:
         if session is None:
             await self._error(peer, request, ErrorCode.NO_SERVER, _NO_SERVER)
             return
-        relayed = dataclasses.replace(message, id=next(self._relay_ids))  # type: ignore[call-arg]
+        relayed = dataclasses.replace(message, id=next(self._relay_ids))
         try:
             reply = await session.request(relayed)
         except ServerError as exc:

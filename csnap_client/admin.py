@@ -19,6 +19,7 @@ from csnap_protocol import (
     GetStatus,
     ListSnapshots,
     Message,
+    Request,
     Role,
     ServerInfoReply,
     SetPriority,
@@ -38,7 +39,7 @@ class AdminClient:
         self._session = session
         self._ids = itertools.count(1)
 
-    async def _call(self, message: Message) -> Message:
+    async def _call(self, message: Request) -> Message:
         return await self._session.request(message)
 
     async def create_snapshot(self, tag: int, priority: int = 0) -> dict[str, Any]:

@@ -36,6 +36,9 @@ from csnap_protocol.schema import (
 __all__ = [
     "Role",
     "Message",
+    "Request",
+    "Reply",
+    "message_id",
     "MESSAGES",
     "PROTOCOL_MAGIC",
     "PROTOCOL_VERSION",
@@ -184,6 +187,35 @@ class Message:
         return body
 
 
+@dataclass(frozen=True, slots=True)
+class Request(Message):
+    """A message that asks for one reply: carries the id its reply repeats.
+
+    The sender chooses the id, unique among its requests in flight.
+    """
+
+    id: int
+
+
+@dataclass(frozen=True, slots=True)
+class Reply(Message):
+    """The success reply to a request: carries that request's id."""
+
+    id: int
+
+
+def message_id(message: Message) -> int | None:
+    """The id `message` carries: a request's own, or the one a reply or error answers.
+
+    None for a notice, a hello, and an error about the connection.
+    """
+    match message:
+        case Request() | Reply() | Error():
+            return message.id
+        case _:
+            return None
+
+
 #: Wire name -> message class.
 MESSAGES: dict[str, type[Message]] = {}
 
@@ -242,10 +274,8 @@ class Error(Message):
 
 @_message("ok", ANSWERS, id=ID)
 @dataclass(frozen=True, slots=True)
-class Ok(Message):
+class Ok(Reply):
     """A request that returns nothing succeeded."""
-
-    id: int
 
 
 # -- the data path ------------------------------------------------------------
@@ -253,10 +283,9 @@ class Ok(Message):
 
 @_message("identify", CLIENT, id=ID, client=U64, snapshot=Nullable(TAG))
 @dataclass(frozen=True, slots=True)
-class Identify(Message):
+class Identify(Request):
     """Bind this connection to the origin (snapshot nil) or to a snapshot's tag."""
 
-    id: int
     client: int
     snapshot: int | None
 
@@ -273,10 +302,9 @@ class Identify(Message):
     lease_ms=U32,
 )
 @dataclass(frozen=True, slots=True)
-class Identified(Message):
+class Identified(Reply):
     """Identify succeeded: the geometry a client needs, the server's epoch and lease."""
 
-    id: int
     snapshot: int | None
     chunk_size: int
     origin_chunks: int
@@ -289,37 +317,33 @@ class Identified(Message):
 
 @_message("query_write", CLIENT, id=ID, ranges=Ranges(MAX_RANGES))
 @dataclass(frozen=True, slots=True)
-class QueryWrite(Message):
+class QueryWrite(Request):
     """May I write these chunks? (origin: copy out first; snapshot: where to)."""
 
-    id: int
     ranges: tuple[tuple[int, int], ...]
 
 
 @_message("write_ok", SERVER, id=ID, copied=U32)
 @dataclass(frozen=True, slots=True)
-class WriteOk(Message):
+class WriteOk(Reply):
     """An origin client may write the chunks it asked about; `copied` were copied out."""
 
-    id: int
     copied: int
 
 
 @_message("snapshot_write_ok", SERVER, id=ID, segments=Segments(MAX_RANGES))
 @dataclass(frozen=True, slots=True)
-class SnapshotWriteOk(Message):
+class SnapshotWriteOk(Reply):
     """A snapshot client writes its chunks at these store chunks."""
 
-    id: int
     segments: tuple[tuple[int, int, int], ...]
 
 
 @_message("query_snapshot_read", CLIENT, id=ID, ranges=Ranges(MAX_RANGES))
 @dataclass(frozen=True, slots=True)
-class QuerySnapshotRead(Message):
+class QuerySnapshotRead(Request):
     """Where do I read these chunks of my snapshot?"""
 
-    id: int
     ranges: tuple[tuple[int, int], ...]
 
 
@@ -331,44 +355,39 @@ class QuerySnapshotRead(Message):
     origin=Ranges(MAX_RANGES),
 )
 @dataclass(frozen=True, slots=True)
-class SnapshotReadOk(Message):
+class SnapshotReadOk(Reply):
     """Read `store` segments from the store; `origin` ranges from the origin,
     now read-locked for this connection until finish_snapshot_read."""
 
-    id: int
     store: tuple[tuple[int, int, int], ...]
     origin: tuple[tuple[int, int], ...]
 
 
 @_message("finish_snapshot_read", CLIENT, id=ID, ranges=Ranges(MAX_RANGES))
 @dataclass(frozen=True, slots=True)
-class FinishSnapshotRead(Message):
+class FinishSnapshotRead(Request):
     """I have read these origin chunks: release their read locks."""
 
-    id: int
     ranges: tuple[tuple[int, int], ...]
 
 
 @_message("upload_lock", CLIENT, id=ID, ranges=Ranges(MAX_RANGES))
 @dataclass(frozen=True, slots=True)
-class UploadLock(Message):
+class UploadLock(Request):
     """After a reconnect: I still read these origin chunks (re-take their locks)."""
 
-    id: int
     ranges: tuple[tuple[int, int], ...]
 
 
 @_message("finish_upload_lock", CLIENT, id=ID)
 @dataclass(frozen=True, slots=True)
-class FinishUploadLock(Message):
+class FinishUploadLock(Request):
     """After a reconnect: every lock I hold is uploaded."""
-
-    id: int
 
 
 @_message("query_map", CLIENT, id=ID, ranges=Ranges(MAX_RANGES))
 @dataclass(frozen=True, slots=True)
-class QueryMap(Message):
+class QueryMap(Request):
     """Which of these chunks have copies in the store? Takes no locks.
 
     For a snapshot client: the chunks its snapshot owns in the store. For an
@@ -376,25 +395,21 @@ class QueryMap(Message):
     write there may still copy out for another live snapshot without one).
     """
 
-    id: int
     ranges: tuple[tuple[int, int], ...]
 
 
 @_message("map", SERVER, id=ID, ranges=Ranges(MAX_RANGES))
 @dataclass(frozen=True, slots=True)
-class MapReply(Message):
+class MapReply(Reply):
     """The asked-about chunks that have copies, as ascending ranges."""
 
-    id: int
     ranges: tuple[tuple[int, int], ...]
 
 
 @_message("keepalive", CLIENT, id=ID)
 @dataclass(frozen=True, slots=True)
-class Keepalive(Message):
+class Keepalive(Request):
     """I am alive: answered with ok at once; keeps this connection's lease."""
-
-    id: int
 
 
 @_message("barrier", SERVER, barrier=U64)
@@ -426,90 +441,76 @@ class SnapshotDeleted(Message):
 
 @_message("create_snapshot", ADMIN, id=ID, tag=TAG, priority=S8)
 @dataclass(frozen=True, slots=True)
-class CreateSnapshot(Message):
+class CreateSnapshot(Request):
     """Take a snapshot of the origin now (after the origin-write barrier)."""
 
-    id: int
     tag: int
     priority: int
 
 
 @_message("delete_snapshot", ADMIN, id=ID, tag=TAG)
 @dataclass(frozen=True, slots=True)
-class DeleteSnapshot(Message):
+class DeleteSnapshot(Request):
     """Delete a snapshot; its space is reclaimed in the background."""
 
-    id: int
     tag: int
 
 
 @_message("list_snapshots", ADMIN, id=ID)
 @dataclass(frozen=True, slots=True)
-class ListSnapshots(Message):
+class ListSnapshots(Request):
     """Every live snapshot, oldest first."""
-
-    id: int
 
 
 @_message("get_status", ADMIN, id=ID)
 @dataclass(frozen=True, slots=True)
-class GetStatus(Message):
+class GetStatus(Request):
     """Store totals, every snapshot, and those still being deleted."""
-
-    id: int
 
 
 @_message("set_priority", ADMIN, id=ID, tag=TAG, priority=S8)
 @dataclass(frozen=True, slots=True)
-class SetPriority(Message):
+class SetPriority(Request):
     """Set a snapshot's priority (-128..127)."""
 
-    id: int
     tag: int
     priority: int
 
 
 @_message("change_use_count", ADMIN, id=ID, tag=TAG, delta=S32)
 @dataclass(frozen=True, slots=True)
-class ChangeUseCount(Message):
+class ChangeUseCount(Request):
     """Add delta to a snapshot's use count (0 reads it)."""
 
-    id: int
     tag: int
     delta: int
 
 
 @_message("get_server_info", ADMIN, id=ID)
 @dataclass(frozen=True, slots=True)
-class GetServerInfo(Message):
+class GetServerInfo(Request):
     """Where the server listens, since when, and who is connected."""
-
-    id: int
 
 
 @_message("shutdown", ADMIN, id=ID)
 @dataclass(frozen=True, slots=True)
-class Shutdown(Message):
+class Shutdown(Request):
     """Finish in-flight work, mark the store clean and exit."""
-
-    id: int
 
 
 @_message("snapshot", ANSWERS, id=ID, snapshot=SNAPSHOT_INFO)
 @dataclass(frozen=True, slots=True)
-class SnapshotReply(Message):
+class SnapshotReply(Reply):
     """One snapshot, as it is after the request."""
 
-    id: int
     snapshot: dict[str, Any]
 
 
 @_message("snapshot_list", ANSWERS, id=ID, snapshots=ListOf(SNAPSHOT_INFO, MAX_LIST))
 @dataclass(frozen=True, slots=True)
-class SnapshotList(Message):
+class SnapshotList(Reply):
     """Live snapshots, oldest first."""
 
-    id: int
     snapshots: tuple[dict[str, Any], ...]
 
 
@@ -522,10 +523,9 @@ class SnapshotList(Message):
     deleting=ListOf(SNAPSHOT_INFO, MAX_LIST),
 )
 @dataclass(frozen=True, slots=True)
-class StatusReply(Message):
+class StatusReply(Reply):
     """Store totals, live snapshots, and snapshots still being deleted."""
 
-    id: int
     store: dict[str, Any]
     snapshots: tuple[dict[str, Any], ...]
     deleting: tuple[dict[str, Any], ...]
@@ -533,10 +533,9 @@ class StatusReply(Message):
 
 @_message("server_info", ANSWERS, id=ID, server=SERVER_INFO)
 @dataclass(frozen=True, slots=True)
-class ServerInfoReply(Message):
+class ServerInfoReply(Reply):
     """The server's address, start time, state and connections."""
 
-    id: int
     server: dict[str, Any]
 
 
@@ -553,7 +552,7 @@ class ServerInfoReply(Message):
     active=Flag(),
 )
 @dataclass(frozen=True, slots=True)
-class ServerReady(Message):
+class ServerReady(Request):
     """A server registers with its node's agent: where it listens, which store.
 
     `active` is false for a server on standby (store not open, waiting for
@@ -561,7 +560,6 @@ class ServerReady(Message):
     losing its agent.
     """
 
-    id: int
     address: str
     store: str
     pid: int
@@ -570,30 +568,26 @@ class ServerReady(Message):
 
 @_message("start_server", AGENT, id=ID)
 @dataclass(frozen=True, slots=True)
-class StartServer(Message):
+class StartServer(Request):
     """The agent activates its standby server: open the store and serve.
 
     Answered with ok once clients may connect, or error if the store cannot
     be opened.
     """
 
-    id: int
-
 
 @_message("need_server", CLIENT | ADMIN, id=ID, wait=Flag())
 @dataclass(frozen=True, slots=True)
-class NeedServer(Message):
+class NeedServer(Request):
     """Where is the active server? With `wait`, the answer comes once there is one."""
 
-    id: int
     wait: bool
 
 
 @_message("server_at", AGENT, id=ID, address=Text(256), since_ns=U64)
 @dataclass(frozen=True, slots=True)
-class ServerAt(Message):
+class ServerAt(Reply):
     """The active server's address, and since when it has been active."""
 
-    id: int
     address: str
     since_ns: int

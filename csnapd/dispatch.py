@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, assert_never
 
-from csnap_protocol import Error, ErrorCode, Message
+from csnap_protocol import Error, ErrorCode, Message, Request, message_id
 from csnapd.batch import (
     BarrierExpired,
     Batch,
@@ -215,11 +215,9 @@ class Dispatcher:
         # request of it, handled or not, server_failed.
         batch.failure = exc
         for item in unhandled:
-            if isinstance(item, Received):
-                request = getattr(item.message, "id", None)
-                if request is not None:
-                    failed = error_reply(request, ErrorCode.SERVER_FAILED, "")
-                    batch.replies.append((item.peer, failed))
+            if isinstance(item, Received) and isinstance(item.message, Request):
+                failed = error_reply(item.message.id, ErrorCode.SERVER_FAILED, "")
+                batch.replies.append((item.peer, failed))
 
     def commit(self, batch: Batch) -> None:
         """Make the batch durable (blocking: fsyncs)."""
@@ -260,7 +258,7 @@ class Dispatcher:
                 assert_never(item)
 
     def _received(self, peer: Peer, message: Message, batch: Batch) -> bool:
-        request = getattr(message, "id", None)
+        request = message.id if isinstance(message, Request) else None
         try:
             if not is_inbound(message):
                 raise RequestRefused(ErrorCode.PROTOCOL_ERROR, f"{message.TYPE} is not a request")
@@ -279,7 +277,7 @@ class Dispatcher:
         """A commit failed: nothing of this batch is acknowledged."""
         self.failed = True
         out.failed = True
-        answered = [(peer, getattr(reply, "id", None)) for peer, reply in replies]
+        answered = [(peer, message_id(reply)) for peer, reply in replies]
         answered += [(write.peer, write.request) for write in writes]
         told: set[tuple[int, int]] = set()
         for peer, request in answered:

@@ -45,7 +45,9 @@ from csnap_protocol import (
     Message,
     Ok,
     RemoteProtocolError,
+    Request,
     Role,
+    message_id,
 )
 from csnapd.agent_link import AgentLink
 from csnapd.dispatch import (
@@ -420,8 +422,8 @@ class Server:
             # make a live client look silent to itself.
             self._queue(link, Ok(message.id))
             return
-        request = getattr(message, "id", None)
-        if request is not None:
+        if isinstance(message, Request):
+            request = message.id
             if request in link.in_flight:
                 # The first request with this id is still in flight: keep it.
                 self._deliver(
@@ -484,7 +486,7 @@ class Server:
         except LocalProtocolError as exc:
             # Too big for the peer's frame limit, say: it still gets an answer.
             log.error("%s: cannot send %s: %s", link.peer, message.TYPE, exc)
-            request = getattr(message, "id", None)
+            request = message_id(message)
             if request is None or isinstance(message, Error):
                 return b""
             return link.codec.send(
@@ -498,7 +500,7 @@ class Server:
 
     def _deliver(self, link: _Link, message: Message, *, finished: bool = True) -> None:
         """Queue `message`; `finished`: it answers its request id."""
-        request = getattr(message, "id", None)
+        request = message_id(message)
         if finished and request is not None and not isinstance(message, Hello):
             link.in_flight.discard(request)
         self._queue(link, message)

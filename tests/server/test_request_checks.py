@@ -28,6 +28,7 @@ from csnap_protocol import (
     QueryMap,
     QuerySnapshotRead,
     QueryWrite,
+    Request,
     Role,
     UploadLock,
 )
@@ -66,7 +67,7 @@ async def serving(config: ServerConfig) -> AsyncIterator[tuple[Server, Running]]
             stop.set()
 
 
-async def refused(session: Session, message: Message) -> ServerError:
+async def refused(session: Session, message: Request) -> ServerError:
     with pytest.raises(ServerError) as info:
         await session.request(message)
     return info.value
