@@ -12,7 +12,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
-from typing import Any, ClassVar, TypeVar
+from typing import Annotated, Any, ClassVar, TypeVar, get_type_hints
 
 from csnap_protocol.schema import (
     S8,
@@ -43,6 +43,9 @@ __all__ = [
     "PROTOCOL_MAGIC",
     "PROTOCOL_VERSION",
     "MAX_RANGES",
+    "SnapshotRecord",
+    "StoreRecord",
+    "ServerRecord",
     "SNAPSHOT_INFO",
     "STORE_STATUS",
     "SERVER_INFO",
@@ -119,56 +122,91 @@ ANYONE = frozenset(Role)
 ID = U32
 TAG = U32
 
-SNAPSHOT_INFO = Record(
-    "snapshot",
-    {
-        "tag": TAG,
-        "bit": Int(0, 63, "u8"),
-        "state": Choice(("live", "deleting", "squashed")),
-        "priority": S8,
-        "use_count": U32,
-        "created_ns": U64,
-        "origin_chunks": U64,
-        "unique_chunks": U64,
-        "shared_chunks": U64,
-    },
-)
+_R = TypeVar("_R")
 
-STORE_STATUS = Record(
-    "store",
-    {
-        "uuid": Blob(16),
-        "created_ns": U64,
-        "chunk_size": U32,
-        "block_size": U32,
-        "store_chunks": U64,
-        "origin_chunks": U64,
-        "data_chunks": U64,
-        "data_free": U64,
-        "meta_blocks": U64,
-        "meta_free": U64,
-        "exceptions": U64,
-        "sequence": U64,
-        "sweep_cursor": U64,
-    },
-)
 
-SERVER_INFO = Record(
-    "server",
-    {
-        "address": Text(256),
-        "store": Text(4096),
-        "origin": Text(4096),
-        "started_ns": U64,
-        "epoch": U64,
-        "state": Choice(("active", "uploading", "failed", "stopping")),
-        "clients": U32,
-        "origin_clients": U32,
-        "snapshot_clients": U32,
-        "commits": U64,
-        "requests": U64,
-    },
-)
+def _record(wire_name: str) -> Callable[[type[_R]], type[_R]]:
+    """Give a record dataclass its spec (RECORD), built from its annotations.
+
+    Each field is annotated `Annotated[<python type>, <spec>]`: the field
+    and its wire type are declared once, in one place.
+    """
+
+    def register(cls: type[_R]) -> type[_R]:
+        hints = get_type_hints(cls, include_extras=True)
+        specs: dict[str, Spec] = {}
+        for f in fields(cls):  # type: ignore[arg-type]
+            (spec,) = (m for m in hints[f.name].__metadata__ if isinstance(m, Spec))
+            specs[f.name] = spec
+        cls.RECORD = Record(wire_name, specs, cls)  # type: ignore[attr-defined]
+        return cls
+
+    return register
+
+
+@_record("snapshot")
+@dataclass(frozen=True, slots=True)
+class SnapshotRecord:
+    """One snapshot, as replies carry it (docs/protocol.md, "Snapshot record")."""
+
+    RECORD: ClassVar[Record]
+
+    tag: Annotated[int, TAG]
+    bit: Annotated[int, Int(0, 63, "u8")]
+    state: Annotated[str, Choice(("live", "deleting", "squashed"))]
+    priority: Annotated[int, S8]
+    use_count: Annotated[int, U32]
+    created_ns: Annotated[int, U64]
+    origin_chunks: Annotated[int, U64]
+    unique_chunks: Annotated[int, U64]
+    shared_chunks: Annotated[int, U64]
+
+
+@_record("store")
+@dataclass(frozen=True, slots=True)
+class StoreRecord:
+    """The store's totals, as status carries them (docs/protocol.md, "Store record")."""
+
+    RECORD: ClassVar[Record]
+
+    uuid: Annotated[bytes, Blob(16)]
+    created_ns: Annotated[int, U64]
+    chunk_size: Annotated[int, U32]
+    block_size: Annotated[int, U32]
+    store_chunks: Annotated[int, U64]
+    origin_chunks: Annotated[int, U64]
+    data_chunks: Annotated[int, U64]
+    data_free: Annotated[int, U64]
+    meta_blocks: Annotated[int, U64]
+    meta_free: Annotated[int, U64]
+    exceptions: Annotated[int, U64]
+    sequence: Annotated[int, U64]
+    sweep_cursor: Annotated[int, U64]
+
+
+@_record("server")
+@dataclass(frozen=True, slots=True)
+class ServerRecord:
+    """The server, as server_info carries it (docs/protocol.md, "Server record")."""
+
+    RECORD: ClassVar[Record]
+
+    address: Annotated[str, Text(256)]
+    store: Annotated[str, Text(4096)]
+    origin: Annotated[str, Text(4096)]
+    started_ns: Annotated[int, U64]
+    epoch: Annotated[int, U64]
+    state: Annotated[str, Choice(("active", "uploading", "failed", "stopping"))]
+    clients: Annotated[int, U32]
+    origin_clients: Annotated[int, U32]
+    snapshot_clients: Annotated[int, U32]
+    commits: Annotated[int, U64]
+    requests: Annotated[int, U64]
+
+
+SNAPSHOT_INFO = SnapshotRecord.RECORD
+STORE_STATUS = StoreRecord.RECORD
+SERVER_INFO = ServerRecord.RECORD
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,8 +220,8 @@ class Message:
     def to_wire(self) -> dict[str, Any]:
         """The msgpack map for this message."""
         body: dict[str, Any] = {"type": self.TYPE}
-        for name in self.FIELDS:
-            body[name] = getattr(self, name)
+        for name, spec in self.FIELDS.items():
+            body[name] = spec.to_wire(getattr(self, name))
         return body
 
 
@@ -503,7 +541,7 @@ class Shutdown(Request):
 class SnapshotReply(Reply):
     """One snapshot, as it is after the request."""
 
-    snapshot: dict[str, Any]
+    snapshot: SnapshotRecord
 
 
 @_message("snapshot_list", ANSWERS, id=ID, snapshots=ListOf(SNAPSHOT_INFO, MAX_LIST))
@@ -511,7 +549,7 @@ class SnapshotReply(Reply):
 class SnapshotList(Reply):
     """Live snapshots, oldest first."""
 
-    snapshots: tuple[dict[str, Any], ...]
+    snapshots: tuple[SnapshotRecord, ...]
 
 
 @_message(
@@ -526,9 +564,9 @@ class SnapshotList(Reply):
 class StatusReply(Reply):
     """Store totals, live snapshots, and snapshots still being deleted."""
 
-    store: dict[str, Any]
-    snapshots: tuple[dict[str, Any], ...]
-    deleting: tuple[dict[str, Any], ...]
+    store: StoreRecord
+    snapshots: tuple[SnapshotRecord, ...]
+    deleting: tuple[SnapshotRecord, ...]
 
 
 @_message("server_info", ANSWERS, id=ID, server=SERVER_INFO)
@@ -536,7 +574,7 @@ class StatusReply(Reply):
 class ServerInfoReply(Reply):
     """The server's address, start time, state and connections."""
 
-    server: dict[str, Any]
+    server: ServerRecord
 
 
 # -- the agent ----------------------------------------------------------------

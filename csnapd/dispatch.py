@@ -28,9 +28,9 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, assert_never
+from typing import assert_never
 
-from csnap_protocol import Error, ErrorCode, Message, Request, message_id
+from csnap_protocol import Error, ErrorCode, Message, Request, ServerRecord, message_id
 from csnapd.batch import (
     BarrierExpired,
     Batch,
@@ -339,7 +339,7 @@ class Dispatcher:
 
     # -- reporting ---------------------------------------------------------------
 
-    def server_info(self) -> dict[str, Any]:
+    def server_info(self) -> ServerRecord:
         """What get_server_info reports."""
         if self.failed:
             state = "failed"

@@ -6,15 +6,17 @@ docs/protocol.md describes ("Records"); changes nothing.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import dataclass
 
-from csnap_protocol import STORE_STATUS, StatusReply
+from csnap_protocol import ServerRecord, SnapshotRecord, StatusReply, StoreRecord
 from csnapd.batch import Peer
 from csnapd.engine import Engine, SnapshotInfo
 
 __all__ = ["ServerIdentity", "snapshot_record", "status_reply", "server_record"]
+
+_STORE_FIELDS = tuple(f.name for f in dataclasses.fields(StoreRecord))
 
 
 @dataclass(frozen=True)
@@ -29,15 +31,15 @@ class ServerIdentity:
     epoch: int
 
 
-def snapshot_record(info: SnapshotInfo) -> dict[str, Any]:
+def snapshot_record(info: SnapshotInfo) -> SnapshotRecord:
     """A snapshot, as the snapshot record carries it."""
-    return asdict(info)
+    return SnapshotRecord(**dataclasses.asdict(info))
 
 
 def status_reply(engine: Engine, request: int) -> StatusReply:
     """The answer to get_status."""
     status = engine.status()
-    store = {name: getattr(status, name) for name in STORE_STATUS.fields}
+    store = StoreRecord(**{name: getattr(status, name) for name in _STORE_FIELDS})
     return StatusReply(
         request,
         store,
@@ -53,20 +55,20 @@ def server_record(
     state: str,
     commits: int,
     requests: int,
-) -> dict[str, Any]:
+) -> ServerRecord:
     """What get_server_info reports."""
     peers = list(peers)
     identified = [p for p in peers if p.identified]
-    return {
-        "address": identity.address,
-        "store": identity.store,
-        "origin": identity.origin,
-        "started_ns": identity.started_ns,
-        "epoch": identity.epoch,
-        "state": state,
-        "clients": len(peers),
-        "origin_clients": sum(1 for p in identified if p.snapshot is None),
-        "snapshot_clients": sum(1 for p in identified if p.snapshot is not None),
-        "commits": commits,
-        "requests": requests,
-    }
+    return ServerRecord(
+        address=identity.address,
+        store=identity.store,
+        origin=identity.origin,
+        started_ns=identity.started_ns,
+        epoch=identity.epoch,
+        state=state,
+        clients=len(peers),
+        origin_clients=sum(1 for p in identified if p.snapshot is None),
+        snapshot_clients=sum(1 for p in identified if p.snapshot is not None),
+        commits=commits,
+        requests=requests,
+    )

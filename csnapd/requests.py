@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Set
-from typing import Any, TypeGuard, assert_never, get_args
+from typing import TypeGuard, assert_never, get_args
 
 from csnap_protocol import (
     MAX_RANGES,
@@ -34,6 +34,7 @@ from csnap_protocol import (
     QuerySnapshotRead,
     QueryWrite,
     ServerInfoReply,
+    ServerRecord,
     SetPriority,
     Shutdown,
     SnapshotDeleted,
@@ -106,7 +107,7 @@ class RequestHandlers:
         gate: WriteGate,
         barrier: CreateBarrier,
         peers: Set[Peer],
-        server_info: Callable[[], dict[str, Any]],
+        server_info: Callable[[], ServerRecord],
         *,
         epoch: int,
         max_chunks: int,

@@ -44,7 +44,7 @@ def test_a_write_applied_before_the_last_barrier_done_copies_for_the_new_snapsho
         ]
     )
     (created,) = sent(out, admin)
-    assert isinstance(created, SnapshotReply) and created.snapshot["tag"] == 5
+    assert isinstance(created, SnapshotReply) and created.snapshot.tag == 5
     (granted,) = sent(out, writer)
     assert granted == WriteOk(2, 1)  # chunk 3 was copied out for snapshot 5
     segments = engine.snapshot_read(5, [(3, 1)])
