@@ -1,12 +1,18 @@
-# Every message of the csnap protocol, as frozen dataclasses.
-#
-# A message is a msgpack map: {"type": <name>, <field>: <value>, ...}. Each
-# class declares its wire name (TYPE), which roles may send it (SENDERS) and
-# a spec for every field (FIELDS); the codec refuses anything else. The
-# registry MESSAGES is what docs/protocol.md's tables are checked against.
-#
-# Requests carry an `id` the sender chooses (unique among its requests in
-# flight); the reply carries the same id. Replies may come in any order.
+"""Every message of the csnap protocol, as frozen dataclasses.
+
+A message is a msgpack map: {"type": <name>, <field>: <value>, ...}. Each
+class declares its wire name (TYPE) and which roles may send it (SENDERS);
+each field is declared once, annotated with its spec (FIELDS is read from
+those annotations), and the codec refuses anything else. The records that
+replies carry (snapshot, store, server) are frozen dataclasses declared the
+same way. The registry MESSAGES is what docs/protocol.md's tables are checked
+against.
+
+Requests (Request) carry an `id` the sender chooses (unique among its
+requests in flight); the reply (Reply, or Error) carries the same id. Replies
+may come in any order.
+"""
+
 from __future__ import annotations
 
 import enum
@@ -121,6 +127,10 @@ ANYONE = frozenset(Role)
 
 ID = U32
 TAG = U32
+#: Chunk ranges, as requests and the map reply carry them.
+RangeList = Annotated[tuple[tuple[int, int], ...], Ranges(MAX_RANGES)]
+#: Store segments, as the snapshot read and write replies carry them.
+SegmentList = Annotated[tuple[tuple[int, int, int], ...], Segments(MAX_RANGES)]
 
 _R = TypeVar("_R")
 
@@ -232,14 +242,14 @@ class Request(Message):
     The sender chooses the id, unique among its requests in flight.
     """
 
-    id: int
+    id: Annotated[int, ID]
 
 
 @dataclass(frozen=True, slots=True)
 class Reply(Message):
     """The success reply to a request: carries that request's id."""
 
-    id: int
+    id: Annotated[int, ID]
 
 
 def message_id(message: Message) -> int | None:
@@ -260,11 +270,19 @@ MESSAGES: dict[str, type[Message]] = {}
 _M = TypeVar("_M", bound=type[Message])
 
 
-def _message(wire_name: str, senders: frozenset[Role], /, **specs: Spec) -> Callable[[_M], _M]:
+def _message(wire_name: str, senders: frozenset[Role], /) -> Callable[[_M], _M]:
+    """Register a message class under `wire_name`, sendable by `senders`.
+
+    Each field is annotated `Annotated[<python type>, <spec>]` (or an alias of
+    one): its spec is read from there, so a field is declared once.
+    """
+
     def register(cls: _M) -> _M:
-        declared = [f.name for f in fields(cls)]
-        if declared != list(specs):
-            raise TypeError(f"{cls.__name__}: fields {declared} do not match specs {list(specs)}")
+        hints = get_type_hints(cls, include_extras=True)
+        specs: dict[str, Spec] = {}
+        for f in fields(cls):
+            (spec,) = (m for m in getattr(hints[f.name], "__metadata__", ()) if isinstance(m, Spec))
+            specs[f.name] = spec
         cls.TYPE = wire_name
         cls.SENDERS = senders
         cls.FIELDS = specs
@@ -279,38 +297,30 @@ def _message(wire_name: str, senders: frozenset[Role], /, **specs: Spec) -> Call
 # -- handshake and generic replies --------------------------------------------
 
 
-@_message(
-    "hello",
-    ANYONE,
-    magic=Text(16),
-    version=U16,
-    role=Choice(tuple(r.value for r in Role)),
-    max_frame=U32,
-    name=Nullable(Text(256)),
-)
+@_message("hello", ANYONE)
 @dataclass(frozen=True, slots=True)
 class Hello(Message):
     """First frame in each direction: protocol, version, role, frame limit."""
 
-    magic: str
-    version: int
-    role: str
-    max_frame: int
-    name: str | None
+    magic: Annotated[str, Text(16)]
+    version: Annotated[int, U16]
+    role: Annotated[str, Choice(tuple(r.value for r in Role))]
+    max_frame: Annotated[int, U32]
+    name: Annotated[str | None, Nullable(Text(256))]
 
 
-@_message("error", ANSWERS, id=Nullable(ID), code=U16, name=Text(64), message=Text(1024))
+@_message("error", ANSWERS)
 @dataclass(frozen=True, slots=True)
 class Error(Message):
     """A request failed (id set), or the connection is being closed (id nil)."""
 
-    id: int | None
-    code: int
-    name: str
-    message: str
+    id: Annotated[int | None, Nullable(ID)]
+    code: Annotated[int, U16]
+    name: Annotated[str, Text(64)]
+    message: Annotated[str, Text(1024)]
 
 
-@_message("ok", ANSWERS, id=ID)
+@_message("ok", ANSWERS)
 @dataclass(frozen=True, slots=True)
 class Ok(Reply):
     """A request that returns nothing succeeded."""
@@ -319,111 +329,95 @@ class Ok(Reply):
 # -- the data path ------------------------------------------------------------
 
 
-@_message("identify", CLIENT, id=ID, client=U64, snapshot=Nullable(TAG))
+@_message("identify", CLIENT)
 @dataclass(frozen=True, slots=True)
 class Identify(Request):
     """Bind this connection to the origin (snapshot nil) or to a snapshot's tag."""
 
-    client: int
-    snapshot: int | None
+    client: Annotated[int, U64]
+    snapshot: Annotated[int | None, Nullable(TAG)]
 
 
-@_message(
-    "identified",
-    SERVER,
-    id=ID,
-    snapshot=Nullable(TAG),
-    chunk_size=U32,
-    origin_chunks=U64,
-    epoch=U64,
-    max_chunks=U32,
-    lease_ms=U32,
-)
+@_message("identified", SERVER)
 @dataclass(frozen=True, slots=True)
 class Identified(Reply):
     """Identify succeeded: the geometry a client needs, the server's epoch and lease."""
 
-    snapshot: int | None
-    chunk_size: int
-    origin_chunks: int
-    epoch: int
-    max_chunks: int
+    snapshot: Annotated[int | None, Nullable(TAG)]
+    chunk_size: Annotated[int, U32]
+    origin_chunks: Annotated[int, U64]
+    epoch: Annotated[int, U64]
+    max_chunks: Annotated[int, U32]
     #: Milliseconds of silence after which the server drops this connection
     #: and its read locks; 0: it drops no silent connection.
-    lease_ms: int = 0
+    lease_ms: Annotated[int, U32] = 0
 
 
-@_message("query_write", CLIENT, id=ID, ranges=Ranges(MAX_RANGES))
+@_message("query_write", CLIENT)
 @dataclass(frozen=True, slots=True)
 class QueryWrite(Request):
     """May I write these chunks? (origin: copy out first; snapshot: where to)."""
 
-    ranges: tuple[tuple[int, int], ...]
+    ranges: RangeList
 
 
-@_message("write_ok", SERVER, id=ID, copied=U32)
+@_message("write_ok", SERVER)
 @dataclass(frozen=True, slots=True)
 class WriteOk(Reply):
     """An origin client may write the chunks it asked about; `copied` were copied out."""
 
-    copied: int
+    copied: Annotated[int, U32]
 
 
-@_message("snapshot_write_ok", SERVER, id=ID, segments=Segments(MAX_RANGES))
+@_message("snapshot_write_ok", SERVER)
 @dataclass(frozen=True, slots=True)
 class SnapshotWriteOk(Reply):
     """A snapshot client writes its chunks at these store chunks."""
 
-    segments: tuple[tuple[int, int, int], ...]
+    segments: SegmentList
 
 
-@_message("query_snapshot_read", CLIENT, id=ID, ranges=Ranges(MAX_RANGES))
+@_message("query_snapshot_read", CLIENT)
 @dataclass(frozen=True, slots=True)
 class QuerySnapshotRead(Request):
     """Where do I read these chunks of my snapshot?"""
 
-    ranges: tuple[tuple[int, int], ...]
+    ranges: RangeList
 
 
-@_message(
-    "snapshot_read_ok",
-    SERVER,
-    id=ID,
-    store=Segments(MAX_RANGES),
-    origin=Ranges(MAX_RANGES),
-)
+@_message("snapshot_read_ok", SERVER)
 @dataclass(frozen=True, slots=True)
 class SnapshotReadOk(Reply):
     """Read `store` segments from the store; `origin` ranges from the origin,
     now read-locked for this connection until finish_snapshot_read."""
 
-    store: tuple[tuple[int, int, int], ...]
-    origin: tuple[tuple[int, int], ...]
+    store: SegmentList
+    origin: RangeList
 
 
-@_message("finish_snapshot_read", CLIENT, id=ID, ranges=Ranges(MAX_RANGES))
+@_message("finish_snapshot_read", CLIENT)
 @dataclass(frozen=True, slots=True)
 class FinishSnapshotRead(Request):
     """I have read these origin chunks: release their read locks."""
 
-    ranges: tuple[tuple[int, int], ...]
+    ranges: RangeList
 
 
-@_message("upload_lock", CLIENT, id=ID, ranges=Ranges(MAX_RANGES))
+@_message("upload_lock", CLIENT)
 @dataclass(frozen=True, slots=True)
 class UploadLock(Request):
     """After a reconnect: I still read these origin chunks (re-take their locks)."""
 
-    ranges: tuple[tuple[int, int], ...]
+    ranges: RangeList
 
 
-@_message("finish_upload_lock", CLIENT, id=ID)
+@_message("finish_upload_lock", CLIENT)
 @dataclass(frozen=True, slots=True)
 class FinishUploadLock(Request):
     """After a reconnect: every lock I hold is uploaded."""
 
 
-@_message("query_map", CLIENT, id=ID, ranges=Ranges(MAX_RANGES))
+@_message("query_map", CLIENT)
 @dataclass(frozen=True, slots=True)
 class QueryMap(Request):
     """Which of these chunks have copies in the store? Takes no locks.
@@ -433,162 +427,147 @@ class QueryMap(Request):
     write there may still copy out for another live snapshot without one).
     """
 
-    ranges: tuple[tuple[int, int], ...]
+    ranges: RangeList
 
 
-@_message("map", SERVER, id=ID, ranges=Ranges(MAX_RANGES))
+@_message("map", SERVER)
 @dataclass(frozen=True, slots=True)
 class MapReply(Reply):
     """The asked-about chunks that have copies, as ascending ranges."""
 
-    ranges: tuple[tuple[int, int], ...]
+    ranges: RangeList
 
 
-@_message("keepalive", CLIENT, id=ID)
+@_message("keepalive", CLIENT)
 @dataclass(frozen=True, slots=True)
 class Keepalive(Request):
     """I am alive: answered with ok at once; keeps this connection's lease."""
 
 
-@_message("barrier", SERVER, barrier=U64)
+@_message("barrier", SERVER)
 @dataclass(frozen=True, slots=True)
 class Barrier(Message):
     """To origin clients: finish the writes you were granted, then say barrier_done."""
 
-    barrier: int
+    barrier: Annotated[int, U64]
 
 
-@_message("barrier_done", CLIENT, barrier=U64)
+@_message("barrier_done", CLIENT)
 @dataclass(frozen=True, slots=True)
 class BarrierDone(Message):
     """Every origin write granted before that barrier has reached the origin."""
 
-    barrier: int
+    barrier: Annotated[int, U64]
 
 
-@_message("snapshot_deleted", SERVER, snapshot=TAG)
+@_message("snapshot_deleted", SERVER)
 @dataclass(frozen=True, slots=True)
 class SnapshotDeleted(Message):
     """To a snapshot's clients: it was deleted; finish your writes and close."""
 
-    snapshot: int
+    snapshot: Annotated[int, TAG]
 
 
 # -- administration -----------------------------------------------------------
 
 
-@_message("create_snapshot", ADMIN, id=ID, tag=TAG, priority=S8)
+@_message("create_snapshot", ADMIN)
 @dataclass(frozen=True, slots=True)
 class CreateSnapshot(Request):
     """Take a snapshot of the origin now (after the origin-write barrier)."""
 
-    tag: int
-    priority: int
+    tag: Annotated[int, TAG]
+    priority: Annotated[int, S8]
 
 
-@_message("delete_snapshot", ADMIN, id=ID, tag=TAG)
+@_message("delete_snapshot", ADMIN)
 @dataclass(frozen=True, slots=True)
 class DeleteSnapshot(Request):
     """Delete a snapshot; its space is reclaimed in the background."""
 
-    tag: int
+    tag: Annotated[int, TAG]
 
 
-@_message("list_snapshots", ADMIN, id=ID)
+@_message("list_snapshots", ADMIN)
 @dataclass(frozen=True, slots=True)
 class ListSnapshots(Request):
     """Every live snapshot, oldest first."""
 
 
-@_message("get_status", ADMIN, id=ID)
+@_message("get_status", ADMIN)
 @dataclass(frozen=True, slots=True)
 class GetStatus(Request):
     """Store totals, every snapshot, and those still being deleted."""
 
 
-@_message("set_priority", ADMIN, id=ID, tag=TAG, priority=S8)
+@_message("set_priority", ADMIN)
 @dataclass(frozen=True, slots=True)
 class SetPriority(Request):
     """Set a snapshot's priority (-128..127)."""
 
-    tag: int
-    priority: int
+    tag: Annotated[int, TAG]
+    priority: Annotated[int, S8]
 
 
-@_message("change_use_count", ADMIN, id=ID, tag=TAG, delta=S32)
+@_message("change_use_count", ADMIN)
 @dataclass(frozen=True, slots=True)
 class ChangeUseCount(Request):
     """Add delta to a snapshot's use count (0 reads it)."""
 
-    tag: int
-    delta: int
+    tag: Annotated[int, TAG]
+    delta: Annotated[int, S32]
 
 
-@_message("get_server_info", ADMIN, id=ID)
+@_message("get_server_info", ADMIN)
 @dataclass(frozen=True, slots=True)
 class GetServerInfo(Request):
     """Where the server listens, since when, and who is connected."""
 
 
-@_message("shutdown", ADMIN, id=ID)
+@_message("shutdown", ADMIN)
 @dataclass(frozen=True, slots=True)
 class Shutdown(Request):
     """Finish in-flight work, mark the store clean and exit."""
 
 
-@_message("snapshot", ANSWERS, id=ID, snapshot=SNAPSHOT_INFO)
+@_message("snapshot", ANSWERS)
 @dataclass(frozen=True, slots=True)
 class SnapshotReply(Reply):
     """One snapshot, as it is after the request."""
 
-    snapshot: SnapshotRecord
+    snapshot: Annotated[SnapshotRecord, SNAPSHOT_INFO]
 
 
-@_message("snapshot_list", ANSWERS, id=ID, snapshots=ListOf(SNAPSHOT_INFO, MAX_LIST))
+@_message("snapshot_list", ANSWERS)
 @dataclass(frozen=True, slots=True)
 class SnapshotList(Reply):
     """Live snapshots, oldest first."""
 
-    snapshots: tuple[SnapshotRecord, ...]
+    snapshots: Annotated[tuple[SnapshotRecord, ...], ListOf(SNAPSHOT_INFO, MAX_LIST)]
 
 
-@_message(
-    "status",
-    ANSWERS,
-    id=ID,
-    store=STORE_STATUS,
-    snapshots=ListOf(SNAPSHOT_INFO, MAX_LIST),
-    deleting=ListOf(SNAPSHOT_INFO, MAX_LIST),
-)
+@_message("status", ANSWERS)
 @dataclass(frozen=True, slots=True)
 class StatusReply(Reply):
     """Store totals, live snapshots, and snapshots still being deleted."""
 
-    store: StoreRecord
-    snapshots: tuple[SnapshotRecord, ...]
-    deleting: tuple[SnapshotRecord, ...]
+    store: Annotated[StoreRecord, STORE_STATUS]
+    snapshots: Annotated[tuple[SnapshotRecord, ...], ListOf(SNAPSHOT_INFO, MAX_LIST)]
+    deleting: Annotated[tuple[SnapshotRecord, ...], ListOf(SNAPSHOT_INFO, MAX_LIST)]
 
 
-@_message("server_info", ANSWERS, id=ID, server=SERVER_INFO)
+@_message("server_info", ANSWERS)
 @dataclass(frozen=True, slots=True)
 class ServerInfoReply(Reply):
     """The server's address, start time, state and connections."""
 
-    server: ServerRecord
+    server: Annotated[ServerRecord, SERVER_INFO]
 
 
 # -- the agent ----------------------------------------------------------------
 
 
-@_message(
-    "server_ready",
-    SERVER,
-    id=ID,
-    address=Text(256),
-    store=Text(4096),
-    pid=U32,
-    active=Flag(),
-)
+@_message("server_ready", SERVER)
 @dataclass(frozen=True, slots=True)
 class ServerReady(Request):
     """A server registers with its node's agent: where it listens, which store.
@@ -598,13 +577,13 @@ class ServerReady(Request):
     losing its agent.
     """
 
-    address: str
-    store: str
-    pid: int
-    active: bool
+    address: Annotated[str, Text(256)]
+    store: Annotated[str, Text(4096)]
+    pid: Annotated[int, U32]
+    active: Annotated[bool, Flag()]
 
 
-@_message("start_server", AGENT, id=ID)
+@_message("start_server", AGENT)
 @dataclass(frozen=True, slots=True)
 class StartServer(Request):
     """The agent activates its standby server: open the store and serve.
@@ -614,18 +593,18 @@ class StartServer(Request):
     """
 
 
-@_message("need_server", CLIENT | ADMIN, id=ID, wait=Flag())
+@_message("need_server", CLIENT | ADMIN)
 @dataclass(frozen=True, slots=True)
 class NeedServer(Request):
     """Where is the active server? With `wait`, the answer comes once there is one."""
 
-    wait: bool
+    wait: Annotated[bool, Flag()]
 
 
-@_message("server_at", AGENT, id=ID, address=Text(256), since_ns=U64)
+@_message("server_at", AGENT)
 @dataclass(frozen=True, slots=True)
 class ServerAt(Reply):
     """The active server's address, and since when it has been active."""
 
-    address: str
-    since_ns: int
+    address: Annotated[str, Text(256)]
+    since_ns: Annotated[int, U64]
