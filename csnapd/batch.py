@@ -8,10 +8,11 @@ two, and between the dispatcher's parts.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from csnap_protocol import DEFAULT_MAX_FRAME, Error, ErrorCode, Message, Role
-from csnapd.engine import EngineFailedError
+from csnapd.engine import EngineError, EngineFailedError
 
 __all__ = [
     "Peer",
@@ -27,6 +28,7 @@ __all__ = [
     "ParkedWrite",
     "Ranges",
     "Sends",
+    "EngineRefusal",
     "error_reply",
 ]
 
@@ -145,6 +147,11 @@ class Batch:
     #: The engine has changes only a commit makes durable.
     needs_commit: bool = False
     failure: EngineFailedError | None = None
+
+
+#: Turns an engine error into the error reply to a request (csnapd.dispatch
+#: owns the translation; the dispatcher's parts are given it).
+EngineRefusal = Callable[[int, EngineError], Error]
 
 
 def error_reply(request: int | None, code: ErrorCode, message: str) -> Error:

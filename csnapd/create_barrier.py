@@ -11,19 +11,16 @@ barrier": the rule "create barrier").
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Set
+from collections.abc import Set
 
-from csnap_protocol import Barrier, CreateSnapshot, Error, ErrorCode, SnapshotReply
-from csnapd.batch import Batch, Peer, Sends, error_reply
+from csnap_protocol import Barrier, CreateSnapshot, ErrorCode, SnapshotReply
+from csnapd.batch import Batch, EngineRefusal, Peer, Sends, error_reply
 from csnapd.engine import Engine, EngineError, EngineFailedError
 from csnapd.reporting import snapshot_record
 
 __all__ = ["CreateBarrier"]
 
 log = logging.getLogger("csnapd")
-
-#: Turns an engine error into the error reply to a request.
-EngineRefusal = Callable[[int, EngineError], Error]
 
 
 class CreateBarrier:

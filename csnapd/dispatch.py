@@ -230,7 +230,7 @@ class Dispatcher:
         """After the commit: grant what may be granted, and say what to send."""
         out, replies = batch.out, batch.replies
         if batch.failure is not None:
-            return self._fail(batch.failure, replies, batch.writes, out)
+            return self._fail(batch.failure, batch)
         self.gate.settle(batch.writes, replies)
         out.sends = replies + batch.notices
         out.sweep_pending = self.engine.sweep_pending
@@ -271,14 +271,13 @@ class Dispatcher:
             batch.replies.append((peer, _engine_refusal(request, exc)))
         return False
 
-    def _fail(
-        self, exc: EngineFailedError, replies: Sends, writes: list[ParkedWrite], out: Outcome
-    ) -> Outcome:
+    def _fail(self, exc: EngineFailedError, batch: Batch) -> Outcome:
         """A commit failed: nothing of this batch is acknowledged."""
+        out = batch.out
         self.failed = True
         out.failed = True
-        answered = [(peer, message_id(reply)) for peer, reply in replies]
-        answered += [(write.peer, write.request) for write in writes]
+        answered = [(peer, message_id(reply)) for peer, reply in batch.replies]
+        answered += [(write.peer, write.request) for write in batch.writes]
         told: set[tuple[int, int]] = set()
         for peer, request in answered:
             if request is not None and (peer.number, request) not in told:

@@ -16,10 +16,10 @@ its lease (docs/protocol.md, "Liveness").
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
-from csnap_protocol import Error, ErrorCode, WriteOk
-from csnapd.batch import ParkedWrite, Peer, Sends
+from csnap_protocol import ErrorCode, WriteOk
+from csnapd.batch import EngineRefusal, ParkedWrite, Peer, Sends
 from csnapd.checks import RequestRefused
 from csnapd.create_barrier import CreateBarrier
 from csnapd.engine import Engine, EngineError, EngineFailedError
@@ -37,7 +37,7 @@ class WriteGate:
         self,
         engine: Engine,
         barrier: CreateBarrier,
-        refusal: Callable[[int, EngineError], Error],
+        refusal: EngineRefusal,
         *,
         lease_ms: int,
         max_read_locks: int,
