@@ -286,7 +286,13 @@ async def tls_round(
     async with (
         csnapd(store, origin, d / "csnapd-tls.log", "--log-level", "warning") as server,
         open_admin(server.connect) as admin,
-        listening([sys.executable, *gateway, "--server", server.address], d / "nbd-tls.log"),
+        listening(
+            [
+                *(sys.executable, *gateway, "--server", server.address),
+                *("--origin", str(origin), "--store", str(store)),
+            ],
+            d / "nbd-tls.log",
+        ),
     ):
         await admin.create_snapshot(1)
         # Every chunk copied out once, untimed: the timed writes only rewrite.

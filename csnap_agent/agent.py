@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import trio
 
 from csnap_agent.coordinator import Candidate, Coordinator, LocalCoordinator
+from csnap_agent.registration import RegistrationError, check_against, check_fields
 from csnap_client import (
     ConnectionLostError,
     ServerError,
@@ -107,9 +108,24 @@ class _Peer:
         return f"{role} {self.number}"
 
     async def send(self, message: Message) -> None:
+        """Send `message`; a reply too big for the peer's frame limit becomes
+        `error` `request_too_large`, so that every request is answered."""
         async with self.send_lock:
             try:
-                await self.stream.send_all(self.codec.send(message))
+                try:
+                    data = self.codec.send(message)
+                except LocalProtocolError as exc:
+                    log.warning("%s: cannot send %s: %s", self, message.TYPE, exc)
+                    request = message_id(message)
+                    if request is None or isinstance(message, Error):
+                        return
+                    code = ErrorCode.REQUEST_TOO_LARGE
+                    data = self.codec.send(
+                        Error(
+                            request, int(code), code.symbol, f"the reply does not fit: {exc}"[:1024]
+                        )
+                    )
+                await self.stream.send_all(data)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 pass  # the reader sees the end and cleans up
             except LocalProtocolError as exc:
@@ -140,6 +156,9 @@ class Agent:
         self._relay_lock = trio.Lock()
         self._relay_ids = itertools.count(1)
         self._electing = False
+        self._elect_again = False
+        #: The server sent start_server and not yet answered, if any.
+        self._starting: Registration | None = None
         self._connections = 0
 
     async def serve(
@@ -185,8 +204,11 @@ class Agent:
                     nursery.start_soon(_hello_timer, peer)
                     await self._read(peer)
                 finally:
+                    # Forget the peer before anything can wait: this scope is
+                    # cancelled next (or already, when the agent stops), and
+                    # clean-up that waits would be cut short there.
+                    self._gone(peer)
                     nursery.cancel_scope.cancel()
-                    await self._gone(peer)
         finally:
             self._connections -= 1
 
@@ -213,14 +235,15 @@ class Agent:
         if isinstance(message, Hello):
             return await self._hello(peer, message)
         request = message_id(message)
-        if peer.role is Role.SERVER and isinstance(message, Ok | Error) and request is not None:
-            answer = peer.answers.pop(request, None)
-            if answer is not None:
-                answer.send_nowait(message)
+        if isinstance(message, Ok | Error) and request in peer.answers:
+            peer.answers.pop(request).send_nowait(message)
             return True
         if request is not None:
             if request in peer.in_flight:
-                await self._error(peer, request, ErrorCode.DUPLICATE_REQUEST, "id in flight")
+                # Not _error: the request already in flight under this id
+                # still counts against the limit until it is answered.
+                code = ErrorCode.DUPLICATE_REQUEST
+                await peer.send(Error(request, int(code), code.symbol, "id in flight"))
                 return True
             if len(peer.in_flight) >= MAX_IN_FLIGHT:
                 await self._error(
@@ -235,6 +258,13 @@ class Agent:
         elif isinstance(message, RELAYED):
             peer.in_flight.add(message.id)
             peer.nursery.start_soon(self._relay_request, peer, message)
+        elif isinstance(message, Ok | Error) and request is not None:
+            await self._error(
+                peer,
+                request,
+                ErrorCode.INVALID_REQUEST,
+                f"{message.TYPE} {request} answers no request the agent sent",
+            )
         elif request is not None:
             await self._error(
                 peer,
@@ -275,7 +305,13 @@ class Agent:
             peer.in_flight.discard(request)
         await peer.send(message)
 
-    async def _gone(self, peer: _Peer) -> None:
+    def _gone(self, peer: _Peer) -> None:
+        """Forget a closed connection's registration; never waits.
+
+        What must wait (closing the relay, telling the coordinator, starting
+        a standby) runs as a task of the agent, not of the connection being
+        torn down, so that its cancellation cannot cut it short.
+        """
         for answer in peer.answers.values():
             answer.close()  # a start_server that will never be answered
         peer.answers.clear()
@@ -293,9 +329,8 @@ class Agent:
                 )
                 self.active = None
                 self._changed()
-                await self._drop_relay()
-                await self.coordinator.resign(registration.candidate)
-                self._nursery.start_soon(self._elect)
+                relay, self._relay = self._relay, None
+                self._nursery.start_soon(self._replace_active, registration, relay)
             else:
                 log.info(
                     "standby server at %s went away",
@@ -306,6 +341,13 @@ class Agent:
                         "store": registration.candidate.store,
                     },
                 )
+
+    async def _replace_active(self, gone: Registration, relay: Session | None) -> None:
+        """After the active server went away: close its relay, resign, elect another."""
+        if relay is not None:
+            await trio.aclose_forcefully(relay.stream)
+        await self.coordinator.resign(gone.candidate)
+        await self._elect()
 
     def _changed(self) -> None:
         self._active_changed.set()
@@ -322,14 +364,21 @@ class Agent:
         if any(r.peer is peer for r in self.servers):
             await self._error(peer, message.id, ErrorCode.INVALID_REQUEST, "already registered")
             return
-        candidate = Candidate(message.address, message.store, message.pid, message.active)
         try:
-            split_host_port(message.address)
-        except ValueError:
-            await self._error(
-                peer, message.id, ErrorCode.INVALID_REQUEST, f"bad address {message.address!r}"
+            check_fields(message.address, message.store, message.pid)
+            serving = self.active or self._starting
+            check_against(
+                message.address,
+                message.store,
+                message.active,
+                [r.candidate for r in self.servers],
+                serving.candidate if serving is not None else None,
             )
+        except RegistrationError as exc:
+            log.warning("%s: registration refused: %s", peer, exc)
+            await self._error(peer, message.id, ErrorCode.INVALID_REQUEST, str(exc))
             return
+        candidate = Candidate(message.address, message.store, message.pid, message.active)
         registration = Registration(candidate, peer, time.time_ns())
         self.servers.append(registration)
         log.info(
@@ -350,17 +399,22 @@ class Agent:
     async def _elect(self) -> None:
         """Activate a registered server if there is none active and the coordinator agrees."""
         if self._electing:
+            self._elect_again = True  # the running election looks once more
             return
         self._electing = True
         try:
-            # Servers already serving first: they are the active one's survivors.
-            for registration in sorted(self.servers, key=lambda r: not r.candidate.serving):
-                if self.active is not None:
+            while self.active is None:
+                self._elect_again = False
+                # Servers already serving first: they are the active one's survivors.
+                for registration in sorted(self.servers, key=lambda r: not r.candidate.serving):
+                    if self.active is not None:
+                        return
+                    if registration not in self.servers:
+                        continue
+                    if await self.coordinator.elect(registration.candidate):
+                        await self._start(registration)
+                if not self._elect_again:
                     return
-                if registration not in self.servers:
-                    continue
-                if await self.coordinator.elect(registration.candidate):
-                    await self._start(registration)
         finally:
             self._electing = False
 
@@ -375,13 +429,17 @@ class Agent:
             address,
             extra={"event": "server.starting", "address": address, "request": request},
         )
-        await peer.send(StartServer(request))
-        answer: Message | None = None
-        async with receive:
-            try:
-                answer = await receive.receive()
-            except trio.EndOfChannel:
-                answer = None
+        self._starting = registration
+        try:
+            await peer.send(StartServer(request))
+            answer: Message | None = None
+            async with receive:
+                try:
+                    answer = await receive.receive()
+                except trio.EndOfChannel:
+                    answer = None
+        finally:
+            self._starting = None
         if registration not in self.servers:
             log.warning("the server at %s went away while starting", address)
             return
@@ -469,11 +527,6 @@ class Agent:
                 return None
             self._relay = session
             return session
-
-    async def _drop_relay(self) -> None:
-        session, self._relay = self._relay, None
-        if session is not None:
-            await trio.aclose_forcefully(session.stream)
 
 
 _NO_SERVER = "no csnapd is active: none has registered with this agent, or it went away"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -83,22 +84,41 @@ class _Failure(Exception):
         self.message = message
 
 
+def _decimal(text: str, *, signed: bool) -> int | None:
+    """`text` as a plain decimal number, or None: ASCII digits only (and a
+    leading sign when `signed`); no spaces, no 0x, no underscores."""
+    digits = text[1:] if signed and text[:1] in ("+", "-") else text
+    if not (digits.isascii() and digits.isdigit()) or len(digits) > 20:
+        return None
+    return int(text)
+
+
 def _tag(text: str) -> int:
-    try:
-        value = int(text, 0)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"a tag is a number, got {text!r}") from None
+    value = _decimal(text, signed=False)
+    if value is None:
+        raise argparse.ArgumentTypeError(f"a tag is a decimal number, got {text!r}")
     if not 0 <= value <= 0xFFFF_FFFF:
         raise argparse.ArgumentTypeError(f"a tag is 0..4294967295, got {value}")
     return value
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"a timeout is a number of seconds, got {text!r}"
+        ) from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"a timeout is a positive number of seconds, got {text}")
+    return value
+
+
 def _ranged(low: int, high: int, what: str) -> Callable[[str], int]:
     def parse(text: str) -> int:
-        try:
-            value = int(text, 0)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{what} is a number, got {text!r}") from None
+        value = _decimal(text, signed=True)
+        if value is None:
+            raise argparse.ArgumentTypeError(f"{what} is a decimal number, got {text!r}")
         if not low <= value <= high:
             raise argparse.ArgumentTypeError(f"{what} is {low}..{high}, got {value}")
         return value
@@ -121,7 +141,7 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print JSON")
     common.add_argument(
         "--timeout",
-        type=float,
+        type=_seconds,
         default=argparse.SUPPRESS,
         metavar="SECONDS",
         help="give up after this long (default 120)",

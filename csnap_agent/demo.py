@@ -1,8 +1,10 @@
 # The whole product on one node, in the foreground: formats a demo store and
 # origin if they are absent, then starts csnap-agent, csnapd and csnap-nbd as
 # child processes, prefixes their logs, prints how to reach them, and on
-# Ctrl-C (SIGINT) or SIGTERM stops them in order (gateway, server, agent), so
-# the store is left clean. Running it again reuses the store.
+# Ctrl-C (SIGINT), SIGTERM or SIGHUP (its terminal closed) stops them in
+# order (gateway, server, agent), so the store is left clean. Running it
+# again reuses the store. A service that cannot start (a second run on the
+# same directory, a port in use) is one line on stderr and exit status 1.
 #
 # The first line on stdout starts with "ready:" once every service answers.
 from __future__ import annotations
@@ -32,6 +34,8 @@ log = logging.getLogger("csnap-run")
 STOP_TIMEOUT = 30.0
 #: Seconds each service gets to say it is listening.
 START_TIMEOUT = 60.0
+#: Signals that stop every service in order: Ctrl-C, kill, a closed terminal.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 class ChildFailedError(Exception):
@@ -81,11 +85,19 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     configure_logging("info")
+    failure: ChildFailedError | None = None
     try:
         return trio.run(_main, args)
-    except ChildFailedError as exc:
-        log.error("%s", exc)
-        return 1
+    except* ChildFailedError as group:
+        failure = _first_failure(group)
+    log.error("%s", failure)
+    return 1
+
+
+def _first_failure(group: BaseExceptionGroup[ChildFailedError]) -> ChildFailedError:
+    """The first service failure in a (possibly nested) group of them."""
+    first = group.exceptions[0]
+    return first if isinstance(first, ChildFailedError) else _first_failure(first)
 
 
 async def _main(args: argparse.Namespace) -> int:
@@ -117,7 +129,7 @@ async def _main(args: argparse.Namespace) -> int:
     children: list[Child] = []
     status = 0
     # Signals are ours from here on, during start-up too.
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+    with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
         try:
             async with trio.open_nursery() as nursery:
                 work = trio.CancelScope()
@@ -246,14 +258,25 @@ async def _start(
 
 
 async def _forward(name: str, stream: trio.abc.ReceiveStream) -> None:
-    """Copy a child's output to our stderr, each line prefixed with its name."""
+    """Copy a child's output to our stderr, each line prefixed with its name.
+
+    When our stderr is gone (its terminal closed), the output is still read
+    and dropped: a child blocked on a full pipe could not stop.
+    """
     buffer = b""
+    writable = True
     async for data in stream:
         buffer += data
+        lines = []
         while b"\n" in buffer:
             line, _, buffer = buffer.partition(b"\n")
-            sys.stderr.write(f"[{name}] {line.decode(errors='replace')}\n")
-        sys.stderr.flush()
+            lines.append(f"[{name}] {line.decode(errors='replace')}\n")
+        if writable and lines:
+            try:
+                sys.stderr.write("".join(lines))
+                sys.stderr.flush()
+            except OSError:
+                writable = False
 
 
 async def _supervise(children: list[Child]) -> int:

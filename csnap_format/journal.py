@@ -10,7 +10,7 @@
 # A transaction occupies count + 1 consecutive journal slots (wrapping at the
 # end of the journal): the commit record, then the block images in the order
 # of the address list. The header checksum covers the record; the payload CRC
-# covers every block it lists (B4: the ancestors' checksum covered 12 bytes).
+# covers every block it lists (not just the record's first bytes).
 # See docs/format.md, "Journal", for the write order and recovery rule.
 from __future__ import annotations
 

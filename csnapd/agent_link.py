@@ -50,7 +50,8 @@ class AgentLink:
     def __init__(self, path: str, *, address: str, store: str):
         self.path = path
         self.address = address
-        self.store = store
+        #: Absolute, as the agent requires: it may run in another directory.
+        self.store = os.path.abspath(store)
         #: Set when the agent asked this server to start.
         self.start_requested = trio.Event()
         self._start_request: int | None = None
@@ -62,6 +63,7 @@ class AgentLink:
     async def run(self) -> None:
         """Stay registered with the agent until cancelled; never raises on its loss."""
         told = False
+        refusal = ""
         while True:
             try:
                 await self._session()
@@ -72,9 +74,12 @@ class AgentLink:
             except RemoteProtocolError as exc:
                 log.error("agent %s broke the protocol: %s", self.path, exc)
             except AgentRefusedError as exc:
-                log.error("agent %s refused this server: %s", self.path, exc)
+                if str(exc) != refusal:  # said once, not every second
+                    refusal = str(exc)
+                    log.error("agent %s refused this server: %s; retrying", self.path, exc)
             else:
                 told = False
+                refusal = ""
                 log.warning("lost the agent %s; registering again when it is back", self.path)
                 notify_status(f"lost the agent {self.path}; registering again when it is back")
             self._stream = None

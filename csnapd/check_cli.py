@@ -23,6 +23,8 @@ share masks only of existing snapshots); a recount of every chunk and block
 against the allocation bitmaps (leaked, doubly used, marked free while in
 use); the free counts, the exception count and each snapshot's counters.
 
+With --repair each problem is labelled [repaired] or [not repaired].
+
 exit status: 0 clean, 1 problems found and all repaired, 4 problems left,
 8 the check could not run (not a csnap store, unreadable, in use by csnapd).
 
@@ -54,7 +56,7 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _summary(path: str, report: CheckReport) -> str:
+def _summary(path: str, report: CheckReport, *, repair: bool) -> str:
     lines = []
     g = report.geometry
     if g is not None:
@@ -82,9 +84,13 @@ def _summary(path: str, report: CheckReport) -> str:
             f" {report.meta_used} of {g.meta_blocks} metadata blocks in use"
         )
     for problem in report.problems:
-        fixed = " [repaired]" if problem.repairable and report.repaired else ""
-        lines.append(f"problem: {problem}{fixed}")
+        label = ""
+        if repair:
+            label = " [repaired]" if report.was_repaired(problem) else " [not repaired]"
+        lines.append(f"problem: {problem}{label}")
     lines.extend(f"repaired: {what}" for what in report.repaired)
+    if report.repair_refused is not None:
+        lines.append(f"repaired nothing: {report.repair_refused}")
     count = len(report.problems)
     if not count:
         lines.append("clean")
@@ -129,7 +135,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json:
         print(json.dumps({"store": args.store, **report.as_json()}, indent=2))
     else:
-        print(_summary(args.store, report))
+        print(_summary(args.store, report, repair=args.repair))
     return report.exit_code
 
 

@@ -7,7 +7,9 @@ contents first differ, how many bytes differ, and show a few bytes around.
 
 from __future__ import annotations
 
-__all__ = ["Bytes", "first_difference", "assert_same_bytes"]
+from collections.abc import Sequence
+
+__all__ = ["Bytes", "first_difference", "assert_same_bytes", "assert_same_chunks"]
 
 Bytes = bytes | bytearray | memoryview
 
@@ -48,3 +50,13 @@ def assert_same_bytes(actual: Bytes, expected: Bytes, what: str = "data") -> Non
         f" ({len(b)} expected); {differing} bytes differ; from offset {lo}, got"
         f" {bytes(a[lo:hi]).hex(' ')}, expected {bytes(b[lo:hi]).hex(' ')}"
     )
+
+
+def assert_same_chunks(
+    actual: Sequence[Bytes], expected: Sequence[Bytes], what: str = "chunks"
+) -> None:
+    """Like assert_same_bytes for lists of chunks, naming the first bad chunk."""
+    if len(actual) != len(expected):
+        raise AssertionError(f"{what}: {len(actual)} chunks, expected {len(expected)}")
+    for index, (got, want) in enumerate(zip(actual, expected, strict=True)):
+        assert_same_bytes(got, want, f"{what}, chunk {index}")

@@ -1,4 +1,6 @@
-# Shared pytest configuration: hypothesis profiles.
+# Shared pytest configuration: hypothesis profiles, the per-test time limit
+# (tests/timeouts.py) and the guard that no test leaves a process running
+# (tests/process_guard.py).
 #
 # CI sets CI=true, which makes hypothesis load its built-in "ci" profile
 # (derandomised, no deadline). Locally the "dev" profile keeps runs short;
@@ -8,6 +10,8 @@ from __future__ import annotations
 import os
 
 from hypothesis import HealthCheck, settings
+
+pytest_plugins = ["tests.process_guard", "tests.timeouts"]
 
 settings.register_profile(
     "dev", max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow]

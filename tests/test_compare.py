@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.compare import assert_same_bytes, first_difference
+from tests.compare import assert_same_bytes, assert_same_chunks, first_difference
 
 SIZE = 16 << 20
 
@@ -33,3 +33,24 @@ def test_a_failure_names_the_offset_and_stays_short() -> None:
     assert message.startswith("snap-1: first difference at offset 3000000 (0x2dc6c0)")
     assert "5000 bytes differ" in message
     assert len(message) < 400
+
+
+def test_the_first_difference_is_found_at_every_position() -> None:
+    base = bytes(range(256)) * 64
+    assert first_difference(base, base) is None
+    for at in (0, 1, 255, 8191, len(base) - 1):
+        other = bytearray(base)
+        other[at] ^= 0xFF
+        assert first_difference(base, other) == at
+    assert first_difference(base, base[:-3]) == len(base) - 3
+    assert first_difference(b"", b"x") == 0
+
+
+def test_chunk_lists_name_the_first_bad_chunk() -> None:
+    good = [bytes([c]) * 4096 for c in range(4)]
+    assert_same_chunks(good, list(good))
+    bad = [*good[:2], b"\x09" * 4096, good[3]]
+    with pytest.raises(AssertionError, match="chunks, chunk 2: first difference at offset 0"):
+        assert_same_chunks(bad, good)
+    with pytest.raises(AssertionError, match="3 chunks, expected 4"):
+        assert_same_chunks(good[:3], good)

@@ -6,7 +6,7 @@
 #   * Runs are taken contiguously where the bitmap allows, so a copy-out of
 #     consecutive chunks is one write.
 #   * A unit freed by the open transaction is marked `reserved` in its page:
-#     not handed out again until that transaction is durable (rule 4), so a
+#     not handed out again until that transaction is durable (rule: no reuse before durable), so a
 #     crash can never leave a durable exception pointing at a chunk that a
 #     later, lost transaction reused.
 from __future__ import annotations

@@ -9,7 +9,10 @@
 #     so a damaged pointer is reported instead of followed.
 #   * A leaf gets room for one more exception by splitting at the byte middle,
 #     or, when the chunk is 2^32 or more past its base, by starting a new leaf
-#     at that chunk (64-bit chunks in u32 directory entries, B9).
+#     at that chunk (64-bit chunks in u32 directory entries).
+#   * Every walk stays inside the origin's chunks and advances on each leaf:
+#     a range past the origin is refused and bounds that do not advance are
+#     reported as damage, so no walk can loop.
 #   * Deleting snapshots' bits are cleared by a sweep in key order; a leaf left
 #     half empty is merged into its left sibling, index nodes likewise, and a
 #     root with one child gives way to that child.
@@ -28,7 +31,7 @@ from csnap_format import (
     leaf_room,
 )
 from csnapd.engine.allocator import Allocator
-from csnapd.engine.errors import StoreCorruptError
+from csnapd.engine.errors import InvalidRequestError, StoreCorruptError
 from csnapd.engine.pager import Pager
 from csnapd.engine.pages import IndexPage, LeafPage
 from csnapd.engine.state import StoreState
@@ -53,7 +56,16 @@ class ExceptionTree:
     # -- lookups ---------------------------------------------------------------
 
     def descend(self, chunk: int) -> tuple[LeafPage, Path, int]:
-        """The leaf whose range holds `chunk`, the path to it, and its upper bound."""
+        """The leaf whose range holds `chunk`, the path to it, and its upper bound.
+
+        Raises:
+            InvalidRequestError: `chunk` is not an origin chunk.
+            StoreCorruptError: a node's level or bounds are not what its parent says.
+        """
+        if not 0 <= chunk < self._end:
+            raise InvalidRequestError(
+                f"chunk {chunk} is not in the btree's range (the origin's {self._end} chunks)"
+            )
         address = self._state.root
         lo, hi = 0, self._end
         path: Path = []
@@ -79,10 +91,25 @@ class ExceptionTree:
         """(chunk, leaf, entry index, found) for chunks start..start+count-1.
 
         One descent per leaf. The caller must not edit the tree while iterating.
+
+        Raises:
+            InvalidRequestError: the range is not inside the origin (callers
+                check first; the walk refuses rather than run past its end).
+            StoreCorruptError: the index bounds do not advance the walk.
         """
         chunk, end = start, start + count
+        if count < 1 or start < 0 or end > self._end:
+            raise InvalidRequestError(
+                f"the btree walk of chunks {start}..{end - 1} goes beyond the origin's"
+                f" {self._end} chunks"
+            )
         while chunk < end:
             leaf, _, hi = self.descend(chunk)
+            if hi <= chunk:
+                raise StoreCorruptError(
+                    f"leaf {leaf.address} holding chunk {chunk} ends at {hi}: the walk"
+                    " would make no progress"
+                )
             stop = min(end, hi)
             for c in range(chunk, stop):
                 i, found = leaf.find(c)
@@ -94,6 +121,11 @@ class ExceptionTree:
         chunk = 0
         while True:
             leaf, path, hi = self.descend(chunk)
+            if hi <= chunk:
+                raise StoreCorruptError(
+                    f"leaf {leaf.address} holding chunk {chunk} ends at {hi}: the walk"
+                    " would make no progress"
+                )
             yield leaf, path, hi
             if hi >= self._end:
                 return
@@ -172,6 +204,11 @@ class ExceptionTree:
             the leaf is not finished, or None after the last leaf.
         """
         leaf, path, hi = self.descend(chunk)
+        if hi <= chunk:
+            raise StoreCorruptError(
+                f"leaf {leaf.address} holding chunk {chunk} ends at {hi}: the sweep"
+                " would make no progress"
+            )
         if any(share & mask for share in leaf.shares):
             leaf = self._pager.modify(leaf)
             if not self._clear(leaf, mask, free_chunk, may_continue):

@@ -89,7 +89,10 @@ class CheckReport:
     journal_transactions: int = 0
     journal_newest: int = 0
     replayed: bool = False
+    #: What --repair rewrote; empty when it rewrote nothing.
     repaired: list[str] = field(default_factory=list)
+    #: Why --repair rewrote nothing although some problems were repairable.
+    repair_refused: str | None = None
     depth: int = 0
     leaves: int = 0
     index_nodes: int = 0
@@ -103,9 +106,13 @@ class CheckReport:
         if self.fatal is not None:
             return EXIT_FAILED
         if self.problems:
-            left = [p for p in self.problems if not (p.repairable and self.repaired)]
+            left = [p for p in self.problems if not self.was_repaired(p)]
             return EXIT_ERRORS if left else EXIT_REPAIRED
         return EXIT_CLEAN
+
+    def was_repaired(self, problem: Problem) -> bool:
+        """Whether --repair fixed this problem: it is repairable and the repair ran."""
+        return problem.repairable and bool(self.repaired)
 
     def as_json(self) -> dict[str, object]:
         return {
@@ -118,6 +125,7 @@ class CheckReport:
                     "block": p.block,
                     "chunk": p.chunk,
                     "repairable": p.repairable,
+                    "repaired": self.was_repaired(p),
                 }
                 for p in self.problems
             ],
@@ -127,6 +135,7 @@ class CheckReport:
                 "replayed": self.replayed,
             },
             "repaired": self.repaired,
+            "repair_refused": self.repair_refused,
             "btree": {
                 "depth": self.depth,
                 "leaves": self.leaves,
@@ -504,9 +513,7 @@ def check_store(
     structural = [p for p in report.problems if not p.repairable]
     if repair and any(p.repairable for p in report.problems):
         if structural:
-            report.repaired.append(
-                "nothing: the btree is damaged; bitmaps cannot be rebuilt from it"
-            )
+            report.repair_refused = "the btree is damaged; bitmaps cannot be rebuilt from it"
         else:
             _repair(store, geometry, sb, checker, meta_fix + data_fix, report)
     return report

@@ -5,7 +5,7 @@
 # write durable. Two implementations:
 #
 #   FileDevice    a regular file or a block device, with pread, pwrite and
-#                 fdatasync, and an exclusive flock on request (rule 7).
+#                 fdatasync, and an exclusive flock on request (rule: one server per store).
 #   MemoryDevice  a sparse in-memory device that records every write and sync,
 #                 and can "crash": keep everything synced, and any chosen
 #                 subset of the unsynced writes, some torn at 512-byte sectors.

@@ -136,6 +136,6 @@ class StoreOpenError(EngineError):
 
 
 class StoreLockedError(StoreOpenError):
-    """Another server holds the store's lock (rule 7: one server per store)."""
+    """Another server holds the store's lock (docs/rules.md, "one server per store")."""
 
     code = "store_locked"

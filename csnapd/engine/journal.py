@@ -1,11 +1,11 @@
 # The journal: how a transaction becomes durable, and how a store that was
 # not closed cleanly is brought back (docs/format.md, "Journal").
 #
-# Writing transaction s with blocks B1..Bn:
+# Writing transaction s with blocks b1..bn:
 #   1. if it wrote copy-out data: sync (data before anything points at it)
-#   2. write the commit record and B1..Bn to free journal slots
+#   2. write the commit record and b1..bn to free journal slots
 #   3. sync                                   -> durable: replies may go out
-#   4. write B1..Bn to their home addresses   (the next sync covers them)
+#   4. write b1..bn to their home addresses   (the next sync covers them)
 #
 # The record's tail is the oldest transaction whose home writes no completed
 # sync has covered yet; recovery replays from there. Slots from the tail of
@@ -14,8 +14,9 @@
 # them all.
 #
 # Recovery reads every slot, takes the newest transaction whose images match
-# its payload CRC, and replays from its tail in sequence order, stopping at
-# the first missing or damaged transaction (rule 3).
+# its payload CRC and carry its sequence, and replays from its tail in
+# sequence order, stopping at the first missing or damaged transaction
+# (rule: replay in order, docs/rules.md).
 from __future__ import annotations
 
 from collections import deque
@@ -107,6 +108,25 @@ def _image_kind(g: Geometry, home: int, image: bytes) -> BlockType:
     return BlockType(kind) if kind in _AREA_KINDS else BlockType.LEAF
 
 
+def _images_belong(g: Geometry, record: CommitRecord, images: list[bytes]) -> bool:
+    """Whether each image is an intact block of its home, written by `record`.
+
+    docs/format.md, "Image sequence rule": an intact image of another
+    transaction in the slot is stale, whatever the CRC says.
+    """
+    try:
+        for home, image in zip(record.homes, images, strict=True):
+            kind = _image_kind(g, home, image)
+            header = read_header(
+                image, kind, address=home, store_id=g.store_id, block_size=g.block_size
+            )
+            if header.sequence != record.sequence:
+                return False
+    except FormatError:
+        return False
+    return True
+
+
 def _verified(
     raw: bytes, g: Geometry, candidates: list[tuple[int, CommitRecord]]
 ) -> _Transaction | None:
@@ -119,11 +139,7 @@ def _verified(
             images.append(raw[at : at + size])
         if payload_crc(images) != record.payload_crc:
             continue
-        try:
-            for home, image in zip(record.homes, images, strict=True):
-                kind = _image_kind(g, home, image)
-                read_header(image, kind, address=home, store_id=g.store_id, block_size=size)
-        except FormatError:
+        if not _images_belong(g, record, images):
             continue
         return _Transaction(slot, record, images)
     return None

@@ -19,7 +19,7 @@
 # recovered ⊆ issued), each reading exactly what the model says. And every
 # copy the btree points at, live or being deleted, must hold data of its own
 # chunk, which is what makes a chunk reused before its free was durable
-# (rule 4) visible.
+# (rule: no reuse before durable) visible.
 from __future__ import annotations
 
 import random
@@ -63,6 +63,10 @@ class Workload:
     trace: list[Event]
     #: Effects of commit n: ("create" | "delete", tag, snapshot's created_ns).
     effects: dict[int, list[Effect]] = field(default_factory=dict)
+    #: Times the data allocation cursor went back to the area's start.
+    data_wraps: int = 0
+    #: Times the journal's next slot went back to its first slot.
+    journal_wraps: int = 0
 
 
 def _pack(chunk: int, version: int) -> bytes:
@@ -198,10 +202,23 @@ def run_workload(seed: int, operations: int, *, store_bytes: int = 4 << 20) -> W
     """
     g = crash_geometry(store_bytes)
     runner = _Runner(seed, g)
+    data_wraps = journal_wraps = 0
+    cursor, slot = runner.engine._state.data_cursor, runner.engine._journal.next_slot
     for _ in range(operations):
         runner.step()
+        now_cursor, now_slot = runner.engine._state.data_cursor, runner.engine._journal.next_slot
+        data_wraps += now_cursor < cursor
+        journal_wraps += now_slot < slot
+        cursor, slot = now_cursor, now_slot
     runner.engine.close()
-    return Workload(g, runner.base, runner.trace, runner.effects)
+    return Workload(
+        g,
+        runner.base,
+        runner.trace,
+        runner.effects,
+        data_wraps=data_wraps,
+        journal_wraps=journal_wraps,
+    )
 
 
 # -- replay and verification -------------------------------------------------
@@ -369,12 +386,12 @@ def misplaced_copy(engine: Engine, image: MemoryDevice, size: int) -> str | None
     """The first store copy that holds another chunk's data, described; or None.
 
     Every copy the btree points at holds data of its own logical chunk: a
-    chunk handed out again while a durable exception still used it (rule 4)
+    chunk handed out again while a durable exception still used it (no reuse before durable)
     holds another chunk's data. (Workload data is labelled with its chunk
     and version; version 0 is all zeros.)
     """
     zeros = bytes(size)
-    for chunk, _, target in engine.exceptions(0, ORIGIN_CHUNKS):
+    for chunk, _, target in engine.exceptions(0, engine.origin_chunks):
         data = image.read(target * size, size)
         if data == zeros:
             continue

@@ -1,6 +1,9 @@
-# The crash harness proves itself: with each of the ancestors' journal
-# defects planted (anchors.md, B3, B4, B6 and rule 4), it must find a crash
-# state that recovers wrongly within its first thousand states.
+# The crash harness proves itself: with each of four classic journal defects
+# planted (a checksum that covers only the commit record's first bytes, homes
+# written before the commit is durable, replay to the wrong address, a freed
+# chunk reused before its free is durable: docs/rules.md, "everything
+# journaled", "replay in order", "no reuse before durable"), it must find a
+# crash state that recovers wrongly within its first thousand states.
 from __future__ import annotations
 
 import zlib
@@ -20,26 +23,27 @@ FIRST_STATES = 1000
 
 
 def _partial_crc(images: Iterable[bytes | bytearray | memoryview]) -> int:
-    """B4: a checksum over the first 12 bytes only, like ddsnap's."""
+    """A checksum over the first 12 bytes only."""
     for image in images:
         return zlib.crc32(bytes(image[:12]))
     return 0
 
 
-def _no_check(*args: object, **kw: object) -> None:
-    """Stands in for the per-image header check."""
+def _no_check(*args: object, **kw: object) -> bool:
+    """Stands in for the per-image header and sequence check."""
+    return True
 
 
-def _plant_b4(mp: pytest.MonkeyPatch) -> None:
-    """B4 as the ancestors had it: the transaction checksum covers 12 bytes and
+def _plant_partial_checksum(mp: pytest.MonkeyPatch) -> None:
+    """A transaction checksum that covers 12 bytes and
     nothing else checks the journaled images (ours carry their own checksum,
     which would catch the tear, so that check goes too)."""
     mp.setattr(journal_module, "payload_crc", _partial_crc)
-    mp.setattr(journal_module, "read_header", _no_check)
+    mp.setattr(journal_module, "_images_belong", _no_check)
 
 
 def _homes_first(original: Callable[..., int]) -> Callable[..., int]:
-    """B3: home blocks written before the commit record is durable."""
+    """Home blocks written before the commit record is durable."""
 
     def append(self: Journal, images: list[tuple[int, bytes]], tail: int) -> int:
         self._write_homes(images)
@@ -49,7 +53,7 @@ def _homes_first(original: Callable[..., int]) -> Callable[..., int]:
 
 
 def _recover_to_wrong_home(device: BlockDevice, g: Geometry) -> tuple[Journal, RecoveryReport]:
-    """B6: replay writes each block of commit i to that commit's i-th home."""
+    """Replay writes each block of commit i to that commit's i-th home."""
     scan = scan_journal(device, g)
     for number, txn in enumerate(scan.replay):
         homes = txn.record.homes
@@ -70,23 +74,23 @@ def _reuse_at_once(original: Callable[[Allocator, int], None]) -> Callable[[Allo
     return free
 
 
-def _plant_b3(mp: pytest.MonkeyPatch) -> None:
+def _plant_homes_first(mp: pytest.MonkeyPatch) -> None:
     mp.setattr(Journal, "_append", _homes_first(Journal._append))
 
 
-def _plant_b6(mp: pytest.MonkeyPatch) -> None:
+def _plant_wrong_home(mp: pytest.MonkeyPatch) -> None:
     mp.setattr(Journal, "recover", staticmethod(_recover_to_wrong_home))
 
 
-def _plant_rule4(mp: pytest.MonkeyPatch) -> None:
+def _plant_early_reuse(mp: pytest.MonkeyPatch) -> None:
     mp.setattr(Allocator, "free", _reuse_at_once(Allocator.free))
 
 
 DEFECTS: dict[str, Callable[[pytest.MonkeyPatch], None]] = {
-    "B4 partial commit checksum": _plant_b4,
-    "B3 homes before the commit": _plant_b3,
-    "B6 replay to the wrong address": _plant_b6,
-    "rule 4 freed chunk reused": _plant_rule4,
+    "partial commit checksum": _plant_partial_checksum,
+    "homes before the commit": _plant_homes_first,
+    "replay to the wrong address": _plant_wrong_home,
+    "freed chunk reused before durable": _plant_early_reuse,
 }
 
 

@@ -1,6 +1,6 @@
-# One deterministic test per defect of the ancestors (anchors.md section 5)
-# that the engine exists to fix, plus the chunk freed and wanted again in one
-# transaction.
+# One deterministic test per way a snapshot store's metadata has been known
+# to go wrong (docs/rules.md names the rule each proves), plus the chunk freed
+# and wanted again in one transaction.
 from __future__ import annotations
 
 import pytest
@@ -26,7 +26,7 @@ def sweep_all(engine: Engine) -> None:
     raise AssertionError("sweep did not finish")
 
 
-def test_b1_a_new_snapshot_never_inherits_a_deleted_ones_exceptions() -> None:
+def test_a_new_snapshot_never_inherits_a_deleted_ones_exceptions() -> None:
     store, origin, g = new_store()
     engine = Engine.open(store, origin)
     old = engine.create_snapshot(1)
@@ -52,7 +52,7 @@ def test_b1_a_new_snapshot_never_inherits_a_deleted_ones_exceptions() -> None:
     assert_clean(store)
 
 
-def test_b5_root_split_then_crash_keeps_the_whole_tree() -> None:
+def test_root_split_then_crash_keeps_the_whole_tree() -> None:
     store, origin, _g = new_store()
     engine = Engine.open(store, origin)
     engine.create_snapshot(1)
@@ -84,7 +84,7 @@ def _two_transactions() -> tuple[MemoryDevice, MemoryDevice, int]:
     return store.durable_copy(), origin, last
 
 
-def test_b4_damaged_journaled_block_is_not_replayed() -> None:
+def test_damaged_journaled_block_is_not_replayed() -> None:
     store, origin, last = _two_transactions()
     g = Engine.open(store.snapshot_copy(), origin).geometry
     scan = scan_journal(store, g)
@@ -101,7 +101,7 @@ def test_b4_damaged_journaled_block_is_not_replayed() -> None:
     assert_clean(store)
 
 
-def test_b4_damaged_commit_record_is_not_replayed() -> None:
+def test_damaged_commit_record_is_not_replayed() -> None:
     store, origin, last = _two_transactions()
     g = Engine.open(store.snapshot_copy(), origin).geometry
     slot, _ = scan_journal(store, g).spans[last]
@@ -114,7 +114,7 @@ def test_b4_damaged_commit_record_is_not_replayed() -> None:
     assert_clean(store)
 
 
-def test_b6_several_transactions_replay_in_order() -> None:
+def test_several_transactions_replay_in_order() -> None:
     store, origin, g = new_store()
     engine = Engine.open(store, origin)
     engine.create_snapshot(1)
@@ -131,7 +131,7 @@ def test_b6_several_transactions_replay_in_order() -> None:
     assert_clean(crashed)
 
 
-def test_b14_a_delete_larger_than_the_journal_survives_a_crash() -> None:
+def test_a_delete_larger_than_the_journal_survives_a_crash() -> None:
     store, origin, _g = new_store(
         store_bytes=64 << 20, origin_bytes=32 << 20, journal_bytes=64 * 4096
     )

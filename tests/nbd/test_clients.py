@@ -76,10 +76,12 @@ async def test_snapshot_keeps_the_old_data_while_the_origin_changes(tmp_path: Pa
         await run(*qemu_io(gw.url(), "flush"))
 
         # Byte-exact images through both listeners, several connections each.
-        snap_copy = await nbdcopy_to_bytes(gw.url("snap-1"), tmp_path, "snap.raw")
-        assert_same_bytes(snap_copy, before, "snap-1")
-        origin_copy = await nbdcopy_to_bytes(gw.url(unix=True), tmp_path, "origin.raw")
-        assert_same_bytes(origin_copy, after, "origin export")
+        assert_same_bytes(
+            await nbdcopy_to_bytes(gw.url("snap-1"), tmp_path, "snap.raw"), before, "snap-1"
+        )
+        assert_same_bytes(
+            await nbdcopy_to_bytes(gw.url(unix=True), tmp_path, "origin.raw"), after, "origin"
+        )
         assert_same_bytes(gw.origin.read_bytes(), after, "origin file")
         # qemu-io's own pattern check on an unaligned range of each side.
         await run(*qemu_io(gw.url(), "read -P 0xa2 10000 5000", read_only=True))
@@ -122,12 +124,15 @@ async def test_snapshot_writes_of_any_alignment_keep_the_rest_of_each_chunk(
         await run(*qemu_io(gw.url("snap-4"), f"write -z {500 * CHUNK + 3} 5000"))
         patch(snap4, 500 * CHUNK + 3, bytes(5000))
 
-        s4 = await nbdcopy_to_bytes(gw.url("snap-4"), tmp_path, "s4.raw")
-        assert_same_bytes(s4, snap4, "snap-4")
-        s3 = await nbdcopy_to_bytes(gw.url("snap-3"), tmp_path, "s3.raw")
-        assert_same_bytes(s3, before, "snap-3")
-        origin = await nbdcopy_to_bytes(gw.url(), tmp_path, "o.raw")
-        assert_same_bytes(origin, origin_after, "origin export")
+        assert_same_bytes(
+            await nbdcopy_to_bytes(gw.url("snap-4"), tmp_path, "s4.raw"), snap4, "snap-4"
+        )
+        assert_same_bytes(
+            await nbdcopy_to_bytes(gw.url("snap-3"), tmp_path, "s3.raw"), before, "snap-3"
+        )
+        assert_same_bytes(
+            await nbdcopy_to_bytes(gw.url(), tmp_path, "o.raw"), origin_after, "origin"
+        )
         assert_same_bytes(gw.origin.read_bytes(), origin_after, "origin file")
 
 

@@ -112,8 +112,12 @@ async def test_partial_chunk_writes_keep_the_rest_of_the_chunk(tmp_path: Path) -
             expected[100:110] = b"A" * 10
             expected[5 * CHUNK + 4000 : 5 * CHUNK + 4200] = b"B" * 200
             expected[7 * CHUNK - 3 : 7 * CHUNK + 3] = bytes(6)
-            assert_same_bytes(await snap2.read(0, 8 * CHUNK), expected, "snap-2")
-            assert await snap1.read(0, 8 * CHUNK) == b"".join(label(c, 1) for c in range(8))
+            assert_same_bytes(await snap2.read(0, 8 * CHUNK), expected, "snapshot 2")
+            assert_same_bytes(
+                await snap1.read(0, 8 * CHUNK),
+                b"".join(label(c, 1) for c in range(8)),
+                "snapshot 1",
+            )
             assert await origin.read(5 * CHUNK, CHUNK) == label(5, 2)
             assert pread(server.origin, 0) == label(0, 1)  # snapshot writes left the origin
             # Chunks 0, 5, 6 and 7 have store copies for snapshot 2.

@@ -212,11 +212,11 @@ async def test_simple_replies_and_export_name(gw: Gateway) -> None:
     await client.send(hs.option(Option.EXPORT_NAME, b"snap-1"))
     size, flags = struct.unpack(">QH", await client.receive(10))  # NO_ZEROES was agreed
     assert size == ORIGIN_SIZE and flags & 1
-    assert await read(client, 4095, 4098) == IMAGE[4095 : 4095 + 4098]
+    assert_same_bytes(await read(client, 4095, 4098), IMAGE[4095 : 4095 + 4098], "snap-1")
     data = b"\x42" * 5000
     await client.request(Command.WRITE, 6000, len(data), cookie=3, payload=data)
     assert (await client.answer()).error == 0
-    assert await read(client, 6000, 5000) == data
+    assert_same_bytes(await read(client, 6000, 5000), data, "snap-1")
     await client.request(Command.FLUSH, cookie=4)
     assert (await client.answer()).error == 0
     # Errors in simple mode carry no data.

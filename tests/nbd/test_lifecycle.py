@@ -85,8 +85,9 @@ async def test_snapshot_taken_during_writes_is_a_point_in_time(tmp_path: Path) -
         snapshot = await nbdcopy_to_bytes(gw.url("snap-1"), tmp_path)
 
     new = b"\xab" * CHUNK
-    expected = new * (WRITTEN // CHUNK) + before[WRITTEN:]
-    assert_same_bytes(gw.origin.read_bytes(), expected, "origin file")
+    assert_same_bytes(
+        gw.origin.read_bytes(), new * (WRITTEN // CHUNK) + before[WRITTEN:], "origin file"
+    )
     # Every chunk of the snapshot is wholly from before or wholly from after
     # the create, which waited for the origin writes it had granted.
     for chunk in range(ORIGIN_SIZE // CHUNK):
@@ -166,10 +167,10 @@ async def test_gateway_rides_out_a_csnapd_crash_and_restart(tmp_path: Path) -> N
         )
         # The open connection goes on, new ones work, copy-on-write still holds.
         await client.request(Command.READ, 0, 3 * CHUNK)
-        assert (await client.answer()).data == image[: 3 * CHUNK]
+        assert_same_bytes((await client.answer()).data, image[: 3 * CHUNK], "snap-1")
         await run(*qemu_io(gw.url(), "write -P 0x62 4096 8192", "read -P 0x62 4096 8192"))
         await client.request(Command.READ, 0, 3 * CHUNK, cookie=2)
-        assert (await client.answer()).data == image[: 3 * CHUNK]
+        assert_same_bytes((await client.answer()).data, image[: 3 * CHUNK], "snap-1")
         await client.request(Command.DISC)
         assert await client.closed()
 
@@ -317,7 +318,7 @@ async def test_nbdfuse_file_reads_and_writes_through_the_kernel(tmp_path: Path) 
                     os.close(fd)
 
             with trio.fail_after(30):
-                assert await trio.to_thread.run_sync(write_and_read) == data
+                assert_same_bytes(await trio.to_thread.run_sync(write_and_read), data, "read back")
         finally:
             with trio.CancelScope(shield=True):
                 await run("umount", str(mountpoint), check=False)
@@ -328,6 +329,5 @@ async def test_nbdfuse_file_reads_and_writes_through_the_kernel(tmp_path: Path) 
                     await fuse.wait()
         expected = bytearray(image)
         expected[123_457 : 123_457 + len(data)] = data
-        assert_same_bytes(gw.origin.read_bytes(), expected, "origin file")
-        snap = await nbdcopy_to_bytes(gw.url("snap-1"), tmp_path)
-        assert_same_bytes(snap, image, "snap-1")
+        assert_same_bytes(gw.origin.read_bytes(), bytes(expected), "origin file")
+        assert_same_bytes(await nbdcopy_to_bytes(gw.url("snap-1"), tmp_path), image, "snap-1")

@@ -458,7 +458,8 @@ async def test_plaintext_outside_loopback_is_refused_with_how_to_make_certificat
     pki: Path, tmp_path: Path
 ) -> None:
     # Refused before csnapd is looked for: nothing listens at this address.
-    nobody = ["--server", "127.0.0.1:1"]
+    files = tmp_path / "origin.img", tmp_path / "store.img"
+    nobody = ["--server", "127.0.0.1:1", "--origin", str(files[0]), "--store", str(files[1])]
     for listen in ("0.0.0.0:0", "[::]:0"):
         done = await start_expecting_failure(*nobody, "--listen", listen)
         assert done.returncode == 3, done.stderr

@@ -1,4 +1,5 @@
-# Hostile input on csnapd's TCP socket and the agent's Unix socket (rule 10).
+# Hostile input on csnapd's TCP socket and the agent's Unix socket
+# (docs/rules.md, "bad input costs nothing").
 #
 # Each service runs in its own thread and trio loop for the whole test; every
 # hypothesis example opens a connection, sends a hostile script (tests/

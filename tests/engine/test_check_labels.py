@@ -1,0 +1,99 @@
+# csnap-check --repair labels each problem by what happened to it: [repaired]
+# only beside a problem it rewrote, [not repaired] beside every other; the
+# exit status is fsck's (1 all repaired, 4 problems left).
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from csnap_format import BitmapBlock, decode_bitmap, decode_leaf, encode_bitmap, encode_leaf
+from csnapd.check_cli import main as check_main
+from csnapd.engine import MemoryDevice
+from tests.engine.test_check import leaf_addresses, populated, rewrite
+
+
+def _leak_a_chunk(store: MemoryDevice) -> None:
+    """Mark a free data chunk used: a problem --repair can fix."""
+    _, g, _ = populated()
+    address = g.data_bitmap_start
+    bitmap = decode_bitmap(store.read(address * g.block_size, g.block_size), g.context, address)
+    bits = int.from_bytes(bitmap.bits, "little") | 1 << (g.store_chunks - 5)
+    image = encode_bitmap(
+        BitmapBlock(address, 9, bits.to_bytes(len(bitmap.bits), "little")), g.context
+    )
+    rewrite(store, g, address, image)
+
+
+def _share_a_target(store: MemoryDevice) -> None:
+    """Point two exceptions at one chunk: btree damage --repair cannot fix."""
+    _, g, _ = populated()
+    address = leaf_addresses(store, g)[0]
+    leaf = decode_leaf(store.read(address * g.block_size, g.block_size), g.context, address)
+    targets = list(leaf.targets)
+    targets[1] = targets[0]
+    twisted = type(leaf)(
+        leaf.address,
+        leaf.sequence,
+        leaf.base_chunk,
+        leaf.chunks,
+        leaf.counts,
+        leaf.shares,
+        tuple(targets),
+    )
+    rewrite(store, g, address, encode_leaf(twisted, g.context))
+
+
+def _to_file(store: MemoryDevice, tmp_path: Path) -> Path:
+    _, g, _ = populated()
+    path = tmp_path / "store"
+    path.write_bytes(store.read(0, g.store_bytes))
+    return path
+
+
+def _problem_lines(out: str) -> list[str]:
+    return [line for line in out.splitlines() if line.startswith("problem:")]
+
+
+def test_nothing_is_labelled_repaired_when_the_btree_is_damaged(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store, _, _ = populated()
+    _leak_a_chunk(store)
+    _share_a_target(store)
+    path = _to_file(store, tmp_path)
+
+    assert check_main(["--repair", str(path)]) == 4
+    out = capsys.readouterr().out
+    lines = _problem_lines(out)
+    assert any("leaked" in line for line in lines), out  # a repairable one is among them
+    assert lines and all(line.endswith(" [not repaired]") for line in lines), out
+    assert "[repaired]" not in out
+    assert "repaired nothing: the btree is damaged" in out
+    assert "all repaired" not in out
+
+    assert check_main(["--repair", "--json", str(path)]) == 4
+    report = json.loads(capsys.readouterr().out)
+    assert report["repaired"] == [] and "btree is damaged" in report["repair_refused"]
+    assert not any(problem["repaired"] for problem in report["problems"])
+    assert any(problem["repairable"] for problem in report["problems"])
+
+
+def test_each_repaired_problem_is_labelled_repaired(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store, _, _ = populated()
+    _leak_a_chunk(store)
+    path = _to_file(store, tmp_path)
+
+    assert check_main([str(path)]) == 4
+    out = capsys.readouterr().out
+    assert _problem_lines(out) and "repaired]" not in out  # no repair asked: no labels
+
+    assert check_main(["--repair", str(path)]) == 1
+    out = capsys.readouterr().out
+    lines = _problem_lines(out)
+    assert lines and all(line.endswith(" [repaired]") for line in lines), out
+    assert "all repaired" in out
+    assert check_main([str(path)]) == 0
