@@ -5,7 +5,7 @@ and the creates waiting on it. A create first has every identified origin
 client finish the writes it was granted (barrier, barrier_done); only then
 is the snapshot created, so that it holds every write acknowledged before
 the create and none after it (docs/protocol.md, "Snapshot create with the
-barrier": the rule "create barrier").
+barrier"; rule: point-in-time create).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ class CreateBarrier:
 
     @property
     def running(self) -> bool:
-        """A barrier is in progress: origin writes wait (rule "write gate")."""
+        """A barrier is in progress: origin writes wait (rule: write gate)."""
         return self.number != 0
 
     def create(self, peer: Peer, message: CreateSnapshot, peers: Set[Peer], batch: Batch) -> bool:

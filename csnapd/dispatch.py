@@ -6,21 +6,23 @@ the engine or the lock table, so they need no locks. The Dispatcher owns the
 batch (apply: prepare, commit, finish), the peers, the sweep's schedule and
 the translation of engine errors into wire codes; its parts own the rest:
 
-- csnapd.requests answers each request ("refuse before acting");
-- csnapd.write_gate decides when an origin write is granted ("write gate",
-  "lock upload grace");
-- csnapd.create_barrier makes a create a point in time ("create barrier");
+- csnapd.requests answers each request (rule: refuse before effect);
+- csnapd.write_gate decides when an origin write is granted (rules: write
+  gate, locks survive a restart);
+- csnapd.create_barrier makes a create a point in time (rule: point-in-time
+  create);
 - csnapd.reporting says what the server reports about itself.
 
-Rules kept here (docs/protocol.md, "Requests, replies and notices" and
-"Snapshot delete with detaching clients"):
+Rules kept here, by their names in docs/rules.md:
 
-- "replies after commit": no reply leaves before the commit that carries
+- durable acknowledgement: no reply leaves before the commit that carries
   its request is durable; all of a batch's replies are sent after its commit,
-  and a failed commit answers every request of the batch server_failed.
-- "sweep after detach": a deleted snapshot's space is swept only once its
+  and a failed commit answers every request of the batch server_failed
+  (docs/protocol.md, "Requests, replies and notices");
+- detach before sweep: a deleted snapshot's space is swept only once its
   clients have gone; idle, whenever there is space to reclaim, and under load
-  at least once every SWEEP_EVERY batches.
+  at least once every SWEEP_EVERY batches (docs/protocol.md, "Snapshot delete
+  with detaching clients").
 """
 
 from __future__ import annotations

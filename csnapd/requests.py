@@ -2,9 +2,9 @@
 
 Owns no state of its own: each handler checks its request (refusing it
 before it does anything: docs/protocol.md, "What csnapd checks", the rule
-"refuse before acting"), then acts on the engine, the write gate or the
+rule: refuse before effect), then acts on the engine, the write gate or the
 create barrier and says what to answer. Replies leave only after the batch's
-commit (the rule "replies after commit", in csnapd.dispatch).
+commit (rule: durable acknowledgement, kept by csnapd.dispatch).
 """
 
 from __future__ import annotations
@@ -294,7 +294,7 @@ class RequestHandlers:
         """Delete a snapshot and tell its clients to finish and go.
 
         Its space is swept only once they have (docs/protocol.md, "Snapshot
-        delete with detaching clients": the rule "sweep after detach").
+        delete with detaching clients"; rule: detach before sweep).
         """
         info = self._engine.delete_snapshot(message.tag)
         log.info(

@@ -6,10 +6,10 @@ granted only when none of its chunks is read-locked, no create barrier is
 running and the grace period is over; until then it is parked, and whenever
 a reason clears it is applied again (copying out for any snapshot created
 meanwhile) and checked again (docs/protocol.md, "Origin write deferred by a
-snapshot read": the rule "write gate"). After a crash, the snapshot clients
+snapshot read"; rule: write gate). After a crash, the snapshot clients
 the registry names re-declare their read locks before any origin write is
 granted, or the grace period ends (docs/protocol.md, "Server restart": the
-rule "lock upload grace"). A silent client keeps its read locks for at most
+rule: locks survive a restart). A silent client keeps its read locks for at most
 its lease (docs/protocol.md, "Liveness").
 """
 
