@@ -7,7 +7,7 @@
 # the exact type.
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -206,7 +206,7 @@ class Record(Spec):
 
     name: str
     fields: Mapping[str, Spec]
-    cls: Callable[..., Any]
+    cls: type[Any]
 
     def wire(self) -> str:
         return self.name
@@ -224,7 +224,9 @@ class Record(Spec):
             }
         )
 
-    def to_wire(self, value: Any) -> dict[str, Any]:
+    def to_wire(self, value: Any) -> Any:
+        if not isinstance(value, self.cls):
+            return value  # not a record: left as it is, for check() to refuse
         return {key: spec.to_wire(getattr(value, key)) for key, spec in self.fields.items()}
 
 
@@ -242,5 +244,7 @@ class ListOf(Spec):
             for n, item in enumerate(_list(value, where, self.most))
         )
 
-    def to_wire(self, value: Any) -> tuple[Any, ...]:
+    def to_wire(self, value: Any) -> Any:
+        if not isinstance(value, tuple | list):
+            return value  # not a list: left as it is, for check() to refuse
         return tuple(self.inner.to_wire(item) for item in value)
