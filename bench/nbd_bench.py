@@ -136,7 +136,7 @@ def _url(sock: Path, export: str) -> str:
 
 
 async def _data_free(admin: AdminClient) -> int:
-    free: int = (await admin.status()).store["data_free"]
+    free: int = (await admin.status()).store.data_free
     return free
 
 

@@ -90,7 +90,7 @@ async def server_start(store: Path, origin: Path, log: Path, seed: int) -> dict[
     async with csnapd(store, origin, log) as server, open_admin(server.connect) as admin:
         status = await admin.status()
         ready_ns = time.perf_counter_ns()
-        chunks = range(0, status.store["origin_chunks"], 2)
+        chunks = range(0, status.store.origin_chunks, 2)
         async with AsyncExitStack() as stack:
             clients = [
                 await stack.enter_async_context(

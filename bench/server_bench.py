@@ -185,7 +185,7 @@ async def counters(admin: AdminClient) -> Counters:
     # workload's requests plus the second sample's two.
     status = await admin.status()
     info = await admin.server_info()
-    return Counters(info["commits"], info["requests"], status.store["sequence"])
+    return Counters(info["commits"], info["requests"], status.store.sequence)
 
 
 # -- measuring rounds ----------------------------------------------------------
@@ -492,7 +492,7 @@ async def lifecycle(directory: Path, plan: Plan) -> dict[str, Any]:
                 await trio.sleep(0.005)
         t2 = time.perf_counter_ns()
         info_after = await admin.server_info()
-    swept = before.store["exceptions"] - status.store["exceptions"]
+    swept = before.store.exceptions - status.store.exceptions
     # The delete itself is one commit (nothing else is in flight); the rest swept.
     commits = info_after["commits"] - info["commits"] - 1
     return {
@@ -500,7 +500,7 @@ async def lifecycle(directory: Path, plan: Plan) -> dict[str, Any]:
         "create_8_origin_clients": _latency(creates_8),
         "delete_empty": _latency(deletes),
         "delete_full_ms": (t1 - t0) / 1e6,
-        "exceptions": before.store["exceptions"],
+        "exceptions": before.store.exceptions,
         "exceptions_swept": swept,
         "sweep_s": (t2 - t1) / 1e9,
         "sweep_exceptions_per_s": swept / ((t2 - t1) / 1e9),

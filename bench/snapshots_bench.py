@@ -21,7 +21,7 @@
 # and the ratio of each k's time to that of k = 1.
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -56,8 +56,7 @@ QUICK = Plan(rounds=1, writes=256)
 
 
 async def _store(admin: AdminClient) -> dict[str, Any]:
-    store: dict[str, Any] = (await admin.status()).store
-    return store
+    return asdict((await admin.status()).store)
 
 
 async def sweep(directory: Path, plan: Plan, number: int) -> dict[int, dict[str, Any]]:

@@ -53,12 +53,14 @@ from csnap_protocol import (
     NeedServer,
     Ok,
     RemoteProtocolError,
+    Request,
     Role,
     ServerAt,
     ServerReady,
     SetPriority,
     Shutdown,
     StartServer,
+    message_id,
 )
 
 __all__ = ["Agent", "Registration"]
@@ -114,7 +116,7 @@ class _Peer:
                     data = self.codec.send(message)
                 except LocalProtocolError as exc:
                     log.warning("%s: cannot send %s: %s", self, message.TYPE, exc)
-                    request = getattr(message, "id", None)
+                    request = message_id(message)
                     if request is None or isinstance(message, Error):
                         return
                     code = ErrorCode.REQUEST_TOO_LARGE
@@ -232,7 +234,7 @@ class Agent:
         """Handle one message; False ends the connection."""
         if isinstance(message, Hello):
             return await self._hello(peer, message)
-        request = getattr(message, "id", None)
+        request = message_id(message)
         if isinstance(message, Ok | Error) and request in peer.answers:
             peer.answers.pop(request).send_nowait(message)
             return True
@@ -298,7 +300,9 @@ class Agent:
         await peer.send(Error(request, int(code), code.symbol, text[:1024]))
 
     async def _answer(self, peer: _Peer, message: Message) -> None:
-        peer.in_flight.discard(getattr(message, "id", -1))
+        request = message_id(message)
+        if request is not None:
+            peer.in_flight.discard(request)
         await peer.send(message)
 
     def _gone(self, peer: _Peer) -> None:
@@ -479,8 +483,8 @@ class Agent:
                 return
             await self._active_changed.wait()
 
-    async def _relay_request(self, peer: _Peer, message: Message) -> None:
-        request: int = getattr(message, "id")  # noqa: B009 - relayed messages are requests
+    async def _relay_request(self, peer: _Peer, message: Request) -> None:
+        request = message.id
         try:
             session = await self._relay_session()
         except (OSError, ServerError, ConnectionLostError) as exc:
@@ -489,7 +493,7 @@ class Agent:
         if session is None:
             await self._error(peer, request, ErrorCode.NO_SERVER, _NO_SERVER)
             return
-        relayed = dataclasses.replace(message, id=next(self._relay_ids))  # type: ignore[call-arg]
+        relayed = dataclasses.replace(message, id=next(self._relay_ids))
         try:
             reply = await session.request(relayed)
         except ServerError as exc:

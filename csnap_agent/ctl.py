@@ -13,6 +13,7 @@ import math
 import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import asdict
 from typing import Any, TextIO
 
 import trio
@@ -275,13 +276,13 @@ async def _status(admin: AdminClient, args: argparse.Namespace) -> Any:
     reply = await admin.status()
     if args.tag is None:
         return {
-            "store": reply.store,
-            "snapshots": list(reply.snapshots),
-            "deleting": list(reply.deleting),
+            "store": asdict(reply.store),
+            "snapshots": [asdict(s) for s in reply.snapshots],
+            "deleting": [asdict(s) for s in reply.deleting],
         }
     for snapshot in reply.snapshots:
-        if snapshot["tag"] == args.tag:
-            return {"store": reply.store, "snapshot": snapshot}
+        if snapshot.tag == args.tag:
+            return {"store": asdict(reply.store), "snapshot": asdict(snapshot)}
     raise ServerError(
         int(ErrorCode.NO_SUCH_SNAPSHOT),
         ErrorCode.NO_SUCH_SNAPSHOT.symbol,
@@ -297,7 +298,8 @@ async def _shutdown(admin: AdminClient, args: argparse.Namespace) -> Any:
 async def _list(admin: AdminClient, args: argparse.Namespace) -> Any:
     # The chunk size comes with the store status, so sizes can be shown.
     reply = await admin.status()
-    return {"chunk_size": reply.store["chunk_size"], "snapshots": list(reply.snapshots)}
+    snapshots = [asdict(s) for s in reply.snapshots]
+    return {"chunk_size": reply.store.chunk_size, "snapshots": snapshots}
 
 
 _VERBS: dict[str, Callable[[AdminClient, argparse.Namespace], Awaitable[Any]]] = {

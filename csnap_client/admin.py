@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import asdict
 from typing import Any
 
 import trio
@@ -19,6 +20,7 @@ from csnap_protocol import (
     GetStatus,
     ListSnapshots,
     Message,
+    Request,
     Role,
     ServerInfoReply,
     SetPriority,
@@ -38,23 +40,23 @@ class AdminClient:
         self._session = session
         self._ids = itertools.count(1)
 
-    async def _call(self, message: Message) -> Message:
+    async def _call(self, message: Request) -> Message:
         return await self._session.request(message)
 
     async def create_snapshot(self, tag: int, priority: int = 0) -> dict[str, Any]:
         reply = await self._call(CreateSnapshot(next(self._ids), tag, priority))
         assert isinstance(reply, SnapshotReply)
-        return reply.snapshot
+        return asdict(reply.snapshot)
 
     async def delete_snapshot(self, tag: int) -> dict[str, Any]:
         reply = await self._call(DeleteSnapshot(next(self._ids), tag))
         assert isinstance(reply, SnapshotReply)
-        return reply.snapshot
+        return asdict(reply.snapshot)
 
     async def list_snapshots(self) -> list[dict[str, Any]]:
         reply = await self._call(ListSnapshots(next(self._ids)))
         assert isinstance(reply, SnapshotList)
-        return list(reply.snapshots)
+        return [asdict(s) for s in reply.snapshots]
 
     async def status(self) -> StatusReply:
         reply = await self._call(GetStatus(next(self._ids)))
@@ -64,17 +66,17 @@ class AdminClient:
     async def set_priority(self, tag: int, priority: int) -> dict[str, Any]:
         reply = await self._call(SetPriority(next(self._ids), tag, priority))
         assert isinstance(reply, SnapshotReply)
-        return reply.snapshot
+        return asdict(reply.snapshot)
 
     async def change_use_count(self, tag: int, delta: int) -> dict[str, Any]:
         reply = await self._call(ChangeUseCount(next(self._ids), tag, delta))
         assert isinstance(reply, SnapshotReply)
-        return reply.snapshot
+        return asdict(reply.snapshot)
 
     async def server_info(self) -> dict[str, Any]:
         reply = await self._call(GetServerInfo(next(self._ids)))
         assert isinstance(reply, ServerInfoReply)
-        return reply.server
+        return asdict(reply.server)
 
     async def shutdown(self) -> None:
         await self._call(Shutdown(next(self._ids)))

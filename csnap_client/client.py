@@ -78,12 +78,14 @@ from csnap_protocol import (
     QueryMap,
     QuerySnapshotRead,
     QueryWrite,
+    Request,
     Role,
     SnapshotDeleted,
     SnapshotReadOk,
     SnapshotWriteOk,
     UploadLock,
     WriteOk,
+    message_id,
 )
 
 __all__ = [
@@ -309,7 +311,9 @@ class DataClient:
     def _reply(self, message: Message) -> None:
         # Runs in the session reader, before any later message is read: a
         # barrier after this reply forgets what this reply teaches.
-        request = getattr(message, "id", -1)
+        request = message_id(message)
+        if request is None:
+            return  # only replies reach here: they carry the id they answer
         if isinstance(message, WriteOk | SnapshotWriteOk | SnapshotReadOk) and (
             self._latest is not None
         ):
@@ -395,7 +399,7 @@ class DataClient:
 
     # -- requests --------------------------------------------------------------
 
-    async def _call(self, make: Callable[[int], Message]) -> Message:
+    async def _call(self, make: Callable[[int], Request]) -> Message:
         """Send a request, again after every reconnect, until it is answered."""
         message = make(next(self._ids))
         while True:

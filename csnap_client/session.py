@@ -25,7 +25,9 @@ from csnap_protocol import (
     Hello,
     Message,
     RemoteProtocolError,
+    Request,
     Role,
+    message_id,
 )
 
 __all__ = [
@@ -152,14 +154,14 @@ class Session:
         """Neither side has ended the session (as far as this side knows)."""
         return not self.abandoned and not self.closed.is_set()
 
-    async def request(self, message: Message) -> Message:
+    async def request(self, message: Request) -> Message:
         """Send a request (its id must be unique here) and await its reply.
 
         Raises:
             ServerError: the reply was an error.
             ConnectionLostError: the connection broke first.
         """
-        request = getattr(message, "id")  # noqa: B009 - every request has an id
+        request = message.id
         waiter = self._waiting[request] = _Waiter()
         try:
             if self.closed.is_set():
@@ -221,7 +223,7 @@ class Session:
                     self.server_hello = message
                     ready()
                     continue
-                request = getattr(message, "id", None)
+                request = message_id(message)
                 waiter = self._waiting.get(request) if request is not None else None
                 if isinstance(message, Error) and self.server_hello is None:
                     raise ServerError(message.code, message.name, message.message)

@@ -110,7 +110,7 @@ async def discover(admin_connect: Connector) -> tuple[Geometry, str, str]:
                 async with open_admin(admin_connect) as admin:
                     info = await admin.server_info()
                     status = await admin.status()
-            geometry = Geometry(int(status.store["chunk_size"]), int(status.store["origin_chunks"]))
+            geometry = Geometry(status.store.chunk_size, status.store.origin_chunks)
             return geometry, str(info["store"]), str(info["origin"])
         except (OSError, ServerError, ConnectionLostError, trio.TooSlowError) as exc:
             log.warning("cannot reach csnapd yet (%s); retrying", exc or type(exc).__name__)

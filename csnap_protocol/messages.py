@@ -1,33 +1,44 @@
-# Every message of the csnap protocol, as frozen dataclasses.
-#
-# A message is a msgpack map: {"type": <name>, <field>: <value>, ...}. Each
-# class declares its wire name (TYPE), which roles may send it (SENDERS) and
-# a spec for every field (FIELDS); the codec refuses anything else. The
-# registry MESSAGES is what docs/protocol.md's tables are checked against.
-#
-# Requests carry an `id` the sender chooses (unique among its requests in
-# flight); the reply carries the same id. Replies may come in any order.
+"""Every message of the csnap protocol, as frozen dataclasses.
+
+A message is a msgpack map: {"type": <name>, <field>: <value>, ...}. Each
+class declares its wire name (TYPE) and which roles may send it (SENDERS);
+each field is declared once, annotated with its spec (FIELDS is read from
+those annotations), and the codec refuses anything else. The records that
+replies carry (snapshot, store, server) are frozen dataclasses declared the
+same way. The registry MESSAGES is what docs/protocol.md's tables are checked
+against.
+
+Requests (Request) carry an `id` the sender chooses (unique among its
+requests in flight); the reply (Reply, or Error) carries the same id. Replies
+may come in any order.
+"""
+
 from __future__ import annotations
 
 import enum
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
-from typing import Any, ClassVar, TypeVar
+from typing import Annotated, Any, ClassVar, TypeVar, get_type_hints
 
+from csnap_protocol.records import (
+    SERVER_INFO,
+    SNAPSHOT_INFO,
+    STORE_STATUS,
+    ServerRecord,
+    SnapshotRecord,
+    StoreRecord,
+)
 from csnap_protocol.schema import (
     S8,
     S32,
     U16,
     U32,
     U64,
-    Blob,
     Choice,
     Flag,
-    Int,
     ListOf,
     Nullable,
     Ranges,
-    Record,
     Segments,
     Spec,
     Text,
@@ -36,10 +47,16 @@ from csnap_protocol.schema import (
 __all__ = [
     "Role",
     "Message",
+    "Request",
+    "Reply",
+    "message_id",
     "MESSAGES",
     "PROTOCOL_MAGIC",
     "PROTOCOL_VERSION",
     "MAX_RANGES",
+    "SnapshotRecord",
+    "StoreRecord",
+    "ServerRecord",
     "SNAPSHOT_INFO",
     "STORE_STATUS",
     "SERVER_INFO",
@@ -115,57 +132,10 @@ ANYONE = frozenset(Role)
 
 ID = U32
 TAG = U32
-
-SNAPSHOT_INFO = Record(
-    "snapshot",
-    {
-        "tag": TAG,
-        "bit": Int(0, 63, "u8"),
-        "state": Choice(("live", "deleting", "squashed")),
-        "priority": S8,
-        "use_count": U32,
-        "created_ns": U64,
-        "origin_chunks": U64,
-        "unique_chunks": U64,
-        "shared_chunks": U64,
-    },
-)
-
-STORE_STATUS = Record(
-    "store",
-    {
-        "uuid": Blob(16),
-        "created_ns": U64,
-        "chunk_size": U32,
-        "block_size": U32,
-        "store_chunks": U64,
-        "origin_chunks": U64,
-        "data_chunks": U64,
-        "data_free": U64,
-        "meta_blocks": U64,
-        "meta_free": U64,
-        "exceptions": U64,
-        "sequence": U64,
-        "sweep_cursor": U64,
-    },
-)
-
-SERVER_INFO = Record(
-    "server",
-    {
-        "address": Text(256),
-        "store": Text(4096),
-        "origin": Text(4096),
-        "started_ns": U64,
-        "epoch": U64,
-        "state": Choice(("active", "uploading", "failed", "stopping")),
-        "clients": U32,
-        "origin_clients": U32,
-        "snapshot_clients": U32,
-        "commits": U64,
-        "requests": U64,
-    },
-)
+#: Chunk ranges, as requests and the map reply carry them.
+RangeList = Annotated[tuple[tuple[int, int], ...], Ranges(MAX_RANGES)]
+#: Store segments, as the snapshot read and write replies carry them.
+SegmentList = Annotated[tuple[tuple[int, int, int], ...], Segments(MAX_RANGES)]
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,9 +149,38 @@ class Message:
     def to_wire(self) -> dict[str, Any]:
         """The msgpack map for this message."""
         body: dict[str, Any] = {"type": self.TYPE}
-        for name in self.FIELDS:
-            body[name] = getattr(self, name)
+        for name, spec in self.FIELDS.items():
+            body[name] = spec.to_wire(getattr(self, name))
         return body
+
+
+@dataclass(frozen=True, slots=True)
+class Request(Message):
+    """A message that asks for one reply: carries the id its reply repeats.
+
+    The sender chooses the id, unique among its requests in flight.
+    """
+
+    id: Annotated[int, ID]
+
+
+@dataclass(frozen=True, slots=True)
+class Reply(Message):
+    """The success reply to a request: carries that request's id."""
+
+    id: Annotated[int, ID]
+
+
+def message_id(message: Message) -> int | None:
+    """The id `message` carries: a request's own, or the one a reply or error answers.
+
+    None for a notice, a hello, and an error about the connection.
+    """
+    match message:
+        case Request() | Reply() | Error():
+            return message.id
+        case _:
+            return None
 
 
 #: Wire name -> message class.
@@ -190,11 +189,19 @@ MESSAGES: dict[str, type[Message]] = {}
 _M = TypeVar("_M", bound=type[Message])
 
 
-def _message(wire_name: str, senders: frozenset[Role], /, **specs: Spec) -> Callable[[_M], _M]:
+def _message(wire_name: str, senders: frozenset[Role], /) -> Callable[[_M], _M]:
+    """Register a message class under `wire_name`, sendable by `senders`.
+
+    Each field is annotated `Annotated[<python type>, <spec>]` (or an alias of
+    one): its spec is read from there, so a field is declared once.
+    """
+
     def register(cls: _M) -> _M:
-        declared = [f.name for f in fields(cls)]
-        if declared != list(specs):
-            raise TypeError(f"{cls.__name__}: fields {declared} do not match specs {list(specs)}")
+        hints = get_type_hints(cls, include_extras=True)
+        specs: dict[str, Spec] = {}
+        for f in fields(cls):
+            (spec,) = (m for m in getattr(hints[f.name], "__metadata__", ()) if isinstance(m, Spec))
+            specs[f.name] = spec
         cls.TYPE = wire_name
         cls.SENDERS = senders
         cls.FIELDS = specs
@@ -209,166 +216,129 @@ def _message(wire_name: str, senders: frozenset[Role], /, **specs: Spec) -> Call
 # -- handshake and generic replies --------------------------------------------
 
 
-@_message(
-    "hello",
-    ANYONE,
-    magic=Text(16),
-    version=U16,
-    role=Choice(tuple(r.value for r in Role)),
-    max_frame=U32,
-    name=Nullable(Text(256)),
-)
+@_message("hello", ANYONE)
 @dataclass(frozen=True, slots=True)
 class Hello(Message):
     """First frame in each direction: protocol, version, role, frame limit."""
 
-    magic: str
-    version: int
-    role: str
-    max_frame: int
-    name: str | None
+    magic: Annotated[str, Text(16)]
+    version: Annotated[int, U16]
+    role: Annotated[str, Choice(tuple(r.value for r in Role))]
+    max_frame: Annotated[int, U32]
+    name: Annotated[str | None, Nullable(Text(256))]
 
 
-@_message("error", ANSWERS, id=Nullable(ID), code=U16, name=Text(64), message=Text(1024))
+@_message("error", ANSWERS)
 @dataclass(frozen=True, slots=True)
 class Error(Message):
     """A request failed (id set), or the connection is being closed (id nil)."""
 
-    id: int | None
-    code: int
-    name: str
-    message: str
+    id: Annotated[int | None, Nullable(ID)]
+    code: Annotated[int, U16]
+    name: Annotated[str, Text(64)]
+    message: Annotated[str, Text(1024)]
 
 
-@_message("ok", ANSWERS, id=ID)
+@_message("ok", ANSWERS)
 @dataclass(frozen=True, slots=True)
-class Ok(Message):
+class Ok(Reply):
     """A request that returns nothing succeeded."""
-
-    id: int
 
 
 # -- the data path ------------------------------------------------------------
 
 
-@_message("identify", CLIENT, id=ID, client=U64, snapshot=Nullable(TAG))
+@_message("identify", CLIENT)
 @dataclass(frozen=True, slots=True)
-class Identify(Message):
+class Identify(Request):
     """Bind this connection to the origin (snapshot nil) or to a snapshot's tag."""
 
-    id: int
-    client: int
-    snapshot: int | None
+    client: Annotated[int, U64]
+    snapshot: Annotated[int | None, Nullable(TAG)]
 
 
-@_message(
-    "identified",
-    SERVER,
-    id=ID,
-    snapshot=Nullable(TAG),
-    chunk_size=U32,
-    origin_chunks=U64,
-    epoch=U64,
-    max_chunks=U32,
-    lease_ms=U32,
-)
+@_message("identified", SERVER)
 @dataclass(frozen=True, slots=True)
-class Identified(Message):
+class Identified(Reply):
     """Identify succeeded: the geometry a client needs, the server's epoch and lease."""
 
-    id: int
-    snapshot: int | None
-    chunk_size: int
-    origin_chunks: int
-    epoch: int
-    max_chunks: int
+    snapshot: Annotated[int | None, Nullable(TAG)]
+    chunk_size: Annotated[int, U32]
+    origin_chunks: Annotated[int, U64]
+    epoch: Annotated[int, U64]
+    max_chunks: Annotated[int, U32]
     #: Milliseconds of silence after which the server drops this connection
     #: and its read locks; 0: it drops no silent connection.
-    lease_ms: int = 0
+    lease_ms: Annotated[int, U32] = 0
 
 
-@_message("query_write", CLIENT, id=ID, ranges=Ranges(MAX_RANGES))
+@_message("query_write", CLIENT)
 @dataclass(frozen=True, slots=True)
-class QueryWrite(Message):
+class QueryWrite(Request):
     """May I write these chunks? (origin: copy out first; snapshot: where to)."""
 
-    id: int
-    ranges: tuple[tuple[int, int], ...]
+    ranges: RangeList
 
 
-@_message("write_ok", SERVER, id=ID, copied=U32)
+@_message("write_ok", SERVER)
 @dataclass(frozen=True, slots=True)
-class WriteOk(Message):
+class WriteOk(Reply):
     """An origin client may write the chunks it asked about; `copied` were copied out."""
 
-    id: int
-    copied: int
+    copied: Annotated[int, U32]
 
 
-@_message("snapshot_write_ok", SERVER, id=ID, segments=Segments(MAX_RANGES))
+@_message("snapshot_write_ok", SERVER)
 @dataclass(frozen=True, slots=True)
-class SnapshotWriteOk(Message):
+class SnapshotWriteOk(Reply):
     """A snapshot client writes its chunks at these store chunks."""
 
-    id: int
-    segments: tuple[tuple[int, int, int], ...]
+    segments: SegmentList
 
 
-@_message("query_snapshot_read", CLIENT, id=ID, ranges=Ranges(MAX_RANGES))
+@_message("query_snapshot_read", CLIENT)
 @dataclass(frozen=True, slots=True)
-class QuerySnapshotRead(Message):
+class QuerySnapshotRead(Request):
     """Where do I read these chunks of my snapshot?"""
 
-    id: int
-    ranges: tuple[tuple[int, int], ...]
+    ranges: RangeList
 
 
-@_message(
-    "snapshot_read_ok",
-    SERVER,
-    id=ID,
-    store=Segments(MAX_RANGES),
-    origin=Ranges(MAX_RANGES),
-)
+@_message("snapshot_read_ok", SERVER)
 @dataclass(frozen=True, slots=True)
-class SnapshotReadOk(Message):
+class SnapshotReadOk(Reply):
     """Read `store` segments from the store; `origin` ranges from the origin,
     now read-locked for this connection until finish_snapshot_read."""
 
-    id: int
-    store: tuple[tuple[int, int, int], ...]
-    origin: tuple[tuple[int, int], ...]
+    store: SegmentList
+    origin: RangeList
 
 
-@_message("finish_snapshot_read", CLIENT, id=ID, ranges=Ranges(MAX_RANGES))
+@_message("finish_snapshot_read", CLIENT)
 @dataclass(frozen=True, slots=True)
-class FinishSnapshotRead(Message):
+class FinishSnapshotRead(Request):
     """I have read these origin chunks: release their read locks."""
 
-    id: int
-    ranges: tuple[tuple[int, int], ...]
+    ranges: RangeList
 
 
-@_message("upload_lock", CLIENT, id=ID, ranges=Ranges(MAX_RANGES))
+@_message("upload_lock", CLIENT)
 @dataclass(frozen=True, slots=True)
-class UploadLock(Message):
+class UploadLock(Request):
     """After a reconnect: I still read these origin chunks (re-take their locks)."""
 
-    id: int
-    ranges: tuple[tuple[int, int], ...]
+    ranges: RangeList
 
 
-@_message("finish_upload_lock", CLIENT, id=ID)
+@_message("finish_upload_lock", CLIENT)
 @dataclass(frozen=True, slots=True)
-class FinishUploadLock(Message):
+class FinishUploadLock(Request):
     """After a reconnect: every lock I hold is uploaded."""
 
-    id: int
 
-
-@_message("query_map", CLIENT, id=ID, ranges=Ranges(MAX_RANGES))
+@_message("query_map", CLIENT)
 @dataclass(frozen=True, slots=True)
-class QueryMap(Message):
+class QueryMap(Request):
     """Which of these chunks have copies in the store? Takes no locks.
 
     For a snapshot client: the chunks its snapshot owns in the store. For an
@@ -376,184 +346,149 @@ class QueryMap(Message):
     write there may still copy out for another live snapshot without one).
     """
 
-    id: int
-    ranges: tuple[tuple[int, int], ...]
+    ranges: RangeList
 
 
-@_message("map", SERVER, id=ID, ranges=Ranges(MAX_RANGES))
+@_message("map", SERVER)
 @dataclass(frozen=True, slots=True)
-class MapReply(Message):
+class MapReply(Reply):
     """The asked-about chunks that have copies, as ascending ranges."""
 
-    id: int
-    ranges: tuple[tuple[int, int], ...]
+    ranges: RangeList
 
 
-@_message("keepalive", CLIENT, id=ID)
+@_message("keepalive", CLIENT)
 @dataclass(frozen=True, slots=True)
-class Keepalive(Message):
+class Keepalive(Request):
     """I am alive: answered with ok at once; keeps this connection's lease."""
 
-    id: int
 
-
-@_message("barrier", SERVER, barrier=U64)
+@_message("barrier", SERVER)
 @dataclass(frozen=True, slots=True)
 class Barrier(Message):
     """To origin clients: finish the writes you were granted, then say barrier_done."""
 
-    barrier: int
+    barrier: Annotated[int, U64]
 
 
-@_message("barrier_done", CLIENT, barrier=U64)
+@_message("barrier_done", CLIENT)
 @dataclass(frozen=True, slots=True)
 class BarrierDone(Message):
     """Every origin write granted before that barrier has reached the origin."""
 
-    barrier: int
+    barrier: Annotated[int, U64]
 
 
-@_message("snapshot_deleted", SERVER, snapshot=TAG)
+@_message("snapshot_deleted", SERVER)
 @dataclass(frozen=True, slots=True)
 class SnapshotDeleted(Message):
     """To a snapshot's clients: it was deleted; finish your writes and close."""
 
-    snapshot: int
+    snapshot: Annotated[int, TAG]
 
 
 # -- administration -----------------------------------------------------------
 
 
-@_message("create_snapshot", ADMIN, id=ID, tag=TAG, priority=S8)
+@_message("create_snapshot", ADMIN)
 @dataclass(frozen=True, slots=True)
-class CreateSnapshot(Message):
+class CreateSnapshot(Request):
     """Take a snapshot of the origin now (after the origin-write barrier)."""
 
-    id: int
-    tag: int
-    priority: int
+    tag: Annotated[int, TAG]
+    priority: Annotated[int, S8]
 
 
-@_message("delete_snapshot", ADMIN, id=ID, tag=TAG)
+@_message("delete_snapshot", ADMIN)
 @dataclass(frozen=True, slots=True)
-class DeleteSnapshot(Message):
+class DeleteSnapshot(Request):
     """Delete a snapshot; its space is reclaimed in the background."""
 
-    id: int
-    tag: int
+    tag: Annotated[int, TAG]
 
 
-@_message("list_snapshots", ADMIN, id=ID)
+@_message("list_snapshots", ADMIN)
 @dataclass(frozen=True, slots=True)
-class ListSnapshots(Message):
+class ListSnapshots(Request):
     """Every live snapshot, oldest first."""
 
-    id: int
 
-
-@_message("get_status", ADMIN, id=ID)
+@_message("get_status", ADMIN)
 @dataclass(frozen=True, slots=True)
-class GetStatus(Message):
+class GetStatus(Request):
     """Store totals, every snapshot, and those still being deleted."""
 
-    id: int
 
-
-@_message("set_priority", ADMIN, id=ID, tag=TAG, priority=S8)
+@_message("set_priority", ADMIN)
 @dataclass(frozen=True, slots=True)
-class SetPriority(Message):
+class SetPriority(Request):
     """Set a snapshot's priority (-128..127)."""
 
-    id: int
-    tag: int
-    priority: int
+    tag: Annotated[int, TAG]
+    priority: Annotated[int, S8]
 
 
-@_message("change_use_count", ADMIN, id=ID, tag=TAG, delta=S32)
+@_message("change_use_count", ADMIN)
 @dataclass(frozen=True, slots=True)
-class ChangeUseCount(Message):
+class ChangeUseCount(Request):
     """Add delta to a snapshot's use count (0 reads it)."""
 
-    id: int
-    tag: int
-    delta: int
+    tag: Annotated[int, TAG]
+    delta: Annotated[int, S32]
 
 
-@_message("get_server_info", ADMIN, id=ID)
+@_message("get_server_info", ADMIN)
 @dataclass(frozen=True, slots=True)
-class GetServerInfo(Message):
+class GetServerInfo(Request):
     """Where the server listens, since when, and who is connected."""
 
-    id: int
 
-
-@_message("shutdown", ADMIN, id=ID)
+@_message("shutdown", ADMIN)
 @dataclass(frozen=True, slots=True)
-class Shutdown(Message):
+class Shutdown(Request):
     """Finish in-flight work, mark the store clean and exit."""
 
-    id: int
 
-
-@_message("snapshot", ANSWERS, id=ID, snapshot=SNAPSHOT_INFO)
+@_message("snapshot", ANSWERS)
 @dataclass(frozen=True, slots=True)
-class SnapshotReply(Message):
+class SnapshotReply(Reply):
     """One snapshot, as it is after the request."""
 
-    id: int
-    snapshot: dict[str, Any]
+    snapshot: Annotated[SnapshotRecord, SNAPSHOT_INFO]
 
 
-@_message("snapshot_list", ANSWERS, id=ID, snapshots=ListOf(SNAPSHOT_INFO, MAX_LIST))
+@_message("snapshot_list", ANSWERS)
 @dataclass(frozen=True, slots=True)
-class SnapshotList(Message):
+class SnapshotList(Reply):
     """Live snapshots, oldest first."""
 
-    id: int
-    snapshots: tuple[dict[str, Any], ...]
+    snapshots: Annotated[tuple[SnapshotRecord, ...], ListOf(SNAPSHOT_INFO, MAX_LIST)]
 
 
-@_message(
-    "status",
-    ANSWERS,
-    id=ID,
-    store=STORE_STATUS,
-    snapshots=ListOf(SNAPSHOT_INFO, MAX_LIST),
-    deleting=ListOf(SNAPSHOT_INFO, MAX_LIST),
-)
+@_message("status", ANSWERS)
 @dataclass(frozen=True, slots=True)
-class StatusReply(Message):
+class StatusReply(Reply):
     """Store totals, live snapshots, and snapshots still being deleted."""
 
-    id: int
-    store: dict[str, Any]
-    snapshots: tuple[dict[str, Any], ...]
-    deleting: tuple[dict[str, Any], ...]
+    store: Annotated[StoreRecord, STORE_STATUS]
+    snapshots: Annotated[tuple[SnapshotRecord, ...], ListOf(SNAPSHOT_INFO, MAX_LIST)]
+    deleting: Annotated[tuple[SnapshotRecord, ...], ListOf(SNAPSHOT_INFO, MAX_LIST)]
 
 
-@_message("server_info", ANSWERS, id=ID, server=SERVER_INFO)
+@_message("server_info", ANSWERS)
 @dataclass(frozen=True, slots=True)
-class ServerInfoReply(Message):
+class ServerInfoReply(Reply):
     """The server's address, start time, state and connections."""
 
-    id: int
-    server: dict[str, Any]
+    server: Annotated[ServerRecord, SERVER_INFO]
 
 
 # -- the agent ----------------------------------------------------------------
 
 
-@_message(
-    "server_ready",
-    SERVER,
-    id=ID,
-    address=Text(256),
-    store=Text(4096),
-    pid=U32,
-    active=Flag(),
-)
+@_message("server_ready", SERVER)
 @dataclass(frozen=True, slots=True)
-class ServerReady(Message):
+class ServerReady(Request):
     """A server registers with its node's agent: where it listens, which store.
 
     `active` is false for a server on standby (store not open, waiting for
@@ -561,39 +496,34 @@ class ServerReady(Message):
     losing its agent.
     """
 
-    id: int
-    address: str
-    store: str
-    pid: int
-    active: bool
+    address: Annotated[str, Text(256)]
+    store: Annotated[str, Text(4096)]
+    pid: Annotated[int, U32]
+    active: Annotated[bool, Flag()]
 
 
-@_message("start_server", AGENT, id=ID)
+@_message("start_server", AGENT)
 @dataclass(frozen=True, slots=True)
-class StartServer(Message):
+class StartServer(Request):
     """The agent activates its standby server: open the store and serve.
 
     Answered with ok once clients may connect, or error if the store cannot
     be opened.
     """
 
-    id: int
 
-
-@_message("need_server", CLIENT | ADMIN, id=ID, wait=Flag())
+@_message("need_server", CLIENT | ADMIN)
 @dataclass(frozen=True, slots=True)
-class NeedServer(Message):
+class NeedServer(Request):
     """Where is the active server? With `wait`, the answer comes once there is one."""
 
-    id: int
-    wait: bool
+    wait: Annotated[bool, Flag()]
 
 
-@_message("server_at", AGENT, id=ID, address=Text(256), since_ns=U64)
+@_message("server_at", AGENT)
 @dataclass(frozen=True, slots=True)
-class ServerAt(Message):
+class ServerAt(Reply):
     """The active server's address, and since when it has been active."""
 
-    id: int
-    address: str
-    since_ns: int
+    address: Annotated[str, Text(256)]
+    since_ns: Annotated[int, U64]

@@ -47,6 +47,10 @@ class Spec:
     def check(self, value: object, where: str) -> Any:
         raise NotImplementedError
 
+    def to_wire(self, value: Any) -> Any:
+        """What msgpack is given for `value` (a value check() returned)."""
+        return value
+
 
 @dataclass(frozen=True)
 class Int(Spec):
@@ -137,6 +141,9 @@ class Nullable(Spec):
     def check(self, value: object, where: str) -> Any:
         return None if value is None else self.inner.check(value, where)
 
+    def to_wire(self, value: Any) -> Any:
+        return None if value is None else self.inner.to_wire(value)
+
 
 def _list(value: object, where: str, most: int) -> list[object]:
     if type(value) is not list:
@@ -191,23 +198,36 @@ class Segments(Spec):
 
 @dataclass(frozen=True)
 class Record(Spec):
-    """A nested map with exactly these fields."""
+    """A nested map with exactly these fields, decoded into `cls`.
+
+    `cls` is a frozen dataclass whose fields are these, in this order; the
+    map is built from its fields in that order.
+    """
 
     name: str
     fields: Mapping[str, Spec]
+    cls: type[Any]
 
     def wire(self) -> str:
         return self.name
 
-    def check(self, value: object, where: str) -> dict[str, Any]:
+    def check(self, value: object, where: str) -> Any:
         if type(value) is not dict:
             raise FieldError(f"{where}: expected a map, got {type(value).__name__}")
         extra = set(value) - set(self.fields)
         if extra:
             raise FieldError(f"{where}: unknown fields {sorted(map(str, extra))}")
-        return {
-            key: spec.check(value.get(key), f"{where}.{key}") for key, spec in self.fields.items()
-        }
+        return self.cls(
+            **{
+                key: spec.check(value.get(key), f"{where}.{key}")
+                for key, spec in self.fields.items()
+            }
+        )
+
+    def to_wire(self, value: Any) -> Any:
+        if not isinstance(value, self.cls):
+            return value  # not a record: left as it is, for check() to refuse
+        return {key: spec.to_wire(getattr(value, key)) for key, spec in self.fields.items()}
 
 
 @dataclass(frozen=True)
@@ -223,3 +243,8 @@ class ListOf(Spec):
             self.inner.check(item, f"{where}[{n}]")
             for n, item in enumerate(_list(value, where, self.most))
         )
+
+    def to_wire(self, value: Any) -> Any:
+        if not isinstance(value, tuple | list):
+            return value  # not a list: left as it is, for check() to refuse
+        return tuple(self.inner.to_wire(item) for item in value)

@@ -45,7 +45,9 @@ from csnap_protocol import (
     Message,
     Ok,
     RemoteProtocolError,
+    Request,
     Role,
+    message_id,
 )
 from csnapd.agent_link import AgentLink
 from csnapd.dispatch import (
@@ -77,8 +79,6 @@ RECEIVE_SIZE = 1 << 16
 #: reader stops decoding until the engine has taken some. Requests are bounded
 #: by max_in_flight already; this bounds notices (barrier_done) too.
 QUEUED_LIMIT = 1024
-#: Under load, one sweep step at least every this many batches.
-SWEEP_EVERY = 8
 #: Most queued messages one send carries to a peer.
 WRITE_COALESCE = 256
 #: Seconds connections get at shutdown to send the replies already queued.
@@ -181,8 +181,6 @@ class Server:
         #: Set (and replaced) whenever the engine task takes a batch.
         self._taken = trio.Event()
         self._shutdown_reply: tuple[Peer, int] | None = None
-        #: Batches started since the last sweep step (see SWEEP_EVERY).
-        self._unswept_batches = 0
         self.failed = False
 
     # -- lifecycle -------------------------------------------------------------
@@ -424,8 +422,8 @@ class Server:
             # make a live client look silent to itself.
             self._queue(link, Ok(message.id))
             return
-        request = getattr(message, "id", None)
-        if request is not None:
+        if isinstance(message, Request):
+            request = message.id
             if request in link.in_flight:
                 # The first request with this id is still in flight: keep it.
                 self._deliver(
@@ -488,7 +486,7 @@ class Server:
         except LocalProtocolError as exc:
             # Too big for the peer's frame limit, say: it still gets an answer.
             log.error("%s: cannot send %s: %s", link.peer, message.TYPE, exc)
-            request = getattr(message, "id", None)
+            request = message_id(message)
             if request is None or isinstance(message, Error):
                 return b""
             return link.codec.send(
@@ -502,7 +500,7 @@ class Server:
 
     def _deliver(self, link: _Link, message: Message, *, finished: bool = True) -> None:
         """Queue `message`; `finished`: it answers its request id."""
-        request = getattr(message, "id", None)
+        request = message_id(message)
         if finished and request is not None and not isinstance(message, Hello):
             link.in_flight.discard(request)
         self._queue(link, message)
@@ -588,27 +586,18 @@ class Server:
                     return self._receive.receive_nowait()
                 except trio.WouldBlock:
                     return None
-            if self.dispatcher.may_sweep() and self._unswept_batches >= SWEEP_EVERY:
-                # Busy, but deleted snapshots' space is reclaimed anyway: a
-                # steady load must not keep their slots taken forever.
-                self._unswept_batches = 0
+            if self.dispatcher.sweep_due(idle=False):
                 return SweepTick()
             try:
-                item = self._receive.receive_nowait()
+                return self._receive.receive_nowait()
             except trio.WouldBlock:
                 pass
-            else:
-                self._unswept_batches += 1
-                return item
-            if self.dispatcher.may_sweep():
+            if self.dispatcher.sweep_due(idle=True):
                 # Still a checkpoint: applying a batch may not yield at all.
                 await trio.lowlevel.checkpoint()
-                self._unswept_batches = 0
                 return SweepTick()
             with trio.move_on_after(0.5):
-                item = await self._receive.receive()
-                self._unswept_batches += 1
-                return item
+                return await self._receive.receive()
 
     def _deliver_outcome(self, outcome: Outcome) -> None:
         for peer, message in outcome.sends:

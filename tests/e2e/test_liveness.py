@@ -181,7 +181,7 @@ async def test_peers_that_do_not_read_their_replies_lose_only_their_connections(
                 version += 1
                 async with good.origin_write([(7, 1)]):
                     pwrite(origin, 7, label(7, version))
-                assert (await admin.status()).store["chunk_size"] == CHUNK
+                assert (await admin.status()).store.chunk_size == CHUNK
                 served += 1
 
             await serve_good_client()

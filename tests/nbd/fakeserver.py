@@ -24,50 +24,54 @@ from csnap_protocol import (
     ErrorCode,
     GetServerInfo,
     GetStatus,
+    Message,
+    Request,
     Role,
     ServerInfoReply,
+    ServerRecord,
     StatusReply,
+    StoreRecord,
 )
 
 CHUNK = 4096
 
 
-def _answers(origin: str, store: str, origin_chunks: int) -> dict[type, object]:
-    info = {
-        "address": "127.0.0.1:1",
-        "store": store,
-        "origin": origin,
-        "started_ns": 1,
-        "epoch": 1,
-        "state": "active",
-        "clients": 0,
-        "origin_clients": 0,
-        "snapshot_clients": 0,
-        "commits": 0,
-        "requests": 0,
-    }
-    status = {
-        "uuid": bytes(16),
-        "created_ns": 1,
-        "chunk_size": CHUNK,
-        "block_size": 4096,
-        "store_chunks": 1024,
-        "origin_chunks": origin_chunks,
-        "data_chunks": 1000,
-        "data_free": 1000,
-        "meta_blocks": 10,
-        "meta_free": 10,
-        "exceptions": 0,
-        "sequence": 1,
-        "sweep_cursor": 0,
-    }
-    return {GetServerInfo: info, GetStatus: status}
+def _answers(origin: str, store: str, origin_chunks: int) -> tuple[ServerRecord, StoreRecord]:
+    info = ServerRecord(
+        address="127.0.0.1:1",
+        store=store,
+        origin=origin,
+        started_ns=1,
+        epoch=1,
+        state="active",
+        clients=0,
+        origin_clients=0,
+        snapshot_clients=0,
+        commits=0,
+        requests=0,
+    )
+    status = StoreRecord(
+        uuid=bytes(16),
+        created_ns=1,
+        chunk_size=CHUNK,
+        block_size=4096,
+        store_chunks=1024,
+        origin_chunks=origin_chunks,
+        data_chunks=1000,
+        data_free=1000,
+        meta_blocks=10,
+        meta_free=10,
+        exceptions=0,
+        sequence=1,
+        sweep_cursor=0,
+    )
+    return info, status
 
 
 async def _serve_one(
     stream: trio.SocketStream, role: Role, origin: str, store: str, origin_chunks: int
 ) -> None:
-    answers = _answers(origin, store, origin_chunks)
+    info, status = _answers(origin, store, origin_chunks)
     codec = Connection(role)
     async with stream:
         try:
@@ -78,17 +82,17 @@ async def _serve_one(
                 while (message := codec.next_message()) is not None:
                     if isinstance(message, ConnectionClosed):
                         return
-                    request = getattr(message, "id", None)
+                    reply: Message
                     if isinstance(message, GetServerInfo):
-                        reply: object = ServerInfoReply(message.id, answers[GetServerInfo])  # type: ignore[arg-type]
+                        reply = ServerInfoReply(message.id, info)
                     elif isinstance(message, GetStatus):
-                        reply = StatusReply(message.id, answers[GetStatus], (), ())  # type: ignore[arg-type]
-                    elif request is not None:
+                        reply = StatusReply(message.id, status, (), ())
+                    elif isinstance(message, Request):
                         code = ErrorCode.INVALID_REQUEST
-                        reply = Error(request, int(code), code.symbol, "a fake server")
+                        reply = Error(message.id, int(code), code.symbol, "a fake server")
                     else:
                         continue
-                    await stream.send_all(codec.send(reply))  # type: ignore[arg-type]
+                    await stream.send_all(codec.send(reply))
         except Exception:
             return  # the gateway went away or sent nonsense: this connection ends
 

@@ -49,7 +49,7 @@ async def test_csnapd_is_ready_once_it_serves_and_says_it_stops_on_sigterm(
             # Connected to right after READY=1, with no retry: it answers.
             async with open_admin(tcp_connector(*split_host_port(address))) as admin:
                 status = await admin.status()
-            assert status.store["origin_chunks"] == (16 << 20) // 4096
+            assert status.store.origin_chunks == (16 << 20) // 4096
             assert ready["READY"] == "1"
             assert ready["STATUS"] == f"active: serving {store} on {address}"
             before = notify.messages[: notify.messages.index(ready)]

@@ -46,7 +46,9 @@ def values(spec: Spec) -> st.SearchStrategy[Any]:
         )
         return st.lists(triple, max_size=6).map(tuple)
     if isinstance(spec, Record):
-        return st.fixed_dictionaries({k: values(v) for k, v in spec.fields.items()})
+        return st.fixed_dictionaries({k: values(v) for k, v in spec.fields.items()}).map(
+            lambda fields: spec.cls(**fields)
+        )
     if isinstance(spec, ListOf):
         return st.lists(values(spec.inner), max_size=3).map(tuple)
     raise TypeError(f"no strategy for {spec!r}")

@@ -25,6 +25,8 @@ from csnap_protocol import (
     QueryWrite,
     RemoteProtocolError,
     Role,
+    SnapshotList,
+    SnapshotReply,
     WriteOk,
     encode_frame,
 )
@@ -237,3 +239,18 @@ def test_after_a_peers_error_we_may_still_explain() -> None:
     assert isinstance(client.next_message(), Error)
     with pytest.raises(LocalProtocolError, match="ERROR state"):
         server.send(WriteOk(1, 0))
+
+
+def test_a_record_field_holding_anything_else_is_refused_on_send_and_framed_as_it_is() -> None:
+    server, client = pair(Role.SERVER, Role.CLIENT)
+    wrong = SnapshotReply(1, 7)  # type: ignore[arg-type]  # a hostile peer's record
+    with pytest.raises(LocalProtocolError, match=r"snapshot\.snapshot: expected a map"):
+        server.send(wrong)
+    not_a_list = SnapshotList(2, 7)  # type: ignore[arg-type]
+    with pytest.raises(LocalProtocolError, match="expected an array"):
+        server.send(not_a_list)
+    # encode_frame checks nothing: the bytes carry the value as it is, and
+    # the receiving codec refuses them.
+    client.receive_data(encode_frame(wrong))
+    with pytest.raises(RemoteProtocolError, match=r"snapshot\.snapshot: expected a map"):
+        client.next_message()

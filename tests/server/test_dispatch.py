@@ -6,14 +6,26 @@ from csnap_protocol import (
     Barrier,
     BarrierDone,
     CreateSnapshot,
+    DeleteSnapshot,
     Identified,
     Identify,
+    ListSnapshots,
     QueryWrite,
     Role,
     SnapshotReply,
     WriteOk,
 )
-from csnapd.dispatch import Connected, Dispatcher, Outcome, Peer, Received
+from csnapd.dispatch import (
+    SWEEP_EVERY,
+    Connected,
+    Disconnected,
+    Dispatcher,
+    Item,
+    Outcome,
+    Peer,
+    Received,
+    SweepTick,
+)
 from csnapd.engine import Engine
 from tests.engine.helpers import new_store
 
@@ -44,9 +56,44 @@ def test_a_write_applied_before_the_last_barrier_done_copies_for_the_new_snapsho
         ]
     )
     (created,) = sent(out, admin)
-    assert isinstance(created, SnapshotReply) and created.snapshot["tag"] == 5
+    assert isinstance(created, SnapshotReply) and created.snapshot.tag == 5
     (granted,) = sent(out, writer)
     assert granted == WriteOk(2, 1)  # chunk 3 was copied out for snapshot 5
     segments = engine.snapshot_read(5, [(3, 1)])
     assert segments[0].store_chunk is not None
+    engine.close()
+
+
+def test_a_sweep_is_due_idle_at_once_and_busy_every_few_batches_once_clients_left() -> None:
+    store, origin, _ = new_store()
+    engine = Engine.open(store, origin)
+    dispatcher = Dispatcher(engine, address="test", store="test", max_chunks=64)
+    admin, writer, reader = (
+        Peer(n, r, str(n)) for n, r in ((1, Role.ADMIN), (2, Role.CLIENT), (3, Role.CLIENT))
+    )
+    batches = 0
+
+    def apply(*items: Item) -> Outcome:
+        nonlocal batches
+        batches += 1
+        return dispatcher.apply(items)
+
+    apply(Connected(admin), Connected(writer), Connected(reader))
+    apply(Received(admin, CreateSnapshot(1, 5, 0)))  # no origin client yet: no barrier
+    apply(Received(writer, Identify(1, 42, None)), Received(reader, Identify(1, 43, 5)))
+    apply(Received(writer, QueryWrite(2, ((3, 1),))))  # copies chunk 3 out for snapshot 5
+    assert not dispatcher.sweep_due(idle=True)  # nothing deleted
+    out = apply(Received(admin, DeleteSnapshot(2, 5)))
+    assert out.detached == [reader] and engine.sweep_pending
+    # Sweep after detach: not while the deleted snapshot's client is connected.
+    assert not dispatcher.sweep_due(idle=True)
+    apply(Disconnected(reader))
+    assert dispatcher.sweep_due(idle=True)
+    while batches < SWEEP_EVERY:
+        assert not dispatcher.sweep_due(idle=False)  # busy: not yet
+        apply(Received(admin, ListSnapshots(3)))
+    assert dispatcher.sweep_due(idle=False)
+    apply(SweepTick())
+    assert not engine.sweep_pending  # one step reclaimed the one copied chunk
+    assert not dispatcher.sweep_due(idle=True)
     engine.close()

@@ -28,6 +28,7 @@ from csnap_protocol import (
     QueryMap,
     QuerySnapshotRead,
     QueryWrite,
+    Request,
     Role,
     UploadLock,
 )
@@ -66,7 +67,7 @@ async def serving(config: ServerConfig) -> AsyncIterator[tuple[Server, Running]]
             stop.set()
 
 
-async def refused(session: Session, message: Message) -> ServerError:
+async def refused(session: Session, message: Request) -> ServerError:
     with pytest.raises(ServerError) as info:
         await session.request(message)
     return info.value
@@ -108,7 +109,7 @@ async def test_ranges_naming_a_chunk_twice_are_refused_and_do_nothing(tmp_path: 
                         assert why in error.message
                 after = (await admin.status()).store
                 for field in ("exceptions", "data_free", "meta_free", "sequence"):
-                    assert after[field] == before[field], field
+                    assert getattr(after, field) == getattr(before, field), field
                 nursery.cancel_scope.cancel()
     assert_store_clean(config)
 
@@ -153,7 +154,7 @@ async def test_a_reply_too_big_for_the_peer_is_refused_before_anything_is_done(
             assert isinstance(await ask(QueryMap(4, ((0, 100),))), MapReply)
             # No copy was made, and no read lock holds an origin write back
             # while the small-frame peer stays connected.
-            assert (await admin.status()).store["exceptions"] == before["exceptions"]
+            assert (await admin.status()).store.exceptions == before.exceptions
             async with server.client() as writer:
                 with trio.fail_after(5):
                     async with writer.origin_write([(0, 1000)]) as granted:

@@ -311,7 +311,7 @@ async def test_deleting_a_snapshot_detaches_its_clients(tmp_path: Path) -> None:
                 if not (await admin.status()).deleting:
                     break
                 await trio.sleep(0.05)
-            assert (await admin.status()).store["exceptions"] == 0
+            assert (await admin.status()).store.exceptions == 0
 
 
 async def _read_until_deleted(reader: DataClient, server: Running) -> None:

@@ -381,7 +381,7 @@ class Session:
         elif isinstance(request, ListSnapshots | GetStatus) and isinstance(
             reply, SnapshotList | StatusReply
         ):
-            self.check_list(peer, sent, [s["tag"] for s in reply.snapshots])
+            self.check_list(peer, sent, [s.tag for s in reply.snapshots])
         else:
             raise self.finding(f"{peer}: {describe(request)} answered by {describe(reply)}")
 
@@ -470,14 +470,14 @@ class Session:
         elif isinstance(request, DeleteSnapshot):
             deleted = self.snapshots.pop(request.tag)
             deleted.deleted = True
-            if record["state"] != "deleting":
-                raise self.finding(f"{peer}: delete answered with state {record['state']}")
+            if record.state != "deleting":
+                raise self.finding(f"{peer}: delete answered with state {record.state}")
         elif isinstance(request, ChangeUseCount):
             snapshot = self.snapshots[request.tag]
             snapshot.use_count += request.delta
-            if record["use_count"] != snapshot.use_count:
+            if record.use_count != snapshot.use_count:
                 raise self.finding(
-                    f"{peer}: use count {record['use_count']}, model {snapshot.use_count}"
+                    f"{peer}: use count {record.use_count}, model {snapshot.use_count}"
                 )
 
     def check_list(self, peer: Peer, sent: Sent, tags: list[int]) -> None:
@@ -672,7 +672,7 @@ class Session:
                 text = "; ".join(f"{p}: {describe(s.message)}" for p, s in waiting[:5])
                 raise self.finding(
                     f"after {SETTLE_WAIT}s still unanswered: {text or 'none'};"
-                    f" still sweeping: {[s['tag'] for s in deleting]}"
+                    f" still sweeping: {[s.tag for s in deleting]}"
                 )
 
     def probe_unlocked(self, chunks: set[int], why: str) -> None:

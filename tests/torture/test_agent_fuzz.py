@@ -219,7 +219,7 @@ async def _good_client(cluster: Cluster) -> None:
         assert where.address == cluster.address, where
         async with open_admin(agent_admin_connector(cluster.sock)) as admin:
             status = await admin.status()
-        assert status.store["chunk_size"] == 4096
+        assert status.store.chunk_size == 4096
 
 
 # -- steps -----------------------------------------------------------------------------

@@ -471,7 +471,7 @@ async def test_a_read_error_in_the_background_sweep_harms_nobody(
                 if not status.deleting:
                     break
                 await trio.sleep(0.05)
-            assert not status.deleting and status.store["exceptions"] == 0
+            assert not status.deleting and status.store.exceptions == 0
             assert len(opened.store.injected) == 3
     assert not served.server.failed
     _assert_clean(config)
@@ -573,7 +573,7 @@ async def test_a_full_store_refuses_copies_and_serves_the_rest(tmp_path: Path) -
             assert refusal.error is ErrorCode.STORE_FULL
             assert "0 free chunks" in refusal.message
             status = await admin.status()
-            assert status.store["data_free"] == 0 and status.store["exceptions"] == room
+            assert status.store.data_free == 0 and status.store.exceptions == room
             async with served.client(1) as reader:
                 # Reads go on: copies from the store, the rest from the origin.
                 for chunk in (0, room - 1, first, first + 1):
@@ -606,7 +606,7 @@ async def test_a_full_store_refuses_copies_and_serves_the_rest(tmp_path: Path) -
                 if not status.deleting:
                     break
                 await trio.sleep(0.05)
-            assert not status.deleting and status.store["data_free"] == room
+            assert not status.deleting and status.store.data_free == room
             async with writer.origin_write([(first, 1)]) as grant:
                 assert grant.copied == 1
     _assert_clean(config)

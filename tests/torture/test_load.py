@@ -188,7 +188,7 @@ async def _admin(served: Served, progress: Progress) -> None:
                     assert changed["tag"] == 3 and changed["priority"] == step % 128
                 elif kind == 3:
                     status = await admin.status()
-                    assert status.store["chunk_size"] == CHUNK
+                    assert status.store.chunk_size == CHUNK
                 else:
                     deleted = await admin.delete_snapshot(tag)
                     assert deleted["tag"] == tag

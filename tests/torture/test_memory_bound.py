@@ -300,10 +300,10 @@ def _after_peers_leave(csnapd: Csnapd, meter: Meter, cycle: int) -> int:
         info = prober.reply(request, REPLY_WAIT)
         prober.close()
         assert isinstance(info, ServerInfoReply), f"csnapd stopped serving: {csnapd.log_tail()}"
-        if info.server["clients"] <= 1 or time.monotonic() > deadline:
+        if info.server.clients <= 1 or time.monotonic() > deadline:
             break
         time.sleep(0.2)
-    assert info.server["clients"] <= 1, f"csnapd still has {info.server['clients']} clients"
+    assert info.server.clients <= 1, f"csnapd still has {info.server.clients} clients"
     # Connection tasks finish (and drop their buffers) a moment after csnapd
     # forgets their peers: what it keeps is the least RSS over a short while.
     settled = csnapd.rss_kib()

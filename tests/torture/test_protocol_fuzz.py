@@ -33,6 +33,7 @@
 # of the failing run as they were drawn.
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from pathlib import Path
@@ -212,9 +213,9 @@ class ProtocolFuzz(Session, RuleBasedStateMachine):
             before.deleting,
         ):
             changed = {
-                k: (before.store[k], after.store[k])
-                for k in before.store
-                if before.store[k] != after.store[k]
+                field.name: (getattr(before.store, field.name), getattr(after.store, field.name))
+                for field in dataclasses.fields(before.store)
+                if getattr(before.store, field.name) != getattr(after.store, field.name)
             }
             raise self.finding(f"{what}; yet the store changed: {changed or 'snapshots'}")
         if isinstance(message, QuerySnapshotRead | UploadLock):

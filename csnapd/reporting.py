@@ -1,0 +1,74 @@
+"""What csnapd reports about itself: snapshot records, store status, server info.
+
+Turns the engine's results and the dispatcher's counters into the records
+docs/protocol.md describes ("Records"); changes nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from csnap_protocol import ServerRecord, SnapshotRecord, StatusReply, StoreRecord
+from csnapd.batch import Peer
+from csnapd.engine import Engine, SnapshotInfo
+
+__all__ = ["ServerIdentity", "snapshot_record", "status_reply", "server_record"]
+
+_STORE_FIELDS = tuple(f.name for f in dataclasses.fields(StoreRecord))
+
+
+@dataclass(frozen=True)
+class ServerIdentity:
+    """What a server is, fixed from its start."""
+
+    address: str
+    store: str
+    origin: str
+    started_ns: int
+    #: Changes every time a server starts: clients see a restart.
+    epoch: int
+
+
+def snapshot_record(info: SnapshotInfo) -> SnapshotRecord:
+    """A snapshot, as the snapshot record carries it."""
+    return SnapshotRecord(**dataclasses.asdict(info))
+
+
+def status_reply(engine: Engine, request: int) -> StatusReply:
+    """The answer to get_status."""
+    status = engine.status()
+    store = StoreRecord(**{name: getattr(status, name) for name in _STORE_FIELDS})
+    return StatusReply(
+        request,
+        store,
+        tuple(snapshot_record(i) for i in status.snapshots),
+        tuple(snapshot_record(i) for i in status.deleting),
+    )
+
+
+def server_record(
+    identity: ServerIdentity,
+    peers: Iterable[Peer],
+    *,
+    state: str,
+    commits: int,
+    requests: int,
+) -> ServerRecord:
+    """What get_server_info reports."""
+    peers = list(peers)
+    identified = [p for p in peers if p.identified]
+    return ServerRecord(
+        address=identity.address,
+        store=identity.store,
+        origin=identity.origin,
+        started_ns=identity.started_ns,
+        epoch=identity.epoch,
+        state=state,
+        clients=len(peers),
+        origin_clients=sum(1 for p in identified if p.snapshot is None),
+        snapshot_clients=sum(1 for p in identified if p.snapshot is not None),
+        commits=commits,
+        requests=requests,
+    )
