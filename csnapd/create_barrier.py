@@ -59,8 +59,10 @@ class CreateBarrier:
 
     def done(self, peer: Peer, barrier: int, replies: Sends) -> bool:
         """`peer` finished barrier `barrier`; whether the barrier ended."""
-        if barrier != self.number:
-            return False  # a late answer to a barrier that expired
+        if not self.running or barrier != self.number:
+            # A late answer to a barrier that expired, or an answer to none:
+            # it ends nothing (and so sets no parked write going again).
+            return False
         self._waiting.discard(peer)
         if self._waiting:
             return False

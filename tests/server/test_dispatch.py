@@ -97,3 +97,16 @@ def test_a_sweep_is_due_idle_at_once_and_busy_every_few_batches_once_clients_lef
     assert not engine.sweep_pending  # one step reclaimed the one copied chunk
     assert not dispatcher.sweep_due(idle=True)
     engine.close()
+
+
+def test_barrier_done_while_no_barrier_runs_ends_nothing() -> None:
+    store, origin, _ = new_store()
+    engine = Engine.open(store, origin)
+    dispatcher = Dispatcher(engine, address="test", store="test", max_chunks=64)
+    writer = Peer(1, Role.CLIENT, "writer")
+    dispatcher.apply([Connected(writer), Received(writer, Identify(1, 7, None))])
+    # An answer to barrier 0 (none runs) must not count as a barrier ending:
+    # each one would otherwise apply every parked write again.
+    assert not dispatcher.create_barrier.done(writer, 0, [])
+    assert not dispatcher.create_barrier.running
+    engine.close()
