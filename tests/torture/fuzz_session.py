@@ -217,6 +217,9 @@ class Session:
         self.versions = 0
         #: Live snapshots by tag (the newest generation of each tag).
         self.snapshots: dict[int, SnapshotModel] = {}
+        #: Tags whose create, delete or use-count change was unanswered when
+        #: its connection ended: whether it took effect is learnt at the end.
+        self.indeterminate: set[int] = set()
         self.peers: list[Peer] = []
         self.numbers = 0
         #: Chunks any request named: the final check reads them all.
@@ -276,7 +279,14 @@ class Session:
             self.gone(peer)
 
     def gone(self, peer: Peer) -> None:
-        """The connection ended: csnapd dropped its locks and its unanswered requests."""
+        """The connection ended: csnapd dropped its locks and its unanswered requests.
+
+        An unanswered create, delete or use-count change may or may not have
+        taken effect (csnapd applies a request whose reply it then cannot send).
+        """
+        for sent in peer.pending.values():
+            if isinstance(sent.message, CreateSnapshot | DeleteSnapshot | ChangeUseCount):
+                self.indeterminate.add(sent.message.tag)
         peer.wire.close()
         peer.pending.clear()
         peer.locks.clear()
@@ -561,6 +571,8 @@ class Session:
 
     def tag_in_flight(self, tag: int | None) -> bool:
         """An admin request or identify about `tag` is unanswered (its outcome unknown)."""
+        if self.indeterminate and (tag is None or tag in self.indeterminate):
+            return True
         for peer in self.open_peers():
             for sent in peer.pending.values():
                 message = sent.message
@@ -716,6 +728,7 @@ class Session:
         self.settle()
         for peer in self.peers:
             self.close(peer)
+        self.resolve_indeterminate()
         for tag, snapshot in sorted(self.snapshots.items()):
             self.check_snapshot(tag, snapshot)
         origin = {c: pread(self.origin, c) for c in sorted(self.named)}
@@ -730,6 +743,25 @@ class Session:
             raise self.finding(
                 f"csnap-check exit status {check.returncode}:\n{check.stdout}{check.stderr}"
             )
+
+    def resolve_indeterminate(self) -> None:
+        """Learn from csnapd what the unanswered admin requests did.
+
+        A tag the model has and csnapd no longer has live was deleted; one
+        both have keeps its model (the create was answered) with csnapd's use
+        count. A tag only csnapd has was created at a moment the test never
+        saw, so its content is not checked.
+        """
+        live = {s.tag: s for s in get_status(self.address()).snapshots if s.state == "live"}
+        for tag in sorted(self.indeterminate):
+            model = self.snapshots.get(tag)
+            if model is None:
+                continue
+            if tag not in live:
+                del self.snapshots[tag]
+            else:
+                model.use_count = live[tag].use_count
+        self.indeterminate.clear()
 
     def check_snapshot(self, tag: int, snapshot: SnapshotModel) -> None:
         reader = self.connect(Role.CLIENT, 1 << 20)
