@@ -1,21 +1,23 @@
-# python -m bench: the whole benchmark suite, on loopback, in one command.
-#
-# Runs each part in turn in a temporary directory (under $CSNAP_BENCH_DIR
-# when set), prints one table per part on stdout (progress on stderr), and
-# writes every figure, with a description of the machine, as JSON.
-#
-#   server     csnapd under 1/8/64 clients (bench.server_bench)
-#   nbd        end to end through csnap-nbd with qemu-img bench, beside
-#              qemu-nbd + qcow2 and nbdkit file (bench.nbd_bench)
-#   snapshots  first-write cost against 1..64 live snapshots (bench.snapshots_bench)
-#   scale      a million exceptions: csnapd memory, start-up, lookups, and
-#              csnap-check beside thin_check (bench.scale_bench)
-#   lifecycle  snapshot create and delete latency, sweep rate (bench.server_bench)
-#   recovery   start to ready after SIGKILL with a full journal (bench.recovery_bench)
-#
-# --quick runs every part small, in seconds, as a smoke test; --only PART
-# (repeatable) runs only those parts. Peers whose tools are missing are
-# reported as skipped, with the reason, and the rest still runs.
+"""python -m bench: the whole benchmark suite, on loopback, in one command.
+
+Runs each part in turn in a temporary directory (under $CSNAP_BENCH_DIR
+when set), prints one table per part on stdout (progress on stderr), and
+writes every figure, with a description of the machine, as JSON.
+
+  server     csnapd under 1/8/64 clients (bench.server_bench)
+  nbd        end to end through csnap-nbd with qemu-img bench, beside
+             qemu-nbd + qcow2 and nbdkit file (bench.nbd_bench)
+  snapshots  first-write cost against 1..64 live snapshots (bench.snapshots_bench)
+  scale      a million exceptions: csnapd memory, start-up, lookups, and
+             csnap-check beside thin_check (bench.scale_bench)
+  lifecycle  snapshot create and delete latency, sweep rate (bench.server_bench)
+  recovery   start to ready after SIGKILL with a full journal (bench.recovery_bench)
+
+--quick runs every part small, in seconds, as a smoke test; --only PART
+(repeatable) runs only those parts. Peers whose tools are missing are
+reported as skipped, with the reason, and the rest still runs.
+"""
+
 from __future__ import annotations
 
 import argparse

@@ -1,10 +1,12 @@
-# What every part of the benchmark suite shares: starting and stopping the
-# processes it measures (csnapd, csnap-nbd, qemu-nbd, nbdkit), finding the
-# peer tools, medians and ratios of repeated rounds, plain-text tables, and
-# a description of the machine the figures come from.
-#
-# Processes are started with trio and always stopped when their block ends
-# (SIGTERM, then SIGKILL after a grace period), whatever happened inside.
+"""What every part of the benchmark suite shares: starting and stopping the
+processes it measures (csnapd, csnap-nbd, qemu-nbd, nbdkit), finding the
+peer tools, medians and ratios of repeated rounds, plain-text tables, and
+a description of the machine the figures come from.
+
+Processes are started with trio and always stopped when their block ends
+(SIGTERM, then SIGKILL after a grace period), whatever happened inside.
+"""
+
 from __future__ import annotations
 
 import os

@@ -1,10 +1,12 @@
-# Engine benchmarks: copy-outs and lookups per second with 1 and 64 live
-# snapshots, fsyncs per committed request under group commit, and the cost
-# of a store holding a million exceptions (resident memory with the default
-# cache, open time, lookup p99, csnap-check time).
-#
-# Real files with real fdatasync in a temporary directory. Prints a table;
-# --json FILE writes the same figures. --quick is a smoke run for CI.
+"""Engine benchmarks: copy-outs and lookups per second with 1 and 64 live
+snapshots, fsyncs per committed request under group commit, and the cost
+of a store holding a million exceptions (resident memory with the default
+cache, open time, lookup p99, csnap-check time).
+
+Real files with real fdatasync in a temporary directory. Prints a table;
+--json FILE writes the same figures. --quick is a smoke run for CI.
+"""
+
 from __future__ import annotations
 
 import argparse

@@ -1,50 +1,52 @@
-# End to end through the NBD gateway: `qemu-img bench` against csnap-nbd
-# (in front of a real csnapd) over a Unix socket, beside qemu-nbd serving a
-# qcow2 image with an internal snapshot over a Unix socket, and beside
-# `nbdkit file` on the origin file itself as the ceiling (no snapshots, no
-# metadata: just the file).
-#
-# Every request is 4 KiB, queue depth 16, one request per 64 KiB (-s 4k
-# -S 64k -d 16), over a region of `writes` x 64 KiB. csnap uses 64 KiB
-# chunks and qcow2 64 KiB clusters, so each request of a first-write pass
-# is the first write to its chunk (cluster) since the snapshot and makes the
-# server copy one whole chunk. Both the csnap origin and the qcow2 image are
-# filled with data before the snapshot, so the copies read real blocks, and
-# synced, so that both start in the page cache with nothing to write back.
-#
-# Phases, in this order, each one `qemu-img bench` run:
-#   first_write      writes after snapshot 1 (-t none: no FUA, no flush)
-#   rewrite          the same writes again: chunks already unique
-#   snapshot_read    reads of snapshot 1 at the same offsets (csnap: the
-#                    snap-1 export, every chunk in the store; qcow2: qemu-nbd
-#                    --load-snapshot; file: the file)
-#   first_write_fua  writes after snapshot 2 with -t directsync: every write
-#                    carries FUA, so each reply means the data is durable
-#   rewrite_fua      the same again
-# Without FUA, csnap still commits each copy-out's metadata before replying;
-# qemu-nbd keeps qcow2 metadata in its caches until a flush.
-#
-# A round runs every system through every phase, each on fresh state
-# (a newly formatted store, a new qcow2 image); the systems' order rotates
-# from round to round so that drift on a shared machine falls on all of
-# them. The figure for each phase is the median over rounds of the IOPS
-# qemu-img reports ("Run completed in T seconds": writes / T); ratios are
-# csnap's median over the peer's median.
-#
-# csnap's copies are counted from the store: data chunks free before and
-# after the first-write pass; qcow2's from the image's allocated bytes.
-#
-# Then what TLS costs (a second table): one csnap-nbd with --tls=on serves
-# the same store to plaintext and TLS clients, and nbdcopy (libnbd) is the
-# client both ways, one connection, 16 requests in flight, so the only
-# difference is TLS (Python's ssl in the gateway, GnuTLS in libnbd). Per
-# round, on a fresh store with snapshot 1 whose region has been written
-# once since (so every timed write is a rewrite, whichever mode goes first):
-#   read_4k    the snapshot export to null:, 4 KiB requests
-#   write_4k   a file to the origin export, 4 KiB requests
-#   read_256k  the snapshot export to null:, 256 KiB requests
-# The modes swap order each round; the time is the nbdcopy run's wall clock,
-# connecting and the TLS handshake included.
+"""End to end through the NBD gateway: `qemu-img bench` against csnap-nbd
+(in front of a real csnapd) over a Unix socket, beside qemu-nbd serving a
+qcow2 image with an internal snapshot over a Unix socket, and beside
+`nbdkit file` on the origin file itself as the ceiling (no snapshots, no
+metadata: just the file).
+
+Every request is 4 KiB, queue depth 16, one request per 64 KiB (-s 4k
+-S 64k -d 16), over a region of `writes` x 64 KiB. csnap uses 64 KiB
+chunks and qcow2 64 KiB clusters, so each request of a first-write pass
+is the first write to its chunk (cluster) since the snapshot and makes the
+server copy one whole chunk. Both the csnap origin and the qcow2 image are
+filled with data before the snapshot, so the copies read real blocks, and
+synced, so that both start in the page cache with nothing to write back.
+
+Phases, in this order, each one `qemu-img bench` run:
+  first_write      writes after snapshot 1 (-t none: no FUA, no flush)
+  rewrite          the same writes again: chunks already unique
+  snapshot_read    reads of snapshot 1 at the same offsets (csnap: the
+                   snap-1 export, every chunk in the store; qcow2: qemu-nbd
+                   --load-snapshot; file: the file)
+  first_write_fua  writes after snapshot 2 with -t directsync: every write
+                   carries FUA, so each reply means the data is durable
+  rewrite_fua      the same again
+Without FUA, csnap still commits each copy-out's metadata before replying;
+qemu-nbd keeps qcow2 metadata in its caches until a flush.
+
+A round runs every system through every phase, each on fresh state
+(a newly formatted store, a new qcow2 image); the systems' order rotates
+from round to round so that drift on a shared machine falls on all of
+them. The figure for each phase is the median over rounds of the IOPS
+qemu-img reports ("Run completed in T seconds": writes / T); ratios are
+csnap's median over the peer's median.
+
+csnap's copies are counted from the store: data chunks free before and
+after the first-write pass; qcow2's from the image's allocated bytes.
+
+Then what TLS costs (a second table): one csnap-nbd with --tls=on serves
+the same store to plaintext and TLS clients, and nbdcopy (libnbd) is the
+client both ways, one connection, 16 requests in flight, so the only
+difference is TLS (Python's ssl in the gateway, GnuTLS in libnbd). Per
+round, on a fresh store with snapshot 1 whose region has been written
+once since (so every timed write is a rewrite, whichever mode goes first):
+  read_4k    the snapshot export to null:, 4 KiB requests
+  write_4k   a file to the origin export, 4 KiB requests
+  read_256k  the snapshot export to null:, 256 KiB requests
+The modes swap order each round; the time is the nbdcopy run's wall clock,
+connecting and the TLS handshake included.
+"""
+
 from __future__ import annotations
 
 import os

@@ -1,24 +1,26 @@
-# Recovery: how long csnapd takes from start to ready after a crash with a
-# full journal, against a clean start of the same store.
-#
-# One round, for each journal size, on a freshly formatted store (4 KiB
-# chunks, sparse origin):
-#   1. csnapd starts, a snapshot is created, and 16 origin clients write
-#      chunks, so that each write copies its chunk out, one chunk per
-#      request, never the same chunk twice, so that every group commit
-#      writes a journal transaction;
-#   2. once the journal has wrapped (its last slot, zero after mkcsnap, has
-#      been written: slots are written in order, so every one holds part of
-#      a transaction), and 0.1 s more, csnapd gets SIGKILL with requests in
-#      flight;
-#   3. commit records in the journal are counted (the slots recovery must
-#      decode), then csnapd starts again on the store: the time from spawn to
-#      "listening" (journal scanned and replayed, store open) and to the
-#      first status reply (ready), and what it says it replayed;
-#   4. SIGTERM, then a clean start of the same store, timed the same way;
-#   5. csnap-check must find the store clean.
-# Figures are medians over rounds. The Python start-up floor (interpreter
-# plus csnapd's imports, nothing opened) is measured once for comparison.
+"""Recovery: how long csnapd takes from start to ready after a crash with a
+full journal, against a clean start of the same store.
+
+One round, for each journal size, on a freshly formatted store (4 KiB
+chunks, sparse origin):
+  1. csnapd starts, a snapshot is created, and 16 origin clients write
+     chunks, so that each write copies its chunk out, one chunk per
+     request, never the same chunk twice, so that every group commit
+     writes a journal transaction;
+  2. once the journal has wrapped (its last slot, zero after mkcsnap, has
+     been written: slots are written in order, so every one holds part of
+     a transaction), and 0.1 s more, csnapd gets SIGKILL with requests in
+     flight;
+  3. commit records in the journal are counted (the slots recovery must
+     decode), then csnapd starts again on the store: the time from spawn to
+     "listening" (journal scanned and replayed, store open) and to the
+     first status reply (ready), and what it says it replayed;
+  4. SIGTERM, then a clean start of the same store, timed the same way;
+  5. csnap-check must find the store clean.
+Figures are medians over rounds. The Python start-up floor (interpreter
+plus csnapd's imports, nothing opened) is measured once for comparison.
+"""
+
 from __future__ import annotations
 
 import re

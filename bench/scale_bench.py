@@ -1,27 +1,29 @@
-# Scale: a store holding at least a million exceptions across 64 snapshots,
-# built directly through the engine (bench.engine_bench.build_large: each
-# of 64 rounds creates a snapshot and copies every other origin chunk once
-# more for it), then:
-#
-#   csnapd       start-up time (spawn to "listening", and to the first
-#                status reply), resident memory with the default metadata
-#                cache (VmRSS and peak VmHWM from /proc after the lookups),
-#                and lookup latency: snapshot reads of chunks the store
-#                holds, one at a time over loopback, each to a random one
-#                of the 64 snapshots, covering every such chunk once in a
-#                shuffled order (p50, p99). Several starts; medians.
-#   engine       the same lookups in-process, without the protocol
-#                (bench.engine_bench.probe_large), for comparison.
-#   csnap-check  the command, timed from spawn to exit, on the stopped store.
-#   thin_check   the peer (thin-provisioning-tools), on dm-thin metadata
-#                with the same number of mappings (64 thin devices, one
-#                mapping per exception, each to its own data block), made
-#                by thin_restore from generated XML.
-#
-# The two checkers run alternately, several rounds; the figures are the
-# median seconds, mappings (exceptions) per second and peak resident memory
-# (from GNU time), and the ratio of csnap-check's rate to thin_check's. The
-# page cache is warm for both: the files were just written.
+"""Scale: a store holding at least a million exceptions across 64 snapshots,
+built directly through the engine (bench.engine_bench.build_large: each
+of 64 rounds creates a snapshot and copies every other origin chunk once
+more for it), then:
+
+  csnapd       start-up time (spawn to "listening", and to the first
+               status reply), resident memory with the default metadata
+               cache (VmRSS and peak VmHWM from /proc after the lookups),
+               and lookup latency: snapshot reads of chunks the store
+               holds, one at a time over loopback, each to a random one
+               of the 64 snapshots, covering every such chunk once in a
+               shuffled order (p50, p99). Several starts; medians.
+  engine       the same lookups in-process, without the protocol
+               (bench.engine_bench.probe_large), for comparison.
+  csnap-check  the command, timed from spawn to exit, on the stopped store.
+  thin_check   the peer (thin-provisioning-tools), on dm-thin metadata
+               with the same number of mappings (64 thin devices, one
+               mapping per exception, each to its own data block), made
+               by thin_restore from generated XML.
+
+The two checkers run alternately, several rounds; the figures are the
+median seconds, mappings (exceptions) per second and peak resident memory
+(from GNU time), and the ratio of csnap-check's rate to thin_check's. The
+page cache is warm for both: the files were just written.
+"""
+
 from __future__ import annotations
 
 import json

@@ -1,45 +1,47 @@
-# Metadata-server benchmarks: a trio load generator speaking the csnap
-# protocol through csnap_client to a real csnapd process, over loopback TCP,
-# on a store formatted on real files (real fdatasync) in a temporary
-# directory.
-#
-# Data-path workloads, each with 1, 8 and 64 concurrent clients (one
-# connection each, one request in flight each), one chunk per request:
-#   origin_write_unique   origin writes of chunks every live snapshot already
-#                         has a copy of: the server only looks them up
-#   origin_write_copy     first origin writes after a snapshot: the server
-#                         copies each chunk out and commits
-#   snapshot_read_store   snapshot reads of chunks the snapshot owns
-#   snapshot_read_locked  snapshot reads of chunks still shared with the
-#                         origin: a read lock taken, then released with
-#                         finish (two round trips, both in the latency)
-#   snapshot_write        first writes into snapshot chunks (copy, commit)
-# Each is warmed up, then measured in rounds, each bounded by an operation
-# count and a time limit. Rates and latency percentiles are the median of
-# the rounds' figures; commit figures are totals over all rounds.
-#
-# csnapd counts only commits and requests (server_info), so the figures
-# derived from them are:
-#   commits/reply  = commits / replies (a locked read has two replies)
-#   fsyncs/reply   = (commits x fsyncs per commit + 2 x checkpoints) / replies,
-#                    where a commit costs one fdatasync after its journal
-#                    write, plus one before it when it carries copy-out data
-#                    (Journal.commit); a journal checkpoint costs two more
-#                    (Journal.checkpoint). Checkpoints are the store's
-#                    sequence advance minus the commits: both advance it.
-#   batch          = replies / commits: requests answered per group commit.
-# CPU time per reply of the csnapd process (from /proc) and of this load
-# generator says which side is busy: on a small machine both compete for
-# the same cores.
-#
-# Snapshot lifecycle: create latency with 0 and with 8 idle origin clients
-# connected (the latter includes the create barrier's round trips),
-# acknowledgement latency of delete, and the background sweep rate after
-# deleting a snapshot holding N exceptions (status() polled until nothing is
-# left deleting).
-#
-# Prints a table; --json FILE writes the same figures. --quick is a smoke
-# run for CI that takes seconds.
+"""Metadata-server benchmarks: a trio load generator speaking the csnap
+protocol through csnap_client to a real csnapd process, over loopback TCP,
+on a store formatted on real files (real fdatasync) in a temporary
+directory.
+
+Data-path workloads, each with 1, 8 and 64 concurrent clients (one
+connection each, one request in flight each), one chunk per request:
+  origin_write_unique   origin writes of chunks every live snapshot already
+                        has a copy of: the server only looks them up
+  origin_write_copy     first origin writes after a snapshot: the server
+                        copies each chunk out and commits
+  snapshot_read_store   snapshot reads of chunks the snapshot owns
+  snapshot_read_locked  snapshot reads of chunks still shared with the
+                        origin: a read lock taken, then released with
+                        finish (two round trips, both in the latency)
+  snapshot_write        first writes into snapshot chunks (copy, commit)
+Each is warmed up, then measured in rounds, each bounded by an operation
+count and a time limit. Rates and latency percentiles are the median of
+the rounds' figures; commit figures are totals over all rounds.
+
+csnapd counts only commits and requests (server_info), so the figures
+derived from them are:
+  commits/reply  = commits / replies (a locked read has two replies)
+  fsyncs/reply   = (commits x fsyncs per commit + 2 x checkpoints) / replies,
+                   where a commit costs one fdatasync after its journal
+                   write, plus one before it when it carries copy-out data
+                   (Journal.commit); a journal checkpoint costs two more
+                   (Journal.checkpoint). Checkpoints are the store's
+                   sequence advance minus the commits: both advance it.
+  batch          = replies / commits: requests answered per group commit.
+CPU time per reply of the csnapd process (from /proc) and of this load
+generator says which side is busy: on a small machine both compete for
+the same cores.
+
+Snapshot lifecycle: create latency with 0 and with 8 idle origin clients
+connected (the latter includes the create barrier's round trips),
+acknowledgement latency of delete, and the background sweep rate after
+deleting a snapshot holding N exceptions (status() polled until nothing is
+left deleting).
+
+Prints a table; --json FILE writes the same figures. --quick is a smoke
+run for CI that takes seconds.
+"""
+
 from __future__ import annotations
 
 import argparse

@@ -1,24 +1,26 @@
-# First-write cost against the number of live snapshots, through a real
-# csnapd over loopback: 16 origin clients (one request in flight each, so
-# queue depth 16), one chunk per request.
-#
-# One round, on a freshly formatted store (4 KiB chunks, origin filled with
-# data so that copies read real blocks):
-#   0 snapshots  the fixed set of `writes` chunks written once: no snapshot,
-#                so nothing is copied (the lookup-only baseline);
-#   then for k = 1, 2, 4, ..., 64: create snapshots until k are live (the
-#   newest last), and write the same set of chunks again. Each write is the
-#   first to its chunk since the newest snapshot, so the server copies the
-#   chunk once, shared by every snapshot created since the previous pass,
-#   and adds an exception beside the ones the older snapshots hold.
-# The time of each pass is from the first request sent to the last reply;
-# chunks copied per write come from the store's own accounting: data chunks
-# free before and after the pass (status), times the chunk size, over the
-# writes. It must be one chunk per write whatever k is. Metadata blocks
-# used per write come the same way.
-#
-# Rounds repeat the whole sweep on a new store; figures are medians per k,
-# and the ratio of each k's time to that of k = 1.
+"""First-write cost against the number of live snapshots, through a real
+csnapd over loopback: 16 origin clients (one request in flight each, so
+queue depth 16), one chunk per request.
+
+One round, on a freshly formatted store (4 KiB chunks, origin filled with
+data so that copies read real blocks):
+  0 snapshots  the fixed set of `writes` chunks written once: no snapshot,
+               so nothing is copied (the lookup-only baseline);
+  then for k = 1, 2, 4, ..., 64: create snapshots until k are live (the
+  newest last), and write the same set of chunks again. Each write is the
+  first to its chunk since the newest snapshot, so the server copies the
+  chunk once, shared by every snapshot created since the previous pass,
+  and adds an exception beside the ones the older snapshots hold.
+The time of each pass is from the first request sent to the last reply;
+chunks copied per write come from the store's own accounting: data chunks
+free before and after the pass (status), times the chunk size, over the
+writes. It must be one chunk per write whatever k is. Metadata blocks
+used per write come the same way.
+
+Rounds repeat the whole sweep on a new store; figures are medians per k,
+and the ratio of each k's time to that of k = 1.
+"""
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass

@@ -1,18 +1,20 @@
-# The csnap-agent: a node's control point, on a Unix socket.
-#
-# Three kinds of peers connect (the role in their hello says which):
-#   * a server registers (`server_ready`) and waits on standby until the
-#     agent, when its coordinator agrees, sends `start_server`;
-#   * a data-path client asks `need_server` and gets the active server's
-#     address, at once or (with wait) once there is one;
-#   * an administrator (the csnap CLI) sends admin requests, which the agent
-#     relays to the active server over its own admin connection, answering
-#     with the server's reply under the caller's request id.
-#
-# Rules: a bad peer gets an error or a closed connection and nobody else
-# notices; only peers running as the agent's own user (or root) are served;
-# when the active server's connection closes, the agent forgets it at once,
-# so nobody is sent to a dead address.
+"""The csnap-agent: a node's control point, on a Unix socket.
+
+Three kinds of peers connect (the role in their hello says which):
+  * a server registers (`server_ready`) and waits on standby until the
+    agent, when its coordinator agrees, sends `start_server`;
+  * a data-path client asks `need_server` and gets the active server's
+    address, at once or (with wait) once there is one;
+  * an administrator (the csnap CLI) sends admin requests, which the agent
+    relays to the active server over its own admin connection, answering
+    with the server's reply under the caller's request id.
+
+Rules: a bad peer gets an error or a closed connection and nobody else
+notices; only peers running as the agent's own user (or root) are served;
+when the active server's connection closes, the agent forgets it at once,
+so nobody is sent to a dead address.
+"""
+
 from __future__ import annotations
 
 import dataclasses

@@ -1,10 +1,12 @@
-# csnap-agent: the command line of a node's agent.
-#
-# The first line of stdout is "listening unix:PATH" once peers can connect;
-# logs go to stderr. SIGTERM and SIGINT close the socket (removing its file)
-# and exit 0; registered servers keep running and register again with the
-# next agent. Under socket activation the service manager's socket is used
-# instead of --socket, and left in place on exit.
+"""csnap-agent: the command line of a node's agent.
+
+The first line of stdout is "listening unix:PATH" once peers can connect;
+logs go to stderr. SIGTERM and SIGINT close the socket (removing its file)
+and exit 0; registered servers keep running and register again with the
+next agent. Under socket activation the service manager's socket is used
+instead of --socket, and left in place on exit.
+"""
+
 from __future__ import annotations
 
 import argparse

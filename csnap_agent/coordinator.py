@@ -1,12 +1,14 @@
-# Which registered server is active: the agent asks its coordinator.
-#
-# A node's agent knows only the servers that registered with it. Whether one
-# of them may serve the store is a cluster-wide decision (exactly one server
-# per store, whichever node it runs on), so it lives behind this small
-# interface: the local coordinator, the default, activates a local server at
-# once when none is active; a cluster backend (a lock service, membership
-# events) implements the same three methods. The agent asks `elect` only
-# while no server is active, one candidate at a time.
+"""Which registered server is active: the agent asks its coordinator.
+
+A node's agent knows only the servers that registered with it. Whether one
+of them may serve the store is a cluster-wide decision (exactly one server
+per store, whichever node it runs on), so it lives behind this small
+interface: the local coordinator, the default, activates a local server at
+once when none is active; a cluster backend (a lock service, membership
+events) implements the same three methods. The agent asks `elect` only
+while no server is active, one candidate at a time.
+"""
+
 from __future__ import annotations
 
 import abc

@@ -1,10 +1,12 @@
-# csnap: the administrator's command line, spoken to a node's agent.
-#
-# Every verb opens one admin connection to the agent, which relays it to the
-# active server. Output is a table for people, or JSON with --json. The exit
-# status says what happened, so scripts need not parse messages:
-#   0 done, 1 refused by the server, 2 bad usage, 3 no such snapshot,
-#   4 the agent or the server could not be reached (or did not answer in time).
+"""csnap: the administrator's command line, spoken to a node's agent.
+
+Every verb opens one admin connection to the agent, which relays it to the
+active server. Output is a table for people, or JSON with --json. The exit
+status says what happened, so scripts need not parse messages:
+  0 done, 1 refused by the server, 2 bad usage, 3 no such snapshot,
+  4 the agent or the server could not be reached (or did not answer in time).
+"""
+
 from __future__ import annotations
 
 import argparse

@@ -1,12 +1,14 @@
-# The whole product on one node, in the foreground: formats a demo store and
-# origin if they are absent, then starts csnap-agent, csnapd and csnap-nbd as
-# child processes, prefixes their logs, prints how to reach them, and on
-# Ctrl-C (SIGINT), SIGTERM or SIGHUP (its terminal closed) stops them in
-# order (gateway, server, agent), so the store is left clean. Running it
-# again reuses the store. A service that cannot start (a second run on the
-# same directory, a port in use) is one line on stderr and exit status 1.
-#
-# The first line on stdout starts with "ready:" once every service answers.
+"""The whole product on one node, in the foreground: formats a demo store and
+origin if they are absent, then starts csnap-agent, csnapd and csnap-nbd as
+child processes, prefixes their logs, prints how to reach them, and on
+Ctrl-C (SIGINT), SIGTERM or SIGHUP (its terminal closed) stops them in
+order (gateway, server, agent), so the store is left clean. Running it
+again reuses the store. A service that cannot start (a second run on the
+same directory, a port in use) is one line on stderr and exit status 1.
+
+The first line on stdout starts with "ready:" once every service answers.
+"""
+
 from __future__ import annotations
 
 import argparse

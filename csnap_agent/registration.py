@@ -1,7 +1,9 @@
-# What the agent accepts in a `server_ready`: each field on its own, then the
-# registration beside the servers the agent already knows. The checks and
-# their order are the list in docs/protocol.md, section `server_ready`; each
-# refusal is a sentence for the server's log.
+"""What the agent accepts in a `server_ready`: each field on its own, then the
+registration beside the servers the agent already knows. The checks and
+their order are the list in docs/protocol.md, section `server_ready`; each
+refusal is a sentence for the server's log.
+"""
+
 from __future__ import annotations
 
 import ipaddress

@@ -1,10 +1,12 @@
-# csnap_client: the trio client library for csnapd.
-#
-# DataClient (open_client) is the data path: identify to the origin or a
-# snapshot, ask before touching chunks, survive server restarts. AdminClient
-# (open_admin) creates, deletes and inspects snapshots. Both speak
-# csnap_protocol over any trio stream a Connector opens; agent_connector finds
-# the server through a node's csnap-agent.
+"""csnap_client: the trio client library for csnapd.
+
+DataClient (open_client) is the data path: identify to the origin or a
+snapshot, ask before touching chunks, survive server restarts. AdminClient
+(open_admin) creates, deletes and inspects snapshots. Both speak
+csnap_protocol over any trio stream a Connector opens; agent_connector finds
+the server through a node's csnap-agent.
+"""
+
 from __future__ import annotations
 
 from csnap_client.admin import AdminClient, open_admin

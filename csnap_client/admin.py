@@ -1,5 +1,7 @@
-# The administrative client: snapshots and server information, over one
-# admin-role connection (no reconnecting: the caller retries).
+"""The administrative client: snapshots and server information, over one
+admin-role connection (no reconnecting: the caller retries).
+"""
+
 from __future__ import annotations
 
 import itertools

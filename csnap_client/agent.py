@@ -1,9 +1,11 @@
-# Finding csnapd through a node's csnap-agent.
-#
-# A data-path client asks the agent `need_server` and then connects to the
-# address it is given; an administrator talks to the agent itself, which
-# relays to the active server. Agent sockets are Unix sockets: a filesystem
-# path, or "@name" for Linux's abstract namespace.
+"""Finding csnapd through a node's csnap-agent.
+
+A data-path client asks the agent `need_server` and then connects to the
+address it is given; an administrator talks to the agent itself, which
+relays to the active server. Agent sockets are Unix sockets: a filesystem
+path, or "@name" for Linux's abstract namespace.
+"""
+
 from __future__ import annotations
 
 import os

@@ -1,46 +1,48 @@
-# The data-path client: what an NBD gateway or a test uses to ask csnapd
-# about chunks before touching them.
-#
-# Usage, for an origin client:
-#
-#     async with open_client(tcp_connector(host, port)) as client:
-#         async with client.origin_write([(chunk, count)]):
-#             ... write those origin chunks ...
-#
-# and for a snapshot client:
-#
-#     async with open_client(connect, snapshot=7) as client:
-#         async with client.snapshot_read([(chunk, count)]) as plan:
-#             ... read plan.store from the store, plan.origin from the origin ...
-#             if not client.read_trusted(plan): ... read again: ask anew ...
-#         async with client.snapshot_write([(chunk, count)]) as segments:
-#             ... write into the store at the segments ...
-#
-# Rules:
-#   * A grant (an origin write the server allowed, or the store chunks a
-#     snapshot write goes to) stays open until its `async with` ends; the
-#     create barrier and snapshot deletion wait for open grants.
-#   * A snapshot read holds read locks on its origin ranges until its
-#     `async with` ends, which tells the server it is done.
-#   * When the connection breaks, the client reconnects, identifies again,
-#     re-declares the read locks it holds, and sends again every request
-#     that had no answer. Callers only see the delay.
-#   * Liveness (docs/protocol.md, "Liveness"): the server drops a client it
-#     has not heard from for its lease, and its read locks and barrier duty
-#     with it. The client sends a keepalive every third of the lease, and
-#     trusts a read lock or a write grant only until its lease deadline: the
-#     send time of the newest request the server answered on the session
-#     that holds it, plus TRUST_FRACTION of the lease. A snapshot read whose
-#     origin data arrived after that (read_trusted() false) must be asked
-#     again; a grant past it is given back and asked again before any write.
-#     A lock re-declared after a reconnect keeps the server from writing
-#     under a reader, but a read it covered is asked again all the same.
-#   * An origin client remembers the chunks the server let it write: each
-#     was then copied out for every live snapshot, so writing it again needs
-#     no question until a new snapshot exists. The server's create barrier
-#     (and any reconnect) forgets them all, before any later write is
-#     granted from memory; writes granted from memory are open grants like
-#     any other, so the barrier waits for them.
+"""The data-path client: what an NBD gateway or a test uses to ask csnapd
+about chunks before touching them.
+
+Usage, for an origin client:
+
+    async with open_client(tcp_connector(host, port)) as client:
+        async with client.origin_write([(chunk, count)]):
+            ... write those origin chunks ...
+
+and for a snapshot client:
+
+    async with open_client(connect, snapshot=7) as client:
+        async with client.snapshot_read([(chunk, count)]) as plan:
+            ... read plan.store from the store, plan.origin from the origin ...
+            if not client.read_trusted(plan): ... read again: ask anew ...
+        async with client.snapshot_write([(chunk, count)]) as segments:
+            ... write into the store at the segments ...
+
+Rules:
+  * A grant (an origin write the server allowed, or the store chunks a
+    snapshot write goes to) stays open until its `async with` ends; the
+    create barrier and snapshot deletion wait for open grants.
+  * A snapshot read holds read locks on its origin ranges until its
+    `async with` ends, which tells the server it is done.
+  * When the connection breaks, the client reconnects, identifies again,
+    re-declares the read locks it holds, and sends again every request
+    that had no answer. Callers only see the delay.
+  * Liveness (docs/protocol.md, "Liveness"): the server drops a client it
+    has not heard from for its lease, and its read locks and barrier duty
+    with it. The client sends a keepalive every third of the lease, and
+    trusts a read lock or a write grant only until its lease deadline: the
+    send time of the newest request the server answered on the session
+    that holds it, plus TRUST_FRACTION of the lease. A snapshot read whose
+    origin data arrived after that (read_trusted() false) must be asked
+    again; a grant past it is given back and asked again before any write.
+    A lock re-declared after a reconnect keeps the server from writing
+    under a reader, but a read it covered is asked again all the same.
+  * An origin client remembers the chunks the server let it write: each
+    was then copied out for every live snapshot, so writing it again needs
+    no question until a new snapshot exists. The server's create barrier
+    (and any reconnect) forgets them all, before any later write is
+    granted from memory; writes granted from memory are open grants like
+    any other, so the barrier waits for them.
+"""
+
 from __future__ import annotations
 
 import contextlib

@@ -1,13 +1,15 @@
-# One protocol connection to csnapd: hello, then requests matched to replies
-# by id, and notices (messages without a request id) handed to a callback.
-#
-# A session does no reconnecting: when its stream breaks, every request
-# waiting on it fails with ConnectionLostError and the owner decides.
-#
-# A session also knows how recently the server certainly heard from it:
-# `confirmed` is when the newest request the server answered was sent (the
-# server heard it no earlier). Lease deadlines are counted from it
-# (docs/protocol.md, "Liveness").
+"""One protocol connection to csnapd: hello, then requests matched to replies
+by id, and notices (messages without a request id) handed to a callback.
+
+A session does no reconnecting: when its stream breaks, every request
+waiting on it fails with ConnectionLostError and the owner decides.
+
+A session also knows how recently the server certainly heard from it:
+`confirmed` is when the newest request the server answered was sent (the
+server heard it no earlier). Lease deadlines are counted from it
+(docs/protocol.md, "Liveness").
+"""
+
 from __future__ import annotations
 
 import itertools

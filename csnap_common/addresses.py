@@ -1,5 +1,7 @@
-# Addresses as users write them: "host:port", "[v6]:port", and Unix socket
-# paths where "@name" means Linux's abstract namespace.
+"""Addresses as users write them: "host:port", "[v6]:port", and Unix socket
+paths where "@name" means Linux's abstract namespace.
+"""
+
 from __future__ import annotations
 
 __all__ = ["AddressError", "split_host_port", "join_host_port", "unix_address"]

@@ -1,5 +1,7 @@
-# What every csnap command line shares: argparse types for sizes and
-# addresses, the --log-level and --log-format options, and logs on stderr.
+"""What every csnap command line shares: argparse types for sizes and
+addresses, the --log-level and --log-format options, and logs on stderr.
+"""
+
 from __future__ import annotations
 
 import argparse

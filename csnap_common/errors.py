@@ -1,8 +1,10 @@
-# Exceptions out of nurseries: a single failure leaves as itself.
-#
-# Trio wraps whatever escapes a nursery in an ExceptionGroup. Our libraries
-# and daemons open nurseries internally; their callers should catch the
-# OSError or ServerError that happened, not a group holding one.
+"""Exceptions out of nurseries: a single failure leaves as itself.
+
+Trio wraps whatever escapes a nursery in an ExceptionGroup. Our libraries
+and daemons open nurseries internally; their callers should catch the
+OSError or ServerError that happened, not a group holding one.
+"""
+
 from __future__ import annotations
 
 from collections.abc import Iterator

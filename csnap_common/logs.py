@@ -1,8 +1,10 @@
-# Log lines for machines: with --log-format=json every record on stderr is
-# one JSON object on one line, with the time, level, service, logger, event
-# and message, and the ids a call site passes in `extra=` (client, snapshot
-# tag, request id, chunk range, ...). The text format stays the default.
-# Every field is listed in FIELDS and in docs/operations.md, "Logs".
+"""Log lines for machines: with --log-format=json every record on stderr is
+one JSON object on one line, with the time, level, service, logger, event
+and message, and the ids a call site passes in `extra=` (client, snapshot
+tag, request id, chunk range, ...). The text format stays the default.
+Every field is listed in FIELDS and in docs/operations.md, "Logs".
+"""
+
 from __future__ import annotations
 
 import json

@@ -1,9 +1,11 @@
-# A progress bar on stderr for long work (format, check, delete sweeps).
-#
-# Rules: it never writes to stdout (which carries results and --json), it is
-# silent when stderr is not a terminal (logs and CI stay clean), and it only
-# appears once the work has lasted `delay` seconds, so quick runs print
-# nothing extra.
+"""A progress bar on stderr for long work (format, check, delete sweeps).
+
+Rules: it never writes to stdout (which carries results and --json), it is
+silent when stderr is not a terminal (logs and CI stay clean), and it only
+appears once the work has lasted `delay` seconds, so quick runs print
+nothing extra.
+"""
+
 from __future__ import annotations
 
 import sys

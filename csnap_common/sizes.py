@@ -1,8 +1,10 @@
-# Human-readable sizes for command lines: "64M", "1G", "4KiB", "4096".
-#
-# Suffixes are binary (K = 1024), as in dd, truncate and qemu-img: storage
-# people write 4K for a 4096-byte chunk and expect it. A size must come out
-# as a whole number of bytes; "1.5K" is 1536, "0.3K" is refused.
+"""Human-readable sizes for command lines: "64M", "1G", "4KiB", "4096".
+
+Suffixes are binary (K = 1024), as in dd, truncate and qemu-img: storage
+people write 4K for a 4096-byte chunk and expect it. A size must come out
+as a whole number of bytes; "1.5K" is 1536, "0.3K" is refused.
+"""
+
 from __future__ import annotations
 
 import re

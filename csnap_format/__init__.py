@@ -1,10 +1,12 @@
-# csnap_format: the on-disk format of a csnap store.
-#
-# Owns every byte layout (superblock, bitmaps, btree nodes, journal commit
-# records), their checksums, and pure encode/decode functions between bytes
-# and frozen dataclasses. Rule 1: decoding arbitrary bytes raises a
-# FormatError subclass and nothing else. Rule 2: nothing here does I/O except
-# the mkcsnap command-line tool. Other packages import only from this module.
+"""csnap_format: the on-disk format of a csnap store.
+
+Owns every byte layout (superblock, bitmaps, btree nodes, journal commit
+records), their checksums, and pure encode/decode functions between bytes
+and frozen dataclasses. Rule 1: decoding arbitrary bytes raises a
+FormatError subclass and nothing else. Rule 2: nothing here does I/O except
+the mkcsnap command-line tool. Other packages import only from this module.
+"""
+
 from __future__ import annotations
 
 from csnap_format.bitmap import BitmapBlock, decode_bitmap, encode_bitmap

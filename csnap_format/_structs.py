@@ -1,4 +1,5 @@
-# Cached struct formats for variable-length arrays of little-endian integers.
+"""Cached struct formats for variable-length arrays of little-endian integers."""
+
 from __future__ import annotations
 
 import functools

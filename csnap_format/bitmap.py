@@ -1,13 +1,15 @@
-# Allocation bitmap blocks.
-#
-#   bytes 0..40   common header
-#   bytes 40..    bits, least significant bit first within each byte
-#
-# Bit i of bitmap block k of a space stands for unit k * bits_per_block + i of
-# that space: a metadata block (metadata area bitmap, counted from the area's
-# first block) or a store chunk (data bitmap, counted from chunk 0 of the
-# store). A set bit is in use. Units that the layout itself occupies, and bits
-# past the end of the space, are set at format time and stay set.
+"""Allocation bitmap blocks.
+
+  bytes 0..40   common header
+  bytes 40..    bits, least significant bit first within each byte
+
+Bit i of bitmap block k of a space stands for unit k * bits_per_block + i of
+that space: a metadata block (metadata area bitmap, counted from the area's
+first block) or a store chunk (data bitmap, counted from chunk 0 of the
+store). A set bit is in use. Units that the layout itself occupies, and bits
+past the end of the space, are set at format time and stay set.
+"""
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -1,31 +1,33 @@
-# Exception btree blocks: leaves and index nodes.
-#
-# Leaf (docs/format.md, "Leaf"): csnap's layout, made 64-bit clean.
-#
-#   bytes 0..40    common header
-#   40  u64        base chunk: the leaf's lower key bound, as in its parent
-#   48  u32        count: directory entries
-#   52  u32        reserved, 0
-#   56  map[count + 1] of {u32 rchunk, u32 offset}   (grows up)
-#       ...        free space, zero
-#   exceptions of {u64 share, u64 store chunk}       (grow down to the end)
-#
-# Directory entry i names logical chunk base + rchunk[i]; its exceptions are
-# the 16-byte records in [offset[i], offset[i+1]). The sentinel entry
-# map[count] has rchunk 0 and offset block_size. A leaf holds every exception
-# of each chunk it names; each exception's share mask has one bit per
-# snapshot that uses that copy, and the masks of one chunk are disjoint.
-#
-# Index node:
-#
-#   bytes 0..40    common header
-#   40  u16        count: children
-#   42  u16        level: 1 when the children are leaves
-#   44  u32        reserved, 0
-#   48  {u64 key, u64 child}[count]                    then zero to the end
-#
-# Child i covers logical chunks [key[i], key[i+1]); key[0] is the node's own
-# lower bound, the last child reaches the parent's upper bound.
+"""Exception btree blocks: leaves and index nodes.
+
+Leaf (docs/format.md, "Leaf"): csnap's layout, made 64-bit clean.
+
+  bytes 0..40    common header
+  40  u64        base chunk: the leaf's lower key bound, as in its parent
+  48  u32        count: directory entries
+  52  u32        reserved, 0
+  56  map[count + 1] of {u32 rchunk, u32 offset}   (grows up)
+      ...        free space, zero
+  exceptions of {u64 share, u64 store chunk}       (grow down to the end)
+
+Directory entry i names logical chunk base + rchunk[i]; its exceptions are
+the 16-byte records in [offset[i], offset[i+1]). The sentinel entry
+map[count] has rchunk 0 and offset block_size. A leaf holds every exception
+of each chunk it names; each exception's share mask has one bit per
+snapshot that uses that copy, and the masks of one chunk are disjoint.
+
+Index node:
+
+  bytes 0..40    common header
+  40  u16        count: children
+  42  u16        level: 1 when the children are leaves
+  44  u32        reserved, 0
+  48  {u64 key, u64 child}[count]                    then zero to the end
+
+Child i covers logical chunks [key[i], key[i+1]); key[0] is the node's own
+lower bound, the last child reaches the parent's upper bound.
+"""
+
 from __future__ import annotations
 
 import itertools

@@ -1,7 +1,9 @@
-# Constants of the on-disk format: magic, version, block types and limits.
-#
-# Every number here is part of the format (docs/format.md); changing one
-# changes what older servers can read, so FORMAT_VERSION must move with it.
+"""Constants of the on-disk format: magic, version, block types and limits.
+
+Every number here is part of the format (docs/format.md); changing one
+changes what older servers can read, so FORMAT_VERSION must move with it.
+"""
+
 from __future__ import annotations
 
 import enum

@@ -1,8 +1,10 @@
-# Errors raised when bytes are not a valid csnap structure.
-#
-# Rule: decoding arbitrary bytes raises a FormatError subclass and nothing
-# else. Every error names the block (its address, where known) and says what
-# was wrong, so an operator reading a log knows where to look.
+"""Errors raised when bytes are not a valid csnap structure.
+
+Rule: decoding arbitrary bytes raises a FormatError subclass and nothing
+else. Every error names the block (its address, where known) and says what
+was wrong, so an operator reading a log knows where to look.
+"""
+
 from __future__ import annotations
 
 __all__ = [

@@ -1,20 +1,22 @@
-# Store geometry: where the superblock, journal, bitmaps, metadata area and
-# data area live, and how a geometry is planned from the sizes a user asks for.
-#
-# Layout, in metadata blocks of `block_size` bytes (docs/format.md, "Layout"):
-#
-#   block 0                   superblock
-#   block 1                   geometry backup (written once, at format)
-#   journal                   journal_blocks blocks, a circular log
-#   metadata bitmap           one bit per block of the metadata area
-#   data bitmap               one bit per chunk of the whole store
-#   metadata area             btree nodes, meta_blocks blocks
-#   data area                 from chunk data_start to the end, in chunks
-#
-# The metadata area is sized at format time for the worst case (every data
-# chunk holding an exception, leaves 40% full), so the btree never runs out
-# of room while data chunks remain. At 4 KiB chunks that is about 1.5% of the
-# store; at 64 KiB chunks under 0.1%.
+"""Store geometry: where the superblock, journal, bitmaps, metadata area and
+data area live, and how a geometry is planned from the sizes a user asks for.
+
+Layout, in metadata blocks of `block_size` bytes (docs/format.md, "Layout"):
+
+  block 0                   superblock
+  block 1                   geometry backup (written once, at format)
+  journal                   journal_blocks blocks, a circular log
+  metadata bitmap           one bit per block of the metadata area
+  data bitmap               one bit per chunk of the whole store
+  metadata area             btree nodes, meta_blocks blocks
+  data area                 from chunk data_start to the end, in chunks
+
+The metadata area is sized at format time for the worst case (every data
+chunk holding an exception, leaves 40% full), so the btree never runs out
+of room while data chunks remain. At 4 KiB chunks that is about 1.5% of the
+store; at 64 KiB chunks under 0.1%.
+"""
+
 from __future__ import annotations
 
 import math

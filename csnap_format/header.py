@@ -1,19 +1,21 @@
-# The common header that starts every metadata block, and its checksum.
-#
-#   offset size  field
-#        0    4  magic     b"CSNP"
-#        4    2  type      BlockType
-#        6    2  reserved  0
-#        8    4  checksum  CRC32 of the whole block except these four bytes
-#       12    4  reserved  0
-#       16    8  address   the block's own address, in metadata blocks
-#       24    8  store id  first 8 bytes of the store UUID, little-endian
-#       32    8  sequence  journal sequence of the transaction that wrote it
-#
-# The address catches misdirected writes and reads; the store id catches
-# blocks left over from an earlier format of the same device; the checksum
-# catches torn and garbage writes. Checks run in an order that gives the most
-# useful message: magic, checksum, type, address, store id, reserved fields.
+"""The common header that starts every metadata block, and its checksum.
+
+  offset size  field
+       0    4  magic     b"CSNP"
+       4    2  type      BlockType
+       6    2  reserved  0
+       8    4  checksum  CRC32 of the whole block except these four bytes
+      12    4  reserved  0
+      16    8  address   the block's own address, in metadata blocks
+      24    8  store id  first 8 bytes of the store UUID, little-endian
+      32    8  sequence  journal sequence of the transaction that wrote it
+
+The address catches misdirected writes and reads; the store id catches
+blocks left over from an earlier format of the same device; the checksum
+catches torn and garbage writes. Checks run in an order that gives the most
+useful message: magic, checksum, type, address, store id, reserved fields.
+"""
+
 from __future__ import annotations
 
 import struct

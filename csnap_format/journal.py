@@ -1,17 +1,19 @@
-# Journal commit records.
-#
-#   bytes 0..40   common header; its sequence is the transaction's sequence
-#   40  u64       tail sequence: the oldest transaction recovery must replay
-#   48  u32       count: blocks in this transaction
-#   52  u32       payload CRC: CRC32 of the transaction's block images, in order
-#   56  u64[count] home addresses of those blocks
-#       zero to the end
-#
-# A transaction occupies count + 1 consecutive journal slots (wrapping at the
-# end of the journal): the commit record, then the block images in the order
-# of the address list. The header checksum covers the record; the payload CRC
-# covers every block it lists (not just the record's first bytes).
-# See docs/format.md, "Journal", for the write order and recovery rule.
+"""Journal commit records.
+
+  bytes 0..40   common header; its sequence is the transaction's sequence
+  40  u64       tail sequence: the oldest transaction recovery must replay
+  48  u32       count: blocks in this transaction
+  52  u32       payload CRC: CRC32 of the transaction's block images, in order
+  56  u64[count] home addresses of those blocks
+      zero to the end
+
+A transaction occupies count + 1 consecutive journal slots (wrapping at the
+end of the journal): the commit record, then the block images in the order
+of the address list. The header checksum covers the record; the payload CRC
+covers every block it lists (not just the record's first bytes).
+See docs/format.md, "Journal", for the write order and recovery rule.
+"""
+
 from __future__ import annotations
 
 import struct

@@ -1,11 +1,13 @@
-# The on-disk structures, declared with construct: the normative definition
-# of every byte (docs/format.md is checked against these tables by a test).
-#
-# Why two codecs: these declarations read like the specification and are
-# what the documentation and the property tests compare against, but
-# construct parses a 4 KiB leaf in about 3 ms, two hundred times slower than
-# the struct-based codecs in the sibling modules that the engine uses on its
-# hot path. A property test proves that both read and write the same bytes.
+"""The on-disk structures, declared with construct: the normative definition
+of every byte (docs/format.md is checked against these tables by a test).
+
+Why two codecs: these declarations read like the specification and are
+what the documentation and the property tests compare against, but
+construct parses a 4 KiB leaf in about 3 ms, two hundred times slower than
+the struct-based codecs in the sibling modules that the engine uses on its
+hot path. A property test proves that both read and write the same bytes.
+"""
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -1,10 +1,12 @@
-# mkcsnap: format a snapshot store for an origin volume.
-#
-# The one place in csnap_format that touches files. It plans the geometry
-# first, so that every argument problem is reported before any file is
-# created or changed; refuses to overwrite an existing csnap store without
-# --force; writes every block but the superblock, syncs, then writes the
-# superblock and syncs again.
+"""mkcsnap: format a snapshot store for an origin volume.
+
+The one place in csnap_format that touches files. It plans the geometry
+first, so that every argument problem is reported before any file is
+created or changed; refuses to overwrite an existing csnap store without
+--force; writes every block but the superblock, syncs, then writes the
+superblock and syncs again.
+"""
+
 from __future__ import annotations
 
 import argparse

@@ -1,10 +1,12 @@
-# The blocks of a new, empty store (pure: no I/O).
-#
-# A freshly formatted store is a committed transaction 1 that changed
-# nothing: its commit record sits in journal slot 0 and every block below is
-# stamped with sequence 1. mkcsnap writes everything but the superblock,
-# syncs, then writes the superblock and syncs again, so a store interrupted
-# while formatting is never mistaken for a valid one.
+"""The blocks of a new, empty store (pure: no I/O).
+
+A freshly formatted store is a committed transaction 1 that changed
+nothing: its commit record sits in journal slot 0 and every block below is
+stamped with sequence 1. mkcsnap writes everything but the superblock,
+syncs, then writes the superblock and syncs again, so a store interrupted
+while formatting is never mistaken for a valid one.
+"""
+
 from __future__ import annotations
 
 from collections.abc import Iterator

@@ -1,14 +1,16 @@
-# The client registry block.
-#
-#   bytes 0..40  common header
-#   40  u32      count: client ids that follow
-#   44  u32      flags: bit 0 set when more clients were connected than fit
-#   48  u64[count] client ids, ascending
-#       zero to the end
-#
-# The server keeps here the ids of the snapshot clients connected to it, so
-# that after a crash it knows whose read locks to wait for before it lets
-# origin writes through (docs/protocol.md, "Reconnecting").
+"""The client registry block.
+
+  bytes 0..40  common header
+  40  u32      count: client ids that follow
+  44  u32      flags: bit 0 set when more clients were connected than fit
+  48  u64[count] client ids, ascending
+      zero to the end
+
+The server keeps here the ids of the snapshot clients connected to it, so
+that after a crash it knows whose read locks to wait for before it lets
+origin writes through (docs/protocol.md, "Reconnecting").
+"""
+
 from __future__ import annotations
 
 import itertools

@@ -1,20 +1,22 @@
-# The superblock (block 0) and the geometry backup (block 1).
-#
-# The superblock holds three things (docs/format.md, "Superblock"):
-#
-#   bytes    0..40    common header (checksum over the whole block)
-#   bytes   40..512   geometry: identity, sizes, region positions, and a
-#                     CRC32 of its own at 508..512
-#   bytes  512..1024  state: clean/busy, btree root and depth, free counts,
-#                     allocation cursors, deletion sweep position, exceptions
-#   bytes 1024..4096  snapshot table: 64 records of 48 bytes, one per share bit
-#
-# Why the geometry has its own checksum: the superblock is rewritten in place
-# (after its new contents are durable in the journal), and a write torn at a
-# 512-byte sector boundary would fail the whole-block checksum. The first
-# sector is byte-for-byte the same in every version except for the header's
-# checksum and sequence fields, which the geometry CRC skips, so the journal
-# can always be found and replayed, and the replay repairs the tear.
+"""The superblock (block 0) and the geometry backup (block 1).
+
+The superblock holds three things (docs/format.md, "Superblock"):
+
+  bytes    0..40    common header (checksum over the whole block)
+  bytes   40..512   geometry: identity, sizes, region positions, and a
+                    CRC32 of its own at 508..512
+  bytes  512..1024  state: clean/busy, btree root and depth, free counts,
+                    allocation cursors, deletion sweep position, exceptions
+  bytes 1024..4096  snapshot table: 64 records of 48 bytes, one per share bit
+
+Why the geometry has its own checksum: the superblock is rewritten in place
+(after its new contents are durable in the journal), and a write torn at a
+512-byte sector boundary would fail the whole-block checksum. The first
+sector is byte-for-byte the same in every version except for the header's
+checksum and sequence fields, which the geometry CRC skips, so the journal
+can always be found and replayed, and the replay repairs the tear.
+"""
+
 from __future__ import annotations
 
 import struct

@@ -1,10 +1,12 @@
-# The origin and snapshot store files the gateway reads and writes directly,
-# once csnapd has said where: positional reads and writes, and fdatasync.
-#
-# One descriptor per file serves every connection (pread/pwrite carry their
-# own offsets, so they need no lock). Small transfers run on the trio thread,
-# where a page-cache hit costs microseconds; bigger ones and every sync go to
-# a worker thread so one slow disk access does not stall other connections.
+"""The origin and snapshot store files the gateway reads and writes directly,
+once csnapd has said where: positional reads and writes, and fdatasync.
+
+One descriptor per file serves every connection (pread/pwrite carry their
+own offsets, so they need no lock). Small transfers run on the trio thread,
+where a page-cache hit costs microseconds; bigger ones and every sync go to
+a worker thread so one slow disk access does not stall other connections.
+"""
+
 from __future__ import annotations
 
 import errno

@@ -1,10 +1,12 @@
-# csnap-nbd: the command line of the NBD gateway.
-#
-# One process serves many NBD connections to the origin ("origin", also the
-# default export) and to every live snapshot ("snap-TAG"). Once listening it
-# prints one "listening URL" line per listener on stdout, then flushes
-# (scripts and tests read them); logs go to stderr. SIGTERM and SIGINT stop
-# it cleanly with exit status 0.
+"""csnap-nbd: the command line of the NBD gateway.
+
+One process serves many NBD connections to the origin ("origin", also the
+default export) and to every live snapshot ("snap-TAG"). Once listening it
+prints one "listening URL" line per listener on stdout, then flushes
+(scripts and tests read them); logs go to stderr. SIGTERM and SIGINT stop
+it cleanly with exit status 0.
+"""
+
 from __future__ import annotations
 
 import argparse

@@ -1,19 +1,21 @@
-# The transmission phase of one connection: read requests, run each in its
-# own task (replies may go out of order, so a slow copy-out does not hold up
-# reads behind it), and send simple or structured replies.
-#
-# Replies go through one writer task that sends everything queued since its
-# last send in one system call: at a queue depth of 16, most replies share a
-# send. Small origin reads, which need no csnapd round trip, are answered by
-# the reader itself without a task.
-#
-# Memory per connection is bounded twice: at most `max_in_flight` requests,
-# and at most `connection_budget` bytes of READ/WRITE data held at once, from
-# the moment a request is read until its reply is sent (the reader waits
-# before taking a request that would go over). A request is checked before
-# any I/O; an unknown command or flag gets EINVAL and the connection goes on.
-# Broken framing (bad magic) or a client that vanishes ends only this
-# connection.
+"""The transmission phase of one connection: read requests, run each in its
+own task (replies may go out of order, so a slow copy-out does not hold up
+reads behind it), and send simple or structured replies.
+
+Replies go through one writer task that sends everything queued since its
+last send in one system call: at a queue depth of 16, most replies share a
+send. Small origin reads, which need no csnapd round trip, are answered by
+the reader itself without a task.
+
+Memory per connection is bounded twice: at most `max_in_flight` requests,
+and at most `connection_budget` bytes of READ/WRITE data held at once, from
+the moment a request is read until its reply is sent (the reader waits
+before taking a request that would go over). A request is checked before
+any I/O; an unknown command or flag gets EINVAL and the connection goes on.
+Broken framing (bad magic) or a client that vanishes ends only this
+connection.
+"""
+
 from __future__ import annotations
 
 import logging

@@ -1,6 +1,8 @@
-# One NBD connection's byte stream: exact-length reads over a receive
-# buffer, payloads received straight into their destination, and sends that
-# never interleave (replies from concurrent requests share the stream).
+"""One NBD connection's byte stream: exact-length reads over a receive
+buffer, payloads received straight into their destination, and sends that
+never interleave (replies from concurrent requests share the stream).
+"""
+
 from __future__ import annotations
 
 import socket

@@ -1,24 +1,26 @@
-# The data path of one export: NBD reads, writes, zeroes, flushes and block
-# status turned into csnapd requests and file I/O.
-#
-#   origin read      straight from the origin file (no server round trip)
-#   origin write     origin_write grant for the chunks touched, then write
-#                    the origin inside it; the grant closes after the data
-#                    is written, because a snapshot create waits for it
-#   snapshot read    snapshot_read plan: store chunks or the origin (the
-#                    latter read-locked until the block ends); origin data
-#                    that arrived past the locks' lease deadline is read
-#                    again under a new plan (docs/protocol.md, "Liveness")
-#   snapshot write   snapshot_write segments: the server has already copied
-#                    each chunk's old contents into the store chunk it gives,
-#                    so only the bytes asked for are written there
-#
-# Requests are split into pieces of at most max_chunks chunks (csnapd's
-# announced limit), one grant at a time: holding one grant while asking for
-# the next could wait forever on a create barrier that itself waits for the
-# first grant. A write piece csnapd still refuses as too large (its
-# metadata would not fit one transaction) is halved and asked again, down
-# to one chunk: whatever a request names, the gateway gets it through.
+"""The data path of one export: NBD reads, writes, zeroes, flushes and block
+status turned into csnapd requests and file I/O.
+
+  origin read      straight from the origin file (no server round trip)
+  origin write     origin_write grant for the chunks touched, then write
+                   the origin inside it; the grant closes after the data
+                   is written, because a snapshot create waits for it
+  snapshot read    snapshot_read plan: store chunks or the origin (the
+                   latter read-locked until the block ends); origin data
+                   that arrived past the locks' lease deadline is read
+                   again under a new plan (docs/protocol.md, "Liveness")
+  snapshot write   snapshot_write segments: the server has already copied
+                   each chunk's old contents into the store chunk it gives,
+                   so only the bytes asked for are written there
+
+Requests are split into pieces of at most max_chunks chunks (csnapd's
+announced limit), one grant at a time: holding one grant while asking for
+the next could wait forever on a create barrier that itself waits for the
+first grant. A write piece csnapd still refuses as too large (its
+metadata would not fit one transaction) is halved and asked again, down
+to one chunk: whatever a request names, the gateway gets it through.
+"""
+
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Iterator

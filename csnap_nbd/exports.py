@@ -1,14 +1,16 @@
-# Which exports exist and the csnapd client behind each one in use.
-#
-# Names: "origin" (also the default, empty name) and "snap-TAG" for every
-# live snapshot. The list comes from csnapd when a client asks (NBD_OPT_LIST,
-# INFO, GO), so a snapshot created a moment ago is there and a deleted one
-# is not.
-#
-# One DataClient per export in use, shared by every NBD connection to it:
-# opened by the first connection, closed when the last one leaves. Its task
-# lives in the gateway's nursery, not in any connection's, so a connection
-# that goes away does not take the client down under the others.
+"""Which exports exist and the csnapd client behind each one in use.
+
+Names: "origin" (also the default, empty name) and "snap-TAG" for every
+live snapshot. The list comes from csnapd when a client asks (NBD_OPT_LIST,
+INFO, GO), so a snapshot created a moment ago is there and a deleted one
+is not.
+
+One DataClient per export in use, shared by every NBD connection to it:
+opened by the first connection, closed when the last one leaves. Its task
+lives in the gateway's nursery, not in any connection's, so a connection
+that goes away does not take the client down under the others.
+"""
+
 from __future__ import annotations
 
 import logging

@@ -1,25 +1,27 @@
-# Which origin and store files the gateway may open, and opening them.
-#
-# The gateway learns the files' paths from csnapd's server information, and
-# whoever answers on csnapd's address is not authenticated over TCP: a
-# process of another user that takes the port while csnapd restarts could
-# name any file, and a gateway running as root would export it. So a path
-# csnapd reports is used only under one of two rules (docs/nbd.md, "Which
-# files the gateway opens"):
-#
-#   given     --origin/--store name the files: those are opened, and the
-#             path csnapd reports must name the same file (same device and
-#             inode, or the same block device), else the gateway refuses;
-#   vouched   csnapd was found through a csnap-agent running as the
-#             gateway's own user or root (checked on the agent's socket
-#             with SO_PEERCRED; the agent serves only servers of its own
-#             user or root): the reported path is opened if it is absolute,
-#             its last component is not a symbolic link (O_NOFOLLOW), and
-#             it is a regular file or block device owned by the gateway's
-#             user or root (checked on the open descriptor, so nothing can
-#             be swapped in between).
-#
-# Anything else is refused with both paths named, before any file is opened.
+"""Which origin and store files the gateway may open, and opening them.
+
+The gateway learns the files' paths from csnapd's server information, and
+whoever answers on csnapd's address is not authenticated over TCP: a
+process of another user that takes the port while csnapd restarts could
+name any file, and a gateway running as root would export it. So a path
+csnapd reports is used only under one of two rules (docs/nbd.md, "Which
+files the gateway opens"):
+
+  given     --origin/--store name the files: those are opened, and the
+            path csnapd reports must name the same file (same device and
+            inode, or the same block device), else the gateway refuses;
+  vouched   csnapd was found through a csnap-agent running as the
+            gateway's own user or root (checked on the agent's socket
+            with SO_PEERCRED; the agent serves only servers of its own
+            user or root): the reported path is opened if it is absolute,
+            its last component is not a symbolic link (O_NOFOLLOW), and
+            it is a regular file or block device owned by the gateway's
+            user or root (checked on the open descriptor, so nothing can
+            be swapped in between).
+
+Anything else is refused with both paths named, before any file is opened.
+"""
+
 from __future__ import annotations
 
 import os

@@ -1,10 +1,12 @@
-# Byte ranges of an export against csnap's chunks: which chunks a request
-# touches, in pieces the server accepts (at most max_chunks each), where each
-# byte of a piece lives in the origin or store file, and the extents of a
-# chunk-granular answer (query_map) clipped to a byte-granular request.
-#
-# Pure arithmetic, no I/O: unaligned requests are the point of this module,
-# and it is tested on its own.
+"""Byte ranges of an export against csnap's chunks: which chunks a request
+touches, in pieces the server accepts (at most max_chunks each), where each
+byte of a piece lives in the origin or store file, and the extents of a
+chunk-granular answer (query_map) clipped to a byte-granular request.
+
+Pure arithmetic, no I/O: unaligned requests are the point of this module,
+and it is tested on its own.
+"""
+
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence

@@ -1,14 +1,16 @@
-# The handshake of one connection, over trio: greeting, client flags, then
-# options until the client picks an export (GO or EXPORT_NAME) or leaves.
-#
-# Every option gets a reply, an unknown one NBD_REP_ERR_UNSUP, a malformed
-# one NBD_REP_ERR_INVALID; only broken framing (bad magic, unknown client
-# flags, an option too long to skip) ends the connection, as the spec asks.
-#
-# NBD_OPT_STARTTLS (docs/nbd.md, "TLS"): the ACK, then the TLS handshake,
-# then haggling starts again on the encrypted stream with nothing kept from
-# before. With --tls=require every other option but ABORT is refused with
-# NBD_REP_ERR_TLS_REQD until then.
+"""The handshake of one connection, over trio: greeting, client flags, then
+options until the client picks an export (GO or EXPORT_NAME) or leaves.
+
+Every option gets a reply, an unknown one NBD_REP_ERR_UNSUP, a malformed
+one NBD_REP_ERR_INVALID; only broken framing (bad magic, unknown client
+flags, an option too long to skip) ends the connection, as the spec asks.
+
+NBD_OPT_STARTTLS (docs/nbd.md, "TLS"): the ACK, then the TLS handshake,
+then haggling starts again on the encrypted stream with nothing kept from
+before. With --tls=require every other option but ABORT is refused with
+NBD_REP_ERR_TLS_REQD until then.
+"""
+
 from __future__ import annotations
 
 import logging

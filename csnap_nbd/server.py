@@ -1,14 +1,16 @@
-# The gateway process: find csnapd's geometry and files, listen on TCP
-# and/or Unix sockets, run one handshake then one transmission per
-# connection, and stop cleanly.
-#
-# Stopping: listeners close first, connections still negotiating are
-# dropped, connections in transmission answer what they already took and
-# close; after a grace period whatever is left is cancelled. Export clients
-# close last, so no grant is left open behind a write.
-#
-# TLS (docs/nbd.md, "TLS"): one policy for every listener; a TCP listener
-# outside loopback is refused without TLS unless --tls=off says so.
+"""The gateway process: find csnapd's geometry and files, listen on TCP
+and/or Unix sockets, run one handshake then one transmission per
+connection, and stop cleanly.
+
+Stopping: listeners close first, connections still negotiating are
+dropped, connections in transmission answer what they already took and
+close; after a grace period whatever is left is cancelled. Export clients
+close last, so no grant is left open behind a write.
+
+TLS (docs/nbd.md, "TLS"): one policy for every listener; a TCP listener
+outside loopback is refused without TLS unless --tls=off says so.
+"""
+
 from __future__ import annotations
 
 import contextlib

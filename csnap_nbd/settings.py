@@ -1,4 +1,5 @@
-# The knobs of one gateway that the handshake and transmission consult.
+"""The knobs of one gateway that the handshake and transmission consult."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -1,10 +1,12 @@
-# csnap_protocol: the csnap wire protocol, sans-IO.
-#
-# Owns the message types, msgpack framing, field validation and the
-# connection state machine, shared by the server, the agent, the client
-# library and the NBD gateway. Knows nothing of sockets, trio, the engine or
-# the on-disk format. docs/protocol.md describes every message; a test keeps
-# its tables in step with MESSAGES and ErrorCode.
+"""csnap_protocol: the csnap wire protocol, sans-IO.
+
+Owns the message types, msgpack framing, field validation and the
+connection state machine, shared by the server, the agent, the client
+library and the NBD gateway. Knows nothing of sockets, trio, the engine or
+the on-disk format. docs/protocol.md describes every message; a test keeps
+its tables in step with MESSAGES and ErrorCode.
+"""
+
 from __future__ import annotations
 
 from csnap_protocol.bounds import largest_payload

@@ -1,11 +1,13 @@
-# The most bytes a message can take on the wire, known before it is built.
-#
-# csnapd must refuse a request whose reply would not fit the peer's frame
-# limit before the request does anything (docs/protocol.md, "What csnapd
-# checks"). A reply that lists chunks (segments or ranges) has at most one
-# entry per chunk the request named, so its size is bounded by the request
-# alone: the size of the message with every integer at its widest and every
-# list empty, plus the widest entry for each chunk.
+"""The most bytes a message can take on the wire, known before it is built.
+
+csnapd must refuse a request whose reply would not fit the peer's frame
+limit before the request does anything (docs/protocol.md, "What csnapd
+checks"). A reply that lists chunks (segments or ranges) has at most one
+entry per chunk the request named, so its size is bounded by the request
+alone: the size of the message with every integer at its widest and every
+list empty, plus the widest entry for each chunk.
+"""
+
 from __future__ import annotations
 
 import msgpack

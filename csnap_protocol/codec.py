@@ -1,24 +1,26 @@
-# The sans-IO connection: bytes in, messages out; messages in, bytes out.
-#
-# Framing: every message is a frame of a 4-byte big-endian length followed
-# by that many bytes of msgpack (a map). A frame longer than the receiver's
-# limit, an empty frame, a payload that is not a valid message, or a message
-# the peer's role may not send is a RemoteProtocolError; so is anything but
-# a hello first, or a hello later.
-#
-# Handshake: the connecting side says hello first; the server answers with
-# its own hello, or instead with an `error` (too many connections, shutting
-# down, another protocol version) and closes. An error as the very first
-# message is therefore accepted and returned; the connection is then over.
-#
-# States (docs/protocol.md, "Connection states"):
-#   HANDSHAKE --hello sent and received--> OPEN
-#   any --protocol error--> ERROR (poisoned: nothing more is received; after a
-#       peer's error we may still send one `error` message to say why)
-#   any --end of stream--> CLOSED
-#
-# Rule: whatever bytes arrive, in whatever pieces, the receive side yields
-# messages or raises RemoteProtocolError, nothing else.
+"""The sans-IO connection: bytes in, messages out; messages in, bytes out.
+
+Framing: every message is a frame of a 4-byte big-endian length followed
+by that many bytes of msgpack (a map). A frame longer than the receiver's
+limit, an empty frame, a payload that is not a valid message, or a message
+the peer's role may not send is a RemoteProtocolError; so is anything but
+a hello first, or a hello later.
+
+Handshake: the connecting side says hello first; the server answers with
+its own hello, or instead with an `error` (too many connections, shutting
+down, another protocol version) and closes. An error as the very first
+message is therefore accepted and returned; the connection is then over.
+
+States (docs/protocol.md, "Connection states"):
+  HANDSHAKE --hello sent and received--> OPEN
+  any --protocol error--> ERROR (poisoned: nothing more is received; after a
+      peer's error we may still send one `error` message to say why)
+  any --end of stream--> CLOSED
+
+Rule: whatever bytes arrive, in whatever pieces, the receive side yields
+messages or raises RemoteProtocolError, nothing else.
+"""
+
 from __future__ import annotations
 
 import enum

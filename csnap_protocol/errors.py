@@ -1,13 +1,15 @@
-# Protocol errors and the wire error codes.
-#
-# Local/Remote split as in h11: a LocalProtocolError means we tried to send
-# something invalid (a bug on our side); a RemoteProtocolError means the peer
-# sent something invalid. After either, the connection is in the ERROR state
-# and must be closed.
-#
-# ErrorCode is the stable numeric code carried by every `error` message, with
-# its symbolic name; docs/protocol.md lists them and a test keeps the table
-# in step with this enum.
+"""Protocol errors and the wire error codes.
+
+Local/Remote split as in h11: a LocalProtocolError means we tried to send
+something invalid (a bug on our side); a RemoteProtocolError means the peer
+sent something invalid. After either, the connection is in the ERROR state
+and must be closed.
+
+ErrorCode is the stable numeric code carried by every `error` message, with
+its symbolic name; docs/protocol.md lists them and a test keeps the table
+in step with this enum.
+"""
+
 from __future__ import annotations
 
 import enum

@@ -1,10 +1,12 @@
-# A small declarative schema for message fields: each spec checks one
-# decoded msgpack value and names its wire type for docs/protocol.md.
-#
-# Rule: every value taken from the wire passes through a spec before any
-# other code sees it. msgpack gives Python ints, strs, bytes, lists, dicts,
-# bools, floats and None; `bool` is an `int` in Python, so integer specs test
-# the exact type.
+"""A small declarative schema for message fields: each spec checks one
+decoded msgpack value and names its wire type for docs/protocol.md.
+
+Rule: every value taken from the wire passes through a spec before any
+other code sees it. msgpack gives Python ints, strs, bytes, lists, dicts,
+bools, floats and None; `bool` is an `int` in Python, so integer specs test
+the exact type.
+"""
+
 from __future__ import annotations
 
 from collections.abc import Mapping

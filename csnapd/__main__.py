@@ -1,4 +1,5 @@
-# python -m csnapd: the metadata server.
+"""python -m csnapd: the metadata server."""
+
 from __future__ import annotations
 
 from csnapd.cli import run

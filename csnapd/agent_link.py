@@ -1,11 +1,13 @@
-# csnapd's link to its node's csnap-agent.
-#
-# A server started with --agent registers (`server_ready`) and waits on
-# standby, store unopened, until the agent sends `start_server`; it answers
-# that request once it serves, or with an error if the store cannot be
-# opened. The link then stays up: if the agent goes away the server keeps
-# serving and registers again, as active, whenever an agent is back, so
-# clients asking that agent find it.
+"""csnapd's link to its node's csnap-agent.
+
+A server started with --agent registers (`server_ready`) and waits on
+standby, store unopened, until the agent sends `start_server`; it answers
+that request once it serves, or with an error if the store cannot be
+opened. The link then stays up: if the agent goes away the server keeps
+serving and registers again, as active, whenever an agent is back, so
+clients asking that agent find it.
+"""
+
 from __future__ import annotations
 
 import contextlib

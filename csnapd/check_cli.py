@@ -1,7 +1,9 @@
-# csnap-check: verify a snapshot store offline, and repair its bitmaps.
-#
-# Exit status as fsck's: 0 clean, 1 problems found and all repaired, 4
-# problems left, 8 could not run (not a store, unreadable, in use).
+"""csnap-check: verify a snapshot store offline, and repair its bitmaps.
+
+Exit status as fsck's: 0 clean, 1 problems found and all repaired, 4
+problems left, 8 could not run (not a store, unreadable, in use).
+"""
+
 from __future__ import annotations
 
 import argparse

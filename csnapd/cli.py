@@ -1,8 +1,10 @@
-# csnapd: the command line of the metadata server.
-#
-# The first line of stdout is "listening HOST:PORT" once the server accepts
-# connections (scripts and tests read it); logs go to stderr. SIGTERM and
-# SIGINT finish in-flight work, mark the store clean and exit 0.
+"""csnapd: the command line of the metadata server.
+
+The first line of stdout is "listening HOST:PORT" once the server accepts
+connections (scripts and tests read it); logs go to stderr. SIGTERM and
+SIGINT finish in-flight work, mark the store clean and exit 0.
+"""
+
 from __future__ import annotations
 
 import argparse

@@ -1,23 +1,25 @@
-# The csnapd server: the trio transport around the Dispatcher.
-#
-# Tasks:
-#   * one listener task per address, accepting connections;
-#   * per connection, a reader (bytes -> codec -> work queue) and a writer
-#     (outbox -> codec -> socket), so a slow reader never blocks anyone;
-#   * one engine task: takes everything queued, hands the batch to the
-#     Dispatcher in a worker thread (the engine's syncs stay off the event
-#     loop), then delivers the replies: group commit;
-#   * timers for barriers, detaching clients and the post-restart grace;
-#   * per connection, a lease watch: an identified data-path client silent
-#     for longer than `lease` is dropped, which releases its read locks and
-#     its barrier duty (docs/protocol.md, "Liveness").
-#
-# Resource handling: a connection accepted beyond `max_connections` (said
-# hello or not) is refused with an error; a request beyond `max_in_flight` on
-# one connection is refused with an error; a frame beyond `max_frame` closes
-# that connection; a peer whose outbox fills (it does not read its replies)
-# is closed. Every message queued to a peer goes through Server._queue, so
-# none of these touches any other connection.
+"""The csnapd server: the trio transport around the Dispatcher.
+
+Tasks:
+  * one listener task per address, accepting connections;
+  * per connection, a reader (bytes -> codec -> work queue) and a writer
+    (outbox -> codec -> socket), so a slow reader never blocks anyone;
+  * one engine task: takes everything queued, hands the batch to the
+    Dispatcher in a worker thread (the engine's syncs stay off the event
+    loop), then delivers the replies: group commit;
+  * timers for barriers, detaching clients and the post-restart grace;
+  * per connection, a lease watch: an identified data-path client silent
+    for longer than `lease` is dropped, which releases its read locks and
+    its barrier duty (docs/protocol.md, "Liveness").
+
+Resource handling: a connection accepted beyond `max_connections` (said
+hello or not) is refused with an error; a request beyond `max_in_flight` on
+one connection is refused with an error; a frame beyond `max_frame` closes
+that connection; a peer whose outbox fills (it does not read its replies)
+is closed. Every message queued to a peer goes through Server._queue, so
+none of these touches any other connection.
+"""
+
 from __future__ import annotations
 
 import contextlib

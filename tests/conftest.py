@@ -1,10 +1,12 @@
-# Shared pytest configuration: hypothesis profiles, the per-test time limit
-# (tests/timeouts.py) and the guard that no test leaves a process running
-# (tests/process_guard.py).
-#
-# CI sets CI=true, which makes hypothesis load its built-in "ci" profile
-# (derandomised, no deadline). Locally the "dev" profile keeps runs short;
-# CSNAP_HYPOTHESIS_PROFILE=long is for hunting outside CI.
+"""Shared pytest configuration: hypothesis profiles, the per-test time limit
+(tests/timeouts.py) and the guard that no test leaves a process running
+(tests/process_guard.py).
+
+CI sets CI=true, which makes hypothesis load its built-in "ci" profile
+(derandomised, no deadline). Locally the "dev" profile keeps runs short;
+CSNAP_HYPOTHESIS_PROFILE=long is for hunting outside CI.
+"""
+
 from __future__ import annotations
 
 import os

@@ -1,5 +1,7 @@
-# Read the Markdown tables of docs/*.md that follow a `<!-- NAME: KEY -->` or
-# `<!-- NAME -->` marker.
+"""Read the Markdown tables of docs/*.md that follow a `<!-- NAME: KEY -->` or
+`<!-- NAME -->` marker.
+"""
+
 from __future__ import annotations
 
 import re

@@ -1,5 +1,7 @@
-# The benchmarks' --quick runs: each finishes, and its JSON has every figure
-# with a sane value. Speed is never asserted: CI machines vary too much.
+"""The benchmarks' --quick runs: each finishes, and its JSON has every figure
+with a sane value. Speed is never asserted: CI machines vary too much.
+"""
+
 from __future__ import annotations
 
 import json

@@ -1,6 +1,8 @@
-# The byte comparison the end-to-end tests use: it finds the first differing
-# offset wherever it is, and its failure message stays short however large
-# the buffers are.
+"""The byte comparison the end-to-end tests use: it finds the first differing
+offset wherever it is, and its failure message stays short however large
+the buffers are.
+"""
+
 from __future__ import annotations
 
 import pytest

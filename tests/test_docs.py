@@ -1,4 +1,5 @@
-# docs/format.md's field tables say what the construct layouts say.
+"""docs/format.md's field tables say what the construct layouts say."""
+
 from __future__ import annotations
 
 import pytest

@@ -1,5 +1,7 @@
-# The layer rules are enforced by ruff (TID251), not by prose: an import a
-# package may not make fails `ruff check` on that package's own path.
+"""The layer rules are enforced by ruff (TID251), not by prose: an import a
+package may not make fails `ruff check` on that package's own path.
+"""
+
 from __future__ import annotations
 
 import shutil

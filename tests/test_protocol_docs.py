@@ -1,6 +1,8 @@
-# docs/protocol.md's tables say what csnap_protocol and csnapd say: every
-# message and its fields with their wire types, who sends it, the records,
-# the error codes, the constants, the states, the roles and csnapd's limits.
+"""docs/protocol.md's tables say what csnap_protocol and csnapd say: every
+message and its fields with their wire types, who sends it, the records,
+the error codes, the constants, the states, the roles and csnapd's limits.
+"""
+
 from __future__ import annotations
 
 import dataclasses

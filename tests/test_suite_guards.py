@@ -1,7 +1,9 @@
-# The suite's own guards, proved on an inner pytest run of deliberately bad
-# tests: a test past its time limit fails (trio or not) and the run goes on;
-# a failing, hanging or careless end-to-end test leaves no csnapd or agent
-# running; a hang that ignores cancellation ends the run without leaving one.
+"""The suite's own guards, proved on an inner pytest run of deliberately bad
+tests: a test past its time limit fails (trio or not) and the run goes on;
+a failing, hanging or careless end-to-end test leaves no csnapd or agent
+running; a hang that ignores cancellation ends the run without leaving one.
+"""
+
 from __future__ import annotations
 
 import os

@@ -1,7 +1,9 @@
-# Socket activation: listening sockets the service manager opened and passed
-# as descriptors 3, 4, ... with $LISTEN_FDS (how many) and $LISTEN_PID (for
-# which process). Taking them removes the variables, so a child never takes
-# them again. See "Running under systemd" in docs/operations.md.
+"""Socket activation: listening sockets the service manager opened and passed
+as descriptors 3, 4, ... with $LISTEN_FDS (how many) and $LISTEN_PID (for
+which process). Taking them removes the variables, so a child never takes
+them again. See "Running under systemd" in docs/operations.md.
+"""
+
 from __future__ import annotations
 
 import os

@@ -1,10 +1,12 @@
-# The sd_notify protocol: one datagram of "KEY=value" lines sent to the Unix
-# socket named by $NOTIFY_SOCKET (a path, or "@name" in the abstract
-# namespace). csnap services send READY=1 once they really serve, STATUS=
-# lines as their state changes, STOPPING=1 when asked to stop, and WATCHDOG=1
-# every half $WATCHDOG_USEC while their event loop runs. Without
-# $NOTIFY_SOCKET every call is a no-op; a manager that stopped listening never
-# stops the service. See "Running under systemd" in docs/operations.md.
+"""The sd_notify protocol: one datagram of "KEY=value" lines sent to the Unix
+socket named by $NOTIFY_SOCKET (a path, or "@name" in the abstract
+namespace). csnap services send READY=1 once they really serve, STATUS=
+lines as their state changes, STOPPING=1 when asked to stop, and WATCHDOG=1
+every half $WATCHDOG_USEC while their event loop runs. Without
+$NOTIFY_SOCKET every call is a no-op; a manager that stopped listening never
+stops the service. See "Running under systemd" in docs/operations.md.
+"""
+
 from __future__ import annotations
 
 import logging

@@ -1,11 +1,13 @@
-# Every number of the NBD protocol the gateway speaks: magics, handshake and
-# transmission flags, option and reply codes, info types, commands, command
-# flags, structured reply chunk types, metadata context state bits, errors.
-#
-# Values are from the NBD protocol specification (doc/proto.md of
-# NetworkBlockDevice/nbd). Error-like codes are written as (1 << 31) | n,
-# never 2 ^ 31 + 1 or 1 << 31 + 1, which mean something else in Python; a
-# unit test checks each against the spec's decimal value.
+"""Every number of the NBD protocol the gateway speaks: magics, handshake and
+transmission flags, option and reply codes, info types, commands, command
+flags, structured reply chunk types, metadata context state bits, errors.
+
+Values are from the NBD protocol specification (doc/proto.md of
+NetworkBlockDevice/nbd). Error-like codes are written as (1 << 31) | n,
+never 2 ^ 31 + 1 or 1 << 31 + 1, which mean something else in Python; a
+unit test checks each against the spec's decimal value.
+"""
+
 from __future__ import annotations
 
 import enum

@@ -1,11 +1,13 @@
-# The metadata contexts the gateway offers, their ids, and how a list or set
-# query selects among them.
-#
-# Queries follow the spec: "namespace:" (an empty leaf) names every context
-# of that namespace when listing and none when setting; a full name names
-# itself; anything else (other namespaces, unknown leaves) selects nothing
-# and is not an error. Ids are fixed per context, so a reply never depends
-# on the order of queries.
+"""The metadata contexts the gateway offers, their ids, and how a list or set
+query selects among them.
+
+Queries follow the spec: "namespace:" (an empty leaf) names every context
+of that namespace when listing and none when setting; a full name names
+itself; anything else (other namespaces, unknown leaves) selects nothing
+and is not an error. Ids are fixed per context, so a reply never depends
+on the order of queries.
+"""
+
 from __future__ import annotations
 
 from collections.abc import Sequence

@@ -1,4 +1,5 @@
-# The two ways NBD input can be wrong, which the transport treats differently.
+"""The two ways NBD input can be wrong, which the transport treats differently."""
+
 from __future__ import annotations
 
 __all__ = ["NbdProtocolError", "OptionDataError"]

@@ -1,9 +1,11 @@
-# The handshake phase, byte by byte: the fixed-newstyle greeting, the client
-# flags, option headers and their data, and every option reply the gateway
-# sends (export lists, export information, metadata contexts, errors).
-#
-# Pure functions over bytes: the transport reads exactly the lengths these
-# structs name and hands the bytes here.
+"""The handshake phase, byte by byte: the fixed-newstyle greeting, the client
+flags, option headers and their data, and every option reply the gateway
+sends (export lists, export information, metadata contexts, errors).
+
+Pure functions over bytes: the transport reads exactly the lengths these
+structs name and hands the bytes here.
+"""
+
 from __future__ import annotations
 
 import struct

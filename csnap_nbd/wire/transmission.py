@@ -1,7 +1,9 @@
-# The transmission phase, byte by byte: request headers, simple replies,
-# structured reply chunks (data, hole, block status, error, none), and the
-# rules that decide whether a request may run at all (flags, bounds, sizes)
-# before any I/O is attempted.
+"""The transmission phase, byte by byte: request headers, simple replies,
+structured reply chunks (data, hole, block status, error, none), and the
+rules that decide whether a request may run at all (flags, bounds, sizes)
+before any I/O is attempted.
+"""
+
 from __future__ import annotations
 
 import struct

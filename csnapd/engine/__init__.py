@@ -1,10 +1,12 @@
-# csnapd.engine: the synchronous store engine.
-#
-# Owns the store's block devices and bounded page cache, the allocators, the
-# exception btree, the journal, snapshots, copy-out, the read-lock table and
-# the offline check. Imports no trio, msgpack or sockets: a call into the
-# engine is atomic with respect to trio tasks, so one task owns it and nothing
-# needs locks. Other packages import only from this module.
+"""csnapd.engine: the synchronous store engine.
+
+Owns the store's block devices and bounded page cache, the allocators, the
+exception btree, the journal, snapshots, copy-out, the read-lock table and
+the offline check. Imports no trio, msgpack or sockets: a call into the
+engine is atomic with respect to trio tasks, so one task owns it and nothing
+needs locks. Other packages import only from this module.
+"""
+
 from __future__ import annotations
 
 from csnapd.engine.device import (

@@ -1,14 +1,16 @@
-# Next-fit allocation over a bitmap, for the metadata area (btree nodes) and
-# for the data area (copies of chunks).
-#
-# Rules:
-#   * Free counts and cursors live in the store state and are exact.
-#   * Runs are taken contiguously where the bitmap allows, so a copy-out of
-#     consecutive chunks is one write.
-#   * A unit freed by the open transaction is marked `reserved` in its page:
-#     not handed out again until that transaction is durable (rule: no reuse before durable), so a
-#     crash can never leave a durable exception pointing at a chunk that a
-#     later, lost transaction reused.
+"""Next-fit allocation over a bitmap, for the metadata area (btree nodes) and
+for the data area (copies of chunks).
+
+Rules:
+  * Free counts and cursors live in the store state and are exact.
+  * Runs are taken contiguously where the bitmap allows, so a copy-out of
+    consecutive chunks is one write.
+  * A unit freed by the open transaction is marked `reserved` in its page:
+    not handed out again until that transaction is durable (rule: no reuse before durable), so a
+    crash can never leave a durable exception pointing at a chunk that a
+    later, lost transaction reused.
+"""
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -1,21 +1,23 @@
-# The exception btree: one tree keyed by logical chunk, leaves holding every
-# exception of the chunks in their range (docs/format.md, "Exception btree").
-#
-# Rules:
-#   * Every edit goes through the pager (modify/create/forget), so a failed
-#     request rolls back exactly.
-#   * A leaf's base equals its key in its parent; index keys[0] equals the
-#     node's own lower bound; the root's lower bound is 0. Descent checks both,
-#     so a damaged pointer is reported instead of followed.
-#   * A leaf gets room for one more exception by splitting at the byte middle,
-#     or, when the chunk is 2^32 or more past its base, by starting a new leaf
-#     at that chunk (64-bit chunks in u32 directory entries).
-#   * Every walk stays inside the origin's chunks and advances on each leaf:
-#     a range past the origin is refused and bounds that do not advance are
-#     reported as damage, so no walk can loop.
-#   * Deleting snapshots' bits are cleared by a sweep in key order; a leaf left
-#     half empty is merged into its left sibling, index nodes likewise, and a
-#     root with one child gives way to that child.
+"""The exception btree: one tree keyed by logical chunk, leaves holding every
+exception of the chunks in their range (docs/format.md, "Exception btree").
+
+Rules:
+  * Every edit goes through the pager (modify/create/forget), so a failed
+    request rolls back exactly.
+  * A leaf's base equals its key in its parent; index keys[0] equals the
+    node's own lower bound; the root's lower bound is 0. Descent checks both,
+    so a damaged pointer is reported instead of followed.
+  * A leaf gets room for one more exception by splitting at the byte middle,
+    or, when the chunk is 2^32 or more past its base, by starting a new leaf
+    at that chunk (64-bit chunks in u32 directory entries).
+  * Every walk stays inside the origin's chunks and advances on each leaf:
+    a range past the origin is refused and bounds that do not advance are
+    reported as damage, so no walk can loop.
+  * Deleting snapshots' bits are cleared by a sweep in key order; a leaf left
+    half empty is merged into its left sibling, index nodes likewise, and a
+    root with one child gives way to that child.
+"""
+
 from __future__ import annotations
 
 import itertools

@@ -1,22 +1,24 @@
-# Offline verification (and bitmap repair) of a store, in the spirit of
-# thin_check: every block reachable from the superblock is decoded and
-# checked, and every chunk and block is recounted against the bitmaps.
-#
-# What is checked (docs/operations.md, "Checking a store"):
-#   superblock   decodes (geometry, state, snapshot table)
-#   journal      the transactions a server would replay; checked as replayed
-#   btree        each node decodes; levels, key order and key ranges agree
-#                with the parent; leaf bases equal their keys; no block is
-#                reached twice; share masks hold only bits of live, squashed
-#                or not-yet-swept deleted snapshots
-#   recount      every node and every exception's chunk is marked in its
-#                bitmap exactly once; nothing marked is unreferenced (leak);
-#                layout-reserved bits are set; free counts, the exception
-#                count and each snapshot's unique/shared counts are exact
-#
-# The check reads the store as the server would see it after replay, without
-# writing anything unless asked (--replay writes the replay home, --repair
-# also rewrites bitmaps and counters from the recount, through the journal).
+"""Offline verification (and bitmap repair) of a store, in the spirit of
+thin_check: every block reachable from the superblock is decoded and
+checked, and every chunk and block is recounted against the bitmaps.
+
+What is checked (docs/operations.md, "Checking a store"):
+  superblock   decodes (geometry, state, snapshot table)
+  journal      the transactions a server would replay; checked as replayed
+  btree        each node decodes; levels, key order and key ranges agree
+               with the parent; leaf bases equal their keys; no block is
+               reached twice; share masks hold only bits of live, squashed
+               or not-yet-swept deleted snapshots
+  recount      every node and every exception's chunk is marked in its
+               bitmap exactly once; nothing marked is unreferenced (leak);
+               layout-reserved bits are set; free counts, the exception
+               count and each snapshot's unique/shared counts are exact
+
+The check reads the store as the server would see it after replay, without
+writing anything unless asked (--replay writes the replay home, --repair
+also rewrites bitmaps and counters from the recount, through the journal).
+"""
+
 from __future__ import annotations
 
 import functools

@@ -1,16 +1,18 @@
-# Block devices: where the engine's bytes go.
-#
-# The engine sees a store and an origin through the small BlockDevice
-# interface: positioned reads and writes, and a sync that makes every earlier
-# write durable. Two implementations:
-#
-#   FileDevice    a regular file or a block device, with pread, pwrite and
-#                 fdatasync, and an exclusive flock on request (rule: one server per store).
-#   MemoryDevice  a sparse in-memory device that records every write and sync,
-#                 and can "crash": keep everything synced, and any chosen
-#                 subset of the unsynced writes, some torn at 512-byte sectors.
-#
-# Devices raise OSError; the engine translates it at its own boundary.
+"""Block devices: where the engine's bytes go.
+
+The engine sees a store and an origin through the small BlockDevice
+interface: positioned reads and writes, and a sync that makes every earlier
+write durable. Two implementations:
+
+  FileDevice    a regular file or a block device, with pread, pwrite and
+                fdatasync, and an exclusive flock on request (rule: one server per store).
+  MemoryDevice  a sparse in-memory device that records every write and sync,
+                and can "crash": keep everything synced, and any chosen
+                subset of the unsynced writes, some torn at 512-byte sectors.
+
+Devices raise OSError; the engine translates it at its own boundary.
+"""
+
 from __future__ import annotations
 
 import errno

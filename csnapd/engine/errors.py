@@ -1,9 +1,11 @@
-# Errors the engine raises to its callers.
-#
-# Each carries a stable symbolic `code` that the protocol layer maps to a wire
-# error; the message is for people. Rule: a request that fails with an
-# EngineError has changed nothing (its staged changes are rolled back), except
-# EngineFailedError, after which the engine refuses all work until reopened.
+"""Errors the engine raises to its callers.
+
+Each carries a stable symbolic `code` that the protocol layer maps to a wire
+error; the message is for people. Rule: a request that fails with an
+EngineError has changed nothing (its staged changes are rolled back), except
+EngineFailedError, after which the engine refuses all work until reopened.
+"""
+
 from __future__ import annotations
 
 from typing import ClassVar

@@ -1,22 +1,24 @@
-# The journal: how a transaction becomes durable, and how a store that was
-# not closed cleanly is brought back (docs/format.md, "Journal").
-#
-# Writing transaction s with blocks b1..bn:
-#   1. if it wrote copy-out data: sync (data before anything points at it)
-#   2. write the commit record and b1..bn to free journal slots
-#   3. sync                                   -> durable: replies may go out
-#   4. write b1..bn to their home addresses   (the next sync covers them)
-#
-# The record's tail is the oldest transaction whose home writes no completed
-# sync has covered yet; recovery replays from there. Slots from the tail of
-# the newest durable record to its end are live and never overwritten; when
-# free slots run short a checkpoint record (no blocks, tail = itself) frees
-# them all.
-#
-# Recovery reads every slot, takes the newest transaction whose images match
-# its payload CRC and carry its sequence, and replays from its tail in
-# sequence order, stopping at the first missing or damaged transaction
-# (rule: replay in order, docs/rules.md).
+"""The journal: how a transaction becomes durable, and how a store that was
+not closed cleanly is brought back (docs/format.md, "Journal").
+
+Writing transaction s with blocks b1..bn:
+  1. if it wrote copy-out data: sync (data before anything points at it)
+  2. write the commit record and b1..bn to free journal slots
+  3. sync                                   -> durable: replies may go out
+  4. write b1..bn to their home addresses   (the next sync covers them)
+
+The record's tail is the oldest transaction whose home writes no completed
+sync has covered yet; recovery replays from there. Slots from the tail of
+the newest durable record to its end are live and never overwritten; when
+free slots run short a checkpoint record (no blocks, tail = itself) frees
+them all.
+
+Recovery reads every slot, takes the newest transaction whose images match
+its payload CRC and carry its sequence, and replays from its tail in
+sequence order, stopping at the first missing or damaged transaction
+(rule: replay in order, docs/rules.md).
+"""
+
 from __future__ import annotations
 
 from collections import deque

@@ -1,17 +1,19 @@
-# Read locks on origin chunks.
-#
-# A snapshot reader told to read chunk X from the origin holds a read lock on
-# X until it says it has finished; an origin write to X is not granted while
-# anyone holds X (docs/protocol.md, "Reading a snapshot"). Locks are counted
-# per holder and chunk (a holder may read a chunk twice at once) and live
-# only in memory: after a restart, holders re-declare them.
-#
-# Memory: one entry per holder and chunk, and one per chunk; counts of locks
-# (a chunk locked twice counts twice) are kept per holder and in all, so a
-# caller can bound the table before it grows (docs/protocol.md, "Limits").
-# A Python dict keeps its size when entries are deleted, so the per-chunk
-# table is rebuilt once it holds far fewer entries than it once did: memory
-# returns when the locks do.
+"""Read locks on origin chunks.
+
+A snapshot reader told to read chunk X from the origin holds a read lock on
+X until it says it has finished; an origin write to X is not granted while
+anyone holds X (docs/protocol.md, "Reading a snapshot"). Locks are counted
+per holder and chunk (a holder may read a chunk twice at once) and live
+only in memory: after a restart, holders re-declare them.
+
+Memory: one entry per holder and chunk, and one per chunk; counts of locks
+(a chunk locked twice counts twice) are kept per holder and in all, so a
+caller can bound the table before it grows (docs/protocol.md, "Limits").
+A Python dict keeps its size when entries are deleted, so the per-chunk
+table is rebuilt once it holds far fewer entries than it once did: memory
+returns when the locks do.
+"""
+
 from __future__ import annotations
 
 from collections import Counter

@@ -1,15 +1,17 @@
-# The page cache: metadata blocks in their editable form, bounded in number,
-# with the dirty set of the open transaction and per-request undo.
-#
-# Rules:
-#   * A page is edited only after `modify(page)` (or `create(page)`), which
-#     records its prior state for rollback and pins it as dirty.
-#   * Dirty pages are never evicted; they leave the dirty set at commit.
-#   * Nothing is evicted while a request is being applied (between
-#     `begin_request` and its end), so a page a request holds is never
-#     replaced by a second copy behind its back. The cache may therefore
-#     exceed its capacity by one request's working set, briefly.
-#   * Start-up reads nothing: pages are loaded on first use.
+"""The page cache: metadata blocks in their editable form, bounded in number,
+with the dirty set of the open transaction and per-request undo.
+
+Rules:
+  * A page is edited only after `modify(page)` (or `create(page)`), which
+    records its prior state for rollback and pins it as dirty.
+  * Dirty pages are never evicted; they leave the dirty set at commit.
+  * Nothing is evicted while a request is being applied (between
+    `begin_request` and its end), so a page a request holds is never
+    replaced by a second copy behind its back. The cache may therefore
+    exceed its capacity by one request's working set, briefly.
+  * Start-up reads nothing: pages are loaded on first use.
+"""
+
 from __future__ import annotations
 
 from collections import OrderedDict

@@ -1,15 +1,17 @@
-# The engine's in-memory, mutable forms of metadata blocks ("pages").
-#
-# csnap_format decodes blocks into frozen dataclasses; the engine edits them
-# in place, so it converts each block once, on load, into a page:
-#
-#   LeafPage    parallel arrays (compact: about the block's own size in memory)
-#   IndexPage   two lists, keys and children
-#   BitmapPage  the bits as one Python int, plus the bits freed by the open
-#               transaction, which may not be handed out until it is durable
-#
-# Pages know how to copy themselves (for per-request rollback) and how to
-# turn back into format dataclasses for encoding.
+"""The engine's in-memory, mutable forms of metadata blocks ("pages").
+
+csnap_format decodes blocks into frozen dataclasses; the engine edits them
+in place, so it converts each block once, on load, into a page:
+
+  LeafPage    parallel arrays (compact: about the block's own size in memory)
+  IndexPage   two lists, keys and children
+  BitmapPage  the bits as one Python int, plus the bits freed by the open
+              transaction, which may not be handed out until it is durable
+
+Pages know how to copy themselves (for per-request rollback) and how to
+turn back into format dataclasses for encoding.
+"""
+
 from __future__ import annotations
 
 import bisect

@@ -1,5 +1,7 @@
-# What engine requests return: plain frozen values, safe to hand to the
-# transport layer.
+"""What engine requests return: plain frozen values, safe to hand to the
+transport layer.
+"""
+
 from __future__ import annotations
 
 from dataclasses import dataclass

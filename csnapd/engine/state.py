@@ -1,8 +1,10 @@
-# The store state the superblock carries, in a mutable form.
-#
-# Every request may change it (free counts, cursors, root, snapshot table,
-# per-snapshot counters); a request that fails puts back the copy taken when
-# it began. Each transaction that changed it journals a new superblock.
+"""The store state the superblock carries, in a mutable form.
+
+Every request may change it (free counts, cursors, root, snapshot table,
+per-snapshot counters); a request that fails puts back the copy taken when
+it began. Each transaction that changed it journals a new superblock.
+"""
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -1,0 +1,1 @@
+"""Crash-state enumeration: every state a power cut can leave, recovered and checked."""

@@ -1,25 +1,27 @@
-# Crash-state enumeration: run a seeded workload on a recording memory store,
-# then rebuild the store as a power cut would leave it at every write
-# boundary, recover each image, and check it.
-#
-# The trace is one ordered list of events:
-#   ("write", offset, data)    a store write the engine issued (not yet durable)
-#   ("sync", 0, b"")           a store sync: every earlier write is durable
-#   ("durable", offset, data)  a client's own write to a snapshot's store chunk,
-#                              durable when issued (it flushes itself)
-#   ("origin", chunk, version) a client write to the origin (after its ack)
-#   ("view", tag, chunk|version) the model learns a snapshot chunk's new version
-#   ("ack", n, b"")            commit n returned: its effects are acknowledged
-#
-# A crash state at a write boundary keeps everything synced, every client
-# write, and a chosen subset of the unsynced engine writes since the last
-# sync, some of them torn at 512-byte sectors. It must recover to a store
-# that the full check finds clean, whose snapshots are those acknowledged,
-# plus possibly the effects of the one commit in flight (acknowledged ⊆
-# recovered ⊆ issued), each reading exactly what the model says. And every
-# copy the btree points at, live or being deleted, must hold data of its own
-# chunk, which is what makes a chunk reused before its free was durable
-# (rule: no reuse before durable) visible.
+"""Crash-state enumeration: run a seeded workload on a recording memory store,
+then rebuild the store as a power cut would leave it at every write
+boundary, recover each image, and check it.
+
+The trace is one ordered list of events:
+  ("write", offset, data)    a store write the engine issued (not yet durable)
+  ("sync", 0, b"")           a store sync: every earlier write is durable
+  ("durable", offset, data)  a client's own write to a snapshot's store chunk,
+                             durable when issued (it flushes itself)
+  ("origin", chunk, version) a client write to the origin (after its ack)
+  ("view", tag, chunk|version) the model learns a snapshot chunk's new version
+  ("ack", n, b"")            commit n returned: its effects are acknowledged
+
+A crash state at a write boundary keeps everything synced, every client
+write, and a chosen subset of the unsynced engine writes since the last
+sync, some of them torn at 512-byte sectors. It must recover to a store
+that the full check finds clean, whose snapshots are those acknowledged,
+plus possibly the effects of the one commit in flight (acknowledged ⊆
+recovered ⊆ issued), each reading exactly what the model says. And every
+copy the btree points at, live or being deleted, must hold data of its own
+chunk, which is what makes a chunk reused before its free was durable
+(rule: no reuse before durable) visible.
+"""
+
 from __future__ import annotations
 
 import random

@@ -1,5 +1,7 @@
-# Every crash state of seeded workloads recovers to a clean store holding
-# every acknowledged operation and nothing that was never issued.
+"""Every crash state of seeded workloads recovers to a clean store holding
+every acknowledged operation and nothing that was never issued.
+"""
+
 from __future__ import annotations
 
 import os

@@ -1,9 +1,11 @@
-# The crash harness proves itself: with each of four classic journal defects
-# planted (a checksum that covers only the commit record's first bytes, homes
-# written before the commit is durable, replay to the wrong address, a freed
-# chunk reused before its free is durable: docs/rules.md, "everything
-# journaled", "replay in order", "no reuse before durable"), it must find a
-# crash state that recovers wrongly within its first thousand states.
+"""The crash harness proves itself: with each of four classic journal defects
+planted (a checksum that covers only the commit record's first bytes, homes
+written before the commit is durable, replay to the wrong address, a freed
+chunk reused before its free is durable: docs/rules.md, "everything
+journaled", "replay in order", "no reuse before durable"), it must find a
+crash state that recovers wrongly within its first thousand states.
+"""
+
 from __future__ import annotations
 
 import zlib

@@ -1,10 +1,12 @@
-# Real csnapd processes for end-to-end tests: started, read for their
-# address, killed with SIGKILL or stopped with SIGTERM.
-#
-# A test need not stop what it started when it fails: tests/process_guard.py
-# kills and reaps every process a test left behind in its teardown, and a
-# test that passes with one still running fails. Here, a start that fails
-# and a stop that times out or is cancelled kill the process themselves.
+"""Real csnapd processes for end-to-end tests: started, read for their
+address, killed with SIGKILL or stopped with SIGTERM.
+
+A test need not stop what it started when it fails: tests/process_guard.py
+kills and reaps every process a test left behind in its teardown, and a
+test that passes with one still running fails. Here, a start that fails
+and a stop that times out or is cancelled kill the process themselves.
+"""
+
 from __future__ import annotations
 
 import os

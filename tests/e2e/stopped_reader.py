@@ -1,13 +1,15 @@
-# A data-path node that stops itself (SIGSTOP) in the worst place: holding a
-# snapshot read lock on an origin chunk, its origin read not yet done, with
-# an origin client of the same node connected too (it owes barriers).
-#
-#     python -m tests.e2e.stopped_reader HOST PORT SNAPSHOT CHUNK ORIGIN STORE
-#
-# Prints "locked", stops itself; once continued, reads the chunk as a
-# gateway does (origin read, then DataClient.read_trusted), asking again
-# whenever the check says the locks' lease ran out. Prints "requeried" for
-# each such retry and finally "read <hex of the chunk's first 16 bytes>".
+"""A data-path node that stops itself (SIGSTOP) in the worst place: holding a
+snapshot read lock on an origin chunk, its origin read not yet done, with
+an origin client of the same node connected too (it owes barriers).
+
+    python -m tests.e2e.stopped_reader HOST PORT SNAPSHOT CHUNK ORIGIN STORE
+
+Prints "locked", stops itself; once continued, reads the chunk as a
+gateway does (origin read, then DataClient.read_trusted), asking again
+whenever the check says the locks' lease ran out. Prints "requeried" for
+each such retry and finally "read <hex of the chunk's first 16 bytes>".
+"""
+
 from __future__ import annotations
 
 import os

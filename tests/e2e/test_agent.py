@@ -1,7 +1,9 @@
-# csnap-agent, csnapd --agent and the csnap CLI as real processes: the
-# administrator's verbs and their exit codes, standby and activation, a
-# client that asks before any server is up, a server killed and restarted,
-# and an agent restarted under a running server.
+"""csnap-agent, csnapd --agent and the csnap CLI as real processes: the
+administrator's verbs and their exit codes, standby and activation, a
+client that asks before any server is up, a server killed and restarted,
+and an agent restarted under a running server.
+"""
+
 from __future__ import annotations
 
 import json

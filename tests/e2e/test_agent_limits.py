@@ -1,6 +1,8 @@
-# A real csnap-agent answers every request, and its in-flight limit holds:
-# repeated ids do not lift it, and a relayed reply too big for the admin's
-# frame limit is answered request_too_large (docs/protocol.md, "The agent").
+"""A real csnap-agent answers every request, and its in-flight limit holds:
+repeated ids do not lift it, and a relayed reply too big for the admin's
+frame limit is answered request_too_large (docs/protocol.md, "The agent").
+"""
+
 from __future__ import annotations
 
 from pathlib import Path

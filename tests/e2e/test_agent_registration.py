@@ -1,7 +1,9 @@
-# What a real csnap-agent accepts in `server_ready` (docs/protocol.md,
-# section `server_ready`): every nonsensical field and every registration
-# that contradicts what the agent knows is refused with a clear error, the
-# refusal changes nothing, and the active server keeps being the answer.
+"""What a real csnap-agent accepts in `server_ready` (docs/protocol.md,
+section `server_ready`): every nonsensical field and every registration
+that contradicts what the agent knows is refused with a clear error, the
+refusal changes nothing, and the active server keeps being the answer.
+"""
+
 from __future__ import annotations
 
 import os

@@ -1,8 +1,10 @@
-# The csnap CLI refuses bad arguments as usage errors (exit 2, one line on
-# stderr, no traceback): timeouts that are not a positive finite number of
-# seconds, and tags that are not plain decimal digits (docs/operations.md,
-# "The csnap CLI"). Run as a real process, against no agent at all: a
-# usage error must come before any attempt to reach one.
+"""The csnap CLI refuses bad arguments as usage errors (exit 2, one line on
+stderr, no traceback): timeouts that are not a positive finite number of
+seconds, and tags that are not plain decimal digits (docs/operations.md,
+"The csnap CLI"). Run as a real process, against no agent at all: a
+usage error must come before any attempt to reach one.
+"""
+
 from __future__ import annotations
 
 from pathlib import Path

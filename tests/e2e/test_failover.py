@@ -1,6 +1,8 @@
-# A standby csnapd takes over when the active one dies (docs/operations.md):
-# real csnap-agent and csnapd processes, the active server killed with
-# SIGKILL after the agent has relayed administration to it.
+"""A standby csnapd takes over when the active one dies (docs/operations.md):
+real csnap-agent and csnapd processes, the active server killed with
+SIGKILL after the agent has relayed administration to it.
+"""
+
 from __future__ import annotations
 
 import json

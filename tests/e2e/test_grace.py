@@ -1,7 +1,9 @@
-# The post-restart grace period with real processes: an origin writer that
-# stayed connected across a csnapd crash gets no write granted while a reader
-# that held a read lock before the crash may still re-declare it; the write
-# goes through once the grace period ends.
+"""The post-restart grace period with real processes: an origin writer that
+stayed connected across a csnapd crash gets no write granted while a reader
+that held a read lock before the crash may still re-declare it; the write
+goes through once the grace period ends.
+"""
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -1,8 +1,10 @@
-# Liveness against a real csnapd process (docs/protocol.md, "Liveness"): a
-# data-path node that stops (SIGSTOP) while holding read locks and owing
-# barriers loses them after the lease, and once continued it never returns
-# origin data that an origin write replaced meanwhile. And peers that do not
-# read their replies cost only their own connections.
+"""Liveness against a real csnapd process (docs/protocol.md, "Liveness"): a
+data-path node that stops (SIGSTOP) while holding read locks and owing
+barriers loses them after the lease, and once continued it never returns
+origin data that an origin write replaced meanwhile. And peers that do not
+read their replies cost only their own connections.
+"""
+
 from __future__ import annotations
 
 import itertools

@@ -1,5 +1,7 @@
-# A real csnapd killed with SIGKILL under load and restarted: clients
-# reconnect and re-declare their read locks, and no acknowledged write is lost.
+"""A real csnapd killed with SIGKILL under load and restarted: clients
+reconnect and re-declare their read locks, and no acknowledged write is lost.
+"""
+
 from __future__ import annotations
 
 import os

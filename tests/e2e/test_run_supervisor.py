@@ -1,7 +1,9 @@
-# scripts/run's supervisor (csnap_agent.demo) as a real process: a closed
-# terminal (SIGHUP) stops every service in order and leaves the store clean;
-# a second run on the same directory, or one whose NBD port is taken, says
-# why in one line and exits 1, leaving nothing running.
+"""scripts/run's supervisor (csnap_agent.demo) as a real process: a closed
+terminal (SIGHUP) stops every service in order and leaves the store clean;
+a second run on the same directory, or one whose NBD port is taken, says
+why in one line and exits 1, leaving nothing running.
+"""
+
 from __future__ import annotations
 
 import os

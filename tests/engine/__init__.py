@@ -1,0 +1,1 @@
+"""Tests of the synchronous store engine."""

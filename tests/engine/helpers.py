@@ -1,5 +1,7 @@
-# Helpers for engine tests: formatted memory stores, recognisable chunk
-# contents, a device that loses power on cue, and reading through the engine.
+"""Helpers for engine tests: formatted memory stores, recognisable chunk
+contents, a device that loses power on cue, and reading through the engine.
+"""
+
 from __future__ import annotations
 
 import errno

@@ -1,8 +1,10 @@
-# Every engine entry point that takes chunk ranges refuses, with its own
-# message, each range that reaches past the origin by as little as one chunk,
-# and takes every range that ends exactly at the origin's last chunk. The
-# btree walk itself refuses to run past the origin, so a lapse in a caller's
-# check is an error at once, never a walk that does not end.
+"""Every engine entry point that takes chunk ranges refuses, with its own
+message, each range that reaches past the origin by as little as one chunk,
+and takes every range that ends exactly at the origin's last chunk. The
+btree walk itself refuses to run past the origin, so a lapse in a caller's
+check is an error at once, never a walk that does not end.
+"""
+
 from __future__ import annotations
 
 from collections.abc import Callable

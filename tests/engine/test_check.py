@@ -1,5 +1,7 @@
-# csnap-check finds each planted fault, names its block and chunk, and
-# --repair fixes the ones a recount can fix.
+"""csnap-check finds each planted fault, names its block and chunk, and
+--repair fixes the ones a recount can fix.
+"""
+
 from __future__ import annotations
 
 import json

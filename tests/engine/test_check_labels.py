@@ -1,6 +1,8 @@
-# csnap-check --repair labels each problem by what happened to it: [repaired]
-# only beside a problem it rewrote, [not repaired] beside every other; the
-# exit status is fsck's (1 all repaired, 4 problems left).
+"""csnap-check --repair labels each problem by what happened to it: [repaired]
+only beside a problem it rewrote, [not repaired] beside every other; the
+exit status is fsck's (1 all repaired, 4 problems left).
+"""
+
 from __future__ import annotations
 
 import json

@@ -1,6 +1,8 @@
-# The engine's parts through their public behaviour: devices, allocation,
-# the bounded cache, deep trees, opening, validation, a full store, and
-# group commit.
+"""The engine's parts through their public behaviour: devices, allocation,
+the bounded cache, deep trees, opening, validation, a full store, and
+group commit.
+"""
+
 from __future__ import annotations
 
 import os

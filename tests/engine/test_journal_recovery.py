@@ -1,7 +1,9 @@
-# Recovery takes a transaction only when every image in its slots carries the
-# transaction's own sequence (docs/format.md, "Image sequence rule"): intact
-# images left in the slots by an earlier use of the journal are stale, even
-# under a commit record whose payload CRC covers them.
+"""Recovery takes a transaction only when every image in its slots carries the
+transaction's own sequence (docs/format.md, "Image sequence rule"): intact
+images left in the slots by an earlier use of the journal are stale, even
+under a commit record whose payload CRC covers them.
+"""
+
 from __future__ import annotations
 
 from csnap_format import CommitRecord, Geometry, encode_commit, payload_crc

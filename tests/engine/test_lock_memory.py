@@ -1,5 +1,7 @@
-# The read-lock table gives its memory back when the locks go, and counts
-# locks (a chunk locked twice counts twice) so callers can bound it.
+"""The read-lock table gives its memory back when the locks go, and counts
+locks (a chunk locked twice counts twice) so callers can bound it.
+"""
+
 from __future__ import annotations
 
 import tracemalloc

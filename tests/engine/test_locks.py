@@ -1,4 +1,5 @@
-# The read-lock table: counted holds, stray releases, release on disconnect.
+"""The read-lock table: counted holds, stray releases, release on disconnect."""
+
 from __future__ import annotations
 
 from csnapd.engine.locks import LockTable

@@ -1,11 +1,13 @@
-# The engine against a plain model of what every view (the origin and each
-# snapshot) should read, chunk by chunk, through creates, deletes, sweeps,
-# origin and snapshot writes, clean restarts, crashes that lose or tear
-# unsynced writes, and power cuts in the middle of a commit.
-#
-# After every step: the engine's snapshots are the model's, the full check
-# finds nothing, and a sample of chunks of every view reads what the model
-# says. After every restart or crash, every chunk of every view is compared.
+"""The engine against a plain model of what every view (the origin and each
+snapshot) should read, chunk by chunk, through creates, deletes, sweeps,
+origin and snapshot writes, clean restarts, crashes that lose or tear
+unsynced writes, and power cuts in the middle of a commit.
+
+After every step: the engine's snapshots are the model's, the full check
+finds nothing, and a sample of chunks of every view reads what the model
+says. After every restart or crash, every chunk of every view is compared.
+"""
+
 from __future__ import annotations
 
 import os

@@ -1,5 +1,7 @@
-# The engine refuses ranges that name a chunk twice or reach outside the
-# origin, whoever calls it, and a refused request leaves the store as it was.
+"""The engine refuses ranges that name a chunk twice or reach outside the
+origin, whoever calls it, and a refused request leaves the store as it was.
+"""
+
 from __future__ import annotations
 
 from collections.abc import Callable

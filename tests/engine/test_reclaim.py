@@ -1,7 +1,9 @@
-# Space coming back: a chunk freed by a transaction is not written before that
-# transaction is durable (no reuse before durable), seen from the disk after a power cut rather
-# than from the engine's counters; and the deletion sweep reaches the origin's
-# last leaf.
+"""Space coming back: a chunk freed by a transaction is not written before that
+transaction is durable (no reuse before durable), seen from the disk after a power cut rather
+than from the engine's counters; and the deletion sweep reaches the origin's
+last leaf.
+"""
+
 from __future__ import annotations
 
 from csnapd.engine import Engine

@@ -1,5 +1,7 @@
-# The client registry survives restarts and crashes, is journaled like any
-# block, and the check accounts for its block.
+"""The client registry survives restarts and crashes, is journaled like any
+block, and the check accounts for its block.
+"""
+
 from __future__ import annotations
 
 from csnapd.engine import Engine

@@ -1,6 +1,8 @@
-# One deterministic test per way a snapshot store's metadata has been known
-# to go wrong (docs/rules.md names the rule each proves), plus the chunk freed
-# and wanted again in one transaction.
+"""One deterministic test per way a snapshot store's metadata has been known
+to go wrong (docs/rules.md names the rule each proves), plus the chunk freed
+and wanted again in one transaction.
+"""
+
 from __future__ import annotations
 
 import pytest

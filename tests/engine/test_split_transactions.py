@@ -1,7 +1,9 @@
-# Writes within max_chunks succeed whatever the number of snapshots, the
-# chunk size or the journal size: a write whose metadata does not fit one
-# journal transaction is carried by several (docs/protocol.md, "Requests
-# larger than one transaction").
+"""Writes within max_chunks succeed whatever the number of snapshots, the
+chunk size or the journal size: a write whose metadata does not fit one
+journal transaction is carried by several (docs/protocol.md, "Requests
+larger than one transaction").
+"""
+
 from __future__ import annotations
 
 import pytest

@@ -1,4 +1,5 @@
-# Hypothesis strategies that build valid on-disk structures for a geometry.
+"""Hypothesis strategies that build valid on-disk structures for a geometry."""
+
 from __future__ import annotations
 
 from hypothesis import reject

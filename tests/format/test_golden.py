@@ -1,5 +1,7 @@
-# A byte-exact image of a small formatted store: its blocks hash to the
-# recorded digests, and the fields sit where docs/format.md says they do.
+"""A byte-exact image of a small formatted store: its blocks hash to the
+recorded digests, and the fields sit where docs/format.md says they do.
+"""
+
 from __future__ import annotations
 
 import hashlib

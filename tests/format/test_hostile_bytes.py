@@ -1,5 +1,7 @@
-# Decoding arbitrary or damaged bytes raises a FormatError subclass, never
-# anything else, and never returns a structure from damaged bytes.
+"""Decoding arbitrary or damaged bytes raises a FormatError subclass, never
+anything else, and never returns a structure from damaged bytes.
+"""
+
 from __future__ import annotations
 
 import contextlib

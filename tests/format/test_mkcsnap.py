@@ -1,4 +1,5 @@
-# mkcsnap end to end in tmp_path: formats, refuses, and explains.
+"""mkcsnap end to end in tmp_path: formats, refuses, and explains."""
+
 from __future__ import annotations
 
 import json

@@ -1,5 +1,7 @@
-# Every on-disk structure survives encode -> decode unchanged, and the fast
-# struct codecs agree byte for byte with the construct declarations.
+"""Every on-disk structure survives encode -> decode unchanged, and the fast
+struct codecs agree byte for byte with the construct declarations.
+"""
+
 from __future__ import annotations
 
 import itertools

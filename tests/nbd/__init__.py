@@ -1,0 +1,1 @@
+"""Tests of the NBD gateway, with real NBD clients and raw ones."""

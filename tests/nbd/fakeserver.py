@@ -1,12 +1,14 @@
-# A stand-in for csnapd, or for the csnap-agent relaying to it, that answers
-# the gateway's start-up questions (get_server_info, get_status) with
-# whatever file paths it is told to report: what a process squatting on
-# csnapd's port or the agent's socket could do. Refuses every other request.
-#
-# Run in-process (serve_fake) or as a process, possibly as another user:
-#   python -m tests.nbd.fakeserver [--unix PATH [--uid UID]]
-#       --origin PATH --store PATH
-# which prints "listening ADDRESS" once it accepts connections.
+"""A stand-in for csnapd, or for the csnap-agent relaying to it, that answers
+the gateway's start-up questions (get_server_info, get_status) with
+whatever file paths it is told to report: what a process squatting on
+csnapd's port or the agent's socket could do. Refuses every other request.
+
+Run in-process (serve_fake) or as a process, possibly as another user:
+  python -m tests.nbd.fakeserver [--unix PATH [--uid UID]]
+      --origin PATH --store PATH
+which prints "listening ADDRESS" once it accepts connections.
+"""
+
 from __future__ import annotations
 
 import argparse

@@ -1,9 +1,11 @@
-# A tiny NBD client over a raw socket, for what real clients will not send:
-# bad magics, unknown options and commands, oversized lengths, requests cut
-# off in the middle, simple replies and NBD_OPT_EXPORT_NAME.
-#
-# It uses csnap_nbd.wire to build and parse bytes; the real clients (qemu,
-# libnbd) in the other tests are the independent check of those codecs.
+"""A tiny NBD client over a raw socket, for what real clients will not send:
+bad magics, unknown options and commands, oversized lengths, requests cut
+off in the middle, simple replies and NBD_OPT_EXPORT_NAME.
+
+It uses csnap_nbd.wire to build and parse bytes; the real clients (qemu,
+libnbd) in the other tests are the independent check of those codecs.
+"""
+
 from __future__ import annotations
 
 import socket

@@ -1,6 +1,8 @@
-# What the NBD gateway's end-to-end tests share: a store with a known origin,
-# csnapd and csnap-nbd started as real processes, the Debian NBD clients run
-# with a time limit, and csnapd's own answers to compare the gateway with.
+"""What the NBD gateway's end-to-end tests share: a store with a known origin,
+csnapd and csnap-nbd started as real processes, the Debian NBD clients run
+with a time limit, and csnapd's own answers to compare the gateway with.
+"""
+
 from __future__ import annotations
 
 import os

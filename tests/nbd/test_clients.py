@@ -1,7 +1,9 @@
-# csnap-nbd driven by real NBD clients from Debian (nbdinfo, nbdcopy,
-# qemu-io, qemu-img): exports and their properties, copy-on-write seen from
-# both sides, snapshot writes of every alignment, block status against
-# csnapd's own answers, flush and FUA, read-only mode.
+"""csnap-nbd driven by real NBD clients from Debian (nbdinfo, nbdcopy,
+qemu-io, qemu-img): exports and their properties, copy-on-write seen from
+both sides, snapshot writes of every alignment, block status against
+csnapd's own answers, flush and FUA, read-only mode.
+"""
+
 from __future__ import annotations
 
 import json

@@ -1,5 +1,7 @@
-# docs/nbd.md's tables say what the gateway does: the options it answers,
-# the commands it serves, its metadata contexts and its limits.
+"""docs/nbd.md's tables say what the gateway does: the options it answers,
+the commands it serves, its metadata contexts and its limits.
+"""
+
 from __future__ import annotations
 
 from csnap_nbd.datapath import STATUS_PIECES

@@ -1,6 +1,8 @@
-# The gateway's export registry against an in-process csnapd: names, one
-# shared csnapd client per export in use, a refused snapshot, and the data
-# paths' partial-chunk writes as csnapd places them.
+"""The gateway's export registry against an in-process csnapd: names, one
+shared csnapd client per export in use, a refused snapshot, and the data
+paths' partial-chunk writes as csnapd places them.
+"""
+
 from __future__ import annotations
 
 from collections.abc import AsyncIterator

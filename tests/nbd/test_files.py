@@ -1,11 +1,13 @@
-# The gateway opens only files it was given or that a vouched-for csnapd
-# names: a process answering on csnapd's TCP port cannot make it open (let
-# alone export for writing) another file, and through an agent the paths
-# csnapd reports must be absolute, not symbolic links, regular files or
-# block devices owned by the gateway's user or root, and the agent itself
-# must run as the gateway's user or root. The rules one by one on real
-# files, then with real gateway processes against a fake csnapd and a fake
-# agent.
+"""The gateway opens only files it was given or that a vouched-for csnapd
+names: a process answering on csnapd's TCP port cannot make it open (let
+alone export for writing) another file, and through an agent the paths
+csnapd reports must be absolute, not symbolic links, regular files or
+block devices owned by the gateway's user or root, and the agent itself
+must run as the gateway's user or root. The rules one by one on real
+files, then with real gateway processes against a fake csnapd and a fake
+agent.
+"""
+
 from __future__ import annotations
 
 import os

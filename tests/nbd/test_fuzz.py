@@ -1,21 +1,23 @@
-# A model-checked fuzzer of the NBD gateway: real csnapd and csnap-nbd
-# processes (a writable gateway and a read-only one) over one store, and
-# hypothesis generating sessions of requests at every length, offset and
-# flag, pipelined, on the origin and on snapshots taken along the way, with
-# and without structured replies and metadata contexts, mixed with broken
-# framing that must close only that connection.
-#
-# Every reply is checked against the specification's answer (tests/nbd/
-# spec.py) and every successful read against a model of each export (a
-# bytearray per export, updated by the writes the gateway acknowledged).
-# After every step a good request on another connection must be answered
-# correctly. At the end every export is read whole and compared with its
-# model, both gateways and csnapd stop cleanly, and csnap-check finds the
-# store consistent.
-#
-# CSNAP_NBD_FUZZ_EXAMPLES (default 40) sets the number of sessions and
-# CSNAP_NBD_FUZZ_STEPS (default 20) the most steps of each; scripts/torture
-# runs thousands.
+"""A model-checked fuzzer of the NBD gateway: real csnapd and csnap-nbd
+processes (a writable gateway and a read-only one) over one store, and
+hypothesis generating sessions of requests at every length, offset and
+flag, pipelined, on the origin and on snapshots taken along the way, with
+and without structured replies and metadata contexts, mixed with broken
+framing that must close only that connection.
+
+Every reply is checked against the specification's answer (tests/nbd/
+spec.py) and every successful read against a model of each export (a
+bytearray per export, updated by the writes the gateway acknowledged).
+After every step a good request on another connection must be answered
+correctly. At the end every export is read whole and compared with its
+model, both gateways and csnapd stop cleanly, and csnap-check finds the
+store consistent.
+
+CSNAP_NBD_FUZZ_EXAMPLES (default 40) sets the number of sessions and
+CSNAP_NBD_FUZZ_STEPS (default 20) the most steps of each; scripts/torture
+runs thousands.
+"""
+
 from __future__ import annotations
 
 import os

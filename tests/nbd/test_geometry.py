@@ -1,7 +1,9 @@
-# Byte ranges against chunks, checked against a byte-by-byte model: pieces
-# cover a request exactly, placements put every byte where csnapd said (and
-# never touch the rest of a partial chunk), and extents describe exactly the
-# request with the right flag per byte.
+"""Byte ranges against chunks, checked against a byte-by-byte model: pieces
+cover a request exactly, placements put every byte where csnapd said (and
+never touch the rest of a partial chunk), and extents describe exactly the
+request with the right flag per byte.
+"""
+
 from __future__ import annotations
 
 import itertools

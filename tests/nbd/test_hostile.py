@@ -1,9 +1,11 @@
-# csnap-nbd against a raw-socket client that sends what real clients will
-# not: unknown options and commands get their proper errors and the
-# connection goes on; broken framing (bad magics, unknown client flags,
-# oversized lengths, a request cut off) closes that connection only, and the
-# gateway keeps serving others. Also the paths real clients cannot force:
-# simple replies, NBD_OPT_EXPORT_NAME, REQ_ONE, EPERM on a read-only export.
+"""csnap-nbd against a raw-socket client that sends what real clients will
+not: unknown options and commands get their proper errors and the
+connection goes on; broken framing (bad magics, unknown client flags,
+oversized lengths, a request cut off) closes that connection only, and the
+gateway keeps serving others. Also the paths real clients cannot force:
+simple replies, NBD_OPT_EXPORT_NAME, REQ_ONE, EPERM on a read-only export.
+"""
+
 from __future__ import annotations
 
 import struct

@@ -1,9 +1,11 @@
-# A write the gateway accepts succeeds whatever csnapd's limits: the gateway
-# splits by the max_chunks csnapd announces, and a piece csnapd still finds
-# too large for one transaction (a small journal, many chunks to copy out)
-# is halved until it fits. Checked through qemu-io with the largest write
-# the gateway advertises, and against an in-process csnapd with a small
-# max_chunks, counting the requests it received.
+"""A write the gateway accepts succeeds whatever csnapd's limits: the gateway
+splits by the max_chunks csnapd announces, and a piece csnapd still finds
+too large for one transaction (a small journal, many chunks to copy out)
+is halved until it fits. Checked through qemu-io with the largest write
+the gateway advertises, and against an in-process csnapd with a small
+max_chunks, counting the requests it received.
+"""
+
 from __future__ import annotations
 
 from pathlib import Path

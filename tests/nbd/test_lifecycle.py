@@ -1,7 +1,9 @@
-# csnap-nbd over time: a snapshot taken while qemu writes the origin is a
-# point in time, a deleted snapshot's export ends cleanly, the gateway stops
-# with exit status 0 on SIGTERM (also before csnapd ever answered), it finds
-# csnapd through a csnap-agent, and a kernel filesystem path (nbdfuse) works.
+"""csnap-nbd over time: a snapshot taken while qemu writes the origin is a
+point in time, a deleted snapshot's export ends cleanly, the gateway stops
+with exit status 0 on SIGTERM (also before csnapd ever answered), it finds
+csnapd through a csnap-agent, and a kernel filesystem path (nbdfuse) works.
+"""
+
 from __future__ import annotations
 
 import os

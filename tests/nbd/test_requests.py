@@ -1,11 +1,13 @@
-# Every transmission request a well-framed client can send gets the reply
-# the NBD specification prescribes, and never a dropped connection: every
-# command number, every flag (documented, undocumented, not advertised), and
-# lengths and offsets at every edge (0, unaligned, past the end, past 2^64,
-# over the maximum block size), on the origin and a snapshot, with and
-# without structured replies, and read-only. Requests are pipelined behind a
-# read that must still be answered, and at the end every export holds
-# exactly what the successful writes put there.
+"""Every transmission request a well-framed client can send gets the reply
+the NBD specification prescribes, and never a dropped connection: every
+command number, every flag (documented, undocumented, not advertised), and
+lengths and offsets at every edge (0, unaligned, past the end, past 2^64,
+over the maximum block size), on the origin and a snapshot, with and
+without structured replies, and read-only. Requests are pipelined behind a
+read that must still be answered, and at the end every export holds
+exactly what the successful writes put there.
+"""
+
 from __future__ import annotations
 
 from dataclasses import dataclass

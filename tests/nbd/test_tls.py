@@ -1,9 +1,11 @@
-# csnap-nbd speaking NBD over TLS (docs/nbd.md, "TLS"), proved with real
-# csnapd and csnap-nbd processes, certificates made by scripts/nbd-certs
-# with openssl, and real clients: nbdinfo and nbdcopy (libnbd, GnuTLS) and
-# qemu-img/qemu-io (qemu, GnuTLS). A raw client, with Python's ssl for its
-# side of TLS, checks NBD_OPT_STARTTLS byte by byte and sends garbage
-# before, during and after the TLS handshake.
+"""csnap-nbd speaking NBD over TLS (docs/nbd.md, "TLS"), proved with real
+csnapd and csnap-nbd processes, certificates made by scripts/nbd-certs
+with openssl, and real clients: nbdinfo and nbdcopy (libnbd, GnuTLS) and
+qemu-img/qemu-io (qemu, GnuTLS). A raw client, with Python's ssl for its
+side of TLS, checks NBD_OPT_STARTTLS byte by byte and sends garbage
+before, during and after the TLS handshake.
+"""
+
 from __future__ import annotations
 
 import json

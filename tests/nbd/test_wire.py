@@ -1,7 +1,9 @@
-# The NBD wire format, byte by byte and without sockets: every constant
-# against the spec's decimal values, encoders against decoders, hostile
-# bytes into every parser (only the two protocol errors may come out), the
-# request checks, and metadata context selection.
+"""The NBD wire format, byte by byte and without sockets: every constant
+against the spec's decimal values, encoders against decoders, hostile
+bytes into every parser (only the two protocol errors may come out), the
+request checks, and metadata context selection.
+"""
+
 from __future__ import annotations
 
 import contextlib

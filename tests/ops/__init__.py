@@ -1,0 +1,1 @@
+"""Tests of what operators rely on: systemd notification, unit files, JSON logs."""

@@ -1,13 +1,15 @@
-# Run a command confined as the contrib/systemd units confine a service,
-# without systemd: the whole file system read-only except /dev, /proc, /sys
-# and one writable directory (ProtectSystem=strict with StateDirectory=),
-# no new privileges (NoNewPrivileges=), no writable-and-executable memory
-# (MemoryDenyWriteExecute=) and a reduced capability bounding set
-# (CapabilityBoundingSet=). Needs root (a private mount namespace).
-#
-#     python -m tests.ops.sandbox WRITABLE CAPS -- PROGRAM ARGS...
-#
-# CAPS is setpriv's list, e.g. "dac_override,dac_read_search", or "" for none.
+"""Run a command confined as the contrib/systemd units confine a service,
+without systemd: the whole file system read-only except /dev, /proc, /sys
+and one writable directory (ProtectSystem=strict with StateDirectory=),
+no new privileges (NoNewPrivileges=), no writable-and-executable memory
+(MemoryDenyWriteExecute=) and a reduced capability bounding set
+(CapabilityBoundingSet=). Needs root (a private mount namespace).
+
+    python -m tests.ops.sandbox WRITABLE CAPS -- PROGRAM ARGS...
+
+CAPS is setpriv's list, e.g. "dac_override,dac_read_search", or "" for none.
+"""
+
 from __future__ import annotations
 
 import ctypes

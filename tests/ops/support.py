@@ -1,6 +1,8 @@
-# What the operations tests share: a datagram socket standing in for
-# systemd's notification socket, services started as real processes with a
-# chosen environment, and a small store to serve.
+"""What the operations tests share: a datagram socket standing in for
+systemd's notification socket, services started as real processes with a
+chosen environment, and a small store to serve.
+"""
+
 from __future__ import annotations
 
 import os

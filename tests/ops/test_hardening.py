@@ -1,9 +1,11 @@
-# The services tolerate the confinement the contrib/systemd units ask for:
-# under a read-only file system with one writable directory, no new
-# privileges, no writable-and-executable memory and the units' capability
-# bounding sets (see tests/ops/sandbox.py), the agent, csnapd and the
-# gateway start, report READY=1, take a snapshot, serve NBD reads and a
-# copy-on-write NBD write, and stop with exit status 0.
+"""The services tolerate the confinement the contrib/systemd units ask for:
+under a read-only file system with one writable directory, no new
+privileges, no writable-and-executable memory and the units' capability
+bounding sets (see tests/ops/sandbox.py), the agent, csnapd and the
+gateway start, report READY=1, take a snapshot, serve NBD reads and a
+copy-on-write NBD write, and stop with exit status 0.
+"""
+
 from __future__ import annotations
 
 import os

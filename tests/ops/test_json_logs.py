@@ -1,9 +1,11 @@
-# --log-format=json on every service while it does real work (an agent,
-# csnapd registered with it, the NBD gateway; snapshots created and deleted,
-# NBD clients reading a snapshot, an administrator's shutdown): every line
-# of stderr is one JSON object with only documented fields, the important
-# events are there with their ids, and docs/operations.md ("Logs") lists
-# exactly the fields and events the code writes.
+"""--log-format=json on every service while it does real work (an agent,
+csnapd registered with it, the NBD gateway; snapshots created and deleted,
+NBD clients reading a snapshot, an administrator's shutdown): every line
+of stderr is one JSON object with only documented fields, the important
+events are there with their ids, and docs/operations.md ("Logs") lists
+exactly the fields and events the code writes.
+"""
+
 from __future__ import annotations
 
 import json

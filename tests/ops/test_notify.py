@@ -1,8 +1,10 @@
-# The services under a real $NOTIFY_SOCKET (a datagram socket this test
-# owns, as systemd would): READY=1 only once the service answers (the test
-# connects right after it, with no retry), STATUS= lines on the way,
-# STOPPING=1 when asked to stop, WATCHDOG=1 pings when $WATCHDOG_USEC is set
-# and none when it is not; and the agent started by socket activation.
+"""The services under a real $NOTIFY_SOCKET (a datagram socket this test
+owns, as systemd would): READY=1 only once the service answers (the test
+connects right after it, with no retry), STATUS= lines on the way,
+STOPPING=1 when asked to stop, WATCHDOG=1 pings when $WATCHDOG_USEC is set
+and none when it is not; and the agent started by socket activation.
+"""
+
 from __future__ import annotations
 
 import os

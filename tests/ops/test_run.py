@@ -1,6 +1,8 @@
-# scripts/run's supervisor (csnap_agent.demo) when an administrator stops
-# the server with `csnap shutdown`: the whole demo ends cleanly, exit status
-# 0, with a line saying why and no error, and the store is left clean.
+"""scripts/run's supervisor (csnap_agent.demo) when an administrator stops
+the server with `csnap shutdown`: the whole demo ends cleanly, exit status
+0, with a line saying why and no error, and the store is left clean.
+"""
+
 from __future__ import annotations
 
 import os

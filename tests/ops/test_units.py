@@ -1,6 +1,8 @@
-# The unit files under contrib/systemd: `systemd-analyze verify` accepts
-# them without a word (it runs without systemd as PID 1), and the command
-# line each one runs is one its program accepts.
+"""The unit files under contrib/systemd: `systemd-analyze verify` accepts
+them without a word (it runs without systemd as PID 1), and the command
+line each one runs is one its program accepts.
+"""
+
 from __future__ import annotations
 
 import argparse

@@ -1,4 +1,5 @@
-# Hypothesis strategies that build valid messages from their field specs.
+"""Hypothesis strategies that build valid messages from their field specs."""
+
 from __future__ import annotations
 
 from typing import Any

@@ -1,6 +1,8 @@
-# The sans-IO codec: every message survives a round trip; any bytes in any
-# chunking give messages or RemoteProtocolError and nothing else; whole and
-# byte-at-a-time decoding agree; the handshake and role rules hold.
+"""The sans-IO codec: every message survives a round trip; any bytes in any
+chunking give messages or RemoteProtocolError and nothing else; whole and
+byte-at-a-time decoding agree; the handshake and role rules hold.
+"""
+
 from __future__ import annotations
 
 import struct

@@ -1,0 +1,1 @@
+"""Tests of csnapd: the dispatcher in-process and the server over real sockets."""

@@ -1,5 +1,7 @@
-# A csnapd started in-process on a free loopback port, and data helpers that
-# do what a data-path client does with the answers.
+"""A csnapd started in-process on a free loopback port, and data helpers that
+do what a data-path client does with the answers.
+"""
+
 from __future__ import annotations
 
 import os

@@ -1,5 +1,7 @@
-# The dispatcher without any transport: batches built by hand, to pin down
-# orderings a real server produces only by chance.
+"""The dispatcher without any transport: batches built by hand, to pin down
+orderings a real server produces only by chance.
+"""
+
 from __future__ import annotations
 
 from csnap_protocol import (

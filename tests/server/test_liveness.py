@@ -1,7 +1,9 @@
-# csnapd's bounds on holds and connections (docs/protocol.md, "Liveness" and
-# "Limits"): a silent data-path connection loses its read locks after the
-# lease while a live idle one keeps them, and the connection limit counts
-# connections from accept, hello or not.
+"""csnapd's bounds on holds and connections (docs/protocol.md, "Liveness" and
+"Limits"): a silent data-path connection loses its read locks after the
+lease while a live idle one keeps them, and the connection limit counts
+connections from accept, hello or not.
+"""
+
 from __future__ import annotations
 
 from contextlib import AbstractAsyncContextManager

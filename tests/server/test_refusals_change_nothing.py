@@ -1,8 +1,10 @@
-# Hunts, without a transport, for a data-path request that is answered with
-# an error yet changed something, for a reply larger than its peer accepts,
-# and for read locks past their limits or left behind by peers that left.
-# Peers send well-typed but hostile requests: repeated, overlapping and
-# out-of-origin ranges, releases of locks never taken, uploads at odd times.
+"""Hunts, without a transport, for a data-path request that is answered with
+an error yet changed something, for a reply larger than its peer accepts,
+and for read locks past their limits or left behind by peers that left.
+Peers send well-typed but hostile requests: repeated, overlapping and
+out-of-origin ranges, releases of locks never taken, uploads at odd times.
+"""
+
 from __future__ import annotations
 
 from collections.abc import Callable

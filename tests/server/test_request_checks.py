@@ -1,7 +1,9 @@
-# What csnapd checks before a request does anything, over real TCP: ranges
-# that name a chunk twice or leave the origin, replies too big for the peer's
-# frame limit, lock uploads at the wrong time, and the read-lock limits
-# (docs/protocol.md, "What csnapd checks" and "Limits").
+"""What csnapd checks before a request does anything, over real TCP: ranges
+that name a chunk twice or leave the origin, replies too big for the peer's
+frame limit, lock uploads at the wrong time, and the read-lock limits
+(docs/protocol.md, "What csnapd checks" and "Limits").
+"""
+
 from __future__ import annotations
 
 from collections.abc import AsyncIterator

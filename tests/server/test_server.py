@@ -1,5 +1,7 @@
-# csnapd over real TCP on loopback: the data path, read locks, barriers,
-# limits and hostile peers.
+"""csnapd over real TCP on loopback: the data path, read locks, barriers,
+limits and hostile peers.
+"""
+
 from __future__ import annotations
 
 import random

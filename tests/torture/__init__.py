@@ -1,0 +1,1 @@
+"""Long and hostile runs: faults, fuzzers, load, memory bounds."""

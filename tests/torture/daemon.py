@@ -1,8 +1,10 @@
-# A real csnapd process for the protocol fuzzer and the memory test: started
-# with the `csnapd` console script on a store file, watched (is it alive, how
-# much resident memory it holds), stopped with SIGTERM, and its store checked
-# afterwards with the `csnap-check` console script. Synchronous, so that a
-# hypothesis state machine can drive it step by step.
+"""A real csnapd process for the protocol fuzzer and the memory test: started
+with the `csnapd` console script on a store file, watched (is it alive, how
+much resident memory it holds), stopped with SIGTERM, and its store checked
+afterwards with the `csnap-check` console script. Synchronous, so that a
+hypothesis state machine can drive it step by step.
+"""
+
 from __future__ import annotations
 
 import os

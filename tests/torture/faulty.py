@@ -1,19 +1,21 @@
-# FaultyDevice: a block device that fails on cue, the way disks and Linux do.
-#
-# It wraps any BlockDevice (a MemoryDevice for crash-state work, a FileDevice
-# when the test is about real files and real fdatasync) and injects:
-#
-#   * EIO (or any errno) on a chosen read, write or sync;
-#   * ENOSPC on a write, as a full filesystem under a sparse store file does;
-#   * short writes: part of the data lands, then the call fails.
-#
-# A failed sync behaves as Linux's writeback does (peers.md §5, "fsync-failure
-# studies"): the error is reported once, the dirty pages are dropped, and the
-# next sync reports success. Here that means the writes issued since the last
-# good sync are each kept, lost or torn at 512-byte sectors, and the device is
-# then consistent with that choice. An engine that retried the sync would see
-# success over lost data: the device records every write and sync issued after
-# a failed sync, so a test can insist that there are none.
+"""FaultyDevice: a block device that fails on cue, the way disks and Linux do.
+
+It wraps any BlockDevice (a MemoryDevice for crash-state work, a FileDevice
+when the test is about real files and real fdatasync) and injects:
+
+  * EIO (or any errno) on a chosen read, write or sync;
+  * ENOSPC on a write, as a full filesystem under a sparse store file does;
+  * short writes: part of the data lands, then the call fails.
+
+A failed sync behaves as Linux's writeback does (peers.md §5, "fsync-failure
+studies"): the error is reported once, the dirty pages are dropped, and the
+next sync reports success. Here that means the writes issued since the last
+good sync are each kept, lost or torn at 512-byte sectors, and the device is
+then consistent with that choice. An engine that retried the sync would see
+success over lost data: the device records every write and sync issued after
+a failed sync, so a test can insist that there are none.
+"""
+
 from __future__ import annotations
 
 import errno

@@ -1,12 +1,14 @@
-# What the protocol fuzzer asks csnapd: hypothesis strategies for chunk
-# ranges and requests that are well-typed (they pass csnap_protocol's codec)
-# but adversarial, and the rules that say, from the model alone, whether a
-# request must fail, must succeed, or may do either.
-#
-# Ranges are drawn near the places where csnapd must be careful: overlapping
-# and repeated ranges, the origin's last chunk, chunk numbers near 2^64, no
-# range at all, exactly max_chunks and one more, MAX_RANGES ranges, and
-# thousands of one-chunk ranges whose reply does not fit a small frame limit.
+"""What the protocol fuzzer asks csnapd: hypothesis strategies for chunk
+ranges and requests that are well-typed (they pass csnap_protocol's codec)
+but adversarial, and the rules that say, from the model alone, whether a
+request must fail, must succeed, or may do either.
+
+Ranges are drawn near the places where csnapd must be careful: overlapping
+and repeated ranges, the origin's last chunk, chunk numbers near 2^64, no
+range at all, exactly max_chunks and one more, MAX_RANGES ranges, and
+thousands of one-chunk ranges whose reply does not fit a small frame limit.
+"""
+
 from __future__ import annotations
 
 import enum

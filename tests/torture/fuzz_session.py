@@ -1,12 +1,14 @@
-# One protocol-fuzzing session: a csnapd process on a new store, the raw
-# peers talking to it (tests/torture/wire_peer.py), and the model of what
-# every view must read (tests/torture/protocol_model.py). The session is the
-# data-path client: it handles every reply as a client would (performing
-# granted writes on the origin and store files, reading where csnapd says,
-# answering barriers), checks each reply against what the documentation
-# requires, and at the end checks every snapshot, a clean stop and
-# `csnap-check`. tests/torture/test_protocol_fuzz.py drives it with
-# hypothesis.
+"""One protocol-fuzzing session: a csnapd process on a new store, the raw
+peers talking to it (tests/torture/wire_peer.py), and the model of what
+every view must read (tests/torture/protocol_model.py). The session is the
+data-path client: it handles every reply as a client would (performing
+granted writes on the origin and store files, reading where csnapd says,
+answering barriers), checks each reply against what the documentation
+requires, and at the end checks every snapshot, a clean stop and
+`csnap-check`. tests/torture/test_protocol_fuzz.py drives it with
+hypothesis.
+"""
+
 from __future__ import annotations
 
 import shutil

@@ -1,15 +1,17 @@
-# What a hostile peer sends: hypothesis strategies for byte streams that start
-# from valid csnap frames (encoded with csnap_protocol) and are then bent:
-# bytes flipped, cut, extended or spliced, length prefixes replaced by
-# oversized or empty ones, maps of the wrong shape, messages of the wrong
-# role or for the wrong state, chunks far outside the origin; sent in random
-# pieces, then closed, half-closed, or left unfinished (a slow sender).
-#
-# `expect()` says what the service must do with a stream: decode it with the
-# same sans-IO codec the service uses, as the receiving role, and note where
-# the peer breaks the protocol or must be refused. The oracle checks the
-# service's transport, not the codec: that a broken stream ends with an
-# error or a closed connection, and that a valid one gets neither.
+"""What a hostile peer sends: hypothesis strategies for byte streams that start
+from valid csnap frames (encoded with csnap_protocol) and are then bent:
+bytes flipped, cut, extended or spliced, length prefixes replaced by
+oversized or empty ones, maps of the wrong shape, messages of the wrong
+role or for the wrong state, chunks far outside the origin; sent in random
+pieces, then closed, half-closed, or left unfinished (a slow sender).
+
+`expect()` says what the service must do with a stream: decode it with the
+same sans-IO codec the service uses, as the receiving role, and note where
+the peer breaks the protocol or must be refused. The oracle checks the
+service's transport, not the codec: that a broken stream ends with an
+error or a closed connection, and that a valid one gets neither.
+"""
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -1,10 +1,12 @@
-# The long crash-state enumeration, outside CI: the workloads and checks of
-# tests/crash/harness.py over many seeds, in parallel worker processes, until
-# every seed is done (or enough states are explored). Prints one line per
-# seed and a total; exits 1 at the first state that recovers wrongly, naming
-# its seed so that the CI harness can replay it.
-#
-#   python -m tests.torture.long_crash --seeds 0:150 --ops 100 --jobs 2
+"""The long crash-state enumeration, outside CI: the workloads and checks of
+tests/crash/harness.py over many seeds, in parallel worker processes, until
+every seed is done (or enough states are explored). Prints one line per
+seed and a total; exits 1 at the first state that recovers wrongly, naming
+its seed so that the CI harness can replay it.
+
+  python -m tests.torture.long_crash --seeds 0:150 --ops 100 --jobs 2
+"""
+
 from __future__ import annotations
 
 import argparse

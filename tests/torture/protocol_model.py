@@ -1,15 +1,17 @@
-# The plain model the protocol fuzzer keeps of what csnapd's views must read.
-#
-# Every chunk the test writes holds label(chunk, version), with a version no
-# other write uses, so any chunk read back says which write it came from.
-#
-# The origin is a log of the writes the test performed, in order. A snapshot
-# is the origin at one moment (a cut: the first k writes of the log) plus the
-# writes made through the snapshot itself. The test does not see the moment
-# csnapd takes it, only a window: every write performed before the create was
-# sent is in (k >= lo), and none performed after its reply arrived (k <= hi).
-# The barrier (docs/protocol.md, "Snapshot create with the barrier") makes
-# this a single cut: a read of the snapshot must fit one k for every chunk.
+"""The plain model the protocol fuzzer keeps of what csnapd's views must read.
+
+Every chunk the test writes holds label(chunk, version), with a version no
+other write uses, so any chunk read back says which write it came from.
+
+The origin is a log of the writes the test performed, in order. A snapshot
+is the origin at one moment (a cut: the first k writes of the log) plus the
+writes made through the snapshot itself. The test does not see the moment
+csnapd takes it, only a window: every write performed before the create was
+sent is in (k >= lo), and none performed after its reply arrived (k <= hi).
+The barrier (docs/protocol.md, "Snapshot create with the barrier") makes
+this a single cut: a read of the snapshot must fit one k for every chunk.
+"""
+
 from __future__ import annotations
 
 import struct

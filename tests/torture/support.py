@@ -1,12 +1,14 @@
-# In-process csnapd and csnap-agent for the torture tests.
-#
-# `serving()` runs the real csnapd Server class over an engine the test
-# opened itself, so the store's devices can be FaultyDevices and the test can
-# look at the server's connections and queues; otherwise it is what `serve()`
-# runs. `InThread` runs such a service in its own thread and trio loop, so a
-# hypothesis test (synchronous, one trio run per example) can hit the same
-# service example after example. `RawPeer` is a peer that speaks bytes, not
-# the protocol: whatever the test makes it send.
+"""In-process csnapd and csnap-agent for the torture tests.
+
+`serving()` runs the real csnapd Server class over an engine the test
+opened itself, so the store's devices can be FaultyDevices and the test can
+look at the server's connections and queues; otherwise it is what `serve()`
+runs. `InThread` runs such a service in its own thread and trio loop, so a
+hypothesis test (synchronous, one trio run per example) can hit the same
+service example after example. `RawPeer` is a peer that speaks bytes, not
+the protocol: whatever the test makes it send.
+"""
+
 from __future__ import annotations
 
 import contextlib

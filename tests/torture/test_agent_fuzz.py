@@ -1,27 +1,29 @@
-# A model-checked fuzzer for csnap-agent: hypothesis draws sequences of
-# well-typed but adversarial steps from several peers connected at once to a
-# real csnap-agent process, with a real csnapd process registered and active:
-# registrations with bad fields, duplicate and contradicting registrations,
-# floods of need_server (past the in-flight limit, with repeated ids),
-# relayed administration, peers that stop reading, garbage frames, closes
-# and half-closes.
-#
-# The oracle:
-#   * after every step a well-behaved client is told csnapd's address, and a
-#     well-behaved admin gets a relayed status;
-#   * every server_ready from a peer that reads gets the answer the model of
-#     docs/protocol.md ("server_ready") predicts;
-#   * every request of a peer that reads is answered exactly once: need_server
-#     with csnapd's address (or too_many_requests / duplicate_request), a
-#     relayed request with csnapd's reply or one of its errors, never
-#     no_server (csnapd is active all along);
-#   * garbage closes only its own connection;
-#   * at the end, once the peers are gone, the agent holds no connection but
-#     its own (listener, csnapd's registration, the relay), and no
-#     registration outlives its connection: every address may be registered
-#     again; when csnapd stops, the store is clean.
-# CSNAP_AGENT_FUZZ_EXAMPLES sets the number of sequences (scripts/torture's
-# long run uses thousands).
+"""A model-checked fuzzer for csnap-agent: hypothesis draws sequences of
+well-typed but adversarial steps from several peers connected at once to a
+real csnap-agent process, with a real csnapd process registered and active:
+registrations with bad fields, duplicate and contradicting registrations,
+floods of need_server (past the in-flight limit, with repeated ids),
+relayed administration, peers that stop reading, garbage frames, closes
+and half-closes.
+
+The oracle:
+  * after every step a well-behaved client is told csnapd's address, and a
+    well-behaved admin gets a relayed status;
+  * every server_ready from a peer that reads gets the answer the model of
+    docs/protocol.md ("server_ready") predicts;
+  * every request of a peer that reads is answered exactly once: need_server
+    with csnapd's address (or too_many_requests / duplicate_request), a
+    relayed request with csnapd's reply or one of its errors, never
+    no_server (csnapd is active all along);
+  * garbage closes only its own connection;
+  * at the end, once the peers are gone, the agent holds no connection but
+    its own (listener, csnapd's registration, the relay), and no
+    registration outlives its connection: every address may be registered
+    again; when csnapd stops, the store is clean.
+CSNAP_AGENT_FUZZ_EXAMPLES sets the number of sequences (scripts/torture's
+long run uses thousands).
+"""
+
 from __future__ import annotations
 
 import contextlib

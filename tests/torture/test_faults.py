@@ -1,19 +1,21 @@
-# Injected faults through the block device (rules 1, 5 and 10 of DESIGN.md).
-#
-# Engine level: a seeded workload runs on a FaultyDevice store once per
-# fault, the fault enumerated over every sync, every write and every read the
-# workload issues (a stride in CI, all of them in the long run). A failed
-# sync, or a failed journal or home write, must stop the engine for good:
-# every later request refused, nothing written or synced any more (so no
-# retried fsync can ever report success over lost pages), and the store as a
-# crash or the failure left it recovers clean, with acknowledged ⊆ recovered
-# ⊆ issued. A failed read, or a failed copy-out write (EIO, ENOSPC, short),
-# fails its one request and the engine goes on.
-#
-# Server level: the same through csnapd over real files and TCP: the callers
-# of a failed batch get server_failed and the server stops; an I/O error on a
-# read or a copy-out reaches only its caller; a full store refuses copy-outs
-# with store_full while reads, unique writes and other snapshots go on.
+"""Injected faults through the block device (rules 1, 5 and 10 of DESIGN.md).
+
+Engine level: a seeded workload runs on a FaultyDevice store once per
+fault, the fault enumerated over every sync, every write and every read the
+workload issues (a stride in CI, all of them in the long run). A failed
+sync, or a failed journal or home write, must stop the engine for good:
+every later request refused, nothing written or synced any more (so no
+retried fsync can ever report success over lost pages), and the store as a
+crash or the failure left it recovers clean, with acknowledged ⊆ recovered
+⊆ issued. A failed read, or a failed copy-out write (EIO, ENOSPC, short),
+fails its one request and the engine goes on.
+
+Server level: the same through csnapd over real files and TCP: the callers
+of a failed batch get server_failed and the server stops; an I/O error on a
+read or a copy-out reaches only its caller; a full store refuses copy-outs
+with store_full while reads, unique writes and other snapshots go on.
+"""
+
 from __future__ import annotations
 
 import errno

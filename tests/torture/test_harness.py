@@ -1,5 +1,7 @@
-# The crash harness itself: cases where a wrong verdict would hide a bug or
-# raise a false alarm, found by the long enumeration.
+"""The crash harness itself: cases where a wrong verdict would hide a bug or
+raise a false alarm, found by the long enumeration.
+"""
+
 from __future__ import annotations
 
 import itertools

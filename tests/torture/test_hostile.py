@@ -1,18 +1,20 @@
-# Hostile input on csnapd's TCP socket and the agent's Unix socket
-# (docs/rules.md, "bad input costs nothing").
-#
-# Each service runs in its own thread and trio loop for the whole test; every
-# hypothesis example opens a connection, sends a hostile script (tests/
-# torture/hostile.py) and ends it the script's way. After each example:
-#   * a broken stream ended with an error, or a closed connection (a reset
-#     may swallow the error); a valid one got no connection error;
-#   * a slow sender that never finishes its frame holds no more memory than
-#     the bytes it sent, while well-behaved peers are served;
-#   * once the hostile peer is gone, well-behaved peers on other connections
-#     are served (an origin write too, so leaked read locks would show), and
-#     the service's connections and connection tasks are back to none.
-# CSNAP_FUZZ_EXAMPLES sets the number of examples per service (the long run
-# uses thousands).
+"""Hostile input on csnapd's TCP socket and the agent's Unix socket
+(docs/rules.md, "bad input costs nothing").
+
+Each service runs in its own thread and trio loop for the whole test; every
+hypothesis example opens a connection, sends a hostile script (tests/
+torture/hostile.py) and ends it the script's way. After each example:
+  * a broken stream ended with an error, or a closed connection (a reset
+    may swallow the error); a valid one got no connection error;
+  * a slow sender that never finishes its frame holds no more memory than
+    the bytes it sent, while well-behaved peers are served;
+  * once the hostile peer is gone, well-behaved peers on other connections
+    are served (an origin write too, so leaked read locks would show), and
+    the service's connections and connection tasks are back to none.
+CSNAP_FUZZ_EXAMPLES sets the number of examples per service (the long run
+uses thousands).
+"""
+
 from __future__ import annotations
 
 import os

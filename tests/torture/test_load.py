@@ -1,20 +1,22 @@
-# Load and fairness: 200 clients at once against one csnapd (in-process, real
-# TCP on loopback, real files), each with a fixed quota of operations.
-#
-#   * 100 origin writers, each on its own chunks: ask, write, repeat;
-#   * 60 snapshot readers of two snapshots whose contents the test knows,
-#     reading chunks the writers are overwriting all along: every chunk must
-#     read as it was when its snapshot was taken;
-#   * 30 snapshot writers, each writing its own chunks of a third snapshot
-#     and reading them back;
-#   * 10 administrators listing, setting priorities and use counts, and
-#     creating and deleting snapshots of their own (each create is a barrier
-#     every origin writer must answer).
-#
-# Every client must finish its quota (nobody starves), with no error and
-# replies that match the requests. The spread of completion times is printed,
-# never asserted. The fairness rule for origin writes held by read locks has
-# its own test below.
+"""Load and fairness: 200 clients at once against one csnapd (in-process, real
+TCP on loopback, real files), each with a fixed quota of operations.
+
+  * 100 origin writers, each on its own chunks: ask, write, repeat;
+  * 60 snapshot readers of two snapshots whose contents the test knows,
+    reading chunks the writers are overwriting all along: every chunk must
+    read as it was when its snapshot was taken;
+  * 30 snapshot writers, each writing its own chunks of a third snapshot
+    and reading them back;
+  * 10 administrators listing, setting priorities and use counts, and
+    creating and deleting snapshots of their own (each create is a barrier
+    every origin writer must answer).
+
+Every client must finish its quota (nobody starves), with no error and
+replies that match the requests. The spread of completion times is printed,
+never asserted. The fairness rule for origin writes held by read locks has
+its own test below.
+"""
+
 from __future__ import annotations
 
 import os

@@ -1,26 +1,28 @@
-# csnapd's memory stays bounded whatever its peers send (docs/protocol.md,
-# "Limits"): a real csnapd process, every table it keeps per connection or
-# per server driven to its limit at once, then the peers leave; three times.
-# Its resident memory (VmRSS in /proc/PID/status) must stay within
-# PEAK_BOUND of where it started while the tables are full, come back to
-# within SETTLED_BOUND once the peers have left, and not grow from one round
-# to the next (REPEAT_BOUND); csnapd must serve throughout.
-#
-# The tables, and what bounds each (defaults, as csnapd runs by default):
-#   connections (Server._links)          max_connections, 1024
-#   requests in flight (_Link.in_flight)  max_in_flight, 256 per connection
-#   parked origin writes (Dispatcher.parked)
-#                                         max_in_flight per origin connection
-#   read locks (Dispatcher.locks)         one count per origin chunk per
-#                                         snapshot connection: locks name
-#                                         only chunks inside the origin
-#   messages waiting for the engine (_Link.queued)
-#                                         QUEUED_LIMIT, 1024 per connection
-#   replies a peer does not read (_Link.outbox)
-#                                         OUTBOX_LIMIT, 4096; then csnapd
-#                                         closes that connection
-#   bytes of a frame not yet complete (the codec's buffer)
-#                                         max_frame, 1 MiB per connection
+"""csnapd's memory stays bounded whatever its peers send (docs/protocol.md,
+"Limits"): a real csnapd process, every table it keeps per connection or
+per server driven to its limit at once, then the peers leave; three times.
+Its resident memory (VmRSS in /proc/PID/status) must stay within
+PEAK_BOUND of where it started while the tables are full, come back to
+within SETTLED_BOUND once the peers have left, and not grow from one round
+to the next (REPEAT_BOUND); csnapd must serve throughout.
+
+The tables, and what bounds each (defaults, as csnapd runs by default):
+  connections (Server._links)          max_connections, 1024
+  requests in flight (_Link.in_flight)  max_in_flight, 256 per connection
+  parked origin writes (Dispatcher.parked)
+                                        max_in_flight per origin connection
+  read locks (Dispatcher.locks)         one count per origin chunk per
+                                        snapshot connection: locks name
+                                        only chunks inside the origin
+  messages waiting for the engine (_Link.queued)
+                                        QUEUED_LIMIT, 1024 per connection
+  replies a peer does not read (_Link.outbox)
+                                        OUTBOX_LIMIT, 4096; then csnapd
+                                        closes that connection
+  bytes of a frame not yet complete (the codec's buffer)
+                                        max_frame, 1 MiB per connection
+"""
+
 from __future__ import annotations
 
 import time

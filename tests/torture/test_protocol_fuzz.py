@@ -1,36 +1,38 @@
-# The protocol fuzzer: a real csnapd process on a real store file, several
-# raw protocol connections at once (tests/torture/wire_peer.py), and a plain
-# model of what every view must read (tests/torture/protocol_model.py).
-#
-# Hypothesis drives the peers through well-typed but adversarial steps
-# (tests/torture/fuzz_requests.py): overlapping, repeated and out-of-range
-# chunks, no chunk at all, exactly max_chunks and one more, MAX_RANGES
-# ranges, replies too large for a peer's frame limit, releases of locks never
-# taken, uploads at odd times, max_in_flight requests and more in one go,
-# thousands of notices, peers that stop reading, identifies to deleted or
-# absent snapshots, creates and deletes among data-path traffic.
-#
-# The test is the data-path client: it writes every write_ok'd origin chunk
-# to the origin file and every snapshot_write_ok'd chunk to the store file
-# where csnapd said, and reads snapshots where csnapd says. It checks:
-#   * after every step, csnapd runs and answers get_status on a new
-#     connection;
-#   * every reply is one the model allows (a request the documentation says
-#     must fail fails; one it must serve is served), and every snapshot read
-#     returns what the model says;
-#   * in an isolated step (nothing else in flight, no sweep running), an
-#     error reply did nothing: the store's status is unchanged, and no read
-#     lock was taken (an origin write to the named chunks is granted);
-#   * at the end, every live snapshot reads the model's contents, csnapd
-#     stops cleanly, and `csnap-check` finds the store clean.
-# Where the documentation leaves a reply open (overlapping ranges, uploads
-# outside a restart), any error is accepted, but it must have done nothing.
-#
-# CSNAP_PROTOCOL_FUZZ_EXAMPLES and CSNAP_PROTOCOL_FUZZ_STEPS make the long
-# run (scripts/torture fuzz); the default is a bounded CI profile. Every
-# example starts a csnapd process, so shrinking a failure takes minutes: it
-# is off unless CSNAP_PROTOCOL_FUZZ_SHRINK=1, and the report shows the steps
-# of the failing run as they were drawn.
+"""The protocol fuzzer: a real csnapd process on a real store file, several
+raw protocol connections at once (tests/torture/wire_peer.py), and a plain
+model of what every view must read (tests/torture/protocol_model.py).
+
+Hypothesis drives the peers through well-typed but adversarial steps
+(tests/torture/fuzz_requests.py): overlapping, repeated and out-of-range
+chunks, no chunk at all, exactly max_chunks and one more, MAX_RANGES
+ranges, replies too large for a peer's frame limit, releases of locks never
+taken, uploads at odd times, max_in_flight requests and more in one go,
+thousands of notices, peers that stop reading, identifies to deleted or
+absent snapshots, creates and deletes among data-path traffic.
+
+The test is the data-path client: it writes every write_ok'd origin chunk
+to the origin file and every snapshot_write_ok'd chunk to the store file
+where csnapd said, and reads snapshots where csnapd says. It checks:
+  * after every step, csnapd runs and answers get_status on a new
+    connection;
+  * every reply is one the model allows (a request the documentation says
+    must fail fails; one it must serve is served), and every snapshot read
+    returns what the model says;
+  * in an isolated step (nothing else in flight, no sweep running), an
+    error reply did nothing: the store's status is unchanged, and no read
+    lock was taken (an origin write to the named chunks is granted);
+  * at the end, every live snapshot reads the model's contents, csnapd
+    stops cleanly, and `csnap-check` finds the store clean.
+Where the documentation leaves a reply open (overlapping ranges, uploads
+outside a restart), any error is accepted, but it must have done nothing.
+
+CSNAP_PROTOCOL_FUZZ_EXAMPLES and CSNAP_PROTOCOL_FUZZ_STEPS make the long
+run (scripts/torture fuzz); the default is a bounded CI profile. Every
+example starts a csnapd process, so shrinking a failure takes minutes: it
+is off unless CSNAP_PROTOCOL_FUZZ_SHRINK=1, and the report shows the steps
+of the failing run as they were drawn.
+"""
+
 from __future__ import annotations
 
 import dataclasses

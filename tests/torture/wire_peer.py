@@ -1,12 +1,14 @@
-# A csnap protocol peer over a real TCP socket, driven step by step: the
-# sans-IO codec (csnap_protocol.Connection) encodes what the test sends and
-# decodes what csnapd answers, and the test decides when to read. A peer can
-# pipeline any number of requests without reading, stop reading altogether
-# (a small receive buffer makes csnapd's side fill up sooner), or send a
-# frame the codec itself would refuse to produce.
-#
-# Whatever csnapd sends must decode: a frame larger than the limit this peer
-# announced, or a malformed one, raises RemoteProtocolError to the test.
+"""A csnap protocol peer over a real TCP socket, driven step by step: the
+sans-IO codec (csnap_protocol.Connection) encodes what the test sends and
+decodes what csnapd answers, and the test decides when to read. A peer can
+pipeline any number of requests without reading, stop reading altogether
+(a small receive buffer makes csnapd's side fill up sooner), or send a
+frame the codec itself would refuse to produce.
+
+Whatever csnapd sends must decode: a frame larger than the limit this peer
+announced, or a malformed one, raises RemoteProtocolError to the test.
+"""
+
 from __future__ import annotations
 
 import contextlib

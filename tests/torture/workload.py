@@ -1,17 +1,19 @@
-# A seeded engine workload over a FaultyDevice store, with the model that
-# says what every snapshot must read, and the check of a store recovered
-# after the run stopped.
-#
-# The run applies batches of requests (creates, deletes, priorities, origin
-# and snapshot writes, snapshot reads, sweep steps, clean close and reopen)
-# and commits each batch; a client's data writes follow only the commit that
-# acknowledged them. A request that fails on its own (an I/O error on a read
-# or on a copy-out write, ENOSPC, a full store) is dropped and the run goes
-# on; a commit that fails stops it (fail-stop). Afterwards every image the
-# store may be left in recovers to a store that the full check finds clean,
-# holding every acknowledged operation and, of the batch in flight, at most
-# a prefix (acknowledged ⊆ recovered ⊆ issued), each snapshot reading
-# exactly what the model says.
+"""A seeded engine workload over a FaultyDevice store, with the model that
+says what every snapshot must read, and the check of a store recovered
+after the run stopped.
+
+The run applies batches of requests (creates, deletes, priorities, origin
+and snapshot writes, snapshot reads, sweep steps, clean close and reopen)
+and commits each batch; a client's data writes follow only the commit that
+acknowledged them. A request that fails on its own (an I/O error on a read
+or on a copy-out write, ENOSPC, a full store) is dropped and the run goes
+on; a commit that fails stops it (fail-stop). Afterwards every image the
+store may be left in recovers to a store that the full check finds clean,
+holding every acknowledged operation and, of the batch in flight, at most
+a prefix (acknowledged ⊆ recovered ⊆ issued), each snapshot reading
+exactly what the model says.
+"""
+
 from __future__ import annotations
 
 import random
