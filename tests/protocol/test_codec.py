@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from csnap_protocol import (
     MESSAGES,
+    PROTOCOL_VERSION,
     Connection,
     ConnectionClosed,
     ConnectionState,
@@ -168,15 +169,16 @@ def test_a_message_before_hello_is_refused() -> None:
 
 def test_a_second_hello_is_refused() -> None:
     _client, server = pair(Role.CLIENT, Role.SERVER)
-    server.receive_data(encode_frame(Hello("csnap", 1, "client", 4096, None)))
+    server.receive_data(encode_frame(Hello("csnap", PROTOCOL_VERSION, "client", 4096, None)))
     with pytest.raises(RemoteProtocolError, match="second hello"):
         server.next_message()
 
 
-def test_another_version_gets_version_mismatch() -> None:
+@pytest.mark.parametrize("version", [PROTOCOL_VERSION - 1, PROTOCOL_VERSION + 1])
+def test_another_version_gets_version_mismatch(version: int) -> None:
     conn = Connection(Role.SERVER)
-    conn.receive_data(encode_frame(Hello("csnap", 2, "client", 4096, None)))
-    with pytest.raises(RemoteProtocolError, match="version 2") as info:
+    conn.receive_data(encode_frame(Hello("csnap", version, "client", 4096, None)))
+    with pytest.raises(RemoteProtocolError, match=f"version {PROTOCOL_VERSION}") as info:
         conn.next_message()
     assert info.value.code is ErrorCode.VERSION_MISMATCH
 
