@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import struct
 import subprocess
@@ -96,26 +97,22 @@ def test_leaked_chunk_is_found_and_repaired() -> None:
     assert_clean(store)
 
 
+def share_a_target(store: MemoryDevice, g: Geometry) -> tuple[int, int]:
+    """Point the first leaf's second exception at its first one's chunk (damage
+    --repair cannot fix); returns the leaf's address and that chunk."""
+    address = leaf_addresses(store, g)[0]
+    leaf = decode_leaf(store.read(address * g.block_size, g.block_size), g.context, address)
+    targets = (leaf.targets[0], leaf.targets[0], *leaf.targets[2:])
+    rewrite(store, g, address, encode_leaf(dataclasses.replace(leaf, targets=targets), g.context))
+    return address, targets[0]
+
+
 def test_doubly_used_chunk_is_found() -> None:
     store, g, _ = populated()
-    ctx = g.context
-    address = leaf_addresses(store, g)[0]
-    leaf = decode_leaf(store.read(address * g.block_size, g.block_size), ctx, address)
-    targets = list(leaf.targets)
-    targets[1] = targets[0]
-    twisted = type(leaf)(
-        leaf.address,
-        leaf.sequence,
-        leaf.base_chunk,
-        leaf.chunks,
-        leaf.counts,
-        leaf.shares,
-        tuple(targets),
-    )
-    rewrite(store, g, address, encode_leaf(twisted, ctx))
+    address, chunk = share_a_target(store, g)
     report = check_store(store)
     doubles = [p for p in report.problems if "more than one exception" in p.message]
-    assert doubles and doubles[0].chunk == targets[0] and doubles[0].block == address
+    assert doubles and doubles[0].chunk == chunk and doubles[0].block == address
     assert report.exit_code == 4
 
 

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from csnap_format import BitmapBlock, decode_bitmap, decode_leaf, encode_bitmap, encode_leaf
+from csnap_format import BitmapBlock, decode_bitmap, encode_bitmap
 from csnapd.check_cli import main as check_main
 from csnapd.engine import MemoryDevice
-from tests.engine.test_check import leaf_addresses, populated, rewrite
+from tests.engine.test_check import populated, rewrite, share_a_target
 
 
 def _leak_a_chunk(store: MemoryDevice) -> None:
@@ -31,20 +31,7 @@ def _leak_a_chunk(store: MemoryDevice) -> None:
 def _share_a_target(store: MemoryDevice) -> None:
     """Point two exceptions at one chunk: btree damage --repair cannot fix."""
     _, g, _ = populated()
-    address = leaf_addresses(store, g)[0]
-    leaf = decode_leaf(store.read(address * g.block_size, g.block_size), g.context, address)
-    targets = list(leaf.targets)
-    targets[1] = targets[0]
-    twisted = type(leaf)(
-        leaf.address,
-        leaf.sequence,
-        leaf.base_chunk,
-        leaf.chunks,
-        leaf.counts,
-        leaf.shares,
-        tuple(targets),
-    )
-    rewrite(store, g, address, encode_leaf(twisted, g.context))
+    share_a_target(store, g)
 
 
 def _to_file(store: MemoryDevice, tmp_path: Path) -> Path:
