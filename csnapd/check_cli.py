@@ -28,7 +28,8 @@ use); the free counts, the exception count and each snapshot's counters.
 With --repair each problem is labelled [repaired] or [not repaired].
 
 exit status: 0 clean, 1 problems found and all repaired, 4 problems left,
-8 the check could not run (not a csnap store, unreadable, in use by csnapd).
+8 the check could not run (not a csnap store, unreadable, in use by csnapd)
+or its repair could not be written.
 
 examples:
   csnap-check store.img

@@ -40,7 +40,7 @@ from csnap_format import (
 )
 from csnapd.engine.device import BlockDevice
 from csnapd.engine.engine import read_geometry
-from csnapd.engine.errors import StoreIOError, StoreOpenError
+from csnapd.engine.errors import EngineError, StoreIOError, StoreOpenError
 from csnapd.engine.journal import Journal, scan_journal
 from csnapd.engine.pages import BitmapPage, encode_page
 from csnapd.engine.state import StoreState, bits_of
@@ -517,7 +517,14 @@ def check_store(
         if structural:
             report.repair_refused = "the btree is damaged; bitmaps cannot be rebuilt from it"
         else:
-            _repair(store, geometry, sb, checker, meta_fix + data_fix, report)
+            try:
+                _repair(store, geometry, sb, checker, meta_fix + data_fix, report)
+            except EngineError as exc:
+                # The store is as a crash mid-repair would leave it: every
+                # repair transaction is journaled, so the next check or
+                # server start finds it whole or not at all.
+                report.repaired.clear()
+                report.fatal = f"repairing: {exc}"
     return report
 
 

@@ -13,7 +13,9 @@ import pytest
 from csnap_format import BitmapBlock, decode_bitmap, encode_bitmap
 from csnapd.check_cli import main as check_main
 from csnapd.engine import MemoryDevice
+from csnapd.engine.check import check_store
 from tests.engine.test_check import populated, rewrite, share_a_target
+from tests.torture.faulty import Fault, FaultyDevice
 
 
 def _leak_a_chunk(store: MemoryDevice) -> None:
@@ -86,3 +88,23 @@ def test_each_repaired_problem_is_labelled_repaired(
     assert lines and all(line.endswith(" [repaired]") for line in lines), out
     assert "all repaired" in out
     assert check_main([str(path)]) == 0
+
+
+def test_a_repair_that_cannot_write_is_an_operational_error() -> None:
+    # The writes --repair makes before its own (replaying the journal), on a
+    # twin store: the fault lets those through and fails every later one.
+    twin, _g, _ = populated()
+    _leak_a_chunk(twin)
+    counting = FaultyDevice(twin)
+    check_store(counting, replay=True)
+    store, _g, _ = populated()
+    _leak_a_chunk(store)
+    faulty = FaultyDevice(store, lose_on_failed_sync=False)
+    faulty.arm(Fault("write", nth=counting.counts["write"], times=1 << 20))
+    report = check_store(faulty, repair=True)
+    assert report.fatal is not None and report.fatal.startswith("repairing:")
+    assert report.exit_code == 8 and not report.repaired
+    assert not any(report.was_repaired(p) for p in report.problems)
+    # Nothing reached the store: it still has the problem, and repairs now.
+    assert check_store(store).exit_code == 4
+    assert check_store(store, repair=True).exit_code == 1
