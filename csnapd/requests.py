@@ -13,6 +13,7 @@ import logging
 from collections.abc import Callable, Iterable, Set
 from typing import TypeGuard, assert_never, get_args
 
+from csnap_format.runs import append_run
 from csnap_protocol import (
     MAX_RANGES,
     BarrierDone,
@@ -91,10 +92,7 @@ def _merged(ranges: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
     """Ascending ranges with touching neighbours joined."""
     out: list[tuple[int, int]] = []
     for start, count in sorted(ranges):
-        if out and out[-1][0] + out[-1][1] == start:
-            out[-1] = (out[-1][0], out[-1][1] + count)
-        else:
-            out.append((start, count))
+        append_run(out, start, count)
     return out
 
 
