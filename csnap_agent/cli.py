@@ -25,6 +25,7 @@ import trio
 from csnap_agent.agent import Agent
 from csnap_client import DEFAULT_AGENT
 from csnap_common import unix_address
+from csnap_common.allocator import return_freed_buffers
 from csnap_common.cli import add_log_level, configure_logging
 from csnap_common.systemd import (
     ActivationError,
@@ -146,6 +147,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the agent; returns the exit status."""
     args = _parser().parse_args(argv)
     configure_logging(args.log_level, args.log_format, service="csnap-agent")
+    return_freed_buffers()
     try:
         activated = activated_listener()
         if activated is not None:

@@ -79,8 +79,8 @@ def tcp_connector(host: str, port: int) -> Connector:
 @dataclass(eq=False)
 class _Waiter:
     done: trio.Event = field(default_factory=trio.Event)
+    #: None once `done` is set: the session ended before the reply came.
     reply: Message | None = None
-    lost: bool = False
     #: trio.current_time() just before the request was queued for sending.
     sent: float = math.inf
 
@@ -173,7 +173,9 @@ class Session:
             await waiter.done.wait()
         finally:
             self._waiting.pop(request, None)
-        if waiter.lost or waiter.reply is None:
+        # A reply that arrived counts even if the session ended before this
+        # task woke to take it (the reader may end first in the same batch).
+        if waiter.reply is None:
             raise ConnectionLostError("connection lost before the reply")
         if isinstance(waiter.reply, Error):
             raise ServerError(waiter.reply.code, waiter.reply.name, waiter.reply.message)
@@ -207,8 +209,7 @@ class Session:
         finally:
             self.closed.set()
             for waiter in self._waiting.values():
-                waiter.lost = True
-                waiter.done.set()
+                waiter.done.set()  # those without a reply learn the session ended
             with trio.CancelScope(shield=True):
                 await trio.aclose_forcefully(self.stream)
         if not started:

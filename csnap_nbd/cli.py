@@ -20,6 +20,7 @@ import trio
 
 from csnap_client import Connector, tcp_connector
 from csnap_common import single_errors
+from csnap_common.allocator import return_freed_buffers
 from csnap_common.cli import add_log_level, configure_logging, host_port_arg
 from csnap_common.systemd import keep_watchdog_fed, notify_ready, notify_status, notify_stopping
 from csnap_nbd.files import checked_agent_connectors
@@ -180,6 +181,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # only files it is given (docs/nbd.md, "Which files the gateway opens").
         parser.error("--server needs --origin and --store (csnapd is not authenticated over TCP)")
     configure_logging(args.log_level, args.log_format, service="csnap-nbd")
+    return_freed_buffers()
     try:
         tls = _tls_policy(parser, args)
     except TlsConfigError as exc:

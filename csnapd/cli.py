@@ -16,6 +16,7 @@ from collections.abc import Sequence
 import trio
 
 from csnap_common import single_errors
+from csnap_common.allocator import return_freed_buffers
 from csnap_common.cli import add_log_level, configure_logging, host_port_arg, size_arg
 from csnap_common.systemd import keep_watchdog_fed, notify_ready, notify_status, notify_stopping
 from csnapd.engine import EngineError, StoreLockedError
@@ -125,6 +126,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run csnapd; returns the exit status."""
     args = _parser().parse_args(argv)
     configure_logging(args.log_level, args.log_format, service="csnapd")
+    return_freed_buffers()
     host, port = args.listen
     config = ServerConfig(
         store=args.store,

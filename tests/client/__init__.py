@@ -1,0 +1,1 @@
+"""Tests of the client library on its own: sessions against scripted servers."""
