@@ -33,6 +33,7 @@ import trio
 import trio.lowlevel
 
 from csnap_common import join_host_port
+from csnap_common.limits import DEFAULT_MAX_CHUNKS, MAX_REQUEST_CHUNKS
 from csnap_common.systemd import notify_status, notify_stopping
 from csnap_protocol import (
     DEFAULT_MAX_FRAME,
@@ -123,7 +124,7 @@ class ServerConfig:
     max_in_flight: int = 256
     max_frame: int = DEFAULT_MAX_FRAME
     #: Most chunks one request may name (clients split larger ones).
-    max_chunks: int = 4096
+    max_chunks: int = DEFAULT_MAX_CHUNKS
     #: Most items one batch (one transaction) takes.
     max_batch: int = 512
     #: Most read locks one connection holds (a chunk locked twice counts twice).
@@ -132,6 +133,13 @@ class ServerConfig:
     max_server_read_locks: int = DEFAULT_MAX_SERVER_READ_LOCKS
     #: The node agent's socket: register there and wait on standby to be started.
     agent: str | None = None
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.max_chunks <= MAX_REQUEST_CHUNKS:
+            raise ValueError(
+                f"max_chunks is 1..{MAX_REQUEST_CHUNKS} (what the engine takes in one request),"
+                f" not {self.max_chunks}"
+            )
 
 
 @dataclass(eq=False)
