@@ -41,6 +41,7 @@ from csnap_nbd.geometry import (
     Placement,
     extents,
     halves,
+    join_extent,
     origin_placements,
     pieces,
     store_placements,
@@ -224,11 +225,8 @@ class DataPath:
                 if number == STATUS_PIECES or (req_one and out):
                     break
                 copied = await self.client.copied_ranges([(piece.first, piece.count)])
-                for extent in extents(piece, copied, self.chunk_size, EXCEPTIONS_FLAG):
-                    if out and out[-1][1] == extent[1]:
-                        out[-1] = (out[-1][0] + extent[0], extent[1])
-                    else:
-                        out.append(extent)
+                for length, flags in extents(piece, copied, self.chunk_size, EXCEPTIONS_FLAG):
+                    join_extent(out, length, flags)
         return out[:1] if req_one else out
 
     @staticmethod
