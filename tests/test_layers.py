@@ -39,6 +39,9 @@ FORBIDDEN = [
     ("csnap_common/_probe.py", "import socket"),
     ("csnap_common/systemd/_probe.py", "import trio"),
     ("csnap_common/systemd/_probe.py", "import csnapd"),
+    ("csnap_transport/_probe.py", "import msgpack"),
+    ("csnap_transport/_probe.py", "import csnapd"),
+    ("csnap_transport/_probe.py", "from csnap_client import DataClient"),
 ]
 
 ALLOWED = [
@@ -51,6 +54,8 @@ ALLOWED = [
     ("csnap_nbd/wire/_probe.py", "import struct"),
     ("tests/_probe.py", "import trio"),
     ("csnap_common/systemd/_probe.py", "import socket"),
+    ("csnap_transport/_probe.py", "import trio"),
+    ("csnap_transport/_probe.py", "import csnap_protocol"),
 ]
 
 
