@@ -17,6 +17,7 @@ so nobody is sent to a dead address.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import logging
@@ -28,7 +29,7 @@ from dataclasses import dataclass, field
 
 import trio
 
-from csnap_agent.coordinator import Candidate, Coordinator, LocalCoordinator
+from csnap_agent.coordinator import Candidate, Coordinator, CoordinatorError, LocalCoordinator
 from csnap_agent.registration import RegistrationError, check_against, check_fields
 from csnap_client import (
     ConnectionLostError,
@@ -55,6 +56,7 @@ from csnap_protocol import (
     NeedServer,
     Ok,
     RemoteProtocolError,
+    RenewLease,
     Request,
     Role,
     ServerAt,
@@ -143,6 +145,8 @@ class Registration:
     registered_ns: int
     active: bool = False
     since_ns: int = 0
+    #: Lost its lease while registered: never named or started again.
+    fenced: bool = False
 
 
 class Agent:
@@ -156,6 +160,7 @@ class Agent:
         self._numbers = itertools.count(1)
         self._relay: Session | None = None
         self._relay_lock = trio.Lock()
+        self._relay_address = ""
         self._relay_ids = itertools.count(1)
         self._electing = False
         self._elect_again = False
@@ -172,6 +177,7 @@ class Agent:
         """Accept peers until cancelled."""
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            await nursery.start(self.coordinator.run, self._changed)
             task_status.started()
             while True:
                 try:
@@ -238,7 +244,8 @@ class Agent:
             return await self._hello(peer, message)
         request = message_id(message)
         if isinstance(message, Ok | Error) and request in peer.answers:
-            peer.answers.pop(request).send_nowait(message)
+            with contextlib.suppress(trio.BrokenResourceError):
+                peer.answers.pop(request).send_nowait(message)
             return True
         if request is not None:
             if request in peer.in_flight:
@@ -411,21 +418,42 @@ class Agent:
                 for registration in sorted(self.servers, key=lambda r: not r.candidate.serving):
                     if self.active is not None:
                         return
-                    if registration not in self.servers:
+                    if registration not in self.servers or registration.fenced:
                         continue
-                    if await self.coordinator.elect(registration.candidate):
-                        await self._start(registration)
-                if not self._elect_again:
+                    candidate = registration.candidate
+                    if await self.coordinator.elect(candidate) and not await self._start(
+                        registration
+                    ):
+                        await self.coordinator.resign(candidate)
+                candidates = [r for r in self.servers if not r.fenced]
+                if not self._elect_again and not (self.coordinator.campaigns and candidates):
                     return
         finally:
             self._electing = False
 
-    async def _start(self, registration: Registration) -> None:
+    async def _ask_server(self, peer: _Peer, message: Request) -> Message | None:
+        """Send a request to a server link; its answer, or None if the link ended."""
+        send, receive = trio.open_memory_channel[Message](1)
+        peer.answers[message.id] = send
+        try:
+            await peer.send(message)
+            async with receive:
+                try:
+                    return await receive.receive()
+                except trio.EndOfChannel:
+                    return None
+        finally:
+            # Cancelled while waiting (a renewal not answered in time): an
+            # answer arriving later finds nobody and is dropped.
+            if peer.answers.get(message.id) is send:
+                del peer.answers[message.id]
+
+    async def _start(self, registration: Registration) -> bool:
+        """Start a server the coordinator elected; whether it is now active."""
         peer = registration.peer
         request = next(self._relay_ids)
-        send, receive = trio.open_memory_channel[Message](1)
-        peer.answers[request] = send
         address = registration.candidate.address
+        lease = self.coordinator.lease()
         log.info(
             "starting the server at %s",
             address,
@@ -433,18 +461,15 @@ class Agent:
         )
         self._starting = registration
         try:
-            await peer.send(StartServer(request))
-            answer: Message | None = None
-            async with receive:
-                try:
-                    answer = await receive.receive()
-                except trio.EndOfChannel:
-                    answer = None
+            start = StartServer(request)
+            if lease is not None:
+                start = StartServer(request, lease.token, lease.until_ns)
+            answer = await self._ask_server(peer, start)
         finally:
             self._starting = None
         if registration not in self.servers:
             log.warning("the server at %s went away while starting", address)
-            return
+            return False
         if isinstance(answer, Error):
             log.error(
                 "the server at %s could not start: %s",
@@ -452,7 +477,7 @@ class Agent:
                 answer.message,
                 extra={"event": "server.start_failed", "address": address, "request": request},
             )
-            return
+            return False
         registration.active = True
         registration.since_ns = time.time_ns()
         self.active = registration
@@ -466,6 +491,59 @@ class Agent:
             },
         )
         self._changed()
+        if lease is not None:
+            self._nursery.start_soon(self._keep_lease, registration)
+        return True
+
+    async def _keep_lease(self, registration: Registration) -> None:
+        """Renew the active server's lease and hand it each new deadline.
+
+        Stops renewing when the server does not take a renewal in time (hung,
+        or fenced): etcd then expires the lease, after the server's own
+        deadline has passed, and another node's server is elected.
+        """
+        coordinator = self.coordinator
+        while registration is self.active:
+            await trio.sleep(coordinator.renew_interval)
+            if registration is not self.active:
+                return
+            try:
+                lease = await coordinator.renew()
+            except CoordinatorError as exc:
+                log.warning("%s; the server stops at its deadline if this goes on", exc)
+                continue
+            if lease is None:
+                log.error(
+                    "the lease of the server at %s is lost; it fences itself",
+                    registration.candidate.address,
+                )
+                self._demote(registration)
+                return
+            answer = None
+            with trio.move_on_after(coordinator.renew_interval):
+                answer = await self._ask_server(
+                    registration.peer,
+                    RenewLease(next(self._relay_ids), lease.token, lease.until_ns),
+                )
+            if not isinstance(answer, Ok):
+                log.error(
+                    "the server at %s did not take its lease renewal (%s); no more renewals",
+                    registration.candidate.address,
+                    answer.message if isinstance(answer, Error) else "no answer in time",
+                    extra={"event": "election.abandoned", "token": lease.token},
+                )
+                self._demote(registration)
+                return
+
+    def _demote(self, registration: Registration) -> None:
+        """The active server lost its lease: name it no more, elect anew."""
+        registration.fenced = True
+        if registration is not self.active:
+            return
+        self.active = None
+        self._changed()
+        relay, self._relay = self._relay, None
+        self._nursery.start_soon(self._replace_active, registration, relay)
 
     # -- clients and administrators ----------------------------------------------
 
@@ -514,20 +592,31 @@ class Agent:
         await self._answer(peer, dataclasses.replace(reply, id=request))  # type: ignore[call-arg]
 
     async def _relay_session(self) -> Session | None:
-        """The admin connection to the active server, opened on first use."""
+        """The admin connection to the active server, opened on first use.
+
+        The server may run on another node (the coordinator knows where).
+        """
         async with self._relay_lock:
             active = self.active
-            if active is None:
+            address = active.candidate.address if active else self.coordinator.remote_server()
+            if address is None:
                 return None
             session = self._relay
-            if session is not None and not session.closed.is_set():
+            if (
+                session is not None
+                and not session.closed.is_set()
+                and self._relay_address == address
+            ):
                 return session
-            host, port = split_host_port(active.candidate.address)
+            if session is not None:
+                await trio.aclose_forcefully(session.stream)
+            host, port = split_host_port(address)
             session = await open_session(self._nursery, tcp_connector(host, port), Role.ADMIN)
             if self.active is not active:
                 await trio.aclose_forcefully(session.stream)
                 return None
             self._relay = session
+            self._relay_address = address
             return session
 
 

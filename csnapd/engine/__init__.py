@@ -27,6 +27,7 @@ from csnapd.engine.engine import (
 from csnapd.engine.errors import (
     EngineError,
     EngineFailedError,
+    FencedError,
     InvalidRequestError,
     MetadataFullError,
     OverlappingRangesError,
@@ -71,6 +72,7 @@ __all__ = [
     "StoreStatus",
     "EngineError",
     "EngineFailedError",
+    "FencedError",
     "InvalidRequestError",
     "RequestTooLargeError",
     "OverlappingRangesError",
