@@ -550,13 +550,14 @@ class Agent:
     async def _need_server(self, peer: _Peer, message: NeedServer) -> None:
         while True:
             active = self.active
+            node, token = self.coordinator.active_holder()
             if active is not None:
-                reply = ServerAt(message.id, active.candidate.address, active.since_ns)
+                reply = ServerAt(message.id, active.candidate.address, active.since_ns, token, node)
                 await self._answer(peer, reply)
                 return
             remote = self.coordinator.remote_server()
             if remote is not None:
-                await self._answer(peer, ServerAt(message.id, remote, 0))
+                await self._answer(peer, ServerAt(message.id, remote, 0, token, node))
                 return
             if not message.wait:
                 await self._error(peer, message.id, ErrorCode.NO_SERVER, _NO_SERVER)

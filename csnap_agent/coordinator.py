@@ -96,6 +96,13 @@ class Coordinator(abc.ABC):
         """The active server's address when it runs on another node, if known."""
         return None
 
+    #: This node's name in the cluster; empty for the local coordinator.
+    node = ""
+
+    def active_holder(self) -> tuple[str, int]:
+        """The node the active server runs on and its token, if known; ("", 0) if not."""
+        return "", 0
+
 
 class LocalCoordinator(Coordinator):
     """One node: the first server to register is started; others wait their turn."""

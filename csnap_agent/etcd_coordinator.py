@@ -135,9 +135,12 @@ class EtcdCoordinator(Coordinator):
             return None
         return _field(holder, "address") or None
 
-    def remote_token(self) -> int:
-        """The token of the active server, wherever it runs (0: none known)."""
-        return self.holder.create_revision if self.holder is not None else 0
+    def active_holder(self) -> tuple[str, int]:
+        """The node and token of the active server, wherever it runs."""
+        holder = self.holder
+        if holder is None:
+            return "", 0
+        return _field(holder, "node"), holder.create_revision
 
     # -- campaigning ---------------------------------------------------------------
 

@@ -549,3 +549,7 @@ class ServerAt(Reply):
 
     address: Annotated[str, Text(256)]
     since_ns: Annotated[int, U64]
+    #: Its fencing token; 0 when it was not elected through a cluster coordinator.
+    token: Annotated[int, U64] = 0
+    #: The cluster node it runs on; empty without a cluster coordinator.
+    node: Annotated[str, Text(256)] = ""

@@ -17,8 +17,17 @@ from pathlib import Path
 import pytest
 import trio
 
-from csnap_client import ServerError, agent_connector, find_server, open_client
+from csnap_client import (
+    DataClient,
+    ServerError,
+    agent_connector,
+    find_server,
+    open_client,
+    tcp_connector,
+)
+from csnap_common.errors import single_errors
 from csnap_format import decode_superblock
+from csnap_protocol import ErrorCode
 from tests.e2e.etcd import Etcd, running_etcd
 from tests.e2e.processes import Daemon, csnap, start, start_csnapd, tail
 from tests.e2e.test_agent import make, store_is_clean
@@ -159,6 +168,15 @@ async def test_one_election_every_node_follows_and_a_standby_takes_over(
         listed = await csnap(active.sock, "--json", "list")
         assert listed.returncode == 0, listed.stderr
         assert [s["tag"] for s in json.loads(listed.stdout)["snapshots"]] == [3]
+        # The CLI on the node whose server died reaches the new one.
+        server = await csnap(active.sock, "--json", "server")
+        assert server.returncode == 0, server.stderr
+        shown = json.loads(server.stdout)
+        assert (shown["address"], shown["node"], shown["token"]) == (
+            standby.address,
+            standby.name,
+            new_token,
+        )
         with trio.fail_after(20):
             async with (
                 open_client(agent_connector(str(active.sock)), snapshot=3) as reader,
@@ -181,6 +199,7 @@ async def test_a_server_whose_agent_dies_fences_itself_before_the_lease_expires(
         standby = next(n for n in nodes if n is not active)
         token = token_of(store)
 
+        killed = time.monotonic()
         await active.agent.kill()
         with trio.fail_after(10):
             status = await active.server.process.wait()
@@ -189,6 +208,7 @@ async def test_a_server_whose_agent_dies_fences_itself_before_the_lease_expires(
         with trio.fail_after(10):
             await address_becomes([standby], standby.address)
         elected_at = time.monotonic()
+        print(f"failover after SIGKILL of the active node's agent: {elected_at - killed:.2f}s")
         assert "fenced: the lease was not renewed in time" in active.server.log.read_text()
         # It stopped before the standby could be elected: etcd expired the
         # lease only after the server's own deadline.
@@ -248,3 +268,22 @@ async def test_a_hung_server_loses_the_election_and_writes_nothing_when_it_wakes
         for node in nodes:
             assert await node.agent.stop() == 0
     assert store_is_clean(store)
+
+
+async def test_a_client_refuses_a_server_with_an_older_token(tmp_path: Path) -> None:
+    store, origin = make(tmp_path)
+    async with reaped() as daemons:
+        server, host, port = await start_csnapd(store, origin, tmp_path / "csnapd.log")
+        daemons.append(server)
+        # A server started without a cluster coordinator identifies with
+        # token 0: older than any a client has seen from an elected one.
+        client = DataClient(tcp_connector(host, port), reconnect=False)
+        client.token = 5
+        with trio.fail_after(10), pytest.raises(ServerError) as refused, single_errors():
+            async with trio.open_nursery() as nursery:
+                await nursery.start(client.run)
+        assert refused.value.error is ErrorCode.FENCED
+        assert client.info is None  # nothing the old server said was taken
+        async with open_client(tcp_connector(host, port)) as fresh:
+            assert fresh.token == 0
+        assert await server.stop() == 0
