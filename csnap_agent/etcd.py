@@ -99,7 +99,8 @@ class EtcdClient:
         if not endpoints:
             raise ValueError("no etcd endpoint")
         self.endpoints = [e.rstrip("/") for e in endpoints]
-        self._http = httpx.AsyncClient(timeout=REQUEST_TIMEOUT)
+        # etcd is reached directly: a proxy from the environment is not for it.
+        self._http = httpx.AsyncClient(timeout=REQUEST_TIMEOUT, trust_env=False)
 
     async def __aenter__(self) -> EtcdClient:
         return self

@@ -20,9 +20,9 @@ import trio
 from tests.e2e.processes import Daemon, _open_log, tail
 
 
-def _free_port() -> int:
+def _free_port(host: str) -> int:
     with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
+        sock.bind((host, 0))
         port: int = sock.getsockname()[1]
         return port
 
@@ -37,7 +37,7 @@ class Etcd:
 
 async def _healthy(url: str) -> bool:
     try:
-        async with httpx.AsyncClient(timeout=1) as http:
+        async with httpx.AsyncClient(timeout=1, trust_env=False) as http:
             response = await http.post(url + "/v3/kv/range", json={"key": "Lw=="})
     except httpx.HTTPError:
         return False
@@ -45,13 +45,14 @@ async def _healthy(url: str) -> bool:
 
 
 @asynccontextmanager
-async def running_etcd(directory: Path) -> AsyncIterator[Etcd]:
-    """etcd listening on loopback with its data in `directory`; killed at the end."""
+async def running_etcd(directory: Path, host: str = "127.0.0.1") -> AsyncIterator[Etcd]:
+    """etcd listening on `host` (loopback, or an address the test owns) with its
+    data in `directory`; killed at the end."""
     binary = shutil.which("etcd")
     if binary is None:
         pytest.fail("etcd is not installed: scripts/test installs the Debian package etcd-server")
-    client, peer = _free_port(), _free_port()
-    url = f"http://127.0.0.1:{client}"
+    client, peer = _free_port(host), _free_port(host)
+    url = f"http://{host}:{client}"
     log = directory / "etcd.log"
     argv = [
         binary,
@@ -64,11 +65,11 @@ async def running_etcd(directory: Path) -> AsyncIterator[Etcd]:
         "--advertise-client-urls",
         url,
         "--listen-peer-urls",
-        f"http://127.0.0.1:{peer}",
+        f"http://{host}:{peer}",
         "--initial-advertise-peer-urls",
-        f"http://127.0.0.1:{peer}",
+        f"http://{host}:{peer}",
         "--initial-cluster",
-        f"test=http://127.0.0.1:{peer}",
+        f"test=http://{host}:{peer}",
     ]
     err = _open_log(log)
     try:
