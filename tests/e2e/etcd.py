@@ -33,6 +33,33 @@ class Etcd:
 
     daemon: Daemon
     url: str
+    argv: list[str]
+
+    async def restart(self, down: float) -> None:
+        """SIGKILL it, wait `down` seconds, start it again on its data; until healthy."""
+        await self.daemon.kill()
+        await trio.sleep(down)
+        self.daemon = await _launch(self.argv, self.daemon.log, self.url)
+
+
+async def _launch(argv: list[str], log: Path, url: str) -> Daemon:
+    err = _open_log(log)
+    try:
+        process = await trio.lowlevel.open_process(argv, stdout=subprocess.DEVNULL, stderr=err)
+    finally:
+        err.close()
+    daemon = Daemon(process, "", log)
+    try:
+        with trio.fail_after(20):
+            while not await _healthy(url):
+                if process.returncode is not None:
+                    raise RuntimeError(f"etcd exited: {tail(log)}")
+                await trio.sleep(0.05)
+    except BaseException:
+        with trio.CancelScope(shield=True):
+            await daemon.kill()
+        raise
+    return daemon
 
 
 async def _healthy(url: str) -> bool:
@@ -71,20 +98,10 @@ async def running_etcd(directory: Path, host: str = "127.0.0.1") -> AsyncIterato
         "--initial-cluster",
         f"test=http://{host}:{peer}",
     ]
-    err = _open_log(log)
+    etcd = Etcd(await _launch(argv, log, url), url, argv)
     try:
-        process = await trio.lowlevel.open_process(argv, stdout=subprocess.DEVNULL, stderr=err)
-    finally:
-        err.close()
-    daemon = Daemon(process, "", log)
-    try:
-        with trio.fail_after(20):
-            while not await _healthy(url):
-                if process.returncode is not None:
-                    raise RuntimeError(f"etcd exited: {tail(log)}")
-                await trio.sleep(0.1)
-        yield Etcd(daemon, url)
+        yield etcd
     finally:
         with trio.CancelScope(shield=True):
-            if process.returncode is None:
-                await daemon.kill()
+            if etcd.daemon.process.returncode is None:
+                await etcd.daemon.kill()
