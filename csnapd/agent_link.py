@@ -133,8 +133,10 @@ class AgentLink:
                 await self._fenced(message.id)
             else:
                 await self._send(Ok(message.id))  # a new agent; already serving
-        elif not self.start_requested.is_set():
-            if message.token:
+        elif fence is not None and message.token != fence.token:
+            await self._fenced(message.id)  # a new election while this one opens the store
+        else:
+            if message.token and fence is None:
                 self.fence = Fence(message.token, message.until_ns)
             self._start_request = message.id
             self.start_requested.set()
