@@ -43,10 +43,17 @@ from csnap_client import (
     open_admin,
     open_client,
 )
+from csnap_format import decode_superblock
 from csnap_format.mkcsnap import format_store
 
 TTL = 2
 NODES = 2
+
+
+def token_of(store: Path) -> int:
+    """The fencing token the store carries: the active server's."""
+    with open(store, "rb") as f:
+        return decode_superblock(f.read(4096)).fence_token
 
 
 @dataclass(frozen=True)
@@ -109,30 +116,41 @@ class Writer:
 
     node: int
     next_chunk: int
-    granted: list[float] = field(default_factory=list)
+    #: When each write was granted, and the fencing token of the server that granted it.
+    granted: list[tuple[float, int]] = field(default_factory=list)
     #: Set (and replaced) at every grant.
     moved: trio.Event = field(default_factory=trio.Event)
 
-    def grant(self) -> None:
-        self.granted.append(time.monotonic())
+    def grant(self, token: int) -> None:
+        self.granted.append((time.monotonic(), token))
         self.moved.set()
         self.moved = trio.Event()
 
-    async def granted_after(self, instant: float) -> float:
-        """The first grant after `instant`, once there is one."""
-        while not self.granted or self.granted[-1] <= instant:
+    async def granted_by_another(self, instant: float, token: int) -> float:
+        """When the first write after `instant` was granted by a server other
+        than the one with `token` (a reply the killed server sent before it
+        died may arrive after `instant`)."""
+        while True:
+            for when, by in self.granted:
+                if when > instant and by != token:
+                    return when
             await self.moved.wait()
-        return next(t for t in self.granted if t > instant)
+
+    @property
+    def token(self) -> int:
+        """The token of the server that granted the last write."""
+        return self.granted[-1][1]
 
 
 async def keep_writing(sock: Path, writer: Writer, stride: int, last: int) -> None:
+    """Write chunk after chunk (starting over at the end) until cancelled."""
     async with open_client(agent_connector(str(sock))) as client:
-        while writer.next_chunk < last:
+        while True:
             chunk = writer.next_chunk
             with suppress(ServerError, ConnectionLostError, ClientClosedError, OSError):
                 async with client.origin_write([(chunk, 1)]):
-                    writer.grant()
-                writer.next_chunk += stride
+                    writer.grant(client.token)
+                writer.next_chunk = (chunk + stride) % last
             await trio.sleep(0.005)
 
 
@@ -170,7 +188,7 @@ async def _failover(directory: Path, plan: Plan) -> dict[str, Any]:
             await candidate(node)
         async with open_admin(agent_admin_connector(str(socks[0]))) as admin:
             await admin.create_snapshot(1)
-        chunks = 64 << 20 >> 16
+        chunks = 64 << 20 >> 12
         writers = [Writer(n, n) for n in range(NODES)]
         async with trio.open_nursery() as nursery:
             for writer in writers:
@@ -179,15 +197,23 @@ async def _failover(directory: Path, plan: Plan) -> dict[str, Any]:
                 with trio.fail_after(30):
                     where = await find_server(str(socks[0]), wait=True)
                     for writer in writers:
-                        await writer.granted_after(0.0)
+                        await writer.granted_by_another(0.0, -1)
                 active = next(n for n, (_, address) in servers.items() if address == where.address)
                 await trio.sleep(0.2)  # writing steadily
+                # Both write through the active server now.
+                with trio.fail_after(30):
+                    for writer in writers:
+                        while writer.token != token_of(store):
+                            await writer.moved.wait()
+                old = token_of(store)
                 killed = time.monotonic()
                 process = servers[active][0]
                 process.send_signal(signal.SIGKILL)
                 await process.wait()
                 with trio.fail_after(30):
-                    round_times = [await w.granted_after(killed) - killed for w in writers]
+                    round_times = [
+                        await w.granted_by_another(killed, old) - killed for w in writers
+                    ]
                 times += round_times
                 progress(
                     f"failover round {number + 1}/{plan.rounds}: "
