@@ -154,8 +154,10 @@ class EtcdCoordinator(Coordinator):
             {"node": self.node, "address": candidate.address, "pid": candidate.pid}
         ).encode()
         try:
-            lease_id = await self.client.grant(self.ttl)
+            # Before the grant: etcd counts the new lease's TTL from when it
+            # received the grant, no earlier than this.
             sent_ns = time.monotonic_ns()
+            lease_id = await self.client.grant(self.ttl)
             created, current = await self.client.create(self.key, value, lease_id)
         except EtcdError as exc:
             log.warning("cannot campaign: %s", exc)
