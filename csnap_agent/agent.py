@@ -464,6 +464,9 @@ class Agent:
             start = StartServer(request)
             if lease is not None:
                 start = StartServer(request, lease.token, lease.until_ns)
+                # Renewals begin now: opening the store (a long journal
+                # replay) may take longer than the first deadline.
+                self._nursery.start_soon(self._keep_lease, registration)
             answer = await self._ask_server(peer, start)
         finally:
             self._starting = None
@@ -491,8 +494,6 @@ class Agent:
             },
         )
         self._changed()
-        if lease is not None:
-            self._nursery.start_soon(self._keep_lease, registration)
         return True
 
     async def _keep_lease(self, registration: Registration) -> None:
@@ -503,9 +504,13 @@ class Agent:
         deadline has passed, and another node's server is elected.
         """
         coordinator = self.coordinator
-        while registration is self.active:
+
+        def leased() -> bool:
+            return registration is self.active or registration is self._starting
+
+        while leased():
             await trio.sleep(coordinator.renew_interval)
-            if registration is not self.active:
+            if not leased():
                 return
             try:
                 lease = await coordinator.renew()

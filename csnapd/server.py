@@ -724,6 +724,9 @@ async def _serve_for_agent(
             return
         fence = link.fence
         try:
+            if fence is not None and not fence.may_write():
+                # Opening writes (the replay, the busy mark): not past the deadline.
+                raise FencedError(f"the lease ran out before the store was opened: {fence.reason}")
             # Under a cluster coordinator the election, not a host-local lock,
             # keeps a second server out: a paused server on this host must not
             # keep the one elected after it from opening the store.
