@@ -1,7 +1,8 @@
 """The cluster through a real etcd (docs/operations.md, "Running a cluster"):
 agents on two nodes (each its own socket and node name, on loopback), a
 csnapd candidate on each, one election, and failover when the active
-server, or its whole agent, is killed with SIGKILL, or the server hangs.
+server, or its whole agent, is killed with SIGKILL, or the server hangs; an
+NBD gateway on the standby's node carries on through the failover.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from tests.e2e.etcd import Etcd, running_etcd
 from tests.e2e.processes import Daemon, csnap, start, start_csnapd, tail
 from tests.e2e.test_agent import make, store_is_clean
 from tests.e2e.test_failover import reaped
+from tests.nbd.support import qemu_io, run, start_gateway
 from tests.server.support import label, pread, pwrite
 
 pytestmark = pytest.mark.e2e
@@ -139,7 +141,7 @@ def events(log: Path, name: str) -> list[dict[str, object]]:
 async def test_one_election_every_node_follows_and_a_standby_takes_over(
     tmp_path: Path,
 ) -> None:
-    async with two_nodes(tmp_path) as (nodes, store, origin):
+    async with two_nodes(tmp_path) as (nodes, store, origin), reaped() as daemons:
         first = await active_address(nodes[0].sock)
         with trio.fail_after(10):
             await address_becomes(nodes, first)
@@ -162,6 +164,15 @@ async def test_one_election_every_node_follows_and_a_standby_takes_over(
             ):
                 pwrite(origin, 4, label(4, 1))
         assert client.token == token
+        # An NBD gateway on the standby's node, writing the origin through
+        # the active server on the other node.
+        nbd, _ = await start_gateway(
+            tmp_path, "--agent", str(standby.sock), "--unix", str(tmp_path / "nbd.sock")
+        )
+        daemons.append(nbd)
+        origin_url = f"nbd+unix:///origin?socket={tmp_path / 'nbd.sock'}"
+        snapshot_url = f"nbd+unix:///snap-3?socket={tmp_path / 'nbd.sock'}"
+        await run(*qemu_io(origin_url, "write -P 0xaa 65536 65536"))
 
         killed = time.monotonic()
         await active.server.kill()
@@ -189,6 +200,16 @@ async def test_one_election_every_node_follows_and_a_standby_takes_over(
             ):
                 assert [s[:2] for s in plan.store] == [(4, 1)]
             assert reader.token == new_token
+        # The gateway reconnected to the new server: its writes copy out as
+        # before, and the snapshot still reads what the origin held at its
+        # creation (zeros there, before the first gateway write).
+        await run(*qemu_io(origin_url, "write -P 0xbb 65536 65536"))
+        await run(*qemu_io(origin_url, "read -P 0xbb 65536 65536"), seconds=30)
+        await run(*qemu_io(snapshot_url, "read -P 0 65536 65536", read_only=True))
+        assert nbd.process.returncode is None, tail(nbd.log)
+        nbd.process.send_signal(signal.SIGTERM)
+        with trio.fail_after(20):
+            assert await nbd.process.wait() == 0
         assert await standby.server.stop() == 0
         for node in nodes:
             assert await node.agent.stop() == 0
