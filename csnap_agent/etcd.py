@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import httpx
+import trio
 
 __all__ = ["EtcdClient", "EtcdError", "KeyValue", "WatchEvent"]
 
@@ -244,7 +245,10 @@ class EtcdClient:
                 yield _events(response)
                 return
             finally:
-                await response.aclose()
+                # Also when the watch is cancelled: the connection goes, not back to the pool.
+                with trio.move_on_after(REQUEST_TIMEOUT) as closing:
+                    closing.shield = True
+                    await response.aclose()
         raise EtcdError("; ".join(problems) or "no etcd endpoint")
 
 

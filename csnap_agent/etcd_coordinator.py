@@ -48,6 +48,10 @@ RENEWALS_PER_TTL = 6
 CAMPAIGN_WAIT = 1.0
 #: Seconds between attempts to (re)start a broken watch.
 WATCH_RETRY = 0.5
+#: Seconds after which a quiet watch is started again from a fresh read: a
+#: watch whose connection died without a word (a network that drops
+#: everything) would otherwise leave this agent's view stale for good.
+WATCH_REFRESH = 10.0
 
 
 class EtcdCoordinator(Coordinator):
@@ -72,6 +76,7 @@ class EtcdCoordinator(Coordinator):
         #: The key as etcd last said it is (None: nobody is elected).
         self.holder: KeyValue | None = None
         self._holder_changed = trio.Event()
+        self._changed: Callable[[], None] = lambda: None
         #: Our election: lease id, token, and the deadline last handed out.
         self._lease_id = 0
         self._lease: Lease | None = None
@@ -86,6 +91,7 @@ class EtcdCoordinator(Coordinator):
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Follow the election key until cancelled, through etcd outages."""
+        self._changed = changed
         started = False
         told = False
         while True:
@@ -98,9 +104,13 @@ class EtcdCoordinator(Coordinator):
                 if told:
                     log.info("etcd reachable again", extra={"event": "etcd.reachable"})
                     told = False
-                async with self.client.watch(self.key, revision + 1) as events:
-                    async for event in events:
-                        self._set_holder(None if event.deleted else event.kv, changed)
+                with trio.move_on_after(WATCH_REFRESH) as quiet:
+                    async with self.client.watch(self.key, revision + 1) as events:
+                        async for event in events:
+                            self._set_holder(None if event.deleted else event.kv, changed)
+                            quiet.deadline = trio.current_time() + WATCH_REFRESH
+                if quiet.cancelled_caught:
+                    continue  # read afresh and watch again at once
             except EtcdError as exc:
                 if not told:
                     log.warning("etcd: %s; retrying", exc, extra={"event": "etcd.unreachable"})
@@ -148,7 +158,15 @@ class EtcdCoordinator(Coordinator):
         if self.holder is not None:
             with trio.move_on_after(CAMPAIGN_WAIT):
                 await self._holder_changed.wait()
-            if self.holder is not None:
+        if self.holder is not None:
+            # The watch may have missed the key's end: ask etcd itself.
+            try:
+                holder, _revision = await self.client.get(self.key)
+            except EtcdError as exc:
+                log.warning("cannot read the election: %s", exc)
+                return False
+            self._set_holder(holder, self._changed)
+            if holder is not None:
                 return False
         value = json.dumps(
             {"node": self.node, "address": candidate.address, "pid": candidate.pid}
