@@ -163,7 +163,8 @@ class EtcdCoordinator(Coordinator):
             try:
                 holder, _revision = await self.client.get(self.key)
             except EtcdError as exc:
-                log.warning("cannot read the election: %s", exc)
+                # Said once by run() as etcd.unreachable; not every second here.
+                log.debug("cannot read the election: %s", exc)
                 return False
             self._set_holder(holder, self._changed)
             if holder is not None:
@@ -171,6 +172,7 @@ class EtcdCoordinator(Coordinator):
         value = json.dumps(
             {"node": self.node, "address": candidate.address, "pid": candidate.pid}
         ).encode()
+        lease_id = 0
         try:
             # Before the grant: etcd counts the new lease's TTL from when it
             # received the grant, no earlier than this.
@@ -179,6 +181,9 @@ class EtcdCoordinator(Coordinator):
             created, current = await self.client.create(self.key, value, lease_id)
         except EtcdError as exc:
             log.warning("cannot campaign: %s", exc)
+            if lease_id:
+                # The put may have landed: its key goes with the lease.
+                await self._revoke(lease_id)
             await trio.sleep(CAMPAIGN_WAIT)
             return False
         if not created or current is None:
