@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import trio
 from csnap_transport import MessageStream
 
-from csnap_agent.coordinator import Candidate, Coordinator, LocalCoordinator
+from csnap_agent.coordinator import Candidate, Coordinator, CoordinatorError, LocalCoordinator
 from csnap_agent.registration import RegistrationError, check_against, check_fields
 from csnap_client import (
     ConnectionLostError,
@@ -55,6 +55,7 @@ from csnap_protocol import (
     NeedServer,
     Ok,
     RemoteProtocolError,
+    RenewLease,
     Request,
     Role,
     ServerAt,
@@ -128,6 +129,8 @@ class Registration:
     registered_ns: int
     active: bool = False
     since_ns: int = 0
+    #: Lost its lease while registered: never named or started again.
+    fenced: bool = False
 
 
 class Agent:
@@ -141,6 +144,7 @@ class Agent:
         self._numbers = itertools.count(1)
         self._relay: Session | None = None
         self._relay_lock = trio.Lock()
+        self._relay_address = ""
         self._relay_ids = itertools.count(1)
         self._electing = False
         self._elect_again = False
@@ -157,6 +161,7 @@ class Agent:
         """Accept peers until cancelled."""
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            await nursery.start(self.coordinator.run, self._changed)
             task_status.started()
             try:
                 await trio.serve_listeners(self._connection, [listener], handler_nursery=nursery)
@@ -210,7 +215,8 @@ class Agent:
             return await self._hello(peer, message)
         request = message_id(message)
         if isinstance(message, Ok | Error) and request in peer.answers:
-            peer.answers.pop(request).send_nowait(message)
+            with contextlib.suppress(trio.BrokenResourceError):
+                peer.answers.pop(request).send_nowait(message)
             return True
         if request is not None:
             if request in peer.in_flight:
@@ -382,21 +388,42 @@ class Agent:
                 for registration in sorted(self.servers, key=lambda r: not r.candidate.serving):
                     if self.active is not None:
                         return
-                    if registration not in self.servers:
+                    if registration not in self.servers or registration.fenced:
                         continue
-                    if await self.coordinator.elect(registration.candidate):
-                        await self._start(registration)
-                if not self._elect_again:
+                    candidate = registration.candidate
+                    if await self.coordinator.elect(candidate) and not await self._start(
+                        registration
+                    ):
+                        await self.coordinator.resign(candidate)
+                candidates = [r for r in self.servers if not r.fenced]
+                if not self._elect_again and not (self.coordinator.campaigns and candidates):
                     return
         finally:
             self._electing = False
 
-    async def _start(self, registration: Registration) -> None:
+    async def _ask_server(self, peer: _Peer, message: Request) -> Message | None:
+        """Send a request to a server link; its answer, or None if the link ended."""
+        send, receive = trio.open_memory_channel[Message](1)
+        peer.answers[message.id] = send
+        try:
+            await peer.send(message)
+            async with receive:
+                try:
+                    return await receive.receive()
+                except trio.EndOfChannel:
+                    return None
+        finally:
+            # Cancelled while waiting (a renewal not answered in time): an
+            # answer arriving later finds nobody and is dropped.
+            if peer.answers.get(message.id) is send:
+                del peer.answers[message.id]
+
+    async def _start(self, registration: Registration) -> bool:
+        """Start a server the coordinator elected; whether it is now active."""
         peer = registration.peer
         request = next(self._relay_ids)
-        send, receive = trio.open_memory_channel[Message](1)
-        peer.answers[request] = send
         address = registration.candidate.address
+        lease = self.coordinator.lease()
         log.info(
             "starting the server at %s",
             address,
@@ -404,18 +431,18 @@ class Agent:
         )
         self._starting = registration
         try:
-            await peer.send(StartServer(request))
-            answer: Message | None = None
-            async with receive:
-                try:
-                    answer = await receive.receive()
-                except trio.EndOfChannel:
-                    answer = None
+            start = StartServer(request)
+            if lease is not None:
+                start = StartServer(request, lease.token, lease.until_ns)
+                # Renewals begin now: opening the store (a long journal
+                # replay) may take longer than the first deadline.
+                self._nursery.start_soon(self._keep_lease, registration)
+            answer = await self._ask_server(peer, start)
         finally:
             self._starting = None
         if registration not in self.servers:
             log.warning("the server at %s went away while starting", address)
-            return
+            return False
         if isinstance(answer, Error):
             log.error(
                 "the server at %s could not start: %s",
@@ -423,7 +450,7 @@ class Agent:
                 answer.message,
                 extra={"event": "server.start_failed", "address": address, "request": request},
             )
-            return
+            return False
         registration.active = True
         registration.since_ns = time.time_ns()
         self.active = registration
@@ -437,19 +464,75 @@ class Agent:
             },
         )
         self._changed()
+        return True
+
+    async def _keep_lease(self, registration: Registration) -> None:
+        """Renew the active server's lease and hand it each new deadline.
+
+        Stops renewing when the server does not take a renewal in time (hung,
+        or fenced): etcd then expires the lease, after the server's own
+        deadline has passed, and another node's server is elected.
+        """
+        coordinator = self.coordinator
+
+        def leased() -> bool:
+            return registration is self.active or registration is self._starting
+
+        while leased():
+            await trio.sleep(coordinator.renew_interval)
+            if not leased():
+                return
+            try:
+                lease = await coordinator.renew()
+            except CoordinatorError as exc:
+                log.warning("%s; the server stops at its deadline if this goes on", exc)
+                continue
+            if lease is None:
+                log.error(
+                    "the lease of the server at %s is lost; it fences itself",
+                    registration.candidate.address,
+                )
+                self._demote(registration)
+                return
+            answer = None
+            with trio.move_on_after(coordinator.renew_interval):
+                answer = await self._ask_server(
+                    registration.peer,
+                    RenewLease(next(self._relay_ids), lease.token, lease.until_ns),
+                )
+            if not isinstance(answer, Ok):
+                log.error(
+                    "the server at %s did not take its lease renewal (%s); no more renewals",
+                    registration.candidate.address,
+                    answer.message if isinstance(answer, Error) else "no answer in time",
+                    extra={"event": "election.abandoned", "token": lease.token},
+                )
+                self._demote(registration)
+                return
+
+    def _demote(self, registration: Registration) -> None:
+        """The active server lost its lease: name it no more, elect anew."""
+        registration.fenced = True
+        if registration is not self.active:
+            return
+        self.active = None
+        self._changed()
+        relay, self._relay = self._relay, None
+        self._nursery.start_soon(self._replace_active, registration, relay)
 
     # -- clients and administrators ----------------------------------------------
 
     async def _need_server(self, peer: _Peer, message: NeedServer) -> None:
         while True:
             active = self.active
+            node, token = self.coordinator.active_holder()
             if active is not None:
-                reply = ServerAt(message.id, active.candidate.address, active.since_ns)
+                reply = ServerAt(message.id, active.candidate.address, active.since_ns, token, node)
                 await self._answer(peer, reply)
                 return
             remote = self.coordinator.remote_server()
             if remote is not None:
-                await self._answer(peer, ServerAt(message.id, remote, 0))
+                await self._answer(peer, ServerAt(message.id, remote, 0, token, node))
                 return
             if not message.wait:
                 await self._error(peer, message.id, ErrorCode.NO_SERVER, _NO_SERVER)
@@ -485,20 +568,31 @@ class Agent:
         await self._answer(peer, dataclasses.replace(reply, id=request))  # type: ignore[call-arg]
 
     async def _relay_session(self) -> Session | None:
-        """The admin connection to the active server, opened on first use."""
+        """The admin connection to the active server, opened on first use.
+
+        The server may run on another node (the coordinator knows where).
+        """
         async with self._relay_lock:
             active = self.active
-            if active is None:
+            address = active.candidate.address if active else self.coordinator.remote_server()
+            if address is None:
                 return None
             session = self._relay
-            if session is not None and not session.closed.is_set():
+            if (
+                session is not None
+                and not session.closed.is_set()
+                and self._relay_address == address
+            ):
                 return session
-            host, port = split_host_port(active.candidate.address)
+            if session is not None:
+                await trio.aclose_forcefully(session.stream)
+            host, port = split_host_port(address)
             session = await open_session(self._nursery, tcp_connector(host, port), Role.ADMIN)
             if self.active is not active:
                 await trio.aclose_forcefully(session.stream)
                 return None
             self._relay = session
+            self._relay_address = address
             return session
 
 

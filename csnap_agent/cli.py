@@ -23,6 +23,9 @@ from collections.abc import Sequence
 import trio
 
 from csnap_agent.agent import Agent
+from csnap_agent.coordinator import Coordinator
+from csnap_agent.etcd import EtcdClient
+from csnap_agent.etcd_coordinator import DEFAULT_TTL, EtcdCoordinator, parse_endpoints
 from csnap_client import DEFAULT_AGENT
 from csnap_common import unix_address
 from csnap_common.allocator import return_freed_buffers
@@ -49,6 +52,11 @@ examples:
   csnap-agent --socket /run/csnap/agent.sock
   csnapd store.img origin.img --agent /run/csnap/agent.sock
   csnap --agent /run/csnap/agent.sock list
+  csnap-agent --etcd-endpoints http://10.0.0.1:2379,http://10.0.0.2:2379 --node node-a
+
+With --etcd-endpoints the agent holds one election per store in etcd, under
+a lease, and follows the active server wherever it runs; every node's agent
+must name the same endpoints and --store-name, and its own --node.
 
 A socket name starting with @ is in Linux's abstract namespace (no file).
 Only processes of the agent's own user, and root, may use it; a socket file
@@ -78,8 +86,50 @@ def _parser() -> argparse.ArgumentParser:
         metavar="PATH",
         help=f"Unix socket to listen on, or @name (default $CSNAP_AGENT or {DEFAULT_AGENT})",
     )
+    cluster = parser.add_argument_group("cluster (etcd)")
+    cluster.add_argument(
+        "--etcd-endpoints",
+        metavar="URL[,URL...]",
+        help="elect the active server through etcd at these client URLs (default: this"
+        " node alone decides)",
+    )
+    cluster.add_argument(
+        "--node",
+        help="this node's name in the cluster; required with --etcd-endpoints",
+    )
+    cluster.add_argument(
+        "--store-name",
+        default="store",
+        metavar="NAME",
+        help="the store's name in etcd: one election per name (default: store)",
+    )
+    cluster.add_argument(
+        "--lease-ttl",
+        type=int,
+        default=DEFAULT_TTL,
+        metavar="SECONDS",
+        help=f"seconds an elected server's lease lasts unrenewed (default {DEFAULT_TTL})",
+    )
     add_log_level(parser)
     return parser
+
+
+def _cluster_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Check the cluster options together; exits with a usage error."""
+    if args.etcd_endpoints is None:
+        if args.node is not None:
+            parser.error("--node needs --etcd-endpoints")
+        return
+    try:
+        args.etcd_endpoints = parse_endpoints(args.etcd_endpoints)
+    except ValueError as exc:
+        parser.error(f"--etcd-endpoints: {exc}")
+    if not args.node:
+        parser.error("--etcd-endpoints needs --node NAME")
+    if not 2 <= args.lease_ttl <= 3600:
+        parser.error("--lease-ttl: etcd takes 2..3600 seconds")
+    if not args.store_name or "/" in args.store_name:
+        parser.error("--store-name: a non-empty name without /")
 
 
 def open_agent_listener(path: str) -> socket.socket:
@@ -145,8 +195,12 @@ def activated_listener() -> tuple[socket.socket, str] | None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the agent; returns the exit status."""
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    _cluster_args(parser, args)
     configure_logging(args.log_level, args.log_format, service="csnap-agent")
+    # One line per etcd request (several a second) would drown the log.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     return_freed_buffers()
     try:
         activated = activated_listener()
@@ -159,7 +213,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.error("%s", exc)
         return EXIT_CANNOT_START
     try:
-        trio.run(_main, listener, path)
+        trio.run(_main, listener, path, args)
     finally:
         # A passed socket belongs to the service manager: it stays for the next start.
         if activated is None and not path.startswith("@"):
@@ -168,9 +222,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     return EXIT_OK
 
 
-async def _main(sock: socket.socket, path: str) -> None:
+async def _main(sock: socket.socket, path: str, args: argparse.Namespace) -> None:
     listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
-    agent = Agent()
+    if args.etcd_endpoints is None:
+        await _serve(listener, path, Agent())
+        return
+    async with EtcdClient(args.etcd_endpoints) as client:
+        coordinator: Coordinator = EtcdCoordinator(
+            client, node=args.node, name=args.store_name, ttl=args.lease_ttl
+        )
+        log.info(
+            "electing through etcd at %s as node %s",
+            ",".join(args.etcd_endpoints),
+            args.node,
+            extra={"event": "agent.cluster", "node": args.node},
+        )
+        await _serve(listener, path, Agent(coordinator))
+
+
+async def _serve(listener: trio.SocketListener, path: str, agent: Agent) -> None:
     async with trio.open_nursery() as nursery:
         await nursery.start(agent.serve, listener)
         nursery.start_soon(keep_watchdog_fed, trio.sleep)

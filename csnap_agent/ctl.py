@@ -271,7 +271,7 @@ async def _server(agent: str) -> dict[str, Any]:
     where = await find_server(agent, wait=False)
     async with open_admin(agent_admin_connector(agent)) as admin:
         info = await admin.server_info()
-    return {**info, "active_since_ns": where.since_ns}
+    return {**info, "active_since_ns": where.since_ns, "node": where.node, "token": where.token}
 
 
 async def _status(admin: AdminClient, args: argparse.Namespace) -> Any:
@@ -384,7 +384,9 @@ def _render(verb: str, args: argparse.Namespace, result: Any) -> str:
             f"server     {result['address']}\n"
             f"state      {result['state']}\n"
             f"active     since {_when(result['active_since_ns'])}\n"
-            f"started    {_when(result['started_ns'])}\n"
+            + (f"node       {result['node']}\n" if result["node"] else "")
+            + (f"token      {result['token']}\n" if result["token"] else "")
+            + f"started    {_when(result['started_ns'])}\n"
             f"store      {result['store']}\n"
             f"origin     {result['origin']}\n"
             f"clients    {result['clients']} connected: {result['origin_clients']} origin,"

@@ -171,6 +171,9 @@ class DataClient:
         #: The connection broke and `reconnect` is off: no session will come.
         self._lost = False
         self.info: Identified | None = None
+        #: The largest fencing token a server identified with; a server with
+        #: a smaller one is refused (docs/protocol.md, "Fencing").
+        self.token = 0
         #: Request ids of grants not yet closed by their holder.
         self._grants: set[int] = set()
         self._grants_changed = trio.Event()
@@ -255,6 +258,17 @@ class DataClient:
                 self._gone()
             raise
         assert isinstance(identified, Identified)
+        if identified.token < self.token:
+            # A server elected before the one this client last used: it was
+            # fenced (or is about to fence itself); its answers are stale.
+            await trio.aclose_forcefully(session.stream)
+            code = ErrorCode.FENCED
+            raise ServerError(
+                int(code),
+                code.symbol,
+                f"the server's fencing token {identified.token} is older than {self.token}",
+            )
+        self.token = identified.token
         if self.info is not None and (
             identified.chunk_size != self.info.chunk_size
             or identified.origin_chunks != self.info.origin_chunks
@@ -562,6 +576,7 @@ def _retryable(exc: ServerError) -> bool:
         ErrorCode.SHUTTING_DOWN,
         ErrorCode.NOT_ACTIVE,
         ErrorCode.SERVER_FAILED,
+        ErrorCode.FENCED,
     )
 
 

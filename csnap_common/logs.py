@@ -36,6 +36,8 @@ ID_FIELDS: dict[str, str] = {
     "transactions": "journal transactions replayed",
     "locks": "read locks released, in chunks",
     "barrier": "snapshot barrier number",
+    "token": "fencing token (the etcd revision of an election)",
+    "node": "cluster node name",
 }
 
 #: Every field a JSON line may have, in the order they are written.

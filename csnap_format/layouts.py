@@ -98,6 +98,8 @@ STATE = Struct(
     "sweep_mask" / Int64ul,
     "exceptions" / Int64ul,
     "registry" / Int64ul,
+    "fence_token" / Int64ul,
+    "fence_ns" / Int64ul,
 )
 
 SNAPSHOT_RECORD = Struct(

@@ -6,7 +6,8 @@ The superblock holds three things (docs/format.md, "Superblock"):
   bytes   40..512   geometry: identity, sizes, region positions, and a
                     CRC32 of its own at 508..512
   bytes  512..1024  state: clean/busy, btree root and depth, free counts,
-                    allocation cursors, deletion sweep position, exceptions
+                    allocation cursors, deletion sweep position, exceptions,
+                    client registry, fencing token
   bytes 1024..4096  snapshot table: 64 records of 48 bytes, one per share bit
 
 Why the geometry has its own checksum: the superblock is rewritten in place
@@ -67,8 +68,9 @@ _GEOMETRY = struct.Struct("<IIII16sQII12Q")
 _GEOMETRY_AT = HEADER_SIZE
 _GEOMETRY_CRC_AT = SECTOR_SIZE - 4
 # State: state, depth, root, meta free, data free, meta cursor, data cursor,
-# sweep cursor, sweep mask, exception count, client registry block.
-_STATE = struct.Struct("<II9Q")
+# sweep cursor, sweep mask, exception count, client registry block, fencing
+# token and the time it was journaled.
+_STATE = struct.Struct("<II11Q")
 _STATE_AT = SECTOR_SIZE
 _STATE_END = 1024
 # Snapshot record: tag, state, priority, reserved, use count, reserved,
@@ -122,6 +124,11 @@ class Superblock:
     registry: int
     #: 64 entries indexed by share bit; None marks a free slot.
     snapshots: tuple[SnapshotRecord | None, ...]
+    #: Fencing token of the server that activated last under a cluster
+    #: coordinator (an etcd revision); 0 when none ever did.
+    fence_token: int = 0
+    #: When that server journaled its token, nanoseconds since the Unix epoch.
+    fence_ns: int = 0
 
 
 def _pack_geometry(block: bytearray, g: Geometry) -> None:
@@ -172,6 +179,8 @@ def encode_superblock(sb: Superblock) -> bytes:
         sb.sweep_mask,
         sb.exceptions,
         sb.registry,
+        sb.fence_token,
+        sb.fence_ns,
     )
     for bit, record in enumerate(sb.snapshots):
         if record is not None:
@@ -277,7 +286,9 @@ def decode_superblock(block: bytes | bytearray | memoryview) -> Superblock:
         store_id=geometry.store_id,
         block_size=geometry.block_size,
     )
-    state, depth, root, *counts, registry = _STATE.unpack_from(block, _STATE_AT)
+    state, depth, root, *counts, registry, fence_token, fence_ns = _STATE.unpack_from(
+        block, _STATE_AT
+    )
     meta_free, data_free, meta_cursor, data_cursor, sweep, sweep_mask, exceptions = counts
     problems = []
     if state not in (STATE_CLEAN, STATE_BUSY):
@@ -301,6 +312,8 @@ def decode_superblock(block: bytes | bytearray | memoryview) -> Superblock:
         exceptions=exceptions,
         registry=registry,
         snapshots=_decode_table(block, problems),
+        fence_token=fence_token,
+        fence_ns=fence_ns,
     )
     problems += _state_problems(sb)
     if problems:

@@ -77,6 +77,9 @@ class ErrorCode(enum.IntEnum):
     NOT_ACTIVE = 25
     #: The agent has no active server to give or relay to.
     NO_SERVER = 26
+    #: The server lost its election (its lease ran out, or the store carries a
+    #: newer fencing token): it stopped writing and serving.
+    FENCED = 40
 
     @property
     def symbol(self) -> str:

@@ -93,6 +93,7 @@ __all__ = [
     "Keepalive",
     "ServerReady",
     "StartServer",
+    "RenewLease",
     "NeedServer",
     "ServerAt",
 ]
@@ -270,6 +271,9 @@ class Identified(Reply):
     #: Milliseconds of silence after which the server drops this connection
     #: and its read locks; 0: it drops no silent connection.
     lease_ms: Annotated[int, U32] = 0
+    #: The server's fencing token (its election's etcd revision); 0 when it
+    #: was not elected through a cluster coordinator.
+    token: Annotated[int, U64] = 0
 
 
 @_message("query_write", CLIENT)
@@ -508,8 +512,26 @@ class StartServer(Request):
     """The agent activates its standby server: open the store and serve.
 
     Answered with ok once clients may connect, or error if the store cannot
-    be opened.
+    be opened. Under a cluster coordinator it carries the fencing token the
+    server journals before serving, and the first lease deadline.
     """
+
+    token: Annotated[int, U64] = 0
+    #: CLOCK_MONOTONIC nanoseconds on this node at which the server must have
+    #: stopped writing unless renew_lease moves it; 0: no lease.
+    until_ns: Annotated[int, U64] = 0
+
+
+@_message("renew_lease", AGENT)
+@dataclass(frozen=True, slots=True)
+class RenewLease(Request):
+    """The agent renewed the active server's lease: serve until `until_ns`.
+
+    Answered ok, or error fenced by a server that already stopped.
+    """
+
+    token: Annotated[int, U64]
+    until_ns: Annotated[int, U64]
 
 
 @_message("need_server", CLIENT | ADMIN)
@@ -527,3 +549,7 @@ class ServerAt(Reply):
 
     address: Annotated[str, Text(256)]
     since_ns: Annotated[int, U64]
+    #: Its fencing token; 0 when it was not elected through a cluster coordinator.
+    token: Annotated[int, U64] = 0
+    #: The cluster node it runs on; empty without a cluster coordinator.
+    node: Annotated[str, Text(256)] = ""

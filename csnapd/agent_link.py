@@ -6,6 +6,11 @@ that request once it serves, or with an error if the store cannot be
 opened. The link then stays up: if the agent goes away the server keeps
 serving and registers again, as active, whenever an agent is back, so
 clients asking that agent find it.
+
+Under a cluster coordinator, `start_server` carries the fencing token and
+the first lease deadline, and `renew_lease` moves the deadline; the server
+keeps them in a Fence (csnapd.fencing) and stops when it runs out. A lost
+agent then means no renewals: the server fences itself at the deadline.
 """
 
 from __future__ import annotations
@@ -29,10 +34,12 @@ from csnap_protocol import (
     Message,
     Ok,
     RemoteProtocolError,
+    RenewLease,
     Role,
     ServerReady,
     StartServer,
 )
+from csnapd.fencing import Fence
 
 __all__ = ["AgentLink", "AgentRefusedError"]
 
@@ -57,6 +64,9 @@ class AgentLink:
         #: Set when the agent asked this server to start.
         self.start_requested = trio.Event()
         self._start_request: int | None = None
+        #: The token and lease this server is started under, if the agent's
+        #: coordinator is a cluster one.
+        self.fence: Fence | None = None
         self._active = False
         #: The connection to the agent, while there is one.
         self._messages: MessageStream | None = None
@@ -112,6 +122,35 @@ class AgentLink:
         ):
             await messages.send(message)
 
+    async def _start_server(self, message: StartServer) -> None:
+        fence = self.fence
+        if self._active:
+            if message.token and (fence is None or fence.token != message.token):
+                # Elected anew while serving under an older token (or none):
+                # this server cannot prove it stopped writing in between.
+                await self._fenced(message.id)
+            else:
+                await self._send(Ok(message.id))  # a new agent; already serving
+        elif fence is not None and message.token != fence.token:
+            await self._fenced(message.id)  # a new election while this one opens the store
+        else:
+            if message.token and fence is None:
+                self.fence = Fence(message.token, message.until_ns)
+            self._start_request = message.id
+            self.start_requested.set()
+
+    async def _renew(self, message: RenewLease) -> None:
+        fence = self.fence
+        if fence is not None and fence.renew(message.token, message.until_ns):
+            await self._send(Ok(message.id))
+        else:
+            await self._fenced(message.id)
+
+    async def _fenced(self, request: int) -> None:
+        code = ErrorCode.FENCED
+        text = self.fence.reason if self.fence is not None and self.fence.reason else "not leased"
+        await self._send(Error(request, int(code), code.symbol, f"fenced: {text}"[:1024]))
+
     async def _session(self) -> None:
         sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
@@ -148,10 +187,8 @@ class AgentLink:
                     if not self._active:
                         notify_ready(f"standby on {self.address}: registered with {self.path}")
                 elif isinstance(message, StartServer):
-                    if self._active:
-                        await self._send(Ok(message.id))  # a new agent; already serving
-                    else:
-                        self._start_request = message.id
-                        self.start_requested.set()
+                    await self._start_server(message)
+                elif isinstance(message, RenewLease):
+                    await self._renew(message)
                 else:
                     log.warning("agent sent an unexpected %s", message.TYPE)

@@ -19,8 +19,8 @@ from csnap_common import single_errors
 from csnap_common.allocator import return_freed_buffers
 from csnap_common.cli import add_log_level, configure_logging, host_port_arg, size_arg
 from csnap_common.systemd import keep_watchdog_fed, notify_ready, notify_status, notify_stopping
-from csnapd.engine import EngineError, StoreLockedError
-from csnapd.server import ServerConfig, ServerFailedError, serve
+from csnapd.engine import EngineError, FencedError, StoreLockedError
+from csnapd.server import ServerConfig, ServerFailedError, ServerFencedError, serve
 
 __all__ = ["main", "run"]
 
@@ -30,6 +30,7 @@ EXIT_OK = 0
 EXIT_FAILED = 1  # the engine failed while serving: restart to replay
 EXIT_USAGE = 2
 EXIT_CANNOT_START = 3  # the store could not be opened (locked, damaged, missing)
+EXIT_FENCED = 4  # lost its lease or saw a newer token: another server owns the store
 
 _EPILOG = """\
 examples:
@@ -44,7 +45,9 @@ flight, mark the store clean and exit 0.
 
 exit status: 0 stopped cleanly, 1 the store failed while serving (restart
 replays the journal), 2 bad arguments, 3 the store could not be opened
-(missing, not a store, or held by another csnapd).
+(missing, not a store, or held by another csnapd), 4 fenced: its agent's
+cluster election was lost (lease not renewed in time, or a newer fencing
+token in the store); restart it to stand by again.
 """
 
 
@@ -147,12 +150,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     except StoreLockedError as exc:
         log.error("%s", exc)
         return EXIT_CANNOT_START
+    except FencedError as exc:
+        log.critical("fenced before serving: %s", exc)
+        return EXIT_FENCED
     except EngineError as exc:
         log.error("cannot open the store: %s", exc)
         return EXIT_CANNOT_START
     except ServerFailedError as exc:
         log.critical("%s", exc)
         return EXIT_FAILED
+    except ServerFencedError as exc:
+        log.critical("fenced: %s", exc)
+        return EXIT_FENCED
     except OSError as exc:
         log.error("cannot listen on %s:%d: %s", host, port, exc.strerror or exc)
         return EXIT_CANNOT_START

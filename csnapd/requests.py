@@ -214,6 +214,7 @@ class RequestHandlers:
             self._epoch,
             self._max_chunks,
             self._gate.lease_ms,
+            self._engine.fence_token,
         )
 
     def _query_write(

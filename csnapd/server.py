@@ -67,9 +67,10 @@ from csnapd.dispatch import (
     SweepTick,
     error_code,
 )
-from csnapd.engine import DEFAULT_CACHE_BYTES, Engine, EngineError
+from csnapd.engine import DEFAULT_CACHE_BYTES, Engine, EngineError, FencedError
+from csnapd.fencing import Fence
 
-__all__ = ["ServerConfig", "Server", "serve", "ServerFailedError"]
+__all__ = ["ServerConfig", "Server", "serve", "ServerFailedError", "ServerFencedError"]
 
 log = logging.getLogger("csnapd")
 
@@ -96,6 +97,10 @@ _HELLO = Ok(0)
 
 class ServerFailedError(Exception):
     """The engine failed (a commit could not be made durable); the server stopped."""
+
+
+class ServerFencedError(Exception):
+    """The server lost its lease or saw a newer fencing token; it stopped writing."""
 
 
 @dataclass(frozen=True)
@@ -171,8 +176,13 @@ class _Link:
 class Server:
     """A running csnapd; see serve()."""
 
-    def __init__(self, config: ServerConfig, engine: Engine, address: str):
+    def __init__(
+        self, config: ServerConfig, engine: Engine, address: str, fence: Fence | None = None
+    ):
         self.config = config
+        #: The lease and token it serves under, when elected through a cluster.
+        self.fence = fence
+        self.fenced = False
         self.engine = engine
         self.address = address
         self.dispatcher = Dispatcher(
@@ -220,6 +230,8 @@ class Server:
             accepting = trio.CancelScope()
             nursery.start_soon(self._accept, listeners, accepting)
             nursery.start_soon(self._engine_loop)
+            if self.fence is not None:
+                nursery.start_soon(self._fence_watch, self.fence)
             if self.dispatcher.grace:
                 nursery.start_soon(self._after, self.config.grace, GraceExpired())
             task_status.started()
@@ -241,8 +253,21 @@ class Server:
             for link in links:
                 await link.flushed.wait()
 
+    async def _fence_watch(self, fence: Fence) -> None:
+        await fence.watch(partial(trio.to_thread.run_sync, self.engine.fence_token_on_disk))
+        self._fenced()
+
+    def _fenced(self) -> None:
+        self.fenced = True
+        notify_status("fenced: another server may own the store")
+        self._stopping.set()
+
     async def _close_engine(self) -> None:
         if self.failed:
+            return
+        if self.fenced:
+            # Not even "clean": the store belongs to the server elected since.
+            await trio.to_thread.run_sync(self.engine.abandon)
             return
         await trio.to_thread.run_sync(self.engine.close)
         log.info(
@@ -528,6 +553,9 @@ class Server:
                     except trio.WouldBlock:
                         break
                 self._took(batch)
+                if self.fence is not None and not self.fence.may_write():
+                    self._fenced()  # the batch dies unanswered with its connections
+                    break
                 outcome = await self._apply(batch)
                 self._deliver_outcome(outcome)
                 # Let readers and writers run between batches, whatever they did.
@@ -681,20 +709,52 @@ async def _serve_for_agent(
                 await listener.aclose()
             outer.cancel_scope.cancel()
             return
+        fence = link.fence
         try:
-            engine = await _open_engine(config)
+            if fence is not None and not fence.may_write():
+                # Opening writes (the replay, the busy mark): not past the deadline.
+                raise FencedError(f"the lease ran out before the store was opened: {fence.reason}")
+            # Under a cluster coordinator the election, not a host-local lock,
+            # keeps a second server out: a paused server on this host must not
+            # keep the one elected after it from opening the store.
+            engine = await _open_engine(config, lock=fence is None)
+            if fence is not None:
+                await _claim(engine, fence)
         except EngineError as exc:
             await link.failed(error_code(exc), f"cannot open the store: {exc}")
             for listener in listeners:
                 await listener.aclose()
             raise
         async with trio.open_nursery() as nursery:
-            server = await _start_server(nursery, config, engine, listeners, address, stop)
+            server = await _start_server(nursery, config, engine, listeners, address, stop, fence)
             await link.started()
             notify_status(f"active: serving {config.store} on {address}")
         outer.cancel_scope.cancel()
+    if server.fenced:
+        assert fence is not None
+        raise ServerFencedError(fence.reason)
     if server.failed:
         raise ServerFailedError("the engine failed; the store needs a restart (journal replay)")
+
+
+async def _claim(engine: Engine, fence: Fence) -> None:
+    """Journal the fencing token before serving; the lease must still hold.
+
+    Raises:
+        FencedError: the lease ran out, or the store carries a newer token.
+    """
+    try:
+        if not fence.may_write():
+            raise FencedError(f"the lease ran out before the store was open: {fence.reason}")
+        await trio.to_thread.run_sync(engine.claim_fence, fence.token)
+    except BaseException:
+        await trio.to_thread.run_sync(engine.abandon)
+        raise
+    log.info(
+        "fencing token %d journaled",
+        fence.token,
+        extra={"event": "server.token", "token": fence.token},
+    )
 
 
 class _Lent(trio.abc.Listener[trio.SocketStream]):
@@ -741,9 +801,11 @@ async def _first(wanted: trio.Event, stop: trio.Event | None) -> bool:
     return wanted.is_set()
 
 
-async def _open_engine(config: ServerConfig) -> Engine:
+async def _open_engine(config: ServerConfig, *, lock: bool = True) -> Engine:
     engine = await trio.to_thread.run_sync(
-        lambda: Engine.open_files(config.store, config.origin, cache_bytes=config.cache_bytes)
+        lambda: Engine.open_files(
+            config.store, config.origin, lock=lock, cache_bytes=config.cache_bytes
+        )
     )
     report = engine.recovery
     log.info(
@@ -770,8 +832,9 @@ async def _start_server(
     listeners: list[trio.SocketListener],
     address: str,
     stop: trio.Event | None,
+    fence: Fence | None = None,
 ) -> Server:
-    server = Server(config, engine, address)
+    server = Server(config, engine, address, fence)
     log.info(
         "listening on %s",
         address,

@@ -13,6 +13,7 @@ from csnap_protocol import ErrorCode
 from csnapd.engine import (
     EngineError,
     EngineFailedError,
+    FencedError,
     InvalidRequestError,
     MetadataFullError,
     OverlappingRangesError,
@@ -51,6 +52,7 @@ ENGINE_ERROR_CODES: dict[type[EngineError], ErrorCode] = {
     # A store that cannot be opened is, to a client, a store that cannot be read.
     StoreOpenError: ErrorCode.IO_ERROR,
     StoreLockedError: ErrorCode.IO_ERROR,
+    FencedError: ErrorCode.FENCED,
 }
 
 

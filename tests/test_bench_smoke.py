@@ -112,7 +112,15 @@ def test_suite_quick(tmp_path: Path) -> None:
     assert results["quick"] is True
     assert results["machine"]["cores"] >= 1
     parts = results["parts"]
-    assert set(parts) == {"server", "nbd", "snapshots", "scale", "lifecycle", "recovery"}
+    assert set(parts) == {
+        "server",
+        "nbd",
+        "snapshots",
+        "scale",
+        "lifecycle",
+        "recovery",
+        "failover",
+    }
     for name, part in parts.items():
         assert "error" not in part, name
         assert part["part_seconds"] > 0, name
@@ -124,6 +132,7 @@ def test_suite_quick(tmp_path: Path) -> None:
     check_snapshots_part(parts["snapshots"])
     check_scale_part(parts["scale"])
     check_recovery_part(parts["recovery"])
+    check_failover_part(parts["failover"])
     assert parts["lifecycle"]["exceptions_swept"] == parts["lifecycle"]["exceptions"]
 
 
@@ -199,3 +208,11 @@ def check_recovery_part(part: dict[str, Any]) -> None:
         assert 0 < figs["clean_listening_s"] <= figs["clean_ready_s"]
         assert all(state == "active" for state in figs["state_after_crash"])
         assert figs["check_clean"] is True
+
+
+def check_failover_part(part: dict[str, Any]) -> None:
+    # One time per client per round, each after the kill.
+    assert len(part["failover_s"]) == part["rounds"] * part["clients"]
+    assert all(t > 0 for t in part["failover_s"])
+    assert 0 < part["failover_median_s"] <= part["failover_max_s"]
+    assert part["check_clean"] is True

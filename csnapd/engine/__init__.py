@@ -26,6 +26,7 @@ from csnapd.engine.engine import (
 from csnapd.engine.errors import (
     EngineError,
     EngineFailedError,
+    FencedError,
     InvalidRequestError,
     MetadataFullError,
     OverlappingRangesError,
@@ -69,6 +70,7 @@ __all__ = [
     "StoreStatus",
     "EngineError",
     "EngineFailedError",
+    "FencedError",
     "InvalidRequestError",
     "RequestTooLargeError",
     "OverlappingRangesError",

@@ -36,7 +36,7 @@ from csnapd.engine.btree import ExceptionTree
 from csnapd.engine.clients import ClientRegistry
 from csnapd.engine.copyout import CopyOut
 from csnapd.engine.device import BlockDevice, FileDevice
-from csnapd.engine.errors import StoreIOError, StoreOpenError
+from csnapd.engine.errors import FencedError, StoreIOError, StoreOpenError
 from csnapd.engine.journal import Journal, RecoveryReport
 from csnapd.engine.pager import Pager
 from csnapd.engine.reads import ChunkReads
@@ -128,6 +128,7 @@ class Engine:
         self.stats = EngineStats()
         self._store = store
         self._origin = origin
+        self._clock = clock
         self._owns_devices = owns_devices
         self._journal = journal
         self._state = state
@@ -244,6 +245,16 @@ class Engine:
                 self._store.close()
                 self._origin.close()
 
+    def abandon(self) -> None:
+        """Release the store without writing anything: this server was fenced.
+
+        The store stays busy; what was committed is in the journal, and the
+        server elected since owns the store.
+        """
+        if self._owns_devices:
+            self._store.close()
+            self._origin.close()
+
     # -- properties ------------------------------------------------------------
 
     @property
@@ -328,6 +339,44 @@ class Engine:
     def exceptions(self, start: int, count: int) -> list[tuple[int, int, int]]:
         """Every exception of logical chunks start..start+count-1, in order."""
         return self._reads.exceptions(start, count)
+
+    # -- fencing ---------------------------------------------------------------
+
+    @property
+    def fence_token(self) -> int:
+        """The fencing token this store carries (0: never served under a cluster)."""
+        return self._state.fence_token
+
+    def claim_fence(self, token: int) -> None:
+        """Journal `token` as the store's fencing token, before serving under it.
+
+        From the commit on, a server holding an older token that looks at
+        the store sees this one and stops writing.
+
+        Raises:
+            FencedError: the store carries a newer token than `token`.
+            EngineFailedError: the commit failed.
+        """
+        if token < self._state.fence_token:
+            raise FencedError(
+                f"the store carries fencing token {self._state.fence_token},"
+                f" newer than this server's {token}"
+            )
+        self._state.fence_token = token
+        self._state.fence_ns = self._clock()
+        self.commit()
+
+    def fence_token_on_disk(self) -> int | None:
+        """The fencing token in the superblock on the device now, past every cache.
+
+        None when the superblock cannot be read or decoded at this instant
+        (a write of it in progress): the caller looks again later.
+        """
+        try:
+            sb = decode_superblock(self._store.read(0, self.geometry.block_size))
+        except (OSError, FormatError):
+            return None
+        return sb.fence_token
 
     # -- the client registry -------------------------------------------------------
 

@@ -131,6 +131,12 @@ class EngineFailedError(EngineError):
     code = "engine_failed"
 
 
+class FencedError(EngineError):
+    """The store carries a newer fencing token: another server was elected since."""
+
+    code = "fenced"
+
+
 class StoreOpenError(EngineError):
     """The store cannot be opened: not a store, wrong origin, damaged."""
 

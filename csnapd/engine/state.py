@@ -49,6 +49,9 @@ class StoreState:
     snapshots: list[SnapshotRecord | None]
     unique: list[int]
     shared: list[int]
+    #: The fencing token journaled last, and when (docs/format.md, "State").
+    fence_token: int = 0
+    fence_ns: int = 0
 
     @classmethod
     def from_superblock(cls, sb: Superblock) -> StoreState:
@@ -67,6 +70,8 @@ class StoreState:
             snapshots=list(sb.snapshots),
             unique=[r.unique_chunks if r else 0 for r in sb.snapshots],
             shared=[r.shared_chunks if r else 0 for r in sb.snapshots],
+            fence_token=sb.fence_token,
+            fence_ns=sb.fence_ns,
         )
 
     def to_superblock(self, geometry: Geometry, sequence: int) -> Superblock:
@@ -102,6 +107,8 @@ class StoreState:
             exceptions=self.exceptions,
             registry=self.registry,
             snapshots=tuple(records),
+            fence_token=self.fence_token,
+            fence_ns=self.fence_ns,
         )
 
     def copy(self) -> StoreState:
@@ -120,6 +127,8 @@ class StoreState:
             list(self.snapshots),
             list(self.unique),
             list(self.shared),
+            self.fence_token,
+            self.fence_ns,
         )
 
     def assign(self, other: StoreState) -> None:

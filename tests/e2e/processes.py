@@ -13,7 +13,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -60,12 +60,17 @@ def tail(log: Path, size: int = 2000) -> str:
     return log.read_text(errors="replace")[-size:]
 
 
-async def start(argv: list[str], log: Path, *, ready_timeout: float = 30) -> Daemon:
-    """Start `python -m argv...` and wait for its first line on stdout."""
+async def start(
+    argv: list[str], log: Path, *, ready_timeout: float = 30, prefix: Sequence[str] = ()
+) -> Daemon:
+    """Start `python -m argv...` and wait for its first line on stdout.
+
+    `prefix` runs it through another command (`ip netns exec NS`, say).
+    """
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
     err = _open_log(log)
     process = await trio.lowlevel.open_process(
-        [sys.executable, "-m", *argv], stdout=subprocess.PIPE, stderr=err, env=env
+        [*prefix, sys.executable, "-m", *argv], stdout=subprocess.PIPE, stderr=err, env=env
     )
     err.close()
     assert process.stdout is not None

@@ -113,6 +113,8 @@ def superblocks(draw: st.DrawFn) -> Superblock:
         exceptions=draw(st.integers(0, g.data_chunks)),
         registry=draw(st.just(0) | st.integers(g.meta_start, g.meta_end - 1)),
         snapshots=table,
+        fence_token=draw(sequences),
+        fence_ns=draw(sequences),
     )
 
 

@@ -62,6 +62,7 @@ def test_superblock_agrees_with_construct_layout(sb: Any) -> None:
     assert parsed.state.state == (STATE_CLEAN if sb.clean else STATE_BUSY)
     assert parsed.state.root == sb.root
     assert parsed.state.sweep_cursor == sb.sweep_cursor
+    assert (parsed.state.fence_token, parsed.state.fence_ns) == (sb.fence_token, sb.fence_ns)
     for bit, record in enumerate(sb.snapshots):
         row = parsed.snapshots[bit]
         if record is None:

@@ -1,0 +1,234 @@
+"""A network partition of the active server's node (docs/operations.md,
+"Running a cluster"): two nodes in network namespaces the test creates,
+each joined by a veth pair to a bridge that carries etcd's address. The
+active node's link goes down: its server fences itself before its lease
+can expire, the other node's server is elected, and when the link comes
+back the old server has long stopped and its agent follows the new one.
+Runs as root (it creates namespaces) and fails, never skips, without.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import subprocess
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import trio
+
+from csnap_client import ServerError, agent_connector, find_server, open_client
+from tests.e2e.etcd import Etcd, running_etcd
+from tests.e2e.processes import Daemon, csnap, start, tail
+from tests.e2e.test_agent import make, store_is_clean
+from tests.e2e.test_cluster import TTL, token_of
+from tests.e2e.test_failover import reaped
+from tests.server.support import label, pread, pwrite
+
+pytestmark = pytest.mark.e2e
+
+
+def _ip(*args: str) -> None:
+    result = subprocess.run(["ip", *args], capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        pytest.fail(f"ip {' '.join(args)}: {result.stderr.strip()} (the test runs as root)")
+
+
+@dataclass
+class Host:
+    """A network namespace with one address on the test's bridge."""
+
+    namespace: str
+    #: The root namespace's end of its veth pair: down means partitioned.
+    link: str
+    address: str
+
+
+@contextmanager
+def hosts(count: int) -> Iterator[tuple[str, list[Host]]]:
+    """A bridge with an address, and `count` namespaces on it; all removed at the end."""
+    if os.geteuid() != 0:
+        pytest.fail("network namespaces need root: run the suite as root")
+    tag = f"{os.getpid() % 100000}"
+    subnet = f"10.{200 + os.getpid() % 50}.{os.getpid() % 250}"
+    bridge = f"csbr{tag}"
+    made: list[Host] = []
+    try:
+        _ip("link", "add", bridge, "type", "bridge")
+        _ip("addr", "add", f"{subnet}.1/24", "dev", bridge)
+        _ip("link", "set", bridge, "up")
+        for number in range(count):
+            host = Host(f"csns{tag}n{number}", f"csv{tag}n{number}", f"{subnet}.{number + 2}")
+            _ip("netns", "add", host.namespace)
+            made.append(host)
+            _ip(
+                "link",
+                "add",
+                host.link,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "eth0",
+                "netns",
+                host.namespace,
+            )
+            _ip("link", "set", host.link, "master", bridge, "up")
+            inside = ("netns", "exec", host.namespace, "ip")
+            _ip(*inside, "addr", "add", f"{host.address}/24", "dev", "eth0")
+            _ip(*inside, "link", "set", "eth0", "up")
+            _ip(*inside, "link", "set", "lo", "up")
+        yield f"{subnet}.1", made
+    finally:
+        for host in made:
+            subprocess.run(["ip", "netns", "del", host.namespace], check=False)
+        subprocess.run(["ip", "link", "del", bridge], check=False, capture_output=True)
+
+
+@dataclass
+class Node:
+    host: Host
+    sock: Path
+    agent: Daemon
+    server: Daemon
+    address: str
+
+
+async def start_node(
+    etcd: Etcd, tmp: Path, host: Host, name: str, store: Path, origin: Path, daemons: list[Daemon]
+) -> Node:
+    inside = ("ip", "netns", "exec", host.namespace)
+    sock = tmp / f"{name}.sock"
+    agent = await start(
+        [
+            "csnap_agent",
+            "--socket",
+            str(sock),
+            "--etcd-endpoints",
+            etcd.url,
+            "--node",
+            name,
+            "--lease-ttl",
+            str(TTL),
+            "--log-format",
+            "json",
+        ],
+        tmp / f"{name}-agent.log",
+        prefix=inside,
+    )
+    daemons.append(agent)
+    server = await start(
+        [
+            "csnapd",
+            str(store),
+            str(origin),
+            "--agent",
+            str(sock),
+            "--listen",
+            f"{host.address}:0",
+            "--log-format",
+            "json",
+        ],
+        tmp / f"{name}-csnapd.log",
+        prefix=inside,
+    )
+    daemons.append(server)
+    word, _, address = server.first_line.partition(" ")
+    assert word == "listening", server.first_line
+    return Node(host, sock, agent, server, address)
+
+
+async def names(node: Node, wanted: str) -> None:
+    while True:
+        try:
+            where = (await find_server(str(node.sock), wait=False)).address
+        except (OSError, ServerError):
+            where = None
+        if where == wanted:
+            return
+        await trio.sleep(0.02)
+
+
+def first_time(log: Path, event: str) -> datetime.datetime:
+    for line in log.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and record.get("event") == event:
+            return datetime.datetime.fromisoformat(str(record["time"]).replace("Z", "+00:00"))
+    raise AssertionError(f"no {event} in {log}: {tail(log)}")
+
+
+@asynccontextmanager
+async def cluster(tmp: Path) -> AsyncIterator[tuple[list[Node], Path, Path]]:
+    store, origin = make(tmp)
+    with hosts(2) as (bridge_address, made):
+        async with running_etcd(tmp, bridge_address) as etcd, reaped() as daemons:
+            nodes = [
+                await start_node(etcd, tmp, host, f"n{i}", store, origin, daemons)
+                for i, host in enumerate(made)
+            ]
+            yield nodes, store, origin
+
+
+async def test_a_partitioned_server_fences_itself_and_the_other_node_takes_over(
+    tmp_path: Path,
+) -> None:
+    async with cluster(tmp_path) as (nodes, store, origin):
+        with trio.fail_after(10):
+            first = (await find_server(str(nodes[0].sock), wait=True)).address
+            for node in nodes:
+                await names(node, first)
+        isolated = next(n for n in nodes if n.address == first)
+        other = next(n for n in nodes if n is not isolated)
+        token = token_of(store)
+        with trio.fail_after(20):
+            async with (
+                open_client(agent_connector(str(other.sock))) as client,
+                client.origin_write([(2, 1)]),
+            ):
+                pwrite(origin, 2, label(2, 1))
+
+        _ip("link", "set", isolated.host.link, "down")
+        cut = trio.current_time()
+        with trio.fail_after(15):
+            status = await isolated.server.process.wait()
+        assert status == 4, tail(isolated.server.log)  # fenced
+        with trio.fail_after(15):
+            await names(other, other.address)
+        print(f"partition to a new active server: {trio.current_time() - cut:.2f}s")
+        # The isolated server stopped before the other node's won.
+        fenced = first_time(isolated.server.log, "server.fenced")
+        won = first_time(other.agent.log, "election.won")
+        assert fenced < won, (fenced, won)
+        new_token = token_of(store)
+        assert new_token > token
+
+        _ip("link", "set", isolated.host.link, "up")
+        # Back on the network, the isolated node's agent follows the new server.
+        with trio.fail_after(15):
+            await names(isolated, other.address)
+        created = await csnap(isolated.sock, "create", "1")
+        assert created.returncode == 0, (created.stderr, tail(isolated.agent.log))
+        with trio.fail_after(20):
+            async with (
+                open_client(agent_connector(str(isolated.sock))) as writer,
+                writer.origin_write([(2, 1)]),
+            ):
+                pwrite(origin, 2, label(2, 2))
+            async with (
+                open_client(agent_connector(str(isolated.sock)), snapshot=1) as reader,
+                reader.snapshot_read([(2, 1)]) as plan,
+            ):
+                assert [s[:2] for s in plan.store] == [(2, 1)]
+        assert pread(origin, 2) == label(2, 2)
+        assert token_of(store) == new_token
+        assert await other.server.stop() == 0
+        for node in nodes:
+            assert await node.agent.stop() == 0
+    assert store_is_clean(store)
