@@ -39,6 +39,12 @@ FORBIDDEN = [
     ("csnap_common/_probe.py", "import socket"),
     ("csnap_common/systemd/_probe.py", "import trio"),
     ("csnap_common/systemd/_probe.py", "import csnapd"),
+    ("csnapd/engine/_probe.py", "import prometheus_client"),
+    ("csnap_format/_probe.py", "from prometheus_client import Counter"),
+    ("csnap_protocol/_probe.py", "import prometheus_client"),
+    ("csnap_nbd/wire/_probe.py", "import prometheus_client"),
+    ("csnap_common/_probe.py", "import prometheus_client"),
+    ("csnap_common/metrics/_probe.py", "import csnapd"),
 ]
 
 ALLOWED = [
@@ -51,6 +57,11 @@ ALLOWED = [
     ("csnap_nbd/wire/_probe.py", "import struct"),
     ("tests/_probe.py", "import trio"),
     ("csnap_common/systemd/_probe.py", "import socket"),
+    ("csnap_common/metrics/_probe.py", "import trio"),
+    ("csnap_common/metrics/_probe.py", "import prometheus_client"),
+    ("csnapd/_probe.py", "import prometheus_client"),
+    ("csnap_agent/_probe.py", "import prometheus_client"),
+    ("csnap_nbd/_probe.py", "import prometheus_client"),
 ]
 
 
