@@ -14,10 +14,16 @@ from collections.abc import Iterator
 from typing import Protocol, runtime_checkable
 
 from prometheus_client.metrics_core import Metric
-from prometheus_client.registry import CollectorRegistry
 
 from csnap_agent.agent import Agent
-from csnap_common.metrics import ScrapeCollector, counter, gauge, labelled_counter, labelled_gauge
+from csnap_common.metrics import (
+    ScrapeCollector,
+    counter,
+    gauge,
+    labelled_counter,
+    labelled_gauge,
+    service_registry,
+)
 
 __all__ = ["AgentMetrics", "FencingCoordinator", "SERVER_STATES"]
 
@@ -38,8 +44,7 @@ class AgentMetrics(ScrapeCollector):
 
     def __init__(self, agent: Agent):
         self.agent = agent
-        self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(self)
+        self.registry = service_registry(self)
 
     def families(self) -> Iterator[Metric]:
         agent = self.agent

@@ -11,7 +11,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from prometheus_client.metrics_core import Metric
-from prometheus_client.registry import CollectorRegistry
 
 from csnap_common.metrics import (
     ScrapeCollector,
@@ -20,6 +19,7 @@ from csnap_common.metrics import (
     labelled_counter,
     labelled_gauge,
     labelled_histogram,
+    service_registry,
 )
 from csnap_nbd.stats import GatewayStats
 from csnap_nbd.wire.constants import Command
@@ -40,8 +40,7 @@ class GatewayMetrics(ScrapeCollector):
 
     def __init__(self, stats: GatewayStats):
         self.stats = stats
-        self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(self)
+        self.registry = service_registry(self)
 
     def families(self) -> Iterator[Metric]:
         stats = self.stats

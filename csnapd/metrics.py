@@ -15,7 +15,6 @@ import contextlib
 from collections.abc import AsyncIterator, Iterator
 
 from prometheus_client.metrics_core import Metric
-from prometheus_client.registry import CollectorRegistry
 
 from csnap_common.metrics import (
     ScrapeCollector,
@@ -25,6 +24,7 @@ from csnap_common.metrics import (
     labelled_counter,
     labelled_gauge,
     labelled_histogram,
+    service_registry,
 )
 from csnap_protocol import Role
 from csnapd.engine import EngineError
@@ -45,8 +45,7 @@ class CsnapdMetrics(ScrapeCollector):
         #: Before a server runs: on standby for an agent, or opening the store.
         self._waiting = "standby" if standby else "opening"
         self.server: Server | None = None
-        self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(self)
+        self.registry = service_registry(self)
 
     def attach(self, server: Server) -> None:
         """The server now serves: report it."""

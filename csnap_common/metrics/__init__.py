@@ -18,10 +18,12 @@ from csnap_common.metrics.families import (
     labelled_counter,
     labelled_gauge,
     labelled_histogram,
+    service_registry,
 )
 
 __all__ = [
     "ScrapeCollector",
+    "service_registry",
     "counter",
     "gauge",
     "histogram",

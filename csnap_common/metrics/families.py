@@ -17,12 +17,14 @@ from prometheus_client.metrics_core import (
     HistogramMetricFamily,
     Metric,
 )
-from prometheus_client.registry import Collector
+from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.registry import Collector, CollectorRegistry
 
 from csnap_common.latency import Histogram
 
 __all__ = [
     "ScrapeCollector",
+    "service_registry",
     "counter",
     "gauge",
     "histogram",
@@ -45,6 +47,15 @@ class ScrapeCollector(Collector, abc.ABC):
     def describe(self) -> Iterable[Metric]:
         # Registering must not read the service's state (it may not run yet).
         return []
+
+
+def service_registry(collector: Collector) -> CollectorRegistry:
+    """A service's own registry: its collector, and the process's (memory,
+    CPU, open files: prometheus_client's process_* families, read from /proc)."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(collector)
+    ProcessCollector(registry=registry)
+    return registry
 
 
 def counter(name: str, documentation: str, value: float) -> CounterMetricFamily:
