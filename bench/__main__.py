@@ -12,6 +12,8 @@ writes every figure, with a description of the machine, as JSON.
              csnap-check beside thin_check (bench.scale_bench)
   lifecycle  snapshot create and delete latency, sweep rate (bench.server_bench)
   recovery   start to ready after SIGKILL with a full journal (bench.recovery_bench)
+  metrics    csnapd's metadata query rate with and without --metrics
+             (bench.metrics_bench)
 
 --quick runs every part small, in seconds, as a smoke test; --only PART
 (repeatable) runs only those parts. Peers whose tools are missing are
@@ -32,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import Part, machine, progress
+from bench.metrics_bench import metrics_part
 from bench.nbd_bench import nbd_part
 from bench.recovery_bench import recovery_part
 from bench.scale_bench import scale_part
@@ -45,6 +48,7 @@ PARTS: dict[str, tuple[str, Callable[..., Part]]] = {
     "scale": ("a million exceptions across 64 snapshots, beside thin_check", scale_part),
     "lifecycle": ("snapshot create and delete latency, sweep rate", lifecycle_part),
     "recovery": ("start to ready after SIGKILL with a full journal", recovery_part),
+    "metrics": ("the metadata query rate with and without --metrics", metrics_part),
 }
 
 

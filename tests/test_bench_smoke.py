@@ -112,7 +112,15 @@ def test_suite_quick(tmp_path: Path) -> None:
     assert results["quick"] is True
     assert results["machine"]["cores"] >= 1
     parts = results["parts"]
-    assert set(parts) == {"server", "nbd", "snapshots", "scale", "lifecycle", "recovery"}
+    assert set(parts) == {
+        "server",
+        "nbd",
+        "snapshots",
+        "scale",
+        "lifecycle",
+        "recovery",
+        "metrics",
+    }
     for name, part in parts.items():
         assert "error" not in part, name
         assert part["part_seconds"] > 0, name
@@ -124,6 +132,7 @@ def test_suite_quick(tmp_path: Path) -> None:
     check_snapshots_part(parts["snapshots"])
     check_scale_part(parts["scale"])
     check_recovery_part(parts["recovery"])
+    check_metrics_part(parts["metrics"])
     assert parts["lifecycle"]["exceptions_swept"] == parts["lifecycle"]["exceptions"]
 
 
@@ -199,3 +208,14 @@ def check_recovery_part(part: dict[str, Any]) -> None:
         assert 0 < figs["clean_listening_s"] <= figs["clean_ready_s"]
         assert all(state == "active" for state in figs["state_after_crash"])
         assert figs["check_clean"] is True
+
+
+def check_metrics_part(part: dict[str, Any]) -> None:
+    for workload in ("origin_write_unique", "snapshot_read_store"):
+        for clients in (8, 64):
+            row = part[f"{workload}_{clients}_clients"]
+            assert row["without_per_s"] > 0 and row["with_per_s"] > 0
+            # The server with --metrics was scraped while measured.
+            assert row["scrapes"] >= 1 and row["scrape_bytes"] > 0
+            assert row["scrape_ms_p50"] > 0
+    assert part["counting_ns_per_request"] > 0
