@@ -15,8 +15,16 @@ from pathlib import Path
 import pytest
 import trio
 
-from csnap_client import ServerError, find_server, open_admin, tcp_connector
+from csnap_client import (
+    ServerError,
+    find_server,
+    open_admin,
+    open_client,
+    open_session,
+    tcp_connector,
+)
 from csnap_nbd.wire.constants import Command, Errno
+from csnap_protocol import Identify, Role
 from tests.e2e.processes import csnap
 from tests.nbd.rawclient import RawClient
 from tests.ops.metrics_support import (
@@ -145,7 +153,7 @@ async def test_agent_reports_election_and_failover(tmp_path: Path) -> None:
         assert alone.value("csnap_agent_coordinator", kind="LocalCoordinator") == 1
         assert_documented(alone, "csnap-agent")
 
-        argv = ["csnapd", str(store), str(origin), "--agent", str(agent_socket)]
+        argv = ["csnapd", str(store), str(origin), "--agent", str(agent_socket), "--lease", "60"]
         async with running([*argv, "--metrics", "127.0.0.1:0"], tmp_path / "csnapd.log") as csnapd:
             lines = await read_lines(csnapd, 2)
             address = lines[0].removeprefix("listening ")
@@ -164,6 +172,10 @@ async def test_agent_reports_election_and_failover(tmp_path: Path) -> None:
             assert active.value("csnap_agent_active_since_seconds") > 0
             assert_documented(active, "csnap-agent")
 
+            await _sweep_waits_for_a_detaching_client(
+                agent_socket, address, metrics_url(lines), tmp_path
+            )
+
             csnapd.process.send_signal(signal.SIGKILL)
             await csnapd.process.wait()
             lost = await scrape_until(
@@ -173,3 +185,34 @@ async def test_agent_reports_election_and_failover(tmp_path: Path) -> None:
             assert lost.total("csnap_agent_active_server") == 0
             assert lost.value("csnap_agent_active_since_seconds") == 0
         assert await agent.terminate() == 0
+
+
+async def _sweep_waits_for_a_detaching_client(
+    agent_socket: Path, address: str, csnapd_metrics: str, tmp_path: Path
+) -> None:
+    """A deleted snapshot's space is swept only once its clients are gone: while
+    one stays, status and metrics show the sweep waiting at 0%; then it ends."""
+    host, _, port = address.rpartition(":")
+    connect = tcp_connector(host, int(port))
+    assert (await csnap(agent_socket, "create", "5")).returncode == 0
+    async with open_client(connect) as writer, writer.origin_write([(0, 4)]) as granted:
+        assert granted.copied == 4  # snapshot 5 holds 4 exceptions
+    async with trio.open_nursery() as nursery:
+        # A client of snapshot 5 that does not leave when told it was deleted.
+        session = await open_session(nursery, connect, Role.CLIENT)
+        await session.request(Identify(1, 0x5EED, 5))
+        assert (await csnap(agent_socket, "delete", "5")).returncode == 0
+        waiting = await scrape(csnapd_metrics)
+        assert waiting.value("csnapd_snapshots", state="deleting") == 1
+        assert waiting.value("csnapd_sweep_progress_ratio") == 0
+        assert waiting.value("csnapd_store_exceptions") == 4
+        status = await csnap(agent_socket, "status")
+        assert "being deleted (space not yet reclaimed): 5" in status.stdout, status.stdout
+        assert "the sweep has visited 0% of the origin's chunks" in status.stdout
+        await trio.aclose_forcefully(session.stream)
+        nursery.cancel_scope.cancel()
+    swept = await scrape_until(
+        csnapd_metrics, lambda s: s.value("csnapd_snapshots", state="deleting") == 0
+    )
+    assert swept.value("csnapd_sweep_progress_ratio") == 1
+    assert swept.value("csnapd_store_exceptions") == 0
