@@ -10,6 +10,8 @@ docs/operations.md ("Monitoring") lists for it.
 from __future__ import annotations
 
 import signal
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -148,6 +150,7 @@ async def test_agent_reports_election_and_failover(tmp_path: Path) -> None:
         tmp_path / "agent.log",
     ) as agent:
         agent_metrics = metrics_url(await read_lines(agent, 2))
+        await _only_get_metrics_is_served(agent_metrics)
         alone = await scrape(agent_metrics)
         assert alone.value("csnap_agent_servers", state="active") == 0
         assert alone.value("csnap_agent_coordinator", kind="LocalCoordinator") == 1
@@ -216,3 +219,23 @@ async def _sweep_waits_for_a_detaching_client(
     )
     assert swept.value("csnapd_sweep_progress_ratio") == 1
     assert swept.value("csnapd_store_exceptions") == 0
+
+
+async def _only_get_metrics_is_served(url: str) -> None:
+    """Another path is 404, another method 405, and the endpoint serves on."""
+
+    def status(target: str, method: str) -> int:
+        request = urllib.request.Request(
+            target, method=method, data=b"" if method == "POST" else None
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=LIMIT) as response:
+                return int(response.status)
+        except urllib.error.HTTPError as exc:
+            return exc.code
+
+    base = url.removesuffix("/metrics")
+    assert await trio.to_thread.run_sync(status, f"{base}/", "GET") == 404
+    assert await trio.to_thread.run_sync(status, url, "POST") == 405
+    assert await trio.to_thread.run_sync(status, url, "HEAD") == 200
+    assert await trio.to_thread.run_sync(status, url, "GET") == 200
