@@ -17,6 +17,7 @@ so nobody is sent to a dead address.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import logging
@@ -27,6 +28,7 @@ import time
 from dataclasses import dataclass, field
 
 import trio
+from csnap_transport import MessageStream
 
 from csnap_agent.coordinator import Candidate, Coordinator, LocalCoordinator
 from csnap_agent.registration import RegistrationError, check_against, check_fields
@@ -41,7 +43,6 @@ from csnap_common import split_host_port
 from csnap_protocol import (
     ChangeUseCount,
     Connection,
-    ConnectionClosed,
     CreateSnapshot,
     DeleteSnapshot,
     Error,
@@ -50,7 +51,6 @@ from csnap_protocol import (
     GetStatus,
     Hello,
     ListSnapshots,
-    LocalProtocolError,
     Message,
     NeedServer,
     Ok,
@@ -96,11 +96,9 @@ class _Peer:
     """One connection to the agent."""
 
     number: int
-    stream: trio.SocketStream
-    codec: Connection
+    messages: MessageStream
     nursery: trio.Nursery
     role: Role | None = None
-    send_lock: trio.Lock = field(default_factory=trio.Lock)
     in_flight: set[int] = field(default_factory=set)
     #: For a server link: replies to our start_server requests, by id.
     answers: dict[int, trio.MemorySendChannel[Message]] = field(default_factory=dict)
@@ -109,29 +107,16 @@ class _Peer:
         role = self.role.value if self.role else "peer"
         return f"{role} {self.number}"
 
+    @property
+    def stream(self) -> trio.abc.Stream:
+        return self.messages.stream
+
     async def send(self, message: Message) -> None:
         """Send `message`; a reply too big for the peer's frame limit becomes
         `error` `request_too_large`, so that every request is answered."""
-        async with self.send_lock:
-            try:
-                try:
-                    data = self.codec.send(message)
-                except LocalProtocolError as exc:
-                    log.warning("%s: cannot send %s: %s", self, message.TYPE, exc)
-                    request = message_id(message)
-                    if request is None or isinstance(message, Error):
-                        return
-                    code = ErrorCode.REQUEST_TOO_LARGE
-                    data = self.codec.send(
-                        Error(
-                            request, int(code), code.symbol, f"the reply does not fit: {exc}"[:1024]
-                        )
-                    )
-                await self.stream.send_all(data)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                pass  # the reader sees the end and cleans up
-            except LocalProtocolError as exc:
-                log.error("%s: cannot send %s: %s", self, message.TYPE, exc)
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            # A broken stream: the reader sees the end and cleans up.
+            await self.messages.send_bytes(self.messages.encode_answer(message, str(self)))
 
 
 @dataclass(eq=False)
@@ -193,16 +178,10 @@ class Agent:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             task_status.started()
-            while True:
-                try:
-                    stream = await listener.accept()
-                except trio.ClosedResourceError:
-                    return
-                except OSError as exc:
-                    log.warning("accept failed: %s", exc)
-                    await trio.sleep(0.1)
-                    continue
-                nursery.start_soon(self._connection, stream)
+            try:
+                await trio.serve_listeners(self._connection, [listener], handler_nursery=nursery)
+            except* trio.ClosedResourceError:
+                pass  # the listener was closed: accept no more
 
     # -- connections -----------------------------------------------------------
 
@@ -211,7 +190,7 @@ class Agent:
         try:
             async with stream, trio.open_nursery() as nursery:
                 codec = Connection(Role.AGENT, max_frame=MAX_FRAME, name="csnap-agent")
-                peer = _Peer(next(self._numbers), stream, codec, nursery)
+                peer = _Peer(next(self._numbers), MessageStream(stream, codec), nursery)
                 refusal = _check_credentials(stream)
                 try:
                     if refusal is not None:
@@ -235,22 +214,15 @@ class Agent:
             self._connections -= 1
 
     async def _read(self, peer: _Peer) -> None:
-        codec = peer.codec
         try:
-            while True:
-                try:
-                    data = await peer.stream.receive_some(1 << 16)
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
+            while (message := await peer.messages.receive()) is not None:
+                if not await self._admit(peer, message):
                     return
-                codec.receive_data(data)
-                while (message := codec.next_message()) is not None:
-                    if isinstance(message, ConnectionClosed):
-                        return
-                    if not await self._admit(peer, message):
-                        return
         except RemoteProtocolError as exc:
             log.warning("%s: protocol error: %s", peer, exc)
             await peer.send(Error(None, int(exc.code), exc.code.symbol, str(exc)[:1024]))
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return
 
     async def _admit(self, peer: _Peer, message: Message) -> bool:
         """Handle one message; False ends the connection."""
@@ -308,11 +280,10 @@ class Agent:
         if peer.role is Role.AGENT:
             await _refuse(peer, ErrorCode.WRONG_ROLE, "an agent does not connect to an agent")
             return False
-        async with peer.send_lock:
-            try:
-                await peer.stream.send_all(peer.codec.hello())
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                return False  # it hung up after its hello: nothing to serve
+        try:
+            await peer.messages.send_bytes(peer.messages.codec.hello())
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return False  # it hung up after its hello: nothing to serve
         log.debug("%s connected", peer)
         return True
 

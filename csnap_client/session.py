@@ -18,10 +18,10 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import trio
+from csnap_transport import MessageStream
 
 from csnap_protocol import (
     Connection,
-    ConnectionClosed,
     Error,
     ErrorCode,
     Hello,
@@ -95,16 +95,12 @@ class Session:
         on_notice: Callable[[Message], None],
         on_reply: Callable[[Message], None] | None = None,
     ):
-        self.stream = stream
-        self.codec = Connection(role, name="csnap-client")
+        self.messages = MessageStream(stream, Connection(role, name="csnap-client"))
         self._on_notice = on_notice
         # Called in the reader, before the requester wakes: state that must
         # be in place before any later message is read (grants) goes here.
         self._on_reply = on_reply
         self._waiting: dict[int, _Waiter] = {}
-        self._send_lock = trio.Lock()
-        #: Encoded messages waiting for the task that holds _send_lock.
-        self._unsent = bytearray()
         self.closed = trio.Event()
         self.server_hello: Hello | None = None
         self.ids = itertools.count(1)
@@ -120,6 +116,16 @@ class Session:
         #: seen the end already, whatever `closed` says yet.
         self.abandoned = False
 
+    @property
+    def stream(self) -> trio.abc.Stream:
+        """The stream the session runs on."""
+        return self.messages.stream
+
+    @property
+    def codec(self) -> Connection:
+        """The protocol state of the connection."""
+        return self.messages.codec
+
     async def send(self, message: Message) -> None:
         """Send a message; ConnectionLostError if the stream is gone.
 
@@ -129,22 +135,15 @@ class Session:
         await self._send_bytes(self.codec.send(message))
 
     async def _send_bytes(self, data: bytes) -> None:
-        self._unsent += data
-        if self._send_lock.locked():
-            return  # the writing task sends it (or the session ends: waiters learn)
-        async with self._send_lock:
-            try:
-                while self._unsent:
-                    data = bytes(self._unsent)
-                    self._unsent.clear()
-                    await self.stream.send_all(data)
-            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                raise ConnectionLostError(str(exc) or "connection closed") from exc
-            except BaseException:
-                # Cancelled part-way through a frame: the stream can carry
-                # nothing more. Closing it ends the session, and every waiter.
-                await self.abandon()
-                raise
+        try:
+            await self.messages.send_bytes(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            raise ConnectionLostError(str(exc) or "connection closed") from exc
+        except BaseException:
+            # Cancelled part-way through a frame: the stream is closed; so is
+            # this session, and every waiter learns it.
+            self.abandoned = True
+            raise
 
     async def abandon(self) -> None:
         """Close the stream from this side; the session then ends."""
@@ -216,33 +215,26 @@ class Session:
             raise ConnectionLostError("the server closed the connection during the hello")
 
     async def _read(self, ready: Callable[[], None]) -> None:
-        while True:
-            data = await self.stream.receive_some(1 << 16)
-            self.codec.receive_data(data)
-            while (message := self.codec.next_message()) is not None:
-                if isinstance(message, ConnectionClosed):
-                    return
-                if isinstance(message, Hello):
-                    self.server_hello = message
-                    ready()
-                    continue
-                request = message_id(message)
-                waiter = self._waiting.get(request) if request is not None else None
-                if isinstance(message, Error) and self.server_hello is None:
-                    raise ServerError(message.code, message.name, message.message)
-                if waiter is not None:
-                    # Any answer, an error too, proves the server heard it.
-                    self.confirmed = max(self.confirmed, waiter.sent)
-                    if self._on_reply is not None:
-                        self._on_reply(message)
-                    waiter.reply = message
-                    waiter.done.set()
-                elif isinstance(message, Error) and message.id is None:
-                    raise ServerError(message.code, message.name, message.message)
-                else:
-                    self._on_notice(message)
-            if not data:
-                return
+        while (message := await self.messages.receive()) is not None:
+            if isinstance(message, Hello):
+                self.server_hello = message
+                ready()
+                continue
+            request = message_id(message)
+            waiter = self._waiting.get(request) if request is not None else None
+            if isinstance(message, Error) and self.server_hello is None:
+                raise ServerError(message.code, message.name, message.message)
+            if waiter is not None:
+                # Any answer, an error too, proves the server heard it.
+                self.confirmed = max(self.confirmed, waiter.sent)
+                if self._on_reply is not None:
+                    self._on_reply(message)
+                waiter.reply = message
+                waiter.done.set()
+            elif isinstance(message, Error) and message.id is None:
+                raise ServerError(message.code, message.name, message.message)
+            else:
+                self._on_notice(message)
 
 
 async def open_session(

@@ -34,12 +34,14 @@ from csnap_client import (
     ServerError,
     SnapshotDeletedError,
 )
+from csnap_common.limits import MAX_REQUEST_CHUNKS
 from csnap_nbd.backing import INLINE_BYTES, Backing, BackingIOError, Transfer
 from csnap_nbd.geometry import (
     Piece,
     Placement,
     extents,
     halves,
+    join_extent,
     origin_placements,
     pieces,
     store_placements,
@@ -64,9 +66,6 @@ STATUS_PIECES = 4
 #: Plans one snapshot read piece may take whose origin data came past the
 #: lease deadline before the read fails with EIO.
 READ_ATTEMPTS = 4
-#: Most chunks one csnapd request names, whatever csnapd announces (its
-#: protocol's own ceiling): a server announcing more gets no larger requests.
-MAX_PIECE_CHUNKS = 65536
 #: Zeroes are written from one shared buffer of this size.
 _ZERO_SLICE = 1 << 20
 _ZEROES = memoryview(bytes(_ZERO_SLICE))
@@ -144,7 +143,7 @@ class DataPath:
 
     def _pieces(self, offset: int, length: int) -> Iterator[Piece]:
         # Read at each call: a csnapd restarted in between may announce another limit.
-        limit = min(max(1, self.client.max_chunks), MAX_PIECE_CHUNKS)
+        limit = min(max(1, self.client.max_chunks), MAX_REQUEST_CHUNKS)
         return pieces(offset, length, self.chunk_size, limit)
 
     async def _each_write_piece(
@@ -226,11 +225,8 @@ class DataPath:
                 if number == STATUS_PIECES or (req_one and out):
                     break
                 copied = await self.client.copied_ranges([(piece.first, piece.count)])
-                for extent in extents(piece, copied, self.chunk_size, EXCEPTIONS_FLAG):
-                    if out and out[-1][1] == extent[1]:
-                        out[-1] = (out[-1][0] + extent[0], extent[1])
-                    else:
-                        out.append(extent)
+                for length, flags in extents(piece, copied, self.chunk_size, EXCEPTIONS_FLAG):
+                    join_extent(out, length, flags)
         return out[:1] if req_one else out
 
     @staticmethod

@@ -20,6 +20,7 @@ __all__ = [
     "store_placements",
     "origin_placements",
     "extents",
+    "join_extent",
 ]
 
 
@@ -106,6 +107,16 @@ def origin_placements(
     return out
 
 
+def join_extent(out: list[tuple[int, int]], length: int, value: int) -> None:
+    """Append a (length, flags) descriptor, merged into the last one if its flags are equal."""
+    if length <= 0:
+        return
+    if out and out[-1][1] == value:
+        out[-1] = (out[-1][0] + length, value)
+    else:
+        out.append((length, value))
+
+
 def extents(
     piece: Piece, flagged: Sequence[tuple[int, int]], chunk_size: int, flag: int
 ) -> list[tuple[int, int]]:
@@ -118,12 +129,7 @@ def extents(
     out: list[tuple[int, int]] = []
 
     def emit(length: int, value: int) -> None:
-        if length <= 0:
-            return
-        if out and out[-1][1] == value:
-            out[-1] = (out[-1][0] + length, value)
-        else:
-            out.append((length, value))
+        join_extent(out, length, value)
 
     position = piece.start
     for chunk, count in sorted(flagged):

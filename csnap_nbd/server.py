@@ -135,18 +135,6 @@ class _Gateway:
         self.idle = trio.Event()
         self.idle.set()
 
-    async def accept(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
-        async with listener:
-            while True:
-                try:
-                    stream = await listener.accept()
-                except OSError as exc:
-                    # Out of descriptors or memory: back off instead of spinning.
-                    log.error("accept failed: %s", exc.strerror or exc)
-                    await trio.sleep(0.1)
-                    continue
-                nursery.start_soon(self.connection, stream)
-
     async def connection(self, stream: trio.SocketStream) -> None:
         set_nodelay(stream)
         entry = _Conn(next(self._numbers), Connection(stream))
@@ -386,9 +374,9 @@ async def _serve(
 
                 async def accept_all() -> None:
                     with accepting:
-                        async with trio.open_nursery() as acceptors:
-                            for listener in listeners:
-                                acceptors.start_soon(gateway.accept, listener, conns)
+                        await trio.serve_listeners(
+                            gateway.connection, listeners, handler_nursery=conns
+                        )
 
                 conns.start_soon(accept_all)
                 task_status.started(urls)

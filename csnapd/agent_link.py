@@ -16,12 +16,12 @@ import os
 import socket
 
 import trio
+from csnap_transport import MessageStream
 
 from csnap_common import unix_address
 from csnap_common.systemd import notify_ready, notify_status
 from csnap_protocol import (
     Connection,
-    ConnectionClosed,
     Error,
     ErrorCode,
     Hello,
@@ -58,9 +58,8 @@ class AgentLink:
         self.start_requested = trio.Event()
         self._start_request: int | None = None
         self._active = False
-        self._stream: trio.SocketStream | None = None
-        self._codec: Connection | None = None
-        self._send_lock = trio.Lock()
+        #: The connection to the agent, while there is one.
+        self._messages: MessageStream | None = None
 
     async def run(self) -> None:
         """Stay registered with the agent until cancelled; never raises on its loss."""
@@ -84,7 +83,7 @@ class AgentLink:
                 refusal = ""
                 log.warning("lost the agent %s; registering again when it is back", self.path)
                 notify_status(f"lost the agent {self.path}; registering again when it is back")
-            self._stream = None
+            self._messages = None
             await trio.sleep(RETRY_INTERVAL)
 
     async def started(self) -> None:
@@ -105,14 +104,13 @@ class AgentLink:
             await self._send(Error(request, int(code), code.symbol, text[:1024]))
 
     async def _send(self, message: Message) -> None:
-        stream, codec = self._stream, self._codec
-        if stream is None or codec is None:
+        messages = self._messages
+        if messages is None:
             return  # no agent now; a new one learns our state from server_ready
-        async with self._send_lock:
-            with contextlib.suppress(
-                trio.BrokenResourceError, trio.ClosedResourceError, LocalProtocolError
-            ):
-                await stream.send_all(codec.send(message))
+        with contextlib.suppress(
+            trio.BrokenResourceError, trio.ClosedResourceError, LocalProtocolError
+        ):
+            await messages.send(message)
 
     async def _session(self) -> None:
         sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -123,44 +121,37 @@ class AgentLink:
             raise
         codec = Connection(Role.SERVER, name="csnapd")
         async with trio.SocketStream(sock) as stream:
-            self._stream, self._codec = stream, codec
-            await stream.send_all(codec.hello())
+            messages = self._messages = MessageStream(stream, codec)
+            await messages.send_bytes(codec.hello())
             registered = False
-            while True:
-                data = await stream.receive_some(1 << 16)
-                codec.receive_data(data)
-                while (message := codec.next_message()) is not None:
-                    if isinstance(message, ConnectionClosed):
-                        return
-                    if isinstance(message, Hello):
-                        state = "active" if self._active else "standby"
-                        log.info("registering with agent %s (%s)", self.path, state)
-                        await self._send(
-                            ServerReady(1, self.address, self.store, os.getpid(), self._active)
-                        )
-                    elif isinstance(message, Error):
-                        raise AgentRefusedError(f"{message.name}: {message.message}")
-                    elif isinstance(message, Ok) and not registered:
-                        registered = True
-                        log.info(
-                            "registered with agent %s",
-                            self.path,
-                            extra={
-                                "event": "server.registered",
-                                "address": self.address,
-                                "store": self.store,
-                                "agent": self.path,
-                            },
-                        )
-                        if not self._active:
-                            notify_ready(f"standby on {self.address}: registered with {self.path}")
-                    elif isinstance(message, StartServer):
-                        if self._active:
-                            await self._send(Ok(message.id))  # a new agent; already serving
-                        else:
-                            self._start_request = message.id
-                            self.start_requested.set()
+            while (message := await messages.receive()) is not None:
+                if isinstance(message, Hello):
+                    state = "active" if self._active else "standby"
+                    log.info("registering with agent %s (%s)", self.path, state)
+                    await self._send(
+                        ServerReady(1, self.address, self.store, os.getpid(), self._active)
+                    )
+                elif isinstance(message, Error):
+                    raise AgentRefusedError(f"{message.name}: {message.message}")
+                elif isinstance(message, Ok) and not registered:
+                    registered = True
+                    log.info(
+                        "registered with agent %s",
+                        self.path,
+                        extra={
+                            "event": "server.registered",
+                            "address": self.address,
+                            "store": self.store,
+                            "agent": self.path,
+                        },
+                    )
+                    if not self._active:
+                        notify_ready(f"standby on {self.address}: registered with {self.path}")
+                elif isinstance(message, StartServer):
+                    if self._active:
+                        await self._send(Ok(message.id))  # a new agent; already serving
                     else:
-                        log.warning("agent sent an unexpected %s", message.TYPE)
-                if not data:
-                    return
+                        self._start_request = message.id
+                        self.start_requested.set()
+                else:
+                    log.warning("agent sent an unexpected %s", message.TYPE)

@@ -1,9 +1,9 @@
 """The csnapd server: the trio transport around the Dispatcher.
 
 Tasks:
-  * one listener task per address, accepting connections;
-  * per connection, a reader (bytes -> codec -> work queue) and a writer
-    (outbox -> codec -> socket), so a slow reader never blocks anyone;
+  * trio.serve_listeners, accepting connections on every address;
+  * per connection, a reader (MessageStream -> work queue) and a writer
+    (outbox -> MessageStream), so a slow reader never blocks anyone;
   * one engine task: takes everything queued, hands the batch to the
     Dispatcher in a worker thread (the engine's syncs stay off the event
     loop), then delivers the replies: group commit;
@@ -33,19 +33,19 @@ from functools import partial
 
 import trio
 import trio.lowlevel
+from csnap_transport import MessageStream
 
 from csnap_common import join_host_port
+from csnap_common.limits import DEFAULT_MAX_CHUNKS, MAX_REQUEST_CHUNKS
 from csnap_common.systemd import notify_status, notify_stopping
 from csnap_protocol import (
     DEFAULT_MAX_FRAME,
     Connection,
-    ConnectionClosed,
     ConnectionState,
     Error,
     ErrorCode,
     Hello,
     Keepalive,
-    LocalProtocolError,
     Message,
     Ok,
     RemoteProtocolError,
@@ -126,7 +126,7 @@ class ServerConfig:
     max_in_flight: int = 256
     max_frame: int = DEFAULT_MAX_FRAME
     #: Most chunks one request may name (clients split larger ones).
-    max_chunks: int = 4096
+    max_chunks: int = DEFAULT_MAX_CHUNKS
     #: Most items one batch (one transaction) takes.
     max_batch: int = 512
     #: Most read locks one connection holds (a chunk locked twice counts twice).
@@ -136,14 +136,20 @@ class ServerConfig:
     #: The node agent's socket: register there and wait on standby to be started.
     agent: str | None = None
 
+    def __post_init__(self) -> None:
+        if not 1 <= self.max_chunks <= MAX_REQUEST_CHUNKS:
+            raise ValueError(
+                f"max_chunks is 1..{MAX_REQUEST_CHUNKS} (what the engine takes in one request),"
+                f" not {self.max_chunks}"
+            )
+
 
 @dataclass(eq=False)
 class _Link:
     """The transport side of a connection."""
 
     peer: Peer
-    stream: trio.abc.Stream
-    codec: Connection
+    messages: MessageStream
     outbox: trio.MemorySendChannel[Message]
     #: trio.current_time() when a message from the peer last arrived.
     heard: float
@@ -155,6 +161,14 @@ class _Link:
     queued: int = 0
     #: Set once the writer has sent everything queued before the outbox closed.
     flushed: trio.Event = field(default_factory=trio.Event)
+
+    @property
+    def stream(self) -> trio.abc.Stream:
+        return self.messages.stream
+
+    @property
+    def codec(self) -> Connection:
+        return self.messages.codec
 
 
 class Server:
@@ -222,8 +236,8 @@ class Server:
             self._nursery = nursery
             if stop is not None:
                 nursery.start_soon(_stop_on, stop, self)
-            for listener in listeners:
-                nursery.start_soon(self._accept, listener)
+            accepting = trio.CancelScope()
+            nursery.start_soon(self._accept, listeners, accepting)
             nursery.start_soon(self._engine_loop)
             if self.dispatcher.grace:
                 nursery.start_soon(self._after, self.config.grace, GraceExpired())
@@ -231,8 +245,7 @@ class Server:
             await self._stopping.wait()
             log.info("shutting down", extra={"event": "server.stopping", "address": self.address})
             notify_stopping()
-            for listener in listeners:
-                await listener.aclose()
+            accepting.cancel()  # closes the listeners
             await self._stopped.wait()
             await self._flush()
             nursery.cancel_scope.cancel()
@@ -262,32 +275,31 @@ class Server:
 
     # -- connections ---------------------------------------------------------
 
-    async def _accept(self, listener: trio.SocketListener) -> None:
-        while not self._stopping.is_set():
-            try:
-                stream = await listener.accept()
-            except trio.ClosedResourceError:
-                return
-            except OSError as exc:  # EMFILE and friends: wait, log, go on
-                log.warning("accept failed: %s", exc)
-                await trio.sleep(0.1)
-                continue
-            if self._accepted >= self.config.max_connections:
-                self._refuse_connection(stream)
-                continue
-            # Counted here, not in the task: a burst of accepts sees every one.
-            self._accepted += 1
-            self._nursery.start_soon(self._connection, stream)
+    async def _accept(
+        self, listeners: list[trio.SocketListener], accepting: trio.CancelScope
+    ) -> None:
+        with accepting:
+            await trio.serve_listeners(self._connection, listeners, handler_nursery=self._nursery)
 
-    def _refuse_connection(self, stream: trio.SocketStream) -> None:
+    async def _connection(self, stream: trio.SocketStream) -> None:
+        # Counted before the first checkpoint: a burst of accepts sees every one.
+        if self._accepted >= self.config.max_connections:
+            await self._refuse_connection(stream)
+            return
+        self._accepted += 1
+        try:
+            await self._serve_connection(stream)
+        finally:
+            self._accepted -= 1
+
+    async def _refuse_connection(self, stream: trio.SocketStream) -> None:
         """One connection too many: say so (when not too busy refusing) and close."""
         if self._refusing >= REFUSING_LIMIT:
             log.warning("too many connections: closing a new one without a message")
-            self._nursery.start_soon(_abort, stream)
-            return
+            return  # serve_listeners closes the stream
         self._refusing += 1
         log.warning("too many connections (%d): refusing a new one", self.config.max_connections)
-        self._nursery.start_soon(self._send_refusal, stream)
+        await self._send_refusal(stream)
 
     async def _send_refusal(self, stream: trio.SocketStream) -> None:
         codec = Connection(Role.SERVER, name="csnapd")
@@ -310,12 +322,6 @@ class Server:
         finally:
             self._refusing -= 1
 
-    async def _connection(self, stream: trio.SocketStream) -> None:
-        try:
-            await self._serve_connection(stream)
-        finally:
-            self._accepted -= 1
-
     async def _serve_connection(self, stream: trio.SocketStream) -> None:
         try:
             host, port = stream.socket.getpeername()[:2]
@@ -325,7 +331,7 @@ class Server:
         codec = Connection(Role.SERVER, max_frame=self.config.max_frame, name="csnapd")
         send, receive = trio.open_memory_channel[Message](OUTBOX_LIMIT)
         peer = Peer(next(self._numbers), Role.CLIENT, label)
-        link = _Link(peer, stream, codec, send, trio.current_time())
+        link = _Link(peer, MessageStream(stream, codec), send, trio.current_time())
         async with stream, trio.open_nursery() as nursery:
             nursery.start_soon(self._writer, link, receive)
             nursery.start_soon(self._hello_timer, link)
@@ -387,25 +393,19 @@ class Server:
             return
 
     async def _reader(self, link: _Link) -> None:
-        codec, peer = link.codec, link.peer
         try:
+            # Once closing (a refused hello, say), what follows is dropped:
+            # a refused peer's requests must never run.
             while not link.closing:
-                try:
-                    data = await link.stream.receive_some(RECEIVE_SIZE)
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                message = await link.messages.receive()
+                if message is None or link.closing:
                     return
-                codec.receive_data(data)
-                # Once closing (a refused hello, say), what follows in the same
-                # read is dropped: a refused peer's requests must never run.
-                while not link.closing and (message := codec.next_message()) is not None:
-                    if isinstance(message, ConnectionClosed):
-                        return
-                    link.heard = trio.current_time()
-                    self._admit(link, message)
-                    while link.queued >= QUEUED_LIMIT and not link.closing:
-                        await self._taken.wait()
+                link.heard = trio.current_time()
+                self._admit(link, message)
+                while link.queued >= QUEUED_LIMIT and not link.closing:
+                    await self._taken.wait()
         except RemoteProtocolError as exc:
-            log.warning("%s: protocol error: %s", peer, exc)
+            log.warning("%s: protocol error: %s", link.peer, exc)
             self._queue(link, Error(None, int(exc.code), exc.code.symbol, str(exc)[:1024]))
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             return
@@ -497,7 +497,7 @@ class Server:
                 data += self._encode(link, message)
             try:
                 if data:
-                    await link.stream.send_all(data)
+                    await link.messages.send_bytes(bytes(data))
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 return
 
@@ -505,22 +505,9 @@ class Server:
         """The bytes for `message` on this link (b"" for nothing to send)."""
         if link.codec.state is ConnectionState.ERROR and not isinstance(message, Error):
             return b""  # the peer broke the protocol: only our error goes out
-        try:
-            return link.codec.hello() if message is _HELLO else link.codec.send(message)
-        except LocalProtocolError as exc:
-            # Too big for the peer's frame limit, say: it still gets an answer.
-            log.error("%s: cannot send %s: %s", link.peer, message.TYPE, exc)
-            request = message_id(message)
-            if request is None or isinstance(message, Error):
-                return b""
-            return link.codec.send(
-                _error_message(
-                    request,
-                    ErrorCode.REQUEST_TOO_LARGE,
-                    f"the {message.TYPE} reply does not fit in your frame limit;"
-                    " ask about fewer chunks at once",
-                )
-            )
+        if message is _HELLO:
+            return link.codec.hello()
+        return link.messages.encode_answer(message, str(link.peer))
 
     def _deliver(self, link: _Link, message: Message, *, finished: bool = True) -> None:
         """Queue `message`; `finished`: it answers its request id."""
@@ -718,8 +705,8 @@ async def _serve_for_agent(
             extra={"event": "server.standby", "address": address, "agent": agent},
         )
         async with trio.open_nursery() as standby:
-            for listener in listeners:
-                standby.start_soon(_refuse_while_standby, listener)
+            lent = [_Lent(listener) for listener in listeners]
+            standby.start_soon(partial(trio.serve_listeners, _refuse_not_active, lent))
             started = await _first(link.start_requested, stop)
             standby.cancel_scope.cancel()
         if not started:
@@ -745,12 +732,18 @@ async def _serve_for_agent(
         raise ServerFailedError("the engine failed; the store needs a restart (journal replay)")
 
 
-async def _refuse_while_standby(listener: trio.SocketListener) -> None:
-    """Answer every connection with not_active until cancelled (the agent started us)."""
-    async with trio.open_nursery() as nursery:
-        while True:
-            stream = await listener.accept()
-            nursery.start_soon(_refuse_not_active, stream)
+class _Lent(trio.abc.Listener[trio.SocketStream]):
+    """A listener lent to the standby phase: closing it leaves the socket
+    listening, for the server that opens once the agent starts it."""
+
+    def __init__(self, listener: trio.SocketListener) -> None:
+        self._listener = listener
+
+    async def accept(self) -> trio.SocketStream:
+        return await self._listener.accept()
+
+    async def aclose(self) -> None:
+        await trio.lowlevel.checkpoint()
 
 
 async def _refuse_not_active(stream: trio.SocketStream) -> None:
@@ -758,13 +751,15 @@ async def _refuse_not_active(stream: trio.SocketStream) -> None:
     refusal = _error_message(
         None, ErrorCode.NOT_ACTIVE, "this csnapd is on standby; ask its agent for the server"
     )
-    with trio.move_on_after(5):
-        async with stream:
-            await stream.send_all(codec.send(refusal))
-            # Read the peer's hello before closing, so that closing with
-            # unread data does not reset the connection under our error.
-            with trio.move_on_after(1):
-                await stream.receive_some(4096)
+    with (
+        trio.move_on_after(5),
+        contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError),
+    ):
+        await stream.send_all(codec.send(refusal))
+        # Read the peer's hello before closing, so that closing with
+        # unread data does not reset the connection under our error.
+        with trio.move_on_after(1):
+            await stream.receive_some(4096)
 
 
 async def _first(wanted: trio.Event, stop: trio.Event | None) -> bool:

@@ -45,6 +45,10 @@ FORBIDDEN = [
     ("csnap_nbd/wire/_probe.py", "import prometheus_client"),
     ("csnap_common/_probe.py", "import prometheus_client"),
     ("csnap_common/metrics/_probe.py", "import csnapd"),
+    ("csnap_transport/_probe.py", "import msgpack"),
+    ("csnap_transport/_probe.py", "import csnapd"),
+    ("csnap_transport/_probe.py", "from csnap_client import DataClient"),
+    ("csnap_transport/_probe.py", "import prometheus_client"),
 ]
 
 ALLOWED = [
@@ -62,6 +66,8 @@ ALLOWED = [
     ("csnapd/_probe.py", "import prometheus_client"),
     ("csnap_agent/_probe.py", "import prometheus_client"),
     ("csnap_nbd/_probe.py", "import prometheus_client"),
+    ("csnap_transport/_probe.py", "import trio"),
+    ("csnap_transport/_probe.py", "import csnap_protocol"),
 ]
 
 

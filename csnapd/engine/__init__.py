@@ -18,7 +18,6 @@ from csnapd.engine.device import (
 )
 from csnapd.engine.engine import (
     DEFAULT_CACHE_BYTES,
-    MAX_REQUEST_CHUNKS,
     Engine,
     EngineStats,
     Ranges,
@@ -61,7 +60,6 @@ __all__ = [
     "EngineStats",
     "Ranges",
     "DEFAULT_CACHE_BYTES",
-    "MAX_REQUEST_CHUNKS",
     "read_geometry",
     "RecoveryReport",
     "OriginWriteResult",

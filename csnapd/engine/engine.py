@@ -52,14 +52,13 @@ from csnapd.engine.state import StoreState
 from csnapd.engine.stats import EngineStats
 from csnapd.engine.sweep import SWEEP_LEAVES_PER_STEP, Sweeper
 from csnapd.engine.transaction import Transaction
-from csnapd.engine.validation import MAX_REQUEST_CHUNKS, Ranges
+from csnapd.engine.validation import Ranges
 
 __all__ = [
     "Engine",
     "EngineStats",
     "Ranges",
     "DEFAULT_CACHE_BYTES",
-    "MAX_REQUEST_CHUNKS",
     "SWEEP_LEAVES_PER_STEP",
     "read_geometry",
 ]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from csnap_common.limits import MAX_REQUEST_CHUNKS
 from csnap_format import MAX_TAG
 from csnapd.engine.errors import (
     InvalidRequestError,
@@ -17,10 +18,8 @@ from csnapd.engine.errors import (
     RequestTooLargeError,
 )
 
-__all__ = ["MAX_REQUEST_CHUNKS", "Ranges", "check_priority", "check_ranges", "check_tag"]
+__all__ = ["Ranges", "check_priority", "check_ranges", "check_tag"]
 
-#: Most chunks one request may name (bounds the memory a request can cost).
-MAX_REQUEST_CHUNKS = 1 << 16
 
 #: (first logical chunk, number of chunks) pairs.
 Ranges = Sequence[tuple[int, int]]

@@ -16,6 +16,7 @@ import trio
 
 from csnap_client import ServerError, Session, open_session
 from csnap_common import join_host_port
+from csnap_common.limits import MAX_REQUEST_CHUNKS
 from csnap_protocol import (
     MIN_MAX_FRAME,
     Connection,
@@ -244,3 +245,10 @@ async def test_a_whole_origin_write_succeeds_after_thirteen_snapshots(tmp_path: 
                 if round_ < 14:
                     await admin.create_snapshot(round_)
     assert_store_clean(config)
+
+
+def test_max_chunks_cannot_exceed_what_the_engine_takes() -> None:
+    assert ServerConfig(store="s", origin="o", max_chunks=MAX_REQUEST_CHUNKS).max_chunks
+    for wrong in (0, MAX_REQUEST_CHUNKS + 1):
+        with pytest.raises(ValueError, match=r"max_chunks is 1\.\.65536"):
+            ServerConfig(store="s", origin="o", max_chunks=wrong)
