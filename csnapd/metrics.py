@@ -178,8 +178,14 @@ def _engine(server: Server) -> Iterator[Metric]:
     )
     yield gauge(
         "csnapd_journal_replayed_transactions",
-        "Transactions replayed from the journal when the store was opened (0 after a clean stop)",
+        "Transactions replayed from the journal when the store was opened",
         recovery.replayed,
+    )
+    yield gauge(
+        "csnapd_store_opened_clean",
+        "1 if the store was marked clean when opened (its last server stopped cleanly),"
+        " 0 if opening it recovered from a crash",
+        engine.opened_clean,
     )
     yield counter(
         "csnapd_copyout_chunks", "Origin chunks copied out to the store", stats.copied_chunks

@@ -125,6 +125,9 @@ class Engine:
         self.geometry = geometry
         #: What opening the store replayed from the journal.
         self.recovery = recovery
+        #: Whether the store was marked clean when opened: its last server
+        #: stopped cleanly (else this open recovered from a crash).
+        self.opened_clean = state.clean
         self.stats = EngineStats()
         self._store = store
         self._origin = origin

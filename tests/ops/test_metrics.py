@@ -83,6 +83,7 @@ async def test_csnapd_and_gateway_count_their_work(tmp_path: Path) -> None:
         before = await scrape(csnapd_metrics)
         assert before.value("csnapd_server_state", state="active") == 1
         assert before.value("csnapd_snapshots", state="live") == 0
+        assert before.value("csnapd_store_opened_clean") == 1  # as mkcsnap leaves it
         assert_documented(before, "csnapd")
 
         async with open_admin(tcp_connector(host, int(port))) as admin:
@@ -188,6 +189,14 @@ async def test_agent_reports_election_and_failover(tmp_path: Path) -> None:
             assert lost.total("csnap_agent_active_server") == 0
             assert lost.value("csnap_agent_active_since_seconds") == 0
         assert await agent.terminate() == 0
+
+    # Killed, the store opens next time by recovering from the crash.
+    restart = [*argv[:3], "--metrics", "127.0.0.1:0"]
+    async with running(restart, tmp_path / "restart.log") as again:
+        recovered = await scrape(metrics_url(await read_lines(again, 2)))
+        assert recovered.value("csnapd_store_opened_clean") == 0
+        assert recovered.value("csnapd_journal_replayed_transactions") >= 1
+        assert await again.terminate() == 0
 
 
 async def _sweep_waits_for_a_detaching_client(
