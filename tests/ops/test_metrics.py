@@ -30,6 +30,7 @@ from csnap_protocol import Identify, Role
 from tests.e2e.processes import csnap
 from tests.nbd.rawclient import RawClient
 from tests.ops.metrics_support import (
+    Scrape,
     assert_documented,
     metrics_url,
     read_lines,
@@ -110,7 +111,19 @@ async def test_csnapd_and_gateway_count_their_work(tmp_path: Path) -> None:
             nbd_port = int(lines[0].rpartition(":")[2])
             gateway_metrics = metrics_url(lines)
             assert_documented(await scrape(gateway_metrics), "csnap-nbd")
-            await _nbd_workload(nbd_port, chunk)
+            # csnapd is scraped all along: its commits run in a worker thread
+            # while the metrics read the engine from the event loop.
+            during: list[Scrape] = []
+            async with trio.open_nursery() as nursery:
+
+                async def scrape_csnapd() -> None:
+                    while True:
+                        during.append(await scrape(csnapd_metrics))
+
+                nursery.start_soon(scrape_csnapd)
+                await _nbd_workload(nbd_port, chunk)
+                nursery.cancel_scope.cancel()
+            assert during, "csnapd was not scraped during the workload"
             # A connection's end is counted after its last reply.
             found = await scrape_until(
                 gateway_metrics, lambda s: s.value("csnap_nbd_connections") == 0
