@@ -14,6 +14,8 @@ writes every figure, with a description of the machine, as JSON.
   recovery   start to ready after SIGKILL with a full journal (bench.recovery_bench)
   failover   SIGKILL of the active csnapd to the first write granted by the
              next one, two nodes electing through etcd (bench.failover_bench)
+  metrics    csnapd's metadata query rate with and without --metrics
+             (bench.metrics_bench)
 
 --quick runs every part small, in seconds, as a smoke test; --only PART
 (repeatable) runs only those parts. Peers whose tools are missing are
@@ -35,6 +37,7 @@ from typing import Any
 
 from bench.common import Part, machine, progress
 from bench.failover_bench import failover_part
+from bench.metrics_bench import metrics_part
 from bench.nbd_bench import nbd_part
 from bench.recovery_bench import recovery_part
 from bench.scale_bench import scale_part
@@ -49,6 +52,7 @@ PARTS: dict[str, tuple[str, Callable[..., Part]]] = {
     "lifecycle": ("snapshot create and delete latency, sweep rate", lifecycle_part),
     "recovery": ("start to ready after SIGKILL with a full journal", recovery_part),
     "failover": ("kill -9 of the active csnapd to the next granted write, via etcd", failover_part),
+    "metrics": ("the metadata query rate with and without --metrics", metrics_part),
 }
 
 

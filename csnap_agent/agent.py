@@ -151,6 +151,26 @@ class Agent:
         #: The server sent start_server and not yet answered, if any.
         self._starting: Registration | None = None
         self._connections = 0
+        #: For the metrics: servers made active, active servers lost, and
+        #: admin requests relayed by type, since the agent started.
+        self.activations = 0
+        self.losses = 0
+        self.relayed: dict[str, int] = {}
+
+    @property
+    def connections(self) -> int:
+        """Peers connected now."""
+        return self._connections
+
+    @property
+    def electing(self) -> bool:
+        """An election runs: no server is active and the coordinator is being asked."""
+        return self._electing
+
+    @property
+    def starting(self) -> Registration | None:
+        """The server sent start_server and not yet answered, if any."""
+        return self._starting
 
     async def serve(
         self,
@@ -307,6 +327,7 @@ class Agent:
                     },
                 )
                 self.active = None
+                self.losses += 1
                 self._changed()
                 relay, self._relay = self._relay, None
                 self._nursery.start_soon(self._replace_active, registration, relay)
@@ -454,6 +475,7 @@ class Agent:
         registration.active = True
         registration.since_ns = time.time_ns()
         self.active = registration
+        self.activations += 1
         log.info(
             "the server at %s is active",
             address,
@@ -541,6 +563,7 @@ class Agent:
 
     async def _relay_request(self, peer: _Peer, message: Request) -> None:
         request = message.id
+        self.relayed[message.TYPE] = self.relayed.get(message.TYPE, 0) + 1
         try:
             session = await self._relay_session()
         except (OSError, ServerError, ConnectionLostError) as exc:

@@ -26,10 +26,12 @@ from csnap_agent.agent import Agent
 from csnap_agent.coordinator import Coordinator
 from csnap_agent.etcd import EtcdClient
 from csnap_agent.etcd_coordinator import DEFAULT_TTL, EtcdCoordinator, parse_endpoints
+from csnap_agent.metrics import AgentMetrics
 from csnap_client import DEFAULT_AGENT
-from csnap_common import unix_address
+from csnap_common import single_errors, unix_address
 from csnap_common.allocator import return_freed_buffers
-from csnap_common.cli import add_log_level, configure_logging
+from csnap_common.cli import add_log_level, add_metrics, configure_logging
+from csnap_common.metrics import MetricsListenError, serve_metrics
 from csnap_common.systemd import (
     ActivationError,
     keep_watchdog_fed,
@@ -110,6 +112,7 @@ def _parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help=f"seconds an elected server's lease lasts unrenewed (default {DEFAULT_TTL})",
     )
+    add_metrics(parser)
     add_log_level(parser)
     return parser
 
@@ -213,7 +216,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.error("%s", exc)
         return EXIT_CANNOT_START
     try:
-        trio.run(_main, listener, path, args)
+        with single_errors():
+            trio.run(_main, listener, path, args)
+    except MetricsListenError as exc:
+        log.error("%s", exc)
+        return EXIT_CANNOT_START
     finally:
         # A passed socket belongs to the service manager: it stays for the next start.
         if activated is None and not path.startswith("@"):
@@ -225,7 +232,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 async def _main(sock: socket.socket, path: str, args: argparse.Namespace) -> None:
     listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
     if args.etcd_endpoints is None:
-        await _serve(listener, path, Agent())
+        await _serve(listener, path, Agent(), args.metrics)
         return
     async with EtcdClient(args.etcd_endpoints) as client:
         coordinator: Coordinator = EtcdCoordinator(
@@ -237,17 +244,28 @@ async def _main(sock: socket.socket, path: str, args: argparse.Namespace) -> Non
             args.node,
             extra={"event": "agent.cluster", "node": args.node},
         )
-        await _serve(listener, path, Agent(coordinator))
+        await _serve(listener, path, Agent(coordinator), args.metrics)
 
 
-async def _serve(listener: trio.SocketListener, path: str, agent: Agent) -> None:
+async def _serve(
+    listener: trio.SocketListener,
+    path: str,
+    agent: Agent,
+    metrics_address: tuple[str, int] | None,
+) -> None:
     async with trio.open_nursery() as nursery:
+        metrics_url = None
+        if metrics_address is not None:
+            registry = AgentMetrics(agent).registry
+            metrics_url = await nursery.start(serve_metrics, *metrics_address, registry)
         await nursery.start(agent.serve, listener)
         nursery.start_soon(keep_watchdog_fed, trio.sleep)
         # Signals are ours before anyone is told the agent is up.
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             log.info("listening on %s", path, extra={"event": "agent.listening", "address": path})
             print(f"listening unix:{path}", flush=True)
+            if metrics_url is not None:
+                print(f"metrics {metrics_url}", flush=True)
             notify_ready(f"listening on {path}")
             async for signum in signals:
                 log.info("%s: stopping", signal.Signals(signum).name)

@@ -425,7 +425,11 @@ def _render_status(result: dict[str, Any]) -> str:
     deleting = result.get("deleting") or []
     if deleting:
         tags = ", ".join(str(s["tag"]) for s in deleting)
-        lines.append(f"being deleted (space not yet reclaimed): {tags}\n")
+        swept = store["sweep_cursor"] / store["origin_chunks"] if store["origin_chunks"] else 0
+        lines.append(
+            f"being deleted (space not yet reclaimed): {tags}; the sweep has visited"
+            f" {swept:.0%} of the origin's chunks\n"
+        )
     return "\n".join(lines)
 
 

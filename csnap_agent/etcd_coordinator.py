@@ -152,6 +152,12 @@ class EtcdCoordinator(Coordinator):
             return "", 0
         return _field(holder, "node"), holder.create_revision
 
+    def fencing_token(self) -> int | None:
+        """The token of the active server's term, wherever it runs; None with
+        nobody elected (the metrics report it: csnap_agent_fencing_token)."""
+        holder = self.holder
+        return holder.create_revision if holder is not None else None
+
     # -- campaigning ---------------------------------------------------------------
 
     async def elect(self, candidate: Candidate) -> bool:

@@ -13,7 +13,13 @@ from csnap_common.addresses import AddressError, split_host_port
 from csnap_common.logs import TEXT_FORMAT, JsonFormatter
 from csnap_common.sizes import SizeError, parse_size
 
-__all__ = ["size_arg", "host_port_arg", "add_log_level", "configure_logging"]
+__all__ = [
+    "size_arg",
+    "host_port_arg",
+    "add_log_level",
+    "add_metrics",
+    "configure_logging",
+]
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
@@ -44,6 +50,17 @@ def add_log_level(parser: argparse.ArgumentParser) -> None:
         choices=LOG_FORMATS,
         help="text lines (the default), or one JSON object per line"
         " (fields in docs/operations.md, Logs)",
+    )
+
+
+def add_metrics(parser: argparse.ArgumentParser) -> None:
+    """--metrics HOST:PORT, as every service takes it."""
+    parser.add_argument(
+        "--metrics",
+        type=host_port_arg,
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (port 0 picks a free"
+        ' port; its URL is printed as "metrics URL"); see docs/operations.md, Monitoring',
     )
 
 

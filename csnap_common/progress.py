@@ -19,7 +19,7 @@ _WIDTH = 30  # characters of bar between the brackets
 
 
 class Progress:
-    """Context manager that shows `label [####    ] 42% done/total`."""
+    """Context manager that shows `label [####    ] 42% done/total rate/s`."""
 
     def __init__(
         self,
@@ -68,10 +68,27 @@ class Progress:
         self._last_draw = now
         self._draw()
 
+    @property
+    def rate(self) -> float:
+        """Units of work done per second so far."""
+        elapsed = time.monotonic() - self._start
+        return self.done / elapsed if elapsed > 0 else 0.0
+
     def _draw(self) -> None:
         fraction = min(self.done / self.total, 1.0)
         filled = int(fraction * _WIDTH)
         bar = "#" * filled + " " * (_WIDTH - filled)
-        self.stream.write(f"\r{self.label} [{bar}] {fraction:4.0%} {self.done}/{self.total}")
+        self.stream.write(
+            f"\r{self.label} [{bar}] {fraction:4.0%} {self.done}/{self.total}"
+            f" {_per_second(self.rate)}"
+        )
         self.stream.flush()
         self._drawn = True
+
+
+def _per_second(rate: float) -> str:
+    """A rate as "12/s", "3.4k/s", "5.6M/s"."""
+    for scale, suffix in ((1e6, "M"), (1e3, "k")):
+        if rate >= scale:
+            return f"{rate / scale:.1f}{suffix}/s"
+    return f"{rate:.0f}/s"

@@ -21,9 +21,11 @@ import trio
 from csnap_client import Connector, tcp_connector
 from csnap_common import single_errors
 from csnap_common.allocator import return_freed_buffers
-from csnap_common.cli import add_log_level, configure_logging, host_port_arg
+from csnap_common.cli import add_log_level, add_metrics, configure_logging, host_port_arg
+from csnap_common.metrics import MetricsListenError, serve_metrics
 from csnap_common.systemd import keep_watchdog_fed, notify_ready, notify_status, notify_stopping
 from csnap_nbd.files import checked_agent_connectors
+from csnap_nbd.metrics import GatewayMetrics
 from csnap_nbd.server import GatewayConfig, GatewayStartError, serve
 from csnap_nbd.settings import Settings
 from csnap_nbd.tls import TlsConfigError, TlsMode, TlsPolicy, server_context
@@ -53,8 +55,8 @@ Exports: "origin" (also the empty default name) and "snap-TAG" for each live
 snapshot. Without --listen or --unix, listens on 127.0.0.1:10809. Each
 listener is printed on stdout as "listening nbd://HOST:PORT" or
 "listening nbd+unix:///?socket=PATH" (nbds with --tls=require) once
-connections are accepted. SIGTERM or SIGINT answer the requests in flight
-and exit 0.
+connections are accepted, then "metrics URL" with --metrics. SIGTERM or
+SIGINT answer the requests in flight and exit 0.
 
 TLS: --tls-certificates=DIR holds ca-cert.pem, server-cert.pem and
 server-key.pem (scripts/nbd-certs DIR makes them). A TCP address outside
@@ -132,6 +134,7 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="clients must present a certificate signed by DIR/ca-cert.pem",
     )
+    add_metrics(parser)
     add_log_level(parser)
     return parser
 
@@ -202,14 +205,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         with single_errors():
-            trio.run(_main, config)
-    except GatewayStartError as exc:
+            trio.run(_main, config, args.metrics)
+    except (GatewayStartError, MetricsListenError) as exc:
         log.error("%s", exc)
         return EXIT_CANNOT_START
     return EXIT_OK
 
 
-async def _main(config: GatewayConfig) -> None:
+async def _main(config: GatewayConfig, metrics_address: tuple[str, int] | None) -> None:
     stop = trio.Event()
     serving = False
     async with trio.open_nursery() as nursery:
@@ -232,11 +235,17 @@ async def _main(config: GatewayConfig) -> None:
 
         nursery.start_soon(signals)
         nursery.start_soon(keep_watchdog_fed, trio.sleep)
+        metrics_url = None
+        if metrics_address is not None:
+            registry = GatewayMetrics(config.stats).registry
+            metrics_url = await nursery.start(serve_metrics, *metrics_address, registry)
         notify_status("looking for csnapd")
         urls = await nursery.start(serve_then_stop)
         serving = True
         for url in urls:
             print(f"listening {url}")
+        if metrics_url is not None:
+            print(f"metrics {metrics_url}")
         sys.stdout.flush()
         log.info(
             "listening on %s",

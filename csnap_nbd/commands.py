@@ -19,6 +19,7 @@ connection.
 from __future__ import annotations
 
 import logging
+import time
 
 import trio
 import trio.lowlevel
@@ -29,6 +30,7 @@ from csnap_nbd.datapath import ExportGoneError, IOFailedError
 from csnap_nbd.exports import Exports
 from csnap_nbd.negotiation import Negotiated
 from csnap_nbd.settings import Settings
+from csnap_nbd.stats import ExportStats
 from csnap_nbd.wire import NbdProtocolError
 from csnap_nbd.wire import transmission as tx
 from csnap_nbd.wire.constants import Command, CommandFlag, Errno
@@ -134,9 +136,16 @@ class Transmission:
     """Serve one negotiated connection until DISC, EOF, an ended export or stop()."""
 
     def __init__(
-        self, conn: Connection, negotiated: Negotiated, exports: Exports, settings: Settings
+        self,
+        conn: Connection,
+        negotiated: Negotiated,
+        exports: Exports,
+        settings: Settings,
+        stats: ExportStats | None = None,
     ):
         self.conn = conn
+        #: This export's counters, for the metrics.
+        self.stats = ExportStats() if stats is None else stats
         self.neg = negotiated
         self.path = negotiated.path
         self.exports = exports
@@ -198,6 +207,7 @@ class Transmission:
         while True:
             req = tx.parse_request(await self.conn.receive_exactly(header_size))
             command = req.command
+            self.stats.request(command)
             if command == _DISC:
                 log.debug("disconnect requested")
                 return
@@ -247,6 +257,7 @@ class Transmission:
 
     async def _serve(self, req: tx.Request, payload: bytearray | None, held: int) -> None:
         reply = _Reply(self, req, held)
+        started = time.perf_counter()
         try:
             await self._dispatch(req, payload, reply)
         except ExportGoneError as exc:
@@ -289,6 +300,7 @@ class Transmission:
             if not reply.sent:
                 self._budget.release(held)
             self._slots.release()
+            self.stats.timed(req.command, time.perf_counter() - started)
 
     async def _dispatch(self, req: tx.Request, payload: bytearray | None, reply: _Reply) -> None:
         """Run one request and queue its reply (which releases its budget)."""
@@ -301,6 +313,7 @@ class Transmission:
         if command == _WRITE:
             assert payload is not None
             await self.path.write(req.offset, memoryview(payload), fua=fua)
+            self.stats.written_bytes += len(payload)
         elif command == Command.WRITE_ZEROES:
             await self.path.zero(req.offset, req.length, fua=fua)
         elif command == Command.FLUSH:
@@ -330,6 +343,7 @@ class Transmission:
     # -- replies -------------------------------------------------------------
 
     def _read_reply(self, req: tx.Request, data: bytearray, held: int) -> bool:
+        self.stats.read_bytes += len(data)
         if not self.structured:
             self._writer.put(tx.simple_reply(req.cookie), data, held)
         elif req.length == 0:
@@ -341,6 +355,7 @@ class Transmission:
 
     def _error(self, req: tx.Request, error: Errno, message: str, held: int = 0) -> bool:
         log.debug("%s refused: %s (%s)", _name(req.command), error.name, message)
+        self.stats.error(error.name)
         if self.structured:
             self._writer.put(tx.error_chunk(req.cookie, error, message), held=held)
         else:

@@ -36,6 +36,7 @@ from csnap_nbd.exports import Exports, Geometry
 from csnap_nbd.files import FileRefusedError, open_backing
 from csnap_nbd.negotiation import negotiate
 from csnap_nbd.settings import Settings
+from csnap_nbd.stats import GatewayStats
 from csnap_nbd.tls import (
     CERTIFICATES_HINT,
     TlsHandshakeError,
@@ -76,6 +77,8 @@ class GatewayConfig:
     #: csnapd is found through an agent whose credentials are checked, so the
     #: paths it reports may be opened when not given (csnap_nbd.files).
     vouched: bool = False
+    #: What the gateway counts as it serves (read by csnap_nbd.metrics).
+    stats: GatewayStats = field(default_factory=GatewayStats, compare=False)
 
 
 @dataclass
@@ -121,8 +124,9 @@ async def discover(admin_connect: Connector) -> tuple[Geometry, str, str]:
 
 
 class _Gateway:
-    def __init__(self, exports: Exports, settings: Settings, tls: TlsPolicy):
+    def __init__(self, exports: Exports, settings: Settings, tls: TlsPolicy, stats: GatewayStats):
         self.exports = exports
+        self.stats = stats
         self.settings = settings
         self.tls = tls
         self.stopping = False
@@ -136,6 +140,8 @@ class _Gateway:
         entry = _Conn(next(self._numbers), Connection(stream))
         self._conns[entry.number] = entry
         self.idle = trio.Event()
+        self.stats.accepted += 1
+        self.stats.open += 1
         try:
             with entry.scope:
                 await self._serve(entry)
@@ -150,6 +156,7 @@ class _Gateway:
             # other connection down with it.
             log.exception("connection %d failed", entry.number)
         finally:
+            self.stats.open -= 1
             del self._conns[entry.number]
             with trio.CancelScope(shield=True):
                 await entry.close()
@@ -187,12 +194,17 @@ class _Gateway:
                     "snapshot": negotiated.export.tag,
                 },
             )
+            stats = self.stats.export(negotiated.export.name)
             transmission = entry.transmission = Transmission(
-                negotiated.conn, negotiated, self.exports, self.settings
+                negotiated.conn, negotiated, self.exports, self.settings, stats
             )
             if self.stopping:
                 transmission.stop()
-            await transmission.run()
+            stats.connections += 1
+            try:
+                await transmission.run()
+            finally:
+                stats.connections -= 1
             log.info(
                 "connection %d: done",
                 entry.number,
@@ -353,7 +365,7 @@ async def _serve(
     created: list[str] = []
     try:
         exports = Exports(config.connect, config.admin_connect, geometry, backing)
-        gateway = _Gateway(exports, config.settings, config.tls)
+        gateway = _Gateway(exports, config.settings, config.tls, config.stats)
         async with trio.open_nursery() as top:
             await top.start(exports.run)
             listeners, urls = await _listeners(config, created)

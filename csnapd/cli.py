@@ -12,14 +12,23 @@ import logging
 import signal
 import sys
 from collections.abc import Sequence
+from functools import partial
 
 import trio
 
 from csnap_common import single_errors
 from csnap_common.allocator import return_freed_buffers
-from csnap_common.cli import add_log_level, configure_logging, host_port_arg, size_arg
+from csnap_common.cli import (
+    add_log_level,
+    add_metrics,
+    configure_logging,
+    host_port_arg,
+    size_arg,
+)
+from csnap_common.metrics import MetricsListenError, serve_metrics
 from csnap_common.systemd import keep_watchdog_fed, notify_ready, notify_status, notify_stopping
 from csnapd.engine import EngineError, FencedError, StoreLockedError
+from csnapd.metrics import CsnapdMetrics
 from csnapd.server import ServerConfig, ServerFailedError, ServerFencedError, serve
 
 __all__ = ["main", "run"]
@@ -40,7 +49,8 @@ examples:
 
 The first line on stdout is "listening HOST:PORT" once connections are
 accepted (port 0 picks a free port); with --agent, once the port is bound and
-the server waits on standby for the agent to start it. SIGTERM or SIGINT finish the work in
+the server waits on standby for the agent to start it; with --metrics, the
+next line is "metrics URL" (docs/operations.md, Monitoring). SIGTERM or SIGINT finish the work in
 flight, mark the store clean and exit 0.
 
 exit status: 0 stopped cleanly, 1 the store failed while serving (restart
@@ -111,6 +121,7 @@ def _parser() -> argparse.ArgumentParser:
         help="connections open at once, counted from accept (default 1024)",
     )
     parser.add_argument("--max-in-flight", type=int, default=256, help="requests per connection")
+    add_metrics(parser)
     add_log_level(parser)
     return parser
 
@@ -146,7 +157,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         with single_errors():
-            trio.run(_main, config)
+            trio.run(_main, config, args.metrics)
+    except MetricsListenError as exc:
+        log.error("%s", exc)
+        return EXIT_CANNOT_START
     except StoreLockedError as exc:
         log.error("%s", exc)
         return EXIT_CANNOT_START
@@ -168,22 +182,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     return EXIT_OK
 
 
-async def _main(config: ServerConfig) -> None:
+async def _main(config: ServerConfig, metrics_address: tuple[str, int] | None) -> None:
     stop = trio.Event()
+    metrics = CsnapdMetrics(standby=config.agent is not None)
     async with trio.open_nursery() as nursery:
 
         async def serve_then_stop(task_status: trio.TaskStatus[str]) -> None:
-            await serve(config, stop=stop, task_status=task_status)
+            await serve(config, stop=stop, on_start=metrics.attach, task_status=task_status)
             nursery.cancel_scope.cancel()  # also after an admin's shutdown
 
         nursery.start_soon(_signals, stop)
         nursery.start_soon(keep_watchdog_fed, trio.sleep)
+        metrics_url = None
+        if metrics_address is not None:
+            # Before the store opens: a standby server is scraped too.
+            metrics_url = await nursery.start(
+                partial(serve_metrics, *metrics_address, metrics.registry, guard=metrics.guard)
+            )
         if config.agent is None:
             notify_status(f"opening the store {config.store}")
         else:  # ready once registered on standby: see csnapd.agent_link
             notify_status(f"registering with agent {config.agent}")
         address = await nursery.start(serve_then_stop)
         print(f"listening {address}", flush=True)
+        if metrics_url is not None:
+            print(f"metrics {metrics_url}", flush=True)
         if config.agent is None:
             notify_ready(f"active: serving {config.store} on {address}")
 

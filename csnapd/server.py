@@ -26,6 +26,8 @@ import contextlib
 import itertools
 import logging
 import math
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -69,6 +71,7 @@ from csnapd.dispatch import (
 )
 from csnapd.engine import DEFAULT_CACHE_BYTES, Engine, EngineError, FencedError
 from csnapd.fencing import Fence
+from csnapd.server_stats import ServerStats
 
 __all__ = ["ServerConfig", "Server", "serve", "ServerFailedError", "ServerFencedError"]
 
@@ -208,6 +211,22 @@ class Server:
         self._taken = trio.Event()
         self._shutdown_reply: tuple[Peer, int] | None = None
         self.failed = False
+        #: Requests, errors, latencies, batches and commits, for the metrics.
+        self.stats = ServerStats()
+        #: Held while the engine works in a worker thread (a commit, the
+        #: close): whoever else reads the engine from the event loop, the
+        #: metrics, takes it first.
+        self.engine_lock = trio.Lock()
+
+    @property
+    def stopping(self) -> bool:
+        """Shutdown has begun."""
+        return self._stopping.is_set()
+
+    @property
+    def open_connections(self) -> int:
+        """Connections accepted and not yet closed, hello said or not."""
+        return self._accepted
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -269,7 +288,8 @@ class Server:
             # Not even "clean": the store belongs to the server elected since.
             await trio.to_thread.run_sync(self.engine.abandon)
             return
-        await trio.to_thread.run_sync(self.engine.close)
+        async with self.engine_lock:
+            await trio.to_thread.run_sync(self.engine.close)
         log.info(
             "store closed cleanly", extra={"event": "store.closed", "store": self.config.store}
         )
@@ -345,6 +365,7 @@ class Server:
                 await self._reader(link)
             finally:
                 link.closing = True
+                self.stats.gone(peer)
                 if peer in self._links:
                     del self._links[peer]
                     self._send.send_nowait(Disconnected(peer))
@@ -450,6 +471,7 @@ class Server:
             self._queue(link, Ok(message.id))
             return
         if isinstance(message, Request):
+            self.stats.arrived(peer, message)
             request = message.id
             if request in link.in_flight:
                 # The first request with this id is still in flight: keep it.
@@ -517,6 +539,7 @@ class Server:
         request = message_id(message)
         if finished and request is not None and not isinstance(message, Hello):
             link.in_flight.discard(request)
+        self.stats.replied(link.peer, message, request, finished)
         self._queue(link, message)
 
     def _queue(self, link: _Link, message: Message) -> None:
@@ -556,6 +579,7 @@ class Server:
                 if self.fence is not None and not self.fence.may_write():
                     self._fenced()  # the batch dies unanswered with its connections
                     break
+                self.stats.batch_items.observe(len(batch))
                 outcome = await self._apply(batch)
                 self._deliver_outcome(outcome)
                 # Let readers and writers run between batches, whatever they did.
@@ -592,7 +616,10 @@ class Server:
         dispatcher = self.dispatcher
         batch = dispatcher.prepare(items)
         if batch.needs_commit:
-            await trio.to_thread.run_sync(dispatcher.commit, batch)
+            started = time.perf_counter()
+            async with self.engine_lock:
+                await trio.to_thread.run_sync(dispatcher.commit, batch)
+            self.stats.commit_seconds.observe(time.perf_counter() - started)
         return dispatcher.finish(batch)
 
     async def _next_item(self) -> Item | None:
@@ -653,6 +680,7 @@ async def serve(
     config: ServerConfig,
     *,
     stop: trio.Event | None = None,
+    on_start: Callable[[Server], None] | None = None,
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Open the store, listen, and serve until shutdown.
@@ -661,14 +689,15 @@ async def serve(
     `config.agent`, the server listens first, registers with that agent and
     stays on standby, store unopened, until the agent starts it. Setting
     `stop` (or an administrator's shutdown request) finishes in-flight work,
-    marks the store clean and returns.
+    marks the store clean and returns. `on_start` is given the Server once
+    it serves (the metrics read it).
 
     Raises:
         StoreOpenError, StoreLockedError, StoreIOError: the store cannot be opened.
         ServerFailedError: the engine failed while serving.
     """
     if config.agent is not None:
-        await _serve_for_agent(config, config.agent, stop, task_status)
+        await _serve_for_agent(config, config.agent, stop, on_start, task_status)
         return
     engine = await _open_engine(config)
     try:
@@ -678,14 +707,18 @@ async def serve(
         raise
     address = _address(listeners)
     async with trio.open_nursery() as nursery:
-        server = await _start_server(nursery, config, engine, listeners, address, stop)
+        server = await _start_server(nursery, config, engine, listeners, address, stop, on_start)
         task_status.started(address)
     if server.failed:
         raise ServerFailedError("the engine failed; the store needs a restart (journal replay)")
 
 
 async def _serve_for_agent(
-    config: ServerConfig, agent: str, stop: trio.Event | None, task_status: trio.TaskStatus[str]
+    config: ServerConfig,
+    agent: str,
+    stop: trio.Event | None,
+    on_start: Callable[[Server], None] | None,
+    task_status: trio.TaskStatus[str],
 ) -> None:
     listeners = await trio.open_tcp_listeners(config.port, host=config.host)
     address = _address(listeners)
@@ -726,7 +759,9 @@ async def _serve_for_agent(
                 await listener.aclose()
             raise
         async with trio.open_nursery() as nursery:
-            server = await _start_server(nursery, config, engine, listeners, address, stop, fence)
+            server = await _start_server(
+                nursery, config, engine, listeners, address, stop, on_start, fence
+            )
             await link.started()
             notify_status(f"active: serving {config.store} on {address}")
         outer.cancel_scope.cancel()
@@ -832,9 +867,12 @@ async def _start_server(
     listeners: list[trio.SocketListener],
     address: str,
     stop: trio.Event | None,
+    on_start: Callable[[Server], None] | None,
     fence: Fence | None = None,
 ) -> Server:
     server = Server(config, engine, address, fence)
+    if on_start is not None:
+        on_start(server)
     log.info(
         "listening on %s",
         address,

@@ -120,6 +120,7 @@ def test_suite_quick(tmp_path: Path) -> None:
         "lifecycle",
         "recovery",
         "failover",
+        "metrics",
     }
     for name, part in parts.items():
         assert "error" not in part, name
@@ -133,6 +134,7 @@ def test_suite_quick(tmp_path: Path) -> None:
     check_scale_part(parts["scale"])
     check_recovery_part(parts["recovery"])
     check_failover_part(parts["failover"])
+    check_metrics_part(parts["metrics"])
     assert parts["lifecycle"]["exceptions_swept"] == parts["lifecycle"]["exceptions"]
 
 
@@ -216,3 +218,14 @@ def check_failover_part(part: dict[str, Any]) -> None:
     assert all(t > 0 for t in part["failover_s"])
     assert 0 < part["failover_median_s"] <= part["failover_max_s"]
     assert part["check_clean"] is True
+
+
+def check_metrics_part(part: dict[str, Any]) -> None:
+    for workload in ("origin_write_unique", "snapshot_read_store"):
+        for clients in (8, 64):
+            row = part[f"{workload}_{clients}_clients"]
+            assert row["without_per_s"] > 0 and row["with_per_s"] > 0
+            # The server with --metrics was scraped while measured.
+            assert row["scrapes"] >= 1 and row["scrape_bytes"] > 0
+            assert row["scrape_ms_p50"] > 0
+    assert part["counting_ns_per_request"] > 0

@@ -39,9 +39,16 @@ FORBIDDEN = [
     ("csnap_common/_probe.py", "import socket"),
     ("csnap_common/systemd/_probe.py", "import trio"),
     ("csnap_common/systemd/_probe.py", "import csnapd"),
+    ("csnapd/engine/_probe.py", "import prometheus_client"),
+    ("csnap_format/_probe.py", "from prometheus_client import Counter"),
+    ("csnap_protocol/_probe.py", "import prometheus_client"),
+    ("csnap_nbd/wire/_probe.py", "import prometheus_client"),
+    ("csnap_common/_probe.py", "import prometheus_client"),
+    ("csnap_common/metrics/_probe.py", "import csnapd"),
     ("csnap_transport/_probe.py", "import msgpack"),
     ("csnap_transport/_probe.py", "import csnapd"),
     ("csnap_transport/_probe.py", "from csnap_client import DataClient"),
+    ("csnap_transport/_probe.py", "import prometheus_client"),
 ]
 
 ALLOWED = [
@@ -54,6 +61,11 @@ ALLOWED = [
     ("csnap_nbd/wire/_probe.py", "import struct"),
     ("tests/_probe.py", "import trio"),
     ("csnap_common/systemd/_probe.py", "import socket"),
+    ("csnap_common/metrics/_probe.py", "import trio"),
+    ("csnap_common/metrics/_probe.py", "import prometheus_client"),
+    ("csnapd/_probe.py", "import prometheus_client"),
+    ("csnap_agent/_probe.py", "import prometheus_client"),
+    ("csnap_nbd/_probe.py", "import prometheus_client"),
     ("csnap_transport/_probe.py", "import trio"),
     ("csnap_transport/_probe.py", "import csnap_protocol"),
 ]

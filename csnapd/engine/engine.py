@@ -37,8 +37,8 @@ from csnapd.engine.clients import ClientRegistry
 from csnapd.engine.copyout import CopyOut
 from csnapd.engine.device import BlockDevice, FileDevice
 from csnapd.engine.errors import FencedError, StoreIOError, StoreOpenError
-from csnapd.engine.journal import Journal, RecoveryReport
-from csnapd.engine.pager import Pager
+from csnapd.engine.journal import Journal, JournalStats, RecoveryReport
+from csnapd.engine.pager import CacheStats, Pager
 from csnapd.engine.reads import ChunkReads
 from csnapd.engine.results import (
     OriginWriteResult,
@@ -125,6 +125,9 @@ class Engine:
         self.geometry = geometry
         #: What opening the store replayed from the journal.
         self.recovery = recovery
+        #: Whether the store was marked clean when opened: its last server
+        #: stopped cleanly (else this open recovered from a crash).
+        self.opened_clean = state.clean
         self.stats = EngineStats()
         self._store = store
         self._origin = origin
@@ -291,11 +294,11 @@ class Engine:
         return self._state.live_mask
 
     @property
-    def journal_stats(self) -> object:
+    def journal_stats(self) -> JournalStats:
         return self._journal.stats
 
     @property
-    def cache_stats(self) -> object:
+    def cache_stats(self) -> CacheStats:
         return self._pager.stats
 
     @property
