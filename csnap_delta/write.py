@@ -1,0 +1,235 @@
+"""Writing a delta: csnapd's changelist between two snapshots, their chunks
+read from the store and origin files under csnapd's read plans.
+
+Two data clients, one identified to each snapshot: the one on TO asks
+query_changes against FROM, step by step, and reads TO's bytes; the one on
+FROM reads FROM's bytes under the same extents, whose digest lets an apply
+check its target. Memory holds one changes answer and one extent. The file
+is written beside its final name and renamed into place once synced, so a
+delta file that exists is whole.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import trio
+
+from csnap_client import Connector, DataClient, open_admin, open_client
+from csnap_delta.layout import (
+    FLAG_ZSTD,
+    DeltaEnd,
+    DeltaHeader,
+    ExtentHeader,
+    SequenceDigest,
+    compress,
+    digest,
+    extent_chunks,
+)
+
+__all__ = ["DeltaWriteError", "WriteReport", "write_delta", "READ_ATTEMPTS"]
+
+#: Reads of one extent whose origin data came past the lease deadline before giving up.
+READ_ATTEMPTS = 4
+
+
+class DeltaWriteError(Exception):
+    """The delta could not be written; no file was left under its name."""
+
+
+@dataclass(frozen=True, slots=True)
+class WriteReport:
+    """What was written: the header, extents, chunks and bytes."""
+
+    header: DeltaHeader
+    extents: int
+    chunks: int
+    data_bytes: int
+    file_bytes: int
+
+
+class _Files:
+    """The store and origin files, opened read-only."""
+
+    def __init__(self, store: str, origin: str):
+        try:
+            self.store = os.open(store, os.O_RDONLY)
+        except OSError as exc:
+            raise DeltaWriteError(f"cannot open the store {store}: {exc.strerror}") from exc
+        try:
+            self.origin = os.open(origin, os.O_RDONLY)
+        except OSError as exc:
+            os.close(self.store)
+            raise DeltaWriteError(f"cannot open the origin {origin}: {exc.strerror}") from exc
+
+    def close(self) -> None:
+        os.close(self.store)
+        os.close(self.origin)
+
+
+def _read_into(fd: int, into: bytearray, at: int, size: int, position: int, what: str) -> None:
+    try:
+        data = os.pread(fd, size, position)
+    except OSError as exc:
+        raise DeltaWriteError(f"reading the {what} at {position}: {exc.strerror}") from exc
+    if len(data) != size:
+        raise DeltaWriteError(f"the {what} file ended early reading {size} bytes at {position}")
+    into[at : at + size] = data
+
+
+async def _read_chunks(client: DataClient, files: _Files, first: int, count: int) -> bytearray:
+    """The snapshot's bytes of chunks first..first+count-1, as its read plan places them."""
+    cs = client.chunk_size
+    for _ in range(READ_ATTEMPTS):
+        into = bytearray(count * cs)
+        async with client.snapshot_read([(first, count)]) as plan:
+            placed = 0
+            for chunk, n, store_chunk in plan.store:
+                at = (chunk - first) * cs
+                _read_into(files.store, into, at, n * cs, store_chunk * cs, "store")
+                placed += n
+            for chunk, n in plan.origin:
+                _read_into(files.origin, into, (chunk - first) * cs, n * cs, chunk * cs, "origin")
+                placed += n
+            if placed != count:
+                raise DeltaWriteError(
+                    f"csnapd placed {placed} of chunks {first}..{first + count - 1}"
+                )
+            if client.read_trusted(plan):
+                return into
+    raise DeltaWriteError(
+        f"chunks {first}..{first + count - 1}: origin data came past the read locks' lease"
+        f" {READ_ATTEMPTS} times"
+    )
+
+
+async def write_delta(
+    connect: Connector,
+    admin_connect: Connector,
+    base: int,
+    target: int,
+    output: str | os.PathLike[str],
+    *,
+    compressed: bool = False,
+    store: str | None = None,
+    origin: str | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> WriteReport:
+    """Write the delta from snapshot `base` to snapshot `target` into `output`.
+
+    `store` and `origin` are the files to read chunks from; by default the
+    paths csnapd reports (server_info), which must be reachable from here.
+
+    Raises:
+        DeltaWriteError: a snapshot is missing, a file short, a read not trusted.
+        ServerError, ConnectionLostError, OSError: from csnapd or the files.
+    """
+    async with open_admin(admin_connect) as admin:
+        status = await admin.status()
+        info = await admin.server_info()
+    tags = {s.tag: s for s in status.snapshots if s.state == "live"}
+    for tag in (base, target):
+        if tag not in tags:
+            raise DeltaWriteError(f"there is no live snapshot {tag}")
+    header = DeltaHeader(
+        flags=FLAG_ZSTD if compressed else 0,
+        chunk_size=status.store.chunk_size,
+        store_uuid=status.store.uuid,
+        origin_chunks=status.store.origin_chunks,
+        from_tag=base,
+        to_tag=target,
+        from_created_ns=tags[base].created_ns,
+        to_created_ns=tags[target].created_ns,
+        written_ns=time.time_ns(),
+    )
+    final = Path(output)
+    partial = final.with_name(final.name + ".partial")
+    files = _Files(store or str(info["store"]), origin or str(info["origin"]))
+    try:
+        try:
+            # Blocking file I/O in this task is fine: besides keepalives, which
+            # a read of one extent does not delay for long, nothing else runs.
+            out = open(partial, "wb")  # noqa: SIM115, ASYNC230 - closed below, also on error
+        except OSError as exc:
+            raise DeltaWriteError(f"cannot create {partial}: {exc.strerror}") from exc
+        with out:
+            report = await _write(connect, header, files, out, progress)
+            try:
+                out.flush()
+                os.fsync(out.fileno())
+            except OSError as exc:
+                raise DeltaWriteError(f"writing {partial}: {exc.strerror}") from exc
+        try:
+            os.replace(partial, final)
+        except OSError as exc:
+            raise DeltaWriteError(f"renaming {partial} to {final}: {exc.strerror}") from exc
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    finally:
+        files.close()
+    return report
+
+
+async def _write(
+    connect: Connector,
+    header: DeltaHeader,
+    files: _Files,
+    out: BinaryIO,
+    progress: Callable[[int, int], None] | None,
+) -> WriteReport:
+    def write(data: bytes | bytearray) -> None:
+        try:
+            out.write(data)
+        except OSError as exc:
+            raise DeltaWriteError(f"writing the delta: {exc.strerror}") from exc
+
+    write(header.encode())
+    written = DeltaHeader.SIZE
+    sequence = SequenceDigest()
+    extents = chunks = 0
+    end = header.origin_chunks
+    async with (
+        open_client(connect, snapshot=header.to_tag) as new,
+        open_client(connect, snapshot=header.from_tag) as old,
+    ):
+        if new.chunk_size != header.chunk_size or new.origin_chunks != end:
+            raise DeltaWriteError("csnapd's geometry changed while the delta was being written")
+        most = max(1, min(extent_chunks(header.chunk_size), new.max_chunks, old.max_chunks))
+        start: int | None = 0
+        while start is not None:
+            ranges, resume = await new.changes(header.from_tag, start, end - start)
+            for first, count in ranges:
+                for at in range(first, first + count, most):
+                    n = min(most, first + count - at)
+                    data = await _read_chunks(new, files, at, n)
+                    before = await _read_chunks(old, files, at, n)
+                    payload: bytes | bytearray = data
+                    flags = 0
+                    if header.flags & FLAG_ZSTD:
+                        frame = compress(data)
+                        if frame is not None:
+                            payload, flags = frame, FLAG_ZSTD
+                    record = ExtentHeader(
+                        extents, at, n, len(payload), flags, digest(before), digest(data)
+                    ).encode()
+                    write(record)
+                    write(payload)
+                    sequence.add(record)
+                    written += len(record) + len(payload)
+                    extents += 1
+                    chunks += n
+                    await trio.lowlevel.checkpoint()
+            if resume is not None and resume <= start:
+                raise DeltaWriteError(f"csnapd's changelist did not advance from chunk {start}")
+            start = resume
+            if progress is not None:
+                progress(end if start is None else start, end)
+    write(DeltaEnd(extents, chunks, sequence.digest()).encode())
+    written += DeltaEnd.SIZE
+    return WriteReport(header, extents, chunks, chunks * header.chunk_size, written)
