@@ -12,6 +12,8 @@ writes every figure, with a description of the machine, as JSON.
              csnap-check beside thin_check (bench.scale_bench)
   lifecycle  snapshot create and delete latency, sweep rate (bench.server_bench)
   recovery   start to ready after SIGKILL with a full journal (bench.recovery_bench)
+  changes    the changelist over a million exceptions; delta size and speed
+             (bench.changes_bench)
 
 --quick runs every part small, in seconds, as a smoke test; --only PART
 (repeatable) runs only those parts. Peers whose tools are missing are
@@ -31,6 +33,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from bench.changes_bench import changes_part
 from bench.common import Part, machine, progress
 from bench.nbd_bench import nbd_part
 from bench.recovery_bench import recovery_part
@@ -45,6 +48,7 @@ PARTS: dict[str, tuple[str, Callable[..., Part]]] = {
     "scale": ("a million exceptions across 64 snapshots, beside thin_check", scale_part),
     "lifecycle": ("snapshot create and delete latency, sweep rate", lifecycle_part),
     "recovery": ("start to ready after SIGKILL with a full journal", recovery_part),
+    "changes": ("the changelist over a million exceptions; delta size and speed", changes_part),
 }
 
 

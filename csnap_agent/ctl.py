@@ -224,7 +224,8 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     args = _parser().parse_args(argv)
     agent = getattr(args, "agent", None) or default_agent()
     as_json = getattr(args, "json", False)
-    timeout = getattr(args, "timeout", 120.0)
+    # A delta takes as long as its data: no limit unless one is asked for.
+    timeout = getattr(args, "timeout", math.inf if args.verb == "delta" else 120.0)
     try:
         if args.verb == "apply":
             result = _apply(args)

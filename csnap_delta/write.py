@@ -11,9 +11,10 @@ delta file that exists is whole.
 
 from __future__ import annotations
 
+import bisect
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -31,6 +32,7 @@ from csnap_delta.layout import (
     digest,
     extent_chunks,
 )
+from csnap_protocol import MAX_RANGES
 
 __all__ = ["DeltaWriteError", "WriteReport", "write_delta", "READ_ATTEMPTS"]
 
@@ -82,28 +84,67 @@ def _read_into(fd: int, into: bytearray, at: int, size: int, position: int, what
     into[at : at + size] = data
 
 
-async def _read_chunks(client: DataClient, files: _Files, first: int, count: int) -> bytearray:
-    """The snapshot's bytes of chunks first..first+count-1, as its read plan places them."""
+class _Batch:
+    """Extents read together: ascending, disjoint (chunk, count) pairs."""
+
+    def __init__(self, extents: list[tuple[int, int]]):
+        self.extents = extents
+        self.firsts = [first for first, _ in extents]
+        self.before: list[int] = []
+        total = 0
+        for _, count in extents:
+            self.before.append(total)
+            total += count
+        self.chunks = total
+
+    def index(self, chunk: int) -> int:
+        """Position of `chunk` among the batch's chunks (consecutive chunks, consecutive places)."""
+        i = bisect.bisect_right(self.firsts, chunk) - 1
+        first, count = self.extents[i]
+        if not first <= chunk < first + count:
+            raise DeltaWriteError(f"csnapd placed chunk {chunk}, which was not asked for")
+        return self.before[i] + chunk - first
+
+
+def _batches(ranges: Sequence[tuple[int, int]], most: int) -> Iterator[_Batch]:
+    """The ranges as extents of at most `most` chunks, grouped `most` chunks at a time."""
+    group: list[tuple[int, int]] = []
+    room = most
+    for first, count in ranges:
+        at = first
+        while at < first + count:
+            n = min(most, first + count - at, room)
+            group.append((at, n))
+            at += n
+            room -= n
+            if room == 0:
+                yield _Batch(group)
+                group, room = [], most
+    if group:
+        yield _Batch(group)
+
+
+async def _read_batch(client: DataClient, files: _Files, batch: _Batch) -> bytearray:
+    """The snapshot's bytes of every chunk of `batch`, in order, as its read plan places them."""
     cs = client.chunk_size
     for _ in range(READ_ATTEMPTS):
-        into = bytearray(count * cs)
-        async with client.snapshot_read([(first, count)]) as plan:
+        into = bytearray(batch.chunks * cs)
+        async with client.snapshot_read(batch.extents) as plan:
             placed = 0
             for chunk, n, store_chunk in plan.store:
-                at = (chunk - first) * cs
+                at = batch.index(chunk) * cs
                 _read_into(files.store, into, at, n * cs, store_chunk * cs, "store")
                 placed += n
             for chunk, n in plan.origin:
-                _read_into(files.origin, into, (chunk - first) * cs, n * cs, chunk * cs, "origin")
+                at = batch.index(chunk) * cs
+                _read_into(files.origin, into, at, n * cs, chunk * cs, "origin")
                 placed += n
-            if placed != count:
-                raise DeltaWriteError(
-                    f"csnapd placed {placed} of chunks {first}..{first + count - 1}"
-                )
+            if placed != batch.chunks:
+                raise DeltaWriteError(f"csnapd placed {placed} of {batch.chunks} chunks asked for")
             if client.read_trusted(plan):
                 return into
     raise DeltaWriteError(
-        f"chunks {first}..{first + count - 1}: origin data came past the read locks' lease"
+        f"chunks from {batch.extents[0][0]}: origin data came past the read locks' lease"
         f" {READ_ATTEMPTS} times"
     )
 
@@ -200,15 +241,20 @@ async def _write(
     ):
         if new.chunk_size != header.chunk_size or new.origin_chunks != end:
             raise DeltaWriteError("csnapd's geometry changed while the delta was being written")
-        most = max(1, min(extent_chunks(header.chunk_size), new.max_chunks, old.max_chunks))
+        # One batch is one snapshot_read: within csnapd's limit and its reply's.
+        most = max(
+            1, min(extent_chunks(header.chunk_size), new.max_chunks, old.max_chunks, MAX_RANGES)
+        )
+        cs = header.chunk_size
         start: int | None = 0
         while start is not None:
             ranges, resume = await new.changes(header.from_tag, start, end - start)
-            for first, count in ranges:
-                for at in range(first, first + count, most):
-                    n = min(most, first + count - at)
-                    data = await _read_chunks(new, files, at, n)
-                    before = await _read_chunks(old, files, at, n)
+            for batch in _batches(ranges, most):
+                new_bytes = await _read_batch(new, files, batch)
+                old_bytes = await _read_batch(old, files, batch)
+                for (at, n), offset in zip(batch.extents, batch.before, strict=True):
+                    span = slice(offset * cs, (offset + n) * cs)
+                    data, before = new_bytes[span], old_bytes[span]
                     payload: bytes | bytearray = data
                     flags = 0
                     if header.flags & FLAG_ZSTD:
