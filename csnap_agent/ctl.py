@@ -70,6 +70,7 @@ verbs (csnap VERB --help for each):
   shutdown                    stop the server cleanly (the store is marked clean)
   delta FROM TO -o FILE       write the chunks that differ between two snapshots
   apply FILE --to TARGET      apply a delta to a raw image of its FROM snapshot
+  receive FILE                receive a delta into this store: creates snapshot TO
 
 examples:
   csnap create 7 --priority 10
@@ -261,6 +262,8 @@ async def _run_verb(args: argparse.Namespace, agent: str, limit: float) -> Any:
                 return await _server(agent)
             if args.verb == "delta":
                 return await delta_cli.run_delta(agent, args)
+            if args.verb == "receive":
+                return await delta_cli.run_receive(agent, args)
             async with open_admin(agent_admin_connector(agent)) as admin:
                 return await _VERBS[args.verb](admin, args)
     except trio.TooSlowError:
@@ -278,6 +281,8 @@ async def _run_verb(args: argparse.Namespace, agent: str, limit: float) -> Any:
         raise _Failure(_status_of(exc), exc.name, exc.message) from exc
     except DeltaWriteError as exc:
         raise _Failure(EXIT_REFUSED, "delta_failed", str(exc)) from exc
+    except (DeltaFormatError, DeltaRefusedError) as exc:
+        raise _Failure(EXIT_REFUSED, "delta_refused", str(exc)) from exc
 
 
 def _status_of(exc: ServerError) -> int:
@@ -385,7 +390,7 @@ def _snapshot_row(snapshot: dict[str, Any], chunk_size: int) -> list[str]:
 
 
 def _render(verb: str, args: argparse.Namespace, result: Any) -> str:
-    if verb in ("delta", "apply"):
+    if verb in ("delta", "apply", "receive"):
         return delta_cli.render(verb, result)
     if verb in ("create", "delete", "priority", "usecount"):
         done = {

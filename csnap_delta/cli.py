@@ -14,9 +14,10 @@ from typing import Any
 from csnap_client import agent_admin_connector, agent_connector
 from csnap_common import format_size
 from csnap_delta.apply import apply_delta
+from csnap_delta.receive import receive_delta
 from csnap_delta.write import write_delta
 
-__all__ = ["add_verbs", "run_delta", "run_apply", "render"]
+__all__ = ["add_verbs", "run_delta", "run_apply", "run_receive", "render"]
 
 VerbFactory = Callable[[str, str, str], argparse.ArgumentParser]
 
@@ -45,6 +46,16 @@ def add_verbs(verb: VerbFactory, tag: Callable[[str], int]) -> None:
     )
     apply.add_argument("delta", metavar="FILE", help="the delta file")
     apply.add_argument("--to", required=True, dest="target", metavar="TARGET", help="the image")
+    receive = verb(
+        "receive",
+        "Receive a delta into this store, which holds snapshot FROM and whose origin has not"
+        " changed since: the origin becomes TO (the store's snapshots keep their data), then"
+        " snapshot TO is created. Checks everything first; receiving again after an"
+        " interruption finishes the job.",
+        "csnap receive 3-5.delta",
+    )
+    receive.add_argument("delta", metavar="FILE", help="the delta file")
+    receive.add_argument("--origin", metavar="PATH", help="the origin to write (default: csnapd's)")
 
 
 async def run_delta(agent: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -85,13 +96,34 @@ def run_apply(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+async def run_receive(agent: str, args: argparse.Namespace) -> dict[str, Any]:
+    """`csnap receive`: check, write the origin, create TO; what was done."""
+    report = await receive_delta(
+        agent_connector(agent), agent_admin_connector(agent), args.delta, origin=args.origin
+    )
+    return {
+        "from": report.header.from_tag,
+        "to": report.header.to_tag,
+        "extents": report.extents,
+        "chunks": report.chunks,
+        "written_chunks": report.written_chunks,
+        "already_chunks": report.already_chunks,
+    }
+
+
 def render(verb: str, result: dict[str, Any]) -> str:
-    """The human output of `delta` or `apply`."""
+    """The human output of `delta`, `apply` or `receive`."""
     if verb == "delta":
         return (
             f"delta {result['from']} -> {result['to']}: {result['chunks']} chunks in"
             f" {result['extents']} extents ({format_size(result['data_bytes'])} of data),"
             f" {format_size(result['file_bytes'])} written to {result['file']}\n"
+        )
+    if verb == "receive":
+        return (
+            f"received snapshot {result['from']} -> {result['to']}: {result['written_chunks']}"
+            f" chunks written, {result['already_chunks']} already in place; snapshot"
+            f" {result['to']} created\n"
         )
     return (
         f"{result['target']}: snapshot {result['from']} -> {result['to']}:"

@@ -126,3 +126,70 @@ async def csnap_json(sock: Path, delta: Path) -> str:
     again = await csnap(sock, "--json", "delta", "1", "2", "-o", str(delta))
     assert again.returncode == 0, again.stderr
     return again.stdout
+
+
+async def test_a_store_receives_a_delta_and_ends_with_the_same_snapshot(tmp_path: Path) -> None:
+    need("qemu-io", "nbdcopy")
+    sender_dir, receiver_dir = tmp_path / "sender", tmp_path / "receiver"
+    sender_dir.mkdir()
+    receiver_dir.mkdir()
+    sender_sock, receiver_sock = tmp_path / "sender.sock", tmp_path / "receiver.sock"
+    agents = [
+        await start_agent(sender_sock, tmp_path / "sender-agent.log"),
+        await start_agent(receiver_sock, tmp_path / "receiver-agent.log"),
+    ]
+    try:
+        async with gateway(sender_dir, csnapd_args=["--agent", str(sender_sock)]) as sender:
+            with trio.fail_after(30):
+                await find_server(str(sender_sock), wait=True)
+            await write_all(sender, "origin", [(0, 2 * CHUNK)], 0x11)
+            assert (await csnap(sender_sock, "create", "1")).returncode == 0
+            between = [(5 * CHUNK, 3 * CHUNK), (3000 * CHUNK + 9, 9)]
+            await write_all(sender, "origin", between, 0x22)
+            assert (await csnap(sender_sock, "create", "2")).returncode == 0
+            await write_all(sender, "snap-2", [(77 * CHUNK, CHUNK)], 0x33)
+            first = await nbdcopy_to_bytes(sender.url("snap-1"), tmp_path, "s1.raw")
+            second = await nbdcopy_to_bytes(sender.url("snap-2"), tmp_path, "s2.raw")
+            delta = tmp_path / "1-2.delta"
+            made = await csnap(sender_sock, "delta", "1", "2", "-o", str(delta), "--compress")
+            assert made.returncode == 0, made.stderr
+
+        # The receiver's origin starts as snapshot 1 (a full copy), and takes snapshot 1.
+        async with gateway(
+            receiver_dir, image=first, csnapd_args=["--agent", str(receiver_sock)]
+        ) as receiver:
+            with trio.fail_after(30):
+                await find_server(str(receiver_sock), wait=True)
+            assert (await csnap(receiver_sock, "create", "1")).returncode == 0
+            # A receive before the origin is as snapshot 1 left it is refused.
+            await write_all(receiver, "origin", [(9 * CHUNK, 1)], 0x55)
+            refused = await csnap(receiver_sock, "receive", str(delta))
+            assert refused.returncode == 1 and "origin changed since" in refused.stderr
+            listed = await csnap(receiver_sock, "--json", "list")
+            assert '"tag": 2' not in listed.stdout
+            await write_all(receiver, "origin", [(9 * CHUNK, 1)], first[9 * CHUNK])
+            # Chunk 9 was written (with its old bytes): it still counts as changed.
+            refused = await csnap(receiver_sock, "receive", str(delta))
+            assert refused.returncode == 1 and "origin changed since" in refused.stderr
+
+        # A fresh receiver: the receive makes snapshot 2 the sender's, byte for byte.
+        fresh = tmp_path / "fresh"
+        fresh.mkdir()
+        async with gateway(
+            fresh, image=first, csnapd_args=["--agent", str(receiver_sock)]
+        ) as receiver:
+            with trio.fail_after(30):
+                await find_server(str(receiver_sock), wait=True)
+            assert (await csnap(receiver_sock, "create", "1")).returncode == 0
+            received = await csnap(receiver_sock, "--json", "receive", str(delta))
+            assert received.returncode == 0, received.stderr
+            got = await nbdcopy_to_bytes(receiver.url("snap-2"), tmp_path, "r2.raw")
+            assert_same_bytes(got, second, "received snapshot 2")
+            kept = await nbdcopy_to_bytes(receiver.url("snap-1"), tmp_path, "r1.raw")
+            assert_same_bytes(kept, first, "the receiver's snapshot 1")
+            again = await csnap(receiver_sock, "receive", str(delta))
+            assert again.returncode == 1 and "already has a snapshot 2" in again.stderr
+    finally:
+        with trio.CancelScope(shield=True):
+            for agent in agents:
+                await stop(agent)
