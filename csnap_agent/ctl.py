@@ -32,6 +32,7 @@ from csnap_client import (
 from csnap_common import format_size
 from csnap_delta import DeltaFormatError, DeltaRefusedError, DeltaWriteError
 from csnap_delta import cli as delta_cli
+from csnap_delta.transfer import DeltaTransferError
 from csnap_protocol import ErrorCode
 
 __all__ = [
@@ -71,6 +72,8 @@ verbs (csnap VERB --help for each):
   delta FROM TO -o FILE       write the chunks that differ between two snapshots
   apply FILE --to TARGET      apply a delta to a raw image of its FROM snapshot
   receive FILE                receive a delta into this store: creates snapshot TO
+  receive --listen HOST:PORT  receive one delta from `csnap send`
+  send FROM TO --to HOST:PORT send a delta to a receiving store (resumable)
 
 examples:
   csnap create 7 --priority 10
@@ -226,7 +229,9 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     agent = getattr(args, "agent", None) or default_agent()
     as_json = getattr(args, "json", False)
     # A delta takes as long as its data: no limit unless one is asked for.
-    timeout = getattr(args, "timeout", math.inf if args.verb == "delta" else 120.0)
+    timeout = getattr(
+        args, "timeout", math.inf if args.verb in ("delta", "send", "receive") else 120.0
+    )
     try:
         if args.verb == "apply":
             result = _apply(args)
@@ -251,6 +256,10 @@ def _apply(args: argparse.Namespace) -> Any:
         return delta_cli.run_apply(args)
     except (DeltaFormatError, DeltaRefusedError) as exc:
         raise _Failure(EXIT_REFUSED, "delta_refused", str(exc)) from exc
+    except DeltaTransferError as exc:
+        if exc.cut:
+            raise _Failure(EXIT_UNREACHABLE, "transfer_cut", str(exc)) from exc
+        raise _Failure(EXIT_REFUSED, "delta_refused", str(exc)) from exc
     except OSError as exc:
         raise _Failure(EXIT_REFUSED, "io_error", f"{exc.filename}: {exc.strerror}") from exc
 
@@ -264,6 +273,8 @@ async def _run_verb(args: argparse.Namespace, agent: str, limit: float) -> Any:
                 return await delta_cli.run_delta(agent, args)
             if args.verb == "receive":
                 return await delta_cli.run_receive(agent, args)
+            if args.verb == "send":
+                return await delta_cli.run_send(agent, args)
             async with open_admin(agent_admin_connector(agent)) as admin:
                 return await _VERBS[args.verb](admin, args)
     except trio.TooSlowError:
@@ -390,7 +401,7 @@ def _snapshot_row(snapshot: dict[str, Any], chunk_size: int) -> list[str]:
 
 
 def _render(verb: str, args: argparse.Namespace, result: Any) -> str:
-    if verb in ("delta", "apply", "receive"):
+    if verb in ("delta", "apply", "receive", "send"):
         return delta_cli.render(verb, result)
     if verb in ("create", "delete", "priority", "usecount"):
         done = {

@@ -9,15 +9,22 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
-from csnap_client import agent_admin_connector, agent_connector
-from csnap_common import format_size
-from csnap_delta.apply import apply_delta
-from csnap_delta.receive import receive_delta
-from csnap_delta.write import write_delta
+import trio
 
-__all__ = ["add_verbs", "run_delta", "run_apply", "run_receive", "render"]
+from csnap_client import agent_admin_connector, agent_connector, open_admin
+from csnap_common import Progress, format_size
+from csnap_common.cli import host_port_arg, size_arg
+from csnap_delta.apply import apply_delta
+from csnap_delta.layout import DeltaFormatError, DeltaHeader
+from csnap_delta.receive import receive_delta
+from csnap_delta.transfer import send_delta, serve_receive
+from csnap_delta.write import write_delta
+from csnap_protocol import StatusReply
+
+__all__ = ["add_verbs", "run_delta", "run_apply", "run_receive", "run_send", "render"]
 
 VerbFactory = Callable[[str, str, str], argparse.ArgumentParser]
 
@@ -54,8 +61,42 @@ def add_verbs(verb: VerbFactory, tag: Callable[[str], int]) -> None:
         " interruption finishes the job.",
         "csnap receive 3-5.delta",
     )
-    receive.add_argument("delta", metavar="FILE", help="the delta file")
+    source = receive.add_mutually_exclusive_group(required=True)
+    source.add_argument("delta", metavar="FILE", nargs="?", help="the delta file")
+    source.add_argument(
+        "--listen",
+        type=host_port_arg,
+        metavar="HOST:PORT",
+        help="receive from `csnap send` instead: listen here until one delta is received",
+    )
+    receive.add_argument(
+        "--spool",
+        metavar="DIR",
+        default=".",
+        help="with --listen: where a delta is kept while it arrives (default: here)",
+    )
     receive.add_argument("--origin", metavar="PATH", help="the origin to write (default: csnapd's)")
+    send = verb(
+        "send",
+        "Send the delta FROM -> TO to a `csnap receive --listen` on another node, whose store"
+        " then ends with snapshot TO. The delta is first written to a file (--delta), kept"
+        " until the receiver has it; a cut transfer resumes where it stopped when sent again.",
+        "csnap send 1 2 --to replica:7800 --compress --rate 50M",
+    )
+    send.add_argument("base", type=tag, metavar="FROM", help="the snapshot the receiver holds")
+    send.add_argument("target", type=tag, metavar="TO", help="the snapshot to send")
+    send.add_argument(
+        "--to", required=True, dest="receiver", type=host_port_arg, metavar="HOST:PORT"
+    )
+    send.add_argument(
+        "--delta",
+        metavar="FILE",
+        help="the delta file to write and send (default csnap-FROM-TO.delta)",
+    )
+    send.add_argument("--compress", action="store_true", help="zstd-compress the extents")
+    send.add_argument("--rate", type=size_arg, metavar="SIZE", help="at most SIZE bytes per second")
+    send.add_argument("--store", metavar="PATH", help="the store file to read (default: csnapd's)")
+    send.add_argument("--origin", metavar="PATH", help="the origin to read (default: csnapd's)")
 
 
 async def run_delta(agent: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -98,9 +139,22 @@ def run_apply(args: argparse.Namespace) -> dict[str, Any]:
 
 async def run_receive(agent: str, args: argparse.Namespace) -> dict[str, Any]:
     """`csnap receive`: check, write the origin, create TO; what was done."""
-    report = await receive_delta(
-        agent_connector(agent), agent_admin_connector(agent), args.delta, origin=args.origin
-    )
+    if args.listen is not None:
+
+        def listening(address: str) -> None:
+            print(f"listening {address}", flush=True)
+
+        report = await serve_receive(
+            args.listen,
+            Path(args.spool),
+            agent_connector(agent),
+            agent_admin_connector(agent),
+            listening=listening,
+        )
+    else:
+        report = await receive_delta(
+            agent_connector(agent), agent_admin_connector(agent), args.delta, origin=args.origin
+        )
     return {
         "from": report.header.from_tag,
         "to": report.header.to_tag,
@@ -111,6 +165,58 @@ async def run_receive(agent: str, args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+async def run_send(agent: str, args: argparse.Namespace) -> dict[str, Any]:
+    """`csnap send`: write the delta file (or reuse it), then send it; what was done."""
+    delta = Path(args.delta or f"csnap-{args.base}-{args.target}.delta")
+    admin_connect = agent_admin_connector(agent)
+    async with open_admin(admin_connect) as admin:
+        status = await admin.status()
+    if not await trio.Path(delta).exists() or not _same_delta(delta, status, args):
+        await write_delta(
+            agent_connector(agent),
+            admin_connect,
+            args.base,
+            args.target,
+            delta,
+            compressed=args.compress,
+            store=args.store,
+            origin=args.origin,
+        )
+    host, port = args.receiver
+    with Progress(0, f"sending {delta.name}") as bar:
+
+        def shown(done: int, total: int) -> None:
+            bar.total = total
+            bar.advance(done - bar.done)
+
+        report = await send_delta(delta, host, port, rate=args.rate, progress=shown)
+    await trio.Path(delta).unlink()
+    return {
+        "from": args.base,
+        "to": args.target,
+        "receiver": f"{host}:{port}",
+        "bytes": report.total_bytes,
+        "resumed_at": report.resumed_at,
+        "message": report.message,
+    }
+
+
+def _same_delta(delta: Path, status: StatusReply, args: argparse.Namespace) -> bool:
+    """Whether `delta` is the delta FROM -> TO of these very snapshots (kept from a cut send)."""
+    with open(delta, "rb") as source:
+        try:
+            header = DeltaHeader.decode(source.read(DeltaHeader.SIZE))
+        except DeltaFormatError:
+            return False
+    created = {s.tag: s.created_ns for s in status.snapshots}
+    return (
+        header.store_uuid == status.store.uuid
+        and (header.from_tag, header.to_tag) == (args.base, args.target)
+        and header.from_created_ns == created.get(args.base)
+        and header.to_created_ns == created.get(args.target)
+    )
+
+
 def render(verb: str, result: dict[str, Any]) -> str:
     """The human output of `delta`, `apply` or `receive`."""
     if verb == "delta":
@@ -118,6 +224,12 @@ def render(verb: str, result: dict[str, Any]) -> str:
             f"delta {result['from']} -> {result['to']}: {result['chunks']} chunks in"
             f" {result['extents']} extents ({format_size(result['data_bytes'])} of data),"
             f" {format_size(result['file_bytes'])} written to {result['file']}\n"
+        )
+    if verb == "send":
+        resumed = f", resumed at byte {result['resumed_at']}" if result["resumed_at"] else ""
+        return (
+            f"sent snapshot {result['from']} -> {result['to']} to {result['receiver']}:"
+            f" {format_size(result['bytes'])}{resumed}; {result['message']}\n"
         )
     if verb == "receive":
         return (
