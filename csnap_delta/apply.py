@@ -127,7 +127,7 @@ def apply_delta(delta: str | os.PathLike[str], target: str | os.PathLike[str]) -
             if have != want:
                 raise DeltaRefusedError(
                     f"{os.fspath(target)} holds {have} bytes; this delta applies to an image of"
-                    f" {want} bytes (snapshot {header.from_tag}, {header.origin_chunks} chunks of"
+                    f" {want} bytes ({header.base_name}, {header.origin_chunks} chunks of"
                     f" {header.chunk_size})"
                 )
         report = _check(delta, fd, header)
@@ -153,9 +153,9 @@ def _check(delta: str | os.PathLike[str], fd: int, header: DeltaHeader) -> Apply
             else:
                 last = extent.first + extent.count - 1
                 raise DeltaRefusedError(
-                    f"chunks {extent.first}..{last} of the target are neither snapshot"
-                    f" {header.from_tag}'s nor snapshot {header.to_tag}'s: the target is not"
-                    f" an image of snapshot {header.from_tag}; nothing was written"
+                    f"chunks {extent.first}..{last} of the target hold neither the bytes of"
+                    f" {header.base_name} nor snapshot {header.to_tag}'s: the target is not"
+                    f" an image of {header.base_name}; nothing was written"
                 )
     return ApplyReport(header, extents, chunks, written, already)
 

@@ -38,7 +38,12 @@ def add_verbs(verb: VerbFactory, tag: Callable[[str], int]) -> None:
         " Reads the store and origin files (the paths csnapd reports, or --store/--origin).",
         "csnap delta 3 5 -o 3-5.delta --compress",
     )
-    delta.add_argument("base", type=tag, metavar="FROM", help="the snapshot the delta starts from")
+    delta.add_argument(
+        "base",
+        type=_base(tag),
+        metavar="FROM",
+        help="the snapshot the delta starts from; 'none' for a full delta from an all-zero image",
+    )
     delta.add_argument("target", type=tag, metavar="TO", help="the snapshot it leads to")
     delta.add_argument("-o", "--output", required=True, metavar="FILE", help="the delta file")
     delta.add_argument("--compress", action="store_true", help="zstd-compress the extents")
@@ -83,7 +88,12 @@ def add_verbs(verb: VerbFactory, tag: Callable[[str], int]) -> None:
         " until the receiver has it; a cut transfer resumes where it stopped when sent again.",
         "csnap send 1 2 --to replica:7800 --compress --rate 50M",
     )
-    send.add_argument("base", type=tag, metavar="FROM", help="the snapshot the receiver holds")
+    send.add_argument(
+        "base",
+        type=_base(tag),
+        metavar="FROM",
+        help="the snapshot the receiver holds; 'none' for a full send to a store of zeroes",
+    )
     send.add_argument("target", type=tag, metavar="TO", help="the snapshot to send")
     send.add_argument(
         "--to", required=True, dest="receiver", type=host_port_arg, metavar="HOST:PORT"
@@ -97,6 +107,15 @@ def add_verbs(verb: VerbFactory, tag: Callable[[str], int]) -> None:
     send.add_argument("--rate", type=size_arg, metavar="SIZE", help="at most SIZE bytes per second")
     send.add_argument("--store", metavar="PATH", help="the store file to read (default: csnapd's)")
     send.add_argument("--origin", metavar="PATH", help="the origin to read (default: csnapd's)")
+
+
+def _base(tag: Callable[[str], int]) -> Callable[[str], int | None]:
+    """argparse type: a tag, or "none" for no base (a full delta)."""
+
+    def parse(text: str) -> int | None:
+        return None if text == "none" else tag(text)
+
+    return parse
 
 
 async def run_delta(agent: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -127,7 +146,7 @@ def run_apply(args: argparse.Namespace) -> dict[str, Any]:
     """`csnap apply`: check, then write; what was done."""
     report = apply_delta(args.delta, args.target)
     return {
-        "from": report.header.from_tag,
+        "from": None if report.header.full else report.header.from_tag,
         "to": report.header.to_tag,
         "target": args.target,
         "extents": report.extents,
@@ -156,7 +175,7 @@ async def run_receive(agent: str, args: argparse.Namespace) -> dict[str, Any]:
             agent_connector(agent), agent_admin_connector(agent), args.delta, origin=args.origin
         )
     return {
-        "from": report.header.from_tag,
+        "from": None if report.header.full else report.header.from_tag,
         "to": report.header.to_tag,
         "extents": report.extents,
         "chunks": report.chunks,
@@ -167,7 +186,8 @@ async def run_receive(agent: str, args: argparse.Namespace) -> dict[str, Any]:
 
 async def run_send(agent: str, args: argparse.Namespace) -> dict[str, Any]:
     """`csnap send`: write the delta file (or reuse it), then send it; what was done."""
-    delta = Path(args.delta or f"csnap-{args.base}-{args.target}.delta")
+    base = "none" if args.base is None else args.base
+    delta = Path(args.delta or f"csnap-{base}-{args.target}.delta")
     admin_connect = agent_admin_connector(agent)
     async with open_admin(admin_connect) as admin:
         status = await admin.status()
@@ -209,36 +229,42 @@ def _same_delta(delta: Path, status: StatusReply, args: argparse.Namespace) -> b
         except DeltaFormatError:
             return False
     created = {s.tag: s.created_ns for s in status.snapshots}
+    full = args.base is None
     return (
         header.store_uuid == status.store.uuid
-        and (header.from_tag, header.to_tag) == (args.base, args.target)
-        and header.from_created_ns == created.get(args.base)
+        and header.full == full
+        and (header.from_tag, header.to_tag) == (0 if full else args.base, args.target)
+        and header.from_created_ns == (0 if full else created.get(args.base))
         and header.to_created_ns == created.get(args.target)
     )
+
+
+def _from(result: dict[str, Any]) -> str:
+    return "nothing" if result["from"] is None else f"snapshot {result['from']}"
 
 
 def render(verb: str, result: dict[str, Any]) -> str:
     """The human output of `delta`, `apply` or `receive`."""
     if verb == "delta":
         return (
-            f"delta {result['from']} -> {result['to']}: {result['chunks']} chunks in"
+            f"delta {_from(result)} -> {result['to']}: {result['chunks']} chunks in"
             f" {result['extents']} extents ({format_size(result['data_bytes'])} of data),"
             f" {format_size(result['file_bytes'])} written to {result['file']}\n"
         )
     if verb == "send":
         resumed = f", resumed at byte {result['resumed_at']}" if result["resumed_at"] else ""
         return (
-            f"sent snapshot {result['from']} -> {result['to']} to {result['receiver']}:"
+            f"sent {_from(result)} -> snapshot {result['to']} to {result['receiver']}:"
             f" {format_size(result['bytes'])}{resumed}; {result['message']}\n"
         )
     if verb == "receive":
         return (
-            f"received snapshot {result['from']} -> {result['to']}: {result['written_chunks']}"
+            f"received {_from(result)} -> snapshot {result['to']}: {result['written_chunks']}"
             f" chunks written, {result['already_chunks']} already in place; snapshot"
             f" {result['to']} created\n"
         )
     return (
-        f"{result['target']}: snapshot {result['from']} -> {result['to']}:"
+        f"{result['target']}: {_from(result)} -> snapshot {result['to']}:"
         f" {result['written_chunks']} chunks written, {result['already_chunks']} already"
         f" in place\n"
     )

@@ -20,6 +20,7 @@ __all__ = [
     "MAGIC",
     "VERSION",
     "FLAG_ZSTD",
+    "FLAG_FULL",
     "HEADER",
     "EXTENT",
     "END",
@@ -44,6 +45,8 @@ MAGIC = b"CSNAPDLT"
 VERSION = 1
 #: Header flag, and extent flag: extent payloads are (this one is) a zstd frame.
 FLAG_ZSTD = 1
+#: Header flag: a full delta, from nothing (an all-zero image) to TO; from_tag is 0.
+FLAG_FULL = 2
 EXTENT_MAGIC = b"CDEX"
 END_MAGIC = b"CDND"
 DIGEST_BYTES = 16
@@ -160,6 +163,16 @@ class DeltaHeader:
         )
         return body + _CRC.pack(zlib.crc32(body))
 
+    @property
+    def full(self) -> bool:
+        """A delta from nothing: its base is an all-zero image."""
+        return bool(self.flags & FLAG_FULL)
+
+    @property
+    def base_name(self) -> str:
+        """What the delta starts from, in words."""
+        return "an all-zero image" if self.full else f"snapshot {self.from_tag}"
+
     @classmethod
     def decode(cls, data: bytes) -> DeltaHeader:
         if len(data) < cls.SIZE:
@@ -172,7 +185,7 @@ class DeltaHeader:
          written_ns, reserved) = HEADER.unpack(body)  # fmt: skip
         if version != VERSION:
             raise DeltaFormatError(f"delta version {version}; this csnap reads version {VERSION}")
-        if flags & ~FLAG_ZSTD or any(reserved):
+        if flags & ~(FLAG_ZSTD | FLAG_FULL) or any(reserved):
             raise DeltaFormatError("the delta header has flags or reserved bytes this csnap lacks")
         if chunk_size < 512 or chunk_size & (chunk_size - 1) or origin_chunks < 1:
             raise DeltaFormatError(

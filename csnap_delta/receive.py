@@ -1,7 +1,9 @@
 """Receiving a delta into a csnap store: its origin becomes TO, then snapshot TO is taken.
 
 The receiving store must hold snapshot FROM, and its origin must not have
-changed since FROM was taken: csnapd's changelist between the origin and
+changed since FROM was taken (a full delta, from nothing, needs instead an
+origin of zeroes, as a new store on a new device has, or one partly TO's
+from a receive that was cut short): csnapd's changelist between the origin and
 FROM says so without reading data. The only changes allowed are extents
 of this delta already holding TO's bytes, left by a receive that was cut
 short, so receiving again finishes it. As for apply, the whole delta and
@@ -59,10 +61,9 @@ def _plan(path: Path, fd: int) -> tuple[DeltaHeader, list[tuple[int, int]], list
             else:
                 last = extent.first + extent.count - 1
                 raise DeltaRefusedError(
-                    f"chunks {extent.first}..{last} of the origin hold neither snapshot"
-                    f" {header.from_tag}'s bytes nor snapshot {header.to_tag}'s: this store"
-                    f" did not receive snapshot {header.from_tag} from the same source;"
-                    " nothing was written"
+                    f"chunks {extent.first}..{last} of the origin hold neither the bytes of"
+                    f" {header.base_name} nor snapshot {header.to_tag}'s: this store's origin"
+                    f" is not {header.base_name} of the same source; nothing was written"
                 )
     return header, to_write, in_place
 
@@ -127,7 +128,7 @@ async def receive_delta(
             f" delta is for {header.origin_chunks} chunks of {header.chunk_size}"
         )
     tags = {s.tag for s in status.snapshots if s.state == "live"}
-    if header.from_tag not in tags:
+    if not header.full and header.from_tag not in tags:
         raise DeltaRefusedError(
             f"this store has no snapshot {header.from_tag}, where the delta starts"
         )
@@ -137,7 +138,9 @@ async def receive_delta(
     fd = os.open(origin_path, os.O_RDWR)
     try:
         async with open_client(connect, snapshot=None) as client:
-            changed = await _changed_since(client, header.from_tag)
+            # A full delta's base is an all-zero origin, which the digests
+            # check under every extent (and a full delta covers every chunk).
+            changed = [] if header.full else await _changed_since(client, header.from_tag)
             header, to_write, in_place = _plan(path, fd)
             if not _covered(changed, in_place):
                 count = sum(n for _, n in changed)

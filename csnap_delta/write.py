@@ -23,6 +23,7 @@ import trio
 
 from csnap_client import Connector, DataClient, open_admin, open_client
 from csnap_delta.layout import (
+    FLAG_FULL,
     FLAG_ZSTD,
     DeltaEnd,
     DeltaHeader,
@@ -152,7 +153,7 @@ async def _read_batch(client: DataClient, files: _Files, batch: _Batch) -> bytea
 async def write_delta(
     connect: Connector,
     admin_connect: Connector,
-    base: int,
+    base: int | None,
     target: int,
     output: str | os.PathLike[str],
     *,
@@ -162,6 +163,9 @@ async def write_delta(
     progress: Callable[[int, int], None] | None = None,
 ) -> WriteReport:
     """Write the delta from snapshot `base` to snapshot `target` into `output`.
+
+    With `base` None the delta is full: every chunk of `target`, from an
+    all-zero image.
 
     `store` and `origin` are the files to read chunks from; by default the
     paths csnapd reports (server_info), which must be reachable from here.
@@ -175,16 +179,16 @@ async def write_delta(
         info = await admin.server_info()
     tags = {s.tag: s for s in status.snapshots if s.state == "live"}
     for tag in (base, target):
-        if tag not in tags:
+        if tag is not None and tag not in tags:
             raise DeltaWriteError(f"there is no live snapshot {tag}")
     header = DeltaHeader(
-        flags=FLAG_ZSTD if compressed else 0,
+        flags=(FLAG_ZSTD if compressed else 0) | (FLAG_FULL if base is None else 0),
         chunk_size=status.store.chunk_size,
         store_uuid=status.store.uuid,
         origin_chunks=status.store.origin_chunks,
-        from_tag=base,
+        from_tag=0 if base is None else base,
         to_tag=target,
-        from_created_ns=tags[base].created_ns,
+        from_created_ns=0 if base is None else tags[base].created_ns,
         to_created_ns=tags[target].created_ns,
         written_ns=time.time_ns(),
     )
@@ -217,6 +221,62 @@ async def write_delta(
     return report
 
 
+class _Output:
+    """The delta file as it is written: records, payloads, counts and the sequence digest."""
+
+    def __init__(self, out: BinaryIO, header: DeltaHeader):
+        self._out = out
+        self.header = header
+        self.sequence = SequenceDigest()
+        self.extents = self.chunks = 0
+        self.written = 0
+        self._put(header.encode())
+
+    def _put(self, data: bytes | bytearray) -> None:
+        try:
+            self._out.write(data)
+        except OSError as exc:
+            raise DeltaWriteError(f"writing the delta: {exc.strerror}") from exc
+        self.written += len(data)
+
+    def extent(self, first: int, data: bytearray, before: bytearray) -> None:
+        payload: bytes | bytearray = data
+        flags = 0
+        if self.header.flags & FLAG_ZSTD:
+            frame = compress(data)
+            if frame is not None:
+                payload, flags = frame, FLAG_ZSTD
+        count = len(data) // self.header.chunk_size
+        record = ExtentHeader(
+            self.extents, first, count, len(payload), flags, digest(before), digest(data)
+        ).encode()
+        self._put(record)
+        self._put(payload)
+        self.sequence.add(record)
+        self.extents += 1
+        self.chunks += count
+
+    def end(self) -> WriteReport:
+        self._put(DeltaEnd(self.extents, self.chunks, self.sequence.digest()).encode())
+        h = self.header
+        return WriteReport(h, self.extents, self.chunks, self.chunks * h.chunk_size, self.written)
+
+
+async def _next_ranges(
+    client: DataClient, header: DeltaHeader, start: int, most: int
+) -> tuple[Sequence[tuple[int, int]], int | None]:
+    """The next ranges to carry and where to go on: the changelist's, or every chunk."""
+    end = header.origin_chunks
+    if header.full:
+        # Every chunk, in bounded steps as the changelist would give them.
+        step = min(end - start, most * 64)
+        return [(start, step)], start + step if start + step < end else None
+    ranges, resume = await client.changes(header.from_tag, start, end - start)
+    if resume is not None and resume <= start:
+        raise DeltaWriteError(f"csnapd's changelist did not advance from chunk {start}")
+    return ranges, resume
+
+
 async def _write(
     connect: Connector,
     header: DeltaHeader,
@@ -224,58 +284,32 @@ async def _write(
     out: BinaryIO,
     progress: Callable[[int, int], None] | None,
 ) -> WriteReport:
-    def write(data: bytes | bytearray) -> None:
-        try:
-            out.write(data)
-        except OSError as exc:
-            raise DeltaWriteError(f"writing the delta: {exc.strerror}") from exc
-
-    write(header.encode())
-    written = DeltaHeader.SIZE
-    sequence = SequenceDigest()
-    extents = chunks = 0
+    output = _Output(out, header)
     end = header.origin_chunks
+    cs = header.chunk_size
+    # A full delta's base is nothing, read as zeroes: an origin client stands
+    # in for the base's and is never asked for it.
     async with (
         open_client(connect, snapshot=header.to_tag) as new,
-        open_client(connect, snapshot=header.from_tag) as old,
+        open_client(connect, snapshot=None if header.full else header.from_tag) as old,
     ):
-        if new.chunk_size != header.chunk_size or new.origin_chunks != end:
+        if new.chunk_size != cs or new.origin_chunks != end:
             raise DeltaWriteError("csnapd's geometry changed while the delta was being written")
         # One batch is one snapshot_read: within csnapd's limit and its reply's.
-        most = max(
-            1, min(extent_chunks(header.chunk_size), new.max_chunks, old.max_chunks, MAX_RANGES)
-        )
-        cs = header.chunk_size
+        most = max(1, min(extent_chunks(cs), new.max_chunks, old.max_chunks, MAX_RANGES))
         start: int | None = 0
         while start is not None:
-            ranges, resume = await new.changes(header.from_tag, start, end - start)
+            ranges, start = await _next_ranges(new, header, start, most)
             for batch in _batches(ranges, most):
                 new_bytes = await _read_batch(new, files, batch)
-                old_bytes = await _read_batch(old, files, batch)
+                if header.full:
+                    old_bytes = bytearray(len(new_bytes))
+                else:
+                    old_bytes = await _read_batch(old, files, batch)
                 for (at, n), offset in zip(batch.extents, batch.before, strict=True):
                     span = slice(offset * cs, (offset + n) * cs)
-                    data, before = new_bytes[span], old_bytes[span]
-                    payload: bytes | bytearray = data
-                    flags = 0
-                    if header.flags & FLAG_ZSTD:
-                        frame = compress(data)
-                        if frame is not None:
-                            payload, flags = frame, FLAG_ZSTD
-                    record = ExtentHeader(
-                        extents, at, n, len(payload), flags, digest(before), digest(data)
-                    ).encode()
-                    write(record)
-                    write(payload)
-                    sequence.add(record)
-                    written += len(record) + len(payload)
-                    extents += 1
-                    chunks += n
+                    output.extent(at, new_bytes[span], old_bytes[span])
                     await trio.lowlevel.checkpoint()
-            if resume is not None and resume <= start:
-                raise DeltaWriteError(f"csnapd's changelist did not advance from chunk {start}")
-            start = resume
             if progress is not None:
                 progress(end if start is None else start, end)
-    write(DeltaEnd(extents, chunks, sequence.digest()).encode())
-    written += DeltaEnd.SIZE
-    return WriteReport(header, extents, chunks, chunks * header.chunk_size, written)
+    return output.end()

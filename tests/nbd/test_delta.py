@@ -78,6 +78,17 @@ async def test_a_full_copy_plus_the_delta_is_the_newer_snapshot(tmp_path: Path) 
             assert (header.from_tag, header.to_tag, header.chunk_size) == (1, 2, CHUNK)
             assert header.origin_chunks * CHUNK == ORIGIN_SIZE
 
+            # A full delta, from nothing: onto an all-zero image it makes snapshot 1.
+            whole = tmp_path / "full-1.delta"
+            made = await csnap(sock, "delta", "none", "1", "-o", str(whole), "--compress")
+            assert made.returncode == 0, made.stderr
+            assert DeltaHeader.decode(whole.read_bytes()[: DeltaHeader.SIZE]).full
+            zeroes = tmp_path / "zeroes.raw"
+            zeroes.write_bytes(bytes(ORIGIN_SIZE))
+            applied = await csnap(sock, "apply", str(whole), "--to", str(zeroes))
+            assert applied.returncode == 0, applied.stderr
+            assert_same_bytes(zeroes.read_bytes(), full.read_bytes(), "full delta applied")
+
             for delta in (plain, packed):
                 image = tmp_path / f"restore-{delta.suffix}.raw"
                 shutil.copyfile(full, image)
@@ -153,6 +164,9 @@ async def test_a_store_receives_a_delta_and_ends_with_the_same_snapshot(tmp_path
             delta = tmp_path / "1-2.delta"
             made = await csnap(sender_sock, "delta", "1", "2", "-o", str(delta), "--compress")
             assert made.returncode == 0, made.stderr
+            whole = tmp_path / "full-1.delta"
+            made = await csnap(sender_sock, "delta", "none", "1", "-o", str(whole), "--compress")
+            assert made.returncode == 0, made.stderr
 
         # The receiver's origin starts as snapshot 1 (a full copy), and takes snapshot 1.
         async with gateway(
@@ -172,15 +186,19 @@ async def test_a_store_receives_a_delta_and_ends_with_the_same_snapshot(tmp_path
             refused = await csnap(receiver_sock, "receive", str(delta))
             assert refused.returncode == 1 and "origin changed since" in refused.stderr
 
-        # A fresh receiver: the receive makes snapshot 2 the sender's, byte for byte.
+        # A fresh store of zeroes receives the full delta (snapshot 1 is created),
+        # then the delta 1 -> 2: both snapshots are the sender's, byte for byte.
         fresh = tmp_path / "fresh"
         fresh.mkdir()
         async with gateway(
-            fresh, image=first, csnapd_args=["--agent", str(receiver_sock)]
+            fresh, image=bytes(ORIGIN_SIZE), csnapd_args=["--agent", str(receiver_sock)]
         ) as receiver:
             with trio.fail_after(30):
                 await find_server(str(receiver_sock), wait=True)
-            assert (await csnap(receiver_sock, "create", "1")).returncode == 0
+            refused = await csnap(receiver_sock, "receive", str(delta))
+            assert refused.returncode == 1 and "no snapshot 1" in refused.stderr
+            received = await csnap(receiver_sock, "receive", str(whole))
+            assert received.returncode == 0, received.stderr
             received = await csnap(receiver_sock, "--json", "receive", str(delta))
             assert received.returncode == 0, received.stderr
             got = await nbdcopy_to_bytes(receiver.url("snap-2"), tmp_path, "r2.raw")
