@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -32,10 +33,12 @@ from typing import Any
 
 import trio
 
-from bench.common import Part, median, progress, table
+from bench.common import Part, median, progress, run_tool, table
+from bench.common import listening as listening_process
 from bench.engine_bench import CHUNK, build_large, make_store
-from bench.server_bench import csnapd
+from bench.server_bench import Server, csnapd
 from csnap_delta import apply_delta, write_delta
+from csnap_delta.transfer import send_delta, serve_receive
 from csnapd.engine import Engine
 
 _WALK = """
@@ -130,6 +133,7 @@ async def deltas(directory: Path, chunks: int, rounds: int) -> dict[str, Any]:
                 "bytes_per_changed_chunk": size / changed,
                 "per_chunk_size": size / changed / CHUNK,
             }
+        figures["transfer"] = await transfer(directory, server, origin)
     # Snapshot 1's image plus the delta is snapshot 2, which is the origin
     # (it did not change after snapshot 2 was taken).
     plain = directory / "plain.delta"
@@ -139,6 +143,76 @@ async def deltas(directory: Path, chunks: int, rounds: int) -> dict[str, Any]:
     figures["apply_mib_per_s"] = applied.chunks * CHUNK / figures["apply_s"] / (1 << 20)
     if image.read_bytes() != origin.read_bytes():
         raise AssertionError("snapshot 1's image plus the delta is not snapshot 2")
+    return figures
+
+
+def replica_store(replica: Path, image: Path, delta: Path) -> tuple[Path, Path, int]:
+    """A store whose origin is `image` and which holds snapshot 1 of it; the delta's size."""
+    replica.mkdir()
+    (replica / "spool").mkdir()
+    size = image.stat().st_size
+    store, origin = make_store(replica, size * 3, size)
+    shutil.copyfile(image, origin)
+    engine = Engine.open_files(store, origin)
+    engine.create_snapshot(1)
+    engine.close()
+    return store, origin, delta.stat().st_size
+
+
+async def transfer(directory: Path, server: Server, origin: Path) -> dict[str, Any]:
+    """csnap send / receive of the delta 1 -> 2 into a replica, beside nbdcopy of snapshot 2.
+
+    The replica's origin is snapshot 1's image and it holds snapshot 1.
+    """
+    replica = directory / "replica"
+    store_b, origin_b, delta_bytes = replica_store(
+        replica, directory / "snap-1.raw", directory / "plain.delta"
+    )
+    plain = directory / "plain.delta"
+    spool = replica / "spool"
+    figures: dict[str, Any] = {"delta_bytes": delta_bytes}
+    async with csnapd(store_b, origin_b, replica / "csnapd.log") as receiver:
+        ready = trio.Event()
+        where: list[str] = []
+
+        def listening(address: str) -> None:
+            where.append(address)
+            ready.set()
+
+        t0 = time.perf_counter()
+        async with trio.open_nursery() as nursery:
+
+            async def serve() -> None:
+                await serve_receive(
+                    ("127.0.0.1", 0), spool, receiver.connect, receiver.connect,
+                    listening=listening,
+                )  # fmt: skip
+
+            nursery.start_soon(serve)
+            await ready.wait()
+            host, _, port = where[0].rpartition(":")
+            await send_delta(plain, host, int(port))
+        seconds = time.perf_counter() - t0
+        figures["send_receive_s"] = seconds
+        figures["send_receive_mib_per_s"] = delta_bytes / seconds / (1 << 20)
+    if shutil.which("nbdcopy") is None:
+        figures["nbdcopy_skipped"] = "nbdcopy is not installed (libnbd-bin)"
+        return figures
+    sock = directory / "nbd.sock"
+    gateway = [sys.executable, "-m", "csnap_nbd", "--unix", str(sock), "--log-level", "warning"]
+    store_a = directory / "store"
+    async with listening_process(
+        [*gateway, "--server", server.address, "--origin", str(origin), "--store", str(store_a)],
+        directory / "nbd.log",
+    ):
+        copy = directory / "full-copy.raw"
+        t0 = time.perf_counter()
+        await run_tool(["nbdcopy", f"nbd+unix:///snap-2?socket={sock}", str(copy)])
+        seconds = time.perf_counter() - t0
+    size = (await trio.Path(copy).stat()).st_size
+    await trio.Path(copy).unlink()
+    figures["nbdcopy_full_s"] = seconds
+    figures["nbdcopy_full_mib_per_s"] = size / seconds / (1 << 20)
     return figures
 
 
@@ -179,6 +253,10 @@ def changes_part(directory: Path, *, quick: bool) -> Part:
         ["zstd delta bytes per changed chunk / chunk size",
          delta["compressed"]["per_chunk_size"]],
         ["apply onto snapshot 1's image (MiB/s of chunk data)", delta["apply_mib_per_s"]],
+        ["send + receive into a replica (s)", delta["transfer"]["send_receive_s"]],
+        ["  MiB/s of delta", delta["transfer"]["send_receive_mib_per_s"]],
+        ["nbdcopy of all of snapshot 2 (s)", delta["transfer"].get("nbdcopy_full_s", "skipped")],
+        ["  MiB/s", delta["transfer"].get("nbdcopy_full_mib_per_s", "skipped")],
     ]  # fmt: skip
     notes = [
         f"changelist: {exceptions:,} exceptions across 64 snapshots, answers of at most"

@@ -24,7 +24,10 @@ from csnap_client import Connector, DataClient, open_admin, open_client
 from csnap_delta.apply import DeltaRefusedError, read_extents
 from csnap_delta.layout import DeltaHeader, digest
 
-__all__ = ["ReceiveReport", "receive_delta"]
+__all__ = ["ReceiveReport", "receive_delta", "MAX_BATCH_CHUNKS"]
+
+#: Most chunks written under one origin write grant (and held in memory).
+MAX_BATCH_CHUNKS = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +83,17 @@ def _extents(path: Path, wanted: list[tuple[int, int]]) -> Iterator[tuple[int, i
         for _, extent, data in read_extents(source):
             if (extent.first, extent.count) in chosen:
                 yield extent.first, extent.count, data
+
+
+async def _write_batch(
+    client: DataClient, fd: int, chunk_size: int, batch: list[tuple[int, int, bytes]]
+) -> None:
+    """Write extents into the origin under one grant: csnapd copies their old bytes out first."""
+    async with client.origin_write([(first, count) for first, count, _ in batch]):
+        for first, _, data in batch:
+            done = os.pwrite(fd, data, first * chunk_size)
+            if done != len(data):
+                raise OSError(f"short write of {done} of {len(data)} bytes at chunk {first}")
 
 
 async def _changed_since(client: DataClient, base: int) -> list[tuple[int, int]]:
@@ -149,12 +163,16 @@ async def receive_delta(
                     f" chunks may differ): receiving needs it as snapshot"
                     f" {header.from_tag} left it; nothing was written"
                 )
-            cs = header.chunk_size
-            for first, count, data in _extents(path, to_write):
-                async with client.origin_write([(first, count)]):
-                    done = os.pwrite(fd, data, first * cs)
-                if done != len(data):
-                    raise OSError(f"short write of {done} of {len(data)} bytes")
+            # One grant (one copy-out commit in csnapd) per batch of extents.
+            most = max(1, min(client.max_chunks, MAX_BATCH_CHUNKS))
+            batch: list[tuple[int, int, bytes]] = []
+            for extent in _extents(path, to_write):
+                if batch and sum(n for _, n, _ in batch) + extent[1] > most:
+                    await _write_batch(client, fd, header.chunk_size, batch)
+                    batch = []
+                batch.append(extent)
+            if batch:
+                await _write_batch(client, fd, header.chunk_size, batch)
             os.fsync(fd)
         async with open_admin(admin_connect) as admin:
             await admin.create_snapshot(header.to_tag, priority)
