@@ -48,7 +48,9 @@ async def sh(*argv: str) -> None:
 async def namespace(tag: str) -> AsyncIterator[tuple[str, str, str]]:
     """A network namespace joined to this one by a veth pair: (name, our address, its address)."""
     name, here, there = f"csnap-{tag}", f"cs{tag}a", f"cs{tag}b"
-    ours, theirs = "10.231.7.1", "10.231.7.2"
+    # A subnet of its own per test process, so that parallel runs do not meet.
+    subnet = f"10.231.{int(tag) % 250}"
+    ours, theirs = f"{subnet}.1", f"{subnet}.2"
     await sh("ip", "netns", "add", name)
     try:
         await sh("ip", "link", "add", here, "type", "veth", "peer", "name", there)
