@@ -120,16 +120,23 @@ def _base(tag: Callable[[str], int]) -> Callable[[str], int | None]:
 
 async def run_delta(agent: str, args: argparse.Namespace) -> dict[str, Any]:
     """`csnap delta`: write the file; what was written."""
-    report = await write_delta(
-        agent_connector(agent),
-        agent_admin_connector(agent),
-        args.base,
-        args.target,
-        args.output,
-        compressed=args.compress,
-        store=args.store,
-        origin=args.origin,
-    )
+    with Progress(0, f"writing {Path(args.output).name}") as bar:
+
+        def shown(done: int, total: int) -> None:
+            bar.total = total
+            bar.advance(done - bar.done)
+
+        report = await write_delta(
+            agent_connector(agent),
+            agent_admin_connector(agent),
+            args.base,
+            args.target,
+            args.output,
+            compressed=args.compress,
+            store=args.store,
+            origin=args.origin,
+            progress=shown,
+        )
     return {
         "from": args.base,
         "to": args.target,
