@@ -176,6 +176,7 @@ async def run_receive(agent: str, args: argparse.Namespace) -> dict[str, Any]:
             agent_connector(agent),
             agent_admin_connector(agent),
             listening=listening,
+            origin=args.origin,
         )
     else:
         report = await receive_delta(

@@ -208,10 +208,12 @@ async def serve_receive(
     admin_connect: Connector,
     *,
     listening: Callable[[str], None] = lambda address: None,
+    origin: str | None = None,
 ) -> ReceiveReport:
     """Accept senders one at a time until one delta has been received into the store.
 
-    `listening` is told the address once the socket listens.
+    `listening` is told the address once the socket listens; `origin` is
+    the origin file to write (by default the path csnapd reports).
     """
     host, port = listen
     listeners = await trio.open_tcp_listeners(port, host=host)
@@ -222,7 +224,7 @@ async def serve_receive(
             stream = await listeners[0].accept()
             async with stream:
                 try:
-                    report = await _serve_one(stream, spool, connect, admin_connect)
+                    report = await _serve_one(stream, spool, connect, admin_connect, origin)
                 except (DeltaTransferError, trio.BrokenResourceError, trio.TooSlowError):
                     continue  # the sender went away: what arrived stays in the spool
             if report is not None:
@@ -243,7 +245,11 @@ async def _done(stream: trio.abc.Stream, status: int, message: str) -> None:
 
 
 async def _serve_one(
-    stream: trio.abc.Stream, spool: Path, connect: Connector, admin_connect: Connector
+    stream: trio.abc.Stream,
+    spool: Path,
+    connect: Connector,
+    admin_connect: Connector,
+    origin: str | None,
 ) -> ReceiveReport | None:
     with trio.fail_after(HANDSHAKE_TIMEOUT):
         offer = await _receive_exact(stream, OFFER.size + DeltaHeader.SIZE)
@@ -264,7 +270,7 @@ async def _serve_one(
         return None
     os.replace(partial, final)
     try:
-        report = await receive_delta(connect, admin_connect, final)
+        report = await receive_delta(connect, admin_connect, final, origin=origin)
     except (DeltaFormatError, DeltaRefusedError) as exc:
         os.unlink(final)
         await _done(stream, REFUSED, str(exc))
