@@ -16,6 +16,8 @@ writes every figure, with a description of the machine, as JSON.
              next one, two nodes electing through etcd (bench.failover_bench)
   metrics    csnapd's metadata query rate with and without --metrics
              (bench.metrics_bench)
+  changes    the changelist over a million exceptions; delta size and speed
+             (bench.changes_bench)
 
 --quick runs every part small, in seconds, as a smoke test; --only PART
 (repeatable) runs only those parts. Peers whose tools are missing are
@@ -35,6 +37,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from bench.changes_bench import changes_part
 from bench.common import Part, machine, progress
 from bench.failover_bench import failover_part
 from bench.metrics_bench import metrics_part
@@ -53,6 +56,7 @@ PARTS: dict[str, tuple[str, Callable[..., Part]]] = {
     "recovery": ("start to ready after SIGKILL with a full journal", recovery_part),
     "failover": ("kill -9 of the active csnapd to the next granted write, via etcd", failover_part),
     "metrics": ("the metadata query rate with and without --metrics", metrics_part),
+    "changes": ("the changelist over a million exceptions; delta size and speed", changes_part),
 }
 
 

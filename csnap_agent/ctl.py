@@ -30,6 +30,9 @@ from csnap_client import (
     open_admin,
 )
 from csnap_common import format_size
+from csnap_delta import DeltaFormatError, DeltaRefusedError, DeltaWriteError
+from csnap_delta import cli as delta_cli
+from csnap_delta.transfer import DeltaTransferError
 from csnap_protocol import ErrorCode
 
 __all__ = [
@@ -66,6 +69,11 @@ verbs (csnap VERB --help for each):
   usecount TAG [DELTA]        read, or add DELTA to, a snapshot's use count
   server                      where the active server is, since when, its clients
   shutdown                    stop the server cleanly (the store is marked clean)
+  delta FROM TO -o FILE       write the chunks that differ between two snapshots
+  apply FILE --to TARGET      apply a delta to a raw image of its FROM snapshot
+  receive FILE                receive a delta into this store: creates snapshot TO
+  receive --listen HOST:PORT  receive one delta from `csnap send`
+  send FROM TO --to HOST:PORT send a delta to a receiving store (resumable)
 
 examples:
   csnap create 7 --priority 10
@@ -210,6 +218,7 @@ def _parser() -> argparse.ArgumentParser:
         "Stop the server: work in flight finishes and the store is marked clean.",
         "csnap shutdown",
     )
+    delta_cli.add_verbs(verb, _tag)
     return parser
 
 
@@ -219,9 +228,15 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     args = _parser().parse_args(argv)
     agent = getattr(args, "agent", None) or default_agent()
     as_json = getattr(args, "json", False)
-    timeout = getattr(args, "timeout", 120.0)
+    # A delta takes as long as its data: no limit unless one is asked for.
+    timeout = getattr(
+        args, "timeout", math.inf if args.verb in ("delta", "send", "receive") else 120.0
+    )
     try:
-        result = trio.run(_run_verb, args, agent, timeout)
+        if args.verb == "apply":
+            result = _apply(args)
+        else:
+            result = trio.run(_run_verb, args, agent, timeout)
     except _Failure as failure:
         if as_json:
             json.dump({"error": {"name": failure.name, "message": failure.message}}, out, indent=2)
@@ -236,11 +251,30 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     return EXIT_OK
 
 
+def _apply(args: argparse.Namespace) -> Any:
+    try:
+        return delta_cli.run_apply(args)
+    except (DeltaFormatError, DeltaRefusedError) as exc:
+        raise _Failure(EXIT_REFUSED, "delta_refused", str(exc)) from exc
+    except DeltaTransferError as exc:
+        if exc.cut:
+            raise _Failure(EXIT_UNREACHABLE, "transfer_cut", str(exc)) from exc
+        raise _Failure(EXIT_REFUSED, "delta_refused", str(exc)) from exc
+    except OSError as exc:
+        raise _Failure(EXIT_REFUSED, "io_error", f"{exc.filename}: {exc.strerror}") from exc
+
+
 async def _run_verb(args: argparse.Namespace, agent: str, limit: float) -> Any:
     try:
         with trio.fail_after(limit):
             if args.verb == "server":
                 return await _server(agent)
+            if args.verb == "delta":
+                return await delta_cli.run_delta(agent, args)
+            if args.verb == "receive":
+                return await delta_cli.run_receive(agent, args)
+            if args.verb == "send":
+                return await delta_cli.run_send(agent, args)
             async with open_admin(agent_admin_connector(agent)) as admin:
                 return await _VERBS[args.verb](admin, args)
     except trio.TooSlowError:
@@ -256,6 +290,10 @@ async def _run_verb(args: argparse.Namespace, agent: str, limit: float) -> Any:
         raise _Failure(EXIT_UNREACHABLE, "connection_lost", f"connection lost: {exc}") from exc
     except ServerError as exc:
         raise _Failure(_status_of(exc), exc.name, exc.message) from exc
+    except DeltaWriteError as exc:
+        raise _Failure(EXIT_REFUSED, "delta_failed", str(exc)) from exc
+    except (DeltaFormatError, DeltaRefusedError) as exc:
+        raise _Failure(EXIT_REFUSED, "delta_refused", str(exc)) from exc
 
 
 def _status_of(exc: ServerError) -> int:
@@ -363,6 +401,8 @@ def _snapshot_row(snapshot: dict[str, Any], chunk_size: int) -> list[str]:
 
 
 def _render(verb: str, args: argparse.Namespace, result: Any) -> str:
+    if verb in ("delta", "apply", "receive", "send"):
+        return delta_cli.render(verb, result)
     if verb in ("create", "delete", "priority", "usecount"):
         done = {
             "create": "created",

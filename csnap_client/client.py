@@ -69,6 +69,7 @@ from csnap_protocol import (
     MAX_RANGES,
     Barrier,
     BarrierDone,
+    ChangesReply,
     ErrorCode,
     FinishSnapshotRead,
     FinishUploadLock,
@@ -77,6 +78,7 @@ from csnap_protocol import (
     Keepalive,
     MapReply,
     Message,
+    QueryChanges,
     QueryMap,
     QuerySnapshotRead,
     QueryWrite,
@@ -558,6 +560,19 @@ class DataClient:
         reply = await self._call(lambda rid: QueryMap(rid, tuple(ranges)))
         assert isinstance(reply, MapReply)
         return reply.ranges
+
+    async def changes(
+        self, base: int | None, start: int, count: int
+    ) -> tuple[tuple[tuple[int, int], ...], int | None]:
+        """Chunks from `start` that may differ between this view and `base` (query_changes).
+
+        `base` is a snapshot's tag or None for the origin. Returns ascending
+        (chunk, count) ranges and where to ask next (None: all of
+        start..start+count-1 is answered). Takes no locks.
+        """
+        reply = await self._call(lambda rid: QueryChanges(rid, base, start, count))
+        assert isinstance(reply, ChangesReply)
+        return reply.ranges, reply.next
 
     async def _finish_read(self, request: int, origin: tuple[tuple[int, int], ...]) -> None:
         try:

@@ -334,7 +334,11 @@ class Transmission:
                 extents = self.path.allocation(req.length)
             elif context is CSNAP_EXCEPTIONS:
                 extents = await self.path.exceptions(req.offset, req.length, req_one=req_one)
-            else:  # pragma: no cover - select_contexts only returns the two above
+            elif context.base is not None:
+                extents = await self.path.differences(
+                    context.base, req.offset, req.length, req_one=req_one
+                )
+            else:  # pragma: no cover - select_contexts returns no other context
                 raise AssertionError(context)
             done = number == len(contexts) - 1
             chunks.append(tx.block_status_chunk(req.cookie, context.id, extents, done=done))

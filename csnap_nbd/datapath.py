@@ -56,11 +56,14 @@ __all__ = [
     "IOFailedError",
     "ExportGoneError",
     "EXCEPTIONS_FLAG",
+    "DIFF_FLAG",
     "STATUS_PIECES",
 ]
 
 #: csnap:exceptions status bit: the chunk has a copy in the store.
 EXCEPTIONS_FLAG = 1
+#: csnap:diff:TAG status bit: the chunk may differ from snapshot TAG's.
+DIFF_FLAG = 1
 #: Most server queries one BLOCK_STATUS answers with; clients ask again for the rest.
 STATUS_PIECES = 4
 #: Plans one snapshot read piece may take whose origin data came past the
@@ -227,6 +230,36 @@ class DataPath:
                 copied = await self.client.copied_ranges([(piece.first, piece.count)])
                 for length, flags in extents(piece, copied, self.chunk_size, EXCEPTIONS_FLAG):
                     join_extent(out, length, flags)
+        return out[:1] if req_one else out
+
+    async def differences(
+        self, base: int, offset: int, length: int, *, req_one: bool
+    ) -> list[tuple[int, int]]:
+        """csnap:diff:`base` descriptors from the start of the request.
+
+        Each query_changes answer covers the chunks up to where it stopped;
+        at most STATUS_PIECES of them are asked, and the descriptors end
+        where the last answer did (clients ask again from there).
+        """
+        out: list[tuple[int, int]] = []
+        if length <= 0:
+            return out
+        cs = self.chunk_size
+        end = offset + length
+        chunk, last = offset // cs, (end - 1) // cs
+        with _translated():
+            for _ in range(STATUS_PIECES):
+                ranges, resume = await self.client.changes(base, chunk, last - chunk + 1)
+                stop = last + 1 if resume is None else min(resume, last + 1)
+                piece = Piece(chunk, stop - chunk, max(offset, chunk * cs), min(end, stop * cs))
+                for extent in extents(piece, ranges, cs, DIFF_FLAG):
+                    if out and out[-1][1] == extent[1]:
+                        out[-1] = (out[-1][0] + extent[0], extent[1])
+                    else:
+                        out.append(extent)
+                if stop > last or (req_one and out):
+                    break
+                chunk = stop
         return out[:1] if req_one else out
 
     @staticmethod

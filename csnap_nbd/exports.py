@@ -136,7 +136,8 @@ class Exports:
             task_status.started()
             await trio.sleep_forever()
 
-    async def _snapshot_tags(self) -> list[int]:
+    async def snapshot_tags(self) -> list[int]:
+        """The tags of the live snapshots, oldest first, as csnapd lists them now."""
         try:
             with trio.fail_after(ADMIN_TIMEOUT):
                 async with open_admin(self._admin_connect) as admin:
@@ -149,7 +150,7 @@ class Exports:
 
     async def list_exports(self) -> list[ExportInfo]:
         """Every export now: the origin, then each live snapshot, oldest first."""
-        tags = await self._snapshot_tags()
+        tags = await self.snapshot_tags()
         return [ExportInfo(ORIGIN, None, _describe(None))] + [
             ExportInfo(snapshot_export(tag), tag, _describe(tag)) for tag in tags
         ]
@@ -165,7 +166,7 @@ class Exports:
             entry = self._open.get(tag)
             # An export in use is known to be live without asking csnapd.
             in_use = entry is not None and entry.path is not None
-            if not in_use and tag not in await self._snapshot_tags():
+            if not in_use and tag not in await self.snapshot_tags():
                 raise UnknownExportError(f"snapshot {tag} is not live")
         return ExportInfo(ORIGIN if tag is None else name, tag, _describe(tag))
 

@@ -32,7 +32,7 @@ from csnap_nbd.wire import NbdProtocolError, OptionDataError
 from csnap_nbd.wire import handshake as hs
 from csnap_nbd.wire.constants import ClientFlag, HandshakeFlag, Info, Option, Reply
 from csnap_nbd.wire.constants import TransmissionFlag as TF
-from csnap_nbd.wire.contexts import MetaContext, select_contexts, valid_query
+from csnap_nbd.wire.contexts import MetaContext, select_contexts, valid_query, wants_bases
 
 __all__ = ["Negotiated", "negotiate", "transmission_flags", "MIN_BLOCK"]
 
@@ -319,7 +319,17 @@ async def _meta_context(state: _State, opt: int, data: bytes) -> None:
         if not listing:
             state.contexts, state.contexts_for = [], None
         return
-    chosen = select_contexts(request.queries, listing=listing)
+    bases: list[int] = []
+    if wants_bases(request.queries, listing=listing):
+        # The diff contexts are one per live snapshot: ask csnapd which.
+        try:
+            bases = await state.exports.snapshot_tags()
+        except ServerUnreachableError as exc:
+            await state.error(opt, Reply.ERR_POLICY, f"cannot list the diff bases: {exc}")
+            if not listing:
+                state.contexts, state.contexts_for = [], None
+            return
+    chosen = select_contexts(request.queries, listing=listing, bases=bases)
     for context in chosen:
         entry = hs.meta_context_entry(0 if listing else context.id, context.name)
         await state.reply(opt, Reply.META_CONTEXT, entry)

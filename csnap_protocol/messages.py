@@ -90,6 +90,8 @@ __all__ = [
     "ServerInfoReply",
     "QueryMap",
     "MapReply",
+    "QueryChanges",
+    "ChangesReply",
     "Keepalive",
     "ServerReady",
     "StartServer",
@@ -359,6 +361,33 @@ class MapReply(Reply):
     """The asked-about chunks that have copies, as ascending ranges."""
 
     ranges: RangeList
+
+
+@_message("query_changes", CLIENT)
+@dataclass(frozen=True, slots=True)
+class QueryChanges(Request):
+    """Which chunks of start..start+count-1 may differ between my view and `base`?
+
+    `base` is a snapshot's tag, or nil for the origin; "my view" is what the
+    connection identified to. Takes no locks and reads no data. The reply may
+    stop early; its `next` says where to ask again.
+    """
+
+    base: Annotated[int | None, Nullable(TAG)]
+    start: Annotated[int, U64]
+    count: Annotated[int, U64]
+
+
+@_message("changes", SERVER)
+@dataclass(frozen=True, slots=True)
+class ChangesReply(Reply):
+    """The chunks that may differ from the asked start up to `next`, as ascending ranges.
+
+    `next` is nil when the whole range asked about is answered.
+    """
+
+    ranges: RangeList
+    next: Annotated[int | None, Nullable(U64)]
 
 
 @_message("keepalive", CLIENT)

@@ -17,6 +17,7 @@ from csnap_format.runs import append_run
 from csnap_protocol import (
     MAX_RANGES,
     BarrierDone,
+    ChangesReply,
     ChangeUseCount,
     CreateSnapshot,
     DeleteSnapshot,
@@ -31,6 +32,7 @@ from csnap_protocol import (
     MapReply,
     Message,
     Ok,
+    QueryChanges,
     QueryMap,
     QuerySnapshotRead,
     QueryWrite,
@@ -46,6 +48,7 @@ from csnap_protocol import (
     UploadLock,
     largest_payload,
 )
+from csnap_protocol.bounds import RANGE_BYTES
 from csnapd.batch import Batch, ParkedWrite, Peer, Ranges
 from csnapd.checks import RequestRefused, check_ranges
 from csnapd.create_barrier import CreateBarrier
@@ -62,6 +65,7 @@ Answered = (
     Identify
     | QuerySnapshotRead
     | QueryMap
+    | QueryChanges
     | UploadLock
     | ListSnapshots
     | GetStatus
@@ -161,6 +165,8 @@ class RequestHandlers:
                 return self._query_read(peer, message)
             case QueryMap():
                 return self._query_map(peer, message)
+            case QueryChanges():
+                return self._query_changes(peer, message)
             case UploadLock():
                 return self._upload(peer, message)
             case ListSnapshots():
@@ -257,6 +263,31 @@ class RequestHandlers:
             segments = self._engine.snapshot_read(peer.snapshot, message.ranges)
             copied = [(s.chunk, s.count) for s in segments if s.store_chunk is not None]
         return MapReply(message.id, tuple(_merged(copied)))
+
+    def _query_changes(self, peer: Peer, message: QueryChanges) -> ChangesReply:
+        """The changelist between the connection's view and `base`, one bounded step."""
+        self._need_identified(peer)
+        origin_chunks = self._engine.geometry.origin_chunks
+        if message.count < 1 or message.start >= origin_chunks:
+            raise RequestRefused(
+                ErrorCode.INVALID_REQUEST,
+                f"query_changes from chunk {message.start} for {message.count} chunks names no"
+                f" chunk of the origin's {origin_chunks}",
+            )
+        # As many ranges as the peer's frame takes, however long the range:
+        # the reply stops early and says where to go on.
+        room = (peer.max_frame - largest_payload(ChangesReply, 0)) // RANGE_BYTES
+        max_runs = min(MAX_RANGES, room)
+        if max_runs < 1:
+            raise RequestRefused(
+                ErrorCode.REQUEST_TOO_LARGE,
+                f"a changes reply with one range does not fit your frame limit of {peer.max_frame}",
+            )
+        count = min(message.count, origin_chunks - message.start)
+        answer = self._engine.changes(
+            message.base, peer.snapshot, message.start, count, max_runs=max_runs
+        )
+        return ChangesReply(message.id, answer.runs, answer.next)
 
     def _finish_read(self, peer: Peer, message: FinishSnapshotRead) -> Ok:
         self._need_identified(peer)

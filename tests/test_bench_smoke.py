@@ -121,6 +121,7 @@ def test_suite_quick(tmp_path: Path) -> None:
         "recovery",
         "failover",
         "metrics",
+        "changes",
     }
     for name, part in parts.items():
         assert "error" not in part, name
@@ -136,6 +137,17 @@ def test_suite_quick(tmp_path: Path) -> None:
     check_failover_part(parts["failover"])
     check_metrics_part(parts["metrics"])
     assert parts["lifecycle"]["exceptions_swept"] == parts["lifecycle"]["exceptions"]
+    check_changes_part(parts["changes"])
+
+
+def check_changes_part(part: dict[str, Any]) -> None:
+    for walk in ("changelist_between_snapshots", "changelist_from_origin"):
+        assert part[walk]["chunks"] > 0 and part[walk]["seconds"] > 0, walk
+        assert part[walk]["peak_rss_mib"] > 0, walk
+    delta = part["delta"]
+    assert 0 < delta["plain"]["per_chunk_size"] <= 1.02
+    assert 0 < delta["compressed"]["per_chunk_size"] < delta["plain"]["per_chunk_size"]
+    assert delta["apply_mib_per_s"] > 0
 
 
 def check_server_part(part: dict[str, Any]) -> None:

@@ -9,6 +9,7 @@ needs locks. Other packages import only from this module.
 
 from __future__ import annotations
 
+from csnapd.engine.changes import CHANGES_LEAVES_PER_STEP, Changes
 from csnapd.engine.device import (
     BlockDevice,
     DeviceStats,
@@ -52,6 +53,8 @@ from csnapd.engine.results import (
 )
 
 __all__ = [
+    "CHANGES_LEAVES_PER_STEP",
+    "Changes",
     "BlockDevice",
     "DeviceStats",
     "FileDevice",

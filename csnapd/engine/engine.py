@@ -11,6 +11,8 @@ close) and the objects that each keep one part of it:
     use count, lookup and status;
   * the copy-out path (csnapd.engine.copyout): origin and snapshot writes;
   * the chunk reads (csnapd.engine.reads): snapshot reads and origin maps;
+  * the changelist (csnapd.engine.changes): chunks that may differ between
+    two views;
   * the client registry (csnapd.engine.clients);
   * the sweep (csnapd.engine.sweep): reclaiming deleted snapshots' space.
 
@@ -33,6 +35,7 @@ from csnap_format import (
 )
 from csnapd.engine.allocator import Allocator, data_space, metadata_space
 from csnapd.engine.btree import ExceptionTree
+from csnapd.engine.changes import CHANGES_LEAVES_PER_STEP, ChangeList, Changes
 from csnapd.engine.clients import ClientRegistry
 from csnapd.engine.copyout import CopyOut
 from csnapd.engine.device import BlockDevice, FileDevice
@@ -153,6 +156,7 @@ class Engine:
             stats=self.stats,
         )
         self._reads = ChunkReads(state, geometry, tree, self._snapshots, txn)
+        self._changes = ChangeList(geometry, tree, self._snapshots, txn)
         self._registry = ClientRegistry(state, self._pager, meta, geometry, txn)
         self._sweeper = Sweeper(state, self._pager, tree, data, txn)
 
@@ -380,6 +384,23 @@ class Engine:
         except (OSError, FormatError):
             return None
         return sb.fence_token
+
+    # -- changelists -------------------------------------------------------------
+
+    def changes(
+        self,
+        base: int | None,
+        target: int | None,
+        start: int,
+        count: int,
+        *,
+        max_runs: int,
+        max_leaves: int = CHANGES_LEAVES_PER_STEP,
+    ) -> Changes:
+        """Chunks that may differ between two views (see ChangeList.changes)."""
+        return self._changes.changes(
+            base, target, start, count, max_runs=max_runs, max_leaves=max_leaves
+        )
 
     # -- the client registry -------------------------------------------------------
 

@@ -41,7 +41,12 @@ async def test_list_shows_every_export_with_its_size_and_contexts(tmp_path: Path
         assert sorted(exports) == ["origin", "snap-1", "snap-5"]
         for export in exports.values():
             assert export["export-size"] == ORIGIN_SIZE
-            assert sorted(export["contexts"]) == ["base:allocation", "csnap:exceptions"]
+            assert sorted(export["contexts"]) == [
+                "base:allocation",
+                "csnap:diff:1",
+                "csnap:diff:5",
+                "csnap:exceptions",
+            ]
             assert export["is_read_only"] is False
             assert export["can_flush"] and export["can_fua"] and export["can_zero"]
             assert export["can_multi_conn"] is True

@@ -111,10 +111,14 @@ async def test_unknown_and_malformed_options_get_errors_and_negotiation_goes_on(
     assert [p[4:] for r, p in listed if r == Reply.META_CONTEXT] == [
         b"base:allocation",
         b"csnap:exceptions",
+        b"csnap:diff:1",
     ]
     only = hs.meta_context_request("origin", ["csnap:", "qemu:dirty-bitmap:x"])
     listed = await client.option(Option.LIST_META_CONTEXT, only)
-    assert [p[4:] for r, p in listed if r == Reply.META_CONTEXT] == [b"csnap:exceptions"]
+    assert [p[4:] for r, p in listed if r == Reply.META_CONTEXT] == [
+        b"csnap:exceptions",
+        b"csnap:diff:1",
+    ]
     bad = hs.meta_context_request("origin", ["no-namespace"])
     assert (await client.option(Option.SET_META_CONTEXT, bad))[-1][0] == Reply.ERR_INVALID
     await client.aclose()

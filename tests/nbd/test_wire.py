@@ -34,7 +34,13 @@ from csnap_nbd.wire.constants import (
     Reply,
     TransmissionFlag,
 )
-from csnap_nbd.wire.contexts import BASE_ALLOCATION, CSNAP_EXCEPTIONS, select_contexts, valid_query
+from csnap_nbd.wire.contexts import (
+    BASE_ALLOCATION,
+    CSNAP_EXCEPTIONS,
+    MetaContext,
+    select_contexts,
+    valid_query,
+)
 
 
 def test_constants_are_the_spec_values() -> None:
@@ -275,5 +281,15 @@ def test_context_selection() -> None:
     assert select_contexts(["base:"], listing=False) == []  # SET ignores wildcards
     assert select_contexts(["csnap:exceptions", "base:allocation"], listing=False) == both
     assert select_contexts(["qemu:dirty-bitmap:a", "base:nope"], listing=True) == []
+    diff = [MetaContext(16, "csnap:diff:2", 2), MetaContext(17, "csnap:diff:40", 40)]
+    assert select_contexts(["csnap:diff:"], listing=True, bases=[40, 2]) == diff
+    assert select_contexts(["csnap:diff:"], listing=False, bases=[40, 2]) == []
+    assert select_contexts([], listing=True, bases=[2, 40]) == both + diff
+    assert select_contexts(["csnap:"], listing=True, bases=[2]) == [CSNAP_EXCEPTIONS, diff[0]]
+    # Ids depend on the selected bases, never on the order of the queries.
+    queries = ["csnap:diff:40", "base:allocation", "csnap:diff:2"]
+    assert select_contexts(queries, listing=False, bases=[2, 40]) == [BASE_ALLOCATION, *diff]
+    for unknown in ("csnap:diff:3", "csnap:diff:02", "csnap:diff:-2", "csnap:diff:x"):
+        assert select_contexts([unknown], listing=False, bases=[2, 40]) == [], unknown
     assert valid_query("base:") and valid_query("x-y:z")
     assert not valid_query("base") and not valid_query(":leaf")

@@ -1,0 +1,1 @@
+"""Tests of csnap_delta: the delta file layout, and applying deltas."""
