@@ -27,8 +27,12 @@ from dataclasses import dataclass, field
 
 from csnap_format import (
     HEADER_SIZE,
+    LOST_CHUNK,
+    BlockType,
     FormatError,
     Geometry,
+    Registry,
+    SnapshotState,
     Superblock,
     bitmap_bits_per_block,
     decode_bitmap,
@@ -43,6 +47,7 @@ from csnapd.engine.engine import read_geometry
 from csnapd.engine.errors import EngineError, StoreIOError, StoreOpenError
 from csnapd.engine.journal import Journal, scan_journal
 from csnapd.engine.pages import BitmapPage, encode_page
+from csnapd.engine.salvage import LeafSource, SalvageError, salvage, scan_leaves, write_tree
 from csnapd.engine.state import StoreState, bits_of
 
 __all__ = [
@@ -73,12 +78,38 @@ class Problem:
     block: int | None = None
     #: Logical or store chunk concerned, where there is one.
     chunk: int | None = None
-    #: Whether --repair can fix it (bitmaps and counters).
+    #: Whether --repair can fix it (every problem but an unreadable store).
     repairable: bool = False
+    #: Logical chunks affected, first and last, where known.
+    chunks: tuple[int, int] | None = None
+    #: Tags of the snapshots affected, where known.
+    snapshots: tuple[int, ...] = ()
+    #: The rule broken, a short stable name (docs/operations.md, "Checking a store").
+    rule: str = ""
 
     def __str__(self) -> str:
         where = f" (block {self.block})" if self.block is not None else ""
-        return f"{self.area}{where}: {self.message}"
+        extra = []
+        if self.chunks is not None:
+            first, last = self.chunks
+            extra.append(f"chunks {first}..{last}" if last != first else f"chunk {first}")
+        if self.snapshots:
+            extra.append("snapshots " + ", ".join(map(str, self.snapshots)))
+        affects = f"; affects {'; '.join(extra)}" if extra else ""
+        rule = f" [{self.rule}]" if self.rule else ""
+        return f"{self.area}{where}{rule}: {self.message}{affects}"
+
+    def as_json(self) -> dict[str, object]:
+        return {
+            "area": self.area,
+            "rule": self.rule,
+            "message": self.message,
+            "block": self.block,
+            "chunk": self.chunk,
+            "chunks": list(self.chunks) if self.chunks is not None else None,
+            "snapshots": list(self.snapshots),
+            "repairable": self.repairable,
+        }
 
 
 @dataclass(slots=True)
@@ -93,6 +124,16 @@ class CheckReport:
     replayed: bool = False
     #: What --repair rewrote; empty when it rewrote nothing.
     repaired: list[str] = field(default_factory=list)
+    #: Problems the repair fixed (a check after it found them gone).
+    fixed: set[Problem] = field(default_factory=set)
+    #: Problems a check after the repair still found.
+    remaining: list[Problem] = field(default_factory=list)
+    #: Snapshot tag -> logical chunks the repair marked lost, as (start, count) runs.
+    lost: dict[int, list[tuple[int, int]]] = field(default_factory=dict)
+    #: Exceptions that name a lost copy (marked by a repair, now or before).
+    lost_marks: int = 0
+    #: Exceptions the repair recovered from leaves the tree no longer reached.
+    recovered_from_scan: int = 0
     #: Why --repair rewrote nothing although some problems were repairable.
     repair_refused: str | None = None
     depth: int = 0
@@ -109,28 +150,24 @@ class CheckReport:
             return EXIT_FAILED
         if self.problems:
             left = [p for p in self.problems if not self.was_repaired(p)]
-            return EXIT_ERRORS if left else EXIT_REPAIRED
+            return EXIT_ERRORS if left or self.remaining else EXIT_REPAIRED
         return EXIT_CLEAN
 
     def was_repaired(self, problem: Problem) -> bool:
-        """Whether --repair fixed this problem: it is repairable and the repair ran."""
-        return problem.repairable and bool(self.repaired)
+        """Whether --repair fixed this problem: a check after it found it gone."""
+        return problem in self.fixed
 
     def as_json(self) -> dict[str, object]:
         return {
             "exit_code": self.exit_code,
             "fatal": self.fatal,
-            "problems": [
-                {
-                    "area": p.area,
-                    "message": p.message,
-                    "block": p.block,
-                    "chunk": p.chunk,
-                    "repairable": p.repairable,
-                    "repaired": self.was_repaired(p),
-                }
-                for p in self.problems
-            ],
+            "problems": [{**p.as_json(), "repaired": self.was_repaired(p)} for p in self.problems],
+            "remaining": [p.as_json() for p in self.remaining],
+            "lost": {
+                str(tag): [list(run) for run in runs] for tag, runs in sorted(self.lost.items())
+            },
+            "lost_marks": self.lost_marks,
+            "recovered_from_scan": self.recovered_from_scan,
             "journal": {
                 "transactions": self.journal_transactions,
                 "newest_sequence": self.journal_newest,
@@ -174,6 +211,8 @@ class _Checker:
         sb: Superblock,
         report: CheckReport,
         advance: Callable[[int], None],
+        *,
+        collect: bool = False,
     ):
         g = sb.geometry
         self.view = view
@@ -191,6 +230,18 @@ class _Checker:
         self.allowed = sum(1 << bit for bit, r in enumerate(sb.snapshots) if r is not None)
         #: Bits the sweep in progress has cleared below its cursor.
         self.swept = sb.sweep_mask
+        self.tags = {bit: r.tag for bit, r in enumerate(sb.snapshots) if r is not None}
+        self.live_tags = tuple(
+            sorted(r.tag for r in sb.snapshots if r is not None and r.state == SnapshotState.LIVE)
+        )
+        #: Whether to keep what a salvage needs: readable leaves, damaged ranges.
+        self.collect = collect
+        self.sources: list[LeafSource] = []
+        #: Logical ranges [lo, hi) below a node that cannot be read or reached.
+        self.damaged: list[tuple[int, int]] = []
+        #: The registry as read, None when absent or unreadable.
+        self.registry_block: Registry | None = None
+        self.registry_damaged = False
 
     def problem(
         self,
@@ -199,40 +250,78 @@ class _Checker:
         *,
         block: int | None = None,
         chunk: int | None = None,
-        repairable: bool = False,
+        repairable: bool = True,
+        chunks: tuple[int, int] | None = None,
+        share: int = 0,
+        rule: str = "",
     ) -> None:
-        self.report.problems.append(Problem(area, message, block, chunk, repairable))
+        if chunks is None and chunk is not None and area == "btree":
+            chunks = (chunk, chunk)
+        snapshots = tuple(sorted(self.tags[b] for b in bits_of(share) if b in self.tags))
+        self.report.problems.append(
+            Problem(area, message, block, chunk, repairable, chunks, snapshots, rule)
+        )
+
+    def lose(self, lo: int, hi: int, block: int | None, rule: str, message: str) -> None:
+        """A node covering [lo, hi) cannot be used: its range is damaged."""
+        self.damaged.append((lo, hi))
+        self.report.problems.append(
+            Problem(
+                "btree",
+                message,
+                block,
+                lo,
+                True,
+                (lo, max(lo, hi - 1)),
+                self.live_tags,
+                rule,
+            )
+        )
 
     # -- btree ---------------------------------------------------------------
 
-    def mark_meta(self, address: int, parent: int | None) -> bool:
+    def mark_meta(self, address: int, parent: int | None, lo: int = 0, hi: int = 0) -> bool:
         rel = address - self.g.meta_start
         if not 0 <= rel < self.g.meta_blocks:
-            self.problem(
-                "btree",
+            self.lose(
+                lo,
+                hi,
+                parent,
+                "node-address",
                 f"node address {address} is outside the metadata area",
-                block=parent,
             )
             return False
         if self.meta_refs[rel >> 3] >> (rel & 7) & 1:
-            self.problem("btree", f"block {address} is reached twice", block=parent)
+            self.lose(lo, hi, parent, "node-reached-twice", f"block {address} is reached twice")
             return False
         self.meta_refs[rel >> 3] |= 1 << (rel & 7)
         return True
 
     def registry(self) -> None:
         address = self.sb.registry
-        if not address or not self.mark_meta(address, 0):
+        if not address:
             return
+        rel = address - self.g.meta_start
+        if self.meta_refs[rel >> 3] >> (rel & 7) & 1:
+            self.registry_damaged = True
+            self.problem(
+                "registry",
+                f"block {address} is both the client registry and a btree node",
+                block=0,
+                rule="registry-shared",
+            )
+            return
+        self.mark_meta(address, 0)
         try:
-            decode_registry(self.view.block(address), self.ctx, address)
+            self.registry_block = decode_registry(self.view.block(address), self.ctx, address)
         except FormatError as exc:
-            self.problem("registry", str(exc), block=address)
+            self.registry_damaged = True
+            self.problem("registry", str(exc), block=address, rule="block-decodes")
 
     def walk(self) -> None:
         sb = self.sb
         self.report.depth = sb.depth
-        if not self.mark_meta(sb.root, None):
+        if not self.mark_meta(sb.root, 0, 0, self.g.origin_chunks):
             return
         stack: list[tuple[int, int, int, int]] = [(sb.root, sb.depth, 0, self.g.origin_chunks)]
         while stack:
@@ -243,27 +332,32 @@ class _Checker:
             try:
                 node = decode_index(self.view.block(address), self.ctx, address)
             except FormatError as exc:
-                self.problem("btree", str(exc), block=address)
+                self.lose(lo, hi, address, "block-decodes", str(exc))
                 continue
             self.report.index_nodes += 1
             if node.level != level:
-                self.problem("btree", f"level {node.level}, expected {level}", block=address)
+                self.lose(lo, hi, address, "node-level", f"level {node.level}, expected {level}")
+                continue
             if node.keys[0] != lo:
                 self.problem(
                     "btree",
                     f"first key {node.keys[0]}, expected its lower bound {lo}",
                     block=address,
+                    chunks=(lo, max(lo, hi - 1)),
+                    rule="node-bounds",
                 )
             if node.keys[-1] >= hi:
                 self.problem(
                     "btree",
                     f"key {node.keys[-1]} is not below the upper bound {hi}",
                     block=address,
+                    chunks=(lo, max(lo, hi - 1)),
+                    rule="node-bounds",
                 )
             bounds = [*node.keys[1:], hi]
             children = []
             for key, child, end in zip(node.keys, node.children, bounds, strict=True):
-                if self.mark_meta(child, address):
+                if self.mark_meta(child, address, key, end):
                     children.append((child, level - 1, key, end))
             stack.extend(reversed(children))
 
@@ -271,17 +365,27 @@ class _Checker:
         try:
             leaf = decode_leaf(self.view.block(address), self.ctx, address)
         except FormatError as exc:
-            self.problem("btree", str(exc), block=address)
+            self.lose(lo, hi, address, "block-decodes", str(exc))
             return
         self.report.leaves += 1
+        if self.collect:
+            self.sources.append(LeafSource(leaf, reached=True))
         if leaf.base_chunk != lo:
-            self.problem("btree", f"base chunk {leaf.base_chunk}, expected {lo}", block=address)
+            self.problem(
+                "btree",
+                f"base chunk {leaf.base_chunk}, expected {lo}",
+                block=address,
+                chunks=(lo, max(lo, hi - 1)),
+                rule="leaf-bounds",
+            )
         if leaf.chunks and (leaf.chunks[0] < lo or leaf.chunks[-1] >= hi):
             self.problem(
                 "btree",
                 f"holds chunks {leaf.chunks[0]}..{leaf.chunks[-1]}"
                 f" outside its range {lo}..{hi - 1}",
                 block=address,
+                chunks=(leaf.chunks[0], leaf.chunks[-1]),
+                rule="leaf-bounds",
             )
         at = 0
         for chunk, count in zip(leaf.chunks, leaf.counts, strict=True):
@@ -302,6 +406,7 @@ class _Checker:
                 " that no snapshot owns",
                 block=address,
                 chunk=chunk,
+                rule="share-of-no-snapshot",
             )
         if share & self.swept and chunk < self.sb.sweep_cursor:
             self.problem(
@@ -310,12 +415,17 @@ class _Checker:
                 " that the sweep has passed",
                 block=address,
                 chunk=chunk,
+                share=share & self.swept,
+                rule="share-swept",
             )
         if share & (share - 1) == 0:
             self.unique[share.bit_length() - 1] += 1
         else:
             for bit in bits_of(share):
                 self.shared[bit] += 1
+        if target == LOST_CHUNK:
+            self.report.lost_marks += 1
+            return
         if self.data_refs[target >> 3] >> (target & 7) & 1:
             self.problem(
                 "btree",
@@ -323,6 +433,9 @@ class _Checker:
                 f" (one is for chunk {chunk})",
                 block=address,
                 chunk=target,
+                chunks=(chunk, chunk),
+                share=share,
+                rule="copy-used-twice",
             )
         self.data_refs[target >> 3] |= 1 << (target & 7)
 
@@ -363,14 +476,14 @@ class _Checker:
                 "counter",
                 f"metadata free count is {self.sb.meta_free}, recount {meta_free}",
                 block=0,
-                repairable=True,
+                rule="free-count",
             )
         if self.sb.data_free != data_free:
             self.problem(
                 "counter",
                 f"data free count is {self.sb.data_free}, recount {data_free}",
                 block=0,
-                repairable=True,
+                rule="free-count",
             )
         return meta_fix, data_fix
 
@@ -398,7 +511,7 @@ class _Checker:
                     "little",
                 )
             except FormatError as exc:
-                self.problem("bitmap", str(exc), block=address, repairable=True)
+                self.problem("bitmap", str(exc), block=address, rule="block-decodes")
                 fixes.append((address, expected))
                 continue
             if actual == expected:
@@ -421,7 +534,7 @@ class _Checker:
                     f"{name} {unit} {kind}: {shown}{more}",
                     block=address,
                     chunk=first + lo + positions[0],
-                    repairable=True,
+                    rule="bitmap-leaked" if diff == leaked else "bitmap-in-use-free",
                 )
         return fixes
 
@@ -432,7 +545,7 @@ class _Checker:
                 "counter",
                 f"exception count is {sb.exceptions}, recount {self.exceptions}",
                 block=0,
-                repairable=True,
+                rule="exception-count",
             )
         for bit, record in enumerate(sb.snapshots):
             if record is None:
@@ -447,8 +560,46 @@ class _Checker:
                     f" {record.shared_chunks} shared chunks,"
                     f" recount {self.unique[bit]} and {self.shared[bit]}",
                     block=0,
-                    repairable=True,
+                    share=1 << bit,
+                    rule="snapshot-counters",
                 )
+
+
+def _superblock(view: _Overlay, store: BlockDevice, g: Geometry) -> tuple[Superblock, str | None]:
+    """The superblock; when block 0 does not decode, its newest copy in the journal.
+
+    Returns the superblock and, for a copy, what was wrong with block 0.
+
+    Raises:
+        FormatError: block 0 is damaged and the journal holds no copy.
+    """
+    try:
+        return decode_superblock(view.block(0)), None
+    except FormatError as first:
+        size = g.block_size
+        try:
+            raw = store.read(g.journal_start * size, g.journal_blocks * size)
+        except OSError as exc:
+            raise StoreIOError(f"reading the journal: {exc.strerror or exc}") from exc
+        head = raw[0:0]
+        best: Superblock | None = None
+        for slot in range(g.journal_blocks):
+            block = raw[slot * size : (slot + 1) * size]
+            head = block[4:6]
+            if int.from_bytes(head, "little") != BlockType.SUPERBLOCK:
+                continue
+            try:
+                copy = decode_superblock(block)
+            except FormatError:
+                continue
+            if copy.geometry == g and (best is None or copy.sequence > best.sequence):
+                best = copy
+        if best is None:
+            raise
+        return best, (
+            f"{first}; using its newest copy in the journal, from transaction {best.sequence}"
+            " (snapshots created or deleted after it are not known to it)"
+        )
 
 
 def check_store(
@@ -463,7 +614,10 @@ def check_store(
     Args:
         store: the store device (opened writable if replay or repair).
         replay: write the journal's replay home (as opening would).
-        repair: rebuild bitmaps, free counts and counters from the recount.
+        repair: fix what was found: bitmaps, free counts and counters from
+            the recount; a damaged btree, registry or superblock by a
+            salvage (csnapd/engine/salvage.py). A check after the repair
+            decides which problems count as repaired.
         progress: called with (exceptions checked, exceptions expected).
     """
     report = CheckReport()
@@ -478,7 +632,7 @@ def check_store(
     # Transactions with blocks to write home (the format's own has none).
     report.journal_transactions = sum(1 for txn in scan.replay if txn.record.homes)
     if scan.problem:
-        report.problems.append(Problem("journal", scan.problem))
+        report.problems.append(Problem("journal", scan.problem, repairable=True, rule="replay"))
     images = scan.images
     if replay or repair:
         try:
@@ -490,10 +644,14 @@ def check_store(
         images = {}
     view = _Overlay(store, images, geometry.block_size)
     try:
-        sb = decode_superblock(view.block(0))
+        sb, copied = _superblock(view, store, geometry)
     except (FormatError, StoreIOError) as exc:
         report.fatal = f"superblock: {exc}"
         return report
+    if copied is not None:
+        report.problems.append(
+            Problem("superblock", copied, 0, repairable=True, rule="block-decodes")
+        )
     done = 0
 
     def advance(count: int) -> None:
@@ -502,7 +660,7 @@ def check_store(
         if progress is not None:
             progress(done, sb.exceptions)
 
-    checker = _Checker(view, sb, report, advance)
+    checker = _Checker(view, sb, report, advance, collect=repair)
     try:
         checker.walk()
         checker.registry()
@@ -512,20 +670,89 @@ def check_store(
         report.fatal = str(exc)
         return report
     report.exceptions = checker.exceptions
-    structural = [p for p in report.problems if not p.repairable]
-    if repair and any(p.repairable for p in report.problems):
-        if structural:
-            report.repair_refused = "the btree is damaged; bitmaps cannot be rebuilt from it"
-        else:
-            try:
-                _repair(store, geometry, sb, checker, meta_fix + data_fix, report)
-            except EngineError as exc:
-                # The store is as a crash mid-repair would leave it: every
-                # repair transaction is journaled, so the next check or
-                # server start finds it whole or not at all.
-                report.repaired.clear()
-                report.fatal = f"repairing: {exc}"
+    if repair and report.problems:
+        _repair_and_verify(store, geometry, sb, checker, meta_fix + data_fix, report)
     return report
+
+
+def _repair_and_verify(
+    store: BlockDevice,
+    geometry: Geometry,
+    sb: Superblock,
+    checker: _Checker,
+    fixes: list[tuple[int, int]],
+    report: CheckReport,
+) -> None:
+    """Repair what the check found, then check again to see what is fixed."""
+    structural = any(p.area in _STRUCTURAL for p in report.problems)
+    try:
+        if structural:
+            _salvage(store, geometry, sb, checker, report)
+        else:
+            _repair(store, geometry, sb, checker, fixes, report)
+    except SalvageError as exc:
+        report.repair_refused = str(exc)
+        return
+    except EngineError as exc:
+        # The store is as a crash mid-repair would leave it: the switch to
+        # the repair is one journaled transaction, so the next check or
+        # server start finds it whole or not at all.
+        report.repaired.clear()
+        report.lost.clear()
+        report.fatal = f"repairing: {exc}"
+        return
+    after = check_store(store)
+    if after.fatal is not None:
+        report.fatal = f"checking the repaired store: {after.fatal}"
+    report.remaining = after.problems
+    if not after.problems and after.fatal is None:
+        report.fixed = set(report.problems)
+
+
+#: Areas whose problems only a salvage (a rebuilt btree) repairs.
+_STRUCTURAL = frozenset({"btree", "registry", "superblock"})
+
+
+def _salvage(
+    store: BlockDevice,
+    geometry: Geometry,
+    sb: Superblock,
+    checker: _Checker,
+    report: CheckReport,
+) -> None:
+    """Rebuild the btree from every readable leaf and switch the store to it."""
+    g = geometry
+    refs = int.from_bytes(checker.meta_refs, "little")
+    reached = {g.meta_start + bit for bit in bits_of(refs)}
+    sources = list(checker.sources)
+    if checker.damaged:
+        sources += scan_leaves(checker.view.block, g, reached)
+    result = salvage(sources, checker.damaged, sb)
+    avoid = reached | {source.leaf.address for source in sources}
+    registry: Registry | None = None
+    keep = False
+    if checker.registry_block is not None and not checker.registry_damaged:
+        registry, keep = checker.registry_block, True
+    elif sb.registry:
+        # Which clients were connected is unknown: the overflow flag makes
+        # the next server wait the whole grace period for their locks.
+        registry = Registry(0, 0, (), overflow=True)
+    blocks = write_tree(
+        store, g, sb, result.exceptions, avoid=avoid, registry=registry, keep_registry=keep
+    )
+    tags = checker.tags
+    report.lost = {tags[bit]: runs for bit, runs in sorted(result.lost.items())}
+    report.recovered_from_scan = result.from_scan
+    scanned = sum(1 for source in sources if not source.reached)
+    total = sum(len(pairs) for pairs in result.exceptions.values())
+    report.repaired.append(
+        f"rebuilt the btree from {len(sources) - scanned} reached and {scanned} scanned leaves:"
+        f" {total} exceptions ({result.from_scan} recovered by the scan,"
+        f" {result.conflicts} dropped as conflicts, {result.stray} of no snapshot dropped)"
+        f" in {blocks} blocks; rewrote the bitmaps, free counts and snapshot counters"
+    )
+    if registry is not None and not keep:
+        report.repaired.append("wrote an empty client registry that makes the server wait")
 
 
 def _repair(
