@@ -188,8 +188,13 @@ def _dump(args: argparse.Namespace, progress: Progress) -> int:
     text = json.dumps(doc, indent=1) + "\n"
     if args.dump == "-":
         sys.stdout.write(text)
+        return EXIT_CLEAN
+    Path(args.dump).write_text(text)
+    count = len(doc["exceptions"])
+    if args.json:
+        print(json.dumps({"store": args.store, "dumped_exceptions": count, "exit_code": 0}))
     else:
-        Path(args.dump).write_text(text)
+        print(f"dumped {count} exceptions of {args.store} to {args.dump}")
     return EXIT_CLEAN
 
 

@@ -35,7 +35,7 @@ from csnap_format import (
 from csnapd.engine.device import BlockDevice
 from csnapd.engine.engine import read_geometry
 from csnapd.engine.errors import EngineError, StoreIOError
-from csnapd.engine.journal import Journal
+from csnapd.engine.journal import Journal, scan_journal
 from csnapd.engine.salvage import Exceptions, count_exceptions, write_tree
 
 __all__ = ["DUMP_VERSION", "DumpError", "dump_store", "restore_store"]
@@ -61,12 +61,14 @@ def _read(device: BlockDevice, g: Geometry, address: int) -> bytes:
         raise StoreIOError(f"reading block {address}: {exc.strerror or exc}") from exc
 
 
-def _leaves(device: BlockDevice, g: Geometry, sb: Superblock) -> Iterator[Leaf]:
+def _leaves(
+    device: BlockDevice, g: Geometry, sb: Superblock, images: dict[int, bytes]
+) -> Iterator[Leaf]:
     """The leaves in key order (the store is known to check clean)."""
     stack = [(sb.root, sb.depth)]
     while stack:
         address, level = stack.pop()
-        block = _read(device, g, address)
+        block = images.get(address) or _read(device, g, address)
         if level == 0:
             yield decode_leaf(block, g.context, address)
             continue
@@ -80,11 +82,12 @@ def dump_store(device: BlockDevice) -> dict[str, Any]:
     The caller checks the store first: a damaged btree raises DumpError.
     """
     g = read_geometry(device)
-    Journal.recover(device, g)
+    # Read as a server would see the store after replay, without writing.
+    images = scan_journal(device, g).images
     try:
-        sb = decode_superblock(_read(device, g, 0))
+        sb = decode_superblock(images.get(0) or _read(device, g, 0))
         exceptions: list[list[int | None]] = []
-        for leaf in _leaves(device, g, sb):
+        for leaf in _leaves(device, g, sb, images):
             at = 0
             for chunk, count in zip(leaf.chunks, leaf.counts, strict=True):
                 for j in range(at, at + count):
@@ -95,7 +98,8 @@ def dump_store(device: BlockDevice) -> dict[str, Any]:
                 at += count
         registry = None
         if sb.registry:
-            block = decode_registry(_read(device, g, sb.registry), g.context, sb.registry)
+            raw = images.get(sb.registry) or _read(device, g, sb.registry)
+            block = decode_registry(raw, g.context, sb.registry)
             registry = {"clients": list(block.clients), "overflow": block.overflow}
     except FormatError as exc:
         raise DumpError(f"the store is damaged ({exc}); run csnap-check --repair first") from exc
