@@ -46,7 +46,7 @@ from csnap_format import (
 from csnapd.engine.device import BlockDevice
 from csnapd.engine.engine import read_geometry
 from csnapd.engine.errors import EngineError, StoreIOError, StoreOpenError
-from csnapd.engine.journal import Journal, scan_journal
+from csnapd.engine.journal import Journal, committed_images, scan_journal
 from csnapd.engine.pages import BitmapPage, encode_page
 from csnapd.engine.salvage import LeafSource, SalvageError, salvage, scan_leaves, write_tree
 from csnapd.engine.state import StoreState, bits_of
@@ -214,6 +214,7 @@ class _Checker:
         advance: Callable[[int], None],
         *,
         collect: bool = False,
+        committed: dict[int, tuple[int, bytes]] | None = None,
     ):
         g = sb.geometry
         self.view = view
@@ -243,6 +244,8 @@ class _Checker:
         #: The registry as read, None when absent or unreadable.
         self.registry_block: Registry | None = None
         self.registry_damaged = False
+        #: Home -> (sequence, image) of the newest committed image in the journal.
+        self.committed = committed or {}
 
     def problem(
         self,
@@ -261,6 +264,16 @@ class _Checker:
         snapshots = tuple(sorted(self.tags[b] for b in bits_of(share) if b in self.tags))
         self.report.problems.append(
             Problem(area, message, block, chunk, repairable, chunks, snapshots, rule)
+        )
+
+    def stale(self, address: int, sequence: int) -> str | None:
+        """Why the block at `address`, written by `sequence`, lost a later write."""
+        newer = self.committed.get(address)
+        if newer is None or newer[0] <= sequence:
+            return None
+        return (
+            f"block is from transaction {sequence}, but the journal holds its image from"
+            f" transaction {newer[0]}: a write was lost"
         )
 
     def lose(self, lo: int, hi: int, block: int | None, rule: str, message: str) -> None:
@@ -318,6 +331,11 @@ class _Checker:
         except FormatError as exc:
             self.registry_damaged = True
             self.problem("registry", str(exc), block=address, rule="block-decodes")
+            return
+        lost_write = self.stale(address, self.registry_block.sequence)
+        if lost_write:
+            self.registry_damaged = True
+            self.problem("registry", lost_write, block=address, rule="stale-block")
 
     def walk(self) -> None:
         sb = self.sb
@@ -336,6 +354,10 @@ class _Checker:
                 stack.extend(self.damaged_index(address, level, lo, hi, str(exc)))
                 continue
             self.report.index_nodes += 1
+            lost_write = self.stale(address, node.sequence)
+            if lost_write:
+                self.lose(lo, hi, address, "stale-block", lost_write)
+                continue
             if node.level != level:
                 self.lose(lo, hi, address, "node-level", f"level {node.level}, expected {level}")
                 continue
@@ -412,6 +434,10 @@ class _Checker:
             self.lose(lo, hi, address, "block-decodes", str(exc))
             return
         self.report.leaves += 1
+        lost_write = self.stale(address, leaf.sequence)
+        if lost_write:
+            self.lose(lo, hi, address, "stale-block", lost_write)
+            return
         if self.collect:
             self.sources.append(LeafSource(leaf, reached=True))
         if leaf.base_chunk != lo:
@@ -550,17 +576,22 @@ class _Checker:
             if lo + bits > units:  # bits past the end of the space stay set
                 expected |= full & ~((1 << (units - lo)) - 1)
             try:
-                actual = int.from_bytes(
-                    decode_bitmap(self.view.block(address), self.ctx, address).bits,
-                    "little",
-                )
+                bitmap = decode_bitmap(self.view.block(address), self.ctx, address)
             except FormatError as exc:
                 self.problem("bitmap", str(exc), block=address, rule="block-decodes")
                 fixes.append((address, expected))
                 continue
+            actual = int.from_bytes(bitmap.bits, "little")
+            lost_write = self.stale(address, bitmap.sequence)
+            if lost_write:
+                self.problem("bitmap", lost_write, block=address, rule="stale-block")
+                fixes.append((address, expected))
+                if actual == expected:
+                    continue
             if actual == expected:
                 continue
-            fixes.append((address, expected))
+            if not lost_write:
+                fixes.append((address, expected))
             leaked = actual & ~expected
             lost = expected & ~actual
             for kind, diff in (
@@ -609,7 +640,9 @@ class _Checker:
                 )
 
 
-def _superblock(view: _Overlay, store: BlockDevice, g: Geometry) -> tuple[Superblock, str | None]:
+def _superblock(
+    view: _Overlay, store: BlockDevice, g: Geometry, committed: dict[int, tuple[int, bytes]]
+) -> tuple[Superblock, str | None]:
     """The superblock; when block 0 does not decode, its newest copy in the journal.
 
     Returns the superblock and, for a copy, what was wrong with block 0.
@@ -618,7 +651,7 @@ def _superblock(view: _Overlay, store: BlockDevice, g: Geometry) -> tuple[Superb
         FormatError: block 0 is damaged and the journal holds no copy.
     """
     try:
-        return decode_superblock(view.block(0)), None
+        home = decode_superblock(view.block(0))
     except FormatError as first:
         size = g.block_size
         try:
@@ -644,6 +677,17 @@ def _superblock(view: _Overlay, store: BlockDevice, g: Geometry) -> tuple[Superb
             f"{first}; using its newest copy in the journal, from transaction {best.sequence}"
             " (snapshots created or deleted after it are not known to it)"
         )
+    newer = committed.get(0)
+    if newer is not None and newer[0] > home.sequence:
+        try:
+            copy = decode_superblock(newer[1])
+        except FormatError:
+            return home, None
+        return copy, (
+            f"block is from transaction {home.sequence}, but the journal holds its image"
+            f" from transaction {newer[0]}: a write was lost; using that image"
+        )
+    return home, None
 
 
 def check_store(
@@ -688,14 +732,14 @@ def check_store(
         images = {}
     view = _Overlay(store, images, geometry.block_size)
     try:
-        sb, copied = _superblock(view, store, geometry)
-    except (FormatError, StoreIOError) as exc:
+        committed = committed_images(store, geometry, report.journal_newest)
+        sb, copied = _superblock(view, store, geometry, committed)
+    except (FormatError, StoreIOError, StoreOpenError) as exc:
         report.fatal = f"superblock: {exc}"
         return report
     if copied is not None:
-        report.problems.append(
-            Problem("superblock", copied, 0, repairable=True, rule="block-decodes")
-        )
+        rule = "stale-block" if "write was lost" in copied else "block-decodes"
+        report.problems.append(Problem("superblock", copied, 0, repairable=True, rule=rule))
     done = 0
 
     def advance(count: int) -> None:
@@ -704,7 +748,7 @@ def check_store(
         if progress is not None:
             progress(done, sb.exceptions)
 
-    checker = _Checker(view, sb, report, advance, collect=repair)
+    checker = _Checker(view, sb, report, advance, collect=repair, committed=committed)
     try:
         checker.walk()
         checker.registry()
@@ -753,6 +797,32 @@ def _repair_and_verify(
         report.fixed = set(report.problems)
 
 
+def _data_bitmap(view: _Overlay, g: Geometry) -> Callable[[int], bool] | None:
+    """Whether the data bitmap marks a store chunk used; None if a block is unreadable."""
+    bits = bitmap_bits_per_block(g.block_size)
+    marks = 0
+    for index in range(g.data_bitmap_blocks):
+        address = g.data_bitmap_start + index
+        try:
+            block = decode_bitmap(view.block(address), g.context, address)
+        except FormatError:
+            return None
+        marks |= int.from_bytes(block.bits, "little") << (index * bits)
+    return lambda chunk: bool(marks >> chunk & 1)
+
+
+def _journal_leaves(committed: dict[int, tuple[int, bytes]], g: Geometry) -> list[LeafSource]:
+    """The leaves among the journal's committed images: salvage sources too."""
+    out = []
+    for home, (_, image) in committed.items():
+        if g.meta_start <= home < g.meta_end and image[4:6] == b"\x05\x00":
+            try:
+                out.append(LeafSource(decode_leaf(image, g.context, home), reached=False))
+            except FormatError:
+                continue
+    return out
+
+
 #: Areas whose problems only a salvage (a rebuilt btree) repairs.
 _STRUCTURAL = frozenset({"btree", "registry", "superblock"})
 
@@ -771,7 +841,8 @@ def _salvage(
     sources = list(checker.sources)
     if checker.damaged:
         sources += scan_leaves(checker.view.block, g, reached)
-    result = salvage(sources, checker.damaged, sb)
+        sources += _journal_leaves(checker.committed, g)
+    result = salvage(sources, checker.damaged, sb, _data_bitmap(checker.view, g))
     avoid = reached | {source.leaf.address for source in sources}
     registry: Registry | None = None
     keep = False

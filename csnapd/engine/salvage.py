@@ -96,7 +96,8 @@ class Salvaged:
     from_scan: int = 0
     #: Exceptions dropped: their copy is claimed by a higher-priority leaf.
     conflicts: int = 0
-    #: Exceptions whose share mask held only bits no snapshot owns.
+    #: Exceptions dropped: their mask held only bits no snapshot owns, or
+    #: (from an unreached leaf) the bitmap marks their copy free.
     stray: int = 0
 
 
@@ -132,6 +133,7 @@ def salvage(
     sources: Sequence[LeafSource],
     damaged: Sequence[tuple[int, int]],
     sb: Superblock,
+    in_use: Callable[[int], bool] | None = None,
 ) -> Salvaged:
     """Merge readable leaves into one set of exceptions (docs/rules.md).
 
@@ -142,11 +144,14 @@ def salvage(
             and every live snapshot that has no recovered copy of a chunk in
             them gets a lost mark.
         sb: the superblock (snapshot table, sweep state).
+        in_use: whether the data bitmap marks a store chunk used; a copy
+            named only by an unreached leaf counts only when it does (a
+            chunk marked free was freed after that leaf was written).
     """
     ranges = sorted(damaged)
     live = sum(1 << bit for bit, r in enumerate(sb.snapshots) if r is not None and r.state == 1)
     result = Salvaged({})
-    lost_bits = _merge(sources, ranges, sb, live, result)
+    lost_bits = _merge(sources, ranges, sb, live, result, in_use or (lambda _: True))
     for lo, hi in ranges:
         for chunk in range(lo, hi):
             have = sum(share for share, _ in result.exceptions.get(chunk, ()))
@@ -170,6 +175,7 @@ def _merge(
     sb: Superblock,
     live: int,
     result: Salvaged,
+    in_use: Callable[[int], bool],
 ) -> dict[int, int]:
     """Take each chunk from its best source; return chunk -> bits lost to conflicts."""
     los = [lo for lo, _ in ranges]
@@ -194,7 +200,7 @@ def _merge(
             for j in range(first, at):
                 share, target = leaf.shares[j], leaf.targets[j]
                 mask = share & allowed & ~(sb.sweep_mask if chunk < sb.sweep_cursor else 0)
-                if not mask:
+                if not mask or (not source.reached and target != LOST_CHUNK and not in_use(target)):
                     result.stray += 1
                 elif target != LOST_CHUNK and target in targets:
                     result.conflicts += 1

@@ -107,6 +107,18 @@ def read_block(path: Path, g: Geometry, address: int) -> bytes:
         return f.read(g.block_size)
 
 
+def erase_journal_copies(built: Built, address: int) -> int:
+    """Zero every journal slot holding an image of block `address`; how many."""
+    g = built.g
+    erased = 0
+    for slot in range(g.journal_blocks):
+        block = read_block(built.store, g, g.journal_start + slot)
+        if block[:4] == b"CSNP" and int.from_bytes(block[16:24], "little") == address:
+            write_block(built.store, g, g.journal_start + slot, bytes(g.block_size))
+            erased += 1
+    return erased
+
+
 def tree(built: Built) -> tuple[int, list[tuple[int, int, int]]]:
     """The root (an index node) and its children as (address, lo, hi)."""
     g = built.g

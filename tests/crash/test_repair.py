@@ -25,6 +25,7 @@ from tests.crash.repair_support import (
     assert_true_or_error,
     build,
     check_cli,
+    erase_journal_copies,
     flip,
     lost_chunks,
     read_all,
@@ -62,11 +63,23 @@ def _repair_and_read(built: Built) -> dict[int, set[int]]:
     return lost
 
 
+def test_a_flipped_byte_in_a_leaf_is_salvaged_from_the_journal(tmp_path: Path) -> None:
+    built = build(tmp_path)
+    _, children = tree(built)
+    address, _, _ = children[-1]
+    flip(built.store, address * built.g.block_size + 2000)
+    code, report = check_cli(built.store, "--repair")
+    assert code == 1 and report["recovered_from_scan"] > 0
+    _survives(built, None)  # the journal's image of the leaf gave every copy back
+    assert_true_or_error(built, read_all(built))
+
+
 def test_a_flipped_byte_in_a_leaf(tmp_path: Path) -> None:
     built = build(tmp_path)
     _, children = tree(built)
     address, lo, hi = children[len(children) // 2]
     flip(built.store, address * built.g.block_size + 2000)
+    erase_journal_copies(built, address)  # no other copy of the leaf survives
 
     code, report = check_cli(built.store)
     assert code == 4

@@ -129,9 +129,10 @@ def test_flipped_bit_in_a_leaf_is_found() -> None:
     assert damaged.chunks is not None and damaged.chunks[0] == 0 and damaged.snapshots == (1, 2)
     repaired = check_store(store, repair=True)
     assert repaired.exit_code == 1, [str(p) for p in repaired.remaining]
-    # Every live snapshot without a recovered copy in the leaf's range lost it.
-    assert set(repaired.lost) == {1, 2}
-    assert repaired.lost[1][0][0] == 0
+    # The journal still holds the leaf's image: the salvage takes its copies
+    # from there; what no copy covers in the leaf's range is marked lost.
+    assert repaired.recovered_from_scan > 0
+    assert repaired.lost and set(repaired.lost) <= {1, 2}
     assert check_store(store).exit_code == 0
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -88,7 +89,7 @@ def test_dump_then_restore_is_the_identity(steps: list[tuple[str, Any]]) -> None
 
 def _bad_documents(doc: dict[str, Any]) -> list[dict[str, Any]]:
     bad = []
-    for change in (
+    changes: list[Callable[[dict[str, Any]], object]] = [
         lambda d: d.update(csnap_metadata_dump=2),
         lambda d: d["geometry"].update(store_chunks=1),
         lambda d: d["exceptions"].append([CHUNKS, 1, None]),
@@ -100,7 +101,8 @@ def _bad_documents(doc: dict[str, Any]) -> list[dict[str, Any]]:
         lambda d: d["snapshots"].append(dict(d["snapshots"][0])),
         lambda d: d["state"].update(sweep_mask=1 << 50),
         lambda d: d.update(registry={"clients": [3, 2], "overflow": False}),
-    ):
+    ]
+    for change in changes:
         changed = copy.deepcopy(doc)
         change(changed)
         bad.append(changed)
