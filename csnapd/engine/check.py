@@ -46,7 +46,7 @@ from csnap_format import (
 from csnapd.engine.device import BlockDevice
 from csnapd.engine.engine import read_geometry
 from csnapd.engine.errors import EngineError, StoreIOError, StoreOpenError
-from csnapd.engine.journal import Journal, committed_images, scan_journal
+from csnapd.engine.journal import Journal, JournalScan, committed_images, scan_journal
 from csnapd.engine.pages import BitmapPage, encode_page
 from csnapd.engine.salvage import LeafSource, SalvageError, salvage, scan_leaves, write_tree
 from csnapd.engine.state import StoreState, bits_of
@@ -640,6 +640,67 @@ class _Checker:
                 )
 
 
+def _home_sequence(block: bytes) -> int | None:
+    """The sequence of an intact block of this format, None if it is not one."""
+    if block[:4] != b"CSNP" or int.from_bytes(block[8:12], "little") != block_checksum(block):
+        return None
+    return int.from_bytes(block[32:40], "little")
+
+
+def _replay_images(
+    store: BlockDevice, g: Geometry, scan: JournalScan
+) -> tuple[dict[int, bytes], list[Problem]]:
+    """The images replay would write, less those older than their home.
+
+    A home block newer than the journal's newest intact transaction (or than
+    the image replay would write over it) means the journal lost committed
+    transactions: replaying would put older blocks over newer ones.
+    """
+    newest = scan.newest.record.sequence
+    keep: dict[int, bytes] = {}
+    problems = []
+    homes = {0, *scan.images}
+    for home in sorted(homes):
+        try:
+            current = store.read(home * g.block_size, g.block_size)
+        except OSError as exc:
+            raise StoreIOError(f"reading block {home}: {exc.strerror or exc}") from exc
+        sequence = _home_sequence(current)
+        image = scan.images.get(home)
+        limit = newest if image is None else int.from_bytes(image[32:40], "little")
+        if sequence is not None and sequence > limit:
+            problems.append(
+                Problem(
+                    "journal",
+                    f"block {home} is from transaction {sequence}, newer than the journal's"
+                    f" {'image of it' if image is not None else 'newest transaction'}"
+                    f" ({limit}): the journal lost committed transactions",
+                    home,
+                    repairable=True,
+                    rule="journal-behind",
+                )
+            )
+        elif image is not None:
+            keep[home] = image
+    return keep, problems
+
+
+def _replay_newer(
+    store: BlockDevice, g: Geometry, scan: JournalScan, images: dict[int, bytes]
+) -> None:
+    """Replay only images not older than their home, then empty the replay window."""
+    try:
+        for home, image in images.items():
+            store.write(home * g.block_size, image)
+        store.sync()
+    except OSError as exc:
+        raise StoreIOError(f"replaying the journal: {exc.strerror or exc}") from exc
+    try:
+        Journal(store, g, scan).checkpoint()
+    except OSError as exc:
+        raise StoreIOError(f"writing a journal checkpoint: {exc.strerror or exc}") from exc
+
+
 def _superblock(
     view: _Overlay, store: BlockDevice, g: Geometry, committed: dict[int, tuple[int, bytes]]
 ) -> tuple[Superblock, str | None]:
@@ -721,15 +782,19 @@ def check_store(
     report.journal_transactions = sum(1 for txn in scan.replay if txn.record.homes)
     if scan.problem:
         report.problems.append(Problem("journal", scan.problem, repairable=True, rule="replay"))
-    images = scan.images
-    if replay or repair:
-        try:
-            Journal.recover(store, geometry)
-        except (StoreOpenError, StoreIOError) as exc:
-            report.fatal = f"replaying the journal: {exc}"
-            return report
-        report.replayed = True
-        images = {}
+    try:
+        images, behind = _replay_images(store, geometry, scan)
+        report.problems.extend(behind)
+        if replay or repair:
+            if behind:
+                _replay_newer(store, geometry, scan, images)
+            else:
+                Journal.recover(store, geometry)
+            report.replayed = True
+            images = {}
+    except (StoreOpenError, StoreIOError) as exc:
+        report.fatal = f"replaying the journal: {exc}"
+        return report
     view = _Overlay(store, images, geometry.block_size)
     try:
         committed = committed_images(store, geometry, report.journal_newest)

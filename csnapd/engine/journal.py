@@ -343,9 +343,7 @@ class Journal:
         self._sync()
 
 
-def committed_images(
-    device: BlockDevice, g: Geometry, newest: int
-) -> dict[int, tuple[int, bytes]]:
+def committed_images(device: BlockDevice, g: Geometry, newest: int) -> dict[int, tuple[int, bytes]]:
     """Home address -> (sequence, image) of its newest image in any intact
     transaction still in the journal's slots, replayed or not.
 
