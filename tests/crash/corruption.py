@@ -50,6 +50,7 @@ class History:
     #: Every block in use: superblock, bitmaps, nodes, registry, replay window.
     live: list[int] = field(default_factory=list)
     nodes: list[int] = field(default_factory=list)
+    registry: int = 0
 
 
 def make_history(seed: int, operations: int = 40) -> History:
@@ -133,6 +134,7 @@ def _map(history: History) -> None:
         for slot, n in scan_journal(store, g).spans.values()
         for i in range(n)
     ]
+    history.registry = sb.registry
     history.live = [0, *bitmaps, *history.nodes, *([sb.registry] if sb.registry else []), *window]
 
 
@@ -169,11 +171,16 @@ def inject(rng: random.Random, history: History, kind: str) -> tuple[MemoryDevic
             return store, {first, second}, f"blocks {first} and {second} swapped"
         put(second, read(store, first))
         return store, {second}, f"block {first} written to block {second}"
-    # A stale copy: a block in use gets its image from halfway through.
+    # A stale copy: a block in use gets its image from halfway through. Not
+    # the client registry: nothing else records which version of it is
+    # current, so once the journal has overwritten its newer image a stale
+    # copy is undetectable (docs/operations.md, "Repairing a store").
     candidates = [
         a
         for a in history.live
-        if a < g.meta_end and read(history.older, a) != read(store, a) and a >= 1
+        if 1 <= a < g.meta_end
+        and a != history.registry
+        and read(history.older, a) != read(store, a)
     ]
     if kind == "stale" and candidates:
         address = rng.choice(candidates)

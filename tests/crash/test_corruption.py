@@ -15,5 +15,11 @@ HISTORIES = int(os.environ.get("CSNAP_CORRUPTION_HISTORIES", "3"))
 
 def test_every_injected_fault_is_found_and_salvaged() -> None:
     outcomes = campaign(seed=1, injections=INJECTIONS, histories=HISTORIES)
+    print(
+        f"corruption campaign: {sum(outcomes[k] for k in KINDS)} faults injected"
+        f" ({', '.join(f'{outcomes[k]} {k}' for k in KINDS)}):"
+        f" {outcomes['repaired']} repaired whole, {outcomes['repaired-with-loss']}"
+        f" repaired with chunks marked lost, {outcomes['harmless']} harmless"
+    )
     assert sum(outcomes[kind] for kind in KINDS) >= INJECTIONS - HISTORIES
     assert outcomes["repaired"] + outcomes["repaired-with-loss"] > INJECTIONS // 2, outcomes
