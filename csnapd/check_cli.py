@@ -233,7 +233,10 @@ def _advance(bar: Progress) -> Callable[[int, int], None]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run csnap-check; returns the exit status."""
     args = _parser().parse_args(argv)
-    bar = Progress(1, "checking", enabled=True if args.progress else None)
+    # Asked for, progress shows at once; on a terminal only after a moment.
+    bar = Progress(
+        1, "checking", enabled=True if args.progress else None, delay=0 if args.progress else 0.5
+    )
     if args.restore is not None:
         return _restore(args)
     if args.dump is not None:

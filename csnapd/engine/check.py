@@ -1,6 +1,6 @@
-"""Offline verification (and bitmap repair) of a store, in the spirit of
-thin_check: every block reachable from the superblock is decoded and
-checked, and every chunk and block is recounted against the bitmaps.
+"""Offline verification and repair of a store: every block reachable from
+the superblock is decoded and checked, and every chunk and block is
+recounted against the bitmaps.
 
 What is checked (docs/operations.md, "Checking a store"):
   superblock   decodes (geometry, state, snapshot table)
@@ -14,9 +14,15 @@ What is checked (docs/operations.md, "Checking a store"):
                layout-reserved bits are set; free counts, the exception
                count and each snapshot's unique/shared counts are exact
 
+  journal      committed images still in the journal: no block in use is
+               older than one (a lost write), none newer than the journal
+               (lost transactions)
+
 The check reads the store as the server would see it after replay, without
-writing anything unless asked (--replay writes the replay home, --repair
-also rewrites bitmaps and counters from the recount, through the journal).
+writing anything unless asked (--replay writes the replay home; --repair
+rewrites bitmaps and counters from the recount, through the journal, and
+salvages a damaged btree, registry or superblock with salvage.py), then
+checks again to learn which problems the repair fixed.
 """
 
 from __future__ import annotations

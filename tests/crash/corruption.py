@@ -88,7 +88,9 @@ def make_history(seed: int, operations: int = 40) -> History:
                 for i in range(segment.count):
                     serial += 1
                     chunk = segment.chunk + i
-                    store.write((segment.store_chunk + i) * size, pattern(chunk, 1_000_000 + serial, size))
+                    store.write(
+                        (segment.store_chunk + i) * size, pattern(chunk, 1_000_000 + serial, size)
+                    )
                     truth[tag][chunk] = 1_000_000 + serial
         else:
             count = rng.randrange(1, 40)

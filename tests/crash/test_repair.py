@@ -288,3 +288,20 @@ def test_dump_after_repair_restores_to_the_same_metadata(tmp_path: Path, seed: i
     assert check_cli(built.store, "--dump", str(again))[0] == 0
     assert dump.read_text() == again.read_text()
     assert check_cli(built.store)[0] == 0
+
+
+def test_progress_shows_on_stderr_when_asked(tmp_path: Path) -> None:
+    built = build(tmp_path, writes=1)
+    shim = str(ROOT / "tools" / "csnap-check")
+    quiet = subprocess.run(
+        [sys.executable, shim, str(built.store)], capture_output=True, text=True, check=False
+    )
+    shown = subprocess.run(
+        [sys.executable, shim, "--progress", str(built.store)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert quiet.returncode == shown.returncode == 0
+    assert quiet.stderr == "" and "checking [" in shown.stderr
+    assert quiet.stdout == shown.stdout
