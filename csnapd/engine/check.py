@@ -870,16 +870,16 @@ def _repair_and_verify(
 
 def _data_bitmap(view: _Overlay, g: Geometry) -> Callable[[int], bool] | None:
     """Whether the data bitmap marks a store chunk used; None if a block is unreadable."""
-    bits = bitmap_bits_per_block(g.block_size)
-    marks = 0
+    parts = []
     for index in range(g.data_bitmap_blocks):
         address = g.data_bitmap_start + index
         try:
-            block = decode_bitmap(view.block(address), g.context, address)
+            parts.append(decode_bitmap(view.block(address), g.context, address).bits)
         except FormatError:
             return None
-        marks |= int.from_bytes(block.bits, "little") << (index * bits)
-    return lambda chunk: bool(marks >> chunk & 1)
+    # Each block holds a whole number of bytes of bits, so they join end to end.
+    marks = b"".join(parts)
+    return lambda chunk: bool(marks[chunk >> 3] >> (chunk & 7) & 1)
 
 
 def _journal_leaves(committed: dict[int, tuple[int, bytes]], g: Geometry) -> list[LeafSource]:
@@ -907,8 +907,14 @@ def _salvage(
 ) -> None:
     """Rebuild the btree from every readable leaf and switch the store to it."""
     g = geometry
-    refs = int.from_bytes(checker.meta_refs, "little")
-    reached = {g.meta_start + bit for bit in bits_of(refs)}
+    marks = checker.meta_refs
+    reached = {
+        g.meta_start + (at << 3) + bit
+        for at, byte in enumerate(marks)
+        if byte
+        for bit in range(8)
+        if byte >> bit & 1
+    }
     sources = list(checker.sources)
     if checker.damaged:
         sources += scan_leaves(checker.view.block, g, reached)

@@ -376,14 +376,19 @@ def write_tree(
         device.sync()
     except OSError as exc:
         raise StoreIOError(f"writing the rebuilt btree: {exc.strerror or exc}") from exc
-    data_refs = (1 << g.data_start) - 1
+    # Marks set in byte arrays: or-ing bits into one big int would copy it
+    # once per copy.
+    data_marks = bytearray((g.store_chunks + 7) // 8)
     for pairs in exceptions.values():
         for _, target in pairs:
             if target != LOST_CHUNK:
-                data_refs |= 1 << target
-    meta_refs = 0
+                data_marks[target >> 3] |= 1 << (target & 7)
+    data_refs = int.from_bytes(data_marks, "little") | ((1 << g.data_start) - 1)
+    meta_marks = bytearray((g.meta_blocks + 7) // 8)
     for address in meta_used:
-        meta_refs |= 1 << (address - g.meta_start)
+        rel = address - g.meta_start
+        meta_marks[rel >> 3] |= 1 << (rel & 7)
+    meta_refs = int.from_bytes(meta_marks, "little")
     bits = bitmap_bits_per_block(g.block_size)
     nbytes = g.block_size - HEADER_SIZE
     pages = _bitmap_blocks(
