@@ -604,11 +604,12 @@ class _Checker:
                 ("leaked (marked used, referenced by nothing)", leaked),
                 ("used but marked free", lost),
             ):
-                positions = bits_of(diff)
-                if not positions:
+                if not diff:
                     continue
-                shown = ", ".join(str(first + lo + p) for p in positions[:8])
-                more = f" and {len(positions) - 8} more" if len(positions) > 8 else ""
+                positions = _lowest_bits(diff, 8)
+                total = diff.bit_count()
+                shown = ", ".join(str(first + lo + p) for p in positions)
+                more = f" and {total - 8} more" if total > 8 else ""
                 unit = "blocks" if name == "metadata" else "chunks"
                 self.problem(
                     "bitmap",
@@ -644,6 +645,23 @@ class _Checker:
                     share=1 << bit,
                     rule="snapshot-counters",
                 )
+
+
+def _lowest_bits(mask: int, count: int) -> list[int]:
+    """The positions of the lowest `count` set bits of a (possibly huge) mask.
+
+    Reads it byte by byte: clearing bits of a huge int one at a time copies
+    it each time.
+    """
+    out: list[int] = []
+    for at, byte in enumerate(mask.to_bytes((mask.bit_length() + 7) // 8, "little")):
+        while byte and len(out) < count:
+            low = byte & -byte
+            out.append(8 * at + low.bit_length() - 1)
+            byte ^= low
+        if len(out) == count:
+            break
+    return out
 
 
 def _home_sequence(block: bytes) -> int | None:

@@ -320,11 +320,11 @@ def count_exceptions(exceptions: Exceptions) -> tuple[int, list[int], list[int]]
             if share & (share - 1) == 0:
                 unique[share.bit_length() - 1] += 1
             else:
-                bit = 0
-                while share >> bit:
-                    if share >> bit & 1:
-                        shared[bit] += 1
-                    bit += 1
+                rest = share
+                while rest:
+                    low = rest & -rest
+                    shared[low.bit_length() - 1] += 1
+                    rest ^= low
     return total, unique, shared
 
 
