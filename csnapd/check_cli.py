@@ -77,7 +77,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--repair",
         action="store_true",
-        help="rebuild the bitmaps, free counts and counters from the btree (implies --replay)",
+        help="fix what the check finds: rebuild bitmaps and counters, salvage a damaged"
+        " btree into a fresh one and mark what is lost (implies --replay)",
     )
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument(
@@ -232,7 +233,10 @@ def _advance(bar: Progress) -> Callable[[int, int], None]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run csnap-check; returns the exit status."""
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if (args.dump is not None or args.restore is not None) and (args.repair or args.replay):
+        parser.error("--dump and --restore do not combine with --repair or --replay")
     # Asked for, progress shows at once; on a terminal only after a moment.
     bar = Progress(
         1, "checking", enabled=True if args.progress else None, delay=0 if args.progress else 0.5
