@@ -743,12 +743,10 @@ def _superblock(
             raw = store.read(g.journal_start * size, g.journal_blocks * size)
         except OSError as exc:
             raise StoreIOError(f"reading the journal: {exc.strerror or exc}") from exc
-        head = raw[0:0]
         best: Superblock | None = None
         for slot in range(g.journal_blocks):
             block = raw[slot * size : (slot + 1) * size]
-            head = block[4:6]
-            if int.from_bytes(head, "little") != BlockType.SUPERBLOCK:
+            if int.from_bytes(block[4:6], "little") != BlockType.SUPERBLOCK:
                 continue
             try:
                 copy = decode_superblock(block)
