@@ -107,8 +107,14 @@ def _lost_lines(report: CheckReport) -> list[str]:
         more = f" and {len(runs) - 8} more ranges" if len(runs) > 8 else ""
         total = sum(n for _, n in runs)
         lines.append(f"lost: snapshot {tag}, {total} chunks: {shown}{more} (they read as errors)")
-    if report.lost_marks and not report.lost:
-        lines.append(f"lost: {report.lost_marks} exceptions name copies an earlier repair lost")
+    if not report.lost:
+        for tag, runs in report.marked_lost.items():
+            total = sum(n for _, n in runs)
+            shown = ", ".join(f"{s}..{s + n - 1}" if n > 1 else str(s) for s, n in runs[:8])
+            more = f" and {len(runs) - 8} more ranges" if len(runs) > 8 else ""
+            lines.append(
+                f"lost: snapshot {tag}, {total} chunks marked lost by a repair: {shown}{more}"
+            )
     return lines
 
 

@@ -139,6 +139,8 @@ class CheckReport:
     lost: dict[int, list[tuple[int, int]]] = field(default_factory=dict)
     #: Exceptions that name a lost copy (marked by a repair, now or before).
     lost_marks: int = 0
+    #: Snapshot tag -> chunks the store marks lost for it, as (start, count) runs.
+    marked_lost: dict[int, list[tuple[int, int]]] = field(default_factory=dict)
     #: Exceptions the repair recovered from leaves the tree no longer reached.
     recovered_from_scan: int = 0
     #: Why --repair rewrote nothing although some problems were repairable.
@@ -174,6 +176,10 @@ class CheckReport:
                 str(tag): [list(run) for run in runs] for tag, runs in sorted(self.lost.items())
             },
             "lost_marks": self.lost_marks,
+            "marked_lost": {
+                str(tag): [list(run) for run in runs]
+                for tag, runs in sorted(self.marked_lost.items())
+            },
             "recovered_from_scan": self.recovered_from_scan,
             "journal": {
                 "transactions": self.journal_transactions,
@@ -501,6 +507,13 @@ class _Checker:
                 self.shared[bit] += 1
         if target == LOST_CHUNK:
             self.report.lost_marks += 1
+            for bit in bits_of(share):
+                if bit in self.tags:
+                    runs = self.report.marked_lost.setdefault(self.tags[bit], [])
+                    if runs and sum(runs[-1]) == chunk:
+                        runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+                    else:
+                        runs.append((chunk, 1))
             return
         if self.data_refs[target >> 3] >> (target & 7) & 1:
             self.problem(
