@@ -51,7 +51,7 @@ _STATE = ("clean", "meta_cursor", "data_cursor", "sweep_cursor", "sweep_mask")
 class DumpError(EngineError):
     """The store cannot be dumped, or the document cannot be restored."""
 
-    code = "dump_failed"
+    # Offline only (csnap-check): never on the wire, so the base's symbol.
 
 
 def _read(device: BlockDevice, g: Geometry, address: int) -> bytes:

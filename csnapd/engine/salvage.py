@@ -69,7 +69,7 @@ _FILL = 0.9
 class SalvageError(EngineError):
     """The salvaged tree cannot be written (no room, or the store refused)."""
 
-    code = "salvage_failed"
+    # Offline only (csnap-check): never on the wire, so the base's symbol.
 
 
 @dataclass(frozen=True, slots=True)
