@@ -35,7 +35,7 @@ import struct
 from dataclasses import dataclass
 
 from csnap_format._structs import is_zero, u32_array, u64_array
-from csnap_format.constants import HEADER_SIZE, MAX_DEPTH, BlockType
+from csnap_format.constants import HEADER_SIZE, LOST_CHUNK, MAX_DEPTH, BlockType
 from csnap_format.errors import CorruptBlockError
 from csnap_format.geometry import (
     EXCEPTION_BYTES,
@@ -197,7 +197,8 @@ def _exception_problem(
                 return "two exceptions of one chunk share a snapshot"
             seen |= share
         at += count
-    if targets and (min(targets) < ctx.data_start or max(targets) >= ctx.store_chunks):
+    real = [t for t in targets if t != LOST_CHUNK]
+    if real and (min(real) < ctx.data_start or max(real) >= ctx.store_chunks):
         area = f"[{ctx.data_start}, {ctx.store_chunks})"
         return f"an exception points outside the data area {area}"
     return None

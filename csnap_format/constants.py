@@ -27,6 +27,7 @@ __all__ = [
     "GEOMETRY_BACKUP_ADDRESS",
     "JOURNAL_START",
     "U64_MAX",
+    "LOST_CHUNK",
 ]
 
 #: The first four bytes of every metadata block.
@@ -58,6 +59,12 @@ MAX_TAG = 0xFFFF_FFFF
 MIN_JOURNAL_BLOCKS = 64
 
 U64_MAX = (1 << 64) - 1
+
+#: The store chunk an exception names when csnap-check --repair could not
+#: recover where that copy was: reading the chunk through any snapshot in
+#: the exception's share mask is an error, never the origin's data. No
+#: store has this many chunks, so it can never name a real copy.
+LOST_CHUNK = U64_MAX
 
 #: Fixed block addresses (in metadata blocks).
 SUPERBLOCK_ADDRESS = 0

@@ -210,6 +210,8 @@ def check_scale_part(part: dict[str, Any]) -> None:
         assert part["thin_check"] is None and part["check_ratio"] is None
     else:
         assert part["thin_check"]["seconds"] > 0 and part["check_ratio"] > 0
+    assert part["csnap_repair"]["seconds"] > 0
+    assert part["thin_repair"] is None or part["thin_repair"]["seconds"] > 0
 
 
 def check_recovery_part(part: dict[str, Any]) -> None:

@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterator
 from csnap_format import (
     EXCEPTION_BYTES,
     LEAF_ENTRY_BYTES,
+    LOST_CHUNK,
     MAX_DEPTH,
     RCHUNK_LIMIT,
     Geometry,
@@ -242,7 +243,8 @@ class ExceptionTree:
                     leaf.shares[j] = remaining
                     state.count_exception(remaining, 1)
                 else:
-                    free_chunk(leaf.targets[j])
+                    if leaf.targets[j] != LOST_CHUNK:  # a lost copy holds no chunk
+                        free_chunk(leaf.targets[j])
                     leaf.remove_exception(i, j)
                     state.exceptions -= 1
             end = start

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from csnap_format import Geometry
+from csnap_format import LOST_CHUNK, Geometry
 from csnap_format.runs import append_mapped_run
 from csnapd.engine.allocator import Allocator
 from csnapd.engine.btree import ExceptionTree
 from csnapd.engine.device import BlockDevice
-from csnapd.engine.errors import StoreIOError
+from csnapd.engine.errors import StoreIOError, lost_chunk_error
 from csnapd.engine.results import OriginWriteResult, WriteSegment
 from csnapd.engine.snapshots import SnapshotTable
 from csnapd.engine.state import StoreState
@@ -120,6 +120,8 @@ class CopyOut:
                 j = leaf.exception_of(i, bit) if found else -1
                 if j < 0:
                     from_origin.append(chunk)
+                elif leaf.targets[j] == LOST_CHUNK:
+                    raise lost_chunk_error(tag, chunk)
                 elif leaf.shares[j] & others:
                     from_store.append((chunk, leaf.targets[j]))
                 else:

@@ -27,6 +27,7 @@ __all__ = [
     "EngineFailedError",
     "StoreOpenError",
     "StoreLockedError",
+    "lost_chunk_error",
 ]
 
 
@@ -118,6 +119,17 @@ class StoreCorruptError(EngineError):
     """A metadata block read from the store is damaged or inconsistent."""
 
     code = "store_corrupt"
+
+
+def lost_chunk_error(tag: int, chunk: int) -> StoreCorruptError:
+    """The error for a chunk whose copy a repair could not recover.
+
+    docs/format.md, "Lost copies": such a chunk reads as an error on the
+    snapshots that lost it, never as the origin's data.
+    """
+    return StoreCorruptError(
+        f"snapshot {tag} chunk {chunk}: its copy was lost (csnap-check --repair marked it)"
+    )
 
 
 class EngineFailedError(EngineError):

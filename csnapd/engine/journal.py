@@ -341,3 +341,42 @@ class Journal:
     def sync(self) -> None:
         """Make the home writes durable (used at close)."""
         self._sync()
+
+
+def committed_images(device: BlockDevice, g: Geometry, newest: int) -> dict[int, tuple[int, bytes]]:
+    """Home address -> (sequence, image) of its newest image in any intact
+    transaction still in the journal's slots, replayed or not.
+
+    Every such transaction was committed, so a block in use whose home copy
+    is older than its image here lost a write (csnap-check's `stale-block`).
+
+    Args:
+        newest: the sequence of the newest durable transaction (scan_journal's).
+
+    Raises:
+        StoreIOError: the journal cannot be read.
+    """
+    size, slots = g.block_size, g.journal_blocks
+    try:
+        raw = device.read(g.journal_start * size, slots * size)
+    except OSError as exc:
+        raise StoreIOError(f"reading the journal: {exc.strerror or exc}") from exc
+    out: dict[int, tuple[int, bytes]] = {}
+    view = memoryview(raw)
+    for slot in range(slots):
+        at = slot * size
+        if raw[at : at + 6] != _COMMIT_HEAD:
+            continue
+        try:
+            record = decode_commit(view[at : at + size], g.context, g.journal_start + slot)
+        except FormatError:
+            continue
+        if record.sequence > newest:
+            continue
+        txn = _verified(raw, g, [(slot, record)])
+        if txn is None:
+            continue
+        for home, image in zip(record.homes, txn.images, strict=True):
+            if home not in out or out[home][0] < record.sequence:
+                out[home] = (record.sequence, bytes(image))
+    return out

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from csnap_format import Geometry
+from csnap_format import LOST_CHUNK, Geometry
 from csnap_format.runs import append_mapped_run, append_run
 from csnapd.engine.btree import ExceptionTree
-from csnapd.engine.errors import InvalidRequestError
+from csnapd.engine.errors import InvalidRequestError, lost_chunk_error
 from csnapd.engine.results import ReadSegment
 from csnapd.engine.snapshots import SnapshotTable
 from csnapd.engine.state import StoreState
@@ -53,7 +53,10 @@ class ChunkReads:
         for start, count in ranges:
             for chunk, leaf, i, found in self._tree.entries(start, count):
                 j = leaf.exception_of(i, bit) if found else -1
-                append_mapped_run(runs, chunk, 1, leaf.targets[j] if j >= 0 else None)
+                target = leaf.targets[j] if j >= 0 else None
+                if target == LOST_CHUNK:
+                    raise lost_chunk_error(tag, chunk)
+                append_mapped_run(runs, chunk, 1, target)
         return [ReadSegment(*run) for run in runs]
 
     def origin_shared(self, ranges: Ranges) -> list[tuple[int, int]]:

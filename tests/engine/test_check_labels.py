@@ -1,6 +1,7 @@
 """csnap-check --repair labels each problem by what happened to it: [repaired]
-only beside a problem it rewrote, [not repaired] beside every other; the
-exit status is fsck's (1 all repaired, 4 problems left).
+only beside a problem a check after the repair no longer finds, [not
+repaired] beside every other; the exit status is fsck's (1 all repaired, 4
+problems left).
 """
 
 from __future__ import annotations
@@ -10,10 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from csnap_format import BitmapBlock, decode_bitmap, encode_bitmap
+from csnap_format import BitmapBlock, decode_bitmap, decode_superblock, encode_bitmap
 from csnapd.check_cli import main as check_main
-from csnapd.engine import MemoryDevice
+from csnapd.engine import Engine, FileDevice, MemoryDevice
 from csnapd.engine.check import check_store
+from tests.engine.helpers import format_device, new_geometry
 from tests.engine.test_check import populated, rewrite, share_a_target
 from tests.torture.faulty import Fault, FaultyDevice
 
@@ -47,7 +49,7 @@ def _problem_lines(out: str) -> list[str]:
     return [line for line in out.splitlines() if line.startswith("problem:")]
 
 
-def test_nothing_is_labelled_repaired_when_the_btree_is_damaged(
+def test_a_salvaged_btree_labels_its_problems_repaired_and_names_what_was_lost(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     store, _, _ = populated()
@@ -55,20 +57,55 @@ def test_nothing_is_labelled_repaired_when_the_btree_is_damaged(
     _share_a_target(store)
     path = _to_file(store, tmp_path)
 
+    assert check_main([str(path)]) == 4
+    capsys.readouterr()
+    assert check_main(["--repair", str(path)]) == 1
+    out = capsys.readouterr().out
+    lines = _problem_lines(out)
+    assert any("leaked" in line for line in lines), out
+    assert any("more than one exception" in line for line in lines), out
+    assert lines and all(line.endswith(" [repaired]") for line in lines), out
+    assert "lost: snapshot" in out and "all repaired" in out
+    assert check_main(["--json", str(path)]) == 0
+    after = json.loads(capsys.readouterr().out)
+    assert after["lost_marks"] >= 1
+    # A later check still names, per snapshot, the chunks marked lost.
+    assert after["marked_lost"] and set(after["marked_lost"]) <= {"1", "2"}
+    assert check_main([str(path)]) == 0
+    assert "marked lost by a repair" in capsys.readouterr().out
+
+
+def test_nothing_is_labelled_repaired_when_the_salvage_has_no_room(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A large, barely written origin: the last leaf covers nearly all of it,
+    # and marking every chunk of its range lost needs more metadata blocks
+    # than the store has.
+    g = new_geometry(store_bytes=8 << 20, origin_bytes=512 << 20)
+    store = MemoryDevice(g.store_bytes)
+    format_device(store, g)
+    origin = tmp_path / "origin"
+    with origin.open("wb") as f:
+        f.truncate(g.origin_bytes)
+    engine = Engine.open(store, FileDevice(origin, writable=False))
+    engine.create_snapshot(1)
+    engine.commit()
+    engine.close()
+    root = decode_superblock(store.read(0, g.block_size)).root
+    store.write(root * g.block_size + 100, b"\xff")
+    store.sync()
+    path = tmp_path / "store"
+    path.write_bytes(store.read(0, g.store_bytes))
+
     assert check_main(["--repair", str(path)]) == 4
     out = capsys.readouterr().out
     lines = _problem_lines(out)
-    assert any("leaked" in line for line in lines), out  # a repairable one is among them
     assert lines and all(line.endswith(" [not repaired]") for line in lines), out
-    assert "[repaired]" not in out
-    assert "repaired nothing: the btree is damaged" in out
-    assert "all repaired" not in out
-
+    assert "[repaired]" not in out and "all repaired" not in out
+    assert "repaired nothing: the metadata area has no room" in out
     assert check_main(["--repair", "--json", str(path)]) == 4
     report = json.loads(capsys.readouterr().out)
-    assert report["repaired"] == [] and "btree is damaged" in report["repair_refused"]
-    assert not any(problem["repaired"] for problem in report["problems"])
-    assert any(problem["repairable"] for problem in report["problems"])
+    assert report["repaired"] == [] and not any(p["repaired"] for p in report["problems"])
 
 
 def test_each_repaired_problem_is_labelled_repaired(
