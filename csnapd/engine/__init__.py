@@ -50,6 +50,7 @@ from csnapd.engine.results import (
     StoreStatus,
     WriteSegment,
 )
+from csnapd.engine.squash import Squashed
 
 __all__ = [
     "BlockDevice",
@@ -64,6 +65,7 @@ __all__ = [
     "MAX_REQUEST_CHUNKS",
     "read_geometry",
     "RecoveryReport",
+    "Squashed",
     "OriginWriteResult",
     "ReadSegment",
     "WriteSegment",

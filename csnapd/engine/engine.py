@@ -12,7 +12,9 @@ close) and the objects that each keep one part of it:
   * the copy-out path (csnapd.engine.copyout): origin and snapshot writes;
   * the chunk reads (csnapd.engine.reads): snapshot reads and origin maps;
   * the client registry (csnapd.engine.clients);
-  * the sweep (csnapd.engine.sweep): reclaiming deleted snapshots' space.
+  * the sweep (csnapd.engine.sweep): reclaiming deleted snapshots' space;
+  * the store-full policy (csnapd.engine.squash): squashing expendable
+    snapshots when a copy-out finds the store full.
 
 Callers use only `Engine`; its methods hand each request to its owner.
 """
@@ -22,12 +24,13 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 from csnap_format import (
     MIN_BLOCK_SIZE,
     FormatError,
     Geometry,
+    SnapshotState,
     decode_geometry,
     decode_superblock,
 )
@@ -36,7 +39,12 @@ from csnapd.engine.btree import ExceptionTree
 from csnapd.engine.clients import ClientRegistry
 from csnapd.engine.copyout import CopyOut
 from csnapd.engine.device import BlockDevice, FileDevice
-from csnapd.engine.errors import StoreIOError, StoreOpenError
+from csnapd.engine.errors import (
+    SnapshotBusyError,
+    SnapshotUnavailableError,
+    StoreIOError,
+    StoreOpenError,
+)
 from csnapd.engine.journal import Journal, RecoveryReport
 from csnapd.engine.pager import Pager
 from csnapd.engine.reads import ChunkReads
@@ -48,6 +56,7 @@ from csnapd.engine.results import (
     WriteSegment,
 )
 from csnapd.engine.snapshots import SnapshotTable
+from csnapd.engine.squash import Squashed, Squasher, squash_order
 from csnapd.engine.state import StoreState
 from csnapd.engine.stats import EngineStats
 from csnapd.engine.sweep import SWEEP_LEAVES_PER_STEP, Sweeper
@@ -152,6 +161,7 @@ class Engine:
         self._reads = ChunkReads(state, geometry, tree, self._snapshots, txn)
         self._registry = ClientRegistry(state, self._pager, meta, geometry, txn)
         self._sweeper = Sweeper(state, self._pager, tree, data, txn)
+        self._squasher = Squasher(state, self._sweeper, txn)
 
     # -- opening and closing ---------------------------------------------------
 
@@ -306,13 +316,30 @@ class Engine:
 
     # -- data-path requests ------------------------------------------------------
 
-    def origin_write(self, ranges: Ranges) -> OriginWriteResult:
-        """Prepare origin chunks to be overwritten (see CopyOut.origin_write)."""
-        return self._copy.origin_write(ranges)
+    def origin_write(
+        self, ranges: Ranges, *, spare: Collection[int] = (), reclaim: bool = True
+    ) -> OriginWriteResult:
+        """Prepare origin chunks to be overwritten (see CopyOut.origin_write).
 
-    def snapshot_write(self, tag: int, ranges: Ranges) -> list[WriteSegment]:
-        """Give snapshot `tag` its own copy of each chunk (see CopyOut.snapshot_write)."""
-        return self._copy.snapshot_write(tag, ranges)
+        A full store squashes expendable snapshots first (see Squasher):
+        never those tagged in `spare`, and none at all without `reclaim`.
+        """
+        return self._squasher.with_room(
+            lambda: self._copy.origin_write(ranges), spare=spare, reclaim=reclaim
+        )
+
+    def snapshot_write(
+        self, tag: int, ranges: Ranges, *, spare: Collection[int] = (), reclaim: bool = True
+    ) -> list[WriteSegment]:
+        """Give snapshot `tag` its own copy of each chunk (see CopyOut.snapshot_write).
+
+        A full store squashes as for origin_write, never snapshot `tag` itself.
+        """
+        return self._squasher.with_room(
+            lambda: self._copy.snapshot_write(tag, ranges),
+            spare={tag, *spare},
+            reclaim=reclaim,
+        )
 
     def snapshot_read(self, tag: int, ranges: Ranges) -> list[ReadSegment]:
         """Where snapshot `tag`'s chunks are (see ChunkReads.snapshot_read)."""
@@ -361,6 +388,35 @@ class Engine:
     def change_use_count(self, tag: int, delta: int) -> SnapshotInfo:
         """Add `delta` to a snapshot's use count (0 reads it)."""
         return self._snapshots.change_use_count(tag, delta)
+
+    def squash_order(self, spare: Collection[int] = ()) -> list[int]:
+        """Tags of the expendable snapshots, the first a full store squashes first."""
+        self._txn.check_usable()
+        tags = []
+        for bit in squash_order(self._state, spare):
+            record = self._state.snapshots[bit]
+            assert record is not None
+            tags.append(record.tag)
+        return tags
+
+    def squash_snapshot(self, tag: int) -> SnapshotInfo:
+        """Squash snapshot `tag` now, committed: its data goes, its tag stays."""
+        self._txn.check_usable()
+        bit = self._snapshots.bit(tag)
+        record = self._state.snapshots[bit]
+        assert record is not None
+        if record.state != SnapshotState.LIVE:
+            raise SnapshotUnavailableError(f"snapshot {tag} is already squashed")
+        if record.use_count:
+            raise SnapshotBusyError(
+                f"snapshot {tag} has use count {record.use_count}; set it to 0 to squash it"
+            )
+        self._squasher.squash(bit)
+        return self._snapshots.info(bit)
+
+    def take_squashed(self) -> list[Squashed]:
+        """Snapshots squashed to make room since the last call, in order."""
+        return self._squasher.take_squashed()
 
     def snapshot(self, tag: int) -> SnapshotInfo:
         """One snapshot by tag."""

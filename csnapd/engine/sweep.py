@@ -1,7 +1,8 @@
-"""The sweep: reclaiming deleted snapshots' space in the background.
+"""The sweep: reclaiming deleted and squashed snapshots' space.
 
 Owns the sweep's progress in the store state (the share bits being swept and
-the next logical chunk to visit). Each step is one request of a fresh
+the next logical chunk to visit). It runs in the background, and on demand
+when a copy-out waits for room (csnapd.engine.squash). Each step is one request of a fresh
 transaction, bounded in dirty blocks and in leaves visited, so that a server
 pauses its clients for a few milliseconds at most.
 """
@@ -45,8 +46,8 @@ class Sweeper:
 
     @property
     def pending(self) -> bool:
-        """Whether deleted snapshots still have space to reclaim."""
-        return bool(self._state.mask_in(SnapshotState.DELETING))
+        """Whether deleted or squashed snapshots still have space to reclaim."""
+        return bool(self._state.reclaim_mask)
 
     def sweep(self) -> bool:
         """Reclaim deleted snapshots' space for one transaction's worth.
@@ -66,7 +67,7 @@ class Sweeper:
     def _step(self) -> None:
         state = self._state
         if not state.sweep_mask:
-            state.sweep_mask = state.mask_in(SnapshotState.DELETING)
+            state.sweep_mask = state.reclaim_mask
             state.sweep_cursor = 0
         # Room for merges and root changes beyond the leaf being swept.
         limit = self._txn.max_blocks - 1 - 2 * (state.depth + 2) - 2
@@ -97,7 +98,12 @@ class Sweeper:
                     state.unique[bit],
                     state.shared[bit],
                 )
-            state.snapshots[bit] = None
+            record = state.snapshots[bit]
+            if record is None or record.state != SnapshotState.SQUASHED:
+                # A deleted snapshot's slot is free now; a squashed one keeps
+                # its tag (and its slot) until it is deleted.
+                state.snapshots[bit] = None
             state.unique[bit] = state.shared[bit] = 0
-        state.sweep_mask = state.mask_in(SnapshotState.DELETING)
+        state.sweep_mask = 0
+        state.sweep_mask = state.reclaim_mask
         state.sweep_cursor = 0
