@@ -277,11 +277,7 @@ class Dispatcher:
                 squashed.priority,
                 squashed.unique_chunks,
                 squashed.shared_chunks,
-                extra={
-                    "event": "snapshot.squashed",
-                    "snapshot": squashed.tag,
-                    "priority": squashed.priority,
-                },
+                extra={"event": "snapshot.squashed", "snapshot": squashed.tag},
             )
 
     def _received(self, peer: Peer, message: Message, batch: Batch) -> bool:
