@@ -85,9 +85,11 @@ def _pack(chunk: int, version: int) -> bytes:
 class _Runner:
     """Drives an Engine with random operations, recording the trace."""
 
-    def __init__(self, seed: int, g: Geometry, *, filling: bool = False):
+    def __init__(self, seed: int, g: Geometry, *, filling: bool = False, reclaim: bool = True):
         #: Mostly creates and large origin writes: the store fills and squashes.
         self.filling = filling
+        #: Whether a full store makes room (the store-full policy) or refuses.
+        self.reclaim = reclaim
         self.rng = random.Random(seed)
         self.g = g
         self.trace: list[Event] = []
@@ -145,7 +147,7 @@ class _Runner:
             return kind, [("delete", tag, self.live.pop(tag))], lambda: None
         if kind == "snapshot" and self.live:
             tag = self.rng.choice(sorted(self.live))
-            segments = self.engine.snapshot_write(tag, [self._range()])
+            segments = self.engine.snapshot_write(tag, [self._range()], reclaim=self.reclaim)
             # A client whose snapshot is deleted (or squashed) in the same
             # commit never writes.
             return (
@@ -163,7 +165,7 @@ class _Runner:
             )
             return kind, [], lambda: None
         r = self._range()
-        self.engine.origin_write([r])
+        self.engine.origin_write([r], reclaim=self.reclaim)
         return "origin", [], lambda: self._client_origin_writes(r)
 
     def _squashes(self) -> list[Effect]:
@@ -230,16 +232,22 @@ class _Runner:
 
 
 def run_workload(
-    seed: int, operations: int, *, store_bytes: int = 4 << 20, filling: bool = False
+    seed: int,
+    operations: int,
+    *,
+    store_bytes: int = 4 << 20,
+    filling: bool = False,
+    reclaim: bool = True,
 ) -> Workload:
     """Run `operations` random steps and return the recorded trace.
 
     A small `store_bytes` keeps the store nearly full, so allocation wraps
     around onto chunks freed moments before; `filling` favours creates and
-    large origin writes, so that the store-full policy squashes often.
+    large origin writes, so that the store-full policy squashes often;
+    without `reclaim` a full store refuses copy-outs instead.
     """
     g = crash_geometry(store_bytes)
-    runner = _Runner(seed, g, filling=filling)
+    runner = _Runner(seed, g, filling=filling, reclaim=reclaim)
     data_wraps = journal_wraps = 0
     cursor, slot = runner.engine._state.data_cursor, runner.engine._journal.next_slot
     for _ in range(operations):
