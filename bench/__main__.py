@@ -12,6 +12,9 @@ writes every figure, with a description of the machine, as JSON.
              csnap-check beside thin_check (bench.scale_bench)
   lifecycle  snapshot create and delete latency, sweep rate (bench.server_bench)
   recovery   start to ready after SIGKILL with a full journal (bench.recovery_bench)
+  reclaim    delete and squash of snapshots owning 1 and 1/64 of a million
+             exceptions: acknowledgement, time until free, commits, leaves
+             visited, longest pause (bench.reclaim_bench)
 
 --quick runs every part small, in seconds, as a smoke test; --only PART
 (repeatable) runs only those parts. Peers whose tools are missing are
@@ -33,6 +36,7 @@ from typing import Any
 
 from bench.common import Part, machine, progress
 from bench.nbd_bench import nbd_part
+from bench.reclaim_bench import reclaim_part
 from bench.recovery_bench import recovery_part
 from bench.scale_bench import scale_part
 from bench.server_bench import lifecycle_part, server_part
@@ -45,6 +49,7 @@ PARTS: dict[str, tuple[str, Callable[..., Part]]] = {
     "scale": ("a million exceptions across 64 snapshots, beside thin_check", scale_part),
     "lifecycle": ("snapshot create and delete latency, sweep rate", lifecycle_part),
     "recovery": ("start to ready after SIGKILL with a full journal", recovery_part),
+    "reclaim": ("delete and squash cost against what the snapshot owns", reclaim_part),
 }
 
 

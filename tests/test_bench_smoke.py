@@ -112,7 +112,15 @@ def test_suite_quick(tmp_path: Path) -> None:
     assert results["quick"] is True
     assert results["machine"]["cores"] >= 1
     parts = results["parts"]
-    assert set(parts) == {"server", "nbd", "snapshots", "scale", "lifecycle", "recovery"}
+    assert set(parts) == {
+        "server",
+        "nbd",
+        "snapshots",
+        "scale",
+        "lifecycle",
+        "recovery",
+        "reclaim",
+    }
     for name, part in parts.items():
         assert "error" not in part, name
         assert part["part_seconds"] > 0, name
@@ -125,6 +133,21 @@ def test_suite_quick(tmp_path: Path) -> None:
     check_scale_part(parts["scale"])
     check_recovery_part(parts["recovery"])
     assert parts["lifecycle"]["exceptions_swept"] == parts["lifecycle"]["exceptions"]
+    check_reclaim_part(parts["reclaim"])
+
+
+def check_reclaim_part(part: dict[str, Any]) -> None:
+    assert part["exceptions"] > 0 and part["idle_lookups_per_s"] > 0
+    for key in ("delete_single", "delete_sixty_fourth"):
+        case = part[key]
+        assert case["owned"] > 0 and case["ack_s"] > 0 and case["free_s"] > 0, key
+        assert 0 < case["commits"] <= case["steps"] + 1, key
+        assert case["leaves_visited"] > 0 and case["longest_step_ms"] > 0, key
+    # A snapshot owning one exception is reclaimed in fewer transactions than
+    # one owning an exception in every leaf.
+    assert part["delete_single"]["commits"] < part["delete_sixty_fourth"]["commits"]
+    squash = part["squash_sixty_fourth"]
+    assert squash["owned"] > 0 and squash["write_served_s"] > 0
 
 
 def check_server_part(part: dict[str, Any]) -> None:

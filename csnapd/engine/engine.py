@@ -160,7 +160,7 @@ class Engine:
         )
         self._reads = ChunkReads(state, geometry, tree, self._snapshots, txn)
         self._registry = ClientRegistry(state, self._pager, meta, geometry, txn)
-        self._sweeper = Sweeper(state, self._pager, tree, data, txn)
+        self._sweeper = Sweeper(state, self._pager, tree, data, txn, self.stats)
         self._squasher = Squasher(state, self._sweeper, txn)
 
     # -- opening and closing ---------------------------------------------------
