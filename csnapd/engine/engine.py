@@ -30,7 +30,6 @@ from csnap_format import (
     MIN_BLOCK_SIZE,
     FormatError,
     Geometry,
-    SnapshotState,
     decode_geometry,
     decode_superblock,
 )
@@ -39,12 +38,7 @@ from csnapd.engine.btree import ExceptionTree
 from csnapd.engine.clients import ClientRegistry
 from csnapd.engine.copyout import CopyOut
 from csnapd.engine.device import BlockDevice, FileDevice
-from csnapd.engine.errors import (
-    SnapshotBusyError,
-    SnapshotUnavailableError,
-    StoreIOError,
-    StoreOpenError,
-)
+from csnapd.engine.errors import StoreIOError, StoreOpenError
 from csnapd.engine.journal import Journal, RecoveryReport
 from csnapd.engine.pager import Pager
 from csnapd.engine.reads import ChunkReads
@@ -398,21 +392,6 @@ class Engine:
             assert record is not None
             tags.append(record.tag)
         return tags
-
-    def squash_snapshot(self, tag: int) -> SnapshotInfo:
-        """Squash snapshot `tag` now, committed: its data goes, its tag stays."""
-        self._txn.check_usable()
-        bit = self._snapshots.bit(tag)
-        record = self._state.snapshots[bit]
-        assert record is not None
-        if record.state != SnapshotState.LIVE:
-            raise SnapshotUnavailableError(f"snapshot {tag} is already squashed")
-        if record.use_count:
-            raise SnapshotBusyError(
-                f"snapshot {tag} has use count {record.use_count}; set it to 0 to squash it"
-            )
-        self._squasher.squash(bit)
-        return self._snapshots.info(bit)
 
     def take_squashed(self) -> list[Squashed]:
         """Snapshots squashed to make room since the last call, in order."""

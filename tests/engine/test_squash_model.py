@@ -282,6 +282,7 @@ class SquashMachine(RuleBasedStateMachine):
             assert info.use_count == self.use[tag]
             assert info.priority == self.priority[tag]
         assert not self.engine.pending
+        assert self.engine.squash_order() == self.order()
         assert_clean(self.mem)
         for tag in self.squashed:
             with pytest.raises(SnapshotUnavailableError):
