@@ -5,9 +5,10 @@ the next logical chunk to visit). It runs in the background, and on demand
 when a copy-out waits for room (csnapd.engine.squash).
 
 A step is bounded in the leaves it changes (SWEEP_LEAVES_PER_STEP) and,
-more loosely, in the leaves it only looks at (SWEEP_VISITS_PER_STEP): a
-leaf holding none of the swept bits costs a read and no write, so a
-snapshot owning few exceptions is reclaimed in few transactions. Each step is one request of a fresh
+more loosely, in the leaves it only looks at (SWEEP_VISITS_PER_STEP) and in
+time (SWEEP_STEP_SECONDS): a leaf holding none of the swept bits costs a
+read and no write, so a snapshot owning few exceptions is reclaimed in few
+transactions, and no step pauses a server's clients for long. Each step is one request of a fresh
 transaction, bounded in dirty blocks and in leaves visited, so that a server
 pauses its clients for a few milliseconds at most.
 """
@@ -15,6 +16,7 @@ pauses its clients for a few milliseconds at most.
 from __future__ import annotations
 
 import logging
+import time
 
 from csnap_format import SnapshotState
 from csnapd.engine.allocator import Allocator
@@ -24,7 +26,7 @@ from csnapd.engine.state import StoreState, bits_of
 from csnapd.engine.stats import EngineStats
 from csnapd.engine.transaction import Transaction
 
-__all__ = ["SWEEP_LEAVES_PER_STEP", "SWEEP_VISITS_PER_STEP", "Sweeper"]
+__all__ = ["SWEEP_LEAVES_PER_STEP", "SWEEP_STEP_SECONDS", "SWEEP_VISITS_PER_STEP", "Sweeper"]
 
 log = logging.getLogger("csnapd.engine")
 
@@ -34,6 +36,10 @@ SWEEP_LEAVES_PER_STEP = 16
 #: Most btree leaves one sweep step looks at, changed or not: reading a leaf
 #: without a swept bit costs a small fraction of changing one.
 SWEEP_VISITS_PER_STEP = 128
+#: A step looks at no further leaf once it has run this long (it always
+#: finishes the leaf it is on): leaves read from disk cost far more than
+#: cached ones.
+SWEEP_STEP_SECONDS = 0.005
 
 
 class Sweeper:
@@ -90,8 +96,9 @@ class Sweeper:
         # Bounded in leaves too: leaves emptied and merged away leave nothing
         # dirty, and a server answers nobody while a step runs.
         changed = 0
+        deadline = time.monotonic() + SWEEP_STEP_SECONDS
         for _ in range(SWEEP_VISITS_PER_STEP):
-            if changed >= SWEEP_LEAVES_PER_STEP:
+            if changed >= SWEEP_LEAVES_PER_STEP or time.monotonic() > deadline:
                 return
             after, touched = self._tree.sweep_leaf(
                 chunk, state.sweep_mask, self._data.free, may_continue
