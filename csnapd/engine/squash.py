@@ -72,8 +72,6 @@ class Squasher:
         self._txn = transaction
         #: Snapshots squashed and not yet taken by `take_squashed`, in order.
         self._squashed: list[Squashed] = []
-        #: Snapshots squashed since the engine opened.
-        self.count = 0
 
     def take_squashed(self) -> list[Squashed]:
         """Snapshots squashed since the last call, in the order they were squashed."""
@@ -128,7 +126,6 @@ class Squasher:
         squashed = self._txn.request(lambda: self._squash(bit))
         self._txn.commit()
         self._squashed.append(squashed)
-        self.count += 1
         return squashed
 
     def _squash(self, bit: int) -> Squashed:
