@@ -18,6 +18,9 @@ writes every figure, with a description of the machine, as JSON.
              (bench.metrics_bench)
   changes    the changelist over a million exceptions; delta size and speed
              (bench.changes_bench)
+  reclaim    delete and squash of snapshots owning 1 and 1/64 of a million
+             exceptions: acknowledgement, time until free, commits, leaves
+             visited, longest pause (bench.reclaim_bench)
 
 --quick runs every part small, in seconds, as a smoke test; --only PART
 (repeatable) runs only those parts. Peers whose tools are missing are
@@ -42,6 +45,7 @@ from bench.common import Part, machine, progress
 from bench.failover_bench import failover_part
 from bench.metrics_bench import metrics_part
 from bench.nbd_bench import nbd_part
+from bench.reclaim_bench import reclaim_part
 from bench.recovery_bench import recovery_part
 from bench.scale_bench import scale_part
 from bench.server_bench import lifecycle_part, server_part
@@ -57,6 +61,7 @@ PARTS: dict[str, tuple[str, Callable[..., Part]]] = {
     "failover": ("kill -9 of the active csnapd to the next granted write, via etcd", failover_part),
     "metrics": ("the metadata query rate with and without --metrics", metrics_part),
     "changes": ("the changelist over a million exceptions; delta size and speed", changes_part),
+    "reclaim": ("delete and squash cost against what the snapshot owns", reclaim_part),
 }
 
 

@@ -63,7 +63,7 @@ _EPILOG = """\
 verbs (csnap VERB --help for each):
   create TAG [--priority N]   take a snapshot of the origin now
   delete TAG                  delete a snapshot (space is reclaimed in the background)
-  list                        live snapshots, oldest first
+  list                        live and squashed snapshots, oldest first
   status [TAG]                store size and free space, and every snapshot
   priority TAG N              set a snapshot's priority (-128..127)
   usecount TAG [DELTA]        read, or add DELTA to, a snapshot's use count

@@ -341,13 +341,13 @@ def _state_problems(sb: Superblock) -> list[str]:
         problems.append(f"client registry {sb.registry} is outside the metadata area")
     if sb.exceptions > g.data_chunks:
         problems.append(f"exception count {sb.exceptions} exceeds the data area")
-    deleting = sum(
+    reclaimed = sum(
         1 << bit
         for bit, record in enumerate(sb.snapshots)
-        if record is not None and record.state == SnapshotState.DELETING
+        if record is not None and record.state in (SnapshotState.DELETING, SnapshotState.SQUASHED)
     )
-    if sb.sweep_mask & ~deleting:
-        problems.append("the sweep clears bits of snapshots that are not deleting")
+    if sb.sweep_mask & ~reclaimed:
+        problems.append("the sweep clears bits of snapshots neither deleting nor squashed")
     return problems
 
 

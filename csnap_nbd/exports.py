@@ -138,6 +138,11 @@ class Exports:
 
     async def snapshot_tags(self) -> list[int]:
         """The tags of the live snapshots, oldest first, as csnapd lists them now."""
+        states = await self._snapshot_states()
+        return [tag for tag, state in states.items() if state == "live"]
+
+    async def _snapshot_states(self) -> dict[int, str]:
+        """Each snapshot's state by tag (live or squashed), oldest first."""
         try:
             with trio.fail_after(ADMIN_TIMEOUT):
                 async with open_admin(self._admin_connect) as admin:
@@ -146,7 +151,7 @@ class Exports:
             raise ServerUnreachableError("csnapd did not list its snapshots in time") from exc
         except (OSError, ServerError, ConnectionLostError) as exc:
             raise ServerUnreachableError(f"cannot list snapshots: {exc}") from exc
-        return [int(s["tag"]) for s in snapshots if s.get("state", "live") == "live"]
+        return {int(s["tag"]): str(s.get("state", "live")) for s in snapshots}
 
     async def list_exports(self) -> list[ExportInfo]:
         """Every export now: the origin, then each live snapshot, oldest first."""
@@ -166,7 +171,15 @@ class Exports:
             entry = self._open.get(tag)
             # An export in use is known to be live without asking csnapd.
             in_use = entry is not None and entry.path is not None
-            if not in_use and tag not in await self.snapshot_tags():
+            state = "live" if in_use else (await self._snapshot_states()).get(tag)
+            if state == "squashed":
+                log.warning(
+                    "export %s refused: snapshot %d was squashed to make room; its data is gone",
+                    name,
+                    tag,
+                )
+                raise UnknownExportError(f"snapshot {tag} was squashed: its data is gone")
+            if state != "live":
                 raise UnknownExportError(f"snapshot {tag} is not live")
         return ExportInfo(ORIGIN if tag is None else name, tag, _describe(tag))
 

@@ -22,7 +22,11 @@ Rules kept here, by their names in docs/rules.md:
 - detach before sweep: a deleted snapshot's space is swept only once its
   clients have gone; idle, whenever there is space to reclaim, and under load
   at least once every SWEEP_EVERY batches (docs/protocol.md, "Snapshot delete
-  with detaching clients").
+  with detaching clients");
+- full store squashes first: a copy-out refused for want of space squashes
+  expendable snapshots, sparing those a client is connected to, and neither
+  sweeps nor squashes while clients of a deleted snapshot are detaching or
+  the post-restart grace runs (docs/protocol.md, "When the store is full").
 """
 
 from __future__ import annotations
@@ -118,6 +122,7 @@ class Dispatcher:
             lease_ms=lease_ms,
             max_read_locks=max_read_locks,
             max_server_read_locks=max_server_read_locks,
+            room=self.room,
         )
         self._requests = RequestHandlers(
             engine,
@@ -125,6 +130,7 @@ class Dispatcher:
             self.create_barrier,
             self.peers,
             self.server_info,
+            room=self.room,
             epoch=self.identity.epoch,
             max_chunks=max_chunks,
         )
@@ -152,6 +158,18 @@ class Dispatcher:
     def grace(self) -> bool:
         """Origin writes wait for lock uploads after a restart."""
         return self.gate.grace
+
+    def room(self) -> tuple[frozenset[int], bool]:
+        """The store-full policy's terms now: tags to spare, and whether to reclaim.
+
+        A snapshot some client is connected to is spared: its reads may be
+        under way at store chunks a squash would free. Nothing is reclaimed
+        while a deleted snapshot's clients detach (rule: detach before sweep)
+        or while clients from before a restart may still read.
+        """
+        spare = frozenset(p.snapshot for p in self.peers if p.identified and p.snapshot is not None)
+        reclaim = not self.gate.grace and not any(p.detaching for p in self.peers)
+        return spare, reclaim
 
     # -- the batch ---------------------------------------------------------------
 
@@ -230,7 +248,10 @@ class Dispatcher:
         match item:
             case Received(peer=peer, message=message):
                 self.requests += 1
-                return self._received(peer, message, batch)
+                try:
+                    return self._received(peer, message, batch)
+                finally:
+                    self._report_squashed()
             case Connected(peer=peer):
                 self.peers.add(peer)
                 return False
@@ -245,6 +266,19 @@ class Dispatcher:
                 return False
             case _:
                 assert_never(item)
+
+    def _report_squashed(self) -> None:
+        """Log each snapshot the store-full policy squashed."""
+        for squashed in self.engine.take_squashed():
+            log.warning(
+                "snapshot %d squashed to make room (priority %d; %d unique and %d shared"
+                " chunks reclaimed): its data is gone, its tag stays",
+                squashed.tag,
+                squashed.priority,
+                squashed.unique_chunks,
+                squashed.shared_chunks,
+                extra={"event": "snapshot.squashed", "snapshot": squashed.tag},
+            )
 
     def _received(self, peer: Peer, message: Message, batch: Batch) -> bool:
         request = message.id if isinstance(message, Request) else None

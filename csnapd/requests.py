@@ -111,6 +111,7 @@ class RequestHandlers:
         peers: Set[Peer],
         server_info: Callable[[], ServerRecord],
         *,
+        room: Callable[[], tuple[frozenset[int], bool]],
         epoch: int,
         max_chunks: int,
     ):
@@ -119,6 +120,7 @@ class RequestHandlers:
         self._barrier = barrier
         self._peers = peers
         self._server_info = server_info
+        self._room = room
         self._epoch = epoch
         self._max_chunks = max_chunks
 
@@ -228,12 +230,15 @@ class RequestHandlers:
     ) -> SnapshotWriteOk | None:
         self._need_identified(peer)
         chunks = self._check_ranges(message.ranges)
+        spare, reclaim = self._room()
         if peer.snapshot is None:
-            result = self._engine.origin_write(message.ranges)
+            result = self._engine.origin_write(message.ranges, spare=spare, reclaim=reclaim)
             writes.append(ParkedWrite(peer, message.id, message.ranges, result.copied))
             return None  # granted after the commit, if the write gate lets it through
         self._check_reply_fits(peer, SnapshotWriteOk, chunks)
-        segments = self._engine.snapshot_write(peer.snapshot, message.ranges)
+        segments = self._engine.snapshot_write(
+            peer.snapshot, message.ranges, spare=spare, reclaim=reclaim
+        )
         triples = tuple((s.chunk, s.count, s.store_chunk) for s in segments)
         return SnapshotWriteOk(message.id, triples)
 

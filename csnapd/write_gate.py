@@ -16,7 +16,7 @@ its lease (docs/protocol.md, "Liveness").
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from csnap_protocol import ErrorCode, WriteOk
 from csnapd.batch import EngineRefusal, ParkedWrite, Peer, Sends
@@ -42,8 +42,12 @@ class WriteGate:
         lease_ms: int,
         max_read_locks: int,
         max_server_read_locks: int,
+        room: Callable[[], tuple[frozenset[int], bool]] = lambda: (frozenset(), True),
     ):
         self._engine = engine
+        #: The store-full policy's terms for a copy-out now: the tags it must
+        #: spare and whether it may reclaim at all (csnapd.dispatch).
+        self.room = room
         self._barrier = barrier
         self._refusal = refusal
         #: Told to clients in identified: how long the transport lets them be
@@ -87,7 +91,8 @@ class WriteGate:
         out = []
         for write in ready:
             try:
-                result = self._engine.origin_write(write.ranges)
+                spare, reclaim = self.room()
+                result = self._engine.origin_write(write.ranges, spare=spare, reclaim=reclaim)
             except EngineFailedError:
                 raise
             except EngineError as exc:

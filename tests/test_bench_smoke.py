@@ -122,6 +122,7 @@ def test_suite_quick(tmp_path: Path) -> None:
         "failover",
         "metrics",
         "changes",
+        "reclaim",
     }
     for name, part in parts.items():
         assert "error" not in part, name
@@ -138,6 +139,7 @@ def test_suite_quick(tmp_path: Path) -> None:
     check_metrics_part(parts["metrics"])
     assert parts["lifecycle"]["exceptions_swept"] == parts["lifecycle"]["exceptions"]
     check_changes_part(parts["changes"])
+    check_reclaim_part(parts["reclaim"])
 
 
 def check_changes_part(part: dict[str, Any]) -> None:
@@ -148,6 +150,20 @@ def check_changes_part(part: dict[str, Any]) -> None:
     assert 0 < delta["plain"]["per_chunk_size"] <= 1.02
     assert 0 < delta["compressed"]["per_chunk_size"] < delta["plain"]["per_chunk_size"]
     assert delta["apply_mib_per_s"] > 0
+
+
+def check_reclaim_part(part: dict[str, Any]) -> None:
+    assert part["exceptions"] > 0 and part["idle_lookups_per_s"] > 0
+    for key in ("delete_single", "delete_sixty_fourth"):
+        case = part[key]
+        assert case["owned"] > 0 and case["ack_s"] > 0 and case["free_s"] > 0, key
+        assert 0 < case["commits"] <= case["steps"] + 1, key
+        assert case["leaves_visited"] > 0 and case["longest_step_ms"] > 0, key
+    # A snapshot owning one exception is reclaimed in fewer transactions than
+    # one owning an exception in every leaf.
+    assert part["delete_single"]["commits"] < part["delete_sixty_fourth"]["commits"]
+    squash = part["squash_sixty_fourth"]
+    assert squash["owned"] > 0 and squash["write_served_s"] > 0
 
 
 def check_server_part(part: dict[str, Any]) -> None:

@@ -51,6 +51,7 @@ from csnapd.engine.results import (
     StoreStatus,
     WriteSegment,
 )
+from csnapd.engine.squash import Squashed
 
 __all__ = [
     "CHANGES_LEAVES_PER_STEP",
@@ -66,6 +67,7 @@ __all__ = [
     "DEFAULT_CACHE_BYTES",
     "read_geometry",
     "RecoveryReport",
+    "Squashed",
     "OriginWriteResult",
     "ReadSegment",
     "WriteSegment",

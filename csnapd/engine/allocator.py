@@ -96,10 +96,12 @@ class Allocator:
             return MetadataFullError(
                 f"the metadata area has {usable} free blocks{later}, {wanted} needed",
                 pending_frees=pending,
+                wanted=wanted,
             )
         return StoreFullError(
             f"the snapshot store is full: {usable} free chunks{later}, {wanted} needed",
             pending_frees=pending,
+            wanted=wanted,
         )
 
     def pending_frees(self) -> int:

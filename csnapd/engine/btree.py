@@ -194,7 +194,7 @@ class ExceptionTree:
         mask: int,
         free_chunk: Callable[[int], None],
         may_continue: Callable[[], bool],
-    ) -> int | None:
+    ) -> tuple[int | None, bool]:
         """Clear `mask` from the exceptions of the leaf holding `chunk`.
 
         Exceptions left with an empty mask are removed and their chunks freed
@@ -204,7 +204,8 @@ class ExceptionTree:
 
         Returns:
             where to continue: the next leaf's first chunk, `chunk` again if
-            the leaf is not finished, or None after the last leaf.
+            the leaf is not finished, or None after the last leaf; and
+            whether the leaf held any bit of `mask` (and was changed).
         """
         leaf, path, hi = self.descend(chunk)
         if hi <= chunk:
@@ -212,12 +213,13 @@ class ExceptionTree:
                 f"leaf {leaf.address} holding chunk {chunk} ends at {hi}: the sweep"
                 " would make no progress"
             )
-        if any(share & mask for share in leaf.shares):
+        changed = any(share & mask for share in leaf.shares)
+        if changed:
             leaf = self._pager.modify(leaf)
             if not self._clear(leaf, mask, free_chunk, may_continue):
-                return chunk
+                return chunk, True
             self._merge_leaf(leaf, path)
-        return hi if hi < self._end else None
+        return (hi if hi < self._end else None), changed
 
     def _clear(
         self,

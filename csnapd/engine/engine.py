@@ -14,7 +14,9 @@ close) and the objects that each keep one part of it:
   * the changelist (csnapd.engine.changes): chunks that may differ between
     two views;
   * the client registry (csnapd.engine.clients);
-  * the sweep (csnapd.engine.sweep): reclaiming deleted snapshots' space.
+  * the sweep (csnapd.engine.sweep): reclaiming deleted snapshots' space;
+  * the store-full policy (csnapd.engine.squash): squashing expendable
+    snapshots when a copy-out finds the store full.
 
 Callers use only `Engine`; its methods hand each request to its owner.
 """
@@ -24,7 +26,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 from csnap_format import (
     MIN_BLOCK_SIZE,
@@ -51,6 +53,7 @@ from csnapd.engine.results import (
     WriteSegment,
 )
 from csnapd.engine.snapshots import SnapshotTable
+from csnapd.engine.squash import Squashed, Squasher, squash_order
 from csnapd.engine.state import StoreState
 from csnapd.engine.stats import EngineStats
 from csnapd.engine.sweep import SWEEP_LEAVES_PER_STEP, Sweeper
@@ -158,7 +161,8 @@ class Engine:
         self._reads = ChunkReads(state, geometry, tree, self._snapshots, txn)
         self._changes = ChangeList(geometry, tree, self._snapshots, txn)
         self._registry = ClientRegistry(state, self._pager, meta, geometry, txn)
-        self._sweeper = Sweeper(state, self._pager, tree, data, txn)
+        self._sweeper = Sweeper(state, self._pager, tree, data, txn, self.stats)
+        self._squasher = Squasher(state, self._sweeper, txn)
 
     # -- opening and closing ---------------------------------------------------
 
@@ -323,13 +327,30 @@ class Engine:
 
     # -- data-path requests ------------------------------------------------------
 
-    def origin_write(self, ranges: Ranges) -> OriginWriteResult:
-        """Prepare origin chunks to be overwritten (see CopyOut.origin_write)."""
-        return self._copy.origin_write(ranges)
+    def origin_write(
+        self, ranges: Ranges, *, spare: Collection[int] = (), reclaim: bool = True
+    ) -> OriginWriteResult:
+        """Prepare origin chunks to be overwritten (see CopyOut.origin_write).
 
-    def snapshot_write(self, tag: int, ranges: Ranges) -> list[WriteSegment]:
-        """Give snapshot `tag` its own copy of each chunk (see CopyOut.snapshot_write)."""
-        return self._copy.snapshot_write(tag, ranges)
+        A full store squashes expendable snapshots first (see Squasher):
+        never those tagged in `spare`, and none at all without `reclaim`.
+        """
+        return self._squasher.with_room(
+            lambda: self._copy.origin_write(ranges), spare=spare, reclaim=reclaim
+        )
+
+    def snapshot_write(
+        self, tag: int, ranges: Ranges, *, spare: Collection[int] = (), reclaim: bool = True
+    ) -> list[WriteSegment]:
+        """Give snapshot `tag` its own copy of each chunk (see CopyOut.snapshot_write).
+
+        A full store squashes as for origin_write, never snapshot `tag` itself.
+        """
+        return self._squasher.with_room(
+            lambda: self._copy.snapshot_write(tag, ranges),
+            spare={tag, *spare},
+            reclaim=reclaim,
+        )
 
     def snapshot_read(self, tag: int, ranges: Ranges) -> list[ReadSegment]:
         """Where snapshot `tag`'s chunks are (see ChunkReads.snapshot_read)."""
@@ -433,6 +454,20 @@ class Engine:
     def change_use_count(self, tag: int, delta: int) -> SnapshotInfo:
         """Add `delta` to a snapshot's use count (0 reads it)."""
         return self._snapshots.change_use_count(tag, delta)
+
+    def squash_order(self, spare: Collection[int] = ()) -> list[int]:
+        """Tags of the expendable snapshots, the first a full store squashes first."""
+        self._txn.check_usable()
+        tags = []
+        for bit in squash_order(self._state, spare):
+            record = self._state.snapshots[bit]
+            assert record is not None
+            tags.append(record.tag)
+        return tags
+
+    def take_squashed(self) -> list[Squashed]:
+        """Snapshots squashed to make room since the last call, in order."""
+        return self._squasher.take_squashed()
 
     def snapshot(self, tag: int) -> SnapshotInfo:
         """One snapshot by tag."""

@@ -91,10 +91,12 @@ class SnapshotUnavailableError(EngineError):
 class _SpaceError(EngineError):
     """Not enough free units; some may only be waiting for a commit."""
 
-    def __init__(self, message: str, *, pending_frees: int = 0):
+    def __init__(self, message: str, *, pending_frees: int = 0, wanted: int = 0):
         super().__init__(message)
         #: Units freed by the open transaction, usable once it is durable.
         self.pending_frees = pending_frees
+        #: Free units the refused allocation asked for.
+        self.wanted = wanted
 
 
 class StoreFullError(_SpaceError):

@@ -152,6 +152,23 @@ class StoreState:
         """Share bits of the live snapshots: those a copy-out must serve."""
         return self.mask_in(SnapshotState.LIVE)
 
+    @property
+    def reclaim_mask(self) -> int:
+        """Share bits whose exceptions the sweep must still clear.
+
+        Those of deleting snapshots, of squashed snapshots that still count
+        exceptions, and of the sweep pass in progress.
+        """
+        mask = self.sweep_mask
+        for bit, record in enumerate(self.snapshots):
+            if record is None:
+                continue
+            if record.state == SnapshotState.DELETING or (
+                record.state == SnapshotState.SQUASHED and (self.unique[bit] or self.shared[bit])
+            ):
+                mask |= 1 << bit
+        return mask
+
     def bit_of(self, tag: int) -> int | None:
         """Share bit of the live or squashed snapshot tagged `tag`."""
         for bit, record in enumerate(self.snapshots):

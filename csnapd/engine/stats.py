@@ -20,3 +20,5 @@ class EngineStats:
     deferred_commits: int = 0
     #: Writes too big for one transaction, carried by several.
     split_requests: int = 0
+    #: Btree leaves the sweep visited (reclaiming deleted and squashed snapshots).
+    sweep_leaves: int = 0

@@ -1,7 +1,14 @@
-"""The sweep: reclaiming deleted snapshots' space in the background.
+"""The sweep: reclaiming deleted and squashed snapshots' space.
 
 Owns the sweep's progress in the store state (the share bits being swept and
-the next logical chunk to visit). Each step is one request of a fresh
+the next logical chunk to visit). It runs in the background, and on demand
+when a copy-out waits for room (csnapd.engine.squash).
+
+A step is bounded in the leaves it changes (SWEEP_LEAVES_PER_STEP) and,
+more loosely, in the leaves it only looks at (SWEEP_VISITS_PER_STEP) and in
+time (SWEEP_STEP_SECONDS): a leaf holding none of the swept bits costs a
+read and no write, so a snapshot owning few exceptions is reclaimed in few
+transactions, and no step pauses a server's clients for long. Each step is one request of a fresh
 transaction, bounded in dirty blocks and in leaves visited, so that a server
 pauses its clients for a few milliseconds at most.
 """
@@ -9,21 +16,30 @@ pauses its clients for a few milliseconds at most.
 from __future__ import annotations
 
 import logging
+import time
 
 from csnap_format import SnapshotState
 from csnapd.engine.allocator import Allocator
 from csnapd.engine.btree import ExceptionTree
 from csnapd.engine.pager import Pager
 from csnapd.engine.state import StoreState, bits_of
+from csnapd.engine.stats import EngineStats
 from csnapd.engine.transaction import Transaction
 
-__all__ = ["SWEEP_LEAVES_PER_STEP", "Sweeper"]
+__all__ = ["SWEEP_LEAVES_PER_STEP", "SWEEP_STEP_SECONDS", "SWEEP_VISITS_PER_STEP", "Sweeper"]
 
 log = logging.getLogger("csnapd.engine")
 
 #: Most btree leaves one sweep step visits (a step is one transaction and,
 #: in csnapd, a pause for every client: a few milliseconds at most).
 SWEEP_LEAVES_PER_STEP = 16
+#: Most btree leaves one sweep step looks at, changed or not: reading a leaf
+#: without a swept bit costs a small fraction of changing one.
+SWEEP_VISITS_PER_STEP = 128
+#: A step looks at no further leaf once it has run this long (it always
+#: finishes the leaf it is on): leaves read from disk cost far more than
+#: cached ones.
+SWEEP_STEP_SECONDS = 0.005
 
 
 class Sweeper:
@@ -36,7 +52,9 @@ class Sweeper:
         tree: ExceptionTree,
         data: Allocator,
         transaction: Transaction,
+        stats: EngineStats,
     ):
+        self._stats = stats
         self._state = state
         self._pager = pager
         self._tree = tree
@@ -45,8 +63,8 @@ class Sweeper:
 
     @property
     def pending(self) -> bool:
-        """Whether deleted snapshots still have space to reclaim."""
-        return bool(self._state.mask_in(SnapshotState.DELETING))
+        """Whether deleted or squashed snapshots still have space to reclaim."""
+        return bool(self._state.reclaim_mask)
 
     def sweep(self) -> bool:
         """Reclaim deleted snapshots' space for one transaction's worth.
@@ -66,7 +84,7 @@ class Sweeper:
     def _step(self) -> None:
         state = self._state
         if not state.sweep_mask:
-            state.sweep_mask = state.mask_in(SnapshotState.DELETING)
+            state.sweep_mask = state.reclaim_mask
             state.sweep_cursor = 0
         # Room for merges and root changes beyond the leaf being swept.
         limit = self._txn.max_blocks - 1 - 2 * (state.depth + 2) - 2
@@ -77,8 +95,16 @@ class Sweeper:
         chunk = state.sweep_cursor
         # Bounded in leaves too: leaves emptied and merged away leave nothing
         # dirty, and a server answers nobody while a step runs.
-        for _ in range(SWEEP_LEAVES_PER_STEP):
-            after = self._tree.sweep_leaf(chunk, state.sweep_mask, self._data.free, may_continue)
+        changed = 0
+        deadline = time.monotonic() + SWEEP_STEP_SECONDS
+        for _ in range(SWEEP_VISITS_PER_STEP):
+            if changed >= SWEEP_LEAVES_PER_STEP or time.monotonic() > deadline:
+                return
+            after, touched = self._tree.sweep_leaf(
+                chunk, state.sweep_mask, self._data.free, may_continue
+            )
+            self._stats.sweep_leaves += 1
+            changed += touched
             if after is None:
                 self._finish()
                 return
@@ -97,7 +123,12 @@ class Sweeper:
                     state.unique[bit],
                     state.shared[bit],
                 )
-            state.snapshots[bit] = None
+            record = state.snapshots[bit]
+            if record is None or record.state != SnapshotState.SQUASHED:
+                # A deleted snapshot's slot is free now; a squashed one keeps
+                # its tag (and its slot) until it is deleted.
+                state.snapshots[bit] = None
             state.unique[bit] = state.shared[bit] = 0
-        state.sweep_mask = state.mask_in(SnapshotState.DELETING)
+        state.sweep_mask = 0
+        state.sweep_mask = state.reclaim_mask
         state.sweep_cursor = 0

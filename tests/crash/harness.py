@@ -11,6 +11,11 @@ The trace is one ordered list of events:
   ("view", tag, chunk|version) the model learns a snapshot chunk's new version
   ("ack", n, b"")            commit n returned: its effects are acknowledged
 
+A request that finds the store full squashes snapshots in commits of its
+own before the one that acknowledges it: those squashes are effects of the
+acknowledging commit, and a crash state may hold any of them early (a
+squashed snapshot keeps its tag and is no longer read).
+
 A crash state at a write boundary keeps everything synced, every client
 write, and a chosen subset of the unsynced engine writes since the last
 sync, some of them torn at 512-byte sectors. It must recover to a store
@@ -35,6 +40,7 @@ from csnapd.engine import (
     MemoryDevice,
     RequestTooLargeError,
     SnapshotBusyError,
+    SnapshotUnavailableError,
     StoreFullError,
     WriteSegment,
 )
@@ -42,7 +48,8 @@ from csnapd.engine.check import check_store
 from tests.engine.helpers import format_device, new_geometry, pattern, read_snapshot
 
 Event = tuple[str, int, bytes]
-#: A commit's effect on the snapshot set: (kind, tag, created_ns).
+#: A commit's effect on the snapshot set: (kind, tag, created_ns); kind is
+#: "create", "delete" or "squash".
 Effect = tuple[str, int, int]
 
 #: Geometry of the crash workloads: small, so that a state costs milliseconds,
@@ -63,7 +70,7 @@ class Workload:
     geometry: Geometry
     base: MemoryDevice
     trace: list[Event]
-    #: Effects of commit n: ("create" | "delete", tag, snapshot's created_ns).
+    #: Effects of commit n: ("create" | "delete" | "squash", tag, snapshot's created_ns).
     effects: dict[int, list[Effect]] = field(default_factory=dict)
     #: Times the data allocation cursor went back to the area's start.
     data_wraps: int = 0
@@ -78,7 +85,11 @@ def _pack(chunk: int, version: int) -> bytes:
 class _Runner:
     """Drives an Engine with random operations, recording the trace."""
 
-    def __init__(self, seed: int, g: Geometry):
+    def __init__(self, seed: int, g: Geometry, *, filling: bool = False, reclaim: bool = True):
+        #: Mostly creates and large origin writes: the store fills and squashes.
+        self.filling = filling
+        #: Whether a full store makes room (the store-full policy) or refuses.
+        self.reclaim = reclaim
         self.rng = random.Random(seed)
         self.g = g
         self.trace: list[Event] = []
@@ -89,7 +100,8 @@ class _Runner:
         self.origin = MemoryDevice(g.origin_bytes)
         self.clock = 0
         self.engine = self._open()
-        self.live: dict[int, int] = {}  # tag -> created_ns
+        self.live: dict[int, int] = {}  # tag -> created_ns, squashed ones too
+        self.squashed: set[int] = set()
         self.used: dict[int, int] = {}
         self.version = 0
         self.commits = 0
@@ -104,7 +116,7 @@ class _Runner:
 
     def _range(self) -> tuple[int, int]:
         start = self.rng.randrange(ORIGIN_CHUNKS)
-        count = self.rng.choice((1, 1, 2, 3, 8, 17, 40))
+        count = self.rng.choice((17, 64, 128, 256) if self.filling else (1, 1, 2, 3, 8, 17, 40))
         return start, min(count, ORIGIN_CHUNKS - start)
 
     def _commit(self, effects: list[Effect]) -> None:
@@ -117,7 +129,8 @@ class _Runner:
 
     def _stage(self, after_origin_write: bool) -> tuple[str, list[Effect], Callable[[], object]]:
         kind = self.rng.choices(
-            ["create", "delete", "origin", "snapshot", "priority"], weights=[3, 2, 8, 5, 1]
+            ["create", "delete", "origin", "snapshot", "priority"],
+            weights=[4, 1, 8, 2, 1] if self.filling else [3, 2, 8, 5, 1],
         )[0]
         # A server never commits a create after an origin write it granted in
         # the same transaction: that write lands after the snapshot was taken.
@@ -130,15 +143,21 @@ class _Runner:
         if kind == "delete" and self.live:
             tag = self.rng.choice(sorted(self.live))
             self.engine.delete_snapshot(tag)
+            self.squashed.discard(tag)
             return kind, [("delete", tag, self.live.pop(tag))], lambda: None
         if kind == "snapshot" and self.live:
             tag = self.rng.choice(sorted(self.live))
-            segments = self.engine.snapshot_write(tag, [self._range()])
-            # A client whose snapshot is deleted in the same commit never writes.
+            segments = self.engine.snapshot_write(tag, [self._range()], reclaim=self.reclaim)
+            # A client whose snapshot is deleted (or squashed) in the same
+            # commit never writes.
             return (
                 kind,
                 [],
-                lambda: tag in self.live and self._client_snapshot_writes(tag, segments),
+                lambda: (
+                    tag in self.live
+                    and tag not in self.squashed
+                    and self._client_snapshot_writes(tag, segments)
+                ),
             )
         if kind == "priority" and self.live:
             self.engine.set_priority(
@@ -146,8 +165,16 @@ class _Runner:
             )
             return kind, [], lambda: None
         r = self._range()
-        self.engine.origin_write([r])
+        self.engine.origin_write([r], reclaim=self.reclaim)
         return "origin", [], lambda: self._client_origin_writes(r)
+
+    def _squashes(self) -> list[Effect]:
+        """The snapshots the last request squashed to make room, as effects."""
+        effects: list[Effect] = []
+        for squashed in self.engine.take_squashed():
+            self.squashed.add(squashed.tag)
+            effects.append(("squash", squashed.tag, self.live[squashed.tag]))
+        return effects
 
     def _client_origin_writes(self, r: tuple[int, int]) -> None:
         self.version += 1
@@ -186,8 +213,16 @@ class _Runner:
         for _ in range(batch):
             try:
                 kind, effect, followup = self._stage(granted)
-            except (StoreFullError, RequestTooLargeError, SnapshotBusyError):
+            except (
+                StoreFullError,
+                RequestTooLargeError,
+                SnapshotBusyError,
+                SnapshotUnavailableError,
+            ):
+                # Snapshots it squashed before it failed stay squashed.
+                effects += self._squashes()
                 continue
+            effects += self._squashes()
             granted |= kind == "origin"
             effects += effect
             followups.append(followup)
@@ -196,14 +231,23 @@ class _Runner:
             followup()
 
 
-def run_workload(seed: int, operations: int, *, store_bytes: int = 4 << 20) -> Workload:
+def run_workload(
+    seed: int,
+    operations: int,
+    *,
+    store_bytes: int = 4 << 20,
+    filling: bool = False,
+    reclaim: bool = True,
+) -> Workload:
     """Run `operations` random steps and return the recorded trace.
 
     A small `store_bytes` keeps the store nearly full, so allocation wraps
-    around onto chunks freed moments before.
+    around onto chunks freed moments before; `filling` favours creates and
+    large origin writes, so that the store-full policy squashes often;
+    without `reclaim` a full store refuses copy-outs instead.
     """
     g = crash_geometry(store_bytes)
-    runner = _Runner(seed, g)
+    runner = _Runner(seed, g, filling=filling, reclaim=reclaim)
     data_wraps = journal_wraps = 0
     cursor, slot = runner.engine._state.data_cursor, runner.engine._journal.next_slot
     for _ in range(operations):
@@ -235,6 +279,8 @@ class _Model:
     snaps: dict[int, int]
     #: Contents of every snapshot ever created, by created_ns.
     contents: dict[int, list[int]]
+    #: Snapshots squashed, by created_ns.
+    squashed: set[int] = field(default_factory=set)
 
 
 @dataclass
@@ -343,6 +389,8 @@ def _apply(model: _Model, effects: list[Effect]) -> None:
         if kind == "create":
             model.snaps[tag] = created_ns
             model.contents[created_ns] = list(model.origin)
+        elif kind == "squash":
+            model.squashed.add(created_ns)
         else:
             del model.snaps[tag]
 
@@ -363,7 +411,13 @@ def _verify(
     # Snapshots by tag and creation time: a batch may delete a tag and create
     # it again, and only the creation time tells the two snapshots apart.
     found = {(info.tag, info.created_ns) for info in engine.snapshots()}
-    expected = _Model(model.origin, dict(model.snaps), dict(model.contents))
+    expected = _Model(model.origin, dict(model.snaps), dict(model.contents), set(model.squashed))
+    squashed = {info.created_ns for info in engine.snapshots() if info.state == "squashed"}
+    # Squashes are committed before the commit that acknowledges them: the
+    # in-flight commit's may be there whether or not it landed.
+    may_squash = expected.squashed | {t for kind, _, t in in_flight if kind == "squash"}
+    assert expected.squashed & {created for _, created in found} <= squashed, "a squash was lost"
+    assert squashed <= may_squash, f"squashed {sorted(squashed - may_squash)} unasked"
     landed = False
     if found != set(expected.snaps.items()) and in_flight:
         _apply(expected, in_flight)
@@ -373,6 +427,8 @@ def _verify(
     )
     size = g.chunk_size
     for tag, created_ns in expected.snaps.items():
+        if created_ns in squashed:
+            continue
         versions = expected.contents[created_ns]
         got = read_snapshot(engine, image, origin, tag, 0, ORIGIN_CHUNKS)
         for chunk, data in enumerate(got):

@@ -50,3 +50,18 @@ def test_every_crash_state_recovers() -> None:
     assert stats.torn > 0 and stats.in_flight_landed > 0
     assert journal_wraps > 0
     assert data_wraps > 0 or SEEDS < 3
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_every_crash_state_around_squashes_recovers() -> None:
+    """A store filled by large origin writes squashes snapshots to make room:
+    every crash state, squashes and their sweeps in flight included,
+    recovers to the acknowledged snapshots, none squashed that the policy
+    did not choose, each live one reading exactly."""
+    workload = run_workload(0, 30, store_bytes=SMALL, filling=True)
+    squashes = [e for effects in workload.effects.values() for e in effects if e[0] == "squash"]
+    stats = enumerate_crashes(workload, seed=0, stride=5, subsets=1)
+    print(f"\n{len(squashes)} squashes; crash states: {stats.states} at {stats.points} boundaries")
+    assert len(squashes) >= 3
+    assert stats.states >= 500

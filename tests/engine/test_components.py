@@ -193,9 +193,11 @@ def test_snapshot_table_errors() -> None:
 
 
 def test_a_full_store_refuses_copy_outs_and_keeps_serving_reads() -> None:
+    """With no snapshot expendable (the only one is in use), store_full."""
     store, origin, g = new_store(store_bytes=2 << 20, journal_bytes=64 * 4096)
     engine = Engine.open(store, origin)
     engine.create_snapshot(1)
+    engine.change_use_count(1, 1)
     engine.commit()
     data = engine.status().data_chunks
     engine.origin_write([(0, data)])

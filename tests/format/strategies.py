@@ -96,7 +96,7 @@ def superblocks(draw: st.DrawFn) -> Superblock:
     deleting = sum(
         1 << bit
         for bit, r in enumerate(table)
-        if r is not None and r.state == SnapshotState.DELETING
+        if r is not None and r.state in (SnapshotState.DELETING, SnapshotState.SQUASHED)
     )
     return Superblock(
         geometry=g,

@@ -12,8 +12,9 @@ fails its one request and the engine goes on.
 
 Server level: the same through csnapd over real files and TCP: the callers
 of a failed batch get server_failed and the server stops; an I/O error on a
-read or a copy-out reaches only its caller; a full store refuses copy-outs
-with store_full while reads, unique writes and other snapshots go on.
+read or a copy-out reaches only its caller; a full store with no snapshot
+to squash refuses copy-outs with store_full while reads, unique writes and
+other snapshots go on.
 """
 
 from __future__ import annotations
@@ -561,6 +562,9 @@ async def test_a_full_store_refuses_copies_and_serves_the_rest(tmp_path: Path) -
             served.client() as writer,
         ):
             await admin.create_snapshot(1)
+            # In use, so not expendable: the store-full policy has nothing to
+            # squash and a copy that does not fit is refused.
+            await admin.change_use_count(1, 1)
             full = None
             for chunk in range(room + 64):
                 try:
@@ -602,6 +606,7 @@ async def test_a_full_store_refuses_copies_and_serves_the_rest(tmp_path: Path) -
             async with served.client(2) as other, other.snapshot_read([(3, 1)]) as plan:
                 assert plan.origin == ((3, 1),) and pread(origin, 3) == label(3, 3)
             # Deleting snapshot 1 frees its copies; copies for 2 fit again.
+            await admin.change_use_count(1, -1)
             await admin.delete_snapshot(1)
             for _ in range(600):
                 status = await admin.status()

@@ -179,7 +179,9 @@ class FaultRun:
         return self._origin_write(engine)
 
     def _snapshot_write(self, engine: Engine, tag: int) -> Callable[[], None]:
-        segments = engine.snapshot_write(tag, [self._range()])
+        # Without the store-full policy: this model knows no squashed
+        # snapshots (tests/crash and tests/engine/test_squash_model.py do).
+        segments = engine.snapshot_write(tag, [self._range()], reclaim=False)
 
         def write() -> None:
             if tag not in self.snaps:
@@ -208,7 +210,7 @@ class FaultRun:
 
     def _origin_write(self, engine: Engine) -> Callable[[], None]:
         start, count = self._range()
-        engine.origin_write([(start, count)])
+        engine.origin_write([(start, count)], reclaim=False)
 
         def write() -> None:
             self.version += 1
