@@ -46,17 +46,19 @@ Rules:
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import logging
 import math
 import random
-from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 
 import trio
 import trio.lowlevel
 
+from csnap_client.owned import WINDOW_CHUNKS, OwnedMap
 from csnap_client.session import (
     ConnectionLostError,
     Connector,
@@ -77,7 +79,9 @@ from csnap_protocol import (
     Keepalive,
     MapReply,
     Message,
+    OwnedReply,
     QueryMap,
+    QueryOwned,
     QuerySnapshotRead,
     QueryWrite,
     Request,
@@ -187,6 +191,14 @@ class DataClient:
         self._local_grants = itertools.count(1)
         #: Origin writes granted from memory, without a server round trip.
         self.remembered_grants = 0
+        #: Snapshot clients: the store chunks the snapshot owns alone, for
+        #: this session (None before identify, between sessions, once the
+        #: snapshot is gone, or if the server cannot answer query_owned),
+        #: and the windows being asked about.
+        self._owned: OwnedMap | None = None
+        self._owned_asking: dict[int, trio.Event] = {}
+        #: Snapshot reads placed from the owned map, without a server round trip.
+        self.owned_reads = 0
         self.reconnects = 0
 
     # -- geometry -------------------------------------------------------------
@@ -233,6 +245,8 @@ class DataClient:
                 await session.closed.wait()
                 self._session = None
                 self._forget_unique()
+                # rule: stable owned addresses: a new session asks again.
+                self._owned = None
                 if not self._reconnect:
                     self._lost = True
                     self._notify()
@@ -266,6 +280,9 @@ class DataClient:
         if self.snapshot is None:
             # A new session: snapshots may have been created meanwhile.
             self._unique = bytearray((identified.origin_chunks + 7) // 8)
+        else:
+            window = min(WINDOW_CHUNKS, max(1, identified.max_chunks))
+            self._owned = OwnedMap(identified.origin_chunks, window)
         if self.snapshot is not None:
             held = [r for ranges in self._held.values() for r in ranges]
             for first in range(0, len(held), MAX_RANGES):
@@ -305,8 +322,10 @@ class DataClient:
         may have dropped them, and an origin write overwritten the chunks)
         or that session ended: read again through a new snapshot_read.
         """
-        if not plan.origin:
+        if not plan.origin and plan.request >= 0:
             return True
+        # Origin data under read locks, or store chunks placed from the
+        # owned map (a negative, local id): both hold only within the lease.
         session = self._answered_on.get(plan.request)
         return trio.current_time() < self.lease_deadline(session)
 
@@ -327,6 +346,9 @@ class DataClient:
             for start, count in asked:
                 for chunk in range(start, start + count):
                     bits[chunk >> 3] |= 1 << (chunk & 7)
+        if isinstance(message, SnapshotWriteOk) and self._owned is not None:
+            # Every chunk a snapshot write is given is the snapshot's alone.
+            self._owned.note(message.segments)
         if isinstance(message, WriteOk | SnapshotWriteOk):
             self._grants.add(message.id)
         elif isinstance(message, SnapshotReadOk) and message.origin:
@@ -382,6 +404,7 @@ class DataClient:
 
     def _gone(self) -> None:
         self._deleted = True
+        self._owned = None
         self._notify()
 
     async def _leave(self) -> None:
@@ -416,6 +439,8 @@ class DataClient:
                 if exc.error is ErrorCode.SNAPSHOT_DELETED:
                     self._gone()
                     raise SnapshotDeletedError(exc.message) from exc
+                if exc.error is ErrorCode.SNAPSHOT_UNAVAILABLE:
+                    self._owned = None
                 raise
 
     async def _wait_ready(self) -> Session:
@@ -524,7 +549,19 @@ class DataClient:
 
     @asynccontextmanager
     async def snapshot_read(self, ranges: Ranges) -> AsyncIterator[ReadPlan]:
-        """Where to read snapshot chunks; origin ranges stay locked inside the block."""
+        """Where to read snapshot chunks; origin ranges stay locked inside the block.
+
+        Chunks the snapshot owns alone are placed from the owned map when it
+        knows them all (asking query_owned for their windows first if
+        needed); the plan is then local, and read_trusted() still applies.
+        """
+        if len(ranges) == 1 and self._owned is not None:
+            first, count = ranges[0]
+            await self._learn_owned(first, count)
+            with self.owned_read(first, count) as plan:
+                if plan is not None:
+                    yield plan
+                    return
         reply = await self._call(lambda rid: QuerySnapshotRead(rid, tuple(ranges)))
         assert isinstance(reply, SnapshotReadOk)
         try:
@@ -534,6 +571,61 @@ class DataClient:
             if reply.origin:
                 with trio.CancelScope(shield=True):
                     await self._finish_read(reply.id, reply.origin)
+
+    @contextmanager
+    def owned_read(self, first: int, count: int) -> Iterator[ReadPlan | None]:
+        """A local plan for chunks first..first+count-1 if the owned map places them all.
+
+        None when it does not (or the lease deadline has passed). The plan is
+        an open grant until the block ends, so a deleted snapshot's client
+        leaves only after the read; read_trusted(plan) says whether data read
+        under it still came within the lease.
+        """
+        owned, session = self._owned, self._session
+        segments = None
+        trusted = trio.current_time() < self.lease_deadline(session)
+        if owned is not None and trusted and not self._deleted and not self._closing:
+            segments = owned.lookup(first, count)
+        if segments is None or session is None:
+            yield None
+            return
+        request = -next(self._local_grants)
+        self._grants.add(request)
+        self._answered_on[request] = session
+        self.owned_reads += 1
+        try:
+            yield ReadPlan(segments, (), request)
+        finally:
+            self._close_grant(request)
+
+    async def _learn_owned(self, first: int, count: int) -> None:
+        """Ask query_owned about the windows of these chunks the owned map lacks."""
+        owned = self._owned
+        if owned is None:
+            return
+        for index in owned.missing(first, count):
+            asking = self._owned_asking.get(index)
+            if asking is not None:
+                await asking.wait()
+                continue
+            done = trio.Event()
+            self._owned_asking[index] = done
+            span = owned.span(index)
+            try:
+                reply = await self._call(functools.partial(QueryOwned, ranges=(span,)))
+            except ServerError as exc:
+                # Reads still work, through query_snapshot_read.
+                log.info("query_owned refused (%s): reading without the owned map", exc)
+                if self._owned is owned:
+                    self._owned = None
+                return
+            finally:
+                done.set()
+                if self._owned_asking.get(index) is done:
+                    del self._owned_asking[index]
+            assert isinstance(reply, OwnedReply)
+            if self._owned is owned:
+                owned.learn(index, reply.segments)
 
     async def copied_ranges(self, ranges: Ranges) -> tuple[tuple[int, int], ...]:
         """Which of these chunks have store copies (query_map); takes no locks.

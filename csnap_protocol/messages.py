@@ -90,6 +90,8 @@ __all__ = [
     "ServerInfoReply",
     "QueryMap",
     "MapReply",
+    "QueryOwned",
+    "OwnedReply",
     "Keepalive",
     "ServerReady",
     "StartServer",
@@ -355,6 +357,27 @@ class MapReply(Reply):
     """The asked-about chunks that have copies, as ascending ranges."""
 
     ranges: RangeList
+
+
+@_message("query_owned", CLIENT)
+@dataclass(frozen=True, slots=True)
+class QueryOwned(Request):
+    """Which of these chunks does my snapshot own alone in the store, and where?
+
+    Snapshot connections only; takes no locks. The addresses answered stay
+    valid while the snapshot lives, so a client may keep them (docs/rules.md,
+    "stable owned addresses").
+    """
+
+    ranges: RangeList
+
+
+@_message("owned", SERVER)
+@dataclass(frozen=True, slots=True)
+class OwnedReply(Reply):
+    """The asked-about chunks the snapshot owns alone, as (chunk, count, store chunk) extents."""
+
+    segments: SegmentList
 
 
 @_message("keepalive", CLIENT)

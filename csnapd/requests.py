@@ -31,7 +31,9 @@ from csnap_protocol import (
     MapReply,
     Message,
     Ok,
+    OwnedReply,
     QueryMap,
+    QueryOwned,
     QuerySnapshotRead,
     QueryWrite,
     ServerInfoReply,
@@ -62,6 +64,7 @@ Answered = (
     Identify
     | QuerySnapshotRead
     | QueryMap
+    | QueryOwned
     | UploadLock
     | ListSnapshots
     | GetStatus
@@ -161,6 +164,8 @@ class RequestHandlers:
                 return self._query_read(peer, message)
             case QueryMap():
                 return self._query_map(peer, message)
+            case QueryOwned():
+                return self._query_owned(peer, message)
             case UploadLock():
                 return self._upload(peer, message)
             case ListSnapshots():
@@ -256,6 +261,14 @@ class RequestHandlers:
             segments = self._engine.snapshot_read(peer.snapshot, message.ranges)
             copied = [(s.chunk, s.count) for s in segments if s.store_chunk is not None]
         return MapReply(message.id, tuple(_merged(copied)))
+
+    def _query_owned(self, peer: Peer, message: QueryOwned) -> OwnedReply:
+        self._need_identified(peer)
+        snapshot = self._need_snapshot(peer)
+        chunks = self._check_ranges(message.ranges)
+        self._check_reply_fits(peer, OwnedReply, chunks)
+        owned = self._engine.snapshot_owned(snapshot, message.ranges)
+        return OwnedReply(message.id, tuple(owned))
 
     def _finish_read(self, peer: Peer, message: FinishSnapshotRead) -> Ok:
         self._need_identified(peer)
