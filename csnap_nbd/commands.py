@@ -24,6 +24,7 @@ import trio
 import trio.lowlevel
 
 from csnap_common.logs import chunk_range
+from csnap_nbd.buffers import BUFFERS
 from csnap_nbd.connection import Connection, PeerClosedError
 from csnap_nbd.datapath import ExportGoneError, IOFailedError
 from csnap_nbd.exports import Exports
@@ -45,9 +46,6 @@ _FUA = int(CommandFlag.FUA)
 _REQ_ONE = int(CommandFlag.REQ_ONE)
 #: Budget every request holds until its reply is sent, on top of its data.
 _REPLY_COST = 1024
-#: Queued replies up to this size are joined into one send; bigger data is
-#: sent on its own rather than copied.
-_JOIN = 256 << 10
 
 
 class _Budget:
@@ -105,29 +103,21 @@ class _Writer:
                     await self._send(batch)
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     self.broken.set()
+                for _, data, _ in batch:
+                    # A READ's data: sent, and no longer referenced elsewhere.
+                    if type(data) is bytearray:
+                        BUFFERS.give(data)
             self.budget.release(sum(held for _, _, held in batch))
             if self._closing and not self._queue:
                 return
 
     async def _send(self, batch: list[tuple[bytes, bytes | bytearray | memoryview, int]]) -> None:
         parts: list[bytes | bytearray | memoryview] = []
-        size = 0
         for header, data, _ in batch:
-            if len(data) > _JOIN:
-                if parts:
-                    await self.conn.send(b"".join(parts))
-                    parts, size = [], 0
-                await self.conn.send(header, data)
-                continue
             parts.append(header)
             if data:
                 parts.append(data)
-            size += len(header) + len(data)
-            if size >= _JOIN:
-                await self.conn.send(b"".join(parts))
-                parts, size = [], 0
-        if parts:
-            await self.conn.send(b"".join(parts))
+        await self.conn.send_parts(parts)
 
 
 class Transmission:
@@ -213,7 +203,7 @@ class Transmission:
             await self._budget.acquire(held)
             payload: bytearray | None = None
             if command == _WRITE:
-                payload = bytearray(req.length)
+                payload = BUFFERS.take(req.length)
                 await self.conn.receive_into(payload)
             refusal = tx.check_request(req, self.shape)
             if refusal is not None:
@@ -289,6 +279,8 @@ class Transmission:
             if not reply.sent:
                 self._budget.release(held)
             self._slots.release()
+            if payload is not None:
+                BUFFERS.give(payload)
 
     async def _dispatch(self, req: tx.Request, payload: bytearray | None, reply: _Reply) -> None:
         """Run one request and queue its reply (which releases its budget)."""

@@ -35,7 +35,8 @@ from csnap_client import (
     SnapshotDeletedError,
 )
 from csnap_common.limits import MAX_REQUEST_CHUNKS
-from csnap_nbd.backing import INLINE_BYTES, Backing, BackingIOError, Transfer
+from csnap_nbd.backing import CACHED_INLINE_BYTES, INLINE_BYTES, Backing, BackingIOError, Transfer
+from csnap_nbd.buffers import BUFFERS
 from csnap_nbd.geometry import (
     Piece,
     Placement,
@@ -116,6 +117,15 @@ def _zero_placements(placements: list[Placement]) -> list[Placement]:
         for p in placements
         for done in range(0, p.size, _ZERO_SLICE)
     ]
+
+
+def _read_here(backing: Backing, transfers: list[Transfer], into: bytearray) -> bytearray | None:
+    """`into` filled on this thread: small reads always, larger ones from the
+    page cache only; None if that would wait for the disk."""
+    if len(into) <= INLINE_BYTES:
+        backing.read_now(transfers, into)
+        return into
+    return into if backing.read_cached(transfers, into) else None
 
 
 def _check_covers(piece: Piece, transfers: list[Transfer], what: str) -> None:
@@ -239,18 +249,17 @@ class OriginPath(DataPath):
     """The origin volume: reads need nobody, writes need a grant."""
 
     def read_now(self, offset: int, length: int) -> bytearray | None:
-        if length > INLINE_BYTES:
+        if length > CACHED_INLINE_BYTES:
             return None
-        into = bytearray(length)
-        placement = [Placement(offset, 0, length)]
+        into = BUFFERS.take(length)
+        transfers = [Transfer(self.backing.origin, "origin", [Placement(offset, 0, length)])]
         with _translated():
-            self.backing.read_now([Transfer(self.backing.origin, "origin", placement)], into)
-        return into
+            return _read_here(self.backing, transfers, into)
 
     async def read(
         self, offset: int, length: int, deliver: Callable[[bytearray], None] | None = None
     ) -> bytearray:
-        into = bytearray(length)
+        into = BUFFERS.take(length)
         placement = [Placement(offset, 0, length)]
         with _translated():
             await self.backing.read([Transfer(self.backing.origin, "origin", placement)], into)
@@ -271,23 +280,25 @@ class SnapshotPath(DataPath):
     writes_store = True
 
     def read_now(self, offset: int, length: int) -> bytearray | None:
-        # Small reads of chunks the client's owned map already places need
-        # neither csnapd nor a task: read them from the store here.
-        if length > INLINE_BYTES:
+        # Reads of chunks the client's owned map already places need neither
+        # csnapd nor a task: read them from the store here.
+        if length > CACHED_INLINE_BYTES:
             return None
         first = offset // self.chunk_size
-        piece = Piece(
-            first, (offset + length - 1) // self.chunk_size - first + 1, offset, offset + length
-        )
+        count = (offset + length - 1) // self.chunk_size - first + 1
+        if count > self.client.max_chunks:
+            return None
+        piece = Piece(first, count, offset, offset + length)
         with self.client.owned_read(piece.first, piece.count) as plan:
             if plan is None:
                 return None
             placements = store_placements(plan.store, piece, offset, self.chunk_size)
             transfers = [Transfer(self.backing.store, "store", placements)]
             _check_covers(piece, transfers, "owned map")
-            into = bytearray(length)
+            into = BUFFERS.take(length)
             with _translated():
-                self.backing.read_now(transfers, into)
+                if _read_here(self.backing, transfers, into) is None:
+                    return None
             if not self.client.read_trusted(plan):
                 return None  # past the lease deadline: the full path asks csnapd
             return into
@@ -295,7 +306,7 @@ class SnapshotPath(DataPath):
     async def read(
         self, offset: int, length: int, deliver: Callable[[bytearray], None] | None = None
     ) -> bytearray:
-        into = bytearray(length)
+        into = BUFFERS.take(length)
         cs = self.chunk_size
         todo = list(self._pieces(offset, length))
         with _translated():
