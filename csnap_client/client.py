@@ -51,7 +51,7 @@ import itertools
 import logging
 import math
 import random
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 
@@ -199,6 +199,12 @@ class DataClient:
         self._owned_asking: dict[int, trio.Event] = {}
         #: Snapshot reads placed from the owned map, without a server round trip.
         self.owned_reads = 0
+        #: Origin reads waiting for csnapd to confirm their chunks still
+        #: shared (rule: verified origin reads), and whether a query_map
+        #: for them is out: one at a time, for everything waiting.
+        self._checks: list[_OriginCheck] = []
+        self._checking = False
+        self._checked = trio.Event()
         self.reconnects = 0
 
     # -- geometry -------------------------------------------------------------
@@ -499,6 +505,28 @@ class DataClient:
         finally:
             self._close_grant(reply.id)
 
+    @contextmanager
+    def origin_write_now(self, ranges: Ranges) -> Iterator[bool]:
+        """A grant from memory, if every chunk is known unique: True inside the block.
+
+        For callers that write without awaiting inside the block: no barrier
+        can come between the check and the write. False (nothing granted)
+        when a chunk is not known unique or the lease deadline has passed:
+        use origin_write.
+        """
+        if not self._known_unique(ranges) or not (
+            trio.current_time() < self.lease_deadline(self._session)
+        ):
+            yield False
+            return
+        request = -next(self._local_grants)
+        self._grants.add(request)
+        self.remembered_grants += 1
+        try:
+            yield True
+        finally:
+            self._close_grant(request)
+
     async def _origin_grant(self, ranges: Ranges) -> WriteOk:
         if self._known_unique(ranges):
             # No await between the check and the grant: a barrier cannot
@@ -548,20 +576,27 @@ class DataClient:
             self._close_grant(reply.id)
 
     @asynccontextmanager
-    async def snapshot_read(self, ranges: Ranges) -> AsyncIterator[ReadPlan]:
-        """Where to read snapshot chunks; origin ranges stay locked inside the block.
+    async def read_plan(self, first: int, count: int) -> AsyncIterator[ReadPlan]:
+        """Where to read chunks first..first+count-1 of the snapshot, the fastest way.
 
-        Chunks the snapshot owns alone are placed from the owned map when it
-        knows them all (asking query_owned for their windows first if
-        needed); the plan is then local, and read_trusted() still applies.
+        From the owned map when it places every chunk (asking query_owned
+        for their windows first if needed): store chunks the snapshot owns
+        alone, and chunks last seen shared with the origin, unlocked. Else
+        as snapshot_read(). Either way, call confirm_read(plan) after reading
+        and read again under a new plan if it says no.
         """
-        if len(ranges) == 1 and self._owned is not None:
-            first, count = ranges[0]
+        if self._owned is not None:
             await self._learn_owned(first, count)
-            with self.owned_read(first, count) as plan:
+            with self.owned_read(first, count, origin=True) as plan:
                 if plan is not None:
                     yield plan
                     return
+        async with self.snapshot_read([(first, count)]) as plan:
+            yield plan
+
+    @asynccontextmanager
+    async def snapshot_read(self, ranges: Ranges) -> AsyncIterator[ReadPlan]:
+        """Where to read snapshot chunks; origin ranges stay locked inside the block."""
         reply = await self._call(lambda rid: QuerySnapshotRead(rid, tuple(ranges)))
         assert isinstance(reply, SnapshotReadOk)
         try:
@@ -573,20 +608,25 @@ class DataClient:
                     await self._finish_read(reply.id, reply.origin)
 
     @contextmanager
-    def owned_read(self, first: int, count: int) -> Iterator[ReadPlan | None]:
+    def owned_read(
+        self, first: int, count: int, *, origin: bool = False
+    ) -> Iterator[ReadPlan | None]:
         """A local plan for chunks first..first+count-1 if the owned map places them all.
 
-        None when it does not (or the lease deadline has passed). The plan is
-        an open grant until the block ends, so a deleted snapshot's client
-        leaves only after the read; read_trusted(plan) says whether data read
-        under it still came within the lease.
+        With `origin`, chunks the map last saw shared with the origin are
+        placed there, unlocked: such a read counts only once confirm_read()
+        says so. None when the map does not place every chunk (or the lease
+        deadline has passed). The plan is an open grant until the block
+        ends, so a deleted snapshot's client leaves only after the read;
+        read_trusted(plan) says whether store data read under it came
+        within the lease.
         """
         owned, session = self._owned, self._session
-        segments = None
+        found = None
         trusted = trio.current_time() < self.lease_deadline(session)
         if owned is not None and trusted and not self._deleted and not self._closing:
-            segments = owned.lookup(first, count)
-        if segments is None or session is None:
+            found = owned.lookup(first, count, origin=origin)
+        if found is None or session is None:
             yield None
             return
         request = -next(self._local_grants)
@@ -594,9 +634,72 @@ class DataClient:
         self._answered_on[request] = session
         self.owned_reads += 1
         try:
-            yield ReadPlan(segments, (), request)
+            yield ReadPlan(*found, request)
         finally:
             self._close_grant(request)
+
+    async def confirm_read(self, plan: ReadPlan) -> bool:
+        """Whether what was just read under `plan` is the snapshot's; if not, read again.
+
+        read_trusted(), and for a local plan's origin ranges (read without
+        read locks) csnapd's word, asked after the read, that the snapshot
+        still shares every one of those chunks with the origin: no origin
+        write to them can have been granted before (rule: verified origin
+        reads). Concurrent confirmations share one query_map.
+        """
+        if not self.read_trusted(plan):
+            return False
+        if plan.request >= 0 or not plan.origin:
+            return True
+        copied = await self._copied_now(plan.origin)
+        if copied and self._owned is not None:
+            self._owned.unshared(copied)
+        return not copied
+
+    async def _copied_now(self, ranges: tuple[tuple[int, int], ...]) -> set[int]:
+        """The chunks of `ranges` the snapshot has a store copy of, asked now.
+
+        Waits while another query_map of these is out, then asks for every
+        check waiting at once. If asking fails, every chunk counts as copied
+        (the caller reads through csnapd instead) and the asker sees the error.
+        """
+        check = _OriginCheck(ranges)
+        self._checks.append(check)
+        while check.copied is None:
+            if self._checking:
+                await self._checked.wait()
+                continue
+            self._checking = True
+            batch = self._take_checks()
+            try:
+                asked = _union(r for c in batch for r in c.ranges)
+                reply = await self._call(functools.partial(QueryMap, ranges=asked))
+                assert isinstance(reply, MapReply)
+                copied = _chunks(reply.ranges)
+                for c in batch:
+                    c.copied = _chunks(c.ranges) & copied
+            finally:
+                for c in batch:
+                    if c.copied is None:
+                        c.copied = _chunks(c.ranges)
+                self._checking = False
+                self._checked.set()
+                self._checked = trio.Event()
+        return check.copied
+
+    def _take_checks(self) -> list[_OriginCheck]:
+        """The waiting checks that fit one query_map (at least one)."""
+        limit = min(self.max_chunks, MAX_RANGES)
+        total = 0
+        taken = 0
+        for check in self._checks:
+            size = sum(count for _, count in check.ranges)
+            if taken and total + size > limit:
+                break
+            total += size
+            taken += 1
+        batch, self._checks = self._checks[:taken], self._checks[taken:]
+        return batch
 
     async def _learn_owned(self, first: int, count: int) -> None:
         """Ask query_owned about the windows of these chunks the owned map lacks."""
@@ -625,7 +728,7 @@ class DataClient:
                     del self._owned_asking[index]
             assert isinstance(reply, OwnedReply)
             if self._owned is owned:
-                owned.learn(index, reply.segments)
+                owned.learn(index, reply.segments, reply.origin)
 
     async def copied_ranges(self, ranges: Ranges) -> tuple[tuple[int, int], ...]:
         """Which of these chunks have store copies (query_map); takes no locks.
@@ -646,6 +749,30 @@ class DataClient:
             log.warning("releasing read locks: %s", exc)
         finally:
             self._held.pop(request, None)
+
+
+@dataclass
+class _OriginCheck:
+    """Origin ranges read without locks, and which of them csnapd says were copied."""
+
+    ranges: tuple[tuple[int, int], ...]
+    copied: set[int] | None = None
+
+
+def _chunks(ranges: Sequence[tuple[int, int]]) -> set[int]:
+    return {chunk for start, count in ranges for chunk in range(start, start + count)}
+
+
+def _union(ranges: Iterable[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
+    """Ascending ranges covering every chunk of `ranges` once (query_map refuses repeats)."""
+    out: list[tuple[int, int]] = []
+    for start, count in sorted(ranges):
+        if out and start <= out[-1][0] + out[-1][1]:
+            end = max(out[-1][0] + out[-1][1], start + count)
+            out[-1] = (out[-1][0], end - out[-1][0])
+        else:
+            out.append((start, count))
+    return tuple(out)
 
 
 def _retryable(exc: ServerError) -> bool:

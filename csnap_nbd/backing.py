@@ -113,6 +113,10 @@ class Backing:
         else:
             await trio.to_thread.run_sync(_write_all, transfers, data)
 
+    def write_now(self, transfers: Sequence[Transfer], data: memoryview) -> None:
+        """`write` on this thread, for callers that know the transfer is small."""
+        _write_all(transfers, data)
+
     async def sync(self, *, origin: bool = True, store: bool = True) -> None:
         """fdatasync: every write that returned before this call is durable after it."""
         fds: list[tuple[int, str]] = []

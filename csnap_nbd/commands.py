@@ -184,7 +184,6 @@ class Transmission:
 
     async def _read(self, nursery: trio.Nursery) -> None:
         header_size = tx.REQUEST.size
-        path = self.path
         while True:
             req = tx.parse_request(await self.conn.receive_exactly(header_size))
             command = req.command
@@ -209,17 +208,25 @@ class Transmission:
             if refusal is not None:
                 self._error(req, refusal.error, refusal.message, held)
                 continue
-            if command == _READ:
-                try:
-                    data = path.read_now(req.offset, req.length)
-                except IOFailedError as exc:
-                    self._error(req, exc.error, str(exc), held)
-                    continue
-                if data is not None:
-                    self._read_reply(req, data, held)
-                    continue
+            if command in (_READ, _WRITE) and self._answered_now(req, payload, held):
+                continue
             await self._slots.acquire()
             nursery.start_soon(self._serve, req, payload, held)
+
+    def _answered_now(self, req: tx.Request, payload: bytearray | None, held: int) -> bool:
+        """Serve a READ or WRITE here, without a task, if the export can at once."""
+        path = self.path
+        try:
+            if payload is None:
+                data = path.read_now(req.offset, req.length)
+                return data is not None and self._read_reply(req, data, held)
+            if not path.write_now(req.offset, payload, fua=bool(req.flags & _FUA)):
+                return False
+        except IOFailedError as exc:
+            return self._error(req, exc.error, str(exc), held)
+        self._writer.put(tx.simple_reply(req.cookie), held=held)
+        BUFFERS.give(payload)
+        return True
 
     async def _drain(self, req: tx.Request) -> None:
         """A WRITE longer than advertised: skip its payload if we can, refuse it.

@@ -375,9 +375,11 @@ class QueryOwned(Request):
 @_message("owned", SERVER)
 @dataclass(frozen=True, slots=True)
 class OwnedReply(Reply):
-    """The asked-about chunks the snapshot owns alone, as (chunk, count, store chunk) extents."""
+    """The asked-about chunks the snapshot owns alone, as (chunk, count, store chunk)
+    extents, and those it still shares with the origin, as ranges."""
 
     segments: SegmentList
+    origin: RangeList
 
 
 @_message("keepalive", CLIENT)

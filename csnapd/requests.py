@@ -267,8 +267,8 @@ class RequestHandlers:
         snapshot = self._need_snapshot(peer)
         chunks = self._check_ranges(message.ranges)
         self._check_reply_fits(peer, OwnedReply, chunks)
-        owned = self._engine.snapshot_owned(snapshot, message.ranges)
-        return OwnedReply(message.id, tuple(owned))
+        owned, origin = self._engine.snapshot_owned(snapshot, message.ranges)
+        return OwnedReply(message.id, tuple(owned), tuple(origin))
 
     def _finish_read(self, peer: Peer, message: FinishSnapshotRead) -> Ok:
         self._need_identified(peer)

@@ -317,8 +317,11 @@ class Engine:
         """Where snapshot `tag`'s chunks are (see ChunkReads.snapshot_read)."""
         return self._reads.snapshot_read(tag, ranges)
 
-    def snapshot_owned(self, tag: int, ranges: Ranges) -> list[tuple[int, int, int]]:
-        """Store chunks snapshot `tag` owns alone (see ChunkReads.snapshot_owned)."""
+    def snapshot_owned(
+        self, tag: int, ranges: Ranges
+    ) -> tuple[list[tuple[int, int, int]], list[tuple[int, int]]]:
+        """Chunks snapshot `tag` owns alone, and those it shares with the origin
+        (see ChunkReads.snapshot_owned)."""
         return self._reads.snapshot_owned(tag, ranges)
 
     def origin_shared(self, ranges: Ranges) -> list[tuple[int, int]]:

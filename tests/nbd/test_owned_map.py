@@ -1,8 +1,10 @@
 """Snapshot reads placed from the gateway's owned map (docs/rules.md, "stable
-owned addresses"): two gateways serve one snapshot, one writes it while the
-other reads it from its map, and no read sent after a write was acknowledged
-returns what that write replaced; a deleted snapshot's addresses are never
-read again, even once its store chunks hold another snapshot's data.
+owned addresses", "verified origin reads"): two gateways serve one snapshot,
+one writes it while the other reads it from its map, and no read sent after
+a write was acknowledged returns what that write replaced; a deleted
+snapshot's addresses are never read again, even once its store chunks hold
+another snapshot's data; origin chunks read without read locks while the
+other gateway writes the origin are always the snapshot's.
 """
 
 from __future__ import annotations
@@ -197,3 +199,43 @@ async def test_a_deleted_snapshots_addresses_are_never_read_again(tmp_path: Path
             assert any(error for _, error, _ in results), "no read failed after the delete"
             for c, error, data in results:
                 assert error or data == original[c], f"chunk {c}: a read returned other data"
+
+
+async def test_origin_reads_without_locks_never_return_an_origin_write(tmp_path: Path) -> None:
+    image = origin_image()
+    original = {c: image[c * CHUNK : (c + 1) * CHUNK] for c in range(CHUNKS)}
+    async with gateway(tmp_path, image=image) as gw, AsyncExitStack() as stack:
+        await gw.create(1)
+        async with second_gateway(gw, tmp_path / "b") as other:
+            checked = 0
+
+            async def check_reads(client: RawClient, seed: int, done: trio.Event) -> None:
+                nonlocal checked
+                rng = random.Random(seed)
+                while not done.is_set():
+                    # Several chunks per read, so reads cross chunks still
+                    # shared and chunks copied meanwhile.
+                    c = rng.randrange(CHUNKS - 4)
+                    await client.request(Command.READ, c * CHUNK, 4 * CHUNK)
+                    answer = await client.answer(4 * CHUNK)
+                    assert answer.error == 0
+                    expected = b"".join(original[k] for k in range(c, c + 4))
+                    assert answer.data == expected, f"chunks {c}..{c + 3}: not the snapshot's"
+                    checked += 1
+
+            writer = await export(stack, other, "origin")
+            done = trio.Event()
+            async with trio.open_nursery() as nursery:
+                for seed in range(3):
+                    nursery.start_soon(
+                        check_reads, await export(stack, gw.socket, "snap-1"), seed, done
+                    )
+                rng = random.Random(11)
+                order = list(range(CHUNKS))
+                rng.shuffle(order)
+                for number in range(0, CHUNKS, 4):
+                    chosen = order[number : number + 4]
+                    await write_chunks(writer, {c: bytes([number % 256]) * CHUNK for c in chosen})
+                    await trio.sleep(0.005)
+                done.set()
+            assert checked > 0
