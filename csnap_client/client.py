@@ -16,6 +16,12 @@ and for a snapshot client:
         async with client.snapshot_write([(chunk, count)]) as segments:
             ... write into the store at the segments ...
 
+or, the fastest way to read (what the NBD gateway does):
+
+        async with client.read_plan(chunk, count) as plan:
+            ... read plan.store and plan.origin as above ...
+            if not await client.confirm_read(plan): ... read again ...
+
 Rules:
   * A grant (an origin write the server allowed, or the store chunks a
     snapshot write goes to) stays open until its `async with` ends; the
@@ -41,6 +47,13 @@ Rules:
     (and any reconnect) forgets them all, before any later write is
     granted from memory; writes granted from memory are open grants like
     any other, so the barrier waits for them.
+  * A snapshot client keeps the store addresses its snapshot owns alone
+    (query_owned) and uses them without asking again (docs/rules.md,
+    "stable owned addresses"): forgotten at every new session and when the
+    snapshot is gone, trusted only within the lease deadline, and each
+    read from them an open grant. Chunks last seen shared with the origin
+    are read without locks and count only once a query_map asked after
+    the read says they still are ("verified origin reads").
 """
 
 from __future__ import annotations

@@ -114,7 +114,9 @@ class OwnedMap:
                 return None
             if runs:
                 chunk, run, at = runs[-1]
-                if at + run == store:
+                # Continues the last run in both chunk and store chunk (a
+                # chunk placed on the origin may lie between).
+                if chunk + run == k and at + run == store:
                     runs[-1] = (chunk, run + 1, at)
                     continue
             runs.append((k, 1, store))
