@@ -169,8 +169,12 @@ class DataClient:
         reconnect: bool = True,
         retry_interval: float = 0.05,
         max_retry_interval: float = 1.0,
+        owned_map: bool = True,
     ):
         self._connect = connect
+        #: Whether a snapshot client keeps an owned map (read_plan then
+        #: always asks csnapd, with read locks, when it is off).
+        self._keep_owned = owned_map
         self.snapshot = snapshot
         self.client_id = client_id if client_id is not None else random.getrandbits(63)
         self._reconnect = reconnect
@@ -299,7 +303,7 @@ class DataClient:
         if self.snapshot is None:
             # A new session: snapshots may have been created meanwhile.
             self._unique = bytearray((identified.origin_chunks + 7) // 8)
-        else:
+        elif self._keep_owned:
             window = min(WINDOW_CHUNKS, max(1, identified.max_chunks))
             self._owned = OwnedMap(identified.origin_chunks, window)
         if self.snapshot is not None:
@@ -804,6 +808,7 @@ async def open_client(
     snapshot: int | None = None,
     client_id: int | None = None,
     reconnect: bool = True,
+    owned_map: bool = True,
 ) -> AsyncIterator[DataClient]:
     """A connected, identified client; closed when the block ends.
 
@@ -811,7 +816,9 @@ async def open_client(
         ServerError: the server refused (an unknown snapshot, ...).
         OSError, ConnectionLostError: unreachable and `reconnect` is off.
     """
-    client = DataClient(connect, snapshot=snapshot, client_id=client_id, reconnect=reconnect)
+    client = DataClient(
+        connect, snapshot=snapshot, client_id=client_id, reconnect=reconnect, owned_map=owned_map
+    )
     with single_errors():
         async with trio.open_nursery() as nursery:
             await nursery.start(client.run)
