@@ -57,6 +57,7 @@ class Backing:
     """The origin and the store, open for the gateway's lifetime."""
 
     def __init__(self, origin: str, store: str, *, read_only: bool):
+        self._syncs: dict[tuple[bool, bool], _SyncGroup] = {}
         flags = os.O_RDONLY if read_only else os.O_RDWR
         self.origin_path = origin
         self.store_path = store
@@ -71,6 +72,7 @@ class Backing:
     def adopt(cls, origin_fd: int, store_fd: int, *, origin: str, store: str) -> Backing:
         """A Backing over descriptors already opened (and checked) by the caller."""
         backing = cls.__new__(cls)
+        backing._syncs = {}
         backing.origin_path, backing.store_path = origin, store
         backing.origin, backing.store = origin_fd, store_fd
         return backing
@@ -118,13 +120,73 @@ class Backing:
         _write_all(transfers, data)
 
     async def sync(self, *, origin: bool = True, store: bool = True) -> None:
-        """fdatasync: every write that returned before this call is durable after it."""
+        """fdatasync: every write that returned before this call is durable after it.
+
+        Concurrent callers share syncs: a caller waits for the first sync of
+        the same files that starts after it called, and starts it if none
+        is running; it gets that sync's error, if any.
+        """
         fds: list[tuple[int, str]] = []
         if origin:
             fds.append((self.origin, "origin"))
         if store:
             fds.append((self.store, "store"))
-        await trio.to_thread.run_sync(_sync_all, fds)
+        key = (origin, store)
+        group = self._syncs.get(key)
+        if group is None:
+            group = self._syncs[key] = _SyncGroup(fds)
+        await group.sync()
+
+
+class _SyncRound:
+    """One fdatasync of a group's files, and how it ended."""
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.error: BackingIOError | None = None
+
+    def check(self) -> None:
+        if self.error is not None:
+            raise BackingIOError(str(self.error), self.error.errno) from self.error
+
+
+class _SyncGroup:
+    """fdatasyncs of one set of files, shared by the callers that wait together.
+
+    A sync running when a caller comes may have started before the caller's
+    writes returned, so the caller waits for the next one to start, which
+    every caller that came meanwhile shares, and gets its error if it fails.
+    """
+
+    def __init__(self, fds: list[tuple[int, str]]):
+        self._fds = fds
+        self._running: _SyncRound | None = None
+        self._pending: _SyncRound | None = None
+
+    async def sync(self) -> None:
+        if self._running is not None:
+            if self._pending is None:
+                self._pending = _SyncRound()
+            mine = self._pending
+            while self._running is not None:
+                await self._running.done.wait()
+            if self._pending is not mine:
+                # Another caller of this round started it.
+                await mine.done.wait()
+                mine.check()
+                return
+            self._pending = None
+        else:
+            mine = _SyncRound()
+        self._running = mine
+        try:
+            await trio.to_thread.run_sync(_sync_all, self._fds)
+        except BackingIOError as exc:
+            mine.error = exc
+        finally:
+            self._running = None
+            mine.done.set()
+        mine.check()
 
 
 def _open(path: str, flags: int) -> int:
