@@ -21,6 +21,13 @@ Phases, in this order, each one `qemu-img bench` run:
   first_write_fua  writes after snapshot 2 with -t directsync: every write
                    carries FUA, so each reply means the data is durable
   rewrite_fua      the same again
+and two backups, each `nbdcopy` of a whole snapshot to null: (256 KiB
+requests, 16 in flight, one connection), timed by the wall clock:
+  backup           snapshot 1 after the first-write pass (every chunk copied;
+                   read right after snapshot_read)
+  backup_half      snapshot 3, taken after rewrite_fua, after 4 KiB writes
+                   into every other chunk (half the snapshot copied, half
+                   still shared with the origin)
 Without FUA, csnap still commits each copy-out's metadata before replying;
 qemu-nbd keeps qcow2 metadata in its caches until a flush.
 
@@ -87,6 +94,10 @@ CHUNK = 64 << 10
 PATTERN = 0xA5
 
 PHASES = ("first_write", "rewrite", "snapshot_read", "first_write_fua", "rewrite_fua")
+#: Backups: nbdcopy of a whole snapshot to null:, reported in MiB/s.
+BACKUPS = ("backup", "backup_half")
+#: nbdcopy's request size for the backups.
+BACKUP_REQUEST = 256 << 10
 SYSTEMS = ("csnap", "qcow2", "file")
 LABELS = {
     "csnap": "csnap-nbd + csnapd",
@@ -114,6 +125,13 @@ NBD_CERTS = Path(__file__).resolve().parents[1] / "scripts" / "nbd-certs"
 
 FULL = Plan(rounds=5, writes=4096)
 QUICK = Plan(rounds=1, writes=128)
+
+
+async def half_write(url: str, count: int) -> None:
+    """4 KiB into every other chunk (cluster) of the region: half of it copied, untimed."""
+    argv = ["qemu-img", "bench", "-q", "-f", "raw", "-c", str(count // 2), "-s", str(IO)]
+    argv += ["-S", str(2 * STRIDE), "-d", str(DEPTH), "-t", "none", "-w", f"--pattern={PATTERN}"]
+    await run_tool([*argv, url])
 
 
 async def qemu_bench(url: str, count: int, *, write: bool, fua: bool = False) -> float:
@@ -145,12 +163,12 @@ async def _data_free(admin: AdminClient) -> int:
 async def csnap_round(d: Path, origin: Path, plan: Plan) -> tuple[dict[str, float], dict[str, Any]]:
     store = d / "csnap.store"
     store.unlink(missing_ok=True)
-    # Room for two snapshots' copies of the whole region, plus metadata.
+    # Room for three snapshots' copies of the whole region, plus metadata.
     format_store(
         str(store),
         str(origin),
         chunk_size=CHUNK,
-        store_size=2 * plan.region + (64 << 20),
+        store_size=3 * plan.region + (64 << 20),
         progress=False,
     )
     sock = d / "csnap.sock"
@@ -174,9 +192,13 @@ async def csnap_round(d: Path, origin: Path, plan: Plan) -> tuple[dict[str, floa
         copied = free - await _data_free(admin)
         times["rewrite"] = await qemu_bench(_url(sock, "origin"), n, write=True)
         times["snapshot_read"] = await qemu_bench(_url(sock, "snap-1"), n, write=False)
+        times["backup"] = await nbdcopy_seconds(_url(sock, "snap-1"), "null:", BACKUP_REQUEST)
         await admin.create_snapshot(2)
         times["first_write_fua"] = await qemu_bench(_url(sock, "origin"), n, write=True, fua=True)
         times["rewrite_fua"] = await qemu_bench(_url(sock, "origin"), n, write=True, fua=True)
+        await admin.create_snapshot(3)
+        await half_write(_url(sock, "origin"), n)
+        times["backup_half"] = await nbdcopy_seconds(_url(sock, "snap-3"), "null:", BACKUP_REQUEST)
     store.unlink()
     return times, {"copied_bytes_per_first_write": copied * CHUNK / plan.writes}
 
@@ -221,10 +243,16 @@ async def qcow2_round(d: Path, plan: Plan) -> tuple[dict[str, float], dict[str, 
     grown = _allocated(image) - allocated
     async with qemu_nbd(image, sock, log, snapshot="s1"):
         times["snapshot_read"] = await qemu_bench(_url(sock, "snap"), n, write=False)
+        times["backup"] = await nbdcopy_seconds(_url(sock, "snap"), "null:", BACKUP_REQUEST)
     await run_tool(["qemu-img", "snapshot", "-c", "s2", str(image)])
     async with qemu_nbd(image, sock, log):
         times["first_write_fua"] = await qemu_bench(_url(sock, "origin"), n, write=True, fua=True)
         times["rewrite_fua"] = await qemu_bench(_url(sock, "origin"), n, write=True, fua=True)
+    await run_tool(["qemu-img", "snapshot", "-c", "s3", str(image)])
+    async with qemu_nbd(image, sock, log):
+        await half_write(_url(sock, "origin"), n)
+    async with qemu_nbd(image, sock, log, snapshot="s3"):
+        times["backup_half"] = await nbdcopy_seconds(_url(sock, "snap"), "null:", BACKUP_REQUEST)
     image.unlink()
     return times, {"allocated_bytes_per_first_write": grown / n}
 
@@ -244,6 +272,8 @@ async def file_round(d: Path, origin: Path, plan: Plan) -> tuple[dict[str, float
         times["snapshot_read"] = await qemu_bench(url, n, write=False)
         times["first_write_fua"] = await qemu_bench(url, n, write=True, fua=True)
         times["rewrite_fua"] = await qemu_bench(url, n, write=True, fua=True)
+        times["backup"] = await nbdcopy_seconds(url, "null:", BACKUP_REQUEST)
+        times["backup_half"] = times["backup"]
     return times, {}
 
 
@@ -373,9 +403,9 @@ def _tls_table(plan: Plan, figures: dict[str, Any]) -> str:
 def _skips() -> dict[str, str]:
     skipped = {}
     for system, tools in (
-        ("csnap", ("qemu-img",)),
-        ("qcow2", ("qemu-img", "qemu-nbd")),
-        ("file", ("qemu-img", "nbdkit")),
+        ("csnap", ("qemu-img", "nbdcopy")),
+        ("qcow2", ("qemu-img", "qemu-nbd", "nbdcopy")),
+        ("file", ("qemu-img", "nbdkit", "nbdcopy")),
     ):
         reason = missing_tools(*tools)
         if reason is not None:
@@ -399,9 +429,16 @@ async def _rounds(
         for system in [*systems[shift:], *systems[:shift]]:
             times, extra = await runs[system]()
             results[system].append((times, extra))
-            rates = "  ".join(f"{p} {plan.writes / times[p]:,.0f}" for p in PHASES)
-            progress(f"nbd round {number + 1}/{plan.rounds} {system}: IOPS {rates}")
+            rates = "  ".join(f"{p} {_rate(plan, p, times[p]):,.0f}" for p in (*PHASES, *BACKUPS))
+            progress(f"nbd round {number + 1}/{plan.rounds} {system}: IOPS or MiB/s {rates}")
     return results
+
+
+def _rate(plan: Plan, phase: str, seconds: float) -> float:
+    """IOPS of a qemu-img bench phase, MiB/s of a backup."""
+    if phase in BACKUPS:
+        return plan.region / (1 << 20) / seconds
+    return plan.writes / seconds
 
 
 def nbd_part(directory: Path, *, quick: bool) -> Part:
@@ -420,7 +457,9 @@ def nbd_part(directory: Path, *, quick: bool) -> Part:
     }
     iops: dict[str, dict[str, float]] = {}
     for system, runs in results.items():
-        per_phase = {p: [plan.writes / times[p] for times, _ in runs] for p in PHASES}
+        per_phase = {
+            p: [_rate(plan, p, times[p]) for times, _ in runs] for p in (*PHASES, *BACKUPS)
+        }
         iops[system] = {p: median(v) for p, v in per_phase.items()}
         extra = {k: median([e[k] for _, e in runs]) for k in runs[0][1]}
         figures[system] = {
@@ -429,7 +468,7 @@ def nbd_part(directory: Path, *, quick: bool) -> Part:
             **extra,
         }
     ratios = {
-        peer: {p: ratio(iops["csnap"][p], iops[peer][p]) for p in PHASES}
+        peer: {p: ratio(iops["csnap"][p], iops[peer][p]) for p in (*PHASES, *BACKUPS)}
         for peer in ("qcow2", "file")
         if peer in iops and "csnap" in iops
     }
@@ -440,12 +479,15 @@ def nbd_part(directory: Path, *, quick: bool) -> Part:
             *(iops.get(s, {}).get(p) for s in SYSTEMS),
             *(fmt_ratio(ratios.get(peer, {}).get(p)) for peer in ("qcow2", "file")),
         ]
-        for p in PHASES
+        for p in (*PHASES, *BACKUPS)
     ]
     notes = [
         f"IOPS, median of {plan.rounds} rounds: qemu-img bench -s 4k -S 64k -d 16,"
         f" {plan.writes} requests over {plan.region >> 20} MiB, Unix sockets",
         "csnap 64 KiB chunks, qcow2 64 KiB clusters; *_fua: -t directsync (FUA on every write)",
+        f"backup*: MiB/s of nbdcopy of the whole snapshot to null:, {BACKUP_REQUEST >> 10} KiB"
+        f" requests, {DEPTH} in flight, 1 connection; backup: snapshot 1 (every chunk"
+        " copied); backup_half: snapshot 3, every other chunk copied (file: the file)",
     ]
     if "csnap" in figures:
         notes.append(

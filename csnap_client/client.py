@@ -16,6 +16,12 @@ and for a snapshot client:
         async with client.snapshot_write([(chunk, count)]) as segments:
             ... write into the store at the segments ...
 
+or, the fastest way to read (what the NBD gateway does):
+
+        async with client.read_plan(chunk, count) as plan:
+            ... read plan.store and plan.origin as above ...
+            if not await client.confirm_read(plan): ... read again ...
+
 Rules:
   * A grant (an origin write the server allowed, or the store chunks a
     snapshot write goes to) stays open until its `async with` ends; the
@@ -41,22 +47,31 @@ Rules:
     (and any reconnect) forgets them all, before any later write is
     granted from memory; writes granted from memory are open grants like
     any other, so the barrier waits for them.
+  * A snapshot client keeps the store addresses its snapshot owns alone
+    (query_owned) and uses them without asking again (docs/rules.md,
+    "stable owned addresses"): forgotten at every new session and when the
+    snapshot is gone, trusted only within the lease deadline, and each
+    read from them an open grant. Chunks last seen shared with the origin
+    are read without locks and count only once a query_map asked after
+    the read says they still are ("verified origin reads").
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import logging
 import math
 import random
-from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 
 import trio
 import trio.lowlevel
 
+from csnap_client.owned import WINDOW_CHUNKS, OwnedMap
 from csnap_client.session import (
     ConnectionLostError,
     Connector,
@@ -78,8 +93,10 @@ from csnap_protocol import (
     Keepalive,
     MapReply,
     Message,
+    OwnedReply,
     QueryChanges,
     QueryMap,
+    QueryOwned,
     QuerySnapshotRead,
     QueryWrite,
     Request,
@@ -154,8 +171,12 @@ class DataClient:
         reconnect: bool = True,
         retry_interval: float = 0.05,
         max_retry_interval: float = 1.0,
+        owned_map: bool = True,
     ):
         self._connect = connect
+        #: Whether a snapshot client keeps an owned map (read_plan then
+        #: always asks csnapd, with read locks, when it is off).
+        self._keep_owned = owned_map
         self.snapshot = snapshot
         self.client_id = client_id if client_id is not None else random.getrandbits(63)
         self._reconnect = reconnect
@@ -192,6 +213,20 @@ class DataClient:
         self._local_grants = itertools.count(1)
         #: Origin writes granted from memory, without a server round trip.
         self.remembered_grants = 0
+        #: Snapshot clients: the store chunks the snapshot owns alone, for
+        #: this session (None before identify, between sessions, once the
+        #: snapshot is gone, or if the server cannot answer query_owned),
+        #: and the windows being asked about.
+        self._owned: OwnedMap | None = None
+        self._owned_asking: dict[int, trio.Event] = {}
+        #: Snapshot reads placed from the owned map, without a server round trip.
+        self.owned_reads = 0
+        #: Origin reads waiting for csnapd to confirm their chunks still
+        #: shared (rule: verified origin reads), and whether a query_map
+        #: for them is out: one at a time, for everything waiting.
+        self._checks: list[_OriginCheck] = []
+        self._checking = False
+        self._checked = trio.Event()
         self.reconnects = 0
 
     # -- geometry -------------------------------------------------------------
@@ -238,6 +273,8 @@ class DataClient:
                 await session.closed.wait()
                 self._session = None
                 self._forget_unique()
+                # rule: stable owned addresses: a new session asks again.
+                self._owned = None
                 if not self._reconnect:
                     self._lost = True
                     self._notify()
@@ -282,6 +319,9 @@ class DataClient:
         if self.snapshot is None:
             # A new session: snapshots may have been created meanwhile.
             self._unique = bytearray((identified.origin_chunks + 7) // 8)
+        elif self._keep_owned:
+            window = min(WINDOW_CHUNKS, max(1, identified.max_chunks))
+            self._owned = OwnedMap(identified.origin_chunks, window)
         if self.snapshot is not None:
             held = [r for ranges in self._held.values() for r in ranges]
             for first in range(0, len(held), MAX_RANGES):
@@ -321,8 +361,10 @@ class DataClient:
         may have dropped them, and an origin write overwritten the chunks)
         or that session ended: read again through a new snapshot_read.
         """
-        if not plan.origin:
+        if not plan.origin and plan.request >= 0:
             return True
+        # Origin data under read locks, or store chunks placed from the
+        # owned map (a negative, local id): both hold only within the lease.
         session = self._answered_on.get(plan.request)
         return trio.current_time() < self.lease_deadline(session)
 
@@ -343,6 +385,9 @@ class DataClient:
             for start, count in asked:
                 for chunk in range(start, start + count):
                     bits[chunk >> 3] |= 1 << (chunk & 7)
+        if isinstance(message, SnapshotWriteOk) and self._owned is not None:
+            # Every chunk a snapshot write is given is the snapshot's alone.
+            self._owned.note(message.segments)
         if isinstance(message, WriteOk | SnapshotWriteOk):
             self._grants.add(message.id)
         elif isinstance(message, SnapshotReadOk) and message.origin:
@@ -398,6 +443,7 @@ class DataClient:
 
     def _gone(self) -> None:
         self._deleted = True
+        self._owned = None
         self._notify()
 
     async def _leave(self) -> None:
@@ -432,6 +478,8 @@ class DataClient:
                 if exc.error is ErrorCode.SNAPSHOT_DELETED:
                     self._gone()
                     raise SnapshotDeletedError(exc.message) from exc
+                if exc.error is ErrorCode.SNAPSHOT_UNAVAILABLE:
+                    self._owned = None
                 raise
 
     async def _wait_ready(self) -> Session:
@@ -490,6 +538,28 @@ class DataClient:
         finally:
             self._close_grant(reply.id)
 
+    @contextmanager
+    def origin_write_now(self, ranges: Ranges) -> Iterator[bool]:
+        """A grant from memory, if every chunk is known unique: True inside the block.
+
+        For callers that write without awaiting inside the block: no barrier
+        can come between the check and the write. False (nothing granted)
+        when a chunk is not known unique or the lease deadline has passed:
+        use origin_write.
+        """
+        if not self._known_unique(ranges) or not (
+            trio.current_time() < self.lease_deadline(self._session)
+        ):
+            yield False
+            return
+        request = -next(self._local_grants)
+        self._grants.add(request)
+        self.remembered_grants += 1
+        try:
+            yield True
+        finally:
+            self._close_grant(request)
+
     async def _origin_grant(self, ranges: Ranges) -> WriteOk:
         if self._known_unique(ranges):
             # No await between the check and the grant: a barrier cannot
@@ -539,6 +609,25 @@ class DataClient:
             self._close_grant(reply.id)
 
     @asynccontextmanager
+    async def read_plan(self, first: int, count: int) -> AsyncIterator[ReadPlan]:
+        """Where to read chunks first..first+count-1 of the snapshot, the fastest way.
+
+        From the owned map when it places every chunk (asking query_owned
+        for their windows first if needed): store chunks the snapshot owns
+        alone, and chunks last seen shared with the origin, unlocked. Else
+        as snapshot_read(). Either way, call confirm_read(plan) after reading
+        and read again under a new plan if it says no.
+        """
+        if self._owned is not None:
+            await self._learn_owned(first, count)
+            with self.owned_read(first, count, origin=True) as plan:
+                if plan is not None:
+                    yield plan
+                    return
+        async with self.snapshot_read([(first, count)]) as plan:
+            yield plan
+
+    @asynccontextmanager
     async def snapshot_read(self, ranges: Ranges) -> AsyncIterator[ReadPlan]:
         """Where to read snapshot chunks; origin ranges stay locked inside the block."""
         reply = await self._call(lambda rid: QuerySnapshotRead(rid, tuple(ranges)))
@@ -550,6 +639,129 @@ class DataClient:
             if reply.origin:
                 with trio.CancelScope(shield=True):
                     await self._finish_read(reply.id, reply.origin)
+
+    @contextmanager
+    def owned_read(
+        self, first: int, count: int, *, origin: bool = False
+    ) -> Iterator[ReadPlan | None]:
+        """A local plan for chunks first..first+count-1 if the owned map places them all.
+
+        With `origin`, chunks the map last saw shared with the origin are
+        placed there, unlocked: such a read counts only once confirm_read()
+        says so. None when the map does not place every chunk (or the lease
+        deadline has passed). The plan is an open grant until the block
+        ends, so a deleted snapshot's client leaves only after the read;
+        read_trusted(plan) says whether store data read under it came
+        within the lease.
+        """
+        owned, session = self._owned, self._session
+        found = None
+        trusted = trio.current_time() < self.lease_deadline(session)
+        if owned is not None and trusted and not self._deleted and not self._closing:
+            found = owned.lookup(first, count, origin=origin)
+        if found is None or session is None:
+            yield None
+            return
+        request = -next(self._local_grants)
+        self._grants.add(request)
+        self._answered_on[request] = session
+        self.owned_reads += 1
+        try:
+            yield ReadPlan(*found, request)
+        finally:
+            self._close_grant(request)
+
+    async def confirm_read(self, plan: ReadPlan) -> bool:
+        """Whether what was just read under `plan` is the snapshot's; if not, read again.
+
+        read_trusted(), and for a local plan's origin ranges (read without
+        read locks) csnapd's word, asked after the read, that the snapshot
+        still shares every one of those chunks with the origin: no origin
+        write to them can have been granted before (rule: verified origin
+        reads). Concurrent confirmations share one query_map.
+        """
+        if not self.read_trusted(plan):
+            return False
+        if plan.request >= 0 or not plan.origin:
+            return True
+        copied = await self._copied_now(plan.origin)
+        if copied and self._owned is not None:
+            self._owned.unshared(copied)
+        return not copied
+
+    async def _copied_now(self, ranges: tuple[tuple[int, int], ...]) -> set[int]:
+        """The chunks of `ranges` the snapshot has a store copy of, asked now.
+
+        Waits while another query_map of these is out, then asks for every
+        check waiting at once. If asking fails, every chunk counts as copied
+        (the caller reads through csnapd instead) and the asker sees the error.
+        """
+        check = _OriginCheck(ranges)
+        self._checks.append(check)
+        while check.copied is None:
+            if self._checking:
+                await self._checked.wait()
+                continue
+            self._checking = True
+            batch = self._take_checks()
+            try:
+                asked = _union(r for c in batch for r in c.ranges)
+                reply = await self._call(functools.partial(QueryMap, ranges=asked))
+                assert isinstance(reply, MapReply)
+                copied = _chunks(reply.ranges)
+                for c in batch:
+                    c.copied = _chunks(c.ranges) & copied
+            finally:
+                for c in batch:
+                    if c.copied is None:
+                        c.copied = _chunks(c.ranges)
+                self._checking = False
+                self._checked.set()
+                self._checked = trio.Event()
+        return check.copied
+
+    def _take_checks(self) -> list[_OriginCheck]:
+        """The waiting checks that fit one query_map (at least one)."""
+        limit = min(self.max_chunks, MAX_RANGES)
+        total = 0
+        taken = 0
+        for check in self._checks:
+            size = sum(count for _, count in check.ranges)
+            if taken and total + size > limit:
+                break
+            total += size
+            taken += 1
+        batch, self._checks = self._checks[:taken], self._checks[taken:]
+        return batch
+
+    async def _learn_owned(self, first: int, count: int) -> None:
+        """Ask query_owned about the windows of these chunks the owned map lacks."""
+        owned = self._owned
+        if owned is None:
+            return
+        for index in owned.missing(first, count):
+            asking = self._owned_asking.get(index)
+            if asking is not None:
+                await asking.wait()
+                continue
+            done = trio.Event()
+            self._owned_asking[index] = done
+            span = owned.span(index)
+            try:
+                reply = await self._call(functools.partial(QueryOwned, ranges=(span,)))
+            except ServerError as exc:
+                # Reads still work, through query_snapshot_read.
+                log.info("query_owned refused (%s): reading without the owned map", exc)
+                if self._owned is owned:
+                    self._owned = None
+                return
+            finally:
+                done.set()
+                if self._owned_asking.get(index) is done:
+                    del self._owned_asking[index]
+            assert isinstance(reply, OwnedReply)
+            if self._owned is owned:
+                owned.learn(index, reply.segments, reply.origin)
 
     async def copied_ranges(self, ranges: Ranges) -> tuple[tuple[int, int], ...]:
         """Which of these chunks have store copies (query_map); takes no locks.
@@ -585,6 +797,30 @@ class DataClient:
             self._held.pop(request, None)
 
 
+@dataclass
+class _OriginCheck:
+    """Origin ranges read without locks, and which of them csnapd says were copied."""
+
+    ranges: tuple[tuple[int, int], ...]
+    copied: set[int] | None = None
+
+
+def _chunks(ranges: Sequence[tuple[int, int]]) -> set[int]:
+    return {chunk for start, count in ranges for chunk in range(start, start + count)}
+
+
+def _union(ranges: Iterable[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
+    """Ascending ranges covering every chunk of `ranges` once (query_map refuses repeats)."""
+    out: list[tuple[int, int]] = []
+    for start, count in sorted(ranges):
+        if out and start <= out[-1][0] + out[-1][1]:
+            end = max(out[-1][0] + out[-1][1], start + count)
+            out[-1] = (out[-1][0], end - out[-1][0])
+        else:
+            out.append((start, count))
+    return tuple(out)
+
+
 def _retryable(exc: ServerError) -> bool:
     return exc.error in (
         ErrorCode.TOO_MANY_CONNECTIONS,
@@ -602,6 +838,7 @@ async def open_client(
     snapshot: int | None = None,
     client_id: int | None = None,
     reconnect: bool = True,
+    owned_map: bool = True,
 ) -> AsyncIterator[DataClient]:
     """A connected, identified client; closed when the block ends.
 
@@ -609,7 +846,9 @@ async def open_client(
         ServerError: the server refused (an unknown snapshot, ...).
         OSError, ConnectionLostError: unreachable and `reconnect` is off.
     """
-    client = DataClient(connect, snapshot=snapshot, client_id=client_id, reconnect=reconnect)
+    client = DataClient(
+        connect, snapshot=snapshot, client_id=client_id, reconnect=reconnect, owned_map=owned_map
+    )
     with single_errors():
         async with trio.open_nursery() as nursery:
             await nursery.start(client.run)

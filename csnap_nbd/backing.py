@@ -4,7 +4,10 @@ once csnapd has said where: positional reads and writes, and fdatasync.
 One descriptor per file serves every connection (pread/pwrite carry their
 own offsets, so they need no lock). Small transfers run on the trio thread,
 where a page-cache hit costs microseconds; bigger ones and every sync go to
-a worker thread so one slow disk access does not stall other connections.
+a worker thread so one slow disk access does not stall other connections,
+except reads of up to CACHED_INLINE_BYTES that the page cache holds whole:
+those are tried on the trio thread with RWF_NOWAIT, which fails at once
+rather than wait for the disk.
 """
 
 from __future__ import annotations
@@ -18,10 +21,15 @@ import trio
 
 from csnap_nbd.geometry import Placement
 
-__all__ = ["Backing", "BackingIOError", "Transfer", "INLINE_BYTES"]
+__all__ = ["Backing", "BackingIOError", "Transfer", "INLINE_BYTES", "CACHED_INLINE_BYTES"]
 
 #: Transfers up to this many bytes in total run without a thread hop.
 INLINE_BYTES = 128 << 10
+#: Reads up to this many bytes run without a thread hop when the page cache
+#: holds every byte (RWF_NOWAIT; where it is missing, they go to a thread).
+CACHED_INLINE_BYTES = 1 << 20
+#: preadv flag: fail with EAGAIN instead of waiting for the disk (0: none here).
+_NOWAIT: int = getattr(os, "RWF_NOWAIT", 0)
 
 
 class BackingIOError(Exception):
@@ -49,6 +57,7 @@ class Backing:
     """The origin and the store, open for the gateway's lifetime."""
 
     def __init__(self, origin: str, store: str, *, read_only: bool):
+        self._syncs: dict[tuple[bool, bool], _SyncGroup] = {}
         flags = os.O_RDONLY if read_only else os.O_RDWR
         self.origin_path = origin
         self.store_path = store
@@ -63,6 +72,7 @@ class Backing:
     def adopt(cls, origin_fd: int, store_fd: int, *, origin: str, store: str) -> Backing:
         """A Backing over descriptors already opened (and checked) by the caller."""
         backing = cls.__new__(cls)
+        backing._syncs = {}
         backing.origin_path, backing.store_path = origin, store
         backing.origin, backing.store = origin_fd, store_fd
         return backing
@@ -73,14 +83,30 @@ class Backing:
 
     async def read(self, transfers: Sequence[Transfer], into: bytearray) -> None:
         """Fill `into` at each placement's buffer offset from its file position."""
-        if _total(transfers) <= INLINE_BYTES:
+        total = _total(transfers)
+        if total <= INLINE_BYTES:
             _read_all(transfers, into)
-        else:
+        elif total > CACHED_INLINE_BYTES or not self.read_cached(transfers, into):
             await trio.to_thread.run_sync(_read_all, transfers, into)
 
     def read_now(self, transfers: Sequence[Transfer], into: bytearray) -> None:
         """`read` on this thread, for callers that know the transfer is small."""
         _read_all(transfers, into)
+
+    def read_cached(self, transfers: Sequence[Transfer], into: bytearray) -> bool:
+        """`read` on this thread if the page cache holds every byte; else False.
+
+        After False, `into` may hold part of the data: read it all again.
+        """
+        if not _NOWAIT:
+            return False
+        try:
+            _read_all(transfers, into, _NOWAIT)
+        except BackingIOError as exc:
+            if exc.errno in (errno.EAGAIN, errno.EOPNOTSUPP, errno.EINVAL):
+                return False
+            raise
+        return True
 
     async def write(self, transfers: Sequence[Transfer], data: memoryview) -> None:
         """Write `data` at each placement's buffer offset to its file position."""
@@ -89,14 +115,78 @@ class Backing:
         else:
             await trio.to_thread.run_sync(_write_all, transfers, data)
 
+    def write_now(self, transfers: Sequence[Transfer], data: memoryview) -> None:
+        """`write` on this thread, for callers that know the transfer is small."""
+        _write_all(transfers, data)
+
     async def sync(self, *, origin: bool = True, store: bool = True) -> None:
-        """fdatasync: every write that returned before this call is durable after it."""
+        """fdatasync: every write that returned before this call is durable after it.
+
+        Concurrent callers share syncs: a caller waits for the first sync of
+        the same files that starts after it called, and starts it if none
+        is running; it gets that sync's error, if any.
+        """
         fds: list[tuple[int, str]] = []
         if origin:
             fds.append((self.origin, "origin"))
         if store:
             fds.append((self.store, "store"))
-        await trio.to_thread.run_sync(_sync_all, fds)
+        key = (origin, store)
+        group = self._syncs.get(key)
+        if group is None:
+            group = self._syncs[key] = _SyncGroup(fds)
+        await group.sync()
+
+
+class _SyncRound:
+    """One fdatasync of a group's files, and how it ended."""
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.error: BackingIOError | None = None
+
+    def check(self) -> None:
+        if self.error is not None:
+            raise BackingIOError(str(self.error), self.error.errno) from self.error
+
+
+class _SyncGroup:
+    """fdatasyncs of one set of files, shared by the callers that wait together.
+
+    A sync running when a caller comes may have started before the caller's
+    writes returned, so the caller waits for the next one to start, which
+    every caller that came meanwhile shares, and gets its error if it fails.
+    """
+
+    def __init__(self, fds: list[tuple[int, str]]):
+        self._fds = fds
+        self._running: _SyncRound | None = None
+        self._pending: _SyncRound | None = None
+
+    async def sync(self) -> None:
+        if self._running is not None:
+            if self._pending is None:
+                self._pending = _SyncRound()
+            mine = self._pending
+            while self._running is not None:
+                await self._running.done.wait()
+            if self._pending is not mine:
+                # Another caller of this round started it.
+                await mine.done.wait()
+                mine.check()
+                return
+            self._pending = None
+        else:
+            mine = _SyncRound()
+        self._running = mine
+        try:
+            await trio.to_thread.run_sync(_sync_all, self._fds)
+        except BackingIOError as exc:
+            mine.error = exc
+        finally:
+            self._running = None
+            mine.done.set()
+        mine.check()
 
 
 def _open(path: str, flags: int) -> int:
@@ -110,7 +200,7 @@ def _total(transfers: Sequence[Transfer]) -> int:
     return sum(p.size for t in transfers for p in t.placements)
 
 
-def _read_all(transfers: Sequence[Transfer], into: bytearray) -> None:
+def _read_all(transfers: Sequence[Transfer], into: bytearray, flags: int = 0) -> None:
     view = memoryview(into)
     for transfer in transfers:
         for p in transfer.placements:
@@ -118,15 +208,16 @@ def _read_all(transfers: Sequence[Transfer], into: bytearray) -> None:
             while done < p.size:
                 target = view[p.buffer + done : p.buffer + p.size]
                 try:
-                    got = os.preadv(transfer.fd, [target], p.position + done)
+                    got = os.preadv(transfer.fd, [target], p.position + done, flags)
                 except OSError as exc:
                     raise BackingIOError(
                         f"reading the {transfer.what} at {p.position + done}: {exc.strerror}",
                         exc.errno,
                     ) from exc
                 if got == 0:
-                    # Past the end of a file shorter than the export: reads as zeroes
-                    # (the buffer starts zeroed).
+                    # Past the end of a file shorter than the export: reads as
+                    # zeroes (the buffer may be a reused one).
+                    target[:] = bytes(len(target))
                     break
                 done += got
 

@@ -25,6 +25,7 @@ import trio
 import trio.lowlevel
 
 from csnap_common.logs import chunk_range
+from csnap_nbd.buffers import BUFFERS
 from csnap_nbd.connection import Connection, PeerClosedError
 from csnap_nbd.datapath import ExportGoneError, IOFailedError
 from csnap_nbd.exports import Exports
@@ -47,9 +48,6 @@ _FUA = int(CommandFlag.FUA)
 _REQ_ONE = int(CommandFlag.REQ_ONE)
 #: Budget every request holds until its reply is sent, on top of its data.
 _REPLY_COST = 1024
-#: Queued replies up to this size are joined into one send; bigger data is
-#: sent on its own rather than copied.
-_JOIN = 256 << 10
 
 
 class _Budget:
@@ -107,29 +105,21 @@ class _Writer:
                     await self._send(batch)
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     self.broken.set()
+                for _, data, _ in batch:
+                    # A READ's data: sent, and no longer referenced elsewhere.
+                    if type(data) is bytearray:
+                        BUFFERS.give(data)
             self.budget.release(sum(held for _, _, held in batch))
             if self._closing and not self._queue:
                 return
 
     async def _send(self, batch: list[tuple[bytes, bytes | bytearray | memoryview, int]]) -> None:
         parts: list[bytes | bytearray | memoryview] = []
-        size = 0
         for header, data, _ in batch:
-            if len(data) > _JOIN:
-                if parts:
-                    await self.conn.send(b"".join(parts))
-                    parts, size = [], 0
-                await self.conn.send(header, data)
-                continue
             parts.append(header)
             if data:
                 parts.append(data)
-            size += len(header) + len(data)
-            if size >= _JOIN:
-                await self.conn.send(b"".join(parts))
-                parts, size = [], 0
-        if parts:
-            await self.conn.send(b"".join(parts))
+        await self.conn.send_parts(parts)
 
 
 class Transmission:
@@ -203,7 +193,6 @@ class Transmission:
 
     async def _read(self, nursery: trio.Nursery) -> None:
         header_size = tx.REQUEST.size
-        path = self.path
         while True:
             req = tx.parse_request(await self.conn.receive_exactly(header_size))
             command = req.command
@@ -223,23 +212,31 @@ class Transmission:
             await self._budget.acquire(held)
             payload: bytearray | None = None
             if command == _WRITE:
-                payload = bytearray(req.length)
+                payload = BUFFERS.take(req.length)
                 await self.conn.receive_into(payload)
             refusal = tx.check_request(req, self.shape)
             if refusal is not None:
                 self._error(req, refusal.error, refusal.message, held)
                 continue
-            if command == _READ:
-                try:
-                    data = path.read_now(req.offset, req.length)
-                except IOFailedError as exc:
-                    self._error(req, exc.error, str(exc), held)
-                    continue
-                if data is not None:
-                    self._read_reply(req, data, held)
-                    continue
+            if command in (_READ, _WRITE) and self._answered_now(req, payload, held):
+                continue
             await self._slots.acquire()
             nursery.start_soon(self._serve, req, payload, held)
+
+    def _answered_now(self, req: tx.Request, payload: bytearray | None, held: int) -> bool:
+        """Serve a READ or WRITE here, without a task, if the export can at once."""
+        path = self.path
+        try:
+            if payload is None:
+                data = path.read_now(req.offset, req.length)
+                return data is not None and self._read_reply(req, data, held)
+            if not path.write_now(req.offset, payload, fua=bool(req.flags & _FUA)):
+                return False
+        except IOFailedError as exc:
+            return self._error(req, exc.error, str(exc), held)
+        self._writer.put(tx.simple_reply(req.cookie), held=held)
+        BUFFERS.give(payload)
+        return True
 
     async def _drain(self, req: tx.Request) -> None:
         """A WRITE longer than advertised: skip its payload if we can, refuse it.
@@ -301,6 +298,8 @@ class Transmission:
                 self._budget.release(held)
             self._slots.release()
             self.stats.timed(req.command, time.perf_counter() - started)
+            if payload is not None:
+                BUFFERS.give(payload)
 
     async def _dispatch(self, req: tx.Request, payload: bytearray | None, reply: _Reply) -> None:
         """Run one request and queue its reply (which releases its budget)."""

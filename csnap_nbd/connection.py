@@ -1,6 +1,7 @@
 """One NBD connection's byte stream: exact-length reads over a receive
 buffer, payloads received straight into their destination, and sends that
-never interleave (replies from concurrent requests share the stream).
+never interleave (replies from concurrent requests share the stream). On a
+plain socket, replies and their data leave in one vectored send, uncopied.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ _RECEIVE = 1 << 16
 #: Replies at most this long are joined into one send; longer data is sent
 #: after its header without copying it.
 _JOIN = 1 << 16
+#: Most buffers one vectored send carries (Linux's IOV_MAX is 1024).
+_VECTOR = 512
 
 
 class PeerClosedError(Exception):
@@ -100,6 +103,31 @@ class Connection:
             else:
                 await self.stream.send_all(header)
                 await self.stream.send_all(data)
+
+    async def send_parts(self, parts: list[bytes | bytearray | memoryview]) -> None:
+        """Send `parts` back to back as one unit on the stream.
+
+        On a plain socket they go by sendmsg, without being copied into one
+        buffer first; over TLS they are joined (the record layer copies anyway).
+        """
+        async with self._send_lock:
+            if self._sock is None:
+                await self.stream.send_all(b"".join(parts))
+                return
+            views = [memoryview(p).cast("B") for p in parts if len(p)]
+            try:
+                while views:
+                    sent = await self._sock.sendmsg(views[:_VECTOR])
+                    while sent:
+                        first = views[0]
+                        if sent >= len(first):
+                            sent -= len(first)
+                            views.pop(0)
+                        else:
+                            views[0] = first[sent:]
+                            sent = 0
+            except OSError as exc:
+                raise trio.BrokenResourceError(f"sending to the client: {exc}") from exc
 
     async def aclose(self) -> None:
         await trio.aclose_forcefully(self.stream)

@@ -8,7 +8,12 @@ status turned into csnapd requests and file I/O.
   snapshot read    snapshot_read plan: store chunks or the origin (the
                    latter read-locked until the block ends); origin data
                    that arrived past the locks' lease deadline is read
-                   again under a new plan (docs/protocol.md, "Liveness")
+                   again under a new plan (docs/protocol.md, "Liveness").
+                   Chunks the client's owned map places (store chunks the
+                   snapshot owns alone, or chunks it last saw shared with
+                   the origin, read unlocked and confirmed after) need no
+                   plan from csnapd (docs/rules.md, "stable owned
+                   addresses", "verified origin reads")
   snapshot write   snapshot_write segments: the server has already copied
                    each chunk's old contents into the store chunk it gives,
                    so only the bytes asked for are written there
@@ -35,7 +40,8 @@ from csnap_client import (
     SnapshotDeletedError,
 )
 from csnap_common.limits import MAX_REQUEST_CHUNKS
-from csnap_nbd.backing import INLINE_BYTES, Backing, BackingIOError, Transfer
+from csnap_nbd.backing import CACHED_INLINE_BYTES, INLINE_BYTES, Backing, BackingIOError, Transfer
+from csnap_nbd.buffers import BUFFERS
 from csnap_nbd.geometry import (
     Piece,
     Placement,
@@ -121,6 +127,15 @@ def _zero_placements(placements: list[Placement]) -> list[Placement]:
     ]
 
 
+def _read_here(backing: Backing, transfers: list[Transfer], into: bytearray) -> bytearray | None:
+    """`into` filled on this thread: small reads always, larger ones from the
+    page cache only; None if that would wait for the disk."""
+    if len(into) <= INLINE_BYTES:
+        backing.read_now(transfers, into)
+        return into
+    return into if backing.read_cached(transfers, into) else None
+
+
 def _check_covers(piece: Piece, transfers: list[Transfer], what: str) -> None:
     """csnapd must place every byte of a piece; a gap would lose data silently."""
     placed = sum(p.size for t in transfers for p in t.placements)
@@ -174,6 +189,11 @@ class DataPath:
     def read_now(self, offset: int, length: int) -> bytearray | None:
         """The data at once, when it needs neither csnapd nor a thread; else None."""
         return None
+
+    def write_now(self, offset: int, data: bytearray, *, fua: bool) -> bool:
+        """Write at once, when it needs neither csnapd nor a thread; else False
+        (nothing written)."""
+        return False
 
     async def read(
         self, offset: int, length: int, deliver: Callable[[bytearray], None] | None = None
@@ -272,22 +292,39 @@ class OriginPath(DataPath):
     """The origin volume: reads need nobody, writes need a grant."""
 
     def read_now(self, offset: int, length: int) -> bytearray | None:
-        if length > INLINE_BYTES:
+        if length > CACHED_INLINE_BYTES:
             return None
-        into = bytearray(length)
-        placement = [Placement(offset, 0, length)]
+        into = BUFFERS.take(length)
+        transfers = [Transfer(self.backing.origin, "origin", [Placement(offset, 0, length)])]
         with _translated():
-            self.backing.read_now([Transfer(self.backing.origin, "origin", placement)], into)
-        return into
+            return _read_here(self.backing, transfers, into)
 
     async def read(
         self, offset: int, length: int, deliver: Callable[[bytearray], None] | None = None
     ) -> bytearray:
-        into = bytearray(length)
+        into = BUFFERS.take(length)
         placement = [Placement(offset, 0, length)]
         with _translated():
             await self.backing.read([Transfer(self.backing.origin, "origin", placement)], into)
         return into
+
+    def write_now(self, offset: int, data: bytearray, *, fua: bool) -> bool:
+        # A small rewrite of chunks the client knows unique: no csnapd, no task.
+        if fua or len(data) > INLINE_BYTES:
+            return False
+        first = offset // self.chunk_size
+        count = (offset + len(data) - 1) // self.chunk_size - first + 1
+        if not data or count > self.client.max_chunks:
+            return False
+        with self.client.origin_write_now([(first, count)]) as granted:
+            if not granted:
+                return False
+            placement = [Placement(offset, 0, len(data))]
+            with _translated():
+                self.backing.write_now(
+                    [Transfer(self.backing.origin, "origin", placement)], memoryview(data)
+                )
+        return True
 
     async def _write_piece(self, piece: Piece, offset: int, data: memoryview, zeroes: bool) -> None:
         placements = [Placement(piece.start, piece.start - offset, piece.end - piece.start)]
@@ -303,16 +340,40 @@ class SnapshotPath(DataPath):
 
     writes_store = True
 
+    def read_now(self, offset: int, length: int) -> bytearray | None:
+        # Reads of chunks the client's owned map already places need neither
+        # csnapd nor a task: read them from the store here.
+        if length > CACHED_INLINE_BYTES:
+            return None
+        first = offset // self.chunk_size
+        count = (offset + length - 1) // self.chunk_size - first + 1
+        if count > self.client.max_chunks:
+            return None
+        piece = Piece(first, count, offset, offset + length)
+        with self.client.owned_read(piece.first, piece.count) as plan:
+            if plan is None:
+                return None
+            placements = store_placements(plan.store, piece, offset, self.chunk_size)
+            transfers = [Transfer(self.backing.store, "store", placements)]
+            _check_covers(piece, transfers, "owned map")
+            into = BUFFERS.take(length)
+            with _translated():
+                if _read_here(self.backing, transfers, into) is None:
+                    return None
+            if not self.client.read_trusted(plan):
+                return None  # past the lease deadline: the full path asks csnapd
+            return into
+
     async def read(
         self, offset: int, length: int, deliver: Callable[[bytearray], None] | None = None
     ) -> bytearray:
-        into = bytearray(length)
+        into = BUFFERS.take(length)
         cs = self.chunk_size
         todo = list(self._pieces(offset, length))
         with _translated():
             for number, piece in enumerate(todo, 1):
                 for _ in range(READ_ATTEMPTS):
-                    async with self.client.snapshot_read([(piece.first, piece.count)]) as plan:
+                    async with self.client.read_plan(piece.first, piece.count) as plan:
                         transfers = [
                             Transfer(
                                 self.backing.store,
@@ -328,8 +389,10 @@ class SnapshotPath(DataPath):
                         _check_covers(piece, transfers, "snapshot_read")
                         await self.backing.read(transfers, into)
                         # Origin data that came after the locks' lease
-                        # deadline may be an origin write's: ask again.
-                        if not self.client.read_trusted(plan):
+                        # deadline may be an origin write's, and origin data
+                        # read unlocked counts only once csnapd confirms
+                        # the chunks still shared: else ask again.
+                        if not await self.client.confirm_read(plan):
                             continue
                         if number == len(todo) and deliver is not None:
                             # Every byte is read: the reply need not wait for

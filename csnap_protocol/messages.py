@@ -92,6 +92,8 @@ __all__ = [
     "MapReply",
     "QueryChanges",
     "ChangesReply",
+    "QueryOwned",
+    "OwnedReply",
     "Keepalive",
     "ServerReady",
     "StartServer",
@@ -388,6 +390,29 @@ class ChangesReply(Reply):
 
     ranges: RangeList
     next: Annotated[int | None, Nullable(U64)]
+
+
+@_message("query_owned", CLIENT)
+@dataclass(frozen=True, slots=True)
+class QueryOwned(Request):
+    """Which of these chunks does my snapshot own alone in the store, and where?
+
+    Snapshot connections only; takes no locks. The addresses answered stay
+    valid while the snapshot lives, so a client may keep them (docs/rules.md,
+    "stable owned addresses").
+    """
+
+    ranges: RangeList
+
+
+@_message("owned", SERVER)
+@dataclass(frozen=True, slots=True)
+class OwnedReply(Reply):
+    """The asked-about chunks the snapshot owns alone, as (chunk, count, store chunk)
+    extents, and those it still shares with the origin, as ranges."""
+
+    segments: SegmentList
+    origin: RangeList
 
 
 @_message("keepalive", CLIENT)

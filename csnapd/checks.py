@@ -6,7 +6,7 @@ Rules:
   * a request names at least one chunk, and at most max_chunks in all;
   * every range lies inside the origin (chunk + count <= origin_chunks);
   * a request that asks about chunks (query_write, query_snapshot_read,
-    query_map) names each chunk once: repeated or overlapping ranges are
+    query_map, query_owned) names each chunk once: repeated or overlapping ranges are
     refused, since acting twice on one chunk would copy it twice;
   * requests about read locks (finish_snapshot_read, upload_lock) may name a
     chunk more than once: locks are counted, and each naming is one lock.

@@ -32,8 +32,10 @@ from csnap_protocol import (
     MapReply,
     Message,
     Ok,
+    OwnedReply,
     QueryChanges,
     QueryMap,
+    QueryOwned,
     QuerySnapshotRead,
     QueryWrite,
     ServerInfoReply,
@@ -66,6 +68,7 @@ Answered = (
     | QuerySnapshotRead
     | QueryMap
     | QueryChanges
+    | QueryOwned
     | UploadLock
     | ListSnapshots
     | GetStatus
@@ -169,6 +172,8 @@ class RequestHandlers:
                 return self._query_map(peer, message)
             case QueryChanges():
                 return self._query_changes(peer, message)
+            case QueryOwned():
+                return self._query_owned(peer, message)
             case UploadLock():
                 return self._upload(peer, message)
             case ListSnapshots():
@@ -293,6 +298,14 @@ class RequestHandlers:
             message.base, peer.snapshot, message.start, count, max_runs=max_runs
         )
         return ChangesReply(message.id, answer.runs, answer.next)
+
+    def _query_owned(self, peer: Peer, message: QueryOwned) -> OwnedReply:
+        self._need_identified(peer)
+        snapshot = self._need_snapshot(peer)
+        chunks = self._check_ranges(message.ranges)
+        self._check_reply_fits(peer, OwnedReply, chunks)
+        owned, origin = self._engine.snapshot_owned(snapshot, message.ranges)
+        return OwnedReply(message.id, tuple(owned), tuple(origin))
 
     def _finish_read(self, peer: Peer, message: FinishSnapshotRead) -> Ok:
         self._need_identified(peer)

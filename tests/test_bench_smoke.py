@@ -173,7 +173,15 @@ def check_server_part(part: dict[str, Any]) -> None:
             assert row["ops"] > 0 and row["chunks_per_s"] > 0
 
 
-NBD_PHASES = ("first_write", "rewrite", "snapshot_read", "first_write_fua", "rewrite_fua")
+NBD_PHASES = (
+    "first_write",
+    "rewrite",
+    "snapshot_read",
+    "first_write_fua",
+    "rewrite_fua",
+    "backup",
+    "backup_half",
+)
 
 
 def check_nbd_part(part: dict[str, Any]) -> None:

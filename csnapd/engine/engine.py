@@ -356,6 +356,13 @@ class Engine:
         """Where snapshot `tag`'s chunks are (see ChunkReads.snapshot_read)."""
         return self._reads.snapshot_read(tag, ranges)
 
+    def snapshot_owned(
+        self, tag: int, ranges: Ranges
+    ) -> tuple[list[tuple[int, int, int]], list[tuple[int, int]]]:
+        """Chunks snapshot `tag` owns alone, and those it shares with the origin
+        (see ChunkReads.snapshot_owned)."""
+        return self._reads.snapshot_owned(tag, ranges)
+
     def origin_shared(self, ranges: Ranges) -> list[tuple[int, int]]:
         """Ranges of origin chunks that some live snapshot still shares."""
         return self._reads.origin_shared(ranges)

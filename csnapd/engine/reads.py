@@ -59,6 +59,43 @@ class ChunkReads:
                 append_mapped_run(runs, chunk, 1, target)
         return [ReadSegment(*run) for run in runs]
 
+    def snapshot_owned(
+        self, tag: int, ranges: Ranges
+    ) -> tuple[list[tuple[int, int, int]], list[tuple[int, int]]]:
+        """Store chunks snapshot `tag` owns alone among live snapshots, as
+        (chunk, count, store chunk) runs, and the chunks it still shares with
+        the origin, as (chunk, count) runs; chunks whose store copy it shares
+        with another live snapshot are in neither.
+
+        An owned address is stable while the snapshot lives: a write to it
+        goes in place (CopyOut.snapshot_write), no other snapshot's write or
+        delete frees it (the snapshot's own share bit keeps it), and only
+        deleting the snapshot itself does (docs/rules.md, "stable owned
+        addresses"). The origin runs are true when answered only.
+        """
+        check_ranges(ranges, self._geometry.origin_chunks)
+        return self._txn.request(lambda: self._snapshot_owned(tag, ranges))
+
+    def _snapshot_owned(
+        self, tag: int, ranges: Ranges
+    ) -> tuple[list[tuple[int, int, int]], list[tuple[int, int]]]:
+        bit = 1 << self._snapshots.io_bit(tag)
+        others = self._state.live_mask & ~bit
+        owned: list[tuple[int, int, int]] = []
+        origin: list[tuple[int, int]] = []
+        for start, count in ranges:
+            for chunk, leaf, i, found in self._tree.entries(start, count):
+                j = leaf.exception_of(i, bit) if found else -1
+                if j < 0:
+                    append_run(origin, chunk, 1)
+                elif leaf.targets[j] == LOST_CHUNK:
+                    # In neither list: the client asks for it as a read,
+                    # which fails store_corrupt (docs/format.md, "Lost copies").
+                    continue
+                elif not leaf.shares[j] & others:
+                    append_mapped_run(owned, chunk, 1, leaf.targets[j])
+        return owned, origin
+
     def origin_shared(self, ranges: Ranges) -> list[tuple[int, int]]:
         """Ranges of origin chunks that some live snapshot still shares.
 

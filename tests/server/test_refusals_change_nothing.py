@@ -22,6 +22,7 @@ from csnap_protocol import (
     Identify,
     Message,
     QueryMap,
+    QueryOwned,
     QuerySnapshotRead,
     QueryWrite,
     Role,
@@ -50,6 +51,7 @@ KINDS: dict[str, Callable[[int, Ranges], Message]] = {
     "query_write": QueryWrite,
     "query_snapshot_read": QuerySnapshotRead,
     "query_map": QueryMap,
+    "query_owned": QueryOwned,
     "finish_snapshot_read": FinishSnapshotRead,
     "upload_lock": UploadLock,
 }

@@ -40,7 +40,9 @@ from csnap_protocol import (
     MapReply,
     Message,
     Ok,
+    OwnedReply,
     QueryMap,
+    QueryOwned,
     QuerySnapshotRead,
     QueryWrite,
     Role,
@@ -119,7 +121,9 @@ DRAFTS = st.builds(
     priority=st.integers(-128, 127),
     delta=st.sampled_from([-1, 0, 1, 1, -(1 << 31), (1 << 31) - 1]),
     client=st.sampled_from(
-        ["write"] * 4 + ["read"] * 4 + ["map", "finish", "finish", "upload", "upload", "done", "id"]
+        ["write"] * 4
+        + ["read"] * 4
+        + ["map", "owned", "finish", "finish", "upload", "upload", "done", "id"]
     ),
     target=st.none() | st.integers(0, 2 * len(TAG_VALUES) - 1),
     client_id=st.integers(0, 3),
@@ -381,6 +385,8 @@ class Session:
             self.snapshot_read(peer, request.ranges, reply)
         elif isinstance(request, QueryMap) and isinstance(reply, MapReply):
             self.check_map(peer, request.ranges, reply.ranges)
+        elif isinstance(request, QueryOwned) and isinstance(reply, OwnedReply):
+            self.check_owned(peer, request.ranges, reply.segments, reply.origin)
         elif isinstance(request, FinishSnapshotRead) and isinstance(reply, Ok):
             peer.locks.subtract(_chunk_list(request.ranges))
             peer.locks += Counter()  # drop counts of zero
@@ -463,6 +469,30 @@ class Session:
                 reads[chunk + k] = data[k * CHUNK : (k + 1) * CHUNK]
         return reads
 
+    def check_owned(
+        self,
+        peer: Peer,
+        asked: Ranges,
+        segments: tuple[tuple[int, int, int], ...],
+        origin: Ranges,
+    ) -> None:
+        """Owned addresses: inside what was asked, ascending, holding the snapshot's
+        data; the origin ranges inside what was asked and apart from them."""
+        spans = tuple((chunk, count) for chunk, count, _ in segments)
+        named = chunks_of(asked, ORIGIN_CHUNKS)
+        if not chunks_of(spans, ORIGIN_CHUNKS) <= named or overlapping(spans):
+            raise self.finding(f"{peer}: owned {_short(spans)} for {_short(asked)}")
+        if not chunks_of(origin, ORIGIN_CHUNKS) <= named or overlapping((*spans, *origin)):
+            raise self.finding(f"{peer}: owned origin {_short(origin)} for {_short(asked)}")
+        if list(spans) != sorted(spans):
+            raise self.finding(f"{peer}: owned {_short(spans)} out of order")
+        assert peer.target is not None
+        if not peer.target.deleted:
+            try:
+                peer.target.check(self.log, self.read_plan(SnapshotReadOk(0, segments, ())))
+            except Mismatch as exc:
+                raise self.finding(f"{peer}: owned: {exc}") from exc
+
     def check_map(self, peer: Peer, asked: Ranges, answer: Ranges) -> None:
         named = chunks_of(asked, ORIGIN_CHUNKS)
         copied = chunks_of(answer, ORIGIN_CHUNKS)
@@ -539,7 +569,7 @@ class Session:
             return Must.EITHER
         if not peer.identified or peer.detaching or (peer.target and peer.target.deleted):
             return Must.FAIL
-        snapshot_only = isinstance(message, QuerySnapshotRead | UploadLock)
+        snapshot_only = isinstance(message, QuerySnapshotRead | QueryOwned | UploadLock)
         if snapshot_only and peer.target is None:
             return Must.FAIL
         if isinstance(message, FinishSnapshotRead):
@@ -616,6 +646,7 @@ class Session:
             "write": QueryWrite,
             "read": QuerySnapshotRead,
             "map": QueryMap,
+            "owned": QueryOwned,
             "finish": FinishSnapshotRead,
             "upload": UploadLock,
         }[draft.client]

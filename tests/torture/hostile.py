@@ -29,6 +29,7 @@ from csnap_protocol import (
     Hello,
     Message,
     QueryMap,
+    QueryOwned,
     QuerySnapshotRead,
     QueryWrite,
     RemoteProtocolError,
@@ -75,7 +76,7 @@ _ranges = st.lists(_near, min_size=1, max_size=4).map(tuple) | values(Ranges(819
 def _message(cls: type[Message]) -> st.SearchStrategy[Message]:
     fields: dict[str, st.SearchStrategy[Any]] = {}
     for name, spec in cls.FIELDS.items():
-        if name == "ranges" and cls in (QueryWrite, QuerySnapshotRead, QueryMap):
+        if name == "ranges" and cls in (QueryWrite, QuerySnapshotRead, QueryMap, QueryOwned):
             fields[name] = _ranges
         elif name in ("tag", "snapshot"):
             # Tags the service has, or might: small numbers, or none.
