@@ -25,6 +25,7 @@ import socket
 import struct
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import trio
 
@@ -38,6 +39,12 @@ from csnap_client import (
     tcp_connector,
 )
 from csnap_common import split_host_port
+from csnap_common.credentials import (
+    ROLE_ADMIN,
+    CredentialsError,
+    client_context,
+    store_credentials,
+)
 from csnap_protocol import (
     ChangeUseCount,
     Connection,
@@ -148,8 +155,11 @@ class Registration:
 class Agent:
     """The agent's state and connection handling; run with serve()."""
 
-    def __init__(self, coordinator: Coordinator | None = None):
+    def __init__(self, coordinator: Coordinator | None = None, credentials: Path | None = None):
         self.coordinator = coordinator or LocalCoordinator()
+        #: The admin credential relayed requests go out with; None: the
+        #: active server's STORE.keys (csnap_common.credentials).
+        self.credentials = credentials
         self.servers: list[Registration] = []
         self.active: Registration | None = None
         self._active_changed = trio.Event()
@@ -489,7 +499,7 @@ class Agent:
         request = message.id
         try:
             session = await self._relay_session()
-        except (OSError, ServerError, ConnectionLostError) as exc:
+        except (OSError, ServerError, ConnectionLostError, CredentialsError) as exc:
             await self._error(peer, request, ErrorCode.NO_SERVER, f"{_NO_SERVER} ({exc})")
             return
         if session is None:
@@ -523,7 +533,9 @@ class Agent:
             if session is not None and not session.closed.is_set():
                 return session
             host, port = split_host_port(active.candidate.address)
-            session = await open_session(self._nursery, tcp_connector(host, port), Role.ADMIN)
+            directory = self.credentials or store_credentials(active.candidate.store)
+            tls = client_context(directory, ROLE_ADMIN)
+            session = await open_session(self._nursery, tcp_connector(host, port, tls), Role.ADMIN)
             if self.active is not active:
                 await trio.aclose_forcefully(session.stream)
                 return None

@@ -19,6 +19,7 @@ import socket
 import stat
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import trio
 
@@ -77,6 +78,13 @@ def _parser() -> argparse.ArgumentParser:
         default=os.environ.get("CSNAP_AGENT") or DEFAULT_AGENT,
         metavar="PATH",
         help=f"Unix socket to listen on, or @name (default $CSNAP_AGENT or {DEFAULT_AGENT})",
+    )
+    parser.add_argument(
+        "--credentials",
+        type=Path,
+        metavar="DIR",
+        help="the cluster's ca-cert.pem and the admin-cert.pem and admin-key.pem"
+        " requests are relayed with (default: STORE.keys beside the active server's store)",
     )
     add_log_level(parser)
     return parser
@@ -159,7 +167,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.error("%s", exc)
         return EXIT_CANNOT_START
     try:
-        trio.run(_main, listener, path)
+        trio.run(_main, listener, path, args.credentials)
     finally:
         # A passed socket belongs to the service manager: it stays for the next start.
         if activated is None and not path.startswith("@"):
@@ -168,9 +176,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     return EXIT_OK
 
 
-async def _main(sock: socket.socket, path: str) -> None:
+async def _main(sock: socket.socket, path: str, credentials: Path | None) -> None:
     listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
-    agent = Agent()
+    agent = Agent(credentials=credentials)
     async with trio.open_nursery() as nursery:
         await nursery.start(agent.serve, listener)
         nursery.start_soon(keep_watchdog_fed, trio.sleep)

@@ -26,13 +26,14 @@ from csnap_client.client import (
     SnapshotDeletedError,
     open_client,
 )
+from csnap_client.secure import open_tls_stream, tcp_connector
 from csnap_client.session import (
+    AuthenticationError,
     ConnectionLostError,
     Connector,
     ServerError,
     Session,
     open_session,
-    tcp_connector,
 )
 
 __all__ = [
@@ -55,5 +56,7 @@ __all__ = [
     "ServerError",
     "Session",
     "open_session",
+    "AuthenticationError",
+    "open_tls_stream",
     "tcp_connector",
 ]

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import os
 import socket
+import ssl
 
 import trio
 
+from csnap_client.secure import open_tls_stream
 from csnap_client.session import (
     ConnectionLostError,
     Connector,
@@ -73,8 +75,9 @@ async def find_server(path: str, *, wait: bool = True) -> ServerAt:
     return reply
 
 
-def agent_connector(path: str) -> Connector:
-    """A connector that finds the server through the agent, then connects to it.
+def agent_connector(path: str, tls: ssl.SSLContext) -> Connector:
+    """A connector that finds the server through the agent, then connects to it
+    and authenticates with `tls` (csnap_common.credentials.client_context()).
 
     Waits while the agent has no active server; a reconnecting DataClient
     therefore follows the server wherever the agent says it went.
@@ -86,7 +89,7 @@ def agent_connector(path: str) -> Connector:
         except ServerError as exc:
             raise ConnectionLostError(f"agent {path}: {exc}") from exc
         host, port = split_host_port(where.address)
-        return await trio.open_tcp_stream(host, port)
+        return await open_tls_stream(host, port, tls)
 
     return connect
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -36,8 +37,8 @@ __all__ = [
     "Session",
     "ServerError",
     "ConnectionLostError",
+    "AuthenticationError",
     "Connector",
-    "tcp_connector",
     "open_session",
 ]
 
@@ -67,13 +68,12 @@ class ConnectionLostError(Exception):
     """The connection to the server broke before the reply came."""
 
 
-def tcp_connector(host: str, port: int) -> Connector:
-    """A connector for a server at a fixed TCP address."""
+class AuthenticationError(ServerError):
+    """The TLS handshake with csnapd failed, or its credential is not a server's."""
 
-    async def connect() -> trio.abc.Stream:
-        return await trio.open_tcp_stream(host, port)
-
-    return connect
+    def __init__(self, message: str):
+        code = ErrorCode.AUTHENTICATION_FAILED
+        super().__init__(int(code), code.symbol, message)
 
 
 @dataclass(eq=False)
@@ -201,6 +201,11 @@ class Session:
         except (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionLostError) as exc:
             self.failure = exc
             if not started:
+                if isinstance(exc.__cause__, ssl.SSLError):
+                    # TLS 1.3: the server judges our credential after the
+                    # handshake ended on this side; its verdict comes here.
+                    reason = exc.__cause__.reason or str(exc.__cause__)
+                    raise AuthenticationError(f"csnapd refused this credential ({reason})") from exc
                 raise ConnectionLostError(f"connection lost during the hello: {exc}") from exc
         except (RemoteProtocolError, ServerError) as exc:
             self.failure = exc

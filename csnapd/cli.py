@@ -12,6 +12,7 @@ import logging
 import signal
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import trio
 
@@ -19,6 +20,7 @@ from csnap_common import single_errors
 from csnap_common.allocator import return_freed_buffers
 from csnap_common.cli import add_log_level, configure_logging, host_port_arg, size_arg
 from csnap_common.systemd import keep_watchdog_fed, notify_ready, notify_status, notify_stopping
+from csnapd.credentials import CredentialsError
 from csnapd.engine import EngineError, StoreLockedError
 from csnapd.server import ServerConfig, ServerFailedError, serve
 
@@ -36,6 +38,12 @@ examples:
   csnapd store.img origin.img --listen 127.0.0.1:7000
   csnapd /dev/vg/snapstore /dev/vg/data --listen 0.0.0.0:7000 --cache-size 256M
   csnapd store.img origin.img --agent @csnap-agent
+  csnap keys /etc/csnap/keys
+  csnapd /dev/vg/snapstore /dev/vg/data --listen 0.0.0.0:7000 --credentials /etc/csnap/keys
+
+Every connection is mutual TLS with a credential of the cluster's CA. Without
+--credentials, csnapd uses STORE.keys beside a store file, and makes it when
+listening on loopback; elsewhere it refuses to start without credentials.
 
 The first line on stdout is "listening HOST:PORT" once connections are
 accepted (port 0 picks a free port); with --agent, once the port is bound and
@@ -44,7 +52,7 @@ flight, mark the store clean and exit 0.
 
 exit status: 0 stopped cleanly, 1 the store failed while serving (restart
 replays the journal), 2 bad arguments, 3 the store could not be opened
-(missing, not a store, or held by another csnapd).
+(missing, not a store, or held by another csnapd) or no credentials.
 """
 
 
@@ -108,6 +116,14 @@ def _parser() -> argparse.ArgumentParser:
         help="connections open at once, counted from accept (default 1024)",
     )
     parser.add_argument("--max-in-flight", type=int, default=256, help="requests per connection")
+    parser.add_argument(
+        "--credentials",
+        type=Path,
+        metavar="DIR",
+        help="the cluster's ca-cert.pem and this server's server-cert.pem and"
+        " server-key.pem (made by `csnap keys DIR`; default STORE.keys, made"
+        " there when listening on loopback)",
+    )
     add_log_level(parser)
     return parser
 
@@ -140,10 +156,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         max_connections=args.max_connections,
         max_in_flight=args.max_in_flight,
         agent=args.agent,
+        credentials=args.credentials,
     )
     try:
         with single_errors():
             trio.run(_main, config)
+    except CredentialsError as exc:
+        log.error("%s", exc)
+        return EXIT_CANNOT_START
     except StoreLockedError as exc:
         log.error("%s", exc)
         return EXIT_CANNOT_START

@@ -26,8 +26,10 @@ import contextlib
 import itertools
 import logging
 import math
+import ssl
 from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
 
 import trio
 import trio.lowlevel
@@ -52,6 +54,8 @@ from csnap_protocol import (
     message_id,
 )
 from csnapd.agent_link import AgentLink
+from csnapd.authenticate import authenticate, hello_refusal, request_refusal
+from csnapd.credentials import server_tls
 from csnapd.dispatch import (
     DEFAULT_MAX_READ_LOCKS,
     DEFAULT_MAX_SERVER_READ_LOCKS,
@@ -132,6 +136,9 @@ class ServerConfig:
     max_server_read_locks: int = DEFAULT_MAX_SERVER_READ_LOCKS
     #: The node agent's socket: register there and wait on standby to be started.
     agent: str | None = None
+    #: The directory with the cluster CA and the server credential; None:
+    #: STORE.keys, made there when listening on loopback (csnapd.credentials).
+    credentials: Path | None = None
 
 
 @dataclass(eq=False)
@@ -152,13 +159,16 @@ class _Link:
     queued: int = 0
     #: Set once the writer has sent everything queued before the outbox closed.
     flushed: trio.Event = field(default_factory=trio.Event)
+    #: The roles the peer's credential grants (csnapd.authenticate).
+    roles: frozenset[str] = frozenset()
 
 
 class Server:
     """A running csnapd; see serve()."""
 
-    def __init__(self, config: ServerConfig, engine: Engine, address: str):
+    def __init__(self, config: ServerConfig, engine: Engine, address: str, tls: ssl.SSLContext):
         self.config = config
+        self.tls = tls
         self.engine = engine
         self.address = address
         self.dispatcher = Dispatcher(
@@ -271,6 +281,10 @@ class Server:
 
     async def _send_refusal(self, stream: trio.SocketStream) -> None:
         codec = Connection(Role.SERVER, name="csnapd")
+        secured = await authenticate(stream, self.tls, within=REFUSE_LINGER, label="refused")
+        if secured is None:
+            self._refusing -= 1
+            return
         refusal = _error_message(
             None,
             ErrorCode.TOO_MANY_CONNECTIONS,
@@ -279,13 +293,13 @@ class Server:
         )
         try:
             with trio.move_on_after(REFUSE_LINGER):
-                async with stream:
+                async with secured.stream:
                     with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-                        await stream.send_all(codec.send(refusal))
+                        await secured.stream.send_all(codec.send(refusal))
                         # Read what the peer sent (its hello) before closing, so
                         # that closing with unread data does not reset the
                         # connection under our error.
-                        while await stream.receive_some(RECEIVE_SIZE):
+                        while await secured.stream.receive_some(RECEIVE_SIZE):
                             pass
         finally:
             self._refusing -= 1
@@ -302,11 +316,16 @@ class Server:
             label = f"{host}:{port}"
         except OSError:
             label = "?"
+        secured = await authenticate(
+            stream, self.tls, within=self.config.hello_timeout, label=label
+        )
+        if secured is None:
+            return
         codec = Connection(Role.SERVER, max_frame=self.config.max_frame, name="csnapd")
         send, receive = trio.open_memory_channel[Message](OUTBOX_LIMIT)
         peer = Peer(next(self._numbers), Role.CLIENT, label)
-        link = _Link(peer, stream, codec, send, trio.current_time())
-        async with stream, trio.open_nursery() as nursery:
+        link = _Link(peer, secured.stream, codec, send, trio.current_time(), roles=secured.roles)
+        async with link.stream, trio.open_nursery() as nursery:
             nursery.start_soon(self._writer, link, receive)
             nursery.start_soon(self._hello_timer, link)
             nursery.start_soon(self._lease_watch, link)
@@ -402,6 +421,10 @@ class Server:
                     f"csnapd serves clients and admins, not a {message.role}",
                 )
                 return
+            refusal = hello_refusal(link.roles, Role(message.role))
+            if refusal is not None:
+                self._refuse(link, ErrorCode.NOT_PERMITTED, refusal)
+                return
             peer.role = Role(message.role)
             peer.max_frame = link.codec.peer_max_frame
             self._links[peer] = link
@@ -426,6 +449,14 @@ class Server:
             return
         if isinstance(message, Request):
             request = message.id
+            refusal = request_refusal(link.roles, peer.role, message)
+            if refusal is not None and peer in self._links:
+                self._deliver(
+                    link,
+                    _error_message(request, ErrorCode.NOT_PERMITTED, refusal),
+                    finished=False,
+                )
+                return
             if request in link.in_flight:
                 # The first request with this id is still in flight: keep it.
                 self._deliver(
@@ -652,8 +683,9 @@ async def serve(
         StoreOpenError, StoreLockedError, StoreIOError: the store cannot be opened.
         ServerFailedError: the engine failed while serving.
     """
+    tls = server_tls(config)
     if config.agent is not None:
-        await _serve_for_agent(config, config.agent, stop, task_status)
+        await _serve_for_agent(config, config.agent, tls, stop, task_status)
         return
     engine = await _open_engine(config)
     try:
@@ -663,14 +695,18 @@ async def serve(
         raise
     address = _address(listeners)
     async with trio.open_nursery() as nursery:
-        server = await _start_server(nursery, config, engine, listeners, address, stop)
+        server = await _start_server(nursery, config, engine, tls, listeners, address, stop)
         task_status.started(address)
     if server.failed:
         raise ServerFailedError("the engine failed; the store needs a restart (journal replay)")
 
 
 async def _serve_for_agent(
-    config: ServerConfig, agent: str, stop: trio.Event | None, task_status: trio.TaskStatus[str]
+    config: ServerConfig,
+    agent: str,
+    tls: ssl.SSLContext,
+    stop: trio.Event | None,
+    task_status: trio.TaskStatus[str],
 ) -> None:
     listeners = await trio.open_tcp_listeners(config.port, host=config.host)
     address = _address(listeners)
@@ -686,7 +722,7 @@ async def _serve_for_agent(
         )
         async with trio.open_nursery() as standby:
             for listener in listeners:
-                standby.start_soon(_refuse_while_standby, listener)
+                standby.start_soon(_refuse_while_standby, listener, tls)
             started = await _first(link.start_requested, stop)
             standby.cancel_scope.cancel()
         if not started:
@@ -702,7 +738,7 @@ async def _serve_for_agent(
                 await listener.aclose()
             raise
         async with trio.open_nursery() as nursery:
-            server = await _start_server(nursery, config, engine, listeners, address, stop)
+            server = await _start_server(nursery, config, engine, tls, listeners, address, stop)
             await link.started()
             notify_status(f"active: serving {config.store} on {address}")
         outer.cancel_scope.cancel()
@@ -710,26 +746,31 @@ async def _serve_for_agent(
         raise ServerFailedError("the engine failed; the store needs a restart (journal replay)")
 
 
-async def _refuse_while_standby(listener: trio.SocketListener) -> None:
+async def _refuse_while_standby(listener: trio.SocketListener, tls: ssl.SSLContext) -> None:
     """Answer every connection with not_active until cancelled (the agent started us)."""
     async with trio.open_nursery() as nursery:
         while True:
             stream = await listener.accept()
-            nursery.start_soon(_refuse_not_active, stream)
+            nursery.start_soon(_refuse_not_active, stream, tls)
 
 
-async def _refuse_not_active(stream: trio.SocketStream) -> None:
+async def _refuse_not_active(socket_stream: trio.SocketStream, tls: ssl.SSLContext) -> None:
     codec = Connection(Role.SERVER, name="csnapd")
     refusal = _error_message(
         None, ErrorCode.NOT_ACTIVE, "this csnapd is on standby; ask its agent for the server"
     )
+    secured = await authenticate(socket_stream, tls, within=5, label="standby")
+    if secured is None:
+        return
+    stream = secured.stream
     with trio.move_on_after(5):
         async with stream:
-            await stream.send_all(codec.send(refusal))
-            # Read the peer's hello before closing, so that closing with
-            # unread data does not reset the connection under our error.
-            with trio.move_on_after(1):
-                await stream.receive_some(4096)
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                await stream.send_all(codec.send(refusal))
+                # Read the peer's hello before closing, so that closing with
+                # unread data does not reset the connection under our error.
+                with trio.move_on_after(1):
+                    await stream.receive_some(4096)
 
 
 async def _first(wanted: trio.Event, stop: trio.Event | None) -> bool:
@@ -772,11 +813,12 @@ async def _start_server(
     nursery: trio.Nursery,
     config: ServerConfig,
     engine: Engine,
+    tls: ssl.SSLContext,
     listeners: list[trio.SocketListener],
     address: str,
     stop: trio.Event | None,
 ) -> Server:
-    server = Server(config, engine, address)
+    server = Server(config, engine, address, tls)
     log.info(
         "listening on %s",
         address,
