@@ -11,6 +11,8 @@ anywhere else without credentials is refused with how to make them.
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 import ssl
 from pathlib import Path
 from typing import Protocol
@@ -61,13 +63,27 @@ def credentials_directory(config: _Config) -> Path:
             f"the store {config.store} is not a file, so no credentials are made beside it:"
             " make them with `csnap keys DIR` and start csnapd with --credentials DIR"
         )
-    make_credentials(directory)
+    _make_beside_store(directory)
     log.info(
         "made credentials for this store in %s",
         directory,
         extra={"event": "credentials.made", "directory": str(directory)},
     )
     return directory
+
+
+def _make_beside_store(directory: Path) -> None:
+    """Make the credentials aside, then move them into place in one rename:
+    two servers starting on one store at once end up using the same ones."""
+    partial = directory.with_name(f"{directory.name}.new-{os.getpid()}")
+    shutil.rmtree(partial, ignore_errors=True)
+    make_credentials(partial)
+    try:
+        os.rename(partial, directory)
+    except OSError as exc:
+        shutil.rmtree(partial, ignore_errors=True)
+        if not has_credential(directory, ROLE_SERVER):
+            raise CredentialsError(f"cannot make credentials in {directory}: {exc}") from exc
 
 
 def server_tls(config: _Config) -> ssl.SSLContext:

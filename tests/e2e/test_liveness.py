@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from csnap_client import DataClient, open_admin, open_client, tcp_connector
+from csnap_client import DataClient, open_admin, open_client
 from csnap_format.mkcsnap import format_store
 from csnap_nbd.backing import Backing
 from csnap_nbd.datapath import SnapshotPath
@@ -41,6 +41,7 @@ from csnap_protocol import (
 )
 from csnapd.engine import FileDevice
 from csnapd.engine.check import check_store
+from tests.credentials import connector
 from tests.e2e.processes import ROOT, poll, start_csnapd, tail
 from tests.server.support import CHUNK, label, pread, pwrite
 
@@ -68,7 +69,7 @@ async def test_a_stopped_node_loses_its_locks_and_never_reads_stale_data(
     daemon, host, port = await start_csnapd(
         store, origin, log, "--lease", str(LEASE), "--barrier-timeout", "300"
     )
-    connect = tcp_connector(host, port)
+    connect = connector(host, port, store)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
     try:
         async with open_admin(connect) as admin:
@@ -171,7 +172,7 @@ async def test_peers_that_do_not_read_their_replies_lose_only_their_connections(
     store, origin = make(tmp_path)
     log = tmp_path / "csnapd.log"
     daemon, host, port = await start_csnapd(store, origin, log)
-    connect = tcp_connector(host, port)
+    connect = connector(host, port, store)
     try:
         async with open_admin(connect) as admin, open_client(connect) as good:
             await admin.create_snapshot(1)
@@ -270,7 +271,7 @@ async def test_the_gateway_reads_again_when_its_read_locks_lease_ran_out(
     pwrite(origin, chunk, label(chunk, 1))
     log = tmp_path / "csnapd.log"
     daemon, host, port = await start_csnapd(store, origin, log, "--lease", str(LEASE))
-    connect = tcp_connector(host, port)
+    connect = connector(host, port, store)
     try:
         async with open_admin(connect) as admin:
             await admin.create_snapshot(1)
@@ -364,7 +365,7 @@ async def test_an_origin_write_granted_before_a_stall_asks_again(tmp_path: Path)
     daemon, host, port = await start_csnapd(
         store, origin, log, "--lease", str(LEASE), "--barrier-timeout", "300"
     )
-    connect = tcp_connector(host, port)
+    connect = connector(host, port, store)
     try:
         async with open_client(connect) as writer:
             stall = _StallHoldingGrant(trio.lowlevel.current_task(), writer, host, port)

@@ -50,6 +50,7 @@ from csnap_protocol import (
     encode_frame,
 )
 from csnapd.server import QUEUED_LIMIT, RECEIVE_SIZE
+from tests.credentials import secure, tls_stream
 from tests.server.support import label, pwrite
 from tests.torture.hostile import Expected, Script, expect, hello_frame, scripts
 from tests.torture.support import (
@@ -236,7 +237,7 @@ def _settle(probe: Callable[[], int], wanted: int, what: str) -> None:
 
 
 async def _tcp(served: Served) -> trio.abc.Stream:
-    return await trio.open_tcp_stream(served.host, served.port)
+    return await tls_stream(served.host, served.port, served.server.config.store)
 
 
 async def _csnapd_serves(service: Csnapd, *, locks_free: bool) -> None:
@@ -325,7 +326,7 @@ async def test_requests_after_a_refused_hello_are_not_served(tmp_path: Path) -> 
     with trio.fail_after(60):
         async with serving(replace(config, max_connections=1), opened.engine) as served:
             async with served.admin():  # the one connection allowed
-                refused = RawPeer(await trio.open_tcp_stream(served.host, served.port))
+                refused = RawPeer(await _tcp(served))
                 pipelined = [
                     hello_frame("client"),
                     encode_frame(Identify(1, 7, 0)),
@@ -364,7 +365,7 @@ def test_a_flood_of_notices_stays_bounded(csnapd: Csnapd) -> None:
         return served.server._receive.statistics().current_buffer_used
 
     async def run() -> None:
-        flood = RawPeer(await trio.open_tcp_stream(served.host, served.port))
+        flood = RawPeer(await _tcp(served))
         await flood.send(hello_frame("client"))
         for _ in range(50):
             if not await flood.send(burst):
@@ -451,9 +452,9 @@ async def test_replies_queued_before_a_protocol_error_are_not_mislabelled(
     opened.engine.commit()
     with trio.fail_after(60):
         async with serving(config, opened.engine) as served:
-            stream = await trio.open_tcp_stream(served.host, served.port)
-            stream.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-            peer = RawPeer(stream)
+            raw = await trio.open_tcp_stream(served.host, served.port)
+            raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            peer = RawPeer(await secure(raw, served.server.config.store))
             await peer.send(hello_frame("admin"))
             backlog = 0
             for request in range(1000):
