@@ -27,7 +27,6 @@ from csnap_protocol import (
     ErrorCode,
     GetServerInfo,
     GetStatus,
-    Keepalive,
     ListSnapshots,
     Request,
     Role,
@@ -40,7 +39,7 @@ log = logging.getLogger("csnapd")
 #: The first byte of every TLS connection: a handshake record.
 TLS_HANDSHAKE_RECORD = 0x16
 #: Admin requests a client credential may make: they read, never change.
-READ_ONLY_REQUESTS = (GetServerInfo, GetStatus, ListSnapshots, Keepalive)
+READ_ONLY_REQUESTS = (GetServerInfo, GetStatus, ListSnapshots)
 _NO_TLS = (
     "csnapd takes only TLS connections with a credential of its cluster"
     " (docs/operations.md, 'Securing a cluster')"

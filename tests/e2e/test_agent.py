@@ -24,6 +24,7 @@ from csnap_client import (
     open_agent_stream,
     open_client,
 )
+from csnap_common.credentials import make_credentials, store_credentials
 from csnap_format.mkcsnap import format_store
 from csnapd.engine import FileDevice
 from csnapd.engine.check import check_store
@@ -172,6 +173,9 @@ async def test_a_client_that_asks_first_is_served_once_a_server_is_up(tmp_path: 
         await find_server(str(sock), wait=False)
     assert refused.value.name == "no_server"
     pwrite(origin, 3, label(3, 1))
+    # The client holds its credential before any server exists: made here,
+    # csnapd takes them as its own (it makes none when they are there).
+    make_credentials(store_credentials(store))
     results: list[bytes] = []
 
     async def origin_writer() -> None:
