@@ -36,10 +36,10 @@ EXIT_CANNOT_START = 3  # the store could not be opened (locked, damaged, missing
 _EPILOG = """\
 examples:
   csnapd store.img origin.img --listen 127.0.0.1:7000
-  csnapd /dev/vg/snapstore /dev/vg/data --listen 0.0.0.0:7000 --cache-size 256M
   csnapd store.img origin.img --agent @csnap-agent
   csnap keys /etc/csnap/keys
-  csnapd /dev/vg/snapstore /dev/vg/data --listen 0.0.0.0:7000 --credentials /etc/csnap/keys
+  csnapd /dev/vg/snapstore /dev/vg/data --listen 0.0.0.0:7000 --cache-size 256M \
+      --credentials /etc/csnap/keys
 
 Every connection is mutual TLS with a credential of the cluster's CA. Without
 --credentials, csnapd uses STORE.keys beside a store file, and makes it when
