@@ -12,7 +12,7 @@ import ssl
 
 import trio
 
-from csnap_client.session import AuthenticationError, Connector
+from csnap_client.session import AuthenticationError, ConnectionLostError, Connector, tls_refusal
 from csnap_common.credentials import ROLE_SERVER, granted_roles
 
 __all__ = ["AuthenticationError", "open_tls_stream", "tcp_connector"]
@@ -25,6 +25,7 @@ async def open_tls_stream(
 
     Raises:
         OSError: nothing answers there.
+        ConnectionLostError: the connection ended during the handshake.
         AuthenticationError: the handshake failed, or the peer is no csnapd
             of this cluster.
     """
@@ -34,8 +35,11 @@ async def open_tls_stream(
         await secured.do_handshake()
     except trio.BrokenResourceError as exc:
         await trio.aclose_forcefully(stream)
-        cause = exc.__cause__
-        why = (cause.reason or str(cause)) if isinstance(cause, ssl.SSLError) else str(exc)
+        why = tls_refusal(exc)
+        if why is None:
+            raise ConnectionLostError(
+                f"connection to {host}:{port} lost during the TLS handshake"
+            ) from exc
         raise AuthenticationError(
             f"TLS handshake with {host}:{port} failed ({why}): is it a csnapd of this"
             " cluster, and is the credential one of its CA's?"

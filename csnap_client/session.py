@@ -38,6 +38,7 @@ __all__ = [
     "ServerError",
     "ConnectionLostError",
     "AuthenticationError",
+    "tls_refusal",
     "Connector",
     "open_session",
 ]
@@ -74,6 +75,18 @@ class AuthenticationError(ServerError):
     def __init__(self, message: str):
         code = ErrorCode.AUTHENTICATION_FAILED
         super().__init__(int(code), code.symbol, message)
+
+
+def tls_refusal(exc: BaseException) -> str | None:
+    """Why TLS refused the peer, if `exc` (a broken stream) says so; None when
+    the connection merely ended (reset, or closed mid-handshake: a server
+    that went away, to be reached again)."""
+    cause = exc.__cause__
+    if not isinstance(cause, ssl.SSLError) or isinstance(
+        cause, ssl.SSLEOFError | ssl.SSLZeroReturnError | ssl.SSLSyscallError
+    ):
+        return None
+    return cause.reason or str(cause)
 
 
 @dataclass(eq=False)
@@ -201,10 +214,10 @@ class Session:
         except (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionLostError) as exc:
             self.failure = exc
             if not started:
-                if isinstance(exc.__cause__, ssl.SSLError):
+                reason = tls_refusal(exc)
+                if reason is not None:
                     # TLS 1.3: the server judges our credential after the
                     # handshake ended on this side; its verdict comes here.
-                    reason = exc.__cause__.reason or str(exc.__cause__)
                     raise AuthenticationError(f"csnapd refused this credential ({reason})") from exc
                 raise ConnectionLostError(f"connection lost during the hello: {exc}") from exc
         except (RemoteProtocolError, ServerError) as exc:

@@ -84,6 +84,7 @@ async def authenticate(
 
     Returns None once a peer that failed has been answered and closed.
     """
+    secured: trio.SSLStream[_Replayed] | None = None
     try:
         with trio.fail_after(within):
             first = await stream.receive_some(1)
@@ -103,9 +104,32 @@ async def authenticate(
             reason,
             extra={"event": "client.refused", "peer": label, "reason": reason},
         )
-        await trio.aclose_forcefully(stream)
+        await _close_after_alert(stream, secured)
         return None
     return Authenticated(secured, granted_roles(secured.getpeercert()))
+
+
+async def _close_after_alert(
+    stream: trio.abc.Stream, secured: trio.SSLStream[_Replayed] | None
+) -> None:
+    """Send the TLS alert of a failed handshake, then close without a reset.
+
+    trio keeps the alert OpenSSL wrote in the stream's outgoing buffer when
+    the handshake fails; sent, it tells the peer why (unknown CA, expired,
+    ...), where a bare close reads as a lost connection. Reading what the
+    peer still sends before closing keeps the close from becoming a reset
+    that would discard the alert on the peer's side.
+    """
+    outgoing = getattr(secured, "_outgoing", None)
+    with trio.move_on_after(0.5):
+        try:
+            if isinstance(outgoing, ssl.MemoryBIO) and (alert := outgoing.read()):
+                await stream.send_all(alert)
+            while await stream.receive_some(1 << 16):
+                pass
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+    await trio.aclose_forcefully(stream)
 
 
 async def _refuse_plaintext(stream: trio.abc.Stream, label: str) -> None:
