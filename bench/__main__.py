@@ -12,6 +12,8 @@ writes every figure, with a description of the machine, as JSON.
              csnap-check beside thin_check (bench.scale_bench)
   lifecycle  snapshot create and delete latency, sweep rate (bench.server_bench)
   recovery   start to ready after SIGKILL with a full journal (bench.recovery_bench)
+  tls        metadata queries and connections per second, plaintext beside
+             mutual TLS (bench.tls_bench)
 
 --quick runs every part small, in seconds, as a smoke test; --only PART
 (repeatable) runs only those parts. Peers whose tools are missing are
@@ -37,6 +39,7 @@ from bench.recovery_bench import recovery_part
 from bench.scale_bench import scale_part
 from bench.server_bench import lifecycle_part, server_part
 from bench.snapshots_bench import snapshots_part
+from bench.tls_bench import tls_part
 
 PARTS: dict[str, tuple[str, Callable[..., Part]]] = {
     "server": ("the metadata server under 1, 8 and 64 clients", server_part),
@@ -45,6 +48,7 @@ PARTS: dict[str, tuple[str, Callable[..., Part]]] = {
     "scale": ("a million exceptions across 64 snapshots, beside thin_check", scale_part),
     "lifecycle": ("snapshot create and delete latency, sweep rate", lifecycle_part),
     "recovery": ("start to ready after SIGKILL with a full journal", recovery_part),
+    "tls": ("metadata queries and connections per second, plaintext beside TLS", tls_part),
 }
 
 

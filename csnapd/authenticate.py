@@ -72,7 +72,7 @@ class _Replayed(trio.abc.Stream):
 class Authenticated:
     """A connection past the handshake: its TLS stream and the roles it holds."""
 
-    def __init__(self, stream: trio.SSLStream[_Replayed], roles: frozenset[str]):
+    def __init__(self, stream: trio.abc.Stream, roles: frozenset[str]):
         self.stream = stream
         self.roles = roles
 
@@ -106,6 +106,7 @@ async def authenticate(
         )
         await _close_after_alert(stream, secured)
         return None
+    assert secured is not None
     return Authenticated(secured, granted_roles(secured.getpeercert()))
 
 

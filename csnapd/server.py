@@ -35,6 +35,7 @@ import trio
 import trio.lowlevel
 
 from csnap_common import join_host_port
+from csnap_common.credentials import ROLE_ADMIN
 from csnap_common.systemd import notify_status, notify_stopping
 from csnap_protocol import (
     DEFAULT_MAX_FRAME,
@@ -54,7 +55,7 @@ from csnap_protocol import (
     message_id,
 )
 from csnapd.agent_link import AgentLink
-from csnapd.authenticate import authenticate, hello_refusal, request_refusal
+from csnapd.authenticate import Authenticated, authenticate, hello_refusal, request_refusal
 from csnapd.credentials import server_tls
 from csnapd.dispatch import (
     DEFAULT_MAX_READ_LOCKS,
@@ -166,8 +167,11 @@ class _Link:
 class Server:
     """A running csnapd; see serve()."""
 
-    def __init__(self, config: ServerConfig, engine: Engine, address: str, tls: ssl.SSLContext):
+    def __init__(
+        self, config: ServerConfig, engine: Engine, address: str, tls: ssl.SSLContext | None
+    ):
         self.config = config
+        #: None only to measure what TLS costs (serve(authenticate=False)).
         self.tls = tls
         self.engine = engine
         self.address = address
@@ -281,7 +285,7 @@ class Server:
 
     async def _send_refusal(self, stream: trio.SocketStream) -> None:
         codec = Connection(Role.SERVER, name="csnapd")
-        secured = await authenticate(stream, self.tls, within=REFUSE_LINGER, label="refused")
+        secured = await self._authenticate(stream, REFUSE_LINGER, "refused")
         if secured is None:
             self._refusing -= 1
             return
@@ -304,6 +308,13 @@ class Server:
         finally:
             self._refusing -= 1
 
+    async def _authenticate(
+        self, stream: trio.SocketStream, within: float, label: str
+    ) -> Authenticated | None:
+        if self.tls is None:  # measuring TLS's cost: see serve()
+            return Authenticated(stream, frozenset({ROLE_ADMIN}))
+        return await authenticate(stream, self.tls, within=within, label=label)
+
     async def _connection(self, stream: trio.SocketStream) -> None:
         try:
             await self._serve_connection(stream)
@@ -316,9 +327,7 @@ class Server:
             label = f"{host}:{port}"
         except OSError:
             label = "?"
-        secured = await authenticate(
-            stream, self.tls, within=self.config.hello_timeout, label=label
-        )
+        secured = await self._authenticate(stream, self.config.hello_timeout, label)
         if secured is None:
             return
         codec = Connection(Role.SERVER, max_frame=self.config.max_frame, name="csnapd")
@@ -670,6 +679,7 @@ async def serve(
     *,
     stop: trio.Event | None = None,
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
+    authenticate: bool = True,
 ) -> None:
     """Open the store, listen, and serve until shutdown.
 
@@ -683,8 +693,11 @@ async def serve(
         StoreOpenError, StoreLockedError, StoreIOError: the store cannot be opened.
         ServerFailedError: the engine failed while serving.
     """
-    tls = server_tls(config)
+    # authenticate=False serves plaintext with every peer an admin: only the
+    # benchmark that measures what TLS costs asks for it; no command line can.
+    tls = server_tls(config) if authenticate else None
     if config.agent is not None:
+        assert tls is not None, "an agent's server always authenticates"
         await _serve_for_agent(config, config.agent, tls, stop, task_status)
         return
     engine = await _open_engine(config)
@@ -813,7 +826,7 @@ async def _start_server(
     nursery: trio.Nursery,
     config: ServerConfig,
     engine: Engine,
-    tls: ssl.SSLContext,
+    tls: ssl.SSLContext | None,
     listeners: list[trio.SocketListener],
     address: str,
     stop: trio.Event | None,
