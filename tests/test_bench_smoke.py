@@ -112,7 +112,7 @@ def test_suite_quick(tmp_path: Path) -> None:
     assert results["quick"] is True
     assert results["machine"]["cores"] >= 1
     parts = results["parts"]
-    assert set(parts) == {"server", "nbd", "snapshots", "scale", "lifecycle", "recovery"}
+    assert set(parts) == {"server", "nbd", "snapshots", "scale", "lifecycle", "recovery", "tls"}
     for name, part in parts.items():
         assert "error" not in part, name
         assert part["part_seconds"] > 0, name
@@ -125,6 +125,11 @@ def test_suite_quick(tmp_path: Path) -> None:
     check_scale_part(parts["scale"])
     check_recovery_part(parts["recovery"])
     assert parts["lifecycle"]["exceptions_swept"] == parts["lifecycle"]["exceptions"]
+    for side in ("tls", "plaintext"):
+        figures = parts["tls"][side]
+        assert figures["connections_per_s"] > 0, side
+        assert figures["queries_1_clients"]["chunks_per_s"] > 0, side
+        assert figures["queries_8_clients"]["chunks_per_s"] > 0, side
 
 
 def check_server_part(part: dict[str, Any]) -> None:
