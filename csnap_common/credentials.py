@@ -291,6 +291,11 @@ def server_context(directory: Path) -> ssl.SSLContext:
     """
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.verify_mode = ssl.CERT_REQUIRED
+    # No session tickets: connections are long-lived and nothing resumes
+    # them, and each ticket would leave a session (with the peer's
+    # certificate) in the server's cache, memory a stream of connections
+    # would grow without end.
+    context.num_tickets = 0
     _load(context, directory, ROLE_SERVER)
     return context
 
@@ -313,7 +318,9 @@ def client_context(directory: Path, role: str) -> ssl.SSLContext:
 
 
 def _load(context: ssl.SSLContext, directory: Path, role: str) -> None:
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    # TLS 1.3 only: every csnap peer is Python with OpenSSL 1.1.1 or later,
+    # and 1.3 has no server-side session cache to grow (see num_tickets).
+    context.minimum_version = ssl.TLSVersion.TLSv1_3
     files = (CA_CERT, cert_file(role), key_file(role))
     missing = [name for name in files if not (directory / name).is_file()]
     if missing:
