@@ -36,6 +36,8 @@ ID_FIELDS: dict[str, str] = {
     "transactions": "journal transactions replayed",
     "locks": "read locks released, in chunks",
     "barrier": "snapshot barrier number",
+    "reason": "why a peer was refused",
+    "directory": "a directory the service made or uses",
 }
 
 #: Every field a JSON line may have, in the order they are written.
