@@ -30,6 +30,7 @@ import pytest
 import trio
 import trio.lowlevel
 from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from csnap_agent import agent as agent_module
 from csnap_agent.agent import MAX_FRAME as AGENT_MAX_FRAME
@@ -279,6 +280,47 @@ def test_csnapd_survives_hostile_peers(csnapd: Csnapd, script: Script) -> None:
     _settle(csnapd.connection_tasks, 0, "connection tasks left")
     trio.run(partial(_csnapd_serves, csnapd, locks_free=True))
     _settle(csnapd.connection_tasks, 0, "connection tasks left")
+
+
+@settings(_fuzz, max_examples=max(10, EXAMPLES // 8))
+@given(
+    st.one_of(
+        st.binary(min_size=1, max_size=4096),
+        # A TLS handshake record's header, then noise: garbage mid-handshake.
+        st.binary(max_size=4096).map(lambda noise: b"\x16\x03\x01" + noise),
+    ),
+    st.sampled_from(["close", "eof", "listen"]),
+)
+def test_csnapd_answers_garbage_before_authentication_with_nothing_but_a_refusal(
+    csnapd: Csnapd, garbage: bytes, ending: str
+) -> None:
+    """Bytes that are not a TLS handshake with a credential of the cluster get
+    at most an authentication_failed frame (or a TLS alert), never a hello,
+    and leave no connection and no task behind."""
+    served = csnapd.served
+
+    async def example() -> None:
+        peer = RawPeer(await trio.open_tcp_stream(served.host, served.port))
+        try:
+            await peer.send(garbage)
+            if ending == "close":
+                return
+            if ending == "eof":
+                await peer.send_eof()
+            heard = await peer.listen(LISTEN)
+        finally:
+            await peer.aclose()
+        assert heard.end != "open", "csnapd kept an unauthenticated connection open"
+        names = [frame.get("name", frame.get("type")) for frame in heard.frames]
+        if garbage[0] == 0x16:
+            assert names == [], names  # the TLS handshake's own alert, if any
+        else:
+            assert names in ([], ["authentication_failed"]), names
+
+    trio.run(example)
+    _settle(csnapd.links, 0, "connections left")
+    _settle(csnapd.connection_tasks, 0, "connection tasks left")
+    trio.run(partial(_csnapd_serves, csnapd, locks_free=True))
 
 
 def test_csnapd_does_not_allocate_an_announced_frame(csnapd: Csnapd) -> None:
