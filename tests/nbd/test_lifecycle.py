@@ -17,6 +17,7 @@ import pytest
 import trio
 
 from csnap_client import open_admin
+from csnap_common.credentials import make_credentials, store_credentials
 from csnap_format.mkcsnap import format_store
 from csnap_nbd.wire import handshake as hs
 from csnap_nbd.wire.constants import Command, Errno, Option, Reply
@@ -192,6 +193,7 @@ async def test_sigterm_stops_cleanly_with_open_connections(tmp_path: Path) -> No
 
 async def test_sigterm_before_csnapd_answers_exits_zero(tmp_path: Path) -> None:
     # Nothing listens on this port: the gateway keeps looking for csnapd.
+    make_credentials(store_credentials(tmp_path / "store.img"))
     with trio.socket.socket() as sock:
         await sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
