@@ -35,6 +35,7 @@ import trio
 import trio.lowlevel
 
 from csnap_common import join_host_port
+from csnap_common.allocator import release_free_pages
 from csnap_common.credentials import ROLE_ADMIN
 from csnap_common.systemd import notify_status, notify_stopping
 from csnap_protocol import (
@@ -95,6 +96,9 @@ FLUSH_TIMEOUT = 2.0
 REFUSING_LIMIT = 64
 #: Seconds a refused connection gets to read its error before it is closed.
 REFUSE_LINGER = 1.0
+#: Seconds between looks at whether connections closed, to give their
+#: memory back (release_free_pages).
+RELEASE_INTERVAL = 2.0
 #: Placeholder in an outbox for "send our hello" (the codec builds it).
 _HELLO = Ok(0)
 
@@ -191,6 +195,8 @@ class Server:
         self._accepted = 0
         #: Connections being refused for max_connections.
         self._refusing = 0
+        #: Connections closed so far (see _release_memory).
+        self._closed = 0
         self._numbers = itertools.count(1)
         self._stopping = trio.Event()
         self._stopped = trio.Event()
@@ -220,6 +226,7 @@ class Server:
             for listener in listeners:
                 nursery.start_soon(self._accept, listener)
             nursery.start_soon(self._engine_loop)
+            nursery.start_soon(self._release_memory)
             if self.dispatcher.grace:
                 nursery.start_soon(self._after, self.config.grace, GraceExpired())
             task_status.started()
@@ -320,6 +327,21 @@ class Server:
             await self._serve_connection(stream)
         finally:
             self._accepted -= 1
+            self._closed += 1
+
+    async def _release_memory(self) -> None:
+        """Once connections have closed, give their freed memory back to the system.
+
+        Each TLS connection leaves its buffers' holes in the heap when it
+        closes: without this, every burst of connections would leave csnapd
+        larger (docs/operations.md, "Memory").
+        """
+        released = 0
+        while True:
+            await trio.sleep(RELEASE_INTERVAL)
+            if self._closed != released:
+                released = self._closed
+                await trio.to_thread.run_sync(release_free_pages)
 
     async def _serve_connection(self, stream: trio.SocketStream) -> None:
         try:
