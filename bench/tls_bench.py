@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -145,9 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="what csnapd's authentication costs")
     parser.add_argument("--quick", action="store_true", help="a small smoke run")
     parser.add_argument("--json", help="also write the figures to this file")
-    parser.add_argument("--dir", type=Path, default=Path("."), help="where the store goes")
     args = parser.parse_args(argv)
-    results = trio.run(compare, args.dir, QUICK if args.quick else FULL)
+    with tempfile.TemporaryDirectory(dir=os.environ.get("CSNAP_BENCH_DIR")) as tmp:
+        results = trio.run(compare, Path(tmp), QUICK if args.quick else FULL)
     print(render(results))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
