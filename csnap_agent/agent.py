@@ -145,6 +145,9 @@ class Agent:
 
     def __init__(self, coordinator: Coordinator | None = None, credentials: Path | None = None):
         self.coordinator = coordinator or LocalCoordinator()
+        #: The store of the last server that registered: where its
+        #: credentials are (STORE.keys) once it has gone.
+        self._last_store: str | None = None
         #: The admin credential relayed requests go out with; None: the
         #: active server's STORE.keys (csnap_common.credentials).
         self.credentials = credentials
@@ -391,6 +394,7 @@ class Agent:
         candidate = Candidate(message.address, message.store, message.pid, message.active)
         registration = Registration(candidate, peer, time.time_ns())
         self.servers.append(registration)
+        self._last_store = candidate.store
         log.info(
             "server pid %d at %s registered (%s), store %s",
             candidate.pid,
@@ -603,8 +607,8 @@ class Agent:
     def _relay_credentials(self) -> Path:
         """Where the admin credential for relaying is: --credentials, or the
         directory beside the store of the server this agent knows (active
-        here, or a standby candidate while the active one runs on another
-        node: all of them serve the same store).
+        here, a standby candidate, or the last server that registered while
+        the active one runs on another node: an agent serves one store).
 
         Raises:
             CredentialsError: neither is known.
@@ -612,12 +616,13 @@ class Agent:
         if self.credentials is not None:
             return self.credentials
         known = self.active or (self.servers[0] if self.servers else None)
-        if known is None:
+        store = known.candidate.store if known is not None else self._last_store
+        if store is None:
             raise CredentialsError(
                 "no credentials to reach the active server on another node: give the agent"
                 " --credentials DIR"
             )
-        return store_credentials(known.candidate.store)
+        return store_credentials(store)
 
     async def _relay_session(self) -> Session | None:
         """The admin connection to the active server, opened on first use.

@@ -15,6 +15,7 @@ import trio
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
+from csnap_common.credentials import make_credentials, store_credentials
 from csnap_common.metrics import (
     MetricsListenError,
     ScrapeCollector,
@@ -122,6 +123,8 @@ async def test_service_with_metrics_address_in_use_exits_3(tmp_path: Path, servi
     }[service]
     if service == "csnap_nbd":
         argv += ["--store", str(store), "--listen", "127.0.0.1:0"]
+        # Its credential loads first; only the metrics address may be wrong.
+        make_credentials(store_credentials(store))
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
