@@ -453,11 +453,11 @@ def _render_status(result: dict[str, Any]) -> str:
         f" blocks used",
         f"exceptions {store['exceptions']}",
     ]
-    if store["space_warning"]:
+    if store.get("space_warning"):
         lines.append(
             f"warning    the data area is past its warning threshold of {store['warn_at']}% used"
         )
-    if store["keep_free"]:
+    if store.get("keep_free"):
         lines.append(f"reserve    csnapd squashes snapshots to keep {store['keep_free']}% free")
     lines.append("")
     if "snapshot" in result:

@@ -119,7 +119,7 @@ class Dispatcher:
     ):
         self.engine = engine
         #: The data area's warning and reserve (docs/rules.md).
-        self.space = SpaceWatch(space if space is not None else SpacePolicy())
+        self.space = SpaceWatch(space if space is not None else SpacePolicy(), store)
         started_ns = clock()
         self.identity = ServerIdentity(address, store, origin, started_ns, epoch=started_ns)
         self.peers: set[Peer] = set()
@@ -294,11 +294,7 @@ class Dispatcher:
                 squashed.priority,
                 squashed.unique_chunks,
                 squashed.shared_chunks,
-                extra={
-                    "event": "snapshot.squashed",
-                    "snapshot": squashed.tag,
-                    "reason": "reserve" if squashed.reserve else "store_full",
-                },
+                extra={"event": "snapshot.squashed", "snapshot": squashed.tag},
             )
 
     def _received(self, peer: Peer, message: Message, batch: Batch) -> bool:

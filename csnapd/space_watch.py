@@ -60,8 +60,10 @@ class SpacePolicy:
 class SpaceWatch:
     """Follows the data area's use; logs the warning's changes."""
 
-    def __init__(self, policy: SpacePolicy):
+    def __init__(self, policy: SpacePolicy, store: str):
         self.policy = policy
+        #: The store's path, for the log lines.
+        self.store = store
         #: Use reached `warn_at` and has not yet fallen back under it
         #: by WARN_HYSTERESIS points.
         self.warning = False
@@ -78,7 +80,7 @@ class SpaceWatch:
                 "the store's data area is %.1f%% used, past the warning threshold of %d%%",
                 100 * used / data_chunks,
                 warn_at,
-                extra=_event("store.filling", used, data_chunks, warn_at),
+                extra={"event": "store.filling", "store": self.store},
             )
         elif self.warning and used * 100 < (warn_at - WARN_HYSTERESIS) * data_chunks:
             self.warning = False
@@ -86,17 +88,13 @@ class SpaceWatch:
                 "the store's data area is %.1f%% used, back under the warning threshold of %d%%",
                 100 * used / data_chunks,
                 warn_at,
-                extra=_event("store.filling_cleared", used, data_chunks, warn_at),
+                extra={"event": "store.filling_cleared", "store": self.store},
             )
 
     def reserve_short(self, data_chunks: int, data_free: int) -> bool:
         """Whether less than `keep_free` percent of the data area is free."""
         keep_free = self.policy.keep_free
         return keep_free is not None and data_free * 100 < keep_free * data_chunks
-
-
-def _event(name: str, used: int, data_chunks: int, warn_at: int) -> dict[str, object]:
-    return {"event": name, "used_chunks": used, "data_chunks": data_chunks, "warn_at": warn_at}
 
 
 def _percent_arg(text: str, low: int, high: int) -> int | None:
