@@ -6,6 +6,7 @@ memory store.
 
 from __future__ import annotations
 
+import argparse
 import logging
 
 import pytest
@@ -27,7 +28,7 @@ from csnap_protocol import (
 )
 from csnapd.dispatch import Connected, Dispatcher, Outcome, Peer, Received, SweepTick
 from csnapd.engine import Engine
-from csnapd.space_watch import SpacePolicy
+from csnapd.space_watch import SpacePolicy, keep_free_arg, warn_at_arg
 from tests.engine.helpers import new_store
 
 #: 2388 data chunks for a 2048-chunk origin.
@@ -203,3 +204,14 @@ def test_the_reserve_squashes_at_most_once_per_tick_and_waits_for_the_sweep() ->
     assert harness.states() == {1: "squashed", 2: "squashed"}
     assert harness.engine.data_use[1] == harness.engine.data_use[0]
     harness.engine.close()
+
+
+def test_the_flags_take_whole_percentages_or_off() -> None:
+    assert (warn_at_arg("80%"), warn_at_arg("100"), warn_at_arg("off")) == (80, 100, None)
+    assert (keep_free_arg("5%"), keep_free_arg(" OFF ")) == (5, None)
+    for bad in ("0", "101", "80.5%", "%", "-5", "eighty"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            warn_at_arg(bad)
+    for bad in ("0%", "100%"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            keep_free_arg(bad)
