@@ -21,6 +21,8 @@ writes every figure, with a description of the machine, as JSON.
   reclaim    delete and squash of snapshots owning 1 and 1/64 of a million
              exceptions: acknowledgement, time until free, commits, leaves
              visited, longest pause (bench.reclaim_bench)
+  tls        metadata queries and connections per second, plaintext beside
+             mutual TLS (bench.tls_bench)
 
 --quick runs every part small, in seconds, as a smoke test; --only PART
 (repeatable) runs only those parts. Peers whose tools are missing are
@@ -50,6 +52,7 @@ from bench.recovery_bench import recovery_part
 from bench.scale_bench import scale_part
 from bench.server_bench import lifecycle_part, server_part
 from bench.snapshots_bench import snapshots_part
+from bench.tls_bench import tls_part
 
 PARTS: dict[str, tuple[str, Callable[..., Part]]] = {
     "server": ("the metadata server under 1, 8 and 64 clients", server_part),
@@ -62,6 +65,7 @@ PARTS: dict[str, tuple[str, Callable[..., Part]]] = {
     "metrics": ("the metadata query rate with and without --metrics", metrics_part),
     "changes": ("the changelist over a million exceptions; delta size and speed", changes_part),
     "reclaim": ("delete and squash cost against what the snapshot owns", reclaim_part),
+    "tls": ("metadata queries and connections per second, plaintext beside TLS", tls_part),
 }
 
 

@@ -39,7 +39,7 @@ from csnap_client import (
     ConnectionLostError,
     ServerError,
     agent_admin_connector,
-    agent_connector,
+    agent_store_connector,
     find_server,
     open_admin,
     open_client,
@@ -146,7 +146,7 @@ class Writer:
 
 async def keep_writing(sock: Path, writer: Writer, stride: int, last: int) -> None:
     """Write chunk after chunk (starting over at the end) until cancelled."""
-    async with open_client(agent_connector(str(sock))) as client:
+    async with open_client(agent_store_connector(str(sock))) as client:
         while True:
             chunk = writer.next_chunk
             with suppress(ServerError, ConnectionLostError, ClientClosedError, OSError):

@@ -63,6 +63,7 @@ import trio
 
 from bench.common import Part, listening, progress
 from csnap_client import AdminClient, Connector, DataClient, open_admin, open_client, tcp_connector
+from csnap_common.credentials import ROLE_ADMIN, client_context, store_credentials
 from csnap_format.mkcsnap import format_store
 
 CHUNK = 4096
@@ -154,8 +155,9 @@ async def csnapd(store: Path, origin: Path, log: Path, *options: str) -> AsyncIt
     argv = [sys.executable, "-m", "csnapd", str(store), str(origin), "--listen", "127.0.0.1:0"]
     async with listening([*argv, *options], log) as started:
         host, _, port = started.said.rpartition(":")
+        credentials = client_context(store_credentials(store), ROLE_ADMIN)
         yield Server(
-            tcp_connector(host.strip("[]"), int(port)),
+            tcp_connector(host.strip("[]"), int(port), credentials),
             started.process,
             started.said,
             started.spawned_ns,

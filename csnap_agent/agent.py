@@ -26,6 +26,7 @@ import socket
 import struct
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import trio
 from csnap_transport import MessageStream
@@ -40,6 +41,12 @@ from csnap_client import (
     tcp_connector,
 )
 from csnap_common import split_host_port
+from csnap_common.credentials import (
+    ROLE_ADMIN,
+    CredentialsError,
+    client_context,
+    store_credentials,
+)
 from csnap_protocol import (
     ChangeUseCount,
     Connection,
@@ -136,8 +143,11 @@ class Registration:
 class Agent:
     """The agent's state and connection handling; run with serve()."""
 
-    def __init__(self, coordinator: Coordinator | None = None):
+    def __init__(self, coordinator: Coordinator | None = None, credentials: Path | None = None):
         self.coordinator = coordinator or LocalCoordinator()
+        #: The admin credential relayed requests go out with; None: the
+        #: active server's STORE.keys (csnap_common.credentials).
+        self.credentials = credentials
         self.servers: list[Registration] = []
         self.active: Registration | None = None
         self._active_changed = trio.Event()
@@ -566,7 +576,7 @@ class Agent:
         self.relayed[message.TYPE] = self.relayed.get(message.TYPE, 0) + 1
         try:
             session = await self._relay_session()
-        except (OSError, ServerError, ConnectionLostError) as exc:
+        except (OSError, ServerError, ConnectionLostError, CredentialsError) as exc:
             await self._error(peer, request, ErrorCode.NO_SERVER, f"{_NO_SERVER} ({exc})")
             return
         if session is None:
@@ -590,6 +600,25 @@ class Agent:
             return
         await self._answer(peer, dataclasses.replace(reply, id=request))  # type: ignore[call-arg]
 
+    def _relay_credentials(self) -> Path:
+        """Where the admin credential for relaying is: --credentials, or the
+        directory beside the store of the server this agent knows (active
+        here, or a standby candidate while the active one runs on another
+        node: all of them serve the same store).
+
+        Raises:
+            CredentialsError: neither is known.
+        """
+        if self.credentials is not None:
+            return self.credentials
+        known = self.active or (self.servers[0] if self.servers else None)
+        if known is None:
+            raise CredentialsError(
+                "no credentials to reach the active server on another node: give the agent"
+                " --credentials DIR"
+            )
+        return store_credentials(known.candidate.store)
+
     async def _relay_session(self) -> Session | None:
         """The admin connection to the active server, opened on first use.
 
@@ -610,7 +639,8 @@ class Agent:
             if session is not None:
                 await trio.aclose_forcefully(session.stream)
             host, port = split_host_port(address)
-            session = await open_session(self._nursery, tcp_connector(host, port), Role.ADMIN)
+            tls = client_context(self._relay_credentials(), ROLE_ADMIN)
+            session = await open_session(self._nursery, tcp_connector(host, port, tls), Role.ADMIN)
             if self.active is not active:
                 await trio.aclose_forcefully(session.stream)
                 return None

@@ -19,6 +19,7 @@ import socket
 import stat
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import trio
 
@@ -87,6 +88,13 @@ def _parser() -> argparse.ArgumentParser:
         default=os.environ.get("CSNAP_AGENT") or DEFAULT_AGENT,
         metavar="PATH",
         help=f"Unix socket to listen on, or @name (default $CSNAP_AGENT or {DEFAULT_AGENT})",
+    )
+    parser.add_argument(
+        "--credentials",
+        type=Path,
+        metavar="DIR",
+        help="the cluster's ca-cert.pem and the admin-cert.pem and admin-key.pem"
+        " requests are relayed with (default: STORE.keys beside the active server's store)",
     )
     cluster = parser.add_argument_group("cluster (etcd)")
     cluster.add_argument(
@@ -232,7 +240,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 async def _main(sock: socket.socket, path: str, args: argparse.Namespace) -> None:
     listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
     if args.etcd_endpoints is None:
-        await _serve(listener, path, Agent(), args.metrics)
+        await _serve(listener, path, Agent(credentials=args.credentials), args.metrics)
         return
     async with EtcdClient(args.etcd_endpoints) as client:
         coordinator: Coordinator = EtcdCoordinator(
@@ -244,7 +252,7 @@ async def _main(sock: socket.socket, path: str, args: argparse.Namespace) -> Non
             args.node,
             extra={"event": "agent.cluster", "node": args.node},
         )
-        await _serve(listener, path, Agent(coordinator), args.metrics)
+        await _serve(listener, path, Agent(coordinator, credentials=args.credentials), args.metrics)
 
 
 async def _serve(

@@ -16,6 +16,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any, TextIO
 
 import trio
@@ -30,6 +31,7 @@ from csnap_client import (
     open_admin,
 )
 from csnap_common import format_size
+from csnap_common.credentials import ROLES, CredentialsError, make_credentials
 from csnap_delta import DeltaFormatError, DeltaRefusedError, DeltaWriteError
 from csnap_delta import cli as delta_cli
 from csnap_delta.transfer import DeltaTransferError
@@ -74,11 +76,13 @@ verbs (csnap VERB --help for each):
   receive FILE                receive a delta into this store: creates snapshot TO
   receive --listen HOST:PORT  receive one delta from `csnap send`
   send FROM TO --to HOST:PORT send a delta to a receiving store (resumable)
+  keys DIR [--role ROLE]      make a cluster CA and credentials in DIR (no agent needed)
 
 examples:
   csnap create 7 --priority 10
   csnap --json list
   csnap --agent /run/csnap/agent.sock status
+  csnap keys /etc/csnap/keys
 
 exit status: 0 done, 1 refused by the server (snapshot exists, 64 snapshots
 live, use count not zero, store full, ...), 2 bad usage, 3 no such snapshot,
@@ -219,13 +223,40 @@ def _parser() -> argparse.ArgumentParser:
         "csnap shutdown",
     )
     delta_cli.add_verbs(verb, _tag)
+    keys = verb(
+        "keys",
+        "Make credentials in DIR: the cluster CA (ca-cert.pem, ca-key.pem) when DIR has"
+        " none, then a new credential for each ROLE (ROLE-cert.pem, ROLE-key.pem; all"
+        " three by default), replacing what is there. Files are mode 0600, DIR 0700."
+        " server: csnapd's; admin: may do everything (csnap-agent's); client: I/O and"
+        " read-only queries (csnap-nbd's).",
+        "csnap keys /etc/csnap/keys --role client",
+    )
+    keys.add_argument("directory", type=Path, metavar="DIR")
+    keys.add_argument("--role", action="append", choices=ROLES, help="repeatable")
+    keys.add_argument(
+        "--days", type=_ranged(1, 36500, "days"), default=825, help="validity (default 825)"
+    )
     return parser
+
+
+def _keys(args: argparse.Namespace, out: TextIO) -> int:
+    try:
+        written = make_credentials(args.directory, args.role or ROLES, days=args.days)
+    except CredentialsError as exc:
+        print(f"csnap: {exc}", file=sys.stderr)
+        return EXIT_REFUSED
+    for path in written:
+        out.write(f"{path}\n")
+    return EXIT_OK
 
 
 def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     """Run one verb; returns the exit status."""
     out = out or sys.stdout
     args = _parser().parse_args(argv)
+    if args.verb == "keys":
+        return _keys(args, out)
     agent = getattr(args, "agent", None) or default_agent()
     as_json = getattr(args, "json", False)
     # A delta takes as long as its data: no limit unless one is asked for.

@@ -14,6 +14,7 @@ from csnap_client.agent import (
     DEFAULT_AGENT,
     agent_admin_connector,
     agent_connector,
+    agent_store_connector,
     default_agent,
     find_server,
     open_agent_stream,
@@ -26,19 +27,21 @@ from csnap_client.client import (
     SnapshotDeletedError,
     open_client,
 )
+from csnap_client.secure import open_tls_stream, tcp_connector
 from csnap_client.session import (
+    AuthenticationError,
     ConnectionLostError,
     Connector,
     ServerError,
     Session,
     open_session,
-    tcp_connector,
 )
 
 __all__ = [
     "DEFAULT_AGENT",
     "agent_admin_connector",
     "agent_connector",
+    "agent_store_connector",
     "default_agent",
     "find_server",
     "open_agent_stream",
@@ -55,5 +58,7 @@ __all__ = [
     "ServerError",
     "Session",
     "open_session",
+    "AuthenticationError",
+    "open_tls_stream",
     "tcp_connector",
 ]

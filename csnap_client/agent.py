@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import os
 import socket
+import ssl
 
 import trio
 
+from csnap_client.secure import open_tls_stream
 from csnap_client.session import (
     ConnectionLostError,
     Connector,
@@ -20,9 +22,11 @@ from csnap_client.session import (
     open_session,
 )
 from csnap_common import single_errors, split_host_port, unix_address
+from csnap_common.credentials import ROLE_CLIENT, client_context, store_credentials
 from csnap_protocol import NeedServer, Role, ServerAt
 
 __all__ = [
+    "agent_store_connector",
     "DEFAULT_AGENT",
     "open_agent_stream",
     "find_server",
@@ -73,8 +77,9 @@ async def find_server(path: str, *, wait: bool = True) -> ServerAt:
     return reply
 
 
-def agent_connector(path: str) -> Connector:
-    """A connector that finds the server through the agent, then connects to it.
+def agent_connector(path: str, tls: ssl.SSLContext) -> Connector:
+    """A connector that finds the server through the agent, then connects to it
+    and authenticates with `tls` (csnap_common.credentials.client_context()).
 
     Waits while the agent has no active server; a reconnecting DataClient
     therefore follows the server wherever the agent says it went.
@@ -86,7 +91,29 @@ def agent_connector(path: str) -> Connector:
         except ServerError as exc:
             raise ConnectionLostError(f"agent {path}: {exc}") from exc
         host, port = split_host_port(where.address)
-        return await trio.open_tcp_stream(host, port)
+        return await open_tls_stream(host, port, tls)
+
+    return connect
+
+
+def agent_store_connector(path: str, role: str = ROLE_CLIENT) -> Connector:
+    """agent_connector with `role`'s credential from beside the store the
+    active server reports (STORE.keys, csnap_common.credentials), looked up
+    on the first connection: what a tool on the server's own node uses when
+    it is given no credentials.
+    """
+    contexts: list[ssl.SSLContext] = []
+    admin = agent_admin_connector(path)
+
+    async def connect() -> trio.abc.Stream:
+        if not contexts:
+            # Imported here: the admin client sits above this module.
+            from csnap_client.admin import open_admin
+
+            async with open_admin(admin) as session:
+                info = await session.server_info()
+            contexts.append(client_context(store_credentials(str(info["store"])), role))
+        return await agent_connector(path, contexts[0])()
 
     return connect
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -36,8 +37,9 @@ __all__ = [
     "Session",
     "ServerError",
     "ConnectionLostError",
+    "AuthenticationError",
+    "tls_refusal",
     "Connector",
-    "tcp_connector",
     "open_session",
 ]
 
@@ -67,13 +69,24 @@ class ConnectionLostError(Exception):
     """The connection to the server broke before the reply came."""
 
 
-def tcp_connector(host: str, port: int) -> Connector:
-    """A connector for a server at a fixed TCP address."""
+class AuthenticationError(ServerError):
+    """The TLS handshake with csnapd failed, or its credential is not a server's."""
 
-    async def connect() -> trio.abc.Stream:
-        return await trio.open_tcp_stream(host, port)
+    def __init__(self, message: str):
+        code = ErrorCode.AUTHENTICATION_FAILED
+        super().__init__(int(code), code.symbol, message)
 
-    return connect
+
+def tls_refusal(exc: BaseException) -> str | None:
+    """Why TLS refused the peer, if `exc` (a broken stream) says so; None when
+    the connection merely ended (reset, or closed mid-handshake: a server
+    that went away, to be reached again)."""
+    cause = exc.__cause__
+    if not isinstance(cause, ssl.SSLError) or isinstance(
+        cause, ssl.SSLEOFError | ssl.SSLZeroReturnError | ssl.SSLSyscallError
+    ):
+        return None
+    return cause.reason or str(cause)
 
 
 @dataclass(eq=False)
@@ -200,6 +213,11 @@ class Session:
         except (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionLostError) as exc:
             self.failure = exc
             if not started:
+                reason = tls_refusal(exc)
+                if reason is not None:
+                    # TLS 1.3: the server judges our credential after the
+                    # handshake ended on this side; its verdict comes here.
+                    raise AuthenticationError(f"csnapd refused this credential ({reason})") from exc
                 raise ConnectionLostError(f"connection lost during the hello: {exc}") from exc
         except (RemoteProtocolError, ServerError) as exc:
             self.failure = exc

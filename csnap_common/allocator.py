@@ -18,7 +18,7 @@ import ctypes
 import ctypes.util
 import logging
 
-__all__ = ["MMAP_THRESHOLD", "TRIM_THRESHOLD", "return_freed_buffers"]
+__all__ = ["MMAP_THRESHOLD", "TRIM_THRESHOLD", "return_freed_buffers", "release_free_pages"]
 
 log = logging.getLogger("csnap.allocator")
 
@@ -50,3 +50,22 @@ def return_freed_buffers() -> bool:
     fixed: bool = mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1
     trimmed: bool = mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1
     return fixed and trimmed
+
+
+def release_free_pages() -> bool:
+    """Give the system back the free pages inside the heap (malloc_trim(0)).
+
+    Small allocations freed in their thousands (each TLS connection's
+    buffers) leave free holes between blocks still in use, which the
+    thresholds above cannot return; glibc's malloc_trim can. False where the
+    C library has none.
+    """
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"))
+        trim = libc.malloc_trim
+    except (OSError, AttributeError, TypeError):
+        return False
+    trim.argtypes = [ctypes.c_size_t]
+    trim.restype = ctypes.c_int
+    trim(0)
+    return True

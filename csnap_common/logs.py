@@ -38,6 +38,8 @@ ID_FIELDS: dict[str, str] = {
     "barrier": "snapshot barrier number",
     "token": "fencing token (the etcd revision of an election)",
     "node": "cluster node name",
+    "reason": "why a peer was refused",
+    "directory": "a directory the service made or uses",
 }
 
 #: Every field a JSON line may have, in the order they are written.

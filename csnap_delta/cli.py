@@ -14,7 +14,7 @@ from typing import Any
 
 import trio
 
-from csnap_client import agent_admin_connector, agent_connector, open_admin
+from csnap_client import agent_admin_connector, agent_store_connector, open_admin
 from csnap_common import Progress, format_size
 from csnap_common.cli import host_port_arg, size_arg
 from csnap_delta.apply import apply_delta
@@ -127,7 +127,7 @@ async def run_delta(agent: str, args: argparse.Namespace) -> dict[str, Any]:
             bar.advance(done - bar.done)
 
         report = await write_delta(
-            agent_connector(agent),
+            agent_store_connector(agent),
             agent_admin_connector(agent),
             args.base,
             args.target,
@@ -173,14 +173,17 @@ async def run_receive(agent: str, args: argparse.Namespace) -> dict[str, Any]:
         report = await serve_receive(
             args.listen,
             Path(args.spool),
-            agent_connector(agent),
+            agent_store_connector(agent),
             agent_admin_connector(agent),
             listening=listening,
             origin=args.origin,
         )
     else:
         report = await receive_delta(
-            agent_connector(agent), agent_admin_connector(agent), args.delta, origin=args.origin
+            agent_store_connector(agent),
+            agent_admin_connector(agent),
+            args.delta,
+            origin=args.origin,
         )
     return {
         "from": None if report.header.full else report.header.from_tag,
@@ -201,7 +204,7 @@ async def run_send(agent: str, args: argparse.Namespace) -> dict[str, Any]:
         status = await admin.status()
     if not await trio.Path(delta).exists() or not _same_delta(delta, status, args):
         await write_delta(
-            agent_connector(agent),
+            agent_store_connector(agent),
             admin_connect,
             args.base,
             args.target,

@@ -22,6 +22,12 @@ from csnap_client import Connector, tcp_connector
 from csnap_common import single_errors
 from csnap_common.allocator import return_freed_buffers
 from csnap_common.cli import add_log_level, add_metrics, configure_logging, host_port_arg
+from csnap_common.credentials import (
+    ROLE_CLIENT,
+    CredentialsError,
+    client_context,
+    store_credentials,
+)
 from csnap_common.metrics import MetricsListenError, serve_metrics
 from csnap_common.systemd import keep_watchdog_fed, notify_ready, notify_status, notify_stopping
 from csnap_nbd.files import checked_agent_connectors
@@ -62,10 +68,13 @@ TLS: --tls-certificates=DIR holds ca-cert.pem, server-cert.pem and
 server-key.pem (scripts/nbd-certs DIR makes them). A TCP address outside
 loopback is refused without TLS unless --tls=off is given.
 
-With --server, --origin and --store are required and csnapd must report the
-same files. Through an agent (of this user or root), csnapd's paths are used
-unless given: absolute, not a symbolic link, a regular file or block device
-owned by this user or root.
+csnapd is reached over mutual TLS with the client (data-path) credential in
+--credentials DIR (ca-cert.pem, client-cert.pem, client-key.pem; made by
+`csnap keys`), by default STORE.keys beside the store. With --server, give
+--credentials or --store. csnapd's paths are used unless --origin and --store
+are given (then csnapd must report the same files), and only if they are
+absolute, not a symbolic link, a regular file or block device owned by this
+user or root.
 
 exit status: 0 stopped cleanly, 2 bad arguments, 3 could not start (a file
 would not open or may not be opened, an address is in use, certificates would
@@ -117,6 +126,14 @@ def _parser() -> argparse.ArgumentParser:
         " (default: csnapd's, through an agent only)",
     )
     parser.add_argument(
+        "--credentials",
+        type=Path,
+        metavar="DIR",
+        help="the cluster's ca-cert.pem and the client-cert.pem and client-key.pem"
+        " csnapd is reached with (default STORE.keys beside --store, or beside"
+        " the store csnapd reports through an agent)",
+    )
+    parser.add_argument(
         "--tls",
         choices=[m.value for m in TlsMode],
         help="off: no TLS; on: clients may upgrade with STARTTLS; require: only TLS"
@@ -165,24 +182,32 @@ def _tls_policy(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Tl
 
 def _connectors(args: argparse.Namespace) -> tuple[Connector, Connector]:
     """Data and admin connectors: a fixed address, or whatever the agent says
-    (an agent of our own user or root: it vouches for the server)."""
+    (an agent of our own user or root: it vouches for the server).
+
+    Raises:
+        CredentialsError: the client credential does not load.
+    """
+    directory: Path | None = args.credentials
+    if directory is None and args.store is not None:
+        directory = store_credentials(args.store)
     if args.server is not None:
-        connector = tcp_connector(*args.server)
+        assert directory is not None  # main() checked
+        # The data-path credential serves the start-up queries too: they only read.
+        host, port = args.server
+        connector = tcp_connector(host, port, client_context(directory, ROLE_CLIENT))
         return connector, connector
     # Imported here: the agent helpers are only needed when an agent is used.
     import csnap_client
 
-    return checked_agent_connectors(args.agent or csnap_client.default_agent())
+    return checked_agent_connectors(args.agent or csnap_client.default_agent(), directory)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the gateway; returns the exit status."""
     parser = _parser()
     args = parser.parse_args(argv)
-    if args.server is not None and (args.origin is None or args.store is None):
-        # Nothing authenticates a server reached over TCP: the gateway opens
-        # only files it is given (docs/nbd.md, "Which files the gateway opens").
-        parser.error("--server needs --origin and --store (csnapd is not authenticated over TCP)")
+    if args.server is not None and args.credentials is None and args.store is None:
+        parser.error("--server needs --credentials DIR, or --store (whose STORE.keys is used)")
     configure_logging(args.log_level, args.log_format, service="csnap-nbd")
     return_freed_buffers()
     try:
@@ -190,7 +215,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TlsConfigError as exc:
         log.error("%s", exc)
         return EXIT_CANNOT_START
-    connect, admin_connect = _connectors(args)
+    try:
+        connect, admin_connect = _connectors(args)
+    except CredentialsError as exc:
+        log.error("%s", exc)
+        return EXIT_CANNOT_START
     tcp = args.listen or ([] if args.unix else [("127.0.0.1", NBD_PORT)])
     config = GatewayConfig(
         connect=connect,
@@ -201,7 +230,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         origin=args.origin,
         store=args.store,
         tls=tls,
-        vouched=args.server is None,
+        # csnapd authenticated itself with a server credential of the cluster,
+        # or an agent of ours named it: either way its paths pass the files rule.
+        vouched=True,
     )
     try:
         with single_errors():

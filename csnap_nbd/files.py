@@ -1,19 +1,18 @@
 """Which origin and store files the gateway may open, and opening them.
 
-The gateway learns the files' paths from csnapd's server information, and
-whoever answers on csnapd's address is not authenticated over TCP: a
-process of another user that takes the port while csnapd restarts could
-name any file, and a gateway running as root would export it. So a path
-csnapd reports is used only under one of two rules (docs/nbd.md, "Which
-files the gateway opens"):
+The gateway learns the files' paths from csnapd's server information. Over
+TCP csnapd proves itself with a server credential of the cluster (mutual
+TLS); through an agent, the agent's user is checked. Even so, a path csnapd
+reports is used only under one of two rules (docs/nbd.md, "Which files the
+gateway opens"):
 
   given     --origin/--store name the files: those are opened, and the
             path csnapd reports must name the same file (same device and
             inode, or the same block device), else the gateway refuses;
-  vouched   csnapd was found through a csnap-agent running as the
-            gateway's own user or root (checked on the agent's socket
-            with SO_PEERCRED; the agent serves only servers of its own
-            user or root): the reported path is opened if it is absolute,
+  vouched   csnapd authenticated itself, or was found through a csnap-agent
+            running as the gateway's own user or root (checked on the
+            agent's socket with SO_PEERCRED; the agent serves only servers
+            of its own user or root): the reported path is opened if it is absolute,
             its last component is not a symbolic link (O_NOFOLLOW), and
             it is a regular file or block device owned by the gateway's
             user or root (checked on the open descriptor, so nothing can
@@ -26,13 +25,24 @@ from __future__ import annotations
 
 import os
 import socket
+import ssl
 import stat
 import struct
 from dataclasses import dataclass
+from pathlib import Path
 
 import trio
 
-from csnap_client import Connector, agent_admin_connector, agent_connector, open_agent_stream
+from csnap_client import (
+    Connector,
+    agent_admin_connector,
+    find_server,
+    open_admin,
+    open_agent_stream,
+    open_tls_stream,
+)
+from csnap_common import split_host_port
+from csnap_common.credentials import ROLE_CLIENT, client_context, store_credentials
 from csnap_nbd.backing import Backing
 
 __all__ = [
@@ -206,10 +216,30 @@ def check_agent_peer(sock: socket.socket | trio.socket.SocketType, where: str) -
         )
 
 
-def checked_agent_connectors(path: str) -> tuple[Connector, Connector]:
+def checked_agent_connectors(path: str, credentials: Path | None) -> tuple[Connector, Connector]:
     """Data and admin connectors through the agent at `path`, each of which
-    first checks that the agent runs as our user or root."""
-    data, admin = agent_connector(path), agent_admin_connector(path)
+    first checks that the agent runs as our user or root.
+
+    The data connector reaches csnapd with the client credential in
+    `credentials`; None: STORE.keys beside the store the server reports.
+    """
+    admin = agent_admin_connector(path)
+    contexts: list[ssl.SSLContext] = []
+
+    async def tls() -> ssl.SSLContext:
+        if not contexts:
+            directory = credentials
+            if directory is None:
+                async with open_admin(checked_admin) as session:
+                    info = await session.server_info()
+                directory = store_credentials(str(info["store"]))
+            contexts.append(client_context(directory, ROLE_CLIENT))
+        return contexts[0]
+
+    async def data() -> trio.abc.Stream:
+        where = await find_server(path, wait=True)
+        host, port = split_host_port(where.address)
+        return await open_tls_stream(host, port, await tls())
 
     async def checked_admin() -> trio.abc.Stream:
         stream = await admin()

@@ -77,6 +77,10 @@ class ErrorCode(enum.IntEnum):
     NOT_ACTIVE = 25
     #: The agent has no active server to give or relay to.
     NO_SERVER = 26
+    #: The peer did not authenticate: no TLS, or no credential of this cluster.
+    AUTHENTICATION_FAILED = 30
+    #: The peer's credential does not grant this role or request.
+    NOT_PERMITTED = 31
     #: The server lost its election (its lease ran out, or the store carries a
     #: newer fencing token): it stopped writing and serving.
     FENCED = 40

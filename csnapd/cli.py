@@ -13,6 +13,7 @@ import signal
 import sys
 from collections.abc import Sequence
 from functools import partial
+from pathlib import Path
 
 import trio
 
@@ -27,6 +28,7 @@ from csnap_common.cli import (
 )
 from csnap_common.metrics import MetricsListenError, serve_metrics
 from csnap_common.systemd import keep_watchdog_fed, notify_ready, notify_status, notify_stopping
+from csnapd.credentials import CredentialsError
 from csnapd.engine import EngineError, FencedError, StoreLockedError
 from csnapd.metrics import CsnapdMetrics
 from csnapd.server import ServerConfig, ServerFailedError, ServerFencedError, serve
@@ -45,8 +47,14 @@ EXIT_FENCED = 4  # lost its lease or saw a newer token: another server owns the 
 _EPILOG = """\
 examples:
   csnapd store.img origin.img --listen 127.0.0.1:7000
-  csnapd /dev/vg/snapstore /dev/vg/data --listen 0.0.0.0:7000 --cache-size 256M
   csnapd store.img origin.img --agent @csnap-agent
+  csnap keys /etc/csnap/keys
+  csnapd /dev/vg/snapstore /dev/vg/data --listen 0.0.0.0:7000 --cache-size 256M \
+      --credentials /etc/csnap/keys
+
+Every connection is mutual TLS with a credential of the cluster's CA. Without
+--credentials, csnapd uses STORE.keys beside a store file, and makes it when
+listening on loopback; elsewhere it refuses to start without credentials.
 
 The first line on stdout is "listening HOST:PORT" once connections are
 accepted (port 0 picks a free port); with --agent, once the port is bound and
@@ -56,9 +64,9 @@ flight, mark the store clean and exit 0.
 
 exit status: 0 stopped cleanly, 1 the store failed while serving (restart
 replays the journal), 2 bad arguments, 3 the store could not be opened
-(missing, not a store, or held by another csnapd), 4 fenced: its agent's
-cluster election was lost (lease not renewed in time, or a newer fencing
-token in the store); restart it to stand by again.
+(missing, not a store, or held by another csnapd) or no credentials, 4
+fenced: its agent's cluster election was lost (lease not renewed in time, or
+a newer fencing token in the store); restart it to stand by again.
 """
 
 
@@ -139,6 +147,14 @@ def _parser() -> argparse.ArgumentParser:
         " keep this share of the data area free, e.g. 5%% (default off)",
     )
     add_metrics(parser)
+    parser.add_argument(
+        "--credentials",
+        type=Path,
+        metavar="DIR",
+        help="the cluster's ca-cert.pem and this server's server-cert.pem and"
+        " server-key.pem (made by `csnap keys DIR`; default STORE.keys, made"
+        " there when listening on loopback)",
+    )
     add_log_level(parser)
     return parser
 
@@ -172,11 +188,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         max_in_flight=args.max_in_flight,
         agent=args.agent,
         space=SpacePolicy(warn_at=args.warn_at, keep_free=args.keep_free),
+        credentials=args.credentials,
     )
     try:
         with single_errors():
             trio.run(_main, config, args.metrics)
     except MetricsListenError as exc:
+        log.error("%s", exc)
+        return EXIT_CANNOT_START
+    except CredentialsError as exc:
         log.error("%s", exc)
         return EXIT_CANNOT_START
     except StoreLockedError as exc:

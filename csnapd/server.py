@@ -26,16 +26,20 @@ import contextlib
 import itertools
 import logging
 import math
+import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
 
 import trio
 import trio.lowlevel
 from csnap_transport import MessageStream
 
 from csnap_common import join_host_port
+from csnap_common.allocator import release_free_pages
+from csnap_common.credentials import ROLE_ADMIN
 from csnap_common.limits import DEFAULT_MAX_CHUNKS, MAX_REQUEST_CHUNKS
 from csnap_common.systemd import notify_status, notify_stopping
 from csnap_protocol import (
@@ -54,6 +58,8 @@ from csnap_protocol import (
     message_id,
 )
 from csnapd.agent_link import AgentLink
+from csnapd.authenticate import Authenticated, authenticate, hello_refusal, request_refusal
+from csnapd.credentials import server_tls
 from csnapd.dispatch import (
     DEFAULT_MAX_READ_LOCKS,
     DEFAULT_MAX_SERVER_READ_LOCKS,
@@ -95,6 +101,9 @@ FLUSH_TIMEOUT = 2.0
 REFUSING_LIMIT = 64
 #: Seconds a refused connection gets to read its error before it is closed.
 REFUSE_LINGER = 1.0
+#: Seconds between looks at whether connections closed, to give their
+#: memory back (release_free_pages).
+RELEASE_INTERVAL = 2.0
 #: Placeholder in an outbox for "send our hello" (the codec builds it).
 _HELLO = Ok(0)
 
@@ -143,6 +152,9 @@ class ServerConfig:
     agent: str | None = None
     #: The data area's warning threshold and free-space reserve.
     space: SpacePolicy = field(default_factory=SpacePolicy)
+    #: The directory with the cluster CA and the server credential; None:
+    #: STORE.keys, made there when listening on loopback (csnapd.credentials).
+    credentials: Path | None = None
 
     def __post_init__(self) -> None:
         if not 1 <= self.max_chunks <= MAX_REQUEST_CHUNKS:
@@ -169,6 +181,8 @@ class _Link:
     queued: int = 0
     #: Set once the writer has sent everything queued before the outbox closed.
     flushed: trio.Event = field(default_factory=trio.Event)
+    #: The roles the peer's credential grants (csnapd.authenticate).
+    roles: frozenset[str] = frozenset()
 
     @property
     def stream(self) -> trio.abc.Stream:
@@ -183,9 +197,16 @@ class Server:
     """A running csnapd; see serve()."""
 
     def __init__(
-        self, config: ServerConfig, engine: Engine, address: str, fence: Fence | None = None
+        self,
+        config: ServerConfig,
+        engine: Engine,
+        address: str,
+        tls: ssl.SSLContext | None,
+        fence: Fence | None = None,
     ):
         self.config = config
+        #: None only to measure what TLS costs (serve(authenticate=False)).
+        self.tls = tls
         #: The lease and token it serves under, when elected through a cluster.
         self.fence = fence
         self.fenced = False
@@ -208,6 +229,8 @@ class Server:
         self._accepted = 0
         #: Connections being refused for max_connections.
         self._refusing = 0
+        #: Connections closed so far (see _release_memory).
+        self._closed = 0
         self._numbers = itertools.count(1)
         self._stopping = trio.Event()
         self._stopped = trio.Event()
@@ -255,6 +278,7 @@ class Server:
             nursery.start_soon(self._engine_loop)
             if self.fence is not None:
                 nursery.start_soon(self._fence_watch, self.fence)
+            nursery.start_soon(self._release_memory)
             if self.dispatcher.grace:
                 nursery.start_soon(self._after, self.config.grace, GraceExpired())
             task_status.started()
@@ -320,6 +344,7 @@ class Server:
             await self._serve_connection(stream)
         finally:
             self._accepted -= 1
+            self._closed += 1
 
     async def _refuse_connection(self, stream: trio.SocketStream) -> None:
         """One connection too many: say so (when not too busy refusing) and close."""
@@ -332,6 +357,10 @@ class Server:
 
     async def _send_refusal(self, stream: trio.SocketStream) -> None:
         codec = Connection(Role.SERVER, name="csnapd")
+        secured = await self._authenticate(stream, REFUSE_LINGER, "refused")
+        if secured is None:
+            self._refusing -= 1
+            return
         refusal = _error_message(
             None,
             ErrorCode.TOO_MANY_CONNECTIONS,
@@ -340,16 +369,37 @@ class Server:
         )
         try:
             with trio.move_on_after(REFUSE_LINGER):
-                async with stream:
+                async with secured.stream:
                     with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-                        await stream.send_all(codec.send(refusal))
+                        await secured.stream.send_all(codec.send(refusal))
                         # Read what the peer sent (its hello) before closing, so
                         # that closing with unread data does not reset the
                         # connection under our error.
-                        while await stream.receive_some(RECEIVE_SIZE):
+                        while await secured.stream.receive_some(RECEIVE_SIZE):
                             pass
         finally:
             self._refusing -= 1
+
+    async def _authenticate(
+        self, stream: trio.SocketStream, within: float, label: str
+    ) -> Authenticated | None:
+        if self.tls is None:  # measuring TLS's cost: see serve()
+            return Authenticated(stream, frozenset({ROLE_ADMIN}))
+        return await authenticate(stream, self.tls, within=within, label=label)
+
+    async def _release_memory(self) -> None:
+        """Once connections have closed, give their freed memory back to the system.
+
+        Each TLS connection leaves its buffers' holes in the heap when it
+        closes: without this, every burst of connections would leave csnapd
+        larger (docs/operations.md, "Memory").
+        """
+        released = 0
+        while True:
+            await trio.sleep(RELEASE_INTERVAL)
+            if self._closed != released:
+                released = self._closed
+                await trio.to_thread.run_sync(release_free_pages)
 
     async def _serve_connection(self, stream: trio.SocketStream) -> None:
         try:
@@ -357,11 +407,20 @@ class Server:
             label = f"{host}:{port}"
         except OSError:
             label = "?"
+        secured = await self._authenticate(stream, self.config.hello_timeout, label)
+        if secured is None:
+            return
         codec = Connection(Role.SERVER, max_frame=self.config.max_frame, name="csnapd")
         send, receive = trio.open_memory_channel[Message](OUTBOX_LIMIT)
         peer = Peer(next(self._numbers), Role.CLIENT, label)
-        link = _Link(peer, MessageStream(stream, codec), send, trio.current_time())
-        async with stream, trio.open_nursery() as nursery:
+        link = _Link(
+            peer,
+            MessageStream(secured.stream, codec),
+            send,
+            trio.current_time(),
+            roles=secured.roles,
+        )
+        async with link.stream, trio.open_nursery() as nursery:
             nursery.start_soon(self._writer, link, receive)
             nursery.start_soon(self._hello_timer, link)
             nursery.start_soon(self._lease_watch, link)
@@ -452,6 +511,10 @@ class Server:
                     f"csnapd serves clients and admins, not a {message.role}",
                 )
                 return
+            refusal = hello_refusal(link.roles, Role(message.role))
+            if refusal is not None:
+                self._refuse(link, ErrorCode.NOT_PERMITTED, refusal)
+                return
             peer.role = Role(message.role)
             peer.max_frame = link.codec.peer_max_frame
             self._links[peer] = link
@@ -477,6 +540,14 @@ class Server:
         if isinstance(message, Request):
             self.stats.arrived(peer, message)
             request = message.id
+            refusal = request_refusal(link.roles, peer.role, message)
+            if refusal is not None and peer in self._links:
+                self._deliver(
+                    link,
+                    _error_message(request, ErrorCode.NOT_PERMITTED, refusal),
+                    finished=False,
+                )
+                return
             if request in link.in_flight:
                 # The first request with this id is still in flight: keep it.
                 self._deliver(
@@ -686,6 +757,7 @@ async def serve(
     stop: trio.Event | None = None,
     on_start: Callable[[Server], None] | None = None,
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
+    authenticate: bool = True,
 ) -> None:
     """Open the store, listen, and serve until shutdown.
 
@@ -700,8 +772,12 @@ async def serve(
         StoreOpenError, StoreLockedError, StoreIOError: the store cannot be opened.
         ServerFailedError: the engine failed while serving.
     """
+    # authenticate=False serves plaintext with every peer an admin: only the
+    # benchmark that measures what TLS costs asks for it; no command line can.
+    tls = server_tls(config) if authenticate else None
     if config.agent is not None:
-        await _serve_for_agent(config, config.agent, stop, on_start, task_status)
+        assert tls is not None, "an agent's server always authenticates"
+        await _serve_for_agent(config, config.agent, tls, stop, on_start, task_status)
         return
     engine = await _open_engine(config)
     try:
@@ -711,7 +787,9 @@ async def serve(
         raise
     address = _address(listeners)
     async with trio.open_nursery() as nursery:
-        server = await _start_server(nursery, config, engine, listeners, address, stop, on_start)
+        server = await _start_server(
+            nursery, config, engine, tls, listeners, address, stop, on_start
+        )
         task_status.started(address)
     if server.failed:
         raise ServerFailedError("the engine failed; the store needs a restart (journal replay)")
@@ -720,6 +798,7 @@ async def serve(
 async def _serve_for_agent(
     config: ServerConfig,
     agent: str,
+    tls: ssl.SSLContext,
     stop: trio.Event | None,
     on_start: Callable[[Server], None] | None,
     task_status: trio.TaskStatus[str],
@@ -738,7 +817,8 @@ async def _serve_for_agent(
         )
         async with trio.open_nursery() as standby:
             lent = [_Lent(listener) for listener in listeners]
-            standby.start_soon(partial(trio.serve_listeners, _refuse_not_active, lent))
+            refuse = partial(_refuse_not_active, tls=tls)
+            standby.start_soon(partial(trio.serve_listeners, refuse, lent))
             started = await _first(link.start_requested, stop)
             standby.cancel_scope.cancel()
         if not started:
@@ -764,7 +844,7 @@ async def _serve_for_agent(
             raise
         async with trio.open_nursery() as nursery:
             server = await _start_server(
-                nursery, config, engine, listeners, address, stop, on_start, fence
+                nursery, config, engine, tls, listeners, address, stop, on_start, fence
             )
             await link.started()
             notify_status(f"active: serving {config.store} on {address}")
@@ -810,20 +890,23 @@ class _Lent(trio.abc.Listener[trio.SocketStream]):
         await trio.lowlevel.checkpoint()
 
 
-async def _refuse_not_active(stream: trio.SocketStream) -> None:
+async def _refuse_not_active(socket_stream: trio.SocketStream, tls: ssl.SSLContext) -> None:
     codec = Connection(Role.SERVER, name="csnapd")
     refusal = _error_message(
         None, ErrorCode.NOT_ACTIVE, "this csnapd is on standby; ask its agent for the server"
     )
-    with (
-        trio.move_on_after(5),
-        contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError),
-    ):
-        await stream.send_all(codec.send(refusal))
-        # Read the peer's hello before closing, so that closing with
-        # unread data does not reset the connection under our error.
-        with trio.move_on_after(1):
-            await stream.receive_some(4096)
+    secured = await authenticate(socket_stream, tls, within=5, label="standby")
+    if secured is None:
+        return
+    stream = secured.stream
+    with trio.move_on_after(5):
+        async with stream:
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                await stream.send_all(codec.send(refusal))
+                # Read the peer's hello before closing, so that closing with
+                # unread data does not reset the connection under our error.
+                with trio.move_on_after(1):
+                    await stream.receive_some(4096)
 
 
 async def _first(wanted: trio.Event, stop: trio.Event | None) -> bool:
@@ -868,13 +951,14 @@ async def _start_server(
     nursery: trio.Nursery,
     config: ServerConfig,
     engine: Engine,
+    tls: ssl.SSLContext | None,
     listeners: list[trio.SocketListener],
     address: str,
     stop: trio.Event | None,
     on_start: Callable[[Server], None] | None,
     fence: Fence | None = None,
 ) -> Server:
-    server = Server(config, engine, address, fence)
+    server = Server(config, engine, address, tls, fence)
     if on_start is not None:
         on_start(server)
     log.info(

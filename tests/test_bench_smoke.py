@@ -123,6 +123,7 @@ def test_suite_quick(tmp_path: Path) -> None:
         "metrics",
         "changes",
         "reclaim",
+        "tls",
     }
     for name, part in parts.items():
         assert "error" not in part, name
@@ -140,6 +141,11 @@ def test_suite_quick(tmp_path: Path) -> None:
     assert parts["lifecycle"]["exceptions_swept"] == parts["lifecycle"]["exceptions"]
     check_changes_part(parts["changes"])
     check_reclaim_part(parts["reclaim"])
+    for side in ("tls", "plaintext"):
+        figures = parts["tls"][side]
+        assert figures["connections_per_s"] > 0, side
+        assert figures["queries_1_clients"]["chunks_per_s"] > 0, side
+        assert figures["queries_8_clients"]["chunks_per_s"] > 0, side
 
 
 def check_changes_part(part: dict[str, Any]) -> None:

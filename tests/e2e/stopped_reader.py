@@ -18,7 +18,8 @@ import sys
 
 import trio
 
-from csnap_client import open_client, tcp_connector
+from csnap_client import open_client
+from tests.credentials import connector
 from tests.server.support import CHUNK
 
 #: Plans one read may take before the node gives up (a bound on a loop).
@@ -26,7 +27,7 @@ ATTEMPTS = 4
 
 
 async def main(host: str, port: int, snapshot: int, chunk: int, origin: str, store: str) -> None:
-    connect = tcp_connector(host, port)
+    connect = connector(host, port, store)
     async with (
         open_client(connect) as _origin_client,
         open_client(connect, snapshot=snapshot) as reader,

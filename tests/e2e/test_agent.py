@@ -23,11 +23,12 @@ from csnap_client import (
     open_admin,
     open_agent_stream,
     open_client,
-    tcp_connector,
 )
+from csnap_common.credentials import make_credentials, store_credentials
 from csnap_format.mkcsnap import format_store
 from csnapd.engine import FileDevice
 from csnapd.engine.check import check_store
+from tests.credentials import connector, tls
 from tests.e2e.processes import (
     ROOT,
     csnap,
@@ -135,7 +136,7 @@ async def test_standby_until_the_agent_starts_it(tmp_path: Path) -> None:
     assert "opened" not in (tmp_path / "csnapd.log").read_text()
     # Connecting to it directly is refused: it is not serving yet.
     with pytest.raises(ServerError) as refused:
-        async with open_admin(tcp_connector(host, port)):
+        async with open_admin(connector(host, port, store)):
             pass
     assert refused.value.name == "not_active"
 
@@ -172,10 +173,13 @@ async def test_a_client_that_asks_first_is_served_once_a_server_is_up(tmp_path: 
         await find_server(str(sock), wait=False)
     assert refused.value.name == "no_server"
     pwrite(origin, 3, label(3, 1))
+    # The client holds its credential before any server exists: made here,
+    # csnapd takes them as its own (it makes none when they are there).
+    make_credentials(store_credentials(store))
     results: list[bytes] = []
 
     async def origin_writer() -> None:
-        async with open_client(agent_connector(str(sock))) as client:
+        async with open_client(agent_connector(str(sock), tls(store))) as client:
             async with client.origin_write([(3, 1)]):
                 pwrite(origin, 3, label(3, 2))
             results.append(pread(origin, 3))

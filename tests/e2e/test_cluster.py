@@ -21,14 +21,15 @@ import trio
 from csnap_client import (
     DataClient,
     ServerError,
-    agent_connector,
+    agent_store_connector,
     find_server,
     open_client,
-    tcp_connector,
 )
+from csnap_common.credentials import ROLE_CLIENT
 from csnap_common.errors import single_errors
 from csnap_format import decode_superblock
 from csnap_protocol import ErrorCode
+from tests.credentials import connector
 from tests.e2e.etcd import Etcd, running_etcd
 from tests.e2e.processes import Daemon, csnap, start, start_csnapd, tail
 from tests.e2e.test_agent import make, store_is_clean
@@ -159,7 +160,7 @@ async def test_one_election_every_node_follows_and_a_standby_takes_over(
         # which tells it the token it serves under.
         with trio.fail_after(20):
             async with (
-                open_client(agent_connector(str(standby.sock))) as client,
+                open_client(agent_store_connector(str(standby.sock))) as client,
                 client.origin_write([(4, 1)]),
             ):
                 pwrite(origin, 4, label(4, 1))
@@ -195,7 +196,7 @@ async def test_one_election_every_node_follows_and_a_standby_takes_over(
         )
         with trio.fail_after(20):
             async with (
-                open_client(agent_connector(str(active.sock)), snapshot=3) as reader,
+                open_client(agent_store_connector(str(active.sock)), snapshot=3) as reader,
                 reader.snapshot_read([(4, 1)]) as plan,
             ):
                 assert [s[:2] for s in plan.store] == [(4, 1)]
@@ -262,7 +263,7 @@ async def test_a_hung_server_loses_the_election_and_writes_nothing_when_it_wakes
         token = token_of(store)
         # A client of the hung server: connected, identified, then left waiting.
         with trio.fail_after(20):
-            async with open_client(agent_connector(str(active.sock))) as client:
+            async with open_client(agent_store_connector(str(active.sock))) as client:
                 assert client.token == token
 
         active.server.process.send_signal(signal.SIGSTOP)
@@ -275,7 +276,7 @@ async def test_a_hung_server_loses_the_election_and_writes_nothing_when_it_wakes
             assert created.returncode == 0, created.stderr
             with trio.fail_after(20):
                 async with (
-                    open_client(agent_connector(str(active.sock))) as writer,
+                    open_client(agent_store_connector(str(active.sock))) as writer,
                     writer.origin_write([(6, 1)]),
                 ):
                     pwrite(origin, 6, label(6, 1))
@@ -303,14 +304,14 @@ async def test_a_client_refuses_a_server_with_an_older_token(tmp_path: Path) -> 
         daemons.append(server)
         # A server started without a cluster coordinator identifies with
         # token 0: older than any a client has seen from an elected one.
-        client = DataClient(tcp_connector(host, port), reconnect=False)
+        client = DataClient(connector(host, port, store, ROLE_CLIENT), reconnect=False)
         client.token = 5
         with trio.fail_after(10), pytest.raises(ServerError) as refused, single_errors():
             async with trio.open_nursery() as nursery:
                 await nursery.start(client.run)
         assert refused.value.error is ErrorCode.FENCED
         assert client.info is None  # nothing the old server said was taken
-        async with open_client(tcp_connector(host, port)) as fresh:
+        async with open_client(connector(host, port, store, ROLE_CLIENT)) as fresh:
             assert fresh.token == 0
         assert await server.stop() == 0
 
@@ -334,7 +335,7 @@ async def test_service_continues_through_an_etcd_restart_shorter_than_the_lease(
         assert token_of(store) == token
         with trio.fail_after(20):
             async with (
-                open_client(agent_connector(str(node.sock))) as client,
+                open_client(agent_store_connector(str(node.sock))) as client,
                 client.origin_write([(1, 1)]),
             ):
                 pwrite(origin, 1, label(1, 1))

@@ -21,7 +21,8 @@ from pathlib import Path
 import pytest
 import trio
 
-from csnap_client import ServerError, agent_connector, find_server, open_client
+from csnap_client import ServerError, agent_store_connector, find_server, open_client
+from csnap_common.credentials import make_credentials, store_credentials
 from tests.e2e.etcd import Etcd, running_etcd
 from tests.e2e.processes import Daemon, csnap, start, tail
 from tests.e2e.test_agent import make, store_is_clean
@@ -130,6 +131,9 @@ async def start_node(
             str(sock),
             "--listen",
             f"{host.address}:0",
+            # Off loopback csnapd makes no credentials itself: the cluster's are given.
+            "--credentials",
+            str(store_credentials(store)),
             "--log-format",
             "json",
         ],
@@ -167,6 +171,7 @@ def first_time(log: Path, event: str) -> datetime.datetime:
 @asynccontextmanager
 async def cluster(tmp: Path) -> AsyncIterator[tuple[list[Node], Path, Path]]:
     store, origin = make(tmp)
+    make_credentials(store_credentials(store))
     with hosts(2) as (bridge_address, made):
         async with running_etcd(tmp, bridge_address) as etcd, reaped() as daemons:
             nodes = [
@@ -189,7 +194,7 @@ async def test_a_partitioned_server_fences_itself_and_the_other_node_takes_over(
         token = token_of(store)
         with trio.fail_after(20):
             async with (
-                open_client(agent_connector(str(other.sock))) as client,
+                open_client(agent_store_connector(str(other.sock))) as client,
                 client.origin_write([(2, 1)]),
             ):
                 pwrite(origin, 2, label(2, 1))
@@ -217,12 +222,12 @@ async def test_a_partitioned_server_fences_itself_and_the_other_node_takes_over(
         assert created.returncode == 0, (created.stderr, tail(isolated.agent.log))
         with trio.fail_after(20):
             async with (
-                open_client(agent_connector(str(isolated.sock))) as writer,
+                open_client(agent_store_connector(str(isolated.sock))) as writer,
                 writer.origin_write([(2, 1)]),
             ):
                 pwrite(origin, 2, label(2, 2))
             async with (
-                open_client(agent_connector(str(isolated.sock)), snapshot=1) as reader,
+                open_client(agent_store_connector(str(isolated.sock)), snapshot=1) as reader,
                 reader.snapshot_read([(2, 1)]) as plan,
             ):
                 assert [s[:2] for s in plan.store] == [(2, 1)]

@@ -14,6 +14,7 @@ import pytest
 import trio
 
 from csnap_client import ServerError, agent_connector, find_server, open_client
+from tests.credentials import tls
 from tests.e2e.processes import Daemon, csnap, poll, start_agent, start_csnapd, tail
 from tests.e2e.test_agent import make, store_is_clean
 from tests.server.support import label, pread, pwrite
@@ -86,12 +87,12 @@ async def test_a_standby_takes_over_after_relayed_administration(tmp_path: Path)
         assert [s["tag"] for s in json.loads(listed.stdout)["snapshots"]] == [5]
         with trio.fail_after(30):
             async with (
-                open_client(agent_connector(str(sock))) as client,
+                open_client(agent_connector(str(sock), tls(store))) as client,
                 client.origin_write([(9, 1)]),
             ):
                 pwrite(origin, 9, label(9, 2))
             async with (
-                open_client(agent_connector(str(sock)), snapshot=5) as reader,
+                open_client(agent_connector(str(sock), tls(store)), snapshot=5) as reader,
                 reader.snapshot_read([(9, 1)]) as plan,
             ):
                 # The new server copied chunk 9 out before the overwrite.

@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 import trio
 
-from csnap_client import open_admin, open_client, tcp_connector
+from csnap_client import open_admin, open_client
 from csnap_format.mkcsnap import format_store
+from tests.credentials import connector
 from tests.e2e.processes import start_csnapd
 from tests.server.support import label, pread, pwrite
 
@@ -30,7 +31,7 @@ async def test_a_writer_connected_across_a_restart_waits_for_the_grace_period(
         pwrite(origin, chunk, label(chunk, 1))
     log = tmp_path / "csnapd.log"
     daemon, host, port = await start_csnapd(store, origin, log)
-    connect = tcp_connector(host, port)
+    connect = connector(host, port, store)
     async with open_admin(connect) as admin:
         await admin.create_snapshot(3)
     with trio.fail_after(120):

@@ -11,16 +11,18 @@ import itertools
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable
+from functools import partial
 from pathlib import Path
 
 import pytest
 import trio
 
-from csnap_client import DataClient, open_admin, open_client, tcp_connector
+from csnap_client import DataClient, open_admin, open_client
 from csnap_format.mkcsnap import format_store
 from csnap_nbd.backing import Backing
 from csnap_nbd.datapath import SnapshotPath
@@ -41,6 +43,7 @@ from csnap_protocol import (
 )
 from csnapd.engine import FileDevice
 from csnapd.engine.check import check_store
+from tests.credentials import connector, secure, tls
 from tests.e2e.processes import ROOT, poll, start_csnapd, tail
 from tests.server.support import CHUNK, label, pread, pwrite
 
@@ -68,7 +71,7 @@ async def test_a_stopped_node_loses_its_locks_and_never_reads_stale_data(
     daemon, host, port = await start_csnapd(
         store, origin, log, "--lease", str(LEASE), "--barrier-timeout", "300"
     )
-    connect = tcp_connector(host, port)
+    connect = connector(host, port, store)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
     try:
         async with open_admin(connect) as admin:
@@ -171,7 +174,7 @@ async def test_peers_that_do_not_read_their_replies_lose_only_their_connections(
     store, origin = make(tmp_path)
     log = tmp_path / "csnapd.log"
     daemon, host, port = await start_csnapd(store, origin, log)
-    connect = tcp_connector(host, port)
+    connect = connector(host, port, store)
     try:
         async with open_admin(connect) as admin, open_client(connect) as good:
             await admin.create_snapshot(1)
@@ -190,8 +193,9 @@ async def test_peers_that_do_not_read_their_replies_lose_only_their_connections(
             ends: dict[str, str] = {}
             with trio.fail_after(180):
                 async with trio.open_nursery() as nursery:
-                    nursery.start_soon(_flood, host, port, PIPELINED, None, ends, "deaf")
-                    nursery.start_soon(_flood, host, port, SLOW_PIPELINED, 0.01, ends, "slow")
+                    flood = partial(_flood, host, port, store)
+                    nursery.start_soon(flood, PIPELINED, None, ends, "deaf")
+                    nursery.start_soon(flood, SLOW_PIPELINED, 0.01, ends, "slow")
                     before = served
                     while len(ends) < 2 or served == before:
                         assert daemon.process.returncode is None, tail(log)
@@ -214,12 +218,19 @@ async def test_peers_that_do_not_read_their_replies_lose_only_their_connections(
 
 
 async def _flood(
-    host: str, port: int, requests: int, read_every: float | None, ends: dict[str, str], name: str
+    host: str,
+    port: int,
+    store: Path,
+    requests: int,
+    read_every: float | None,
+    ends: dict[str, str],
+    name: str,
 ) -> None:
     """An admin pipelining `requests` get_status; it never reads its replies
     (`read_every` None) or reads a little every `read_every` seconds."""
-    stream = await trio.open_tcp_stream(host, port)
-    stream.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    raw = await trio.open_tcp_stream(host, port)
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    stream = await secure(raw, store)
     codec = Connection(Role.ADMIN)
     replies = 0
 
@@ -270,7 +281,7 @@ async def test_the_gateway_reads_again_when_its_read_locks_lease_ran_out(
     pwrite(origin, chunk, label(chunk, 1))
     log = tmp_path / "csnapd.log"
     daemon, host, port = await start_csnapd(store, origin, log, "--lease", str(LEASE))
-    connect = tcp_connector(host, port)
+    connect = connector(host, port, store)
     try:
         async with open_admin(connect) as admin:
             await admin.create_snapshot(1)
@@ -280,7 +291,7 @@ async def test_the_gateway_reads_again_when_its_read_locks_lease_ran_out(
             backing = Backing(str(origin), str(store), read_only=True)
             path = SnapshotPath(client, backing)
             reading = trio.lowlevel.current_task()
-            stall = _StallHoldingLock(reading, client, host, port, origin, chunk)
+            stall = _StallHoldingLock(reading, client, (host, port, tls(store)), origin, chunk)
             trio.lowlevel.add_instrument(stall)
             try:
                 with trio.fail_after(60):
@@ -309,21 +320,30 @@ class _StallHoldingLock(trio.abc.Instrument):
         self,
         task: trio.lowlevel.Task,
         client: DataClient,
-        host: str,
-        port: int,
+        where: Where,
         origin: Path,
         chunk: int,
     ) -> None:
         self.task, self.client = task, client
-        self.host, self.port, self.origin, self.chunk = host, port, origin, chunk
+        self.where, self.origin, self.chunk = where, origin, chunk
         self.granted: WriteOk | None = None
 
     def before_task_step(self, task: trio.lowlevel.Task) -> None:
         if task is self.task and self.granted is None and self.client._held:
-            self.granted = _write_origin_blocking(self.host, self.port, self.origin, self.chunk)
+            self.granted = _write_origin_blocking(self.where, self.origin, self.chunk)
 
 
-def _write_origin_blocking(host: str, port: int, origin: Path, chunk: int) -> WriteOk:
+#: csnapd's host and port, and the credential to reach it with.
+Where = tuple[str, int, ssl.SSLContext]
+
+
+def _connect_blocking(where: Where, timeout: float) -> ssl.SSLSocket:
+    host, port, context = where
+    sock = socket.create_connection((host, port), timeout=timeout)
+    return context.wrap_socket(sock, server_hostname=None)
+
+
+def _write_origin_blocking(where: Where, origin: Path, chunk: int) -> WriteOk:
     """An origin write by another node, without the (frozen) event loop.
 
     It sends keepalives while it waits, as csnap_client would.
@@ -331,7 +351,7 @@ def _write_origin_blocking(host: str, port: int, origin: Path, chunk: int) -> Wr
     codec = Connection(Role.CLIENT)
     keepalives = itertools.count(100)
     give_up = time.monotonic() + LEASE + SLACK
-    with socket.create_connection((host, port), timeout=LEASE / 3) as sock:
+    with _connect_blocking(where, LEASE / 3) as sock:
 
         def receive() -> object:
             while (message := codec.next_message()) is None or isinstance(message, Ok):
@@ -366,10 +386,11 @@ async def test_an_origin_write_granted_before_a_stall_asks_again(tmp_path: Path)
     daemon, host, port = await start_csnapd(
         store, origin, log, "--lease", str(LEASE), "--barrier-timeout", "300"
     )
-    connect = tcp_connector(host, port)
+    connect = connector(host, port, store)
     try:
         async with open_client(connect) as writer:
-            stall = _StallHoldingGrant(trio.lowlevel.current_task(), writer, host, port)
+            where = (host, port, tls(store))
+            stall = _StallHoldingGrant(trio.lowlevel.current_task(), writer, where)
             trio.lowlevel.add_instrument(stall)
             try:
                 with trio.fail_after(60):
@@ -398,20 +419,20 @@ class _StallHoldingGrant(trio.abc.Instrument):
     grant and has not yet written; while frozen, an administrator on another
     node creates snapshot 2."""
 
-    def __init__(self, task: trio.lowlevel.Task, client: DataClient, host: str, port: int):
-        self.task, self.client, self.host, self.port = task, client, host, port
+    def __init__(self, task: trio.lowlevel.Task, client: DataClient, where: Where):
+        self.task, self.client, self.where = task, client, where
         self.created = False
 
     def before_task_step(self, task: trio.lowlevel.Task) -> None:
         if task is self.task and not self.created and self.client._grants:
-            _create_snapshot_blocking(self.host, self.port, 2)
+            _create_snapshot_blocking(self.where, 2)
             self.created = True
 
 
-def _create_snapshot_blocking(host: str, port: int, tag: int) -> None:
+def _create_snapshot_blocking(where: Where, tag: int) -> None:
     """create_snapshot from another node, without the (frozen) event loop."""
     codec = Connection(Role.ADMIN)
-    with socket.create_connection((host, port), timeout=LEASE + SLACK) as sock:
+    with _connect_blocking(where, LEASE + SLACK) as sock:
 
         def receive() -> object:
             while (message := codec.next_message()) is None:

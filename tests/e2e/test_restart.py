@@ -12,10 +12,11 @@ import pytest
 import trio
 import trio.lowlevel
 
-from csnap_client import open_admin, open_client, tcp_connector
+from csnap_client import open_admin, open_client
 from csnap_format.mkcsnap import format_store
 from csnapd.engine import FileDevice
 from csnapd.engine.check import check_store
+from tests.credentials import connector
 from tests.e2e.processes import start_csnapd
 from tests.server.support import CHUNK, label, pread, pwrite
 
@@ -44,7 +45,7 @@ async def test_kill_9_under_load_loses_no_acknowledged_write(tmp_path: Path) -> 
     for chunk in range(CHUNKS):
         pwrite(origin, chunk, label(chunk, 1))
     daemon, host, port = await start_csnapd(store, origin, log, "--grace", "5")
-    connect = tcp_connector(host, port)
+    connect = connector(host, port, store)
     async with open_admin(connect) as admin:
         await admin.create_snapshot(1)
     acked: dict[int, int] = {}
@@ -108,7 +109,7 @@ async def test_a_read_lock_held_across_a_crash_still_holds(tmp_path: Path) -> No
     log = tmp_path / "csnapd.log"
     pwrite(origin, 4, label(4, 1))
     daemon, host, port = await start_csnapd(store, origin, log)
-    connect = tcp_connector(host, port)
+    connect = connector(host, port, store)
     async with open_admin(connect) as admin:
         await admin.create_snapshot(3)
     granted = trio.Event()
@@ -145,7 +146,7 @@ async def test_grace_ends_when_a_reader_never_comes_back(tmp_path: Path) -> None
     store, origin = make(tmp_path)
     log = tmp_path / "csnapd.log"
     daemon, host, port = await start_csnapd(store, origin, log)
-    connect = tcp_connector(host, port)
+    connect = connector(host, port, store)
     async with open_admin(connect) as admin:
         await admin.create_snapshot(3)
     with trio.fail_after(60):

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from csnap_client import agent_connector, find_server, open_client
+from csnap_client import agent_store_connector, find_server, open_client
 from csnap_format.mkcsnap import format_store
 from tests.e2e.processes import csnap, start_agent, start_csnapd
 
@@ -39,7 +39,7 @@ async def test_csnap_status_shows_the_warning_of_a_real_csnapd(tmp_path: Path) -
 
     assert (await csnap(sock, "create", "1")).returncode == 0
     # Every origin chunk copied out for snapshot 1: over half the data area.
-    async with open_client(agent_connector(str(sock))) as client:
+    async with open_client(agent_store_connector(str(sock))) as client:
         for first in range(0, ORIGIN_CHUNKS, 512):
             async with client.origin_write([(first, 512)]):
                 pass

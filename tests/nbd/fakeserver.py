@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import socket
+import ssl
 from functools import partial
 
 import trio
@@ -74,10 +75,18 @@ def _answers(origin: str, store: str, origin_chunks: int) -> tuple[ServerRecord,
 
 
 async def _serve_one(
-    stream: trio.SocketStream, role: Role, origin: str, store: str, origin_chunks: int
+    socket_stream: trio.SocketStream,
+    role: Role,
+    origin: str,
+    store: str,
+    origin_chunks: int,
+    tls: ssl.SSLContext | None,
 ) -> None:
     info, status = _answers(origin, store, origin_chunks)
     codec = Connection(role)
+    stream: trio.abc.Stream = socket_stream
+    if tls is not None:
+        stream = trio.SSLStream(socket_stream, tls, server_side=True)
     async with stream:
         try:
             await stream.send_all(codec.hello())
@@ -109,12 +118,14 @@ async def serve_fake(
     store: str,
     role: Role = Role.SERVER,
     origin_chunks: int = 256,
+    tls: ssl.SSLContext | None = None,
 ) -> None:
-    """Answer every connection to `listener` until cancelled."""
-    await trio.serve_listeners(
-        partial(_serve_one, role=role, origin=origin, store=store, origin_chunks=origin_chunks),
-        [listener],
+    """Answer every connection to `listener` until cancelled; over TLS with
+    `tls` (a server credential's context), in the clear without."""
+    serve_one = partial(
+        _serve_one, role=role, origin=origin, store=store, origin_chunks=origin_chunks, tls=tls
     )
+    await trio.serve_listeners(serve_one, [listener])
 
 
 async def tcp_listener() -> trio.SocketListener:

@@ -20,8 +20,9 @@ from typing import BinaryIO
 import pytest
 import trio
 
-from csnap_client import AdminClient, DataClient, open_admin, open_client, tcp_connector
+from csnap_client import AdminClient, DataClient, open_admin, open_client
 from csnap_format.mkcsnap import format_store
+from tests.credentials import connector
 from tests.e2e.processes import ROOT, Daemon, start_csnapd, tail
 
 CHUNK = 4096
@@ -92,13 +93,13 @@ class Gateway:
 
     @asynccontextmanager
     async def admin(self) -> AsyncIterator[AdminClient]:
-        async with open_admin(tcp_connector("127.0.0.1", self.csnapd_port)) as admin:
+        async with open_admin(connector("127.0.0.1", self.csnapd_port, self.store)) as admin:
             yield admin
 
     @asynccontextmanager
     async def client(self, snapshot: int | None = None) -> AsyncIterator[DataClient]:
         async with open_client(
-            tcp_connector("127.0.0.1", self.csnapd_port), snapshot=snapshot
+            connector("127.0.0.1", self.csnapd_port, self.store), snapshot=snapshot
         ) as client:
             yield client
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from csnap_common.credentials import make_credentials, server_context
 from csnap_nbd.files import FileRefusedError, FileRule, open_checked
 from csnap_protocol import Role
 from tests.e2e.processes import ROOT, poll, start, tail
@@ -167,11 +168,19 @@ async def test_a_server_naming_other_files_than_those_given_is_refused(tmp_path:
     secret, fifo, content = secrets(tmp_path)
     mtime = secret.stat().st_mtime_ns
     mine, other = files(tmp_path)
+    keys = tmp_path / "keys"
+    make_credentials(keys)
     listener = await tcp_listener()
     port = listener.socket.getsockname()[1]
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(lambda: serve_fake(listener, origin=str(fifo), store=str(secret)))
-        server = ("--server", f"127.0.0.1:{port}")
+        # A csnapd of the cluster (it holds a server credential) that names
+        # other files than those the gateway was given.
+        nursery.start_soon(
+            partial(
+                serve_fake, listener, origin=str(fifo), store=str(secret), tls=server_context(keys)
+            )
+        )
+        server = ("--server", f"127.0.0.1:{port}", "--credentials", str(keys))
         given = ("--origin", str(mine), "--store", str(other))
         # Read-only: opening the FIFO to read would block, so a gateway that
         # opened a reported path would hang instead of exiting.
@@ -179,15 +188,42 @@ async def test_a_server_naming_other_files_than_those_given_is_refused(tmp_path:
         assert result.returncode == 3, result.stderr
         err = result.stderr.decode()
         assert f"csnapd reports origin '{fifo}', which is not {mine}" in err
-        # Without the files, --server is refused outright: csnapd is not
-        # authenticated over TCP.
-        for partial_files in ((), ("--origin", str(mine)), ("--store", str(other))):
-            result = await run_gateway(*server, *partial_files)
-            assert result.returncode == 2, result.stderr
-            assert b"--server needs --origin and --store" in result.stderr
+        # Without the files, the reported paths must pass the rules: a FIFO
+        # is neither a regular file nor a block device.
+        result = await run_gateway(*server, "--read-only")
+        assert result.returncode == 3, result.stderr
+        assert b"neither a regular file nor a block device" in result.stderr
+        # Without credentials (nor a store to find them beside): usage error.
+        result = await run_gateway("--server", f"127.0.0.1:{port}")
+        assert result.returncode == 2, result.stderr
+        assert b"--server needs --credentials DIR, or --store" in result.stderr
         nursery.cancel_scope.cancel()
     assert secret.read_bytes() == content and secret.stat().st_mtime_ns == mtime
     assert mine.read_bytes() == b"m" * 4096 and other.read_bytes() == b"o" * 4096
+
+
+async def test_a_process_squatting_on_csnapds_port_is_not_believed(tmp_path: Path) -> None:
+    """Whoever answers on csnapd's port without a server credential of the
+    cluster (in the clear, or with another cluster's) is never asked for
+    files: the gateway keeps looking for csnapd and opens nothing."""
+    secret, _fifo, content = secrets(tmp_path)
+    keys, other = tmp_path / "keys", tmp_path / "other"
+    make_credentials(keys)
+    make_credentials(other)
+    for tls in (None, server_context(other)):
+        listener = await tcp_listener()
+        port = listener.socket.getsockname()[1]
+        async with trio.open_nursery() as nursery:
+            fake = partial(serve_fake, listener, origin=str(secret), store=str(secret), tls=tls)
+            nursery.start_soon(fake)
+            log = tmp_path / "squatted.log"
+            argv = ["csnap_nbd", "--server", f"127.0.0.1:{port}", "--credentials", str(keys)]
+            gateway = start([*argv, "--listen", "127.0.0.1:0"], log, ready_timeout=5)
+            with pytest.raises((RuntimeError, trio.TooSlowError)):
+                await gateway  # never ready: it does not serve
+            assert "authentication_failed" in log.read_text(), tail(log)
+            nursery.cancel_scope.cancel()
+    assert secret.read_bytes() == content
 
 
 async def test_through_an_agent_reported_files_must_pass_the_rules(tmp_path: Path) -> None:

@@ -36,11 +36,12 @@ import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from csnap_client import open_admin, tcp_connector
+from csnap_client import open_admin
 from csnap_format.mkcsnap import format_store
 from csnap_nbd.wire import transmission as tx
 from csnap_nbd.wire.constants import ChunkType, Command, CommandFlag
 from tests.compare import assert_same_bytes
+from tests.credentials import connector
 from tests.e2e.processes import ROOT
 from tests.nbd.rawclient import Answer, RawClient
 from tests.nbd.spec import FLAGS, MAX_BLOCK, Session, expected_error
@@ -343,7 +344,9 @@ async def _steps(system: System, data: st.DataObject, mode: Mode, opened: list[R
             opened.append(tested.client)
         elif len(system.tags) < MAX_SNAPSHOTS:
             tag = len(system.tags) + 1
-            async with open_admin(tcp_connector("127.0.0.1", system.csnapd_port)) as admin:
+            async with open_admin(
+                connector("127.0.0.1", system.csnapd_port, system.store)
+            ) as admin:
                 await admin.create_snapshot(tag)
             system.tags.append(tag)
             system.models[f"snap-{tag}"] = bytearray(system.models["origin"])

@@ -16,11 +16,13 @@ from pathlib import Path
 import pytest
 import trio
 
-from csnap_client import open_admin, tcp_connector
+from csnap_client import open_admin
+from csnap_common.credentials import make_credentials, store_credentials
 from csnap_format.mkcsnap import format_store
 from csnap_nbd.wire import handshake as hs
 from csnap_nbd.wire.constants import Command, Errno, Option, Reply
 from tests.compare import assert_same_bytes
+from tests.credentials import connector
 from tests.e2e.processes import ROOT, start_agent, start_csnapd
 from tests.nbd.rawclient import RawClient
 from tests.nbd.support import (
@@ -191,6 +193,7 @@ async def test_sigterm_stops_cleanly_with_open_connections(tmp_path: Path) -> No
 
 async def test_sigterm_before_csnapd_answers_exits_zero(tmp_path: Path) -> None:
     # Nothing listens on this port: the gateway keeps looking for csnapd.
+    make_credentials(store_credentials(tmp_path / "store.img"))
     with trio.socket.socket() as sock:
         await sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -270,7 +273,7 @@ async def test_gateway_finds_csnapd_through_the_agent(tmp_path: Path) -> None:
             tmp_path, "--agent", str(agent_socket), "--listen", "127.0.0.1:0"
         )
         url = urls[0]
-        async with open_admin(tcp_connector(host, port)) as admin:
+        async with open_admin(connector(host, port, store)) as admin:
             await admin.create_snapshot(2)
         await run(*qemu_io(f"{url}/origin", "write -P 0x77 0 8192"))
         listed = await run("nbdinfo", "--list", url)

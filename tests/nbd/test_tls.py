@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from csnap_common.credentials import make_credentials, store_credentials
 from csnap_nbd.tls import TlsMode, TlsPolicy, is_loopback, server_context
 from csnap_nbd.wire import handshake as hs
 from csnap_nbd.wire.constants import IHAVEOPT, Command, Option, Reply
@@ -461,6 +462,7 @@ async def test_plaintext_outside_loopback_is_refused_with_how_to_make_certificat
 ) -> None:
     # Refused before csnapd is looked for: nothing listens at this address.
     files = tmp_path / "origin.img", tmp_path / "store.img"
+    make_credentials(store_credentials(files[1]))  # csnapd's, beside the store
     nobody = ["--server", "127.0.0.1:1", "--origin", str(files[0]), "--store", str(files[1])]
     for listen in ("0.0.0.0:0", "[::]:0"):
         done = await start_expecting_failure(*nobody, "--listen", listen)

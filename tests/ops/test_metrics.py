@@ -23,10 +23,11 @@ from csnap_client import (
     open_admin,
     open_client,
     open_session,
-    tcp_connector,
 )
+from csnap_common.credentials import ROLE_CLIENT
 from csnap_nbd.wire.constants import Command, Errno
 from csnap_protocol import Identify, Role
+from tests.credentials import connector
 from tests.e2e.processes import csnap
 from tests.nbd.rawclient import RawClient
 from tests.ops.metrics_support import (
@@ -87,7 +88,7 @@ async def test_csnapd_and_gateway_count_their_work(tmp_path: Path) -> None:
         assert before.value("csnapd_store_opened_clean") == 1  # as mkcsnap leaves it
         assert_documented(before, "csnapd")
 
-        async with open_admin(tcp_connector(host, int(port))) as admin:
+        async with open_admin(connector(host, int(port), store)) as admin:
             await admin.create_snapshot(1)
             with pytest.raises(ServerError) as refused:
                 await admin.delete_snapshot(99)
@@ -190,7 +191,7 @@ async def test_agent_reports_election_and_failover(tmp_path: Path) -> None:
             assert_documented(active, "csnap-agent")
 
             await _sweep_waits_for_a_detaching_client(
-                agent_socket, address, metrics_url(lines), tmp_path
+                agent_socket, address, metrics_url(lines), store
             )
 
             csnapd.process.send_signal(signal.SIGKILL)
@@ -213,12 +214,12 @@ async def test_agent_reports_election_and_failover(tmp_path: Path) -> None:
 
 
 async def _sweep_waits_for_a_detaching_client(
-    agent_socket: Path, address: str, csnapd_metrics: str, tmp_path: Path
+    agent_socket: Path, address: str, csnapd_metrics: str, store: Path
 ) -> None:
     """A deleted snapshot's space is swept only once its clients are gone: while
     one stays, status and metrics show the sweep waiting at 0%; then it ends."""
     host, _, port = address.rpartition(":")
-    connect = tcp_connector(host, int(port))
+    connect = connector(host, int(port), store, ROLE_CLIENT)
     assert (await csnap(agent_socket, "create", "5")).returncode == 0
     async with open_client(connect) as writer, writer.origin_write([(0, 4)]) as granted:
         assert granted.copied == 4  # snapshot 5 holds 4 exceptions

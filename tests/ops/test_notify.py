@@ -19,9 +19,10 @@ from pathlib import Path
 import pytest
 import trio
 
-from csnap_client import ServerError, find_server, open_admin, tcp_connector
+from csnap_client import ServerError, find_server, open_admin
 from csnap_common.addresses import split_host_port
 from csnap_common.systemd import ActivationError, listen_sockets, watchdog_period
+from tests.credentials import connector
 from tests.e2e.processes import ROOT, csnap, poll
 from tests.nbd.support import run
 from tests.ops.support import LIMIT, listening, make_store, running
@@ -49,7 +50,7 @@ async def test_csnapd_is_ready_once_it_serves_and_says_it_stops_on_sigterm(
             ready = await notify.until("READY")
             address = (await csnapd.first_line()).removeprefix("listening ")
             # Connected to right after READY=1, with no retry: it answers.
-            async with open_admin(tcp_connector(*split_host_port(address))) as admin:
+            async with open_admin(connector(*split_host_port(address), store)) as admin:
                 status = await admin.status()
             assert status.store.origin_chunks == (16 << 20) // 4096
             assert ready["READY"] == "1"
@@ -111,7 +112,7 @@ async def test_agent_server_and_gateway_under_a_service_manager(tmp_path: Path) 
                     # Ready on standby, registered: its port answers (not_active
                     # while on standby, a session once the agent started it).
                     try:
-                        async with open_admin(tcp_connector(*split_host_port(address))) as admin:
+                        async with open_admin(connector(*split_host_port(address), store)) as admin:
                             await admin.status()
                         answered = "a session"
                     except ServerError as exc:

@@ -14,9 +14,10 @@ from pathlib import Path
 
 import trio
 
-from csnap_client import AdminClient, Connector, DataClient, open_admin, open_client, tcp_connector
+from csnap_client import AdminClient, Connector, DataClient, open_admin, open_client
 from csnap_format.mkcsnap import format_store
 from csnapd.server import ServerConfig, serve
+from tests.credentials import connector
 
 CHUNK = 4096
 
@@ -39,7 +40,7 @@ class Running:
         return Path(self.config.origin)
 
     def connector(self) -> Connector:
-        return tcp_connector(self.host, self.port)
+        return connector(self.host, self.port, self.config.store)
 
     def client(
         self, snapshot: int | None = None, *, reconnect: bool = True

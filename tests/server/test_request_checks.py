@@ -35,6 +35,7 @@ from csnap_protocol import (
     Role,
     UploadLock,
 )
+from csnapd.credentials import server_tls
 from csnapd.engine import Engine, FileDevice
 from csnapd.engine.check import check_store
 from csnapd.server import Server, ServerConfig
@@ -60,7 +61,7 @@ async def serving(config: ServerConfig) -> AsyncIterator[tuple[Server, Running]]
     engine = await trio.to_thread.run_sync(Engine.open_files, config.store, config.origin)
     listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
     host, port = listeners[0].socket.getsockname()[:2]
-    server = Server(config, engine, join_host_port(host, port))
+    server = Server(config, engine, join_host_port(host, port), server_tls(config))
     stop = trio.Event()
     async with trio.open_nursery() as nursery:
         await nursery.start(partial(server.run, listeners, stop=stop))

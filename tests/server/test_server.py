@@ -19,7 +19,6 @@ from csnap_client import (
     SnapshotDeletedError,
     open_admin,
     open_session,
-    tcp_connector,
 )
 from csnap_protocol import (
     MIN_MAX_FRAME,
@@ -35,6 +34,7 @@ from csnap_protocol import (
 from csnapd.engine import FileDevice
 from csnapd.engine.check import check_store
 from csnapd.server import serve
+from tests.credentials import connector, tls_stream
 from tests.server.support import (
     CHUNK,
     Running,
@@ -147,6 +147,20 @@ async def test_two_hundred_clients_at_once(tmp_path: Path) -> None:
             assert info["state"] == "active"
 
 
+async def _answer(stream: trio.abc.Stream, junk: bytes) -> bytes:
+    """Everything the server says to `junk` until it closes."""
+    async with stream:
+        await stream.send_all(junk)
+        answer = b""
+        with trio.fail_after(5):
+            try:
+                while chunk := await stream.receive_some(65536):
+                    answer += chunk
+            except trio.BrokenResourceError:
+                pass  # closed without a TLS goodbye: what was said counts
+        return answer
+
+
 async def test_garbage_on_one_connection_leaves_the_others_alone(tmp_path: Path) -> None:
     config = make_store(tmp_path)
     with trio.fail_after(30):
@@ -158,14 +172,14 @@ async def test_garbage_on_one_connection_leaves_the_others_alone(tmp_path: Path)
                 b"GET / HTTP/1.1\r\n\r\n",
             ]
             for junk in hostile:
-                stream = await trio.open_tcp_stream(server.host, server.port)
-                await stream.send_all(junk)
-                with trio.fail_after(5):
-                    answer = b""
-                    while chunk := await stream.receive_some(65536):
-                        answer += chunk
-                await stream.aclose()
-                # The server said hello, then an error, then closed.
+                # Before authentication: refused, in a plaintext error frame.
+                assert b"authentication_failed" in await _answer(
+                    await trio.open_tcp_stream(server.host, server.port), junk
+                )
+                # After it: the server said hello, then an error, then closed.
+                answer = await _answer(
+                    await tls_stream(server.host, server.port, server.store), junk
+                )
                 assert b"protocol_error" in answer or b"version_mismatch" in answer
                 await write_origin(good, server.origin, 1, 1)
 
@@ -358,7 +372,7 @@ async def test_an_admin_shutdown_ends_serve_and_answers(tmp_path: Path) -> None:
         async with trio.open_nursery() as nursery:
             address = await nursery.start(partial(serve, config, stop=trio.Event()))
             host, _, port = address.rpartition(":")
-            async with open_admin(tcp_connector(host, int(port))) as admin:
+            async with open_admin(connector(host, int(port), config.store)) as admin:
                 await admin.shutdown()  # answered: ok, not a lost connection
         # serve() returned by itself (the nursery ended) and closed the store.
     device = FileDevice(Path(config.store), writable=False)
@@ -422,8 +436,10 @@ async def test_a_connection_that_never_says_hello_is_closed(tmp_path: Path) -> N
             silent = await server.connector()()
             async with server.admin() as admin:  # others are served meanwhile
                 await admin.list_snapshots()
-            assert await silent.receive_some(100) == b""  # closed by the server
-            await silent.aclose()
+            # Closed by the server (cut short, without a TLS goodbye).
+            with pytest.raises(trio.BrokenResourceError):
+                await silent.receive_some(100)
+            await trio.aclose_forcefully(silent)
 
 
 async def test_an_origin_client_remembers_chunks_until_the_next_snapshot(tmp_path: Path) -> None:

@@ -10,10 +10,13 @@ from __future__ import annotations
 import os
 import selectors
 import signal
+import ssl
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+
+from tests.credentials import tls as credential_tls
 
 __all__ = ["Csnapd", "start_csnapd", "csnap_check", "console_script"]
 
@@ -38,6 +41,8 @@ class Csnapd:
     host: str
     port: int
     log: Path
+    #: The admin credential csnapd made beside its store (zero configuration).
+    tls: ssl.SSLContext = field(repr=False, default_factory=ssl.create_default_context)
 
     @property
     def address(self) -> tuple[str, int]:
@@ -115,7 +120,7 @@ def start_csnapd(store: Path, origin: Path, log: Path, *options: str) -> Csnapd:
         process.wait()
         raise RuntimeError(f"csnapd said {line!r}: {log.read_text(errors='replace')[-2000:]}")
     host, _, port = address.rpartition(":")
-    return Csnapd(process, host, int(port), log)
+    return Csnapd(process, host, int(port), log, credential_tls(store))
 
 
 def _first_line(process: subprocess.Popen[bytes], timeout: float) -> str:

@@ -673,6 +673,7 @@ class Session:
         wire = WirePeer(
             self.address(),
             role,
+            self.csnapd.tls,
             max_frame=max_frame,
             receive_buffer=DEAF_BUFFER if deaf else None,
             reads=not deaf,
@@ -710,7 +711,7 @@ class Session:
                 for sent in peer.pending.values()
                 if not self.parked(peer, sent)
             ]
-            deleting = get_status(self.address()).deleting
+            deleting = get_status(self.address(), self.csnapd.tls).deleting
             if not waiting and not deleting:
                 return
             if time.monotonic() > deadline:
@@ -785,7 +786,11 @@ class Session:
         count. A tag only csnapd has was created at a moment the test never
         saw, so its content is not checked.
         """
-        live = {s.tag: s for s in get_status(self.address()).snapshots if s.state == "live"}
+        live = {
+            s.tag: s
+            for s in get_status(self.address(), self.csnapd.tls).snapshots
+            if s.state == "live"
+        }
         for tag in sorted(self.indeterminate):
             model = self.snapshots.get(tag)
             if model is None:

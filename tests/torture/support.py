@@ -26,10 +26,12 @@ import trio.lowlevel
 
 from csnap_agent.agent import Agent
 from csnap_agent.cli import open_agent_listener
-from csnap_client import AdminClient, Connector, DataClient, open_admin, open_client, tcp_connector
+from csnap_client import AdminClient, Connector, DataClient, open_admin, open_client
 from csnap_format.mkcsnap import format_store
+from csnapd.credentials import server_tls
 from csnapd.engine import Engine, FileDevice
 from csnapd.server import Server, ServerConfig, serve
+from tests.credentials import connector
 from tests.torture.faulty import FaultyDevice
 
 __all__ = [
@@ -100,7 +102,7 @@ class Served:
     port: int
 
     def connector(self) -> Connector:
-        return tcp_connector(self.host, self.port)
+        return connector(self.host, self.port, self.server.config.store)
 
     def client(
         self, snapshot: int | None = None, *, reconnect: bool = False
@@ -120,7 +122,7 @@ async def serving(config: ServerConfig, engine: Engine) -> AsyncIterator[Served]
     """
     listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
     host, port = listeners[0].socket.getsockname()[:2]
-    server = Server(config, engine, f"{host}:{port}")
+    server = Server(config, engine, f"{host}:{port}", server_tls(config))
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(partial(server.run, listeners))
@@ -292,8 +294,13 @@ class RawPeer:
         return True
 
     async def send_eof(self) -> None:
+        # TLS has no half-close: the end of the TCP stream under it is the
+        # nearest thing (the service sees a TLS stream cut short).
+        stream = self.stream
+        if isinstance(stream, trio.SSLStream):
+            stream = stream.transport_stream
         with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-            await self.stream.send_eof()  # type: ignore[attr-defined]
+            await stream.send_eof()  # type: ignore[attr-defined]
 
     async def listen(self, seconds: float) -> Heard:
         """Read what comes until the service closes, or for at most `seconds`."""

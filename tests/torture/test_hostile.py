@@ -30,6 +30,7 @@ import pytest
 import trio
 import trio.lowlevel
 from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from csnap_agent import agent as agent_module
 from csnap_agent.agent import MAX_FRAME as AGENT_MAX_FRAME
@@ -50,6 +51,7 @@ from csnap_protocol import (
     encode_frame,
 )
 from csnapd.server import QUEUED_LIMIT, RECEIVE_SIZE
+from tests.credentials import secure, tls_stream
 from tests.server.support import label, pwrite
 from tests.torture.hostile import Expected, Script, expect, hello_frame, scripts
 from tests.torture.support import (
@@ -236,7 +238,7 @@ def _settle(probe: Callable[[], int], wanted: int, what: str) -> None:
 
 
 async def _tcp(served: Served) -> trio.abc.Stream:
-    return await trio.open_tcp_stream(served.host, served.port)
+    return await tls_stream(served.host, served.port, served.server.config.store)
 
 
 async def _csnapd_serves(service: Csnapd, *, locks_free: bool) -> None:
@@ -278,6 +280,49 @@ def test_csnapd_survives_hostile_peers(csnapd: Csnapd, script: Script) -> None:
     _settle(csnapd.connection_tasks, 0, "connection tasks left")
     trio.run(partial(_csnapd_serves, csnapd, locks_free=True))
     _settle(csnapd.connection_tasks, 0, "connection tasks left")
+
+
+@settings(_fuzz, max_examples=max(10, EXAMPLES // 10))
+@given(
+    st.one_of(
+        st.binary(min_size=1, max_size=4096),
+        # A TLS handshake record's header, then noise: garbage mid-handshake.
+        st.binary(max_size=4096).map(lambda noise: b"\x16\x03\x01" + noise),
+    ),
+    st.sampled_from(["close", "eof", "listen"]),
+)
+def test_csnapd_answers_garbage_before_authentication_with_nothing_but_a_refusal(
+    csnapd: Csnapd, garbage: bytes, ending: str
+) -> None:
+    """Bytes that are not a TLS handshake with a credential of the cluster get
+    at most an authentication_failed frame (or a TLS alert), never a hello,
+    and leave no connection and no task behind once the peer has gone."""
+    served = csnapd.served
+
+    async def example() -> None:
+        peer = RawPeer(await trio.open_tcp_stream(served.host, served.port))
+        try:
+            await peer.send(garbage)
+            if ending == "close":
+                return
+            if ending == "eof":
+                await peer.send_eof()
+            # A handshake cut short is held, silently, until hello_timeout:
+            # a moment shows that nothing comes back.
+            heard = await peer.listen(1.0 if garbage[0] == 0x16 else LISTEN)
+        finally:
+            await peer.aclose()
+        names = [frame.get("name", frame.get("type")) for frame in heard.frames]
+        if garbage[0] == 0x16:
+            assert names == [], names  # the TLS handshake's own alert, if any
+        else:
+            assert heard.end != "open", "csnapd kept a plaintext connection open"
+            assert names in ([], ["authentication_failed"]), names
+
+    trio.run(example)
+    _settle(csnapd.links, 0, "connections left")
+    _settle(csnapd.connection_tasks, 0, "connection tasks left")
+    trio.run(partial(_csnapd_serves, csnapd, locks_free=True))
 
 
 def test_csnapd_does_not_allocate_an_announced_frame(csnapd: Csnapd) -> None:
@@ -325,7 +370,7 @@ async def test_requests_after_a_refused_hello_are_not_served(tmp_path: Path) -> 
     with trio.fail_after(60):
         async with serving(replace(config, max_connections=1), opened.engine) as served:
             async with served.admin():  # the one connection allowed
-                refused = RawPeer(await trio.open_tcp_stream(served.host, served.port))
+                refused = RawPeer(await _tcp(served))
                 pipelined = [
                     hello_frame("client"),
                     encode_frame(Identify(1, 7, 0)),
@@ -364,7 +409,7 @@ def test_a_flood_of_notices_stays_bounded(csnapd: Csnapd) -> None:
         return served.server._receive.statistics().current_buffer_used
 
     async def run() -> None:
-        flood = RawPeer(await trio.open_tcp_stream(served.host, served.port))
+        flood = RawPeer(await _tcp(served))
         await flood.send(hello_frame("client"))
         for _ in range(50):
             if not await flood.send(burst):
@@ -451,9 +496,9 @@ async def test_replies_queued_before_a_protocol_error_are_not_mislabelled(
     opened.engine.commit()
     with trio.fail_after(60):
         async with serving(config, opened.engine) as served:
-            stream = await trio.open_tcp_stream(served.host, served.port)
-            stream.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-            peer = RawPeer(stream)
+            raw = await trio.open_tcp_stream(served.host, served.port)
+            raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            peer = RawPeer(await secure(raw, served.server.config.store))
             await peer.send(hello_frame("admin"))
             backlog = 0
             for request in range(1000):

@@ -32,6 +32,12 @@ import pytest
 import trio
 
 from csnap_client import AdminClient, DataClient, ServerError, open_client, tcp_connector
+from csnap_common.credentials import (
+    ROLE_CLIENT,
+    client_context,
+    make_credentials,
+    server_context,
+)
 from csnap_protocol import (
     Barrier,
     BarrierDone,
@@ -354,18 +360,26 @@ async def _reads_the_copy(served: Served, number: int) -> None:
                 await trio.sleep(0.001 * number)
 
 
-async def test_a_barrier_right_behind_the_identify_reply_is_answered() -> None:
+async def test_a_barrier_right_behind_the_identify_reply_is_answered(tmp_path: Path) -> None:
     """csnapd may send a create's barrier in the same write as the identify
     reply. The client must answer it all the same: an unanswered barrier
     holds every origin write until barrier_timeout. (Task order is random
     in trio, so the race is run many times.)"""
     answered: list[int] = []
 
-    async def fake_server(stream: trio.SocketStream) -> None:
+    keys = tmp_path / "keys"
+    make_credentials(keys)
+    server_tls = server_context(keys)
+
+    async def fake_server(socket_stream: trio.SocketStream) -> None:
         codec = Connection(Role.SERVER)
+        stream = trio.SSLStream(socket_stream, server_tls, server_side=True)
         async with stream:
             while True:
-                data = await stream.receive_some(4096)
+                try:
+                    data = await stream.receive_some(4096)
+                except trio.BrokenResourceError:
+                    return  # the client closed without a TLS goodbye
                 if not data:
                     return
                 codec.receive_data(data)
@@ -384,7 +398,8 @@ async def test_a_barrier_right_behind_the_identify_reply_is_answered() -> None:
         async with trio.open_nursery() as nursery:
             await nursery.start(trio.serve_listeners, fake_server, listeners)
             for attempt in range(20):
-                async with open_client(tcp_connector("127.0.0.1", port), reconnect=False):
+                connect = tcp_connector("127.0.0.1", port, client_context(keys, ROLE_CLIENT))
+                async with open_client(connect, reconnect=False):
                     for _ in range(200):
                         if len(answered) > attempt:
                             break

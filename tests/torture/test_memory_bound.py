@@ -91,7 +91,7 @@ def _reply(peer: WirePeer, request: int) -> Message:
 def _connect(
     csnapd: Csnapd, role: Role, *, receive_buffer: int | None = None, reads: bool = True
 ) -> WirePeer:
-    peer = WirePeer(csnapd.address, role, receive_buffer=receive_buffer, reads=reads)
+    peer = WirePeer(csnapd.address, role, csnapd.tls, receive_buffer=receive_buffer, reads=reads)
     assert peer.wait_open(REPLY_WAIT), f"no hello: {peer.connection_error!r}"
     return peer
 
@@ -251,7 +251,7 @@ def _fill_connections(csnapd: Csnapd) -> list[WirePeer]:
     """Admin connections until csnapd has max_connections, then one it must refuse."""
     peers: list[WirePeer] = []
     for _ in range(DEFAULTS.max_connections):
-        peer = WirePeer(csnapd.address, Role.ADMIN)
+        peer = WirePeer(csnapd.address, Role.ADMIN, csnapd.tls)
         if not peer.wait_open(REPLY_WAIT):
             refusal = peer.connection_error
             assert refusal is not None, "neither a hello nor a refusal"
@@ -275,7 +275,7 @@ def _deaf_flood(csnapd: Csnapd) -> None:
 
 def _still_serves(csnapd: Csnapd, after: str) -> None:
     try:
-        get_status(csnapd.address)
+        get_status(csnapd.address, csnapd.tls)
     except (OSError, AssertionError, PeerClosed) as exc:
         raise AssertionError(
             f"after {after}, csnapd (exit status {csnapd.exit_status()}) does not serve:"
@@ -287,7 +287,7 @@ def _after_peers_leave(csnapd: Csnapd, meter: Meter, cycle: int) -> int:
     """RSS once csnapd has let go of every peer (it says it serves only the prober)."""
     deadline = time.monotonic() + SETTLE_SECONDS
     while True:
-        prober = WirePeer(csnapd.address, Role.ADMIN)
+        prober = WirePeer(csnapd.address, Role.ADMIN, csnapd.tls)
         if not prober.wait_open(REPLY_WAIT):
             # Refused while csnapd still counts connections the peers closed
             # (it counts from accept): ask again once it has seen them go.

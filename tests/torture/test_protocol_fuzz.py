@@ -184,7 +184,7 @@ class ProtocolFuzz(Session, RuleBasedStateMachine):
 
     def isolated(self, peer: Peer, message: Message) -> None:
         """Send `message` with nothing else in flight; an error reply must have done nothing."""
-        before = get_status(self.address())
+        before = get_status(self.address(), self.csnapd.tls)
         held = set(+peer.locks) | peer.unsure
         request = request_id(message)
         self.send(peer, message, self.must(peer, message))
@@ -208,7 +208,7 @@ class ProtocolFuzz(Session, RuleBasedStateMachine):
         self, peer: Peer, message: Message, error: Error, before: StatusReply
     ) -> None:
         what = f"{peer}: {describe(message)} answered {error.name} ({error.message})"
-        after = get_status(self.address())
+        after = get_status(self.address(), self.csnapd.tls)
         if (after.store, after.snapshots, after.deleting) != (
             before.store,
             before.snapshots,
@@ -328,7 +328,7 @@ class ProtocolFuzz(Session, RuleBasedStateMachine):
         with self.step():
             problem = None
             try:
-                get_status(self.address())
+                get_status(self.address(), self.csnapd.tls)
             except (OSError, AssertionError, PeerClosed) as exc:
                 problem = f"csnapd does not answer get_status on a new connection: {exc!r}"
             status = self.csnapd.exit_status()
