@@ -483,8 +483,14 @@ def _render_status(result: dict[str, Any]) -> str:
         f"metadata   {store['meta_blocks'] - store['meta_free']} of {store['meta_blocks']}"
         f" blocks used",
         f"exceptions {store['exceptions']}",
-        "",
     ]
+    if store.get("space_warning"):
+        lines.append(
+            f"warning    the data area is past its warning threshold of {store['warn_at']}% used"
+        )
+    if store.get("keep_free"):
+        lines.append(f"reserve    csnapd squashes snapshots to keep {store['keep_free']}% free")
+    lines.append("")
     if "snapshot" in result:
         snapshots = [result["snapshot"]]
     else:

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import Annotated, ClassVar, TypeVar, get_type_hints
 
-from csnap_protocol.schema import S8, U32, U64, Blob, Choice, Int, Record, Spec, Text
+from csnap_protocol.schema import S8, U32, U64, Blob, Choice, Flag, Int, Record, Spec, Text
 
 __all__ = [
     "SnapshotRecord",
@@ -85,6 +85,9 @@ class StoreRecord:
     exceptions: Annotated[int, U64]
     sequence: Annotated[int, U64]
     sweep_cursor: Annotated[int, U64]
+    warn_at: Annotated[int, Int(0, 100, "u8")]
+    keep_free: Annotated[int, Int(0, 99, "u8")]
+    space_warning: Annotated[bool, Flag()]
 
 
 @_record("server")

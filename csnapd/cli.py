@@ -32,6 +32,7 @@ from csnapd.credentials import CredentialsError
 from csnapd.engine import EngineError, FencedError, StoreLockedError
 from csnapd.metrics import CsnapdMetrics
 from csnapd.server import ServerConfig, ServerFailedError, ServerFencedError, serve
+from csnapd.space_watch import DEFAULT_WARN_AT, SpacePolicy, keep_free_arg, warn_at_arg
 
 __all__ = ["main", "run"]
 
@@ -129,6 +130,22 @@ def _parser() -> argparse.ArgumentParser:
         help="connections open at once, counted from accept (default 1024)",
     )
     parser.add_argument("--max-in-flight", type=int, default=256, help="requests per connection")
+    parser.add_argument(
+        "--warn-at",
+        type=warn_at_arg,
+        default=DEFAULT_WARN_AT,
+        metavar="PERCENT",
+        help=f"log store.filling and set the status reply's space_warning when the data"
+        f" area's use reaches this share, e.g. 80%% (default {DEFAULT_WARN_AT}%%; off to disable)",
+    )
+    parser.add_argument(
+        "--keep-free",
+        type=keep_free_arg,
+        default=None,
+        metavar="PERCENT",
+        help="squash expendable snapshots in the background, lowest priority first, to"
+        " keep this share of the data area free, e.g. 5%% (default off)",
+    )
     add_metrics(parser)
     parser.add_argument(
         "--credentials",
@@ -170,6 +187,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         max_connections=args.max_connections,
         max_in_flight=args.max_in_flight,
         agent=args.agent,
+        space=SpacePolicy(warn_at=args.warn_at, keep_free=args.keep_free),
         credentials=args.credentials,
     )
     try:

@@ -26,7 +26,12 @@ Rules kept here, by their names in docs/rules.md:
 - full store squashes first: a copy-out refused for want of space squashes
   expendable snapshots, sparing those a client is connected to, and neither
   sweeps nor squashes while clients of a deleted snapshot are detaching or
-  the post-restart grace runs (docs/protocol.md, "When the store is full").
+  the post-restart grace runs (docs/protocol.md, "When the store is full");
+- the store warns before it is full, and the reserve squashes in the
+  background: the space watch (csnapd.space_watch) sees every item's effect
+  on the data area; a reserve squash takes the place of a sweep step, on
+  the sweep's schedule, one per batch at most and only once the sweep has
+  reclaimed what the squash before freed.
 """
 
 from __future__ import annotations
@@ -58,6 +63,7 @@ from csnapd.engine import Engine, EngineError, EngineFailedError
 from csnapd.engine.locks import LockTable
 from csnapd.reporting import ServerIdentity, server_record
 from csnapd.requests import RequestHandlers, is_inbound
+from csnapd.space_watch import SpacePolicy, SpaceWatch
 from csnapd.wire_errors import error_code
 from csnapd.write_gate import WriteGate
 
@@ -109,8 +115,11 @@ class Dispatcher:
         max_server_read_locks: int = DEFAULT_MAX_SERVER_READ_LOCKS,
         clock: Callable[[], int] = time.time_ns,
         monotonic: Callable[[], float] = time.monotonic,
+        space: SpacePolicy | None = None,
     ):
         self.engine = engine
+        #: The data area's warning and reserve (docs/rules.md).
+        self.space = SpaceWatch(space if space is not None else SpacePolicy(), store)
         started_ns = clock()
         self.identity = ServerIdentity(address, store, origin, started_ns, epoch=started_ns)
         self.peers: set[Peer] = set()
@@ -131,6 +140,7 @@ class Dispatcher:
             self.peers,
             self.server_info,
             room=self.room,
+            space=self.space,
             epoch=self.identity.epoch,
             max_chunks=max_chunks,
         )
@@ -143,6 +153,7 @@ class Dispatcher:
         self._sweep_after = 0.0
         #: Batches prepared since the last sweep step (see SWEEP_EVERY).
         self._unswept_batches = 0
+        self.space.observe(*engine.data_use)
 
     @property
     def locks(self) -> LockTable[Peer]:
@@ -252,6 +263,7 @@ class Dispatcher:
                     return self._received(peer, message, batch)
                 finally:
                     self._report_squashed()
+                    self.space.observe(*self.engine.data_use)
             case Connected(peer=peer):
                 self.peers.add(peer)
                 return False
@@ -262,18 +274,23 @@ class Dispatcher:
             case GraceExpired():
                 return self.gate.grace_expired()
             case SweepTick():
-                self._sweep()
+                try:
+                    self._sweep()
+                finally:
+                    self._report_squashed()
+                    self.space.observe(*self.engine.data_use)
                 return False
             case _:
                 assert_never(item)
 
     def _report_squashed(self) -> None:
-        """Log each snapshot the store-full policy squashed."""
+        """Log each snapshot the store-full policy or the reserve squashed."""
         for squashed in self.engine.take_squashed():
             log.warning(
-                "snapshot %d squashed to make room (priority %d; %d unique and %d shared"
+                "snapshot %d squashed %s (priority %d; %d unique and %d shared"
                 " chunks reclaimed): its data is gone, its tag stays",
                 squashed.tag,
+                "to keep the free-space reserve" if squashed.reserve else "to make room",
                 squashed.priority,
                 squashed.unique_chunks,
                 squashed.shared_chunks,
@@ -335,7 +352,8 @@ class Dispatcher:
         SWEEP_EVERY batches, so that a steady load does not keep deleted
         snapshots' slots taken forever.
         """
-        return self._may_sweep() and (idle or self._unswept_batches >= SWEEP_EVERY)
+        due = self._may_sweep() or self._reserve_due()
+        return due and (idle or self._unswept_batches >= SWEEP_EVERY)
 
     def _may_sweep(self) -> bool:
         """Deleted snapshots' space awaits reclaiming and none of their clients remain."""
@@ -345,18 +363,32 @@ class Dispatcher:
             and self._monotonic() >= self._sweep_after
         )
 
+    def _reserve_due(self) -> bool:
+        """The reserve is short, the sweep has nothing left, and a snapshot is expendable."""
+        if self.engine.failed or self.engine.sweep_pending:
+            return False
+        if not self.space.reserve_short(*self.engine.data_use):
+            return False
+        spare, reclaim = self.room()
+        return (
+            reclaim
+            and self._monotonic() >= self._sweep_after
+            and bool(self.engine.squash_order(spare))
+        )
+
     def _sweep(self) -> None:
-        """One sweep step, if one is due."""
+        """One sweep step or one reserve squash, if one is due."""
         self._unswept_batches = 0
-        if not self._may_sweep():
-            return
         try:
-            self.engine.sweep()
+            if self._may_sweep():
+                self.engine.sweep()
+            elif self._reserve_due():
+                self.engine.squash_for_reserve(self.room()[0])
         except EngineFailedError:
             raise
         except EngineError as exc:
             # No caller to tell: the step was rolled back; try again later.
-            log.error("sweep step failed, retrying in %gs: %s", SWEEP_RETRY, exc)
+            log.error("sweep step or squash failed, retrying in %gs: %s", SWEEP_RETRY, exc)
             self._sweep_after = self._monotonic() + SWEEP_RETRY
 
     # -- reporting ---------------------------------------------------------------

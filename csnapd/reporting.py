@@ -12,11 +12,16 @@ from dataclasses import dataclass
 
 from csnap_protocol import ServerRecord, SnapshotRecord, StatusReply, StoreRecord
 from csnapd.batch import Peer
-from csnapd.engine import Engine, SnapshotInfo
+from csnapd.engine import Engine, SnapshotInfo, StoreStatus
+from csnapd.space_watch import SpaceWatch
 
 __all__ = ["ServerIdentity", "snapshot_record", "status_reply", "server_record"]
 
-_STORE_FIELDS = tuple(f.name for f in dataclasses.fields(StoreRecord))
+#: The store record's fields the engine's status carries; the rest are the
+#: space watch's.
+_STORE_FIELDS = tuple(
+    f.name for f in dataclasses.fields(StoreRecord) if f.name in StoreStatus.__dataclass_fields__
+)
 
 
 @dataclass(frozen=True)
@@ -36,10 +41,16 @@ def snapshot_record(info: SnapshotInfo) -> SnapshotRecord:
     return SnapshotRecord(**dataclasses.asdict(info))
 
 
-def status_reply(engine: Engine, request: int) -> StatusReply:
+def status_reply(engine: Engine, space: SpaceWatch, request: int) -> StatusReply:
     """The answer to get_status."""
     status = engine.status()
-    store = StoreRecord(**{name: getattr(status, name) for name in _STORE_FIELDS})
+    space.observe(status.data_chunks, status.data_free)
+    store = StoreRecord(
+        **{name: getattr(status, name) for name in _STORE_FIELDS},
+        warn_at=space.policy.warn_at or 0,
+        keep_free=space.policy.keep_free or 0,
+        space_warning=space.warning,
+    )
     return StatusReply(
         request,
         store,

@@ -56,6 +56,7 @@ from csnapd.checks import RequestRefused, check_ranges
 from csnapd.create_barrier import CreateBarrier
 from csnapd.engine import Engine
 from csnapd.reporting import snapshot_record, status_reply
+from csnapd.space_watch import SpaceWatch
 from csnapd.write_gate import WriteGate
 
 __all__ = ["Answered", "Inbound", "is_inbound", "RequestHandlers"]
@@ -115,10 +116,12 @@ class RequestHandlers:
         server_info: Callable[[], ServerRecord],
         *,
         room: Callable[[], tuple[frozenset[int], bool]],
+        space: SpaceWatch,
         epoch: int,
         max_chunks: int,
     ):
         self._engine = engine
+        self._space = space
         self._gate = gate
         self._barrier = barrier
         self._peers = peers
@@ -180,7 +183,7 @@ class RequestHandlers:
                 records = tuple(snapshot_record(i) for i in self._engine.snapshots())
                 return SnapshotList(message.id, records)
             case GetStatus():
-                return status_reply(self._engine, message.id)
+                return status_reply(self._engine, self._space, message.id)
             case SetPriority():
                 info = self._engine.set_priority(message.tag, message.priority)
                 return SnapshotReply(message.id, snapshot_record(info))

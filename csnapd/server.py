@@ -78,6 +78,7 @@ from csnapd.dispatch import (
 from csnapd.engine import DEFAULT_CACHE_BYTES, Engine, EngineError, FencedError
 from csnapd.fencing import Fence
 from csnapd.server_stats import ServerStats
+from csnapd.space_watch import SpacePolicy
 
 __all__ = ["ServerConfig", "Server", "serve", "ServerFailedError", "ServerFencedError"]
 
@@ -149,6 +150,8 @@ class ServerConfig:
     max_server_read_locks: int = DEFAULT_MAX_SERVER_READ_LOCKS
     #: The node agent's socket: register there and wait on standby to be started.
     agent: str | None = None
+    #: The data area's warning threshold and free-space reserve.
+    space: SpacePolicy = field(default_factory=SpacePolicy)
     #: The directory with the cluster CA and the server credential; None:
     #: STORE.keys, made there when listening on loopback (csnapd.credentials).
     credentials: Path | None = None
@@ -218,6 +221,7 @@ class Server:
             lease_ms=math.ceil(config.lease * 1000),
             max_read_locks=config.max_read_locks,
             max_server_read_locks=config.max_server_read_locks,
+            space=config.space,
         )
         self._send, self._receive = trio.open_memory_channel[Item](math.inf)
         self._links: dict[Peer, _Link] = {}

@@ -472,6 +472,15 @@ class Engine:
             tags.append(record.tag)
         return tags
 
+    def squash_for_reserve(self, spare: Collection[int] = ()) -> Squashed | None:
+        """Squash the first expendable snapshot to keep free space; the caller commits."""
+        return self._squasher.squash_for_reserve(spare)
+
+    @property
+    def data_use(self) -> tuple[int, int]:
+        """The data area's size and free chunks now (committed or not)."""
+        return self.geometry.data_chunks, self._state.data_free
+
     def take_squashed(self) -> list[Squashed]:
         """Snapshots squashed to make room since the last call, in order."""
         return self._squasher.take_squashed()

@@ -15,6 +15,9 @@ first"):
   * The copy-out is tried again after each step; it fails with store_full
     only when no snapshot is expendable and nothing is left to reclaim.
 
+The free-space reserve squashes by the same order, one snapshot per call,
+as a request its caller commits (squash_for_reserve).
+
 Squashes are policy, not the request's own effect: they stay committed even
 when the request that caused them is refused in the end.
 """
@@ -44,6 +47,8 @@ class Squashed:
     priority: int
     unique_chunks: int
     shared_chunks: int
+    #: Squashed to keep the free-space reserve, not for a refused copy-out.
+    reserve: bool = False
 
 
 def squash_order(state: StoreState, spare: Collection[int] = ()) -> list[int]:
@@ -125,6 +130,19 @@ class Squasher:
         """Squash the snapshot with share `bit` in a transaction of its own."""
         squashed = self._txn.request(lambda: self._squash(bit))
         self._txn.commit()
+        self._squashed.append(squashed)
+        return squashed
+
+    def squash_for_reserve(self, spare: Collection[int]) -> Squashed | None:
+        """Squash the first expendable snapshot, as a request of the open transaction.
+
+        For the free-space reserve: the caller commits. Returns None when no
+        snapshot is expendable.
+        """
+        order = squash_order(self._state, spare)
+        if not order:
+            return None
+        squashed = replace(self._txn.request(lambda: self._squash(order[0])), reserve=True)
         self._squashed.append(squashed)
         return squashed
 

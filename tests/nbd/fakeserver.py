@@ -67,6 +67,9 @@ def _answers(origin: str, store: str, origin_chunks: int) -> tuple[ServerRecord,
         exceptions=0,
         sequence=1,
         sweep_cursor=0,
+        warn_at=80,
+        keep_free=0,
+        space_warning=False,
     )
     return info, status
 
