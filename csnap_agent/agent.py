@@ -96,6 +96,8 @@ MAX_IN_FLIGHT = 64
 MAX_CONNECTIONS = 256
 #: Seconds a new connection has to say hello before it is closed.
 HELLO_TIMEOUT = 10
+#: Seconds a refused peer gets to read its refusal before the connection closes.
+REFUSE_LINGER = 1.0
 _PEERCRED = struct.Struct("3i")
 
 
@@ -666,7 +668,17 @@ async def _hello_timer(peer: _Peer) -> None:
 
 
 async def _refuse(peer: _Peer, code: ErrorCode, text: str) -> None:
+    """Send the refusal, then read what the peer sent (its hello) for a
+    moment before the connection closes: closing with unread data resets
+    the connection, and the reset can destroy the refusal before the peer
+    reads it."""
     await peer.send(Error(None, int(code), code.symbol, text))
+    with (
+        trio.move_on_after(REFUSE_LINGER),
+        contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError),
+    ):
+        while await peer.stream.receive_some(1 << 16):
+            pass
 
 
 def _check_credentials(stream: trio.SocketStream) -> str | None:
