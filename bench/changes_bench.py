@@ -37,6 +37,12 @@ from bench.common import Part, median, progress, run_tool, table
 from bench.common import listening as listening_process
 from bench.engine_bench import CHUNK, build_large, make_store
 from bench.server_bench import Server, csnapd
+from csnap_common.credentials import (
+    ROLE_ADMIN,
+    client_context,
+    server_context,
+    store_credentials,
+)
 from csnap_delta import apply_delta, write_delta
 from csnap_delta.transfer import send_delta, serve_receive
 from csnapd.engine import Engine
@@ -185,13 +191,14 @@ async def transfer(directory: Path, server: Server, origin: Path) -> dict[str, A
             async def serve() -> None:
                 await serve_receive(
                     ("127.0.0.1", 0), spool, receiver.connect, receiver.connect,
-                    listening=listening,
+                    tls=server_context(store_credentials(store_b)), listening=listening,
                 )  # fmt: skip
 
             nursery.start_soon(serve)
             await ready.wait()
             host, _, port = where[0].rpartition(":")
-            await send_delta(plain, host, int(port))
+            admin = client_context(store_credentials(store_b), ROLE_ADMIN)
+            await send_delta(plain, host, int(port), tls=admin)
         seconds = time.perf_counter() - t0
         figures["send_receive_s"] = seconds
         figures["send_receive_mib_per_s"] = delta_bytes / seconds / (1 << 20)

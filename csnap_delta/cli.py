@@ -17,6 +17,12 @@ import trio
 from csnap_client import agent_admin_connector, agent_store_connector, open_admin
 from csnap_common import Progress, format_size
 from csnap_common.cli import host_port_arg, size_arg
+from csnap_common.credentials import (
+    ROLE_ADMIN,
+    client_context,
+    server_context,
+    store_credentials,
+)
 from csnap_delta.apply import apply_delta
 from csnap_delta.layout import DeltaFormatError, DeltaHeader
 from csnap_delta.receive import receive_delta
@@ -81,6 +87,13 @@ def add_verbs(verb: VerbFactory, tag: Callable[[str], int]) -> None:
         help="with --listen: where a delta is kept while it arrives (default: here)",
     )
     receive.add_argument("--origin", metavar="PATH", help="the origin to write (default: csnapd's)")
+    receive.add_argument(
+        "--credentials",
+        type=Path,
+        metavar="DIR",
+        help="with --listen: this store's cluster CA and server credential, which senders'"
+        " admin credentials must match (default: STORE.keys beside this node's store)",
+    )
     send = verb(
         "send",
         "Send the delta FROM -> TO to a `csnap receive --listen` on another node, whose store"
@@ -107,6 +120,13 @@ def add_verbs(verb: VerbFactory, tag: Callable[[str], int]) -> None:
     send.add_argument("--rate", type=size_arg, metavar="SIZE", help="at most SIZE bytes per second")
     send.add_argument("--store", metavar="PATH", help="the store file to read (default: csnapd's)")
     send.add_argument("--origin", metavar="PATH", help="the origin to read (default: csnapd's)")
+    send.add_argument(
+        "--credentials",
+        type=Path,
+        metavar="DIR",
+        help="an admin credential of the receiving store's cluster CA (made there with"
+        " `csnap keys DIR --role admin`; default: STORE.keys beside this node's store)",
+    )
 
 
 def _base(tag: Callable[[str], int]) -> Callable[[str], int | None]:
@@ -170,11 +190,13 @@ async def run_receive(agent: str, args: argparse.Namespace) -> dict[str, Any]:
         def listening(address: str) -> None:
             print(f"listening {address}", flush=True)
 
+        directory = args.credentials or await _store_credentials(agent)
         report = await serve_receive(
             args.listen,
             Path(args.spool),
             agent_store_connector(agent),
             agent_admin_connector(agent),
+            tls=server_context(directory),
             listening=listening,
             origin=args.origin,
         )
@@ -214,13 +236,15 @@ async def run_send(agent: str, args: argparse.Namespace) -> dict[str, Any]:
             origin=args.origin,
         )
     host, port = args.receiver
+    directory = args.credentials or await _store_credentials(agent)
+    tls = client_context(directory, ROLE_ADMIN)
     with Progress(0, f"sending {delta.name}") as bar:
 
         def shown(done: int, total: int) -> None:
             bar.total = total
             bar.advance(done - bar.done)
 
-        report = await send_delta(delta, host, port, rate=args.rate, progress=shown)
+        report = await send_delta(delta, host, port, tls=tls, rate=args.rate, progress=shown)
     await trio.Path(delta).unlink()
     return {
         "from": args.base,
@@ -230,6 +254,13 @@ async def run_send(agent: str, args: argparse.Namespace) -> dict[str, Any]:
         "resumed_at": report.resumed_at,
         "message": report.message,
     }
+
+
+async def _store_credentials(agent: str) -> Path:
+    """STORE.keys beside the store this node's csnapd serves."""
+    async with open_admin(agent_admin_connector(agent)) as admin:
+        info = await admin.server_info()
+    return store_credentials(str(info["store"]))
 
 
 def _same_delta(delta: Path, status: StatusReply, args: argparse.Namespace) -> bool:

@@ -9,13 +9,18 @@ same delta file. Once the file is whole, the receiver receives it into its
 store (csnap_delta.receive) and says how that went. The messages are laid
 out in docs/protocol.md, "Delta transfer".
 
-The channel is plain TCP and authenticates nobody: run it on a network
-only the two nodes reach, or through a tunnel.
+The channel is mutual TLS under the receiving store's cluster CA
+(csnap_common.credentials): the receiver shows its server credential, and
+the sender must show an admin credential of that CA, since a received
+delta writes the origin and creates a snapshot. A sender without one is
+refused by the handshake, before a byte of the delta is read.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import ssl
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,6 +29,7 @@ from pathlib import Path
 import trio
 
 from csnap_client import ConnectionLostError, Connector, ServerError
+from csnap_common.credentials import ROLE_ADMIN, granted_roles
 from csnap_delta.apply import DeltaRefusedError
 from csnap_delta.layout import DeltaFormatError, DeltaHeader
 from csnap_delta.receive import ReceiveReport, receive_delta
@@ -55,6 +61,8 @@ PIECE = 256 << 10
 MAX_MESSAGE = 4096
 #: Seconds a peer may stay silent during the offer and answer.
 HANDSHAKE_TIMEOUT = 30.0
+
+log = logging.getLogger("csnap.delta")
 
 
 class DeltaTransferError(Exception):
@@ -102,10 +110,14 @@ async def send_delta(
     host: str,
     port: int,
     *,
+    tls: ssl.SSLContext,
     rate: int | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> SendReport:
     """Send the delta file to a receiver at host:port; returns once it has been received.
+
+    `tls` carries an admin credential of the receiving store's cluster CA
+    (csnap_common.credentials.client_context(DIR, "admin")).
 
     `rate` bounds the bytes sent per second. A cut connection raises
     DeltaTransferError or OSError; sending again resumes.
@@ -113,7 +125,7 @@ async def send_delta(
     path = Path(delta)
     total, header = _offer_of(path)
     try:
-        return await _send(path, total, header, host, port, rate, progress)
+        return await _send(path, total, header, host, port, tls, rate, progress)
     except (OSError, trio.BrokenResourceError) as exc:
         raise DeltaTransferError(
             f"the connection to {host}:{port} failed: {exc}", cut=True
@@ -128,12 +140,21 @@ async def _send(
     header: bytes,
     host: str,
     port: int,
+    tls: ssl.SSLContext,
     rate: int | None,
     progress: Callable[[int, int], None] | None,
 ) -> SendReport:
-    stream = await trio.open_tcp_stream(host, port)
+    plain = await trio.open_tcp_stream(host, port)
+    stream = trio.SSLStream(plain, tls, server_hostname=None)
     async with stream:
         with trio.fail_after(HANDSHAKE_TIMEOUT):
+            try:
+                await stream.do_handshake()
+            except trio.BrokenResourceError as exc:
+                raise DeltaTransferError(
+                    f"the TLS handshake with {host}:{port} failed ({exc.__cause__ or exc}):"
+                    " is the credential an admin one of the receiving store's CA?"
+                ) from exc
             await stream.send_all(OFFER.pack(OFFER_MAGIC, VERSION, 0, 0, total) + header)
             magic, status, _, held, length = ANSWER.unpack(
                 await _receive_exact(stream, ANSWER.size)
@@ -207,10 +228,15 @@ async def serve_receive(
     connect: Connector,
     admin_connect: Connector,
     *,
+    tls: ssl.SSLContext,
     listening: Callable[[str], None] = lambda address: None,
     origin: str | None = None,
 ) -> ReceiveReport:
     """Accept senders one at a time until one delta has been received into the store.
+
+    `tls` is the receiving store's server credential
+    (csnap_common.credentials.server_context()); a sender must show an admin
+    credential of the same CA.
 
     `listening` is told the address once the socket listens; `origin` is
     the origin file to write (by default the path csnapd reports).
@@ -221,7 +247,10 @@ async def serve_receive(
         sockname = listeners[0].socket.getsockname()
         listening(f"{sockname[0]}:{sockname[1]}")
         while True:
-            stream = await listeners[0].accept()
+            plain = await listeners[0].accept()
+            stream = await _authenticated(plain, tls)
+            if stream is None:
+                continue
             async with stream:
                 try:
                     report = await _serve_one(stream, spool, connect, admin_connect, origin)
@@ -232,6 +261,28 @@ async def serve_receive(
     finally:
         for listener in listeners:
             await listener.aclose()
+
+
+async def _authenticated(
+    plain: trio.SocketStream, tls: ssl.SSLContext
+) -> trio.SSLStream[trio.SocketStream] | None:
+    """The sender's stream once it has shown an admin credential of our CA; None
+    (and the connection closed) for any other peer."""
+    stream = trio.SSLStream(plain, tls, server_side=True)
+    try:
+        with trio.fail_after(HANDSHAKE_TIMEOUT):
+            await stream.do_handshake()
+    except (trio.BrokenResourceError, trio.TooSlowError) as exc:
+        log.warning("a sender failed the TLS handshake: %s", exc.__cause__ or exc)
+        await trio.aclose_forcefully(plain)
+        return None
+    if ROLE_ADMIN not in granted_roles(stream.getpeercert()):
+        log.warning("a sender without an admin credential was refused")
+        with trio.move_on_after(HANDSHAKE_TIMEOUT):
+            await _answer(stream, REFUSED, 0, "an admin credential of this store's CA is needed")
+        await trio.aclose_forcefully(stream)
+        return None
+    return stream
 
 
 async def _answer(stream: trio.abc.Stream, status: int, held: int, message: str) -> None:

@@ -19,6 +19,7 @@ import pytest
 import trio
 
 from csnap_client import find_server
+from csnap_common.credentials import store_credentials
 from csnap_format.mkcsnap import format_store
 from tests.compare import assert_same_bytes
 from tests.e2e.processes import ROOT, Daemon, csnap, poll, start_agent, tail
@@ -171,11 +172,22 @@ async def test_send_is_cut_resumes_and_the_receiver_ends_with_the_same_snapshot(
                 async def partial_arrived() -> bool:
                     return any(p.endswith(".partial") for p in os.listdir(spool))
 
-                # The first send is killed mid-stream: a part arrives and stays.
                 delta = tmp_path / "1-2.delta"
                 receiver = f"{address}:{port}"
                 argv = [sys.executable, "-m", "csnap_agent.ctl", "--agent", str(sender_sock),
                         "send", "1", "2", "--to", receiver, "--delta", str(delta)]  # fmt: skip
+                # The sender's own cluster credential is not the receiver's:
+                # refused at the handshake, before a byte of the delta arrives.
+                with trio.fail_after(60):
+                    foreign = await trio.run_process(
+                        argv, capture_stdout=True, capture_stderr=True, env=ENV, check=False
+                    )
+                assert foreign.returncode != 0
+                assert "TLS handshake" in foreign.stderr.decode(), foreign.stderr.decode()
+                assert os.listdir(spool) == []
+                # An admin credential of the receiver's CA is let in.
+                argv += ["--credentials", str(store_credentials(store))]
+                # The first send is killed mid-stream: a part arrives and stays.
                 cut = await trio.lowlevel.open_process([*argv, "--rate", "256K"], env=ENV)
                 try:
                     with trio.fail_after(30):
