@@ -5,6 +5,7 @@ with a time limit, and csnapd's own answers to compare the gateway with.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -259,3 +260,22 @@ def qemu_io(url: str, *commands: str, read_only: bool = False) -> list[str]:
 def chunks_of(ranges: Sequence[tuple[int, int]]) -> set[int]:
     """Byte ranges (offset, length) -> the chunks they touch."""
     return {c for off, n in ranges for c in range(off // CHUNK, (off + n - 1) // CHUNK + 1)}
+
+
+async def mapped_chunks(url: str, context: str) -> set[int]:
+    """The chunks nbdinfo's map of metadata `context` on the export at `url`
+    marks (type 1), after checking that the map covers the export exactly,
+    in whole chunks."""
+    out = await run("nbdinfo", f"--map={context}", "--json", url)
+    chunks: set[int] = set()
+    covered = 0
+    for extent in json.loads(out.stdout):
+        assert extent["offset"] == covered
+        covered += extent["length"]
+        if extent["type"] == 1:
+            assert extent["offset"] % CHUNK == 0 and extent["length"] % CHUNK == 0
+            chunks |= chunks_of([(extent["offset"], extent["length"])])
+        else:
+            assert extent["type"] == 0
+    assert covered == ORIGIN_SIZE
+    return chunks

@@ -17,6 +17,7 @@ from tests.nbd.support import (
     ORIGIN_SIZE,
     chunks_of,
     gateway,
+    mapped_chunks,
     nbdcopy_to_bytes,
     need,
     origin_image,
@@ -160,19 +161,7 @@ async def test_block_status_reports_the_chunks_csnapd_has_copied(tmp_path: Path)
             await run(*qemu_io(gw.url("snap-2"), f"write -P 0x22 {offset} {length}"))
 
         async def mapped(export: str) -> set[int]:
-            out = await run("nbdinfo", "--map=csnap:exceptions", "--json", gw.url(export))
-            chunks: set[int] = set()
-            covered = 0
-            for extent in json.loads(out.stdout):
-                assert extent["offset"] == covered
-                covered += extent["length"]
-                if extent["type"] == 1:
-                    assert extent["offset"] % CHUNK == 0 and extent["length"] % CHUNK == 0
-                    chunks |= chunks_of([(extent["offset"], extent["length"])])
-                else:
-                    assert extent["type"] == 0
-            assert covered == ORIGIN_SIZE
-            return chunks
+            return await mapped_chunks(gw.url(export), "csnap:exceptions")
 
         written = chunks_of(origin_writes)
         assert await mapped("snap-1") == written == await gw.copied(1)

@@ -20,6 +20,7 @@ from tests.nbd.support import (
     Gateway,
     chunks_of,
     gateway,
+    mapped_chunks,
     need,
     qemu_io,
     run,
@@ -35,19 +36,7 @@ async def write_all(gw: Gateway, export: str, writes: list[tuple[int, int]], byt
 
 async def diff_map(gw: Gateway, export: str, base: int) -> set[int]:
     """The chunks nbdinfo's map of csnap:diff:`base` on `export` marks."""
-    out = await run("nbdinfo", f"--map=csnap:diff:{base}", "--json", gw.url(export, unix=True))
-    chunks: set[int] = set()
-    covered = 0
-    for extent in json.loads(out.stdout):
-        assert extent["offset"] == covered
-        covered += extent["length"]
-        if extent["type"] == 1:
-            assert extent["offset"] % CHUNK == 0 and extent["length"] % CHUNK == 0
-            chunks |= chunks_of([(extent["offset"], extent["length"])])
-        else:
-            assert extent["type"] == 0
-    assert covered == ORIGIN_SIZE
-    return chunks
+    return await mapped_chunks(gw.url(export, unix=True), f"csnap:diff:{base}")
 
 
 async def changelist(gw: Gateway, view: int | None, base: int | None) -> set[int]:
