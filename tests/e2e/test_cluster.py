@@ -31,10 +31,11 @@ from csnap_format import decode_superblock
 from csnap_protocol import ErrorCode
 from tests.credentials import connector
 from tests.e2e.etcd import Etcd, running_etcd
-from tests.e2e.processes import Daemon, csnap, start, start_csnapd, tail
+from tests.e2e.processes import Daemon, csnap, poll, start, start_csnapd, tail
 from tests.e2e.test_agent import make, store_is_clean
 from tests.e2e.test_failover import reaped
 from tests.nbd.support import qemu_io, run, start_gateway
+from tests.ops.metrics_support import metrics_url, scrape_until
 from tests.server.support import label, pread, pwrite
 
 pytestmark = pytest.mark.e2e
@@ -343,3 +344,38 @@ async def test_service_continues_through_an_etcd_restart_shorter_than_the_lease(
         assert await node.server.stop() == 0
         assert await node.agent.stop() == 0
     assert store_is_clean(store)
+
+
+async def test_the_agent_reports_the_fencing_token_of_the_elected_server(
+    tmp_path: Path,
+) -> None:
+    """csnap_agent_fencing_token (docs/operations.md, "Monitoring") is the
+    token the elected server journaled into the store."""
+    store, origin = make(tmp_path)
+    sock = tmp_path / "a.sock"
+    async with running_etcd(tmp_path) as etcd, reaped() as daemons:
+        argv = ["csnap_agent", "--socket", str(sock), "--etcd-endpoints", etcd.url,
+                "--node", "a", "--lease-ttl", str(TTL), "--metrics", "127.0.0.1:0"]  # fmt: skip
+        agent = await start(argv, tmp_path / "agent.log")
+        daemons.append(agent)
+        assert agent.first_line == f"listening unix:{sock}", agent.first_line
+        assert agent.process.stdout is not None
+        line = b""
+        with trio.fail_after(30):
+            while not line.endswith(b"\n"):
+                line += await agent.process.stdout.receive_some(1)
+        url = metrics_url([line.decode().strip()])
+        server, _, _ = await start_csnapd(
+            store, origin, tmp_path / "csnapd.log", "--agent", str(sock)
+        )
+        daemons.append(server)
+        await active_address(sock)
+
+        async def token_journaled() -> bool:
+            return token_of(store) > 0
+
+        with trio.fail_after(10):
+            await poll(token_journaled)
+        token = token_of(store)
+        scraped = await scrape_until(url, lambda s: s.value("csnap_agent_fencing_token") == token)
+        assert scraped.value("csnap_agent_fencing_token") == token > 0
