@@ -20,7 +20,7 @@ from typing import BinaryIO
 
 import trio
 
-from csnap_client import find_server
+from csnap_client import ServerError, find_server
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -142,3 +142,15 @@ async def start_csnapd_with_agent(
     with trio.fail_after(30):
         await find_server(str(agent), wait=True)
     return daemon, host, port
+
+
+async def agent_names(sock: Path, wanted: str) -> None:
+    """Until the agent at `sock` names `wanted` as the active server's address."""
+    while True:
+        try:
+            where: str | None = (await find_server(str(sock), wait=False)).address
+        except (OSError, ServerError):
+            where = None
+        if where == wanted:
+            return
+        await trio.sleep(0.02)

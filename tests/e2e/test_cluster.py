@@ -31,7 +31,7 @@ from csnap_format import decode_superblock
 from csnap_protocol import ErrorCode
 from tests.credentials import connector
 from tests.e2e.etcd import Etcd, running_etcd
-from tests.e2e.processes import Daemon, csnap, poll, start, start_csnapd, tail
+from tests.e2e.processes import Daemon, agent_names, csnap, poll, start, start_csnapd, tail
 from tests.e2e.test_agent import make, store_is_clean
 from tests.e2e.test_failover import reaped
 from tests.nbd.support import qemu_io, run, start_gateway
@@ -113,14 +113,7 @@ async def active_address(sock: Path) -> str:
 async def address_becomes(nodes: list[Node], wanted: str) -> None:
     """Until every node's agent names `wanted` as the active server."""
     for node in nodes:
-        while True:
-            try:
-                where = (await find_server(str(node.sock), wait=False)).address
-            except (OSError, ServerError):
-                where = None
-            if where == wanted:
-                break
-            await trio.sleep(0.02)
+        await agent_names(node.sock, wanted)
 
 
 def token_of(store: Path) -> int:

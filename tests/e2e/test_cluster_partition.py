@@ -21,10 +21,10 @@ from pathlib import Path
 import pytest
 import trio
 
-from csnap_client import ServerError, agent_store_connector, find_server, open_client
+from csnap_client import agent_store_connector, find_server, open_client
 from csnap_common.credentials import make_credentials, store_credentials
 from tests.e2e.etcd import Etcd, running_etcd
-from tests.e2e.processes import Daemon, csnap, start, tail
+from tests.e2e.processes import Daemon, agent_names, csnap, start, tail
 from tests.e2e.test_agent import make, store_is_clean
 from tests.e2e.test_cluster import TTL, token_of
 from tests.e2e.test_failover import reaped
@@ -146,17 +146,6 @@ async def start_node(
     return Node(host, sock, agent, server, address)
 
 
-async def names(node: Node, wanted: str) -> None:
-    while True:
-        try:
-            where = (await find_server(str(node.sock), wait=False)).address
-        except (OSError, ServerError):
-            where = None
-        if where == wanted:
-            return
-        await trio.sleep(0.02)
-
-
 def first_time(log: Path, event: str) -> datetime.datetime:
     for line in log.read_text(errors="replace").splitlines():
         try:
@@ -188,7 +177,7 @@ async def test_a_partitioned_server_fences_itself_and_the_other_node_takes_over(
         with trio.fail_after(10):
             first = (await find_server(str(nodes[0].sock), wait=True)).address
             for node in nodes:
-                await names(node, first)
+                await agent_names(node.sock, first)
         isolated = next(n for n in nodes if n.address == first)
         other = next(n for n in nodes if n is not isolated)
         token = token_of(store)
@@ -205,7 +194,7 @@ async def test_a_partitioned_server_fences_itself_and_the_other_node_takes_over(
             status = await isolated.server.process.wait()
         assert status == 4, tail(isolated.server.log)  # fenced
         with trio.fail_after(15):
-            await names(other, other.address)
+            await agent_names(other.sock, other.address)
         print(f"partition to a new active server: {trio.current_time() - cut:.2f}s")
         # The isolated server stopped before the other node's won.
         fenced = first_time(isolated.server.log, "server.fenced")
@@ -217,7 +206,7 @@ async def test_a_partitioned_server_fences_itself_and_the_other_node_takes_over(
         _ip("link", "set", isolated.host.link, "up")
         # Back on the network, the isolated node's agent follows the new server.
         with trio.fail_after(15):
-            await names(isolated, other.address)
+            await agent_names(isolated.sock, other.address)
         created = await csnap(isolated.sock, "create", "1")
         assert created.returncode == 0, (created.stderr, tail(isolated.agent.log))
         with trio.fail_after(20):

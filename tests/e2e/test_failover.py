@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import trio
 
-from csnap_client import ServerError, agent_connector, find_server, open_client
+from csnap_client import agent_connector, open_client
 from tests.credentials import tls
-from tests.e2e.processes import Daemon, csnap, poll, start_agent, start_csnapd, tail
+from tests.e2e.processes import Daemon, agent_names, csnap, poll, start_agent, start_csnapd, tail
 from tests.e2e.test_agent import make, store_is_clean
 from tests.server.support import label, pread, pwrite
 
@@ -35,17 +35,6 @@ async def reaped() -> AsyncIterator[list[Daemon]]:
                     await daemon.kill()
 
 
-async def _address_becomes(sock: Path, wanted: str) -> None:
-    while True:
-        try:
-            where = await find_server(str(sock), wait=True)
-        except (OSError, ServerError):
-            where = None
-        if where is not None and where.address == wanted:
-            return
-        await trio.sleep(0.05)
-
-
 async def test_a_standby_takes_over_after_relayed_administration(tmp_path: Path) -> None:
     store, origin = make(tmp_path)
     sock = tmp_path / "agent.sock"
@@ -57,7 +46,7 @@ async def test_a_standby_takes_over_after_relayed_administration(tmp_path: Path)
         )
         daemons.append(first)
         with trio.fail_after(30):
-            await _address_becomes(sock, f"{host1}:{port1}")
+            await agent_names(sock, f"{host1}:{port1}")
         second, host2, port2 = await start_csnapd(
             store, origin, tmp_path / "second.log", "--agent", str(sock)
         )
@@ -78,7 +67,7 @@ async def test_a_standby_takes_over_after_relayed_administration(tmp_path: Path)
 
         await first.kill()
         with trio.fail_after(30):
-            await _address_becomes(sock, f"{host2}:{port2}")
+            await agent_names(sock, f"{host2}:{port2}")
         assert "opened" in (tmp_path / "second.log").read_text(), tail(tmp_path / "second.log")
 
         # The standby serves: administration through the agent, and the data path.
