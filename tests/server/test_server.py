@@ -189,7 +189,7 @@ async def test_a_snapshot_taken_under_load_never_changes(tmp_path: Path) -> None
     chunks = 64
     with trio.fail_after(60):
         async with running(config) as server, server.admin() as admin:
-            stop = trio.Event()
+            stop, written = trio.Event(), trio.Event()
             versions = [0] * chunks
 
             async def load(client_no: int) -> None:
@@ -203,10 +203,15 @@ async def test_a_snapshot_taken_under_load_never_changes(tmp_path: Path) -> None
                             await trio.lowlevel.checkpoint()
                             pwrite(server.origin, chunk, label(chunk, version))
                             versions[chunk] = version
+                            written.set()
 
             async with trio.open_nursery() as nursery:
                 for n in range(4):
                     nursery.start_soon(load, n + 1)
+                # Some writes must land before the snapshot, however loaded
+                # the machine: that is what makes the snapshot's content
+                # differ from a fresh origin.
+                await written.wait()
                 await trio.sleep(0.3)
                 await admin.create_snapshot(7)
                 async with server.client(snapshot=7) as reader:

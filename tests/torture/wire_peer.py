@@ -75,8 +75,12 @@ class WirePeer:
         # delayed ACK (Nagle): a 40 ms stall on every connection.
         raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         raw.settimeout(SEND_TIMEOUT)
-        raw.connect(address)
-        self.sock = tls.wrap_socket(raw, server_hostname=None)  # handshakes, blocking
+        try:
+            raw.connect(address)
+            self.sock = tls.wrap_socket(raw, server_hostname=None)  # handshakes, blocking
+        except BaseException:
+            raw.close()
+            raise
         self.sock.setblocking(False)
         self.inbox: deque[Message] = deque()
         #: csnapd ended the stream (cleanly or by a reset), or we closed it.
@@ -84,7 +88,12 @@ class WirePeer:
         #: The error with id nil csnapd sent before closing, if any.
         self.connection_error: Error | None = None
         self._ids = itertools.count(1)
-        self.send_bytes(self.codec.hello())
+        try:
+            self.send_bytes(self.codec.hello())
+        except BaseException:
+            # A hello that stalled (a loaded machine) must not leak the socket.
+            self.close()
+            raise
 
     def next_id(self) -> int:
         return next(self._ids)
