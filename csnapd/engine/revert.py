@@ -29,7 +29,6 @@ server holds origin writes (csnapd.write_gate).
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Collection
 from dataclasses import replace
 
@@ -46,8 +45,6 @@ from csnapd.engine.transaction import Transaction
 from csnapd.engine.validation import Ranges
 
 __all__ = ["RESTORE_CHUNKS_PER_STEP", "VISIT_LEAVES_PER_STEP", "Reverter"]
-
-log = logging.getLogger("csnapd.engine")
 
 #: Most chunks one revert step copies onto the origin.
 RESTORE_CHUNKS_PER_STEP = 256
@@ -157,12 +154,6 @@ class Reverter:
             )
 
         self._txn.request(advance)
-        if done:
-            log.info(
-                "origin reverted to snapshot %d (%d chunks restored)",
-                revert.tag,
-                revert.restored + len(chunks),
-            )
         return not done
 
     def finish(self, progress: Callable[[RevertProgress], None] | None = None) -> None:

@@ -69,7 +69,9 @@ def _client_writes(origin: MemoryDevice, g: Geometry, first: int, count: int, ve
 
 
 def record_revert() -> RevertRun:
-    g = new_geometry(store_bytes=2 << 20, origin_bytes=ORIGIN_CHUNKS * 4096, journal_bytes=64 * 4096)
+    g = new_geometry(
+        store_bytes=2 << 20, origin_bytes=ORIGIN_CHUNKS * 4096, journal_bytes=64 * 4096
+    )
     run = RevertRun(g)
     store, origin = MemoryDevice(g.store_bytes), MemoryDevice(g.origin_bytes)
     format_device(store, g)
