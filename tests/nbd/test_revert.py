@@ -33,7 +33,7 @@ MIB = 1 << 20
 
 async def _wait_reverted(admin: AdminClient, tag: int) -> list[int]:
     """Poll status until the revert to `tag` is done; the progress seen on the way."""
-    seen = []
+    seen: list[int] = []
     with trio.fail_after(60):
         while True:
             store = (await admin.status()).store
