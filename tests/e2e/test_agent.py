@@ -106,6 +106,30 @@ async def test_the_cli_verbs_and_their_exit_codes(tmp_path: Path) -> None:
     assert pread(origin, 0) == bytes(4096)
     assert (await csnap(sock, "revert", "9")).returncode == 3
 
+    # A revert waits while a reader of another snapshot holds a read lock on
+    # an origin chunk it restores; status shows it, and creates are refused.
+    assert (await csnap(sock, "create", "8")).returncode == 0
+    async with (
+        open_client(connector(host, port, store), snapshot=8) as reader,
+        reader.snapshot_read([(0, 1)]) as plan,
+    ):
+        assert plan.origin == ((0, 1),)
+        started = await csnap(sock, "--json", "revert", "7", "--no-wait")
+        assert json.loads(started.stdout) == {"tag": 7, "total": 3, "restored": 0, "done": False}
+        shown = await csnap(sock, "status")
+        assert "being reverted to snapshot 7: 0 of 3 chunks restored" in shown.stdout
+        refused = await csnap(sock, "--json", "create", "9")
+        assert refused.returncode == 1
+        assert json.loads(refused.stdout)["error"]["name"] == "revert_in_progress"
+    async with open_admin(connector(host, port, store)) as admin:
+
+        async def revert_done() -> bool:
+            return not (await admin.status()).store.reverting
+
+        with trio.fail_after(30):
+            await poll(revert_done)
+    assert (await csnap(sock, "delete", "8")).returncode == 0
+
     missing = await csnap(sock, "--json", "delete", "9")
     assert missing.returncode == 3
     assert json.loads(missing.stdout)["error"]["name"] == "no_such_snapshot"
