@@ -20,6 +20,9 @@ advance it (docs/rules.md, "revert in journaled steps"):
     again.
   * The snapshot survives and keeps its exceptions: after the revert it
     reads the same data from its own copies as the origin holds.
+  * A chunk whose copy a repair marked lost (docs/format.md, "Lost copies")
+    cannot be restored: the origin keeps its data there, the chunk is
+    logged, and the revert goes on (the snapshot reads it as an error).
 
 While a revert runs nothing may change what it copies or where it copies
 from: creating a snapshot, a second revert, writing, deleting or squashing
@@ -29,6 +32,7 @@ server holds origin writes (csnapd.write_gate).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Collection
 from dataclasses import replace
 
@@ -37,7 +41,7 @@ from csnap_format.runs import append_mapped_run, append_run
 from csnapd.engine.btree import ExceptionTree
 from csnapd.engine.copyout import COPY_IO_BYTES, CopyOut
 from csnapd.engine.device import BlockDevice
-from csnapd.engine.errors import RevertInProgressError, StoreIOError, lost_chunk_error
+from csnapd.engine.errors import RevertInProgressError, StoreIOError
 from csnapd.engine.snapshots import SnapshotTable
 from csnapd.engine.squash import Squasher
 from csnapd.engine.state import StoreState
@@ -45,6 +49,8 @@ from csnapd.engine.transaction import Transaction
 from csnapd.engine.validation import Ranges
 
 __all__ = ["RESTORE_CHUNKS_PER_STEP", "VISIT_LEAVES_PER_STEP", "Reverter"]
+
+log = logging.getLogger("csnapd.engine")
 
 #: Most chunks one revert step copies onto the origin.
 RESTORE_CHUNKS_PER_STEP = 256
@@ -128,7 +134,7 @@ class Reverter:
             return False
         if self._txn.pending:
             self._txn.commit()
-        chunks, targets, end = self._window(revert)
+        chunks, targets, lost, end = self._window(revert)
         runs: list[tuple[int, int]] = []
         for chunk in chunks:
             append_run(runs, chunk, 1)
@@ -150,10 +156,18 @@ class Reverter:
             self._state.revert = (
                 None
                 if done
-                else replace(revert, cursor=end, restored=revert.restored + len(chunks))
+                else replace(revert, cursor=end, restored=revert.restored + len(chunks) + len(lost))
             )
 
         self._txn.request(advance)
+        for chunk in lost:
+            log.error(
+                "revert to snapshot %d: chunk %d's copy was lost (csnap-check --repair"
+                " marked it); the origin keeps its own data there",
+                revert.tag,
+                chunk,
+                extra={"event": "revert.lost", "snapshot": revert.tag, "chunk": chunk},
+            )
         return not done
 
     def finish(self, progress: Callable[[RevertProgress], None] | None = None) -> None:
@@ -164,17 +178,19 @@ class Reverter:
                 progress(self._state.revert)
         self._txn.commit()
 
-    def _window(self, revert: RevertProgress) -> tuple[list[int], list[int], int]:
+    def _window(self, revert: RevertProgress) -> tuple[list[int], list[int], list[int], int]:
         """The next chunks from the cursor where the snapshot holds an exception,
-        their store chunks, and where the cursor goes after them."""
+        their store chunks, those among them whose copy is lost, and where the
+        cursor goes after them."""
         bit = 1 << revert.bit
         end = self._geometry.origin_chunks
         chunks: list[int] = []
         targets: list[int] = []
+        lost: list[int] = []
         chunk = revert.cursor
         for _ in range(VISIT_LEAVES_PER_STEP):
             if chunk >= end:
-                return chunks, targets, end
+                return chunks, targets, lost, end
             leaf, _, hi = self._tree.descend(chunk)
             i, _ = leaf.find(chunk)
             at = sum(leaf.counts[:i])
@@ -182,17 +198,18 @@ class Reverter:
                 logical, n = leaf.chunks[i], leaf.counts[i]
                 for j in range(at, at + n):
                     if leaf.shares[j] & bit:
-                        if len(chunks) == RESTORE_CHUNKS_PER_STEP:
-                            return chunks, targets, logical
+                        if len(chunks) + len(lost) == RESTORE_CHUNKS_PER_STEP:
+                            return chunks, targets, lost, logical
                         if leaf.targets[j] == LOST_CHUNK:
-                            raise lost_chunk_error(revert.tag, logical)
+                            lost.append(logical)
+                            break
                         chunks.append(logical)
                         targets.append(leaf.targets[j])
                         break
                 at += n
                 i += 1
             chunk = hi
-        return chunks, targets, min(chunk, end)
+        return chunks, targets, lost, min(chunk, end)
 
     def _restore(self, chunks: list[int], targets: list[int]) -> None:
         """Write each store chunk of `targets` onto origin chunk `chunks`, and sync."""
