@@ -29,9 +29,10 @@ Rules kept here, by their names in docs/rules.md:
   the post-restart grace runs (docs/protocol.md, "When the store is full");
 - revert in journaled steps: a revert starts behind the create barrier,
   holds origin writes while it runs, and takes one step per SweepTick
-  (before the sweep), never while the post-restart grace runs nor over an
-  origin chunk a snapshot reader holds (docs/protocol.md, "Reverting the
-  origin");
+  (before the sweep), run with the batch's commit so that its copies, origin
+  writes and syncs stay off the event loop; never while the post-restart
+  grace runs nor over an origin chunk a snapshot reader holds
+  (docs/protocol.md, "Reverting the origin");
 - the store warns before it is full, and the reserve squashes in the
   background: the space watch (csnapd.space_watch) sees every item's effect
   on the data area; a reserve squash takes the place of a sweep step, on
@@ -222,7 +223,7 @@ class Dispatcher:
         except EngineError as exc:
             self._abandon(batch, exc, items[done:])
             return batch
-        batch.needs_commit = self.engine.pending
+        batch.needs_commit = self.engine.pending or batch.revert_step
         return batch
 
     def _abandon(self, batch: Batch, exc: EngineError, unhandled: Sequence[Item]) -> None:
@@ -243,8 +244,10 @@ class Dispatcher:
                 batch.replies.append((item.peer, failed))
 
     def commit(self, batch: Batch) -> None:
-        """Make the batch durable (blocking: fsyncs)."""
+        """Make the batch durable (blocking: fsyncs); and take its revert step."""
         try:
+            if batch.revert_step:
+                self._revert_step(batch)
             self.engine.commit()
         except EngineFailedError as exc:
             batch.failure = exc
@@ -279,9 +282,12 @@ class Dispatcher:
             case GraceExpired():
                 return self.gate.grace_expired()
             case SweepTick():
+                if self._revert_due():
+                    # Its copies and origin writes are done with the commit,
+                    # off the event loop (see commit()).
+                    batch.revert_step = True
+                    return False
                 try:
-                    if self._revert_due():
-                        return self._revert_step()
                     self._sweep()
                 finally:
                     self._report_squashed()
@@ -371,8 +377,20 @@ class Dispatcher:
             and self._monotonic() >= self._sweep_after
         )
 
-    def _revert_step(self) -> bool:
-        """One step of the revert in progress; whether it ended (parked writes may go)."""
+    def _revert_step(self, batch: Batch) -> None:
+        """One step of the revert in progress; once it ends, parked writes are
+        applied again, to be granted by finish() after the commit."""
+        try:
+            ended = self._revert_advance()
+        finally:
+            self._report_squashed()
+            self.space.observe(*self.engine.data_use)
+        if ended:
+            self.gate.parked.extend(batch.writes)
+            batch.writes = self.gate.reapply(batch.replies)
+
+    def _revert_advance(self) -> bool:
+        """Advance the revert in progress; whether it ended."""
         self._unswept_batches = 0
         spare, reclaim = self.room()
         before = self.engine.revert_progress
