@@ -5,7 +5,8 @@ the snapshot, the cursor, chunks restored and to restore) and the steps that
 advance it (docs/rules.md, "revert in journaled steps"):
 
   * `start` records the revert in the superblock (a request of the open
-    transaction); from its commit on, a store opened again finishes it.
+    transaction); from its commit on, a store opened again carries it, and
+    csnapd resumes it (`finish` runs it to its end in one go).
   * Each `step` takes the next chunks, from the cursor up, where the
     snapshot holds an exception of its own: no more than
     RESTORE_CHUNKS_PER_STEP, and no more leaves than VISIT_LEAVES_PER_STEP.
