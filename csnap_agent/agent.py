@@ -64,6 +64,7 @@ from csnap_protocol import (
     RemoteProtocolError,
     RenewLease,
     Request,
+    RevertSnapshot,
     Role,
     ServerAt,
     ServerReady,
@@ -81,6 +82,7 @@ log = logging.getLogger("csnap-agent")
 RELAYED = (
     CreateSnapshot,
     DeleteSnapshot,
+    RevertSnapshot,
     ListSnapshots,
     GetStatus,
     SetPriority,

@@ -30,7 +30,7 @@ from csnap_client import (
     find_server,
     open_admin,
 )
-from csnap_common import format_size
+from csnap_common import Progress, format_size
 from csnap_common.credentials import ROLES, CredentialsError, make_credentials
 from csnap_delta import DeltaFormatError, DeltaRefusedError, DeltaWriteError
 from csnap_delta import cli as delta_cli
@@ -65,6 +65,7 @@ _EPILOG = """\
 verbs (csnap VERB --help for each):
   create TAG [--priority N]   take a snapshot of the origin now
   delete TAG                  delete a snapshot (space is reclaimed in the background)
+  revert TAG                  make the origin's content equal to snapshot TAG's
   list                        live and squashed snapshots, oldest first
   status [TAG]                store size and free space, and every snapshot
   priority TAG N              set a snapshot's priority (-128..127)
@@ -80,6 +81,7 @@ verbs (csnap VERB --help for each):
 
 examples:
   csnap create 7 --priority 10
+  csnap revert 7
   csnap --json list
   csnap --agent /run/csnap/agent.sock status
   csnap keys /etc/csnap/keys
@@ -194,6 +196,17 @@ def _parser() -> argparse.ArgumentParser:
         "csnap delete 7",
     )
     delete.add_argument("tag", type=_tag)
+    revert = verb(
+        "revert",
+        "Make the origin's content equal to snapshot TAG's, online. Origin writes already"
+        " granted finish first, and origin writes wait until the revert is done; every other"
+        " snapshot keeps its content and TAG survives. Waits for the end, showing progress on"
+        " a terminal (no time limit unless --timeout); with --no-wait, returns once started"
+        " (csnap status shows how far it is).",
+        "csnap revert 7",
+    )
+    revert.add_argument("tag", type=_tag)
+    revert.add_argument("--no-wait", action="store_true", help="return once the revert has started")
     verb("list", "List live snapshots, oldest first.", "csnap list --json")
     status = verb(
         "status",
@@ -261,7 +274,7 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     as_json = getattr(args, "json", False)
     # A delta takes as long as its data: no limit unless one is asked for.
     timeout = getattr(
-        args, "timeout", math.inf if args.verb in ("delta", "send", "receive") else 120.0
+        args, "timeout", math.inf if args.verb in ("delta", "send", "receive", "revert") else 120.0
     )
     try:
         if args.verb == "apply":
@@ -361,6 +374,27 @@ async def _status(admin: AdminClient, args: argparse.Namespace) -> Any:
     )
 
 
+#: Seconds between looks at a revert's progress.
+_REVERT_POLL = 0.2
+
+
+async def _revert(admin: AdminClient, args: argparse.Namespace) -> Any:
+    started = await admin.revert_snapshot(args.tag)
+    total = started["total"]
+    if args.no_wait:
+        return {"tag": args.tag, "total": total, "restored": 0, "done": False}
+    shown = 0
+    with Progress(total, f"reverting the origin to snapshot {args.tag}") as bar:
+        while True:
+            store = (await admin.status()).store
+            if not store.reverting or store.revert_tag != args.tag:
+                bar.advance(total - shown)
+                return {"tag": args.tag, "total": total, "restored": total, "done": True}
+            bar.advance(store.revert_restored - shown)
+            shown = store.revert_restored
+            await trio.sleep(_REVERT_POLL)
+
+
 async def _shutdown(admin: AdminClient, args: argparse.Namespace) -> Any:
     await admin.shutdown()
     return {"shutdown": True}
@@ -376,6 +410,7 @@ async def _list(admin: AdminClient, args: argparse.Namespace) -> Any:
 _VERBS: dict[str, Callable[[AdminClient, argparse.Namespace], Awaitable[Any]]] = {
     "create": lambda admin, args: admin.create_snapshot(args.tag, args.priority),
     "delete": lambda admin, args: admin.delete_snapshot(args.tag),
+    "revert": _revert,
     "list": _list,
     "status": _status,
     "priority": lambda admin, args: admin.set_priority(args.tag, args.priority),
@@ -434,6 +469,13 @@ def _snapshot_row(snapshot: dict[str, Any], chunk_size: int) -> list[str]:
 def _render(verb: str, args: argparse.Namespace, result: Any) -> str:
     if verb in ("delta", "apply", "receive", "send"):
         return delta_cli.render(verb, result)
+    if verb == "revert":
+        if not result["done"]:
+            return (
+                f"reverting the origin to snapshot {result['tag']}: {result['total']} chunks"
+                " to restore (csnap status shows how far it is)\n"
+            )
+        return f"origin reverted to snapshot {result['tag']} ({result['total']} chunks restored)\n"
     if verb in ("create", "delete", "priority", "usecount"):
         done = {
             "create": "created",
@@ -490,6 +532,12 @@ def _render_status(result: dict[str, Any]) -> str:
         )
     if store.get("keep_free"):
         lines.append(f"reserve    csnapd squashes snapshots to keep {store['keep_free']}% free")
+    if store.get("reverting"):
+        lines.append(
+            f"revert     the origin is being reverted to snapshot {store['revert_tag']}:"
+            f" {store['revert_restored']} of {store['revert_total']} chunks restored;"
+            " origin writes wait"
+        )
     lines.append("")
     if "snapshot" in result:
         snapshots = [result["snapshot"]]

@@ -23,6 +23,8 @@ from csnap_protocol import (
     ListSnapshots,
     Message,
     Request,
+    RevertReply,
+    RevertSnapshot,
     Role,
     ServerInfoReply,
     SetPriority,
@@ -54,6 +56,12 @@ class AdminClient:
         reply = await self._call(DeleteSnapshot(next(self._ids), tag))
         assert isinstance(reply, SnapshotReply)
         return asdict(reply.snapshot)
+
+    async def revert_snapshot(self, tag: int) -> dict[str, Any]:
+        """Start reverting the origin to snapshot `tag`; get_status shows how far it is."""
+        reply = await self._call(RevertSnapshot(next(self._ids), tag))
+        assert isinstance(reply, RevertReply)
+        return {"tag": reply.tag, "total": reply.total}
 
     async def list_snapshots(self) -> list[dict[str, Any]]:
         reply = await self._call(ListSnapshots(next(self._ids)))

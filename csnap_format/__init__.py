@@ -69,6 +69,7 @@ from csnap_format.mkfs import (
 )
 from csnap_format.registry import Registry, decode_registry, encode_registry, registry_capacity
 from csnap_format.superblock import (
+    RevertProgress,
     SnapshotRecord,
     Superblock,
     decode_geometry,
@@ -125,6 +126,7 @@ __all__ = [
     "SnapshotRecord",
     "encode_superblock",
     "decode_superblock",
+    "RevertProgress",
     "decode_geometry",
     "encode_geometry_backup",
     "BitmapBlock",

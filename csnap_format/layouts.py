@@ -100,6 +100,13 @@ STATE = Struct(
     "registry" / Int64ul,
     "fence_token" / Int64ul,
     "fence_ns" / Int64ul,
+    "revert_cursor" / Int64ul,
+    "revert_restored" / Int64ul,
+    "revert_total" / Int64ul,
+    "revert_tag" / Int32ul,
+    "revert_active" / Int8ul,
+    "revert_bit" / Int8ul,
+    "revert_reserved" / Int16ul,
 )
 
 SNAPSHOT_RECORD = Struct(

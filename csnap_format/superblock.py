@@ -7,7 +7,7 @@ The superblock holds three things (docs/format.md, "Superblock"):
                     CRC32 of its own at 508..512
   bytes  512..1024  state: clean/busy, btree root and depth, free counts,
                     allocation cursors, deletion sweep position, exceptions,
-                    client registry, fencing token
+                    client registry, fencing token, revert progress
   bytes 1024..4096  snapshot table: 64 records of 48 bytes, one per share bit
 
 Why the geometry has its own checksum: the superblock is rewritten in place
@@ -48,6 +48,7 @@ from csnap_format.geometry import Geometry, geometry_problems
 from csnap_format.header import read_header, write_header
 
 __all__ = [
+    "RevertProgress",
     "SnapshotRecord",
     "Superblock",
     "encode_superblock",
@@ -72,6 +73,10 @@ _GEOMETRY_CRC_AT = SECTOR_SIZE - 4
 # token and the time it was journaled.
 _STATE = struct.Struct("<II11Q")
 _STATE_AT = SECTOR_SIZE
+# Revert progress (state bytes 96..127): cursor, chunks restored, chunks to
+# restore, tag, active flag, share bit, reserved.
+_REVERT = struct.Struct("<QQQIBBH")
+_REVERT_AT = _STATE_AT + 96
 _STATE_END = 1024
 # Snapshot record: tag, state, priority, reserved, use count, reserved,
 # created, origin chunks, unique chunks, shared chunks.
@@ -81,7 +86,8 @@ _TABLE_END = _TABLE_AT + MAX_SNAPSHOTS * _RECORD.size
 _NAME = "superblock"
 
 assert _GEOMETRY_AT + _GEOMETRY.size <= _GEOMETRY_CRC_AT
-assert _STATE_AT + _STATE.size <= _STATE_END
+assert _STATE_AT + _STATE.size == _REVERT_AT
+assert _REVERT_AT + _REVERT.size <= _STATE_END
 assert _RECORD.size == 48
 assert _TABLE_END == 4096
 
@@ -100,6 +106,20 @@ class SnapshotRecord:
     unique_chunks: int = 0
     #: Exceptions whose share mask holds this bit and others.
     shared_chunks: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class RevertProgress:
+    """A revert in progress: the origin is being made equal to a snapshot."""
+
+    #: The snapshot the origin is reverted to, and its share bit.
+    tag: int
+    bit: int
+    #: Next logical chunk to restore: chunks below it are done.
+    cursor: int
+    #: Chunks copied onto the origin so far, and how many there are in all.
+    restored: int
+    total: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +149,8 @@ class Superblock:
     fence_token: int = 0
     #: When that server journaled its token, nanoseconds since the Unix epoch.
     fence_ns: int = 0
+    #: The revert in progress, if any (docs/format.md, "State").
+    revert: RevertProgress | None = None
 
 
 def _pack_geometry(block: bytearray, g: Geometry) -> None:
@@ -182,6 +204,19 @@ def encode_superblock(sb: Superblock) -> bytes:
         sb.fence_token,
         sb.fence_ns,
     )
+    revert = sb.revert
+    if revert is not None:
+        _REVERT.pack_into(
+            block,
+            _REVERT_AT,
+            revert.cursor,
+            revert.restored,
+            revert.total,
+            revert.tag,
+            1,
+            revert.bit,
+            0,
+        )
     for bit, record in enumerate(sb.snapshots):
         if record is not None:
             _RECORD.pack_into(
@@ -293,7 +328,8 @@ def decode_superblock(block: bytes | bytearray | memoryview) -> Superblock:
     problems = []
     if state not in (STATE_CLEAN, STATE_BUSY):
         problems.append(f"state {state} is neither clean nor busy")
-    if not is_zero(block, _STATE_AT + _STATE.size, _STATE_END) or not is_zero(
+    revert = _decode_revert(block, problems)
+    if not is_zero(block, _REVERT_AT + _REVERT.size, _STATE_END) or not is_zero(
         block, _TABLE_END, geometry.block_size
     ):
         problems.append("reserved bytes are not zero")
@@ -314,6 +350,7 @@ def decode_superblock(block: bytes | bytearray | memoryview) -> Superblock:
         snapshots=_decode_table(block, problems),
         fence_token=fence_token,
         fence_ns=fence_ns,
+        revert=revert,
     )
     problems += _state_problems(sb)
     if problems:
@@ -348,7 +385,36 @@ def _state_problems(sb: Superblock) -> list[str]:
     )
     if sb.sweep_mask & ~reclaimed:
         problems.append("the sweep clears bits of snapshots neither deleting nor squashed")
+    return problems + _revert_problems(sb)
+
+
+def _revert_problems(sb: Superblock) -> list[str]:
+    """What is wrong with the revert in progress, if one is."""
+    revert = sb.revert
+    if revert is None:
+        return []
+    problems = []
+    record = sb.snapshots[revert.bit] if revert.bit < MAX_SNAPSHOTS else None
+    if record is None or record.tag != revert.tag or record.state != SnapshotState.LIVE:
+        problems.append(f"the revert names snapshot {revert.tag}, not live at bit {revert.bit}")
+    if revert.cursor > sb.geometry.origin_chunks or revert.restored > revert.total:
+        problems.append("the revert's cursor or count is out of range")
     return problems
+
+
+def _decode_revert(
+    block: bytes | bytearray | memoryview, problems: list[str]
+) -> RevertProgress | None:
+    """The revert progress at state bytes 96..127; None when no revert runs."""
+    cursor, restored, total, tag, active, bit, reserved = _REVERT.unpack_from(block, _REVERT_AT)
+    if active == 0:
+        if cursor or restored or total or tag or bit or reserved:
+            problems.append("no revert runs but its fields are not zero")
+        return None
+    if active != 1 or reserved:
+        problems.append(f"revert flag {active} is neither 0 nor 1, or its reserved bytes are set")
+        return None
+    return RevertProgress(tag=tag, bit=bit, cursor=cursor, restored=restored, total=total)
 
 
 def _decode_table(

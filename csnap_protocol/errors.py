@@ -84,6 +84,10 @@ class ErrorCode(enum.IntEnum):
     #: The server lost its election (its lease ran out, or the store carries a
     #: newer fencing token): it stopped writing and serving.
     FENCED = 40
+    #: The origin is being reverted to a snapshot: the request would change
+    #: what the revert copies (a create, a second revert, a write to or a
+    #: delete of that snapshot).
+    REVERT_IN_PROGRESS = 50
 
     @property
     def symbol(self) -> str:

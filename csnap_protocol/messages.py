@@ -78,6 +78,8 @@ __all__ = [
     "SnapshotDeleted",
     "CreateSnapshot",
     "DeleteSnapshot",
+    "RevertSnapshot",
+    "RevertReply",
     "ListSnapshots",
     "GetStatus",
     "SetPriority",
@@ -465,6 +467,15 @@ class DeleteSnapshot(Request):
     tag: Annotated[int, TAG]
 
 
+@_message("revert_snapshot", ADMIN)
+@dataclass(frozen=True, slots=True)
+class RevertSnapshot(Request):
+    """Make the origin's content equal to snapshot `tag`'s (after the barrier);
+    answered once the revert has started, and finished in the background."""
+
+    tag: Annotated[int, TAG]
+
+
 @_message("list_snapshots", ADMIN)
 @dataclass(frozen=True, slots=True)
 class ListSnapshots(Request):
@@ -513,6 +524,15 @@ class SnapshotReply(Reply):
     """One snapshot, as it is after the request."""
 
     snapshot: Annotated[SnapshotRecord, SNAPSHOT_INFO]
+
+
+@_message("revert_started", ANSWERS)
+@dataclass(frozen=True, slots=True)
+class RevertReply(Reply):
+    """The revert just started: the snapshot, and the chunks it will restore."""
+
+    tag: Annotated[int, TAG]
+    total: Annotated[int, U64]
 
 
 @_message("snapshot_list", ANSWERS)

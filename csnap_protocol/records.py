@@ -88,6 +88,12 @@ class StoreRecord:
     warn_at: Annotated[int, Int(0, 100, "u8")]
     keep_free: Annotated[int, Int(0, 99, "u8")]
     space_warning: Annotated[bool, Flag()]
+    #: The revert in progress (docs/protocol.md, "Reverting the origin"):
+    #: whether one runs, to which snapshot, and how far it is.
+    reverting: Annotated[bool, Flag()] = False
+    revert_tag: Annotated[int, TAG] = 0
+    revert_restored: Annotated[int, U64] = 0
+    revert_total: Annotated[int, U64] = 0
 
 
 @_record("server")

@@ -146,6 +146,8 @@ class Batch:
     writes: list[ParkedWrite] = field(default_factory=list)
     #: The engine has changes only a commit makes durable.
     needs_commit: bool = False
+    #: A step of the revert in progress is due: it runs with the commit.
+    revert_step: bool = False
     failure: EngineFailedError | None = None
 
 

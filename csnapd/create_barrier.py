@@ -5,7 +5,9 @@ and the creates waiting on it. A create first has every identified origin
 client finish the writes it was granted (barrier, barrier_done); only then
 is the snapshot created, so that it holds every write acknowledged before
 the create and none after it (docs/protocol.md, "Snapshot create with the
-barrier"; rule: point-in-time create).
+barrier"; rule: point-in-time create). A revert starts behind the same
+barrier (docs/protocol.md, "Reverting the origin"): no write granted before
+it is still landing on the origin while it copies.
 """
 
 from __future__ import annotations
@@ -13,7 +15,15 @@ from __future__ import annotations
 import logging
 from collections.abc import Set
 
-from csnap_protocol import Barrier, CreateSnapshot, ErrorCode, SnapshotReply
+from csnap_protocol import (
+    Barrier,
+    CreateSnapshot,
+    ErrorCode,
+    Message,
+    RevertReply,
+    RevertSnapshot,
+    SnapshotReply,
+)
 from csnapd.batch import Batch, EngineRefusal, Peer, Sends, error_reply
 from csnapd.engine import Engine, EngineError, EngineFailedError
 from csnapd.reporting import snapshot_record
@@ -33,14 +43,20 @@ class CreateBarrier:
         self.number = 0
         self._started = 0
         self._waiting: set[Peer] = set()
-        self._creates: list[tuple[Peer, CreateSnapshot]] = []
+        self._creates: list[tuple[Peer, CreateSnapshot | RevertSnapshot]] = []
 
     @property
     def running(self) -> bool:
         """A barrier is in progress: origin writes wait (rule: write gate)."""
         return self.number != 0
 
-    def create(self, peer: Peer, message: CreateSnapshot, peers: Set[Peer], batch: Batch) -> bool:
+    def create(
+        self,
+        peer: Peer,
+        message: CreateSnapshot | RevertSnapshot,
+        peers: Set[Peer],
+        batch: Batch,
+    ) -> bool:
         """Start (or join) a barrier for `message`; whether writes may now be granted."""
         self._creates.append((peer, message))
         if self.running:
@@ -88,11 +104,15 @@ class CreateBarrier:
             extra={"event": "barrier.expired", "barrier": barrier},
         )
         for peer, request in self._creates:
+            undone = (
+                f"the origin was not reverted to snapshot {request.tag}"
+                if isinstance(request, RevertSnapshot)
+                else f"snapshot {request.tag} was not created"
+            )
             refusal = error_reply(
                 request.id,
                 ErrorCode.BARRIER_TIMEOUT,
-                f"origin clients did not finish their granted writes in time:"
-                f" {names}; snapshot {request.tag} was not created",
+                f"origin clients did not finish their granted writes in time: {names}; {undone}",
             )
             replies.append((peer, refusal))
         self._end()
@@ -101,6 +121,9 @@ class CreateBarrier:
     def _run_creates(self, replies: Sends) -> None:
         for peer, message in self._creates:
             try:
+                if isinstance(message, RevertSnapshot):
+                    replies.append((peer, self._start_revert(peer, message)))
+                    continue
                 info = self._engine.create_snapshot(message.tag, message.priority)
             except EngineFailedError:
                 raise
@@ -120,6 +143,22 @@ class CreateBarrier:
             )
             replies.append((peer, SnapshotReply(message.id, snapshot_record(info))))
         self._creates = []
+
+    def _start_revert(self, peer: Peer, message: RevertSnapshot) -> Message:
+        progress = self._engine.start_revert(message.tag)
+        log.info(
+            "reverting the origin to snapshot %d: %d chunks to restore",
+            progress.tag,
+            progress.total,
+            extra={
+                "event": "revert.started",
+                "snapshot": progress.tag,
+                "chunks": progress.total,
+                "connection": peer.number,
+                "request": message.id,
+            },
+        )
+        return RevertReply(message.id, progress.tag, progress.total)
 
     def _end(self) -> None:
         self.number = 0

@@ -27,6 +27,12 @@ Rules kept here, by their names in docs/rules.md:
   expendable snapshots, sparing those a client is connected to, and neither
   sweeps nor squashes while clients of a deleted snapshot are detaching or
   the post-restart grace runs (docs/protocol.md, "When the store is full");
+- revert in journaled steps: a revert starts behind the create barrier,
+  holds origin writes while it runs, and takes one step per SweepTick
+  (before the sweep), run with the batch's commit so that its copies, origin
+  writes and syncs stay off the event loop; never while the post-restart
+  grace runs nor over an origin chunk a snapshot reader holds
+  (docs/protocol.md, "Reverting the origin");
 - the store warns before it is full, and the reserve squashes in the
   background: the space watch (csnapd.space_watch) sees every item's effect
   on the data area; a reserve squash takes the place of a sweep step, on
@@ -217,7 +223,7 @@ class Dispatcher:
         except EngineError as exc:
             self._abandon(batch, exc, items[done:])
             return batch
-        batch.needs_commit = self.engine.pending
+        batch.needs_commit = self.engine.pending or batch.revert_step
         return batch
 
     def _abandon(self, batch: Batch, exc: EngineError, unhandled: Sequence[Item]) -> None:
@@ -238,8 +244,10 @@ class Dispatcher:
                 batch.replies.append((item.peer, failed))
 
     def commit(self, batch: Batch) -> None:
-        """Make the batch durable (blocking: fsyncs)."""
+        """Make the batch durable (blocking: fsyncs); and take its revert step."""
         try:
+            if batch.revert_step:
+                self._revert_step(batch)
             self.engine.commit()
         except EngineFailedError as exc:
             batch.failure = exc
@@ -274,6 +282,11 @@ class Dispatcher:
             case GraceExpired():
                 return self.gate.grace_expired()
             case SweepTick():
+                if self._revert_due():
+                    # Its copies and origin writes are done with the commit,
+                    # off the event loop (see commit()).
+                    batch.revert_step = True
+                    return False
                 try:
                     self._sweep()
                 finally:
@@ -352,8 +365,53 @@ class Dispatcher:
         SWEEP_EVERY batches, so that a steady load does not keep deleted
         snapshots' slots taken forever.
         """
-        due = self._may_sweep() or self._reserve_due()
+        due = self._revert_due() or self._may_sweep() or self._reserve_due()
         return due and (idle or self._unswept_batches >= SWEEP_EVERY)
+
+    def _revert_due(self) -> bool:
+        """A revert is in progress and may take a step."""
+        return (
+            self.engine.revert_progress is not None
+            and not self.engine.failed
+            and not self.gate.grace
+            and self._monotonic() >= self._sweep_after
+        )
+
+    def _revert_step(self, batch: Batch) -> None:
+        """One step of the revert in progress; once it ends, parked writes are
+        applied again, to be granted by finish() after the commit."""
+        try:
+            ended = self._revert_advance()
+        finally:
+            self._report_squashed()
+            self.space.observe(*self.engine.data_use)
+        if ended:
+            self.gate.parked.extend(batch.writes)
+            batch.writes = self.gate.reapply(batch.replies)
+
+    def _revert_advance(self) -> bool:
+        """Advance the revert in progress; whether it ended."""
+        self._unswept_batches = 0
+        spare, reclaim = self.room()
+        before = self.engine.revert_progress
+        try:
+            more = self.engine.revert_step(
+                locked=self.gate.locks.locked, spare=spare, reclaim=reclaim
+            )
+        except EngineFailedError:
+            raise
+        except EngineError as exc:
+            log.error("revert step failed, retrying in %gs: %s", SWEEP_RETRY, exc)
+            self._sweep_after = self._monotonic() + SWEEP_RETRY
+            return False
+        if not more and before is not None:
+            log.info(
+                "origin reverted to snapshot %d (%d chunks restored); origin writes resume",
+                before.tag,
+                before.total,
+                extra={"event": "revert.finished", "snapshot": before.tag, "chunks": before.total},
+            )
+        return not more
 
     def _may_sweep(self) -> bool:
         """Deleted snapshots' space awaits reclaiming and none of their clients remain."""

@@ -265,3 +265,9 @@ def _store(server: Server) -> Iterator[Metric]:
         "Next logical chunk the sweep visits (0 when none waits)",
         status.sweep_cursor if sweeping else 0,
     )
+    revert = server.engine.revert_progress
+    yield gauge(
+        "csnapd_revert_progress_ratio",
+        "How far the revert of the origin to a snapshot has come (0 to 1; 1 when none runs)",
+        revert.restored / revert.total if revert is not None and revert.total else 1.0,
+    )

@@ -45,11 +45,16 @@ def status_reply(engine: Engine, space: SpaceWatch, request: int) -> StatusReply
     """The answer to get_status."""
     status = engine.status()
     space.observe(status.data_chunks, status.data_free)
+    revert = engine.revert_progress
     store = StoreRecord(
         **{name: getattr(status, name) for name in _STORE_FIELDS},
         warn_at=space.policy.warn_at or 0,
         keep_free=space.policy.keep_free or 0,
         space_warning=space.warning,
+        reverting=revert is not None,
+        revert_tag=revert.tag if revert is not None else 0,
+        revert_restored=revert.restored if revert is not None else 0,
+        revert_total=revert.total if revert is not None else 0,
     )
     return StatusReply(
         request,

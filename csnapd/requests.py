@@ -38,6 +38,7 @@ from csnap_protocol import (
     QueryOwned,
     QuerySnapshotRead,
     QueryWrite,
+    RevertSnapshot,
     ServerInfoReply,
     ServerRecord,
     SetPriority,
@@ -85,6 +86,7 @@ Inbound = (
     | FinishUploadLock
     | DeleteSnapshot
     | CreateSnapshot
+    | RevertSnapshot
     | BarrierDone
     | Shutdown
 )
@@ -139,7 +141,7 @@ class RequestHandlers:
         match message:
             case BarrierDone():
                 return self._barrier.done(peer, message.barrier, batch.replies)
-            case CreateSnapshot():
+            case CreateSnapshot() | RevertSnapshot():
                 return self._barrier.create(peer, message, self._peers, batch)
             case Shutdown():
                 batch.out.shutdown = (peer, message.id)

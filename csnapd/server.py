@@ -926,7 +926,11 @@ async def _first(wanted: trio.Event, stop: trio.Event | None) -> bool:
 async def _open_engine(config: ServerConfig, *, lock: bool = True) -> Engine:
     engine = await trio.to_thread.run_sync(
         lambda: Engine.open_files(
-            config.store, config.origin, lock=lock, cache_bytes=config.cache_bytes
+            config.store,
+            config.origin,
+            lock=lock,
+            cache_bytes=config.cache_bytes,
+            origin_writable=True,
         )
     )
     report = engine.recovery

@@ -18,6 +18,7 @@ from csnapd.engine import (
     MetadataFullError,
     OverlappingRangesError,
     RequestTooLargeError,
+    RevertInProgressError,
     SnapshotBusyError,
     SnapshotExistsError,
     SnapshotNotFoundError,
@@ -53,6 +54,7 @@ ENGINE_ERROR_CODES: dict[type[EngineError], ErrorCode] = {
     StoreOpenError: ErrorCode.IO_ERROR,
     StoreLockedError: ErrorCode.IO_ERROR,
     FencedError: ErrorCode.FENCED,
+    RevertInProgressError: ErrorCode.REVERT_IN_PROGRESS,
 }
 
 

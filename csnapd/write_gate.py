@@ -3,8 +3,8 @@
 Owns the read-lock table, the parked origin writes, the post-restart grace
 period and the store's registry of snapshot clients. An origin write is
 granted only when none of its chunks is read-locked, no create barrier is
-running and the grace period is over; until then it is parked, and whenever
-a reason clears it is applied again (copying out for any snapshot created
+running, no revert is in progress and the grace period is over; until then
+it is parked, and whenever a reason clears it is applied again (copying out for any snapshot created
 meanwhile) and checked again (docs/protocol.md, "Origin write deferred by a
 snapshot read"; rule: write gate). After a crash, the snapshot clients
 the registry names re-declare their read locks before any origin write is
@@ -73,7 +73,7 @@ class WriteGate:
     @property
     def closed(self) -> bool:
         """No origin write is granted now, whatever its chunks."""
-        return self._barrier.running or self.grace
+        return self._barrier.running or self.grace or self._engine.revert_progress is not None
 
     def settle(self, writes: Iterable[ParkedWrite], replies: Sends) -> None:
         """After the commit: grant each write the gate lets through, park the rest."""

@@ -22,6 +22,7 @@ from csnap_format import (
     Geometry,
     Leaf,
     Registry,
+    RevertProgress,
     SnapshotRecord,
     SnapshotState,
     Superblock,
@@ -110,7 +111,10 @@ def dump_store(device: BlockDevice) -> dict[str, Any]:
             "meta_blocks": g.meta_blocks,
             "uuid": g.uuid.hex(),
         },
-        "state": {name: getattr(sb, name) for name in _STATE},
+        "state": {
+            **{name: getattr(sb, name) for name in _STATE},
+            "revert": None if sb.revert is None else dataclasses.asdict(sb.revert),
+        },
         "snapshots": [
             {"bit": bit, **_record_json(record)}
             for bit, record in enumerate(sb.snapshots)
@@ -125,6 +129,16 @@ def _record_json(record: SnapshotRecord) -> dict[str, Any]:
     out = dataclasses.asdict(record)
     out["state"] = SnapshotState(record.state).name.lower()
     return out
+
+
+def _revert(value: object) -> RevertProgress | None:
+    """The revert in progress a document's state names (absent or null: none)."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise DumpError("state 'revert' is neither null nor an object")
+    names = [f.name for f in dataclasses.fields(RevertProgress)]
+    return RevertProgress(**{name: _int(value.get(name), f"revert {name}") for name in names})
 
 
 def _int(value: object, what: str, limit: int = 1 << 64) -> int:
@@ -282,6 +296,7 @@ def restore_store(device: BlockDevice, doc: object) -> int:
         data_cursor=fields["data_cursor"],
         sweep_cursor=fields["sweep_cursor"],
         sweep_mask=fields["sweep_mask"],
+        revert=_revert(state.get("revert")),
     )
     try:
         decode_superblock(encode_superblock(sb))

@@ -16,7 +16,8 @@ close) and the objects that each keep one part of it:
   * the client registry (csnapd.engine.clients);
   * the sweep (csnapd.engine.sweep): reclaiming deleted snapshots' space;
   * the store-full policy (csnapd.engine.squash): squashing expendable
-    snapshots when a copy-out finds the store full.
+    snapshots when a copy-out finds the store full;
+  * the revert (csnapd.engine.revert): making the origin equal to a snapshot.
 
 Callers use only `Engine`; its methods hand each request to its owner.
 """
@@ -32,6 +33,7 @@ from csnap_format import (
     MIN_BLOCK_SIZE,
     FormatError,
     Geometry,
+    RevertProgress,
     decode_geometry,
     decode_superblock,
 )
@@ -52,6 +54,7 @@ from csnapd.engine.results import (
     StoreStatus,
     WriteSegment,
 )
+from csnapd.engine.revert import Reverter
 from csnapd.engine.snapshots import SnapshotTable
 from csnapd.engine.squash import Squashed, Squasher, squash_order
 from csnapd.engine.state import StoreState
@@ -163,6 +166,16 @@ class Engine:
         self._registry = ClientRegistry(state, self._pager, meta, geometry, txn)
         self._sweeper = Sweeper(state, self._pager, tree, data, txn, self.stats)
         self._squasher = Squasher(state, self._sweeper, txn)
+        self._reverter = Reverter(
+            devices=(store, origin),
+            geometry=geometry,
+            state=state,
+            tree=tree,
+            snapshots=self._snapshots,
+            copy=self._copy,
+            squasher=self._squasher,
+            transaction=txn,
+        )
 
     # -- opening and closing ---------------------------------------------------
 
@@ -218,8 +231,12 @@ class Engine:
         lock: bool = True,
         cache_bytes: int = DEFAULT_CACHE_BYTES,
         clock: Callable[[], int] = time.time_ns,
+        origin_writable: bool = False,
     ) -> Engine:
         """Open a store kept in files or block devices, taking its lock.
+
+        The origin is opened for writing only with `origin_writable` (a
+        server, which reverts it); otherwise a revert fails with an I/O error.
 
         Raises:
             StoreLockedError: another server holds the store (rule: one server per store).
@@ -230,7 +247,7 @@ class Engine:
         except OSError as exc:
             raise StoreOpenError(f"cannot open store {store_path}: {exc.strerror}") from exc
         try:
-            origin = FileDevice(origin_path, writable=False)
+            origin = FileDevice(origin_path, writable=origin_writable)
         except OSError as exc:
             store.close()
             raise StoreOpenError(f"cannot open origin {origin_path}: {exc.strerror}") from exc
@@ -346,6 +363,7 @@ class Engine:
 
         A full store squashes as for origin_write, never snapshot `tag` itself.
         """
+        self._reverter.refuse_if_reverting(tag, "writing the snapshot")
         return self._squasher.with_room(
             lambda: self._copy.snapshot_write(tag, ranges),
             spare={tag, *spare},
@@ -448,10 +466,12 @@ class Engine:
 
     def create_snapshot(self, tag: int, priority: int = 0) -> SnapshotInfo:
         """Create a snapshot of the origin as it is now."""
+        self._reverter.refuse_if_running("creating a snapshot")
         return self._snapshots.create(tag, priority)
 
     def delete_snapshot(self, tag: int) -> SnapshotInfo:
         """Delete a snapshot: its tag goes at once, its space in the background."""
+        self._reverter.refuse_if_reverting(tag, "deleting the snapshot")
         return self._snapshots.delete(tag)
 
     def set_priority(self, tag: int, priority: int) -> SnapshotInfo:
@@ -497,6 +517,34 @@ class Engine:
         """Store totals and every snapshot, without walking the btree."""
         self._txn.check_usable()
         return self._snapshots.status(self._journal.next_sequence - 1)
+
+    # -- revert ----------------------------------------------------------------
+
+    @property
+    def revert_progress(self) -> RevertProgress | None:
+        """The revert in progress, if any (csnapd.engine.revert)."""
+        return self._reverter.progress
+
+    def start_revert(self, tag: int) -> RevertProgress:
+        """Begin making the origin equal to snapshot `tag` (a request; the caller commits).
+
+        The caller holds origin writes until the revert is done.
+        """
+        return self._reverter.start(tag)
+
+    def revert_step(
+        self,
+        *,
+        locked: Callable[[Ranges], bool] = lambda ranges: False,
+        spare: Collection[int] = (),
+        reclaim: bool = True,
+    ) -> bool:
+        """One step of the revert in progress; whether more remains (see Reverter.step)."""
+        return self._reverter.step(locked=locked, spare=spare, reclaim=reclaim)
+
+    def finish_revert(self, progress: Callable[[RevertProgress], None] | None = None) -> None:
+        """Run the revert in progress, if any, to its end, committing each step."""
+        self._reverter.finish(progress)
 
     # -- background deletion -------------------------------------------------
 

@@ -88,6 +88,12 @@ class SnapshotUnavailableError(EngineError):
     code = "snapshot_unavailable"
 
 
+class RevertInProgressError(EngineError):
+    """The request would change what a revert in progress copies (csnapd.engine.revert)."""
+
+    code = "revert_in_progress"
+
+
 class _SpaceError(EngineError):
     """Not enough free units; some may only be waiting for a commit."""
 

@@ -54,7 +54,8 @@ class Squashed:
 def squash_order(state: StoreState, spare: Collection[int] = ()) -> list[int]:
     """Share bits of the expendable snapshots, the first to squash first.
 
-    Expendable: live, use count zero, tag not in `spare`. Order: lowest
+    Expendable: live, use count zero, tag not in `spare`, not the snapshot
+    a revert in progress copies from. Order: lowest
     priority first, oldest among equals (the share bit breaks exact ties).
     """
     candidates = [
@@ -64,6 +65,7 @@ def squash_order(state: StoreState, spare: Collection[int] = ()) -> list[int]:
         and record.state == SnapshotState.LIVE
         and record.use_count == 0
         and record.tag not in spare
+        and (state.revert is None or state.revert.bit != bit)
     ]
     return [bit for _, _, bit in sorted(candidates)]
 

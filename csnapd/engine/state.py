@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from csnap_format import (
     MAX_SNAPSHOTS,
     Geometry,
+    RevertProgress,
     SnapshotRecord,
     SnapshotState,
     Superblock,
@@ -52,6 +53,8 @@ class StoreState:
     #: The fencing token journaled last, and when (docs/format.md, "State").
     fence_token: int = 0
     fence_ns: int = 0
+    #: The revert in progress, if any (csnapd.engine.revert).
+    revert: RevertProgress | None = None
 
     @classmethod
     def from_superblock(cls, sb: Superblock) -> StoreState:
@@ -72,6 +75,7 @@ class StoreState:
             shared=[r.shared_chunks if r else 0 for r in sb.snapshots],
             fence_token=sb.fence_token,
             fence_ns=sb.fence_ns,
+            revert=sb.revert,
         )
 
     def to_superblock(self, geometry: Geometry, sequence: int) -> Superblock:
@@ -109,6 +113,7 @@ class StoreState:
             snapshots=tuple(records),
             fence_token=self.fence_token,
             fence_ns=self.fence_ns,
+            revert=self.revert,
         )
 
     def copy(self) -> StoreState:
@@ -129,6 +134,7 @@ class StoreState:
             list(self.shared),
             self.fence_token,
             self.fence_ns,
+            self.revert,
         )
 
     def assign(self, other: StoreState) -> None:

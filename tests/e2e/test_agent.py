@@ -38,7 +38,7 @@ from tests.e2e.processes import (
     start_csnapd,
     start_csnapd_with_agent,
 )
-from tests.server.support import label, pread, pwrite
+from tests.server.support import label, pread, pwrite, write_origin
 
 pytestmark = pytest.mark.e2e
 
@@ -61,7 +61,7 @@ async def test_the_cli_verbs_and_their_exit_codes(tmp_path: Path) -> None:
     store, origin = make(tmp_path)
     sock = tmp_path / "agent.sock"
     agent = await start_agent(sock, tmp_path / "agent.log")
-    server, _, _ = await start_csnapd_with_agent(store, origin, tmp_path / "csnapd.log", sock)
+    server, host, port = await start_csnapd_with_agent(store, origin, tmp_path / "csnapd.log", sock)
 
     created = await csnap(sock, "create", "7", "--priority", "5")
     assert created.returncode == 0, created.stderr
@@ -89,6 +89,46 @@ async def test_the_cli_verbs_and_their_exit_codes(tmp_path: Path) -> None:
     busy = await csnap(sock, "delete", "7")
     assert busy.returncode == 1 and "use count" in busy.stderr
     await csnap(sock, "usecount", "7", "-2")
+
+    # Revert, with an origin client connected: the origin changed since 7 was
+    # taken and goes back to it; the client writes again afterwards.
+    async with open_client(connector(host, port, store)) as client:
+        for chunk in range(3):
+            await write_origin(client, origin, chunk, 1)
+        reverted = await csnap(sock, "--json", "revert", "7")
+        assert reverted.returncode == 0, reverted.stderr
+        assert json.loads(reverted.stdout) == {"tag": 7, "total": 3, "restored": 3, "done": True}
+        assert pread(origin, 0, 3) == bytes(3 * 4096)
+        await write_origin(client, origin, 0, 2)
+    assert (await csnap(sock, "revert", "7")).stdout == (
+        "origin reverted to snapshot 7 (3 chunks restored)\n"
+    )
+    assert pread(origin, 0) == bytes(4096)
+    assert (await csnap(sock, "revert", "9")).returncode == 3
+
+    # A revert waits while a reader of another snapshot holds a read lock on
+    # an origin chunk it restores; status shows it, and creates are refused.
+    assert (await csnap(sock, "create", "8")).returncode == 0
+    async with (
+        open_client(connector(host, port, store), snapshot=8) as reader,
+        reader.snapshot_read([(0, 1)]) as plan,
+    ):
+        assert plan.origin == ((0, 1),)
+        started = await csnap(sock, "--json", "revert", "7", "--no-wait")
+        assert json.loads(started.stdout) == {"tag": 7, "total": 3, "restored": 0, "done": False}
+        shown = await csnap(sock, "status")
+        assert "being reverted to snapshot 7: 0 of 3 chunks restored" in shown.stdout
+        refused = await csnap(sock, "--json", "create", "9")
+        assert refused.returncode == 1
+        assert json.loads(refused.stdout)["error"]["name"] == "revert_in_progress"
+    async with open_admin(connector(host, port, store)) as admin:
+
+        async def revert_done() -> bool:
+            return not (await admin.status()).store.reverting
+
+        with trio.fail_after(30):
+            await poll(revert_done)
+    assert (await csnap(sock, "delete", "8")).returncode == 0
 
     missing = await csnap(sock, "--json", "delete", "9")
     assert missing.returncode == 3

@@ -163,6 +163,7 @@ async def test_a_data_path_credential_may_not_administer(tmp_path: Path) -> None
                     attempts = [
                         reader.create_snapshot(2),
                         reader.delete_snapshot(1),
+                        reader.revert_snapshot(1),
                         reader.set_priority(1, 5),
                         reader.change_use_count(1, 1),
                         reader.shutdown(),

@@ -6,6 +6,7 @@ nothing.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 from collections.abc import Callable
@@ -15,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from csnapd.engine import Engine, MemoryDevice
+from csnapd.engine import Engine, MemoryDevice, RevertInProgressError
 from csnapd.engine.check import check_store
 from csnapd.engine.dump import DumpError, dump_store, restore_store
 from tests.engine.helpers import assert_clean, format_device, new_geometry
@@ -34,14 +35,22 @@ _steps = st.lists(
         st.tuples(st.just("snapshot"), st.tuples(st.integers(1, 6), _ranges)),
         st.tuples(st.just("sweep"), st.none()),
         st.tuples(st.just("client"), st.integers(1, 3)),
+        st.tuples(st.just("revert"), st.integers(1, 6)),
     ),
     max_size=25,
 )
 
 
 def _apply(engine: Engine, step: tuple[str, Any]) -> None:
+    # While a revert is in progress some requests are refused, as they must be.
+    with contextlib.suppress(RevertInProgressError):
+        _request(engine, step)
+    engine.commit()
+
+
+def _request(engine: Engine, step: tuple[str, Any]) -> None:
     kind, arg = step
-    live = {info.tag for info in engine.snapshots()}
+    live = {info.tag for info in engine.snapshots() if info.state == "live"}
     if kind == "create" and arg not in live:
         engine.create_snapshot(arg)
     elif kind == "delete" and arg in live:
@@ -54,7 +63,8 @@ def _apply(engine: Engine, step: tuple[str, Any]) -> None:
         engine.sweep()
     elif kind == "client":
         engine.set_registered_clients(frozenset(range(10 * arg, 11 * arg)))
-    engine.commit()
+    elif kind == "revert" and arg in live:
+        engine.start_revert(arg)  # left in progress: the dump carries it
 
 
 def _store(steps: list[tuple[str, Any]]) -> MemoryDevice:
@@ -100,6 +110,10 @@ def _bad_documents(doc: dict[str, Any]) -> list[dict[str, Any]]:
         lambda d: d["snapshots"][0].update(state="gone"),
         lambda d: d["snapshots"].append(dict(d["snapshots"][0])),
         lambda d: d["state"].update(sweep_mask=1 << 50),
+        lambda d: d["state"].update(revert={"tag": 99, "bit": 0, "cursor": 0}),
+        lambda d: d["state"].update(
+            revert={"tag": 99, "bit": 0, "cursor": 0, "restored": 0, "total": 0}
+        ),
         lambda d: d.update(registry={"clients": [3, 2], "overflow": False}),
     ]
     for change in changes:

@@ -76,3 +76,23 @@ def test_deleting_the_snapshots_clears_their_lost_marks() -> None:
     assert engine.exceptions(0, G.origin_chunks) == []
     engine.close()
     assert_clean(store)
+
+
+def test_a_revert_skips_a_lost_chunk_and_restores_the_rest(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    store, origin = _store_with_lost_chunk()
+    size = G.chunk_size
+    engine = Engine.open(store, origin)
+    origin.write(0, b"\x99" * (10 * size))  # the origin changed since (copies exist)
+    engine.start_revert(1)
+    engine.commit()
+    engine.finish_revert()
+    assert engine.revert_progress is None
+    # Chunks 5 and 6 were lost for snapshot 1: the origin keeps its own data.
+    assert [origin.read(c * size, size) == bytes(size) for c in range(10)] == [
+        c not in (5, 6) for c in range(10)
+    ]
+    assert "chunk 5's copy was lost" in caplog.text and "chunk 6's copy was lost" in caplog.text
+    engine.close()
+    assert_clean(store)

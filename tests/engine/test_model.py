@@ -215,6 +215,32 @@ class EngineMachine(RuleBasedStateMachine):
                 break
         assert not self.engine.sweep_pending
 
+    @rule(data=st.data(), cut_after=st.one_of(st.none(), st.integers(0, 3)))
+    def revert(self, data: st.DataObject, cut_after: int | None) -> None:
+        """Revert the origin to a snapshot; sometimes the store crashes after
+        `cut_after` steps, and the store opened again finishes the revert."""
+        tag = self.pick_tag(data)
+        if tag not in self.snaps:
+            with pytest.raises(SnapshotNotFoundError):
+                self.engine.start_revert(tag)
+            return
+        # Chunks the revert writes: the changelist may name them between the
+        # origin and any view from now on (identical rewrites, to the model).
+        for segment in self.engine.snapshot_read(tag, [(0, N)]):
+            if segment.store_chunk is not None:
+                self.rewritten.update(range(segment.chunk, segment.chunk + segment.count))
+        self.engine.start_revert(tag)
+        self.engine.commit()
+        if cut_after is not None and self.crashes:
+            for _ in range(cut_after):
+                if not self.engine.revert_step():
+                    break
+                self.engine.commit()
+            self.reopen_after_crash()
+        self.engine.finish_revert()
+        assert self.engine.revert_progress is None
+        self.origin_v = list(self.snaps[tag])
+
     # -- data ----------------------------------------------------------------
 
     @rule(r=chunk_ranges())

@@ -13,6 +13,8 @@ from csnap_protocol import (
     Identify,
     ListSnapshots,
     QueryWrite,
+    RevertReply,
+    RevertSnapshot,
     Role,
     SnapshotReply,
     WriteOk,
@@ -29,7 +31,7 @@ from csnapd.dispatch import (
     SweepTick,
 )
 from csnapd.engine import Engine
-from tests.engine.helpers import new_store
+from tests.engine.helpers import new_store, write_origin
 
 
 def sent(outcome: Outcome, peer: Peer) -> list[object]:
@@ -111,4 +113,54 @@ def test_barrier_done_while_no_barrier_runs_ends_nothing() -> None:
     # each one would otherwise apply every parked write again.
     assert not dispatcher.create_barrier.done(writer, 0, [])
     assert not dispatcher.create_barrier.running
+    engine.close()
+
+
+def test_a_revert_starts_behind_the_barrier_and_holds_origin_writes_until_done() -> None:
+    store, origin, g = new_store(origin_bytes=64 * 4096)
+    engine = Engine.open(store, origin)
+    dispatcher = Dispatcher(engine, address="test", store="test", max_chunks=64)
+    admin = Peer(1, Role.ADMIN, "admin")
+    writer = Peer(2, Role.CLIENT, "writer")
+    dispatcher.apply([Connected(admin), Received(admin, CreateSnapshot(1, 5, 0))])
+    dispatcher.apply([Connected(writer), Received(writer, Identify(1, 42, None))])
+    out = dispatcher.apply([Received(writer, QueryWrite(2, ((0, 4),)))])
+    assert sent(out, writer) == [WriteOk(2, 4)]
+    for chunk in range(4):
+        write_origin(origin, g, chunk, 1)
+    out = dispatcher.apply([Received(admin, RevertSnapshot(2, 5))])
+    (barrier,) = sent(out, writer)
+    assert isinstance(barrier, Barrier) and not sent(out, admin)
+    out = dispatcher.apply([Received(writer, BarrierDone(barrier.barrier))])
+    assert sent(out, admin) == [RevertReply(2, 5, 4)]
+    # Held: a write asked for while the revert runs waits for its end.
+    out = dispatcher.apply([Received(writer, QueryWrite(3, ((1, 1),)))])
+    assert not sent(out, writer) and dispatcher.sweep_due(idle=True)
+    out = dispatcher.apply([SweepTick()])
+    assert sent(out, writer) == [WriteOk(3, 0)] and engine.revert_progress is None
+    assert origin.read(0, 4 * 4096) == bytes(4 * 4096)
+    engine.close()
+
+
+def test_a_store_opened_mid_revert_holds_origin_writes_until_it_finished_it() -> None:
+    store, origin, g = new_store(origin_bytes=64 * 4096)
+    engine = Engine.open(store, origin)
+    engine.create_snapshot(5)
+    engine.commit()
+    engine.origin_write([(0, 4)])
+    engine.commit()
+    for chunk in range(4):
+        write_origin(origin, g, chunk, 1)
+    engine.start_revert(5)
+    engine.commit()
+    engine.close()  # stopped before a step: the store carries the revert
+    engine = Engine.open(store, origin)
+    dispatcher = Dispatcher(engine, address="test", store="test", max_chunks=64)
+    writer = Peer(1, Role.CLIENT, "writer")
+    dispatcher.apply([Connected(writer), Received(writer, Identify(1, 42, None))])
+    out = dispatcher.apply([Received(writer, QueryWrite(2, ((2, 1),)))])
+    assert not sent(out, writer)
+    out = dispatcher.apply([SweepTick()])
+    assert sent(out, writer) == [WriteOk(2, 0)]
+    assert origin.read(0, 4 * 4096) == bytes(4 * 4096)
     engine.close()

@@ -21,6 +21,7 @@ from csnapd.engine import (
     EngineError,
     InvalidRequestError,
     OverlappingRangesError,
+    RevertInProgressError,
     SnapshotBusyError,
     SnapshotExistsError,
     SnapshotNotFoundError,
@@ -75,7 +76,7 @@ def test_every_public_engine_error_is_in_the_table() -> None:
         if isinstance(getattr(csnapd.engine, name), type)
         and issubclass(getattr(csnapd.engine, name), EngineError)
     ]
-    assert len(public) == 17
+    assert len(public) == 18
     assert set(public) == set(ENGINE_ERROR_CODES)
 
 
@@ -110,4 +111,9 @@ def test_errors_a_real_engine_raises_reach_the_wire_with_their_codes() -> None:
         with pytest.raises(error_class) as caught:
             request()
         assert error_code(caught.value) is code
+    engine.start_revert(1)  # left in progress: origin writes would wait for it
+    engine.commit()
+    with pytest.raises(RevertInProgressError) as caught:
+        engine.create_snapshot(2)
+    assert error_code(caught.value) is ErrorCode.REVERT_IN_PROGRESS
     engine.close()
