@@ -155,6 +155,9 @@ class ServerConfig:
     #: The directory with the cluster CA and the server credential; None:
     #: STORE.keys, made there when listening on loopback (csnapd.credentials).
     credentials: Path | None = None
+    #: O_DIRECT for the store and origin: None for block devices only, True
+    #: for files too, False never (csnap_common.direct_io).
+    direct: bool | None = None
 
     def __post_init__(self) -> None:
         if not 1 <= self.max_chunks <= MAX_REQUEST_CHUNKS:
@@ -926,7 +929,11 @@ async def _first(wanted: trio.Event, stop: trio.Event | None) -> bool:
 async def _open_engine(config: ServerConfig, *, lock: bool = True) -> Engine:
     engine = await trio.to_thread.run_sync(
         lambda: Engine.open_files(
-            config.store, config.origin, lock=lock, cache_bytes=config.cache_bytes
+            config.store,
+            config.origin,
+            lock=lock,
+            cache_bytes=config.cache_bytes,
+            direct=config.direct,
         )
     )
     report = engine.recovery
