@@ -48,7 +48,7 @@ FILE_ALIGNMENT = 4096
 _BLKSSZGET = 0x1268
 #: Bounce buffers up to this size are kept per thread for reuse; bigger ones
 #: are made for one call.
-_KEPT_BOUNCE = 4 << 20
+_KEPT_BOUNCE = 1 << 20
 _PAGE = mmap.PAGESIZE
 
 
