@@ -11,9 +11,12 @@ rather than wait for the disk.
 
 A block device is read and written with O_DIRECT (another host may share
 it, and this host's page cache would keep bytes the other one replaced);
-files too on request. Such a descriptor has no page cache to try, and its
-transfers go through csnap_common.direct_io, which aligns them (a write
-that covers a block only partly is a read-modify-write of that block).
+files too on request. Such a descriptor has no page cache to hit, so
+every transfer on it waits for the disk: all of them go to worker
+threads, where several overlap, and the data path does not offer them
+to the *_now (trio thread) calls. They go through csnap_common.direct_io,
+which aligns them (a write that covers a block only partly is a
+read-modify-write of that block).
 """
 
 from __future__ import annotations
@@ -120,10 +123,15 @@ class Backing:
     async def read(self, transfers: Sequence[Transfer], into: bytearray) -> None:
         """Fill `into` at each placement's buffer offset from its file position."""
         total = _total(transfers)
-        if total <= INLINE_BYTES:
+        if total <= INLINE_BYTES and not self.goes_direct(transfers):
             _read_all(transfers, into, self.direct)
         elif total > CACHED_INLINE_BYTES or not self.read_cached(transfers, into):
             await trio.to_thread.run_sync(_read_all, transfers, into, self.direct)
+
+    def goes_direct(self, transfers: Sequence[Transfer]) -> bool:
+        """Whether a transfer touches an O_DIRECT file: it waits for the disk
+        every time, so it goes to a thread (with others in flight meanwhile)."""
+        return any(t.fd in self.direct for t in transfers)
 
     def read_now(self, transfers: Sequence[Transfer], into: bytearray) -> None:
         """`read` on this thread, for callers that know the transfer is small."""
@@ -146,7 +154,7 @@ class Backing:
 
     async def write(self, transfers: Sequence[Transfer], data: memoryview) -> None:
         """Write `data` at each placement's buffer offset to its file position."""
-        if _total(transfers) <= INLINE_BYTES:
+        if _total(transfers) <= INLINE_BYTES and not self.goes_direct(transfers):
             _write_all(transfers, data, self.direct)
         else:
             await trio.to_thread.run_sync(_write_all, transfers, data, self.direct)
