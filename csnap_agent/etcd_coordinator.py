@@ -51,6 +51,8 @@ RENEWALS_PER_TTL = 6
 #: Seconds a candidate waits for the key to go before `elect` says no (and
 #: the agent asks again): bounds how long a missed watch event can delay it.
 CAMPAIGN_WAIT = 1.0
+#: Seconds `csnap server` waits for etcd to list the other nodes' standbys.
+STANDBYS_WAIT = 2.0
 #: Seconds between attempts to (re)start a broken watch.
 WATCH_RETRY = 0.5
 #: Seconds after which a quiet watch is started again from a fresh read: a
@@ -168,11 +170,12 @@ class EtcdCoordinator(Coordinator):
 
     async def standbys(self, waiting: Sequence[Candidate]) -> list[StandbyRecord]:
         here = await super().standbys(waiting)
+        listed: list[StandbyRecord] = []
         try:
-            listed = await self.candidacies.standbys()
+            with trio.move_on_after(STANDBYS_WAIT):
+                listed = await self.candidacies.standbys()
         except EtcdError as exc:
             log.debug("cannot list the campaign keys: %s", exc)
-            listed = []
         # This node's from the agent itself: fresher than its keys.
         return here + [r for r in listed if r.node != self.node]
 
