@@ -41,6 +41,11 @@ csnap's median over the peer's median.
 csnap's copies are counted from the store: data chunks free before and
 after the first-write pass; qcow2's from the image's allocated bytes.
 
+csnap_direct is csnap again with --direct given to csnapd and csnap-nbd:
+the origin and store files read and written with O_DIRECT, as block
+devices are by default (no page cache: what a disk shared between hosts
+costs); csnap_direct/csnap is its median over csnap's.
+
 Then what TLS costs (a second table): one csnap-nbd with --tls=on serves
 the same store to plaintext and TLS clients, and nbdcopy (libnbd) is the
 client both ways, one connection, 16 requests in flight, so the only
@@ -98,9 +103,10 @@ PHASES = ("first_write", "rewrite", "snapshot_read", "first_write_fua", "rewrite
 BACKUPS = ("backup", "backup_half")
 #: nbdcopy's request size for the backups.
 BACKUP_REQUEST = 256 << 10
-SYSTEMS = ("csnap", "qcow2", "file")
+SYSTEMS = ("csnap", "csnap_direct", "qcow2", "file")
 LABELS = {
     "csnap": "csnap-nbd + csnapd",
+    "csnap_direct": "csnap --direct",
     "qcow2": "qemu-nbd + qcow2",
     "file": "nbdkit file",
 }
@@ -160,7 +166,9 @@ async def _data_free(admin: AdminClient) -> int:
     return free
 
 
-async def csnap_round(d: Path, origin: Path, plan: Plan) -> tuple[dict[str, float], dict[str, Any]]:
+async def csnap_round(
+    d: Path, origin: Path, plan: Plan, *, direct: bool = False
+) -> tuple[dict[str, float], dict[str, Any]]:
     store = d / "csnap.store"
     store.unlink(missing_ok=True)
     # Room for three snapshots' copies of the whole region, plus metadata.
@@ -174,12 +182,13 @@ async def csnap_round(d: Path, origin: Path, plan: Plan) -> tuple[dict[str, floa
     sock = d / "csnap.sock"
     times: dict[str, float] = {}
     gateway = ["-m", "csnap_nbd", "--unix", str(sock), "--log-level", "warning"]
+    flags = ["--direct"] if direct else []
     async with (
-        csnapd(store, origin, d / "csnapd.log", "--log-level", "warning") as server,
+        csnapd(store, origin, d / "csnapd.log", "--log-level", "warning", *flags) as server,
         open_admin(server.connect) as admin,
         listening(
             [
-                *(sys.executable, *gateway, "--server", server.address),
+                *(sys.executable, *gateway, *flags, "--server", server.address),
                 *("--origin", str(origin), "--store", str(store)),
             ],
             d / "nbd.log",
@@ -404,6 +413,7 @@ def _skips() -> dict[str, str]:
     skipped = {}
     for system, tools in (
         ("csnap", ("qemu-img", "nbdcopy")),
+        ("csnap_direct", ("qemu-img", "nbdcopy")),
         ("qcow2", ("qemu-img", "qemu-nbd", "nbdcopy")),
         ("file", ("qemu-img", "nbdkit", "nbdcopy")),
     ):
@@ -420,6 +430,7 @@ async def _rounds(
     fill_file(origin, plan.region, 0x5A)
     runs: dict[str, Callable[[], Any]] = {
         "csnap": lambda: csnap_round(d, origin, plan),
+        "csnap_direct": lambda: csnap_round(d, origin, plan, direct=True),
         "qcow2": lambda: qcow2_round(d, plan),
         "file": lambda: file_round(d, origin, plan),
     }
@@ -473,11 +484,18 @@ def nbd_part(directory: Path, *, quick: bool) -> Part:
         if peer in iops and "csnap" in iops
     }
     figures["ratios"] = ratios
+    direct_ratio = {
+        p: ratio(iops["csnap_direct"][p], iops["csnap"][p])
+        for p in (*PHASES, *BACKUPS)
+        if "csnap_direct" in iops and "csnap" in iops
+    }
+    figures["direct_vs_cached"] = direct_ratio
     rows = [
         [
             p,
             *(iops.get(s, {}).get(p) for s in SYSTEMS),
             *(fmt_ratio(ratios.get(peer, {}).get(p)) for peer in ("qcow2", "file")),
+            fmt_ratio(direct_ratio.get(p)),
         ]
         for p in (*PHASES, *BACKUPS)
     ]
@@ -504,7 +522,13 @@ def nbd_part(directory: Path, *, quick: bool) -> Part:
     if tls_skip is not None:
         skipped["csnap_tls"] = tls_skip
     notes += [f"skipped {s}: {why}" for s, why in skipped.items()]
-    headers = ["phase", *(f"{LABELS[s]}" for s in SYSTEMS), "csnap/qcow2", "csnap/file"]
+    headers = [
+        "phase",
+        *(f"{LABELS[s]}" for s in SYSTEMS),
+        "csnap/qcow2",
+        "csnap/file",
+        "direct/csnap",
+    ]
     text = table(headers, rows, notes=notes)
     if tls_skip is None:
         figures["tls"] = _tls_figures(plan, trio.run(_tls_rounds, directory, plan))

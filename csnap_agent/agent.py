@@ -70,9 +70,11 @@ from csnap_protocol import (
     ServerReady,
     SetPriority,
     Shutdown,
+    StandbyRecord,
     StartServer,
     message_id,
 )
+from csnap_protocol.messages import MAX_LIST
 
 __all__ = ["Agent", "Registration"]
 
@@ -567,17 +569,28 @@ class Agent:
             active = self.active
             node, token = self.coordinator.active_holder()
             if active is not None:
-                reply = ServerAt(message.id, active.candidate.address, active.since_ns, token, node)
+                address, since_ns = active.candidate.address, active.since_ns
+            else:
+                address, since_ns = self.coordinator.remote_server() or "", 0
+            if address:
+                standbys = await self._standbys(address) if message.standbys else []
+                reply = ServerAt(message.id, address, since_ns, token, node, tuple(standbys))
                 await self._answer(peer, reply)
-                return
-            remote = self.coordinator.remote_server()
-            if remote is not None:
-                await self._answer(peer, ServerAt(message.id, remote, 0, token, node))
                 return
             if not message.wait:
                 await self._error(peer, message.id, ErrorCode.NO_SERVER, _NO_SERVER)
                 return
             await self._active_changed.wait()
+
+    async def _standbys(self, active_address: str) -> list[StandbyRecord]:
+        """The servers standing by, on every node the coordinator knows of."""
+        waiting = [
+            r.candidate
+            for r in self.servers
+            if r is not self.active and r is not self._starting and not r.fenced
+        ]
+        found = await self.coordinator.standbys(waiting)
+        return [s for s in found if s.address != active_address][:MAX_LIST]
 
     async def _relay_request(self, peer: _Peer, message: Request) -> None:
         request = message.id

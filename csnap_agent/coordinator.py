@@ -16,10 +16,12 @@ the server must stop writing unless `renew` moves it.
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import trio
+
+from csnap_protocol import StandbyRecord
 
 __all__ = ["Candidate", "Coordinator", "CoordinatorError", "Lease", "LocalCoordinator"]
 
@@ -102,6 +104,11 @@ class Coordinator(abc.ABC):
     def active_holder(self) -> tuple[str, int]:
         """The node the active server runs on and its token, if known; ("", 0) if not."""
         return "", 0
+
+    async def standbys(self, waiting: Sequence[Candidate]) -> list[StandbyRecord]:
+        """The servers standing by: `waiting`, this agent's own, and with a
+        cluster coordinator those other nodes' agents campaign for."""
+        return [StandbyRecord(self.node, c.address, c.pid) for c in waiting]
 
 
 class LocalCoordinator(Coordinator):

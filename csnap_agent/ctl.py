@@ -70,7 +70,7 @@ verbs (csnap VERB --help for each):
   status [TAG]                store size and free space, and every snapshot
   priority TAG N              set a snapshot's priority (-128..127)
   usecount TAG [DELTA]        read, or add DELTA to, a snapshot's use count
-  server                      where the active server is, since when, its clients
+  server                      the active server (where, node, token, clients), the standbys
   shutdown                    stop the server cleanly (the store is marked clean)
   delta FROM TO -o FILE       write the chunks that differ between two snapshots
   apply FILE --to TARGET      apply a delta to a raw image of its FROM snapshot
@@ -227,7 +227,8 @@ def _parser() -> argparse.ArgumentParser:
     usecount.add_argument("delta", type=_delta, nargs="?", default=0)
     verb(
         "server",
-        "Where the active server listens, since when, its state and its clients.",
+        "Where the active server listens, since when, its node, fencing token, state and"
+        " clients, and the servers standing by to take over.",
         "csnap server",
     )
     verb(
@@ -340,6 +341,16 @@ async def _run_verb(args: argparse.Namespace, agent: str, limit: float) -> Any:
         raise _Failure(EXIT_REFUSED, "delta_refused", str(exc)) from exc
 
 
+def _render_standbys(standbys: list[dict[str, Any]]) -> str:
+    if not standbys:
+        return "standbys   none\n"
+    lines = [
+        f"{s['address']}" + (f" on node {s['node']}" if s["node"] else "") + f", pid {s['pid']}"
+        for s in standbys
+    ]
+    return "".join(f"{'standbys' if n == 0 else '':<10} {line}\n" for n, line in enumerate(lines))
+
+
 def _status_of(exc: ServerError) -> int:
     code = exc.error
     if code is ErrorCode.NO_SUCH_SNAPSHOT:
@@ -350,10 +361,16 @@ def _status_of(exc: ServerError) -> int:
 
 
 async def _server(agent: str) -> dict[str, Any]:
-    where = await find_server(agent, wait=False)
+    where = await find_server(agent, wait=False, standbys=True)
     async with open_admin(agent_admin_connector(agent)) as admin:
         info = await admin.server_info()
-    return {**info, "active_since_ns": where.since_ns, "node": where.node, "token": where.token}
+    return {
+        **info,
+        "active_since_ns": where.since_ns,
+        "node": where.node,
+        "token": where.token,
+        "standbys": [asdict(s) for s in where.standbys],
+    }
 
 
 async def _status(admin: AdminClient, args: argparse.Namespace) -> Any:
@@ -505,7 +522,7 @@ def _render(verb: str, args: argparse.Namespace, result: Any) -> str:
             f"clients    {result['clients']} connected: {result['origin_clients']} origin,"
             f" {result['snapshot_clients']} snapshot\n"
             f"commits    {result['commits']}\n"
-            f"requests   {result['requests']}\n"
+            f"requests   {result['requests']}\n" + _render_standbys(result["standbys"])
         )
     return "server stopped; the store is clean\n"
 

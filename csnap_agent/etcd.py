@@ -3,7 +3,8 @@
 Only what the agent's election needs: leases (grant, keep alive once,
 revoke), a key's current value, a create-if-absent transaction bound to a
 lease, a delete guarded by the key's creation revision, and a watch of one
-key. Keys and values are bytes; the gateway carries them base64-encoded and
+key; and for the candidates' keys, a put bound to a lease, a delete and
+the keys under a prefix. Keys and values are bytes; the gateway carries them base64-encoded and
 64-bit integers as decimal strings, which this module hides.
 
 Endpoints are tried in turn: a request that cannot reach one (refused,
@@ -195,6 +196,28 @@ class EtcdClient:
             if isinstance(ranged, dict) and ranged.get("kvs"):
                 current = _key_value(ranged["kvs"][0])
         return created, current
+
+    async def put(self, key: bytes, value: bytes, lease: int) -> None:
+        """Put `key` bound to `lease` (it goes when the lease does)."""
+        await self._post(
+            "/v3/kv/put", {"key": _b64(key), "value": _b64(value), "lease": str(lease)}
+        )
+
+    async def delete(self, key: bytes) -> None:
+        """Delete `key` if it exists."""
+        await self._post("/v3/kv/deleterange", {"key": _b64(key)})
+
+    async def get_prefix(self, prefix: bytes) -> list[KeyValue]:
+        """Every key that starts with `prefix`, in key order.
+
+        `prefix` must end in a byte below 0xFF (a "/", say): the range ends
+        where that byte is one larger.
+        """
+        if not prefix or prefix[-1] == 0xFF:
+            raise ValueError(f"prefix {prefix!r} does not end in a byte below 0xff")
+        end = prefix[:-1] + bytes([prefix[-1] + 1])
+        answer = await self._post("/v3/kv/range", {"key": _b64(prefix), "range_end": _b64(end)})
+        return [_key_value(raw) for raw in answer.get("kvs") or []]
 
     async def delete_if_created(self, key: bytes, create_revision: int) -> bool:
         """Delete `key` if it is still the one created at `create_revision`."""

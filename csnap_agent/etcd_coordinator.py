@@ -18,6 +18,9 @@ cluster").
 Resigning (the active server went away) waits until the last deadline given
 to that server has passed, then deletes the key: a server whose connection
 to its agent broke may still be running until then.
+
+A candidate that campaigns and loses keeps a campaign key, so that every
+node can list the standbys (csnap_agent.candidacy).
 """
 
 from __future__ import annotations
@@ -30,8 +33,10 @@ from collections.abc import Callable, Sequence
 
 import trio
 
+from csnap_agent.candidacy import Candidacies
 from csnap_agent.coordinator import Candidate, Coordinator, CoordinatorError, Lease
 from csnap_agent.etcd import EtcdClient, EtcdError, KeyValue
+from csnap_protocol import StandbyRecord
 
 __all__ = ["EtcdCoordinator", "FENCE_FRACTION", "DEFAULT_TTL"]
 
@@ -46,6 +51,8 @@ RENEWALS_PER_TTL = 6
 #: Seconds a candidate waits for the key to go before `elect` says no (and
 #: the agent asks again): bounds how long a missed watch event can delay it.
 CAMPAIGN_WAIT = 1.0
+#: Seconds `csnap server` waits for etcd to list the other nodes' standbys.
+STANDBYS_WAIT = 2.0
 #: Seconds between attempts to (re)start a broken watch.
 WATCH_RETRY = 0.5
 #: Seconds after which a quiet watch is started again from a fresh read: a
@@ -71,6 +78,9 @@ class EtcdCoordinator(Coordinator):
         self.client = client
         self.node = node
         self.key = f"{prefix.rstrip('/')}/stores/{name}/active".encode()
+        self.candidacies = Candidacies(
+            client, store_key=f"{prefix.rstrip('/')}/stores/{name}", node=node, ttl=ttl
+        )
         self.ttl = ttl
         self.renew_interval = ttl / RENEWALS_PER_TTL
         #: The key as etcd last said it is (None: nobody is elected).
@@ -158,9 +168,28 @@ class EtcdCoordinator(Coordinator):
         holder = self.holder
         return holder.create_revision if holder is not None else None
 
+    async def standbys(self, waiting: Sequence[Candidate]) -> list[StandbyRecord]:
+        here = await super().standbys(waiting)
+        listed: list[StandbyRecord] = []
+        try:
+            with trio.move_on_after(STANDBYS_WAIT):
+                listed = await self.candidacies.standbys()
+        except EtcdError as exc:
+            log.debug("cannot list the campaign keys: %s", exc)
+        # This node's from the agent itself: fresher than its keys.
+        return here + [r for r in listed if r.node != self.node]
+
     # -- campaigning ---------------------------------------------------------------
 
     async def elect(self, candidate: Candidate) -> bool:
+        won = await self._campaign(candidate)
+        if won:
+            await self.candidacies.drop(candidate)
+        else:
+            await self.candidacies.keep(candidate)
+        return won
+
+    async def _campaign(self, candidate: Candidate) -> bool:
         if self.holder is not None:
             with trio.move_on_after(CAMPAIGN_WAIT):
                 await self._holder_changed.wait()

@@ -54,11 +54,12 @@ async def open_agent_stream(path: str) -> trio.SocketStream:
     return trio.SocketStream(sock)
 
 
-async def find_server(path: str, *, wait: bool = True) -> ServerAt:
+async def find_server(path: str, *, wait: bool = True, standbys: bool = False) -> ServerAt:
     """Ask the agent at `path` where the active server is.
 
     With `wait`, returns once a server is active; otherwise an agent without
-    one answers `no_server` at once.
+    one answers `no_server` at once. With `standbys`, the reply also lists
+    the servers standing by.
 
     Raises:
         OSError: the agent cannot be reached.
@@ -69,7 +70,7 @@ async def find_server(path: str, *, wait: bool = True) -> ServerAt:
         async with trio.open_nursery() as nursery:
             session = await open_session(nursery, lambda: open_agent_stream(path), Role.CLIENT)
             try:
-                reply = await session.request(NeedServer(1, wait))
+                reply = await session.request(NeedServer(1, wait, standbys))
             finally:
                 await trio.aclose_forcefully(session.stream)
     if not isinstance(reply, ServerAt):

@@ -8,17 +8,27 @@ a worker thread so one slow disk access does not stall other connections,
 except reads of up to CACHED_INLINE_BYTES that the page cache holds whole:
 those are tried on the trio thread with RWF_NOWAIT, which fails at once
 rather than wait for the disk.
+
+A block device is read and written with O_DIRECT (another host may share
+it, and this host's page cache would keep bytes the other one replaced);
+files too on request. Such a descriptor has no page cache to hit, so
+every transfer on it waits for the disk: all of them go to worker
+threads, where several overlap, and the data path does not offer them
+to the *_now (trio thread) calls. They go through csnap_common.direct_io,
+which aligns them (a write that covers a block only partly is a
+read-modify-write of that block).
 """
 
 from __future__ import annotations
 
 import errno
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import trio
 
+from csnap_common.direct_io import DirectFile, DirectIOError, choose_direct
 from csnap_nbd.geometry import Placement
 
 __all__ = ["Backing", "BackingIOError", "Transfer", "INLINE_BYTES", "CACHED_INLINE_BYTES"]
@@ -54,28 +64,57 @@ class Transfer:
 
 
 class Backing:
-    """The origin and the store, open for the gateway's lifetime."""
+    """The origin and the store, open for the gateway's lifetime.
 
-    def __init__(self, origin: str, store: str, *, read_only: bool):
-        self._syncs: dict[tuple[bool, bool], _SyncGroup] = {}
+    `direct`: O_DIRECT for block devices only (None), for files too (True),
+    or never (False). Opening raises BackingIOError where the file system
+    refuses O_DIRECT.
+    """
+
+    def __init__(self, origin: str, store: str, *, read_only: bool, direct: bool | None = None):
         flags = os.O_RDONLY if read_only else os.O_RDWR
-        self.origin_path = origin
-        self.store_path = store
-        self.origin = _open(origin, flags)
+        origin_fd = _open(origin, flags)
         try:
-            self.store = _open(store, flags)
+            store_fd = _open(store, flags)
         except BaseException:
-            os.close(self.origin)
+            os.close(origin_fd)
             raise
+        self._setup(origin_fd, store_fd, origin=origin, store=store, direct=direct)
 
     @classmethod
-    def adopt(cls, origin_fd: int, store_fd: int, *, origin: str, store: str) -> Backing:
-        """A Backing over descriptors already opened (and checked) by the caller."""
+    def adopt(
+        cls,
+        origin_fd: int,
+        store_fd: int,
+        *,
+        origin: str,
+        store: str,
+        direct: bool | None = None,
+    ) -> Backing:
+        """A Backing over descriptors already opened (and checked) by the caller;
+        they are closed if it cannot be made."""
         backing = cls.__new__(cls)
-        backing._syncs = {}
-        backing.origin_path, backing.store_path = origin, store
-        backing.origin, backing.store = origin_fd, store_fd
+        backing._setup(origin_fd, store_fd, origin=origin, store=store, direct=direct)
         return backing
+
+    def _setup(
+        self, origin_fd: int, store_fd: int, *, origin: str, store: str, direct: bool | None
+    ) -> None:
+        self._syncs: dict[tuple[bool, bool], _SyncGroup] = {}
+        self.origin_path, self.store_path = origin, store
+        self.origin, self.store = origin_fd, store_fd
+        #: The descriptors read and written with O_DIRECT.
+        self.direct: dict[int, DirectFile] = {}
+        try:
+            for fd, path in ((origin_fd, origin), (store_fd, store)):
+                if direct is not False and choose_direct(fd, bool(direct)):
+                    self.direct[fd] = DirectFile.enable(fd, what=path)
+        except DirectIOError as exc:
+            self.close()
+            raise BackingIOError(str(exc.strerror), exc.errno) from exc
+        except BaseException:
+            self.close()
+            raise
 
     def close(self) -> None:
         for fd in (self.origin, self.store):
@@ -84,24 +123,29 @@ class Backing:
     async def read(self, transfers: Sequence[Transfer], into: bytearray) -> None:
         """Fill `into` at each placement's buffer offset from its file position."""
         total = _total(transfers)
-        if total <= INLINE_BYTES:
-            _read_all(transfers, into)
+        if total <= INLINE_BYTES and not self.goes_direct(transfers):
+            _read_all(transfers, into, self.direct)
         elif total > CACHED_INLINE_BYTES or not self.read_cached(transfers, into):
-            await trio.to_thread.run_sync(_read_all, transfers, into)
+            await trio.to_thread.run_sync(_read_all, transfers, into, self.direct)
+
+    def goes_direct(self, transfers: Sequence[Transfer]) -> bool:
+        """Whether a transfer touches an O_DIRECT file: it waits for the disk
+        every time, so it goes to a thread (with others in flight meanwhile)."""
+        return any(t.fd in self.direct for t in transfers)
 
     def read_now(self, transfers: Sequence[Transfer], into: bytearray) -> None:
         """`read` on this thread, for callers that know the transfer is small."""
-        _read_all(transfers, into)
+        _read_all(transfers, into, self.direct)
 
     def read_cached(self, transfers: Sequence[Transfer], into: bytearray) -> bool:
         """`read` on this thread if the page cache holds every byte; else False.
 
         After False, `into` may hold part of the data: read it all again.
         """
-        if not _NOWAIT:
-            return False
+        if not _NOWAIT or any(t.fd in self.direct for t in transfers):
+            return False  # no page cache to hit
         try:
-            _read_all(transfers, into, _NOWAIT)
+            _read_all(transfers, into, self.direct, _NOWAIT)
         except BackingIOError as exc:
             if exc.errno in (errno.EAGAIN, errno.EOPNOTSUPP, errno.EINVAL):
                 return False
@@ -110,14 +154,14 @@ class Backing:
 
     async def write(self, transfers: Sequence[Transfer], data: memoryview) -> None:
         """Write `data` at each placement's buffer offset to its file position."""
-        if _total(transfers) <= INLINE_BYTES:
-            _write_all(transfers, data)
+        if _total(transfers) <= INLINE_BYTES and not self.goes_direct(transfers):
+            _write_all(transfers, data, self.direct)
         else:
-            await trio.to_thread.run_sync(_write_all, transfers, data)
+            await trio.to_thread.run_sync(_write_all, transfers, data, self.direct)
 
     def write_now(self, transfers: Sequence[Transfer], data: memoryview) -> None:
         """`write` on this thread, for callers that know the transfer is small."""
-        _write_all(transfers, data)
+        _write_all(transfers, data, self.direct)
 
     async def sync(self, *, origin: bool = True, store: bool = True) -> None:
         """fdatasync: every write that returned before this call is durable after it.
@@ -200,9 +244,24 @@ def _total(transfers: Sequence[Transfer]) -> int:
     return sum(p.size for t in transfers for p in t.placements)
 
 
-def _read_all(transfers: Sequence[Transfer], into: bytearray, flags: int = 0) -> None:
+def _read_all(
+    transfers: Sequence[Transfer],
+    into: bytearray,
+    direct: Mapping[int, DirectFile],
+    flags: int = 0,
+) -> None:
     view = memoryview(into)
     for transfer in transfers:
+        aligned = direct.get(transfer.fd)
+        if aligned is not None:
+            for p in transfer.placements:
+                try:
+                    aligned.read_into(view[p.buffer : p.buffer + p.size], p.position)
+                except OSError as exc:
+                    raise BackingIOError(
+                        f"reading the {transfer.what} at {p.position}: {exc.strerror}", exc.errno
+                    ) from exc
+            continue
         for p in transfer.placements:
             done = 0
             while done < p.size:
@@ -222,8 +281,20 @@ def _read_all(transfers: Sequence[Transfer], into: bytearray, flags: int = 0) ->
                 done += got
 
 
-def _write_all(transfers: Sequence[Transfer], data: memoryview) -> None:
+def _write_all(
+    transfers: Sequence[Transfer], data: memoryview, direct: Mapping[int, DirectFile]
+) -> None:
     for transfer in transfers:
+        aligned = direct.get(transfer.fd)
+        if aligned is not None:
+            for p in transfer.placements:
+                try:
+                    aligned.write(p.position, data[p.buffer : p.buffer + p.size])
+                except OSError as exc:
+                    raise BackingIOError(
+                        f"writing the {transfer.what} at {p.position}: {exc.strerror}", exc.errno
+                    ) from exc
+            continue
         for p in transfer.placements:
             done = 0
             while done < p.size:

@@ -126,6 +126,14 @@ def _parser() -> argparse.ArgumentParser:
         " (default: csnapd's, through an agent only)",
     )
     parser.add_argument(
+        "--direct",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="read and write the origin and store with O_DIRECT, bypassing this host's"
+        " page cache (default: for block devices, which another host may share;"
+        " --direct for files too, --no-direct never)",
+    )
+    parser.add_argument(
         "--credentials",
         type=Path,
         metavar="DIR",
@@ -233,6 +241,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # csnapd authenticated itself with a server credential of the cluster,
         # or an agent of ours named it: either way its paths pass the files rule.
         vouched=True,
+        direct=args.direct,
     )
     try:
         with single_errors():

@@ -129,7 +129,9 @@ def _zero_placements(placements: list[Placement]) -> list[Placement]:
 
 def _read_here(backing: Backing, transfers: list[Transfer], into: bytearray) -> bytearray | None:
     """`into` filled on this thread: small reads always, larger ones from the
-    page cache only; None if that would wait for the disk."""
+    page cache only; None if that would wait for the disk (O_DIRECT always does)."""
+    if backing.goes_direct(transfers):
+        return None
     if len(into) <= INLINE_BYTES:
         backing.read_now(transfers, into)
         return into
@@ -309,8 +311,9 @@ class OriginPath(DataPath):
         return into
 
     def write_now(self, offset: int, data: bytearray, *, fua: bool) -> bool:
-        # A small rewrite of chunks the client knows unique: no csnapd, no task.
-        if fua or len(data) > INLINE_BYTES:
+        # A small rewrite of chunks the client knows unique: no csnapd, no task;
+        # not with O_DIRECT, which waits for the disk (a thread's job).
+        if fua or len(data) > INLINE_BYTES or self.backing.origin in self.backing.direct:
             return False
         first = offset // self.chunk_size
         count = (offset + len(data) - 1) // self.chunk_size - first + 1

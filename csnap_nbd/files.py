@@ -43,7 +43,7 @@ from csnap_client import (
 )
 from csnap_common import split_host_port
 from csnap_common.credentials import ROLE_CLIENT, client_context, store_credentials
-from csnap_nbd.backing import Backing
+from csnap_nbd.backing import Backing, BackingIOError
 
 __all__ = [
     "FileRefusedError",
@@ -88,8 +88,10 @@ def open_backing(
     store: str | None,
     vouched: bool,
     read_only: bool,
+    direct: bool | None = None,
 ) -> Backing:
-    """Both files, each opened under its rule (the module comment).
+    """Both files, each opened under its rule (the module comment), with
+    O_DIRECT as `direct` says (csnap_nbd.backing).
 
     Raises:
         FileRefusedError: a path is not allowed, or a file would not open.
@@ -105,7 +107,12 @@ def open_backing(
     except BaseException:
         os.close(origin_fd)
         raise
-    return Backing.adopt(origin_fd, store_fd, origin=origin_path, store=store_path)
+    try:
+        return Backing.adopt(
+            origin_fd, store_fd, origin=origin_path, store=store_path, direct=direct
+        )
+    except BackingIOError as exc:
+        raise FileRefusedError(str(exc)) from exc
 
 
 def _same_file(a: os.stat_result, b: os.stat_result) -> bool:

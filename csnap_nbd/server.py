@@ -77,6 +77,9 @@ class GatewayConfig:
     #: csnapd is found through an agent whose credentials are checked, so the
     #: paths it reports may be opened when not given (csnap_nbd.files).
     vouched: bool = False
+    #: O_DIRECT for the origin and store: None for block devices only, True
+    #: for files too, False never (csnap_nbd.backing).
+    direct: bool | None = None
     #: What the gateway counts as it serves (read by csnap_nbd.metrics).
     stats: GatewayStats = field(default_factory=GatewayStats, compare=False)
 
@@ -322,6 +325,7 @@ def _open_backing(config: GatewayConfig, store: str, origin: str, geometry: Geom
             store=config.store,
             vouched=config.vouched,
             read_only=config.settings.read_only,
+            direct=config.direct,
         )
     except FileRefusedError as exc:
         raise GatewayStartError(str(exc)) from exc
@@ -332,13 +336,23 @@ def _open_backing(config: GatewayConfig, store: str, origin: str, geometry: Geom
             "origin %s has %d bytes, fewer than the export's %d", origin, size, geometry.size
         )
     log.info(
-        "origin %s, store %s, chunk size %d, %d chunks",
+        "origin %s, store %s, chunk size %d, %d chunks, direct I/O for %s",
         origin,
         store,
         geometry.chunk_size,
         geometry.origin_chunks,
+        _direct_names(backing),
     )
     return backing
+
+
+def _direct_names(backing: Backing) -> str:
+    names = [
+        n
+        for n, fd in (("origin", backing.origin), ("store", backing.store))
+        if fd in backing.direct
+    ]
+    return " and ".join(names) or "neither"
 
 
 async def serve(

@@ -23,9 +23,11 @@ from typing import Annotated, Any, ClassVar, TypeVar, get_type_hints
 from csnap_protocol.records import (
     SERVER_INFO,
     SNAPSHOT_INFO,
+    STANDBY_INFO,
     STORE_STATUS,
     ServerRecord,
     SnapshotRecord,
+    StandbyRecord,
     StoreRecord,
 )
 from csnap_protocol.schema import (
@@ -57,6 +59,7 @@ __all__ = [
     "SnapshotRecord",
     "StoreRecord",
     "ServerRecord",
+    "StandbyRecord",
     "SNAPSHOT_INFO",
     "STORE_STATUS",
     "SERVER_INFO",
@@ -614,6 +617,8 @@ class NeedServer(Request):
     """Where is the active server? With `wait`, the answer comes once there is one."""
 
     wait: Annotated[bool, Flag()]
+    #: Also list the servers standing by (costs the agent a coordinator query).
+    standbys: Annotated[bool, Flag()] = False
 
 
 @_message("server_at", AGENT)
@@ -627,3 +632,5 @@ class ServerAt(Reply):
     token: Annotated[int, U64] = 0
     #: The cluster node it runs on; empty without a cluster coordinator.
     node: Annotated[str, Text(256)] = ""
+    #: The servers standing by, when need_server asked for them.
+    standbys: Annotated[tuple[StandbyRecord, ...], ListOf(STANDBY_INFO, MAX_LIST)] = ()

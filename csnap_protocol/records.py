@@ -1,4 +1,4 @@
-"""The records replies carry: a snapshot, the store, the server.
+"""The records replies carry: a snapshot, the store, the server, a standby.
 
 Each is a frozen dataclass whose fields are declared once, annotated with
 their wire spec; RECORD is the Record spec built from those annotations,
@@ -18,9 +18,11 @@ __all__ = [
     "SnapshotRecord",
     "StoreRecord",
     "ServerRecord",
+    "StandbyRecord",
     "SNAPSHOT_INFO",
     "STORE_STATUS",
     "SERVER_INFO",
+    "STANDBY_INFO",
 ]
 
 TAG = U32
@@ -116,6 +118,21 @@ class ServerRecord:
     requests: Annotated[int, U64]
 
 
+@_record("standby")
+@dataclass(frozen=True, slots=True)
+class StandbyRecord:
+    """A server waiting to take over, as server_at carries it (docs/protocol.md,
+    "Standby record")."""
+
+    RECORD: ClassVar[Record]
+
+    #: The cluster node whose agent it registered with; empty with the local coordinator.
+    node: Annotated[str, Text(256)]
+    address: Annotated[str, Text(256)]
+    pid: Annotated[int, U32]
+
+
 SNAPSHOT_INFO = SnapshotRecord.RECORD
 STORE_STATUS = StoreRecord.RECORD
 SERVER_INFO = ServerRecord.RECORD
+STANDBY_INFO = StandbyRecord.RECORD

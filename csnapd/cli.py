@@ -146,6 +146,14 @@ def _parser() -> argparse.ArgumentParser:
         help="squash expendable snapshots in the background, lowest priority first, to"
         " keep this share of the data area free, e.g. 5%% (default off)",
     )
+    parser.add_argument(
+        "--direct",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="read and write the store and origin with O_DIRECT, bypassing this host's"
+        " page cache (default: for block devices, which another host may share;"
+        " --direct for files too, --no-direct never)",
+    )
     add_metrics(parser)
     parser.add_argument(
         "--credentials",
@@ -189,6 +197,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         agent=args.agent,
         space=SpacePolicy(warn_at=args.warn_at, keep_free=args.keep_free),
         credentials=args.credentials,
+        direct=args.direct,
     )
     try:
         with single_errors():

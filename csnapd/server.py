@@ -155,6 +155,9 @@ class ServerConfig:
     #: The directory with the cluster CA and the server credential; None:
     #: STORE.keys, made there when listening on loopback (csnapd.credentials).
     credentials: Path | None = None
+    #: O_DIRECT for the store and origin: None for block devices only, True
+    #: for files too, False never (csnap_common.direct_io).
+    direct: bool | None = None
 
     def __post_init__(self) -> None:
         if not 1 <= self.max_chunks <= MAX_REQUEST_CHUNKS:
@@ -931,6 +934,7 @@ async def _open_engine(config: ServerConfig, *, lock: bool = True) -> Engine:
             lock=lock,
             cache_bytes=config.cache_bytes,
             origin_writable=True,
+            direct=config.direct,
         )
     )
     report = engine.recovery

@@ -194,7 +194,7 @@ def check_nbd_part(part: dict[str, Any]) -> None:
     assert part["io_bytes"] == 4096 and part["queue_depth"] == 16
     skipped = part["skipped"]
     assert "csnap" not in skipped, skipped
-    for system in ("csnap", "qcow2", "file"):
+    for system in ("csnap", "csnap_direct", "qcow2", "file"):
         if system in skipped:
             assert skipped[system]  # a reason, not just a name
             continue
@@ -203,6 +203,9 @@ def check_nbd_part(part: dict[str, Any]) -> None:
             assert len(part[system]["round_iops"][phase]) == part["rounds"]
     # Each first write after a snapshot copies exactly one 64 KiB chunk.
     assert part["csnap"]["copied_bytes_per_first_write"] == part["chunk_bytes"]
+    # csnap again with O_DIRECT (--direct to csnapd and csnap-nbd), and its ratio.
+    assert "csnap_direct" not in skipped, skipped
+    assert all(r is not None and r > 0 for r in part["direct_vs_cached"].values())
     # NBD with and without TLS, side by side on one gateway.
     assert "csnap_tls" not in skipped, skipped
     tls = part["tls"]

@@ -45,7 +45,17 @@ OTHER_CONSTANTS: dict[str, object] = {"MAX_LIST": messages.MAX_LIST}
 #: csnapd limits the "Limits" table must give, with their defaults.
 _CONFIG_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ServerConfig)}
 #: Every ServerConfig field is a limit the doc must list, except these.
-_NOT_LIMITS = {"store", "origin", "host", "port", "cache_bytes", "agent", "space", "credentials"}
+_NOT_LIMITS = {
+    "store",
+    "origin",
+    "host",
+    "port",
+    "cache_bytes",
+    "agent",
+    "space",
+    "credentials",
+    "direct",
+}
 LIMITS: dict[str, object] = {
     name: default for name, default in _CONFIG_DEFAULTS.items() if name not in _NOT_LIMITS
 }

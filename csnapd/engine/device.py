@@ -6,6 +6,9 @@ write durable. Two implementations:
 
   FileDevice    a regular file or a block device, with pread, pwrite and
                 fdatasync, and an exclusive flock on request (rule: one server per store).
+                A block device is read and written with O_DIRECT (another host
+                may share it, and a page cache would keep bytes it replaced);
+                a file too on request (csnap_common.direct_io).
   MemoryDevice  a sparse in-memory device that records every write and sync,
                 and can "crash": keep everything synced, and any chosen
                 subset of the unsynced writes, some torn at 512-byte sectors.
@@ -24,6 +27,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from csnap_common.direct_io import DirectFile, choose_direct
 from csnapd.engine.errors import StoreLockedError
 
 __all__ = [
@@ -84,13 +88,27 @@ class BlockDevice(Protocol):
 
 
 class FileDevice:
-    """A regular file or block device, accessed with pread/pwrite/fdatasync."""
+    """A regular file or block device, accessed with pread/pwrite/fdatasync.
 
-    def __init__(self, path: str | os.PathLike[str], *, writable: bool = True, lock: bool = False):
+    `direct`: None goes direct (O_DIRECT) for a block device only, True for
+    a file too, False never. Opening raises DirectIOError (an OSError) where
+    the file system refuses O_DIRECT.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        writable: bool = True,
+        lock: bool = False,
+        direct: bool | None = None,
+    ):
         self.path = os.fspath(path)
         self.stats = DeviceStats()
         flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC
         self._fd = os.open(self.path, flags)
+        #: Set when the device is read and written with O_DIRECT.
+        self.direct: DirectFile | None = None
         try:
             if lock:
                 try:
@@ -104,6 +122,8 @@ class FileDevice:
                 self._size = os.lseek(self._fd, 0, os.SEEK_END)
             else:
                 self._size = os.fstat(self._fd).st_size
+            if direct is not False and choose_direct(self._fd, bool(direct)):
+                self.direct = DirectFile.enable(self._fd, what=self.path)
         except BaseException:
             os.close(self._fd)
             raise
@@ -115,6 +135,8 @@ class FileDevice:
     def read(self, offset: int, length: int) -> bytes:
         self.stats.reads += 1
         self.stats.bytes_read += length
+        if self.direct is not None:
+            return self.direct.read(offset, length)
         data = os.pread(self._fd, length, offset)
         if len(data) == length:
             return data
@@ -135,6 +157,9 @@ class FileDevice:
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         self.stats.writes += 1
         self.stats.bytes_written += len(data)
+        if self.direct is not None:
+            self.direct.write(offset, data)
+            return
         view = memoryview(data)
         while view:
             done = os.pwrite(self._fd, view, offset)
@@ -145,6 +170,11 @@ class FileDevice:
 
     def writev(self, offset: int, buffers: Sequence[bytes]) -> None:
         total = sum(len(b) for b in buffers)
+        if self.direct is not None:
+            self.stats.writes += 1
+            self.stats.bytes_written += total
+            self.direct.writev(offset, buffers)
+            return
         done = os.pwritev(self._fd, buffers, offset) if buffers else 0
         self.stats.writes += 1
         self.stats.bytes_written += total

@@ -232,22 +232,25 @@ class Engine:
         cache_bytes: int = DEFAULT_CACHE_BYTES,
         clock: Callable[[], int] = time.time_ns,
         origin_writable: bool = False,
+        direct: bool | None = None,
     ) -> Engine:
         """Open a store kept in files or block devices, taking its lock.
 
         The origin is opened for writing only with `origin_writable` (a
         server, which reverts it); otherwise a revert fails with an I/O error.
+        `direct`: O_DIRECT for block devices only (None), for files too
+        (True), or never (False); see FileDevice.
 
         Raises:
             StoreLockedError: another server holds the store (rule: one server per store).
             StoreOpenError, StoreIOError: as for `open`.
         """
         try:
-            store = FileDevice(store_path, writable=True, lock=lock)
+            store = FileDevice(store_path, writable=True, lock=lock, direct=direct)
         except OSError as exc:
             raise StoreOpenError(f"cannot open store {store_path}: {exc.strerror}") from exc
         try:
-            origin = FileDevice(origin_path, writable=origin_writable)
+            origin = FileDevice(origin_path, writable=origin_writable, direct=direct)
         except OSError as exc:
             store.close()
             raise StoreOpenError(f"cannot open origin {origin_path}: {exc.strerror}") from exc

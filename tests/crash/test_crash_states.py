@@ -36,7 +36,7 @@ def operations(seed: int) -> int:
 @pytest.mark.parametrize(
     "seed",
     # The small store first: what only wrapping allocation shows, shows soonest.
-    sorted(range(SEEDS), key=lambda seed: store_bytes(seed) != SMALL),
+    sorted(range(SEEDS), key=lambda seed: store_bytes(int(seed)) != SMALL),
 )
 def test_every_crash_state_recovers(seed: int) -> None:
     """One workload per seed (a test each, so a parallel run spreads them)."""

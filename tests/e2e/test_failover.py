@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from csnap_client import agent_connector, open_client
+from csnap_client import agent_connector, find_server, open_client
 from tests.credentials import tls
 from tests.e2e.processes import Daemon, agent_names, csnap, poll, start_agent, start_csnapd, tail
 from tests.e2e.test_agent import make, store_is_clean
@@ -57,6 +57,11 @@ async def test_a_standby_takes_over_after_relayed_administration(tmp_path: Path)
 
         with trio.fail_after(30):
             await poll(registered)
+        # One node: the agent itself knows its standby (`csnap server` lists it).
+        where = await find_server(str(sock), wait=False, standbys=True)
+        assert [(s.node, s.address, s.pid) for s in where.standbys] == [
+            ("", f"{host2}:{port2}", second.process.pid)
+        ]
         # The agent relays administration to the active server: its relay
         # connection is open when that server dies.
         status = await csnap(sock, "status")
