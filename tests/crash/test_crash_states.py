@@ -35,8 +35,9 @@ def operations(seed: int) -> int:
 @pytest.mark.timeout(1200)
 @pytest.mark.parametrize(
     "seed",
-    # The small store first: what only wrapping allocation shows, shows soonest.
-    sorted(range(SEEDS), key=lambda seed: store_bytes(int(seed)) != SMALL),
+    # The small store (store_bytes) first: what only wrapping allocation
+    # shows, shows soonest.
+    sorted(range(SEEDS), key=lambda seed: seed % 3 != 2),
 )
 def test_every_crash_state_recovers(seed: int) -> None:
     """One workload per seed (a test each, so a parallel run spreads them)."""
