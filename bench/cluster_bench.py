@@ -55,7 +55,7 @@ class Plan:
     region: int
 
 
-QUICK = Plan(rounds=1, seconds=1.0, clients=8, region=1024)
+QUICK = Plan(rounds=1, seconds=0.5, clients=2, region=256)
 FULL = Plan(rounds=3, seconds=5.0, clients=8, region=16384)
 
 

@@ -356,9 +356,9 @@ async def test_three_nodes_survive_a_whole_node_kill_and_a_hung_gateway(tmp_path
         async with trio.open_nursery() as nursery:
             for node in nodes:
                 nursery.start_soon(keep_writing, node, writers)
-            await trio.sleep(1.5)
-            snapshots.append(await create(others[1], 2))
             await trio.sleep(1.0)
+            snapshots.append(await create(others[1], 2))
+            await trio.sleep(0.7)
             active.alive = False
             killed = trio.current_time()
             assert len(kill_host(active.host)) >= 3
@@ -369,9 +369,9 @@ async def test_three_nodes_survive_a_whole_node_kill_and_a_hung_gateway(tmp_path
             assert granted - killed < 10 * TTL
             assert new_token > token
             survivor = await serving(others)
-            await trio.sleep(1.0)
+            await trio.sleep(0.7)
             snapshots.append(await create(survivor, 3))
-            await trio.sleep(1.0)
+            await trio.sleep(0.7)
             writers.stop = True
         assert token_of(store) == new_token
         acknowledged = [w for w in writers.writes if w.acknowledged]
