@@ -68,6 +68,8 @@ CHUNK = 4096
 
 @dataclass
 class Node:
+    """A namespace with its agent, its csnapd candidate and its gateway."""
+
     name: str
     host: Host
     sock: Path
@@ -78,6 +80,7 @@ class Node:
     nbd: Daemon
     #: nbd://127.0.0.1:PORT: the gateway, reached from inside the node only.
     url: str
+    #: False once the whole node is killed: its writer stops.
     alive: bool = True
 
     def inside(self, *argv: str) -> list[str]:
@@ -85,6 +88,7 @@ class Node:
 
 
 async def next_line(daemon: Daemon) -> str:
+    """The next line a daemon prints after its first."""
     assert daemon.process.stdout is not None
     line = b""
     with trio.fail_after(30):
