@@ -14,6 +14,9 @@ writes every figure, with a description of the machine, as JSON.
   recovery   start to ready after SIGKILL with a full journal (bench.recovery_bench)
   failover   SIGKILL of the active csnapd to the first write granted by the
              next one, two nodes electing through etcd (bench.failover_bench)
+  cluster    metadata queries/s from clients on three nodes (each through
+             its own agent) against one server, beside one node
+             (bench.cluster_bench)
   metrics    csnapd's metadata query rate with and without --metrics
              (bench.metrics_bench)
   changes    the changelist over a million exceptions; delta size and speed
@@ -43,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.changes_bench import changes_part
+from bench.cluster_bench import cluster_part
 from bench.common import Part, machine, progress
 from bench.failover_bench import failover_part
 from bench.metrics_bench import metrics_part
@@ -62,6 +66,7 @@ PARTS: dict[str, tuple[str, Callable[..., Part]]] = {
     "lifecycle": ("snapshot create and delete latency, sweep rate", lifecycle_part),
     "recovery": ("start to ready after SIGKILL with a full journal", recovery_part),
     "failover": ("kill -9 of the active csnapd to the next granted write, via etcd", failover_part),
+    "cluster": ("metadata queries/s from clients on three nodes against one server", cluster_part),
     "metrics": ("the metadata query rate with and without --metrics", metrics_part),
     "changes": ("the changelist over a million exceptions; delta size and speed", changes_part),
     "reclaim": ("delete and squash cost against what the snapshot owns", reclaim_part),

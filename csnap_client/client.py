@@ -270,6 +270,10 @@ class DataClient:
                 if not started:
                     started = True
                     task_status.started()
+                if self._closing:
+                    # Closed while this session was being set up: aclose()
+                    # found no session to end, so end this one here.
+                    await session.abandon()
                 await session.closed.wait()
                 self._session = None
                 self._forget_unique()

@@ -120,6 +120,7 @@ def test_suite_quick(tmp_path: Path) -> None:
         "lifecycle",
         "recovery",
         "failover",
+        "cluster",
         "metrics",
         "changes",
         "reclaim",
@@ -138,6 +139,8 @@ def test_suite_quick(tmp_path: Path) -> None:
     check_recovery_part(parts["recovery"])
     check_failover_part(parts["failover"])
     check_metrics_part(parts["metrics"])
+    cluster = parts["cluster"]
+    assert cluster["one_node_queries_per_s"] > 0 and cluster["three_nodes_queries_per_s"] > 0
     assert parts["lifecycle"]["exceptions_swept"] == parts["lifecycle"]["exceptions"]
     check_changes_part(parts["changes"])
     check_reclaim_part(parts["reclaim"])

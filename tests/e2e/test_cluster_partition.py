@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
-import subprocess
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +22,7 @@ import trio
 from csnap_client import agent_store_connector, find_server, open_client
 from csnap_common.credentials import make_credentials, store_credentials
 from tests.e2e.etcd import Etcd, running_etcd
+from tests.e2e.namespaces import Host, hosts, ip
 from tests.e2e.processes import Daemon, agent_names, csnap, start, tail
 from tests.e2e.test_agent import make, store_is_clean
 from tests.e2e.test_cluster import TTL, token_of
@@ -31,63 +30,6 @@ from tests.e2e.test_failover import reaped
 from tests.server.support import label, pread, pwrite
 
 pytestmark = pytest.mark.e2e
-
-
-def _ip(*args: str) -> None:
-    result = subprocess.run(["ip", *args], capture_output=True, text=True, check=False)
-    if result.returncode != 0:
-        pytest.fail(f"ip {' '.join(args)}: {result.stderr.strip()} (the test runs as root)")
-
-
-@dataclass
-class Host:
-    """A network namespace with one address on the test's bridge."""
-
-    namespace: str
-    #: The root namespace's end of its veth pair: down means partitioned.
-    link: str
-    address: str
-
-
-@contextmanager
-def hosts(count: int) -> Iterator[tuple[str, list[Host]]]:
-    """A bridge with an address, and `count` namespaces on it; all removed at the end."""
-    if os.geteuid() != 0:
-        pytest.fail("network namespaces need root: run the suite as root")
-    tag = f"{os.getpid() % 100000}"
-    subnet = f"10.{200 + os.getpid() % 50}.{os.getpid() % 250}"
-    bridge = f"csbr{tag}"
-    made: list[Host] = []
-    try:
-        _ip("link", "add", bridge, "type", "bridge")
-        _ip("addr", "add", f"{subnet}.1/24", "dev", bridge)
-        _ip("link", "set", bridge, "up")
-        for number in range(count):
-            host = Host(f"csns{tag}n{number}", f"csv{tag}n{number}", f"{subnet}.{number + 2}")
-            _ip("netns", "add", host.namespace)
-            made.append(host)
-            _ip(
-                "link",
-                "add",
-                host.link,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                "eth0",
-                "netns",
-                host.namespace,
-            )
-            _ip("link", "set", host.link, "master", bridge, "up")
-            inside = ("netns", "exec", host.namespace, "ip")
-            _ip(*inside, "addr", "add", f"{host.address}/24", "dev", "eth0")
-            _ip(*inside, "link", "set", "eth0", "up")
-            _ip(*inside, "link", "set", "lo", "up")
-        yield f"{subnet}.1", made
-    finally:
-        for host in made:
-            subprocess.run(["ip", "netns", "del", host.namespace], check=False)
-        subprocess.run(["ip", "link", "del", bridge], check=False, capture_output=True)
 
 
 @dataclass
@@ -188,7 +130,7 @@ async def test_a_partitioned_server_fences_itself_and_the_other_node_takes_over(
             ):
                 pwrite(origin, 2, label(2, 1))
 
-        _ip("link", "set", isolated.host.link, "down")
+        ip("link", "set", isolated.host.link, "down")
         cut = trio.current_time()
         with trio.fail_after(15):
             status = await isolated.server.process.wait()
@@ -203,7 +145,7 @@ async def test_a_partitioned_server_fences_itself_and_the_other_node_takes_over(
         new_token = token_of(store)
         assert new_token > token
 
-        _ip("link", "set", isolated.host.link, "up")
+        ip("link", "set", isolated.host.link, "up")
         # Back on the network, the isolated node's agent follows the new server.
         with trio.fail_after(15):
             await agent_names(isolated.sock, other.address)
