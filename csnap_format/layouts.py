@@ -37,6 +37,7 @@ __all__ = [
     "HEADER",
     "GEOMETRY",
     "STATE",
+    "RESIZE_STATE",
     "SNAPSHOT_RECORD",
     "SUPERBLOCK",
     "GEOMETRY_BACKUP",
@@ -102,6 +103,12 @@ STATE = Struct(
     "fence_ns" / Int64ul,
 )
 
+#: State bytes 128..143 (superblock 640..655): online resizing.
+RESIZE_STATE = Struct(
+    "resized_ns" / Int64ul,
+    "reserved" / Bytes(8),
+)
+
 SNAPSHOT_RECORD = Struct(
     "tag" / Int32ul,
     "state" / Int8ul,
@@ -116,7 +123,9 @@ SNAPSHOT_RECORD = Struct(
 )
 
 _GEOMETRY_PAD = SECTOR_SIZE - 4 - HEADER_SIZE - GEOMETRY.sizeof()
-_STATE_PAD = 1024 - SECTOR_SIZE - STATE.sizeof()
+_RESIZE_STATE_AT = 128
+_STATE_PAD = _RESIZE_STATE_AT - STATE.sizeof()
+_STATE_PAD2 = 1024 - SECTOR_SIZE - _RESIZE_STATE_AT - RESIZE_STATE.sizeof()
 
 SUPERBLOCK = Struct(
     "header" / HEADER,
@@ -125,6 +134,8 @@ SUPERBLOCK = Struct(
     "geometry_crc" / Int32ul,
     "state" / STATE,
     "state_reserved" / Bytes(_STATE_PAD),
+    "resize" / RESIZE_STATE,
+    "state_reserved2" / Bytes(_STATE_PAD2),
     "snapshots" / Array(MAX_SNAPSHOTS, SNAPSHOT_RECORD),
     "reserved" / GreedyBytes,
 )

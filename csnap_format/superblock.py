@@ -73,6 +73,10 @@ _GEOMETRY_CRC_AT = SECTOR_SIZE - 4
 _STATE = struct.Struct("<II11Q")
 _STATE_AT = SECTOR_SIZE
 _STATE_END = 1024
+# Geometry changes (docs/format.md, "Resizing"): when the last resize was
+# journaled, then 8 bytes kept zero; state bytes 128..143.
+_RESIZE = struct.Struct("<Q8x")
+_RESIZE_AT = _STATE_AT + 128
 # Snapshot record: tag, state, priority, reserved, use count, reserved,
 # created, origin chunks, unique chunks, shared chunks.
 _RECORD = struct.Struct("<IBbHIIQQQQ")
@@ -81,7 +85,8 @@ _TABLE_END = _TABLE_AT + MAX_SNAPSHOTS * _RECORD.size
 _NAME = "superblock"
 
 assert _GEOMETRY_AT + _GEOMETRY.size <= _GEOMETRY_CRC_AT
-assert _STATE_AT + _STATE.size <= _STATE_END
+assert _STATE_AT + _STATE.size <= _RESIZE_AT
+assert _RESIZE_AT + _RESIZE.size <= _STATE_END
 assert _RECORD.size == 48
 assert _TABLE_END == 4096
 
@@ -129,6 +134,8 @@ class Superblock:
     fence_token: int = 0
     #: When that server journaled its token, nanoseconds since the Unix epoch.
     fence_ns: int = 0
+    #: When the last online resize was journaled (ns since the epoch); 0: never.
+    resized_ns: int = 0
 
 
 def _pack_geometry(block: bytearray, g: Geometry) -> None:
@@ -182,6 +189,7 @@ def encode_superblock(sb: Superblock) -> bytes:
         sb.fence_token,
         sb.fence_ns,
     )
+    _RESIZE.pack_into(block, _RESIZE_AT, sb.resized_ns)
     for bit, record in enumerate(sb.snapshots):
         if record is not None:
             _RECORD.pack_into(
@@ -293,8 +301,11 @@ def decode_superblock(block: bytes | bytearray | memoryview) -> Superblock:
     problems = []
     if state not in (STATE_CLEAN, STATE_BUSY):
         problems.append(f"state {state} is neither clean nor busy")
-    if not is_zero(block, _STATE_AT + _STATE.size, _STATE_END) or not is_zero(
-        block, _TABLE_END, geometry.block_size
+    (resized_ns,) = _RESIZE.unpack_from(block, _RESIZE_AT)
+    if (
+        not is_zero(block, _STATE_AT + _STATE.size, _RESIZE_AT)
+        or not is_zero(block, _RESIZE_AT + 8, _STATE_END)
+        or not is_zero(block, _TABLE_END, geometry.block_size)
     ):
         problems.append("reserved bytes are not zero")
     sb = Superblock(
@@ -314,6 +325,7 @@ def decode_superblock(block: bytes | bytearray | memoryview) -> Superblock:
         snapshots=_decode_table(block, problems),
         fence_token=fence_token,
         fence_ns=fence_ns,
+        resized_ns=resized_ns,
     )
     problems += _state_problems(sb)
     if problems:

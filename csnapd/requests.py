@@ -38,6 +38,8 @@ from csnap_protocol import (
     QueryOwned,
     QuerySnapshotRead,
     QueryWrite,
+    Resize,
+    Resized,
     ServerInfoReply,
     ServerRecord,
     SetPriority,
@@ -87,6 +89,7 @@ Inbound = (
     | CreateSnapshot
     | BarrierDone
     | Shutdown
+    | Resize
 )
 _INBOUND: tuple[type[Message], ...] = get_args(Inbound)
 
@@ -155,6 +158,9 @@ class RequestHandlers:
             case DeleteSnapshot():
                 batch.replies.append((peer, self._delete(peer, message, batch)))
                 return False
+            case Resize():
+                batch.replies.append((peer, self._resize(message)))
+                return False
             case QueryWrite():
                 reply = self._query_write(peer, message, batch.writes)
                 if reply is not None:
@@ -195,6 +201,40 @@ class RequestHandlers:
             case _:
                 assert_never(message)
 
+    def _resize(self, message: Resize) -> Resized:
+        """Grow (or safely shrink) the origin and the store (csnapd.engine.resize)."""
+        result = self._engine.resize(
+            origin_bytes=message.origin_bytes,
+            store_bytes=message.store_bytes,
+            grow_files=message.grow_files,
+        )
+        chunk = self._engine.chunk_size
+        log.info(
+            "resized: origin %d -> %d bytes, store %d -> %d bytes",
+            result.origin_chunks_before * chunk,
+            result.origin_chunks * chunk,
+            result.store_chunks_before * chunk,
+            result.store_chunks * chunk,
+            extra={
+                "event": "store.resized",
+                "origin_bytes": result.origin_chunks * chunk,
+                "store_bytes": result.store_chunks * chunk,
+                "grown_files": list(result.grown_files),
+            },
+        )
+        return Resized(
+            message.id,
+            chunk,
+            result.origin_chunks_before,
+            result.origin_chunks,
+            result.store_chunks_before,
+            result.store_chunks,
+            result.capacity_chunks,
+            result.data_chunks,
+            result.data_free,
+            result.grown_files,
+        )
+
     # -- the data path -----------------------------------------------------------
 
     def _identify(self, peer: Peer, message: Identify) -> Identified:
@@ -226,7 +266,7 @@ class RequestHandlers:
             message.id,
             message.snapshot,
             g.chunk_size,
-            g.origin_chunks,
+            self._engine.snapshot_chunks(message.snapshot),
             self._epoch,
             self._max_chunks,
             self._gate.lease_ms,

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from csnap_protocol import ErrorCode
 from csnapd.engine import (
+    BeyondCapacityError,
+    DeviceTooSmallError,
     EngineError,
     EngineFailedError,
     FencedError,
@@ -18,6 +20,8 @@ from csnapd.engine import (
     MetadataFullError,
     OverlappingRangesError,
     RequestTooLargeError,
+    ResizeRefusedError,
+    ShrinkRefusedError,
     SnapshotBusyError,
     SnapshotExistsError,
     SnapshotNotFoundError,
@@ -53,6 +57,10 @@ ENGINE_ERROR_CODES: dict[type[EngineError], ErrorCode] = {
     StoreOpenError: ErrorCode.IO_ERROR,
     StoreLockedError: ErrorCode.IO_ERROR,
     FencedError: ErrorCode.FENCED,
+    ResizeRefusedError: ErrorCode.RESIZE_REFUSED,
+    ShrinkRefusedError: ErrorCode.SHRINK_REFUSED,
+    DeviceTooSmallError: ErrorCode.DEVICE_TOO_SMALL,
+    BeyondCapacityError: ErrorCode.BEYOND_CAPACITY,
 }
 
 

@@ -34,6 +34,7 @@ from csnap_format import (
     Geometry,
     decode_geometry,
     decode_superblock,
+    store_capacity,
 )
 from csnapd.engine.allocator import Allocator, data_space, metadata_space
 from csnapd.engine.btree import ExceptionTree
@@ -45,6 +46,13 @@ from csnapd.engine.errors import FencedError, StoreIOError, StoreOpenError
 from csnapd.engine.journal import Journal, JournalStats, RecoveryReport
 from csnapd.engine.pager import CacheStats, Pager
 from csnapd.engine.reads import ChunkReads
+from csnapd.engine.resize import (
+    ResizeResult,
+    apply_resize,
+    plan_resize,
+    repair_geometry_backup,
+    write_geometry_backup,
+)
 from csnapd.engine.results import (
     OriginWriteResult,
     ReadSegment,
@@ -128,7 +136,6 @@ class Engine:
         clock: Callable[[], int],
         owns_devices: bool,
     ):
-        self.geometry = geometry
         #: What opening the store replayed from the journal.
         self.recovery = recovery
         #: Whether the store was marked clean when opened: its last server
@@ -141,13 +148,23 @@ class Engine:
         self._owns_devices = owns_devices
         self._journal = journal
         self._state = state
-        self._pager = Pager(store, geometry, cache_bytes // geometry.block_size)
+        self._cache_pages = cache_bytes // geometry.block_size
+        self._assemble(geometry)
+
+    def _assemble(self, geometry: Geometry) -> None:
+        """Build the parts that keep one piece of the store, for `geometry`.
+
+        Called again by `resize` (at a transaction boundary) with the new one.
+        """
+        self.geometry = geometry
+        store, origin, state, journal = self._store, self._origin, self._state, self._journal
+        self._pager = Pager(store, geometry, self._cache_pages)
         meta = Allocator(self._pager, state, metadata_space(geometry))
         data = Allocator(self._pager, state, data_space(geometry))
         tree = self._tree = ExceptionTree(self._pager, state, geometry, meta)
         txn = Transaction(journal, self._pager, state, geometry, (meta, data), self.stats)
         self._txn = txn
-        self._snapshots = SnapshotTable(state, geometry, txn, clock)
+        self._snapshots = SnapshotTable(state, geometry, txn, self._clock)
         self._copy = CopyOut(
             devices=(store, origin),
             geometry=geometry,
@@ -193,10 +210,14 @@ class Engine:
             raise StoreIOError(f"reading the superblock: {exc.strerror or exc}") from exc
         except FormatError as exc:
             raise StoreOpenError(f"the superblock is damaged after replay: {exc}") from exc
+        # A resize journaled but not yet written home: the replayed
+        # superblock holds the geometry that counts (csnapd.engine.resize).
+        _check_sizes(store, origin, sb.geometry)
+        repair_geometry_backup(store, sb.geometry)
         engine = cls(
             store,
             origin,
-            geometry,
+            sb.geometry,
             journal,
             report,
             StoreState.from_superblock(sb),
@@ -497,6 +518,66 @@ class Engine:
         """Store totals and every snapshot, without walking the btree."""
         self._txn.check_usable()
         return self._snapshots.status(self._journal.next_sequence - 1)
+
+    # -- resizing ----------------------------------------------------------------
+
+    def resize(
+        self,
+        *,
+        origin_bytes: int | None = None,
+        store_bytes: int | None = None,
+        grow_files: bool = False,
+    ) -> ResizeResult:
+        """Grow (or safely shrink) the origin and the store, online.
+
+        Commits what is pending, then commits the resize as a transaction of
+        its own and rewrites the geometry backup (csnapd.engine.resize).
+
+        Raises:
+            ResizeRefusedError: a subclass naming why; nothing was changed.
+            StoreIOError, EngineFailedError: the store could not be written.
+        """
+        self._txn.check_usable()
+        self.commit()
+        before = self.geometry
+        after, grown = plan_resize(
+            before,
+            self._state,
+            self._pager,
+            (self._store, self._origin),
+            origin_bytes=origin_bytes,
+            store_bytes=store_bytes,
+            grow_files=grow_files,
+        )
+        now = self._clock()
+        self._assemble(after)
+        try:
+            self._txn.request(lambda: apply_resize(before, after, self._state, self._pager, now))
+            self.commit()
+        except BaseException:
+            if not self._txn.failed:
+                self._assemble(before)
+            raise
+        try:
+            self._journal.sync()
+        except OSError as exc:
+            raise StoreIOError(f"syncing the resize: {exc.strerror or exc}") from exc
+        write_geometry_backup(self._store, after)
+        return ResizeResult(
+            origin_chunks_before=before.origin_chunks,
+            origin_chunks=after.origin_chunks,
+            store_chunks_before=before.store_chunks,
+            store_chunks=after.store_chunks,
+            capacity_chunks=store_capacity(after),
+            data_chunks=after.data_chunks,
+            data_free=self._state.data_free,
+            grown_files=grown,
+        )
+
+    def snapshot_chunks(self, tag: int | None) -> int:
+        """Chunks of the view `tag` (None: the origin): a snapshot's size is
+        the origin's when it was taken."""
+        return self._snapshots.view_chunks(tag)
 
     # -- background deletion -------------------------------------------------
 

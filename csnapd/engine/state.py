@@ -52,6 +52,8 @@ class StoreState:
     #: The fencing token journaled last, and when (docs/format.md, "State").
     fence_token: int = 0
     fence_ns: int = 0
+    #: When the last online resize was journaled (csnapd.engine.resize).
+    resized_ns: int = 0
 
     @classmethod
     def from_superblock(cls, sb: Superblock) -> StoreState:
@@ -72,6 +74,7 @@ class StoreState:
             shared=[r.shared_chunks if r else 0 for r in sb.snapshots],
             fence_token=sb.fence_token,
             fence_ns=sb.fence_ns,
+            resized_ns=sb.resized_ns,
         )
 
     def to_superblock(self, geometry: Geometry, sequence: int) -> Superblock:
@@ -109,6 +112,7 @@ class StoreState:
             snapshots=tuple(records),
             fence_token=self.fence_token,
             fence_ns=self.fence_ns,
+            resized_ns=self.resized_ns,
         )
 
     def copy(self) -> StoreState:
@@ -129,6 +133,7 @@ class StoreState:
             list(self.shared),
             self.fence_token,
             self.fence_ns,
+            self.resized_ns,
         )
 
     def assign(self, other: StoreState) -> None:
