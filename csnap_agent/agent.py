@@ -64,6 +64,7 @@ from csnap_protocol import (
     RemoteProtocolError,
     RenewLease,
     Request,
+    Resize,
     Role,
     ServerAt,
     ServerReady,
@@ -87,6 +88,7 @@ RELAYED = (
     ChangeUseCount,
     GetServerInfo,
     Shutdown,
+    Resize,
 )
 #: Largest frame the agent accepts: its messages are small.
 MAX_FRAME = 1 << 16
