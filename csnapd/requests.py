@@ -209,18 +209,15 @@ class RequestHandlers:
             grow_files=message.grow_files,
         )
         chunk = self._engine.chunk_size
+        grown = f"; grew the {' and '.join(result.grown_files)} file" if result.grown_files else ""
         log.info(
-            "resized: origin %d -> %d bytes, store %d -> %d bytes",
+            "resized: origin %d -> %d bytes, store %d -> %d bytes%s",
             result.origin_chunks_before * chunk,
             result.origin_chunks * chunk,
             result.store_chunks_before * chunk,
             result.store_chunks * chunk,
-            extra={
-                "event": "store.resized",
-                "origin_bytes": result.origin_chunks * chunk,
-                "store_bytes": result.store_chunks * chunk,
-                "grown_files": list(result.grown_files),
-            },
+            grown,
+            extra={"event": "store.resized"},
         )
         return Resized(
             message.id,
