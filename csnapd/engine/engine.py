@@ -149,6 +149,8 @@ class Engine:
         self._journal = journal
         self._state = state
         self._cache_pages = cache_bytes // geometry.block_size
+        #: Squashes noted by a squasher `resize` replaced, not yet taken.
+        self._squashed_earlier: list[Squashed] = []
         self._assemble(geometry)
 
     def _assemble(self, geometry: Geometry) -> None:
@@ -504,7 +506,8 @@ class Engine:
 
     def take_squashed(self) -> list[Squashed]:
         """Snapshots squashed to make room since the last call, in order."""
-        return self._squasher.take_squashed()
+        earlier, self._squashed_earlier = self._squashed_earlier, []
+        return earlier + self._squasher.take_squashed()
 
     def snapshot(self, tag: int) -> SnapshotInfo:
         """One snapshot by tag."""
@@ -550,6 +553,7 @@ class Engine:
             grow_files=grow_files,
         )
         now = self._clock()
+        self._squashed_earlier += self._squasher.take_squashed()
         self._assemble(after)
         try:
             self._txn.request(lambda: apply_resize(before, after, self._state, self._pager, now))
