@@ -51,6 +51,7 @@ from csnapd.engine.resize import (
     apply_resize,
     plan_resize,
     repair_geometry_backup,
+    resize_steps,
     write_geometry_backup,
 )
 from csnapd.engine.results import (
@@ -552,21 +553,19 @@ class Engine:
             store_bytes=store_bytes,
             grow_files=grow_files,
         )
-        now = self._clock()
-        self._squashed_earlier += self._squasher.take_squashed()
-        self._assemble(after)
+        for step in resize_steps(before, after, self._txn.max_blocks):
+            self._resize_step(step)
         try:
-            self._txn.request(lambda: apply_resize(before, after, self._state, self._pager, now))
-            self.commit()
-        except BaseException:
-            if not self._txn.failed:
-                self._assemble(before)
-            raise
-        try:
+            # Block 0 durable at home first: one copy of the geometry is always whole.
             self._journal.sync()
-        except OSError as exc:
-            raise StoreIOError(f"syncing the resize: {exc.strerror or exc}") from exc
-        write_geometry_backup(self._store, after)
+            write_geometry_backup(self._store, after)
+        except (OSError, StoreIOError) as exc:
+            # The resize is durable: answering an error would say it was not.
+            log.error(
+                "resized, but the geometry backup in block 1 could not be rewritten (%s);"
+                " it is rewritten when the store is next opened",
+                exc,
+            )
         return ResizeResult(
             origin_chunks_before=before.origin_chunks,
             origin_chunks=after.origin_chunks,
@@ -577,6 +576,20 @@ class Engine:
             data_free=self._state.data_free,
             grown_files=grown,
         )
+
+    def _resize_step(self, after: Geometry) -> None:
+        """Commit one transaction that moves the geometry to `after`."""
+        before = self.geometry
+        now = self._clock()
+        self._squashed_earlier += self._squasher.take_squashed()
+        self._assemble(after)
+        try:
+            self._txn.request(lambda: apply_resize(before, after, self._state, self._pager, now))
+            self.commit()
+        except BaseException:
+            if not self._txn.failed:
+                self._assemble(before)
+            raise
 
     def snapshot_chunks(self, tag: int | None) -> int:
         """Chunks of the view `tag` (None: the origin): a snapshot's size is

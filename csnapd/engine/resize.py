@@ -59,6 +59,7 @@ __all__ = [
     "LiveMasks",
     "plan_resize",
     "apply_resize",
+    "resize_steps",
     "highest_key",
     "write_geometry_backup",
     "repair_geometry_backup",
@@ -254,15 +255,52 @@ def _check_origin_shrink(state: StoreState, pager: Pager, origin_chunks: int) ->
 
 
 def _check_store_shrink(geometry: Geometry, pager: Pager, store_chunks: int) -> None:
-    bits = bitmap_bits_per_block(geometry.block_size)
-    for unit in range(store_chunks, geometry.store_chunks):
-        index, bit = divmod(unit, bits)
+    for index, offset, span in _bitmap_spans(geometry, store_chunks, geometry.store_chunks):
         page = pager.bitmap(geometry.data_bitmap_start + index)
-        if (page.bits | page.reserved) >> bit & 1:
+        used = (page.bits | page.reserved) >> offset & ((1 << span) - 1)
+        if used:
+            unit = index * bitmap_bits_per_block(geometry.block_size) + offset
+            unit += (used & -used).bit_length() - 1
             raise ShrinkRefusedError(
                 f"store chunk {unit} is in use: the store cannot shrink to {store_chunks}"
                 " chunks (only free space at its end can go)"
             )
+
+
+def _bitmap_spans(geometry: Geometry, low: int, high: int) -> list[tuple[int, int, int]]:
+    """(bitmap block index, first bit, bit count) covering chunks [low, high)."""
+    bits = bitmap_bits_per_block(geometry.block_size)
+    spans = []
+    unit = low
+    while unit < high:
+        index, offset = divmod(unit, bits)
+        span = min(high - unit, bits - offset)
+        spans.append((index, offset, span))
+        unit += span
+    return spans
+
+
+def resize_steps(before: Geometry, after: Geometry, max_blocks: int) -> list[Geometry]:
+    """The geometries to commit in turn to get from `before` to `after`.
+
+    One step unless the store's end moves over more data bitmap blocks than
+    one transaction carries (with the superblock): then the store moves in
+    steps of that many blocks, the origin with the first. Every step is a
+    consistent store; a crash between steps leaves a size between the two.
+    """
+    bits = bitmap_bits_per_block(before.block_size)
+    # A span of n chunks touches at most n // bits + 2 bitmap blocks.
+    most = max(1, (max_blocks - 3) * bits)
+    steps = []
+    store = before.store_chunks
+    while True:
+        distance = after.store_chunks - store
+        store += max(-most, min(most, distance))
+        steps.append(
+            dataclasses.replace(after, store_chunks=store, data_chunks=store - after.data_start)
+        )
+        if store == after.store_chunks:
+            return steps
 
 
 def apply_resize(
@@ -273,18 +311,13 @@ def apply_resize(
     The caller rebuilt its components for `after`, so the superblock the
     transaction writes carries the new geometry.
     """
-    bits = bitmap_bits_per_block(before.block_size)
     low, high = sorted((before.store_chunks, after.store_chunks))
     growing = after.store_chunks > before.store_chunks
-    unit = low
-    while unit < high:
-        index, offset = divmod(unit, bits)
-        span = min(high - unit, bits - offset)
+    for index, offset, span in _bitmap_spans(before, low, high):
         mask = ((1 << span) - 1) << offset
         page = pager.modify(pager.bitmap(before.data_bitmap_start + index))
         # Bits past the store's end are set and stay set (docs/format.md).
         page.bits = page.bits & ~mask if growing else page.bits | mask
-        unit += span
     state.data_free += after.store_chunks - before.store_chunks
     if state.data_cursor >= after.store_chunks:
         state.data_cursor = after.data_start

@@ -37,13 +37,16 @@ MIB = 1 << 20
 
 
 def reserved_store(
-    store_bytes: int = 8 * MIB, max_store_bytes: int = 32 * MIB, origin_bytes: int = 2 * MIB
+    store_bytes: int = 8 * MIB,
+    max_store_bytes: int = 32 * MIB,
+    origin_bytes: int = 2 * MIB,
+    journal_bytes: int = 256 << 10,
 ) -> tuple[MemoryDevice, MemoryDevice, int]:
     """A store formatted to grow to `max_store_bytes`, on devices of that size."""
     g = plan_geometry(
         store_bytes=store_bytes,
         origin_bytes=origin_bytes,
-        journal_bytes=256 << 10,
+        journal_bytes=journal_bytes,
         max_store_bytes=max_store_bytes,
         uuid=UUID,
         created_ns=1,
@@ -216,3 +219,20 @@ def test_grow_files(tmp_path: object) -> None:
     assert store_path.stat().st_size == 8 * MIB
     assert origin_path.stat().st_size == 2 * MIB
     engine.close()
+
+
+def test_a_growth_larger_than_one_transaction_goes_in_steps() -> None:
+    """With the smallest journal one transaction carries 19 blocks: growing
+    by almost 5 GiB (40 bitmap blocks at 4K chunks) takes three commits,
+    each a consistent store, and ends clean."""
+    gib = 1 << 30
+    store, origin, _ = reserved_store(
+        store_bytes=128 * MIB, max_store_bytes=5 * gib, origin_bytes=MIB, journal_bytes=64 * 4096
+    )
+    engine = Engine.open(store, origin)
+    commits = engine.stats.commits
+    engine.resize(store_bytes=5 * gib)
+    assert engine.stats.commits - commits == 3
+    assert engine.status().store_chunks == 5 * gib // 4096
+    engine.close()
+    assert_clean(store)
