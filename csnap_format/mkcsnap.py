@@ -106,6 +106,8 @@ class FormatResult:
                 f" {format_size(g.journal_blocks * g.block_size)}, bitmaps"
                 f" {format_size(bitmap_bytes)},"
                 f" btree area {format_size(g.meta_blocks * g.block_size)}",
+                f"  can grow to    {format_size(store_capacity(g) * g.chunk_size)}"
+                " online (csnap resize; mkcsnap --max-store-size reserves more)",
             ]
         )
 
