@@ -15,7 +15,9 @@ import pytest
 import trio
 
 from csnap_client import ServerError
+from csnap_delta import DeltaWriteError, write_delta
 from csnap_protocol import ErrorCode
+from tests.credentials import connector
 from tests.nbd.support import (
     ORIGIN_SIZE,
     csnap_check,
@@ -88,6 +90,11 @@ async def test_grow_origin_and_store_while_qemu_io_writes(tmp_path: Path) -> Non
         await run(*qemu_io(gw.url(), f"write -P 0x77 0 {2 * ORIGIN_SIZE}"))
         await run(*qemu_io(gw.url("snap-2"), f"read -P 0x5a {ORIGIN_SIZE + MIB} 1M"))
         await run(*qemu_io(gw.url("snap-2"), f"read -P 0 {ORIGIN_SIZE} 1M"))
+
+        # A delta joins snapshots of one size.
+        connect = connector("127.0.0.1", gw.csnapd_port, gw.store)
+        with pytest.raises(DeltaWriteError, match="different sizes"):
+            await write_delta(connect, connect, 1, 2, tmp_path / "1-2.delta")
 
         # Refused shrinks change nothing.
         async with gw.admin() as admin:
