@@ -5,8 +5,10 @@ What a resize may change (docs/format.md, "Resizing"): the geometry's
 `origin_chunks`, `store_chunks` and `data_chunks`, nothing else. Every
 region (journal, bitmaps, metadata area, data area start) stays where it is,
 so the journal is found with the old geometry or the new one alike, and a
-resize is one ordinary journaled transaction: the superblock with the new
-geometry and the data bitmap blocks whose bits the new store end changes.
+resize is an ordinary journaled transaction: the superblock with the new
+geometry and the data bitmap blocks whose bits the new store end changes
+(several such transactions, each a consistent store, when those blocks do
+not fit in one: `resize_steps`).
 The geometry backup in block 1 is rewritten after that transaction is
 durable at home, and again at open whenever it disagrees with block 0
 (`repair_geometry_backup`), so a crash at any point leaves one intact copy
