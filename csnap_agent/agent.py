@@ -65,6 +65,7 @@ from csnap_protocol import (
     RenewLease,
     Request,
     RevertSnapshot,
+    Resize,
     Role,
     ServerAt,
     ServerReady,
@@ -91,6 +92,7 @@ RELAYED = (
     ChangeUseCount,
     GetServerInfo,
     Shutdown,
+    Resize,
 )
 #: Largest frame the agent accepts: its messages are small.
 MAX_FRAME = 1 << 16

@@ -21,6 +21,7 @@ from typing import Any, TextIO
 
 import trio
 
+from csnap_agent import resize_cli
 from csnap_client import (
     AdminClient,
     ConnectionLostError,
@@ -72,6 +73,8 @@ verbs (csnap VERB --help for each):
   usecount TAG [DELTA]        read, or add DELTA to, a snapshot's use count
   server                      the active server (where, node, token, clients), the standbys
   shutdown                    stop the server cleanly (the store is marked clean)
+  resize --origin-size SIZE --store-size SIZE
+                              grow the origin and/or the store online
   delta FROM TO -o FILE       write the chunks that differ between two snapshots
   apply FILE --to TARGET      apply a delta to a raw image of its FROM snapshot
   receive FILE                receive a delta into this store: creates snapshot TO
@@ -87,7 +90,7 @@ examples:
   csnap keys /etc/csnap/keys
 
 exit status: 0 done, 1 refused by the server (snapshot exists, 64 snapshots
-live, use count not zero, store full, ...), 2 bad usage, 3 no such snapshot,
+live, use count not zero, store full, unsafe shrink, ...), 2 bad usage, 3 no such snapshot,
 4 the agent or the server could not be reached or did not answer in time.
 """
 
@@ -237,6 +240,7 @@ def _parser() -> argparse.ArgumentParser:
         "csnap shutdown",
     )
     delta_cli.add_verbs(verb, _tag)
+    resize_cli.add_verb(verb)
     keys = verb(
         "keys",
         "Make credentials in DIR: the cluster CA (ca-cert.pem, ca-key.pem) when DIR has"
@@ -268,7 +272,10 @@ def _keys(args: argparse.Namespace, out: TextIO) -> int:
 def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     """Run one verb; returns the exit status."""
     out = out or sys.stdout
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.verb == "resize" and (problem := resize_cli.usage_problem(args)):
+        parser.error(problem)
     if args.verb == "keys":
         return _keys(args, out)
     agent = getattr(args, "agent", None) or default_agent()
@@ -433,6 +440,7 @@ _VERBS: dict[str, Callable[[AdminClient, argparse.Namespace], Awaitable[Any]]] =
     "priority": lambda admin, args: admin.set_priority(args.tag, args.priority),
     "usecount": lambda admin, args: admin.change_use_count(args.tag, args.delta),
     "shutdown": _shutdown,
+    "resize": resize_cli.run_resize,
 }
 
 
@@ -509,6 +517,8 @@ def _render(verb: str, args: argparse.Namespace, result: Any) -> str:
         return _table(_SNAPSHOT_HEADERS, rows)
     if verb == "status":
         return _render_status(result)
+    if verb == "resize":
+        return resize_cli.render(result)
     if verb == "server":
         return (
             f"server     {result['address']}\n"

@@ -25,6 +25,8 @@ from csnap_protocol import (
     Request,
     RevertReply,
     RevertSnapshot,
+    Resize,
+    Resized,
     Role,
     ServerInfoReply,
     SetPriority,
@@ -87,6 +89,17 @@ class AdminClient:
         reply = await self._call(GetServerInfo(next(self._ids)))
         assert isinstance(reply, ServerInfoReply)
         return asdict(reply.server)
+
+    async def resize(
+        self, *, origin_bytes: int | None, store_bytes: int | None, grow_files: bool = False
+    ) -> dict[str, Any]:
+        """Grow (or safely shrink) the origin and/or the store; sizes before and after."""
+        reply = await self._call(Resize(next(self._ids), origin_bytes, store_bytes, grow_files))
+        assert isinstance(reply, Resized)
+        result = asdict(reply)
+        del result["id"]
+        result["grown_files"] = list(reply.grown_files)
+        return result
 
     async def shutdown(self) -> None:
         await self._call(Shutdown(next(self._ids)))

@@ -59,6 +59,7 @@ Rules:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import itertools
 import logging
@@ -314,7 +315,9 @@ class DataClient:
         self.token = identified.token
         if self.info is not None and (
             identified.chunk_size != self.info.chunk_size
-            or identified.origin_chunks != self.info.origin_chunks
+            # The origin may have grown meanwhile (csnap resize); a snapshot keeps its size.
+            or identified.origin_chunks < self.info.origin_chunks
+            or (self.snapshot is not None and identified.origin_chunks != self.info.origin_chunks)
         ):
             raise ServerError(
                 int(ErrorCode.INVALID_REQUEST), "invalid_request", "the server's geometry changed"
@@ -422,6 +425,19 @@ class DataClient:
         while grants & self._grants:
             self._grants_changed = trio.Event()
             await self._grants_changed.wait()
+
+    def grow_origin(self, origin_chunks: int) -> None:
+        """The origin grew to `origin_chunks` (csnap resize): serve its new chunks too.
+
+        Only an origin client grows, and never shrinks; csnapd checks every
+        range against its own size whatever this client believes.
+        """
+        info = self.info
+        if info is None or self.snapshot is not None or origin_chunks <= info.origin_chunks:
+            return
+        self.info = dataclasses.replace(info, origin_chunks=origin_chunks)
+        if self._unique is not None:
+            self._unique.extend(bytes((origin_chunks + 7) // 8 - len(self._unique)))
 
     def _forget_unique(self) -> None:
         if self._unique is not None:

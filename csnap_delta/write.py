@@ -181,11 +181,19 @@ async def write_delta(
     for tag in (base, target):
         if tag is not None and tag not in tags:
             raise DeltaWriteError(f"there is no live snapshot {tag}")
+    # Each snapshot keeps the origin size it was taken at (csnap resize).
+    size = tags[target].origin_chunks
+    if base is not None and tags[base].origin_chunks != size:
+        raise DeltaWriteError(
+            f"snapshots {base} and {target} were taken of origins of different sizes"
+            f" ({tags[base].origin_chunks} and {size} chunks): a delta joins snapshots of"
+            " one size; write a full delta (FROM none) instead"
+        )
     header = DeltaHeader(
         flags=(FLAG_ZSTD if compressed else 0) | (FLAG_FULL if base is None else 0),
         chunk_size=status.store.chunk_size,
         store_uuid=status.store.uuid,
-        origin_chunks=status.store.origin_chunks,
+        origin_chunks=size,
         from_tag=0 if base is None else base,
         to_tag=target,
         from_created_ns=0 if base is None else tags[base].created_ns,

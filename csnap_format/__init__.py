@@ -58,6 +58,7 @@ from csnap_format.geometry import (
     index_capacity,
     leaf_room,
     plan_geometry,
+    store_capacity,
 )
 from csnap_format.header import BlockContext, BlockHeader, block_checksum, read_header
 from csnap_format.journal import CommitRecord, decode_commit, encode_commit, payload_crc
@@ -113,6 +114,7 @@ __all__ = [
     # geometry
     "Geometry",
     "plan_geometry",
+    "store_capacity",
     "bitmap_bits_per_block",
     "index_capacity",
     "leaf_room",

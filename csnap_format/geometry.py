@@ -45,6 +45,7 @@ __all__ = [
     "plan_geometry",
     "check_unit_sizes",
     "geometry_problems",
+    "store_capacity",
     "LEAF_ENTRY_BYTES",
     "EXCEPTION_BYTES",
 ]
@@ -188,13 +189,19 @@ class Geometry:
         origin_chunks: int,
         journal_blocks: int,
         meta_blocks: int,
+        data_bitmap_blocks: int | None = None,
     ) -> Geometry:
-        """The one layout that the given sizes imply (regions packed in order)."""
+        """The one layout that the given sizes imply (regions packed in order).
+
+        The data bitmap covers the store (`data_bitmap_blocks` None), or is
+        given larger: room reserved for the store to grow into.
+        """
         bits = bitmap_bits_per_block(block_size)
         meta_bitmap_start = JOURNAL_START + journal_blocks
         meta_bitmap_blocks = math.ceil(meta_blocks / bits)
         data_bitmap_start = meta_bitmap_start + meta_bitmap_blocks
-        data_bitmap_blocks = math.ceil(store_chunks / bits)
+        if data_bitmap_blocks is None:
+            data_bitmap_blocks = math.ceil(store_chunks / bits)
         meta_start = data_bitmap_start + data_bitmap_blocks
         meta_end = meta_start + meta_blocks
         data_start = math.ceil(meta_end * block_size / chunk_size)
@@ -250,12 +257,35 @@ def geometry_problems(g: Geometry) -> list[str]:
         origin_chunks=g.origin_chunks,
         journal_blocks=g.journal_blocks,
         meta_blocks=g.meta_blocks,
+        data_bitmap_blocks=g.data_bitmap_blocks,
     )
-    if expected != g:
+    if g.data_bitmap_blocks < math.ceil(g.store_chunks / bitmap_bits_per_block(g.block_size)):
+        problems.append("the data bitmap does not cover the store")
+    elif expected != g:
         problems.append("region positions do not follow from the sizes (see docs/format.md)")
     elif g.data_chunks < 1:
         problems.append("no room left for data chunks")
     return problems
+
+
+def store_capacity(g: Geometry) -> int:
+    """The most chunks this store can grow to without moving a region.
+
+    Two things bound it: the data bitmap (one bit per store chunk, its size
+    fixed at format) and the metadata area, which must still hold the worst
+    case btree for every data chunk (see `metadata_blocks_for`).
+    """
+    by_bitmap = g.data_bitmap_blocks * bitmap_bits_per_block(g.block_size)
+    # metadata_blocks_for grows with its argument: bisect the largest data
+    # area the metadata area still covers.
+    low, high = 0, by_bitmap
+    while low < high:
+        middle = (low + high + 1) // 2
+        if metadata_blocks_for(middle, g.block_size) <= g.meta_blocks:
+            low = middle
+        else:
+            high = middle - 1
+    return max(g.store_chunks, min(by_bitmap, g.data_start + low))
 
 
 def check_unit_sizes(*, block_size: int, chunk_size: int) -> None:
@@ -283,10 +313,14 @@ def plan_geometry(
     block_size: int = 4096,
     chunk_size: int = 4096,
     journal_bytes: int | None = None,
+    max_store_bytes: int | None = None,
     uuid: bytes,
     created_ns: int,
 ) -> Geometry:
     """Plan a new store's geometry from the sizes a user asked for.
+
+    `max_store_bytes` (default: the store size) is what the store may later
+    grow to online: the data bitmap and the metadata area are sized for it.
 
     Raises:
         LayoutError: with a message fit to show the user as is.
@@ -308,6 +342,12 @@ def plan_geometry(
                 f"({MIN_JOURNAL_BLOCKS * block_size} bytes at this block size)"
             )
     store_chunks = store_bytes // chunk_size
+    max_chunks = store_chunks if max_store_bytes is None else max_store_bytes // chunk_size
+    if max_chunks < store_chunks:
+        raise LayoutError(
+            f"maximum store size of {max_store_bytes} bytes is below the store size"
+            f" of {store_bytes} bytes"
+        )
     geometry = Geometry.canonical(
         uuid=uuid,
         created_ns=created_ns,
@@ -316,7 +356,8 @@ def plan_geometry(
         store_chunks=store_chunks,
         origin_chunks=origin_chunks,
         journal_blocks=journal_blocks,
-        meta_blocks=metadata_blocks_for(store_chunks, block_size),
+        meta_blocks=metadata_blocks_for(max_chunks, block_size),
+        data_bitmap_blocks=math.ceil(max_chunks / bitmap_bits_per_block(block_size)),
     )
     if geometry.data_chunks < 1:
         need = (geometry.data_start + 1) * chunk_size

@@ -37,6 +37,7 @@ __all__ = [
     "HEADER",
     "GEOMETRY",
     "STATE",
+    "RESIZE_STATE",
     "SNAPSHOT_RECORD",
     "SUPERBLOCK",
     "GEOMETRY_BACKUP",
@@ -109,6 +110,12 @@ STATE = Struct(
     "revert_reserved" / Int16ul,
 )
 
+#: State bytes 128..143 (superblock 640..655): online resizing.
+RESIZE_STATE = Struct(
+    "resized_ns" / Int64ul,
+    "reserved" / Bytes(8),
+)
+
 SNAPSHOT_RECORD = Struct(
     "tag" / Int32ul,
     "state" / Int8ul,
@@ -123,7 +130,9 @@ SNAPSHOT_RECORD = Struct(
 )
 
 _GEOMETRY_PAD = SECTOR_SIZE - 4 - HEADER_SIZE - GEOMETRY.sizeof()
-_STATE_PAD = 1024 - SECTOR_SIZE - STATE.sizeof()
+_RESIZE_STATE_AT = 128
+assert STATE.sizeof() == _RESIZE_STATE_AT  # resizing state follows at once
+_STATE_PAD = 1024 - SECTOR_SIZE - _RESIZE_STATE_AT - RESIZE_STATE.sizeof()
 
 SUPERBLOCK = Struct(
     "header" / HEADER,
@@ -131,6 +140,7 @@ SUPERBLOCK = Struct(
     "geometry_reserved" / Bytes(_GEOMETRY_PAD),
     "geometry_crc" / Int32ul,
     "state" / STATE,
+    "resize" / RESIZE_STATE,
     "state_reserved" / Bytes(_STATE_PAD),
     "snapshots" / Array(MAX_SNAPSHOTS, SNAPSHOT_RECORD),
     "reserved" / GreedyBytes,

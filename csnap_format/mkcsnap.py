@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from csnap_common import Progress, SizeError, format_size, parse_size
 from csnap_format.errors import FormatError, LayoutError
-from csnap_format.geometry import Geometry, check_unit_sizes, plan_geometry
+from csnap_format.geometry import Geometry, check_unit_sizes, plan_geometry, store_capacity
 from csnap_format.mkfs import format_block_count, format_blocks
 from csnap_format.superblock import decode_geometry
 
@@ -43,7 +43,8 @@ examples:
 
 exit status: 0 formatted, 1 refused or failed (existing store without
 --force, missing file, I/O error), 2 bad arguments (unreadable size, chunk
-size not a power of two in 4K..1M, store too small for its own metadata).
+size not a power of two in 4K..1M, store too small for its own metadata,
+--max-store-size below the store size).
 """
 
 
@@ -83,6 +84,7 @@ class FormatResult:
             "btree_area_bytes": g.meta_blocks * g.block_size,
             "metadata_bytes": g.metadata_bytes,
             "metadata_percent": round(100 * g.metadata_bytes / g.store_bytes, 3),
+            "max_store_bytes": store_capacity(g) * g.chunk_size,
         }
 
     def summary(self) -> str:
@@ -104,6 +106,8 @@ class FormatResult:
                 f" {format_size(g.journal_blocks * g.block_size)}, bitmaps"
                 f" {format_size(bitmap_bytes)},"
                 f" btree area {format_size(g.meta_blocks * g.block_size)}",
+                f"  can grow to    {format_size(store_capacity(g) * g.chunk_size)}"
+                " online (csnap resize; mkcsnap --max-store-size reserves more)",
             ]
         )
 
@@ -137,6 +141,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--origin-size",
         help="create ORIGIN as a sparse file of this size if it does not exist",
+    )
+    parser.add_argument(
+        "--max-store-size",
+        help="largest size the store may later grow to online with `csnap resize`"
+        " (default: the store size; the bitmap and btree area are sized for it)",
     )
     parser.add_argument("--force", action="store_true", help="overwrite an existing csnap store")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -242,6 +251,7 @@ def format_store(
     journal_size: int | None = None,
     store_size: int | None = None,
     origin_size: int | None = None,
+    max_store_size: int | None = None,
     force: bool = False,
     progress: bool | None = None,
 ) -> FormatResult:
@@ -263,6 +273,7 @@ def format_store(
         block_size=block_size,
         chunk_size=chunk_size,
         journal_bytes=journal_size,
+        max_store_bytes=max_store_size,
         uuid=uuidlib.uuid4().bytes,
         created_ns=time.time_ns(),
     )
@@ -317,6 +328,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             journal_size=_size(args.journal_size, "--journal-size"),
             store_size=_size(args.store_size, "--store-size"),
             origin_size=_size(args.origin_size, "--origin-size"),
+            max_store_size=_size(args.max_store_size, "--max-store-size"),
             force=args.force,
         )
     except (_UsageError, LayoutError) as exc:

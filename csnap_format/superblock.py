@@ -78,6 +78,10 @@ _STATE_AT = SECTOR_SIZE
 _REVERT = struct.Struct("<QQQIBBH")
 _REVERT_AT = _STATE_AT + 96
 _STATE_END = 1024
+# Geometry changes (docs/format.md, "Resizing"): when the last resize was
+# journaled, then 8 bytes kept zero; state bytes 128..143.
+_RESIZE = struct.Struct("<Q8x")
+_RESIZE_AT = _STATE_AT + 128
 # Snapshot record: tag, state, priority, reserved, use count, reserved,
 # created, origin chunks, unique chunks, shared chunks.
 _RECORD = struct.Struct("<IBbHIIQQQQ")
@@ -87,7 +91,8 @@ _NAME = "superblock"
 
 assert _GEOMETRY_AT + _GEOMETRY.size <= _GEOMETRY_CRC_AT
 assert _STATE_AT + _STATE.size == _REVERT_AT
-assert _REVERT_AT + _REVERT.size <= _STATE_END
+assert _REVERT_AT + _REVERT.size == _RESIZE_AT
+assert _RESIZE_AT + _RESIZE.size <= _STATE_END
 assert _RECORD.size == 48
 assert _TABLE_END == 4096
 
@@ -151,6 +156,8 @@ class Superblock:
     fence_ns: int = 0
     #: The revert in progress, if any (docs/format.md, "State").
     revert: RevertProgress | None = None
+    #: When the last online resize was journaled (ns since the epoch); 0: never.
+    resized_ns: int = 0
 
 
 def _pack_geometry(block: bytearray, g: Geometry) -> None:
@@ -217,6 +224,7 @@ def encode_superblock(sb: Superblock) -> bytes:
             revert.bit,
             0,
         )
+    _RESIZE.pack_into(block, _RESIZE_AT, sb.resized_ns)
     for bit, record in enumerate(sb.snapshots):
         if record is not None:
             _RECORD.pack_into(
@@ -329,7 +337,8 @@ def decode_superblock(block: bytes | bytearray | memoryview) -> Superblock:
     if state not in (STATE_CLEAN, STATE_BUSY):
         problems.append(f"state {state} is neither clean nor busy")
     revert = _decode_revert(block, problems)
-    if not is_zero(block, _REVERT_AT + _REVERT.size, _STATE_END) or not is_zero(
+    (resized_ns,) = _RESIZE.unpack_from(block, _RESIZE_AT)
+    if not is_zero(block, _RESIZE_AT + 8, _STATE_END) or not is_zero(
         block, _TABLE_END, geometry.block_size
     ):
         problems.append("reserved bytes are not zero")
@@ -351,6 +360,7 @@ def decode_superblock(block: bytes | bytearray | memoryview) -> Superblock:
         fence_token=fence_token,
         fence_ns=fence_ns,
         revert=revert,
+        resized_ns=resized_ns,
     )
     problems += _state_problems(sb)
     if problems:

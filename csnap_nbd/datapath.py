@@ -159,7 +159,12 @@ class DataPath:
         self.client = client
         self.backing = backing
         self.chunk_size = client.chunk_size
-        self.size = client.origin_chunks * client.chunk_size
+
+    @property
+    def size(self) -> int:
+        """The export's size now: a snapshot's is fixed, the origin's grows
+        when csnapd's does (csnap resize; Exports.use tells the client)."""
+        return self.client.origin_chunks * self.client.chunk_size
 
     def _pieces(self, offset: int, length: int) -> Iterator[Piece]:
         # Read at each call: a csnapd restarted in between may announce another limit.

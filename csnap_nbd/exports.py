@@ -153,6 +153,43 @@ class Exports:
             raise ServerUnreachableError(f"cannot list snapshots: {exc}") from exc
         return {int(s["tag"]): str(s.get("state", "live")) for s in snapshots}
 
+    async def export_size(self, tag: int | None) -> int:
+        """The export's size in bytes now, as csnapd says.
+
+        A snapshot keeps the size it was taken at; the origin's grows with
+        csnap resize, and the shared origin client learns it here, so every
+        NBD connection made after a resize sees the new size (connections
+        already open keep the size they negotiated: NBD cannot change it).
+
+        Raises:
+            ServerUnreachableError: csnapd did not answer (only when no open
+                client knows the size).
+        """
+        entry = self._open.get(tag)
+        known = entry.path.size if entry is not None and entry.path is not None else None
+        if tag is not None and known is not None:
+            return known
+        try:
+            with trio.fail_after(ADMIN_TIMEOUT):
+                async with open_admin(self._admin_connect) as admin:
+                    if tag is None:
+                        chunks = (await admin.status()).store.origin_chunks
+                    else:
+                        sizes = {
+                            int(s["tag"]): int(s["origin_chunks"])
+                            for s in await admin.list_snapshots()
+                        }
+                        chunks = sizes.get(tag, self.geometry.origin_chunks)
+        except (trio.TooSlowError, OSError, ServerError, ConnectionLostError) as exc:
+            if known is not None:
+                log.warning("cannot ask csnapd for the origin's size (%s); keeping it", exc)
+                return known
+            raise ServerUnreachableError(f"cannot ask csnapd for the export's size: {exc}") from exc
+        if entry is not None and entry.path is not None:
+            entry.path.client.grow_origin(chunks)
+            return entry.path.size
+        return chunks * self.geometry.chunk_size
+
     async def list_exports(self) -> list[ExportInfo]:
         """Every export now: the origin, then each live snapshot, oldest first."""
         tags = await self.snapshot_tags()
@@ -191,6 +228,7 @@ class Exports:
             UnknownExportError: csnapd refused the export (a snapshot not live).
         """
         entry = self._open.get(tag)
+        reused = entry is not None
         if entry is None:
             entry = self._open[tag] = _Open(tag)
             await self._start(entry)
@@ -198,6 +236,9 @@ class Exports:
             await entry.ready.wait()
         if entry.path is None:
             raise UnknownExportError(entry.failure or f"cannot open {_describe(tag)}")
+        if tag is None and reused:
+            # The origin's client outlives connections: it may predate a resize.
+            await self.export_size(None)
         entry.users += 1
         try:
             yield entry.path
@@ -263,10 +304,12 @@ class Exports:
             )
 
     def _path(self, client: DataClient, tag: int | None) -> DataPath:
-        if client.chunk_size != self.geometry.chunk_size or (
-            client.origin_chunks != self.geometry.origin_chunks
-        ):
-            raise ServerError(0, "geometry", "csnapd's geometry changed since the gateway started")
+        # The origin may grow (csnap resize) and each snapshot has its own size:
+        # only the chunk size is the gateway's for good.
+        if client.chunk_size != self.geometry.chunk_size:
+            raise ServerError(
+                0, "geometry", "csnapd's chunk size changed since the gateway started"
+            )
         if tag is None:
             return OriginPath(client, self.backing)
         return SnapshotPath(client, self.backing)

@@ -266,7 +266,14 @@ async def _info(state: _State, opt: int, data: bytes) -> None:
             await state.error(opt, Reply.ERR_UNKNOWN, str(exc))
             return
     flags = transmission_flags(state.settings, structured=state.structured)
-    size = state.exports.geometry.size
+    if path is not None:
+        size = path.size
+    else:
+        try:
+            size = await state.exports.export_size(export.tag)
+        except ServerUnreachableError as exc:
+            await state.error(opt, Reply.ERR_UNKNOWN, str(exc))
+            return
     await state.reply(opt, Reply.INFO, hs.info_export(size, flags))
     if Info.NAME in request.infos:
         await state.reply(opt, Reply.INFO, hs.info_name(export.name))
@@ -294,7 +301,7 @@ async def _export_name(state: _State, opt: int, data: bytes) -> None:
         log.info("NBD_OPT_EXPORT_NAME %r: %s; closing", name, exc)
         return
     flags = transmission_flags(state.settings, structured=state.structured)
-    size = state.exports.geometry.size
+    size = path.size
     await state.conn.send(hs.export_name_reply(size, flags, no_zeroes=state.no_zeroes))
     _finish(state, export, path, flags)
 

@@ -88,6 +88,14 @@ class ErrorCode(enum.IntEnum):
     #: what the revert copies (a create, a second revert, a write to or a
     #: delete of that snapshot).
     REVERT_IN_PROGRESS = 50
+    #: A resize would shrink past data, metadata or a snapshot's size.
+    SHRINK_REFUSED = 55
+    #: A resize asks for more than the store or origin file or device holds.
+    DEVICE_TOO_SMALL = 56
+    #: A resize would grow the store past what it was formatted to grow to.
+    BEYOND_CAPACITY = 57
+    #: A resize that is not possible for another reason (an empty origin).
+    RESIZE_REFUSED = 58
 
     @property
     def symbol(self) -> str:

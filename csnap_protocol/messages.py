@@ -89,6 +89,8 @@ __all__ = [
     "ChangeUseCount",
     "GetServerInfo",
     "Shutdown",
+    "Resize",
+    "Resized",
     "SnapshotReply",
     "SnapshotList",
     "StatusReply",
@@ -519,6 +521,37 @@ class GetServerInfo(Request):
 @dataclass(frozen=True, slots=True)
 class Shutdown(Request):
     """Finish in-flight work, mark the store clean and exit."""
+
+
+@_message("resize", ADMIN)
+@dataclass(frozen=True, slots=True)
+class Resize(Request):
+    """Grow (or safely shrink) the origin and/or the store to these sizes, online.
+
+    A size left null stays as it is. With `grow_files`, csnapd itself grows a
+    regular file that is smaller than asked; otherwise the administrator
+    grows the file or device first.
+    """
+
+    origin_bytes: Annotated[int | None, Nullable(U64)]
+    store_bytes: Annotated[int | None, Nullable(U64)]
+    grow_files: Annotated[bool, Flag()]
+
+
+@_message("resized", ANSWERS)
+@dataclass(frozen=True, slots=True)
+class Resized(Reply):
+    """The sizes before and after a resize, in chunks of the store's chunk size."""
+
+    chunk_size: Annotated[int, U32]
+    origin_chunks_before: Annotated[int, U64]
+    origin_chunks: Annotated[int, U64]
+    store_chunks_before: Annotated[int, U64]
+    store_chunks: Annotated[int, U64]
+    capacity_chunks: Annotated[int, U64]
+    data_chunks: Annotated[int, U64]
+    data_free: Annotated[int, U64]
+    grown_files: Annotated[tuple[str, ...], ListOf(Text(16), 2)]
 
 
 @_message("snapshot", ANSWERS)

@@ -39,6 +39,8 @@ from csnap_protocol import (
     QuerySnapshotRead,
     QueryWrite,
     RevertSnapshot,
+    Resize,
+    Resized,
     ServerInfoReply,
     ServerRecord,
     SetPriority,
@@ -89,6 +91,7 @@ Inbound = (
     | RevertSnapshot
     | BarrierDone
     | Shutdown
+    | Resize
 )
 _INBOUND: tuple[type[Message], ...] = get_args(Inbound)
 
@@ -157,6 +160,9 @@ class RequestHandlers:
             case DeleteSnapshot():
                 batch.replies.append((peer, self._delete(peer, message, batch)))
                 return False
+            case Resize():
+                batch.replies.append((peer, self._resize(message)))
+                return False
             case QueryWrite():
                 reply = self._query_write(peer, message, batch.writes)
                 if reply is not None:
@@ -197,6 +203,37 @@ class RequestHandlers:
             case _:
                 assert_never(message)
 
+    def _resize(self, message: Resize) -> Resized:
+        """Grow (or safely shrink) the origin and the store (csnapd.engine.resize)."""
+        result = self._engine.resize(
+            origin_bytes=message.origin_bytes,
+            store_bytes=message.store_bytes,
+            grow_files=message.grow_files,
+        )
+        chunk = self._engine.chunk_size
+        grown = f"; grew the {' and '.join(result.grown_files)} file" if result.grown_files else ""
+        log.info(
+            "resized: origin %d -> %d bytes, store %d -> %d bytes%s",
+            result.origin_chunks_before * chunk,
+            result.origin_chunks * chunk,
+            result.store_chunks_before * chunk,
+            result.store_chunks * chunk,
+            grown,
+            extra={"event": "store.resized"},
+        )
+        return Resized(
+            message.id,
+            chunk,
+            result.origin_chunks_before,
+            result.origin_chunks,
+            result.store_chunks_before,
+            result.store_chunks,
+            result.capacity_chunks,
+            result.data_chunks,
+            result.data_free,
+            result.grown_files,
+        )
+
     # -- the data path -----------------------------------------------------------
 
     def _identify(self, peer: Peer, message: Identify) -> Identified:
@@ -228,7 +265,7 @@ class RequestHandlers:
             message.id,
             message.snapshot,
             g.chunk_size,
-            g.origin_chunks,
+            self._engine.snapshot_chunks(message.snapshot),
             self._epoch,
             self._max_chunks,
             self._gate.lease_ms,

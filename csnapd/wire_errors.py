@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from csnap_protocol import ErrorCode
 from csnapd.engine import (
+    BeyondCapacityError,
+    DeviceTooSmallError,
     EngineError,
     EngineFailedError,
     FencedError,
@@ -19,6 +21,8 @@ from csnapd.engine import (
     OverlappingRangesError,
     RequestTooLargeError,
     RevertInProgressError,
+    ResizeRefusedError,
+    ShrinkRefusedError,
     SnapshotBusyError,
     SnapshotExistsError,
     SnapshotNotFoundError,
@@ -55,6 +59,10 @@ ENGINE_ERROR_CODES: dict[type[EngineError], ErrorCode] = {
     StoreLockedError: ErrorCode.IO_ERROR,
     FencedError: ErrorCode.FENCED,
     RevertInProgressError: ErrorCode.REVERT_IN_PROGRESS,
+    ResizeRefusedError: ErrorCode.RESIZE_REFUSED,
+    ShrinkRefusedError: ErrorCode.SHRINK_REFUSED,
+    DeviceTooSmallError: ErrorCode.DEVICE_TOO_SMALL,
+    BeyondCapacityError: ErrorCode.BEYOND_CAPACITY,
 }
 
 

@@ -45,6 +45,13 @@ from csnapd.engine.errors import (
     TooManySnapshotsError,
 )
 from csnapd.engine.journal import RecoveryReport
+from csnapd.engine.resize import (
+    BeyondCapacityError,
+    DeviceTooSmallError,
+    ResizeRefusedError,
+    ResizeResult,
+    ShrinkRefusedError,
+)
 from csnapd.engine.results import (
     OriginWriteResult,
     ReadSegment,
@@ -92,4 +99,9 @@ __all__ = [
     "StoreLockedError",
     "StoreOpenError",
     "TooManySnapshotsError",
+    "ResizeResult",
+    "ResizeRefusedError",
+    "ShrinkRefusedError",
+    "DeviceTooSmallError",
+    "BeyondCapacityError",
 ]

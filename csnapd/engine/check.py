@@ -27,6 +27,7 @@ checks again to learn which problems the repair fixed.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -593,7 +594,7 @@ class _Checker:
             lo = index * bits
             expected = (refs >> lo) & full
             if lo + bits > units:  # bits past the end of the space stay set
-                expected |= full & ~((1 << (units - lo)) - 1)
+                expected |= full & ~((1 << max(0, units - lo)) - 1)
             try:
                 bitmap = decode_bitmap(self.view.block(address), self.ctx, address)
             except FormatError as exc:
@@ -765,7 +766,8 @@ def _superblock(
                 copy = decode_superblock(block)
             except FormatError:
                 continue
-            if copy.geometry == g and (best is None or copy.sequence > best.sequence):
+            # A resize changes sizes only (csnapd.engine.resize): the same store.
+            if _same_layout(copy.geometry, g) and (best is None or copy.sequence > best.sequence):
                 best = copy
         if best is None:
             raise
@@ -784,6 +786,16 @@ def _superblock(
             f" from transaction {newer[0]}: a write was lost; using that image"
         )
     return home, None
+
+
+def _same_layout(a: Geometry, b: Geometry) -> bool:
+    """Whether two geometries are of one store, perhaps resized between them."""
+    return (
+        dataclasses.replace(
+            a, store_chunks=b.store_chunks, origin_chunks=b.origin_chunks, data_chunks=b.data_chunks
+        )
+        == b
+    )
 
 
 def check_store(
@@ -837,6 +849,8 @@ def check_store(
     except (FormatError, StoreIOError, StoreOpenError) as exc:
         report.fatal = f"superblock: {exc}"
         return report
+    # Block 0's first sector may predate a resize the journal carries.
+    geometry = report.geometry = sb.geometry
     if copied is not None:
         rule = "stale-block" if "write was lost" in copied else "block-decodes"
         report.problems.append(Problem("superblock", copied, 0, repairable=True, rule=rule))

@@ -16,6 +16,7 @@ from csnapd.engine.allocator import Allocator
 from csnapd.engine.btree import ExceptionTree
 from csnapd.engine.device import BlockDevice
 from csnapd.engine.errors import StoreIOError, lost_chunk_error
+from csnapd.engine.resize import LiveMasks
 from csnapd.engine.results import OriginWriteResult, WriteSegment
 from csnapd.engine.snapshots import SnapshotTable
 from csnapd.engine.state import StoreState
@@ -68,12 +69,14 @@ class CopyOut:
         return OriginWriteResult(sum(result.copied for result in results))
 
     def _origin_write(self, ranges: Ranges) -> OriginWriteResult:
-        live = self._state.live_mask
-        if not live:
+        masks = LiveMasks(self._state)
+        if not masks.live:
             return OriginWriteResult(0)
         todo: list[tuple[int, int]] = []
         for start, count in ranges:
             for chunk, leaf, i, found in self._tree.entries(start, count):
+                # Snapshots taken before the origin grew past `chunk` have no such chunk.
+                live = masks.at(chunk)
                 missing = live & ~leaf.using(i) if found else live
                 if missing:
                     todo.append((chunk, missing))
@@ -103,7 +106,7 @@ class CopyOut:
         it shares (with the origin or with other snapshots) is copied into a
         new store chunk first.
         """
-        check_ranges(ranges, self._geometry.origin_chunks)
+        check_ranges(ranges, self._snapshots.view_chunks(tag))
         pieces = self._txn.split_request(ranges, lambda piece: self._snapshot_write(tag, piece))
         if len(pieces) == 1:
             return pieces[0]

@@ -117,11 +117,7 @@ class FileDevice:
                     raise StoreLockedError(
                         f"{self.path} is locked by another csnapd (one server per store)"
                     ) from exc
-            mode = os.fstat(self._fd).st_mode
-            if stat.S_ISBLK(mode):
-                self._size = os.lseek(self._fd, 0, os.SEEK_END)
-            else:
-                self._size = os.fstat(self._fd).st_size
+            self._block_device = stat.S_ISBLK(os.fstat(self._fd).st_mode)
             if direct is not False and choose_direct(self._fd, bool(direct)):
                 self.direct = DirectFile.enable(self._fd, what=self.path)
         except BaseException:
@@ -130,7 +126,16 @@ class FileDevice:
 
     @property
     def size(self) -> int:
-        return self._size
+        """Size in bytes now: measured at each call, since an administrator
+        may grow the file or device under a running server (csnap resize)."""
+        if self._block_device:
+            return os.lseek(self._fd, 0, os.SEEK_END)
+        return os.fstat(self._fd).st_size
+
+    @property
+    def regular_file(self) -> bool:
+        """Whether this is a regular file (which csnapd may grow itself)."""
+        return not self._block_device
 
     def read(self, offset: int, length: int) -> bytes:
         self.stats.reads += 1
@@ -234,6 +239,10 @@ class MemoryDevice:
     @property
     def size(self) -> int:
         return self._size
+
+    def resize_to(self, size: int) -> None:
+        """Change the size, as an administrator growing a device would."""
+        self._size = size
 
     def _check(self, offset: int, length: int) -> None:
         if offset < 0 or offset + length > self._size:

@@ -36,6 +36,7 @@ from csnap_format import (
     RevertProgress,
     decode_geometry,
     decode_superblock,
+    store_capacity,
 )
 from csnapd.engine.allocator import Allocator, data_space, metadata_space
 from csnapd.engine.btree import ExceptionTree
@@ -47,6 +48,14 @@ from csnapd.engine.errors import FencedError, StoreIOError, StoreOpenError
 from csnapd.engine.journal import Journal, JournalStats, RecoveryReport
 from csnapd.engine.pager import CacheStats, Pager
 from csnapd.engine.reads import ChunkReads
+from csnapd.engine.resize import (
+    ResizeResult,
+    apply_resize,
+    plan_resize,
+    repair_geometry_backup,
+    resize_steps,
+    write_geometry_backup,
+)
 from csnapd.engine.results import (
     OriginWriteResult,
     ReadSegment,
@@ -131,7 +140,6 @@ class Engine:
         clock: Callable[[], int],
         owns_devices: bool,
     ):
-        self.geometry = geometry
         #: What opening the store replayed from the journal.
         self.recovery = recovery
         #: Whether the store was marked clean when opened: its last server
@@ -144,13 +152,25 @@ class Engine:
         self._owns_devices = owns_devices
         self._journal = journal
         self._state = state
-        self._pager = Pager(store, geometry, cache_bytes // geometry.block_size)
+        self._cache_pages = cache_bytes // geometry.block_size
+        #: Squashes noted by a squasher `resize` replaced, not yet taken.
+        self._squashed_earlier: list[Squashed] = []
+        self._assemble(geometry)
+
+    def _assemble(self, geometry: Geometry) -> None:
+        """Build the parts that keep one piece of the store, for `geometry`.
+
+        Called again by `resize` (at a transaction boundary) with the new one.
+        """
+        self.geometry = geometry
+        store, origin, state, journal = self._store, self._origin, self._state, self._journal
+        self._pager = Pager(store, geometry, self._cache_pages)
         meta = Allocator(self._pager, state, metadata_space(geometry))
         data = Allocator(self._pager, state, data_space(geometry))
         tree = self._tree = ExceptionTree(self._pager, state, geometry, meta)
         txn = Transaction(journal, self._pager, state, geometry, (meta, data), self.stats)
         self._txn = txn
-        self._snapshots = SnapshotTable(state, geometry, txn, clock)
+        self._snapshots = SnapshotTable(state, geometry, txn, self._clock)
         self._copy = CopyOut(
             devices=(store, origin),
             geometry=geometry,
@@ -206,10 +226,14 @@ class Engine:
             raise StoreIOError(f"reading the superblock: {exc.strerror or exc}") from exc
         except FormatError as exc:
             raise StoreOpenError(f"the superblock is damaged after replay: {exc}") from exc
+        # A resize journaled but not yet written home: the replayed
+        # superblock holds the geometry that counts (csnapd.engine.resize).
+        _check_sizes(store, origin, sb.geometry)
+        repair_geometry_backup(store, sb.geometry)
         engine = cls(
             store,
             origin,
-            geometry,
+            sb.geometry,
             journal,
             report,
             StoreState.from_superblock(sb),
@@ -506,7 +530,8 @@ class Engine:
 
     def take_squashed(self) -> list[Squashed]:
         """Snapshots squashed to make room since the last call, in order."""
-        return self._squasher.take_squashed()
+        earlier, self._squashed_earlier = self._squashed_earlier, []
+        return earlier + self._squasher.take_squashed()
 
     def snapshot(self, tag: int) -> SnapshotInfo:
         """One snapshot by tag."""
@@ -548,6 +573,78 @@ class Engine:
     def finish_revert(self, progress: Callable[[RevertProgress], None] | None = None) -> None:
         """Run the revert in progress, if any, to its end, committing each step."""
         self._reverter.finish(progress)
+    # -- resizing ----------------------------------------------------------------
+
+    def resize(
+        self,
+        *,
+        origin_bytes: int | None = None,
+        store_bytes: int | None = None,
+        grow_files: bool = False,
+    ) -> ResizeResult:
+        """Grow (or safely shrink) the origin and the store, online.
+
+        Commits what is pending, then commits the resize as a transaction of
+        its own and rewrites the geometry backup (csnapd.engine.resize).
+
+        Raises:
+            ResizeRefusedError: a subclass naming why; nothing was changed.
+            StoreIOError, EngineFailedError: the store could not be written.
+        """
+        self._txn.check_usable()
+        self.commit()
+        before = self.geometry
+        after, grown = plan_resize(
+            before,
+            self._state,
+            self._pager,
+            (self._store, self._origin),
+            origin_bytes=origin_bytes,
+            store_bytes=store_bytes,
+            grow_files=grow_files,
+        )
+        for step in resize_steps(before, after, self._txn.max_blocks):
+            self._resize_step(step)
+        try:
+            # Block 0 durable at home first: one copy of the geometry is always whole.
+            self._journal.sync()
+            write_geometry_backup(self._store, after)
+        except (OSError, StoreIOError) as exc:
+            # The resize is durable: answering an error would say it was not.
+            log.error(
+                "resized, but the geometry backup in block 1 could not be rewritten (%s);"
+                " it is rewritten when the store is next opened",
+                exc,
+            )
+        return ResizeResult(
+            origin_chunks_before=before.origin_chunks,
+            origin_chunks=after.origin_chunks,
+            store_chunks_before=before.store_chunks,
+            store_chunks=after.store_chunks,
+            capacity_chunks=store_capacity(after),
+            data_chunks=after.data_chunks,
+            data_free=self._state.data_free,
+            grown_files=grown,
+        )
+
+    def _resize_step(self, after: Geometry) -> None:
+        """Commit one transaction that moves the geometry to `after`."""
+        before = self.geometry
+        now = self._clock()
+        self._squashed_earlier += self._squasher.take_squashed()
+        self._assemble(after)
+        try:
+            self._txn.request(lambda: apply_resize(before, after, self._state, self._pager, now))
+            self.commit()
+        except BaseException:
+            if not self._txn.failed:
+                self._assemble(before)
+            raise
+
+    def snapshot_chunks(self, tag: int | None) -> int:
+        """Chunks of the view `tag` (None: the origin): a snapshot's size is
+        the origin's when it was taken."""
+        return self._snapshots.view_chunks(tag)
 
     # -- background deletion -------------------------------------------------
 

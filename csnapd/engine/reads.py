@@ -12,6 +12,7 @@ from csnap_format import LOST_CHUNK, Geometry
 from csnap_format.runs import append_mapped_run, append_run
 from csnapd.engine.btree import ExceptionTree
 from csnapd.engine.errors import InvalidRequestError, lost_chunk_error
+from csnapd.engine.resize import LiveMasks
 from csnapd.engine.results import ReadSegment
 from csnapd.engine.snapshots import SnapshotTable
 from csnapd.engine.state import StoreState
@@ -44,7 +45,7 @@ class ChunkReads:
         Segments with `store_chunk` None are shared with the origin; the
         caller must hold them against origin writes while it reads them.
         """
-        check_ranges(ranges, self._geometry.origin_chunks)
+        check_ranges(ranges, self._snapshots.view_chunks(tag))
         return self._txn.request(lambda: self._snapshot_read(tag, ranges))
 
     def _snapshot_read(self, tag: int, ranges: Ranges) -> list[ReadSegment]:
@@ -73,7 +74,7 @@ class ChunkReads:
         deleting the snapshot itself does (docs/rules.md, "stable owned
         addresses"). The origin runs are true when answered only.
         """
-        check_ranges(ranges, self._geometry.origin_chunks)
+        check_ranges(ranges, self._snapshots.view_chunks(tag))
         return self._txn.request(lambda: self._snapshot_owned(tag, ranges))
 
     def _snapshot_owned(
@@ -121,13 +122,14 @@ class ChunkReads:
         self, ranges: Ranges, wanted: Callable[[bool, int, int], object]
     ) -> list[tuple[int, int]]:
         """Ranges of the origin chunks for which wanted(found, share mask, live mask)."""
-        live = self._state.live_mask
+        masks = LiveMasks(self._state)
         out: list[tuple[int, int]] = []
-        if not live:
+        if not masks.live:
             return out
         for start, count in ranges:
             for chunk, leaf, i, found in self._tree.entries(start, count):
-                if wanted(found, leaf.using(i) if found else 0, live):
+                live = masks.at(chunk)
+                if live and wanted(found, leaf.using(i) if found else 0, live):
                     append_run(out, chunk, 1)
         return out
 

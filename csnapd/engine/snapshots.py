@@ -136,6 +136,17 @@ class SnapshotTable:
             raise SnapshotUnavailableError(f"snapshot {tag} was squashed; its data is gone")
         return bit
 
+    def view_chunks(self, tag: int | None) -> int:
+        """Chunks of the origin (None) or of the snapshot tagged `tag`.
+
+        A snapshot keeps the origin's size at the time it was taken; an
+        unknown tag answers the origin's, so that the request's own lookup
+        reports it.
+        """
+        bit = None if tag is None else self._state.bit_of(tag)
+        record = None if bit is None else self._state.snapshots[bit]
+        return self._geometry.origin_chunks if record is None else record.origin_chunks
+
     def info(self, bit: int) -> SnapshotInfo:
         """The snapshot with share `bit`, as the administrator sees it."""
         state = self._state

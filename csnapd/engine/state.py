@@ -55,6 +55,8 @@ class StoreState:
     fence_ns: int = 0
     #: The revert in progress, if any (csnapd.engine.revert).
     revert: RevertProgress | None = None
+    #: When the last online resize was journaled (csnapd.engine.resize).
+    resized_ns: int = 0
 
     @classmethod
     def from_superblock(cls, sb: Superblock) -> StoreState:
@@ -76,6 +78,7 @@ class StoreState:
             fence_token=sb.fence_token,
             fence_ns=sb.fence_ns,
             revert=sb.revert,
+            resized_ns=sb.resized_ns,
         )
 
     def to_superblock(self, geometry: Geometry, sequence: int) -> Superblock:
@@ -114,6 +117,7 @@ class StoreState:
             fence_token=self.fence_token,
             fence_ns=self.fence_ns,
             revert=self.revert,
+            resized_ns=self.resized_ns,
         )
 
     def copy(self) -> StoreState:
@@ -135,6 +139,7 @@ class StoreState:
             self.fence_token,
             self.fence_ns,
             self.revert,
+            self.resized_ns,
         )
 
     def assign(self, other: StoreState) -> None:

@@ -29,13 +29,16 @@ from hypothesis.stateful import (
     rule,
 )
 
+from csnap_format import store_capacity
 from csnapd.engine import (
+    BeyondCapacityError,
     BlockDevice,
     Engine,
     EngineFailedError,
     FileDevice,
     MemoryDevice,
     RequestTooLargeError,
+    ShrinkRefusedError,
     SnapshotBusyError,
     SnapshotExistsError,
     SnapshotNotFoundError,
@@ -286,6 +289,34 @@ class EngineMachine(RuleBasedStateMachine):
             return
         start, count = r
         self.verify(tag, list(range(start, start + min(count, 64))))
+
+    # -- resizing ----------------------------------------------------------------
+
+    @rule(data=st.data())
+    def resize_store(self, data: st.DataObject) -> None:
+        """Grow the store within its capacity, shrink it over free space, or
+        try past its capacity or over chunks in use: a refused resize changes
+        nothing."""
+        g = self.engine.geometry
+        capacity = store_capacity(g)
+        # Never so small that a copy-out could find the store full: the model
+        # has no squashes (every chunk copied for six snapshots fits).
+        spare = self.engine.status().data_free - 6 * N
+        low = max(g.data_start + 1, g.store_chunks - max(0, spare))
+        chunks = data.draw(st.integers(low, capacity + 4), label="store chunks")
+        if chunks * g.chunk_size > self.mem.size:
+            self.mem.resize_to(min(chunks, capacity) * g.chunk_size)
+        try:
+            self.engine.resize(store_bytes=chunks * g.chunk_size, grow_files=True)
+        except BeyondCapacityError:
+            assert chunks > capacity
+        except ShrinkRefusedError:
+            assert chunks < g.store_chunks
+        else:
+            assert self.engine.geometry.store_chunks == chunks
+            self.g = self.engine.geometry
+        if chunks > capacity or chunks < g.store_chunks:
+            assert self.engine.geometry.store_chunks in (g.store_chunks, chunks)
 
     # -- restarts and crashes ----------------------------------------------------
 

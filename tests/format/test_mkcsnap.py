@@ -240,3 +240,35 @@ def test_tools_shim_and_help() -> None:
         env={**os.environ, "PYTHONPATH": ""},
     ).stdout
     assert "--chunk-size" in out and "exit status" in out and "examples:" in out
+
+
+def test_max_store_size_reserves_room_to_grow(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--max-store-size sizes the data bitmap and the metadata area for the
+    larger store; the store itself keeps the size asked for."""
+    sizes = ["--json", "--store-size", "64M", "--origin-size", "16M"]
+    assert run(*sizes, tmp_path / "plain", tmp_path / "o1") == 0
+    plain = json.loads(capsys.readouterr().out)
+    assert run(*sizes, "--max-store-size", "1G", tmp_path / "big", tmp_path / "o2") == 0
+    big = json.loads(capsys.readouterr().out)
+    assert big["store_bytes"] == plain["store_bytes"] == 64 << 20
+    # Without a reservation, only the last bitmap block and the metadata slack.
+    assert plain["max_store_bytes"] < 80 << 20
+    assert big["max_store_bytes"] >= 1 << 30
+    assert big["btree_area_bytes"] > 10 * plain["btree_area_bytes"]
+    assert big["data_chunks"] < plain["data_chunks"]
+    assert (
+        run(
+            "--store-size",
+            "64M",
+            "--origin-size",
+            "16M",
+            "--max-store-size",
+            "32M",
+            tmp_path / "small",
+            tmp_path / "o3",
+        )
+        == 2
+    )
+    assert "below the store size" in capsys.readouterr().err

@@ -177,6 +177,7 @@ async def gateway(
     origin_size: int = ORIGIN_SIZE,
     store_size: int = 64 << 20,
     journal_size: int | None = None,
+    max_store_size: int | None = None,
 ) -> AsyncIterator[Gateway]:
     """A fresh store whose origin holds `image`, served by csnapd and csnap-nbd."""
     store, origin = directory / "store.img", directory / "origin.img"
@@ -186,6 +187,7 @@ async def gateway(
         store_size=store_size,
         origin_size=origin_size,
         journal_size=journal_size,
+        max_store_size=max_store_size,
         progress=False,
     )
     if image is not None or origin_size == ORIGIN_SIZE:

@@ -76,7 +76,7 @@ def test_every_public_engine_error_is_in_the_table() -> None:
         if isinstance(getattr(csnapd.engine, name), type)
         and issubclass(getattr(csnapd.engine, name), EngineError)
     ]
-    assert len(public) == 18
+    assert len(public) == 22
     assert set(public) == set(ENGINE_ERROR_CODES)
 
 
