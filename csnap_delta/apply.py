@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import BinaryIO
 
+from csnap_delta.devices import Device
 from csnap_delta.layout import (
     FLAG_ZSTD,
     DeltaEnd,
@@ -44,6 +45,8 @@ class ApplyReport:
     chunks: int
     written_chunks: int
     already_chunks: int
+    #: Whether the target was read and written with O_DIRECT.
+    direct: bool = False
 
 
 def _read_exact(source: BinaryIO, size: int, what: str) -> bytes:
@@ -98,19 +101,19 @@ def read_extents(source: BinaryIO) -> Iterator[tuple[DeltaHeader, ExtentHeader, 
         yield header, extent, data
 
 
-def _target_size(fd: int) -> int:
-    return os.lseek(fd, 0, os.SEEK_END)
-
-
-def _pread(fd: int, size: int, position: int) -> bytes:
-    data = os.pread(fd, size, position)
+def _pread(fd: Device, size: int, position: int) -> bytes:
+    data = fd.pread(size, position)
     if len(data) != size:
         raise DeltaRefusedError(f"the target ended early reading {size} bytes at {position}")
     return data
 
 
-def apply_delta(delta: str | os.PathLike[str], target: str | os.PathLike[str]) -> ApplyReport:
+def apply_delta(
+    delta: str | os.PathLike[str], target: str | os.PathLike[str], *, direct: bool | None = None
+) -> ApplyReport:
     """Apply the delta file `delta` to the raw image (file or block device) `target`.
+
+    `direct` as for Device.open: None is O_DIRECT for a block device only.
 
     Raises:
         DeltaFormatError: the delta is damaged; nothing was written.
@@ -118,12 +121,12 @@ def apply_delta(delta: str | os.PathLike[str], target: str | os.PathLike[str]) -
             partly TO's already); nothing was written.
         OSError: a file could not be read or written.
     """
-    fd = os.open(target, os.O_RDWR)
+    fd = Device.open(target, writable=True, direct=direct)
     try:
         with open(delta, "rb") as source:
             header = DeltaHeader.decode(source.read(DeltaHeader.SIZE))
             want = header.origin_chunks * header.chunk_size
-            have = _target_size(fd)
+            have = fd.size
             if have != want:
                 raise DeltaRefusedError(
                     f"{os.fspath(target)} holds {have} bytes; this delta applies to an image of"
@@ -132,13 +135,13 @@ def apply_delta(delta: str | os.PathLike[str], target: str | os.PathLike[str]) -
                 )
         report = _check(delta, fd, header)
         _write(delta, fd, header)
-        os.fsync(fd)
-        return report
+        fd.fsync()
+        return replace(report, direct=fd.direct is not None)
     finally:
-        os.close(fd)
+        fd.close()
 
 
-def _check(delta: str | os.PathLike[str], fd: int, header: DeltaHeader) -> ApplyReport:
+def _check(delta: str | os.PathLike[str], fd: Device, header: DeltaHeader) -> ApplyReport:
     """The first pass: everything is read and checked, nothing written."""
     extents = chunks = written = already = 0
     with open(delta, "rb") as source:
@@ -160,12 +163,12 @@ def _check(delta: str | os.PathLike[str], fd: int, header: DeltaHeader) -> Apply
     return ApplyReport(header, extents, chunks, written, already)
 
 
-def _write(delta: str | os.PathLike[str], fd: int, header: DeltaHeader) -> None:
+def _write(delta: str | os.PathLike[str], fd: Device, header: DeltaHeader) -> None:
     """The second pass: the extents still holding FROM's bytes get TO's."""
     with open(delta, "rb") as source:
         for _, extent, data in read_extents(source):
             position = extent.first * header.chunk_size
             if digest(_pread(fd, len(data), position)) == extent.base_digest:
-                done = os.pwrite(fd, data, position)
+                done = fd.pwrite(data, position)
                 if done != len(data):
                     raise OSError(f"short write of {done} of {len(data)} bytes at {position}")

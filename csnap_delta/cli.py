@@ -55,6 +55,7 @@ def add_verbs(verb: VerbFactory, tag: Callable[[str], int]) -> None:
     delta.add_argument("--compress", action="store_true", help="zstd-compress the extents")
     delta.add_argument("--store", metavar="PATH", help="the store file to read (default: csnapd's)")
     delta.add_argument("--origin", metavar="PATH", help="the origin to read (default: csnapd's)")
+    _direct_flag(delta, "the store and origin")
     apply = verb(
         "apply",
         "Apply a delta to a raw image of its FROM snapshot, which then holds TO. Checks the"
@@ -64,6 +65,7 @@ def add_verbs(verb: VerbFactory, tag: Callable[[str], int]) -> None:
     )
     apply.add_argument("delta", metavar="FILE", help="the delta file")
     apply.add_argument("--to", required=True, dest="target", metavar="TARGET", help="the image")
+    _direct_flag(apply, "the image")
     receive = verb(
         "receive",
         "Receive a delta into this store, which holds snapshot FROM and whose origin has not"
@@ -87,6 +89,7 @@ def add_verbs(verb: VerbFactory, tag: Callable[[str], int]) -> None:
         help="with --listen: where a delta is kept while it arrives (default: here)",
     )
     receive.add_argument("--origin", metavar="PATH", help="the origin to write (default: csnapd's)")
+    _direct_flag(receive, "the origin")
     receive.add_argument(
         "--credentials",
         type=Path,
@@ -120,12 +123,23 @@ def add_verbs(verb: VerbFactory, tag: Callable[[str], int]) -> None:
     send.add_argument("--rate", type=size_arg, metavar="SIZE", help="at most SIZE bytes per second")
     send.add_argument("--store", metavar="PATH", help="the store file to read (default: csnapd's)")
     send.add_argument("--origin", metavar="PATH", help="the origin to read (default: csnapd's)")
+    _direct_flag(send, "the store and origin")
     send.add_argument(
         "--credentials",
         type=Path,
         metavar="DIR",
         help="an admin credential of the receiving store's cluster CA (made there with"
         " `csnap keys DIR --role admin`; default: STORE.keys beside this node's store)",
+    )
+
+
+def _direct_flag(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument(
+        "--direct",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help=f"open {what} with O_DIRECT, bypassing the page cache (default: for block"
+        " devices, which other hosts may share; --direct for files too, --no-direct never)",
     )
 
 
@@ -156,6 +170,7 @@ async def run_delta(agent: str, args: argparse.Namespace) -> dict[str, Any]:
             store=args.store,
             origin=args.origin,
             progress=shown,
+            direct=args.direct,
         )
     return {
         "from": args.base,
@@ -166,12 +181,13 @@ async def run_delta(agent: str, args: argparse.Namespace) -> dict[str, Any]:
         "chunks": report.chunks,
         "data_bytes": report.data_bytes,
         "file_bytes": report.file_bytes,
+        "direct": {"store": report.store_direct, "origin": report.origin_direct},
     }
 
 
 def run_apply(args: argparse.Namespace) -> dict[str, Any]:
     """`csnap apply`: check, then write; what was done."""
-    report = apply_delta(args.delta, args.target)
+    report = apply_delta(args.delta, args.target, direct=args.direct)
     return {
         "from": None if report.header.full else report.header.from_tag,
         "to": report.header.to_tag,
@@ -180,6 +196,7 @@ def run_apply(args: argparse.Namespace) -> dict[str, Any]:
         "chunks": report.chunks,
         "written_chunks": report.written_chunks,
         "already_chunks": report.already_chunks,
+        "direct": report.direct,
     }
 
 
@@ -199,6 +216,7 @@ async def run_receive(agent: str, args: argparse.Namespace) -> dict[str, Any]:
             tls=server_context(directory),
             listening=listening,
             origin=args.origin,
+            direct=args.direct,
         )
     else:
         report = await receive_delta(
@@ -206,6 +224,7 @@ async def run_receive(agent: str, args: argparse.Namespace) -> dict[str, Any]:
             agent_admin_connector(agent),
             args.delta,
             origin=args.origin,
+            direct=args.direct,
         )
     return {
         "from": None if report.header.full else report.header.from_tag,
@@ -214,6 +233,7 @@ async def run_receive(agent: str, args: argparse.Namespace) -> dict[str, Any]:
         "chunks": report.chunks,
         "written_chunks": report.written_chunks,
         "already_chunks": report.already_chunks,
+        "direct": report.direct,
     }
 
 
@@ -234,6 +254,7 @@ async def run_send(agent: str, args: argparse.Namespace) -> dict[str, Any]:
             compressed=args.compress,
             store=args.store,
             origin=args.origin,
+            direct=args.direct,
         )
     host, port = args.receiver
     directory = args.credentials or await _store_credentials(agent)

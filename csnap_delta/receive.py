@@ -22,6 +22,7 @@ from pathlib import Path
 
 from csnap_client import Connector, DataClient, open_admin, open_client
 from csnap_delta.apply import DeltaRefusedError, read_extents
+from csnap_delta.devices import Device
 from csnap_delta.layout import DeltaHeader, digest
 
 __all__ = ["ReceiveReport", "receive_delta", "MAX_BATCH_CHUNKS"]
@@ -39,16 +40,20 @@ class ReceiveReport:
     chunks: int
     written_chunks: int
     already_chunks: int
+    #: Whether the origin was read and written with O_DIRECT.
+    direct: bool = False
 
 
-def _pread(fd: int, size: int, position: int) -> bytes:
-    data = os.pread(fd, size, position)
+def _pread(fd: Device, size: int, position: int) -> bytes:
+    data = fd.pread(size, position)
     if len(data) != size:
         raise DeltaRefusedError(f"the origin ended early reading {size} bytes at {position}")
     return data
 
 
-def _plan(path: Path, fd: int) -> tuple[DeltaHeader, list[tuple[int, int]], list[tuple[int, int]]]:
+def _plan(
+    path: Path, fd: Device
+) -> tuple[DeltaHeader, list[tuple[int, int]], list[tuple[int, int]]]:
     """Check the delta and the origin under it; the extents to write, and those in place."""
     to_write: list[tuple[int, int]] = []
     in_place: list[tuple[int, int]] = []
@@ -86,12 +91,12 @@ def _extents(path: Path, wanted: list[tuple[int, int]]) -> Iterator[tuple[int, i
 
 
 async def _write_batch(
-    client: DataClient, fd: int, chunk_size: int, batch: list[tuple[int, int, bytes]]
+    client: DataClient, fd: Device, chunk_size: int, batch: list[tuple[int, int, bytes]]
 ) -> None:
     """Write extents into the origin under one grant: csnapd copies their old bytes out first."""
     async with client.origin_write([(first, count) for first, count, _ in batch]):
         for first, _, data in batch:
-            done = os.pwrite(fd, data, first * chunk_size)
+            done = fd.pwrite(data, first * chunk_size)
             if done != len(data):
                 raise OSError(f"short write of {done} of {len(data)} bytes at chunk {first}")
 
@@ -120,10 +125,12 @@ async def receive_delta(
     *,
     origin: str | None = None,
     priority: int = 0,
+    direct: bool | None = None,
 ) -> ReceiveReport:
     """Receive the delta file `delta` into the store csnapd serves; creates snapshot TO.
 
     `origin` is the origin file to write; by default the path csnapd reports.
+    `direct` as for Device.open: None is O_DIRECT for a block device only.
 
     Raises:
         DeltaFormatError: the delta is damaged; nothing was written.
@@ -149,7 +156,7 @@ async def receive_delta(
     if header.to_tag in tags:
         raise DeltaRefusedError(f"this store already has a snapshot {header.to_tag}")
     origin_path = origin or str(info["origin"])
-    fd = os.open(origin_path, os.O_RDWR)
+    fd = Device.open(origin_path, writable=True, direct=direct)
     try:
         async with open_client(connect, snapshot=None) as client:
             # A full delta's base is an all-zero origin, which the digests
@@ -173,11 +180,13 @@ async def receive_delta(
                 batch.append(extent)
             if batch:
                 await _write_batch(client, fd, header.chunk_size, batch)
-            os.fsync(fd)
+            fd.fsync()
         async with open_admin(admin_connect) as admin:
             await admin.create_snapshot(header.to_tag, priority)
     finally:
-        os.close(fd)
+        fd.close()
     written = sum(n for _, n in to_write)
     already = sum(n for _, n in in_place)
-    return ReceiveReport(header, len(to_write) + len(in_place), written + already, written, already)
+    chunks = written + already
+    mode = fd.direct is not None
+    return ReceiveReport(header, len(to_write) + len(in_place), chunks, written, already, mode)

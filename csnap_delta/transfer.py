@@ -231,6 +231,7 @@ async def serve_receive(
     tls: ssl.SSLContext,
     listening: Callable[[str], None] = lambda address: None,
     origin: str | None = None,
+    direct: bool | None = None,
 ) -> ReceiveReport:
     """Accept senders one at a time until one delta has been received into the store.
 
@@ -239,7 +240,8 @@ async def serve_receive(
     credential of the same CA.
 
     `listening` is told the address once the socket listens; `origin` is
-    the origin file to write (by default the path csnapd reports).
+    the origin file to write (by default the path csnapd reports), opened
+    O_DIRECT as `direct` says (see csnap_delta.devices.Device.open).
     """
     host, port = listen
     listeners = await trio.open_tcp_listeners(port, host=host)
@@ -253,7 +255,7 @@ async def serve_receive(
                 continue
             async with stream:
                 try:
-                    report = await _serve_one(stream, spool, connect, admin_connect, origin)
+                    report = await _serve_one(stream, spool, connect, admin_connect, origin, direct)
                 except (DeltaTransferError, trio.BrokenResourceError, trio.TooSlowError):
                     continue  # the sender went away: what arrived stays in the spool
             if report is not None:
@@ -301,6 +303,7 @@ async def _serve_one(
     connect: Connector,
     admin_connect: Connector,
     origin: str | None,
+    direct: bool | None,
 ) -> ReceiveReport | None:
     with trio.fail_after(HANDSHAKE_TIMEOUT):
         offer = await _receive_exact(stream, OFFER.size + DeltaHeader.SIZE)
@@ -321,7 +324,7 @@ async def _serve_one(
         return None
     os.replace(partial, final)
     try:
-        report = await receive_delta(connect, admin_connect, final, origin=origin)
+        report = await receive_delta(connect, admin_connect, final, origin=origin, direct=direct)
     except (DeltaFormatError, DeltaRefusedError) as exc:
         os.unlink(final)
         await _done(stream, REFUSED, str(exc))

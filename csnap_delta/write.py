@@ -15,13 +15,14 @@ import bisect
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import BinaryIO
 
 import trio
 
 from csnap_client import Connector, DataClient, open_admin, open_client
+from csnap_delta.devices import Device
 from csnap_delta.layout import (
     FLAG_FULL,
     FLAG_ZSTD,
@@ -54,30 +55,34 @@ class WriteReport:
     chunks: int
     data_bytes: int
     file_bytes: int
+    #: Whether the store and the origin were read with O_DIRECT.
+    store_direct: bool = False
+    origin_direct: bool = False
 
 
 class _Files:
-    """The store and origin files, opened read-only."""
+    """The store and origin files, opened read-only (O_DIRECT as `direct` says,
+    see Device.open)."""
 
-    def __init__(self, store: str, origin: str):
+    def __init__(self, store: str, origin: str, direct: bool | None = None):
         try:
-            self.store = os.open(store, os.O_RDONLY)
+            self.store = Device.open(store, writable=False, direct=direct)
         except OSError as exc:
             raise DeltaWriteError(f"cannot open the store {store}: {exc.strerror}") from exc
         try:
-            self.origin = os.open(origin, os.O_RDONLY)
+            self.origin = Device.open(origin, writable=False, direct=direct)
         except OSError as exc:
-            os.close(self.store)
+            self.store.close()
             raise DeltaWriteError(f"cannot open the origin {origin}: {exc.strerror}") from exc
 
     def close(self) -> None:
-        os.close(self.store)
-        os.close(self.origin)
+        self.store.close()
+        self.origin.close()
 
 
-def _read_into(fd: int, into: bytearray, at: int, size: int, position: int, what: str) -> None:
+def _read_into(fd: Device, into: bytearray, at: int, size: int, position: int, what: str) -> None:
     try:
-        data = os.pread(fd, size, position)
+        data = fd.pread(size, position)
     except OSError as exc:
         raise DeltaWriteError(f"reading the {what} at {position}: {exc.strerror}") from exc
     if len(data) != size:
@@ -161,6 +166,7 @@ async def write_delta(
     store: str | None = None,
     origin: str | None = None,
     progress: Callable[[int, int], None] | None = None,
+    direct: bool | None = None,
 ) -> WriteReport:
     """Write the delta from snapshot `base` to snapshot `target` into `output`.
 
@@ -169,6 +175,7 @@ async def write_delta(
 
     `store` and `origin` are the files to read chunks from; by default the
     paths csnapd reports (server_info), which must be reachable from here.
+    `direct` as for Device.open: None is O_DIRECT for block devices only.
 
     Raises:
         DeltaWriteError: a snapshot is missing, a file short, a read not trusted.
@@ -202,7 +209,7 @@ async def write_delta(
     )
     final = Path(output)
     partial = final.with_name(final.name + ".partial")
-    files = _Files(store or str(info["store"]), origin or str(info["origin"]))
+    files = _Files(store or str(info["store"]), origin or str(info["origin"]), direct)
     try:
         try:
             # Blocking file I/O in this task is fine: besides keepalives, which
@@ -226,7 +233,11 @@ async def write_delta(
         raise
     finally:
         files.close()
-    return report
+    return replace(
+        report,
+        store_direct=files.store.direct is not None,
+        origin_direct=files.origin.direct is not None,
+    )
 
 
 class _Output:

@@ -573,6 +573,7 @@ class Engine:
     def finish_revert(self, progress: Callable[[RevertProgress], None] | None = None) -> None:
         """Run the revert in progress, if any, to its end, committing each step."""
         self._reverter.finish(progress)
+
     # -- resizing ----------------------------------------------------------------
 
     def resize(

@@ -193,8 +193,10 @@ async def test_a_store_receives_a_delta_and_ends_with_the_same_snapshot(tmp_path
             assert refused.returncode == 1 and "no snapshot 1" in refused.stderr
             received = await csnap(receiver_sock, "receive", str(whole))
             assert received.returncode == 0, received.stderr
-            received = await csnap(receiver_sock, "--json", "receive", str(delta))
+            # Through O_DIRECT (--direct on a file), as on a shared disk.
+            received = await csnap(receiver_sock, "--json", "receive", str(delta), "--direct")
             assert received.returncode == 0, received.stderr
+            assert json.loads(received.stdout)["direct"] is True
             got = await nbdcopy_to_bytes(receiver.url("snap-2"), tmp_path, "r2.raw")
             assert_same_bytes(got, second, "received snapshot 2")
             kept = await nbdcopy_to_bytes(receiver.url("snap-1"), tmp_path, "r1.raw")
