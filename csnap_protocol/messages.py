@@ -112,7 +112,7 @@ __all__ = [
 #: First field of every hello: this is the csnap protocol.
 PROTOCOL_MAGIC = "csnap"
 #: Bumped on any incompatible change; peers of other versions are refused.
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4
 #: Most ranges (or segments) one message may carry.
 MAX_RANGES = 8192
 #: Most snapshots a list carries (the table has 64 slots).
