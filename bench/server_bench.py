@@ -183,9 +183,9 @@ async def csnapd(
     argv = [sys.executable, "-m", "csnapd", str(store), str(origin), "--listen", "127.0.0.1:0"]
     metrics_url = None
     if metrics:
-        port = free_port()
-        options = (*options, "--metrics", f"127.0.0.1:{port}")
-        metrics_url = f"http://127.0.0.1:{port}/metrics"
+        metrics_port = free_port()
+        options = (*options, "--metrics", f"127.0.0.1:{metrics_port}")
+        metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
     async with listening([*argv, *options], log) as started:
         host, _, port = started.said.rpartition(":")
         credentials = client_context(store_credentials(store), ROLE_ADMIN)
