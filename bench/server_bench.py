@@ -18,15 +18,15 @@ Each is warmed up, then measured in rounds, each bounded by an operation
 count and a time limit. Rates and latency percentiles are the median of
 the rounds' figures; commit figures are totals over all rounds.
 
-csnapd counts only commits and requests (server_info), so the figures
-derived from them are:
+csnapd counts commits and requests (server_info) and, with --metrics as
+started here, its fsyncs (csnapd_fsyncs), scraped before and after each
+round, so the figures are:
   commits/reply  = commits / replies (a locked read has two replies)
-  fsyncs/reply   = (commits x fsyncs per commit + 2 x checkpoints) / replies,
-                   where a commit costs one fdatasync after its journal
-                   write, plus one before it when it carries copy-out data
-                   (Journal.commit); a journal checkpoint costs two more
-                   (Journal.checkpoint). Checkpoints are the store's
-                   sequence advance minus the commits: both advance it.
+  fsyncs/reply   = the server's fsyncs / replies; when it does not count
+                   them, (commits x fsyncs per commit + 2 x checkpoints) /
+                   replies, checkpoints being the store's sequence advance
+                   minus the commits
+  replies/fsync  = its inverse: requests answered per sync
   batch          = replies / commits: requests answered per group commit.
 CPU time per reply of the csnapd process (from /proc) and of this load
 generator says which side is busy: on a small machine both compete for
@@ -571,8 +571,7 @@ async def lifecycle(directory: Path, plan: Plan) -> dict[str, Any]:
 _HEADER = (
     "# chunks/s, p50/p99: one chunk per request, latency per operation (locked reads:"
     " query + finish)\n"
-    "# fsyncs/reply = commits/reply x fsyncs per commit (2 with copy-out data, else 1)"
-    " + 2 per journal checkpoint\n"
+    "# fsyncs/reply: the server's own count of its fsyncs (csnapd_fsyncs) per reply\n"
     "# batch = replies / commits ('-': no commits)\n"
     "# cpu us/reply: CPU time of the csnapd process (srv) and of this load generator (gen)\n"
     f"{'workload':<22} {'clients':>7} {'chunks/s':>10} {'p50 ms':>8} {'p99 ms':>8}"
