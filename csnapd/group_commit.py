@@ -24,7 +24,7 @@ __all__ = ["Gathering", "LINGER_FRACTION", "MAX_LINGER"]
 #: Longest wait, as a share of the recent commits' duration.
 LINGER_FRACTION = 0.5
 #: Longest wait in seconds, whatever a commit costs.
-MAX_LINGER = 0.002
+MAX_LINGER = 0.005
 #: Commits whose clients count as the ones to wait for.
 _REMEMBERED = 2
 
