@@ -18,15 +18,15 @@ Each is warmed up, then measured in rounds, each bounded by an operation
 count and a time limit. Rates and latency percentiles are the median of
 the rounds' figures; commit figures are totals over all rounds.
 
-csnapd counts only commits and requests (server_info), so the figures
-derived from them are:
+csnapd counts commits and requests (server_info) and, with --metrics as
+started here, its fsyncs (csnapd_fsyncs), scraped before and after each
+round, so the figures are:
   commits/reply  = commits / replies (a locked read has two replies)
-  fsyncs/reply   = (commits x fsyncs per commit + 2 x checkpoints) / replies,
-                   where a commit costs one fdatasync after its journal
-                   write, plus one before it when it carries copy-out data
-                   (Journal.commit); a journal checkpoint costs two more
-                   (Journal.checkpoint). Checkpoints are the store's
-                   sequence advance minus the commits: both advance it.
+  fsyncs/reply   = the server's fsyncs / replies; when it does not count
+                   them, (commits x fsyncs per commit + 2 x checkpoints) /
+                   replies, checkpoints being the store's sequence advance
+                   minus the commits
+  replies/fsync  = its inverse: requests answered per sync
   batch          = replies / commits: requests answered per group commit.
 CPU time per reply of the csnapd process (from /proc) and of this load
 generator says which side is busy: on a small machine both compete for
@@ -48,10 +48,12 @@ import argparse
 import json
 import math
 import os
+import socket
 import statistics
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
@@ -133,6 +135,20 @@ class Server:
     #: perf_counter_ns when it was spawned and when it said it was listening.
     spawned_ns: int
     listening_ns: int
+    #: Its metrics endpoint, when started with --metrics (the fsync counter).
+    metrics_url: str | None = None
+
+    def fsyncs(self) -> int | None:
+        """fsyncs of the store so far (csnapd_fsyncs), if it serves metrics."""
+        if self.metrics_url is None:
+            return None
+        with urllib.request.urlopen(self.metrics_url, timeout=10) as response:
+            text = response.read().decode()
+        for line in text.splitlines():
+            name, _, value = line.partition(" ")
+            if name in ("csnapd_fsyncs", "csnapd_fsyncs_total"):
+                return int(float(value))
+        return None
 
     @property
     def pid(self) -> int:
@@ -149,10 +165,27 @@ class Server:
         return ticks * 1_000_000_000 // os.sysconf("SC_CLK_TCK")
 
 
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 @asynccontextmanager
-async def csnapd(store: Path, origin: Path, log: Path, *options: str) -> AsyncIterator[Server]:
-    """A real csnapd on loopback; stopped with SIGTERM when the block ends."""
+async def csnapd(
+    store: Path, origin: Path, log: Path, *options: str, metrics: bool = False
+) -> AsyncIterator[Server]:
+    """A real csnapd on loopback; stopped with SIGTERM when the block ends.
+
+    With `metrics`, it serves metrics on a free loopback port, and the
+    Server can say how many fsyncs it did.
+    """
     argv = [sys.executable, "-m", "csnapd", str(store), str(origin), "--listen", "127.0.0.1:0"]
+    metrics_url = None
+    if metrics:
+        metrics_port = free_port()
+        options = (*options, "--metrics", f"127.0.0.1:{metrics_port}")
+        metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
     async with listening([*argv, *options], log) as started:
         host, _, port = started.said.rpartition(":")
         credentials = client_context(store_credentials(store), ROLE_ADMIN)
@@ -162,6 +195,7 @@ async def csnapd(store: Path, origin: Path, log: Path, *options: str) -> AsyncIt
             started.said,
             started.spawned_ns,
             started.listening_ns,
+            metrics_url,
         )
 
 
@@ -223,6 +257,8 @@ class Round:
     latencies_ns: list[int] = field(default_factory=list)
     commits: int = 0
     checkpoints: int = 0
+    #: fsyncs of the store, when the server counts them for us.
+    fsyncs: int | None = None
     #: CPU time of the server process and of this load generator.
     server_cpu_ns: int | None = None
     client_cpu_ns: int = 0
@@ -241,6 +277,7 @@ async def run_round(
     result = Round()
     budget = count
     before = await counters(admin)
+    fsyncs_before = await trio.to_thread.run_sync(server.fsyncs)
     server_cpu = server.cpu_ns()
     client_cpu = time.process_time_ns()
     start = time.perf_counter_ns()
@@ -270,6 +307,9 @@ async def run_round(
     if server_cpu is not None and server_after is not None:
         result.server_cpu_ns = server_after - server_cpu
     after = await counters(admin)
+    fsyncs_after = await trio.to_thread.run_sync(server.fsyncs)
+    if fsyncs_before is not None and fsyncs_after is not None:
+        result.fsyncs = fsyncs_after - fsyncs_before
     result.commits = after.commits - before.commits
     result.checkpoints = (after.sequence - before.sequence) - result.commits
     if after.requests - before.requests != result.replies + 2:
@@ -288,11 +328,20 @@ def percentile(values: Sequence[int], fraction: float) -> int:
 
 
 def figures(rounds: Sequence[Round], fsyncs_per_commit: int) -> dict[str, Any]:
+    """A workload's figures over its rounds. fsyncs are the server's count
+    when every round has it, else estimated from commits and checkpoints
+    with `fsyncs_per_commit`."""
     measured = [r for r in rounds if r.ops]
     assert measured, "no round completed an operation"
     replies = sum(r.replies for r in measured)
     commits = sum(r.commits for r in measured)
     checkpoints = sum(r.checkpoints for r in measured)
+    counted = [r.fsyncs for r in measured]
+    fsyncs = (
+        sum(c or 0 for c in counted)
+        if None not in counted
+        else commits * fsyncs_per_commit + 2 * checkpoints
+    )
     rates = [r.ops / (r.elapsed_ns / 1e9) for r in measured]
     server_cpu = [r.server_cpu_ns for r in measured]
     return {
@@ -300,7 +349,9 @@ def figures(rounds: Sequence[Round], fsyncs_per_commit: int) -> dict[str, Any]:
         "p50_ms": statistics.median(percentile(r.latencies_ns, 0.5) / 1e6 for r in measured),
         "p99_ms": statistics.median(percentile(r.latencies_ns, 0.99) / 1e6 for r in measured),
         "commits_per_reply": commits / replies,
-        "fsyncs_per_reply": (commits * fsyncs_per_commit + 2 * checkpoints) / replies,
+        "fsyncs_per_reply": fsyncs / replies,
+        "fsyncs_counted": None not in counted,
+        "replies_per_fsync": replies / fsyncs if fsyncs else None,
         # No commit, nothing grouped: the batch size is undefined.
         "batch": replies / commits if commits else None,
         "ops": sum(r.ops for r in measured),
@@ -359,13 +410,15 @@ class Workload:
     #: "region": cycle over pre-filled chunks; "untouched": cycle over chunks
     #: never written; "fresh": use up chunks never written.
     chunks: str
-    #: fdatasyncs per commit (Journal.commit): two when it carries copy-out data.
+    #: fdatasyncs per commit (Journal.commit), for the estimate when the
+    #: server does not count them: one, and one more (the seal) when a
+    #: snapshot write's reply hands out the chunk it just copied.
     fsyncs_per_commit: int
 
 
 WORKLOADS = (
     Workload("origin_write_unique", origin_write_unique, None, "region", 1),
-    Workload("origin_write_copy", origin_write_copy, None, "fresh", 2),
+    Workload("origin_write_copy", origin_write_copy, None, "fresh", 1),
     Workload("snapshot_read_store", snapshot_read_store, SNAPSHOT, "region", 1),
     Workload("snapshot_read_locked", snapshot_read_locked, SNAPSHOT, "untouched", 1),
     Workload("snapshot_write", snapshot_write, SNAPSHOT, "fresh", 2),
@@ -424,7 +477,7 @@ async def data_path(
         directory, "data", 2 * layout.origin_chunks * CHUNK, layout.origin_chunks * CHUNK
     )
     async with (
-        csnapd(store, origin, directory / "data.log") as server,
+        csnapd(store, origin, directory / "data.log", metrics=True) as server,
         open_admin(server.connect) as admin,
     ):
         await admin.create_snapshot(SNAPSHOT)
@@ -518,8 +571,7 @@ async def lifecycle(directory: Path, plan: Plan) -> dict[str, Any]:
 _HEADER = (
     "# chunks/s, p50/p99: one chunk per request, latency per operation (locked reads:"
     " query + finish)\n"
-    "# fsyncs/reply = commits/reply x fsyncs per commit (2 with copy-out data, else 1)"
-    " + 2 per journal checkpoint\n"
+    "# fsyncs/reply: the server's own count of its fsyncs (csnapd_fsyncs) per reply\n"
     "# batch = replies / commits ('-': no commits)\n"
     "# cpu us/reply: CPU time of the csnapd process (srv) and of this load generator (gen)\n"
     f"{'workload':<22} {'clients':>7} {'chunks/s':>10} {'p50 ms':>8} {'p99 ms':>8}"

@@ -61,7 +61,14 @@ from csnap_format.geometry import (
     store_capacity,
 )
 from csnap_format.header import BlockContext, BlockHeader, block_checksum, read_header
-from csnap_format.journal import CommitRecord, decode_commit, encode_commit, payload_crc
+from csnap_format.journal import (
+    CommitRecord,
+    DataRun,
+    commit_fits,
+    decode_commit,
+    encode_commit,
+    payload_crc,
+)
 from csnap_format.mkfs import (
     FORMAT_SEQUENCE,
     empty_superblock,
@@ -144,6 +151,8 @@ __all__ = [
     "CommitRecord",
     "encode_commit",
     "decode_commit",
+    "DataRun",
+    "commit_fits",
     "payload_crc",
     "Registry",
     "encode_registry",

@@ -48,6 +48,8 @@ __all__ = [
     "EXCEPTION",
     "LEAF",
     "COMMIT",
+    "COMMIT_DATA",
+    "DATA_RUN",
     "REGISTRY",
     "FieldRow",
     "field_rows",
@@ -214,6 +216,19 @@ COMMIT = Struct(
     "payload_crc" / Int32ul,
     "homes" / Array(this.count, Int64ul),
     "unused" / GreedyBytes,
+)
+
+# Right after a commit record's home addresses (when 8 bytes remain).
+DATA_RUN = Struct(
+    "first_chunk" / Int64ul,
+    "chunks" / Int32ul,
+    "crc" / Int32ul,
+)
+
+COMMIT_DATA = Struct(
+    "runs" / Int32ul,
+    "reserved" / Int32ul,
+    "data" / Array(this.runs, DATA_RUN),
 )
 
 

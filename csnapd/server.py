@@ -77,6 +77,7 @@ from csnapd.dispatch import (
 )
 from csnapd.engine import DEFAULT_CACHE_BYTES, Engine, EngineError, FencedError
 from csnapd.fencing import Fence
+from csnapd.group_commit import Gathering
 from csnapd.server_stats import ServerStats
 from csnapd.space_watch import SpacePolicy
 
@@ -227,6 +228,7 @@ class Server:
             space=config.space,
         )
         self._send, self._receive = trio.open_memory_channel[Item](math.inf)
+        self._gathering = Gathering()
         self._links: dict[Peer, _Link] = {}
         #: Connections accepted and not yet closed, hello said or not.
         self._accepted = 0
@@ -653,6 +655,7 @@ class Server:
                         batch.append(self._receive.receive_nowait())
                     except trio.WouldBlock:
                         break
+                await self._gathering.more(batch, self._receive, config.max_batch)
                 self._took(batch)
                 if self.fence is not None and not self.fence.may_write():
                     self._fenced()  # the batch dies unanswered with its connections
@@ -698,6 +701,7 @@ class Server:
             async with self.engine_lock:
                 await trio.to_thread.run_sync(dispatcher.commit, batch)
             self.stats.commit_seconds.observe(time.perf_counter() - started)
+            self._gathering.committed(items, time.perf_counter() - started)
         return dispatcher.finish(batch)
 
     async def _next_item(self) -> Item | None:

@@ -1013,11 +1013,14 @@ def _repair(
     nbytes = geometry.block_size - HEADER_SIZE
     pages = [BitmapPage(address, nbytes, bits) for address, bits in fixes]
     per = journal.max_blocks - 1
-    for start in range(0, max(len(pages), 1), per):
-        batch = pages[start : start + per]
-        encode = functools.partial(_encode_repair, batch, state, geometry)
-        journal.commit(len(batch) + 1, encode, data_written=False)
-    journal.sync()
+    try:
+        for start in range(0, max(len(pages), 1), per):
+            batch = pages[start : start + per]
+            encode = functools.partial(_encode_repair, batch, state, geometry)
+            journal.commit(len(batch) + 1, encode, data_written=False)
+        journal.sync()
+    except OSError as exc:
+        raise StoreIOError(f"writing the repair: {exc.strerror or exc}") from exc
     report.repaired.append(
         f"rewrote {len(fixes)} bitmap blocks, the free counts and the snapshot counters"
     )

@@ -3,7 +3,9 @@
 Owns the movement of chunk data into the store's data area. Copy-out data goes
 only into chunks allocated by the request itself, so a crash before the commit
 leaves no committed chunk overwritten; consecutive chunks move in one read and
-one write, in pieces of at most COPY_IO_BYTES.
+one write, in pieces of at most COPY_IO_BYTES. Each write's CRC goes to the
+transaction, whose record carries it (rule: data before pointers), and the
+chunks a snapshot write returns are handed out for the client to write.
 """
 
 from __future__ import annotations
@@ -108,9 +110,12 @@ class CopyOut:
         """
         check_ranges(ranges, self._snapshots.view_chunks(tag))
         pieces = self._txn.split_request(ranges, lambda piece: self._snapshot_write(tag, piece))
-        if len(pieces) == 1:
-            return pieces[0]
-        return _joined([segment for piece in pieces for segment in piece])
+        segments = (
+            pieces[0] if len(pieces) == 1 else _joined([s for piece in pieces for s in piece])
+        )
+        # The client writes into these chunks once the reply is out.
+        self._txn.hand_out((s.store_chunk, s.count) for s in segments)
+        return segments
 
     def _snapshot_write(self, tag: int, ranges: Ranges) -> list[WriteSegment]:
         bit = 1 << self._snapshots.io_bit(tag)
@@ -195,7 +200,6 @@ class CopyOut:
                     f"reading {name} chunks {src}..{src + j - i - 1}: {exc.strerror or exc}"
                 ) from exc
             self._stats.copy_reads += 1
-            self._txn.note_data_written()
             self._write_copies(pairs[i:j], data)
             i = j
         self._stats.copied_chunks += len(pairs)
@@ -209,8 +213,11 @@ class CopyOut:
             while m < len(pairs) and pairs[m][1] == pairs[m - 1][1] + 1:
                 m += 1
             dst = pairs[k][1]
+            piece = data[k * size : m * size]
+            # Noted before the write: a failed write may have changed the chunk.
+            self._txn.note_copy(dst, m - k, piece)
             try:
-                self._store.write(dst * size, data[k * size : m * size])
+                self._store.write(dst * size, piece)
             except OSError as exc:
                 raise StoreIOError(
                     f"writing copies to store chunks {dst}..{dst + m - k - 1}:"

@@ -220,6 +220,9 @@ class Engine:
         journal, report = Journal.recover(store, geometry)
         if report.problem:
             log.error("journal replay incomplete: %s", report.problem)
+        if report.uncommitted:
+            # A crash during a sync: the record was never answered.
+            log.info("journal: %s", report.uncommitted)
         try:
             sb = decode_superblock(store.read(0, geometry.block_size))
         except OSError as exc:

@@ -1,11 +1,22 @@
 """The journal: how a transaction becomes durable, and how a store that was
 not closed cleanly is brought back (docs/format.md, "Journal").
 
-Writing transaction s with blocks b1..bn:
-  1. if it wrote copy-out data: sync (data before anything points at it)
-  2. write the commit record and b1..bn to free journal slots
+Writing transaction s with blocks b1..bn and copy-out data d1..dm:
+  1. d1..dm were written to chunks the transaction allocated (not synced)
+  2. write the commit record, with the CRC32 of each run of d1..dm, and
+     b1..bn to free journal slots
   3. sync                                   -> durable: replies may go out
   4. write b1..bn to their home addresses   (the next sync covers them)
+
+One sync makes the data and the record durable together (rule: data before
+pointers, docs/rules.md): recovery takes the newest record only if its data
+runs match their CRCs, so a record whose copies did not all reach the disk
+counts as never written; it was never acknowledged. Only the newest record
+is checked: a later record is written only after the sync of the one before
+it returned, and from then on a copy may change legitimately (a snapshot
+client writes into it). So a copy is handed to a client for writing only
+once a later record is durable: `seal()`. When the runs do not fit in the
+record, the data is synced before the record instead (two syncs).
 
 The record's tail is the oldest transaction whose home writes no completed
 sync has covered yet; recovery replays from there. Slots from the tail of
@@ -14,13 +25,14 @@ free slots run short a checkpoint record (no blocks, tail = itself) frees
 them all.
 
 Recovery reads every slot, takes the newest transaction whose images match
-its payload CRC and carry its sequence, and replays from its tail in
-sequence order, stopping at the first missing or damaged transaction
-(rule: replay in order, docs/rules.md).
+its payload CRC and carry its sequence (and whose data runs match theirs),
+and replays from its tail in sequence order, stopping at the first missing
+or damaged transaction (rule: replay in order, docs/rules.md).
 """
 
 from __future__ import annotations
 
+import zlib
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -29,9 +41,11 @@ from csnap_format import (
     SUPERBLOCK_ADDRESS,
     BlockType,
     CommitRecord,
+    DataRun,
     FormatError,
     Geometry,
     commit_capacity,
+    commit_fits,
     decode_commit,
     encode_commit,
     payload_crc,
@@ -66,6 +80,9 @@ class RecoveryReport:
     blocks: int
     #: Why replay stopped before the newest transaction, if it did.
     problem: str | None = None
+    #: A newer record whose copy-out data did not all reach the disk: it
+    #: counts as not committed (it was never acknowledged).
+    uncommitted: str | None = None
 
 
 @dataclass(slots=True)
@@ -84,6 +101,8 @@ class JournalScan:
     problem: str | None
     #: Sequence -> (slot, slots used) of the transactions in the replay range.
     spans: dict[int, tuple[int, int]] = field(default_factory=dict)
+    #: A newer record passed over because its copy-out data did not match.
+    uncommitted: str | None = None
 
     @property
     def images(self) -> dict[int, bytes]:
@@ -99,6 +118,9 @@ _AREA_KINDS = frozenset({BlockType.INDEX, BlockType.LEAF, BlockType.REGISTRY})
 
 #: Magic and type of a commit record, as they start its block.
 _COMMIT_HEAD = MAGIC + int(BlockType.COMMIT).to_bytes(2, "little")
+
+#: Recovery reads copy-out data to check it in pieces of at most this many bytes.
+_CHECK_IO_BYTES = 8 << 20
 
 
 def _image_kind(g: Geometry, home: int, image: bytes) -> BlockType:
@@ -147,6 +169,28 @@ def _verified(
     return None
 
 
+def data_mismatch(device: BlockDevice, g: Geometry, runs: Sequence[DataRun]) -> str | None:
+    """The first data run whose chunks do not match its CRC, described; or None.
+
+    Raises:
+        StoreIOError: the data area cannot be read.
+    """
+    size = g.chunk_size
+    for run in runs:
+        crc = 0
+        done = 0
+        try:
+            while done < run.chunks:
+                step = min(run.chunks - done, max(1, _CHECK_IO_BYTES // size))
+                crc = zlib.crc32(device.read((run.first_chunk + done) * size, step * size), crc)
+                done += step
+        except OSError as exc:
+            raise StoreIOError(f"reading copy-out data: {exc.strerror or exc}") from exc
+        if crc != run.crc:
+            return f"store chunks {run.first_chunk}..{run.first_chunk + run.chunks - 1}"
+    return None
+
+
 def scan_journal(device: BlockDevice, g: Geometry) -> JournalScan:
     """Read the whole journal and work out what recovery must replay.
 
@@ -174,10 +218,20 @@ def scan_journal(device: BlockDevice, g: Geometry) -> JournalScan:
             continue
         found.setdefault(record.sequence, []).append((slot, record))
     newest = None
+    uncommitted = None
     for sequence in sorted(found, reverse=True):
         newest = _verified(raw, g, found[sequence])
-        if newest is not None:
+        if newest is None:
+            continue
+        mismatch = data_mismatch(device, g, newest.record.data)
+        if mismatch is None:
             break
+        # Its sync never returned: nothing it carried was acknowledged.
+        uncommitted = (
+            f"transaction {sequence} is not committed: its copy-out data ({mismatch})"
+            " did not reach the disk"
+        )
+        newest = None
     if newest is None:
         raise StoreOpenError("the journal holds no valid commit record")
     replay: list[_Transaction] = []
@@ -194,7 +248,7 @@ def scan_journal(device: BlockDevice, g: Geometry) -> JournalScan:
             break
         replay.append(txn)
         spans[sequence] = (txn.slot, len(txn.record.homes) + 1)
-    return JournalScan(newest, replay, problem, spans)
+    return JournalScan(newest, replay, problem, spans, uncommitted)
 
 
 class Journal:
@@ -218,6 +272,9 @@ class Journal:
             self._live.append((newest.record.sequence, newest.slot, len(newest.record.homes) + 1))
         #: Oldest transaction whose home writes no completed sync covered.
         self._unsynced: int | None = None
+        #: Copy-out data of the newest durable record, which recovery checks:
+        #: no client may write into it until a later record is durable.
+        self.unsealed: tuple[DataRun, ...] = newest.record.data
         self.stats = JournalStats()
         #: Most blocks one transaction may carry.
         self.max_blocks = min(commit_capacity(self._size), self._slots - 3)
@@ -239,7 +296,9 @@ class Journal:
             device.sync()
         except OSError as exc:
             raise StoreIOError(f"replaying the journal: {exc.strerror or exc}") from exc
-        report = RecoveryReport(scan.newest.record.sequence, len(scan.replay), blocks, scan.problem)
+        report = RecoveryReport(
+            scan.newest.record.sequence, len(scan.replay), blocks, scan.problem, scan.uncommitted
+        )
         return cls(device, g, scan), report
 
     def _sync(self) -> None:
@@ -260,7 +319,9 @@ class Journal:
         if head < len(buffers):
             self._device.writev(base * self._size, buffers[head:])
 
-    def _append(self, images: Sequence[tuple[int, bytes]], tail: int) -> int:
+    def _append(
+        self, images: Sequence[tuple[int, bytes]], tail: int, data: tuple[DataRun, ...] = ()
+    ) -> int:
         sequence = self.next_sequence
         record = CommitRecord(
             address=self._g.journal_start + self.next_slot,
@@ -268,9 +329,11 @@ class Journal:
             tail_sequence=tail,
             payload_crc=payload_crc(image for _, image in images),
             homes=tuple(home for home, _ in images),
+            data=data,
         )
         self._write_slots([encode_commit(record, self._ctx), *(image for _, image in images)])
         self._sync()
+        self.unsealed = data
         slots = len(images) + 1
         while self._live and self._live[0][0] < tail:
             self._live.popleft()
@@ -285,12 +348,26 @@ class Journal:
         self._append((), self.next_sequence)
         self.stats.checkpoints += 1
 
+    def seal(self) -> None:
+        """Make a record later than the newest durable one durable (no blocks).
+
+        Afterwards no recovery checks the copy-out data of the records
+        before it, so clients may write into those copies.
+        """
+        if self.unsealed:
+            self.commit(0, lambda _: ())
+
+    def data_fits(self, count: int, runs: int) -> bool:
+        """Whether a transaction of `count` blocks can carry `runs` data runs."""
+        return commit_fits(self._size, count, runs)
+
     def commit(
         self,
         count: int,
         encode: Callable[[int], Sequence[tuple[int, bytes]]],
         *,
-        data_written: bool,
+        data_written: bool = False,
+        data: Sequence[DataRun] = (),
     ) -> int:
         """Make a transaction durable, then write its blocks home.
 
@@ -300,6 +377,9 @@ class Journal:
                 address, encoded block) pairs, each address once, each block
                 stamped with that sequence.
             data_written: whether copy-out data was written for it.
+            data: the runs of that data with their CRCs. When they fit in
+                the record, one sync makes data and record durable; else
+                (or without them) the data is synced first.
 
         Returns:
             the transaction's sequence.
@@ -310,7 +390,8 @@ class Journal:
         """
         if count > self.max_blocks:
             raise ValueError(f"transaction of {count} blocks exceeds {self.max_blocks}")
-        if data_written:
+        runs = tuple(data) if data_written and commit_fits(self._size, count, len(data)) else ()
+        if data_written and not runs:
             self._sync()
         if count + 2 > self._free_slots():
             self.checkpoint()
@@ -318,7 +399,7 @@ class Journal:
         if len(images) != count:
             raise ValueError(f"encode returned {len(images)} blocks, not {count}")
         tail = self._unsynced if self._unsynced is not None else self.next_sequence
-        sequence = self._append(images, tail)
+        sequence = self._append(images, tail, runs)
         self.stats.commits += 1
         self.stats.blocks += len(images)
         self._write_homes(images)

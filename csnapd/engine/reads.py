@@ -75,7 +75,10 @@ class ChunkReads:
         addresses"). The origin runs are true when answered only.
         """
         check_ranges(ranges, self._snapshots.view_chunks(tag))
-        return self._txn.request(lambda: self._snapshot_owned(tag, ranges))
+        owned, origin = self._txn.request(lambda: self._snapshot_owned(tag, ranges))
+        # The client may write into owned chunks in place once the reply is out.
+        self._txn.hand_out((target, count) for _, count, target in owned)
+        return owned, origin
 
     def _snapshot_owned(
         self, tag: int, ranges: Ranges

@@ -8,9 +8,13 @@ and whether a commit ever failed.
     it fails, every change it made is rolled back and the transaction goes on
     without it.
   * `commit()` makes every request applied since the last commit durable with
-    one journal transaction and (at most) two syncs: group commit. A caller
-    must not report a request's result before the commit that carries it
-    returns.
+    one journal transaction and one sync (group commit): the record carries
+    the CRC of every run of copy-out data the requests wrote. A caller must
+    not report a request's result before the commit that carries it returns.
+  * A request that hands a client store chunks to write into (`hand_out`)
+    while recovery would still check one of them against its copy's CRC
+    makes the commit write one more, empty record after its own: only then
+    may the reply go out (rule: data before pointers, docs/rules.md).
   * A request that would overflow the transaction commits the earlier ones
     first. A write too big for one transaction on its own is carried by
     several: it is applied in pieces of chunks, each piece committed before
@@ -25,12 +29,14 @@ and whether a commit ever failed.
 
 from __future__ import annotations
 
+import bisect
 import logging
-from collections.abc import Callable
+import zlib
+from collections.abc import Callable, Iterable
 from functools import partial
 from typing import TypeVar
 
-from csnap_format import Geometry, encode_superblock
+from csnap_format import DataRun, Geometry, encode_superblock
 from csnapd.engine.allocator import Allocator
 from csnapd.engine.errors import (
     EngineFailedError,
@@ -86,6 +92,11 @@ class Transaction:
         self._stats = stats
         self._failure: BaseException | None = None
         self._data_written = False
+        #: Runs of copy-out data written since the last commit, with their CRCs.
+        self._runs: list[DataRun] = []
+        #: Whether a request handed out a chunk whose copy recovery would
+        #: check: the commit must be followed by a later durable record.
+        self._seal = False
         self._pending_requests = 0
         #: Most metadata blocks (superblock included) one transaction carries:
         #: three such transactions fit the journal, so checkpoints are rare.
@@ -99,7 +110,7 @@ class Transaction:
     @property
     def pending(self) -> bool:
         """Whether requests were applied that no commit has made durable."""
-        return bool(self._pager.dirty) or self._state != self._committed
+        return bool(self._pager.dirty) or self._state != self._committed or self._seal
 
     def check_usable(self) -> None:
         """Refuse work after a failed commit."""
@@ -107,8 +118,41 @@ class Transaction:
             raise EngineFailedError(f"an earlier commit failed ({self._failure}); reopen the store")
 
     def note_data_written(self) -> None:
-        """Record that the open request wrote data to the store (synced before the commit)."""
+        """Record that the open request wrote data to the store, with no CRC:
+        the commit syncs it before its record."""
         self._data_written = True
+
+    def note_copy(self, first_chunk: int, chunks: int, data: bytes | memoryview) -> None:
+        """Record that the open request wrote `data` to store chunks
+        first_chunk.. (synced with the commit's record, which carries its CRC)."""
+        self._data_written = True
+        runs = self._runs
+        if runs and runs[-1].first_chunk + runs[-1].chunks == first_chunk:
+            last = runs[-1]
+            runs[-1] = DataRun(last.first_chunk, last.chunks + chunks, zlib.crc32(data, last.crc))
+        else:
+            runs.append(DataRun(first_chunk, chunks, zlib.crc32(data)))
+
+    def hand_out(self, ranges: Iterable[tuple[int, int]]) -> None:
+        """Note that a reply lets a client write into these (store chunk, count)
+        ranges: if recovery would check any of them against a copy's CRC, the
+        commit seals it first (module comment)."""
+        if self._seal:
+            return
+        runs = sorted(
+            (run.first_chunk, run.first_chunk + run.chunks)
+            for run in (*self._journal.unsealed, *self._runs)
+        )
+        if not runs:
+            return
+        starts = [start for start, _ in runs]
+        for first, count in ranges:
+            # The last run starting before the range's end is the only one
+            # that can overlap it when runs do not overlap each other.
+            i = bisect.bisect_left(starts, first + count) - 1
+            if i >= 0 and runs[i][1] > first:
+                self._seal = True
+                return
 
     def request(self, work: Callable[[], _T]) -> _T:
         """Apply `work` as one atomic request of the open transaction."""
@@ -116,7 +160,7 @@ class Transaction:
         self._stats.requests += 1
         for attempt in (1, 2):
             saved = self._state.copy()
-            data_written = self._data_written
+            data_written = self._data_written, len(self._runs), self._runs[-1:]
             self._pager.begin_request()
             try:
                 result = work()
@@ -150,10 +194,12 @@ class Transaction:
             self.commit()
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def _rollback(self, saved: StoreState, data_written: bool) -> None:
+    def _rollback(self, saved: StoreState, data_written: tuple[bool, int, list[DataRun]]) -> None:
         self._pager.rollback_request()
         self._state.assign(saved)
-        self._data_written = data_written
+        self._data_written, runs, last = data_written
+        # The request may have extended the last run: put it back as it was.
+        self._runs[runs - len(last) :] = last
 
     def commit(self) -> int | None:
         """Make every request applied so far durable; returns the sequence.
@@ -167,6 +213,13 @@ class Transaction:
         state_changed = self._state != self._committed
         pages = list(self._pager.dirty.values())
         if not pages and not state_changed:
+            if not self._seal:
+                return None
+            try:
+                self._journal.seal()
+            except OSError as exc:
+                raise self._failed(exc) from exc
+            self._seal = False
             return None
         geometry = self._geometry
         state = self._state
@@ -180,22 +233,33 @@ class Transaction:
 
         try:
             sequence = self._journal.commit(
-                len(pages) + state_changed, encode, data_written=self._data_written
+                len(pages) + state_changed,
+                encode,
+                data_written=self._data_written,
+                data=self._runs,
             )
+            if self._seal:
+                self._journal.seal()
         except OSError as exc:
-            self._failure = exc
-            self._pager.drop_all()
-            log.critical("commit failed, refusing all further work: %s", exc)
-            raise EngineFailedError(
-                f"commit failed: {exc.strerror or exc}; the store must be reopened"
-                " (journal replay) before it is used again"
-            ) from exc
+            raise self._failed(exc) from exc
         self._committed_now()
         return sequence
+
+    def _failed(self, exc: OSError) -> EngineFailedError:
+        """A commit failed: refuse everything from now on."""
+        self._failure = exc
+        self._pager.drop_all()
+        log.critical("commit failed, refusing all further work: %s", exc)
+        return EngineFailedError(
+            f"commit failed: {exc.strerror or exc}; the store must be reopened"
+            " (journal replay) before it is used again"
+        )
 
     def _committed_now(self) -> None:
         """The journal holds the open transaction: start the next one."""
         self._data_written = False
+        self._runs = []
+        self._seal = False
         for allocator in self._allocators:
             allocator.committed()
         self._pager.committed()

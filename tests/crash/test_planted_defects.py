@@ -1,9 +1,11 @@
-"""The crash harness proves itself: with each of four classic journal defects
-planted (a checksum that covers only the commit record's first bytes, homes
-written before the commit is durable, replay to the wrong address, a freed
-chunk reused before its free is durable: docs/rules.md, "everything
-journaled", "replay in order", "no reuse before durable"), it must find a
-crash state that recovers wrongly within its first thousand states.
+"""The crash harness proves itself: with each of six journal defects planted
+(a checksum that covers only the commit record's first bytes, homes written
+before the commit is durable, replay to the wrong address, a freed chunk
+reused before its free is durable, a record taken whatever its copies hold,
+a copy handed to a client while recovery still checks it: docs/rules.md,
+"everything journaled", "replay in order", "no reuse before durable", "data
+before pointers"), it must find a crash state that recovers wrongly within
+its first thousand states.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from csnapd.engine import journal as journal_module
 from csnapd.engine.allocator import Allocator
 from csnapd.engine.device import BlockDevice
 from csnapd.engine.journal import Journal, RecoveryReport, scan_journal
+from csnapd.engine.transaction import Transaction
 from tests.crash.harness import CrashCheckError, enumerate_crashes, run_workload
 
 FIRST_STATES = 1000
@@ -47,9 +50,9 @@ def _plant_partial_checksum(mp: pytest.MonkeyPatch) -> None:
 def _homes_first(original: Callable[..., int]) -> Callable[..., int]:
     """Home blocks written before the commit record is durable."""
 
-    def append(self: Journal, images: list[tuple[int, bytes]], tail: int) -> int:
+    def append(self: Journal, images: list[tuple[int, bytes]], *rest: object) -> int:
         self._write_homes(images)
-        return original(self, images, tail)
+        return original(self, images, *rest)
 
     return append
 
@@ -88,11 +91,23 @@ def _plant_early_reuse(mp: pytest.MonkeyPatch) -> None:
     mp.setattr(Allocator, "free", _reuse_at_once(Allocator.free))
 
 
+def _plant_unchecked_copies(mp: pytest.MonkeyPatch) -> None:
+    """Recovery takes the newest record without checking its copies' CRCs."""
+    mp.setattr(journal_module, "data_mismatch", lambda *args: None)
+
+
+def _plant_unsealed_hand_out(mp: pytest.MonkeyPatch) -> None:
+    """A client may write into a copy recovery still checks (no seal record)."""
+    mp.setattr(Transaction, "hand_out", lambda self, ranges: None)
+
+
 DEFECTS: dict[str, Callable[[pytest.MonkeyPatch], None]] = {
     "partial commit checksum": _plant_partial_checksum,
     "homes before the commit": _plant_homes_first,
     "replay to the wrong address": _plant_wrong_home,
     "freed chunk reused before durable": _plant_early_reuse,
+    "copy data unchecked at recovery": _plant_unchecked_copies,
+    "copy handed out before sealed": _plant_unsealed_hand_out,
 }
 
 
