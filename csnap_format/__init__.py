@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from csnap_format.bitmap import BitmapBlock, decode_bitmap, encode_bitmap
 from csnap_format.btree import (
+    ALL_BITS,
+    INDEX_SUMMARIES,
     RCHUNK_LIMIT,
     IndexNode,
     Leaf,
@@ -51,6 +53,8 @@ from csnap_format.errors import (
 )
 from csnap_format.geometry import (
     EXCEPTION_BYTES,
+    FEATURE_INDEX_SUMMARIES,
+    KNOWN_INCOMPAT_FEATURES,
     LEAF_ENTRY_BYTES,
     Geometry,
     bitmap_bits_per_block,
@@ -58,6 +62,7 @@ from csnap_format.geometry import (
     index_capacity,
     leaf_room,
     plan_geometry,
+    summary_index_capacity,
 )
 from csnap_format.header import BlockContext, BlockHeader, block_checksum, read_header
 from csnap_format.journal import CommitRecord, decode_commit, encode_commit, payload_crc
@@ -114,6 +119,11 @@ __all__ = [
     "plan_geometry",
     "bitmap_bits_per_block",
     "index_capacity",
+    "summary_index_capacity",
+    "FEATURE_INDEX_SUMMARIES",
+    "KNOWN_INCOMPAT_FEATURES",
+    "ALL_BITS",
+    "INDEX_SUMMARIES",
     "leaf_room",
     "commit_capacity",
     # blocks

@@ -38,7 +38,10 @@ __all__ = [
     "Geometry",
     "bitmap_bits_per_block",
     "index_capacity",
+    "summary_index_capacity",
     "leaf_room",
+    "FEATURE_INDEX_SUMMARIES",
+    "KNOWN_INCOMPAT_FEATURES",
     "commit_capacity",
     "metadata_blocks_for",
     "default_journal_blocks",
@@ -65,6 +68,13 @@ METADATA_SLACK = 64
 #: Default journal: 4 MiB, or a sixteenth of a small store.
 DEFAULT_JOURNAL_BYTES = 4 << 20
 
+#: Incompatible feature: index nodes may carry subtree summaries (a reader
+#: without it would refuse them as damaged). Set by mkcsnap, and on the first
+#: open of an older store by a server that knows it (docs/operations.md).
+FEATURE_INDEX_SUMMARIES = 1
+#: Every incompatible feature this csnap reads.
+KNOWN_INCOMPAT_FEATURES = FEATURE_INDEX_SUMMARIES
+
 
 def bitmap_bits_per_block(block_size: int) -> int:
     """Allocation bits held by one bitmap block."""
@@ -72,8 +82,13 @@ def bitmap_bits_per_block(block_size: int) -> int:
 
 
 def index_capacity(block_size: int) -> int:
-    """Children one index node can hold."""
+    """Children one index node in the legacy layout (no summaries) can hold."""
     return (block_size - INDEX_BODY_OFFSET) // 16
+
+
+def summary_index_capacity(block_size: int) -> int:
+    """Children one index node with subtree summaries can hold."""
+    return (block_size - INDEX_BODY_OFFSET) // 24
 
 
 def leaf_room(block_size: int) -> int:
@@ -93,12 +108,12 @@ def metadata_blocks_for(data_chunks: int, block_size: int) -> int:
     """Metadata area size that can index `data_chunks` exceptions.
 
     Worst case: each data chunk holds one exception with a directory entry of
-    its own (24 bytes), leaves 40% full, index nodes half full.
+    its own (24 bytes), leaves 40% full, index nodes (with summaries) half full.
     """
     room = leaf_room(block_size)
     per_exception = LEAF_ENTRY_BYTES + EXCEPTION_BYTES
     leaves = max(1, math.ceil(data_chunks * per_exception * 5 / (2 * room)))
-    half_fanout = index_capacity(block_size) // 2
+    half_fanout = summary_index_capacity(block_size) // 2
     index_nodes, level = 0, leaves
     while level > 1:
         level = math.ceil(level / half_fanout)
@@ -136,6 +151,8 @@ class Geometry:
     meta_blocks: int
     data_start: int
     data_chunks: int
+    #: Incompatible feature flags (FEATURE_INDEX_SUMMARIES).
+    features: int = 0
 
     @property
     def store_id(self) -> int:
@@ -188,6 +205,7 @@ class Geometry:
         origin_chunks: int,
         journal_blocks: int,
         meta_blocks: int,
+        features: int = 0,
     ) -> Geometry:
         """The one layout that the given sizes imply (regions packed in order)."""
         bits = bitmap_bits_per_block(block_size)
@@ -215,6 +233,7 @@ class Geometry:
             meta_blocks=meta_blocks,
             data_start=data_start,
             data_chunks=store_chunks - data_start,
+            features=features,
         )
 
 
@@ -250,6 +269,7 @@ def geometry_problems(g: Geometry) -> list[str]:
         origin_chunks=g.origin_chunks,
         journal_blocks=g.journal_blocks,
         meta_blocks=g.meta_blocks,
+        features=g.features,
     )
     if expected != g:
         problems.append("region positions do not follow from the sizes (see docs/format.md)")
@@ -317,6 +337,7 @@ def plan_geometry(
         origin_chunks=origin_chunks,
         journal_blocks=journal_blocks,
         meta_blocks=metadata_blocks_for(store_chunks, block_size),
+        features=FEATURE_INDEX_SUMMARIES,
     )
     if geometry.data_chunks < 1:
         need = (geometry.data_start + 1) * chunk_size

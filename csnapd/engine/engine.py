@@ -58,6 +58,7 @@ from csnapd.engine.state import StoreState
 from csnapd.engine.stats import EngineStats
 from csnapd.engine.sweep import SWEEP_LEAVES_PER_STEP, Sweeper
 from csnapd.engine.transaction import Transaction
+from csnapd.engine.upgrade import upgraded_geometry, write_geometry_backup
 from csnapd.engine.validation import Ranges
 
 __all__ = [
@@ -193,10 +194,11 @@ class Engine:
             raise StoreIOError(f"reading the superblock: {exc.strerror or exc}") from exc
         except FormatError as exc:
             raise StoreOpenError(f"the superblock is damaged after replay: {exc}") from exc
+        upgraded = upgraded_geometry(geometry)
         engine = cls(
             store,
             origin,
-            geometry,
+            upgraded or geometry,
             journal,
             report,
             StoreState.from_superblock(sb),
@@ -204,9 +206,12 @@ class Engine:
             clock=clock,
             owns_devices=owns_devices,
         )
-        if engine._state.clean:
+        if engine._state.clean or upgraded:
             engine._state.clean = False
+            engine._txn.rewrite_superblock()
             engine.commit()
+        if upgraded:
+            write_geometry_backup(store, upgraded)
         return engine
 
     @classmethod

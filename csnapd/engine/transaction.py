@@ -86,6 +86,7 @@ class Transaction:
         self._stats = stats
         self._failure: BaseException | None = None
         self._data_written = False
+        self._superblock_wanted = False
         self._pending_requests = 0
         #: Most metadata blocks (superblock included) one transaction carries:
         #: three such transactions fit the journal, so checkpoints are rare.
@@ -100,6 +101,11 @@ class Transaction:
     def pending(self) -> bool:
         """Whether requests were applied that no commit has made durable."""
         return bool(self._pager.dirty) or self._state != self._committed
+
+    def rewrite_superblock(self) -> None:
+        """Write the superblock with the next commit even if the state is unchanged
+        (its geometry changed: a store upgrade)."""
+        self._superblock_wanted = True
 
     def check_usable(self) -> None:
         """Refuse work after a failed commit."""
@@ -164,7 +170,7 @@ class Transaction:
             EngineFailedError: the commit failed; the engine is now unusable.
         """
         self.check_usable()
-        state_changed = self._state != self._committed
+        state_changed = self._state != self._committed or self._superblock_wanted
         pages = list(self._pager.dirty.values())
         if not pages and not state_changed:
             return None
@@ -196,6 +202,7 @@ class Transaction:
     def _committed_now(self) -> None:
         """The journal holds the open transaction: start the next one."""
         self._data_written = False
+        self._superblock_wanted = False
         for allocator in self._allocators:
             allocator.committed()
         self._pager.committed()

@@ -1,0 +1,145 @@
+"""Index summaries: the sweep reads only the leaves that may hold a swept
+bit, csnap-check finds a summary missing a bit, and a store formatted
+before summaries existed opens, upgrades and is swept.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from csnap_format import (
+    FEATURE_INDEX_SUMMARIES,
+    GEOMETRY_BACKUP_ADDRESS,
+    decode_geometry,
+    decode_index,
+    decode_superblock,
+    encode_index,
+    format_blocks,
+)
+from csnapd.engine import Engine, MemoryDevice
+from csnapd.engine.check import check_store
+from csnapd.engine.check_summaries import SUMMARY_RULE
+from tests.engine.helpers import assert_clean, new_geometry
+from tests.engine.test_check import populated, rewrite
+
+BACKGROUND, SINGLE = 1, 2
+
+
+def _sweep_to_the_end(engine: Engine) -> int:
+    """Run and commit sweep steps until nothing is left; the steps taken."""
+    for steps in range(1, 1000):
+        more = engine.sweep()
+        engine.commit()
+        if not more:
+            return steps
+    raise AssertionError("the sweep did not end in 1000 steps")
+
+
+def _index_nodes(store: MemoryDevice) -> list[int]:
+    """Addresses of the index nodes the superblock's tree reaches."""
+    sb = decode_superblock(store.read(0, 4096))
+    g = sb.geometry
+    found, todo = [], [(sb.root, sb.depth)]
+    while todo:
+        address, level = todo.pop()
+        if level == 0:
+            continue
+        found.append(address)
+        node = decode_index(store.read(address * g.block_size, g.block_size), g.context, address)
+        todo.extend((child, level - 1) for child in node.children)
+    return found
+
+
+def test_sweeping_a_snapshot_owning_one_exception_reads_its_path_not_every_leaf() -> None:
+    g = new_geometry(origin_bytes=16 << 20, store_bytes=48 << 20)
+    store, origin = MemoryDevice(g.store_bytes), MemoryDevice(g.origin_bytes)
+    for address, block in format_blocks(g):
+        store.write(address * g.block_size, block)
+    engine = Engine.open(store, origin)
+    engine.create_snapshot(BACKGROUND)
+    engine.commit()
+    for first in range(0, 3000, 500):
+        engine.origin_write([(first, 500)])
+        engine.commit()
+    engine.create_snapshot(SINGLE)
+    engine.commit()
+    engine.snapshot_write(SINGLE, [(1500, 1)])
+    engine.commit()
+    bit = engine.delete_snapshot(SINGLE).bit
+    engine.commit()
+    leaves = len(list(engine._tree.leaves()))
+    depth = engine._state.depth
+    engine.close()
+    assert leaves >= 15 and depth >= 1
+
+    # Cold cache: every block the sweep needs is read from the store.
+    engine = Engine.open(store, origin)
+    misses = engine.cache_stats.misses
+    assert _sweep_to_the_end(engine) == 1
+    # The path to the one leaf (depth + 1), the bitmap block of the freed
+    # chunk and, for a merge, the left neighbour and the metadata bitmap.
+    assert engine.cache_stats.misses - misses <= depth + 4 < leaves
+    assert engine.stats.sweep_leaves == 1
+    assert engine._state.snapshots[bit] is None  # the slot is free again
+    engine.close()
+    assert_clean(store)
+
+
+def test_csnap_check_finds_a_summary_missing_a_bit() -> None:
+    store, g, _ = populated()
+    sb = decode_superblock(store.read(0, g.block_size))
+    assert sb.depth >= 1
+    node = decode_index(store.read(sb.root * g.block_size, g.block_size), g.context, sb.root)
+    assert node.summaries is not None
+    bit = 1 << next(b for b, r in enumerate(sb.snapshots) if r is not None)
+    assert node.summaries[0] & bit
+    summaries = (node.summaries[0] & ~bit, *node.summaries[1:])
+    damaged = dataclasses.replace(node, summaries=summaries)
+    rewrite(store, g, sb.root, encode_index(damaged, g.context))
+
+    report = check_store(store)
+    found = [p for p in report.problems if p.rule == SUMMARY_RULE]
+    assert len(found) == 1 and found[0].block == sb.root, report.problems
+    assert found[0].snapshots == (sb.snapshots[bit.bit_length() - 1].tag,)  # type: ignore[union-attr]
+
+    # A superset is allowed: a bit too many is no problem.
+    loose = dataclasses.replace(node, summaries=tuple((1 << 64) - 1 for _ in node.keys))
+    rewrite(store, g, sb.root, encode_index(loose, g.context))
+    assert_clean(store)
+
+
+def test_a_store_without_summaries_opens_upgrades_and_sweeps() -> None:
+    # Formatted as before summaries: no feature flag.
+    g = dataclasses.replace(new_geometry(), features=0)
+    store, origin = MemoryDevice(g.store_bytes), MemoryDevice(g.origin_bytes)
+    for address, block in format_blocks(g):
+        store.write(address * g.block_size, block)
+    engine = Engine.open(store, origin)
+    assert engine.geometry.features & FEATURE_INDEX_SUMMARIES
+    for address in (0, GEOMETRY_BACKUP_ADDRESS):
+        upgraded = decode_geometry(store.read(address * g.block_size, g.block_size))
+        assert upgraded.features & FEATURE_INDEX_SUMMARIES, address
+    engine.close()
+
+    # Index nodes written before the upgrade, in the legacy layout.
+    store, g, _ = populated()
+    nodes = _index_nodes(store)
+    assert nodes
+    for address in nodes:
+        node = decode_index(store.read(address * g.block_size, g.block_size), g.context, address)
+        legacy = dataclasses.replace(node, summaries=None)
+        rewrite(store, g, address, encode_index(legacy, g.context))
+    assert_clean(store)
+
+    engine = Engine.open(store, MemoryDevice(g.origin_bytes))
+    leaves = len(list(engine._tree.leaves()))
+    engine.delete_snapshot(2)
+    engine.commit()
+    _sweep_to_the_end(engine)
+    # With every summary read as all bits, the first sweep reads every leaf.
+    assert engine.stats.sweep_leaves == leaves
+    engine.close()
+    assert_clean(store)
+    for address in _index_nodes(store):
+        node = decode_index(store.read(address * g.block_size, g.block_size), g.context, address)
+        assert node.summaries is not None and all(s == 1 << 0 for s in node.summaries)
