@@ -17,6 +17,7 @@ from csnap_format import (
     format_blocks,
 )
 from csnapd.engine import Engine, MemoryDevice
+from csnapd.engine.changes import Changes
 from csnapd.engine.check import check_store
 from csnapd.engine.check_summaries import SUMMARY_RULE
 from tests.engine.helpers import assert_clean, new_geometry
@@ -50,7 +51,9 @@ def _index_nodes(store: MemoryDevice) -> list[int]:
     return found
 
 
-def test_sweeping_a_snapshot_owning_one_exception_reads_its_path_not_every_leaf() -> None:
+def _one_exception_store() -> tuple[MemoryDevice, MemoryDevice, Engine]:
+    """A background snapshot with 3,000 exceptions in many leaves, and
+    snapshot SINGLE owning one exception (chunk 1500), opened."""
     g = new_geometry(origin_bytes=16 << 20, store_bytes=48 << 20)
     store, origin = MemoryDevice(g.store_bytes), MemoryDevice(g.origin_bytes)
     for address, block in format_blocks(g):
@@ -65,6 +68,28 @@ def test_sweeping_a_snapshot_owning_one_exception_reads_its_path_not_every_leaf(
     engine.commit()
     engine.snapshot_write(SINGLE, [(1500, 1)])
     engine.commit()
+    return store, origin, engine
+
+
+def test_a_changelist_reads_only_the_leaves_either_snapshot_may_differ_in() -> None:
+    store, origin, engine = _one_exception_store()
+    engine.close()
+    engine = Engine.open(store, origin)
+    depth = engine._state.depth
+    end = engine.geometry.origin_chunks
+    misses = engine.cache_stats.misses
+    # The origin against SINGLE: only where SINGLE has an exception.
+    assert engine.changes(None, SINGLE, 0, end, max_runs=16) == Changes(((1500, 1),), None)
+    assert engine.cache_stats.misses - misses <= depth + 1
+    # Two snapshots: where either has one (BACKGROUND's 3,000 chunks differ
+    # from SINGLE, which reads the origin there, but for chunk 1500).
+    answer = engine.changes(BACKGROUND, SINGLE, 0, end, max_runs=16, max_leaves=10_000)
+    assert answer.runs == ((0, 3000),) and answer.next is None
+    engine.close()
+
+
+def test_sweeping_a_snapshot_owning_one_exception_reads_its_path_not_every_leaf() -> None:
+    store, origin, engine = _one_exception_store()
     bit = engine.delete_snapshot(SINGLE).bit
     engine.commit()
     leaves = len(list(engine._tree.leaves()))
