@@ -168,3 +168,35 @@ def test_a_store_without_summaries_opens_upgrades_and_sweeps() -> None:
     for address in _index_nodes(store):
         node = decode_index(store.read(address * g.block_size, g.block_size), g.context, address)
         assert node.summaries is not None and all(s == 1 << 0 for s in node.summaries)
+
+
+def test_a_bit_no_summary_holds_is_released_before_the_pass_ends() -> None:
+    store, origin, engine = _one_exception_store()
+    spread = 3
+    engine.create_snapshot(spread)
+    engine.commit()
+    engine.snapshot_write(spread, [(chunk, 1) for chunk in range(5, 3000, 100)])
+    engine.commit()
+    assert len(list(engine._tree.leaves())) > 20
+    spread_bit = engine.delete_snapshot(spread).bit  # starts a pass
+    engine.set_priority(BACKGROUND, 100)
+    engine.set_priority(SINGLE, -100)
+    single = 1 << engine.snapshot(SINGLE).bit
+    squashed = engine.squash_for_reserve()  # SINGLE joins the pass, from chunk 0
+    assert squashed is not None and squashed.tag == SINGLE
+    engine.commit()
+    assert engine._state.sweep_mask == single | 1 << spread_bit
+    for _ in range(100):
+        assert engine.sweep()
+        engine.commit()
+        if not engine._state.sweep_mask & single:
+            break
+    # SINGLE's one exception (chunk 1500) is gone and its bit is out of the
+    # pass, while the pass still sweeps the spread snapshot's.
+    assert engine._state.sweep_mask == 1 << spread_bit
+    assert engine._state.sweep_cursor < 3000
+    _sweep_to_the_end(engine)
+    assert engine._state.snapshots[spread_bit] is None
+    assert engine.snapshot(SINGLE).state == "squashed"
+    engine.close()
+    assert_clean(store)
