@@ -171,7 +171,7 @@ def test_a_store_without_summaries_opens_upgrades_and_sweeps() -> None:
 
 
 def test_a_bit_no_summary_holds_is_released_before_the_pass_ends() -> None:
-    store, origin, engine = _one_exception_store()
+    store, _origin, engine = _one_exception_store()
     spread = 3
     engine.create_snapshot(spread)
     engine.commit()
