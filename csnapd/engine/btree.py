@@ -293,10 +293,17 @@ class ExceptionTree:
 
     def _tighten(self, path: Path, summary: int) -> None:
         """Make the summaries on `path` exact for the child at its end, whose
-        summary is `summary`, changing only the nodes that differ."""
+        summary is `summary`, changing only the nodes that differ.
+
+        Stops at the first entry that is already exact: the node holding it
+        has the same union as before, so the entries above, supersets of
+        it, stay supersets (they are made exact when a change below them
+        reaches them).
+        """
         for node, slot in reversed(path):
-            if node.summaries[slot] != summary:
-                self._pager.modify(node).summaries[slot] = summary
+            if node.summaries[slot] == summary:
+                return
+            self._pager.modify(node).summaries[slot] = summary
             summary = node.union
 
     def _clear(
