@@ -4,7 +4,7 @@ data area live, and how a geometry is planned from the sizes a user asks for.
 Layout, in metadata blocks of `block_size` bytes (docs/format.md, "Layout"):
 
   block 0                   superblock
-  block 1                   geometry backup (written once, at format)
+  block 1                   geometry backup (written at format and by an upgrade)
   journal                   journal_blocks blocks, a circular log
   metadata bitmap           one bit per block of the metadata area
   data bitmap               one bit per chunk of the whole store

@@ -58,7 +58,7 @@ from csnapd.engine.state import StoreState
 from csnapd.engine.stats import EngineStats
 from csnapd.engine.sweep import SWEEP_LEAVES_PER_STEP, Sweeper
 from csnapd.engine.transaction import Transaction
-from csnapd.engine.upgrade import upgraded_geometry, write_geometry_backup
+from csnapd.engine.upgrade import backup_lags, upgraded_geometry, write_geometry_backup
 from csnapd.engine.validation import Ranges
 
 __all__ = [
@@ -210,8 +210,8 @@ class Engine:
             engine._state.clean = False
             engine._txn.rewrite_superblock()
             engine.commit()
-        if upgraded:
-            write_geometry_backup(store, upgraded)
+        if upgraded or backup_lags(store, geometry):
+            write_geometry_backup(store, upgraded or geometry)
         return engine
 
     @classmethod

@@ -13,6 +13,7 @@ from csnap_format import (
     decode_geometry,
     decode_index,
     decode_superblock,
+    encode_geometry_backup,
     encode_index,
     format_blocks,
 )
@@ -145,6 +146,12 @@ def test_a_store_without_summaries_opens_upgrades_and_sweeps() -> None:
         upgraded = decode_geometry(store.read(address * g.block_size, g.block_size))
         assert upgraded.features & FEATURE_INDEX_SUMMARIES, address
     engine.close()
+    # A crash after the superblock's commit, before the backup's rewrite:
+    # the next open rewrites the backup.
+    store.write(GEOMETRY_BACKUP_ADDRESS * g.block_size, encode_geometry_backup(g))
+    Engine.open(store, origin).close()
+    backup = decode_geometry(store.read(GEOMETRY_BACKUP_ADDRESS * g.block_size, g.block_size))
+    assert backup.features & FEATURE_INDEX_SUMMARIES
 
     # Index nodes written before the upgrade, in the legacy layout.
     store, g, _ = populated()
