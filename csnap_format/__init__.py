@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from csnap_format.bitmap import BitmapBlock, decode_bitmap, encode_bitmap
 from csnap_format.btree import (
+    ALL_BITS,
+    INDEX_SUMMARIES,
     RCHUNK_LIMIT,
     IndexNode,
     Leaf,
@@ -51,6 +53,9 @@ from csnap_format.errors import (
 )
 from csnap_format.geometry import (
     EXCEPTION_BYTES,
+    FEATURE_COPY_CRCS,
+    FEATURE_INDEX_SUMMARIES,
+    KNOWN_INCOMPAT_FEATURES,
     LEAF_ENTRY_BYTES,
     Geometry,
     bitmap_bits_per_block,
@@ -59,6 +64,7 @@ from csnap_format.geometry import (
     leaf_room,
     plan_geometry,
     store_capacity,
+    summary_index_capacity,
 )
 from csnap_format.header import BlockContext, BlockHeader, block_checksum, read_header
 from csnap_format.journal import (
@@ -124,6 +130,12 @@ __all__ = [
     "store_capacity",
     "bitmap_bits_per_block",
     "index_capacity",
+    "summary_index_capacity",
+    "FEATURE_INDEX_SUMMARIES",
+    "FEATURE_COPY_CRCS",
+    "KNOWN_INCOMPAT_FEATURES",
+    "ALL_BITS",
+    "INDEX_SUMMARIES",
     "leaf_room",
     "commit_capacity",
     # blocks

@@ -21,11 +21,16 @@ Index node:
   bytes 0..40    common header
   40  u16        count: children
   42  u16        level: 1 when the children are leaves
-  44  u32        reserved, 0
-  48  {u64 key, u64 child}[count]                    then zero to the end
+  44  u32        flags: bit 0 (INDEX_SUMMARIES) says the entries carry summaries
+  48  {u64 key, u64 child, u64 summary}[count]       with INDEX_SUMMARIES,
+      {u64 key, u64 child}[count]                    without (the legacy layout)
+      then zero to the end
 
 Child i covers logical chunks [key[i], key[i+1]); key[0] is the node's own
-lower bound, the last child reaches the parent's upper bound.
+lower bound, the last child reaches the parent's upper bound. A summary is a
+superset of the union of the share masks in the child's subtree; a node in
+the legacy layout has none, which reads as "every bit" (docs/rules.md,
+"Subtree summaries").
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ from csnap_format.geometry import (
     LEAF_ENTRY_BYTES,
     index_capacity,
     leaf_room,
+    summary_index_capacity,
 )
 from csnap_format.header import BlockContext, read_header, write_header
 
@@ -56,6 +62,8 @@ __all__ = [
     "decode_index",
     "leaf_bytes_used",
     "RCHUNK_LIMIT",
+    "INDEX_SUMMARIES",
+    "ALL_BITS",
 ]
 
 #: Directory entries hold chunk numbers relative to the leaf's base in a u32.
@@ -63,6 +71,11 @@ RCHUNK_LIMIT = 1 << 32
 
 _LEAF_FIXED = struct.Struct("<QII")
 _INDEX_FIXED = struct.Struct("<HHI")
+
+#: Index node flag: every entry carries a summary of its subtree's share masks.
+INDEX_SUMMARIES = 1
+#: The summary of a legacy entry, which carries none: any bit may be below.
+ALL_BITS = (1 << 64) - 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,13 +98,19 @@ class Leaf:
 
 @dataclass(frozen=True, slots=True)
 class IndexNode:
-    """A decoded index node: `children[i]` covers keys from `keys[i]`."""
+    """A decoded index node: `children[i]` covers keys from `keys[i]`.
+
+    `summaries[i]` holds every share bit used in child i's subtree (and
+    maybe more); None for a node in the legacy layout, which has no
+    summaries (each reads as ALL_BITS).
+    """
 
     address: int
     sequence: int
     level: int
     keys: tuple[int, ...]
     children: tuple[int, ...]
+    summaries: tuple[int, ...] | None = None
 
 
 def leaf_bytes_used(entries: int, exceptions: int) -> int:
@@ -211,13 +230,25 @@ def encode_index(node: IndexNode, ctx: BlockContext) -> bytes:
         ValueError: the node does not fit (a bug in the caller).
     """
     count = len(node.keys)
-    if count > index_capacity(ctx.block_size) or len(node.children) != count:
+    summaries = node.summaries
+    width = 2 if summaries is None else 3
+    capacity = (
+        index_capacity(ctx.block_size)
+        if summaries is None
+        else summary_index_capacity(ctx.block_size)
+    )
+    if count > capacity or len(node.children) != count:
         raise ValueError(f"index node with {count} keys does not fit or is inconsistent")
+    if summaries is not None and len(summaries) != count:
+        raise ValueError("index node summaries disagree in length with its keys")
     block = bytearray(ctx.block_size)
-    _INDEX_FIXED.pack_into(block, HEADER_SIZE, count, node.level, 0)
-    flat = [0] * (2 * count)
-    flat[0::2] = node.keys
-    flat[1::2] = node.children
+    flags = 0 if summaries is None else INDEX_SUMMARIES
+    _INDEX_FIXED.pack_into(block, HEADER_SIZE, count, node.level, flags)
+    flat = [0] * (width * count)
+    flat[0::width] = node.keys
+    flat[1::width] = node.children
+    if summaries is not None:
+        flat[2::width] = summaries
     try:
         u64_array(len(flat)).pack_into(block, INDEX_BODY_OFFSET, *flat)
     except struct.error as exc:
@@ -241,22 +272,28 @@ def decode_index(
         store_id=ctx.store_id,
         block_size=ctx.block_size,
     )
-    count, level, reserved = _INDEX_FIXED.unpack_from(block, HEADER_SIZE)
+    count, level, flags = _INDEX_FIXED.unpack_from(block, HEADER_SIZE)
 
     def corrupt(what: str) -> CorruptBlockError:
         return CorruptBlockError(what, block=address, kind="index node")
 
-    if reserved:
-        raise corrupt("reserved field is not zero")
-    if not 1 <= count <= index_capacity(ctx.block_size):
+    if flags & ~INDEX_SUMMARIES:
+        raise corrupt(f"unknown flags {flags:#x}")
+    summarised = bool(flags & INDEX_SUMMARIES)
+    width = 3 if summarised else 2
+    capacity = (
+        summary_index_capacity(ctx.block_size) if summarised else index_capacity(ctx.block_size)
+    )
+    if not 1 <= count <= capacity:
         raise corrupt(f"child count {count} out of range")
     if not 1 <= level <= MAX_DEPTH:
         raise corrupt(f"level {level} out of range")
-    end = INDEX_BODY_OFFSET + 16 * count
+    end = INDEX_BODY_OFFSET + 8 * width * count
     if not is_zero(block, end, len(block)):
         raise corrupt("bytes after the last child are not zero")
-    flat = u64_array(2 * count).unpack_from(block, INDEX_BODY_OFFSET)
-    keys, children = flat[0::2], flat[1::2]
+    flat = u64_array(width * count).unpack_from(block, INDEX_BODY_OFFSET)
+    keys, children = flat[0::width], flat[1::width]
+    summaries = flat[2::width] if summarised else None
     if any(a >= b for a, b in itertools.pairwise(keys)):
         raise corrupt("keys are not strictly increasing")
     if keys[-1] >= ctx.origin_chunks:
@@ -265,4 +302,4 @@ def decode_index(
         raise corrupt("a child lies outside the metadata area")
     if len(set(children)) != count:
         raise corrupt("a child appears twice")
-    return IndexNode(address, header.sequence, level, keys, children)
+    return IndexNode(address, header.sequence, level, keys, children, summaries)

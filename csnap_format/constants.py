@@ -77,7 +77,8 @@ class BlockType(enum.IntEnum):
 
     #: Block 0: geometry, store state and the snapshot table.
     SUPERBLOCK = 1
-    #: Block 1: a copy of the superblock's geometry, written once at format.
+    #: Block 1: a copy of the superblock's geometry, written at format (and
+    #: again when an upgrade sets a feature flag).
     GEOMETRY = 2
     #: One block of an allocation bitmap (metadata area or data area).
     BITMAP = 3

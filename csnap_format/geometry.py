@@ -4,7 +4,7 @@ data area live, and how a geometry is planned from the sizes a user asks for.
 Layout, in metadata blocks of `block_size` bytes (docs/format.md, "Layout"):
 
   block 0                   superblock
-  block 1                   geometry backup (written once, at format)
+  block 1                   geometry backup (written at format and by an upgrade)
   journal                   journal_blocks blocks, a circular log
   metadata bitmap           one bit per block of the metadata area
   data bitmap               one bit per chunk of the whole store
@@ -38,7 +38,11 @@ __all__ = [
     "Geometry",
     "bitmap_bits_per_block",
     "index_capacity",
+    "summary_index_capacity",
     "leaf_room",
+    "FEATURE_INDEX_SUMMARIES",
+    "FEATURE_COPY_CRCS",
+    "KNOWN_INCOMPAT_FEATURES",
     "commit_capacity",
     "metadata_blocks_for",
     "default_journal_blocks",
@@ -66,6 +70,18 @@ METADATA_SLACK = 64
 #: Default journal: 4 MiB, or a sixteenth of a small store.
 DEFAULT_JOURNAL_BYTES = 4 << 20
 
+#: Incompatible feature: index nodes may carry subtree summaries (a reader
+#: without it would refuse them as damaged). Set by mkcsnap, and on the first
+#: open of an older store by a server that knows it (docs/operations.md).
+FEATURE_INDEX_SUMMARIES = 1
+#: Incompatible feature: commit records may carry the CRCs of the copy-out
+#: data their transaction wrote, which the record's single sync covers (a
+#: reader without it would take such a record for a damaged one and lose
+#: that transaction). Set like FEATURE_INDEX_SUMMARIES.
+FEATURE_COPY_CRCS = 2
+#: Every incompatible feature this csnap reads, and sets on the stores it opens.
+KNOWN_INCOMPAT_FEATURES = FEATURE_INDEX_SUMMARIES | FEATURE_COPY_CRCS
+
 
 def bitmap_bits_per_block(block_size: int) -> int:
     """Allocation bits held by one bitmap block."""
@@ -73,8 +89,13 @@ def bitmap_bits_per_block(block_size: int) -> int:
 
 
 def index_capacity(block_size: int) -> int:
-    """Children one index node can hold."""
+    """Children one index node in the legacy layout (no summaries) can hold."""
     return (block_size - INDEX_BODY_OFFSET) // 16
+
+
+def summary_index_capacity(block_size: int) -> int:
+    """Children one index node with subtree summaries can hold."""
+    return (block_size - INDEX_BODY_OFFSET) // 24
 
 
 def leaf_room(block_size: int) -> int:
@@ -94,12 +115,12 @@ def metadata_blocks_for(data_chunks: int, block_size: int) -> int:
     """Metadata area size that can index `data_chunks` exceptions.
 
     Worst case: each data chunk holds one exception with a directory entry of
-    its own (24 bytes), leaves 40% full, index nodes half full.
+    its own (24 bytes), leaves 40% full, index nodes (with summaries) half full.
     """
     room = leaf_room(block_size)
     per_exception = LEAF_ENTRY_BYTES + EXCEPTION_BYTES
     leaves = max(1, math.ceil(data_chunks * per_exception * 5 / (2 * room)))
-    half_fanout = index_capacity(block_size) // 2
+    half_fanout = summary_index_capacity(block_size) // 2
     index_nodes, level = 0, leaves
     while level > 1:
         level = math.ceil(level / half_fanout)
@@ -137,6 +158,8 @@ class Geometry:
     meta_blocks: int
     data_start: int
     data_chunks: int
+    #: Incompatible feature flags (FEATURE_INDEX_SUMMARIES).
+    features: int = 0
 
     @property
     def store_id(self) -> int:
@@ -190,6 +213,7 @@ class Geometry:
         journal_blocks: int,
         meta_blocks: int,
         data_bitmap_blocks: int | None = None,
+        features: int = 0,
     ) -> Geometry:
         """The one layout that the given sizes imply (regions packed in order).
 
@@ -222,6 +246,7 @@ class Geometry:
             meta_blocks=meta_blocks,
             data_start=data_start,
             data_chunks=store_chunks - data_start,
+            features=features,
         )
 
 
@@ -258,6 +283,7 @@ def geometry_problems(g: Geometry) -> list[str]:
         journal_blocks=g.journal_blocks,
         meta_blocks=g.meta_blocks,
         data_bitmap_blocks=g.data_bitmap_blocks,
+        features=g.features,
     )
     if g.data_bitmap_blocks < math.ceil(g.store_chunks / bitmap_bits_per_block(g.block_size)):
         problems.append("the data bitmap does not cover the store")
@@ -358,6 +384,7 @@ def plan_geometry(
         journal_blocks=journal_blocks,
         meta_blocks=metadata_blocks_for(max_chunks, block_size),
         data_bitmap_blocks=math.ceil(max_chunks / bitmap_bits_per_block(block_size)),
+        features=KNOWN_INCOMPAT_FEATURES,
     )
     if geometry.data_chunks < 1:
         need = (geometry.data_start + 1) * chunk_size

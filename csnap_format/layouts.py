@@ -19,6 +19,7 @@ from construct import (
     Construct,
     FormatField,
     GreedyBytes,
+    IfThenElse,
     Int8sl,
     Int8ul,
     Int16ul,
@@ -43,6 +44,7 @@ __all__ = [
     "GEOMETRY_BACKUP",
     "BITMAP",
     "INDEX_ENTRY",
+    "INDEX_SUMMARY_ENTRY",
     "INDEX",
     "LEAF_MAP_ENTRY",
     "EXCEPTION",
@@ -167,12 +169,18 @@ INDEX_ENTRY = Struct(
     "child" / Int64ul,
 )
 
+INDEX_SUMMARY_ENTRY = Struct(
+    "key" / Int64ul,
+    "child" / Int64ul,
+    "summary" / Int64ul,
+)
+
 INDEX = Struct(
     "header" / HEADER,
     "count" / Int16ul,
     "level" / Int16ul,
-    "reserved" / Int32ul,
-    "entries" / Array(this.count, INDEX_ENTRY),
+    "flags" / Int32ul,
+    "entries" / Array(this.count, IfThenElse(this.flags & 1, INDEX_SUMMARY_ENTRY, INDEX_ENTRY)),
     "unused" / GreedyBytes,
 )
 

@@ -20,6 +20,7 @@ can always be found and replayed, and the replay repairs the tear.
 
 from __future__ import annotations
 
+import dataclasses
 import struct
 import zlib
 from dataclasses import dataclass
@@ -44,7 +45,7 @@ from csnap_format.errors import (
     UnsupportedVersionError,
     WrongBlockTypeError,
 )
-from csnap_format.geometry import Geometry, geometry_problems
+from csnap_format.geometry import KNOWN_INCOMPAT_FEATURES, Geometry, geometry_problems
 from csnap_format.header import read_header, write_header
 
 __all__ = [
@@ -165,7 +166,7 @@ def _pack_geometry(block: bytearray, g: Geometry) -> None:
         block,
         _GEOMETRY_AT,
         FORMAT_VERSION,
-        0,
+        g.features,
         0,
         0,
         g.uuid,
@@ -292,7 +293,7 @@ def decode_geometry(block: bytes | bytearray | memoryview) -> Geometry:
             block=expected[kind],
             kind=name,
         )
-    if incompat or compat or reserved:
+    if incompat & ~KNOWN_INCOMPAT_FEATURES or compat or reserved:
         raise UnsupportedVersionError(
             f"unknown feature flags (incompat {incompat:#x}, compat {compat:#x})",
             block=expected[kind],
@@ -302,7 +303,7 @@ def decode_geometry(block: bytes | bytearray | memoryview) -> Geometry:
         raise CorruptBlockError(
             "reserved geometry bytes are not zero", block=expected[kind], kind=name
         )
-    geometry = Geometry(fields[4], *fields[5:])
+    geometry = dataclasses.replace(Geometry(fields[4], *fields[5:]), features=incompat)
     problems = geometry_problems(geometry)
     if problems:
         raise CorruptBlockError("; ".join(problems), block=expected[kind], kind=name)

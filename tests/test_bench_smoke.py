@@ -171,6 +171,9 @@ def check_reclaim_part(part: dict[str, Any]) -> None:
     # A snapshot owning one exception is reclaimed in fewer transactions than
     # one owning an exception in every leaf.
     assert part["delete_single"]["commits"] < part["delete_sixty_fourth"]["commits"]
+    # And it reads fewer leaves: the index summaries skip the others.
+    assert part["delete_single"]["leaves_visited"] < part["delete_sixty_fourth"]["leaves_visited"]
+    assert part["idle_lookup_p99_ms"] > 0 and part["delete_single"]["lookup_p99_ms"] > 0
     squash = part["squash_sixty_fourth"]
     assert squash["owned"] > 0 and squash["write_served_s"] > 0
 

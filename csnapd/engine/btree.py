@@ -16,6 +16,12 @@ Rules:
   * Deleting snapshots' bits are cleared by a sweep in key order; a leaf left
     half empty is merged into its left sibling, index nodes likewise, and a
     root with one child gives way to that child.
+  * Every index entry's summary holds at least every share bit used below
+    it (docs/rules.md, "Subtree summaries"): an edit that adds bits to a
+    leaf ORs them into the summaries on its path first, splits and merges
+    carry summaries with their children, and the sweep makes the summaries
+    on the path of each leaf it visits exact again. Walks that look for
+    some bits (the sweep, the changelist) skip subtrees without them.
 """
 
 from __future__ import annotations
@@ -30,8 +36,8 @@ from csnap_format import (
     MAX_DEPTH,
     RCHUNK_LIMIT,
     Geometry,
-    index_capacity,
     leaf_room,
+    summary_index_capacity,
 )
 from csnapd.engine.allocator import Allocator
 from csnapd.engine.errors import InvalidRequestError, StoreCorruptError
@@ -53,7 +59,7 @@ class ExceptionTree:
         self._state = state
         self._meta = meta
         self._room = leaf_room(geometry.block_size)
-        self._fanout = index_capacity(geometry.block_size)
+        self._fanout = summary_index_capacity(geometry.block_size)
         self._end = geometry.origin_chunks
 
     # -- lookups ---------------------------------------------------------------
@@ -119,6 +125,45 @@ class ExceptionTree:
                 yield c, leaf, i, found
             chunk = stop
 
+    def seek(self, chunk: int, mask: int) -> int | None:
+        """The first chunk from `chunk` on whose leaf may hold a bit of `mask`.
+
+        Subtrees whose summary lacks every bit of `mask` are skipped without
+        being read. Returns `chunk` itself, or the lower bound of a later
+        leaf, or None when no leaf from `chunk`'s on may hold one.
+
+        Raises:
+            StoreCorruptError: a node's level is not what its parent says.
+        """
+        if not 0 <= chunk < self._end:
+            return None
+        if self._state.depth == 0:
+            return chunk
+        return self._seek(self._state.root, self._state.depth, chunk, mask)
+
+    def _seek(self, address: int, level: int, chunk: int, mask: int) -> int | None:
+        node = self._pager.index(address)
+        if node.level != level:
+            raise StoreCorruptError(
+                f"index node {address} has level {node.level}; its parent expects {level}"
+            )
+        for slot in range(max(0, node.slot(chunk)), len(node.keys)):
+            if not node.summaries[slot] & mask:
+                continue
+            at = max(chunk, node.keys[slot])
+            if level == 1:
+                return at
+            found = self._seek(node.children[slot], level - 1, at, mask)
+            if found is not None:
+                return found
+        return None
+
+    def root_union(self) -> int:
+        """A superset of every share bit used anywhere in the tree."""
+        if self._state.depth == 0:
+            return self._pager.leaf(self._state.root).union
+        return self._pager.index(self._state.root).union
+
     def leaves(self) -> Iterator[tuple[LeafPage, Path, int]]:
         """Every leaf in key order, with its path and upper bound."""
         chunk = 0
@@ -136,8 +181,12 @@ class ExceptionTree:
 
     # -- insertion -------------------------------------------------------------
 
-    def leaf_for_update(self, chunk: int) -> LeafPage:
-        """A writable leaf holding `chunk`'s range, with room for one more exception."""
+    def leaf_for_update(self, chunk: int, bits: int) -> LeafPage:
+        """A writable leaf holding `chunk`'s range, with room for one more exception.
+
+        `bits` are the share bits the caller is about to add to the leaf:
+        they are added to the summaries on its path first.
+        """
         while True:
             leaf, path, _ = self.descend(chunk)
             if chunk - leaf.base >= RCHUNK_LIMIT:
@@ -146,6 +195,9 @@ class ExceptionTree:
             _, found = leaf.find(chunk)
             need = EXCEPTION_BYTES + (0 if found else LEAF_ENTRY_BYTES)
             if leaf.used + need <= self._room:
+                for node, slot in path:
+                    if bits & ~node.summaries[slot]:
+                        self._pager.modify(node).summaries[slot] |= bits
                 return self._pager.modify(leaf)
             self._split(leaf, path, _split_point(leaf), None)
 
@@ -156,33 +208,48 @@ class ExceptionTree:
         base = key if key is not None else left.chunks[at]
         right = left.split_off(at, address, base)
         self._pager.create(right)
-        self._insert_child(path, base, address)
+        self._insert_child(path, base, address, right.union)
 
-    def _insert_child(self, path: Path, key: int, child: int) -> None:
-        """Insert (key, child) after the slot of the last node of `path`."""
+    def _insert_child(self, path: Path, key: int, child: int, summary: int) -> None:
+        """Insert (key, child) after the slot of the last node of `path`.
+
+        `summary` is the new child's; it is a subset of its old neighbour's,
+        so the summaries above stay supersets.
+        """
         if not path:
-            self._grow_root(key, child)
+            self._grow_root(key, child, summary)
             return
         node, slot = path[-1]
         node = self._pager.modify(node)
         node.keys.insert(slot + 1, key)
         node.children.insert(slot + 1, child)
+        node.summaries.insert(slot + 1, summary)
         if len(node.keys) <= self._fanout:
             return
         middle = len(node.keys) // 2
         address = self._meta.allocate_one()
-        right = IndexPage(address, node.level, node.keys[middle:], node.children[middle:])
+        right = IndexPage(
+            address,
+            node.level,
+            node.keys[middle:],
+            node.children[middle:],
+            node.summaries[middle:],
+        )
         del node.keys[middle:]
         del node.children[middle:]
+        del node.summaries[middle:]
         self._pager.create(right)
-        self._insert_child(path[:-1], right.keys[0], address)
+        self._insert_child(path[:-1], right.keys[0], address, right.union)
 
-    def _grow_root(self, key: int, child: int) -> None:
+    def _grow_root(self, key: int, child: int, summary: int) -> None:
         if self._state.depth >= MAX_DEPTH:
             raise StoreCorruptError(f"the btree would grow beyond {MAX_DEPTH} levels")
         address = self._meta.allocate_one()
         level = self._state.depth + 1
-        self._pager.create(IndexPage(address, level, [0, key], [self._state.root, child]))
+        old = self.root_union()
+        self._pager.create(
+            IndexPage(address, level, [0, key], [self._state.root, child], [old, summary])
+        )
         self._state.root = address
         self._state.depth = level
 
@@ -217,9 +284,27 @@ class ExceptionTree:
         if changed:
             leaf = self._pager.modify(leaf)
             if not self._clear(leaf, mask, free_chunk, may_continue):
+                self._tighten(path, leaf.union)
                 return chunk, True
+        self._tighten(path, leaf.union)
+        if changed:
             self._merge_leaf(leaf, path)
         return (hi if hi < self._end else None), changed
+
+    def _tighten(self, path: Path, summary: int) -> None:
+        """Make the summaries on `path` exact for the child at its end, whose
+        summary is `summary`, changing only the nodes that differ.
+
+        Stops at the first entry that is already exact: the node holding it
+        has the same union as before, so the entries above, supersets of
+        it, stay supersets (they are made exact when a change below them
+        reaches them).
+        """
+        for node, slot in reversed(path):
+            if node.summaries[slot] == summary:
+                return
+            self._pager.modify(node).summaries[slot] = summary
+            summary = node.union
 
     def _clear(
         self,
@@ -265,6 +350,7 @@ class ExceptionTree:
         if leaf.chunks and leaf.chunks[-1] - left.base >= RCHUNK_LIMIT:
             return
         self._pager.modify(left).absorb(leaf)
+        self._pager.modify(parent).summaries[slot - 1] |= parent.summaries[slot]
         self._remove_child(path)
 
     def _remove_child(self, path: Path) -> None:
@@ -272,6 +358,7 @@ class ExceptionTree:
         node, slot = path[-1]
         node = self._pager.modify(node)
         del node.keys[slot]
+        del node.summaries[slot]
         child = node.children.pop(slot)
         self._meta.free(child)
         self._pager.forget(child)
@@ -285,6 +372,9 @@ class ExceptionTree:
                     boundary = len(left.keys)
                     left.keys.extend(node.keys)
                     left.children.extend(node.children)
+                    left.summaries.extend(node.summaries)
+                    parent = self._pager.modify(parent)
+                    parent.summaries[parent_slot - 1] |= parent.summaries[parent_slot]
                     self._remove_child(above)
                     self._merge_at(left, boundary)
         self._shrink_root()
@@ -316,13 +406,17 @@ class ExceptionTree:
         boundary = len(left_node.keys)
         left_node.keys.extend(right_node.keys)
         left_node.children.extend(right_node.children)
+        left_node.summaries.extend(right_node.summaries)
         self._drop_slot(node, slot)
         self._merge_at(left_node, boundary)
 
     def _drop_slot(self, node: IndexPage, slot: int) -> None:
-        """Remove child `slot` (never 0) of `node` and free its block."""
+        """Remove child `slot` (never 0) of `node`, whose summary joins its
+        left neighbour's (which absorbed it), and free its block."""
         node = self._pager.modify(node)
+        node.summaries[slot - 1] |= node.summaries[slot]
         del node.keys[slot]
+        del node.summaries[slot]
         child = node.children.pop(slot)
         self._meta.free(child)
         self._pager.forget(child)

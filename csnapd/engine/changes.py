@@ -9,6 +9,11 @@ any exception read the origin in every view and never differ. The rule and
 why it is exact (not merely a superset) are in docs/protocol.md,
 "`query_changes`".
 
+Only leaves that may hold an exception of one of the two views are read:
+a subtree whose index summary has neither view's share bit is read the
+same (from the origin) by both, so it is skipped whole (docs/rules.md,
+"Subtree summaries").
+
 Owns no state: each answer is read from the exception btree as it stands in
 the open transaction, without reading any data. One answer visits a bounded
 number of leaves and lists a bounded number of runs, and says where the
@@ -115,6 +120,13 @@ class ChangeList:
             return Changes((), None)
         chunk = start
         for _ in range(max_leaves):
+            # Where neither view has an exception both read the origin: only
+            # leaves that may hold bit a or bit b can differ (a is 0 for the
+            # origin, which no exception carries).
+            found = self._tree.seek(chunk, a | b)
+            if found is None or found >= end:
+                return Changes(tuple(runs), None)
+            chunk = found
             leaf, _path, hi = self._tree.descend(chunk)
             if hi <= chunk:
                 raise StoreCorruptError(

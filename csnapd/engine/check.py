@@ -50,6 +50,7 @@ from csnap_format import (
     decode_superblock,
     encode_superblock,
 )
+from csnapd.engine.check_summaries import check_summaries
 from csnapd.engine.device import BlockDevice
 from csnapd.engine.engine import read_geometry
 from csnapd.engine.errors import EngineError, StoreIOError, StoreOpenError
@@ -865,6 +866,7 @@ def check_store(
     checker = _Checker(view, sb, report, advance, collect=repair, committed=committed)
     try:
         checker.walk()
+        check_summaries(view.block, sb, checker.problem)
         checker.registry()
         meta_fix, data_fix = checker.bitmaps()
         checker.counters()

@@ -92,7 +92,7 @@ class CopyOut:
         )
         state = self._state
         for (chunk, missing), target in zip(todo, targets, strict=True):
-            leaf = self._tree.leaf_for_update(chunk)
+            leaf = self._tree.leaf_for_update(chunk, missing)
             i, found = leaf.find(chunk)
             leaf.add(i, found, chunk, missing, target)
             state.count_exception(missing, 1)
@@ -159,7 +159,7 @@ class CopyOut:
     def _add_own(self, chunk: int, bit: int, target: int, *, shared: bool) -> None:
         """Give the snapshot with share `bit` its own exception for `chunk`."""
         state = self._state
-        leaf = self._tree.leaf_for_update(chunk)
+        leaf = self._tree.leaf_for_update(chunk, bit)
         i, found = leaf.find(chunk)
         if shared:
             j = leaf.exception_of(i, bit)

@@ -70,6 +70,7 @@ from csnapd.engine.state import StoreState
 from csnapd.engine.stats import EngineStats
 from csnapd.engine.sweep import SWEEP_LEAVES_PER_STEP, Sweeper
 from csnapd.engine.transaction import Transaction
+from csnapd.engine.upgrade import upgraded_geometry
 from csnapd.engine.validation import Ranges
 
 __all__ = [
@@ -231,12 +232,14 @@ class Engine:
             raise StoreOpenError(f"the superblock is damaged after replay: {exc}") from exc
         # A resize journaled but not yet written home: the replayed
         # superblock holds the geometry that counts (csnapd.engine.resize).
-        _check_sizes(store, origin, sb.geometry)
-        repair_geometry_backup(store, sb.geometry)
+        geometry = sb.geometry
+        _check_sizes(store, origin, geometry)
+        repair_geometry_backup(store, geometry)
+        upgraded = upgraded_geometry(geometry)
         engine = cls(
             store,
             origin,
-            sb.geometry,
+            upgraded or geometry,
             journal,
             report,
             StoreState.from_superblock(sb),
@@ -244,9 +247,13 @@ class Engine:
             clock=clock,
             owns_devices=owns_devices,
         )
-        if engine._state.clean:
+        if engine._state.clean or upgraded:
             engine._state.clean = False
+            engine._txn.rewrite_superblock()
             engine.commit()
+        if upgraded:
+            write_geometry_backup(store, upgraded)
+            log.info("store upgraded to feature flags %#x", upgraded.features)
         return engine
 
     @classmethod

@@ -4,7 +4,7 @@ csnap_format decodes blocks into frozen dataclasses; the engine edits them
 in place, so it converts each block once, on load, into a page:
 
   LeafPage    parallel arrays (compact: about the block's own size in memory)
-  IndexPage   two lists, keys and children
+  IndexPage   three lists: keys, children and subtree summaries
   BitmapPage  the bits as one Python int, plus the bits freed by the open
               transaction, which may not be handed out until it is durable
 
@@ -19,6 +19,7 @@ from array import array
 from dataclasses import dataclass
 
 from csnap_format import (
+    ALL_BITS,
     EXCEPTION_BYTES,
     LEAF_ENTRY_BYTES,
     BitmapBlock,
@@ -30,6 +31,7 @@ from csnap_format import (
     encode_index,
     encode_leaf,
     encode_registry,
+    summary_index_capacity,
 )
 
 __all__ = ["LeafPage", "IndexPage", "BitmapPage", "RegistryPage", "Page", "encode_page"]
@@ -160,6 +162,14 @@ class LeafPage:
         del self.targets[first:]
         return right
 
+    @property
+    def union(self) -> int:
+        """Every share bit used in this leaf: its summary in its parent."""
+        mask = 0
+        for share in self.shares:
+            mask |= share
+        return mask
+
     def absorb(self, right: LeafPage) -> None:
         """Append every entry of `right`, whose chunks all follow ours."""
         self.chunks.extend(right.chunks)
@@ -170,22 +180,45 @@ class LeafPage:
 
 @dataclass(slots=True)
 class IndexPage:
-    """An index node: `children[i]` covers chunks from `keys[i]`."""
+    """An index node: `children[i]` covers chunks from `keys[i]`.
+
+    `summaries[i]` holds every share bit used below child i (and maybe
+    more: docs/rules.md, "Subtree summaries"). A node read in the legacy
+    layout gets ALL_BITS for each; it is written with summaries when it
+    fits in the summarised layout, else in the legacy layout again.
+    """
 
     address: int
     level: int
     keys: list[int]
     children: list[int]
+    summaries: list[int]
 
     @classmethod
     def from_format(cls, node: IndexNode) -> IndexPage:
-        return cls(node.address, node.level, list(node.keys), list(node.children))
+        summaries = (
+            list(node.summaries) if node.summaries is not None else [ALL_BITS] * len(node.keys)
+        )
+        return cls(node.address, node.level, list(node.keys), list(node.children), summaries)
 
-    def to_format(self, sequence: int) -> IndexNode:
-        return IndexNode(self.address, sequence, self.level, tuple(self.keys), tuple(self.children))
+    def to_format(self, sequence: int, capacity: int) -> IndexNode:
+        summaries = tuple(self.summaries) if len(self.keys) <= capacity else None
+        return IndexNode(
+            self.address, sequence, self.level, tuple(self.keys), tuple(self.children), summaries
+        )
 
     def copy(self) -> IndexPage:
-        return IndexPage(self.address, self.level, list(self.keys), list(self.children))
+        return IndexPage(
+            self.address, self.level, list(self.keys), list(self.children), list(self.summaries)
+        )
+
+    @property
+    def union(self) -> int:
+        """Every share bit this node's summaries hold: its own summary in its parent."""
+        mask = 0
+        for summary in self.summaries:
+            mask |= summary
+        return mask
 
     def slot(self, chunk: int) -> int:
         """The child slot whose range holds `chunk`."""
@@ -241,7 +274,8 @@ def encode_page(page: Page, sequence: int, geometry: Geometry) -> bytes:
     if isinstance(page, LeafPage):
         return encode_leaf(page.to_format(sequence), ctx)
     if isinstance(page, IndexPage):
-        return encode_index(page.to_format(sequence), ctx)
+        capacity = summary_index_capacity(geometry.block_size)
+        return encode_index(page.to_format(sequence, capacity), ctx)
     if isinstance(page, RegistryPage):
         return encode_registry(page.to_format(sequence), ctx)
     return encode_bitmap(page.to_format(sequence), ctx)

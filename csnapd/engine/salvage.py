@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import bisect
 import functools
+import operator
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from csnap_format import (
+    FEATURE_INDEX_SUMMARIES,
     HEADER_SIZE,
     LOST_CHUNK,
     RCHUNK_LIMIT,
@@ -41,6 +43,7 @@ from csnap_format import (
     index_capacity,
     leaf_bytes_used,
     leaf_room,
+    summary_index_capacity,
 )
 from csnapd.engine.device import BlockDevice
 from csnapd.engine.errors import EngineError, StoreIOError
@@ -258,7 +261,8 @@ def _build(
         return address
 
     blocks: list[tuple[int, bytes]] = []
-    level: list[tuple[int, int]] = []
+    # (lower key, block, union of the share masks below) of each node of a level.
+    level: list[tuple[int, int, int]] = []
     for base, chunks in _leaves(exceptions, g.block_size):
         address = take()
         counts: list[int] = []
@@ -273,24 +277,29 @@ def _build(
             address, sequence, base, tuple(chunks), tuple(counts), tuple(shares), tuple(targets)
         )
         blocks.append((address, encode_leaf(leaf, ctx)))
-        level.append((base, address))
+        level.append((base, address, functools.reduce(operator.or_, shares, 0)))
     depth = 0
-    fan = max(2, int(index_capacity(g.block_size) * _FILL))
+    # A store not yet upgraded (docs/format.md, "Legacy nodes") gets legacy nodes.
+    summarised = bool(g.features & FEATURE_INDEX_SUMMARIES)
+    capacity = summary_index_capacity if summarised else index_capacity
+    fan = max(2, int(capacity(g.block_size) * _FILL))
     while len(level) > 1:
         depth += 1
-        upper: list[tuple[int, int]] = []
+        upper: list[tuple[int, int, int]] = []
         for at in range(0, len(level), fan):
             group = level[at : at + fan]
             address = take()
+            summaries = tuple(summary for _, _, summary in group)
             node = IndexNode(
                 address,
                 sequence,
                 depth,
-                tuple(key for key, _ in group),
-                tuple(child for _, child in group),
+                tuple(key for key, _, _ in group),
+                tuple(child for _, child, _ in group),
+                summaries if summarised else None,
             )
             blocks.append((address, encode_index(node, ctx)))
-            upper.append((group[0][0], address))
+            upper.append((group[0][0], address, functools.reduce(operator.or_, summaries, 0)))
         level = upper
     return _Built(level[0][1], depth, blocks)
 

@@ -4,19 +4,27 @@ Owns the sweep's progress in the store state (the share bits being swept and
 the next logical chunk to visit). It runs in the background, and on demand
 when a copy-out waits for room (csnapd.engine.squash).
 
+The sweep reads only the leaves that may hold a swept bit: it goes from
+leaf to leaf through the index summaries (ExceptionTree.seek), skipping
+every subtree whose summary lacks all the swept bits, and makes the
+summaries on the path of each leaf it visits exact. Its cost follows the
+swept snapshots' own exceptions (and the depth of the tree), not the size
+of the tree. A bit that no summary of the root holds is used nowhere: its
+slot is released at once, before the pass reaches its end.
+
 A step is bounded in the leaves it changes (SWEEP_LEAVES_PER_STEP) and,
 more loosely, in the leaves it only looks at (SWEEP_VISITS_PER_STEP) and in
-time (SWEEP_STEP_SECONDS): a leaf holding none of the swept bits costs a
-read and no write, so a snapshot owning few exceptions is reclaimed in few
-transactions, and no step pauses a server's clients for long. Each step is one request of a fresh
-transaction, bounded in dirty blocks and in leaves visited, so that a server
-pauses its clients for a few milliseconds at most.
+time (SWEEP_STEP_SECONDS), so no step pauses a server's clients for long.
+Each step is one request of a fresh transaction, bounded in dirty blocks
+and in leaves visited, so that a server pauses its clients for a few
+milliseconds at most.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 from csnap_format import SnapshotState
 from csnapd.engine.allocator import Allocator
@@ -92,13 +100,29 @@ class Sweeper:
         def may_continue() -> bool:
             return len(self._pager.dirty) < limit
 
-        chunk = state.sweep_cursor
+        self._visit(may_continue)
+        if state.sweep_mask:
+            # Bits no summary of the root holds are used nowhere.
+            gone = state.sweep_mask & ~self._tree.root_union()
+            if gone == state.sweep_mask:
+                self._finish()
+            elif gone:
+                self._release(gone)
+                state.sweep_mask &= ~gone
+
+    def _visit(self, may_continue: Callable[[], bool]) -> None:
+        """Sweep the leaves that may hold a swept bit, as far as one step goes."""
+        state = self._state
         # Bounded in leaves too: leaves emptied and merged away leave nothing
         # dirty, and a server answers nobody while a step runs.
         changed = 0
         deadline = time.monotonic() + SWEEP_STEP_SECONDS
         for _ in range(SWEEP_VISITS_PER_STEP):
             if changed >= SWEEP_LEAVES_PER_STEP or time.monotonic() > deadline:
+                return
+            chunk = self._tree.seek(state.sweep_cursor, state.sweep_mask)
+            if chunk is None:
+                self._finish()
                 return
             after, touched = self._tree.sweep_leaf(
                 chunk, state.sweep_mask, self._data.free, may_continue
@@ -108,13 +132,22 @@ class Sweeper:
             if after is None:
                 self._finish()
                 return
-            state.sweep_cursor = chunk = after
+            state.sweep_cursor = after
             if not may_continue():
                 return
 
     def _finish(self) -> None:
         state = self._state
-        for bit in bits_of(state.sweep_mask):
+        self._release(state.sweep_mask)
+        state.sweep_mask = 0
+        state.sweep_mask = state.reclaim_mask
+        state.sweep_cursor = 0
+
+    def _release(self, mask: int) -> None:
+        """The bits of `mask` are used nowhere: free their slots (a squashed
+        snapshot keeps its tag and slot until it is deleted)."""
+        state = self._state
+        for bit in bits_of(mask):
             if state.unique[bit] or state.shared[bit]:
                 log.error(
                     "sweep of share bit %d done but %d unique and %d shared exceptions"
@@ -129,6 +162,3 @@ class Sweeper:
                 # its tag (and its slot) until it is deleted.
                 state.snapshots[bit] = None
             state.unique[bit] = state.shared[bit] = 0
-        state.sweep_mask = 0
-        state.sweep_mask = state.reclaim_mask
-        state.sweep_cursor = 0

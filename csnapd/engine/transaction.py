@@ -97,6 +97,7 @@ class Transaction:
         #: Whether a request handed out a chunk whose copy recovery would
         #: check: the commit must be followed by a later durable record.
         self._seal = False
+        self._superblock_wanted = False
         self._pending_requests = 0
         #: Most metadata blocks (superblock included) one transaction carries:
         #: three such transactions fit the journal, so checkpoints are rare.
@@ -111,6 +112,11 @@ class Transaction:
     def pending(self) -> bool:
         """Whether requests were applied that no commit has made durable."""
         return bool(self._pager.dirty) or self._state != self._committed or self._seal
+
+    def rewrite_superblock(self) -> None:
+        """Write the superblock with the next commit even if the state is unchanged
+        (its geometry changed: a store upgrade)."""
+        self._superblock_wanted = True
 
     def check_usable(self) -> None:
         """Refuse work after a failed commit."""
@@ -210,7 +216,7 @@ class Transaction:
             EngineFailedError: the commit failed; the engine is now unusable.
         """
         self.check_usable()
-        state_changed = self._state != self._committed
+        state_changed = self._state != self._committed or self._superblock_wanted
         pages = list(self._pager.dirty.values())
         if not pages and not state_changed:
             if not self._seal:
@@ -260,6 +266,7 @@ class Transaction:
         self._data_written = False
         self._runs = []
         self._seal = False
+        self._superblock_wanted = False
         for allocator in self._allocators:
             allocator.committed()
         self._pager.committed()

@@ -102,9 +102,10 @@ def test_a_flipped_byte_in_a_leaf(tmp_path: Path) -> None:
 def test_a_flipped_byte_in_an_index_node(tmp_path: Path) -> None:
     built = build(tmp_path)
     root, children = tree(built)
-    # The second entry's child address: that child is no longer reached.
+    # The second entry's child address (entries of key, child, summary: 24 bytes
+    # each from byte 48): that child is no longer reached.
     _, lo, hi = children[1]
-    flip(built.store, root * built.g.block_size + 48 + 16 + 8, 0x01)
+    flip(built.store, root * built.g.block_size + 48 + 24 + 8, 0x01)
 
     code, report = check_cli(built.store)
     assert code == 4

@@ -20,6 +20,7 @@ from csnap_format import (
     index_capacity,
     leaf_room,
     plan_geometry,
+    summary_index_capacity,
 )
 
 sequences = st.integers(min_value=0, max_value=(1 << 64) - 1)
@@ -162,7 +163,8 @@ def leaves(draw: st.DrawFn, g: Geometry) -> Leaf:
 
 @st.composite
 def index_nodes(draw: st.DrawFn, g: Geometry) -> IndexNode:
-    capacity = index_capacity(g.block_size)
+    summarised = draw(st.booleans())
+    capacity = (summary_index_capacity if summarised else index_capacity)(g.block_size)
     count = draw(st.integers(1, min(capacity, g.meta_blocks, g.origin_chunks, 300)))
     keys = sorted(
         draw(st.sets(st.integers(0, g.origin_chunks - 1), min_size=count, max_size=count))
@@ -181,6 +183,9 @@ def index_nodes(draw: st.DrawFn, g: Geometry) -> IndexNode:
         level=draw(st.integers(1, 12)),
         keys=tuple(keys),
         children=tuple(children),
+        summaries=(
+            tuple(draw(st.lists(sequences, min_size=count, max_size=count))) if summarised else None
+        ),
     )
 
 

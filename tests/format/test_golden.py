@@ -57,6 +57,7 @@ def test_documented_offsets_read_the_golden_values() -> None:
     assert header["store_id"] == int.from_bytes(UUID[:8], "little")
     geometry = {r[3]: _field(block0, r, base=40) for r in tables["GEOMETRY"]}
     assert geometry["format_version"] == 1
+    assert geometry["incompat_features"] == 3  # index summaries, copy CRCs
     assert geometry["uuid"] == UUID
     assert geometry["created_ns"] == CREATED_NS
     for name in (

@@ -115,6 +115,8 @@ def test_index_roundtrip_and_layout(data: st.DataObject) -> None:
     assert [(e.key, e.child) for e in parsed.entries] == list(
         zip(node.keys, node.children, strict=True)
     )
+    summaries = [e.summary for e in parsed.entries] if parsed.flags & 1 else None
+    assert summaries == (None if node.summaries is None else list(node.summaries))
     assert parsed.level == node.level
     assert layouts.INDEX.build(parsed) == block
 
