@@ -140,6 +140,7 @@ class Engine:
         cache_bytes: int,
         clock: Callable[[], int],
         owns_devices: bool,
+        step_timer: Callable[[], float] = time.monotonic,
     ):
         #: What opening the store replayed from the journal.
         self.recovery = recovery
@@ -150,6 +151,8 @@ class Engine:
         self._store = store
         self._origin = origin
         self._clock = clock
+        #: Seconds for the time bound of a background step (a sweep's).
+        self._step_timer = step_timer
         self._owns_devices = owns_devices
         self._journal = journal
         self._state = state
@@ -185,7 +188,9 @@ class Engine:
         self._reads = ChunkReads(state, geometry, tree, self._snapshots, txn)
         self._changes = ChangeList(geometry, tree, self._snapshots, txn)
         self._registry = ClientRegistry(state, self._pager, meta, geometry, txn)
-        self._sweeper = Sweeper(state, self._pager, tree, data, txn, self.stats)
+        self._sweeper = Sweeper(
+            state, self._pager, tree, data, txn, self.stats, timer=self._step_timer
+        )
         self._squasher = Squasher(state, self._sweeper, txn)
         self._reverter = Reverter(
             devices=(store, origin),
@@ -209,8 +214,13 @@ class Engine:
         cache_bytes: int = DEFAULT_CACHE_BYTES,
         clock: Callable[[], int] = time.time_ns,
         owns_devices: bool = False,
+        step_timer: Callable[[], float] = time.monotonic,
     ) -> Engine:
         """Open a store: replay its journal, read its superblock, mark it busy.
+
+        `clock` stamps what the store records (ns since the epoch);
+        `step_timer` bounds background steps in time (a test that must
+        replay exactly passes one that stands still).
 
         Raises:
             StoreOpenError: not a store, damaged, or the origin is too small.
@@ -246,6 +256,7 @@ class Engine:
             cache_bytes=cache_bytes,
             clock=clock,
             owns_devices=owns_devices,
+            step_timer=step_timer,
         )
         if engine._state.clean or upgraded:
             engine._state.clean = False

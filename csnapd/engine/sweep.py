@@ -61,7 +61,10 @@ class Sweeper:
         data: Allocator,
         transaction: Transaction,
         stats: EngineStats,
+        *,
+        timer: Callable[[], float] = time.monotonic,
     ):
+        self._timer = timer
         self._stats = stats
         self._state = state
         self._pager = pager
@@ -116,9 +119,9 @@ class Sweeper:
         # Bounded in leaves too: leaves emptied and merged away leave nothing
         # dirty, and a server answers nobody while a step runs.
         changed = 0
-        deadline = time.monotonic() + SWEEP_STEP_SECONDS
+        deadline = self._timer() + SWEEP_STEP_SECONDS
         for _ in range(SWEEP_VISITS_PER_STEP):
-            if changed >= SWEEP_LEAVES_PER_STEP or time.monotonic() > deadline:
+            if changed >= SWEEP_LEAVES_PER_STEP or self._timer() > deadline:
                 return
             chunk = self._tree.seek(state.sweep_cursor, state.sweep_mask)
             if chunk is None:
