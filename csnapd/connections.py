@@ -343,74 +343,85 @@ class Connections:
             return
 
     def _admit(self, link: _Link, message: Message) -> None:
-        peer = link.peer
+        """Take one message from the peer: answer it here, refuse it, or queue it."""
         if isinstance(message, Hello):
-            if self._stopping.is_set():
-                self._refuse(link, ErrorCode.SHUTTING_DOWN, "the server is shutting down")
-                return
-            if Role(message.role) not in (Role.CLIENT, Role.ADMIN):
-                self._refuse(
-                    link,
-                    ErrorCode.WRONG_ROLE,
-                    f"csnapd serves clients and admins, not a {message.role}",
-                )
-                return
-            refusal = hello_refusal(link.roles, Role(message.role))
-            if refusal is not None:
-                self._refuse(link, ErrorCode.NOT_PERMITTED, refusal)
-                return
-            peer.role = Role(message.role)
-            peer.max_frame = link.codec.peer_max_frame
-            self._links[peer] = link
-            self._queue(link, _HELLO)
-            self._send.send_nowait(Connected(peer))
-            log.info(
-                "%s connected as %s",
-                peer,
-                peer.role.value,
-                extra={
-                    "event": "client.connected",
-                    "connection": peer.number,
-                    "peer": peer.label,
-                    "role": peer.role.value,
-                },
-            )
+            self._hello(link, message)
             return
         if isinstance(message, Keepalive):
             # Answered here, not by the engine task: a busy engine must not
             # make a live client look silent to itself.
             self._queue(link, Ok(message.id))
             return
-        if isinstance(message, Request):
-            self.stats.arrived(peer, message)
-            request = message.id
-            refusal = request_refusal(link.roles, peer.role, message)
-            if refusal is not None and peer in self._links:
-                self._deliver(
-                    link,
-                    _error_message(request, ErrorCode.NOT_PERMITTED, refusal),
-                    finished=False,
-                )
-                return
-            if request in link.in_flight:
-                # The first request with this id is still in flight: keep it.
-                self._deliver(
-                    link,
-                    _error_message(request, ErrorCode.DUPLICATE_REQUEST, "request id in flight"),
-                    finished=False,
-                )
-                return
-            if len(link.in_flight) >= self.config.max_in_flight:
-                self._error(
-                    link,
-                    request,
-                    ErrorCode.TOO_MANY_REQUESTS,
-                    f"more than {self.config.max_in_flight} requests in flight",
-                )
-                return
-            link.in_flight.add(request)
+        if isinstance(message, Request) and not self._take_request(link, message):
+            return
         link.queued += 1
-        self._send.send_nowait(Received(peer, message))
+        self._send.send_nowait(Received(link.peer, message))
+
+    def _hello(self, link: _Link, message: Hello) -> None:
+        """Answer a hello, or refuse it and close the connection."""
+        peer = link.peer
+        if self._stopping.is_set():
+            self._refuse(link, ErrorCode.SHUTTING_DOWN, "the server is shutting down")
+            return
+        if Role(message.role) not in (Role.CLIENT, Role.ADMIN):
+            self._refuse(
+                link,
+                ErrorCode.WRONG_ROLE,
+                f"csnapd serves clients and admins, not a {message.role}",
+            )
+            return
+        refusal = hello_refusal(link.roles, Role(message.role))
+        if refusal is not None:
+            self._refuse(link, ErrorCode.NOT_PERMITTED, refusal)
+            return
+        peer.role = Role(message.role)
+        peer.max_frame = link.codec.peer_max_frame
+        self._links[peer] = link
+        self._queue(link, _HELLO)
+        self._send.send_nowait(Connected(peer))
+        log.info(
+            "%s connected as %s",
+            peer,
+            peer.role.value,
+            extra={
+                "event": "client.connected",
+                "connection": peer.number,
+                "peer": peer.label,
+                "role": peer.role.value,
+            },
+        )
+
+    def _take_request(self, link: _Link, message: Request) -> bool:
+        """Whether the request may go to the engine task; if not, it is refused."""
+        peer = link.peer
+        self.stats.arrived(peer, message)
+        request = message.id
+        refusal = request_refusal(link.roles, peer.role, message)
+        if refusal is not None and peer in self._links:
+            self._deliver(
+                link,
+                _error_message(request, ErrorCode.NOT_PERMITTED, refusal),
+                finished=False,
+            )
+            return False
+        if request in link.in_flight:
+            # The first request with this id is still in flight: keep it.
+            self._deliver(
+                link,
+                _error_message(request, ErrorCode.DUPLICATE_REQUEST, "request id in flight"),
+                finished=False,
+            )
+            return False
+        if len(link.in_flight) >= self.config.max_in_flight:
+            self._error(
+                link,
+                request,
+                ErrorCode.TOO_MANY_REQUESTS,
+                f"more than {self.config.max_in_flight} requests in flight",
+            )
+            return False
+        link.in_flight.add(request)
+        return True
 
     def _error(self, link: _Link, request: int | None, code: ErrorCode, text: str) -> None:
         self._deliver(link, _error_message(request, code, text))

@@ -124,33 +124,14 @@ async def _serve_for_agent(
             agent,
             extra={"event": "server.standby", "address": address, "agent": agent},
         )
-        async with trio.open_nursery() as standby:
-            lent = [_Lent(listener) for listener in listeners]
-            refuse = partial(_refuse_not_active, tls=tls)
-            standby.start_soon(partial(trio.serve_listeners, refuse, lent))
-            started = await _first(link.start_requested, stop)
-            standby.cancel_scope.cancel()
+        started = await _standby(listeners, tls, link.start_requested, stop)
         if not started:
             for listener in listeners:
                 await listener.aclose()
             outer.cancel_scope.cancel()
             return
         fence = link.fence
-        try:
-            if fence is not None and not fence.may_write():
-                # Opening writes (the replay, the busy mark): not past the deadline.
-                raise FencedError(f"the lease ran out before the store was opened: {fence.reason}")
-            # Under a cluster coordinator the election, not a host-local lock,
-            # keeps a second server out: a paused server on this host must not
-            # keep the one elected after it from opening the store.
-            engine = await _open_engine(config, lock=fence is None)
-            if fence is not None:
-                await _claim(engine, fence)
-        except EngineError as exc:
-            await link.failed(error_code(exc), f"cannot open the store: {exc}")
-            for listener in listeners:
-                await listener.aclose()
-            raise
+        engine = await _open_for_agent(config, link, listeners)
         async with trio.open_nursery() as nursery:
             server = await _start_server(
                 nursery, config, engine, tls, listeners, address, stop, on_start, fence
@@ -163,6 +144,51 @@ async def _serve_for_agent(
         raise ServerFencedError(fence.reason)
     if server.failed:
         raise ServerFailedError("the engine failed; the store needs a restart (journal replay)")
+
+
+async def _standby(
+    listeners: list[trio.SocketListener],
+    tls: ssl.SSLContext,
+    start_requested: trio.Event,
+    stop: trio.Event | None,
+) -> bool:
+    """Refuse every connection with not_active until started; whether it was (not stopped)."""
+    async with trio.open_nursery() as standby:
+        lent = [_Lent(listener) for listener in listeners]
+        refuse = partial(_refuse_not_active, tls=tls)
+        standby.start_soon(partial(trio.serve_listeners, refuse, lent))
+        started = await _first(start_requested, stop)
+        standby.cancel_scope.cancel()
+    return started
+
+
+async def _open_for_agent(
+    config: ServerConfig, link: AgentLink, listeners: list[trio.SocketListener]
+) -> Engine:
+    """Open the store the agent started this server for, its fencing token journaled.
+
+    On failure the agent is told why and the listeners are closed.
+
+    Raises:
+        EngineError: the store cannot be opened, or the lease ran out first.
+    """
+    fence = link.fence
+    try:
+        if fence is not None and not fence.may_write():
+            # Opening writes (the replay, the busy mark): not past the deadline.
+            raise FencedError(f"the lease ran out before the store was opened: {fence.reason}")
+        # Under a cluster coordinator the election, not a host-local lock,
+        # keeps a second server out: a paused server on this host must not
+        # keep the one elected after it from opening the store.
+        engine = await _open_engine(config, lock=fence is None)
+        if fence is not None:
+            await _claim(engine, fence)
+    except EngineError as exc:
+        await link.failed(error_code(exc), f"cannot open the store: {exc}")
+        for listener in listeners:
+            await listener.aclose()
+        raise
+    return engine
 
 
 async def _claim(engine: Engine, fence: Fence) -> None:

@@ -197,31 +197,10 @@ def check_store(
         progress: called with (exceptions checked, exceptions expected).
     """
     report = CheckReport()
-    try:
-        geometry = read_geometry(store)
-        report.geometry = geometry
-        scan = scan_journal(store, geometry)
-    except (StoreOpenError, StoreIOError) as exc:
-        report.fatal = str(exc)
+    replayed = _check_journal(store, report, write=replay or repair)
+    if replayed is None:
         return report
-    report.journal_newest = scan.newest.record.sequence
-    # Transactions with blocks to write home (the format's own has none).
-    report.journal_transactions = sum(1 for txn in scan.replay if txn.record.homes)
-    if scan.problem:
-        report.problems.append(Problem("journal", scan.problem, repairable=True, rule="replay"))
-    try:
-        images, behind = _replay_images(store, geometry, scan)
-        report.problems.extend(behind)
-        if replay or repair:
-            if behind:
-                _replay_newer(store, geometry, scan, images)
-            else:
-                Journal.recover(store, geometry)
-            report.replayed = True
-            images = {}
-    except (StoreOpenError, StoreIOError) as exc:
-        report.fatal = f"replaying the journal: {exc}"
-        return report
+    geometry, images = replayed
     view = Overlay(store, images, geometry.block_size)
     try:
         committed = committed_images(store, geometry, report.journal_newest)
@@ -253,6 +232,42 @@ def check_store(
     if repair and report.problems:
         _repair_and_verify(store, geometry, sb, checker, meta_fix + data_fix, report)
     return report
+
+
+def _check_journal(
+    store: BlockDevice, report: CheckReport, *, write: bool
+) -> tuple[Geometry, dict[int, bytes]] | None:
+    """The geometry, and the images replay would write (none once `write` wrote them home).
+
+    Notes the journal's problems in `report`; None when the check cannot go
+    on (report.fatal says why).
+    """
+    try:
+        geometry = read_geometry(store)
+        report.geometry = geometry
+        scan = scan_journal(store, geometry)
+    except (StoreOpenError, StoreIOError) as exc:
+        report.fatal = str(exc)
+        return None
+    report.journal_newest = scan.newest.record.sequence
+    # Transactions with blocks to write home (the format's own has none).
+    report.journal_transactions = sum(1 for txn in scan.replay if txn.record.homes)
+    if scan.problem:
+        report.problems.append(Problem("journal", scan.problem, repairable=True, rule="replay"))
+    try:
+        images, behind = _replay_images(store, geometry, scan)
+        report.problems.extend(behind)
+        if write:
+            if behind:
+                _replay_newer(store, geometry, scan, images)
+            else:
+                Journal.recover(store, geometry)
+            report.replayed = True
+            images = {}
+    except (StoreOpenError, StoreIOError) as exc:
+        report.fatal = f"replaying the journal: {exc}"
+        return None
+    return geometry, images
 
 
 def _repair_and_verify(

@@ -447,27 +447,34 @@ class Checker:
                 continue
             if not lost_write:
                 fixes.append((address, expected))
-            leaked = actual & ~expected
-            lost = expected & ~actual
-            for kind, diff in (
-                ("leaked (marked used, referenced by nothing)", leaked),
-                ("used but marked free", lost),
-            ):
-                if not diff:
-                    continue
-                positions = _lowest_bits(diff, 8)
-                total = diff.bit_count()
-                shown = ", ".join(str(first + lo + p) for p in positions)
-                more = f" and {total - 8} more" if total > 8 else ""
-                unit = "blocks" if name == "metadata" else "chunks"
-                self.problem(
-                    "bitmap",
-                    f"{name} {unit} {kind}: {shown}{more}",
-                    block=address,
-                    chunk=first + lo + positions[0],
-                    rule="bitmap-leaked" if diff == leaked else "bitmap-in-use-free",
-                )
+            self.bitmap_differs(name, address, first + lo, actual, expected)
         return fixes
+
+    def bitmap_differs(
+        self, name: str, address: int, first: int, actual: int, expected: int
+    ) -> None:
+        """Report the bits of bitmap block `address` (its first bit numbers `first`)
+        that are set and should not be, and those clear that should be set."""
+        leaked = actual & ~expected
+        lost = expected & ~actual
+        for kind, diff in (
+            ("leaked (marked used, referenced by nothing)", leaked),
+            ("used but marked free", lost),
+        ):
+            if not diff:
+                continue
+            positions = _lowest_bits(diff, 8)
+            total = diff.bit_count()
+            shown = ", ".join(str(first + p) for p in positions)
+            more = f" and {total - 8} more" if total > 8 else ""
+            unit = "blocks" if name == "metadata" else "chunks"
+            self.problem(
+                "bitmap",
+                f"{name} {unit} {kind}: {shown}{more}",
+                block=address,
+                chunk=first + positions[0],
+                rule="bitmap-leaked" if diff == leaked else "bitmap-in-use-free",
+            )
 
     def counters(self) -> None:
         sb = self.sb
