@@ -32,7 +32,7 @@ import trio.lowlevel
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from csnap_agent import agent as agent_module
+from csnap_agent import peers as agent_peers
 from csnap_agent.agent import MAX_FRAME as AGENT_MAX_FRAME
 from csnap_client import (
     ServerError,
@@ -521,7 +521,7 @@ async def test_replies_queued_before_a_protocol_error_are_not_mislabelled(
 async def test_the_agent_closes_a_connection_that_never_says_hello(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(agent_module, "HELLO_TIMEOUT", 0.3)
+    monkeypatch.setattr(agent_peers, "HELLO_TIMEOUT", 0.3)
     async with agent_service(str(tmp_path / "agent.sock")) as service:
         silent = await open_agent_stream(service.path)
         with trio.fail_after(10):
