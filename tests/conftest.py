@@ -4,7 +4,8 @@
 
 CI sets CI=true, which makes hypothesis load its built-in "ci" profile
 (derandomised, no deadline). Locally the "dev" profile keeps runs short;
-CSNAP_HYPOTHESIS_PROFILE=long is for hunting outside CI.
+CSNAP_HYPOTHESIS_PROFILE=long is for hunting outside CI; "coverage" is the
+derandomised profile scripts/test measures branch coverage with.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import os
 
 from hypothesis import HealthCheck, settings
 
-pytest_plugins = ["tests.process_guard", "tests.timeouts"]
+pytest_plugins = ["tests.process_guard", "tests.timeouts", "tests.suite_parts"]
 
 settings.register_profile(
     "dev", max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow]
@@ -22,6 +23,15 @@ settings.register_profile(
     "long",
     max_examples=5000,
     deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+# The same examples every run, so that the branch coverage of scripts/test
+# measures the code and not the luck of the draw.
+settings.register_profile(
+    "coverage",
+    max_examples=60,
+    deadline=None,
+    derandomize=True,
     suppress_health_check=[HealthCheck.too_slow],
 )
 if os.environ.get("CSNAP_HYPOTHESIS_PROFILE"):

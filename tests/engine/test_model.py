@@ -53,6 +53,9 @@ from tests.engine.helpers import (
     write_origin,
 )
 
+#: Each machine runs for tens of seconds.
+pytestmark = pytest.mark.slow
+
 N = 1024  # origin chunks
 TAGS = st.integers(0, 5)
 

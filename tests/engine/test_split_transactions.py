@@ -50,6 +50,7 @@ def _assert_holds(
     assert bad is None, f"snapshot {tag}: chunk {bad} does not hold version {v}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("snapshots", [1, 4, 12])
 @pytest.mark.parametrize("journal_bytes", [256 << 10, 1 << 20])
 @pytest.mark.parametrize("chunk_size", [4096, 16384, 65536])

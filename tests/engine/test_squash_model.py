@@ -39,6 +39,9 @@ from tests.engine.helpers import (
     write_origin,
 )
 
+#: Each machine runs for tens of seconds.
+pytestmark = pytest.mark.slow
+
 N = 512  # origin chunks; the store holds about 620 copies
 TAGS = st.integers(0, 7)
 STEPS = int(os.environ.get("CSNAP_SQUASH_STEPS", "30"))

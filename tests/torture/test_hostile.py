@@ -32,7 +32,7 @@ import trio.lowlevel
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from csnap_agent import agent as agent_module
+from csnap_agent import peers as agent_peers
 from csnap_agent.agent import MAX_FRAME as AGENT_MAX_FRAME
 from csnap_client import (
     ServerError,
@@ -115,14 +115,14 @@ class Csnapd:
     tally: Tally
 
     def links(self) -> int:
-        return self.thread.call(lambda: len(self.served.server._links))
+        return self.thread.call(lambda: len(self.served.server.connections._links))
 
     def connection_tasks(self) -> int:
         return self.thread.call(lambda: _connection_tasks(self.served.server._nursery))
 
     def buffered(self) -> list[int]:
         """Bytes each connection past its hello holds undecoded."""
-        links = self.served.server._links
+        links = self.served.server.connections._links
         return self.thread.call(lambda: [len(link.codec._buffer) for link in links.values()])
 
 
@@ -386,7 +386,7 @@ async def test_requests_after_a_refused_hello_are_not_served(tmp_path: Path) -> 
                     assert error is not None and error["name"] == "too_many_connections"
             # Room again: a writer of the chunks the refused peer asked to lock.
             for _ in range(500):
-                if not served.server._links:
+                if not served.server.connections._links:
                     break
                 await trio.sleep(0.01)
             async with served.client() as client:
@@ -503,7 +503,7 @@ async def test_replies_queued_before_a_protocol_error_are_not_mislabelled(
             backlog = 0
             for request in range(1000):
                 await peer.send(encode_frame(ListSnapshots(request)))
-                links = list(served.server._links.values())
+                links = list(served.server.connections._links.values())
                 backlog = max(
                     (link.outbox.statistics().current_buffer_used for link in links), default=0
                 )
@@ -521,7 +521,7 @@ async def test_replies_queued_before_a_protocol_error_are_not_mislabelled(
 async def test_the_agent_closes_a_connection_that_never_says_hello(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(agent_module, "HELLO_TIMEOUT", 0.3)
+    monkeypatch.setattr(agent_peers, "HELLO_TIMEOUT", 0.3)
     async with agent_service(str(tmp_path / "agent.sock")) as service:
         silent = await open_agent_stream(service.path)
         with trio.fail_after(10):

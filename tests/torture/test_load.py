@@ -223,7 +223,7 @@ async def _create(admin: AdminClient, tag: int, progress: Progress) -> dict[str,
 async def _watch(served: Served, engine: Engine, watch: Watch) -> None:
     server = served.server
     while not watch.stop.is_set():
-        watch.links = max(watch.links, len(server._links))
+        watch.links = max(watch.links, len(server.connections._links))
         watch.queued = max(watch.queued, server._receive.statistics().current_buffer_used)
         watch.cached_pages = max(watch.cached_pages, engine.cached_pages)
         watch.samples += 1

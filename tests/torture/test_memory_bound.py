@@ -7,7 +7,7 @@ within SETTLED_BOUND once the peers have left, and not grow from one round
 to the next (REPEAT_BOUND); csnapd must serve throughout.
 
 The tables, and what bounds each (defaults, as csnapd runs by default):
-  connections (Server._links)          max_connections, 1024
+  connections (Connections._links)     max_connections, 1024
   requests in flight (_Link.in_flight)  max_in_flight, 256 per connection
   parked origin writes (Dispatcher.parked)
                                         max_in_flight per origin connection
