@@ -60,8 +60,9 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator, Iterable, Sequence
+from contextlib import asynccontextmanager
+from types import TracebackType
 
 import trio
 import trio.lowlevel
@@ -148,27 +149,16 @@ class DataClient(ReconnectingClient):
         finally:
             self._close_grant(reply.id)
 
-    @contextmanager
-    def origin_write_now(self, ranges: Ranges) -> Iterator[bool]:
+    def origin_write_now(self, ranges: Ranges) -> _OriginWriteNow:
         """A grant from memory, if every chunk is known unique: True inside the block.
 
         For callers that write without awaiting inside the block: no barrier
         can come between the check and the write. False (nothing granted)
         when a chunk is not known unique or the lease deadline has passed:
-        use origin_write.
+        use origin_write. (A class, not a generator: inline rewrites enter
+        one per request.)
         """
-        if not self._known_unique(ranges) or not (
-            trio.current_time() < self.lease_deadline(self._session)
-        ):
-            yield False
-            return
-        request = -next(self._local_grants)
-        self._grants.add(request)
-        self.remembered_grants += 1
-        try:
-            yield True
-        finally:
-            self._close_grant(request)
+        return _OriginWriteNow(self, ranges)
 
     async def _origin_grant(self, ranges: Ranges) -> WriteOk:
         if self._known_unique(ranges):
@@ -250,10 +240,7 @@ class DataClient(ReconnectingClient):
                 with trio.CancelScope(shield=True):
                     await self._finish_read(reply.id, reply.origin)
 
-    @contextmanager
-    def owned_read(
-        self, first: int, count: int, *, origin: bool = False
-    ) -> Iterator[ReadPlan | None]:
+    def owned_read(self, first: int, count: int, *, origin: bool = False) -> _OwnedRead:
         """A local plan for chunks first..first+count-1 if the owned map places them all.
 
         With `origin`, chunks the map last saw shared with the origin are
@@ -262,24 +249,35 @@ class DataClient(ReconnectingClient):
         deadline has passed). The plan is an open grant until the block
         ends, so a deleted snapshot's client leaves only after the read;
         read_trusted(plan) says whether store data read under it came
-        within the lease.
+        within the lease. (A class, not a generator: inline snapshot reads
+        enter one per request.)
         """
+        return _OwnedRead(self, first, count, origin)
+
+    def _open_owned_read(self, first: int, count: int, origin: bool) -> ReadPlan | None:
         owned, session = self._owned, self._session
-        found = None
-        trusted = trio.current_time() < self.lease_deadline(session)
-        if owned is not None and trusted and not self._deleted and not self._closing:
-            found = owned.lookup(first, count, origin=origin)
-        if found is None or session is None:
-            yield None
-            return
+        if owned is None or session is None or self._deleted or self._closing:
+            return None
+        if not trio.current_time() < self.lease_deadline(session):
+            return None
+        found = owned.lookup(first, count, origin=origin)
+        if found is None:
+            return None
         request = -next(self._local_grants)
         self._grants.add(request)
         self._answered_on[request] = session
         self.owned_reads += 1
-        try:
-            yield ReadPlan(*found, request)
-        finally:
-            self._close_grant(request)
+        return ReadPlan(*found, request)
+
+    def _open_origin_write_now(self, ranges: Ranges) -> int | None:
+        if not self._known_unique(ranges) or not (
+            trio.current_time() < self.lease_deadline(self._session)
+        ):
+            return None
+        request = -next(self._local_grants)
+        self._grants.add(request)
+        self.remembered_grants += 1
+        return request
 
     async def confirm_read(self, plan: ReadPlan) -> bool:
         """Whether what was just read under `plan` is the snapshot's; if not, read again.
@@ -405,6 +403,56 @@ class DataClient(ReconnectingClient):
             log.warning("releasing read locks: %s", exc)
         finally:
             self._held.pop(request, None)
+
+
+class _OwnedRead:
+    """DataClient.owned_read's block: the plan, an open grant until the block ends."""
+
+    __slots__ = ("_client", "_count", "_first", "_origin", "_plan")
+
+    def __init__(self, client: DataClient, first: int, count: int, origin: bool):
+        self._client = client
+        self._first = first
+        self._count = count
+        self._origin = origin
+        self._plan: ReadPlan | None = None
+
+    def __enter__(self) -> ReadPlan | None:
+        self._plan = self._client._open_owned_read(self._first, self._count, self._origin)
+        return self._plan
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        if self._plan is not None:
+            self._client._close_grant(self._plan.request)
+
+
+class _OriginWriteNow:
+    """DataClient.origin_write_now's block: whether the grant is open, until it ends."""
+
+    __slots__ = ("_client", "_ranges", "_request")
+
+    def __init__(self, client: DataClient, ranges: Ranges):
+        self._client = client
+        self._ranges = ranges
+        self._request: int | None = None
+
+    def __enter__(self) -> bool:
+        self._request = self._client._open_origin_write_now(self._ranges)
+        return self._request is not None
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        if self._request is not None:
+            self._client._close_grant(self._request)
 
 
 def _chunks(ranges: Sequence[tuple[int, int]]) -> set[int]:

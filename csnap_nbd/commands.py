@@ -58,11 +58,17 @@ class _Budget:
         self.used = 0
         self._lot = trio.lowlevel.ParkingLot()
 
-    async def acquire(self, size: int) -> None:
+    def acquire_now(self, size: int) -> bool:
+        """Take `size` if it fits now (never waits)."""
         # A request alone may use the whole budget, whatever its size.
-        while self.used and self.used + size > self.limit:
-            await self._lot.park()
+        if self.used and self.used + size > self.limit:
+            return False
         self.used += size
+        return True
+
+    async def acquire(self, size: int) -> None:
+        while not self.acquire_now(size):
+            await self._lot.park()
 
     def release(self, size: int) -> None:
         if size:
@@ -193,10 +199,17 @@ class Transmission:
 
     async def _read(self, nursery: trio.Nursery) -> None:
         header_size = tx.REQUEST.size
+        conn = self.conn
+        budget = self._budget
+        counts = self.stats.requests
         while True:
-            req = tx.parse_request(await self.conn.receive_exactly(header_size))
+            # Without an await when the header is already received: most
+            # requests at a queue depth above one come several to a receive.
+            req = conn.parse_now(header_size, tx.parse_request)
+            if req is None:
+                req = tx.parse_request(await conn.receive_exactly(header_size))
             command = req.command
-            self.stats.request(command)
+            counts[command] = counts.get(command, 0) + 1
             if command == _DISC:
                 log.debug("disconnect requested")
                 return
@@ -209,11 +222,13 @@ class Transmission:
             held = _REPLY_COST
             if command in (_READ, _WRITE) and req.length <= self.shape.max_payload:
                 held += req.length
-            await self._budget.acquire(held)
+            if not budget.acquire_now(held):
+                await budget.acquire(held)
             payload: bytearray | None = None
             if command == _WRITE:
                 payload = BUFFERS.take(req.length)
-                await self.conn.receive_into(payload)
+                if not conn.receive_now(payload):
+                    await conn.receive_into(payload)
             refusal = tx.check_request(req, self.shape)
             if refusal is not None:
                 self._error(req, refusal.error, refusal.message, held)

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from csnap_nbd.wire.constants import (
     MAX_STRING,
@@ -56,6 +57,8 @@ SIMPLE_REPLY = struct.Struct(">IIQ")
 #: Magic, flags, type, cookie, payload length.
 CHUNK_HEADER = struct.Struct(">IHHQI")
 _OFFSET = struct.Struct(">Q")
+#: A chunk header and the offset of an OFFSET_DATA chunk, packed at once.
+_DATA_HEADER = struct.Struct(">IHHQIQ")
 _HOLE = struct.Struct(">QI")
 _ERROR = struct.Struct(">IH")
 _U32 = struct.Struct(">I")
@@ -63,10 +66,14 @@ _EXTENT = struct.Struct(">II")
 #: Most descriptors one BLOCK_STATUS chunk may carry (spec limit 2^20).
 MAX_EXTENTS = 1 << 20
 _U32_MAX = (1 << 32) - 1
+_DONE = int(ReplyFlag.DONE)
+_OFFSET_DATA = int(ChunkType.OFFSET_DATA)
 
 
-@dataclass(frozen=True, slots=True)
-class Request:
+class Request(NamedTuple):
+    """One request header's fields (a named tuple: one is made per request,
+    at about half the cost of a frozen dataclass)."""
+
     flags: int
     command: int
     cookie: int
@@ -86,11 +93,12 @@ class ReplyHeader:
     length: int = 0
 
 
-def parse_request(data: bytes) -> Request:
-    magic, flags, command, cookie, offset, length = REQUEST.unpack(data)
+def parse_request(data: bytes | bytearray, offset: int = 0) -> Request:
+    """The request header at `offset` of `data` (REQUEST.size bytes from there)."""
+    magic, flags, command, cookie, start, length = REQUEST.unpack_from(data, offset)
     if magic != REQUEST_MAGIC:
         raise NbdProtocolError(f"bad request magic {magic:#x}")
-    return Request(flags, command, cookie, offset, length)
+    return Request(flags, command, cookie, start, length)
 
 
 def request(command: int, cookie: int, offset: int, length: int, flags: int = 0) -> bytes:
@@ -132,10 +140,8 @@ def offset_data_header(cookie: int, offset: int, size: int, *, done: bool) -> by
     """Header of an OFFSET_DATA chunk; `size` bytes of data follow it."""
     if not 0 < size <= _U32_MAX - 8:
         raise ValueError(f"an OFFSET_DATA chunk carries 1..2^32-9 bytes, not {size}")
-    flags = ReplyFlag.DONE if done else 0
-    return CHUNK_HEADER.pack(
-        STRUCTURED_REPLY_MAGIC, flags, ChunkType.OFFSET_DATA, cookie, size + 8
-    ) + _OFFSET.pack(offset)
+    flags = _DONE if done else 0
+    return _DATA_HEADER.pack(STRUCTURED_REPLY_MAGIC, flags, _OFFSET_DATA, cookie, size + 8, offset)
 
 
 def offset_hole(cookie: int, offset: int, size: int, *, done: bool) -> bytes:
@@ -196,6 +202,11 @@ class ExportShape:
     structured: bool
     contexts: int
     max_payload: int
+    #: `flags` as a plain int: IntFlag arithmetic costs more than the checks.
+    flags_value: int = field(init=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "flags_value", int(self.flags))
 
 
 @dataclass(frozen=True, slots=True)
@@ -248,6 +259,7 @@ _SIZED = frozenset(
 )
 _NO_SPACE = frozenset({int(Command.WRITE), int(Command.WRITE_ZEROES)})
 _FLUSH = int(Command.FLUSH)
+_DISC = int(Command.DISC)
 _BLOCK_STATUS = int(Command.BLOCK_STATUS)
 
 
@@ -263,9 +275,9 @@ def check_request(req: Request, shape: ExportShape) -> Refusal | None:
     allowed = _COMMAND_FLAGS.get(command)
     if allowed is None:
         return Refusal(Errno.EINVAL, f"unknown command {command}")
-    if command == Command.DISC:
+    if command == _DISC:
         return None
-    flags = int(shape.flags)
+    flags = shape.flags_value
     if command in _WRITES and flags & _READ_ONLY:
         # Before "not advertised": a read-only export advertises no TRIM or
         # WRITE_ZEROES, and EPERM is the answer that explains why.
