@@ -27,10 +27,12 @@ from tests.server.support import label, pwrite
 
 pytestmark = pytest.mark.e2e
 
-#: The lease: a loaded node's candidate waits a quarter of it per store it leads.
-TTL = 3
 NODES = ("a", "b")
 STORES = ("vol-a", "vol-b")
+#: Each store's lease. A loaded node's candidate waits a quarter of it per
+#: store its node leads: the second store's is long, so that the other
+#: node's candidate, let in late on purpose, has time to win first.
+TTL = {"vol-a": 2, "vol-b": 6}
 
 
 @dataclass
@@ -51,7 +53,7 @@ class Cluster:
     async def start_agent(self, node: str, store: str) -> None:
         sock = self.sock(node, store)
         argv = ["csnap_agent", "--socket", str(sock), "--etcd-endpoints", self.etcd.url,
-                "--node", node, "--store-name", store, "--lease-ttl", str(TTL),
+                "--node", node, "--store-name", store, "--lease-ttl", str(TTL[store]),
                 "--log-format", "json"]  # fmt: skip
         agent = await start(argv, self.tmp / f"{node}-{store}-agent.log")
         self.daemons.append(agent)
@@ -149,7 +151,7 @@ async def test_stores_spread_over_the_nodes_and_fail_over_one_by_one(tmp_path: P
         finally:
             stopped.send_signal(signal.SIGCONT)
         (told,) = events(loaded_log, "election.deferred")
-        wanted = f"in {TTL / 4:.2f}s: node {loaded} leads 1 other store(s)"
+        wanted = f"in {TTL[second] / 4:.2f}s: node {loaded} leads 1 other store(s)"
         assert wanted in str(told["message"]), told
         second_address = cluster.servers[other, second][1]
         await cluster.followed(second, second_address)
