@@ -25,7 +25,7 @@ node can list the standbys (csnap_agent.candidacy).
 Spreading: before each campaign a candidate counts the other stores whose
 active key names its own node, and waits SPREAD_STEP x TTL per such store
 (at most SPREAD_CAP x TTL) for a candidate on a less loaded node to win
-first; if nobody has when the wait ends, it campaigns. A candidate that
+first; if nobody has won when the wait ends, it campaigns. A candidate that
 already stands by skips the wait when no other node's standby for the
 store runs on a node that leads fewer stores: nobody better placed waits.
 """
