@@ -48,6 +48,10 @@ class Candidacies:
         #: (pid, address) -> (lease id, monotonic seconds of its last renewal).
         self._leases: dict[tuple[int, str], tuple[int, float]] = {}
 
+    def standing_by(self, candidate: Candidate) -> bool:
+        """Whether `candidate` has campaigned and lost, and keeps its key."""
+        return (candidate.pid, candidate.address) in self._leases
+
     def _key(self, candidate: Candidate) -> bytes:
         return self.prefix + f"{self.node}/{candidate.pid}".encode()
 

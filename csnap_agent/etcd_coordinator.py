@@ -21,6 +21,13 @@ to its agent broke may still be running until then.
 
 A candidate that campaigns and loses keeps a campaign key, so that every
 node can list the standbys (csnap_agent.candidacy).
+
+Spreading: before each campaign a candidate counts the other stores whose
+active key names its own node, and waits SPREAD_STEP x TTL per such store
+(at most SPREAD_CAP x TTL) for a candidate on a less loaded node to win
+first; if nobody has won when the wait ends, it campaigns. A candidate that
+already stands by skips the wait when no other node's standby for the
+store runs on a node that leads fewer stores: nobody better placed waits.
 """
 
 from __future__ import annotations
@@ -38,7 +45,7 @@ from csnap_agent.coordinator import Candidate, Coordinator, CoordinatorError, Le
 from csnap_agent.etcd import EtcdClient, EtcdError, KeyValue
 from csnap_protocol import StandbyRecord
 
-__all__ = ["EtcdCoordinator", "FENCE_FRACTION", "DEFAULT_TTL"]
+__all__ = ["EtcdCoordinator", "FENCE_FRACTION", "DEFAULT_TTL", "SPREAD_CAP", "SPREAD_STEP"]
 
 log = logging.getLogger("csnap-agent.election")
 
@@ -53,6 +60,15 @@ RENEWALS_PER_TTL = 6
 CAMPAIGN_WAIT = 1.0
 #: Seconds `csnap server` waits for etcd to list the other nodes' standbys.
 STANDBYS_WAIT = 2.0
+#: The wait before a campaign, per other store the candidate's node leads,
+#: as a share of the TTL: long enough for a less loaded node's candidate,
+#: registered about as early, to win first.
+SPREAD_STEP = 1 / 4
+#: The longest wait before a campaign, as a share of the TTL: a failover
+#: never waits longer than this for spreading.
+SPREAD_CAP = 1 / 2
+#: Seconds the read of every store's election may take; past it, no wait.
+SPREAD_READ_WAIT = 0.5
 #: Seconds between attempts to (re)start a broken watch.
 WATCH_RETRY = 0.5
 #: Seconds after which a quiet watch is started again from a fresh read: a
@@ -77,7 +93,10 @@ class EtcdCoordinator(Coordinator):
     ):
         self.client = client
         self.node = node
-        self.key = f"{prefix.rstrip('/')}/stores/{name}/active".encode()
+        self.name = name
+        #: PREFIX/stores/: every store's election and campaign keys.
+        self.stores_prefix = f"{prefix.rstrip('/')}/stores/".encode()
+        self.key = self.stores_prefix + f"{name}/active".encode()
         self.candidacies = Candidacies(
             client, store_key=f"{prefix.rstrip('/')}/stores/{name}", node=node, ttl=ttl
         )
@@ -204,6 +223,8 @@ class EtcdCoordinator(Coordinator):
             self._set_holder(holder, self._changed)
             if holder is not None:
                 return False
+        if not await self._spread(candidate):
+            return False
         value = json.dumps(
             {"node": self.node, "address": candidate.address, "pid": candidate.pid}
         ).encode()
@@ -239,6 +260,58 @@ class EtcdCoordinator(Coordinator):
             },
         )
         return True
+
+    async def _spread(self, candidate: Candidate) -> bool:
+        """Wait, if this node leads other stores, for a less loaded node's
+        candidate to win; whether the key is still absent (campaign now)."""
+        delay, led = await self._spread_delay(candidate)
+        if delay <= 0:
+            return True
+        log.info(
+            "campaigning for %s in %.2fs: node %s leads %d other store(s)",
+            candidate.address,
+            delay,
+            self.node,
+            led,
+            extra={"event": "election.deferred", "node": self.node, "address": candidate.address},
+        )
+        with trio.move_on_after(delay):
+            # Listed as standing by meanwhile, so that other nodes see it.
+            await self.candidacies.keep(candidate)
+            while self.holder is None:
+                await self._holder_changed.wait()
+        return self.holder is None
+
+    async def _spread_delay(self, candidate: Candidate) -> tuple[float, int]:
+        """Seconds `candidate` waits before it campaigns, and how many other
+        stores its node leads."""
+        keys: list[KeyValue] = []
+        try:
+            with trio.move_on_after(SPREAD_READ_WAIT):
+                keys = await self.client.get_prefix(self.stores_prefix)
+        except EtcdError as exc:
+            log.debug("cannot read the other stores' elections: %s", exc)
+        led: dict[str, int] = {}  # node -> stores whose active server runs there
+        rivals: set[str] = set()  # other nodes with a standby for this store
+        own_candidates = f"{self.name}/candidates/".encode()
+        for kv in keys:
+            rest = kv.key[len(self.stores_prefix) :]
+            store, _, kind = rest.partition(b"/")
+            if kind == b"active" and store != self.name.encode():
+                node = _field(kv, "node")
+                led[node] = led.get(node, 0) + 1
+            elif rest.startswith(own_candidates):
+                node = _field(kv, "node")
+                if node and node != self.node:
+                    rivals.add(node)
+        count = led.get(self.node, 0)
+        if count == 0:
+            return 0.0, 0
+        if self.candidacies.standing_by(candidate) and all(
+            led.get(rival, 0) >= count for rival in rivals
+        ):
+            return 0.0, count
+        return min(count * SPREAD_STEP, SPREAD_CAP) * self.ttl, count
 
     def lease(self) -> Lease | None:
         return self._lease
