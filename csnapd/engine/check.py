@@ -962,7 +962,11 @@ def _salvage(
     if checker.damaged:
         sources += scan_leaves(checker.view.block, g, reached)
         sources += _journal_leaves(checker.committed, g)
-    result = salvage(sources, checker.damaged, sb, _data_bitmap(checker.view, g))
+    # Counters prove snapshots complete only in a superblock found whole and current.
+    trusted = not any(p.area == "superblock" for p in report.problems)
+    result = salvage(
+        sources, checker.damaged, sb, _data_bitmap(checker.view, g), counters_trusted=trusted
+    )
     avoid = reached | {source.leaf.address for source in sources}
     registry: Registry | None = None
     keep = False

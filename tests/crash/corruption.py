@@ -53,7 +53,10 @@ class History:
     registry: int = 0
 
 
-def make_history(seed: int, operations: int = 40) -> History:
+def make_history(seed: int, operations: int = 40, *, late: int = 0) -> History:
+    """`operations` random steps, then `late` snapshots each followed by one
+    origin write to a few chunks near the start (their exceptions stay in
+    the first leaf)."""
     g = new_geometry(store_bytes=16 << 20, origin_bytes=2 << 20)
     store, origin = MemoryDevice(g.store_bytes), MemoryDevice(g.origin_bytes)
     format_device(store, g)
@@ -101,10 +104,32 @@ def make_history(seed: int, operations: int = 40) -> History:
                 version[chunk] += 1
                 origin.write(chunk * size, pattern(chunk, version[chunk], size))
         engine.commit()
+    for _ in range(late):
+        _late_snapshot(engine, origin, rng, truth, version)
     engine.close()
     history = History(store, origin, g, truth, older)
     _map(history)
     return history
+
+
+def _late_snapshot(
+    engine: Engine,
+    origin: MemoryDevice,
+    rng: random.Random,
+    truth: dict[int, list[int]],
+    version: list[int],
+) -> None:
+    """A new snapshot, then an origin write to 4 chunks among the first 12."""
+    size = engine.chunk_size
+    tag = max(truth, default=0) + 1
+    engine.create_snapshot(tag)
+    truth[tag] = list(version)
+    start = rng.randrange(8)
+    engine.origin_write([(start, 4)])
+    for chunk in range(start, start + 4):
+        version[chunk] += 1
+        origin.write(chunk * size, pattern(chunk, version[chunk], size))
+    engine.commit()
 
 
 def _map(history: History) -> None:
