@@ -50,6 +50,8 @@ from csnap_format import (
     decode_superblock,
     encode_superblock,
 )
+from csnapd.engine.check_registry import RULE as REGISTRY_RULE
+from csnapd.engine.check_registry import registry_version_problem
 from csnapd.engine.device import BlockDevice
 from csnapd.engine.engine import read_geometry
 from csnapd.engine.errors import EngineError, StoreIOError, StoreOpenError
@@ -349,6 +351,9 @@ class _Checker:
         if lost_write:
             self.registry_damaged = True
             self.problem("registry", lost_write, block=address, rule="stale-block")
+        elif mismatch := registry_version_problem(self.sb, self.registry_block):
+            self.registry_damaged = True
+            self.problem("registry", mismatch, block=address, rule=REGISTRY_RULE)
 
     def walk(self) -> None:
         sb = self.sb

@@ -483,6 +483,8 @@ def write_tree(
     state.data_free = g.data_chunks - (data_refs.bit_count() - g.data_start)
     state.registry = registry_address
     new_registry = registry if registry is not None and not keep_registry else None
+    # A kept registry stays the version it is; a new one is the switch's.
+    state.registry_sequence = registry.sequence if keep_registry and registry else 0
     final = 1 + (new_registry is not None)
     per = journal.max_blocks
     try:
@@ -530,6 +532,8 @@ def _encode_switch(
     if registry is not None:
         fresh = Registry(registry_address, sequence, registry.clients, registry.overflow)
         images.append((registry_address, encode_registry(fresh, g.context)))
+        if state is not None:
+            state.registry_sequence = sequence
     if state is not None:
         images.append((0, encode_superblock(state.to_superblock(g, sequence))))
     return images

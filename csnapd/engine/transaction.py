@@ -40,7 +40,7 @@ from csnapd.engine.errors import (
 )
 from csnapd.engine.journal import Journal
 from csnapd.engine.pager import Pager
-from csnapd.engine.pages import encode_page
+from csnapd.engine.pages import RegistryPage, encode_page
 from csnapd.engine.state import StoreState
 from csnapd.engine.stats import EngineStats
 from csnapd.engine.validation import Ranges
@@ -164,8 +164,11 @@ class Transaction:
             EngineFailedError: the commit failed; the engine is now unusable.
         """
         self.check_usable()
-        state_changed = self._state != self._committed
         pages = list(self._pager.dirty.values())
+        # The superblock records which version of the registry is current
+        # (docs/format.md, "Client registry state"), so it goes with it.
+        registry_written = any(isinstance(page, RegistryPage) for page in pages)
+        state_changed = registry_written or self._state != self._committed
         if not pages and not state_changed:
             return None
         geometry = self._geometry
@@ -173,6 +176,8 @@ class Transaction:
 
         def encode(sequence: int) -> list[tuple[int, bytes]]:
             images = [(page.address, encode_page(page, sequence, geometry)) for page in pages]
+            if registry_written:
+                state.registry_sequence = sequence
             if state_changed:
                 sb = state.to_superblock(geometry, sequence)
                 images.append((0, encode_superblock(sb)))

@@ -198,16 +198,9 @@ def inject(rng: random.Random, history: History, kind: str) -> tuple[MemoryDevic
             return store, {first, second}, f"blocks {first} and {second} swapped"
         put(second, read(store, first))
         return store, {second}, f"block {first} written to block {second}"
-    # A stale copy: a block in use gets its image from halfway through. Not
-    # the client registry: nothing else records which version of it is
-    # current, so once the journal has overwritten its newer image a stale
-    # copy is undetectable (docs/operations.md, "Repairing a store").
+    # A stale copy: a block in use gets its image from halfway through.
     candidates = [
-        a
-        for a in history.live
-        if 1 <= a < g.meta_end
-        and a != history.registry
-        and read(history.older, a) != read(store, a)
+        a for a in history.live if 1 <= a < g.meta_end and read(history.older, a) != read(store, a)
     ]
     if kind == "stale" and candidates:
         address = rng.choice(candidates)
