@@ -7,7 +7,8 @@ The superblock holds three things (docs/format.md, "Superblock"):
                     CRC32 of its own at 508..512
   bytes  512..1024  state: clean/busy, btree root and depth, free counts,
                     allocation cursors, deletion sweep position, exceptions,
-                    client registry, fencing token, revert progress
+                    client registry and its version, fencing token,
+                    revert progress
   bytes 1024..4096  snapshot table: 64 records of 48 bytes, one per share bit
 
 Why the geometry has its own checksum: the superblock is rewritten in place
