@@ -967,8 +967,9 @@ def _salvage(
     if checker.damaged:
         sources += scan_leaves(checker.view.block, g, reached)
         sources += _journal_leaves(checker.committed, g)
-    # Counters prove snapshots complete only in a superblock found whole and current.
-    trusted = not any(p.area == "superblock" for p in report.problems)
+    # Counters prove snapshots complete only in a superblock found whole and
+    # current, with a journal whose replay agrees with the blocks at home.
+    trusted = not any(p.area in ("superblock", "journal") for p in report.problems)
     result = salvage(
         sources, checker.damaged, sb, _data_bitmap(checker.view, g), counters_trusted=trusted
     )
