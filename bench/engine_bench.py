@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from csnap_format import format_blocks, plan_geometry
+from csnap_format import decode_superblock, format_blocks, plan_geometry
 from csnapd.engine import Engine, FileDevice
 from csnapd.engine.check import check_store
 
@@ -93,13 +93,39 @@ def lookups(directory: Path, snapshots: int, count: int) -> dict[str, float]:
     return {"snapshot_reads_per_s": count / elapsed, "unique_checks_per_s": count / unique}
 
 
-def build_large(directory: Path, exceptions: int) -> tuple[Path, Path]:
-    """A store with `exceptions` exceptions across 64 snapshots."""
+class _MetadataOnly(FileDevice):
+    """A store file whose data area is never written: it stays sparse."""
+
+    def __init__(self, path: Path, data_offset: int):
+        super().__init__(path)
+        self._data_offset = data_offset
+
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        if offset < self._data_offset:
+            super().write(offset, data)
+
+
+def build_large(directory: Path, exceptions: int, *, write_data: bool = True) -> tuple[Path, Path]:
+    """A store with `exceptions` exceptions across 64 snapshots.
+
+    Without `write_data` the copies are not written to the data area (the
+    metadata is the same): for the checkers, which read only metadata, at a
+    size whose copies would not fit the disk.
+    """
     origin_chunks = exceptions // 64 * 2
     store, origin = make_store(
         directory, (exceptions + 4 * origin_chunks) * CHUNK * 11 // 10, origin_chunks * CHUNK
     )
-    engine = Engine.open_files(store, origin)
+    if write_data:
+        engine = Engine.open_files(store, origin)
+    else:
+        with open(store, "rb") as f:
+            head = f.read(4096)
+        g = decode_superblock(head).geometry
+        engine = Engine.open(
+            _MetadataOnly(store, g.data_start * g.chunk_size),
+            FileDevice(origin, writable=False),
+        )
     per_round = exceptions // 64
     for tag in range(64):
         engine.create_snapshot(tag)

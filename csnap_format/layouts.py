@@ -39,6 +39,7 @@ __all__ = [
     "GEOMETRY",
     "STATE",
     "RESIZE_STATE",
+    "REGISTRY_STATE",
     "SNAPSHOT_RECORD",
     "SUPERBLOCK",
     "GEOMETRY_BACKUP",
@@ -120,6 +121,13 @@ RESIZE_STATE = Struct(
     "reserved" / Bytes(8),
 )
 
+#: State bytes 176..191 (superblock 688..703): which version of the client
+#: registry block is current.
+REGISTRY_STATE = Struct(
+    "registry_sequence" / Int64ul,
+    "reserved" / Bytes(8),
+)
+
 SNAPSHOT_RECORD = Struct(
     "tag" / Int32ul,
     "state" / Int8ul,
@@ -136,7 +144,9 @@ SNAPSHOT_RECORD = Struct(
 _GEOMETRY_PAD = SECTOR_SIZE - 4 - HEADER_SIZE - GEOMETRY.sizeof()
 _RESIZE_STATE_AT = 128
 assert STATE.sizeof() == _RESIZE_STATE_AT  # resizing state follows at once
-_STATE_PAD = 1024 - SECTOR_SIZE - _RESIZE_STATE_AT - RESIZE_STATE.sizeof()
+_REGISTRY_STATE_AT = 176
+_STATE_GAP = _REGISTRY_STATE_AT - _RESIZE_STATE_AT - RESIZE_STATE.sizeof()
+_STATE_PAD = 1024 - SECTOR_SIZE - _REGISTRY_STATE_AT - REGISTRY_STATE.sizeof()
 
 SUPERBLOCK = Struct(
     "header" / HEADER,
@@ -145,6 +155,8 @@ SUPERBLOCK = Struct(
     "geometry_crc" / Int32ul,
     "state" / STATE,
     "resize" / RESIZE_STATE,
+    "state_gap" / Bytes(_STATE_GAP),
+    "client_registry" / REGISTRY_STATE,
     "state_reserved" / Bytes(_STATE_PAD),
     "snapshots" / Array(MAX_SNAPSHOTS, SNAPSHOT_RECORD),
     "reserved" / GreedyBytes,

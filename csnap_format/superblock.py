@@ -7,7 +7,8 @@ The superblock holds three things (docs/format.md, "Superblock"):
                     CRC32 of its own at 508..512
   bytes  512..1024  state: clean/busy, btree root and depth, free counts,
                     allocation cursors, deletion sweep position, exceptions,
-                    client registry, fencing token, revert progress
+                    client registry and its version, fencing token,
+                    revert progress
   bytes 1024..4096  snapshot table: 64 records of 48 bytes, one per share bit
 
 Why the geometry has its own checksum: the superblock is rewritten in place
@@ -83,6 +84,11 @@ _STATE_END = 1024
 # journaled, then 8 bytes kept zero; state bytes 128..143.
 _RESIZE = struct.Struct("<Q8x")
 _RESIZE_AT = _STATE_AT + 128
+# The client registry's version (docs/format.md, "Client registry state"):
+# the sequence of the transaction that wrote the registry block last, then 8
+# bytes kept zero; state bytes 176..191.
+_REGISTRY = struct.Struct("<Q8x")
+_REGISTRY_AT = _STATE_AT + 176
 # Snapshot record: tag, state, priority, reserved, use count, reserved,
 # created, origin chunks, unique chunks, shared chunks.
 _RECORD = struct.Struct("<IBbHIIQQQQ")
@@ -93,7 +99,8 @@ _NAME = "superblock"
 assert _GEOMETRY_AT + _GEOMETRY.size <= _GEOMETRY_CRC_AT
 assert _STATE_AT + _STATE.size == _REVERT_AT
 assert _REVERT_AT + _REVERT.size == _RESIZE_AT
-assert _RESIZE_AT + _RESIZE.size <= _STATE_END
+assert _RESIZE_AT + _RESIZE.size <= _REGISTRY_AT
+assert _REGISTRY_AT + _REGISTRY.size <= _STATE_END
 assert _RECORD.size == 48
 assert _TABLE_END == 4096
 
@@ -159,6 +166,9 @@ class Superblock:
     revert: RevertProgress | None = None
     #: When the last online resize was journaled (ns since the epoch); 0: never.
     resized_ns: int = 0
+    #: Sequence of the transaction that wrote the client registry block
+    #: last; 0 when unknown (no registry, or a store written before it).
+    registry_sequence: int = 0
 
 
 def _pack_geometry(block: bytearray, g: Geometry) -> None:
@@ -212,20 +222,7 @@ def encode_superblock(sb: Superblock) -> bytes:
         sb.fence_token,
         sb.fence_ns,
     )
-    revert = sb.revert
-    if revert is not None:
-        _REVERT.pack_into(
-            block,
-            _REVERT_AT,
-            revert.cursor,
-            revert.restored,
-            revert.total,
-            revert.tag,
-            1,
-            revert.bit,
-            0,
-        )
-    _RESIZE.pack_into(block, _RESIZE_AT, sb.resized_ns)
+    _pack_state_extensions(block, sb)
     for bit, record in enumerate(sb.snapshots):
         if record is not None:
             _RECORD.pack_into(
@@ -244,6 +241,25 @@ def encode_superblock(sb: Superblock) -> bytes:
             )
     write_header(block, BlockType.SUPERBLOCK, SUPERBLOCK_ADDRESS, g.store_id, sb.sequence)
     return bytes(block)
+
+
+def _pack_state_extensions(block: bytearray, sb: Superblock) -> None:
+    """The state fields after the first 96 bytes: revert, resize, registry."""
+    revert = sb.revert
+    if revert is not None:
+        _REVERT.pack_into(
+            block,
+            _REVERT_AT,
+            revert.cursor,
+            revert.restored,
+            revert.total,
+            revert.tag,
+            1,
+            revert.bit,
+            0,
+        )
+    _RESIZE.pack_into(block, _RESIZE_AT, sb.resized_ns)
+    _REGISTRY.pack_into(block, _REGISTRY_AT, sb.registry_sequence)
 
 
 def encode_geometry_backup(g: Geometry) -> bytes:
@@ -339,8 +355,11 @@ def decode_superblock(block: bytes | bytearray | memoryview) -> Superblock:
         problems.append(f"state {state} is neither clean nor busy")
     revert = _decode_revert(block, problems)
     (resized_ns,) = _RESIZE.unpack_from(block, _RESIZE_AT)
-    if not is_zero(block, _RESIZE_AT + 8, _STATE_END) or not is_zero(
-        block, _TABLE_END, geometry.block_size
+    (registry_sequence,) = _REGISTRY.unpack_from(block, _REGISTRY_AT)
+    if (
+        not is_zero(block, _RESIZE_AT + 8, _REGISTRY_AT)
+        or not is_zero(block, _REGISTRY_AT + 8, _STATE_END)
+        or not is_zero(block, _TABLE_END, geometry.block_size)
     ):
         problems.append("reserved bytes are not zero")
     sb = Superblock(
@@ -362,6 +381,7 @@ def decode_superblock(block: bytes | bytearray | memoryview) -> Superblock:
         fence_ns=fence_ns,
         revert=revert,
         resized_ns=resized_ns,
+        registry_sequence=registry_sequence,
     )
     problems += _state_problems(sb)
     if problems:

@@ -83,7 +83,12 @@ def salvage_store(
     if checker.damaged:
         sources += scan_leaves(checker.view.block, g, reached)
         sources += _journal_leaves(checker.committed, g)
-    result = salvage(sources, checker.damaged, sb, _data_bitmap(checker.view, g))
+    # Counters prove snapshots complete only in a superblock found whole and
+    # current, with a journal whose replay agrees with the blocks at home.
+    trusted = not any(p.area in ("superblock", "journal") for p in report.problems)
+    result = salvage(
+        sources, checker.damaged, sb, _data_bitmap(checker.view, g), counters_trusted=trusted
+    )
     avoid = reached | {source.leaf.address for source in sources}
     registry: Registry | None = None
     keep = False

@@ -26,6 +26,8 @@ from csnap_format import (
     decode_leaf,
     decode_registry,
 )
+from csnapd.engine.check_registry import RULE as REGISTRY_RULE
+from csnapd.engine.check_registry import registry_version_problem
 from csnapd.engine.check_report import CheckReport, Problem
 from csnapd.engine.device import BlockDevice
 from csnapd.engine.errors import StoreIOError
@@ -184,6 +186,9 @@ class Checker:
         if lost_write:
             self.registry_damaged = True
             self.problem("registry", lost_write, block=address, rule="stale-block")
+        elif mismatch := registry_version_problem(self.sb, self.registry_block):
+            self.registry_damaged = True
+            self.problem("registry", mismatch, block=address, rule=REGISTRY_RULE)
 
     def walk(self) -> None:
         sb = self.sb

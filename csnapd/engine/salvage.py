@@ -5,7 +5,10 @@ reached from the root, and, when part of the tree cannot be reached, every
 leaf of this store found by scanning the metadata area), resolves conflicts
 by the rule in docs/rules.md ("salvage keeps the newest readable copy"),
 marks the chunks whose mapping could not be recovered as lost (an exception
-naming LOST_CHUNK, docs/format.md "Lost copies"), and writes the result as a
+naming LOST_CHUNK, docs/format.md "Lost copies") for the snapshots that may
+have lost it (docs/rules.md, "salvage marks lost only what may be lost":
+the superblock's per-snapshot counters prove the others complete), and
+writes the result as a
 fresh btree into metadata blocks nothing refers to. One journaled
 transaction then switches the superblock (root, counters) and the bitmaps to
 it, so a repair cut short leaves the store as it was.
@@ -100,8 +103,12 @@ class Salvaged:
     #: Exceptions dropped: their copy is claimed by a higher-priority leaf.
     conflicts: int = 0
     #: Exceptions dropped: their mask held only bits no snapshot owns, or
-    #: (from an unreached leaf) the bitmap marks their copy free.
+    #: (from an unreached leaf) the bitmap marks their copy free, or only
+    #: bits of snapshots proven complete without them.
     stray: int = 0
+    #: Share bits of live snapshots the counters prove complete: none of
+    #: their exceptions was in a damaged range, so they get no lost marks.
+    complete: int = 0
 
 
 def scan_leaves(
@@ -137,6 +144,8 @@ def salvage(
     damaged: Sequence[tuple[int, int]],
     sb: Superblock,
     in_use: Callable[[int], bool] | None = None,
+    *,
+    counters_trusted: bool = False,
 ) -> Salvaged:
     """Merge readable leaves into one set of exceptions (docs/rules.md).
 
@@ -144,25 +153,33 @@ def salvage(
         sources: readable leaves, reached ones and scanned ones.
         damaged: logical chunk ranges [lo, hi) the tree cannot vouch for (a
             node there is unreadable); scanned leaves count only inside them,
-            and every live snapshot that has no recovered copy of a chunk in
-            them gets a lost mark.
+            and every live snapshot not proven complete that has no
+            recovered copy of a chunk in them gets a lost mark.
         sb: the superblock (snapshot table, sweep state).
         in_use: whether the data bitmap marks a store chunk used; a copy
             named only by an unreached leaf counts only when it does (a
             chunk marked free was freed after that leaf was written).
+        counters_trusted: the superblock is current and undamaged, so its
+            per-snapshot counters count the exceptions of the tree before
+            the damage exactly (see `complete_bits`).
     """
     ranges = sorted(damaged)
     live = sum(1 << bit for bit, r in enumerate(sb.snapshots) if r is not None and r.state == 1)
     result = Salvaged({})
-    lost_bits = _merge(sources, ranges, sb, live, result, in_use or (lambda _: True))
+    scanned: set[int] = set()
+    lost_bits = _merge(sources, ranges, sb, live, result, in_use or (lambda _: True), scanned)
+    if counters_trusted:
+        result.complete = complete_bits(sb, live, result.exceptions, scanned)
+        _drop_bits(result, scanned, result.complete)
+    doubtful = live & ~result.complete
     for lo, hi in ranges:
         for chunk in range(lo, hi):
             have = sum(share for share, _ in result.exceptions.get(chunk, ()))
-            if live & ~have:
-                lost_bits[chunk] = lost_bits.get(chunk, 0) | (live & ~have)
+            if doubtful & ~have:
+                lost_bits[chunk] = lost_bits.get(chunk, 0) | (doubtful & ~have)
     for chunk in sorted(lost_bits):
         have = sum(share for share, _ in result.exceptions.get(chunk, ()))
-        missing = lost_bits[chunk] & ~have
+        missing = lost_bits[chunk] & ~have & ~result.complete
         if not missing:
             continue
         result.exceptions.setdefault(chunk, []).append((missing, LOST_CHUNK))
@@ -179,8 +196,12 @@ def _merge(
     live: int,
     result: Salvaged,
     in_use: Callable[[int], bool],
+    scanned: set[int],
 ) -> dict[int, int]:
-    """Take each chunk from its best source; return chunk -> bits lost to conflicts."""
+    """Take each chunk from its best source; return chunk -> bits lost to conflicts.
+
+    The chunks taken from leaves the tree does not reach go into `scanned`.
+    """
     los = [lo for lo, _ in ranges]
 
     def in_damaged(chunk: int) -> bool:
@@ -214,7 +235,66 @@ def _merge(
                     result.from_scan += not source.reached
             if kept:
                 result.exceptions[chunk] = kept
+                if not source.reached:
+                    scanned.add(chunk)
     return lost_bits
+
+
+def complete_bits(sb: Superblock, live: int, exceptions: Exceptions, scanned: set[int]) -> int:
+    """The live share bits whose exceptions the reached leaves hold every one of.
+
+    The proof (docs/rules.md, "salvage marks lost only what may be lost"):
+    a current, undamaged superblock counts, for each bit b, exactly the
+    exceptions of the tree carrying b (unique + shared). Every exception
+    taken from a leaf the tree reaches is one of them (a reached leaf that
+    decodes and that the journal does not show to be stale is the tree's
+    own). So when the exceptions carrying b taken from reached leaves are
+    as many as the counters say, b had none anywhere else: nothing of b
+    was in a damaged range, and a scanned copy carrying b is stale for b.
+    Copies found by the scan are never counted: they may be stale (an
+    older image of a leaf, a bit of a deleted snapshot whose slot was
+    reused), and a stale copy could stand in for a lost one. When any bit
+    counts more from reached leaves than the superblock says, the counters
+    are not the tree's and prove nothing.
+    """
+    reached = [0] * 64
+    for chunk, pairs in exceptions.items():
+        if chunk in scanned:
+            continue
+        for share, _ in pairs:
+            rest = share & live
+            while rest:
+                low = rest & -rest
+                reached[low.bit_length() - 1] += 1
+                rest ^= low
+    complete = 0
+    for bit, record in enumerate(sb.snapshots):
+        if record is None or not live >> bit & 1:
+            continue
+        expected = record.unique_chunks + record.shared_chunks
+        if reached[bit] > expected:
+            return 0
+        if reached[bit] == expected:
+            complete |= 1 << bit
+    return complete
+
+
+def _drop_bits(result: Salvaged, scanned: set[int], bits: int) -> None:
+    """Take `bits` off the exceptions found only by the scan (stale for them)."""
+    if not bits:
+        return
+    for chunk in scanned:
+        kept = []
+        for share, target in result.exceptions[chunk]:
+            if share & ~bits:
+                kept.append((share & ~bits, target))
+            else:
+                result.stray += 1
+                result.from_scan -= 1
+        if kept:
+            result.exceptions[chunk] = kept
+        else:
+            del result.exceptions[chunk]
 
 
 # -- writing a tree ------------------------------------------------------------
@@ -412,6 +492,8 @@ def write_tree(
     state.data_free = g.data_chunks - (data_refs.bit_count() - g.data_start)
     state.registry = registry_address
     new_registry = registry if registry is not None and not keep_registry else None
+    # A kept registry stays the version it is; a new one is the switch's.
+    state.registry_sequence = registry.sequence if keep_registry and registry else 0
     final = 1 + (new_registry is not None)
     per = journal.max_blocks
     try:
@@ -459,6 +541,8 @@ def _encode_switch(
     if registry is not None:
         fresh = Registry(registry_address, sequence, registry.clients, registry.overflow)
         images.append((registry_address, encode_registry(fresh, g.context)))
+        if state is not None:
+            state.registry_sequence = sequence
     if state is not None:
         images.append((0, encode_superblock(state.to_superblock(g, sequence))))
     return images

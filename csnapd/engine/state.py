@@ -57,6 +57,9 @@ class StoreState:
     revert: RevertProgress | None = None
     #: When the last online resize was journaled (csnapd.engine.resize).
     resized_ns: int = 0
+    #: The transaction that wrote the client registry block last (set by
+    #: Transaction.commit; 0: unknown).
+    registry_sequence: int = 0
 
     @classmethod
     def from_superblock(cls, sb: Superblock) -> StoreState:
@@ -79,6 +82,7 @@ class StoreState:
             fence_ns=sb.fence_ns,
             revert=sb.revert,
             resized_ns=sb.resized_ns,
+            registry_sequence=sb.registry_sequence,
         )
 
     def to_superblock(self, geometry: Geometry, sequence: int) -> Superblock:
@@ -118,6 +122,7 @@ class StoreState:
             fence_ns=self.fence_ns,
             revert=self.revert,
             resized_ns=self.resized_ns,
+            registry_sequence=self.registry_sequence,
         )
 
     def copy(self) -> StoreState:
@@ -140,6 +145,7 @@ class StoreState:
             self.fence_ns,
             self.revert,
             self.resized_ns,
+            self.registry_sequence,
         )
 
     def assign(self, other: StoreState) -> None:

@@ -46,7 +46,7 @@ from csnapd.engine.errors import (
 )
 from csnapd.engine.journal import Journal
 from csnapd.engine.pager import Pager
-from csnapd.engine.pages import encode_page
+from csnapd.engine.pages import RegistryPage, encode_page
 from csnapd.engine.state import StoreState
 from csnapd.engine.stats import EngineStats
 from csnapd.engine.validation import Ranges
@@ -216,8 +216,13 @@ class Transaction:
             EngineFailedError: the commit failed; the engine is now unusable.
         """
         self.check_usable()
-        state_changed = self._state != self._committed or self._superblock_wanted
         pages = list(self._pager.dirty.values())
+        # The superblock records which version of the registry is current
+        # (docs/format.md, "Client registry state"), so it goes with it.
+        registry_written = any(isinstance(page, RegistryPage) for page in pages)
+        state_changed = (
+            registry_written or self._state != self._committed or self._superblock_wanted
+        )
         if not pages and not state_changed:
             if not self._seal:
                 return None
@@ -232,6 +237,8 @@ class Transaction:
 
         def encode(sequence: int) -> list[tuple[int, bytes]]:
             images = [(page.address, encode_page(page, sequence, geometry)) for page in pages]
+            if registry_written:
+                state.registry_sequence = sequence
             if state_changed:
                 sb = state.to_superblock(geometry, sequence)
                 images.append((0, encode_superblock(sb)))

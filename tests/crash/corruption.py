@@ -53,7 +53,10 @@ class History:
     registry: int = 0
 
 
-def make_history(seed: int, operations: int = 40) -> History:
+def make_history(seed: int, operations: int = 40, *, late: int = 0) -> History:
+    """`operations` random steps, then `late` snapshots each followed by one
+    origin write to a few chunks near the start (their exceptions stay in
+    the first leaf)."""
     g = new_geometry(store_bytes=16 << 20, origin_bytes=2 << 20)
     store, origin = MemoryDevice(g.store_bytes), MemoryDevice(g.origin_bytes)
     format_device(store, g)
@@ -101,10 +104,32 @@ def make_history(seed: int, operations: int = 40) -> History:
                 version[chunk] += 1
                 origin.write(chunk * size, pattern(chunk, version[chunk], size))
         engine.commit()
+    for _ in range(late):
+        _late_snapshot(engine, origin, rng, truth, version)
     engine.close()
     history = History(store, origin, g, truth, older)
     _map(history)
     return history
+
+
+def _late_snapshot(
+    engine: Engine,
+    origin: MemoryDevice,
+    rng: random.Random,
+    truth: dict[int, list[int]],
+    version: list[int],
+) -> None:
+    """A new snapshot, then an origin write to 4 chunks among the first 12."""
+    size = engine.chunk_size
+    tag = max(truth, default=0) + 1
+    engine.create_snapshot(tag)
+    truth[tag] = list(version)
+    start = rng.randrange(8)
+    engine.origin_write([(start, 4)])
+    for chunk in range(start, start + 4):
+        version[chunk] += 1
+        origin.write(chunk * size, pattern(chunk, version[chunk], size))
+    engine.commit()
 
 
 def _map(history: History) -> None:
@@ -173,16 +198,9 @@ def inject(rng: random.Random, history: History, kind: str) -> tuple[MemoryDevic
             return store, {first, second}, f"blocks {first} and {second} swapped"
         put(second, read(store, first))
         return store, {second}, f"block {first} written to block {second}"
-    # A stale copy: a block in use gets its image from halfway through. Not
-    # the client registry: nothing else records which version of it is
-    # current, so once the journal has overwritten its newer image a stale
-    # copy is undetectable (docs/operations.md, "Repairing a store").
+    # A stale copy: a block in use gets its image from halfway through.
     candidates = [
-        a
-        for a in history.live
-        if 1 <= a < g.meta_end
-        and a != history.registry
-        and read(history.older, a) != read(store, a)
+        a for a in history.live if 1 <= a < g.meta_end and read(history.older, a) != read(store, a)
     ]
     if kind == "stale" and candidates:
         address = rng.choice(candidates)
