@@ -16,6 +16,13 @@ from csnapd.engine.check import CheckReport, check_store
 UUID = bytes(range(16))
 
 
+def still_timer() -> float:
+    """A step timer that stands still: background steps end by their counts
+    only, so a model run replays exactly however loaded the machine (hypothesis
+    needs that)."""
+    return 0.0
+
+
 def new_geometry(
     *,
     store_bytes: int = 32 << 20,

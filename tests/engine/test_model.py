@@ -50,6 +50,7 @@ from tests.engine.helpers import (
     new_geometry,
     pattern,
     read_snapshot,
+    still_timer,
     write_origin,
 )
 
@@ -106,7 +107,7 @@ class EngineMachine(RuleBasedStateMachine):
 
     def open(self) -> Engine:
         return Engine.open(
-            self.store, self.origin, cache_bytes=48 * 4096, clock=self.tick, step_timer=_still
+            self.store, self.origin, cache_bytes=48 * 4096, clock=self.tick, step_timer=still_timer
         )
 
     def store_device(self) -> BlockDevice:
@@ -473,7 +474,11 @@ class FileEngineMachine(EngineMachine):
             self.file_store = FileDevice(path)
             format_device(self.file_store, self.g)
         return Engine.open(
-            self.file_store, self.origin, cache_bytes=48 * 4096, clock=self.tick, step_timer=_still
+            self.file_store,
+            self.origin,
+            cache_bytes=48 * 4096,
+            clock=self.tick,
+            step_timer=still_timer,
         )
 
     def store_device(self) -> BlockDevice:
@@ -526,9 +531,3 @@ TestEngineModel = EngineMachine.TestCase
 TestEngineModel.settings = _settings
 TestEngineOnFiles = FileEngineMachine.TestCase
 TestEngineOnFiles.settings = _settings
-
-
-def _still() -> float:
-    """A step timer that stands still: sweep steps end by their counts only,
-    so a run replays exactly however loaded the machine (hypothesis needs that)."""
-    return 0.0

@@ -36,6 +36,7 @@ from tests.engine.helpers import (
     new_geometry,
     pattern,
     read_snapshot,
+    still_timer,
     write_origin,
 )
 
@@ -85,7 +86,7 @@ class SquashMachine(RuleBasedStateMachine):
 
     def open(self) -> Engine:
         return Engine.open(
-            self.store, self.origin, cache_bytes=48 * 4096, clock=self.tick, step_timer=_still
+            self.store, self.origin, cache_bytes=48 * 4096, clock=self.tick, step_timer=still_timer
         )
 
     def order(self, spare: int | None = None) -> list[int]:
@@ -311,9 +312,3 @@ TestSquashModel.settings = settings(
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
 )
-
-
-def _still() -> float:
-    """A step timer that stands still: sweep steps end by their counts only,
-    so a run replays exactly however loaded the machine (hypothesis needs that)."""
-    return 0.0
