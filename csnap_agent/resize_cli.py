@@ -12,7 +12,8 @@ from collections.abc import Callable
 from typing import Any
 
 from csnap_client import AdminClient
-from csnap_common import SizeError, format_size, parse_size
+from csnap_common import format_size
+from csnap_common.cli import size_arg
 
 __all__ = ["add_verb", "usage_problem", "run_resize", "render"]
 
@@ -20,10 +21,7 @@ VerbMaker = Callable[[str, str, str], argparse.ArgumentParser]
 
 
 def _size(text: str) -> int:
-    try:
-        value = parse_size(text)
-    except SizeError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from exc
+    value = size_arg(text)
     if not 0 < value < 1 << 64:
         raise argparse.ArgumentTypeError(f"a size is 1 byte .. 2^64-1 bytes, got {text!r}")
     return value

@@ -61,10 +61,13 @@ def is_block_device(fd: int) -> bool:
     return stat.S_ISBLK(os.fstat(fd).st_mode)
 
 
-def choose_direct(fd: int, requested: bool) -> bool:
-    """Whether `fd` should go direct: a block device always (it may be shared
-    between hosts), a file only if `requested`."""
-    return requested or is_block_device(fd)
+def choose_direct(fd: int, requested: bool | None) -> bool:
+    """Whether `fd` should go direct: never if `requested` is False; else a
+    block device always (it may be shared between hosts), a file only if
+    `requested` is True."""
+    if requested is False:
+        return False
+    return requested is True or is_block_device(fd)
 
 
 def logical_block_size(fd: int) -> int:

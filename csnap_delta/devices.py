@@ -42,7 +42,7 @@ class Device:
         fd = os.open(path, os.O_RDWR if writable else os.O_RDONLY)
         try:
             mode = None
-            if direct is not False and choose_direct(fd, bool(direct)):
+            if choose_direct(fd, direct):
                 mode = DirectFile.enable(fd, what=os.fspath(path))
             return cls(fd, mode)
         except BaseException:

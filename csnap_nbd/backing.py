@@ -107,7 +107,7 @@ class Backing:
         self.direct: dict[int, DirectFile] = {}
         try:
             for fd, path in ((origin_fd, origin), (store_fd, store)):
-                if direct is not False and choose_direct(fd, bool(direct)):
+                if choose_direct(fd, direct):
                     self.direct[fd] = DirectFile.enable(fd, what=path)
         except DirectIOError as exc:
             self.close()
@@ -142,7 +142,7 @@ class Backing:
 
         After False, `into` may hold part of the data: read it all again.
         """
-        if not _NOWAIT or any(t.fd in self.direct for t in transfers):
+        if not _NOWAIT or self.goes_direct(transfers):
             return False  # no page cache to hit
         try:
             _read_all(transfers, into, self.direct, _NOWAIT)

@@ -93,9 +93,9 @@ class ReplyHeader:
     length: int = 0
 
 
-def parse_request(data: bytes | bytearray, offset: int = 0) -> Request:
-    """The request header at `offset` of `data` (REQUEST.size bytes from there)."""
-    magic, flags, command, cookie, start, length = REQUEST.unpack_from(data, offset)
+def parse_request(data: bytes | bytearray) -> Request:
+    """The request header at the start of `data` (REQUEST.size bytes)."""
+    magic, flags, command, cookie, start, length = REQUEST.unpack_from(data)
     if magic != REQUEST_MAGIC:
         raise NbdProtocolError(f"bad request magic {magic:#x}")
     return Request(flags, command, cookie, start, length)

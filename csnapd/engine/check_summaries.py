@@ -47,7 +47,7 @@ def check_summaries(block: Callable[[int], bytes], sb: Superblock, problem: _Rep
     ctx = g.context
     seen: set[int] = set()
 
-    def union(address: int, level: int, lo: int, hi: int) -> int:
+    def union(address: int, level: int, hi: int) -> int:
         """The share bits used below `address`; ALL_BITS where it cannot be read."""
         if address in seen or not g.meta_start <= address < g.meta_end:
             return ALL_BITS
@@ -69,7 +69,7 @@ def check_summaries(block: Callable[[int], bytes], sb: Superblock, problem: _Rep
         for key, child, end, summary in zip(
             node.keys, node.children, bounds, summaries, strict=True
         ):
-            below = union(child, level - 1, key, end)
+            below = union(child, level - 1, end)
             missing = below & ~summary
             if missing and below != ALL_BITS:
                 problem(
@@ -83,4 +83,4 @@ def check_summaries(block: Callable[[int], bytes], sb: Superblock, problem: _Rep
             total |= below
         return total
 
-    union(sb.root, sb.depth, 0, g.origin_chunks)
+    union(sb.root, sb.depth, g.origin_chunks)

@@ -118,7 +118,7 @@ class FileDevice:
                         f"{self.path} is locked by another csnapd (one server per store)"
                     ) from exc
             self._block_device = stat.S_ISBLK(os.fstat(self._fd).st_mode)
-            if direct is not False and choose_direct(self._fd, bool(direct)):
+            if choose_direct(self._fd, direct):
                 self.direct = DirectFile.enable(self._fd, what=self.path)
         except BaseException:
             os.close(self._fd)

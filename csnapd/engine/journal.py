@@ -357,10 +357,6 @@ class Journal:
         if self.unsealed:
             self.commit(0, lambda _: ())
 
-    def data_fits(self, count: int, runs: int) -> bool:
-        """Whether a transaction of `count` blocks can carry `runs` data runs."""
-        return commit_fits(self._size, count, runs)
-
     def commit(
         self,
         count: int,

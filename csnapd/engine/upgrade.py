@@ -15,7 +15,6 @@ crash between the two is rewritten by the next open, as after a resize
 from __future__ import annotations
 
 import dataclasses
-import logging
 
 from csnap_format import (
     KNOWN_INCOMPAT_FEATURES,
@@ -23,8 +22,6 @@ from csnap_format import (
 )
 
 __all__ = ["upgraded_geometry"]
-
-log = logging.getLogger("csnapd.engine")
 
 
 def upgraded_geometry(geometry: Geometry) -> Geometry | None:

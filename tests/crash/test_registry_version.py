@@ -12,7 +12,15 @@ from pathlib import Path
 
 import pytest
 
-from csnap_format import decode_registry, decode_superblock, encode_superblock
+from csnap_format import (
+    BlockHeader,
+    BlockType,
+    FormatError,
+    decode_registry,
+    decode_superblock,
+    encode_superblock,
+    read_header,
+)
 from csnapd.check_cli import main as check_main
 from csnapd.engine import Engine, MemoryDevice
 from csnapd.engine.check import check_store
@@ -42,8 +50,8 @@ def _store_with_registry() -> tuple[MemoryDevice, MemoryDevice, int, bytes]:
     journal.checkpoint()
     for slot in range(g.journal_blocks):
         at = (g.journal_start + slot) * g.block_size
-        block = store.read(at, g.block_size)
-        if block[:4] == b"CSNP" and int.from_bytes(block[16:24], "little") == address:
+        header = _registry_header(store.read(at, g.block_size))
+        if header is not None and header.address == address:
             store.write(at, bytes(g.block_size))
     return store, origin, address, journal_image
 
@@ -53,16 +61,25 @@ def _block(device: MemoryDevice, address: int) -> bytes:
     return device.read(address * size, size)
 
 
+def _registry_header(block: bytes) -> BlockHeader | None:
+    """The header of a journal slot holding a registry image, else None."""
+    try:
+        return read_header(block, BlockType.REGISTRY, address=None, store_id=None)
+    except FormatError:
+        return None
+
+
 def _journal_image(device: MemoryDevice, address: int) -> bytes:
     """The newest image of block `address` among the journal's slots."""
     g = new_geometry()
     best: tuple[int, bytes] | None = None
     for slot in range(g.journal_blocks):
         block = _block(device, g.journal_start + slot)
-        if block[:4] == b"CSNP" and int.from_bytes(block[16:24], "little") == address:
-            sequence = int.from_bytes(block[24:32], "little")
-            if best is None or sequence > best[0]:
-                best = (sequence, block)
+        header = _registry_header(block)
+        if header is None or header.address != address:
+            continue
+        if best is None or header.sequence > best[0]:
+            best = (header.sequence, block)
     assert best is not None, "the registry's image should be in the journal"
     return best[1]
 

@@ -136,7 +136,8 @@ def _crashed(device: MemoryDevice, how: str, rng: random.Random) -> MemoryDevice
     return device.random_crash(rng, tear=0.5)
 
 
-def _check_recovered(run: RevertRun, store: MemoryDevice, origin: MemoryDevice, at: int) -> None:
+def _check_recovered(run: RevertRun, store: MemoryDevice, origin: MemoryDevice, at: int) -> bool:
+    """Recover one crash state and check it; whether it reopened mid-revert."""
     g = run.g
     engine = Engine.open(store, origin, cache_bytes=32 * 4096)
     reverting = engine.revert_progress is not None
@@ -155,6 +156,7 @@ def _check_recovered(run: RevertRun, store: MemoryDevice, origin: MemoryDevice, 
         assert now == run.origin_before, f"origin touched, crash at event {at}"
     engine.close()
     assert_clean(store)
+    return reverting
 
 
 @pytest.mark.timeout(120)
@@ -162,12 +164,14 @@ def test_revert_recovers_from_a_crash_at_every_write(monkeypatch: pytest.MonkeyP
     monkeypatch.setattr(revert_module, "RESTORE_CHUNKS_PER_STEP", STEP_CHUNKS)
     run = record_revert()
     rng = random.Random(16)
-    states = 0
+    resumed = 0
     origin_writes = sum(1 for name, event in run.trace[run.started :] if name == "origin")
     assert origin_writes >= 6  # the revert took several steps
     for at in range(run.requested, len(run.trace) + 1):
         store, origin = _replay(run, at)
         for how in ("lost", "kept", "torn"):
-            _check_recovered(run, _crashed(store, how, rng), _crashed(origin, how, rng), at)
-            states += 1
-    assert states >= 3 * (len(run.trace) - run.requested)
+            resumed += _check_recovered(
+                run, _crashed(store, how, rng), _crashed(origin, how, rng), at
+            )
+    # Many crash states fall inside the revert: the reopened store resumed it.
+    assert resumed >= origin_writes

@@ -116,6 +116,15 @@ async def address_becomes(nodes: list[Node], wanted: str) -> None:
         await agent_names(node.sock, wanted)
 
 
+async def elected(nodes: list[Node]) -> tuple[Node, Node]:
+    """Once every node's agent names the same server: (its node, the other)."""
+    first = await active_address(nodes[0].sock)
+    with trio.fail_after(10):
+        await address_becomes(nodes, first)
+    active = next(n for n in nodes if n.address == first)
+    return active, next(n for n in nodes if n is not active)
+
+
 def token_of(store: Path) -> int:
     with open(store, "rb") as f:
         return decode_superblock(f.read(4096)).fence_token
@@ -137,11 +146,7 @@ async def test_one_election_every_node_follows_and_a_standby_takes_over(
     tmp_path: Path,
 ) -> None:
     async with two_nodes(tmp_path) as (nodes, store, origin), reaped() as daemons:
-        first = await active_address(nodes[0].sock)
-        with trio.fail_after(10):
-            await address_becomes(nodes, first)
-        active = next(n for n in nodes if n.address == first)
-        standby = next(n for n in nodes if n is not active)
+        active, standby = await elected(nodes)
         token = token_of(store)
         assert token > 0
 
@@ -215,9 +220,7 @@ async def test_a_server_whose_agent_dies_fences_itself_before_the_lease_expires(
     tmp_path: Path,
 ) -> None:
     async with two_nodes(tmp_path) as (nodes, store, _origin):
-        first = await active_address(nodes[0].sock)
-        active = next(n for n in nodes if n.address == first)
-        standby = next(n for n in nodes if n is not active)
+        active, standby = await elected(nodes)
         token = token_of(store)
 
         killed = time.monotonic()
@@ -249,11 +252,7 @@ async def test_a_hung_server_loses_the_election_and_writes_nothing_when_it_wakes
     tmp_path: Path,
 ) -> None:
     async with two_nodes(tmp_path) as (nodes, store, origin):
-        first = await active_address(nodes[0].sock)
-        with trio.fail_after(10):
-            await address_becomes(nodes, first)
-        active = next(n for n in nodes if n.address == first)
-        standby = next(n for n in nodes if n is not active)
+        active, standby = await elected(nodes)
         token = token_of(store)
         # A client of the hung server: connected, identified, then left waiting.
         with trio.fail_after(20):

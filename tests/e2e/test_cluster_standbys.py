@@ -15,7 +15,7 @@ import trio
 
 from csnap_client import find_server
 from tests.e2e.processes import csnap, poll, tail
-from tests.e2e.test_cluster import TTL, active_address, address_becomes, token_of, two_nodes
+from tests.e2e.test_cluster import TTL, elected, token_of, two_nodes
 
 pytestmark = pytest.mark.e2e
 
@@ -37,11 +37,7 @@ async def test_csnap_server_shows_the_active_server_and_the_standbys_on_every_no
     tmp_path: Path,
 ) -> None:
     async with two_nodes(tmp_path) as (nodes, store, _origin):
-        first = await active_address(nodes[0].sock)
-        with trio.fail_after(10):
-            await address_becomes(nodes, first)
-        active = next(n for n in nodes if n.address == first)
-        standby = next(n for n in nodes if n is not active)
+        active, standby = await elected(nodes)
         wanted = [
             {"node": standby.name, "address": standby.address, "pid": standby.server.process.pid}
         ]

@@ -14,10 +14,9 @@ from csnap_client import ServerError, open_admin
 from csnap_common.credentials import ROLE_CLIENT
 from csnap_format.mkcsnap import format_store
 from csnap_protocol import ErrorCode
-from csnapd.engine import FileDevice
-from csnapd.engine.check import check_store
 from tests.credentials import connector
 from tests.e2e.processes import csnap, start_agent, start_csnapd_with_agent
+from tests.e2e.test_agent import store_is_clean
 
 pytestmark = pytest.mark.e2e
 
@@ -68,8 +67,4 @@ async def test_resize_verb_json_and_exit_codes(tmp_path: Path) -> None:
     finally:
         await server.stop()
         await agent.stop()
-    device = FileDevice(store, writable=False)
-    try:
-        assert check_store(device).exit_code == 0
-    finally:
-        device.close()
+    assert store_is_clean(store)

@@ -312,6 +312,7 @@ class EngineMachine(RuleBasedStateMachine):
         chunks = data.draw(st.integers(low, capacity + 4), label="store chunks")
         if chunks * g.chunk_size > self.mem.size:
             self.mem.resize_to(min(chunks, capacity) * g.chunk_size)
+        before = self.engine.status()
         try:
             self.engine.resize(store_bytes=chunks * g.chunk_size, grow_files=True)
         except BeyondCapacityError:
@@ -321,8 +322,10 @@ class EngineMachine(RuleBasedStateMachine):
         else:
             assert self.engine.geometry.store_chunks == chunks
             self.g = self.engine.geometry
-        if chunks > capacity or chunks < g.store_chunks:
-            assert self.engine.geometry.store_chunks in (g.store_chunks, chunks)
+            return
+        # Refused: nothing changed.
+        assert self.engine.geometry == g
+        assert self.engine.status() == before
 
     # -- restarts and crashes ----------------------------------------------------
 

@@ -15,13 +15,12 @@ from csnap_format import (
     decode_superblock,
     encode_geometry_backup,
     encode_index,
-    format_blocks,
 )
 from csnapd.engine import Engine, MemoryDevice
 from csnapd.engine.changes import Changes
 from csnapd.engine.check import check_store
 from csnapd.engine.check_summaries import SUMMARY_RULE
-from tests.engine.helpers import assert_clean, new_geometry
+from tests.engine.helpers import assert_clean, format_device, new_geometry
 from tests.engine.test_check import populated, rewrite
 
 BACKGROUND, SINGLE = 1, 2
@@ -57,8 +56,7 @@ def _one_exception_store() -> tuple[MemoryDevice, MemoryDevice, Engine]:
     snapshot SINGLE owning one exception (chunk 1500), opened."""
     g = new_geometry(origin_bytes=16 << 20, store_bytes=48 << 20)
     store, origin = MemoryDevice(g.store_bytes), MemoryDevice(g.origin_bytes)
-    for address, block in format_blocks(g):
-        store.write(address * g.block_size, block)
+    format_device(store, g)
     engine = Engine.open(store, origin)
     engine.create_snapshot(BACKGROUND)
     engine.commit()
@@ -138,8 +136,7 @@ def test_a_store_without_summaries_opens_upgrades_and_sweeps() -> None:
     # Formatted as before summaries: no feature flag.
     g = dataclasses.replace(new_geometry(), features=0)
     store, origin = MemoryDevice(g.store_bytes), MemoryDevice(g.origin_bytes)
-    for address, block in format_blocks(g):
-        store.write(address * g.block_size, block)
+    format_device(store, g)
     engine = Engine.open(store, origin)
     assert engine.geometry.features & FEATURE_INDEX_SUMMARIES
     for address in (0, GEOMETRY_BACKUP_ADDRESS):

@@ -131,6 +131,27 @@ def open_log(log: Path) -> BinaryIO:
     return open(log, "ab")
 
 
+async def ready_lines(process: trio.Process, lines: int, what: str, log: Path) -> str:
+    """The first `lines` lines `process` prints on stdout (it prints them when
+    ready); killed and reaped if it exits first or takes over 30 s."""
+    assert process.stdout is not None
+    text = b""
+    try:
+        with trio.fail_after(30):
+            while text.count(b"\n") < lines:
+                data = await process.stdout.receive_some(4096)
+                if not data:
+                    raise RuntimeError(f"{what} exited before it was ready: {tail(log)}")
+                text += data
+    except BaseException:
+        with trio.CancelScope(shield=True):
+            process.kill()
+            await process.wait()
+            await process.stdout.aclose()
+        raise
+    return text.decode()
+
+
 async def start_gateway(
     directory: Path, *extra: str, server: str | None = None, log_name: str = "nbd.log"
 ) -> tuple[Daemon, list[str]]:
@@ -144,24 +165,10 @@ async def start_gateway(
     err = open_log(log)
     process = await trio.lowlevel.open_process(argv, stdout=subprocess.PIPE, stderr=err, env=env)
     err.close()
-    assert process.stdout is not None
     listeners = sum(1 for a in extra if a in ("--listen", "--unix")) or 1
-    text = b""
-    try:
-        with trio.fail_after(30):
-            while text.count(b"\n") < listeners:
-                data = await process.stdout.receive_some(4096)
-                if not data:
-                    raise RuntimeError(f"csnap-nbd exited before it was ready: {tail(log)}")
-                text += data
-    except BaseException:
-        with trio.CancelScope(shield=True):
-            process.kill()
-            await process.wait()
-            await process.stdout.aclose()
-        raise
+    text = await ready_lines(process, listeners, "csnap-nbd", log)
     urls = []
-    for line in text.decode().splitlines():
+    for line in text.splitlines():
         word, _, url = line.partition(" ")
         assert word == "listening", line
         urls.append(url)

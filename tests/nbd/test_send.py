@@ -32,6 +32,7 @@ from tests.nbd.support import (
     need,
     open_log,
     qemu_io,
+    ready_lines,
     run,
     stop,
 )
@@ -79,21 +80,8 @@ async def start_in(ns: str, argv: list[str], log: Path, *, lines: int = 1) -> tu
         env=ENV,
     )
     err.close()
-    assert process.stdout is not None
-    text = b""
-    try:
-        with trio.fail_after(30):
-            while text.count(b"\n") < lines:
-                data = await process.stdout.receive_some(4096)
-                if not data:
-                    raise RuntimeError(f"{argv[0]} exited before it was ready: {tail(log)}")
-                text += data
-    except BaseException:
-        with trio.CancelScope(shield=True):
-            process.kill()
-            await process.wait()
-        raise
-    return Daemon(process, text.decode().splitlines()[0], log), text.decode()
+    text = await ready_lines(process, lines, argv[0], log)
+    return Daemon(process, text.splitlines()[0], log), text
 
 
 async def write_all(gw: Gateway, writes: list[tuple[int, int]], byte: int) -> None:
