@@ -33,6 +33,18 @@ def size_arg(text: str) -> int:
         raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
+def add_direct(parser: argparse.ArgumentParser, what: str) -> None:
+    """--direct / --no-direct: O_DIRECT for `what` (csnap_common.direct_io)."""
+    parser.add_argument(
+        "--direct",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help=f"read and write {what} with O_DIRECT, bypassing this host's page cache"
+        " (default: for block devices, which another host may share; --direct for"
+        " files too, --no-direct never)",
+    )
+
+
 def host_port_arg(text: str) -> tuple[str, int]:
     """argparse type: "HOST:PORT" or "[v6]:PORT" -> (host, port)."""
     try:

@@ -16,7 +16,7 @@ import trio
 
 from csnap_client import agent_admin_connector, agent_store_connector, open_admin
 from csnap_common import Progress, format_size
-from csnap_common.cli import host_port_arg, size_arg
+from csnap_common.cli import add_direct, host_port_arg, size_arg
 from csnap_common.credentials import (
     ROLE_ADMIN,
     client_context,
@@ -55,7 +55,7 @@ def add_verbs(verb: VerbFactory, tag: Callable[[str], int]) -> None:
     delta.add_argument("--compress", action="store_true", help="zstd-compress the extents")
     delta.add_argument("--store", metavar="PATH", help="the store file to read (default: csnapd's)")
     delta.add_argument("--origin", metavar="PATH", help="the origin to read (default: csnapd's)")
-    _direct_flag(delta, "the store and origin")
+    add_direct(delta, "the store and origin")
     apply = verb(
         "apply",
         "Apply a delta to a raw image of its FROM snapshot, which then holds TO. Checks the"
@@ -65,7 +65,7 @@ def add_verbs(verb: VerbFactory, tag: Callable[[str], int]) -> None:
     )
     apply.add_argument("delta", metavar="FILE", help="the delta file")
     apply.add_argument("--to", required=True, dest="target", metavar="TARGET", help="the image")
-    _direct_flag(apply, "the image")
+    add_direct(apply, "the image")
     receive = verb(
         "receive",
         "Receive a delta into this store, which holds snapshot FROM and whose origin has not"
@@ -89,7 +89,7 @@ def add_verbs(verb: VerbFactory, tag: Callable[[str], int]) -> None:
         help="with --listen: where a delta is kept while it arrives (default: here)",
     )
     receive.add_argument("--origin", metavar="PATH", help="the origin to write (default: csnapd's)")
-    _direct_flag(receive, "the origin")
+    add_direct(receive, "the origin")
     receive.add_argument(
         "--credentials",
         type=Path,
@@ -123,23 +123,13 @@ def add_verbs(verb: VerbFactory, tag: Callable[[str], int]) -> None:
     send.add_argument("--rate", type=size_arg, metavar="SIZE", help="at most SIZE bytes per second")
     send.add_argument("--store", metavar="PATH", help="the store file to read (default: csnapd's)")
     send.add_argument("--origin", metavar="PATH", help="the origin to read (default: csnapd's)")
-    _direct_flag(send, "the store and origin")
+    add_direct(send, "the store and origin")
     send.add_argument(
         "--credentials",
         type=Path,
         metavar="DIR",
         help="an admin credential of the receiving store's cluster CA (made there with"
         " `csnap keys DIR --role admin`; default: STORE.keys beside this node's store)",
-    )
-
-
-def _direct_flag(parser: argparse.ArgumentParser, what: str) -> None:
-    parser.add_argument(
-        "--direct",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help=f"open {what} with O_DIRECT, bypassing the page cache (default: for block"
-        " devices, which other hosts may share; --direct for files too, --no-direct never)",
     )
 
 

@@ -21,7 +21,13 @@ import trio
 from csnap_client import Connector, tcp_connector
 from csnap_common import single_errors
 from csnap_common.allocator import return_freed_buffers
-from csnap_common.cli import add_log_level, add_metrics, configure_logging, host_port_arg
+from csnap_common.cli import (
+    add_direct,
+    add_log_level,
+    add_metrics,
+    configure_logging,
+    host_port_arg,
+)
 from csnap_common.credentials import (
     ROLE_CLIENT,
     CredentialsError,
@@ -125,14 +131,7 @@ def _parser() -> argparse.ArgumentParser:
         help="the origin to serve; csnapd must report this file"
         " (default: csnapd's, through an agent only)",
     )
-    parser.add_argument(
-        "--direct",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="read and write the origin and store with O_DIRECT, bypassing this host's"
-        " page cache (default: for block devices, which another host may share;"
-        " --direct for files too, --no-direct never)",
-    )
+    add_direct(parser, "the origin and store")
     parser.add_argument(
         "--credentials",
         type=Path,

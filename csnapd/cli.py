@@ -20,6 +20,7 @@ import trio
 from csnap_common import single_errors
 from csnap_common.allocator import return_freed_buffers
 from csnap_common.cli import (
+    add_direct,
     add_log_level,
     add_metrics,
     configure_logging,
@@ -146,14 +147,7 @@ def _parser() -> argparse.ArgumentParser:
         help="squash expendable snapshots in the background, lowest priority first, to"
         " keep this share of the data area free, e.g. 5%% (default off)",
     )
-    parser.add_argument(
-        "--direct",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="read and write the store and origin with O_DIRECT, bypassing this host's"
-        " page cache (default: for block devices, which another host may share;"
-        " --direct for files too, --no-direct never)",
-    )
+    add_direct(parser, "the store and origin")
     add_metrics(parser)
     parser.add_argument(
         "--credentials",

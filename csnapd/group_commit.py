@@ -43,13 +43,17 @@ class Gathering:
 
     def linger(self, batch: list[Item]) -> tuple[int, float]:
         """How many more clients to wait for, and for at most how long."""
+        missing, seconds = self._missing(batch)
+        return len(missing), seconds
+
+    def _missing(self, batch: list[Item]) -> tuple[set[Peer], float]:
         if not self._commits:
-            return 0, 0.0
+            return set(), 0.0
         expected = frozenset().union(*(peers for peers, _ in self._commits))
         present = {item.peer for item in batch if isinstance(item, Received)}
-        missing = len(expected - present)
+        missing = set(expected - present)
         if not present or not missing:
-            return 0, 0.0
+            return set(), 0.0
         cost = min(seconds for _, seconds in self._commits)
         return missing, min(MAX_LINGER, cost * LINGER_FRACTION)
 
@@ -58,7 +62,7 @@ class Gathering:
     ) -> None:
         """Add to `batch` what arrives while clients of the recent commits are
         still missing from it, up to `most` items, within the linger time."""
-        missing, seconds = self.linger(batch)
+        missing, seconds = self._missing(batch)
         if not missing:
             return
         with trio.move_on_after(seconds):
@@ -68,5 +72,7 @@ class Gathering:
                 except trio.EndOfChannel:
                     return
                 batch.append(item)
-                if isinstance(item, Received) and not self.linger(batch)[0]:
-                    return
+                if isinstance(item, Received):
+                    missing.discard(item.peer)
+                    if not missing:
+                        return

@@ -123,11 +123,6 @@ class Transaction:
         if self._failure is not None:
             raise EngineFailedError(f"an earlier commit failed ({self._failure}); reopen the store")
 
-    def note_data_written(self) -> None:
-        """Record that the open request wrote data to the store, with no CRC:
-        the commit syncs it before its record."""
-        self._data_written = True
-
     def note_copy(self, first_chunk: int, chunks: int, data: bytes | memoryview) -> None:
         """Record that the open request wrote `data` to store chunks
         first_chunk.. (synced with the commit's record, which carries its CRC)."""
