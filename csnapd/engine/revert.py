@@ -190,8 +190,11 @@ class Reverter:
         lost: list[int] = []
         chunk = revert.cursor
         for _ in range(VISIT_LEAVES_PER_STEP):
-            if chunk >= end:
+            # Subtrees whose summary lacks the snapshot's bit hold nothing to restore.
+            found = self._tree.seek(chunk, bit) if chunk < end else None
+            if found is None:
                 return chunks, targets, lost, end
+            chunk = found
             leaf, _, hi = self._tree.descend(chunk)
             i, _ = leaf.find(chunk)
             at = sum(leaf.counts[:i])
