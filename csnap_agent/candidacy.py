@@ -77,8 +77,9 @@ class Candidacies:
                     self._leases[candidate.pid, candidate.address] = (lease, now)
                     return
             lease = await self.client.grant(self.ttl)
-            value = {"node": self.node, "address": candidate.address, "pid": candidate.pid}
-            await self.client.put(self._key(candidate), json.dumps(value).encode(), lease)
+            await self.client.put(
+                self._key(candidate), candidate_value(self.node, candidate), lease
+            )
             self._leases[candidate.pid, candidate.address] = (lease, now)
         except EtcdError as exc:
             log.debug("cannot keep the campaign key of pid %d: %s", candidate.pid, exc)
@@ -101,6 +102,11 @@ class Candidacies:
             EtcdError: etcd cannot be read.
         """
         return [r for r in map(_record, await self.client.get_prefix(self.prefix)) if r]
+
+
+def candidate_value(node: str, candidate: Candidate) -> bytes:
+    """What a candidate's key holds, in the election and among the campaign keys alike."""
+    return json.dumps({"node": node, "address": candidate.address, "pid": candidate.pid}).encode()
 
 
 def _record(kv: KeyValue) -> StandbyRecord | None:

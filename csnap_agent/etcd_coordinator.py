@@ -40,7 +40,7 @@ from collections.abc import Callable, Sequence
 
 import trio
 
-from csnap_agent.candidacy import Candidacies
+from csnap_agent.candidacy import Candidacies, candidate_value
 from csnap_agent.coordinator import Candidate, Coordinator, CoordinatorError, Lease
 from csnap_agent.etcd import EtcdClient, EtcdError, KeyValue
 from csnap_protocol import StandbyRecord
@@ -225,9 +225,7 @@ class EtcdCoordinator(Coordinator):
                 return False
         if not await self._spread(candidate):
             return False
-        value = json.dumps(
-            {"node": self.node, "address": candidate.address, "pid": candidate.pid}
-        ).encode()
+        value = candidate_value(self.node, candidate)
         lease_id = 0
         try:
             # Before the grant: etcd counts the new lease's TTL from when it
