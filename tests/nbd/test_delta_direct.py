@@ -11,7 +11,6 @@ needed to attach it: the test fails, not skips, without it).
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -22,17 +21,9 @@ from csnap_delta.devices import Device
 from tests.compare import assert_same_bytes
 from tests.e2e.processes import csnap, start_agent
 from tests.nbd.support import CHUNK, gateway, nbdcopy_to_bytes, need, qemu_io, run, stop
-from tests.nbd.test_direct import loop_device
+from tests.nbd.test_direct import is_direct, loop_device
 
 pytestmark = [pytest.mark.e2e]
-
-
-def is_direct(fd: int) -> bool:
-    """Whether descriptor `fd` of this process is O_DIRECT, as the kernel says."""
-    for line in Path(f"/proc/self/fdinfo/{fd}").read_text().splitlines():
-        if line.startswith("flags:"):
-            return bool(int(line.split()[1], 8) & os.O_DIRECT)
-    raise AssertionError(f"no flags in /proc/self/fdinfo/{fd}")
 
 
 def test_devices_open_by_the_shared_device_rule(tmp_path: Path) -> None:

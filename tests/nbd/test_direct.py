@@ -82,12 +82,16 @@ def direct_descriptors(pid: int, path: str) -> list[bool]:
             continue
         if target != real:
             continue
-        with open(f"/proc/{pid}/fdinfo/{fd}") as info:
-            flags = next(
-                int(v, 8) for k, _, v in (line.partition(":") for line in info) if k == "flags"
-            )
-        found.append(bool(flags & os.O_DIRECT))
+        found.append(is_direct(int(fd), pid))
     return found
+
+
+def is_direct(fd: int, pid: int | str = "self") -> bool:
+    """Whether descriptor `fd` of process `pid` is O_DIRECT, as the kernel says."""
+    for line in Path(f"/proc/{pid}/fdinfo/{fd}").read_text().splitlines():
+        if line.startswith("flags:"):
+            return bool(int(line.split()[1], 8) & os.O_DIRECT)
+    raise AssertionError(f"no flags in /proc/{pid}/fdinfo/{fd}")
 
 
 def expected_after(image: bytes) -> bytes:
