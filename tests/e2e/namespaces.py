@@ -8,11 +8,15 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
+
+from csnap_common.credentials import store_credentials
+from tests.e2e.processes import Daemon, start
 
 
 def ip(*args: str) -> None:
@@ -85,3 +89,35 @@ def kill_host(host: Host) -> list[int]:
         with suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
     return pids
+
+
+def inside(host: Host) -> tuple[str, ...]:
+    """The prefix that runs a command in `host`."""
+    return ("ip", "netns", "exec", host.namespace)
+
+
+async def start_agent_in(host: Host, etcd_url: str, sock: Path, name: str, ttl: int,
+                         log: Path) -> Daemon:  # fmt: skip
+    """Node `name`'s agent in `host`, on etcd at `etcd_url`, serving `sock`."""
+    return await start(
+        ["csnap_agent", "--socket", str(sock), "--etcd-endpoints", etcd_url, "--node", name,
+         "--lease-ttl", str(ttl), "--log-format", "json"],
+        log,
+        prefix=inside(host),
+    )  # fmt: skip
+
+
+async def start_candidate_in(host: Host, sock: Path, store: Path, origin: Path, log: Path,
+                             extra: Sequence[str] = ()) -> Daemon:  # fmt: skip
+    """A csnapd candidate in `host` for `store`, registered with the agent at
+    `sock`, on the cluster's credentials (off loopback csnapd makes none itself)."""
+    server = await start(
+        ["csnapd", str(store), str(origin), "--agent", str(sock),
+         "--listen", f"{host.address}:0", "--credentials", str(store_credentials(store)),
+         "--log-format", "json", *extra],
+        log,
+        prefix=inside(host),
+    )  # fmt: skip
+    word, _, _address = server.first_line.partition(" ")
+    assert word == "listening", server.first_line
+    return server

@@ -44,7 +44,7 @@ from csnap_client import (
 )
 from csnap_common.credentials import make_credentials, store_credentials
 from tests.e2e.etcd import Etcd, running_etcd
-from tests.e2e.namespaces import Host, hosts, kill_host
+from tests.e2e.namespaces import Host, hosts, inside, kill_host, start_agent_in, start_candidate_in
 from tests.e2e.processes import ROOT, Daemon, agent_names, start, tail
 from tests.e2e.test_agent import make, store_is_clean
 from tests.e2e.test_cluster import TTL, token_of
@@ -103,32 +103,21 @@ async def next_line(daemon: Daemon) -> str:
 async def start_node(
     etcd: Etcd, tmp: Path, host: Host, name: str, store: Path, origin: Path, daemons: list[Daemon]
 ) -> Node:
-    inside = ("ip", "netns", "exec", host.namespace)
     sock = tmp / f"{name}.sock"
-    agent = await start(
-        ["csnap_agent", "--socket", str(sock), "--etcd-endpoints", etcd.url, "--node", name,
-         "--lease-ttl", str(TTL), "--log-format", "json"],
-        tmp / f"{name}-agent.log",
-        prefix=inside,
-    )  # fmt: skip
+    agent = await start_agent_in(host, etcd.url, sock, name, TTL, tmp / f"{name}-agent.log")
     daemons.append(agent)
-    server = await start(
-        ["csnapd", str(store), str(origin), "--agent", str(sock),
-         "--listen", f"{host.address}:0", "--metrics", f"{host.address}:0",
-         "--credentials", str(store_credentials(store)), "--lease", str(LEASE),
-         # Bounds the wait for a dead node's snapshot clients after a failover.
-         "--grace", "10", "--log-format", "json"],
-        tmp / f"{name}-csnapd.log",
-        prefix=inside,
+    server = await start_candidate_in(
+        host, sock, store, origin, tmp / f"{name}-csnapd.log",
+        # Bounds the wait for a dead node's snapshot clients after a failover.
+        ["--metrics", f"{host.address}:0", "--lease", str(LEASE), "--grace", "10"],
     )  # fmt: skip
     daemons.append(server)
-    word, _, address = server.first_line.partition(" ")
-    assert word == "listening", server.first_line
+    address = server.first_line.partition(" ")[2]
     metrics = (await next_line(server)).split(" ", 1)[1]
     nbd = await start(
         ["csnap_nbd", "--agent", str(sock), "--listen", "127.0.0.1:0"],
         tmp / f"{name}-nbd.log",
-        prefix=inside,
+        prefix=inside(host),
     )
     daemons.append(nbd)
     word, _, url = nbd.first_line.partition(" ")

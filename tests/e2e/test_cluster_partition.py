@@ -22,8 +22,8 @@ import trio
 from csnap_client import agent_store_connector, find_server, open_client
 from csnap_common.credentials import make_credentials, store_credentials
 from tests.e2e.etcd import Etcd, running_etcd
-from tests.e2e.namespaces import Host, hosts, ip
-from tests.e2e.processes import Daemon, agent_names, csnap, start, tail
+from tests.e2e.namespaces import Host, hosts, ip, start_agent_in, start_candidate_in
+from tests.e2e.processes import Daemon, agent_names, csnap, tail
 from tests.e2e.test_agent import make, store_is_clean
 from tests.e2e.test_cluster import TTL, token_of
 from tests.e2e.test_failover import reaped
@@ -44,47 +44,12 @@ class Node:
 async def start_node(
     etcd: Etcd, tmp: Path, host: Host, name: str, store: Path, origin: Path, daemons: list[Daemon]
 ) -> Node:
-    inside = ("ip", "netns", "exec", host.namespace)
     sock = tmp / f"{name}.sock"
-    agent = await start(
-        [
-            "csnap_agent",
-            "--socket",
-            str(sock),
-            "--etcd-endpoints",
-            etcd.url,
-            "--node",
-            name,
-            "--lease-ttl",
-            str(TTL),
-            "--log-format",
-            "json",
-        ],
-        tmp / f"{name}-agent.log",
-        prefix=inside,
-    )
+    agent = await start_agent_in(host, etcd.url, sock, name, TTL, tmp / f"{name}-agent.log")
     daemons.append(agent)
-    server = await start(
-        [
-            "csnapd",
-            str(store),
-            str(origin),
-            "--agent",
-            str(sock),
-            "--listen",
-            f"{host.address}:0",
-            # Off loopback csnapd makes no credentials itself: the cluster's are given.
-            "--credentials",
-            str(store_credentials(store)),
-            "--log-format",
-            "json",
-        ],
-        tmp / f"{name}-csnapd.log",
-        prefix=inside,
-    )
+    server = await start_candidate_in(host, sock, store, origin, tmp / f"{name}-csnapd.log")
     daemons.append(server)
-    word, _, address = server.first_line.partition(" ")
-    assert word == "listening", server.first_line
+    address = server.first_line.partition(" ")[2]
     return Node(host, sock, agent, server, address)
 
 

@@ -29,24 +29,12 @@ import trio
 from csnap_client import agent_store_connector, find_server, open_client
 from csnap_common.credentials import make_credentials, store_credentials
 from tests.e2e.etcd import running_etcd
-from tests.e2e.namespaces import Host, hosts, ip
-from tests.e2e.processes import Daemon, agent_names, start, tail
+from tests.e2e.namespaces import hosts, ip, start_candidate_in
+from tests.e2e.processes import agent_names, tail
 from tests.e2e.test_agent import make, store_is_clean
 from tests.e2e.test_cluster_partition import Node, start_node
 from tests.e2e.test_failover import reaped
 from tests.server.support import label, pread, pwrite
-
-
-async def candidate(tmp: Path, host: Host, name: str, sock: Path, store: Path, origin: Path,
-                    number: int) -> Daemon:  # fmt: skip
-    """A fresh csnapd candidate in `host`, registered with its node's agent."""
-    return await start(
-        ["csnapd", str(store), str(origin), "--agent", str(sock), "--listen",
-         f"{host.address}:0", "--credentials", str(store_credentials(store)),
-         "--log-format", "json"],
-        tmp / f"{name}-csnapd{number}.log",
-        prefix=("ip", "netns", "exec", host.namespace),
-    )  # fmt: skip
 
 
 def other_than(nodes: list[Node], node: Node | None) -> Node:
@@ -93,12 +81,12 @@ async def run(tmp: Path, rounds: int) -> int:
                 acknowledged[chunk] = number + 1
                 times[kind].append(trio.current_time() - began)
                 print(f"round {number + 1}/{rounds}: {kind}, {times[kind][-1]:.2f}s", flush=True)
-                active.server = await candidate(
-                    tmp, active.host, f"n{nodes.index(active)}", active.sock, store, origin, number
+                log = tmp / f"n{nodes.index(active)}-csnapd{number}.log"
+                active.server = await start_candidate_in(
+                    active.host, active.sock, store, origin, log
                 )
                 daemons.append(active.server)
-                word, _, active.address = active.server.first_line.partition(" ")
-                assert word == "listening", active.server.first_line
+                active.address = active.server.first_line.partition(" ")[2]
             for node in nodes:
                 if node.server.process.returncode is None:
                     assert await node.server.stop() == 0, tail(node.server.log)
