@@ -51,6 +51,10 @@ class Candidate:
     serving: bool
 
 
+def _always() -> bool:
+    return True
+
+
 class Coordinator(abc.ABC):
     """Decides when a registered server becomes the active one."""
 
@@ -84,10 +88,12 @@ class Coordinator(abc.ABC):
         return None
 
     @abc.abstractmethod
-    async def elect(self, candidate: Candidate) -> bool:
+    async def elect(self, candidate: Candidate, present: Callable[[], bool] = _always) -> bool:
         """Whether `candidate` may become active now; asked only while none is.
 
         May wait (for a cluster lock, say); the agent keeps serving meanwhile.
+        `present` says whether the candidate is still registered: one that
+        left during the wait must not take the election with it.
         """
 
     @abc.abstractmethod
@@ -114,8 +120,8 @@ class Coordinator(abc.ABC):
 class LocalCoordinator(Coordinator):
     """One node: the first server to register is started; others wait their turn."""
 
-    async def elect(self, candidate: Candidate) -> bool:
-        return True
+    async def elect(self, candidate: Candidate, present: Callable[[], bool] = _always) -> bool:
+        return present()
 
     async def resign(self, candidate: Candidate) -> None:
         return None

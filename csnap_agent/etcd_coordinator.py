@@ -200,15 +200,15 @@ class EtcdCoordinator(Coordinator):
 
     # -- campaigning ---------------------------------------------------------------
 
-    async def elect(self, candidate: Candidate) -> bool:
-        won = await self._campaign(candidate)
-        if won:
+    async def elect(self, candidate: Candidate, present: Callable[[], bool] = lambda: True) -> bool:
+        won = await self._campaign(candidate, present)
+        if won or not present():
             await self.candidacies.drop(candidate)
         else:
             await self.candidacies.keep(candidate)
         return won
 
-    async def _campaign(self, candidate: Candidate) -> bool:
+    async def _campaign(self, candidate: Candidate, present: Callable[[], bool]) -> bool:
         if self.holder is not None:
             with trio.move_on_after(CAMPAIGN_WAIT):
                 await self._holder_changed.wait()
@@ -223,7 +223,8 @@ class EtcdCoordinator(Coordinator):
             self._set_holder(holder, self._changed)
             if holder is not None:
                 return False
-        if not await self._spread(candidate):
+        if not await self._spread(candidate) or not present():
+            # Gone during the wait: its key would hold the store for nobody.
             return False
         value = candidate_value(self.node, candidate)
         lease_id = 0

@@ -142,7 +142,11 @@ class Servers:
                     if registration not in self.servers or registration.fenced:
                         continue
                     candidate = registration.candidate
-                    if await self.coordinator.elect(candidate) and not await self._start(
+
+                    def present(registration: Registration = registration) -> bool:
+                        return registration in self.servers and not registration.fenced
+
+                    if await self.coordinator.elect(candidate, present) and not await self._start(
                         registration
                     ):
                         await self.coordinator.resign(candidate)

@@ -107,3 +107,39 @@ async def test_a_loaded_node_yields_to_a_less_loaded_one_and_a_standby_takes_ove
         assert deferred(caplog, "b") == [
             f"campaigning for {candidate(5).address} in 0.50s: node b leads 1 other store(s)"
         ]
+
+
+async def test_a_candidate_gone_during_its_wait_leaves_the_store_to_others(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="csnap-agent.election")
+    async with coordinators(tmp_path) as elections:
+        assert await elections["a", "one"].elect(candidate(1))
+        # Node a leads store one, so its candidate for store two waits; its
+        # server goes away meanwhile.
+        registered = [True]
+
+        async def elect_on_a() -> bool:
+            return await elections["a", "two"].elect(candidate(2), lambda: registered[0])
+
+        async def a_waits() -> bool:
+            return bool(deferred(caplog, "a"))
+
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                results: list[bool] = []
+
+                async def run() -> None:
+                    results.append(await elect_on_a())
+
+                nursery.start_soon(run)
+                await poll(a_waits, interval=0.01)
+                registered[0] = False
+        assert results == [False]
+        # Neither the election key nor a campaign key names it: the store
+        # is free for node b's candidate, which wins at once.
+        assert elections["a", "two"].active_holder() == ("", 0)
+        assert not elections["a", "two"].candidacies.standing_by(candidate(2))
+        assert await elections["b", "two"].standbys([]) == []
+        with trio.fail_after(10):
+            assert await elections["b", "two"].elect(candidate(3))
