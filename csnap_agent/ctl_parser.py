@@ -15,13 +15,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 from csnap_agent import resize_cli
+from csnap_agent.resize_cli import VerbMaker
 from csnap_common.credentials import ROLES
 from csnap_delta import cli as delta_cli
 
 __all__ = ["parser"]
-
-#: Declares one verb: verb(name, summary, example) -> its parser.
-VerbMaker = Callable[[str, str, str], argparse.ArgumentParser]
 
 _EPILOG = """\
 verbs (csnap VERB --help for each):
