@@ -1,8 +1,10 @@
-"""The `csnap delta` and `csnap apply` verbs: their arguments, their work, their output.
+"""The `csnap delta`, `apply`, `receive` and `send` verbs: their arguments,
+their work, their output.
 
-The csnap command line (csnap_agent.ctl) adds these verbs to its parser and
-calls run_delta / run_apply; failures come out as DeltaWriteError,
-DeltaFormatError or DeltaRefusedError, which it reports as refusals.
+The csnap command line adds these verbs to its parser (csnap_agent.ctl_parser)
+and calls run_delta, run_apply, run_receive and run_send (csnap_agent.ctl);
+failures come out as DeltaWriteError, DeltaFormatError or DeltaRefusedError,
+which it reports as refusals.
 """
 
 from __future__ import annotations
