@@ -51,6 +51,27 @@ class AgentMetrics(ScrapeCollector):
         yield gauge(
             "csnap_agent_connections", "Peers connected to the agent now", agent.connections
         )
+        yield from self._servers()
+        yield gauge(
+            "csnap_agent_electing", "1 while an election runs (no server active)", agent.electing
+        )
+        yield counter(
+            "csnap_agent_activations", "Servers this agent made active", agent.activations
+        )
+        yield counter(
+            "csnap_agent_active_lost", "Active servers that went away (failovers)", agent.losses
+        )
+        yield labelled_counter(
+            "csnap_agent_relayed_requests",
+            "Admin requests relayed to the active server, by type",
+            ["type"],
+            [((kind,), count) for kind, count in agent.relayed.items()],
+        )
+        yield from self._coordinator()
+
+    def _servers(self) -> Iterator[Metric]:
+        """The registered servers by state, and the active one."""
+        agent = self.agent
         states = dict.fromkeys(SERVER_STATES, 0)
         for registration in agent.servers:
             if registration is agent.active:
@@ -77,22 +98,10 @@ class AgentMetrics(ScrapeCollector):
             "When the active server was started (seconds since 1970); 0 while none is",
             0 if active is None else active.since_ns / 1e9,
         )
-        yield gauge(
-            "csnap_agent_electing", "1 while an election runs (no server active)", agent.electing
-        )
-        yield counter(
-            "csnap_agent_activations", "Servers this agent made active", agent.activations
-        )
-        yield counter(
-            "csnap_agent_active_lost", "Active servers that went away (failovers)", agent.losses
-        )
-        yield labelled_counter(
-            "csnap_agent_relayed_requests",
-            "Admin requests relayed to the active server, by type",
-            ["type"],
-            [((kind,), count) for kind, count in agent.relayed.items()],
-        )
-        coordinator = agent.coordinator
+
+    def _coordinator(self) -> Iterator[Metric]:
+        """Which kind of coordinator decides, and its fencing token if it keeps one."""
+        coordinator = self.agent.coordinator
         yield labelled_gauge(
             "csnap_agent_coordinator",
             "1, labelled with the kind of coordinator that decides which server is active",

@@ -1,8 +1,10 @@
-"""The `csnap delta` and `csnap apply` verbs: their arguments, their work, their output.
+"""The `csnap delta`, `apply`, `receive` and `send` verbs: their arguments,
+their work, their output.
 
-The csnap command line (csnap_agent.ctl) adds these verbs to its parser and
-calls run_delta / run_apply; failures come out as DeltaWriteError,
-DeltaFormatError or DeltaRefusedError, which it reports as refusals.
+The csnap command line adds these verbs to its parser (csnap_agent.ctl_parser)
+and calls run_delta, run_apply, run_receive and run_send (csnap_agent.ctl);
+failures come out as DeltaWriteError, DeltaFormatError or DeltaRefusedError,
+which it reports as refusals.
 """
 
 from __future__ import annotations
@@ -36,7 +38,16 @@ VerbFactory = Callable[[str, str, str], argparse.ArgumentParser]
 
 
 def add_verbs(verb: VerbFactory, tag: Callable[[str], int]) -> None:
-    """Add `delta` and `apply` to a parser, through its `verb(name, summary, example)`."""
+    """Add `delta`, `apply`, `receive` and `send` to a parser, through its
+    `verb(name, summary, example)`; `tag` parses a snapshot's tag."""
+    _add_delta(verb, tag)
+    _add_apply(verb)
+    _add_receive(verb)
+    _add_send(verb, tag)
+
+
+def _add_delta(verb: VerbFactory, tag: Callable[[str], int]) -> None:
+    """Declare `csnap delta`."""
     delta = verb(
         "delta",
         "Write the chunks that may differ between snapshots FROM and TO into FILE, each"
@@ -56,6 +67,10 @@ def add_verbs(verb: VerbFactory, tag: Callable[[str], int]) -> None:
     delta.add_argument("--store", metavar="PATH", help="the store file to read (default: csnapd's)")
     delta.add_argument("--origin", metavar="PATH", help="the origin to read (default: csnapd's)")
     add_direct(delta, "the store and origin")
+
+
+def _add_apply(verb: VerbFactory) -> None:
+    """Declare `csnap apply`."""
     apply = verb(
         "apply",
         "Apply a delta to a raw image of its FROM snapshot, which then holds TO. Checks the"
@@ -66,6 +81,10 @@ def add_verbs(verb: VerbFactory, tag: Callable[[str], int]) -> None:
     apply.add_argument("delta", metavar="FILE", help="the delta file")
     apply.add_argument("--to", required=True, dest="target", metavar="TARGET", help="the image")
     add_direct(apply, "the image")
+
+
+def _add_receive(verb: VerbFactory) -> None:
+    """Declare `csnap receive`."""
     receive = verb(
         "receive",
         "Receive a delta into this store, which holds snapshot FROM and whose origin has not"
@@ -97,6 +116,10 @@ def add_verbs(verb: VerbFactory, tag: Callable[[str], int]) -> None:
         help="with --listen: this store's cluster CA and server credential, which senders'"
         " admin credentials must match (default: STORE.keys beside this node's store)",
     )
+
+
+def _add_send(verb: VerbFactory, tag: Callable[[str], int]) -> None:
+    """Declare `csnap send`."""
     send = verb(
         "send",
         "Send the delta FROM -> TO to a `csnap receive --listen` on another node, whose store"

@@ -24,6 +24,7 @@ from csnap_client import Connector, DataClient, open_admin, open_client
 from csnap_delta.apply import DeltaRefusedError, read_extents
 from csnap_delta.devices import Device
 from csnap_delta.layout import DeltaHeader, digest
+from csnap_protocol import StatusReply
 
 __all__ = ["ReceiveReport", "receive_delta", "MAX_BATCH_CHUNKS"]
 
@@ -118,6 +119,47 @@ def _covered(runs: list[tuple[int, int]], extents: list[tuple[int, int]]) -> boo
     return all(c in chunks for first, count in runs for c in range(first, first + count))
 
 
+def _check_store(header: DeltaHeader, status: StatusReply) -> None:
+    """Refuse a store the delta does not start from.
+
+    Raises:
+        DeltaRefusedError: another geometry, no snapshot FROM, or one TO already.
+    """
+    store = status.store
+    if (store.chunk_size, store.origin_chunks) != (header.chunk_size, header.origin_chunks):
+        raise DeltaRefusedError(
+            f"this store has {store.origin_chunks} chunks of {store.chunk_size} bytes; the"
+            f" delta is for {header.origin_chunks} chunks of {header.chunk_size}"
+        )
+    tags = {s.tag for s in status.snapshots if s.state == "live"}
+    if not header.full and header.from_tag not in tags:
+        raise DeltaRefusedError(
+            f"this store has no snapshot {header.from_tag}, where the delta starts"
+        )
+    if header.to_tag in tags:
+        raise DeltaRefusedError(f"this store already has a snapshot {header.to_tag}")
+
+
+async def _write_extents(
+    client: DataClient,
+    fd: Device,
+    chunk_size: int,
+    path: Path,
+    to_write: list[tuple[int, int]],
+) -> None:
+    """Write the extents `to_write` of the delta at `path` into the origin."""
+    # One grant (one copy-out commit in csnapd) per batch of extents.
+    most = max(1, min(client.max_chunks, MAX_BATCH_CHUNKS))
+    batch: list[tuple[int, int, bytes]] = []
+    for extent in _extents(path, to_write):
+        if batch and sum(n for _, n, _ in batch) + extent[1] > most:
+            await _write_batch(client, fd, chunk_size, batch)
+            batch = []
+        batch.append(extent)
+    if batch:
+        await _write_batch(client, fd, chunk_size, batch)
+
+
 async def receive_delta(
     connect: Connector,
     admin_connect: Connector,
@@ -142,19 +184,7 @@ async def receive_delta(
     async with open_admin(admin_connect) as admin:
         status = await admin.status()
         info = await admin.server_info()
-    store = status.store
-    if (store.chunk_size, store.origin_chunks) != (header.chunk_size, header.origin_chunks):
-        raise DeltaRefusedError(
-            f"this store has {store.origin_chunks} chunks of {store.chunk_size} bytes; the"
-            f" delta is for {header.origin_chunks} chunks of {header.chunk_size}"
-        )
-    tags = {s.tag for s in status.snapshots if s.state == "live"}
-    if not header.full and header.from_tag not in tags:
-        raise DeltaRefusedError(
-            f"this store has no snapshot {header.from_tag}, where the delta starts"
-        )
-    if header.to_tag in tags:
-        raise DeltaRefusedError(f"this store already has a snapshot {header.to_tag}")
+    _check_store(header, status)
     origin_path = origin or str(info["origin"])
     fd = Device.open(origin_path, writable=True, direct=direct)
     try:
@@ -170,16 +200,7 @@ async def receive_delta(
                     f" chunks may differ): receiving needs it as snapshot"
                     f" {header.from_tag} left it; nothing was written"
                 )
-            # One grant (one copy-out commit in csnapd) per batch of extents.
-            most = max(1, min(client.max_chunks, MAX_BATCH_CHUNKS))
-            batch: list[tuple[int, int, bytes]] = []
-            for extent in _extents(path, to_write):
-                if batch and sum(n for _, n, _ in batch) + extent[1] > most:
-                    await _write_batch(client, fd, header.chunk_size, batch)
-                    batch = []
-                batch.append(extent)
-            if batch:
-                await _write_batch(client, fd, header.chunk_size, batch)
+            await _write_extents(client, fd, header.chunk_size, path, to_write)
             fd.fsync()
         async with open_admin(admin_connect) as admin:
             await admin.create_snapshot(header.to_tag, priority)

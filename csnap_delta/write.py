@@ -34,7 +34,7 @@ from csnap_delta.layout import (
     digest,
     extent_chunks,
 )
-from csnap_protocol import MAX_RANGES
+from csnap_protocol import MAX_RANGES, StatusReply
 
 __all__ = ["DeltaWriteError", "WriteReport", "write_delta", "READ_ATTEMPTS"]
 
@@ -155,6 +155,37 @@ async def _read_batch(client: DataClient, files: _Files, batch: _Batch) -> bytea
     )
 
 
+def _header(status: StatusReply, base: int | None, target: int, *, compressed: bool) -> DeltaHeader:
+    """The header of the delta from `base` to `target`, as the store's status describes them.
+
+    Raises:
+        DeltaWriteError: a snapshot is not live, or the two differ in size.
+    """
+    tags = {s.tag: s for s in status.snapshots if s.state == "live"}
+    for tag in (base, target):
+        if tag is not None and tag not in tags:
+            raise DeltaWriteError(f"there is no live snapshot {tag}")
+    # Each snapshot keeps the origin size it was taken at (csnap resize).
+    size = tags[target].origin_chunks
+    if base is not None and tags[base].origin_chunks != size:
+        raise DeltaWriteError(
+            f"snapshots {base} and {target} were taken of origins of different sizes"
+            f" ({tags[base].origin_chunks} and {size} chunks): a delta joins snapshots of"
+            " one size; write a full delta (FROM none) instead"
+        )
+    return DeltaHeader(
+        flags=(FLAG_ZSTD if compressed else 0) | (FLAG_FULL if base is None else 0),
+        chunk_size=status.store.chunk_size,
+        store_uuid=status.store.uuid,
+        origin_chunks=size,
+        from_tag=0 if base is None else base,
+        to_tag=target,
+        from_created_ns=0 if base is None else tags[base].created_ns,
+        to_created_ns=tags[target].created_ns,
+        written_ns=time.time_ns(),
+    )
+
+
 async def write_delta(
     connect: Connector,
     admin_connect: Connector,
@@ -184,29 +215,7 @@ async def write_delta(
     async with open_admin(admin_connect) as admin:
         status = await admin.status()
         info = await admin.server_info()
-    tags = {s.tag: s for s in status.snapshots if s.state == "live"}
-    for tag in (base, target):
-        if tag is not None and tag not in tags:
-            raise DeltaWriteError(f"there is no live snapshot {tag}")
-    # Each snapshot keeps the origin size it was taken at (csnap resize).
-    size = tags[target].origin_chunks
-    if base is not None and tags[base].origin_chunks != size:
-        raise DeltaWriteError(
-            f"snapshots {base} and {target} were taken of origins of different sizes"
-            f" ({tags[base].origin_chunks} and {size} chunks): a delta joins snapshots of"
-            " one size; write a full delta (FROM none) instead"
-        )
-    header = DeltaHeader(
-        flags=(FLAG_ZSTD if compressed else 0) | (FLAG_FULL if base is None else 0),
-        chunk_size=status.store.chunk_size,
-        store_uuid=status.store.uuid,
-        origin_chunks=size,
-        from_tag=0 if base is None else base,
-        to_tag=target,
-        from_created_ns=0 if base is None else tags[base].created_ns,
-        to_created_ns=tags[target].created_ns,
-        written_ns=time.time_ns(),
-    )
+    header = _header(status, base, target, compressed=compressed)
     final = Path(output)
     partial = final.with_name(final.name + ".partial")
     files = _Files(store or str(info["store"]), origin or str(info["origin"]), direct)

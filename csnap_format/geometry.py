@@ -332,6 +332,24 @@ def check_unit_sizes(*, block_size: int, chunk_size: int) -> None:
         )
 
 
+def _journal_blocks(journal_bytes: int | None, store_bytes: int, block_size: int) -> int:
+    """The journal's length in blocks: as asked, or the default for the store's size.
+
+    Raises:
+        LayoutError: the journal asked for is too small.
+    """
+    if journal_bytes is None:
+        return default_journal_blocks(store_bytes, block_size)
+    journal_blocks = journal_bytes // block_size
+    if journal_blocks < MIN_JOURNAL_BLOCKS:
+        raise LayoutError(
+            f"journal of {journal_bytes} bytes is too small: it needs at least "
+            f"{MIN_JOURNAL_BLOCKS} metadata blocks "
+            f"({MIN_JOURNAL_BLOCKS * block_size} bytes at this block size)"
+        )
+    return journal_blocks
+
+
 def plan_geometry(
     *,
     store_bytes: int,
@@ -357,16 +375,7 @@ def plan_geometry(
         raise LayoutError(
             f"origin of {origin_bytes} bytes is smaller than one {chunk_size}-byte chunk"
         )
-    if journal_bytes is None:
-        journal_blocks = default_journal_blocks(store_bytes, block_size)
-    else:
-        journal_blocks = journal_bytes // block_size
-        if journal_blocks < MIN_JOURNAL_BLOCKS:
-            raise LayoutError(
-                f"journal of {journal_bytes} bytes is too small: it needs at least "
-                f"{MIN_JOURNAL_BLOCKS} metadata blocks "
-                f"({MIN_JOURNAL_BLOCKS * block_size} bytes at this block size)"
-            )
+    journal_blocks = _journal_blocks(journal_bytes, store_bytes, block_size)
     store_chunks = store_bytes // chunk_size
     max_chunks = store_chunks if max_store_bytes is None else max_store_bytes // chunk_size
     if max_chunks < store_chunks:

@@ -28,6 +28,7 @@ from csnap_format.errors import (
     ChecksumError,
     CorruptBlockError,
     ForeignBlockError,
+    FormatError,
     MisdirectedBlockError,
     WrongBlockTypeError,
 )
@@ -126,26 +127,13 @@ def read_header(
         FormatError: a subclass saying what is wrong.
     """
     name = KIND_NAMES[kind]
-    if block_size is not None and len(block) != block_size:
-        raise CorruptBlockError(
-            f"expected {block_size} bytes, got {len(block)}", block=address, kind=name
-        )
-    if len(block) < HEADER_SIZE:
-        raise BadMagicError(
-            f"only {len(block)} bytes, shorter than a block header",
-            block=address,
-            kind=name,
-        )
+    if (block_size is not None and len(block) != block_size) or len(block) < HEADER_SIZE:
+        raise _length_error(len(block), block_size, address, name)
     magic, raw_type, reserved1, stored, reserved2, own_address, own_store, sequence = (
         _HEADER.unpack_from(block, 0)
     )
     if magic != MAGIC:
-        what = (
-            "not a csnap metadata block (all zeros: never written)"
-            if not any(block)
-            else f"not a csnap metadata block (magic {magic!r})"
-        )
-        raise BadMagicError(what, block=address, kind=name)
+        raise _magic_error(block, magic, address, name)
     computed = block_checksum(block)
     if stored != computed:
         raise ChecksumError(
@@ -155,13 +143,7 @@ def read_header(
             kind=name,
         )
     if raw_type != kind:
-        found = KIND_NAMES.get(BlockType(raw_type)) if raw_type in _TYPES else None
-        raise WrongBlockTypeError(
-            f"expected a {name}, found "
-            + (f"a {found}" if found else f"unknown block type {raw_type}"),
-            block=address,
-            kind=name,
-        )
+        raise _type_error(raw_type, address, name)
     if address is not None and own_address != address:
         raise MisdirectedBlockError(
             f"block names address {own_address}: misdirected write or read",
@@ -181,3 +163,42 @@ def read_header(
 
 
 _TYPES = frozenset(int(t) for t in BlockType)
+
+
+# The errors read_header raises, built apart so that its checks read at once.
+
+
+def _length_error(
+    length: int, block_size: int | None, address: int | None, name: str
+) -> FormatError:
+    """A block of the wrong length, or too short to hold a header."""
+    if block_size is not None and length != block_size:
+        return CorruptBlockError(
+            f"expected {block_size} bytes, got {length}", block=address, kind=name
+        )
+    return BadMagicError(
+        f"only {length} bytes, shorter than a block header", block=address, kind=name
+    )
+
+
+def _magic_error(
+    block: bytes | bytearray | memoryview, magic: bytes, address: int | None, name: str
+) -> FormatError:
+    """A block without csnap's magic: never written, or not a metadata block."""
+    what = (
+        "not a csnap metadata block (all zeros: never written)"
+        if not any(block)
+        else f"not a csnap metadata block (magic {magic!r})"
+    )
+    return BadMagicError(what, block=address, kind=name)
+
+
+def _type_error(raw_type: int, address: int | None, name: str) -> FormatError:
+    """A block of another type than the one expected."""
+    found = KIND_NAMES.get(BlockType(raw_type)) if raw_type in _TYPES else None
+    return WrongBlockTypeError(
+        f"expected a {name}, found "
+        + (f"a {found}" if found else f"unknown block type {raw_type}"),
+        block=address,
+        kind=name,
+    )

@@ -119,6 +119,15 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--read-only", action="store_true", help="advertise read-only exports, refuse writes"
     )
+    _add_files(parser)
+    _add_tls(parser)
+    add_metrics(parser)
+    add_log_level(parser)
+    return parser
+
+
+def _add_files(parser: argparse.ArgumentParser) -> None:
+    """The options naming what the gateway opens: the store, the origin, credentials."""
     parser.add_argument(
         "--store",
         metavar="PATH",
@@ -140,6 +149,10 @@ def _parser() -> argparse.ArgumentParser:
         " csnapd is reached with (default STORE.keys beside --store, or beside"
         " the store csnapd reports through an agent)",
     )
+
+
+def _add_tls(parser: argparse.ArgumentParser) -> None:
+    """The options of TLS towards NBD clients."""
     parser.add_argument(
         "--tls",
         choices=[m.value for m in TlsMode],
@@ -158,9 +171,6 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="clients must present a certificate signed by DIR/ca-cert.pem",
     )
-    add_metrics(parser)
-    add_log_level(parser)
-    return parser
 
 
 def _tls_policy(parser: argparse.ArgumentParser, args: argparse.Namespace) -> TlsPolicy:

@@ -21,7 +21,7 @@ from csnap_common.metrics import (
     labelled_histogram,
     service_registry,
 )
-from csnap_nbd.stats import GatewayStats
+from csnap_nbd.stats import ExportStats, GatewayStats
 from csnap_nbd.wire.constants import Command
 
 __all__ = ["GatewayMetrics", "command_name"]
@@ -57,26 +57,7 @@ class GatewayMetrics(ScrapeCollector):
             ["export"],
             [((name,), export.connections) for name, export in exports],
         )
-        requests: dict[tuple[str, str], int] = {}
-        errors: dict[tuple[str, str], int] = {}
-        for name, export in exports:
-            for command, count in export.requests.items():
-                key = (name, command_name(command))
-                requests[key] = requests.get(key, 0) + count
-            for errno, count in export.errors.items():
-                errors[(name, errno.lower())] = count
-        yield labelled_counter(
-            "csnap_nbd_requests",
-            "NBD requests read, by export and command",
-            ["export", "command"],
-            requests.items(),
-        )
-        yield labelled_counter(
-            "csnap_nbd_errors",
-            "NBD error replies, by export and errno",
-            ["export", "errno"],
-            errors.items(),
-        )
+        yield from _requests(exports)
         yield labelled_counter(
             "csnap_nbd_read_bytes",
             "Bytes of READ data sent, by export",
@@ -100,3 +81,27 @@ class GatewayMetrics(ScrapeCollector):
                 for command, observed in export.latency.items()
             ],
         )
+
+
+def _requests(exports: list[tuple[str, ExportStats]]) -> Iterator[Metric]:
+    """Requests by export and command, and error replies by export and errno."""
+    requests: dict[tuple[str, str], int] = {}
+    errors: dict[tuple[str, str], int] = {}
+    for name, export in exports:
+        for command, count in export.requests.items():
+            key = (name, command_name(command))
+            requests[key] = requests.get(key, 0) + count
+        for errno, count in export.errors.items():
+            errors[(name, errno.lower())] = count
+    yield labelled_counter(
+        "csnap_nbd_requests",
+        "NBD requests read, by export and command",
+        ["export", "command"],
+        requests.items(),
+    )
+    yield labelled_counter(
+        "csnap_nbd_errors",
+        "NBD error replies, by export and errno",
+        ["export", "errno"],
+        errors.items(),
+    )

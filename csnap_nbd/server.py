@@ -34,7 +34,7 @@ from csnap_nbd.commands import Transmission
 from csnap_nbd.connection import Connection, PeerClosedError, set_nodelay
 from csnap_nbd.exports import Exports, Geometry
 from csnap_nbd.files import FileRefusedError, open_backing
-from csnap_nbd.negotiation import negotiate
+from csnap_nbd.negotiation import Negotiated, negotiate
 from csnap_nbd.settings import Settings
 from csnap_nbd.stats import GatewayStats
 from csnap_nbd.tls import (
@@ -183,20 +183,7 @@ class _Gateway:
                 log.info("connection %d: no export chosen in time; closing", entry.number)
             if negotiated is None:
                 return
-            stream = entry.conn.stream
-            over = f" over TLS ({describe(stream)})" if isinstance(stream, trio.SSLStream) else ""
-            log.info(
-                "connection %d: serving %s%s",
-                entry.number,
-                negotiated.export.name,
-                over,
-                extra={
-                    "event": "nbd.connected",
-                    "connection": entry.number,
-                    "export": negotiated.export.name,
-                    "snapshot": negotiated.export.tag,
-                },
-            )
+            _log_serving(entry, negotiated)
             stats = self.stats.export(negotiated.export.name)
             transmission = entry.transmission = Transmission(
                 negotiated.conn, negotiated, self.exports, self.settings, stats
@@ -229,6 +216,24 @@ class _Gateway:
                 entry.transmission.stop()
             else:
                 entry.scope.cancel()
+
+
+def _log_serving(entry: _Conn, negotiated: Negotiated) -> None:
+    """Log that connection `entry` now serves the export it negotiated."""
+    stream = entry.conn.stream
+    over = f" over TLS ({describe(stream)})" if isinstance(stream, trio.SSLStream) else ""
+    log.info(
+        "connection %d: serving %s%s",
+        entry.number,
+        negotiated.export.name,
+        over,
+        extra={
+            "event": "nbd.connected",
+            "connection": entry.number,
+            "export": negotiated.export.name,
+            "snapshot": negotiated.export.tag,
+        },
+    )
 
 
 def _url_host(host: str) -> str:

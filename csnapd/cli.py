@@ -100,6 +100,24 @@ def _parser() -> argparse.ArgumentParser:
         metavar="SIZE",
         help="metadata cache bound, e.g. 64M (default 64M)",
     )
+    _add_clients(parser)
+    _add_space(parser)
+    add_direct(parser, "the store and origin")
+    add_metrics(parser)
+    parser.add_argument(
+        "--credentials",
+        type=Path,
+        metavar="DIR",
+        help="the cluster's ca-cert.pem and this server's server-cert.pem and"
+        " server-key.pem (made by `csnap keys DIR`; default STORE.keys, made"
+        " there when listening on loopback)",
+    )
+    add_log_level(parser)
+    return parser
+
+
+def _add_clients(parser: argparse.ArgumentParser) -> None:
+    """The options bounding what clients may hold, and for how long."""
     parser.add_argument(
         "--grace",
         type=float,
@@ -131,6 +149,10 @@ def _parser() -> argparse.ArgumentParser:
         help="connections open at once, counted from accept (default 1024)",
     )
     parser.add_argument("--max-in-flight", type=int, default=256, help="requests per connection")
+
+
+def _add_space(parser: argparse.ArgumentParser) -> None:
+    """The options of the store-full policy: the warning threshold and the reserve."""
     parser.add_argument(
         "--warn-at",
         type=warn_at_arg,
@@ -147,18 +169,6 @@ def _parser() -> argparse.ArgumentParser:
         help="squash expendable snapshots in the background, lowest priority first, to"
         " keep this share of the data area free, e.g. 5%% (default off)",
     )
-    add_direct(parser, "the store and origin")
-    add_metrics(parser)
-    parser.add_argument(
-        "--credentials",
-        type=Path,
-        metavar="DIR",
-        help="the cluster's ca-cert.pem and this server's server-cert.pem and"
-        " server-key.pem (made by `csnap keys DIR`; default STORE.keys, made"
-        " there when listening on loopback)",
-    )
-    add_log_level(parser)
-    return parser
 
 
 def _lease_arg(text: str) -> float:

@@ -209,7 +209,28 @@ def _engine(server: Server) -> Iterator[Metric]:
     yield gauge("csnapd_cache_pages", "Metadata blocks cached", engine.cached_pages)
 
 
+def _space_policy(server: Server) -> Iterator[Metric]:
+    """The data area's warning threshold and reserve, and whether it is past the threshold."""
+    policy = server.dispatcher.space.policy
+    yield labelled_gauge(
+        "csnapd_store_data_threshold_ratio",
+        "The data area's warning threshold (share used) and free-space reserve (share free);"
+        " 0 when off",
+        ["threshold"],
+        [
+            (("warn_at",), (policy.warn_at or 0) / 100),
+            (("keep_free",), (policy.keep_free or 0) / 100),
+        ],
+    )
+    yield gauge(
+        "csnapd_store_space_warning",
+        "1 while the data area's use is past its warning threshold, else 0",
+        int(server.dispatcher.space.warning),
+    )
+
+
 def _store(server: Server) -> Iterator[Metric]:
+    """The store's space, snapshots, sweep and revert, from its status."""
     try:
         status = server.engine.status()
     except EngineError:
@@ -229,22 +250,7 @@ def _store(server: Server) -> Iterator[Metric]:
         ["use"],
         [(("used",), meta_used * block), (("free",), status.meta_free * block)],
     )
-    policy = server.dispatcher.space.policy
-    yield labelled_gauge(
-        "csnapd_store_data_threshold_ratio",
-        "The data area's warning threshold (share used) and free-space reserve (share free);"
-        " 0 when off",
-        ["threshold"],
-        [
-            (("warn_at",), (policy.warn_at or 0) / 100),
-            (("keep_free",), (policy.keep_free or 0) / 100),
-        ],
-    )
-    yield gauge(
-        "csnapd_store_space_warning",
-        "1 while the data area's use is past its warning threshold, else 0",
-        int(server.dispatcher.space.warning),
-    )
+    yield from _space_policy(server)
     yield gauge(
         "csnapd_store_exceptions", "Exceptions in the btree (chunks copied out)", status.exceptions
     )

@@ -245,6 +245,35 @@ def _tree_blocks(device: BlockDevice, g: Geometry, sb: Superblock) -> set[int]:
     return seen
 
 
+def _check_sizes(doc: dict[str, Any], g: Geometry) -> None:
+    """Refuse a dump of a store of other sizes than `g`'s."""
+    sizes = doc.get("geometry")
+    if not isinstance(sizes, dict):
+        raise DumpError("'geometry' is not an object")
+    for name in (*_SIZES, "meta_blocks"):
+        if sizes.get(name) != getattr(g, name):
+            raise DumpError(
+                f"the dump is of a store with {name} {sizes.get(name)}; this one has"
+                f" {getattr(g, name)}"
+            )
+
+
+def _check_counts(table: list[SnapshotRecord | None], exceptions: Exceptions) -> int:
+    """Refuse a snapshot table whose counts its exceptions do not make; how many there are."""
+    total, unique, shared = count_exceptions(exceptions)
+    for bit, record in enumerate(table):
+        if record is not None and (record.unique_chunks, record.shared_chunks) != (
+            unique[bit],
+            shared[bit],
+        ):
+            raise DumpError(
+                f"snapshot {record.tag} counts {record.unique_chunks} unique and"
+                f" {record.shared_chunks} shared chunks; its exceptions make"
+                f" {unique[bit]} and {shared[bit]}"
+            )
+    return total
+
+
 def restore_store(device: BlockDevice, doc: object) -> int:
     """Write a dumped document into a formatted store; returns exceptions written.
 
@@ -255,15 +284,7 @@ def restore_store(device: BlockDevice, doc: object) -> int:
     if not isinstance(doc, dict) or doc.get("csnap_metadata_dump") != DUMP_VERSION:
         raise DumpError(f"not a csnap metadata dump of version {DUMP_VERSION}")
     g = read_geometry(device)
-    sizes = doc.get("geometry")
-    if not isinstance(sizes, dict):
-        raise DumpError("'geometry' is not an object")
-    for name in (*_SIZES, "meta_blocks"):
-        if sizes.get(name) != getattr(g, name):
-            raise DumpError(
-                f"the dump is of a store with {name} {sizes.get(name)}; this one has"
-                f" {getattr(g, name)}"
-            )
+    _check_sizes(doc, g)
     Journal.recover(device, g)
     try:
         current = decode_superblock(_read(device, g, 0))
@@ -277,17 +298,7 @@ def restore_store(device: BlockDevice, doc: object) -> int:
     allowed = sum(1 << bit for bit, r in enumerate(table) if r is not None)
     exceptions = _exceptions(doc, g, allowed)
     registry = _registry(doc, g)
-    total, unique, shared = count_exceptions(exceptions)
-    for bit, record in enumerate(table):
-        if record is not None and (record.unique_chunks, record.shared_chunks) != (
-            unique[bit],
-            shared[bit],
-        ):
-            raise DumpError(
-                f"snapshot {record.tag} counts {record.unique_chunks} unique and"
-                f" {record.shared_chunks} shared chunks; its exceptions make"
-                f" {unique[bit]} and {shared[bit]}"
-            )
+    total = _check_counts(table, exceptions)
     sb = dataclasses.replace(
         current,
         clean=bool(state.get("clean")),

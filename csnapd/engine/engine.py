@@ -1,8 +1,8 @@
 """The engine facade: every operation on a store, as atomic requests grouped
 into durable transactions.
 
-Owns the store's lifecycle (open, journal replay, marking it busy and clean,
-close) and the objects that each keep one part of it:
+Owns the store's lifecycle (open, marking it busy and clean, close) and the
+assembly of the objects that each keep one part of it:
 
   * the transaction (csnapd.engine.transaction): atomic requests, group
     commit, requests split over several transactions, refusing work after a
@@ -19,7 +19,10 @@ close) and the objects that each keep one part of it:
     snapshots when a copy-out finds the store full;
   * the revert (csnapd.engine.revert): making the origin equal to a snapshot.
 
-Callers use only `Engine`; its methods hand each request to its owner.
+Callers use only `Engine`; its methods hand each request to its owner. The
+engine's requests on whole snapshots are in csnapd.engine.snapshot_requests,
+its online resize in csnapd.engine.online_resize, and what opening a store
+does before the engine exists in csnapd.engine.opening.
 """
 
 from __future__ import annotations
@@ -29,48 +32,29 @@ import os
 import time
 from collections.abc import Callable, Collection
 
-from csnap_format import (
-    MIN_BLOCK_SIZE,
-    FormatError,
-    Geometry,
-    RevertProgress,
-    decode_geometry,
-    decode_superblock,
-    store_capacity,
-)
+from csnap_format import FormatError, Geometry, decode_superblock
 from csnapd.engine.allocator import Allocator, data_space, metadata_space
 from csnapd.engine.btree import ExceptionTree
 from csnapd.engine.changes import CHANGES_LEAVES_PER_STEP, ChangeList, Changes
 from csnapd.engine.clients import ClientRegistry
 from csnapd.engine.copyout import CopyOut
-from csnapd.engine.device import BlockDevice, FileDevice
-from csnapd.engine.errors import FencedError, StoreIOError, StoreOpenError
+from csnapd.engine.device import BlockDevice
+from csnapd.engine.errors import FencedError, StoreIOError
 from csnapd.engine.journal import Journal, JournalStats, RecoveryReport
+from csnapd.engine.online_resize import OnlineResize
+from csnapd.engine.opening import open_devices, read_geometry, recover_store
 from csnapd.engine.pager import CacheStats, Pager
 from csnapd.engine.reads import ChunkReads
-from csnapd.engine.resize import (
-    ResizeResult,
-    apply_resize,
-    plan_resize,
-    repair_geometry_backup,
-    resize_steps,
-    write_geometry_backup,
-)
-from csnapd.engine.results import (
-    OriginWriteResult,
-    ReadSegment,
-    SnapshotInfo,
-    StoreStatus,
-    WriteSegment,
-)
+from csnapd.engine.resize import write_geometry_backup
+from csnapd.engine.results import OriginWriteResult, ReadSegment, WriteSegment
 from csnapd.engine.revert import Reverter
+from csnapd.engine.snapshot_requests import SnapshotRequests
 from csnapd.engine.snapshots import SnapshotTable
-from csnapd.engine.squash import Squashed, Squasher, squash_order
+from csnapd.engine.squash import Squashed, Squasher
 from csnapd.engine.state import StoreState
 from csnapd.engine.stats import EngineStats
 from csnapd.engine.sweep import SWEEP_LEAVES_PER_STEP, Sweeper
 from csnapd.engine.transaction import Transaction
-from csnapd.engine.upgrade import upgraded_geometry
 from csnapd.engine.validation import Ranges
 
 __all__ = [
@@ -88,44 +72,7 @@ log = logging.getLogger("csnapd.engine")
 DEFAULT_CACHE_BYTES = 64 << 20
 
 
-def read_geometry(store: BlockDevice) -> Geometry:
-    """The store's geometry, from block 0 or, failing that, its backup.
-
-    Raises:
-        StoreOpenError: neither copy is readable.
-    """
-    try:
-        return decode_geometry(store.read(0, min(MIN_BLOCK_SIZE, store.size)))
-    except OSError as exc:
-        raise StoreIOError(f"reading the superblock: {exc.strerror or exc}") from exc
-    except FormatError as first:
-        size = MIN_BLOCK_SIZE
-        while size <= 1 << 20 and 2 * size <= store.size:
-            try:
-                geometry = decode_geometry(store.read(size, MIN_BLOCK_SIZE))
-            except (OSError, FormatError):
-                geometry = None
-            if geometry is not None and geometry.block_size == size:
-                log.warning("superblock geometry unreadable (%s); using the backup", first)
-                return geometry
-            size *= 2
-        raise StoreOpenError(f"not a usable csnap store: {first}") from first
-
-
-def _check_sizes(store: BlockDevice, origin: BlockDevice, geometry: Geometry) -> None:
-    """Refuse devices smaller than the store was formatted for."""
-    if store.size < geometry.store_bytes:
-        raise StoreOpenError(
-            f"the store device has {store.size} bytes but was formatted for {geometry.store_bytes}"
-        )
-    if origin.size < geometry.origin_bytes:
-        raise StoreOpenError(
-            f"the origin has {origin.size} bytes but the store was formatted"
-            f" for an origin of {geometry.origin_bytes}: wrong origin?"
-        )
-
-
-class Engine:
+class Engine(SnapshotRequests, OnlineResize):
     """A csnap store, opened: all metadata operations, synchronous."""
 
     def __init__(
@@ -226,45 +173,26 @@ class Engine:
             StoreOpenError: not a store, damaged, or the origin is too small.
             StoreIOError: the store cannot be read or written.
         """
-        geometry = read_geometry(store)
-        _check_sizes(store, origin, geometry)
-        journal, report = Journal.recover(store, geometry)
-        if report.problem:
-            log.error("journal replay incomplete: %s", report.problem)
-        if report.uncommitted:
-            # A crash during a sync: the record was never answered.
-            log.info("journal: %s", report.uncommitted)
-        try:
-            sb = decode_superblock(store.read(0, geometry.block_size))
-        except OSError as exc:
-            raise StoreIOError(f"reading the superblock: {exc.strerror or exc}") from exc
-        except FormatError as exc:
-            raise StoreOpenError(f"the superblock is damaged after replay: {exc}") from exc
-        # A resize journaled but not yet written home: the replayed
-        # superblock holds the geometry that counts (csnapd.engine.resize).
-        geometry = sb.geometry
-        _check_sizes(store, origin, geometry)
-        repair_geometry_backup(store, geometry)
-        upgraded = upgraded_geometry(geometry)
+        opened = recover_store(store, origin)
         engine = cls(
             store,
             origin,
-            upgraded or geometry,
-            journal,
-            report,
-            StoreState.from_superblock(sb),
+            opened.geometry,
+            opened.journal,
+            opened.recovery,
+            opened.state,
             cache_bytes=cache_bytes,
             clock=clock,
             owns_devices=owns_devices,
             step_timer=step_timer,
         )
-        if engine._state.clean or upgraded:
+        if engine._state.clean or opened.upgraded:
             engine._state.clean = False
             engine._txn.rewrite_superblock()
             engine.commit()
-        if upgraded:
-            write_geometry_backup(store, upgraded)
-            log.info("store upgraded to feature flags %#x", upgraded.features)
+        if opened.upgraded:
+            write_geometry_backup(store, opened.geometry)
+            log.info("store upgraded to feature flags %#x", opened.geometry.features)
         return engine
 
     @classmethod
@@ -290,15 +218,9 @@ class Engine:
             StoreLockedError: another server holds the store (rule: one server per store).
             StoreOpenError, StoreIOError: as for `open`.
         """
-        try:
-            store = FileDevice(store_path, writable=True, lock=lock, direct=direct)
-        except OSError as exc:
-            raise StoreOpenError(f"cannot open store {store_path}: {exc.strerror}") from exc
-        try:
-            origin = FileDevice(origin_path, writable=origin_writable, direct=direct)
-        except OSError as exc:
-            store.close()
-            raise StoreOpenError(f"cannot open origin {origin_path}: {exc.strerror}") from exc
+        store, origin = open_devices(
+            store_path, origin_path, lock=lock, origin_writable=origin_writable, direct=direct
+        )
         try:
             return cls.open(store, origin, cache_bytes=cache_bytes, clock=clock, owns_devices=True)
         except BaseException:
@@ -509,164 +431,6 @@ class Engine:
     def set_registered_clients(self, clients: frozenset[int]) -> None:
         """Record which snapshot clients are connected (a request)."""
         self._registry.set_clients(clients)
-
-    # -- snapshots ---------------------------------------------------------------
-
-    def create_snapshot(self, tag: int, priority: int = 0) -> SnapshotInfo:
-        """Create a snapshot of the origin as it is now."""
-        self._reverter.refuse_if_running("creating a snapshot")
-        return self._snapshots.create(tag, priority)
-
-    def delete_snapshot(self, tag: int) -> SnapshotInfo:
-        """Delete a snapshot: its tag goes at once, its space in the background."""
-        self._reverter.refuse_if_reverting(tag, "deleting the snapshot")
-        return self._snapshots.delete(tag)
-
-    def set_priority(self, tag: int, priority: int) -> SnapshotInfo:
-        """Set a snapshot's priority (-128..127)."""
-        return self._snapshots.set_priority(tag, priority)
-
-    def change_use_count(self, tag: int, delta: int) -> SnapshotInfo:
-        """Add `delta` to a snapshot's use count (0 reads it)."""
-        return self._snapshots.change_use_count(tag, delta)
-
-    def squash_order(self, spare: Collection[int] = ()) -> list[int]:
-        """Tags of the expendable snapshots, the first a full store squashes first."""
-        self._txn.check_usable()
-        tags = []
-        for bit in squash_order(self._state, spare):
-            record = self._state.snapshots[bit]
-            assert record is not None
-            tags.append(record.tag)
-        return tags
-
-    def squash_for_reserve(self, spare: Collection[int] = ()) -> Squashed | None:
-        """Squash the first expendable snapshot to keep free space; the caller commits."""
-        return self._squasher.squash_for_reserve(spare)
-
-    @property
-    def data_use(self) -> tuple[int, int]:
-        """The data area's size and free chunks now (committed or not)."""
-        return self.geometry.data_chunks, self._state.data_free
-
-    def take_squashed(self) -> list[Squashed]:
-        """Snapshots squashed to make room since the last call, in order."""
-        earlier, self._squashed_earlier = self._squashed_earlier, []
-        return earlier + self._squasher.take_squashed()
-
-    def snapshot(self, tag: int) -> SnapshotInfo:
-        """One snapshot by tag."""
-        return self._snapshots.snapshot(tag)
-
-    def snapshots(self) -> list[SnapshotInfo]:
-        """Live (and squashed) snapshots, oldest first."""
-        return self._snapshots.snapshots()
-
-    def status(self) -> StoreStatus:
-        """Store totals and every snapshot, without walking the btree."""
-        self._txn.check_usable()
-        return self._snapshots.status(self._journal.next_sequence - 1)
-
-    # -- revert ----------------------------------------------------------------
-
-    @property
-    def revert_progress(self) -> RevertProgress | None:
-        """The revert in progress, if any (csnapd.engine.revert)."""
-        return self._reverter.progress
-
-    def start_revert(self, tag: int) -> RevertProgress:
-        """Begin making the origin equal to snapshot `tag` (a request; the caller commits).
-
-        The caller holds origin writes until the revert is done.
-        """
-        return self._reverter.start(tag)
-
-    def revert_step(
-        self,
-        *,
-        locked: Callable[[Ranges], bool] = lambda ranges: False,
-        spare: Collection[int] = (),
-        reclaim: bool = True,
-    ) -> bool:
-        """One step of the revert in progress; whether more remains (see Reverter.step)."""
-        return self._reverter.step(locked=locked, spare=spare, reclaim=reclaim)
-
-    def finish_revert(self, progress: Callable[[RevertProgress], None] | None = None) -> None:
-        """Run the revert in progress, if any, to its end, committing each step."""
-        self._reverter.finish(progress)
-
-    # -- resizing ----------------------------------------------------------------
-
-    def resize(
-        self,
-        *,
-        origin_bytes: int | None = None,
-        store_bytes: int | None = None,
-        grow_files: bool = False,
-    ) -> ResizeResult:
-        """Grow (or safely shrink) the origin and the store, online.
-
-        Commits what is pending, then commits the resize as a transaction of
-        its own and rewrites the geometry backup (csnapd.engine.resize).
-
-        Raises:
-            ResizeRefusedError: a subclass naming why; nothing was changed.
-            StoreIOError, EngineFailedError: the store could not be written.
-        """
-        self._txn.check_usable()
-        self.commit()
-        before = self.geometry
-        after, grown = plan_resize(
-            before,
-            self._state,
-            self._pager,
-            (self._store, self._origin),
-            origin_bytes=origin_bytes,
-            store_bytes=store_bytes,
-            grow_files=grow_files,
-        )
-        for step in resize_steps(before, after, self._txn.max_blocks):
-            self._resize_step(step)
-        try:
-            # Block 0 durable at home first: one copy of the geometry is always whole.
-            self._journal.sync()
-            write_geometry_backup(self._store, after)
-        except (OSError, StoreIOError) as exc:
-            # The resize is durable: answering an error would say it was not.
-            log.error(
-                "resized, but the geometry backup in block 1 could not be rewritten (%s);"
-                " it is rewritten when the store is next opened",
-                exc,
-            )
-        return ResizeResult(
-            origin_chunks_before=before.origin_chunks,
-            origin_chunks=after.origin_chunks,
-            store_chunks_before=before.store_chunks,
-            store_chunks=after.store_chunks,
-            capacity_chunks=store_capacity(after),
-            data_chunks=after.data_chunks,
-            data_free=self._state.data_free,
-            grown_files=grown,
-        )
-
-    def _resize_step(self, after: Geometry) -> None:
-        """Commit one transaction that moves the geometry to `after`."""
-        before = self.geometry
-        now = self._clock()
-        self._squashed_earlier += self._squasher.take_squashed()
-        self._assemble(after)
-        try:
-            self._txn.request(lambda: apply_resize(before, after, self._state, self._pager, now))
-            self.commit()
-        except BaseException:
-            if not self._txn.failed:
-                self._assemble(before)
-            raise
-
-    def snapshot_chunks(self, tag: int | None) -> int:
-        """Chunks of the view `tag` (None: the origin): a snapshot's size is
-        the origin's when it was taken."""
-        return self._snapshots.view_chunks(tag)
 
     # -- background deletion -------------------------------------------------
 
