@@ -3,8 +3,9 @@
 The trio layer (csnapd.server) owns sockets and timers and hands the
 Dispatcher everything that arrived since the last batch; nothing else touches
 the engine or the lock table, so they need no locks. The Dispatcher owns the
-batch (apply: prepare, commit, finish), the peers, the sweep's schedule and
-the translation of engine errors into wire codes; its parts own the rest:
+batch (apply: prepare, commit, finish), the peers, whether a background step
+is due and the translation of engine errors into wire codes; its parts own
+the rest:
 
 - csnapd.requests answers each request (rule: refuse before effect);
 - csnapd.write_gate decides when an origin write is granted (rules: write

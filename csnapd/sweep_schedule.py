@@ -18,7 +18,7 @@ sweep yields to clients"):
   batch of its own;
 - no starvation: under any load the background gets its share, a step at
   most one batch after it is due, so a reclaim under a steady load takes
-  about 1 / BUSY_SHARE times as long as an idle one, not forever.
+  about 1 / BUSY_SHARE times the time its steps take, not forever.
 
 Sans-IO: the engine task (csnapd.serving) tells it what happened and asks
 it what is due; time comes from the clock it is given.
