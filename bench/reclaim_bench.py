@@ -1,21 +1,31 @@
 """Reclaim: what deleting or squashing a snapshot costs, against what it owns.
 
-A store built through the engine on real files (fdatasync included) holds
-`exceptions` exceptions: a background snapshot owning most of them, one
-snapshot owning 1/64 of them (every 64th chunk) and one owning a single
-exception. Each of the two is then deleted, and its space reclaimed to the
-end, in the engine's bounded sweep steps, the way csnapd runs them under
-load: one step after every `LOOKUPS_BETWEEN` lookups of other clients
-(snapshot reads of the background snapshot, in-process: the engine's own
-cost without the protocol). And once more with the store full: an origin
-write that needs room squashes the 1/64 snapshot and waits for its space.
+A store built through the engine on real files (fdatasync included; the
+data area is never written, so it stays sparse: every figure here is the
+metadata's) holds `exceptions` exceptions: a background snapshot owning
+most of them, one snapshot owning 1/64 of them (every 64th chunk) and one
+owning a single exception. Cases (--case, all by default):
+
+  engine   each of the two deleted and its space reclaimed to the end in
+           the engine's bounded sweep steps, the way csnapd runs them under
+           load (csnapd.sweep_schedule): after a step of d seconds, lookups
+           of other clients (snapshot reads of the background snapshot,
+           in-process: the engine's own cost without the protocol) for
+           d * (1 / BUSY_SHARE - 1), then the next step;
+  csnapd   the 1/64 snapshot deleted through a real csnapd while
+           CSNAPD_CLIENTS snapshot clients look chunks of the background
+           snapshot up over loopback, one request in flight each: their
+           rate and latency before the delete (idle) and from the delete
+           until the space is free (during), in one run of one server;
+  squash   on a fresh store filled to its last 64 chunks, an origin write
+           that needs room squashes the 1/64 snapshot and waits for its
+           space.
 
 Figures per case: the acknowledgement (delete and its commit), the time
 until the space is free (the sweep to its end), the commits that took,
 the sweep steps, the leaves visited, the longest step (the longest pause
-for every other client), and the lookup rate while the reclaim runs
-beside the idle rate. The figures are the engine's: csnapd adds the
-protocol on top, and pauses its clients for each step the same way.
+for every other client), and the lookup rate and p99 while the reclaim
+runs beside the idle ones.
 """
 
 from __future__ import annotations
@@ -24,36 +34,69 @@ import argparse
 import json
 import random
 import time
-from dataclasses import dataclass
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import trio
+
 from bench.common import Part, progress, table
-from bench.engine_bench import make_store
-from csnapd.engine import Engine
+from bench.engine_bench import _MetadataOnly, make_store
+from bench.server_bench import csnapd, percentile
+from csnap_client import DataClient, open_admin, open_client
+from csnap_format import decode_superblock
+from csnapd.engine import Engine, FileDevice
+from csnapd.sweep_schedule import BUSY_SHARE
 
 CHUNK = 4096
-#: Lookups of other clients between two sweep steps (csnapd: one step at
-#: least every 8 batches under load).
-LOOKUPS_BETWEEN = 8
 BACKGROUND, SIXTY_FOURTH, SINGLE, FILLER = 1, 2, 3, 4
+
+
+#: The cases a run may take (--case): in-process deletes, the 1/64 delete
+#: through csnapd beside its clients, the squash for a full store.
+CASES = ("engine", "csnapd", "squash")
+#: Snapshot clients that look chunks up through csnapd, one request in flight each.
+CSNAPD_CLIENTS = 8
 
 
 @dataclass(frozen=True)
 class Plan:
     exceptions: int
+    #: Seconds of lookups through csnapd before the delete (the idle figures).
+    idle_seconds: float = 3.0
+    #: Most seconds the reclaim through csnapd may take before the run fails.
+    reclaim_limit: float = 900.0
 
 
 FULL = Plan(exceptions=1_000_000)
-QUICK = Plan(exceptions=20_000)
+QUICK = Plan(exceptions=20_000, idle_seconds=0.5, reclaim_limit=120.0)
+
+
+def _open_metadata_only(store: Path, origin: Path) -> Engine:
+    """The engine on `store`, its data area never written (it stays sparse):
+    the metadata is the same, the build writes a fraction of the bytes and
+    leaves the page cache to the metadata."""
+    with open(store, "rb") as f:
+        geometry = decode_superblock(f.read(4096)).geometry
+    return Engine.open(
+        _MetadataOnly(store, geometry.data_start * geometry.chunk_size),
+        FileDevice(origin, writable=False),
+    )
 
 
 def build(directory: Path, exceptions: int) -> tuple[Path, Path, int]:
-    """The store: background, 1/64 and single-exception snapshots; origin chunks."""
+    """The store: background, 1/64 and single-exception snapshots; origin chunks.
+
+    Only the metadata is written: every figure here is the metadata's.
+    """
+    for old in directory.iterdir():
+        if old.name in ("store", "origin"):
+            old.unlink()
     origin_chunks = exceptions
     store_chunks = exceptions + exceptions // 64 + 4096
     store, origin = make_store(directory, store_chunks * CHUNK * 105 // 100, origin_chunks * CHUNK)
-    engine = Engine.open_files(store, origin)
+    engine = _open_metadata_only(store, origin)
     engine.create_snapshot(BACKGROUND)
     engine.commit()
     for first in range(0, origin_chunks, 4096):
@@ -101,15 +144,21 @@ def idle_rate(engine: Engine, chunks: int, seconds: float = 1.0) -> tuple[float,
 
 
 def reclaim(engine: Engine, chunks: int) -> dict[str, float]:
-    """Sweep to the end, lookups between steps; the figures."""
+    """Sweep to the end, lookups between steps on csnapd's busy schedule; the figures."""
     rng = random.Random(2)
     commits, steps, lookups, longest = engine.stats.commits, 0, 0, 0.0
     visited = engine.stats.sweep_leaves
     latencies: list[float] = []
+    gap = 0.0
     t0 = time.perf_counter()
     while engine.sweep_pending:
-        _lookups(engine, rng, chunks, LOOKUPS_BETWEEN, latencies)
-        lookups += LOOKUPS_BETWEEN
+        # Clients' turn: as long as the sweep's share says, one lookup at least.
+        until = time.perf_counter() + gap
+        while True:
+            _lookups(engine, rng, chunks, 1, latencies)
+            lookups += 1
+            if time.perf_counter() >= until:
+                break
         s0 = time.perf_counter()
         engine.sweep()
         engine.commit()
@@ -118,6 +167,7 @@ def reclaim(engine: Engine, chunks: int) -> dict[str, float]:
         # answers nobody meanwhile): one per step pays the step's length.
         latencies[-1] += step
         longest = max(longest, step)
+        gap = step * (1 / BUSY_SHARE - 1)
         steps += 1
     seconds = time.perf_counter() - t0
     return {
@@ -180,43 +230,135 @@ def squash_case(engine: Engine, chunks: int) -> dict[str, float]:
     }
 
 
-def run(directory: Path, plan: Plan) -> dict[str, Any]:
-    progress(f"reclaim: building a store of {plan.exceptions:,} exceptions")
-    t0 = time.perf_counter()
-    store, origin, chunks = build(directory, plan.exceptions)
-    built = time.perf_counter() - t0
-    engine = Engine.open_files(store, origin)
-    exceptions = engine.status().exceptions
-    idle, idle_p99 = idle_rate(engine, chunks)
-    single = delete_case(engine, SINGLE, chunks)
-    progress(f"reclaim: delete of one exception: {single}")
-    sixty_fourth = delete_case(engine, SIXTY_FOURTH, chunks)
-    progress(f"reclaim: delete of 1/64: {sixty_fourth}")
-    engine.close()
-    # The squash case on a fresh copy of the store.
-    store, origin, chunks = build(directory, plan.exceptions)
-    engine = Engine.open_files(store, origin)
-    squash = squash_case(engine, chunks)
-    progress(f"reclaim: squash of 1/64 for an origin write: {squash}")
-    engine.close()
+async def _csnapd_lookups(
+    client: DataClient,
+    rng: random.Random,
+    chunks: int,
+    samples: list[tuple[float, float]],
+    stop: trio.Event,
+) -> None:
+    """Snapshot reads of the background snapshot, one in flight, until `stop`:
+    (start, seconds) of each."""
+    while not stop.is_set():
+        t0 = time.perf_counter()
+        async with client.snapshot_read([(rng.randrange(chunks), 1)]) as plan:
+            assert plan.store and not plan.origin, "a background chunk is not in the store"
+        samples.append((t0, time.perf_counter() - t0))
+
+
+def _window(samples: list[tuple[float, float]], start: float, end: float) -> dict[str, float]:
+    """Lookups that started in [start, end): their rate and latency."""
+    latencies = [int(seconds * 1e9) for t0, seconds in samples if start <= t0 < end]
+    if not latencies or end <= start:
+        return {"lookups": 0, "lookups_per_s": 0.0, "p50_ms": 0.0, "p99_ms": 0.0, "max_ms": 0.0}
     return {
-        "exceptions": exceptions,
-        "build_s": built,
-        "idle_lookups_per_s": idle,
-        "idle_lookup_p99_ms": idle_p99,
-        "delete_single": single,
-        "delete_sixty_fourth": sixty_fourth,
-        "squash_sixty_fourth": squash,
+        "lookups": len(latencies),
+        "lookups_per_s": len(latencies) / (end - start),
+        "p50_ms": percentile(latencies, 0.5) / 1e6,
+        "p99_ms": percentile(latencies, 0.99) / 1e6,
+        "max_ms": max(latencies) / 1e6,
     }
 
 
+async def csnapd_case(directory: Path, store: Path, origin: Path, plan: Plan) -> dict[str, Any]:
+    """The 1/64 delete through csnapd while CSNAPD_CLIENTS clients look up
+    chunks of the background snapshot: their rate and latency for
+    `plan.idle_seconds` before the delete (idle) and from the delete until
+    the space is free (during), in one run of one csnapd."""
+    chunks = plan.exceptions
+    samples: list[tuple[float, float]] = []
+    stop = trio.Event()
+    async with (
+        csnapd(store, origin, directory / "csnapd.log") as server,
+        open_admin(server.connect) as admin,
+        AsyncExitStack() as stack,
+    ):
+        clients = [
+            await stack.enter_async_context(
+                open_client(server.connect, snapshot=BACKGROUND, reconnect=False, owned_map=False)
+            )
+            for _ in range(CSNAPD_CLIENTS)
+        ]
+        owned = next(s for s in (await admin.status()).snapshots if s.tag == SIXTY_FOURTH)
+        async with trio.open_nursery() as nursery:
+            for n, client in enumerate(clients):
+                nursery.start_soon(_csnapd_lookups, client, random.Random(n), chunks, samples, stop)
+            # Warm the cache and the connections, then the idle window.
+            await trio.sleep(min(1.0, plan.idle_seconds))
+            idle_start = time.perf_counter()
+            await trio.sleep(plan.idle_seconds)
+            info = await admin.server_info()
+            delete_start = time.perf_counter()
+            await admin.delete_snapshot(SIXTY_FOURTH)
+            acknowledged = time.perf_counter()
+            # Polling is a request like the lookups: it waits behind steps too.
+            with trio.fail_after(plan.reclaim_limit):
+                while True:
+                    status = await admin.status()
+                    if not status.deleting:
+                        break
+                    await trio.sleep(0.02)
+            freed = time.perf_counter()
+            info_after = await admin.server_info()
+            stop.set()
+    assert all(s.tag != SIXTY_FOURTH for s in status.snapshots), "the slot is still taken"
+    return {
+        "clients": CSNAPD_CLIENTS,
+        "owned": owned.unique_chunks + owned.shared_chunks,
+        "ack_s": acknowledged - delete_start,
+        "free_s": freed - delete_start,
+        # Less the delete's own commit; the status polls commit nothing.
+        "commits": info_after["commits"] - info["commits"] - 1,
+        "idle": _window(samples, idle_start, delete_start),
+        "during": _window(samples, delete_start, freed),
+    }
+
+
+def run(directory: Path, plan: Plan, cases: tuple[str, ...] = CASES) -> dict[str, Any]:
+    figs: dict[str, Any] = {}
+    if "engine" in cases:
+        progress(f"reclaim: building a store of {plan.exceptions:,} exceptions")
+        t0 = time.perf_counter()
+        store, origin, chunks = build(directory, plan.exceptions)
+        figs["build_s"] = time.perf_counter() - t0
+        engine = _open_metadata_only(store, origin)
+        figs["exceptions"] = engine.status().exceptions
+        figs["idle_lookups_per_s"], figs["idle_lookup_p99_ms"] = idle_rate(engine, chunks)
+        figs["delete_single"] = delete_case(engine, SINGLE, chunks)
+        progress(f"reclaim: delete of one exception: {figs['delete_single']}")
+        figs["delete_sixty_fourth"] = delete_case(engine, SIXTY_FOURTH, chunks)
+        progress(f"reclaim: delete of 1/64: {figs['delete_sixty_fourth']}")
+        engine.close()
+    if "csnapd" in cases:
+        progress(f"reclaim: building a store of {plan.exceptions:,} exceptions for csnapd")
+        t0 = time.perf_counter()
+        store, origin, chunks = build(directory, plan.exceptions)
+        figs["build_s"] = time.perf_counter() - t0
+        engine = _open_metadata_only(store, origin)
+        figs["exceptions"] = engine.status().exceptions
+        engine.close()
+        figs["csnapd_delete_sixty_fourth"] = trio.run(csnapd_case, directory, store, origin, plan)
+        progress(f"reclaim: delete of 1/64 through csnapd: {figs['csnapd_delete_sixty_fourth']}")
+    if "squash" in cases:
+        # On a fresh copy of the store.
+        store, origin, chunks = build(directory, plan.exceptions)
+        engine = _open_metadata_only(store, origin)
+        figs["squash_sixty_fourth"] = squash_case(engine, chunks)
+        progress(f"reclaim: squash of 1/64 for an origin write: {figs['squash_sixty_fourth']}")
+        engine.close()
+    return figs
+
+
 def _rows(figs: dict[str, Any]) -> list[list[Any]]:
-    rows: list[list[Any]] = [
-        ["exceptions in the store", figs["exceptions"]],
-        ["lookups/s, idle", figs["idle_lookups_per_s"]],
-        ["lookup p99, idle (ms)", figs["idle_lookup_p99_ms"]],
-    ]
+    rows: list[list[Any]] = [["exceptions in the store", figs["exceptions"]]]
+    if "idle_lookups_per_s" in figs:
+        rows += [
+            ["lookups/s, idle", figs["idle_lookups_per_s"]],
+            ["lookup p99, idle (ms)", figs["idle_lookup_p99_ms"]],
+        ]
     for key, name in (("delete_single", "delete 1"), ("delete_sixty_fourth", "delete 1/64")):
+        if key not in figs:
+            continue
         case = figs[key]
         rows += [
             [f"{name}: exceptions carrying its bit", case["owned"]],
@@ -228,13 +370,30 @@ def _rows(figs: dict[str, Any]) -> list[list[Any]]:
             [f"{name}: lookups/s meanwhile", case["lookups_per_s"]],
             [f"{name}: lookup p99 meanwhile (ms)", case["lookup_p99_ms"]],
         ]
-    squash = figs["squash_sixty_fourth"]
-    rows += [
-        ["squash 1/64 for a full store: write served (s)", squash["write_served_s"]],
-        ["squash 1/64: commits before the write was served", squash["write_commits"]],
-        ["squash 1/64: leaves visited before it was served", squash["write_leaves_visited"]],
-        ["squash 1/64: rest of the space free after (s)", squash["rest_free_s"]],
-    ]
+    if "csnapd_delete_sixty_fourth" in figs:
+        case = figs["csnapd_delete_sixty_fourth"]
+        idle, during = case["idle"], case["during"]
+        name = f"csnapd, {case['clients']} lookup clients, delete 1/64"
+        rows += [
+            [f"{name}: exceptions carrying its bit", case["owned"]],
+            [f"{name}: acknowledged (s)", case["ack_s"]],
+            [f"{name}: space free after (s)", case["free_s"]],
+            [f"{name}: commits", case["commits"]],
+            [f"{name}: lookups/s idle", idle["lookups_per_s"]],
+            [f"{name}: lookups/s meanwhile", during["lookups_per_s"]],
+            [f"{name}: lookup p99 idle (ms)", idle["p99_ms"]],
+            [f"{name}: lookup p99 meanwhile (ms)", during["p99_ms"]],
+            [f"{name}: slowest lookup idle (ms)", idle["max_ms"]],
+            [f"{name}: slowest lookup meanwhile (ms)", during["max_ms"]],
+        ]
+    if "squash_sixty_fourth" in figs:
+        squash = figs["squash_sixty_fourth"]
+        rows += [
+            ["squash 1/64 for a full store: write served (s)", squash["write_served_s"]],
+            ["squash 1/64: commits before the write was served", squash["write_commits"]],
+            ["squash 1/64: leaves visited before it was served", squash["write_leaves_visited"]],
+            ["squash 1/64: rest of the space free after (s)", squash["rest_free_s"]],
+        ]
     return rows
 
 
@@ -242,7 +401,9 @@ def reclaim_part(directory: Path, *, quick: bool) -> Part:
     """Delete and squash reclaim cost, for the suite (python -m bench)."""
     figs = run(directory, QUICK if quick else FULL)
     notes = [
-        f"engine in-process on real files; {LOOKUPS_BETWEEN} lookups between sweep steps",
+        "engine in-process on real files (metadata only); lookups between sweep steps for"
+        f" {1 / BUSY_SHARE - 1:g} times the last step",
+        f"csnapd: {CSNAPD_CLIENTS} snapshot clients over loopback, one lookup in flight each",
     ]
     return Part(figs, table(["figure", "value"], _rows(figs), notes=notes))
 
@@ -251,15 +412,34 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="csnap reclaim benchmark")
     parser.add_argument("--quick", action="store_true", help="a small smoke run")
     parser.add_argument("--exceptions", type=int, help="exceptions in the store")
+    parser.add_argument(
+        "--case",
+        action="append",
+        choices=CASES,
+        help=f"run only this case (repeatable): {', '.join(CASES)}",
+    )
+    parser.add_argument(
+        "--reclaim-limit",
+        type=float,
+        metavar="SECONDS",
+        help="most seconds the reclaim through csnapd may take before the run fails"
+        " (default: 900 per million exceptions, 900 at least)",
+    )
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args(argv)
     plan = QUICK if args.quick else FULL
     if args.exceptions:
-        plan = Plan(exceptions=args.exceptions)
+        plan = Plan(
+            exceptions=args.exceptions,
+            reclaim_limit=max(900.0, 900.0 * args.exceptions / 1_000_000),
+        )
+    if args.reclaim_limit:
+        plan = replace(plan, reclaim_limit=args.reclaim_limit)
+    cases = tuple(args.case) if args.case else CASES
     import tempfile
 
     with tempfile.TemporaryDirectory(prefix="csnap-reclaim-") as tmp:
-        figs = run(Path(tmp), plan)
+        figs = run(Path(tmp), plan, cases)
     print(table(["figure", "value"], _rows(figs)))
     if args.json:
         Path(args.json).write_text(json.dumps(figs, indent=2) + "\n")

@@ -3,8 +3,9 @@
 The trio layer (csnapd.server) owns sockets and timers and hands the
 Dispatcher everything that arrived since the last batch; nothing else touches
 the engine or the lock table, so they need no locks. The Dispatcher owns the
-batch (apply: prepare, commit, finish), the peers, the sweep's schedule and
-the translation of engine errors into wire codes; its parts own the rest:
+batch (apply: prepare, commit, finish), the peers, whether a background step
+is due and the translation of engine errors into wire codes; its parts own
+the rest:
 
 - csnapd.requests answers each request (rule: refuse before effect);
 - csnapd.write_gate decides when an origin write is granted (rules: write
@@ -20,9 +21,8 @@ Rules kept here, by their names in docs/rules.md:
   and a failed commit answers every request of the batch server_failed
   (docs/protocol.md, "Requests, replies and notices");
 - detach before sweep: a deleted snapshot's space is swept only once its
-  clients have gone; idle, whenever there is space to reclaim, and under load
-  at least once every SWEEP_EVERY batches (docs/protocol.md, "Snapshot delete
-  with detaching clients");
+  clients have gone (docs/protocol.md, "Snapshot delete with detaching
+  clients"); when, between client batches, is csnapd.sweep_schedule's;
 - full store squashes first: a copy-out refused for want of space squashes
   expendable snapshots, sparing those a client is connected to, and neither
   sweeps nor squashes while clients of a deleted snapshot are detaching or
@@ -90,8 +90,6 @@ __all__ = [
 
 log = logging.getLogger("csnapd")
 
-#: Under load, one sweep step at least every this many batches.
-SWEEP_EVERY = 8
 #: Seconds before a sweep step that failed (an I/O error) is tried again.
 SWEEP_RETRY = 1.0
 #: Default bound on the read locks one connection holds (docs/protocol.md, "Limits").
@@ -157,8 +155,6 @@ class Dispatcher:
         #: After a sweep step failed (an I/O error), no sweep before this
         #: time (of `monotonic`).
         self._sweep_after = 0.0
-        #: Batches prepared since the last sweep step (see SWEEP_EVERY).
-        self._unswept_batches = 0
         self.space.observe(*engine.data_use)
 
     @property
@@ -206,7 +202,6 @@ class Dispatcher:
         batch = Batch()
         recheck = False
         items = list(items)
-        self._unswept_batches += 1
         done = 0
         try:
             for item in items:
@@ -358,15 +353,11 @@ class Dispatcher:
 
     # -- the sweep ---------------------------------------------------------------
 
-    def sweep_due(self, *, idle: bool) -> bool:
-        """Whether the transport should hand over a SweepTick now.
-
-        Idle, whenever there is space to reclaim; busy, once every
-        SWEEP_EVERY batches, so that a steady load does not keep deleted
-        snapshots' slots taken forever.
-        """
-        due = self._revert_due() or self._may_sweep() or self._reserve_due()
-        return due and (idle or self._unswept_batches >= SWEEP_EVERY)
+    def sweep_due(self) -> bool:
+        """Whether a SweepTick would do something now (a revert step, a sweep
+        step or a reserve squash); when to hand one over is the transport's
+        schedule (csnapd.sweep_schedule)."""
+        return self._revert_due() or self._may_sweep() or self._reserve_due()
 
     def _revert_due(self) -> bool:
         """A revert is in progress and may take a step."""
@@ -391,7 +382,6 @@ class Dispatcher:
 
     def _revert_advance(self) -> bool:
         """Advance the revert in progress; whether it ended."""
-        self._unswept_batches = 0
         spare, reclaim = self.room()
         before = self.engine.revert_progress
         try:
@@ -436,7 +426,6 @@ class Dispatcher:
 
     def _sweep(self) -> None:
         """One sweep step or one reserve squash, if one is due."""
-        self._unswept_batches = 0
         try:
             if self._may_sweep():
                 self.engine.sweep()

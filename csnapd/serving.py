@@ -3,7 +3,9 @@
 Owns the Server's tasks besides the connections (csnapd.connections):
   * one engine task: takes everything queued, hands the batch to the
     Dispatcher (the commit's syncs in a worker thread, off the event
-    loop), then delivers the replies: group commit;
+    loop), then delivers the replies: group commit; between batches, a
+    background step (sweep, reserve squash, revert) in a batch of its own
+    when csnapd.sweep_schedule says one is due;
   * timers for barriers, detaching clients and the post-restart grace;
   * the fence watch, and shutdown: finish in-flight work, flush every
     connection's replies, close the store cleanly.
@@ -37,6 +39,7 @@ from csnapd.fencing import Fence
 from csnapd.group_commit import Gathering
 from csnapd.server_config import ServerConfig
 from csnapd.server_stats import ServerStats
+from csnapd.sweep_schedule import SweepSchedule
 
 log = logging.getLogger("csnapd")
 
@@ -73,6 +76,7 @@ class Server:
         )
         self._send, self._receive = trio.open_memory_channel[Item](math.inf)
         self._gathering = Gathering()
+        self._schedule = SweepSchedule()
         self._stopping = trio.Event()
         self._stopped = trio.Event()
         self._shutdown_reply: tuple[Peer, int] | None = None
@@ -167,18 +171,26 @@ class Server:
                 if item is None:
                     break
                 batch = [item]
-                while len(batch) < config.max_batch:
+                # A background step runs alone: no client request waits for
+                # its commit, and its length is the schedule's measure.
+                stepping = isinstance(item, SweepTick)
+                while not stepping and len(batch) < config.max_batch:
                     try:
                         batch.append(self._receive.receive_nowait())
                     except trio.WouldBlock:
                         break
-                await self._gathering.more(batch, self._receive, config.max_batch)
+                if not stepping:
+                    await self._gathering.more(batch, self._receive, config.max_batch)
+                    self._schedule.requests_taken()
                 self.connections.took(batch)
                 if self.fence is not None and not self.fence.may_write():
                     self._fenced()  # the batch dies unanswered with its connections
                     break
                 self.stats.batch_items.observe(len(batch))
+                started = time.perf_counter()
                 outcome = await self._apply(batch)
+                if stepping:
+                    self._schedule.stepped(time.perf_counter() - started)
                 self._deliver_outcome(outcome)
                 # Let readers and writers run between batches, whatever they did.
                 await trio.lowlevel.checkpoint()
@@ -212,24 +224,31 @@ class Server:
         return dispatcher.finish(batch)
 
     async def _next_item(self) -> Item | None:
-        """The next thing to do; SweepTick when idle and space awaits reclaiming."""
+        """The next thing to do; a SweepTick when the schedule says a
+        background step is due (csnapd.sweep_schedule)."""
+        schedule = self._schedule
         while True:
             if self._stopping.is_set():
                 try:
                     return self._receive.receive_nowait()
                 except trio.WouldBlock:
                     return None
-            if self.dispatcher.sweep_due(idle=False):
+            background = self.dispatcher.sweep_due()
+            if background and schedule.owed:
                 return SweepTick()
             try:
-                return self._receive.receive_nowait()
+                item = self._receive.receive_nowait()
             except trio.WouldBlock:
                 pass
-            if self.dispatcher.sweep_due(idle=True):
+            else:
+                if background:
+                    schedule.due(queued=True)  # owes a step after this batch
+                return item
+            if background and schedule.due(queued=False):
                 # Still a checkpoint: applying a batch may not yield at all.
                 await trio.lowlevel.checkpoint()
                 return SweepTick()
-            with trio.move_on_after(0.5):
+            with trio.move_on_after(schedule.wait() if background else 0.5):
                 return await self._receive.receive()
 
     def _deliver_outcome(self, outcome: Outcome) -> None:

@@ -173,6 +173,14 @@ def check_reclaim_part(part: dict[str, Any]) -> None:
     assert part["delete_single"]["commits"] < part["delete_sixty_fourth"]["commits"]
     # And it reads fewer leaves: the index summaries skip the others.
     assert part["delete_single"]["leaves_visited"] < part["delete_sixty_fourth"]["leaves_visited"]
+    # Through csnapd: lookups answered idle and while the sweep ran, which ended.
+    served = part["csnapd_delete_sixty_fourth"]
+    assert served["owned"] > 0 and 0 < served["ack_s"] < served["free_s"]
+    assert served["commits"] > 0
+    for window in ("idle", "during"):
+        figures = served[window]
+        assert figures["lookups"] > 0 and figures["lookups_per_s"] > 0, window
+        assert 0 < figures["p50_ms"] <= figures["p99_ms"] <= figures["max_ms"], window
     assert part["idle_lookup_p99_ms"] > 0 and part["delete_single"]["lookup_p99_ms"] > 0
     squash = part["squash_sixty_fourth"]
     assert squash["owned"] > 0 and squash["write_served_s"] > 0

@@ -20,7 +20,6 @@ from csnap_protocol import (
     WriteOk,
 )
 from csnapd.dispatch import (
-    SWEEP_EVERY,
     Connected,
     Disconnected,
     Dispatcher,
@@ -68,38 +67,33 @@ def test_a_write_applied_before_the_last_barrier_done_copies_for_the_new_snapsho
     engine.close()
 
 
-def test_a_sweep_is_due_idle_at_once_and_busy_every_few_batches_once_clients_left() -> None:
+def test_a_sweep_is_due_once_the_deleted_snapshots_clients_left() -> None:
     store, origin, _ = new_store()
     engine = Engine.open(store, origin)
     dispatcher = Dispatcher(engine, address="test", store="test", max_chunks=64)
     admin, writer, reader = (
         Peer(n, r, str(n)) for n, r in ((1, Role.ADMIN), (2, Role.CLIENT), (3, Role.CLIENT))
     )
-    batches = 0
 
     def apply(*items: Item) -> Outcome:
-        nonlocal batches
-        batches += 1
         return dispatcher.apply(items)
 
     apply(Connected(admin), Connected(writer), Connected(reader))
     apply(Received(admin, CreateSnapshot(1, 5, 0)))  # no origin client yet: no barrier
     apply(Received(writer, Identify(1, 42, None)), Received(reader, Identify(1, 43, 5)))
     apply(Received(writer, QueryWrite(2, ((3, 1),))))  # copies chunk 3 out for snapshot 5
-    assert not dispatcher.sweep_due(idle=True)  # nothing deleted
+    assert not dispatcher.sweep_due()  # nothing deleted
     out = apply(Received(admin, DeleteSnapshot(2, 5)))
     assert out.detached == [reader] and engine.sweep_pending
     # Sweep after detach: not while the deleted snapshot's client is connected.
-    assert not dispatcher.sweep_due(idle=True)
+    assert not dispatcher.sweep_due()
     apply(Disconnected(reader))
-    assert dispatcher.sweep_due(idle=True)
-    while batches < SWEEP_EVERY:
-        assert not dispatcher.sweep_due(idle=False)  # busy: not yet
-        apply(Received(admin, ListSnapshots(3)))
-    assert dispatcher.sweep_due(idle=False)
+    assert dispatcher.sweep_due()
+    apply(Received(admin, ListSnapshots(3)))
+    assert dispatcher.sweep_due()  # requests in between change nothing
     apply(SweepTick())
     assert not engine.sweep_pending  # one step reclaimed the one copied chunk
-    assert not dispatcher.sweep_due(idle=True)
+    assert not dispatcher.sweep_due()
     engine.close()
 
 
@@ -135,7 +129,7 @@ def test_a_revert_starts_behind_the_barrier_and_holds_origin_writes_until_done()
     assert sent(out, admin) == [RevertReply(2, 5, 4)]
     # Held: a write asked for while the revert runs waits for its end.
     out = dispatcher.apply([Received(writer, QueryWrite(3, ((1, 1),)))])
-    assert not sent(out, writer) and dispatcher.sweep_due(idle=True)
+    assert not sent(out, writer) and dispatcher.sweep_due()
     out = dispatcher.apply([SweepTick()])
     assert sent(out, writer) == [WriteOk(3, 0)] and engine.revert_progress is None
     assert origin.read(0, 4 * 4096) == bytes(4 * 4096)

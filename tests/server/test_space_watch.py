@@ -99,7 +99,7 @@ class Harness:
     def tick_while_due(self) -> int:
         """Sweep ticks while one is due (idle); returns how many."""
         for ticks in range(MAX_TICKS):
-            if not self.dispatcher.sweep_due(idle=True):
+            if not self.dispatcher.sweep_due():
                 return ticks
             self.dispatcher.apply([SweepTick()])
         raise AssertionError(f"still due after {MAX_TICKS} ticks")
@@ -183,7 +183,7 @@ def test_the_reserve_squashes_in_the_documented_order_and_spares_the_protected(
     harness.tick_while_due()
     assert harness.states() == {1: "squashed", 2: "squashed", 3: "squashed", 4: "live", 5: "live"}
     assert harness.engine.data_use == (data_chunks, data_chunks - 800)
-    assert not harness.dispatcher.sweep_due(idle=True)
+    assert not harness.dispatcher.sweep_due()
     assert [r.snapshot for r in events(caplog, "snapshot.squashed")] == [2, 1, 3]  # type: ignore[attr-defined]
     harness.engine.close()
 
