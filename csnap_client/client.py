@@ -254,6 +254,16 @@ class DataClient(ReconnectingClient):
         """
         return _OwnedRead(self, first, count, origin)
 
+    def open_owned_plan(self, first: int, count: int) -> ReadPlan | None:
+        """owned_read(first, count, origin=True) without a block: the plan is an
+        open grant until close_plan(plan), which the caller must call (after
+        confirm_reads, for one with origin ranges)."""
+        return self._open_owned_read(first, count, True)
+
+    def close_plan(self, plan: ReadPlan) -> None:
+        """End the grant of a plan from open_owned_plan."""
+        self._close_grant(plan.request)
+
     def _open_owned_read(self, first: int, count: int, origin: bool) -> ReadPlan | None:
         owned, session = self._owned, self._session
         if owned is None or session is None or self._deleted or self._closing:
@@ -288,24 +298,51 @@ class DataClient(ReconnectingClient):
         write to them can have been granted before (rule: verified origin
         reads). Concurrent confirmations share one query_map.
         """
-        if not self.read_trusted(plan):
-            return False
-        if plan.request >= 0 or not plan.origin:
-            return True
-        copied = await self._copied_now(plan.origin)
-        if copied and self._owned is not None:
-            self._owned.unshared(copied)
-        return not copied
+        return (await self.confirm_reads([plan]))[0]
 
-    async def _copied_now(self, ranges: tuple[tuple[int, int], ...]) -> set[int]:
-        """The chunks of `ranges` the snapshot has a store copy of, asked now.
+    async def confirm_reads(self, plans: Sequence[ReadPlan]) -> list[bool]:
+        """confirm_read of each plan, their origin checks sharing query_maps.
+
+        For a caller holding several reads done at once: one query_map (or
+        as few as csnapd's limits allow) confirms them all.
+        """
+        # Each plan's answer without csnapd (a bool), or the check that asks it.
+        checks: list[OriginCheck | bool] = []
+        for plan in plans:
+            if not self.read_trusted(plan):
+                checks.append(False)
+            elif plan.request >= 0 or not plan.origin:
+                checks.append(True)
+            else:
+                check = OriginCheck(plan.origin)
+                self._checks.append(check)
+                checks.append(check)
+        answers: list[bool] = []
+        try:
+            for asked in checks:
+                if isinstance(asked, bool):
+                    answers.append(asked)
+                    continue
+                copied = await self._checked_now(asked)
+                if copied and self._owned is not None:
+                    self._owned.unshared(copied)
+                answers.append(not copied)
+        finally:
+            # Asking failed or was cancelled: checks of ours still queued
+            # must not ride on somebody else's query_map.
+            if len(answers) < len(checks):
+                mine = {id(c) for c in checks if isinstance(c, OriginCheck)}
+                self._checks = [c for c in self._checks if id(c) not in mine]
+        return answers
+
+    async def _checked_now(self, check: OriginCheck) -> set[int]:
+        """The chunks of `check` (queued in _checks) the snapshot has a store copy of,
+        asked after the check was queued.
 
         Waits while another query_map of these is out, then asks for every
         check waiting at once. If asking fails, every chunk counts as copied
         (the caller reads through csnapd instead) and the asker sees the error.
         """
-        check = OriginCheck(ranges)
-        self._checks.append(check)
         while check.copied is None:
             if self._checking:
                 await self._checked.wait()
