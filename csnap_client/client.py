@@ -254,6 +254,28 @@ class DataClient(ReconnectingClient):
         """
         return _OwnedRead(self, first, count, origin)
 
+    def owned_store_chunk(self, chunk: int) -> int:
+        """The store chunk snapshot chunk `chunk` is owned alone at, from the
+        owned map, or -1: what owned_read(chunk, 1) would place, for a caller
+        that reads it without awaiting and then asks owned_still_trusted().
+
+        Nothing else runs between the two calls, so no grant needs opening:
+        no deletion or new session can come in between.
+        """
+        owned, session = self._owned, self._session
+        if owned is None or not trio.current_time() < self.lease_deadline(session):
+            return -1
+        store = owned.store_chunk(chunk)
+        if store < 0:
+            return -1
+        self.owned_reads += 1
+        return store
+
+    def owned_still_trusted(self) -> bool:
+        """After a read placed by owned_store_chunk (no await since): whether it
+        came within the lease deadline (read_trusted for it)."""
+        return trio.current_time() < self.lease_deadline(self._session)
+
     def open_owned_plan(self, first: int, count: int) -> ReadPlan | None:
         """owned_read(first, count, origin=True) without a block: the plan is an
         open grant until close_plan(plan), which the caller must call (after
