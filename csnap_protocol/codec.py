@@ -128,8 +128,6 @@ class Connection:
         self.state = ConnectionState.HANDSHAKE
         self._buffer = bytearray()
         self._eof = False
-        #: One packer per connection: building one per message costs more than packing.
-        self._packer = msgpack.Packer(use_bin_type=True)
         self._sent_hello = False
         self._received_hello = False
 
@@ -161,7 +159,7 @@ class Connection:
         except FieldError as exc:
             # Nothing was produced: the connection is as it was.
             raise LocalProtocolError(str(exc)) from exc
-        payload = self._packer.pack(wire)
+        payload = msgpack.packb(wire, use_bin_type=True)
         limit = self.peer_max_frame if self._received_hello else MIN_MAX_FRAME
         if len(payload) > limit and not isinstance(message, Hello):
             raise LocalProtocolError(
