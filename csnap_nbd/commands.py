@@ -291,6 +291,9 @@ class Transmission:
                     answers = await self.path.confirm_reads([read for _, _, read in batch])
                 except IOFailedError as exc:
                     log.debug("confirming %d reads: %s", len(batch), exc)
+                except Exception:
+                    # A fault of the gateway itself: the reads go the long way.
+                    log.exception("confirming %d reads failed", len(batch))
                 for number, (req, held, read) in enumerate(batch):
                     if number < len(answers) and answers[number]:
                         self._slots.release()
