@@ -62,11 +62,11 @@ import functools
 import logging
 from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
-from types import TracebackType
 
 import trio
 import trio.lowlevel
 
+from csnap_client.grant_blocks import OriginWriteNow, OwnedRead
 from csnap_client.reconnecting import (
     TRUST_FRACTION,
     ClientClosedError,
@@ -149,7 +149,7 @@ class DataClient(ReconnectingClient):
         finally:
             self._close_grant(reply.id)
 
-    def origin_write_now(self, ranges: Ranges) -> _OriginWriteNow:
+    def origin_write_now(self, ranges: Ranges) -> OriginWriteNow:
         """A grant from memory, if every chunk is known unique: True inside the block.
 
         For callers that write without awaiting inside the block: no barrier
@@ -158,7 +158,7 @@ class DataClient(ReconnectingClient):
         use origin_write. (A class, not a generator: inline rewrites enter
         one per request.)
         """
-        return _OriginWriteNow(self, ranges)
+        return OriginWriteNow(self, ranges)
 
     async def _origin_grant(self, ranges: Ranges) -> WriteOk:
         if self._known_unique(ranges):
@@ -240,7 +240,7 @@ class DataClient(ReconnectingClient):
                 with trio.CancelScope(shield=True):
                     await self._finish_read(reply.id, reply.origin)
 
-    def owned_read(self, first: int, count: int, *, origin: bool = False) -> _OwnedRead:
+    def owned_read(self, first: int, count: int, *, origin: bool = False) -> OwnedRead:
         """A local plan for chunks first..first+count-1 if the owned map places them all.
 
         With `origin`, chunks the map last saw shared with the origin are
@@ -252,7 +252,7 @@ class DataClient(ReconnectingClient):
         within the lease. (A class, not a generator: inline snapshot reads
         enter one per request.)
         """
-        return _OwnedRead(self, first, count, origin)
+        return OwnedRead(self, first, count, origin)
 
     def owned_store_chunk(self, chunk: int) -> int:
         """The store chunk snapshot chunk `chunk` is owned alone at, from the
@@ -462,56 +462,6 @@ class DataClient(ReconnectingClient):
             log.warning("releasing read locks: %s", exc)
         finally:
             self._held.pop(request, None)
-
-
-class _OwnedRead:
-    """DataClient.owned_read's block: the plan, an open grant until the block ends."""
-
-    __slots__ = ("_client", "_count", "_first", "_origin", "_plan")
-
-    def __init__(self, client: DataClient, first: int, count: int, origin: bool):
-        self._client = client
-        self._first = first
-        self._count = count
-        self._origin = origin
-        self._plan: ReadPlan | None = None
-
-    def __enter__(self) -> ReadPlan | None:
-        self._plan = self._client._open_owned_read(self._first, self._count, self._origin)
-        return self._plan
-
-    def __exit__(
-        self,
-        kind: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        if self._plan is not None:
-            self._client._close_grant(self._plan.request)
-
-
-class _OriginWriteNow:
-    """DataClient.origin_write_now's block: whether the grant is open, until it ends."""
-
-    __slots__ = ("_client", "_ranges", "_request")
-
-    def __init__(self, client: DataClient, ranges: Ranges):
-        self._client = client
-        self._ranges = ranges
-        self._request: int | None = None
-
-    def __enter__(self) -> bool:
-        self._request = self._client._open_origin_write_now(self._ranges)
-        return self._request is not None
-
-    def __exit__(
-        self,
-        kind: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        if self._request is not None:
-            self._client._close_grant(self._request)
 
 
 def _chunks(ranges: Sequence[tuple[int, int]]) -> set[int]:
