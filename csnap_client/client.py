@@ -62,11 +62,11 @@ import functools
 import logging
 from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
-from types import TracebackType
 
 import trio
 import trio.lowlevel
 
+from csnap_client.grant_blocks import OriginWriteNow, OwnedRead
 from csnap_client.reconnecting import (
     TRUST_FRACTION,
     ClientClosedError,
@@ -149,7 +149,7 @@ class DataClient(ReconnectingClient):
         finally:
             self._close_grant(reply.id)
 
-    def origin_write_now(self, ranges: Ranges) -> _OriginWriteNow:
+    def origin_write_now(self, ranges: Ranges) -> OriginWriteNow:
         """A grant from memory, if every chunk is known unique: True inside the block.
 
         For callers that write without awaiting inside the block: no barrier
@@ -158,7 +158,7 @@ class DataClient(ReconnectingClient):
         use origin_write. (A class, not a generator: inline rewrites enter
         one per request.)
         """
-        return _OriginWriteNow(self, ranges)
+        return OriginWriteNow(self, ranges)
 
     async def _origin_grant(self, ranges: Ranges) -> WriteOk:
         if self._known_unique(ranges):
@@ -240,7 +240,7 @@ class DataClient(ReconnectingClient):
                 with trio.CancelScope(shield=True):
                     await self._finish_read(reply.id, reply.origin)
 
-    def owned_read(self, first: int, count: int, *, origin: bool = False) -> _OwnedRead:
+    def owned_read(self, first: int, count: int, *, origin: bool = False) -> OwnedRead:
         """A local plan for chunks first..first+count-1 if the owned map places them all.
 
         With `origin`, chunks the map last saw shared with the origin are
@@ -252,7 +252,39 @@ class DataClient(ReconnectingClient):
         within the lease. (A class, not a generator: inline snapshot reads
         enter one per request.)
         """
-        return _OwnedRead(self, first, count, origin)
+        return OwnedRead(self, first, count, origin)
+
+    def owned_store_chunk(self, chunk: int) -> int:
+        """The store chunk snapshot chunk `chunk` is owned alone at, from the
+        owned map, or -1: what owned_read(chunk, 1) would place, for a caller
+        that reads it without awaiting and then asks owned_still_trusted().
+
+        Nothing else runs between the two calls, so no grant needs opening:
+        no deletion or new session can come in between.
+        """
+        owned, session = self._owned, self._session
+        if owned is None or not trio.current_time() < self.lease_deadline(session):
+            return -1
+        store = owned.store_chunk(chunk)
+        if store < 0:
+            return -1
+        self.owned_reads += 1
+        return store
+
+    def owned_still_trusted(self) -> bool:
+        """After a read placed by owned_store_chunk (no await since): whether it
+        came within the lease deadline (read_trusted for it)."""
+        return trio.current_time() < self.lease_deadline(self._session)
+
+    def open_owned_plan(self, first: int, count: int) -> ReadPlan | None:
+        """owned_read(first, count, origin=True) without a block: the plan is an
+        open grant until close_plan(plan), which the caller must call (after
+        confirm_reads, for one with origin ranges)."""
+        return self._open_owned_read(first, count, True)
+
+    def close_plan(self, plan: ReadPlan) -> None:
+        """End the grant of a plan from open_owned_plan."""
+        self._close_grant(plan.request)
 
     def _open_owned_read(self, first: int, count: int, origin: bool) -> ReadPlan | None:
         owned, session = self._owned, self._session
@@ -288,24 +320,51 @@ class DataClient(ReconnectingClient):
         write to them can have been granted before (rule: verified origin
         reads). Concurrent confirmations share one query_map.
         """
-        if not self.read_trusted(plan):
-            return False
-        if plan.request >= 0 or not plan.origin:
-            return True
-        copied = await self._copied_now(plan.origin)
-        if copied and self._owned is not None:
-            self._owned.unshared(copied)
-        return not copied
+        return (await self.confirm_reads([plan]))[0]
 
-    async def _copied_now(self, ranges: tuple[tuple[int, int], ...]) -> set[int]:
-        """The chunks of `ranges` the snapshot has a store copy of, asked now.
+    async def confirm_reads(self, plans: Sequence[ReadPlan]) -> list[bool]:
+        """confirm_read of each plan, their origin checks sharing query_maps.
+
+        For a caller holding several reads done at once: one query_map (or
+        as few as csnapd's limits allow) confirms them all.
+        """
+        # Each plan's answer without csnapd (a bool), or the check that asks it.
+        checks: list[OriginCheck | bool] = []
+        for plan in plans:
+            if not self.read_trusted(plan):
+                checks.append(False)
+            elif plan.request >= 0 or not plan.origin:
+                checks.append(True)
+            else:
+                check = OriginCheck(plan.origin)
+                self._checks.append(check)
+                checks.append(check)
+        answers: list[bool] = []
+        try:
+            for asked in checks:
+                if isinstance(asked, bool):
+                    answers.append(asked)
+                    continue
+                copied = await self._checked_now(asked)
+                if copied and self._owned is not None:
+                    self._owned.unshared(copied)
+                answers.append(not copied)
+        finally:
+            # Asking failed or was cancelled: checks of ours still queued
+            # must not ride on somebody else's query_map.
+            if len(answers) < len(checks):
+                mine = {id(c) for c in checks if isinstance(c, OriginCheck)}
+                self._checks = [c for c in self._checks if id(c) not in mine]
+        return answers
+
+    async def _checked_now(self, check: OriginCheck) -> set[int]:
+        """The chunks of `check` (queued in _checks) the snapshot has a store copy of,
+        asked after the check was queued.
 
         Waits while another query_map of these is out, then asks for every
         check waiting at once. If asking fails, every chunk counts as copied
         (the caller reads through csnapd instead) and the asker sees the error.
         """
-        check = OriginCheck(ranges)
-        self._checks.append(check)
         while check.copied is None:
             if self._checking:
                 await self._checked.wait()
@@ -403,56 +462,6 @@ class DataClient(ReconnectingClient):
             log.warning("releasing read locks: %s", exc)
         finally:
             self._held.pop(request, None)
-
-
-class _OwnedRead:
-    """DataClient.owned_read's block: the plan, an open grant until the block ends."""
-
-    __slots__ = ("_client", "_count", "_first", "_origin", "_plan")
-
-    def __init__(self, client: DataClient, first: int, count: int, origin: bool):
-        self._client = client
-        self._first = first
-        self._count = count
-        self._origin = origin
-        self._plan: ReadPlan | None = None
-
-    def __enter__(self) -> ReadPlan | None:
-        self._plan = self._client._open_owned_read(self._first, self._count, self._origin)
-        return self._plan
-
-    def __exit__(
-        self,
-        kind: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        if self._plan is not None:
-            self._client._close_grant(self._plan.request)
-
-
-class _OriginWriteNow:
-    """DataClient.origin_write_now's block: whether the grant is open, until it ends."""
-
-    __slots__ = ("_client", "_ranges", "_request")
-
-    def __init__(self, client: DataClient, ranges: Ranges):
-        self._client = client
-        self._ranges = ranges
-        self._request: int | None = None
-
-    def __enter__(self) -> bool:
-        self._request = self._client._open_origin_write_now(self._ranges)
-        return self._request is not None
-
-    def __exit__(
-        self,
-        kind: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        if self._request is not None:
-            self._client._close_grant(self._request)
 
 
 def _chunks(ranges: Sequence[tuple[int, int]]) -> set[int]:

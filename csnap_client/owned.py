@@ -90,6 +90,12 @@ class OwnedMap:
             if entries is not None and entries[k % self.window] == ORIGIN:
                 entries[k % self.window] = UNKNOWN
 
+    def store_chunk(self, chunk: int) -> int:
+        """The store chunk `chunk` is owned alone at, or a negative value
+        (UNKNOWN, ORIGIN) when the map does not place it there."""
+        entries = self._windows.get(chunk // self.window)
+        return UNKNOWN if entries is None else entries[chunk % self.window]
+
     def lookup(
         self, first: int, count: int, *, origin: bool = False
     ) -> tuple[tuple[Segment, ...], tuple[tuple[int, int], ...]] | None:

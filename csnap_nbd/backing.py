@@ -137,6 +137,11 @@ class Backing:
         """`read` on this thread, for callers that know the transfer is small."""
         _read_all(transfers, into, self.direct)
 
+    def read_span_now(self, fd: int, what: str, position: int, into: bytearray) -> None:
+        """Fill `into` from `fd` at `position` on this thread (not O_DIRECT):
+        read_now for one placement, without building one."""
+        _read_span(fd, what, position, memoryview(into), 0)
+
     def read_cached(self, transfers: Sequence[Transfer], into: bytearray) -> bool:
         """`read` on this thread if the page cache holds every byte; else False.
 
@@ -263,22 +268,28 @@ def _read_all(
                     ) from exc
             continue
         for p in transfer.placements:
-            done = 0
-            while done < p.size:
-                target = view[p.buffer + done : p.buffer + p.size]
-                try:
-                    got = os.preadv(transfer.fd, [target], p.position + done, flags)
-                except OSError as exc:
-                    raise BackingIOError(
-                        f"reading the {transfer.what} at {p.position + done}: {exc.strerror}",
-                        exc.errno,
-                    ) from exc
-                if got == 0:
-                    # Past the end of a file shorter than the export: reads as
-                    # zeroes (the buffer may be a reused one).
-                    target[:] = bytes(len(target))
-                    break
-                done += got
+            _read_span(
+                transfer.fd, transfer.what, p.position, view[p.buffer : p.buffer + p.size], flags
+            )
+
+
+def _read_span(fd: int, what: str, position: int, view: memoryview, flags: int) -> None:
+    done = 0
+    size = len(view)
+    while done < size:
+        target = view[done:] if done else view
+        try:
+            got = os.preadv(fd, [target], position + done, flags)
+        except OSError as exc:
+            raise BackingIOError(
+                f"reading the {what} at {position + done}: {exc.strerror}", exc.errno
+            ) from exc
+        if got == 0:
+            # Past the end of a file shorter than the export: reads as
+            # zeroes (the buffer may be a reused one).
+            target[:] = bytes(len(target))
+            return
+        done += got
 
 
 def _write_all(

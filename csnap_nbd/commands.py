@@ -5,7 +5,10 @@ reads behind it), and send simple or structured replies.
 Replies go through one writer task that sends everything queued since its
 last send in one system call: at a queue depth of 16, most replies share a
 send. Small origin reads, which need no csnapd round trip, are answered by
-the reader itself without a task.
+the reader itself without a task. Snapshot reads of chunks the owned map
+places, some of them on the origin, are read by the reader too, and one
+task confirms every such read waiting with csnapd at once before their
+replies go.
 
 Memory per connection is bounded twice: at most `max_in_flight` requests,
 and at most `connection_budget` bytes of READ/WRITE data held at once, from
@@ -27,7 +30,7 @@ import trio.lowlevel
 from csnap_common.logs import chunk_range
 from csnap_nbd.buffers import BUFFERS
 from csnap_nbd.connection import Connection, PeerClosedError
-from csnap_nbd.datapath import ExportGoneError, IOFailedError
+from csnap_nbd.datapath import ExportGoneError, IOFailedError, UnconfirmedRead
 from csnap_nbd.exports import Exports
 from csnap_nbd.negotiation import Negotiated
 from csnap_nbd.settings import Settings
@@ -157,6 +160,9 @@ class Transmission:
         self._budget = _Budget(settings.connection_budget)
         self._writer = _Writer(conn, self._budget)
         self._slots = trio.Semaphore(settings.max_in_flight)
+        #: Reads done that wait for csnapd's confirmation, and whether a task asks for it.
+        self._unconfirmed: list[tuple[tx.Request, int, UnconfirmedRead]] = []
+        self._confirming = False
         self._reading = trio.CancelScope()
 
     def stop(self) -> None:
@@ -236,6 +242,8 @@ class Transmission:
             if command in (_READ, _WRITE) and self._answered_now(req, payload, held):
                 continue
             await self._slots.acquire()
+            if command == _READ and self._read_unconfirmed(req, held, nursery):
+                continue
             nursery.start_soon(self._serve, req, payload, held)
 
     def _answered_now(self, req: tx.Request, payload: bytearray | None, held: int) -> bool:
@@ -252,6 +260,49 @@ class Transmission:
         self._writer.put(tx.simple_reply(req.cookie), held=held)
         BUFFERS.give(payload)
         return True
+
+    def _read_unconfirmed(self, req: tx.Request, held: int, nursery: trio.Nursery) -> bool:
+        """Read here data that counts once csnapd confirms it (origin chunks read
+        unlocked); its reply waits for the confirmation, which one task asks
+        for every read waiting at once. False: serve it in a task of its own.
+
+        Holds a slot until answered, as a task would.
+        """
+        try:
+            read = self.path.read_unconfirmed(req.offset, req.length)
+        except IOFailedError:
+            return False  # the task's path reports it, as for any read
+        if read is None:
+            return False
+        self._unconfirmed.append((req, held, read))
+        if not self._confirming:
+            self._confirming = True
+            nursery.start_soon(self._confirm, nursery)
+        return True
+
+    async def _confirm(self, nursery: trio.Nursery) -> None:
+        """Confirm the reads waiting, in batches, until none is left; a read
+        not confirmed is served again in a task of its own."""
+        try:
+            while self._unconfirmed:
+                batch, self._unconfirmed = self._unconfirmed, []
+                answers: list[bool] = []
+                try:
+                    answers = await self.path.confirm_reads([read for _, _, read in batch])
+                except IOFailedError as exc:
+                    log.debug("confirming %d reads: %s", len(batch), exc)
+                except Exception:
+                    # A fault of the gateway itself: the reads go the long way.
+                    log.exception("confirming %d reads failed", len(batch))
+                for number, (req, held, read) in enumerate(batch):
+                    if number < len(answers) and answers[number]:
+                        self._slots.release()
+                        self._read_reply(req, read.data, held)
+                    else:
+                        BUFFERS.give(read.data)
+                        nursery.start_soon(self._serve, req, None, held)
+        finally:
+            self._confirming = False
 
     async def _drain(self, req: tx.Request) -> None:
         """A WRITE longer than advertised: skip its payload if we can, refuse it.

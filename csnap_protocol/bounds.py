@@ -39,6 +39,20 @@ def largest_payload(kind: type[Message], entries: int) -> int:
     Raises:
         ValueError: `kind` has a field of another type, whose size is not bounded here.
     """
+    shape = _SHAPES.get(kind)
+    if shape is None:
+        shape = _SHAPES[kind] = _shape(kind)
+    base, per_entry = shape
+    return base + entries * per_entry
+
+
+#: _shape of each kind asked about: csnapd asks for every request it checks,
+#: and packing the widest message costs more than answering the request.
+_SHAPES: dict[type[Message], tuple[int, int]] = {}
+
+
+def _shape(kind: type[Message]) -> tuple[int, int]:
+    """(bytes with every list empty, at its widest; widest bytes per entry) of `kind`."""
     wire: dict[str, object] = {"type": kind.TYPE}
     per_entry = 0
     lists = 0
@@ -55,4 +69,4 @@ def largest_payload(kind: type[Message], entries: int) -> int:
         else:
             raise ValueError(f"{kind.TYPE}.{name}: no size bound for {inner.wire()}")
     base = len(msgpack.packb(wire, use_bin_type=True))
-    return base + lists * _ARRAY_HEADER_GROWTH + entries * per_entry
+    return base + lists * _ARRAY_HEADER_GROWTH, per_entry

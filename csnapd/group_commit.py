@@ -5,10 +5,11 @@ queued as one batch; while a commit's sync is in flight, the next batch
 accumulates. With every client keeping one request in flight, that splits
 the clients into groups that take turns, each paying a sync of its own. So
 when the clients of the last commits are not all back, the task waits for
-them (`Gathering.more`), never longer than a fraction of what a commit has
+them (`Gathering.more`), never longer than what the quickest recent commit has
 been costing, and never when a batch is already as large as those commits
 were: a lone client never waits, and a waiting batch costs at most about
-one sync more latency for about one sync less per batch.
+one sync more latency for about one sync less per batch. A batch that
+commits nothing forgets the clients to wait for, until the next commit.
 """
 
 from __future__ import annotations
@@ -22,9 +23,9 @@ from csnapd.batch import Item, Peer, Received
 __all__ = ["Gathering", "LINGER_FRACTION", "MAX_LINGER"]
 
 #: Longest wait, as a share of the recent commits' duration.
-LINGER_FRACTION = 0.5
+LINGER_FRACTION = 1.0
 #: Longest wait in seconds, whatever a commit costs.
-MAX_LINGER = 0.005
+MAX_LINGER = 0.010
 #: Commits whose clients count as the ones to wait for.
 _REMEMBERED = 2
 
@@ -40,6 +41,14 @@ class Gathering:
         peers = frozenset(item.peer for item in items if isinstance(item, Received))
         if peers:
             self._commits.append((peers, seconds))
+
+    def nothing_committed(self) -> None:
+        """A batch committed nothing (lookups, already-unique writes): the
+        clients of earlier commits are no longer the ones to wait for. (They
+        may have left, and a batch that commits nothing gains nothing by
+        waiting: without this, every lookup after a commit would wait for a
+        client that may never come back.)"""
+        self._commits.clear()
 
     def linger(self, batch: list[Item]) -> tuple[int, float]:
         """How many more clients to wait for, and for at most how long."""

@@ -221,6 +221,8 @@ class Server:
                 await trio.to_thread.run_sync(dispatcher.commit, batch)
             self.stats.commit_seconds.observe(time.perf_counter() - started)
             self._gathering.committed(items, time.perf_counter() - started)
+        else:
+            self._gathering.nothing_committed()
         return dispatcher.finish(batch)
 
     async def _next_item(self) -> Item | None:

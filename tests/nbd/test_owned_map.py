@@ -4,7 +4,8 @@ one writes it while the other reads it from its map, and no read sent after
 a write was acknowledged returns what that write replaced; a deleted
 snapshot's addresses are never read again, even once its store chunks hold
 another snapshot's data; origin chunks read without read locks while the
-other gateway writes the origin are always the snapshot's.
+other gateway writes the origin are always the snapshot's, several reads in
+flight sharing each confirmation.
 """
 
 from __future__ import annotations
@@ -214,14 +215,18 @@ async def test_origin_reads_without_locks_never_return_an_origin_write(tmp_path:
                 rng = random.Random(seed)
                 while not done.is_set():
                     # Several chunks per read, so reads cross chunks still
-                    # shared and chunks copied meanwhile.
-                    c = rng.randrange(CHUNKS - 4)
-                    await client.request(Command.READ, c * CHUNK, 4 * CHUNK)
-                    answer = await client.answer(4 * CHUNK)
-                    assert answer.error == 0
-                    expected = b"".join(original[k] for k in range(c, c + 4))
-                    assert answer.data == expected, f"chunks {c}..{c + 3}: not the snapshot's"
-                    checked += 1
+                    # shared and chunks copied meanwhile; several reads in
+                    # flight, so one confirmation covers several of them.
+                    firsts = {cookie: rng.randrange(CHUNKS - 4) for cookie in range(1, 5)}
+                    for cookie, c in firsts.items():
+                        await client.request(Command.READ, c * CHUNK, 4 * CHUNK, cookie=cookie)
+                    for _ in firsts:
+                        answer = await client.answer(dict.fromkeys(firsts, 4 * CHUNK))
+                        assert answer.error == 0
+                        c = firsts[answer.cookie]
+                        expected = b"".join(original[k] for k in range(c, c + 4))
+                        assert answer.data == expected, f"chunks {c}..{c + 3}: not the snapshot's"
+                        checked += 1
 
             writer = await export(stack, other, "origin")
             done = trio.Event()

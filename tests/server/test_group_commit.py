@@ -8,7 +8,7 @@ import trio.testing
 
 from csnap_protocol import Keepalive, Role
 from csnapd.batch import Item, Peer, Received
-from csnapd.group_commit import MAX_LINGER, Gathering
+from csnapd.group_commit import LINGER_FRACTION, MAX_LINGER, Gathering
 
 
 def _peers(count: int) -> list[Peer]:
@@ -35,11 +35,21 @@ def test_a_batch_waits_for_the_missing_clients_of_the_last_commits() -> None:
     gathering.committed([_from(p) for p in peers[4:]], 0.001)
     missing, seconds = gathering.linger([_from(peers[0])])
     assert missing == 7
-    assert 0 < seconds <= min(MAX_LINGER, 0.0005)
+    assert 0 < seconds <= min(MAX_LINGER, 0.001 * LINGER_FRACTION)
     # Only the last two commits count: an old group is not waited for.
     gathering.committed([_from(peers[0])], 0.001)
     gathering.committed([_from(peers[1])], 0.001)
     assert gathering.linger([_from(peers[0])])[0] == 1
+
+
+def test_a_batch_that_commits_nothing_forgets_whom_to_wait_for() -> None:
+    gathering = Gathering()
+    peers = _peers(8)
+    gathering.committed([_from(p) for p in peers], 0.001)
+    assert gathering.linger([_from(peers[0])])[0] == 7
+    # Lookups, or clients gone since: later batches do not wait for them.
+    gathering.nothing_committed()
+    assert gathering.linger([_from(peers[0])]) == (0, 0.0)
 
 
 def test_more_stops_when_every_client_is_back_or_the_time_is_up() -> None:
