@@ -22,6 +22,7 @@ from csnap_format import (
     decode_leaf,
     encode_superblock,
 )
+from csnapd.engine.check_index import meta_bitmap
 from csnapd.engine.check_report import CheckReport
 from csnapd.engine.check_walk import Checker, Overlay
 from csnapd.engine.device import BlockDevice
@@ -30,6 +31,22 @@ from csnapd.engine.journal import Journal
 from csnapd.engine.pages import BitmapPage, encode_page
 from csnapd.engine.salvage import LeafSource, salvage, scan_leaves, write_tree
 from csnapd.engine.state import StoreState
+
+
+def _current(sources: list[LeafSource], used: Callable[[int], bool]) -> list[LeafSource]:
+    """The unreached leaves that may be the tree's own: in a block the metadata
+    bitmap marks used (a freed block keeps the image of a leaf merged away,
+    whose copies may since have been reused), and the newest image of each
+    block (the journal may hold an older one)."""
+    newest: dict[int, LeafSource] = {}
+    for source in sources:
+        address = source.leaf.address
+        if not used(address):
+            continue
+        kept = newest.get(address)
+        if kept is None or source.leaf.sequence > kept.leaf.sequence:
+            newest[address] = source
+    return list(newest.values())
 
 
 def _data_bitmap(view: Overlay, g: Geometry) -> Callable[[int], bool] | None:
@@ -46,10 +63,15 @@ def _data_bitmap(view: Overlay, g: Geometry) -> Callable[[int], bool] | None:
     return lambda chunk: bool(marks[chunk >> 3] >> (chunk & 7) & 1)
 
 
-def _journal_leaves(committed: dict[int, tuple[int, bytes]], g: Geometry) -> list[LeafSource]:
-    """The leaves among the journal's committed images: salvage sources too."""
+def _journal_leaves(
+    committed: dict[int, tuple[int, bytes]], g: Geometry, reached: set[int]
+) -> list[LeafSource]:
+    """The leaves among the journal's committed images, but for the leaves
+    the walk read (`reached`): salvage sources too."""
     out = []
     for home, (_, image) in committed.items():
+        if home in reached:
+            continue
         if g.meta_start <= home < g.meta_end and image[4:6] == b"\x05\x00":
             try:
                 out.append(LeafSource(decode_leaf(image, g.context, home), reached=False))
@@ -81,8 +103,10 @@ def salvage_store(
     }
     sources = list(checker.sources)
     if checker.damaged:
-        sources += scan_leaves(checker.view.block, g, reached)
-        sources += _journal_leaves(checker.committed, g)
+        found = scan_leaves(checker.view.block, g, reached)
+        decoded = {source.leaf.address for source in sources}
+        found += _journal_leaves(checker.committed, g, decoded)
+        sources += _current(found, meta_bitmap(checker.view.block, g))
     # Counters prove snapshots complete only in a superblock found whole and
     # current, with a journal whose replay agrees with the blocks at home.
     trusted = not any(p.area in ("superblock", "journal") for p in report.problems)
