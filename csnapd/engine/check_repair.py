@@ -40,11 +40,11 @@ def _current(sources: list[LeafSource], used: Callable[[int], bool]) -> list[Lea
     block (the journal may hold an older one)."""
     newest: dict[int, LeafSource] = {}
     for source in sources:
-        address = source.leaf.address
+        address = source.address
         if not used(address):
             continue
         kept = newest.get(address)
-        if kept is None or source.leaf.sequence > kept.leaf.sequence:
+        if kept is None or source.sequence > kept.sequence:
             newest[address] = source
     return list(newest.values())
 
@@ -74,7 +74,8 @@ def _journal_leaves(
             continue
         if g.meta_start <= home < g.meta_end and image[4:6] == b"\x05\x00":
             try:
-                out.append(LeafSource(decode_leaf(image, g.context, home), reached=False))
+                leaf = decode_leaf(image, g.context, home)
+                out.append(LeafSource(home, leaf.sequence, reached=False, image=image))
             except FormatError:
                 continue
     return out
@@ -104,16 +105,21 @@ def salvage_store(
     sources = list(checker.sources)
     if checker.damaged:
         found = scan_leaves(checker.view.block, g, reached)
-        decoded = {source.leaf.address for source in sources}
+        decoded = {source.address for source in sources}
         found += _journal_leaves(checker.committed, g, decoded)
         sources += _current(found, meta_bitmap(checker.view.block, g))
     # Counters prove snapshots complete only in a superblock found whole and
     # current, with a journal whose replay agrees with the blocks at home.
     trusted = not any(p.area in ("superblock", "journal") for p in report.problems)
     result = salvage(
-        sources, checker.damaged, sb, _data_bitmap(checker.view, g), counters_trusted=trusted
+        sources,
+        checker.damaged,
+        sb,
+        checker.view.block,
+        _data_bitmap(checker.view, g),
+        counters_trusted=trusted,
     )
-    avoid = reached | {source.leaf.address for source in sources}
+    avoid = reached | {source.address for source in sources}
     registry: Registry | None = None
     keep = False
     if checker.registry_block is not None and not checker.registry_damaged:
@@ -122,19 +128,18 @@ def salvage_store(
         # Which clients were connected is unknown: the overflow flag makes
         # the next server wait the whole grace period for their locks.
         registry = Registry(0, 0, (), overflow=True)
-    blocks = write_tree(
-        store, g, sb, result.exceptions, avoid=avoid, registry=registry, keep_registry=keep
+    written = write_tree(
+        store, g, sb, result.groups(), avoid=avoid, registry=registry, keep_registry=keep
     )
     tags = checker.tags
     report.lost = {tags[bit]: runs for bit, runs in sorted(result.lost.items())}
     report.recovered_from_scan = result.from_scan
     scanned = sum(1 for source in sources if not source.reached)
-    total = sum(len(pairs) for pairs in result.exceptions.values())
     report.repaired.append(
         f"rebuilt the btree from {len(sources) - scanned} reached and {scanned} scanned leaves:"
-        f" {total} exceptions ({result.from_scan} recovered by the scan,"
+        f" {written.exceptions} exceptions ({result.from_scan} recovered by the scan,"
         f" {result.conflicts} dropped as conflicts, {result.stray} of no snapshot dropped)"
-        f" in {blocks} blocks; rewrote the bitmaps, free counts and snapshot counters"
+        f" in {written.blocks} blocks; rewrote the bitmaps, free counts and snapshot counters"
     )
     if registry is not None and not keep:
         report.repaired.append("wrote an empty client registry that makes the server wait")

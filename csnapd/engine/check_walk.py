@@ -256,7 +256,7 @@ class Checker:
             self.lose(lo, hi, address, "stale-block", lost_write)
             return
         if self.collect:
-            self.sources.append(LeafSource(leaf, reached=True))
+            self.sources.append(LeafSource(address, leaf.sequence, reached=True))
         if leaf.base_chunk != lo:
             self.problem(
                 "btree",
