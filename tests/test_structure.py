@@ -54,8 +54,6 @@ LONG_FUNCTIONS = {
     "csnap_nbd/server.py::_Gateway._serve": 51,
     "csnapd/cli.py::_parser": 95,
     "csnapd/engine/dump.py::restore_store": 61,
-    "csnapd/engine/salvage.py::write_tree": 75,
-    "csnapd/engine/salvage.py::_build": 53,
     "csnap_format/geometry.py::plan_geometry": 53,
     "csnapd/metrics.py::_store": 62,
 }

@@ -7,7 +7,10 @@ repair did, and turns into csnap-check's JSON and exit code.
 
 from __future__ import annotations
 
+from array import array
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import overload
 
 from csnap_format import Geometry
 
@@ -16,6 +19,49 @@ EXIT_CLEAN = 0
 EXIT_REPAIRED = 1
 EXIT_ERRORS = 4
 EXIT_FAILED = 8
+
+
+class Runs(Sequence[tuple[int, int]]):
+    """Chunks as (start, count) runs, packed two 8-byte words each: a repair
+    may mark a million scattered chunks lost."""
+
+    __slots__ = ("_words",)
+
+    def __init__(self, runs: Sequence[tuple[int, int]] = ()) -> None:
+        self._words = array("Q")
+        for start, count in runs:
+            self._words.extend((start, count))
+
+    def add(self, chunk: int) -> None:
+        """Add `chunk`, not below any chunk added before."""
+        words = self._words
+        if words and words[-2] + words[-1] == chunk:
+            words[-1] += 1
+        else:
+            words.extend((chunk, 1))
+
+    def __len__(self) -> int:
+        return len(self._words) // 2
+
+    @overload
+    def __getitem__(self, index: int) -> tuple[int, int]: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[tuple[int, int]]: ...
+    def __getitem__(self, index: int | slice) -> tuple[int, int] | list[tuple[int, int]]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        return self._words[2 * index], self._words[2 * index + 1]
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        words = iter(self._words)
+        return zip(words, words, strict=True)
+
+    def __repr__(self) -> str:
+        return f"Runs({list(self)})"
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,11 +126,11 @@ class CheckReport:
     #: Problems a check after the repair still found.
     remaining: list[Problem] = field(default_factory=list)
     #: Snapshot tag -> logical chunks the repair marked lost, as (start, count) runs.
-    lost: dict[int, list[tuple[int, int]]] = field(default_factory=dict)
+    lost: dict[int, Runs] = field(default_factory=dict)
     #: Exceptions that name a lost copy (marked by a repair, now or before).
     lost_marks: int = 0
     #: Snapshot tag -> chunks the store marks lost for it, as (start, count) runs.
-    marked_lost: dict[int, list[tuple[int, int]]] = field(default_factory=dict)
+    marked_lost: dict[int, Runs] = field(default_factory=dict)
     #: Exceptions the repair recovered from leaves the tree no longer reached.
     recovered_from_scan: int = 0
     #: Why --repair rewrote nothing although some problems were repairable.

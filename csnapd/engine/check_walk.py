@@ -28,7 +28,7 @@ from csnap_format import (
 from csnapd.engine.check_index import damaged_index, meta_bitmap
 from csnapd.engine.check_registry import RULE as REGISTRY_RULE
 from csnapd.engine.check_registry import registry_version_problem
-from csnapd.engine.check_report import CheckReport, Problem
+from csnapd.engine.check_report import CheckReport, Problem, Runs
 from csnapd.engine.device import BlockDevice
 from csnapd.engine.errors import StoreIOError
 from csnapd.engine.salvage import LeafSource
@@ -314,11 +314,7 @@ class Checker:
             self.report.lost_marks += 1
             for bit in bits_of(share):
                 if bit in self.tags:
-                    runs = self.report.marked_lost.setdefault(self.tags[bit], [])
-                    if runs and sum(runs[-1]) == chunk:
-                        runs[-1] = (runs[-1][0], runs[-1][1] + 1)
-                    else:
-                        runs.append((chunk, 1))
+                    self.report.marked_lost.setdefault(self.tags[bit], Runs()).add(chunk)
             return
         if self.data_refs[target >> 3] >> (target & 7) & 1:
             self.problem(

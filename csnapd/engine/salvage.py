@@ -14,8 +14,9 @@ blocks nothing refers to and switches the store to it in one journaled
 transaction.
 
 Memory: a source is a leaf's address and sequence, not its exceptions (the
-merge reads each leaf again); the exceptions kept are packed three 8-byte
-words each (chunk, share mask, store chunk) in arrays, in runs of one
+merge reads each leaf again); the exceptions kept are packed in arrays
+(chunk, share mask, store chunk: 16 bytes, or 24 on a store whose sizes
+need 8-byte chunk numbers), in runs of one
 source's chunks; which chunks and store chunks are taken is kept in
 bitmaps. The merged runs are put in chunk order by sorting the runs, not
 the exceptions.
@@ -32,6 +33,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from csnap_format import LOST_CHUNK, BlockType, FormatError, Geometry, Leaf, Superblock, decode_leaf
+from csnapd.engine.check_report import Runs
 from csnapd.engine.salvage_write import (
     ChunkExceptions,
     SalvageError,
@@ -98,13 +100,6 @@ def scan_leaves(
     return found
 
 
-def _append(runs: list[tuple[int, int]], chunk: int) -> None:
-    if runs and runs[-1][0] + runs[-1][1] == chunk:
-        runs[-1] = (runs[-1][0], runs[-1][1] + 1)
-    else:
-        runs.append((chunk, 1))
-
-
 def _bits(mask: int) -> Iterator[int]:
     while mask:
         low = mask & -mask
@@ -132,7 +127,7 @@ class Salvaged:
     """
 
     #: Share bit -> chunks newly marked lost for that snapshot, as (start, count) runs.
-    lost: dict[int, list[tuple[int, int]]] = field(default_factory=dict)
+    lost: dict[int, Runs] = field(default_factory=dict)
     #: Exceptions taken from leaves the tree no longer reaches.
     from_scan: int = 0
     #: Exceptions dropped: their copy is claimed by a higher-priority leaf.
@@ -149,6 +144,8 @@ class Salvaged:
     chunks: array[int] = field(default_factory=lambda: array("Q"))
     shares: array[int] = field(default_factory=lambda: array("Q"))
     targets: array[int] = field(default_factory=lambda: array("Q"))
+    #: How `targets` holds LOST_CHUNK (its words may be 4 bytes wide).
+    lost_word: int = LOST_CHUNK
     runs: list[_Run] = field(default_factory=list)
     #: Damaged ranges [lo, hi), sorted and disjoint.
     ranges: list[tuple[int, int]] = field(default_factory=list)
@@ -168,7 +165,7 @@ class Salvaged:
             if missing:
                 pairs.append((missing, LOST_CHUNK))
                 for bit in _bits(missing):
-                    _append(self.lost.setdefault(bit, []), chunk)
+                    self.lost.setdefault(bit, Runs()).add(chunk)
             if pairs:
                 yield chunk, pairs
 
@@ -190,6 +187,7 @@ class Salvaged:
     def _run_rows(self, run: _Run) -> Iterator[tuple[int, list[tuple[int, int]]]]:
         chunks, shares, targets = self.chunks, self.shares, self.targets
         drop = self.complete if run.scanned else 0
+        lost_word = self.lost_word
         at = run.start
         while at < run.end:
             chunk = chunks[at]
@@ -197,7 +195,8 @@ class Salvaged:
             while at < run.end and chunks[at] == chunk:
                 share = shares[at] & ~drop
                 if share:
-                    pairs.append((share, targets[at]))
+                    target = targets[at]
+                    pairs.append((share, LOST_CHUNK if target == lost_word else target))
                 else:
                     self.stray += 1
                     self.from_scan -= 1
@@ -277,7 +276,13 @@ def salvage(
             the damage exactly (see `complete_bits`).
     """
     live = sum(1 << bit for bit, r in enumerate(sb.snapshots) if r is not None and r.state == 1)
+    g = sb.geometry
+    # Four-byte words where the store's sizes allow (a 16 TiB origin of 4 KiB chunks).
+    narrow = g.store_chunks < 1 << 32 and g.origin_chunks <= 1 << 32
     result = Salvaged(ranges=_union(damaged))
+    if narrow:
+        result.chunks, result.targets = array("I"), array("I")
+        result.lost_word = (1 << 32) - 1
     reached = _Merge(result, sb, in_use or (lambda _: True)).run(sources, read_block)
     if counters_trusted:
         result.complete = complete_bits(sb, live, reached)
@@ -346,7 +351,7 @@ class _Merge:
                         claimed[target >> 3] |= 1 << (target & 7)
                     result.chunks.append(chunk)
                     result.shares.append(mask)
-                    result.targets.append(target)
+                    result.targets.append(result.lost_word if lost else target)
                     if scanned:
                         result.from_scan += 1
                     else:
