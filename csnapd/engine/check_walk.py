@@ -314,7 +314,10 @@ class Checker:
             self.report.lost_marks += 1
             for bit in bits_of(share):
                 if bit in self.tags:
-                    self.report.marked_lost.setdefault(self.tags[bit], Runs()).add(chunk)
+                    runs = self.report.marked_lost.get(self.tags[bit])
+                    if runs is None:
+                        runs = self.report.marked_lost[self.tags[bit]] = Runs()
+                    runs.add(chunk)
             return
         if self.data_refs[target >> 3] >> (target & 7) & 1:
             self.problem(

@@ -165,7 +165,10 @@ class Salvaged:
             if missing:
                 pairs.append((missing, LOST_CHUNK))
                 for bit in _bits(missing):
-                    self.lost.setdefault(bit, Runs()).add(chunk)
+                    runs = self.lost.get(bit)
+                    if runs is None:
+                        runs = self.lost[bit] = Runs()
+                    runs.add(chunk)
             if pairs:
                 yield chunk, pairs
 
@@ -325,6 +328,9 @@ class _Merge:
         allowed, live, ranges, los = self.allowed, self.live, result.ranges, self.los
         scanned = not source.reached
         start = len(result.chunks)
+        take_chunk, take_share = result.chunks.append, result.shares.append
+        take_target, reached, in_use = result.targets.append, self.reached, self.in_use
+        shares, targets, lost_word = leaf.shares, leaf.targets, result.lost_word
         at = 0
         for chunk, count in zip(leaf.chunks, leaf.counts, strict=True):
             first, at = at, at + count
@@ -337,10 +343,10 @@ class _Merge:
             owned[chunk >> 3] |= 1 << (chunk & 7)
             swept = sb.sweep_mask if chunk < sb.sweep_cursor else 0
             for j in range(first, at):
-                share, target = leaf.shares[j], leaf.targets[j]
+                share, target = shares[j], targets[j]
                 mask = share & allowed & ~swept
                 lost = target == LOST_CHUNK
-                if not mask or (scanned and not lost and not self.in_use(target)):
+                if not mask or (scanned and not lost and not in_use(target)):
                     result.stray += 1
                 elif not lost and claimed[target >> 3] >> (target & 7) & 1:
                     result.conflicts += 1
@@ -349,13 +355,13 @@ class _Merge:
                 else:
                     if not lost:
                         claimed[target >> 3] |= 1 << (target & 7)
-                    result.chunks.append(chunk)
-                    result.shares.append(mask)
-                    result.targets.append(result.lost_word if lost else target)
+                    take_chunk(chunk)
+                    take_share(mask)
+                    take_target(lost_word if lost else target)
                     if scanned:
                         result.from_scan += 1
                     else:
-                        self.reached[mask & live] += 1
+                        reached[mask & live] += 1
         end = len(result.chunks)
         if end > start:
             chunks = result.chunks

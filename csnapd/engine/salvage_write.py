@@ -110,6 +110,7 @@ class _Writer:
         shares: list[int] = []
         targets: list[int] = []
         base = 0
+        masks, marks = self.masks, self.data_marks
         for chunk, pairs in groups:
             fits = leaf_bytes_used(len(chunks) + 1, len(shares) + len(pairs)) <= room
             if (chunks and not fits) or chunk - base >= RCHUNK_LIMIT:
@@ -120,9 +121,9 @@ class _Writer:
             for share, target in pairs:
                 shares.append(share)
                 targets.append(target)
-                self.masks[share] += 1
+                masks[share] = masks.get(share, 0) + 1
                 if target != LOST_CHUNK:
-                    self.data_marks[target >> 3] |= 1 << (target & 7)
+                    marks[target >> 3] |= 1 << (target & 7)
         self.leaf(base, chunks, counts, shares, targets)
 
     def leaf(
