@@ -85,19 +85,13 @@ def _journal_leaves(
 STRUCTURAL_AREAS = frozenset({"btree", "registry", "superblock"})
 
 
-def salvage_store(
-    store: BlockDevice,
-    geometry: Geometry,
-    sb: Superblock,
-    checker: Checker,
-    report: CheckReport,
-) -> None:
-    """Rebuild the btree from every readable leaf and switch the store to it."""
-    g = geometry
-    marks = checker.meta_refs
+def _sources(checker: Checker, g: Geometry) -> tuple[set[int], list[LeafSource]]:
+    """The blocks the walk reached, and the leaves a salvage merges: those
+    reached, and, when a range is damaged, those of the scan and the journal
+    that may be the tree's own (`_current`)."""
     reached = {
         g.meta_start + (at << 3) + bit
-        for at, byte in enumerate(marks)
+        for at, byte in enumerate(checker.meta_refs)
         if byte
         for bit in range(8)
         if byte >> bit & 1
@@ -108,6 +102,19 @@ def salvage_store(
         decoded = {source.address for source in sources}
         found += _journal_leaves(checker.committed, g, decoded)
         sources += _current(found, meta_bitmap(checker.view.block, g))
+    return reached, sources
+
+
+def salvage_store(
+    store: BlockDevice,
+    geometry: Geometry,
+    sb: Superblock,
+    checker: Checker,
+    report: CheckReport,
+) -> None:
+    """Rebuild the btree from every readable leaf and switch the store to it."""
+    g = geometry
+    reached, sources = _sources(checker, g)
     # Counters prove snapshots complete only in a superblock found whole and
     # current, with a journal whose replay agrees with the blocks at home.
     trusted = not any(p.area in ("superblock", "journal") for p in report.problems)
