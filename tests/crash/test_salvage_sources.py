@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from csnap_format import decode_leaf
+from csnap_format import decode_leaf, decode_superblock
 from csnapd.engine import Engine, MemoryDevice
 from csnapd.engine.check import check_store
 from csnapd.engine.check_index import meta_bitmap
@@ -133,3 +133,19 @@ def test_a_flipped_bit_in_an_index_key_loses_no_mapping(
     finally:
         engine.close()
     assert_true_or_error(built, read_all(built))
+
+
+def test_a_store_with_more_lost_marks_than_data_chunks_opens() -> None:
+    """Lost marks count as exceptions but take no data chunk: a repair that
+    marks many leaves a store whose exceptions outnumber the data area's
+    chunks, and the store still opens and reads."""
+    history = _reused_history()
+    g = history.g
+    damaged = history.store.snapshot_copy()
+    root = decode_superblock(damaged.read(0, g.block_size)).root
+    damaged.write(root * g.block_size, bytes(g.block_size))
+    erase_journal_images(damaged, g, root)
+    report = check_store(damaged, repair=True)
+    assert report.exit_code == 1, [str(p) for p in report.remaining]
+    assert decode_superblock(damaged.read(0, g.block_size)).exceptions > g.data_chunks
+    assert not _read_everything(history, damaged)
