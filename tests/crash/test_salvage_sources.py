@@ -6,6 +6,7 @@ lost leaf, and a flipped bit in an index key loses no mapping.
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from csnap_format import decode_leaf, decode_superblock
 from csnapd.engine import Engine, MemoryDevice
 from csnapd.engine.check import check_store
 from csnapd.engine.check_index import meta_bitmap
+from csnapd.engine.check_report import Runs
 from csnapd.engine.check_walk import Overlay
 from csnapd.engine.journal import Journal
 from tests.crash.corruption import History, _map, _read_everything, erase_journal_images
@@ -149,3 +151,21 @@ def test_a_store_with_more_lost_marks_than_data_chunks_opens() -> None:
     assert report.exit_code == 1, [str(p) for p in report.remaining]
     assert decode_superblock(damaged.read(0, g.block_size)).exceptions > g.data_chunks
     assert not _read_everything(history, damaged)
+
+
+def test_lost_runs_read_the_same_packed_or_as_a_bitmap() -> None:
+    """The lost chunks a repair reports are kept as packed runs, or as a
+    bitmap once that is smaller (every other chunk lost): both read alike."""
+    rng = random.Random(3)
+    for density in (0.01, 0.5, 0.97):
+        chunks = sorted(c for c in range(5000) if rng.random() < density)
+        runs = Runs()
+        expected: list[tuple[int, int]] = []
+        for chunk in chunks:
+            runs.add(chunk)
+            if expected and sum(expected[-1]) == chunk:
+                expected[-1] = (expected[-1][0], expected[-1][1] + 1)
+            else:
+                expected.append((chunk, 1))
+        assert list(runs) == expected and len(runs) == len(expected)
+        assert runs[:8] == expected[:8] and runs[-1] == expected[-1]
