@@ -407,8 +407,10 @@ def _state_problems(sb: Superblock) -> list[str]:
         problems.append(f"data cursor {sb.data_cursor} is outside the data area")
     if sb.registry and not g.meta_start <= sb.registry < g.meta_end:
         problems.append(f"client registry {sb.registry} is outside the metadata area")
-    if sb.exceptions > g.data_chunks:
-        problems.append(f"exception count {sb.exceptions} exceeds the data area")
+    # Lost marks count as exceptions but hold no data chunk: a chunk carries
+    # at most 64 of them (their masks are disjoint).
+    if sb.exceptions > g.data_chunks + 64 * g.origin_chunks:
+        problems.append(f"exception count {sb.exceptions} exceeds the data area and lost marks")
     reclaimed = sum(
         1 << bit
         for bit, record in enumerate(sb.snapshots)

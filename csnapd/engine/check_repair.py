@@ -22,6 +22,7 @@ from csnap_format import (
     decode_leaf,
     encode_superblock,
 )
+from csnapd.engine.check_index import meta_bitmap
 from csnapd.engine.check_report import CheckReport
 from csnapd.engine.check_walk import Checker, Overlay
 from csnapd.engine.device import BlockDevice
@@ -30,6 +31,22 @@ from csnapd.engine.journal import Journal
 from csnapd.engine.pages import BitmapPage, encode_page
 from csnapd.engine.salvage import LeafSource, salvage, scan_leaves, write_tree
 from csnapd.engine.state import StoreState
+
+
+def _current(sources: list[LeafSource], used: Callable[[int], bool]) -> list[LeafSource]:
+    """The unreached leaves that may be the tree's own: in a block the metadata
+    bitmap marks used (a freed block keeps the image of a leaf merged away,
+    whose copies may since have been reused), and the newest image of each
+    block (the journal may hold an older one)."""
+    newest: dict[int, LeafSource] = {}
+    for source in sources:
+        address = source.address
+        if not used(address):
+            continue
+        kept = newest.get(address)
+        if kept is None or source.sequence > kept.sequence:
+            newest[address] = source
+    return list(newest.values())
 
 
 def _data_bitmap(view: Overlay, g: Geometry) -> Callable[[int], bool] | None:
@@ -46,13 +63,19 @@ def _data_bitmap(view: Overlay, g: Geometry) -> Callable[[int], bool] | None:
     return lambda chunk: bool(marks[chunk >> 3] >> (chunk & 7) & 1)
 
 
-def _journal_leaves(committed: dict[int, tuple[int, bytes]], g: Geometry) -> list[LeafSource]:
-    """The leaves among the journal's committed images: salvage sources too."""
+def _journal_leaves(
+    committed: dict[int, tuple[int, bytes]], g: Geometry, reached: set[int]
+) -> list[LeafSource]:
+    """The leaves among the journal's committed images, but for the leaves
+    the walk read (`reached`): salvage sources too."""
     out = []
     for home, (_, image) in committed.items():
+        if home in reached:
+            continue
         if g.meta_start <= home < g.meta_end and image[4:6] == b"\x05\x00":
             try:
-                out.append(LeafSource(decode_leaf(image, g.context, home), reached=False))
+                leaf = decode_leaf(image, g.context, home)
+                out.append(LeafSource(home, leaf.sequence, reached=False, image=image))
             except FormatError:
                 continue
     return out
@@ -60,6 +83,26 @@ def _journal_leaves(committed: dict[int, tuple[int, bytes]], g: Geometry) -> lis
 
 #: Areas whose problems only a salvage (a rebuilt btree) repairs.
 STRUCTURAL_AREAS = frozenset({"btree", "registry", "superblock"})
+
+
+def _sources(checker: Checker, g: Geometry) -> tuple[set[int], list[LeafSource]]:
+    """The blocks the walk reached, and the leaves a salvage merges: those
+    reached, and, when a range is damaged, those of the scan and the journal
+    that may be the tree's own (`_current`)."""
+    reached = {
+        g.meta_start + (at << 3) + bit
+        for at, byte in enumerate(checker.meta_refs)
+        if byte
+        for bit in range(8)
+        if byte >> bit & 1
+    }
+    sources = list(checker.sources)
+    if checker.damaged:
+        found = scan_leaves(checker.view.block, g, reached)
+        decoded = {source.address for source in sources}
+        found += _journal_leaves(checker.committed, g, decoded)
+        sources += _current(found, meta_bitmap(checker.view.block, g))
+    return reached, sources
 
 
 def salvage_store(
@@ -71,25 +114,19 @@ def salvage_store(
 ) -> None:
     """Rebuild the btree from every readable leaf and switch the store to it."""
     g = geometry
-    marks = checker.meta_refs
-    reached = {
-        g.meta_start + (at << 3) + bit
-        for at, byte in enumerate(marks)
-        if byte
-        for bit in range(8)
-        if byte >> bit & 1
-    }
-    sources = list(checker.sources)
-    if checker.damaged:
-        sources += scan_leaves(checker.view.block, g, reached)
-        sources += _journal_leaves(checker.committed, g)
+    reached, sources = _sources(checker, g)
     # Counters prove snapshots complete only in a superblock found whole and
     # current, with a journal whose replay agrees with the blocks at home.
     trusted = not any(p.area in ("superblock", "journal") for p in report.problems)
     result = salvage(
-        sources, checker.damaged, sb, _data_bitmap(checker.view, g), counters_trusted=trusted
+        sources,
+        checker.damaged,
+        sb,
+        checker.view.block,
+        _data_bitmap(checker.view, g),
+        counters_trusted=trusted,
     )
-    avoid = reached | {source.leaf.address for source in sources}
+    avoid = reached | {source.address for source in sources}
     registry: Registry | None = None
     keep = False
     if checker.registry_block is not None and not checker.registry_damaged:
@@ -98,19 +135,18 @@ def salvage_store(
         # Which clients were connected is unknown: the overflow flag makes
         # the next server wait the whole grace period for their locks.
         registry = Registry(0, 0, (), overflow=True)
-    blocks = write_tree(
-        store, g, sb, result.exceptions, avoid=avoid, registry=registry, keep_registry=keep
+    written = write_tree(
+        store, g, sb, result.groups(), avoid=avoid, registry=registry, keep_registry=keep
     )
     tags = checker.tags
     report.lost = {tags[bit]: runs for bit, runs in sorted(result.lost.items())}
     report.recovered_from_scan = result.from_scan
     scanned = sum(1 for source in sources if not source.reached)
-    total = sum(len(pairs) for pairs in result.exceptions.values())
     report.repaired.append(
         f"rebuilt the btree from {len(sources) - scanned} reached and {scanned} scanned leaves:"
-        f" {total} exceptions ({result.from_scan} recovered by the scan,"
+        f" {written.exceptions} exceptions ({result.from_scan} recovered by the scan,"
         f" {result.conflicts} dropped as conflicts, {result.stray} of no snapshot dropped)"
-        f" in {blocks} blocks; rewrote the bitmaps, free counts and snapshot counters"
+        f" in {written.blocks} blocks; rewrote the bitmaps, free counts and snapshot counters"
     )
     if registry is not None and not keep:
         report.repaired.append("wrote an empty client registry that makes the server wait")

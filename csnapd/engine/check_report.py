@@ -7,7 +7,11 @@ repair did, and turns into csnap-check's JSON and exit code.
 
 from __future__ import annotations
 
+import itertools
+from array import array
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import overload
 
 from csnap_format import Geometry
 
@@ -16,6 +20,97 @@ EXIT_CLEAN = 0
 EXIT_REPAIRED = 1
 EXIT_ERRORS = 4
 EXIT_FAILED = 8
+
+
+class Runs(Sequence[tuple[int, int]]):
+    """Chunks, added in increasing order, as (start, count) runs.
+
+    Held packed, two 8-byte words a run; once that takes more room than a
+    bitmap up to the highest chunk (a repair may mark every other chunk of
+    a snapshot lost), as that bitmap.
+    """
+
+    __slots__ = ("_bits", "_words")
+
+    def __init__(self, runs: Iterable[tuple[int, int]] = ()) -> None:
+        self._words: array[int] | None = array("Q")
+        self._bits = bytearray()
+        for start, count in runs:
+            for chunk in range(start, start + count):
+                self.add(chunk)
+
+    def add(self, chunk: int) -> None:
+        """Add `chunk`, above every chunk added before."""
+        words = self._words
+        if words is None:
+            bits = self._bits
+            at = chunk >> 3
+            if at >= len(bits):
+                bits.extend(bytes(at + 1 - len(bits)))
+            bits[at] |= 1 << (chunk & 7)
+        elif words and words[-2] + words[-1] == chunk:
+            words[-1] += 1
+        else:
+            words.extend((chunk, 1))
+            if len(words) * 8 > (chunk >> 3) + 64:
+                self._to_bits()
+
+    def _to_bits(self) -> None:
+        runs = list(self)
+        self._words = None
+        for start, count in runs:
+            for chunk in range(start, start + count):
+                self.add(chunk)
+
+    def __len__(self) -> int:
+        if self._words is not None:
+            return len(self._words) // 2
+        return sum(1 for _ in self._bit_runs())
+
+    @overload
+    def __getitem__(self, index: int) -> tuple[int, int]: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[tuple[int, int]]: ...
+    def __getitem__(self, index: int | slice) -> tuple[int, int] | list[tuple[int, int]]:
+        if isinstance(index, slice):
+            start, stop, step = index.indices(len(self))
+            return list(itertools.islice(iter(self), start, max(start, stop), step))
+        if index < 0:
+            index += len(self)
+        run = next(itertools.islice(iter(self), index, None), None) if index >= 0 else None
+        if run is None:
+            raise IndexError(index)
+        return run
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        if self._words is None:
+            return self._bit_runs()
+        words = iter(self._words)
+        return zip(words, words, strict=True)
+
+    def _bit_runs(self) -> Iterator[tuple[int, int]]:
+        start = -1
+        for at, byte in enumerate(self._bits):
+            if byte in (0, 0xFF):
+                if byte and start < 0:
+                    start = at << 3
+                elif not byte and start >= 0:
+                    yield start, (at << 3) - start
+                    start = -1
+                continue
+            for bit in range(8):
+                chunk = (at << 3) + bit
+                if byte >> bit & 1:
+                    if start < 0:
+                        start = chunk
+                elif start >= 0:
+                    yield start, chunk - start
+                    start = -1
+        if start >= 0:
+            yield start, (len(self._bits) << 3) - start
+
+    def __repr__(self) -> str:
+        return f"Runs({list(self)})"
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,11 +175,11 @@ class CheckReport:
     #: Problems a check after the repair still found.
     remaining: list[Problem] = field(default_factory=list)
     #: Snapshot tag -> logical chunks the repair marked lost, as (start, count) runs.
-    lost: dict[int, list[tuple[int, int]]] = field(default_factory=dict)
+    lost: dict[int, Runs] = field(default_factory=dict)
     #: Exceptions that name a lost copy (marked by a repair, now or before).
     lost_marks: int = 0
     #: Snapshot tag -> chunks the store marks lost for it, as (start, count) runs.
-    marked_lost: dict[int, list[tuple[int, int]]] = field(default_factory=dict)
+    marked_lost: dict[int, Runs] = field(default_factory=dict)
     #: Exceptions the repair recovered from leaves the tree no longer reached.
     recovered_from_scan: int = 0
     #: Why --repair rewrote nothing although some problems were repairable.

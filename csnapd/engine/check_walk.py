@@ -20,15 +20,15 @@ from csnap_format import (
     SnapshotState,
     Superblock,
     bitmap_bits_per_block,
-    block_checksum,
     decode_bitmap,
     decode_index,
     decode_leaf,
     decode_registry,
 )
+from csnapd.engine.check_index import damaged_index, meta_bitmap
 from csnapd.engine.check_registry import RULE as REGISTRY_RULE
 from csnapd.engine.check_registry import registry_version_problem
-from csnapd.engine.check_report import CheckReport, Problem
+from csnapd.engine.check_report import CheckReport, Problem, Runs
 from csnapd.engine.device import BlockDevice
 from csnapd.engine.errors import StoreIOError
 from csnapd.engine.salvage import LeafSource
@@ -96,6 +96,13 @@ class Checker:
         self.registry_damaged = False
         #: Home -> (sequence, image) of the newest committed image in the journal.
         self.committed = committed or {}
+        self._meta_used: Callable[[int], bool] | None = None
+
+    def meta_used(self) -> Callable[[int], bool]:
+        """Whether the metadata bitmap marks a block used (read once, on first need)."""
+        if self._meta_used is None:
+            self._meta_used = meta_bitmap(self.view.block, self.g)
+        return self._meta_used
 
     def problem(
         self,
@@ -204,7 +211,7 @@ class Checker:
             try:
                 node = decode_index(self.view.block(address), self.ctx, address)
             except FormatError as exc:
-                stack.extend(self.damaged_index(address, level, lo, hi, str(exc)))
+                stack.extend(damaged_index(self, address, level, lo, hi, str(exc)))
                 continue
             self.report.index_nodes += 1
             lost_write = self.stale(address, node.sequence)
@@ -237,49 +244,6 @@ class Checker:
                     children.append((child, level - 1, key, end))
             stack.extend(reversed(children))
 
-    def damaged_index(
-        self, address: int, level: int, lo: int, hi: int, error: str
-    ) -> list[tuple[int, int, int, int]]:
-        """An index node that fails its checks: keep the entries its children vouch for.
-
-        A node whose only fault is its checksum (a flipped bit in a key or a
-        child) still names its children; an entry counts only when the block
-        it names decodes as a node of the level below whose lower bound is
-        the entry's key. Every other entry's range is damaged.
-        """
-        self.lose(lo, hi, address, "block-decodes", error)
-        lost = self.damaged.pop()  # re-added below for the entries not vouched for
-        block = bytearray(self.view.block(address))
-        block[8:12] = block_checksum(block).to_bytes(4, "little")
-        try:
-            node = decode_index(block, self.ctx, address)
-        except FormatError:
-            self.damaged.append(lost)
-            return []
-        if node.level != level or node.keys[0] != lo or node.keys[-1] >= hi:
-            self.damaged.append(lost)
-            return []
-        children = []
-        bounds = [*node.keys[1:], hi]
-        for key, child, end in zip(node.keys, node.children, bounds, strict=True):
-            if self.vouches(child, level - 1, key) and self.mark_meta(child, address, key, end):
-                children.append((child, level - 1, key, end))
-            else:
-                self.damaged.append((key, end))
-        return list(reversed(children))
-
-    def vouches(self, address: int, level: int, key: int) -> bool:
-        """Whether `address` holds a node of `level` whose lower bound is `key`."""
-        if not self.g.meta_start <= address < self.g.meta_end:
-            return False
-        try:
-            if level == 0:
-                return decode_leaf(self.view.block(address), self.ctx, address).base_chunk == key
-            node = decode_index(self.view.block(address), self.ctx, address)
-        except FormatError:
-            return False
-        return node.level == level and node.keys[0] == key
-
     def leaf(self, address: int, lo: int, hi: int) -> None:
         try:
             leaf = decode_leaf(self.view.block(address), self.ctx, address)
@@ -292,7 +256,7 @@ class Checker:
             self.lose(lo, hi, address, "stale-block", lost_write)
             return
         if self.collect:
-            self.sources.append(LeafSource(leaf, reached=True))
+            self.sources.append(LeafSource(address, leaf.sequence, reached=True))
         if leaf.base_chunk != lo:
             self.problem(
                 "btree",
@@ -350,11 +314,10 @@ class Checker:
             self.report.lost_marks += 1
             for bit in bits_of(share):
                 if bit in self.tags:
-                    runs = self.report.marked_lost.setdefault(self.tags[bit], [])
-                    if runs and sum(runs[-1]) == chunk:
-                        runs[-1] = (runs[-1][0], runs[-1][1] + 1)
-                    else:
-                        runs.append((chunk, 1))
+                    runs = self.report.marked_lost.get(self.tags[bit])
+                    if runs is None:
+                        runs = self.report.marked_lost[self.tags[bit]] = Runs()
+                    runs.add(chunk)
             return
         if self.data_refs[target >> 3] >> (target & 7) & 1:
             self.problem(

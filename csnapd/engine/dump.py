@@ -317,7 +317,7 @@ def restore_store(device: BlockDevice, doc: object) -> int:
         device,
         g,
         sb,
-        exceptions,
+        sorted(exceptions.items()),
         avoid=_tree_blocks(device, g, current),
         registry=registry,
         keep_registry=False,

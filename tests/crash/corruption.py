@@ -1,6 +1,7 @@
 """A corruption campaign: stores built by random histories, one injected
 fault in their metadata at a time (a flipped bit, a zeroed block, two blocks
-swapped, a block written to another's address, a stale copy of a block),
+swapped, a block written to another's address, a stale copy of a block, a
+flipped bit in an index key, a leaf lost with its images in the journal),
 then csnap-check and --repair judged by what they must achieve:
 
 - the damage is found, or it changed nothing the store means (its dump is
@@ -31,7 +32,7 @@ from csnapd.engine.dump import dump_store
 from csnapd.engine.journal import scan_journal
 from tests.engine.helpers import format_device, new_geometry, pattern
 
-KINDS = ("flip", "zero", "swap", "misdirect", "stale")
+KINDS = ("flip", "zero", "swap", "misdirect", "stale", "key", "lost-leaf")
 
 
 @dataclass
@@ -165,6 +166,16 @@ def _map(history: History) -> None:
     history.live = [0, *bitmaps, *history.nodes, *([sb.registry] if sb.registry else []), *window]
 
 
+def erase_journal_images(store: MemoryDevice, g: Geometry, address: int) -> None:
+    """Zero every journal slot holding an image of block `address`."""
+    size = g.block_size
+    for slot in range(g.journal_blocks):
+        at = (g.journal_start + slot) * size
+        block = store.read(at, size)
+        if block[:4] == b"CSNP" and int.from_bytes(block[16:24], "little") == address:
+            store.write(at, bytes(size))
+
+
 def inject(rng: random.Random, history: History, kind: str) -> tuple[MemoryDevice, set[int], str]:
     """A damaged copy of the store, the blocks written, and what was done."""
     g = history.g
@@ -189,6 +200,29 @@ def inject(rng: random.Random, history: History, kind: str) -> tuple[MemoryDevic
         put(address, bytes(size))
         return store, {address}, f"block {address} zeroed"
     nodes = history.nodes
+    if kind == "key":
+        # A bit of an index entry's key (not the first, which the parent's
+        # key repeats): the node's checksum fails, its children stay.
+        entries = [
+            (address, i)
+            for address in nodes
+            if address not in history.leaves
+            for i in range(1, len(decode_index(read(store, address), g.context, address).keys))
+        ]
+        if entries:
+            address, i = rng.choice(entries)
+            offset = 48 + 24 * i + rng.randrange(8)
+            data = bytearray(read(store, address))
+            data[offset] ^= 1 << rng.randrange(8)
+            put(address, bytes(data))
+            return store, {address}, f"bit flipped in key {i} of index node {address}"
+    if kind == "lost-leaf" and history.leaves:
+        # A leaf destroyed with its images in the journal: only older images
+        # of its range in freed blocks are left to claim it.
+        address = rng.choice(sorted(history.leaves))
+        put(address, bytes(size))
+        erase_journal_images(store, g, address)
+        return store, {address}, f"leaf {address} and its journal images zeroed"
     if kind in ("swap", "misdirect") and len(nodes) >= 2:
         first, second = rng.sample(nodes, 2)
         if kind == "swap":
