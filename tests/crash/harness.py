@@ -34,13 +34,12 @@ sync, some of them torn at 512-byte sectors. It must recover to a store
 that the full check finds clean, whose snapshots are those acknowledged,
 plus possibly the effects of the one commit in flight (acknowledged ⊆
 recovered ⊆ issued), each reading exactly what the model says; likewise the
-revert in progress and the origin and store sizes. A state that recovers
-with a revert in progress (one sampled per write boundary) finishes it: the
-origin then reads the snapshot's content and every snapshot reads as
-before. And every
-copy the btree points at, live or being deleted, must hold data of its own
-chunk, which is what makes a chunk reused before its free was durable
-(rule: no reuse before durable) visible.
+revert in progress and the origin and store sizes. And every copy the btree
+points at, live or being deleted, must hold data of its own chunk, which is
+what makes a chunk reused before its free was durable (rule: no reuse
+before durable) visible. A state that recovers with a revert in progress
+(one sampled per write boundary) then finishes it: the origin must read the
+snapshot's content, and every snapshot what it read before.
 """
 
 from __future__ import annotations
@@ -301,9 +300,11 @@ class _Runner:
                 assert content == pattern(chunk, version, size), f"restored chunk {chunk}"
                 self.trace.append(("origin", chunk, struct.pack("<Q", version)))
 
-    def _resize(self, effect: Effect, **sizes: int) -> None:
+    def _resize(
+        self, effect: Effect, *, origin_bytes: int | None = None, store_bytes: int | None = None
+    ) -> None:
         """A resize, committed on its own (Engine.resize commits what is pending)."""
-        self.engine.resize(**sizes)
+        self.engine.resize(origin_bytes=origin_bytes, store_bytes=store_bytes)
         self.commits += 1
         self.effects[self.commits] = [effect]
         self.trace.append(("ack", self.commits, b""))
@@ -516,6 +517,9 @@ def enumerate_crashes(
         elif kind == "origin":
             version = struct.unpack("<Q", data)[0]
             origin.write(a * g.chunk_size, pattern(a, version, g.chunk_size))
+            # Durable at once, as the trace says; and every read of a device
+            # looks through its unsynced writes, which would pile up here.
+            origin.sync()
             model.origin[a] = version
             continue
         elif kind == "view":

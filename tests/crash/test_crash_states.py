@@ -29,9 +29,12 @@ def store_bytes(seed: int) -> int:
 
 
 def operations(seed: int) -> int:
-    """On the small store some requests find it full and change nothing: half
-    as many again keep its crash states as many as a roomy workload's."""
-    return OPERATIONS * 3 // 2 if store_bytes(seed) == SMALL else OPERATIONS
+    """On the small store some requests find it full and change nothing, and
+    while a revert runs origin writes and creates wait: half as many again
+    keep such a workload's crash states as many as a plain roomy one's."""
+    if store_bytes(seed) == SMALL or lifecycle_seed(seed):
+        return OPERATIONS * 3 // 2
+    return OPERATIONS
 
 
 #: The small store first: what only wrapping allocation shows, shows soonest.
