@@ -28,7 +28,7 @@ import tempfile
 from collections.abc import Callable
 
 import pytest
-from hypothesis import HealthCheck, Phase, settings
+from hypothesis import HealthCheck, Phase, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     RuleBasedStateMachine,
@@ -53,6 +53,7 @@ from csnapd.engine import (
     SnapshotExistsError,
     SnapshotNotFoundError,
 )
+from csnapd.engine import revert as revert_module
 from tests.engine.helpers import (
     CutDevice,
     assert_clean,
@@ -91,6 +92,16 @@ def fit(r: tuple[int, int], size: int) -> tuple[int, int]:
         start += size - N
     start = min(start, size - 1)
     return start, min(count, size - start)
+
+
+#: Chunks a revert step restores here: few, so that a revert takes several
+#: steps, with other requests, crashes and resizes between them.
+REVERT_STEP_CHUNKS = 24
+
+
+@pytest.fixture(autouse=True)
+def small_revert_steps(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(revert_module, "RESTORE_CHUNKS_PER_STEP", REVERT_STEP_CHUNKS)
 
 
 OPS = st.sampled_from(["origin", "snapshot", "create", "delete"])
@@ -288,6 +299,7 @@ class EngineMachine(RuleBasedStateMachine):
         if at_once:
             self.engine.finish_revert()
             self.reverted()
+        event("revert run at once" if at_once else "revert started")
 
     @precondition(lambda self: self.reverting is not None)
     @rule()
@@ -297,6 +309,7 @@ class EngineMachine(RuleBasedStateMachine):
         self.engine.commit()
         self.reverted()
         assert more == (self.reverting is not None)
+        event("revert step" if more else "revert finished in steps")
 
     def reverted(self) -> None:
         """The model's origin as far as the revert in progress (if still running) went."""
@@ -405,7 +418,9 @@ class EngineMachine(RuleBasedStateMachine):
             assert chunks < self.n
             assert self.engine.geometry == g
             assert self.engine.status() == before
+            event("origin shrink refused")
             return
+        event("origin grown" if chunks > self.n else "origin shrunk or kept")
         assert all(len(versions) <= chunks for versions in self.snaps.values())
         assert self.engine.geometry.origin_chunks == chunks
         self.g = self.engine.geometry
@@ -430,6 +445,8 @@ class EngineMachine(RuleBasedStateMachine):
     @precondition(lambda self: self.crashes)
     @rule()
     def crash(self) -> None:
+        if self.reverting is not None:
+            event("crash while reverting")
         self.reopen_after_crash()
         self.verify_everything()
 

@@ -15,7 +15,6 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-import pytest
 import trio
 
 from csnap_nbd.backing import Backing
@@ -188,12 +187,3 @@ async def test_nbdinfo_maps_the_holes_and_nbdcopy_keeps_a_snapshot_sparse(tmp_pa
         # The copy skipped the holes: about as many blocks as data chunks.
         allocated = os.stat(copy).st_blocks * 512
         assert allocated <= (len(written | chunks_of(own)) + 16) * CHUNK, allocated
-
-
-@pytest.mark.parametrize("export", ["origin", "snap-1"])
-async def test_a_full_origin_file_is_all_data(tmp_path: Path, export: str) -> None:
-    need("nbdinfo")
-    async with gateway(tmp_path) as gw:  # the origin file written whole
-        await gw.create(1)
-        out = await run("nbdinfo", "--map", "--json", gw.url(export, unix=True))
-        assert {e["type"] for e in json.loads(out.stdout)} == {0}
