@@ -396,7 +396,7 @@ class Transmission:
         contexts = self.neg.contexts
         for number, context in enumerate(contexts):
             if context is BASE_ALLOCATION:
-                extents = self.path.allocation(req.length)
+                extents = await self.path.allocation(req.offset, req.length, req_one=req_one)
             elif context is CSNAP_EXCEPTIONS:
                 extents = await self.path.exceptions(req.offset, req.length, req_one=req_one)
             elif context.base is not None:

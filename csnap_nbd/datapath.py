@@ -54,6 +54,7 @@ from csnap_nbd.geometry import (
     pieces,
     store_placements,
 )
+from csnap_nbd.holes import origin_allocation, snapshot_allocation
 from csnap_nbd.wire.constants import Errno
 from csnap_protocol import ErrorCode
 
@@ -327,10 +328,24 @@ class DataPath:
                 chunk = stop
         return out[:1] if req_one else out
 
-    @staticmethod
-    def allocation(length: int) -> list[tuple[int, int]]:
-        """base:allocation: all data, since nothing proves a hole or zeroes here."""
-        return [(length, 0)]
+    async def allocation(self, offset: int, length: int, *, req_one: bool) -> list[tuple[int, int]]:
+        """base:allocation descriptors from the start of the request: holes
+        and zeroes where the origin file's holes prove them (csnap_nbd.holes),
+        data everywhere else."""
+        fd = self.backing.origin
+        with _translated:
+            if not self.writes_store:
+                return await origin_allocation(fd, offset, length, req_one=req_one)
+            return await snapshot_allocation(
+                fd,
+                offset,
+                length,
+                self._pieces(offset, length),
+                self.client.copied_ranges,
+                self.chunk_size,
+                req_one=req_one,
+                most_queries=STATUS_PIECES,
+            )
 
 
 class OriginPath(DataPath):

@@ -16,15 +16,30 @@ own before the one that acknowledges it: those squashes are effects of the
 acknowledging commit, and a crash state may hold any of them early (a
 squashed snapshot keeps its tag and is no longer read).
 
+A lifecycle workload also reverts and grows. A revert is started by a
+request and advanced by steps of their own, between other requests, sweeps
+and restarts; while it runs the workload issues no origin write and no
+create (the server holds them) and leaves the snapshot being reverted
+alone. A step writes the origin and syncs it before its commit, so its
+origin writes enter the trace as durable ("origin" events) before the
+commit's store writes; a crash inside a step, origin writes lost or torn,
+is tests/crash/test_revert_crash.py's. The origin grows once (to
+GROWN_ORIGIN_CHUNKS) and later the store (by STORE_GROWTH), each a resize
+of its own at a step drawn from the seed; every snapshot keeps the size it
+was taken at.
+
 A crash state at a write boundary keeps everything synced, every client
 write, and a chosen subset of the unsynced engine writes since the last
 sync, some of them torn at 512-byte sectors. It must recover to a store
 that the full check finds clean, whose snapshots are those acknowledged,
 plus possibly the effects of the one commit in flight (acknowledged ⊆
-recovered ⊆ issued), each reading exactly what the model says. And every
-copy the btree points at, live or being deleted, must hold data of its own
-chunk, which is what makes a chunk reused before its free was durable
-(rule: no reuse before durable) visible.
+recovered ⊆ issued), each reading exactly what the model says; likewise the
+revert in progress and the origin and store sizes. And every copy the btree
+points at, live or being deleted, must hold data of its own chunk, which is
+what makes a chunk reused before its free was durable (rule: no reuse
+before durable) visible. A state that recovers with a revert in progress
+(one sampled per write boundary) then finishes it: the origin must read the
+snapshot's content, and every snapshot what it read before.
 """
 
 from __future__ import annotations
@@ -34,32 +49,50 @@ import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from csnap_format import Geometry
+from csnap_format import Geometry, plan_geometry
 from csnapd.engine import (
     Engine,
     MemoryDevice,
     RequestTooLargeError,
+    RevertInProgressError,
     SnapshotBusyError,
     SnapshotUnavailableError,
     StoreFullError,
     WriteSegment,
 )
 from csnapd.engine.check import check_store
-from tests.engine.helpers import format_device, new_geometry, pattern, read_snapshot
+from tests.engine.helpers import UUID, format_device, pattern, read_snapshot
 
 Event = tuple[str, int, bytes]
-#: A commit's effect on the snapshot set: (kind, tag, created_ns); kind is
-#: "create", "delete" or "squash".
+#: A commit's effect: (kind, tag, created_ns) for "create", "delete",
+#: "squash", "revert" (started) and "reverted" (finished); ("grow_origin",
+#: origin chunks, 0) and ("grow_store", store chunks, 0) for a resize.
 Effect = tuple[str, int, int]
 
 #: Geometry of the crash workloads: small, so that a state costs milliseconds,
 #: with the minimum journal so that it wraps and checkpoints all the time.
 ORIGIN_CHUNKS = 256
+#: What a lifecycle workload grows the origin to, and the store by.
+GROWN_ORIGIN_CHUNKS = 320
+STORE_GROWTH = 1 << 20
 
 
-def crash_geometry(store_bytes: int = 4 << 20) -> Geometry:
-    return new_geometry(
-        store_bytes=store_bytes, origin_bytes=ORIGIN_CHUNKS * 4096, journal_bytes=64 * 4096
+def lifecycle_seed(seed: int) -> bool:
+    """Whether the workload of `seed` also reverts and grows the origin and
+    the store: all but every third, so that the plain mix of writes keeps
+    its share (the same seeds in CI and in the long run)."""
+    return seed % 3 != 1
+
+
+def crash_geometry(store_bytes: int = 4 << 20, max_store_bytes: int | None = None) -> Geometry:
+    """The workloads' geometry; `max_store_bytes`: what the store may grow to."""
+    return plan_geometry(
+        store_bytes=store_bytes,
+        origin_bytes=ORIGIN_CHUNKS * 4096,
+        journal_bytes=64 * 4096,
+        max_store_bytes=max_store_bytes,
+        uuid=UUID,
+        created_ns=1_700_000_000_000_000_000,
     )
 
 
@@ -76,6 +109,8 @@ class Workload:
     data_wraps: int = 0
     #: Times the journal's next slot went back to its first slot.
     journal_wraps: int = 0
+    #: Size of the origin device (room to grow in a lifecycle workload).
+    origin_bytes: int = ORIGIN_CHUNKS * 4096
 
 
 def _pack(chunk: int, version: int) -> bytes:
@@ -85,19 +120,32 @@ def _pack(chunk: int, version: int) -> bytes:
 class _Runner:
     """Drives an Engine with random operations, recording the trace."""
 
-    def __init__(self, seed: int, g: Geometry, *, filling: bool = False, reclaim: bool = True):
+    def __init__(
+        self,
+        seed: int,
+        g: Geometry,
+        *,
+        filling: bool = False,
+        reclaim: bool = True,
+        lifecycle: bool = False,
+    ):
         #: Mostly creates and large origin writes: the store fills and squashes.
         self.filling = filling
         #: Whether a full store makes room (the store-full policy) or refuses.
         self.reclaim = reclaim
+        #: Whether reverts and resizes are among the steps.
+        self.lifecycle = lifecycle
         self.rng = random.Random(seed)
         self.g = g
         self.trace: list[Event] = []
-        self.base = MemoryDevice(g.store_bytes)
+        self.base = MemoryDevice(g.store_bytes + STORE_GROWTH if lifecycle else g.store_bytes)
         format_device(self.base, g)
         self.store = self.base.durable_copy()
         self.store.log = self.trace
-        self.origin = MemoryDevice(g.origin_bytes)
+        self.origin_bytes = GROWN_ORIGIN_CHUNKS * g.chunk_size if lifecycle else g.origin_bytes
+        self.origin = MemoryDevice(self.origin_bytes)
+        #: The snapshot the origin is being reverted to, if a revert runs.
+        self.reverting: int | None = None
         self.clock = 0
         self.engine = self._open()
         self.live: dict[int, int] = {}  # tag -> created_ns, squashed ones too
@@ -114,10 +162,12 @@ class _Runner:
     def _open(self) -> Engine:
         return Engine.open(self.store, self.origin, cache_bytes=32 * 4096, clock=self._tick)
 
-    def _range(self) -> tuple[int, int]:
-        start = self.rng.randrange(ORIGIN_CHUNKS)
+    def _range(self, chunks: int | None = None) -> tuple[int, int]:
+        """A random run of chunks below `chunks` (the origin's size by default)."""
+        end = self.engine.geometry.origin_chunks if chunks is None else chunks
+        start = self.rng.randrange(end)
         count = self.rng.choice((17, 64, 128, 256) if self.filling else (1, 1, 2, 3, 8, 17, 40))
-        return start, min(count, ORIGIN_CHUNKS - start)
+        return start, min(count, end - start)
 
     def _commit(self, effects: list[Effect]) -> None:
         self.engine.commit()
@@ -128,26 +178,37 @@ class _Runner:
     # -- one request, staged; returns its effect and the client's follow-up --
 
     def _stage(self, after_origin_write: bool) -> tuple[str, list[Effect], Callable[[], object]]:
-        kind = self.rng.choices(
-            ["create", "delete", "origin", "snapshot", "priority"],
-            weights=[4, 1, 8, 2, 1] if self.filling else [3, 2, 8, 5, 1],
-        )[0]
+        kinds = ["create", "delete", "origin", "snapshot", "priority"]
+        weights = [4, 1, 8, 2, 1] if self.filling else [3, 2, 8, 5, 1]
+        if self.lifecycle:
+            kinds.append("revert")
+            weights.append(1)
+        kind = self.rng.choices(kinds, weights=weights)[0]
+        # While a revert runs, the server holds origin writes and refuses
+        # creates; the snapshot being reverted is neither written nor deleted.
+        others = sorted(t for t in self.live if t != self.reverting)
         # A server never commits a create after an origin write it granted in
         # the same transaction: that write lands after the snapshot was taken.
         # (The protocol's create barrier; docs/protocol.md.)
-        if kind == "create" and len(self.live) < 6 and not after_origin_write:
+        if (
+            kind == "create"
+            and len(self.live) < 6
+            and not after_origin_write
+            and self.reverting is None
+        ):
             tag = self.rng.choice([t for t in range(10) if t not in self.live])
             info = self.engine.create_snapshot(tag, self.rng.randrange(-128, 128))
             self.live[tag] = info.created_ns
             return kind, [("create", tag, info.created_ns)], lambda: None
-        if kind == "delete" and self.live:
-            tag = self.rng.choice(sorted(self.live))
+        if kind == "delete" and others:
+            tag = self.rng.choice(others)
             self.engine.delete_snapshot(tag)
             self.squashed.discard(tag)
             return kind, [("delete", tag, self.live.pop(tag))], lambda: None
-        if kind == "snapshot" and self.live:
-            tag = self.rng.choice(sorted(self.live))
-            segments = self.engine.snapshot_write(tag, [self._range()], reclaim=self.reclaim)
+        if kind == "snapshot" and others:
+            tag = self.rng.choice(others)
+            size = self.engine.snapshot(tag).origin_chunks
+            segments = self.engine.snapshot_write(tag, [self._range(size)], reclaim=self.reclaim)
             # A client whose snapshot is deleted (or squashed) in the same
             # commit never writes.
             return (
@@ -164,6 +225,17 @@ class _Runner:
                 self.rng.choice(sorted(self.live)), self.rng.randrange(-128, 128)
             )
             return kind, [], lambda: None
+        # The same transaction as an origin write it granted: no (the
+        # server starts a revert only once granted writes have ended).
+        if kind == "revert" and self.reverting is None and not after_origin_write:
+            usable = sorted(t for t in self.live if t not in self.squashed)
+            if usable:
+                tag = self.rng.choice(usable)
+                self.engine.start_revert(tag)
+                self.reverting = tag
+                return kind, [("revert", tag, self.live[tag])], lambda: None
+        if self.reverting is not None:
+            return "held", [], lambda: None  # an origin write waits for the revert
         r = self._range()
         self.engine.origin_write([r], reclaim=self.reclaim)
         return "origin", [], lambda: self._client_origin_writes(r)
@@ -194,11 +266,65 @@ class _Runner:
                 self.store.write_through(address, pattern(chunk, self.version, size))
         return True
 
+    def _revert_step(self) -> None:
+        """One step of the revert in progress, committed on its own."""
+        assert self.reverting is not None
+        tag = self.reverting
+        written: list[Event] = []
+        self.origin.log = written
+        try:
+            more = self.engine.revert_step(reclaim=self.reclaim)
+        except (StoreFullError, SnapshotBusyError, SnapshotUnavailableError):
+            # No room for other snapshots' copies: tried again later.
+            self._commit(self._squashes())
+            return
+        finally:
+            self.origin.log = None
+        effects = self._squashes()
+        self._restored(written)
+        if not more:
+            effects.append(("reverted", tag, self.live[tag]))
+            self.reverting = None
+        self._commit(effects)
+
+    def _restored(self, written: list[Event]) -> None:
+        """The origin writes of a revert step (synced already), as origin events."""
+        size = self.g.chunk_size
+        for kind, offset, data in written:
+            if kind == "sync":
+                continue
+            for k in range(len(data) // size):
+                chunk = offset // size + k
+                content = bytes(data[k * size : (k + 1) * size])
+                version = struct.unpack_from("<QQ", content)[1] if any(content) else 0
+                assert content == pattern(chunk, version, size), f"restored chunk {chunk}"
+                self.trace.append(("origin", chunk, struct.pack("<Q", version)))
+
+    def _resize(
+        self, effect: Effect, *, origin_bytes: int | None = None, store_bytes: int | None = None
+    ) -> None:
+        """A resize, committed on its own (Engine.resize commits what is pending)."""
+        self.engine.resize(origin_bytes=origin_bytes, store_bytes=store_bytes)
+        self.commits += 1
+        self.effects[self.commits] = [effect]
+        self.trace.append(("ack", self.commits, b""))
+
+    def grow_origin(self) -> None:
+        grown = GROWN_ORIGIN_CHUNKS
+        self._resize(("grow_origin", grown, 0), origin_bytes=grown * self.g.chunk_size)
+
+    def grow_store(self) -> None:
+        store_bytes = self.engine.geometry.store_bytes + STORE_GROWTH
+        self._resize(("grow_store", store_bytes // self.g.chunk_size, 0), store_bytes=store_bytes)
+
     def step(self) -> None:
         roll = self.rng.random()
         if roll < 0.04:
             self.engine.close()
             self.engine = self._open()
+            return
+        if self.reverting is not None and self.rng.random() < 0.3:
+            self._revert_step()
             return
         batch = 1 if roll < 0.8 else self.rng.randrange(2, 4)
         if roll < 0.14 and self.engine.sweep_pending:
@@ -216,6 +342,7 @@ class _Runner:
             except (
                 StoreFullError,
                 RequestTooLargeError,
+                RevertInProgressError,
                 SnapshotBusyError,
                 SnapshotUnavailableError,
             ):
@@ -238,20 +365,32 @@ def run_workload(
     store_bytes: int = 4 << 20,
     filling: bool = False,
     reclaim: bool = True,
+    lifecycle: bool = False,
 ) -> Workload:
     """Run `operations` random steps and return the recorded trace.
 
     A small `store_bytes` keeps the store nearly full, so allocation wraps
     around onto chunks freed moments before; `filling` favours creates and
     large origin writes, so that the store-full policy squashes often;
-    without `reclaim` a full store refuses copy-outs instead.
+    without `reclaim` a full store refuses copy-outs instead; `lifecycle`
+    adds reverts and the growing of the origin and the store.
     """
-    g = crash_geometry(store_bytes)
-    runner = _Runner(seed, g, filling=filling, reclaim=reclaim)
+    g = crash_geometry(store_bytes, store_bytes + STORE_GROWTH if lifecycle else None)
+    runner = _Runner(seed, g, filling=filling, reclaim=reclaim, lifecycle=lifecycle)
+    # When the origin grows, and later the store: at steps drawn apart from
+    # the workload's own, among its first and last halves.
+    plan = random.Random(seed + 7919)
+    grow_origin_at = plan.randrange(operations // 5, operations // 2) if lifecycle else -1
+    grow_store_at = plan.randrange(operations // 2, operations * 4 // 5) if lifecycle else -1
     data_wraps = journal_wraps = 0
     cursor, slot = runner.engine._state.data_cursor, runner.engine._journal.next_slot
-    for _ in range(operations):
-        runner.step()
+    for number in range(operations):
+        if number == grow_origin_at:
+            runner.grow_origin()
+        elif number == grow_store_at:
+            runner.grow_store()
+        else:
+            runner.step()
         now_cursor, now_slot = runner.engine._state.data_cursor, runner.engine._journal.next_slot
         data_wraps += now_cursor < cursor
         journal_wraps += now_slot < slot
@@ -264,6 +403,7 @@ def run_workload(
         runner.effects,
         data_wraps=data_wraps,
         journal_wraps=journal_wraps,
+        origin_bytes=runner.origin_bytes,
     )
 
 
@@ -274,13 +414,29 @@ def run_workload(
 class _Model:
     """What each view reads, as versions per chunk, at a point of the trace."""
 
+    #: Versions of every chunk of the origin device, past the origin's end too.
     origin: list[int]
     #: Live snapshots: tag -> created_ns.
     snaps: dict[int, int]
-    #: Contents of every snapshot ever created, by created_ns.
+    #: Contents of every snapshot ever created, by created_ns (its size long).
     contents: dict[int, list[int]]
     #: Snapshots squashed, by created_ns.
     squashed: set[int] = field(default_factory=set)
+    origin_chunks: int = ORIGIN_CHUNKS
+    store_chunks: int = 0
+    #: The snapshot the origin is being reverted to, by created_ns.
+    reverting: int | None = None
+
+    def copy(self) -> _Model:
+        return _Model(
+            self.origin,
+            dict(self.snaps),
+            dict(self.contents),
+            set(self.squashed),
+            self.origin_chunks,
+            self.store_chunks,
+            self.reverting,
+        )
 
 
 @dataclass
@@ -289,6 +445,10 @@ class CrashStats:
     states: int = 0
     torn: int = 0
     in_flight_landed: int = 0
+    #: States that recovered with a revert in progress, and those of them
+    #: whose revert was finished and checked.
+    reverting: int = 0
+    reverts_finished: int = 0
 
 
 class CrashCheckError(AssertionError):
@@ -337,8 +497,14 @@ def enumerate_crashes(
     stats = stats if stats is not None else CrashStats()
     rng = random.Random(seed)
     replay = workload.base.durable_copy()
-    origin = MemoryDevice(g.origin_bytes)
-    model = _Model([0] * ORIGIN_CHUNKS, {}, {})
+    origin = MemoryDevice(workload.origin_bytes)
+    model = _Model(
+        [0] * (workload.origin_bytes // g.chunk_size),
+        {},
+        {},
+        origin_chunks=g.origin_chunks,
+        store_chunks=g.store_chunks,
+    )
     acked = 0
     boundary = 0
     for index, (kind, a, data) in enumerate(workload.trace):
@@ -351,6 +517,9 @@ def enumerate_crashes(
         elif kind == "origin":
             version = struct.unpack("<Q", data)[0]
             origin.write(a * g.chunk_size, pattern(a, version, g.chunk_size))
+            # Durable at once, as the trace says; and every read of a device
+            # looks through its unsynced writes, which would pile up here.
+            origin.sync()
             model.origin[a] = version
             continue
         elif kind == "view":
@@ -359,6 +528,7 @@ def enumerate_crashes(
             continue
         elif kind == "ack":
             acked = a
+            _check_reverted(model, workload.effects[a], index)
             _apply(model, workload.effects[a])
             continue
         boundary += 1
@@ -371,7 +541,9 @@ def enumerate_crashes(
         for label, kept in crash_states(pending, sectors, rng, subsets):
             image = replay.crash(kept)
             try:
-                landed = _verify(image, origin, model, in_flight, g)
+                landed = _verify(
+                    image, origin, model, in_flight, g, finish_revert=label == "prefix", stats=stats
+                )
             except AssertionError as exc:
                 raise CrashCheckError(
                     f"trace event {index} ({kind}), state {label!r}: {exc}"
@@ -384,15 +556,32 @@ def enumerate_crashes(
     return stats
 
 
+def _check_reverted(model: _Model, effects: list[Effect], index: int) -> None:
+    """A revert acknowledged as finished left the origin reading its snapshot."""
+    for kind, tag, created_ns in effects:
+        target = model.contents[created_ns] if kind == "reverted" else None
+        if target is not None and model.origin[: len(target)] != target:
+            raise CrashCheckError(f"trace event {index}: the origin reverted to {tag} differs")
+
+
 def _apply(model: _Model, effects: list[Effect]) -> None:
     for kind, tag, created_ns in effects:
         if kind == "create":
             model.snaps[tag] = created_ns
-            model.contents[created_ns] = list(model.origin)
+            model.contents[created_ns] = model.origin[: model.origin_chunks]
         elif kind == "squash":
             model.squashed.add(created_ns)
-        else:
+        elif kind == "delete":
             del model.snaps[tag]
+        elif kind == "revert":
+            model.reverting = created_ns
+        elif kind == "reverted":
+            model.reverting = None
+        elif kind == "grow_origin":
+            model.origin_chunks = tag
+        else:
+            assert kind == "grow_store", kind
+            model.store_chunks = tag
 
 
 def _verify(
@@ -401,8 +590,15 @@ def _verify(
     model: _Model,
     in_flight: list[Effect],
     g: Geometry,
+    *,
+    finish_revert: bool = False,
+    stats: CrashStats | None = None,
 ) -> bool:
-    """Check one crash image; returns whether the in-flight commit landed."""
+    """Check one crash image; returns whether the in-flight commit landed.
+
+    With `finish_revert`, a revert the store recovers with is run to its end
+    (on a copy of the origin) and checked.
+    """
     report = check_store(image)
     assert report.fatal is None, f"check could not run: {report.fatal}"
     assert not report.problems, "; ".join(map(str, report.problems[:3]))
@@ -411,33 +607,93 @@ def _verify(
     # Snapshots by tag and creation time: a batch may delete a tag and create
     # it again, and only the creation time tells the two snapshots apart.
     found = {(info.tag, info.created_ns) for info in engine.snapshots()}
-    expected = _Model(model.origin, dict(model.snaps), dict(model.contents), set(model.squashed))
+    expected = model.copy()
     squashed = {info.created_ns for info in engine.snapshots() if info.state == "squashed"}
     # Squashes are committed before the commit that acknowledges them: the
     # in-flight commit's may be there whether or not it landed.
     may_squash = expected.squashed | {t for kind, _, t in in_flight if kind == "squash"}
     assert expected.squashed & {created for _, created in found} <= squashed, "a squash was lost"
     assert squashed <= may_squash, f"squashed {sorted(squashed - may_squash)} unasked"
+    revert = engine.revert_progress
+    now = (
+        found,
+        engine.geometry.origin_chunks,
+        engine.geometry.store_chunks,
+        None if revert is None else engine.snapshot(revert.tag).created_ns,
+    )
+
+    def wanted() -> tuple[set[tuple[int, int]], int, int, int | None]:
+        return (
+            set(expected.snaps.items()),
+            expected.origin_chunks,
+            expected.store_chunks,
+            expected.reverting,
+        )
+
     landed = False
-    if found != set(expected.snaps.items()) and in_flight:
+    if now != wanted() and in_flight:
         _apply(expected, in_flight)
         landed = True
-    assert found == set(expected.snaps.items()), (
-        f"snapshots {sorted(found)}, expected {sorted(expected.snaps.items())}"
+    assert now == wanted(), (
+        f"recovered (snapshots, origin and store size, revert) {now}, expected {wanted()}"
     )
+    _check_snapshots(engine, image, origin, expected, squashed, g)
+    problem = misplaced_copy(engine, image, g.chunk_size)
+    if problem is not None:
+        raise AssertionError(problem)
+    if revert is not None and stats is not None:
+        stats.reverting += 1
+    if revert is not None and finish_revert:
+        _finish_revert(engine, image, origin, expected, squashed, g)
+        if stats is not None:
+            stats.reverts_finished += 1
+    return landed
+
+
+def _check_snapshots(
+    engine: Engine,
+    image: MemoryDevice,
+    origin: MemoryDevice,
+    expected: _Model,
+    squashed: set[int],
+    g: Geometry,
+) -> None:
+    """Every snapshot not squashed has its size and reads what the model says."""
     size = g.chunk_size
     for tag, created_ns in expected.snaps.items():
         if created_ns in squashed:
             continue
         versions = expected.contents[created_ns]
-        got = read_snapshot(engine, image, origin, tag, 0, ORIGIN_CHUNKS)
+        assert engine.snapshot(tag).origin_chunks == len(versions), f"snapshot {tag}'s size"
+        got = read_snapshot(engine, image, origin, tag, 0, len(versions))
         for chunk, data in enumerate(got):
             if data != pattern(chunk, versions[chunk], size):
                 raise AssertionError(f"snapshot {tag} chunk {chunk} reads the wrong data")
-    problem = misplaced_copy(engine, image, size)
-    if problem is not None:
-        raise AssertionError(problem)
-    return landed
+
+
+def _finish_revert(
+    engine: Engine,
+    image: MemoryDevice,
+    origin: MemoryDevice,
+    expected: _Model,
+    squashed: set[int],
+    g: Geometry,
+) -> None:
+    """Run the recovered revert to its end on a copy of the origin: the origin
+    then reads the snapshot's content, every snapshot as before."""
+    assert expected.reverting is not None
+    engine.close()
+    copy = origin.snapshot_copy()
+    engine = Engine.open(image, copy)
+    engine.finish_revert()
+    assert engine.revert_progress is None
+    target = expected.contents[expected.reverting]
+    size = g.chunk_size
+    for chunk, version in enumerate(target):
+        if copy.read(chunk * size, size) != pattern(chunk, version, size):
+            raise AssertionError(f"reverted origin chunk {chunk} differs from the snapshot")
+    _check_snapshots(engine, image, copy, expected, squashed, g)
+    engine.close()
 
 
 def misplaced_copy(engine: Engine, image: MemoryDevice, size: int) -> str | None:

@@ -1,5 +1,8 @@
 """Every crash state of seeded workloads recovers to a clean store holding
-every acknowledged operation and nothing that was never issued.
+every acknowledged operation and nothing that was never issued: writes,
+snapshot creates and deletes, sweeps, squashes, restarts, and (in two
+workloads of three) reverts run a step at a time among them and the origin
+and store grown online.
 """
 
 from __future__ import annotations
@@ -8,7 +11,7 @@ import os
 
 import pytest
 
-from tests.crash.harness import CrashStats, enumerate_crashes, run_workload
+from tests.crash.harness import CrashStats, enumerate_crashes, lifecycle_seed, run_workload
 
 SEEDS = int(os.environ.get("CSNAP_CRASH_SEEDS", "3"))
 OPERATIONS = int(os.environ.get("CSNAP_CRASH_OPS", "100"))
@@ -26,9 +29,12 @@ def store_bytes(seed: int) -> int:
 
 
 def operations(seed: int) -> int:
-    """On the small store some requests find it full and change nothing: half
-    as many again keep its crash states as many as a roomy workload's."""
-    return OPERATIONS * 3 // 2 if store_bytes(seed) == SMALL else OPERATIONS
+    """On the small store some requests find it full and change nothing, and
+    while a revert runs origin writes and creates wait: half as many again
+    keep such a workload's crash states as many as a plain roomy one's."""
+    if store_bytes(seed) == SMALL or lifecycle_seed(seed):
+        return OPERATIONS * 3 // 2
+    return OPERATIONS
 
 
 #: The small store first: what only wrapping allocation shows, shows soonest.
@@ -41,13 +47,18 @@ SEED_ORDER = sorted(range(SEEDS), key=lambda seed: store_bytes(seed) != SMALL)
 def test_every_crash_state_recovers(seed: int) -> None:
     """One workload per seed (a test each, so a parallel run spreads them)."""
     stats = CrashStats()
-    workload = run_workload(seed, operations(seed), store_bytes=store_bytes(seed))
+    workload = run_workload(
+        seed, operations(seed), store_bytes=store_bytes(seed), lifecycle=lifecycle_seed(seed)
+    )
     # Four random subsets per boundary: a copy-out's data and its record
     # are unsynced together, so which of them land is worth sampling.
     enumerate_crashes(workload, seed=seed, subsets=4, stats=stats)
+    done = [kind for effects in workload.effects.values() for kind, _, _ in effects]
     print(
         f"\ncrash states: {stats.states} at {stats.points} write boundaries,"
-        f" {stats.torn} torn, {stats.in_flight_landed} with the in-flight commit landed;"
+        f" {stats.torn} torn, {stats.in_flight_landed} with the in-flight commit landed,"
+        f" {stats.reverting} mid-revert ({stats.reverts_finished} finished and checked);"
+        f" {done.count('reverted')} of {done.count('revert')} reverts finished;"
         f" data allocation wrapped {workload.data_wraps} times,"
         f" the journal {workload.journal_wraps} times"
     )
@@ -56,6 +67,9 @@ def test_every_crash_state_recovers(seed: int) -> None:
     assert workload.journal_wraps > 0
     if store_bytes(seed) == SMALL:
         assert workload.data_wraps > 0
+    if lifecycle_seed(seed):
+        assert {"revert", "reverted", "grow_origin", "grow_store"} <= set(done)
+        assert stats.reverting > 0 and stats.reverts_finished > 0
 
 
 @pytest.mark.slow

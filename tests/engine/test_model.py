@@ -1,7 +1,16 @@
 """The engine against a plain model of what every view (the origin and each
 snapshot) should read, chunk by chunk, through creates, deletes, sweeps,
-origin and snapshot writes, clean restarts, crashes that lose or tear
-unsynced writes, and power cuts in the middle of a commit.
+origin and snapshot writes, reverts advanced a step at a time among the
+other requests, the origin and the store resized, clean restarts, crashes
+that lose or tear unsynced writes, and power cuts in the middle of a commit.
+
+A revert makes the origin the snapshot's content: below the revert's
+cursor the origin reads the snapshot (where the snapshot shares the origin
+the two are equal already), above it what it read before, and every other
+snapshot is unchanged. While it runs, origin writes are held (the server's
+write gate: the model issues none), creates are refused, and so are writes
+to and deletes of the snapshot being reverted. Every snapshot keeps the
+origin size it was taken at.
 
 After every step: the engine's snapshots are the model's, the full check
 finds nothing, and a sample of chunks of every view reads what the model
@@ -19,7 +28,7 @@ import tempfile
 from collections.abc import Callable
 
 import pytest
-from hypothesis import HealthCheck, Phase, settings
+from hypothesis import HealthCheck, Phase, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     RuleBasedStateMachine,
@@ -38,11 +47,13 @@ from csnapd.engine import (
     FileDevice,
     MemoryDevice,
     RequestTooLargeError,
+    RevertInProgressError,
     ShrinkRefusedError,
     SnapshotBusyError,
     SnapshotExistsError,
     SnapshotNotFoundError,
 )
+from csnapd.engine import revert as revert_module
 from tests.engine.helpers import (
     CutDevice,
     assert_clean,
@@ -57,7 +68,9 @@ from tests.engine.helpers import (
 #: Each machine runs for tens of seconds.
 pytestmark = pytest.mark.slow
 
-N = 1024  # origin chunks
+N = 1024  # origin chunks at the start
+#: What the origin may grow to (its device's size).
+GROWN_N = N + 256
 TAGS = st.integers(0, 5)
 
 
@@ -69,6 +82,26 @@ def chunk_ranges(draw: st.DrawFn) -> tuple[int, int]:
     else:
         count = draw(st.integers(1, 48))
     return start, min(count, N - start)
+
+
+def fit(r: tuple[int, int], size: int) -> tuple[int, int]:
+    """A drawn range moved into a view of `size` chunks: the same start
+    while it fits (a grown origin's new chunks are reached from its end)."""
+    start, count = r
+    if size > N and start >= N - count:
+        start += size - N
+    start = min(start, size - 1)
+    return start, min(count, size - start)
+
+
+#: Chunks a revert step restores here: few, so that a revert takes several
+#: steps, with other requests, crashes and resizes between them.
+REVERT_STEP_CHUNKS = 24
+
+
+@pytest.fixture(autouse=True)
+def small_revert_steps(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(revert_module, "RESTORE_CHUNKS_PER_STEP", REVERT_STEP_CHUNKS)
 
 
 OPS = st.sampled_from(["origin", "snapshot", "create", "delete"])
@@ -87,9 +120,15 @@ class EngineMachine(RuleBasedStateMachine):
         self.mem = MemoryDevice(self.g.store_bytes)
         format_device(self.mem, self.g)
         self.store = CutDevice(self.mem)
-        self.origin: BlockDevice = MemoryDevice(self.g.origin_bytes)
-        self.origin_v = [0] * N
+        self.origin: BlockDevice = MemoryDevice(GROWN_N * self.g.chunk_size)
+        #: Versions of every chunk of the origin device, past the origin's end
+        #: too (a shrunk origin grown again reads what its device kept).
+        self.origin_v = [0] * GROWN_N
+        #: The origin's size in chunks now.
+        self.n = N
         self.snaps: dict[int, list[int]] = {}
+        #: The snapshot the origin is being reverted to, if a revert runs.
+        self.reverting: int | None = None
         #: Chunks whose write was granted but maybe never made (an identical
         #: rewrite, as far as contents go): the changelist may name them.
         self.rewritten: set[int] = set()
@@ -124,11 +163,13 @@ class EngineMachine(RuleBasedStateMachine):
         return self.version
 
     def expect(self, tag: int | None) -> list[int]:
-        return self.origin_v if tag is None else self.snaps[tag]
+        return self.origin_v[: self.n] if tag is None else self.snaps[tag]
 
     def verify(self, tag: int | None, chunks: list[int]) -> None:
         size = self.g.chunk_size
         for chunk in chunks:
+            if chunk >= len(self.expect(tag)):
+                continue
             want = pattern(chunk, self.expect(tag)[chunk], size)
             if tag is None:
                 got = self.origin.read(chunk * size, size)
@@ -139,7 +180,10 @@ class EngineMachine(RuleBasedStateMachine):
     def verify_everything(self) -> None:
         for tag in self.snaps:
             size = self.g.chunk_size
-            got = read_snapshot(self.engine, self.store_device(), self.origin, tag, 0, N)
+            assert self.engine.snapshot(tag).origin_chunks == len(self.snaps[tag])
+            got = read_snapshot(
+                self.engine, self.store_device(), self.origin, tag, 0, len(self.snaps[tag])
+            )
             for chunk, data in enumerate(got):
                 assert data == pattern(chunk, self.snaps[tag][chunk], size), (tag, chunk)
 
@@ -168,6 +212,10 @@ class EngineMachine(RuleBasedStateMachine):
 
     @rule(tag=TAGS, priority=st.integers(-128, 127))
     def create(self, tag: int, priority: int) -> None:
+        if self.reverting is not None:
+            with pytest.raises(RevertInProgressError):
+                self.engine.create_snapshot(tag, priority)
+            return
         if tag in self.snaps:
             with pytest.raises(SnapshotExistsError):
                 self.engine.create_snapshot(tag, priority)
@@ -180,7 +228,7 @@ class EngineMachine(RuleBasedStateMachine):
             0,
             0,
         )
-        self.snaps[tag] = list(self.origin_v)
+        self.snaps[tag] = self.expect(None)
         self.use[tag] = 0
 
     @rule(data=st.data(), sweep_now=st.booleans())
@@ -189,6 +237,9 @@ class EngineMachine(RuleBasedStateMachine):
         tag = self.pick_tag(data)
         if tag not in self.snaps:
             with pytest.raises(SnapshotNotFoundError):
+                self.engine.delete_snapshot(tag)
+        elif tag == self.reverting:
+            with pytest.raises(RevertInProgressError):
                 self.engine.delete_snapshot(tag)
         elif self.use[tag]:
             with pytest.raises(SnapshotBusyError):
@@ -224,36 +275,58 @@ class EngineMachine(RuleBasedStateMachine):
                 break
         assert not self.engine.sweep_pending
 
-    @rule(data=st.data(), cut_after=st.one_of(st.none(), st.integers(0, 3)))
-    def revert(self, data: st.DataObject, cut_after: int | None) -> None:
-        """Revert the origin to a snapshot; sometimes the store crashes after
-        `cut_after` steps, and the store opened again finishes the revert."""
+    @rule(data=st.data(), at_once=st.booleans())
+    def start_revert(self, data: st.DataObject, at_once: bool) -> None:
+        """Begin reverting the origin to a snapshot; half the time run it to
+        its end at once, else its steps come as rules of their own."""
         tag = self.pick_tag(data)
+        if self.reverting is not None:
+            with pytest.raises(RevertInProgressError):
+                self.engine.start_revert(tag)
+            return
         if tag not in self.snaps:
             with pytest.raises(SnapshotNotFoundError):
                 self.engine.start_revert(tag)
             return
         # Chunks the revert writes: the changelist may name them between the
         # origin and any view from now on (identical rewrites, to the model).
-        for segment in self.engine.snapshot_read(tag, [(0, N)]):
+        for segment in self.engine.snapshot_read(tag, [(0, len(self.snaps[tag]))]):
             if segment.store_chunk is not None:
                 self.rewritten.update(range(segment.chunk, segment.chunk + segment.count))
         self.engine.start_revert(tag)
         self.engine.commit()
-        if cut_after is not None and self.crashes:
-            for _ in range(cut_after):
-                if not self.engine.revert_step():
-                    break
-                self.engine.commit()
-            self.reopen_after_crash()
-        self.engine.finish_revert()
-        assert self.engine.revert_progress is None
-        self.origin_v = list(self.snaps[tag])
+        self.reverting = tag
+        if at_once:
+            self.engine.finish_revert()
+            self.reverted()
+        event("revert run at once" if at_once else "revert started")
+
+    @precondition(lambda self: self.reverting is not None)
+    @rule()
+    def revert_step(self) -> None:
+        """One step of the revert: the origin reads the snapshot below its cursor."""
+        more = self.engine.revert_step()
+        self.engine.commit()
+        self.reverted()
+        assert more == (self.reverting is not None)
+        event("revert step" if more else "revert finished in steps")
+
+    def reverted(self) -> None:
+        """The model's origin as far as the revert in progress (if still running) went."""
+        assert self.reverting is not None
+        target = self.snaps[self.reverting]
+        progress = self.engine.revert_progress
+        upto = len(target) if progress is None else min(progress.cursor, len(target))
+        self.origin_v[:upto] = target[:upto]
+        if progress is None:
+            self.reverting = None
 
     # -- data ----------------------------------------------------------------
 
+    @precondition(lambda self: self.reverting is None)  # held while a revert runs
     @rule(r=chunk_ranges())
     def origin_write(self, r: tuple[int, int]) -> None:
+        r = fit(r, self.n)
         start, count = r
         try:
             self.engine.origin_write([r])
@@ -270,6 +343,11 @@ class EngineMachine(RuleBasedStateMachine):
         tag = self.pick_tag(data)
         if tag not in self.snaps:
             with pytest.raises(SnapshotNotFoundError):
+                self.engine.snapshot_write(tag, [r])
+            return
+        r = fit(r, len(self.snaps[tag]))
+        if tag == self.reverting:
+            with pytest.raises(RevertInProgressError):
                 self.engine.snapshot_write(tag, [r])
             return
         try:
@@ -293,7 +371,7 @@ class EngineMachine(RuleBasedStateMachine):
         tag: int | None = None if data.draw(st.booleans(), label="origin") else self.pick_tag(data)
         if tag is not None and tag not in self.snaps:
             return
-        start, count = r
+        start, count = fit(r, len(self.expect(tag)))
         self.verify(tag, list(range(start, start + min(count, 64))))
 
     # -- resizing ----------------------------------------------------------------
@@ -307,7 +385,7 @@ class EngineMachine(RuleBasedStateMachine):
         capacity = store_capacity(g)
         # Never so small that a copy-out could find the store full: the model
         # has no squashes (every chunk copied for six snapshots fits).
-        spare = self.engine.status().data_free - 6 * N
+        spare = self.engine.status().data_free - 6 * GROWN_N
         low = max(g.data_start + 1, g.store_chunks - max(0, spare))
         chunks = data.draw(st.integers(low, capacity + 4), label="store chunks")
         if chunks * g.chunk_size > self.mem.size:
@@ -326,6 +404,27 @@ class EngineMachine(RuleBasedStateMachine):
         # Refused: nothing changed.
         assert self.engine.geometry == g
         assert self.engine.status() == before
+
+    @rule(chunks=st.integers(N - 64, GROWN_N))
+    def resize_origin(self, chunks: int) -> None:
+        """Grow the origin (its device is large enough), or try to shrink it:
+        refused when a snapshot was taken larger, else safe. Snapshots keep
+        their sizes; a refused resize changes nothing."""
+        g = self.engine.geometry
+        before = self.engine.status()
+        try:
+            self.engine.resize(origin_bytes=chunks * g.chunk_size)
+        except ShrinkRefusedError:
+            assert chunks < self.n
+            assert self.engine.geometry == g
+            assert self.engine.status() == before
+            event("origin shrink refused")
+            return
+        event("origin grown" if chunks > self.n else "origin shrunk or kept")
+        assert all(len(versions) <= chunks for versions in self.snaps.values())
+        assert self.engine.geometry.origin_chunks == chunks
+        self.g = self.engine.geometry
+        self.n = chunks
 
     # -- restarts and crashes ----------------------------------------------------
 
@@ -346,23 +445,27 @@ class EngineMachine(RuleBasedStateMachine):
     @precondition(lambda self: self.crashes)
     @rule()
     def crash(self) -> None:
+        if self.reverting is not None:
+            event("crash while reverting")
         self.reopen_after_crash()
         self.verify_everything()
 
     def stage(self, op: str, tag: int, r: tuple[int, int]) -> Callable[[], None] | None:
         """Apply `op` without committing; return what the model must do if it lands."""
         try:
-            if op == "origin":
+            if op == "origin" and self.reverting is None:
+                r = fit(r, self.n)
                 self.engine.origin_write([r])
                 self.rewritten.update(range(r[0], r[0] + r[1]))
                 return lambda: None  # the client never wrote: contents unchanged
             if op == "snapshot" and tag in self.snaps:
+                r = fit(r, len(self.snaps[tag]))
                 self.engine.snapshot_write(tag, [r])
                 self.rewritten.update(range(r[0], r[0] + r[1]))
                 return lambda: None
             if op == "create" and tag not in self.snaps:
                 self.engine.create_snapshot(tag)
-                versions = list(self.origin_v)
+                versions = self.expect(None)
 
                 def created() -> None:
                     self.snaps[tag] = versions
@@ -376,7 +479,12 @@ class EngineMachine(RuleBasedStateMachine):
                     del self.snaps[tag], self.use[tag]
 
                 return deleted
-        except (SnapshotExistsError, SnapshotNotFoundError, RequestTooLargeError):
+        except (
+            SnapshotExistsError,
+            SnapshotNotFoundError,
+            RequestTooLargeError,
+            RevertInProgressError,
+        ):
             return None
         return None
 
@@ -430,22 +538,24 @@ class EngineMachine(RuleBasedStateMachine):
             assert info.use_count == self.use[info.tag]
         assert not self.engine.pending
         assert_clean(self.store_device())
-        sample = [self.rng.randrange(N) for _ in range(8)]
+        sample = [self.rng.randrange(self.n) for _ in range(8)]
         for tag in [None, *self.snaps]:
             self.verify(tag, sample)
         views: list[int | None] = [None, *sorted(self.snaps)]
         self.check_changes(self.rng.choice(views), self.rng.choice(views))
 
     def check_changes(self, base: int | None, target: int | None) -> None:
-        """The changelist of the whole origin, in small answers, against the model."""
+        """The changelist of the whole origin, in small answers, against the
+        model, over the chunks both views have."""
         listed: set[int] = set()
         start: int | None = 0
         leaves = self.rng.choice([1, 2, 256])
-        for _ in range(N + 1):
+        n = self.n
+        for _ in range(n + 1):
             if start is None:
                 break
             answer = self.engine.changes(
-                base, target, start, N - start, max_runs=3, max_leaves=leaves
+                base, target, start, n - start, max_runs=3, max_leaves=leaves
             )
             assert len(answer.runs) <= 3
             for first, count in answer.runs:
@@ -455,7 +565,9 @@ class EngineMachine(RuleBasedStateMachine):
             start = answer.next
         assert start is None, "the changelist did not finish"
         old, new = self.expect(base), self.expect(target)
-        differ = {chunk for chunk in range(N) if old[chunk] != new[chunk]}
+        both = min(len(old), len(new))
+        listed = {chunk for chunk in listed if chunk < both}
+        differ = {chunk for chunk in range(both) if old[chunk] != new[chunk]}
         assert differ <= listed, (base, target, sorted(differ - listed)[:8])
         assert listed - differ <= self.rewritten, (base, target, sorted(listed - differ)[:8])
 
@@ -490,8 +602,9 @@ class FileEngineMachine(EngineMachine):
     @rule(data=st.data(), r=chunk_ranges())
     def snapshot_write(self, data: st.DataObject, r: tuple[int, int]) -> None:
         tag = self.pick_tag(data)
-        if tag not in self.snaps:
+        if tag not in self.snaps or tag == self.reverting:
             return
+        r = fit(r, len(self.snaps[tag]))
         try:
             segments = self.engine.snapshot_write(tag, [r])
         except RequestTooLargeError:

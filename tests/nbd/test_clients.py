@@ -170,7 +170,8 @@ async def test_block_status_reports_the_chunks_csnapd_has_copied(tmp_path: Path)
         assert await mapped("origin") == written | chunks_of(snapshot_writes)
         assert await mapped("origin") == await gw.copied(None)
 
-        # base:allocation claims nothing it cannot prove: all data, no holes, no zeroes.
+        # base:allocation proves zeroes only from the origin file's holes, and
+        # this origin file was written whole: all data, no holes, no zeroes.
         out = await run("nbdinfo", "--map=base:allocation", "--json", gw.url("snap-2"))
         assert {e["type"] for e in json.loads(out.stdout)} == {0}
         qmap = await run("qemu-img", "map", "-f", "raw", "--output=json", gw.url())

@@ -15,7 +15,13 @@ import sys
 import time
 from collections.abc import Sequence
 
-from tests.crash.harness import CrashCheckError, CrashStats, enumerate_crashes, run_workload
+from tests.crash.harness import (
+    CrashCheckError,
+    CrashStats,
+    enumerate_crashes,
+    lifecycle_seed,
+    run_workload,
+)
 
 __all__ = ["main"]
 
@@ -23,7 +29,7 @@ __all__ = ["main"]
 def _one(job: tuple[int, int, int]) -> tuple[int, CrashStats | str]:
     seed, operations, subsets = job
     try:
-        workload = run_workload(seed, operations)
+        workload = run_workload(seed, operations, lifecycle=lifecycle_seed(seed))
         return seed, enumerate_crashes(workload, seed=seed, subsets=subsets)
     except CrashCheckError as exc:
         return seed, f"{exc}"
