@@ -3,7 +3,9 @@ under branch coverage, then everything else.
 
 CSNAP_TEST_PART=unit keeps only the unit part: the tests of csnap_format,
 csnapd.engine and csnap_protocol (tests/format, tests/engine,
-tests/protocol) not marked slow, which run in seconds on small stores.
+tests/protocol) not marked slow, which run in seconds on small stores, and
+the checker's in-process damage tests (UNIT_FILES), the only ones that
+reach its salvage paths.
 CSNAP_TEST_PART=rest keeps everything else. Unset, every test runs, as
 always. Measuring coverage slows the code it traces about threefold, so only
 the fast unit part is traced; between them the two parts run every test once.
@@ -20,14 +22,21 @@ TESTS = Path(__file__).resolve().parent
 
 #: The directories of the unit part.
 UNIT_DIRECTORIES = ("format", "engine", "protocol")
+#: Files of other directories in the unit part: in process, on memory devices.
+UNIT_FILES = (
+    "crash/test_corruption.py",
+    "crash/test_lost_marks.py",
+    "crash/test_salvage_sources.py",
+)
 
 
 def _in_unit_part(item: pytest.Item) -> bool:
     try:
-        top = item.path.resolve().relative_to(TESTS).parts[0]
+        parts = item.path.resolve().relative_to(TESTS).parts
     except ValueError:
         return False
-    return top in UNIT_DIRECTORIES and item.get_closest_marker("slow") is None
+    unit = parts[0] in UNIT_DIRECTORIES or "/".join(parts) in UNIT_FILES
+    return unit and item.get_closest_marker("slow") is None
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
