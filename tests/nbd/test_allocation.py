@@ -11,38 +11,14 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 
-import trio
-
-from csnap_nbd.backing import Backing
-from csnap_nbd.exports import Exports, Geometry
 from csnap_nbd.holes import HOLE_ZERO, find_holes
 from tests.nbd.support import gateway, need, qemu_io, run
-from tests.server.support import CHUNK, Running, label, make_store, pwrite, running
+from tests.nbd.test_exports import exports_of
+from tests.server.support import CHUNK, label, pwrite
 
 HZ = HOLE_ZERO
-
-
-@asynccontextmanager
-async def exports_of(tmp_path: Path) -> AsyncIterator[tuple[Running, Exports]]:
-    """An in-process csnapd on a fresh store (its origin a sparse file) and
-    the gateway's export registry over it."""
-    config = make_store(tmp_path)
-    async with running(config) as server:
-        backing = Backing(config.origin, config.store, read_only=False)
-        try:
-            async with trio.open_nursery() as nursery:
-                exports = Exports(
-                    server.connector(), server.connector(), Geometry(CHUNK, 4096), backing
-                )
-                await nursery.start(exports.run)
-                yield server, exports
-                nursery.cancel_scope.cancel()
-        finally:
-            backing.close()
 
 
 def test_find_holes_in_a_sparse_file_and_nothing_in_a_pipe(tmp_path: Path) -> None:
