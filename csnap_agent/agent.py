@@ -30,7 +30,6 @@ import logging
 from pathlib import Path
 
 import trio
-from csnap_transport import MessageStream
 
 from csnap_agent.coordinator import Coordinator
 from csnap_agent.peers import (
@@ -86,6 +85,7 @@ from csnap_protocol import (
     message_id,
 )
 from csnap_protocol.messages import MAX_LIST
+from csnap_transport import MessageStream
 
 __all__ = [
     "Agent",

@@ -17,9 +17,9 @@ import struct
 from dataclasses import dataclass, field
 
 import trio
-from csnap_transport import MessageStream
 
 from csnap_protocol import Error, ErrorCode, Message, Role, message_id
+from csnap_transport import MessageStream
 
 log = logging.getLogger("csnap-agent")
 

@@ -19,7 +19,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import trio
-from csnap_transport import MessageStream
 
 from csnap_protocol import (
     Connection,
@@ -32,6 +31,7 @@ from csnap_protocol import (
     Role,
     message_id,
 )
+from csnap_transport import MessageStream
 
 __all__ = [
     "Session",

@@ -21,6 +21,7 @@ from dataclasses import dataclass, fields
 from typing import Annotated, Any, ClassVar, TypeVar, get_type_hints
 
 from csnap_protocol.records import (
+    MAX_PATH,
     SERVER_INFO,
     SNAPSHOT_INFO,
     STANDBY_INFO,
@@ -611,7 +612,7 @@ class ServerReady(Request):
     """
 
     address: Annotated[str, Text(256)]
-    store: Annotated[str, Text(4096)]
+    store: Annotated[str, Text(MAX_PATH)]
     pid: Annotated[int, U32]
     active: Annotated[bool, Flag()]
 

@@ -14,6 +14,9 @@ from typing import Annotated, ClassVar, TypeVar, get_type_hints
 
 from csnap_protocol.schema import S8, U32, U64, Blob, Choice, Flag, Int, Record, Spec, Text
 
+#: Longest file path a message carries (a store or origin file).
+MAX_PATH = 4096
+
 __all__ = [
     "SnapshotRecord",
     "StoreRecord",
@@ -106,8 +109,8 @@ class ServerRecord:
     RECORD: ClassVar[Record]
 
     address: Annotated[str, Text(256)]
-    store: Annotated[str, Text(4096)]
-    origin: Annotated[str, Text(4096)]
+    store: Annotated[str, Text(MAX_PATH)]
+    origin: Annotated[str, Text(MAX_PATH)]
     started_ns: Annotated[int, U64]
     epoch: Annotated[int, U64]
     state: Annotated[str, Choice(("active", "uploading", "failed", "stopping"))]

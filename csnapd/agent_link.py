@@ -21,7 +21,6 @@ import os
 import socket
 
 import trio
-from csnap_transport import MessageStream
 
 from csnap_common import unix_address
 from csnap_common.systemd import notify_ready, notify_status
@@ -39,6 +38,7 @@ from csnap_protocol import (
     ServerReady,
     StartServer,
 )
+from csnap_transport import MessageStream
 from csnapd.fencing import Fence
 
 __all__ = ["AgentLink", "AgentRefusedError"]

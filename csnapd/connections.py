@@ -21,7 +21,6 @@ import ssl
 from dataclasses import dataclass, field
 
 import trio
-from csnap_transport import MessageStream
 
 from csnap_common.allocator import release_free_pages
 from csnap_common.credentials import ROLE_ADMIN
@@ -39,6 +38,7 @@ from csnap_protocol import (
     Role,
     message_id,
 )
+from csnap_transport import MessageStream
 from csnapd.authenticate import Authenticated, authenticate, hello_refusal, request_refusal
 from csnapd.dispatch import Connected, Disconnected, Item, Peer, Received
 from csnapd.server_config import ServerConfig

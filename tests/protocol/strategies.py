@@ -51,7 +51,7 @@ def values(spec: Spec) -> st.SearchStrategy[Any]:
             lambda fields: spec.cls(**fields)
         )
     if isinstance(spec, ListOf):
-        return st.lists(values(spec.inner), max_size=3).map(tuple)
+        return st.lists(values(spec.inner), max_size=min(3, spec.most)).map(tuple)
     raise TypeError(f"no strategy for {spec!r}")
 
 

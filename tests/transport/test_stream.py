@@ -10,7 +10,6 @@ from __future__ import annotations
 import pytest
 import trio
 import trio.testing
-from csnap_transport import MessageStream
 
 from csnap_protocol import (
     MIN_MAX_FRAME,
@@ -25,6 +24,7 @@ from csnap_protocol import (
     SnapshotList,
 )
 from csnap_protocol.records import SnapshotRecord
+from csnap_transport import MessageStream
 
 
 def _pair() -> tuple[MessageStream, MessageStream]:
