@@ -39,7 +39,7 @@ from csnap_format import (
 )
 from csnapd.engine.device import BlockDevice
 from csnapd.engine.errors import EngineError, StoreIOError
-from csnapd.engine.journal import Journal
+from csnapd.engine.journal import Journal, committed_images
 from csnapd.engine.pages import BitmapPage, encode_page
 from csnapd.engine.state import StoreState
 
@@ -240,6 +240,10 @@ def write_tree(
     except EngineError as exc:
         raise SalvageError(f"replaying the journal: {exc}") from exc
     avoided = set(avoid)
+    # Nor a block with an image in the journal's ring: written directly
+    # here, it would leave that older image the newest the ring holds, and a
+    # later salvage, finding the block damaged, would take the image for it.
+    avoided.update(committed_images(device, g, journal.next_sequence - 1))
     if keep_registry and registry is not None:
         avoided.add(registry.address)
     fresh = (a for a in range(g.meta_start, g.meta_end) if a not in avoided)

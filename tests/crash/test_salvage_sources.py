@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from csnap_format import decode_leaf, decode_superblock
+from csnap_format import FormatError, Geometry, decode_index, decode_leaf, decode_superblock
 from csnapd.engine import Engine, MemoryDevice
 from csnapd.engine.check import check_store
 from csnapd.engine.check_index import meta_bitmap
 from csnapd.engine.check_report import Runs
 from csnapd.engine.check_walk import Overlay
-from csnapd.engine.journal import Journal
+from csnapd.engine.journal import Journal, committed_images, scan_journal
 from tests.crash.corruption import History, _map, _read_everything, erase_journal_images
 from tests.crash.repair_support import (
     assert_true_or_error,
@@ -169,3 +169,37 @@ def test_lost_runs_read_the_same_packed_or_as_a_bitmap() -> None:
                 expected.append((chunk, 1))
         assert list(runs) == expected and len(runs) == len(expected)
         assert runs[:8] == expected[:8] and runs[-1] == expected[-1]
+
+
+def test_a_second_salvage_never_takes_a_ring_image_older_than_the_first_wrote() -> None:
+    """The first repair's tree goes to no block with an image in the
+    journal's ring: a second repair that finds such a block damaged cannot
+    take its older image for it."""
+    history = _reused_history()
+    g = history.g
+    victim = sorted(history.leaves)[-1]
+    first = history.store.snapshot_copy()
+    first.write(victim * g.block_size, bytes(g.block_size))
+    erase_journal_images(first, g, victim)
+    assert check_store(first, repair=True).exit_code == 1
+    ring = committed_images(first, g, scan_journal(first, g).newest.record.sequence)
+    used = meta_bitmap(Overlay(first, {}, g.block_size).block, g)
+    rebuilt = [a for a in range(g.meta_start, g.meta_end) if used(a) and _is_node(first, g, a)]
+    assert rebuilt and not set(rebuilt) & set(ring), "the rebuilt tree reuses ring homes"
+    for address in rebuilt:
+        second = first.snapshot_copy()
+        second.write(address * g.block_size, bytes(g.block_size))
+        check_store(second, repair=True)
+        assert _read_everything(history, second) == [], f"block {address} damaged"
+
+
+def _is_node(store: MemoryDevice, g: Geometry, address: int) -> bool:
+    """Whether block `address` holds a btree node, a leaf or an index node."""
+    block = store.read(address * g.block_size, g.block_size)
+    for decode in (decode_leaf, decode_index):
+        try:
+            decode(block, g.context, address)
+        except FormatError:
+            continue
+        return True
+    return False
