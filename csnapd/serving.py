@@ -181,7 +181,6 @@ class Server:
                         break
                 if not stepping:
                     await self._gathering.more(batch, self._receive, config.max_batch)
-                    self._schedule.requests_taken()
                 self.connections.took(batch)
                 if self.fence is not None and not self.fence.may_write():
                     self._fenced()  # the batch dies unanswered with its connections
@@ -192,6 +191,10 @@ class Server:
                 if stepping:
                     self._schedule.stepped(time.perf_counter() - started)
                 self._deliver_outcome(outcome)
+                if not stepping:
+                    # After the replies: a batch slower than the quiet time
+                    # must not make its own clients look gone.
+                    self._schedule.requests_answered()
                 # Let readers and writers run between batches, whatever they did.
                 await trio.lowlevel.checkpoint()
                 if outcome.failed:
@@ -236,6 +239,7 @@ class Server:
                 except trio.WouldBlock:
                     return None
             background = self.dispatcher.sweep_due()
+            schedule.owed = schedule.owed and background
             if background and schedule.owed:
                 return SweepTick()
             try:

@@ -5,8 +5,8 @@ sweep step, a reserve squash or a revert step: a SweepTick), never whether
 one is wanted (csnapd.dispatch says that). The rule (docs/rules.md, "the
 sweep yields to clients"):
 
-- idle: while no client request has come for QUIET_SECONDS and nothing is
-  queued, steps run back to back;
+- idle: once QUIET_SECONDS have passed since the last client batch was
+  answered and nothing is queued, steps run back to back;
 - busy: otherwise a step runs once the background's share of the engine
   task's time has fallen to BUSY_SHARE: after a step that took d seconds
   (its work and its commit), the next one waits until d * (1 / BUSY_SHARE
@@ -34,7 +34,7 @@ __all__ = ["BUSY_SHARE", "QUIET_SECONDS", "SweepSchedule"]
 #: The background's share of the engine task's time while clients are busy:
 #: what it gets at most, and under a steady load at least.
 BUSY_SHARE = 1 / 3
-#: Seconds without a client request after which csnapd counts as idle.
+#: Seconds after its last answer to clients at which csnapd counts as idle.
 QUIET_SECONDS = 0.05
 
 
@@ -43,15 +43,15 @@ class SweepSchedule:
 
     def __init__(self, clock: Callable[[], float] = time.monotonic):
         self._clock = clock
-        #: When the last client request was taken (-inf: none yet).
+        #: When the last batch of client requests was answered (-inf: none yet).
         self._last_request = -float("inf")
         #: Before this time (of `clock`) a step is due only when idle.
         self._busy_turn = -float("inf")
         #: A step came due while requests were queued: it runs next.
         self.owed = False
 
-    def requests_taken(self) -> None:
-        """The engine task took a batch holding client requests."""
+    def requests_answered(self) -> None:
+        """The engine task answered a batch holding client requests."""
         self._last_request = self._clock()
 
     def stepped(self, seconds: float) -> None:

@@ -46,19 +46,19 @@ def test_idle_steps_run_back_to_back() -> None:
 def test_busy_steps_take_their_share_of_the_time_and_no_more() -> None:
     clock = Clock()
     schedule = SweepSchedule(clock)
-    schedule.requests_taken()
+    schedule.requests_answered()
     assert schedule.due(queued=False)  # no step yet: the first is due
     step = 0.004
     clock.now += step
     schedule.stepped(step)
     gap = step * (1 / BUSY_SHARE - 1)
-    schedule.requests_taken()
+    schedule.requests_answered()
     # Clients are busy: no step until the clients have had their share.
     assert not schedule.due(queued=False)
     assert not schedule.due(queued=True)
     assert schedule.wait() == pytest.approx(gap)
     clock.now += gap / 2
-    schedule.requests_taken()
+    schedule.requests_answered()
     assert not schedule.due(queued=True)
     clock.now += gap / 2
     assert schedule.due(queued=False)
@@ -67,7 +67,7 @@ def test_busy_steps_take_their_share_of_the_time_and_no_more() -> None:
 def test_a_step_due_while_requests_wait_comes_after_their_batch() -> None:
     clock = Clock()
     schedule = SweepSchedule(clock)
-    schedule.requests_taken()
+    schedule.requests_answered()
     clock.now += 0.001
     schedule.stepped(0.001)
     clock.now += 1.0
@@ -75,7 +75,7 @@ def test_a_step_due_while_requests_wait_comes_after_their_batch() -> None:
     # Due, but requests are queued: they go first, the step is owed.
     assert schedule.due(queued=True)
     assert schedule.owed
-    schedule.requests_taken()
+    schedule.requests_answered()
     clock.now += 0.002
     schedule.stepped(0.001)
     assert not schedule.owed
@@ -84,10 +84,10 @@ def test_a_step_due_while_requests_wait_comes_after_their_batch() -> None:
 def test_quiet_clients_count_as_idle() -> None:
     clock = Clock()
     schedule = SweepSchedule(clock)
-    schedule.requests_taken()
+    schedule.requests_answered()
     clock.now += 0.1
     schedule.stepped(0.1)  # a long step: the busy turn is far away
-    schedule.requests_taken()
+    schedule.requests_answered()
     assert not schedule.due(queued=False)
     assert schedule.wait() == pytest.approx(QUIET_SECONDS)
     clock.now += QUIET_SECONDS * 1.01
