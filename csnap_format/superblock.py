@@ -58,12 +58,17 @@ __all__ = [
     "decode_geometry",
     "encode_geometry_backup",
     "STATE_CLEAN",
+    "STATE_REPAIRING",
     "STATE_BUSY",
 ]
 
 #: Superblock `state` values: closed cleanly, or open (or crashed) since.
 STATE_CLEAN = 1
 STATE_BUSY = 2
+#: A repair that switches in several transactions marks the store so first:
+#: until its last one, the bitmaps may not match the btree, and only the
+#: repair itself may go on.
+STATE_REPAIRING = 3
 
 # Geometry: version, incompat, compat, reserved, uuid, created, block size,
 # chunk size, then 12 u64 sizes and positions.
@@ -169,6 +174,8 @@ class Superblock:
     #: Sequence of the transaction that wrote the client registry block
     #: last; 0 when unknown (no registry, or a store written before it).
     registry_sequence: int = 0
+    #: A repair is switching the store over (STATE_REPAIRING); nothing may open it.
+    repairing: bool = False
 
 
 def _pack_geometry(block: bytearray, g: Geometry) -> None:
@@ -208,7 +215,7 @@ def encode_superblock(sb: Superblock) -> bytes:
     _STATE.pack_into(
         block,
         _STATE_AT,
-        STATE_CLEAN if sb.clean else STATE_BUSY,
+        STATE_REPAIRING if sb.repairing else STATE_CLEAN if sb.clean else STATE_BUSY,
         sb.depth,
         sb.root,
         sb.meta_free,
@@ -351,8 +358,8 @@ def decode_superblock(block: bytes | bytearray | memoryview) -> Superblock:
     )
     meta_free, data_free, meta_cursor, data_cursor, sweep, sweep_mask, exceptions = counts
     problems = []
-    if state not in (STATE_CLEAN, STATE_BUSY):
-        problems.append(f"state {state} is neither clean nor busy")
+    if state not in (STATE_CLEAN, STATE_BUSY, STATE_REPAIRING):
+        problems.append(f"state {state} is neither clean, busy nor repairing")
     revert = _decode_revert(block, problems)
     (resized_ns,) = _RESIZE.unpack_from(block, _RESIZE_AT)
     (registry_sequence,) = _REGISTRY.unpack_from(block, _REGISTRY_AT)
@@ -382,6 +389,7 @@ def decode_superblock(block: bytes | bytearray | memoryview) -> Superblock:
         revert=revert,
         resized_ns=resized_ns,
         registry_sequence=registry_sequence,
+        repairing=state == STATE_REPAIRING,
     )
     problems += _state_problems(sb)
     if problems:

@@ -226,6 +226,11 @@ def check_store(
     if copied is not None:
         rule = "stale-block" if "write was lost" in copied else "block-decodes"
         report.problems.append(Problem("superblock", copied, 0, repairable=True, rule=rule))
+    if sb.repairing:
+        interrupted = "a repair was interrupted: the bitmaps may not match the btree"
+        report.problems.append(
+            Problem("superblock", interrupted, 0, repairable=True, rule="repair-finished")
+        )
     done = 0
 
     def advance(count: int) -> None:

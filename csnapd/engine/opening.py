@@ -101,6 +101,11 @@ def recover_store(store: BlockDevice, origin: BlockDevice) -> RecoveredStore:
         raise StoreIOError(f"reading the superblock: {exc.strerror or exc}") from exc
     except FormatError as exc:
         raise StoreOpenError(f"the superblock is damaged after replay: {exc}") from exc
+    if sb.repairing:
+        raise StoreOpenError(
+            "a repair of this store was interrupted and its bitmaps may not match its"
+            " btree: run csnap-check --repair to finish it"
+        )
     # A resize journaled but not yet written home: the replayed
     # superblock holds the geometry that counts (csnapd.engine.resize).
     geometry = sb.geometry

@@ -11,6 +11,7 @@ is one transaction, so a write cut short leaves the store as it was.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import operator
 from collections import Counter
@@ -176,8 +177,10 @@ def _bitmap_blocks(
     for index in range(count):
         lo = index * bits
         expected = (refs >> lo) & full
-        if lo + bits > units:  # bits past the end of the space stay set
-            expected |= full & ~((1 << (units - lo)) - 1)
+        if lo + bits > units:
+            # Bits past the end of the space stay set, whole blocks of them
+            # where the bitmap is sized for a store grown later.
+            expected |= full & ~((1 << max(0, units - lo)) - 1)
         pages.append(BitmapPage(start + index, nbytes, expected))
     return pages
 
@@ -264,19 +267,23 @@ def write_tree(
     used_chunks = sum(byte.bit_count() for byte in writer.data_marks)
     state.data_free = g.data_chunks - used_chunks
     state.registry = registry_address
-    _switch(journal, g, state, _pages(g, meta_used, writer.data_marks), registry, keep_registry)
+    pages = _pages(g, meta_used, writer.data_marks)
+    _switch(journal, g, sb, state, pages, registry, keep_registry)
     return Written(len(writer.used), state.exceptions)
 
 
 def _switch(
     journal: Journal,
     g: Geometry,
+    sb: Superblock,
     state: StoreState,
     pages: list[BitmapPage],
     registry: Registry | None,
     keep_registry: bool,
 ) -> None:
-    """Commit the bitmaps, then the superblock (and a new registry) last."""
+    """Commit the bitmaps, then the superblock (and a new registry) last;
+    when they take several transactions, the superblock is marked
+    repairing before the first (docs/format.md, "State")."""
     new_registry = registry if registry is not None and not keep_registry else None
     # A kept registry stays the version it is; a new one is the switch's.
     state.registry_sequence = registry.sequence if keep_registry and registry else 0
@@ -284,9 +291,14 @@ def _switch(
     per = journal.max_blocks
     encode: Callable[[int], list[tuple[int, bytes]]]
     try:
+        if len(pages) + final > per:
+            # Marked first: until the switch nothing may open the store,
+            # whose old tree the first bitmaps no longer describe.
+            journal.commit(1, functools.partial(_marked_repairing, sb), data_written=False)
         while len(pages) + final > per:
             # Bitmaps that do not fit the switch go first: until the switch,
-            # they only disagree with the old tree, as a re-run repairs.
+            # they only disagree with the old tree, as the repair's re-run
+            # (the only way to open the store now) repairs.
             batch, pages = pages[:per], pages[per:]
             encode = functools.partial(_encode_switch, batch, None, g, None, 0)
             journal.commit(len(batch), encode, data_written=False)
@@ -307,6 +319,10 @@ def _registry_address(g: Geometry, registry: Registry | None, keep: bool, used: 
     if not address:
         raise SalvageError("the metadata area has no room for the client registry")
     return address
+
+
+def _marked_repairing(sb: Superblock, sequence: int) -> list[tuple[int, bytes]]:
+    return [(0, encode_superblock(dataclasses.replace(sb, sequence=sequence, repairing=True)))]
 
 
 def _encode_switch(
