@@ -6,8 +6,8 @@ accumulates. With every client keeping one request in flight, that splits
 the clients into groups that take turns, each paying a sync of its own. So
 when the clients of the last commits are not all back, the task waits for
 them (`Gathering.more`), never longer than what the quickest recent commit has
-been costing, and never when a batch is already as large as those commits
-were: a lone client never waits, and a waiting batch costs at most about
+been costing, and never when every client of those commits is already in
+the batch: a lone client never waits, and a waiting batch costs at most about
 one sync more latency for about one sync less per batch. A batch that
 commits nothing forgets the clients to wait for, until the next commit.
 """
