@@ -31,9 +31,9 @@ from csnap_client import (
     Connector,
     DataClient,
     ServerError,
-    open_admin,
     open_client,
 )
+from csnap_nbd.admin_link import AdminLink
 from csnap_nbd.backing import Backing
 from csnap_nbd.datapath import DataPath, OriginPath, SnapshotPath
 
@@ -144,7 +144,7 @@ class Exports:
     ):
         self._connect = connect
         self._linger = linger
-        self._admin_connect = admin_connect
+        self._admin = AdminLink(admin_connect, linger)
         self.geometry = geometry
         self.backing = backing
         self._open: dict[int | None, _Open] = {}
@@ -154,6 +154,7 @@ class Exports:
         """Host the export clients until cancelled."""
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            await nursery.start(self._admin.run)
             task_status.started()
             await trio.sleep_forever()
 
@@ -166,8 +167,7 @@ class Exports:
         """Each snapshot's state by tag (live or squashed), oldest first."""
         try:
             with trio.fail_after(ADMIN_TIMEOUT):
-                async with open_admin(self._admin_connect) as admin:
-                    snapshots = await admin.list_snapshots()
+                snapshots = await self._admin.ask(lambda admin: admin.list_snapshots())
         except trio.TooSlowError as exc:
             raise ServerUnreachableError("csnapd did not list its snapshots in time") from exc
         except (OSError, ServerError, ConnectionLostError) as exc:
@@ -192,15 +192,14 @@ class Exports:
             return known
         try:
             with trio.fail_after(ADMIN_TIMEOUT):
-                async with open_admin(self._admin_connect) as admin:
-                    if tag is None:
-                        chunks = (await admin.status()).store.origin_chunks
-                    else:
-                        sizes = {
-                            int(s["tag"]): int(s["origin_chunks"])
-                            for s in await admin.list_snapshots()
-                        }
-                        chunks = sizes.get(tag, self.geometry.origin_chunks)
+                if tag is None:
+                    chunks = (
+                        await self._admin.ask(lambda admin: admin.status())
+                    ).store.origin_chunks
+                else:
+                    snapshots = await self._admin.ask(lambda admin: admin.list_snapshots())
+                    sizes = {int(s["tag"]): int(s["origin_chunks"]) for s in snapshots}
+                    chunks = sizes.get(tag, self.geometry.origin_chunks)
         except (trio.TooSlowError, OSError, ServerError, ConnectionLostError) as exc:
             if known is not None:
                 log.warning("cannot ask csnapd for the origin's size (%s); keeping it", exc)

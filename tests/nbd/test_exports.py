@@ -7,6 +7,7 @@ csnapd places them.
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -180,6 +181,28 @@ async def test_a_deleted_snapshots_lingering_client_closes_at_once(tmp_path: Pat
                     pass
         # Stopping the gateway closed snapshot 4's lingering client.
         await until_clients(server, (0, 0), 5)
+
+
+async def test_questions_to_csnapd_share_one_admin_connection(tmp_path: Path) -> None:
+    """Lookups, lists and origin sizes asked in a row go over one admin
+    connection, closed when its linger runs out; a resize is seen at once."""
+    linger = 1.0
+    async with exports_of(tmp_path, linger) as (server, exports), server.admin() as admin:
+        await admin.create_snapshot(3)
+        alone = (await admin.server_info())["clients"]  # this admin connection
+        for _ in range(3):
+            assert (await exports.lookup("snap-3")).tag == 3
+            assert len(await exports.list_exports()) == 2
+            assert await exports.export_size(None) == 16 << 20
+        assert (await admin.server_info())["clients"] == alone + 1
+        os.truncate(server.origin, 32 << 20)
+        await admin.resize(origin_bytes=32 << 20, store_bytes=None)
+        assert await exports.export_size(None) == 32 << 20
+        with trio.fail_after(linger + 5):
+            while True:
+                if (await admin.server_info())["clients"] == alone:
+                    break
+                await trio.sleep(0.01)
 
 
 async def test_partial_chunk_writes_keep_the_rest_of_the_chunk(tmp_path: Path) -> None:
