@@ -38,6 +38,8 @@ from csnap_nbd.backing import Backing
 from csnap_nbd.datapath import DataPath, OriginPath, SnapshotPath
 
 __all__ = [
+    "LINGER_SECONDS",
+    "MAX_LINGER_SECONDS",
     "ORIGIN",
     "SNAPSHOT_PREFIX",
     "Geometry",
@@ -60,6 +62,8 @@ ADMIN_TIMEOUT = 30.0
 #: lingers csnapd counts it connected: its snapshot is spared from squashing
 #: as for an open connection, and a delete detaches it at once.
 LINGER_SECONDS = 3.0
+#: The longest linger csnap-nbd --linger accepts.
+MAX_LINGER_SECONDS = 3600.0
 
 
 class UnknownExportError(Exception):
