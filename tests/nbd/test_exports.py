@@ -120,8 +120,8 @@ async def until_clients(server: Running, expected: tuple[int, int], seconds: flo
 async def test_a_snapshots_client_lingers_for_a_reconnect_then_closes(tmp_path: Path) -> None:
     """A reconnect within the linger reuses the snapshot's client, which sees
     what another gateway wrote meanwhile; the client closes when the linger
-    after its last user runs out, and at once when the gateway stops."""
-    linger = 1.0
+    after its last user runs out."""
+    linger = 2.0
     async with exports_of(tmp_path, linger) as (server, exports):
         for chunk in range(4):
             pwrite(server.origin, chunk, label(chunk, 1))
@@ -130,7 +130,6 @@ async def test_a_snapshots_client_lingers_for_a_reconnect_then_closes(tmp_path: 
         async with exports.use(3) as first:
             await first.write(0, memoryview(label(0, 2)), fua=False)  # owned from now on
             assert await first.read(0, 2 * CHUNK) == label(0, 2) + label(1, 1)
-        left = trio.current_time()
         assert await clients(server) == (0, 1)  # lingering
 
         # Another gateway writes the owned chunk (in place) and a shared one.
@@ -142,7 +141,6 @@ async def test_a_snapshots_client_lingers_for_a_reconnect_then_closes(tmp_path: 
         async with exports.use(3) as again:
             assert again is first
             assert await again.read(0, 2 * CHUNK) == label(0, 3) + label(1, 3)
-        assert trio.current_time() - left < linger + 5
         again_left = trio.current_time()
         await until_clients(server, (0, 0), linger + 5)
         assert trio.current_time() - again_left >= linger * 0.9
@@ -186,7 +184,7 @@ async def test_a_deleted_snapshots_lingering_client_closes_at_once(tmp_path: Pat
 async def test_questions_to_csnapd_share_one_admin_connection(tmp_path: Path) -> None:
     """Lookups, lists and origin sizes asked in a row go over one admin
     connection, closed when its linger runs out; a resize is seen at once."""
-    linger = 1.0
+    linger = 2.0
     async with exports_of(tmp_path, linger) as (server, exports), server.admin() as admin:
         await admin.create_snapshot(3)
         alone = (await admin.server_info())["clients"]  # this admin connection
