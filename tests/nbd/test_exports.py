@@ -1,8 +1,9 @@
 """The gateway's export registry against an in-process csnapd: names, one
 shared csnapd client per export in use, a snapshot's client lingering for a
 reconnect and closed at the linger's end, at shutdown or when its snapshot
-is deleted, a refused snapshot, and the data paths' partial-chunk writes as
-csnapd places them.
+is deleted, one admin connection for the gateway's questions (opened again
+after a csnapd restart), a refused snapshot, and the data paths'
+partial-chunk writes as csnapd places them.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from csnap_nbd.admin_link import AdminLink
 from csnap_nbd.backing import Backing
 from csnap_nbd.exports import (
     LINGER_SECONDS,
@@ -201,6 +203,23 @@ async def test_questions_to_csnapd_share_one_admin_connection(tmp_path: Path) ->
                 if (await admin.server_info())["clients"] == alone:
                     break
                 await trio.sleep(0.01)
+
+
+async def test_the_admin_connection_is_opened_again_after_csnapd_restarts(tmp_path: Path) -> None:
+    config = make_store(tmp_path)
+    async with trio.open_nursery() as nursery:
+        async with running(config) as first:
+            link = AdminLink(first.connector(), 600)
+            await nursery.start(link.run)
+            assert len(await link.ask(lambda admin: admin.list_snapshots())) == 0
+            port = first.port
+        async with running(config, port=port) as second:
+            async with second.admin() as admin:
+                await admin.create_snapshot(5)
+            # The question finds the shared connection broken and asks again.
+            snapshots = await link.ask(lambda admin: admin.list_snapshots())
+            assert [s["tag"] for s in snapshots] == [5]
+        nursery.cancel_scope.cancel()
 
 
 async def test_partial_chunk_writes_keep_the_rest_of_the_chunk(tmp_path: Path) -> None:
