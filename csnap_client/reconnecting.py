@@ -396,6 +396,13 @@ class ReconnectingClient:
         if session is not None:
             await session.abandon()
 
+    async def wait_ended(self) -> None:
+        """Return once this client will serve nothing more: its snapshot was
+        deleted (or squashed away across a restart), it was closed, or its
+        connection was lost with `reconnect` off."""
+        while not (self._deleted or self._closing or self._lost):
+            await self._changed.wait()
+
     async def aclose(self) -> None:
         """Stop: close the connection and do not reconnect."""
         self._closing = True

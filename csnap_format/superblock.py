@@ -363,11 +363,7 @@ def decode_superblock(block: bytes | bytearray | memoryview) -> Superblock:
     revert = _decode_revert(block, problems)
     (resized_ns,) = _RESIZE.unpack_from(block, _RESIZE_AT)
     (registry_sequence,) = _REGISTRY.unpack_from(block, _REGISTRY_AT)
-    if (
-        not is_zero(block, _RESIZE_AT + 8, _REGISTRY_AT)
-        or not is_zero(block, _REGISTRY_AT + 8, _STATE_END)
-        or not is_zero(block, _TABLE_END, geometry.block_size)
-    ):
+    if not _reserved_zero(block, geometry.block_size):
         problems.append("reserved bytes are not zero")
     sb = Superblock(
         geometry=geometry,
@@ -395,6 +391,15 @@ def decode_superblock(block: bytes | bytearray | memoryview) -> Superblock:
     if problems:
         raise CorruptBlockError("; ".join(problems), block=SUPERBLOCK_ADDRESS, kind=_NAME)
     return sb
+
+
+def _reserved_zero(block: bytes | bytearray | memoryview, block_size: int) -> bool:
+    """Whether the superblock's reserved bytes are all zero."""
+    return (
+        is_zero(block, _RESIZE_AT + 8, _REGISTRY_AT)
+        and is_zero(block, _REGISTRY_AT + 8, _STATE_END)
+        and is_zero(block, _TABLE_END, block_size)
+    )
 
 
 def _state_problems(sb: Superblock) -> list[str]:

@@ -36,6 +36,7 @@ from csnap_common.credentials import (
 )
 from csnap_common.metrics import MetricsListenError, serve_metrics
 from csnap_common.systemd import keep_watchdog_fed, notify_ready, notify_status, notify_stopping
+from csnap_nbd.exports import LINGER_SECONDS, MAX_LINGER_SECONDS
 from csnap_nbd.files import checked_agent_connectors
 from csnap_nbd.metrics import GatewayMetrics
 from csnap_nbd.server import GatewayConfig, GatewayStartError, serve
@@ -119,11 +120,29 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--read-only", action="store_true", help="advertise read-only exports, refuse writes"
     )
+    parser.add_argument(
+        "--linger",
+        type=_linger_arg,
+        default=LINGER_SECONDS,
+        metavar="SECONDS",
+        help="keep a snapshot's csnapd client, and the admin connection, this long after"
+        f" their last use (0 to 3600; default {LINGER_SECONDS:g})",
+    )
     _add_files(parser)
     _add_tls(parser)
     add_metrics(parser)
     add_log_level(parser)
     return parser
+
+
+def _linger_arg(text: str) -> float:
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0 <= seconds <= MAX_LINGER_SECONDS:
+        raise argparse.ArgumentTypeError(f"must be 0 to {MAX_LINGER_SECONDS:g} seconds: {text!r}")
+    return seconds
 
 
 def _add_files(parser: argparse.ArgumentParser) -> None:
@@ -251,6 +270,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # or an agent of ours named it: either way its paths pass the files rule.
         vouched=True,
         direct=args.direct,
+        linger=args.linger,
     )
     try:
         with single_errors():

@@ -6,9 +6,15 @@ INFO, GO), so a snapshot created a moment ago is there and a deleted one
 is not.
 
 One DataClient per export in use, shared by every NBD connection to it:
-opened by the first connection, closed when the last one leaves. Its task
-lives in the gateway's nursery, not in any connection's, so a connection
-that goes away does not take the client down under the others.
+opened by the first connection. A snapshot's client may linger (csnap-nbd
+--linger, none by default) after the last connection leaves, so a client that
+reconnects at once (qemu-img, nbdcopy, a backup tool opening one
+connection per step) finds its csnapd session and its owned map still
+there; it closes when the linger ends, when the gateway stops, and at once
+when its snapshot is deleted (or the client fails). The origin's client
+stays open once used. Each client's task lives in the gateway's nursery,
+not in any connection's, so a connection that goes away does not take the
+client down under the others.
 """
 
 from __future__ import annotations
@@ -25,13 +31,16 @@ from csnap_client import (
     Connector,
     DataClient,
     ServerError,
-    open_admin,
     open_client,
 )
+from csnap_nbd.admin_link import AdminLink
 from csnap_nbd.backing import Backing
 from csnap_nbd.datapath import DataPath, OriginPath, SnapshotPath
 
 __all__ = [
+    "ADMIN_LINGER_SECONDS",
+    "LINGER_SECONDS",
+    "MAX_LINGER_SECONDS",
     "ORIGIN",
     "SNAPSHOT_PREFIX",
     "Geometry",
@@ -49,6 +58,18 @@ ORIGIN = "origin"
 SNAPSHOT_PREFIX = "snap-"
 #: How long a list or lookup may wait for csnapd before the option fails.
 ADMIN_TIMEOUT = 30.0
+#: How long a snapshot's client stays open by default after its last NBD
+#: connection left, for a reconnect to reuse its session and owned map. While
+#: it lingers csnapd counts it connected: its snapshot is spared from
+#: squashing as for an open connection (and a delete detaches it at once),
+#: so by default it does not linger: a full store may squash the snapshot
+#: the moment nobody reads it.
+LINGER_SECONDS = 0.0
+#: How long the gateway's admin connection stays open after its last
+#: answer: it holds no snapshot, so it always lingers.
+ADMIN_LINGER_SECONDS = 3.0
+#: The longest linger csnap-nbd --linger accepts.
+MAX_LINGER_SECONDS = 3600.0
 
 
 class UnknownExportError(Exception):
@@ -107,9 +128,16 @@ class _Open:
     tag: int | None
     users: int = 0
     ready: trio.Event = field(default_factory=trio.Event)
-    release: trio.Event = field(default_factory=trio.Event)
+    #: Set and replaced whenever `users` changes or the client ends.
+    changed: trio.Event = field(default_factory=trio.Event)
+    #: The client will serve nothing more (its snapshot was deleted).
+    ended: bool = False
     path: DataPath | None = None
     failure: str | None = None
+
+    def note(self) -> None:
+        self.changed.set()
+        self.changed = trio.Event()
 
 
 class Exports:
@@ -121,9 +149,12 @@ class Exports:
         admin_connect: Connector,
         geometry: Geometry,
         backing: Backing,
+        *,
+        linger: float = LINGER_SECONDS,
     ):
         self._connect = connect
-        self._admin_connect = admin_connect
+        self._linger = linger
+        self._admin = AdminLink(admin_connect, ADMIN_LINGER_SECONDS)
         self.geometry = geometry
         self.backing = backing
         self._open: dict[int | None, _Open] = {}
@@ -133,6 +164,7 @@ class Exports:
         """Host the export clients until cancelled."""
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            await nursery.start(self._admin.run)
             task_status.started()
             await trio.sleep_forever()
 
@@ -145,8 +177,7 @@ class Exports:
         """Each snapshot's state by tag (live or squashed), oldest first."""
         try:
             with trio.fail_after(ADMIN_TIMEOUT):
-                async with open_admin(self._admin_connect) as admin:
-                    snapshots = await admin.list_snapshots()
+                snapshots = await self._admin.ask(lambda admin: admin.list_snapshots())
         except trio.TooSlowError as exc:
             raise ServerUnreachableError("csnapd did not list its snapshots in time") from exc
         except (OSError, ServerError, ConnectionLostError) as exc:
@@ -171,15 +202,14 @@ class Exports:
             return known
         try:
             with trio.fail_after(ADMIN_TIMEOUT):
-                async with open_admin(self._admin_connect) as admin:
-                    if tag is None:
-                        chunks = (await admin.status()).store.origin_chunks
-                    else:
-                        sizes = {
-                            int(s["tag"]): int(s["origin_chunks"])
-                            for s in await admin.list_snapshots()
-                        }
-                        chunks = sizes.get(tag, self.geometry.origin_chunks)
+                if tag is None:
+                    chunks = (
+                        await self._admin.ask(lambda admin: admin.status())
+                    ).store.origin_chunks
+                else:
+                    snapshots = await self._admin.ask(lambda admin: admin.list_snapshots())
+                    sizes = {int(s["tag"]): int(s["origin_chunks"]) for s in snapshots}
+                    chunks = sizes.get(tag, self.geometry.origin_chunks)
         except (trio.TooSlowError, OSError, ServerError, ConnectionLostError) as exc:
             if known is not None:
                 log.warning("cannot ask csnapd for the origin's size (%s); keeping it", exc)
@@ -231,25 +261,24 @@ class Exports:
         reused = entry is not None
         if entry is None:
             entry = self._open[tag] = _Open(tag)
-            await self._start(entry)
-        else:
-            await entry.ready.wait()
-        if entry.path is None:
-            raise UnknownExportError(entry.failure or f"cannot open {_describe(tag)}")
-        if tag is None and reused:
-            # The origin's client outlives connections: it may predate a resize.
-            await self.export_size(None)
+        # Counted before any await: a lingering client must not close under
+        # a connection that found it and is still waiting here.
         entry.users += 1
+        entry.note()
         try:
+            if reused:
+                await entry.ready.wait()
+            else:
+                await self._start(entry)
+            if entry.path is None:
+                raise UnknownExportError(entry.failure or f"cannot open {_describe(tag)}")
+            if tag is None and reused:
+                # The origin's client outlives connections: it may predate a resize.
+                await self.export_size(None)
             yield entry.path
         finally:
             entry.users -= 1
-            # The origin's client stays open once used: it remembers which
-            # chunks may be rewritten without asking csnapd, until the next
-            # snapshot, and that is worth keeping between NBD connections.
-            if entry.users == 0 and tag is not None:
-                self._forget(entry)
-                entry.release.set()
+            entry.note()
 
     def gone(self, path: DataPath) -> None:
         """The export behind `path` ended (snapshot deleted): new users open afresh."""
@@ -288,7 +317,7 @@ class Exports:
                 )
                 started = True
                 task_status.started()
-                await entry.release.wait()
+                await self._keep(entry, client)
         except Exception as exc:
             if not started:
                 raise
@@ -302,6 +331,40 @@ class Exports:
                 _describe(entry.tag),
                 extra={"event": "nbd.export_closed", "snapshot": entry.tag},
             )
+
+    async def _keep(self, entry: _Open, client: DataClient) -> None:
+        """Return when the client should close: its linger after the last user
+        ran out, or its snapshot is gone and no one uses it any more.
+
+        The origin's client stays open once used: it remembers which chunks
+        may be rewritten without asking csnapd, until the next snapshot, and
+        that is worth keeping between NBD connections.
+        """
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._watch_end, entry, client)
+            while not (entry.ended and entry.users == 0):
+                changed = entry.changed
+                if entry.users or entry.ended or entry.tag is None:
+                    await changed.wait()
+                    continue
+                # A lingering client stays connected: csnapd's snapshot_deleted
+                # still reaches it, so its owned map is forgotten as for a
+                # client in use (rule: stable owned addresses).
+                with trio.move_on_after(self._linger):
+                    await changed.wait()
+                if entry.users == 0 and not changed.is_set():
+                    break
+            # Forgotten before any await: a new user opens a client of its own.
+            self._forget(entry)
+            nursery.cancel_scope.cancel()
+
+    async def _watch_end(self, entry: _Open, client: DataClient) -> None:
+        await client.wait_ended()
+        # New users open afresh (and learn the snapshot is gone); users still
+        # here see the client's errors until they leave.
+        self._forget(entry)
+        entry.ended = True
+        entry.note()
 
     def _path(self, client: DataClient, tag: int | None) -> DataPath:
         # The origin may grow (csnap resize) and each snapshot has its own size:

@@ -32,7 +32,7 @@ from csnap_common import single_errors
 from csnap_nbd.backing import Backing
 from csnap_nbd.commands import Transmission
 from csnap_nbd.connection import Connection, PeerClosedError, set_nodelay
-from csnap_nbd.exports import Exports, Geometry
+from csnap_nbd.exports import LINGER_SECONDS, Exports, Geometry
 from csnap_nbd.files import FileRefusedError, open_backing
 from csnap_nbd.negotiation import Negotiated, negotiate
 from csnap_nbd.settings import Settings
@@ -80,6 +80,9 @@ class GatewayConfig:
     #: O_DIRECT for the origin and store: None for block devices only, True
     #: for files too, False never (csnap_nbd.backing).
     direct: bool | None = None
+    #: Seconds a snapshot's csnapd client and the admin connection stay open
+    #: after their last use (csnap_nbd.exports).
+    linger: float = LINGER_SECONDS
     #: What the gateway counts as it serves (read by csnap_nbd.metrics).
     stats: GatewayStats = field(default_factory=GatewayStats, compare=False)
 
@@ -383,7 +386,9 @@ async def _serve(
     backing = _open_backing(config, store, origin, geometry)
     created: list[str] = []
     try:
-        exports = Exports(config.connect, config.admin_connect, geometry, backing)
+        exports = Exports(
+            config.connect, config.admin_connect, geometry, backing, linger=config.linger
+        )
         gateway = _Gateway(exports, config.settings, config.tls, config.stats)
         async with trio.open_nursery() as top:
             await top.start(exports.run)

@@ -128,7 +128,7 @@ async def test_deleted_snapshot_export_ends_cleanly(tmp_path: Path) -> None:
 
 
 async def test_connections_to_one_export_share_one_csnapd_client(tmp_path: Path) -> None:
-    async with gateway(tmp_path) as gw:
+    async with gateway(tmp_path, "--linger", "2") as gw:
         await gw.create(1)
 
         async def counts() -> tuple[object, object]:
@@ -145,7 +145,15 @@ async def test_connections_to_one_export_share_one_csnapd_client(tmp_path: Path)
         for client in clients:
             await client.request(Command.DISC)
             assert await client.closed()
-        # The snapshot's client is closed once unused; the origin's stays open.
+        # The snapshot's client lingers for a reconnect, which reuses it...
+        assert await counts() == (1, 1)
+        again = await RawClient.unix(gw.socket)
+        await again.go("snap-1")
+        assert await counts() == (1, 1)
+        await again.request(Command.DISC)
+        assert await again.closed()
+        # ...and is closed when the linger after its last user runs out; the
+        # origin's stays open.
         with trio.fail_after(10):
             while True:
                 if await counts() == (1, 0):
