@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from csnap_format import LOST_CHUNK, decode_superblock
+from csnap_format import LOST_CHUNK, Geometry, decode_superblock
 from csnapd.engine import FileDevice, MemoryDevice
 from csnapd.engine.check import check_store
 from csnapd.engine.journal import scan_journal
@@ -188,17 +188,7 @@ def test_a_repair_cut_at_any_write_leaves_the_store_as_before_or_repaired() -> N
     it did before the repair, or clean with the same mapping as a whole
     repair gives."""
     store, g, _ = populated()
-    leaf = next(
-        a
-        for a in range(g.meta_start, g.meta_end)
-        if store.read(a * g.block_size, g.block_size)[4:6] == b"\x05\x00"
-    )
-    store.write(leaf * g.block_size + 3000, b"\xee")
-    store.sync()
-    before = sorted(map(str, check_store(store.snapshot_copy()).problems))
-    whole = store.snapshot_copy()
-    assert check_store(whole, repair=True).exit_code == 1
-    repaired = _mapping(whole)
+    before, repaired = damage_a_leaf(store, g)
     rng = random.Random(5)
     outcomes = {"before": 0, "repaired": 0}
     budget = 0
@@ -219,6 +209,22 @@ def test_a_repair_cut_at_any_write_leaves_the_store_as_before_or_repaired() -> N
         budget += 1
         assert budget < 2000
     assert outcomes["before"] and outcomes["repaired"], outcomes
+
+
+def damage_a_leaf(store: MemoryDevice, g: Geometry) -> tuple[list[str], set[tuple[int, int, int]]]:
+    """Flip a byte in the store's first leaf; what a check then finds, and
+    the mapping a whole repair gives."""
+    leaf = next(
+        a
+        for a in range(g.meta_start, g.meta_end)
+        if store.read(a * g.block_size, g.block_size)[4:6] == b"\x05\x00"
+    )
+    store.write(leaf * g.block_size + 3000, b"\xee")
+    store.sync()
+    before = sorted(map(str, check_store(store.snapshot_copy()).problems))
+    whole = store.snapshot_copy()
+    assert check_store(whole, repair=True).exit_code == 1
+    return before, _mapping(whole)
 
 
 def _mapping(device: MemoryDevice) -> set[tuple[int, int, int]]:

@@ -17,7 +17,7 @@ from csnapd.engine import Engine, MemoryDevice
 from csnapd.engine.check import check_store
 from csnapd.engine.errors import StoreOpenError
 from csnapd.engine.journal import Journal
-from tests.crash.test_repair import _mapping
+from tests.crash.test_repair import _mapping, damage_a_leaf
 from tests.engine.helpers import CutDevice, format_device
 
 
@@ -49,17 +49,7 @@ def _store_with_wide_bitmaps() -> tuple[MemoryDevice, MemoryDevice]:
 def test_a_repair_cut_between_its_transactions_is_finished_by_the_next() -> None:
     store, origin = _store_with_wide_bitmaps()
     g = decode_superblock(store.read(0, 4096)).geometry
-    leaf = next(
-        a
-        for a in range(g.meta_start, g.meta_end)
-        if store.read(a * g.block_size, g.block_size)[4:6] == b"\x05\x00"
-    )
-    store.write(leaf * g.block_size + 3000, b"\xee")
-    store.sync()
-    before = sorted(map(str, check_store(store.snapshot_copy()).problems))
-    whole = store.snapshot_copy()
-    assert check_store(whole, repair=True).exit_code == 1
-    repaired = _mapping(whole)
+    before, repaired = damage_a_leaf(store, g)
     rng = random.Random(9)
     outcomes = {"before": 0, "refused": 0, "repaired": 0}
     for budget in range(2000):
