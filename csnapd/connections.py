@@ -15,6 +15,7 @@ Connections.deliver_to.
 from __future__ import annotations
 
 import contextlib
+import gc
 import itertools
 import logging
 import ssl
@@ -243,6 +244,11 @@ class Connections:
             await trio.sleep(RELEASE_INTERVAL)
             if self._closed != released:
                 released = self._closed
+                # A closed connection's objects may sit in reference cycles
+                # (tasks, streams, their buffers) that only the cyclic
+                # collector frees, and an idle server allocates too little
+                # to trigger it: collected first, they can be given back.
+                gc.collect()
                 await trio.to_thread.run_sync(release_free_pages)
 
     async def _serve_connection(self, stream: trio.SocketStream) -> None:
