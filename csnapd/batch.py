@@ -148,6 +148,10 @@ class Batch:
     needs_commit: bool = False
     #: A step of the revert in progress is due: it runs with the commit.
     revert_step: bool = False
+    #: The batch is one step of a sweep, which changes nothing a live
+    #: snapshot's lookup sees: lookups answered during its commit need not
+    #: wait for it (docs/rules.md, "lookups during a commit").
+    sweep_step: bool = False
     failure: EngineFailedError | None = None
 
 

@@ -65,10 +65,10 @@ from csnapd.batch import (
 )
 from csnapd.checks import RequestRefused
 from csnapd.create_barrier import CreateBarrier
-from csnapd.engine import Engine, EngineError, EngineFailedError
+from csnapd.engine import CommitWrite, Engine, EngineError, EngineFailedError
 from csnapd.engine.locks import LockTable
 from csnapd.reporting import ServerIdentity, server_record
-from csnapd.requests import RequestHandlers, is_inbound
+from csnapd.requests import LOOKUPS, RequestHandlers, is_inbound
 from csnapd.space_watch import SpacePolicy, SpaceWatch
 from csnapd.wire_errors import error_code
 from csnapd.write_gate import WriteGate
@@ -247,6 +247,39 @@ class Dispatcher:
         except EngineFailedError as exc:
             batch.failure = exc
 
+    # A transport that lets requests that change nothing be answered while
+    # a commit is written splits commit() further (Server._commit):
+    # begin_commit here, CommitWrite.write() in a worker thread meanwhile,
+    # answer_lookup here for each lookup that arrives, settle_commit here.
+    # A batch with a revert step commits whole: the step changes the store.
+
+    def begin_commit(self, batch: Batch) -> CommitWrite | None:
+        """The batch's commit, to be written; None if it cannot be (the
+        engine failed: finish() answers the batch server_failed)."""
+        try:
+            return self.engine.prepare_commit()
+        except EngineFailedError as exc:
+            batch.failure = exc
+            return None
+
+    def settle_commit(self, batch: Batch, commit: CommitWrite) -> None:
+        """The batch's commit was written (see begin_commit)."""
+        try:
+            self.engine.settle_commit(commit)
+        except EngineFailedError as exc:
+            batch.failure = exc
+
+    def answer_lookup(self, item: Item) -> Sends | None:
+        """The replies to `item` if it is a lookup, a request that changes
+        nothing (LOOKUPS), answered at once; None for anything else, which
+        waits for the next batch. Between begin_commit and settle_commit the
+        replies say what the store will be once that commit is durable."""
+        if not isinstance(item, Received) or not isinstance(item.message, LOOKUPS):
+            return None
+        batch = Batch()
+        self._item(item, batch)
+        return batch.replies
+
     def finish(self, batch: Batch) -> Outcome:
         """After the commit: grant what may be granted, and say what to send."""
         out, replies = batch.out, batch.replies
@@ -283,7 +316,7 @@ class Dispatcher:
                     batch.revert_step = True
                     return False
                 try:
-                    self._sweep()
+                    batch.sweep_step = self._sweep()
                 finally:
                     self._report_squashed()
                     self.space.observe(*self.engine.data_use)
@@ -424,12 +457,14 @@ class Dispatcher:
             and bool(self.engine.squash_order(spare))
         )
 
-    def _sweep(self) -> None:
-        """One sweep step or one reserve squash, if one is due."""
+    def _sweep(self) -> bool:
+        """One sweep step or one reserve squash, if one is due; returns
+        whether it was a sweep step."""
         try:
             if self._may_sweep():
                 self.engine.sweep()
-            elif self._reserve_due():
+                return True
+            if self._reserve_due():
                 self.engine.squash_for_reserve(self.room()[0])
         except EngineFailedError:
             raise
@@ -437,6 +472,7 @@ class Dispatcher:
             # No caller to tell: the step was rolled back; try again later.
             log.error("sweep step or squash failed, retrying in %gs: %s", SWEEP_RETRY, exc)
             self._sweep_after = self._monotonic() + SWEEP_RETRY
+        return False
 
     # -- reporting ---------------------------------------------------------------
 

@@ -124,6 +124,11 @@ def _transport(server: Server) -> Iterator[Metric]:
         "Seconds each commit took (journal writes and fsyncs)",
         stats.commit_seconds,
     )
+    yield counter(
+        "csnapd_lookups_during_commit",
+        "Lookups answered while a commit was being written",
+        stats.lookups_during_commit,
+    )
 
 
 def _dispatcher(server: Server) -> Iterator[Metric]:

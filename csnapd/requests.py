@@ -62,7 +62,7 @@ from csnapd.reporting import snapshot_record, status_reply
 from csnapd.space_watch import SpaceWatch
 from csnapd.write_gate import WriteGate
 
-__all__ = ["Answered", "Inbound", "is_inbound", "RequestHandlers"]
+__all__ = ["Answered", "Inbound", "LOOKUPS", "is_inbound", "RequestHandlers"]
 
 log = logging.getLogger("csnapd")
 
@@ -94,6 +94,10 @@ Inbound = (
     | Resize
 )
 _INBOUND: tuple[type[Message], ...] = get_args(Inbound)
+#: Requests that change nothing in the store (a snapshot read's read locks
+#: live in memory only): they may be answered while a commit is written
+#: (csnapd.dispatch, Dispatcher.answer_lookup).
+LOOKUPS: tuple[type[Message], ...] = (QuerySnapshotRead, QueryMap, QueryOwned, QueryChanges)
 
 
 def is_inbound(message: Message) -> TypeGuard[Inbound]:

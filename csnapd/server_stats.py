@@ -39,6 +39,8 @@ class ServerStats:
         self.batch_items = Histogram(SIZE_BOUNDS)
         #: Seconds each commit (its writes and fsyncs) took.
         self.commit_seconds = Histogram()
+        #: Lookups answered while a commit was being written.
+        self.lookups_during_commit = 0
         #: Requests not yet answered, per peer: id -> (type, arrival).
         self._open: dict[Peer, dict[int, tuple[str, float]]] = {}
 

@@ -27,6 +27,7 @@ from csnap_protocol import Ok
 from csnapd.connections import Connections
 from csnapd.dispatch import (
     BarrierExpired,
+    Batch,
     Dispatcher,
     GraceExpired,
     Item,
@@ -75,6 +76,9 @@ class Server:
             space=config.space,
         )
         self._send, self._receive = trio.open_memory_channel[Item](math.inf)
+        #: A request that arrived while a commit was written and was not a
+        #: lookup: the next batch starts with it.
+        self._carried: Item | None = None
         self._gathering = Gathering()
         self._schedule = SweepSchedule()
         self._stopping = trio.Event()
@@ -176,7 +180,7 @@ class Server:
                 stepping = isinstance(item, SweepTick)
                 while not stepping and len(batch) < config.max_batch:
                     try:
-                        batch.append(self._receive.receive_nowait())
+                        batch.append(self._take_nowait())
                     except trio.WouldBlock:
                         break
                 if not stepping:
@@ -221,12 +225,62 @@ class Server:
         if batch.needs_commit:
             started = time.perf_counter()
             async with self.engine_lock:
-                await trio.to_thread.run_sync(dispatcher.commit, batch)
+                if batch.revert_step:
+                    # The step itself changes the store: nothing overlaps it.
+                    await trio.to_thread.run_sync(dispatcher.commit, batch)
+                else:
+                    await self._commit_answering(batch)
             self.stats.commit_seconds.observe(time.perf_counter() - started)
             self._gathering.committed(items, time.perf_counter() - started)
         else:
             self._gathering.nothing_committed()
         return dispatcher.finish(batch)
+
+    async def _commit_answering(self, batch: Batch) -> None:
+        """The batch's commit, written in a worker thread while lookups that
+        arrive meanwhile are answered (docs/rules.md, "lookups during a
+        commit"): at once after a sweep step, whose commit changes nothing a
+        lookup sees; otherwise with the batch's own replies, once the commit
+        is durable. The first request that is not a lookup ends the
+        answering; it starts the next batch."""
+        dispatcher = self.dispatcher
+        commit = dispatcher.begin_commit(batch)
+        if commit is None:
+            return
+        answering = trio.CancelScope()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._answer_lookups, batch, answering)
+            await trio.to_thread.run_sync(commit.write)
+            answering.cancel()
+        dispatcher.settle_commit(batch, commit)
+
+    async def _answer_lookups(self, batch: Batch, scope: trio.CancelScope) -> None:
+        with scope:
+            while self._carried is None:
+                # Cancelled only while waiting: an item received is handled.
+                item = await self._receive.receive()
+                replies = self.dispatcher.answer_lookup(item)
+                if replies is None:
+                    self._carried = item
+                    return
+                self.connections.took([item])
+                self.stats.lookups_during_commit += 1
+                if batch.sweep_step:
+                    for peer, reply in replies:
+                        self.connections.deliver_to(peer, reply)
+                else:
+                    batch.replies.extend(replies)
+
+    def _take_nowait(self) -> Item:
+        """The item carried over from the last commit, or the next queued.
+
+        Raises:
+            trio.WouldBlock: nothing is waiting.
+        """
+        item, self._carried = self._carried, None
+        if item is not None:
+            return item
+        return self._receive.receive_nowait()
 
     async def _next_item(self) -> Item | None:
         """The next thing to do; a SweepTick when the schedule says a
@@ -235,7 +289,7 @@ class Server:
         while True:
             if self._stopping.is_set():
                 try:
-                    return self._receive.receive_nowait()
+                    return self._take_nowait()
                 except trio.WouldBlock:
                     return None
             background = self.dispatcher.sweep_due()
@@ -243,7 +297,7 @@ class Server:
             if background and schedule.owed:
                 return SweepTick()
             try:
-                item = self._receive.receive_nowait()
+                item = self._take_nowait()
             except trio.WouldBlock:
                 pass
             else:

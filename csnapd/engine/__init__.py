@@ -19,6 +19,7 @@ from csnapd.engine.device import (
 )
 from csnapd.engine.engine import (
     DEFAULT_CACHE_BYTES,
+    CommitWrite,
     Engine,
     EngineStats,
     Ranges,
@@ -69,6 +70,7 @@ __all__ = [
     "FileDevice",
     "MemoryDevice",
     "PendingWrite",
+    "CommitWrite",
     "Engine",
     "EngineStats",
     "Ranges",

@@ -54,10 +54,11 @@ from csnapd.engine.squash import Squashed, Squasher
 from csnapd.engine.state import StoreState
 from csnapd.engine.stats import EngineStats
 from csnapd.engine.sweep import SWEEP_LEAVES_PER_STEP, Sweeper
-from csnapd.engine.transaction import Transaction
+from csnapd.engine.transaction import CommitWrite, Transaction
 from csnapd.engine.validation import Ranges
 
 __all__ = [
+    "CommitWrite",
     "Engine",
     "EngineStats",
     "Ranges",
@@ -311,6 +312,22 @@ class Engine(SnapshotRequests, OnlineResize):
             EngineFailedError: the commit failed; the engine is now unusable.
         """
         return self._txn.commit()
+
+    def prepare_commit(self) -> CommitWrite:
+        """commit() in three steps, for a caller that writes in a worker thread:
+        prepare here, `CommitWrite.write()` there (blocking: the journal's
+        writes and sync), then `settle_commit` here. In between, only
+        requests that change nothing may be applied (lookups and reads);
+        one that changes the store raises RuntimeError."""
+        return self._txn.prepare_commit()
+
+    def settle_commit(self, commit: CommitWrite) -> int | None:
+        """The end of a commit prepared by prepare_commit; returns the sequence.
+
+        Raises:
+            EngineFailedError: the commit failed; the engine is now unusable.
+        """
+        return self._txn.settle_commit(commit)
 
     # -- data-path requests ------------------------------------------------------
 

@@ -155,6 +155,11 @@ class Pager:
         """Start recording undo information for one request."""
         self._undo = {}
 
+    @property
+    def request_changed(self) -> bool:
+        """Whether the request begun last changed, created or dropped a page."""
+        return bool(self._undo)
+
     def end_request(self) -> None:
         """The request succeeded: keep its changes."""
         self._undo = None

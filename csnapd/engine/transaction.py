@@ -46,12 +46,12 @@ from csnapd.engine.errors import (
 )
 from csnapd.engine.journal import Journal
 from csnapd.engine.pager import Pager
-from csnapd.engine.pages import RegistryPage, encode_page
+from csnapd.engine.pages import Page, RegistryPage, encode_page
 from csnapd.engine.state import StoreState
 from csnapd.engine.stats import EngineStats
 from csnapd.engine.validation import Ranges
 
-__all__ = ["Transaction"]
+__all__ = ["CommitWrite", "Transaction"]
 
 log = logging.getLogger("csnapd.engine")
 
@@ -69,6 +69,73 @@ class _TransactionOverflowError(RequestTooLargeError):
         super().__init__(message)
         #: Metadata blocks (superblock included) the whole request changed.
         self.blocks = blocks
+
+
+class CommitWrite:
+    """One commit between Transaction.prepare_commit and settle_commit: what
+    it writes, taken when it was prepared, and how the write went."""
+
+    def __init__(
+        self,
+        journal: Journal,
+        geometry: Geometry,
+        pages: list[Page],
+        state: StoreState | None,
+        data: tuple[DataRun, ...] | None,
+        seal: bool,
+    ):
+        self._journal = journal
+        self._geometry = geometry
+        self._pages = pages
+        #: The store state to write in the superblock; None: unchanged.
+        self._state = state
+        #: The copy-out runs the record carries; None: no data written.
+        self._data = data
+        self._seal = seal
+        #: The transaction's sequence once written; None if there was nothing
+        #: to write (or only a seal).
+        self.sequence: int | None = None
+        #: The client registry's sequence, when the commit writes it.
+        self.registry_sequence: int | None = None
+        #: Why the write failed; settle_commit turns it into EngineFailedError.
+        self.error: OSError | None = None
+
+    def write(self) -> None:
+        """Write and sync the transaction (blocking; any thread). Touches the
+        journal, the device and the pages it encodes, nothing else of the
+        engine. Never raises OSError: the failure is kept for settle_commit."""
+        try:
+            self._write()
+        except OSError as exc:
+            self.error = exc
+
+    def _write(self) -> None:
+        pages, state, geometry = self._pages, self._state, self._geometry
+        if not pages and state is None:
+            if self._seal:
+                self._journal.seal()
+            return
+        # The superblock records which version of the registry is current
+        # (docs/format.md, "Client registry state"), so it goes with it.
+        registry_written = any(isinstance(page, RegistryPage) for page in pages)
+
+        def encode(sequence: int) -> list[tuple[int, bytes]]:
+            images = [(page.address, encode_page(page, sequence, geometry)) for page in pages]
+            if state is not None:
+                if registry_written:
+                    state.registry_sequence = self.registry_sequence = sequence
+                sb = state.to_superblock(geometry, sequence)
+                images.append((0, encode_superblock(sb)))
+            return images
+
+        self.sequence = self._journal.commit(
+            len(pages) + (state is not None),
+            encode,
+            data_written=self._data is not None,
+            data=self._data or (),
+        )
+        if self._seal:
+            self._journal.seal()
 
 
 class Transaction:
@@ -99,6 +166,9 @@ class Transaction:
         self._seal = False
         self._superblock_wanted = False
         self._pending_requests = 0
+        #: A commit is being written (prepare_commit .. settle_commit): only
+        #: requests that change nothing may run.
+        self._writing = False
         #: Most metadata blocks (superblock included) one transaction carries:
         #: three such transactions fit the journal, so checkpoints are rare.
         self.max_blocks = min(journal.max_blocks, max(8, (geometry.journal_blocks - 4) // 3 - 1))
@@ -178,6 +248,9 @@ class Transaction:
                 self._rollback(saved, data_written)
                 self._stats.failed_requests += 1
                 raise
+            if self._writing and (self._pager.request_changed or self._state != saved):
+                self._rollback(saved, data_written)
+                raise RuntimeError("a request changed the store while a commit was being written")
             blocks = len(self._pager.dirty) + 1
             if blocks <= self.max_blocks:
                 self._pager.end_request()
@@ -210,48 +283,49 @@ class Transaction:
         Raises:
             EngineFailedError: the commit failed; the engine is now unusable.
         """
+        commit = self.prepare_commit()
+        commit.write()
+        return self.settle_commit(commit)
+
+    def prepare_commit(self) -> CommitWrite:
+        """The commit of every request applied so far, to be written.
+
+        Between this and `settle_commit`, `CommitWrite.write` (blocking: the
+        journal's writes and sync) may run in another thread while this one
+        applies read-only requests; a request that changes anything then is
+        a programming error and raises RuntimeError (see `request`).
+        """
         self.check_usable()
         pages = list(self._pager.dirty.values())
-        # The superblock records which version of the registry is current
-        # (docs/format.md, "Client registry state"), so it goes with it.
         registry_written = any(isinstance(page, RegistryPage) for page in pages)
         state_changed = (
             registry_written or self._state != self._committed or self._superblock_wanted
         )
-        if not pages and not state_changed:
-            if not self._seal:
-                return None
-            try:
-                self._journal.seal()
-            except OSError as exc:
-                raise self._failed(exc) from exc
-            self._seal = False
-            return None
-        geometry = self._geometry
-        state = self._state
+        self._writing = True
+        return CommitWrite(
+            self._journal,
+            self._geometry,
+            pages,
+            self._state.copy() if state_changed else None,
+            tuple(self._runs) if self._data_written else None,
+            self._seal,
+        )
 
-        def encode(sequence: int) -> list[tuple[int, bytes]]:
-            images = [(page.address, encode_page(page, sequence, geometry)) for page in pages]
-            if registry_written:
-                state.registry_sequence = sequence
-            if state_changed:
-                sb = state.to_superblock(geometry, sequence)
-                images.append((0, encode_superblock(sb)))
-            return images
+    def settle_commit(self, commit: CommitWrite) -> int | None:
+        """After `commit.write()` returned: start the next transaction.
 
-        try:
-            sequence = self._journal.commit(
-                len(pages) + state_changed,
-                encode,
-                data_written=self._data_written,
-                data=self._runs,
-            )
-            if self._seal:
-                self._journal.seal()
-        except OSError as exc:
-            raise self._failed(exc) from exc
-        self._committed_now()
-        return sequence
+        Raises:
+            EngineFailedError: the write failed; the engine is now unusable.
+        """
+        self._writing = False
+        if commit.error is not None:
+            raise self._failed(commit.error) from commit.error
+        if commit.registry_sequence is not None:
+            self._state.registry_sequence = commit.registry_sequence
+        if commit.sequence is not None:
+            self._committed_now()
+        self._seal = False
+        return commit.sequence
 
     def _failed(self, exc: OSError) -> EngineFailedError:
         """A commit failed: refuse everything from now on."""

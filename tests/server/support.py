@@ -16,7 +16,7 @@ import trio
 
 from csnap_client import AdminClient, Connector, DataClient, open_admin, open_client
 from csnap_format.mkcsnap import format_store
-from csnapd.server import ServerConfig, serve
+from csnapd.server import Server, ServerConfig, serve
 from tests.credentials import connector
 
 CHUNK = 4096
@@ -24,12 +24,13 @@ CHUNK = 4096
 
 @dataclass
 class Running:
-    """A server started for a test."""
+    """A server started for a test; `server` is the Server object serving."""
 
     config: ServerConfig
     host: str
     port: int
     stop: trio.Event
+    server: Server
 
     @property
     def store(self) -> Path:
@@ -64,11 +65,12 @@ async def running(config: ServerConfig, **overrides: object) -> AsyncIterator[Ru
     """Serve `config` until the block ends, then shut down cleanly."""
     config = replace(config, **overrides)  # type: ignore[arg-type]
     stop = trio.Event()
+    started: list[Server] = []
     async with trio.open_nursery() as nursery:
-        address = await nursery.start(partial(serve, config, stop=stop))
+        address = await nursery.start(partial(serve, config, stop=stop, on_start=started.append))
         host, _, port = address.rpartition(":")
         try:
-            yield Running(config, host, int(port), stop)
+            yield Running(config, host, int(port), stop, started[0])
         finally:
             stop.set()
 

@@ -66,7 +66,7 @@ async def serving(config: ServerConfig) -> AsyncIterator[tuple[Server, Running]]
     async with trio.open_nursery() as nursery:
         await nursery.start(partial(server.run, listeners, stop=stop))
         try:
-            yield server, Running(config, host, port, stop)
+            yield server, Running(config, host, port, stop, server)
         finally:
             stop.set()
 

@@ -3,7 +3,8 @@
 The schedule alone, on a clock the test moves (its rule, step by step), then
 csnapd in-process under a steady load of lookups while the space of a
 snapshot spread over every leaf is reclaimed in many steps: every lookup is
-answered meanwhile, and the sweep still ends while the load goes on.
+answered meanwhile, some while a step's commit is written, and the sweep
+still ends while the load goes on.
 """
 
 from __future__ import annotations
@@ -175,3 +176,6 @@ async def test_lookups_are_answered_while_a_long_sweep_runs_and_it_ends_under_lo
     # while it ran, not only before and after.
     assert after["commits"] - info["commits"] >= 5
     assert all(count > 0 for count in answered), answered
+    # Lookups that arrived while a step's commit was written were answered
+    # then, not after it (docs/rules.md, "lookups during a commit").
+    assert server.server.stats.lookups_during_commit > 0

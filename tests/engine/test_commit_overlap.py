@@ -1,0 +1,93 @@
+"""A commit written in another thread while lookups are applied
+(Engine.prepare_commit, CommitWrite.write, Engine.settle_commit; docs/rules.md,
+"lookups during a commit"): lookups see the committed batch's changes, a
+request that would change the store meanwhile is refused with RuntimeError
+and changes nothing, and the settled commit is durable.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from csnapd.engine import Engine, EngineFailedError, MemoryDevice
+from tests.engine.helpers import (
+    CutDevice,
+    PowerCut,
+    assert_clean,
+    new_store,
+    pattern,
+    read_snapshot,
+    write_origin,
+)
+
+
+def _store_with_snapshot() -> tuple[MemoryDevice, MemoryDevice, Engine, int]:
+    store, origin, g = new_store()
+    for chunk in range(64):
+        write_origin(origin, g, chunk, 1)
+    engine = Engine.open(store, origin)
+    engine.create_snapshot(1)
+    engine.commit()
+    return store, origin, engine, g.chunk_size
+
+
+def test_lookups_run_while_a_commit_is_written_and_changes_wait() -> None:
+    store, origin, engine, size = _store_with_snapshot()
+    engine.origin_write([(0, 16)])  # copies chunks 0..15 out for snapshot 1
+    commit = engine.prepare_commit()
+    writer = threading.Thread(target=commit.write)
+    writer.start()
+    # Lookups while the commit is being written see what it commits.
+    for _ in range(50):
+        segments = engine.snapshot_read(1, [(0, 32)])
+        assert [(s.chunk, s.count, s.store_chunk is None) for s in segments] == [
+            (0, 16, False),
+            (16, 16, True),
+        ]
+        assert engine.origin_copied([(0, 32)]) == [(0, 16)]
+    # A request that changes the store is a programming error then, and it
+    # changed nothing.
+    with pytest.raises(RuntimeError, match="while a commit was being written"):
+        engine.origin_write([(40, 1)])
+    with pytest.raises(RuntimeError, match="while a commit was being written"):
+        engine.create_snapshot(2)
+    writer.join(timeout=30)
+    assert not writer.is_alive()
+    assert commit.error is None
+    assert engine.settle_commit(commit) is not None
+    assert not engine.pending
+    assert [s.tag for s in engine.snapshots()] == [1]
+    assert engine.origin_copied([(40, 1)]) == []
+    # What the commit carried is durable: a store reopened from the durable
+    # bytes alone reads the copies.
+    for chunk in range(16):
+        write_origin(origin, engine.geometry, chunk, 2)
+    engine.origin_write([(40, 1)])
+    engine.commit()
+    reopened = Engine.open(store.durable_copy(), origin)
+    assert read_snapshot(reopened, store, origin, 1, 0, 16) == [
+        pattern(chunk, 1, size) for chunk in range(16)
+    ]
+    assert reopened.origin_copied([(0, 64)]) == [(0, 16), (40, 1)]
+    reopened.close()
+    engine.close()
+    assert_clean(store)
+
+
+def test_a_failed_write_fails_the_engine_at_settle_and_not_before() -> None:
+    store, origin, g = new_store()
+    device = CutDevice(store)
+    engine = Engine.open(device, origin)
+    engine.create_snapshot(1)
+    engine.commit()
+    engine.origin_write([(0, 4)])
+    commit = engine.prepare_commit()
+    device.budget = 0  # the commit's first write fails
+    commit.write()  # keeps the failure: the thread that wrote raises nothing
+    assert isinstance(commit.error, PowerCut)
+    with pytest.raises(EngineFailedError, match="commit failed"):
+        engine.settle_commit(commit)
+    with pytest.raises(EngineFailedError, match="reopen the store"):
+        engine.origin_write([(8, 1)])
