@@ -77,7 +77,7 @@ def test_lookups_run_while_a_commit_is_written_and_changes_wait() -> None:
 
 
 def test_a_failed_write_fails_the_engine_at_settle_and_not_before() -> None:
-    store, origin, g = new_store()
+    store, origin, _geometry = new_store()
     device = CutDevice(store)
     engine = Engine.open(device, origin)
     engine.create_snapshot(1)
