@@ -69,7 +69,10 @@ from csnap_common.credentials import ROLE_ADMIN, client_context, store_credentia
 from csnap_format.mkcsnap import format_store
 
 CHUNK = 4096
-CLIENTS = (1, 8, 64)
+#: (clients, requests each keeps in flight): one in flight is the plain
+#: measure; 8 clients with 4 each is a gateway's queue depth, and the only
+#: shape where a batch can carry more replies than there are clients.
+CLIENTS = ((1, 1), (8, 1), (8, 4), (64, 1))
 #: Tag of the snapshot the data-path workloads use.
 SNAPSHOT = 1
 #: Chunks per request when filling regions before measuring.
@@ -272,8 +275,10 @@ async def run_round(
     chunks: Chunks,
     count: int,
     seconds: float,
+    depth: int = 1,
 ) -> Round:
-    """Every client runs `operation` back to back until the count or time is used."""
+    """Every client runs `operation` back to back, `depth` at a time, until
+    the count or time is used."""
     result = Round()
     budget = count
     before = await counters(admin)
@@ -300,7 +305,8 @@ async def run_round(
     with trio.fail_after(seconds + 60):
         async with trio.open_nursery() as nursery:
             for client in clients:
-                nursery.start_soon(client_loop, client)
+                for _ in range(depth):
+                    nursery.start_soon(client_loop, client)
     result.elapsed_ns = time.perf_counter_ns() - start
     result.client_cpu_ns = time.process_time_ns() - client_cpu
     server_after = server.cpu_ns()
@@ -484,13 +490,16 @@ async def data_path(
         await fill(server.connect, *layout.region)
         for workload in WORKLOADS:
             chunks = layout.chunks(workload)
-            for count in CLIENTS:
+            for count, depth in CLIENTS:
                 async with data_clients(server.connect, count, workload.snapshot) as clients:
                     measure = partial(run_round, server, admin, clients, workload.operation, chunks)
-                    await measure(plan.warmup_count, plan.warmup_seconds)
-                    rounds = [await measure(plan.count, plan.seconds) for _ in range(plan.rounds)]
+                    await measure(plan.warmup_count, plan.warmup_seconds, depth)
+                    rounds = [
+                        await measure(plan.count, plan.seconds, depth) for _ in range(plan.rounds)
+                    ]
                 figs = figures(rounds, workload.fsyncs_per_commit)
-                report(f"{workload.name}_{count}_clients", {"clients": count, **figs})
+                key = f"{workload.name}_{count}_clients" + (f"_{depth}_deep" if depth > 1 else "")
+                report(key, {"clients": count, "depth": depth, **figs})
 
 
 # -- snapshot lifecycle --------------------------------------------------------
@@ -574,17 +583,19 @@ _HEADER = (
     "# fsyncs/reply: the server's own count of its fsyncs (csnapd_fsyncs) per reply\n"
     "# batch = replies / commits ('-': no commits)\n"
     "# cpu us/reply: CPU time of the csnapd process (srv) and of this load generator (gen)\n"
+    "# clients NxD: N clients, each keeping D requests in flight (else one)\n"
     f"{'workload':<22} {'clients':>7} {'chunks/s':>10} {'p50 ms':>8} {'p99 ms':>8}"
     f" {'commits/reply':>13} {'fsyncs/reply':>12} {'batch':>7} {'srv cpu':>7} {'gen cpu':>7}"
 )
 
 
 def _row(name: str, figs: dict[str, Any]) -> str:
-    workload = name.rsplit("_", 2)[0]
+    workload = name.split("_clients")[0].rsplit("_", 1)[0]
+    clients = f"{figs['clients']}" + (f"x{figs['depth']}" if figs.get("depth", 1) > 1 else "")
     batch = "-" if figs["batch"] is None else f"{figs['batch']:.1f}"
     server = figs["server_cpu_us_per_reply"]
     return (
-        f"{workload:<22} {figs['clients']:>7} {figs['chunks_per_s']:>10,.0f}"
+        f"{workload:<22} {clients:>7} {figs['chunks_per_s']:>10,.0f}"
         f" {figs['p50_ms']:>8.3f} {figs['p99_ms']:>8.3f} {figs['commits_per_reply']:>13.3f}"
         f" {figs['fsyncs_per_reply']:>12.3f} {batch:>7}"
         f" {'-' if server is None else f'{server:.0f}':>7} {figs['client_cpu_us_per_reply']:>7.0f}"
