@@ -79,6 +79,9 @@ class Server:
         #: A request that arrived while a commit was written and was not a
         #: lookup: the next batch starts with it.
         self._carried: Item | None = None
+        #: Seconds the engine task spent answering lookups during the
+        #: current batch's commit: not the background's when it is a step.
+        self._answering_seconds = 0.0
         self._gathering = Gathering()
         self._schedule = SweepSchedule()
         self._stopping = trio.Event()
@@ -191,9 +194,12 @@ class Server:
                     break
                 self.stats.batch_items.observe(len(batch))
                 started = time.perf_counter()
+                self._answering_seconds = 0.0
                 outcome = await self._apply(batch)
                 if stepping:
-                    self._schedule.stepped(time.perf_counter() - started)
+                    # Lookups answered during its commit were the clients' time.
+                    took = time.perf_counter() - started - self._answering_seconds
+                    self._schedule.stepped(max(0.0, took))
                 self._deliver_outcome(outcome)
                 if not stepping:
                     # After the replies: a batch slower than the quiet time
@@ -259,6 +265,7 @@ class Server:
             while self._carried is None:
                 # Cancelled only while waiting: an item received is handled.
                 item = await self._receive.receive()
+                started = time.perf_counter()
                 replies = self.dispatcher.answer_lookup(item)
                 if replies is None:
                     self._carried = item
@@ -268,8 +275,10 @@ class Server:
                 if batch.sweep_step:
                     for peer, reply in replies:
                         self.connections.deliver_to(peer, reply)
+                    self._schedule.requests_answered()
                 else:
                     batch.replies.extend(replies)
+                self._answering_seconds += time.perf_counter() - started
 
     def _take_nowait(self) -> Item:
         """The item carried over from the last commit, or the next queued.
