@@ -248,7 +248,7 @@ class Dispatcher:
             batch.failure = exc
 
     # A transport that lets requests that change nothing be answered while
-    # a commit is written splits commit() further (Server._commit):
+    # a commit is written splits commit() further (csnapd.serving, Server._commit_answering):
     # begin_commit here, CommitWrite.write() in a worker thread meanwhile,
     # answer_lookup here for each lookup that arrives, settle_commit here.
     # A batch with a revert step commits whole: the step changes the store.

@@ -96,8 +96,10 @@ Inbound = (
 _INBOUND: tuple[type[Message], ...] = get_args(Inbound)
 #: Requests that change nothing in the store (a snapshot read's read locks
 #: live in memory only): they may be answered while a commit is written
-#: (csnapd.dispatch, Dispatcher.answer_lookup).
-LOOKUPS: tuple[type[Message], ...] = (QuerySnapshotRead, QueryMap, QueryOwned, QueryChanges)
+#: (csnapd.dispatch, Dispatcher.answer_lookup). Not `query_owned`: it hands
+#: out chunks a client may write into, which may need a seal of their own
+#: after the commit being written (docs/rules.md, "data before pointers").
+LOOKUPS: tuple[type[Message], ...] = (QuerySnapshotRead, QueryMap, QueryChanges)
 
 
 def is_inbound(message: Message) -> TypeGuard[Inbound]:

@@ -79,9 +79,6 @@ class Server:
         #: A request that arrived while a commit was written and was not a
         #: lookup: the next batch starts with it.
         self._carried: Item | None = None
-        #: Seconds the engine task spent answering lookups during the
-        #: current batch's commit: not the background's when it is a step.
-        self._answering_seconds = 0.0
         self._gathering = Gathering()
         self._schedule = SweepSchedule()
         self._stopping = trio.Event()
@@ -194,12 +191,11 @@ class Server:
                     break
                 self.stats.batch_items.observe(len(batch))
                 started = time.perf_counter()
-                self._answering_seconds = 0.0
                 outcome = await self._apply(batch)
                 if stepping:
-                    # Lookups answered during its commit were the clients' time.
-                    took = time.perf_counter() - started - self._answering_seconds
-                    self._schedule.stepped(max(0.0, took))
+                    # Its whole commit, lookups answered meanwhile or not:
+                    # every other request waited for all of it.
+                    self._schedule.stepped(time.perf_counter() - started)
                 self._deliver_outcome(outcome)
                 if not stepping:
                     # After the replies: a batch slower than the quiet time
@@ -248,7 +244,8 @@ class Server:
         commit"): at once after a sweep step, whose commit changes nothing a
         lookup sees; otherwise with the batch's own replies, once the commit
         is durable. The first request that is not a lookup ends the
-        answering; it starts the next batch."""
+        answering; it starts the next batch. A fenced server answers none:
+        it may no longer reply at all."""
         dispatcher = self.dispatcher
         commit = dispatcher.begin_commit(batch)
         if commit is None:
@@ -265,8 +262,8 @@ class Server:
             while self._carried is None:
                 # Cancelled only while waiting: an item received is handled.
                 item = await self._receive.receive()
-                started = time.perf_counter()
-                replies = self.dispatcher.answer_lookup(item)
+                fenced = self.fence is not None and not self.fence.may_write()
+                replies = None if fenced else self.dispatcher.answer_lookup(item)
                 if replies is None:
                     self._carried = item
                     return
@@ -278,7 +275,6 @@ class Server:
                     self._schedule.requests_answered()
                 else:
                     batch.replies.extend(replies)
-                self._answering_seconds += time.perf_counter() - started
 
     def _take_nowait(self) -> Item:
         """The item carried over from the last commit, or the next queued.

@@ -9,8 +9,8 @@ sweep yields to clients"):
   answered and nothing is queued, steps run back to back;
 - busy: otherwise a step runs once the background's share of the engine
   task's time has fallen to BUSY_SHARE: after a step that took d seconds
-  (its work and its commit, less the lookups answered during that commit,
-  which were the clients' time), the next one waits until d * (1 / BUSY_SHARE
+  (its work and its commit, whole even when lookups were answered during
+  it: every other request waited for all of it), the next one waits until d * (1 / BUSY_SHARE
   - 1) seconds have passed since it ended. So clients keep at least
   1 - BUSY_SHARE of the time, and no client waits behind more than one step
   at a time;
@@ -56,8 +56,7 @@ class SweepSchedule:
         self._last_request = self._clock()
 
     def stepped(self, seconds: float) -> None:
-        """A step just ended; it took `seconds` of the engine task's time,
-        its commit included (less any lookups answered meanwhile)."""
+        """A step just ended; it took `seconds`, its commit included."""
         self._busy_turn = self._clock() + seconds * (1 / BUSY_SHARE - 1)
         self.owed = False
 

@@ -23,6 +23,7 @@ import fcntl
 import os
 import random
 import stat
+import threading
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -232,6 +233,10 @@ class MemoryDevice:
         self.stats = DeviceStats()
         self._pages: dict[int, bytes] = {}
         self.pending: list[PendingWrite] = []
+        #: A commit's writes and sync may run in another thread than the
+        #: reads of lookups (csnapd answers lookups while it commits): a
+        #: read must not see a sync half done.
+        self._lock = threading.Lock()
         #: If given, every ("write" | "durable", offset, data) and ("sync", 0,
         #: b"") is appended to it, in order.
         self.log = log
@@ -279,6 +284,10 @@ class MemoryDevice:
             at += step
 
     def read(self, offset: int, length: int) -> bytes:
+        with self._lock:
+            return self._read(offset, length)
+
+    def _read(self, offset: int, length: int) -> bytes:
         self._check(offset, length)
         self.stats.reads += 1
         self.stats.bytes_read += length
@@ -300,7 +309,8 @@ class MemoryDevice:
         self.stats.writes += 1
         self.stats.bytes_written += len(data)
         record = PendingWrite(offset, bytes(data))
-        self.pending.append(record)
+        with self._lock:
+            self.pending.append(record)
         if self.log is not None:
             self.log.append(("write", offset, record.data))
 
@@ -314,15 +324,17 @@ class MemoryDevice:
         self.stats.writes += 1
         self.stats.bytes_written += len(data)
         record = PendingWrite(offset, bytes(data), durable=True)
-        self.pending.append(record)
+        with self._lock:
+            self.pending.append(record)
         if self.log is not None:
             self.log.append(("durable", offset, record.data))
 
     def sync(self) -> None:
         self.stats.syncs += 1
-        for write in self.pending:
-            self._durable_write(write.offset, write.data)
-        self.pending.clear()
+        with self._lock:
+            for write in self.pending:
+                self._durable_write(write.offset, write.data)
+            self.pending.clear()
         if self.log is not None:
             self.log.append(("sync", 0, b""))
 

@@ -75,6 +75,9 @@ class Pager:
         self.dirty: dict[int, Page] = {}
         self._undo: dict[int, tuple[Page | None, bool]] | None = None
         self.stats = CacheStats()
+        #: A commit is being written from the dirty pages (in another
+        #: thread): no page may change until it is settled.
+        self.writing = False
 
     def __len__(self) -> int:
         return len(self._pages)
@@ -130,8 +133,14 @@ class Pager:
                 address in self.dirty,
             )
 
+    def _refuse_while_writing(self) -> None:
+        if self.writing:
+            # The page objects are what the commit's thread encodes.
+            raise RuntimeError("a request changed the store while a commit was being written")
+
     def modify(self, page: _P) -> _P:
         """Declare that `page` is about to change; returns it for chaining."""
+        self._refuse_while_writing()
         address = page.address
         self._remember(address, page)
         self.dirty[address] = page
@@ -139,12 +148,14 @@ class Pager:
 
     def create(self, page: Page) -> None:
         """Add a page for a newly allocated block."""
+        self._refuse_while_writing()
         self._remember(page.address, None)
         self._pages[page.address] = page
         self.dirty[page.address] = page
 
     def forget(self, address: int) -> None:
         """Drop a freed block: it is neither cached nor written any more."""
+        self._refuse_while_writing()
         self._remember(address, self._pages.get(address))
         self._pages.pop(address, None)
         self.dirty.pop(address, None)
@@ -154,11 +165,6 @@ class Pager:
     def begin_request(self) -> None:
         """Start recording undo information for one request."""
         self._undo = {}
-
-    @property
-    def request_changed(self) -> bool:
-        """Whether the request begun last changed, created or dropped a page."""
-        return bool(self._undo)
 
     def end_request(self) -> None:
         """The request succeeded: keep its changes."""

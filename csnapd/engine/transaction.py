@@ -97,16 +97,17 @@ class CommitWrite:
         self.sequence: int | None = None
         #: The client registry's sequence, when the commit writes it.
         self.registry_sequence: int | None = None
-        #: Why the write failed; settle_commit turns it into EngineFailedError.
-        self.error: OSError | None = None
+        #: Why the write failed (an OSError, or a defect); settle_commit turns
+        #: it into EngineFailedError.
+        self.error: Exception | None = None
 
     def write(self) -> None:
         """Write and sync the transaction (blocking; any thread). Touches the
         journal, the device and the pages it encodes, nothing else of the
-        engine. Never raises OSError: the failure is kept for settle_commit."""
+        engine. Never raises: the failure is kept for settle_commit."""
         try:
             self._write()
-        except OSError as exc:
+        except Exception as exc:
             self.error = exc
 
     def _write(self) -> None:
@@ -208,6 +209,9 @@ class Transaction:
         """Note that a reply lets a client write into these (store chunk, count)
         ranges: if recovery would check any of them against a copy's CRC, the
         commit seals it first (module comment)."""
+        if self._writing:
+            # The seal would be owed to a commit already written.
+            raise RuntimeError("chunks were handed out while a commit was being written")
         if self._seal:
             return
         runs = sorted(
@@ -248,7 +252,8 @@ class Transaction:
                 self._rollback(saved, data_written)
                 self._stats.failed_requests += 1
                 raise
-            if self._writing and (self._pager.request_changed or self._state != saved):
+            if self._writing and self._state != saved:
+                # (Pages are refused as they change: Pager.modify.)
                 self._rollback(saved, data_written)
                 raise RuntimeError("a request changed the store while a commit was being written")
             blocks = len(self._pager.dirty) + 1
@@ -301,7 +306,7 @@ class Transaction:
         state_changed = (
             registry_written or self._state != self._committed or self._superblock_wanted
         )
-        self._writing = True
+        self._writing = self._pager.writing = True
         return CommitWrite(
             self._journal,
             self._geometry,
@@ -317,7 +322,7 @@ class Transaction:
         Raises:
             EngineFailedError: the write failed; the engine is now unusable.
         """
-        self._writing = False
+        self._writing = self._pager.writing = False
         if commit.error is not None:
             raise self._failed(commit.error) from commit.error
         if commit.registry_sequence is not None:
@@ -327,13 +332,14 @@ class Transaction:
         self._seal = False
         return commit.sequence
 
-    def _failed(self, exc: OSError) -> EngineFailedError:
+    def _failed(self, exc: Exception) -> EngineFailedError:
         """A commit failed: refuse everything from now on."""
         self._failure = exc
         self._pager.drop_all()
         log.critical("commit failed, refusing all further work: %s", exc)
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
         return EngineFailedError(
-            f"commit failed: {exc.strerror or exc}; the store must be reopened"
+            f"commit failed: {reason}; the store must be reopened"
             " (journal replay) before it is used again"
         )
 
