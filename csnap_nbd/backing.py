@@ -213,18 +213,22 @@ class _SyncGroup:
         self._pending: _SyncRound | None = None
 
     async def sync(self) -> None:
-        if self._running is not None:
+        running = self._running
+        if running is not None:
             if self._pending is None:
                 self._pending = _SyncRound()
             mine = self._pending
-            while self._running is not None:
-                await self._running.done.wait()
-            if self._pending is not mine:
+            while running is not None:
+                await running.done.wait()
+                # Read again after each wait: another caller's sync may have
+                # started meanwhile (a type narrowed before an await is not
+                # the attribute's after it).
+                running = self._running
+            if not self._claim(mine):
                 # Another caller of this round started it.
                 await mine.done.wait()
                 mine.check()
                 return
-            self._pending = None
         else:
             mine = _SyncRound()
         self._running = mine
@@ -236,6 +240,14 @@ class _SyncGroup:
             self._running = None
             mine.done.set()
         mine.check()
+
+    def _claim(self, pending: _SyncRound) -> bool:
+        """Whether this caller starts the `pending` round, which no other
+        caller of it has started while it waited."""
+        if self._pending is not pending:
+            return False
+        self._pending = None
+        return True
 
 
 def _open(path: str, flags: int) -> int:
