@@ -246,14 +246,19 @@ async def _csnapd_lookups(
         samples.append((t0, time.perf_counter() - t0))
 
 
-def _window(samples: list[tuple[float, float]], start: float, end: float) -> dict[str, float]:
-    """Lookups that started in [start, end): their rate and latency."""
-    latencies = [int(seconds * 1e9) for t0, seconds in samples if start <= t0 < end]
-    if not latencies or end <= start:
+def _window(samples: list[tuple[float, float]], *spans: tuple[float, float]) -> dict[str, float]:
+    """Lookups that started in any of the [start, end) spans: their rate and latency."""
+    latencies = [
+        int(seconds * 1e9)
+        for t0, seconds in samples
+        if any(start <= t0 < end for start, end in spans)
+    ]
+    length = sum(end - start for start, end in spans)
+    if not latencies or length <= 0:
         return {"lookups": 0, "lookups_per_s": 0.0, "p50_ms": 0.0, "p99_ms": 0.0, "max_ms": 0.0}
     return {
         "lookups": len(latencies),
-        "lookups_per_s": len(latencies) / (end - start),
+        "lookups_per_s": len(latencies) / length,
         "p50_ms": percentile(latencies, 0.5) / 1e6,
         "p99_ms": percentile(latencies, 0.99) / 1e6,
         "max_ms": max(latencies) / 1e6,
@@ -263,8 +268,9 @@ def _window(samples: list[tuple[float, float]], start: float, end: float) -> dic
 async def csnapd_case(directory: Path, store: Path, origin: Path, plan: Plan) -> dict[str, Any]:
     """The 1/64 delete through csnapd while CSNAPD_CLIENTS clients look up
     chunks of the background snapshot: their rate and latency for
-    `plan.idle_seconds` before the delete (idle) and from the delete until
-    the space is free (during), in one run of one csnapd."""
+    `plan.idle_seconds` before the delete and as long after the space is
+    free (idle: both windows together; each alone too) and from the delete
+    until the space is free (during), in one run of one csnapd."""
     chunks = plan.exceptions
     samples: list[tuple[float, float]] = []
     stop = trio.Event()
@@ -300,6 +306,10 @@ async def csnapd_case(directory: Path, store: Path, origin: Path, plan: Plan) ->
                     await trio.sleep(0.02)
             freed = time.perf_counter()
             info_after = await admin.server_info()
+            # Idle again after it: the machine's load moves over minutes,
+            # and idle on both sides of a long reclaim is the fairer measure.
+            await trio.sleep(plan.idle_seconds)
+            after_end = time.perf_counter()
             stop.set()
     assert all(s.tag != SIXTY_FOURTH for s in status.snapshots), "the slot is still taken"
     return {
@@ -309,8 +319,10 @@ async def csnapd_case(directory: Path, store: Path, origin: Path, plan: Plan) ->
         "free_s": freed - delete_start,
         # Less the delete's own commit; the status polls commit nothing.
         "commits": info_after["commits"] - info["commits"] - 1,
-        "idle": _window(samples, idle_start, delete_start),
-        "during": _window(samples, delete_start, freed),
+        "idle": _window(samples, (idle_start, delete_start), (freed, after_end)),
+        "idle_before": _window(samples, (idle_start, delete_start)),
+        "idle_after": _window(samples, (freed, after_end)),
+        "during": _window(samples, (delete_start, freed)),
     }
 
 
