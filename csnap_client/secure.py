@@ -14,13 +14,12 @@ import trio
 
 from csnap_client.session import AuthenticationError, ConnectionLostError, Connector, tls_refusal
 from csnap_common.credentials import ROLE_SERVER, granted_roles
+from csnap_transport import DirectStream
 
 __all__ = ["AuthenticationError", "open_tls_stream", "tcp_connector"]
 
 
-async def open_tls_stream(
-    host: str, port: int, tls: ssl.SSLContext
-) -> trio.SSLStream[trio.SocketStream]:
+async def open_tls_stream(host: str, port: int, tls: ssl.SSLContext) -> DirectStream:
     """Connect to csnapd at host:port and authenticate both ways.
 
     Raises:
@@ -30,7 +29,7 @@ async def open_tls_stream(
             of this cluster.
     """
     stream = await trio.open_tcp_stream(host, port)
-    secured = trio.SSLStream(stream, tls, server_hostname=None)
+    secured = DirectStream(stream, tls, server_hostname=None)
     try:
         await secured.do_handshake()
     except trio.BrokenResourceError as exc:

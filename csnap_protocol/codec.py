@@ -45,7 +45,7 @@ from csnap_protocol.messages import (
     Message,
     Role,
 )
-from csnap_protocol.schema import FieldError
+from csnap_protocol.schema import FieldError, Spec
 
 __all__ = [
     "Connection",
@@ -61,6 +61,8 @@ DEFAULT_MAX_FRAME = 1 << 20
 #: No peer may ask for frames smaller than this (a hello must fit).
 MIN_MAX_FRAME = 4096
 _LENGTH = struct.Struct(">I")
+#: First buffer of each message's packer: most messages fit; larger ones grow it.
+_PACK_BUFFER = 512
 
 
 class ConnectionState(enum.Enum):
@@ -83,8 +85,23 @@ class ConnectionClosed:
 
 def encode_frame(message: Message) -> bytes:
     """The frame for `message`, with no state checks (for tests and tools)."""
-    payload = msgpack.packb(message.to_wire(), use_bin_type=True)
+    payload = _pack(message.to_wire())
     return _LENGTH.pack(len(payload)) + payload
+
+
+def _pack(wire: dict[str, Any]) -> bytes:
+    """The msgpack bytes of a message's map.
+
+    A packer of its own per message, starting small: msgpack.packb's packer
+    starts with a 256 KiB buffer, which the services' allocator settings
+    (csnap_common.allocator: buffers over 128 KiB are mapped and unmapped)
+    turn into two system calls and a page fault for every message. None is
+    kept between messages, so no connection holds a buffer the size of its
+    largest message.
+    """
+    # (msgpack-types does not know the buf_size argument.)
+    packer = msgpack.Packer(use_bin_type=True, buf_size=_PACK_BUFFER)  # type: ignore[call-arg]
+    return packer.pack(wire)
 
 
 def _decode(payload: bytes) -> Message:
@@ -101,16 +118,30 @@ def _decode(payload: bytes) -> Message:
     cls = MESSAGES.get(kind)
     if cls is None:
         raise RemoteProtocolError(f"unknown message type {kind!r}")
-    extra = set(body) - set(cls.FIELDS)
-    if extra:
+    names, fields = _layout(cls)
+    if not body.keys() <= names:
+        extra = set(body) - names
         raise RemoteProtocolError(f"{kind}: unknown fields {sorted(map(str, extra))}")
     try:
-        values = {
-            name: spec.check(body.get(name), f"{kind}.{name}") for name, spec in cls.FIELDS.items()
-        }
+        values = {name: spec.check(body.get(name), where) for name, spec, where in fields}
     except FieldError as exc:
         raise RemoteProtocolError(str(exc)) from exc
     return cls(**values)
+
+
+#: Per message kind: its field names, and each field's (name, spec, name
+#: in error messages); built once per kind, not for every message.
+_LAYOUTS: dict[type[Message], tuple[frozenset[str], tuple[tuple[str, Spec, str], ...]]] = {}
+
+
+def _layout(
+    cls: type[Message],
+) -> tuple[frozenset[str], tuple[tuple[str, Spec, str], ...]]:
+    layout = _LAYOUTS.get(cls)
+    if layout is None:
+        fields = tuple((name, spec, f"{cls.TYPE}.{name}") for name, spec in cls.FIELDS.items())
+        layout = _LAYOUTS[cls] = (frozenset(cls.FIELDS), fields)
+    return layout
 
 
 class Connection:
@@ -154,12 +185,12 @@ class Connection:
             raise LocalProtocolError("hello must be the first message, and only the first")
         wire = message.to_wire()
         try:
-            for name, spec in message.FIELDS.items():
-                spec.check(_as_wire(wire[name]), f"{message.TYPE}.{name}")
+            for name, spec, where in _layout(type(message))[1]:
+                spec.check(_as_wire(wire[name]), where)
         except FieldError as exc:
             # Nothing was produced: the connection is as it was.
             raise LocalProtocolError(str(exc)) from exc
-        payload = msgpack.packb(wire, use_bin_type=True)
+        payload = _pack(wire)
         limit = self.peer_max_frame if self._received_hello else MIN_MAX_FRAME
         if len(payload) > limit and not isinstance(message, Hello):
             raise LocalProtocolError(
@@ -258,6 +289,8 @@ class Connection:
 
 def _as_wire(value: Any) -> Any:
     """What msgpack turns a Python value into (tuples become lists)."""
+    if type(value) is int or value is None:
+        return value
     if isinstance(value, tuple | list):
         return [_as_wire(v) for v in value]
     if isinstance(value, dict):

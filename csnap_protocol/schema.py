@@ -77,6 +77,8 @@ U32 = Int(0, 0xFFFF_FFFF, "u32")
 U64 = Int(0, (1 << 64) - 1, "u64")
 S8 = Int(-128, 127, "s8")
 S32 = Int(-(1 << 31), (1 << 31) - 1, "s32")
+_U64_HIGH = U64.high
+_U32_HIGH = U32.high
 
 
 @dataclass(frozen=True)
@@ -165,8 +167,22 @@ class Ranges(Spec):
         return "ranges"
 
     def check(self, value: object, where: str) -> tuple[tuple[int, int], ...]:
+        items = _list(value, where, self.most)
         out = []
-        for n, item in enumerate(_list(value, where, self.most)):
+        for item in items:
+            # Every range checked here; the slow loop below only names what is wrong.
+            if type(item) is not list or len(item) != 2:
+                break
+            chunk, count = item
+            if type(chunk) is not int or type(count) is not int:
+                break
+            if not (0 <= chunk <= _U64_HIGH and 1 <= count <= _U32_HIGH):
+                break
+            out.append((chunk, count))
+        else:
+            return tuple(out)
+        out = []
+        for n, item in enumerate(items):
             pair = _list(item, f"{where}[{n}]", 2)
             if len(pair) != 2:
                 raise FieldError(f"{where}[{n}]: expected [chunk, count]")
@@ -186,8 +202,24 @@ class Segments(Spec):
         return "segments"
 
     def check(self, value: object, where: str) -> tuple[tuple[int, int, int], ...]:
+        items = _list(value, where, self.most)
         out = []
-        for n, item in enumerate(_list(value, where, self.most)):
+        for item in items:
+            # Every segment checked here; the slow loop below only names what is wrong.
+            if type(item) is not list or len(item) != 3:
+                break
+            chunk, count, store = item
+            if type(chunk) is not int or type(count) is not int or type(store) is not int:
+                break
+            if not (
+                0 <= chunk <= _U64_HIGH and 1 <= count <= _U32_HIGH and 0 <= store <= _U64_HIGH
+            ):
+                break
+            out.append((chunk, count, store))
+        else:
+            return tuple(out)
+        out = []
+        for n, item in enumerate(items):
             triple = _list(item, f"{where}[{n}]", 3)
             if len(triple) != 3:
                 raise FieldError(f"{where}[{n}]: expected [chunk, count, store chunk]")

@@ -31,6 +31,7 @@ from csnap_protocol import (
     Request,
     Role,
 )
+from csnap_transport import DirectStream
 
 __all__ = ["Authenticated", "authenticate", "hello_refusal", "request_refusal"]
 
@@ -84,7 +85,7 @@ async def authenticate(
 
     Returns None once a peer that failed has been answered and closed.
     """
-    secured: trio.SSLStream[_Replayed] | None = None
+    secured: trio.SSLStream[_Replayed] | DirectStream | None = None
     try:
         with trio.fail_after(within):
             first = await stream.receive_some(1)
@@ -94,7 +95,10 @@ async def authenticate(
             if first[0] != TLS_HANDSHAKE_RECORD:
                 await _refuse_plaintext(stream, label)
                 return None
-            secured = trio.SSLStream(_Replayed(stream, first), context, server_side=True)
+            if isinstance(stream, trio.SocketStream):
+                secured = DirectStream(stream, context, server_side=True, received=first)
+            else:
+                secured = trio.SSLStream(_Replayed(stream, first), context, server_side=True)
             await secured.do_handshake()
     except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError) as exc:
         reason = _reason(exc)
@@ -111,7 +115,7 @@ async def authenticate(
 
 
 async def _close_after_alert(
-    stream: trio.abc.Stream, secured: trio.SSLStream[_Replayed] | None
+    stream: trio.abc.Stream, secured: trio.SSLStream[_Replayed] | DirectStream | None
 ) -> None:
     """Send the TLS alert of a failed handshake, then close without a reset.
 

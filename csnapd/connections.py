@@ -39,7 +39,7 @@ from csnap_protocol import (
     Role,
     message_id,
 )
-from csnap_transport import MessageStream
+from csnap_transport import DirectStream, MessageStream
 from csnapd.authenticate import Authenticated, authenticate, hello_refusal, request_refusal
 from csnapd.dispatch import Connected, Disconnected, Item, Peer, Received
 from csnapd.server_config import ServerConfig
@@ -69,6 +69,8 @@ REFUSE_LINGER = 1.0
 RELEASE_INTERVAL = 2.0
 #: Placeholder in an outbox for "send our hello" (the codec builds it).
 _HELLO = Ok(0)
+#: Placeholder in an outbox for "send what waits in the stream".
+_FLUSH = Ok(0)
 
 
 @dataclass(eq=False)
@@ -90,6 +92,12 @@ class _Link:
     flushed: trio.Event = field(default_factory=trio.Event)
     #: The roles the peer's credential grants (csnapd.authenticate).
     roles: frozenset[str] = frozenset()
+    #: The stream when it can send without waiting (csnap_transport.DirectStream).
+    direct: DirectStream | None = None
+    #: Outbox entries the writer has not taken: new messages queue behind them.
+    waiting: int = 0
+    #: The outbox is closed: nothing more goes out.
+    ended: bool = False
 
     @property
     def stream(self) -> trio.abc.Stream:
@@ -174,6 +182,7 @@ class Connections:
         """Let every connection send what is queued (the shutdown ok among it)."""
         links = list(self._links.values())
         for link in links:
+            link.ended = True
             link.outbox.close()  # its writer sends what is queued, then ends
         with trio.move_on_after(FLUSH_TIMEOUT):
             for link in links:
@@ -229,7 +238,7 @@ class Connections:
         self, stream: trio.SocketStream, within: float, label: str
     ) -> Authenticated | None:
         if self.tls is None:  # measuring TLS's cost: see serve()
-            return Authenticated(stream, frozenset({ROLE_ADMIN}))
+            return Authenticated(DirectStream(stream), frozenset({ROLE_ADMIN}))
         return await authenticate(stream, self.tls, within=within, label=label)
 
     async def release_memory(self) -> None:
@@ -269,6 +278,7 @@ class Connections:
             send,
             trio.current_time(),
             roles=secured.roles,
+            direct=secured.stream if isinstance(secured.stream, DirectStream) else None,
         )
         async with link.stream, trio.open_nursery() as nursery:
             nursery.start_soon(self._writer, link, receive)
@@ -282,6 +292,7 @@ class Connections:
                 if peer in self._links:
                     del self._links[peer]
                     self._send.send_nowait(Disconnected(peer))
+                link.ended = True
                 send.close()  # the writer sends what is queued, then ends
             # ... if the peer takes it in time: it may not be reading at all.
             with trio.move_on_after(FLUSH_TIMEOUT):
@@ -445,22 +456,29 @@ class Connections:
     async def _write_all(self, link: _Link, outbox: trio.MemoryReceiveChannel[Message]) -> None:
         # Everything queued goes out in one send: a batch's replies to one
         # peer cost one system call and one wake-up of the peer, not one each.
-        # Ends once the outbox is closed and drained.
-        async for first in outbox:
-            messages = [first]
-            while len(messages) < WRITE_COALESCE:
-                try:
-                    messages.append(outbox.receive_nowait())
-                except (trio.WouldBlock, trio.EndOfChannel):
-                    break
-            data = bytearray()
-            for message in messages:
-                data += self._encode(link, message)
-            try:
+        # Ends once the outbox is closed and drained, and the stream flushed.
+        direct = link.direct
+        try:
+            async for first in outbox:
+                messages = [first]
+                while len(messages) < WRITE_COALESCE:
+                    try:
+                        messages.append(outbox.receive_nowait())
+                    except (trio.WouldBlock, trio.EndOfChannel):
+                        break
+                link.waiting -= len(messages)
+                data = bytearray()
+                for message in messages:
+                    if message is not _FLUSH:
+                        data += self._encode(link, message)
                 if data:
                     await link.messages.send_bytes(bytes(data))
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                return
+                elif direct is not None:
+                    await direct.flush()
+            if direct is not None:
+                await direct.flush()
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return
 
     def _encode(self, link: _Link, message: Message) -> bytes:
         """The bytes for `message` on this link (b"" for nothing to send)."""
@@ -486,8 +504,17 @@ class Connections:
         """
         if link.dropped:
             return
+        direct = link.direct
+        if direct and not (link.in_flight or link.waiting or direct.unsent or link.ended):
+            # The peer waits for nothing else, nothing of its is queued: sent
+            # now, not waking the writer (it flushes what the kernel did not
+            # take). Replies to a peer with more requests in flight go through
+            # the writer, several to a send.
+            self._send_now(link, direct, message)
+            return
         try:
             link.outbox.send_nowait(message)
+            link.waiting += 1
         except trio.WouldBlock:
             log.warning("%s does not read its replies; closing it", link.peer)
             link.dropped = True
@@ -496,7 +523,21 @@ class Connections:
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass  # the connection is ending; its writer sends no more
 
-    # -- the engine ------------------------------------------------------------
+    def _send_now(self, link: _Link, direct: DirectStream, message: Message) -> None:
+        """Send `message` at once; what the kernel does not take is the writer's to flush."""
+        data = self._encode(link, message)
+        if not data:
+            return
+        try:
+            if direct.send_now(data):
+                return
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return  # the reader learns it too, and ends the connection
+        with contextlib.suppress(
+            trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError
+        ):
+            link.outbox.send_nowait(_FLUSH)  # wakes the writer: the rest waits in the stream
+            link.waiting += 1
 
 
 async def _abort(stream: trio.abc.Stream) -> None:

@@ -28,6 +28,7 @@ from csnap_agent.agent import Agent
 from csnap_agent.cli import open_agent_listener
 from csnap_client import AdminClient, Connector, DataClient, open_admin, open_client
 from csnap_format.mkcsnap import format_store
+from csnap_transport import DirectStream
 from csnapd.credentials import server_tls
 from csnapd.engine import Engine, FileDevice
 from csnapd.server import Server, ServerConfig, serve
@@ -297,7 +298,7 @@ class RawPeer:
         # TLS has no half-close: the end of the TCP stream under it is the
         # nearest thing (the service sees a TLS stream cut short).
         stream = self.stream
-        if isinstance(stream, trio.SSLStream):
+        if isinstance(stream, trio.SSLStream | DirectStream):
             stream = stream.transport_stream
         with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             await stream.send_eof()  # type: ignore[attr-defined]
