@@ -84,7 +84,8 @@ class Opened:
 def open_store(config: ServerConfig, *, seed: int = 0) -> Opened:
     """Open the store as csnapd does (exclusive lock, journal replay), faults possible."""
     store = FaultyDevice(FileDevice(config.store, lock=True), seed=seed)
-    origin = FaultyDevice(FileDevice(config.origin, writable=False), seed=seed)
+    # Writable, as csnapd opens it: a revert writes the origin.
+    origin = FaultyDevice(FileDevice(config.origin, writable=True), seed=seed)
     try:
         engine = Engine.open(store, origin, cache_bytes=config.cache_bytes, owns_devices=True)
     except BaseException:
