@@ -265,6 +265,10 @@ class Round:
     #: CPU time of the server process and of this load generator.
     server_cpu_ns: int | None = None
     client_cpu_ns: int = 0
+    #: Requests csnapd itself counted: fewer than the operations when the
+    #: client library answered some from what it remembers (known-unique
+    #: chunks, owned addresses).
+    server_requests: int = 0
 
 
 async def run_round(
@@ -317,6 +321,8 @@ async def run_round(
     if fsyncs_before is not None and fsyncs_after is not None:
         result.fsyncs = fsyncs_after - fsyncs_before
     result.commits = after.commits - before.commits
+    # Less the two counter reads of this round.
+    result.server_requests = after.requests - before.requests - 2
     result.checkpoints = (after.sequence - before.sequence) - result.commits
     if after.requests - before.requests != result.replies + 2:
         print(
@@ -352,6 +358,11 @@ def figures(rounds: Sequence[Round], fsyncs_per_commit: int) -> dict[str, Any]:
     server_cpu = [r.server_cpu_ns for r in measured]
     return {
         "chunks_per_s": statistics.median(rates),
+        # What csnapd itself answered per second (the operations' rate
+        # counts those the client answered from memory too).
+        "server_requests_per_s": statistics.median(
+            r.server_requests / (r.elapsed_ns / 1e9) for r in measured
+        ),
         "p50_ms": statistics.median(percentile(r.latencies_ns, 0.5) / 1e6 for r in measured),
         "p99_ms": statistics.median(percentile(r.latencies_ns, 0.99) / 1e6 for r in measured),
         "commits_per_reply": commits / replies,
@@ -367,9 +378,12 @@ def figures(rounds: Sequence[Round], fsyncs_per_commit: int) -> dict[str, Any]:
         "rounds": len(measured),
         "round_chunks_per_s": rates,
         # Which side is busy: the server has one core's worth of event loop.
+        # Per request csnapd answered (not per operation: some were not its).
         "server_cpu_us_per_reply": None
         if None in server_cpu
-        else sum(c or 0 for c in server_cpu) / replies / 1e3,
+        else sum(c or 0 for c in server_cpu)
+        / max(1, sum(r.server_requests for r in measured))
+        / 1e3,
         "client_cpu_us_per_reply": sum(r.client_cpu_ns for r in measured) / replies / 1e3,
     }
 
@@ -584,7 +598,9 @@ _HEADER = (
     "# batch = replies / commits ('-': no commits)\n"
     "# cpu us/reply: CPU time of the csnapd process (srv) and of this load generator (gen)\n"
     "# clients NxD: N clients, each keeping D requests in flight (else one)\n"
-    f"{'workload':<22} {'clients':>7} {'chunks/s':>10} {'p50 ms':>8} {'p99 ms':>8}"
+    "# csnapd/s: requests csnapd itself answered per second (the client library answers"
+    " some from memory)\n"
+    f"{'workload':<22} {'clients':>7} {'chunks/s':>10} {'csnapd/s':>9} {'p50 ms':>8} {'p99 ms':>8}"
     f" {'commits/reply':>13} {'fsyncs/reply':>12} {'batch':>7} {'srv cpu':>7} {'gen cpu':>7}"
 )
 
@@ -596,6 +612,7 @@ def _row(name: str, figs: dict[str, Any]) -> str:
     server = figs["server_cpu_us_per_reply"]
     return (
         f"{workload:<22} {clients:>7} {figs['chunks_per_s']:>10,.0f}"
+        f" {figs['server_requests_per_s']:>9,.0f}"
         f" {figs['p50_ms']:>8.3f} {figs['p99_ms']:>8.3f} {figs['commits_per_reply']:>13.3f}"
         f" {figs['fsyncs_per_reply']:>12.3f} {batch:>7}"
         f" {'-' if server is None else f'{server:.0f}':>7} {figs['client_cpu_us_per_reply']:>7.0f}"
