@@ -80,6 +80,7 @@ class CommitWrite:
         journal: Journal,
         geometry: Geometry,
         pages: list[Page],
+        registry_written: bool,
         state: StoreState | None,
         data: tuple[DataRun, ...] | None,
         seal: bool,
@@ -87,6 +88,9 @@ class CommitWrite:
         self._journal = journal
         self._geometry = geometry
         self._pages = pages
+        #: The pages include the client registry: the superblock, which
+        #: records its current version, goes with them.
+        self._registry_written = registry_written
         #: The store state to write in the superblock; None: unchanged.
         self._state = state
         #: The copy-out runs the record carries; None: no data written.
@@ -116,9 +120,7 @@ class CommitWrite:
             if self._seal:
                 self._journal.seal()
             return
-        # The superblock records which version of the registry is current
-        # (docs/format.md, "Client registry state"), so it goes with it.
-        registry_written = any(isinstance(page, RegistryPage) for page in pages)
+        registry_written = self._registry_written
 
         def encode(sequence: int) -> list[tuple[int, bytes]]:
             images = [(page.address, encode_page(page, sequence, geometry)) for page in pages]
@@ -302,6 +304,8 @@ class Transaction:
         """
         self.check_usable()
         pages = list(self._pager.dirty.values())
+        # The superblock records which version of the registry is current
+        # (docs/format.md, "Client registry state"), so it goes with it.
         registry_written = any(isinstance(page, RegistryPage) for page in pages)
         state_changed = (
             registry_written or self._state != self._committed or self._superblock_wanted
@@ -311,6 +315,7 @@ class Transaction:
             self._journal,
             self._geometry,
             pages,
+            registry_written,
             self._state.copy() if state_changed else None,
             tuple(self._runs) if self._data_written else None,
             self._seal,
