@@ -331,11 +331,7 @@ class DirectStream(trio.abc.Stream):
                     return False
                 self._incoming.write(received)
                 return True
-            try:
-                await trio.lowlevel.wait_readable(self._fd)
-            except trio.ClosedResourceError:
-                self._closed = True
-                raise
+            await self._wait_readable()
 
     # -- closing ---------------------------------------------------------------------------
 
