@@ -99,6 +99,10 @@ def _wait_for(cluster: Cluster, path: Path, text: str) -> None:
         time.sleep(0.1)
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @contextmanager
 def running_cluster(tmp_path: Path, nodes: int, variant: int) -> Iterator[Cluster]:
     """scripts/cluster started, up to its ready line; whatever is left at the
@@ -116,6 +120,10 @@ def running_cluster(tmp_path: Path, nodes: int, variant: int) -> Iterator[Cluste
             stderr=stderr,
             # A process group of its own, as a terminal's foreground job has.
             start_new_session=True,
+            # And Ctrl-C not ignored, as at a terminal: a suite started in the
+            # background of a shell inherits SIGINT ignored, which a script
+            # cannot trap (bash ignores such traps).
+            preexec_fn=_default_sigint,
         )
     cluster = Cluster(process, data, out, err, tag)
     try:
