@@ -217,6 +217,11 @@ def rss_kib(pid: int) -> dict[str, int]:
     return out
 
 
+def peak_rss_kib(pid: int) -> int | None:
+    """Peak resident memory (VmHWM) of a live process so far, KiB; None once it is gone."""
+    return rss_kib(pid).get("VmHWM")
+
+
 async def stop(process: trio.Process, *, sig: int = signal.SIGTERM, grace: float = 30) -> None:
     """Send `sig`, wait up to `grace` seconds, then SIGKILL; always reaps it."""
     with trio.CancelScope(shield=True):

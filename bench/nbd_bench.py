@@ -41,12 +41,18 @@ csnap's median over the peer's median.
 csnap's copies are counted from the store: data chunks free before and
 after the first-write pass; qcow2's from the image's allocated bytes.
 
+Memory: the peak resident memory (VmHWM from /proc) of each server
+process at the end of its round, just before it is stopped: csnap-nbd and
+csnapd for csnap and csnap_direct, qemu-nbd (the highest of the round's
+processes, one per export), nbdkit; median and max over rounds, in a
+second table.
+
 csnap_direct is csnap again with --direct given to csnapd and csnap-nbd:
 the origin and store files read and written with O_DIRECT, as block
 devices are by default (no page cache: what a disk shared between hosts
 costs); csnap_direct/csnap is its median over csnap's.
 
-Then what TLS costs (a second table): one csnap-nbd with --tls=on serves
+Then what TLS costs (a third table): one csnap-nbd with --tls=on serves
 the same store to plaintext and TLS clients, and nbdcopy (libnbd) is the
 client both ways, one connection, 16 requests in flight, so the only
 difference is TLS (Python's ssl in the gateway, GnuTLS in libnbd). Per
@@ -80,6 +86,7 @@ from bench.common import (
     listening,
     median,
     missing_tools,
+    peak_rss_kib,
     progress,
     ratio,
     run_tool,
@@ -110,6 +117,12 @@ LABELS = {
     "qcow2": "qemu-nbd + qcow2",
     "file": "nbdkit file",
 }
+
+#: One system's round: seconds per phase, its other figures, and the peak
+#: resident memory (VmHWM, KiB; None when unreadable) of each of its server
+#: processes (csnap-nbd and csnapd, qemu-nbd, nbdkit), read just before
+#: they are stopped.
+RoundResult = tuple[dict[str, float], dict[str, Any], dict[str, int | None]]
 
 
 @dataclass(frozen=True)
@@ -166,9 +179,7 @@ async def _data_free(admin: AdminClient) -> int:
     return free
 
 
-async def csnap_round(
-    d: Path, origin: Path, plan: Plan, *, direct: bool = False
-) -> tuple[dict[str, float], dict[str, Any]]:
+async def csnap_round(d: Path, origin: Path, plan: Plan, *, direct: bool = False) -> RoundResult:
     store = d / "csnap.store"
     store.unlink(missing_ok=True)
     # Room for three snapshots' copies of the whole region, plus metadata.
@@ -192,7 +203,7 @@ async def csnap_round(
                 *("--origin", str(origin), "--store", str(store)),
             ],
             d / "nbd.log",
-        ),
+        ) as gateway_process,
     ):
         n = plan.writes
         await admin.create_snapshot(1)
@@ -208,8 +219,12 @@ async def csnap_round(
         await admin.create_snapshot(3)
         await half_write(_url(sock, "origin"), n)
         times["backup_half"] = await nbdcopy_seconds(_url(sock, "snap-3"), "null:", BACKUP_REQUEST)
+        memory = {
+            "csnap-nbd": peak_rss_kib(gateway_process.pid),
+            "csnapd": peak_rss_kib(server.pid),
+        }
     store.unlink()
-    return times, {"copied_bytes_per_first_write": copied * CHUNK / plan.writes}
+    return times, {"copied_bytes_per_first_write": copied * CHUNK / plan.writes}, memory
 
 
 # -- qemu-nbd with qcow2 ---------------------------------------------------------
@@ -218,22 +233,35 @@ async def csnap_round(
 @asynccontextmanager
 async def qemu_nbd(
     image: Path, sock: Path, log: Path, *, snapshot: str | None = None
-) -> AsyncIterator[None]:
+) -> AsyncIterator[trio.Process]:
     argv = ["qemu-nbd", "--format=qcow2", f"--socket={sock}", "--persistent"]
     argv += ["--cache=writeback", "--aio=threads"]
     if snapshot is None:
         argv += ["--export-name=origin"]
     else:
         argv += [f"--load-snapshot={snapshot}", "--read-only", "--export-name=snap"]
-    async with serving_unix([*argv, str(image)], sock, log):
-        yield
+    async with serving_unix([*argv, str(image)], sock, log) as process:
+        yield process
 
 
 def _allocated(path: Path) -> int:
     return os.stat(path).st_blocks * 512
 
 
-async def qcow2_round(d: Path, plan: Plan) -> tuple[dict[str, float], dict[str, Any]]:
+class PeakMemory:
+    """The highest peak resident memory (VmHWM) of several processes, KiB."""
+
+    def __init__(self) -> None:
+        self.kib: int | None = None
+
+    def note(self, process: trio.Process) -> None:
+        """Read before the process is stopped; one already gone is left out."""
+        peak = peak_rss_kib(process.pid)
+        if peak is not None:
+            self.kib = peak if self.kib is None else max(self.kib, peak)
+
+
+async def qcow2_round(d: Path, plan: Plan) -> RoundResult:
     image, sock, log = d / "peer.qcow2", d / "qemu-nbd.sock", d / "qemu-nbd.log"
     image.unlink(missing_ok=True)
     n = plan.writes
@@ -246,35 +274,42 @@ async def qcow2_round(d: Path, plan: Plan) -> tuple[dict[str, float], dict[str, 
     await run_tool(["qemu-img", "snapshot", "-c", "s1", str(image)])
     times: dict[str, float] = {}
     allocated = _allocated(image)
-    async with qemu_nbd(image, sock, log):
+    # A qemu-nbd per export: the round's figure is the highest of their peaks.
+    memory = PeakMemory()
+    async with qemu_nbd(image, sock, log) as process:
         times["first_write"] = await qemu_bench(_url(sock, "origin"), n, write=True)
         times["rewrite"] = await qemu_bench(_url(sock, "origin"), n, write=True)
+        memory.note(process)
     grown = _allocated(image) - allocated
-    async with qemu_nbd(image, sock, log, snapshot="s1"):
+    async with qemu_nbd(image, sock, log, snapshot="s1") as process:
         times["snapshot_read"] = await qemu_bench(_url(sock, "snap"), n, write=False)
         times["backup"] = await nbdcopy_seconds(_url(sock, "snap"), "null:", BACKUP_REQUEST)
+        memory.note(process)
     await run_tool(["qemu-img", "snapshot", "-c", "s2", str(image)])
-    async with qemu_nbd(image, sock, log):
+    async with qemu_nbd(image, sock, log) as process:
         times["first_write_fua"] = await qemu_bench(_url(sock, "origin"), n, write=True, fua=True)
         times["rewrite_fua"] = await qemu_bench(_url(sock, "origin"), n, write=True, fua=True)
+        memory.note(process)
     await run_tool(["qemu-img", "snapshot", "-c", "s3", str(image)])
-    async with qemu_nbd(image, sock, log):
+    async with qemu_nbd(image, sock, log) as process:
         await half_write(_url(sock, "origin"), n)
-    async with qemu_nbd(image, sock, log, snapshot="s3"):
+        memory.note(process)
+    async with qemu_nbd(image, sock, log, snapshot="s3") as process:
         times["backup_half"] = await nbdcopy_seconds(_url(sock, "snap"), "null:", BACKUP_REQUEST)
+        memory.note(process)
     image.unlink()
-    return times, {"allocated_bytes_per_first_write": grown / n}
+    return times, {"allocated_bytes_per_first_write": grown / n}, {"qemu-nbd": memory.kib}
 
 
 # -- nbdkit file -----------------------------------------------------------------
 
 
-async def file_round(d: Path, origin: Path, plan: Plan) -> tuple[dict[str, float], dict[str, Any]]:
+async def file_round(d: Path, origin: Path, plan: Plan) -> RoundResult:
     sock, log = d / "nbdkit.sock", d / "nbdkit.log"
     argv = ["nbdkit", "--foreground", "--exit-with-parent", "--unix", str(sock)]
     times: dict[str, float] = {}
     n = plan.writes
-    async with serving_unix([*argv, "file", f"file={origin}"], sock, log):
+    async with serving_unix([*argv, "file", f"file={origin}"], sock, log) as process:
         url = _url(sock, "")
         times["first_write"] = await qemu_bench(url, n, write=True)
         times["rewrite"] = await qemu_bench(url, n, write=True)
@@ -283,7 +318,8 @@ async def file_round(d: Path, origin: Path, plan: Plan) -> tuple[dict[str, float
         times["rewrite_fua"] = await qemu_bench(url, n, write=True, fua=True)
         times["backup"] = await nbdcopy_seconds(url, "null:", BACKUP_REQUEST)
         times["backup_half"] = times["backup"]
-    return times, {}
+        memory = {"nbdkit": peak_rss_kib(process.pid)}
+    return times, {}, memory
 
 
 # -- csnap with and without TLS ----------------------------------------------------
@@ -423,9 +459,7 @@ def _skips() -> dict[str, str]:
     return skipped
 
 
-async def _rounds(
-    d: Path, plan: Plan, systems: Sequence[str]
-) -> dict[str, list[tuple[dict[str, float], dict[str, Any]]]]:
+async def _rounds(d: Path, plan: Plan, systems: Sequence[str]) -> dict[str, list[RoundResult]]:
     origin = d / "origin.img"
     fill_file(origin, plan.region, 0x5A)
     runs: dict[str, Callable[[], Any]] = {
@@ -434,15 +468,57 @@ async def _rounds(
         "qcow2": lambda: qcow2_round(d, plan),
         "file": lambda: file_round(d, origin, plan),
     }
-    results: dict[str, list[tuple[dict[str, float], dict[str, Any]]]] = {s: [] for s in systems}
+    results: dict[str, list[RoundResult]] = {s: [] for s in systems}
     for number in range(plan.rounds):
         shift = number % len(systems)
         for system in [*systems[shift:], *systems[:shift]]:
-            times, extra = await runs[system]()
-            results[system].append((times, extra))
+            result: RoundResult = await runs[system]()
+            results[system].append(result)
+            times, _, memory = result
             rates = "  ".join(f"{p} {_rate(plan, p, times[p]):,.0f}" for p in (*PHASES, *BACKUPS))
-            progress(f"nbd round {number + 1}/{plan.rounds} {system}: IOPS or MiB/s {rates}")
+            peaks = "  ".join(f"{name} {_mib(kib)}" for name, kib in memory.items())
+            progress(
+                f"nbd round {number + 1}/{plan.rounds} {system}: IOPS or MiB/s {rates};"
+                f" peak RSS MiB {peaks}"
+            )
     return results
+
+
+def _mib(kib: float | None) -> str:
+    return "-" if kib is None else f"{kib / 1024:.1f}"
+
+
+def _memory_figures(rounds: Sequence[dict[str, int | None]]) -> dict[str, dict[str, Any]]:
+    """Per server process: its peak resident memory in each round, their median and max.
+
+    Median and max are None when any round could not read it.
+    """
+    figures: dict[str, dict[str, Any]] = {}
+    for name in rounds[0]:
+        values = [r[name] for r in rounds]
+        known = [v for v in values if v is not None]
+        complete = len(known) == len(values)
+        figures[name] = {
+            "median": median(known) if complete else None,
+            "max": max(known) if complete else None,
+            "rounds": values,
+        }
+    return figures
+
+
+def _memory_table(plan: Plan, figures: dict[str, Any], systems: Sequence[str]) -> str:
+    rows = []
+    for system in SYSTEMS:
+        if system not in systems:
+            continue
+        for name, peak in figures[system]["peak_rss_kib"].items():
+            rows.append([LABELS[system], name, _mib(peak["median"]), _mib(peak["max"])])
+    notes = [
+        f"peak resident memory (VmHWM) of each server process, MiB, over {plan.rounds} rounds,"
+        " read at the end of its round before it is stopped; qemu-nbd: the highest of the"
+        " round's qemu-nbd processes (one per export)",
+    ]
+    return table(["system", "process", "peak MiB median", "peak MiB max"], rows, notes=notes)
 
 
 def _rate(plan: Plan, phase: str, seconds: float) -> float:
@@ -469,14 +545,15 @@ def nbd_part(directory: Path, *, quick: bool) -> Part:
     iops: dict[str, dict[str, float]] = {}
     for system, runs in results.items():
         per_phase = {
-            p: [_rate(plan, p, times[p]) for times, _ in runs] for p in (*PHASES, *BACKUPS)
+            p: [_rate(plan, p, times[p]) for times, _, _ in runs] for p in (*PHASES, *BACKUPS)
         }
         iops[system] = {p: median(v) for p, v in per_phase.items()}
-        extra = {k: median([e[k] for _, e in runs]) for k in runs[0][1]}
+        extra = {k: median([e[k] for _, e, _ in runs]) for k in runs[0][1]}
         figures[system] = {
             "iops": iops[system],
             "round_iops": per_phase,
             **extra,
+            "peak_rss_kib": _memory_figures([memory for _, _, memory in runs]),
         }
     ratios = {
         peer: {p: ratio(iops["csnap"][p], iops[peer][p]) for p in (*PHASES, *BACKUPS)}
@@ -530,6 +607,8 @@ def nbd_part(directory: Path, *, quick: bool) -> Part:
         "direct/csnap",
     ]
     text = table(headers, rows, notes=notes)
+    if results:
+        text += "\n\n" + _memory_table(plan, figures, list(results))
     if tls_skip is None:
         figures["tls"] = _tls_figures(plan, trio.run(_tls_rounds, directory, plan))
         text += "\n\n" + _tls_table(plan, figures["tls"])

@@ -32,6 +32,10 @@ CPU time per reply of the csnapd process (from /proc) and of this load
 generator says which side is busy: on a small machine both compete for
 the same cores.
 
+One csnapd serves every workload and shape in turn; after each shape, with
+its clients still connected, its resident memory (VmRSS) and its peak
+since it started (VmHWM) are read from /proc.
+
 Snapshot lifecycle: create latency with 0 and with 8 idle origin clients
 connected (the latter includes the create barrier's round trips),
 acknowledgement latency of delete, and the background sweep rate after
@@ -63,7 +67,7 @@ from typing import Any
 
 import trio
 
-from bench.common import Part, listening, progress
+from bench.common import Part, listening, progress, rss_kib
 from csnap_client import AdminClient, Connector, DataClient, open_admin, open_client, tcp_connector
 from csnap_common.credentials import ROLE_ADMIN, client_context, store_credentials
 from csnap_format.mkcsnap import format_store
@@ -511,9 +515,21 @@ async def data_path(
                     rounds = [
                         await measure(plan.count, plan.seconds, depth) for _ in range(plan.rounds)
                     ]
+                    # Read with the clients still connected: one csnapd serves
+                    # every shape, so its peak (VmHWM) is the peak so far.
+                    memory = rss_kib(server.pid)
                 figs = figures(rounds, workload.fsyncs_per_commit)
                 key = f"{workload.name}_{count}_clients" + (f"_{depth}_deep" if depth > 1 else "")
-                report(key, {"clients": count, "depth": depth, **figs})
+                report(
+                    key,
+                    {
+                        "clients": count,
+                        "depth": depth,
+                        **figs,
+                        "csnapd_rss_kib": memory.get("VmRSS"),
+                        "csnapd_peak_rss_kib": memory.get("VmHWM"),
+                    },
+                )
 
 
 # -- snapshot lifecycle --------------------------------------------------------
@@ -600,9 +616,16 @@ _HEADER = (
     "# clients NxD: N clients, each keeping D requests in flight (else one)\n"
     "# csnapd/s: requests csnapd itself answered per second (the client library answers"
     " some from memory)\n"
+    "# rss/peak MiB: csnapd's resident memory (VmRSS) after the shape and its peak since it"
+    " started (VmHWM); one csnapd serves every row, in this order\n"
     f"{'workload':<22} {'clients':>7} {'chunks/s':>10} {'csnapd/s':>9} {'p50 ms':>8} {'p99 ms':>8}"
     f" {'commits/reply':>13} {'fsyncs/reply':>12} {'batch':>7} {'srv cpu':>7} {'gen cpu':>7}"
+    f" {'rss MiB':>7} {'peak MiB':>8}"
 )
+
+
+def _mib(kib: int | None) -> str:
+    return "-" if kib is None else f"{kib / 1024:.1f}"
 
 
 def _row(name: str, figs: dict[str, Any]) -> str:
@@ -616,6 +639,7 @@ def _row(name: str, figs: dict[str, Any]) -> str:
         f" {figs['p50_ms']:>8.3f} {figs['p99_ms']:>8.3f} {figs['commits_per_reply']:>13.3f}"
         f" {figs['fsyncs_per_reply']:>12.3f} {batch:>7}"
         f" {'-' if server is None else f'{server:.0f}':>7} {figs['client_cpu_us_per_reply']:>7.0f}"
+        f" {_mib(figs['csnapd_rss_kib']):>7} {_mib(figs['csnapd_peak_rss_kib']):>8}"
     )
 
 
@@ -664,6 +688,10 @@ def server_part(directory: Path, *, quick: bool) -> Part:
         progress(rows[-1])
 
     trio.run(data_path, directory, QUICK if quick else FULL, report)
+    peaks = [figs["csnapd_peak_rss_kib"] for figs in results.values()]
+    peak = None if None in peaks else max(peaks)
+    results["csnapd_peak_rss_kib"] = peak
+    rows.append(f"csnapd peak resident memory over the part (VmHWM): {_mib(peak)} MiB")
     return Part(results, "\n".join([_HEADER, *rows]))
 
 

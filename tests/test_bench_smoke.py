@@ -59,6 +59,7 @@ def test_server_bench_quick(tmp_path: Path) -> None:
             assert row["fsyncs_per_reply"] >= row["commits_per_reply"], key
             assert row["client_cpu_us_per_reply"] >= 0, key
             assert row["server_cpu_us_per_reply"] is None or row["server_cpu_us_per_reply"] >= 0
+            assert 0 < row["csnapd_rss_kib"] <= row["csnapd_peak_rss_kib"], key
             if workload in COPYING:
                 assert row["commits_per_reply"] > 0, key
                 assert row["batch"] >= 1, key
@@ -191,6 +192,7 @@ def check_server_part(part: dict[str, Any]) -> None:
         for clients in (1, 8, 64):
             row = part[f"{workload}_{clients}_clients"]
             assert row["ops"] > 0 and row["chunks_per_s"] > 0
+            assert 0 < row["csnapd_peak_rss_kib"] <= part["csnapd_peak_rss_kib"]
 
 
 NBD_PHASES = (
@@ -215,6 +217,11 @@ def check_nbd_part(part: dict[str, Any]) -> None:
         for phase in NBD_PHASES:
             assert part[system]["iops"][phase] > 0, (system, phase)
             assert len(part[system]["round_iops"][phase]) == part["rounds"]
+        # Each server process's peak resident memory, read before it stopped.
+        for name, peak in part[system]["peak_rss_kib"].items():
+            assert len(peak["rounds"]) == part["rounds"], (system, name)
+            assert 0 < peak["median"] <= peak["max"], (system, name)
+    assert set(part["csnap"]["peak_rss_kib"]) == {"csnap-nbd", "csnapd"}
     # Each first write after a snapshot copies exactly one 64 KiB chunk.
     assert part["csnap"]["copied_bytes_per_first_write"] == part["chunk_bytes"]
     # csnap again with O_DIRECT (--direct to csnapd and csnap-nbd), and its ratio.
