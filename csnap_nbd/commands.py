@@ -88,6 +88,11 @@ class _Writer:
         self._queue: list[tuple[bytes, bytes | bytearray | memoryview, int]] = []
         self._wake = trio.Event()
         self._closing = False
+        #: The connection's reader task, once it runs.
+        self.reader: trio.lowlevel.Task | None = None
+        #: What send_now left unsent, and the batch it belongs to.
+        self._rest: list[memoryview] = []
+        self._rest_batch: list[tuple[bytes, bytes | bytearray | memoryview, int]] = []
         #: Set when a send failed: the client is gone.
         self.broken = trio.Event()
 
@@ -97,7 +102,9 @@ class _Writer:
             self.budget.release(held)
             return
         self._queue.append((header, data, held))
-        self._wake.set()
+        # The reader sends its own replies before it next waits (send_now).
+        if trio.lowlevel.current_task() is not self.reader:
+            self._wake.set()
 
     def close(self) -> None:
         """Send what is queued, then stop."""
@@ -108,27 +115,63 @@ class _Writer:
         while True:
             await self._wake.wait()
             self._wake = trio.Event()
+            rest, self._rest = self._rest, []
             batch, self._queue = self._queue, []
-            if batch and not self.broken.is_set():
+            if (rest or batch) and not self.broken.is_set():
                 try:
-                    await self._send(batch)
+                    # What the reader's send left unsent goes first.
+                    await self.conn.send_parts([*rest, *self._parts(batch)])
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     self.broken.set()
-                for _, data, _ in batch:
-                    # A READ's data: sent, and no longer referenced elsewhere.
-                    if type(data) is bytearray:
-                        BUFFERS.give(data)
-            self.budget.release(sum(held for _, _, held in batch))
+            self._done(self._rest_batch)
+            self._rest_batch = []
+            self._done(batch)
             if self._closing and not self._queue:
                 return
 
-    async def _send(self, batch: list[tuple[bytes, bytes | bytearray | memoryview, int]]) -> None:
+    def send_now(self) -> None:
+        """Send what is queued from this task, without waiting, if the stream
+        is free: the reader does, before it waits for more requests, so that
+        the replies to those it has just answered leave without a pass of
+        the writer task. What the kernel does not take, the writer sends.
+
+        The reader's own replies wake nobody when queued: it calls this
+        before every wait."""
+        if not self._queue:
+            return
+        if self._rest or self.broken.is_set() or not self.conn.sends_now:
+            self._wake.set()
+            return
+        batch, self._queue = self._queue, []
+        try:
+            rest = self.conn.send_parts_now(self._parts(batch))
+        except trio.BrokenResourceError:
+            self.broken.set()
+            rest = []
+        if rest:
+            self._rest, self._rest_batch = rest, batch
+            self._wake.set()
+        else:
+            self._done(batch)
+
+    def _done(self, batch: list[tuple[bytes, bytes | bytearray | memoryview, int]]) -> None:
+        """Release what a batch, now sent (or dropped), held."""
+        for _, data, _ in batch:
+            # A READ's data: sent, and no longer referenced elsewhere.
+            if type(data) is bytearray:
+                BUFFERS.give(data)
+        self.budget.release(sum(held for _, _, held in batch))
+
+    @staticmethod
+    def _parts(
+        batch: list[tuple[bytes, bytes | bytearray | memoryview, int]],
+    ) -> list[bytes | bytearray | memoryview]:
         parts: list[bytes | bytearray | memoryview] = []
         for header, data, _ in batch:
             parts.append(header)
             if data:
                 parts.append(data)
-        await self.conn.send_parts(parts)
+        return parts
 
 
 class Transmission:
@@ -208,11 +251,14 @@ class Transmission:
         conn = self.conn
         budget = self._budget
         counts = self.stats.requests
+        writer = self._writer
+        writer.reader = trio.lowlevel.current_task()
         while True:
             # Without an await when the header is already received: most
             # requests at a queue depth above one come several to a receive.
             req = conn.parse_now(header_size, tx.parse_request)
             if req is None:
+                writer.send_now()
                 req = tx.parse_request(await conn.receive_exactly(header_size))
             command = req.command
             counts[command] = counts.get(command, 0) + 1
@@ -220,6 +266,7 @@ class Transmission:
                 log.debug("disconnect requested")
                 return
             if command == _WRITE and req.length > self.settings.max_payload:
+                writer.send_now()
                 await self._drain(req)
                 continue
             # Every reply costs a little until it is sent, and a READ or
@@ -229,11 +276,13 @@ class Transmission:
             if command in (_READ, _WRITE) and req.length <= self.shape.max_payload:
                 held += req.length
             if not budget.acquire_now(held):
+                writer.send_now()
                 await budget.acquire(held)
             payload: bytearray | None = None
             if command == _WRITE:
                 payload = BUFFERS.take(req.length)
                 if not conn.receive_now(payload):
+                    writer.send_now()
                     await conn.receive_into(payload)
             refusal = tx.check_request(req, self.shape)
             if refusal is not None:
@@ -241,10 +290,15 @@ class Transmission:
                 continue
             if command in (_READ, _WRITE) and self._answered_now(req, payload, held):
                 continue
-            await self._slots.acquire()
+            await self._take_slot()
             if command == _READ and self._read_unconfirmed(req, held, nursery):
                 continue
             nursery.start_soon(self._serve, req, payload, held)
+
+    async def _take_slot(self) -> None:
+        if not self._slots.value:
+            self._writer.send_now()  # replies free no slot, but they should not wait
+        await self._slots.acquire()
 
     def _answered_now(self, req: tx.Request, payload: bytearray | None, held: int) -> bool:
         """Serve a READ or WRITE here, without a task, if the export can at once."""
