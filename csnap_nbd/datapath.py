@@ -29,21 +29,14 @@ to one chunk: whatever a request names, the gateway gets it through.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Iterator, Sequence
-from types import TracebackType
 from typing import NamedTuple
 
-from csnap_client import (
-    ClientClosedError,
-    ConnectionLostError,
-    DataClient,
-    LeaseExpiredError,
-    ReadPlan,
-    ServerError,
-    SnapshotDeletedError,
-)
+from csnap_client import DataClient, ReadPlan, ServerError
 from csnap_common.limits import MAX_REQUEST_CHUNKS
-from csnap_nbd.backing import CACHED_INLINE_BYTES, INLINE_BYTES, Backing, BackingIOError, Transfer
+from csnap_nbd.backing import CACHED_INLINE_BYTES, INLINE_BYTES, Backing, Transfer
 from csnap_nbd.buffers import BUFFERS
+from csnap_nbd.failures import TRANSLATED as _translated
+from csnap_nbd.failures import ExportGoneError, IOFailedError
 from csnap_nbd.geometry import (
     Piece,
     Placement,
@@ -82,62 +75,6 @@ READ_ATTEMPTS = 4
 #: Zeroes are written from one shared buffer of this size.
 _ZERO_SLICE = 1 << 20
 _ZEROES = memoryview(bytes(_ZERO_SLICE))
-
-#: csnapd errors that mean the request can never succeed as asked.
-_INVALID = frozenset({ErrorCode.INVALID_REQUEST, ErrorCode.REQUEST_TOO_LARGE})
-_NO_SPACE = frozenset({ErrorCode.STORE_FULL, ErrorCode.METADATA_FULL})
-
-
-class IOFailedError(Exception):
-    """A request failed; `error` is the NBD error to reply with."""
-
-    def __init__(self, error: Errno, message: str):
-        super().__init__(message)
-        self.error = error
-
-
-class ExportGoneError(IOFailedError):
-    """The export's snapshot was deleted (or its client closed): nothing more will work."""
-
-    def __init__(self, message: str):
-        super().__init__(Errno.EIO, message)
-
-
-class _Translated:
-    """A context in which csnapd and file errors become NBD errors.
-
-    A class, not a generator: it wraps every request, inline ones included,
-    and entering a generator-based context costs several times more.
-    """
-
-    __slots__ = ()
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(
-        self,
-        kind: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        if exc is None:
-            return
-        if isinstance(exc, SnapshotDeletedError | ClientClosedError | ConnectionLostError):
-            raise ExportGoneError(str(exc) or type(exc).__name__) from exc
-        if isinstance(exc, ServerError):
-            if exc.error in _NO_SPACE:
-                raise IOFailedError(Errno.ENOSPC, str(exc)) from exc
-            if exc.error in _INVALID:
-                raise IOFailedError(Errno.EINVAL, str(exc)) from exc
-            raise IOFailedError(Errno.EIO, str(exc)) from exc
-        if isinstance(exc, LeaseExpiredError):
-            raise IOFailedError(Errno.EIO, str(exc)) from exc
-        if isinstance(exc, BackingIOError):
-            raise IOFailedError(Errno.ENOSPC if exc.no_space else Errno.EIO, str(exc)) from exc
-
-
-_translated = _Translated()
 
 
 def _zero_placements(placements: list[Placement]) -> list[Placement]:
