@@ -2,13 +2,14 @@
 own task (replies may go out of order, so a slow copy-out does not hold up
 reads behind it), and send simple or structured replies.
 
-Replies go through one writer task that sends everything queued since its
-last send in one system call: at a queue depth of 16, most replies share a
-send. Small origin reads, which need no csnapd round trip, are answered by
-the reader itself without a task. Snapshot reads of chunks the owned map
+Replies go out through csnap_nbd.replies: the reader sends those it
+queued itself before it waits, a writer task the others. Small origin
+reads, which need no csnapd round trip, are answered by the reader itself
+without a task. Snapshot reads of chunks the owned map
 places, some of them on the origin, are read by the reader too, and one
 task confirms every such read waiting with csnapd at once before their
-replies go.
+replies go. Small origin writes that need csnapd's grant wait for one they
+share (csnap_nbd.gathered).
 
 Memory per connection is bounded twice: at most `max_in_flight` requests,
 and at most `connection_budget` bytes of READ/WRITE data held at once, from
@@ -32,6 +33,7 @@ from csnap_nbd.buffers import BUFFERS
 from csnap_nbd.connection import Connection, PeerClosedError
 from csnap_nbd.datapath import ExportGoneError, IOFailedError, UnconfirmedRead
 from csnap_nbd.exports import Exports
+from csnap_nbd.gathered import GatheredWrites
 from csnap_nbd.negotiation import Negotiated
 from csnap_nbd.replies import Budget, ReplyWriter
 from csnap_nbd.settings import Settings
@@ -86,6 +88,10 @@ class Transmission:
         #: Reads done that wait for csnapd's confirmation, and whether a task asks for it.
         self._unconfirmed: list[tuple[tx.Request, int, UnconfirmedRead]] = []
         self._confirming = False
+        #: Small origin writes waiting for a grant they share.
+        self._gathered = GatheredWrites(
+            self.path, self._writer, self._slots, self.stats, self._serve
+        )
         self._reading = trio.CancelScope()
 
     def stop(self) -> None:
@@ -171,7 +177,7 @@ class Transmission:
             if command in (_READ, _WRITE) and self._answered_now(req, payload, held):
                 continue
             await self._take_slot()
-            if command == _READ and self._read_unconfirmed(req, held, nursery):
+            if self._served_later(req, payload, held, nursery):
                 continue
             nursery.start_soon(self._serve, req, payload, held)
 
@@ -191,9 +197,23 @@ class Transmission:
                 return False
         except IOFailedError as exc:
             return self._error(req, exc.error, str(exc), held)
+        self.stats.written_bytes += len(payload)
         self._writer.put(tx.simple_reply(req.cookie), held=held)
         BUFFERS.give(payload)
         return True
+
+    def _served_later(
+        self, req: tx.Request, payload: bytearray | None, held: int, nursery: trio.Nursery
+    ) -> bool:
+        """Take a request that needs csnapd without a task of its own, if it
+        can be: a READ read here and confirmed later, or a small origin WRITE
+        that waits to share a grant with others. It holds a slot until answered."""
+        if payload is None:
+            return req.command == _READ and self._read_unconfirmed(req, held, nursery)
+        if self.path.gathers(req.length, fua=bool(req.flags & _FUA)):
+            self._gathered.add(req, payload, held, nursery)
+            return True
+        return False
 
     def _read_unconfirmed(self, req: tx.Request, held: int, nursery: trio.Nursery) -> bool:
         """Read here data that counts once csnapd confirms it (origin chunks read

@@ -1,0 +1,125 @@
+"""Small origin writes that need csnapd's grant, asked for together.
+
+At a queue depth of 16, the first writes after a snapshot come several at
+a time, and each needs a grant from csnapd (which copies out what a
+snapshot still shares). One task per connection asks for every such write
+waiting with one `query_write` naming all their chunks, writes them all
+inside that grant, without awaiting, and queues their replies: one request
+to csnapd, one reply and no task per write. A batch csnapd refuses or that
+fails in any way is served again write by write, each in a task of its
+own, so each write gets its own answer (a refusal means csnapd did
+nothing; a write done twice writes the same bytes to the same place).
+
+A write waiting here holds its connection slot and budget until answered,
+as a task would.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import NamedTuple
+
+import trio
+
+from csnap_nbd.buffers import BUFFERS
+from csnap_nbd.datapath import DataPath, IOFailedError
+from csnap_nbd.replies import ReplyWriter
+from csnap_nbd.stats import ExportStats
+from csnap_nbd.wire import transmission as tx
+
+__all__ = ["GatheredWrites", "ASKING"]
+
+log = logging.getLogger("csnap.nbd.commands")
+
+#: Grants asked for at once. One: the writes that arrive while csnapd
+#: commits a batch's copies make the next batch, whole; with two asks in
+#: flight the batches halve, and csnapd's and the gateway's CPU per write
+#: grows by a fifth.
+ASKING = 1
+
+#: Serves one request in a task of its own (Transmission._serve).
+Serve = Callable[[tx.Request, bytearray | None, int], Awaitable[None]]
+
+
+class _Waiting(NamedTuple):
+    req: tx.Request
+    payload: bytearray
+    held: int
+    #: perf_counter() when it was taken, for the request latency.
+    taken: float
+    #: The chunks it touches.
+    chunks: range
+
+
+class GatheredWrites:
+    """The writes of one connection waiting for a shared grant."""
+
+    def __init__(
+        self,
+        path: DataPath,
+        writer: ReplyWriter,
+        slots: trio.Semaphore,
+        stats: ExportStats,
+        serve: Serve,
+    ):
+        self._path = path
+        self._writer = writer
+        self._slots = slots
+        self._stats = stats
+        self._serve = serve
+        self._waiting: deque[_Waiting] = deque()
+        #: Tasks asking now.
+        self._asking = 0
+
+    def add(self, req: tx.Request, payload: bytearray, held: int, nursery: trio.Nursery) -> None:
+        """Take a WRITE the path gathers (DataPath.gathers); its reply follows
+        the grant. The caller holds a slot for it, released here once answered."""
+        chunks = self._path.chunks_of(req.offset, req.length)
+        self._waiting.append(_Waiting(req, payload, held, time.perf_counter(), chunks))
+        if self._asking < ASKING:
+            self._asking += 1
+            nursery.start_soon(self._ask, nursery)
+
+    async def _ask(self, nursery: trio.Nursery) -> None:
+        try:
+            while self._waiting:
+                batch = self._take()
+                done = False
+                try:
+                    await self._path.write_gathered([(w.req.offset, w.payload) for w in batch])
+                    done = True
+                except IOFailedError as exc:
+                    log.debug("%d gathered writes: %s; each goes alone", len(batch), exc)
+                except Exception:
+                    # A fault of the gateway itself: the writes go the long way.
+                    log.exception("%d gathered writes failed; each goes alone", len(batch))
+                for waiting in batch:
+                    if done:
+                        self._answer(waiting)
+                    else:
+                        nursery.start_soon(self._serve, waiting.req, waiting.payload, waiting.held)
+        finally:
+            self._asking -= 1
+
+    def _take(self) -> list[_Waiting]:
+        """The oldest writes whose chunks fit one query (at least one write)."""
+        limit = self._path.gather_limit()
+        chunks: set[int] = set()
+        batch: list[_Waiting] = []
+        while self._waiting:
+            joined = chunks.union(self._waiting[0].chunks)
+            if batch and len(joined) > limit:
+                break
+            chunks = joined
+            batch.append(self._waiting.popleft())
+        return batch
+
+    def _answer(self, waiting: _Waiting) -> None:
+        self._slots.release()
+        self._stats.written_bytes += len(waiting.payload)
+        self._stats.timed(waiting.req.command, time.perf_counter() - waiting.taken)
+        self._writer.put(tx.simple_reply(waiting.req.cookie), held=waiting.held)
+        BUFFERS.give(waiting.payload)

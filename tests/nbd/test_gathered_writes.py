@@ -1,0 +1,106 @@
+"""First writes in flight on one connection share csnapd's grant
+(csnap_nbd.gathered): one query_write copies out for them all before any
+of them reaches the origin. A shared grant csnapd refuses is asked again
+write by write, so that each write gets its own answer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from csnap_nbd.wire import transmission as tx
+from csnap_nbd.wire.constants import Command, Errno
+from tests.nbd.rawclient import Answer, RawClient
+from tests.nbd.support import CHUNK, ORIGIN_SIZE, Gateway, csnap_check, gateway, origin_image, stop
+
+pytestmark = [pytest.mark.e2e]
+
+IMAGE = origin_image(seed=11)
+WRITES = 64
+
+
+def _offset(n: int) -> int:
+    """The n-th write's offset: every third chunk, so that none neighbours another."""
+    return (3 * n * CHUNK) % ORIGIN_SIZE
+
+
+def _data(n: int) -> bytes:
+    return bytes([n % 251 + 1]) * CHUNK
+
+
+async def _write_all(gw: Gateway, count: int) -> dict[int, Answer]:
+    """`count` first writes sent back to back on one connection, then their answers."""
+    client = await RawClient.unix(gw.socket)
+    await client.go("origin")
+    await client.send(b"".join(_request(n) for n in range(count)))
+    answers = {}
+    for _ in range(count):
+        answer = await client.answer()
+        assert answer.cookie not in answers
+        answers[answer.cookie] = answer
+    await client.request(Command.DISC)
+    assert await client.closed()
+    return answers
+
+
+def _request(n: int) -> bytes:
+    return tx.request(Command.WRITE, n, _offset(n), CHUNK) + _data(n)
+
+
+async def _read(gw: Gateway, export: str, offset: int) -> bytes:
+    client = await RawClient.unix(gw.socket)
+    await client.go(export)
+    await client.request(Command.READ, offset, CHUNK, cookie=1)
+    answer = await client.answer()
+    assert not answer.errors, answer.errors
+    await client.request(Command.DISC)
+    assert await client.closed()
+    return answer.data
+
+
+async def test_first_writes_in_flight_share_grants_and_copy_out_first(tmp_path: Path) -> None:
+    async with gateway(tmp_path, image=IMAGE) as gw:
+        await gw.create(1)
+        before = await gw.server_info()
+        answers = await _write_all(gw, WRITES)
+        after = await gw.server_info()
+        assert all(not a.errors for a in answers.values())
+        # Far fewer csnapd requests than writes (the two server_info calls
+        # count one each): the writes shared their grants.
+        asked = int(str(after["requests"])) - int(str(before["requests"])) - 1
+        assert 1 <= asked <= WRITES // 4, asked
+        assert await gw.copied(1) == {_offset(n) // CHUNK for n in range(WRITES)}
+        for n in range(0, WRITES, 7):
+            assert await _read(gw, "origin", _offset(n)) == _data(n)
+            assert await _read(gw, "snap-1", _offset(n)) == IMAGE[_offset(n) : _offset(n) + CHUNK]
+        await stop(gw.nbd)
+        await stop(gw.csnapd)
+    await csnap_check(gw.store)
+
+
+async def test_a_shared_grant_refused_for_space_is_asked_again_write_by_write(
+    tmp_path: Path,
+) -> None:
+    async with gateway(tmp_path, image=IMAGE, store_size=2 << 20) as gw:
+        async with gw.admin() as admin:
+            await admin.create_snapshot(1, 0)
+            await admin.change_use_count(1, 1)  # in use: never squashed for room
+            free = (await admin.status()).store.data_free
+        # More first writes than the store has room for: the last grants
+        # asked for together cannot be given.
+        assert 0 < free < ORIGIN_SIZE // CHUNK // 4, free
+        answers = await _write_all(gw, free + 16)
+        done = sorted(n for n, a in answers.items() if not a.errors)
+        refused = sorted(n for n, a in answers.items() if a.errors)
+        # Each write that found room was served alone; every other one was
+        # refused for space, and none of them reached the origin.
+        assert len(done) == free, (len(done), free)
+        assert all(answers[n].errors == [Errno.ENOSPC] for n in refused)
+        for n in done[:4] + refused[:4]:
+            expected = _data(n) if n in done else IMAGE[_offset(n) : _offset(n) + CHUNK]
+            assert await _read(gw, "origin", _offset(n)) == expected
+            assert await _read(gw, "snap-1", _offset(n)) == IMAGE[_offset(n) : _offset(n) + CHUNK]
+        await stop(gw.nbd)
+        await stop(gw.csnapd)
+    await csnap_check(gw.store)
