@@ -133,6 +133,14 @@ class Transmission:
             self.stop()
 
     async def _read(self, nursery: trio.Nursery) -> None:
+        try:
+            await self._read_requests(nursery)
+        finally:
+            # The replies the reader queued itself wake nobody: they go now,
+            # not when the requests still running end (DISC, bad framing, stop).
+            self._writer.send_now()
+
+    async def _read_requests(self, nursery: trio.Nursery) -> None:
         header_size = tx.REQUEST.size
         conn = self.conn
         budget = self._budget
@@ -210,7 +218,7 @@ class Transmission:
         that waits to share a grant with others. It holds a slot until answered."""
         if payload is None:
             return req.command == _READ and self._read_unconfirmed(req, held, nursery)
-        if self.path.gathers(req.length, fua=bool(req.flags & _FUA)):
+        if self.path.gathers(req.offset, req.length, fua=bool(req.flags & _FUA)):
             self._gathered.add(req, payload, held, nursery)
             return True
         return False

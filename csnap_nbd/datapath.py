@@ -168,8 +168,8 @@ class DataPath:
         (nothing written)."""
         return False
 
-    def gathers(self, length: int, *, fua: bool) -> bool:
-        """Whether a WRITE this long may wait to share a grant with others
+    def gathers(self, offset: int, length: int, *, fua: bool) -> bool:
+        """Whether this WRITE may wait to share a grant with others
         (write_gathered) instead of being served alone."""
         return False
 
@@ -351,13 +351,15 @@ class OriginPath(DataPath):
         async with self.client.origin_write([(piece.first, piece.count)]):
             await self.backing.write([transfer], data)
 
-    def gathers(self, length: int, *, fua: bool) -> bool:
+    def gathers(self, offset: int, length: int, *, fua: bool) -> bool:
         # Written without awaiting inside the grant: small, no FUA, and not
-        # with O_DIRECT, which waits for the disk (a thread's job).
+        # with O_DIRECT, which waits for the disk (a thread's job); and
+        # within what one query may name, or csnapd would refuse it each time.
         return (
             not fua
             and 0 < length <= INLINE_BYTES
             and self.backing.origin not in self.backing.direct
+            and len(self.chunks_of(offset, length)) <= self.gather_limit()
         )
 
     async def write_gathered(self, writes: Sequence[tuple[int, bytearray]]) -> None:

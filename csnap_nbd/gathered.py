@@ -10,6 +10,17 @@ fails in any way is served again write by write, each in a task of its
 own, so each write gets its own answer (a refusal means csnapd did
 nothing; a write done twice writes the same bytes to the same place).
 
+One task asks at a time: the writes that arrive while csnapd commits a
+batch's copies make the next batch, whole (with two asking, batches halve
+and both processes' CPU per write grows by a fifth). A grant that does not
+come within `PATIENCE` (csnapd parks a write while a snapshot reader holds
+a read lock on one of its chunks, or a create barrier runs) is given up,
+and its writes are served alone: one write to a locked chunk then holds up
+no other. A shared grant given up is forgotten when it comes: it is never
+written under, and a create barrier does not wait for it (csnap_client
+answers barriers for the grants it holds). A batch writes at most
+`BATCH_BYTES` without yielding.
+
 A write waiting here holds its connection slot and budget until answered,
 as a task would.
 """
@@ -30,15 +41,15 @@ from csnap_nbd.replies import ReplyWriter
 from csnap_nbd.stats import ExportStats
 from csnap_nbd.wire import transmission as tx
 
-__all__ = ["GatheredWrites", "ASKING"]
+__all__ = ["GatheredWrites", "PATIENCE", "BATCH_BYTES"]
 
 log = logging.getLogger("csnap.nbd.commands")
 
-#: Grants asked for at once. One: the writes that arrive while csnapd
-#: commits a batch's copies make the next batch, whole; with two asks in
-#: flight the batches halve, and csnapd's and the gateway's CPU per write
-#: grows by a fifth.
-ASKING = 1
+#: Seconds a shared grant may take before its writes are served alone
+#: (a commit takes milliseconds; a parked write, up to a lease).
+PATIENCE = 0.25
+#: Most bytes one batch writes.
+BATCH_BYTES = 2 << 20
 
 #: Serves one request in a task of its own (Transmission._serve).
 Serve = Callable[[tx.Request, bytearray | None, int], Awaitable[None]]
@@ -71,16 +82,16 @@ class GatheredWrites:
         self._stats = stats
         self._serve = serve
         self._waiting: deque[_Waiting] = deque()
-        #: Tasks asking now.
-        self._asking = 0
+        #: A task is asking (one at a time; module docstring).
+        self._asking = False
 
     def add(self, req: tx.Request, payload: bytearray, held: int, nursery: trio.Nursery) -> None:
         """Take a WRITE the path gathers (DataPath.gathers); its reply follows
         the grant. The caller holds a slot for it, released here once answered."""
         chunks = self._path.chunks_of(req.offset, req.length)
         self._waiting.append(_Waiting(req, payload, held, time.perf_counter(), chunks))
-        if self._asking < ASKING:
-            self._asking += 1
+        if not self._asking:
+            self._asking = True
             nursery.start_soon(self._ask, nursery)
 
     async def _ask(self, nursery: trio.Nursery) -> None:
@@ -88,30 +99,44 @@ class GatheredWrites:
             while self._waiting:
                 batch = self._take()
                 done = False
-                try:
-                    await self._path.write_gathered([(w.req.offset, w.payload) for w in batch])
-                    done = True
-                except IOFailedError as exc:
-                    log.debug("%d gathered writes: %s; each goes alone", len(batch), exc)
-                except Exception:
-                    # A fault of the gateway itself: the writes go the long way.
-                    log.exception("%d gathered writes failed; each goes alone", len(batch))
+                # Given up at PATIENCE: only the wait for the grant can be
+                # cancelled, since nothing awaits once the writes start.
+                with trio.move_on_after(PATIENCE) as patience:
+                    done = await self._written(batch)
+                if patience.cancelled_caught:
+                    log.debug("a grant for %d gathered writes is slow; each goes alone", len(batch))
                 for waiting in batch:
                     if done:
                         self._answer(waiting)
                     else:
                         nursery.start_soon(self._serve, waiting.req, waiting.payload, waiting.held)
         finally:
-            self._asking -= 1
+            self._asking = False
+
+    async def _written(self, batch: list[_Waiting]) -> bool:
+        try:
+            await self._path.write_gathered([(w.req.offset, w.payload) for w in batch])
+        except IOFailedError as exc:
+            log.debug("%d gathered writes: %s; each goes alone", len(batch), exc)
+            return False
+        except Exception:
+            # A fault of the gateway itself: the writes go the long way.
+            log.exception("%d gathered writes failed; each goes alone", len(batch))
+            return False
+        return True
 
     def _take(self) -> list[_Waiting]:
-        """The oldest writes whose chunks fit one query (at least one write)."""
+        """The oldest writes whose chunks fit one query and whose bytes fit
+        BATCH_BYTES (at least one write)."""
         limit = self._path.gather_limit()
         chunks: set[int] = set()
+        size = 0
         batch: list[_Waiting] = []
         while self._waiting:
-            joined = chunks.union(self._waiting[0].chunks)
-            if batch and len(joined) > limit:
+            first = self._waiting[0]
+            joined = chunks.union(first.chunks)
+            size += len(first.payload)
+            if batch and (len(joined) > limit or size > BATCH_BYTES):
                 break
             chunks = joined
             batch.append(self._waiting.popleft())

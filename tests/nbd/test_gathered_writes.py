@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import trio
 
 from csnap_nbd.wire import transmission as tx
 from csnap_nbd.wire.constants import Command, Errno
@@ -104,3 +105,54 @@ async def test_a_shared_grant_refused_for_space_is_asked_again_write_by_write(
         await stop(gw.nbd)
         await stop(gw.csnapd)
     await csnap_check(gw.store)
+
+
+async def test_a_write_parked_by_a_read_lock_holds_up_no_other(tmp_path: Path) -> None:
+    async with gateway(tmp_path, image=IMAGE) as gw:
+        await gw.create(1)
+        async with gw.client(snapshot=1) as reader:
+            client = await RawClient.unix(gw.socket)
+            await client.go("origin")
+            # A snapshot reader holds a read lock on write 0's chunk: csnapd
+            # parks every grant that names it.
+            async with reader.snapshot_read([(_offset(0) // CHUNK, 1)]) as plan:
+                assert plan.origin
+                read = tx.request(Command.READ, 99, _offset(40), CHUNK)
+                await client.send(b"".join(_request(n) for n in range(16)) + read)
+                answers: dict[int, Answer] = {}
+                with trio.fail_after(5):
+                    while len(answers) < 16:
+                        answer = await client.answer()
+                        answers[answer.cookie] = answer
+                # Every other write, and the read, while the lock is held.
+                assert set(answers) == {*range(1, 16), 99}
+                assert not any(a.errors for a in answers.values())
+            with trio.fail_after(5):
+                parked = await client.answer()
+            assert parked.cookie == 0 and not parked.errors
+            await client.request(Command.DISC)
+            assert await client.closed()
+        assert await _read(gw, "origin", _offset(0)) == _data(0)
+        assert await _read(gw, "snap-1", _offset(0)) == IMAGE[_offset(0) : _offset(0) + CHUNK]
+
+
+async def test_replies_the_reader_queued_leave_when_it_stops(tmp_path: Path) -> None:
+    async with gateway(tmp_path, image=IMAGE) as gw:
+        await gw.create(1)
+        async with gw.client(snapshot=1) as reader:
+            client = await RawClient.unix(gw.socket)
+            await client.go("origin")
+            async with reader.snapshot_read([(_offset(0) // CHUNK, 1)]):
+                # A write csnapd parks, a read the reader answers itself, and
+                # the end of the connection, at once: the read's reply does
+                # not wait for the parked write.
+                read = tx.request(Command.READ, 99, _offset(40), CHUNK)
+                await client.send(_request(0) + read + tx.request(Command.DISC, 7, 0, 0))
+                with trio.fail_after(3):
+                    answer = await client.answer()
+                assert answer.cookie == 99 and not answer.errors
+                assert answer.data == IMAGE[_offset(40) : _offset(40) + CHUNK]
+            with trio.fail_after(5):
+                parked = await client.answer()
+            assert parked.cookie == 0 and not parked.errors
+            assert await client.closed()
