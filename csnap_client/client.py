@@ -149,6 +149,11 @@ class DataClient(ReconnectingClient):
         finally:
             self._close_grant(reply.id)
 
+    def knows_unique(self, ranges: Ranges) -> bool:
+        """Whether every chunk of `ranges` is one this client may write
+        without asking csnapd (origin_write would grant it from memory)."""
+        return self._known_unique(ranges)
+
     def origin_write_now(self, ranges: Ranges) -> OriginWriteNow:
         """A grant from memory, if every chunk is known unique: True inside the block.
 

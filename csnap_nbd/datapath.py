@@ -187,6 +187,11 @@ class DataPath:
         of them may have been written then."""
         raise NotImplementedError
 
+    async def sync_gathered(self) -> None:
+        """Make what write_gathered wrote durable (FUA writes among them)."""
+        with _translated:
+            await self._sync_written()
+
     def read_unconfirmed(self, offset: int, length: int) -> UnconfirmedRead | None:
         """The data read at once, without csnapd or a thread, that counts only
         once confirm_reads says so; None if it cannot be read so."""
@@ -352,15 +357,17 @@ class OriginPath(DataPath):
             await self.backing.write([transfer], data)
 
     def gathers(self, offset: int, length: int, *, fua: bool) -> bool:
-        # Written without awaiting inside the grant: small, no FUA, and not
-        # with O_DIRECT, which waits for the disk (a thread's job); and
-        # within what one query may name, or csnapd would refuse it each time.
-        return (
-            not fua
-            and 0 < length <= INLINE_BYTES
-            and self.backing.origin not in self.backing.direct
-            and len(self.chunks_of(offset, length)) <= self.gather_limit()
-        )
+        # Written without awaiting inside the grant: small, and not with
+        # O_DIRECT, which waits for the disk (a thread's job); and within
+        # what one query may name, or csnapd would refuse it each time.
+        if not 0 < length <= INLINE_BYTES or self.backing.origin in self.backing.direct:
+            return False
+        chunks = self.chunks_of(offset, length)
+        if len(chunks) > self.gather_limit():
+            return False
+        # A FUA rewrite needs no grant, only its sync: it goes alone, and
+        # its write overlaps the sync before it (Backing.sync shares them).
+        return not fua or not self.client.knows_unique([(chunks.start, len(chunks))])
 
     async def write_gathered(self, writes: Sequence[tuple[int, bytearray]]) -> None:
         chunks = sorted({c for offset, data in writes for c in self.chunks_of(offset, len(data))})

@@ -4,8 +4,11 @@ At a queue depth of 16, the first writes after a snapshot come several at
 a time, and each needs a grant from csnapd (which copies out what a
 snapshot still shares). One task per connection asks for every such write
 waiting with one `query_write` naming all their chunks, writes them all
-inside that grant, without awaiting, and queues their replies: one request
-to csnapd, one reply and no task per write. A batch csnapd refuses or that
+inside that grant, without awaiting, and queues their replies; those with
+FUA wait for one sync of the origin after the batch. One request to
+csnapd, one sync, and no task per write. (A FUA rewrite of chunks the
+client knows unique needs no grant: it goes alone, so that its write
+overlaps the sync before it.) A batch csnapd refuses or that
 fails in any way is served again write by write, each in a task of its
 own, so each write gets its own answer (a refusal means csnapd did
 nothing; a write done twice writes the same bytes to the same place).
@@ -40,10 +43,13 @@ from csnap_nbd.datapath import DataPath, IOFailedError
 from csnap_nbd.replies import ReplyWriter
 from csnap_nbd.stats import ExportStats
 from csnap_nbd.wire import transmission as tx
+from csnap_nbd.wire.constants import CommandFlag
 
 __all__ = ["GatheredWrites", "PATIENCE", "BATCH_BYTES"]
 
 log = logging.getLogger("csnap.nbd.commands")
+
+_FUA = int(CommandFlag.FUA)
 
 #: Seconds a shared grant may take before its writes are served alone
 #: (a commit takes milliseconds; a parked write, up to a lease).
@@ -63,6 +69,8 @@ class _Waiting(NamedTuple):
     taken: float
     #: The chunks it touches.
     chunks: range
+    #: It carries FUA: its reply waits for a sync after the batch.
+    fua: bool
 
 
 class GatheredWrites:
@@ -89,7 +97,8 @@ class GatheredWrites:
         """Take a WRITE the path gathers (DataPath.gathers); its reply follows
         the grant. The caller holds a slot for it, released here once answered."""
         chunks = self._path.chunks_of(req.offset, req.length)
-        self._waiting.append(_Waiting(req, payload, held, time.perf_counter(), chunks))
+        fua = bool(req.flags & _FUA)
+        self._waiting.append(_Waiting(req, payload, held, time.perf_counter(), chunks, fua))
         if not self._asking:
             self._asking = True
             nursery.start_soon(self._ask, nursery)
@@ -102,20 +111,38 @@ class GatheredWrites:
                 # Given up at PATIENCE: only the wait for the grant can be
                 # cancelled, since nothing awaits once the writes start.
                 with trio.move_on_after(PATIENCE) as patience:
-                    done = await self._written(batch)
+                    writes = [(w.req.offset, w.payload) for w in batch]
+                    done = await self._written(batch, self._path.write_gathered, writes)
                 if patience.cancelled_caught:
                     log.debug("a grant for %d gathered writes is slow; each goes alone", len(batch))
+                if not done:
+                    self._alone(batch, nursery)
+                    continue
+                durable = [w for w in batch if w.fua]
                 for waiting in batch:
-                    if done:
+                    if not waiting.fua:
                         self._answer(waiting)
-                    else:
-                        nursery.start_soon(self._serve, waiting.req, waiting.payload, waiting.held)
+                if durable and not await self._written(durable, self._path.sync_gathered):
+                    self._alone(durable, nursery)
+                    continue
+                for waiting in durable:
+                    self._answer(waiting)
         finally:
             self._asking = False
 
-    async def _written(self, batch: list[_Waiting]) -> bool:
+    def _alone(self, batch: list[_Waiting], nursery: trio.Nursery) -> None:
+        for waiting in batch:
+            nursery.start_soon(self._serve, waiting.req, waiting.payload, waiting.held)
+
+    @staticmethod
+    async def _written(
+        batch: list[_Waiting],
+        step: Callable[..., Awaitable[None]],
+        *args: object,
+    ) -> bool:
+        """Whether `step` for `batch` succeeded (a failure is logged)."""
         try:
-            await self._path.write_gathered([(w.req.offset, w.payload) for w in batch])
+            await step(*args)
         except IOFailedError as exc:
             log.debug("%d gathered writes: %s; each goes alone", len(batch), exc)
             return False

@@ -1,7 +1,8 @@
 """First writes in flight on one connection share csnapd's grant
 (csnap_nbd.gathered): one query_write copies out for them all before any
-of them reaches the origin. A shared grant csnapd refuses is asked again
-write by write, so that each write gets its own answer."""
+of them reaches the origin (and with FUA, one sync makes them durable). A
+shared grant csnapd refuses is asked again write by write, so that each
+write gets its own answer."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pytest
 import trio
 
 from csnap_nbd.wire import transmission as tx
-from csnap_nbd.wire.constants import Command, Errno
+from csnap_nbd.wire.constants import Command, CommandFlag, Errno
 from tests.nbd.rawclient import Answer, RawClient
 from tests.nbd.support import CHUNK, ORIGIN_SIZE, Gateway, csnap_check, gateway, origin_image, stop
 
@@ -30,11 +31,11 @@ def _data(n: int) -> bytes:
     return bytes([n % 251 + 1]) * CHUNK
 
 
-async def _write_all(gw: Gateway, count: int) -> dict[int, Answer]:
+async def _write_all(gw: Gateway, count: int, flags: int = 0) -> dict[int, Answer]:
     """`count` first writes sent back to back on one connection, then their answers."""
     client = await RawClient.unix(gw.socket)
     await client.go("origin")
-    await client.send(b"".join(_request(n) for n in range(count)))
+    await client.send(b"".join(_request(n, flags) for n in range(count)))
     answers = {}
     for _ in range(count):
         answer = await client.answer()
@@ -45,8 +46,8 @@ async def _write_all(gw: Gateway, count: int) -> dict[int, Answer]:
     return answers
 
 
-def _request(n: int) -> bytes:
-    return tx.request(Command.WRITE, n, _offset(n), CHUNK) + _data(n)
+def _request(n: int, flags: int = 0) -> bytes:
+    return tx.request(Command.WRITE, n, _offset(n), CHUNK, flags) + _data(n)
 
 
 async def _read(gw: Gateway, export: str, offset: int) -> bytes:
@@ -60,11 +61,15 @@ async def _read(gw: Gateway, export: str, offset: int) -> bytes:
     return answer.data
 
 
-async def test_first_writes_in_flight_share_grants_and_copy_out_first(tmp_path: Path) -> None:
+@pytest.mark.parametrize("flags", [0, int(CommandFlag.FUA)], ids=["plain", "fua"])
+async def test_first_writes_in_flight_share_grants_and_copy_out_first(
+    tmp_path: Path, flags: int
+) -> None:
+    # With FUA too: the writes share the grant and then one sync.
     async with gateway(tmp_path, image=IMAGE) as gw:
         await gw.create(1)
         before = await gw.server_info()
-        answers = await _write_all(gw, WRITES)
+        answers = await _write_all(gw, WRITES, flags)
         after = await gw.server_info()
         assert all(not a.errors for a in answers.values())
         # Far fewer csnapd requests than writes (the two server_info calls
