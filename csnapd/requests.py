@@ -283,15 +283,12 @@ class RequestHandlers:
     ) -> SnapshotWriteOk | None:
         self._need_identified(peer)
         chunks = self._check_ranges(message.ranges)
-        spare, reclaim = self._room()
         if peer.snapshot is None:
-            result = self._engine.origin_write(message.ranges, spare=spare, reclaim=reclaim)
+            result = self._engine.origin_write(message.ranges, room=self._room)
             writes.append(ParkedWrite(peer, message.id, message.ranges, result.copied))
             return None  # granted after the commit, if the write gate lets it through
         self._check_reply_fits(peer, SnapshotWriteOk, chunks)
-        segments = self._engine.snapshot_write(
-            peer.snapshot, message.ranges, spare=spare, reclaim=reclaim
-        )
+        segments = self._engine.snapshot_write(peer.snapshot, message.ranges, room=self._room)
         triples = tuple((s.chunk, s.count, s.store_chunk) for s in segments)
         return SnapshotWriteOk(message.id, triples)
 

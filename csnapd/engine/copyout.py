@@ -18,7 +18,6 @@ from csnapd.engine.allocator import Allocator
 from csnapd.engine.btree import ExceptionTree
 from csnapd.engine.device import BlockDevice
 from csnapd.engine.errors import StoreIOError, lost_chunk_error
-from csnapd.engine.resize import LiveMasks
 from csnapd.engine.results import OriginWriteResult, WriteSegment
 from csnapd.engine.snapshots import SnapshotTable
 from csnapd.engine.state import StoreState
@@ -71,7 +70,7 @@ class CopyOut:
         return OriginWriteResult(sum(result.copied for result in results))
 
     def _origin_write(self, ranges: Ranges) -> OriginWriteResult:
-        masks = LiveMasks(self._state)
+        masks = self._state.live_masks
         if not masks.live:
             return OriginWriteResult(0)
         todo: list[tuple[int, int]] = []

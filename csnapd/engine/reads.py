@@ -12,7 +12,6 @@ from csnap_format import LOST_CHUNK, Geometry
 from csnap_format.runs import append_mapped_run, append_run
 from csnapd.engine.btree import ExceptionTree
 from csnapd.engine.errors import InvalidRequestError, lost_chunk_error
-from csnapd.engine.resize import LiveMasks
 from csnapd.engine.results import ReadSegment
 from csnapd.engine.snapshots import SnapshotTable
 from csnapd.engine.state import StoreState
@@ -125,7 +124,7 @@ class ChunkReads:
         self, ranges: Ranges, wanted: Callable[[bool, int, int], object]
     ) -> list[tuple[int, int]]:
         """Ranges of the origin chunks for which wanted(found, share mask, live mask)."""
-        masks = LiveMasks(self._state)
+        masks = self._state.live_masks
         out: list[tuple[int, int]] = []
         if not masks.live:
             return out
