@@ -147,7 +147,13 @@ class RequestHandlers:
         Raises:
             RequestRefused, EngineError: the request did nothing.
         """
+        # The cases are disjoint classes; the most frequent come first.
         match message:
+            case QueryWrite():
+                reply = self._query_write(peer, message, batch.writes)
+                if reply is not None:
+                    batch.replies.append((peer, reply))
+                return False
             case BarrierDone():
                 return self._barrier.done(peer, message.barrier, batch.replies)
             case CreateSnapshot() | RevertSnapshot():
@@ -169,11 +175,6 @@ class RequestHandlers:
             case Resize():
                 batch.replies.append((peer, self._resize(message)))
                 return False
-            case QueryWrite():
-                reply = self._query_write(peer, message, batch.writes)
-                if reply is not None:
-                    batch.replies.append((peer, reply))
-                return False
             case _:
                 batch.replies.append((peer, self._answer(peer, message)))
                 return False
@@ -181,12 +182,12 @@ class RequestHandlers:
     def _answer(self, peer: Peer, message: Answered) -> Message:
         """The reply to a request answered at once."""
         match message:
-            case Identify():
-                return self._identify(peer, message)
             case QuerySnapshotRead():
                 return self._query_read(peer, message)
             case QueryMap():
                 return self._query_map(peer, message)
+            case Identify():
+                return self._identify(peer, message)
             case QueryChanges():
                 return self._query_changes(peer, message)
             case QueryOwned():
