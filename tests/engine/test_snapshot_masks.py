@@ -1,9 +1,10 @@
 """The share masks derived from the snapshot table (StoreState.masks) follow
 every change of the table at once: create, delete, the sweep's release,
 squash, a request rolled back, a resize followed by a create, and a journal
-replay. Each is seen through what the engine does next, within the same open
-transaction: which origin writes copy, which chunks are shared, which tags
-resolve, and whether space awaits the sweep.
+replay; a revert, which changes no snapshot, leaves them right. Each is
+seen through what the engine does next, within the same open transaction:
+which origin writes copy, which chunks are shared, which tags resolve, and
+whether space awaits the sweep.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import pytest
 from csnap_format import SnapshotRecord, SnapshotState, decode_superblock
 from csnapd.engine import Engine, SnapshotNotFoundError
 from csnapd.engine.state import StoreState
-from tests.engine.helpers import new_store, write_origin
+from tests.engine.helpers import new_store, pattern, read_snapshot, write_origin
 
 MIB = 1 << 20
 
@@ -131,3 +132,30 @@ def test_replay_reads_the_table_it_committed() -> None:
     replayed.delete_snapshot(1)
     assert replayed.origin_write([(2, 1)]).copied == 0
     replayed.close()
+
+
+def test_a_revert_keeps_both_snapshots_live_and_copies_for_the_other_first() -> None:
+    store, origin, g = new_store(store_bytes=8 << 20, origin_bytes=64 * 4096)
+    engine = Engine.open(store, origin)
+    for chunk in range(64):
+        write_origin(origin, g, chunk, 1)
+    engine.create_snapshot(1)
+    assert engine.origin_write([(0, 8)]).copied == 8
+    for chunk in range(8):
+        write_origin(origin, g, chunk, 2)
+    engine.create_snapshot(2)
+    engine.commit()
+    engine.start_revert(1)
+    engine.commit()
+    for _ in range(100):  # bounded
+        more = engine.revert_step()
+        engine.commit()
+        if not more:
+            break
+    assert engine.revert_progress is None
+    size = g.chunk_size
+    assert read_snapshot(engine, store, origin, 2, 0, 8) == [pattern(c, 2, size) for c in range(8)]
+    assert origin.read(0, 8 * size) == b"".join(pattern(c, 1, size) for c in range(8))
+    assert engine.origin_write([(0, 8)]).copied == 0  # both have their copies
+    assert engine.origin_write([(20, 1)]).copied == 1  # one copy for both
+    engine.close()
