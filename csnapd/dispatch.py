@@ -47,7 +47,16 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import assert_never
 
-from csnap_protocol import Error, ErrorCode, Message, Request, ServerRecord, message_id
+from csnap_protocol import (
+    Error,
+    ErrorCode,
+    FinishSnapshotRead,
+    Message,
+    QueryWrite,
+    Request,
+    ServerRecord,
+    message_id,
+)
 from csnapd.batch import (
     BarrierExpired,
     Batch,
@@ -96,6 +105,12 @@ SWEEP_RETRY = 1.0
 DEFAULT_MAX_READ_LOCKS = 1 << 18
 #: Default bound on the read locks all connections hold together.
 DEFAULT_MAX_SERVER_READ_LOCKS = 1 << 20
+
+
+#: Requests that change neither which snapshot clients are connected nor
+#: which clients the registry still awaits: after a batch of only these the
+#: registry is what the last batch left (WriteGate.sync_registry).
+_REGISTRY_KEPT: tuple[type[Message], ...] = (*LOOKUPS, QueryWrite, FinishSnapshotRead)
 
 
 def _engine_refusal(request: int | None, exc: EngineError) -> Error:
@@ -155,6 +170,9 @@ class Dispatcher:
         #: After a sweep step failed (an I/O error), no sweep before this
         #: time (of `monotonic`).
         self._sweep_after = 0.0
+        #: Whether an item since the registry's last sync may have changed
+        #: what it must hold (see _REGISTRY_KEPT).
+        self._registry_stale = True
         self.space.observe(*engine.data_use)
 
     @property
@@ -207,7 +225,9 @@ class Dispatcher:
             for item in items:
                 recheck |= self._item(item, batch)
                 done += 1
-            self.gate.sync_registry(self.peers)
+            if self._registry_stale:
+                self.gate.sync_registry(self.peers)
+                self._registry_stale = False
             if recheck:
                 # The writes applied earlier in this batch may predate a
                 # snapshot created later in it (the last barrier_done came
@@ -292,6 +312,8 @@ class Dispatcher:
 
     def _item(self, item: Item, batch: Batch) -> bool:
         """Handle one item; returns whether parked writes may now be grantable."""
+        if not (isinstance(item, Received) and isinstance(item.message, _REGISTRY_KEPT)):
+            self._registry_stale = True
         match item:
             case Received(peer=peer, message=message):
                 self.requests += 1

@@ -147,7 +147,13 @@ class RequestHandlers:
         Raises:
             RequestRefused, EngineError: the request did nothing.
         """
+        # The cases are disjoint classes; the most frequent come first.
         match message:
+            case QueryWrite():
+                reply = self._query_write(peer, message, batch.writes)
+                if reply is not None:
+                    batch.replies.append((peer, reply))
+                return False
             case BarrierDone():
                 return self._barrier.done(peer, message.barrier, batch.replies)
             case CreateSnapshot() | RevertSnapshot():
@@ -169,11 +175,6 @@ class RequestHandlers:
             case Resize():
                 batch.replies.append((peer, self._resize(message)))
                 return False
-            case QueryWrite():
-                reply = self._query_write(peer, message, batch.writes)
-                if reply is not None:
-                    batch.replies.append((peer, reply))
-                return False
             case _:
                 batch.replies.append((peer, self._answer(peer, message)))
                 return False
@@ -181,12 +182,12 @@ class RequestHandlers:
     def _answer(self, peer: Peer, message: Answered) -> Message:
         """The reply to a request answered at once."""
         match message:
-            case Identify():
-                return self._identify(peer, message)
             case QuerySnapshotRead():
                 return self._query_read(peer, message)
             case QueryMap():
                 return self._query_map(peer, message)
+            case Identify():
+                return self._identify(peer, message)
             case QueryChanges():
                 return self._query_changes(peer, message)
             case QueryOwned():
@@ -283,15 +284,12 @@ class RequestHandlers:
     ) -> SnapshotWriteOk | None:
         self._need_identified(peer)
         chunks = self._check_ranges(message.ranges)
-        spare, reclaim = self._room()
         if peer.snapshot is None:
-            result = self._engine.origin_write(message.ranges, spare=spare, reclaim=reclaim)
+            result = self._engine.origin_write(message.ranges, room=self._room)
             writes.append(ParkedWrite(peer, message.id, message.ranges, result.copied))
             return None  # granted after the commit, if the write gate lets it through
         self._check_reply_fits(peer, SnapshotWriteOk, chunks)
-        segments = self._engine.snapshot_write(
-            peer.snapshot, message.ranges, spare=spare, reclaim=reclaim
-        )
+        segments = self._engine.snapshot_write(peer.snapshot, message.ranges, room=self._room)
         triples = tuple((s.chunk, s.count, s.store_chunk) for s in segments)
         return SnapshotWriteOk(message.id, triples)
 

@@ -18,7 +18,6 @@ from csnapd.engine.allocator import Allocator
 from csnapd.engine.btree import ExceptionTree
 from csnapd.engine.device import BlockDevice
 from csnapd.engine.errors import StoreIOError, lost_chunk_error
-from csnapd.engine.resize import LiveMasks
 from csnapd.engine.results import OriginWriteResult, WriteSegment
 from csnapd.engine.snapshots import SnapshotTable
 from csnapd.engine.state import StoreState
@@ -67,14 +66,20 @@ class CopyOut:
         request, the origin chunks may be written.
         """
         check_ranges(ranges, self._geometry.origin_chunks)
+        # Most origin writes find every chunk copied already: asked first
+        # by a lookup, they change nothing and cost no copy of the state.
+        if not self._txn.lookup(lambda: self._todo(ranges, first=True)):
+            return OriginWriteResult(0)
         results = self._txn.split_request(ranges, self._origin_write)
         return OriginWriteResult(sum(result.copied for result in results))
 
-    def _origin_write(self, ranges: Ranges) -> OriginWriteResult:
-        masks = LiveMasks(self._state)
-        if not masks.live:
-            return OriginWriteResult(0)
+    def _todo(self, ranges: Ranges, *, first: bool = False) -> list[tuple[int, int]]:
+        """(chunk, bits of the live snapshots that lack their copy of it) for
+        each chunk to copy out; with `first`, up to the first such chunk."""
+        masks = self._state.live_masks
         todo: list[tuple[int, int]] = []
+        if not masks.live:
+            return todo
         for start, count in ranges:
             for chunk, leaf, i, found in self._tree.entries(start, count):
                 # Snapshots taken before the origin grew past `chunk` have no such chunk.
@@ -82,6 +87,12 @@ class CopyOut:
                 missing = live & ~leaf.using(i) if found else live
                 if missing:
                     todo.append((chunk, missing))
+                    if first:
+                        return todo
+        return todo
+
+    def _origin_write(self, ranges: Ranges) -> OriginWriteResult:
+        todo = self._todo(ranges)
         if not todo:
             return OriginWriteResult(0)
         targets = self._allocate_chunks(len(todo))

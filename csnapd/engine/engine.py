@@ -50,7 +50,7 @@ from csnapd.engine.results import OriginWriteResult, ReadSegment, WriteSegment
 from csnapd.engine.revert import Reverter
 from csnapd.engine.snapshot_requests import SnapshotRequests
 from csnapd.engine.snapshots import SnapshotTable
-from csnapd.engine.squash import Squashed, Squasher
+from csnapd.engine.squash import Room, Squashed, Squasher
 from csnapd.engine.state import StoreState
 from csnapd.engine.stats import EngineStats
 from csnapd.engine.sweep import SWEEP_LEAVES_PER_STEP, Sweeper
@@ -332,30 +332,45 @@ class Engine(SnapshotRequests, OnlineResize):
     # -- data-path requests ------------------------------------------------------
 
     def origin_write(
-        self, ranges: Ranges, *, spare: Collection[int] = (), reclaim: bool = True
+        self,
+        ranges: Ranges,
+        *,
+        spare: Collection[int] = (),
+        reclaim: bool = True,
+        room: Room | None = None,
     ) -> OriginWriteResult:
         """Prepare origin chunks to be overwritten (see CopyOut.origin_write).
 
         A full store squashes expendable snapshots first (see Squasher):
-        never those tagged in `spare`, and none at all without `reclaim`.
+        never those tagged in `spare`, and none at all without `reclaim`;
+        or, given `room`, on the terms it returns, asked only once the
+        store is full.
         """
         return self._squasher.with_room(
-            lambda: self._copy.origin_write(ranges), spare=spare, reclaim=reclaim
+            lambda: self._copy.origin_write(ranges), room or (lambda: (spare, reclaim))
         )
 
     def snapshot_write(
-        self, tag: int, ranges: Ranges, *, spare: Collection[int] = (), reclaim: bool = True
+        self,
+        tag: int,
+        ranges: Ranges,
+        *,
+        spare: Collection[int] = (),
+        reclaim: bool = True,
+        room: Room | None = None,
     ) -> list[WriteSegment]:
         """Give snapshot `tag` its own copy of each chunk (see CopyOut.snapshot_write).
 
         A full store squashes as for origin_write, never snapshot `tag` itself.
         """
         self._reverter.refuse_if_reverting(tag, "writing the snapshot")
-        return self._squasher.with_room(
-            lambda: self._copy.snapshot_write(tag, ranges),
-            spare={tag, *spare},
-            reclaim=reclaim,
-        )
+        terms = room or (lambda: (spare, reclaim))
+
+        def sparing_tag() -> tuple[Collection[int], bool]:
+            others, may_reclaim = terms()
+            return {tag, *others}, may_reclaim
+
+        return self._squasher.with_room(lambda: self._copy.snapshot_write(tag, ranges), sparing_tag)
 
     def snapshot_read(self, tag: int, ranges: Ranges) -> list[ReadSegment]:
         """Where snapshot `tag`'s chunks are (see ChunkReads.snapshot_read)."""

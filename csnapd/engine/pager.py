@@ -166,6 +166,11 @@ class Pager:
         """Start recording undo information for one request."""
         self._undo = {}
 
+    @property
+    def changed(self) -> bool:
+        """Whether the request under way changed, added or dropped a page."""
+        return bool(self._undo)
+
     def end_request(self) -> None:
         """The request succeeded: keep its changes."""
         self._undo = None

@@ -12,7 +12,6 @@ from csnap_format import LOST_CHUNK, Geometry
 from csnap_format.runs import append_mapped_run, append_run
 from csnapd.engine.btree import ExceptionTree
 from csnapd.engine.errors import InvalidRequestError, lost_chunk_error
-from csnapd.engine.resize import LiveMasks
 from csnapd.engine.results import ReadSegment
 from csnapd.engine.snapshots import SnapshotTable
 from csnapd.engine.state import StoreState
@@ -46,7 +45,7 @@ class ChunkReads:
         caller must hold them against origin writes while it reads them.
         """
         check_ranges(ranges, self._snapshots.view_chunks(tag))
-        return self._txn.request(lambda: self._snapshot_read(tag, ranges))
+        return self._txn.lookup(lambda: self._snapshot_read(tag, ranges))
 
     def _snapshot_read(self, tag: int, ranges: Ranges) -> list[ReadSegment]:
         bit = 1 << self._snapshots.io_bit(tag)
@@ -107,7 +106,7 @@ class ChunkReads:
         """
         check_ranges(ranges, self._geometry.origin_chunks)
         # Shared: some live snapshot has no exception of its own there.
-        return self._txn.request(
+        return self._txn.lookup(
             lambda: self._origin_where(
                 ranges, lambda found, using, live: not found or live & ~using
             )
@@ -117,7 +116,7 @@ class ChunkReads:
         """Ranges of origin chunks that some live snapshot holds a copy of."""
         check_ranges(ranges, self._geometry.origin_chunks)
         # Copied: some live snapshot uses an exception there.
-        return self._txn.request(
+        return self._txn.lookup(
             lambda: self._origin_where(ranges, lambda found, using, live: found and live & using)
         )
 
@@ -125,7 +124,7 @@ class ChunkReads:
         self, ranges: Ranges, wanted: Callable[[bool, int, int], object]
     ) -> list[tuple[int, int]]:
         """Ranges of the origin chunks for which wanted(found, share mask, live mask)."""
-        masks = LiveMasks(self._state)
+        masks = self._state.live_masks
         out: list[tuple[int, int]] = []
         if not masks.live:
             return out

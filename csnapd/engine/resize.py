@@ -31,7 +31,6 @@ past it copies nothing for it (`LiveMasks`).
 
 from __future__ import annotations
 
-import bisect
 import dataclasses
 import logging
 import os
@@ -40,7 +39,6 @@ from dataclasses import dataclass
 from csnap_format import (
     FormatError,
     Geometry,
-    SnapshotState,
     bitmap_bits_per_block,
     decode_geometry,
     encode_geometry_backup,
@@ -50,7 +48,7 @@ from csnap_format.constants import GEOMETRY_BACKUP_ADDRESS
 from csnapd.engine.device import BlockDevice, FileDevice
 from csnapd.engine.errors import EngineError, StoreIOError
 from csnapd.engine.pager import Pager
-from csnapd.engine.state import StoreState
+from csnapd.engine.state import LiveMasks, StoreState
 
 __all__ = [
     "ResizeRefusedError",
@@ -108,33 +106,6 @@ class ResizeResult:
     data_free: int
     #: Which files ("origin", "store") csnapd grew itself (grow_files).
     grown_files: tuple[str, ...] = ()
-
-
-class LiveMasks:
-    """Share bits of the live snapshots that cover each origin chunk.
-
-    A snapshot covers the chunks below the origin size it was taken at; an
-    origin grown since has chunks no older snapshot has. Built per request.
-    """
-
-    __slots__ = ("_gone", "_sizes", "live")
-
-    def __init__(self, state: StoreState):
-        self.live = state.live_mask
-        limits = sorted(
-            (record.origin_chunks, bit)
-            for bit, record in enumerate(state.snapshots)
-            if record is not None and record.state == SnapshotState.LIVE
-        )
-        self._sizes = [size for size, _ in limits]
-        #: _gone[i]: bits of the i smallest snapshots.
-        self._gone = [0]
-        for _, bit in limits:
-            self._gone.append(self._gone[-1] | 1 << bit)
-
-    def at(self, chunk: int) -> int:
-        """Bits of the live snapshots that have chunk `chunk`."""
-        return self.live & ~self._gone[bisect.bisect_right(self._sizes, chunk)]
 
 
 def highest_key(pager: Pager, state: StoreState) -> int:

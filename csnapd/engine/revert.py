@@ -146,8 +146,7 @@ class Reverter:
             # for an origin write; never by squashing the snapshot itself.
             self._squasher.with_room(
                 lambda: self._copy.origin_write(runs),
-                spare={revert.tag, *spare},
-                reclaim=reclaim,
+                lambda: ({revert.tag, *spare}, reclaim),
             )
             self._txn.commit()
             self._restore(chunks, targets)

@@ -99,8 +99,11 @@ class SnapshotRequests:
 
     def take_squashed(self) -> list[Squashed]:
         """Snapshots squashed to make room since the last call, in order."""
+        later = self._squasher.take_squashed()
+        if not self._squashed_earlier:
+            return later  # (asked after every request: most often nothing)
         earlier, self._squashed_earlier = self._squashed_earlier, []
-        return earlier + self._squasher.take_squashed()
+        return earlier + later
 
     # -- revert ----------------------------------------------------------------
 

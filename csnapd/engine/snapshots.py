@@ -59,13 +59,16 @@ class SnapshotTable:
             deleting = len(bits_of(state.mask_in(SnapshotState.DELETING)))
             more = f" ({deleting} still being deleted)" if deleting else ""
             raise TooManySnapshotsError(f"all 64 snapshot slots are in use{more}")
-        state.snapshots[bit] = SnapshotRecord(
-            tag=tag,
-            state=SnapshotState.LIVE,
-            priority=priority,
-            use_count=0,
-            created_ns=self._clock(),
-            origin_chunks=self._geometry.origin_chunks,
+        state.set_snapshot(
+            bit,
+            SnapshotRecord(
+                tag=tag,
+                state=SnapshotState.LIVE,
+                priority=priority,
+                use_count=0,
+                created_ns=self._clock(),
+                origin_chunks=self._geometry.origin_chunks,
+            ),
         )
         state.unique[bit] = state.shared[bit] = 0
         return self.info(bit)
@@ -86,9 +89,9 @@ class SnapshotTable:
         info = self.info(bit)
         if not state.unique[bit] and not state.shared[bit]:
             # No exception carries this bit: the slot is free at once.
-            state.snapshots[bit] = None
+            state.set_snapshot(bit, None)
         else:
-            state.snapshots[bit] = replace(record, state=SnapshotState.DELETING)
+            state.set_snapshot(bit, replace(record, state=SnapshotState.DELETING))
             if not state.sweep_mask:
                 state.sweep_mask, state.sweep_cursor = 1 << bit, 0
         return replace(info, state="deleting")
@@ -112,10 +115,13 @@ class SnapshotTable:
             raise InvalidRequestError(
                 f"use count of snapshot {tag} would become {count} (0..4294967295)"
             )
-        state.snapshots[bit] = replace(
-            record,
-            use_count=count,
-            priority=record.priority if priority is None else priority,
+        state.set_snapshot(
+            bit,
+            replace(
+                record,
+                use_count=count,
+                priority=record.priority if priority is None else priority,
+            ),
         )
         return self.info(bit)
 

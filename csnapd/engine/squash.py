@@ -34,9 +34,13 @@ from csnapd.engine.state import StoreState
 from csnapd.engine.sweep import Sweeper
 from csnapd.engine.transaction import Transaction
 
-__all__ = ["Squashed", "Squasher", "squash_order"]
+__all__ = ["Room", "Squashed", "Squasher", "squash_order"]
 
 _T = TypeVar("_T")
+
+#: The store-full policy's terms for one request: tags never squashed for
+#: it, and whether anything may be reclaimed (see Squasher.with_room).
+Room = Callable[[], tuple[Collection[int], bool]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,20 +89,26 @@ class Squasher:
         squashed, self._squashed = self._squashed, []
         return squashed
 
-    def with_room(self, work: Callable[[], _T], *, spare: Collection[int], reclaim: bool) -> _T:
+    def with_room(self, work: Callable[[], _T], room: Room) -> _T:
         """Run `work`; while it fails for want of data chunks, make room and retry.
 
-        `spare` names tags never squashed for this request; with `reclaim`
-        false nothing is swept or squashed (the caller's clients of deleted
-        snapshots may still read their chunks).
+        `room()` says, once the store is full (asked then and only then:
+        most requests never need it), which tags are never squashed for
+        this request, and whether anything may be reclaimed at all (not
+        while the caller's clients of deleted snapshots may still read
+        their chunks).
 
         Raises:
             StoreFullError: nothing more can be reclaimed or squashed.
         """
+        terms: tuple[Collection[int], bool] | None = None
         while True:
             try:
                 return work()
             except StoreFullError as exc:
+                if terms is None:
+                    terms = room()
+                spare, reclaim = terms
                 if not reclaim or not self._make_room(exc.wanted, spare):
                     raise
 
@@ -153,7 +163,7 @@ class Squasher:
         record = state.snapshots[bit]
         assert record is not None and record.state == SnapshotState.LIVE
         squashed = Squashed(record.tag, record.priority, state.unique[bit], state.shared[bit])
-        state.snapshots[bit] = replace(record, state=SnapshotState.SQUASHED)
+        state.set_snapshot(bit, replace(record, state=SnapshotState.SQUASHED))
         if state.unique[bit] or state.shared[bit]:
             # The pass in progress starts again from chunk 0 with this bit
             # added: clearing is idempotent, so the bits it already swept

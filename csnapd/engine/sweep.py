@@ -163,5 +163,5 @@ class Sweeper:
             if record is None or record.state != SnapshotState.SQUASHED:
                 # A deleted snapshot's slot is free now; a squashed one keeps
                 # its tag (and its slot) until it is deleted.
-                state.snapshots[bit] = None
+                state.set_snapshot(bit, None)
             state.unique[bit] = state.shared[bit] = 0

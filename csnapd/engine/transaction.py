@@ -275,6 +275,31 @@ class Transaction:
             self.commit()
         raise AssertionError("unreachable")  # pragma: no cover
 
+    def lookup(self, work: Callable[[], _T]) -> _T:
+        """Apply `work`, which only reads, as one request of the open transaction.
+
+        As request(), without the copy of the state that a failed request
+        puts back: a lookup has nothing to put back. One that changed a page
+        is rolled back and refused; while a commit is being written, it is
+        request() itself, whose check covers the state too.
+        """
+        if self._writing:
+            return self.request(work)
+        self.check_usable()
+        self._stats.requests += 1
+        self._pager.begin_request()
+        try:
+            result = work()
+            if self._pager.changed:
+                raise RuntimeError("a lookup changed the store")
+        except BaseException:
+            self._pager.rollback_request()
+            self._stats.failed_requests += 1
+            raise
+        # Not counted pending: a lookup leaves nothing for a commit to free.
+        self._pager.end_request()
+        return result
+
     def _rollback(self, saved: StoreState, data_written: tuple[bool, int, list[DataRun]]) -> None:
         self._pager.rollback_request()
         self._state.assign(saved)
