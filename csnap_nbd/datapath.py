@@ -40,6 +40,7 @@ from csnap_nbd.failures import ExportGoneError, IOFailedError
 from csnap_nbd.geometry import (
     Piece,
     Placement,
+    chunk_runs,
     extents,
     halves,
     join_extent,
@@ -370,13 +371,7 @@ class OriginPath(DataPath):
         return not fua or not self.client.knows_unique([(chunks.start, len(chunks))])
 
     async def write_gathered(self, writes: Sequence[tuple[int, bytearray]]) -> None:
-        chunks = sorted({c for offset, data in writes for c in self.chunks_of(offset, len(data))})
-        ranges: list[tuple[int, int]] = []
-        for chunk in chunks:
-            if ranges and ranges[-1][0] + ranges[-1][1] == chunk:
-                ranges[-1] = (ranges[-1][0], ranges[-1][1] + 1)
-            else:
-                ranges.append((chunk, 1))
+        ranges = chunk_runs(c for offset, data in writes for c in self.chunks_of(offset, len(data)))
         origin = self.backing.origin
         with _translated:
             async with self.client.origin_write(ranges):

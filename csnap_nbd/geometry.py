@@ -21,6 +21,7 @@ __all__ = [
     "origin_placements",
     "extents",
     "join_extent",
+    "chunk_runs",
 ]
 
 
@@ -142,3 +143,14 @@ def extents(
         position = max(position, hi)
     emit(piece.end - position, 0)
     return out
+
+
+def chunk_runs(chunks: Iterable[int]) -> list[tuple[int, int]]:
+    """Chunk numbers (any order, repeats allowed) as ascending (first, count) runs."""
+    runs: list[tuple[int, int]] = []
+    for chunk in sorted(set(chunks)):
+        if runs and runs[-1][0] + runs[-1][1] == chunk:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((chunk, 1))
+    return runs

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from csnap_nbd.geometry import (
     Piece,
+    chunk_runs,
     extents,
     halves,
     origin_placements,
@@ -134,3 +135,9 @@ def _ranges(chunks: list[int]) -> list[tuple[int, int]]:
         else:
             out.append((c, 1))
     return out
+
+
+def test_chunk_runs_sorts_merges_and_drops_repeats() -> None:
+    assert chunk_runs([]) == []
+    assert chunk_runs([7, 3, 4, 3, 9, 8, 5]) == [(3, 3), (7, 3)]
+    assert chunk_runs(range(10, 14)) == [(10, 4)]
