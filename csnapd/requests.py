@@ -285,6 +285,13 @@ class RequestHandlers:
         self._need_identified(peer)
         chunks = self._check_ranges(message.ranges)
         if peer.snapshot is None:
+            if self._engine.revert_progress is not None:
+                # Held until the revert ends, and applied only then: copying
+                # out now would give the snapshot being reverted exceptions
+                # the revert did not count (docs/rules.md, "revert in
+                # journaled steps").
+                writes.append(ParkedWrite(peer, message.id, message.ranges, 0))
+                return None
             result = self._engine.origin_write(message.ranges, room=self._room)
             writes.append(ParkedWrite(peer, message.id, message.ranges, result.copied))
             return None  # granted after the commit, if the write gate lets it through

@@ -158,3 +158,37 @@ def test_a_store_opened_mid_revert_holds_origin_writes_until_it_finished_it() ->
     assert sent(out, writer) == [WriteOk(2, 0)]
     assert origin.read(0, 4 * 4096) == bytes(4 * 4096)
     engine.close()
+
+
+def test_origin_writes_asked_during_a_revert_copy_nothing_until_it_ends() -> None:
+    store, origin, g = new_store(store_bytes=32 << 20, origin_bytes=8 << 20)
+    engine = Engine.open(store, origin)
+    engine.create_snapshot(1)
+    engine.origin_write([(0, 300)])
+    for chunk in range(300):
+        write_origin(origin, g, chunk, 1)
+    engine.commit()
+    engine.start_revert(1)
+    engine.commit()
+    dispatcher = Dispatcher(engine, address="test", store="test", max_chunks=1024)
+    writer = Peer(1, Role.CLIENT, "writer")
+    dispatcher.apply([Connected(writer), Received(writer, Identify(1, 7, None))])
+    # Chunks snapshot 1 still shares with the origin: copied out now, they
+    # would be exceptions the revert counts past its total, and the store
+    # would not open again.
+    out = dispatcher.apply([Received(writer, QueryWrite(2, ((1000, 600),)))])
+    assert not sent(out, writer) and len(dispatcher.parked) == 1
+    progress = engine.revert_progress
+    assert progress is not None and (progress.restored, progress.total) == (0, 300)
+    out = dispatcher.apply([SweepTick()])
+    progress = engine.revert_progress
+    assert progress is not None and progress.restored == 256
+    out = dispatcher.apply([SweepTick()])
+    # Done with its 300 chunks; the write is let through and copies then.
+    assert engine.revert_progress is None
+    assert sent(out, writer) == [WriteOk(2, 600)]
+    engine.close()
+    engine = Engine.open(store, origin)
+    assert engine.revert_progress is None
+    assert origin.read(0, 300 * 4096) == bytes(300 * 4096)
+    engine.close()
