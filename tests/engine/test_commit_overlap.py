@@ -95,6 +95,16 @@ def test_lookups_run_while_a_commit_is_written_and_changes_wait() -> None:
         engine.create_snapshot(2)
     with pytest.raises(RuntimeError, match="handed out while a commit was being written"):
         engine.snapshot_owned(1, [(0, 4)])
+    # A lookup is checked as a request then, the state included: one that
+    # changed it (a defect) is refused and the change put back.
+    exceptions = engine._state.exceptions
+
+    def changes_the_state() -> None:
+        engine._state.exceptions += 1
+
+    with pytest.raises(RuntimeError, match="while a commit was being written"):
+        engine._txn.lookup(changes_the_state)
+    assert engine._state.exceptions == exceptions
     assert writer.is_alive()
     device.release.set()
     writer.join(timeout=30)
