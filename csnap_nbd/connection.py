@@ -60,9 +60,8 @@ class Connection:
         self.stream = stream
         self._buffer = bytearray()
         self._send_lock = trio.Lock()
-        self._sock = stream.socket if isinstance(stream, trio.SocketStream) else None
         #: The plain socket's descriptor (trio keeps it nonblocking), or -1.
-        self._fd = self._sock.fileno() if self._sock is not None else -1
+        self._fd = stream.socket.fileno() if isinstance(stream, trio.SocketStream) else -1
         #: Receives in a row that did not wait (see the module docstring).
         self._unwaited = 0
 

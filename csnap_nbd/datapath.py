@@ -335,11 +335,12 @@ class OriginPath(DataPath):
         # not with O_DIRECT, which waits for the disk (a thread's job).
         if fua or len(data) > INLINE_BYTES or self.backing.origin in self.backing.direct:
             return False
-        first = offset // self.chunk_size
-        count = (offset + len(data) - 1) // self.chunk_size - first + 1
-        if not data or count > self.client.max_chunks:
+        if not data:
             return False
-        with self.client.origin_write_now([(first, count)]) as granted:
+        chunks = self.chunks_of(offset, len(data))
+        if len(chunks) > self.client.max_chunks:
+            return False
+        with self.client.origin_write_now([(chunks.start, len(chunks))]) as granted:
             if not granted:
                 return False
             placement = [Placement(offset, 0, len(data))]

@@ -21,6 +21,9 @@ from csnap_nbd.connection import Connection
 
 __all__ = ["Budget", "ReplyWriter"]
 
+#: A queued reply: its header, its data (a READ's), and the budget it holds.
+_Queued = tuple[bytes, bytes | bytearray | memoryview, int]
+
 
 class Budget:
     """Bytes of request data a connection holds; only its reader acquires."""
@@ -54,14 +57,14 @@ class ReplyWriter:
     def __init__(self, conn: Connection, budget: Budget):
         self.conn = conn
         self.budget = budget
-        self._queue: list[tuple[bytes, bytes | bytearray | memoryview, int]] = []
+        self._queue: list[_Queued] = []
         self._wake = trio.Event()
         self._closing = False
         #: The connection's reader task, once it runs.
         self.reader: trio.lowlevel.Task | None = None
         #: What send_now left unsent, and the batch it belongs to.
         self._rest: list[memoryview] = []
-        self._rest_batch: list[tuple[bytes, bytes | bytearray | memoryview, int]] = []
+        self._rest_batch: list[_Queued] = []
         #: Set when a send failed: the client is gone.
         self.broken = trio.Event()
 
@@ -123,7 +126,7 @@ class ReplyWriter:
         else:
             self._done(batch)
 
-    def _done(self, batch: list[tuple[bytes, bytes | bytearray | memoryview, int]]) -> None:
+    def _done(self, batch: list[_Queued]) -> None:
         """Release what a batch, now sent (or dropped), held."""
         for _, data, _ in batch:
             # A READ's data: sent, and no longer referenced elsewhere.
@@ -133,7 +136,7 @@ class ReplyWriter:
 
     @staticmethod
     def _parts(
-        batch: list[tuple[bytes, bytes | bytearray | memoryview, int]],
+        batch: list[_Queued],
     ) -> list[bytes | bytearray | memoryview]:
         parts: list[bytes | bytearray | memoryview] = []
         for header, data, _ in batch:
