@@ -90,6 +90,7 @@ from csnap_format.superblock import (
     decode_superblock,
     encode_geometry_backup,
     encode_superblock,
+    revert_overcounted,
 )
 
 __all__ = [
@@ -147,6 +148,7 @@ __all__ = [
     "SnapshotRecord",
     "encode_superblock",
     "decode_superblock",
+    "revert_overcounted",
     "RevertProgress",
     "decode_geometry",
     "encode_geometry_backup",

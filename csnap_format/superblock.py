@@ -55,6 +55,7 @@ __all__ = [
     "Superblock",
     "encode_superblock",
     "decode_superblock",
+    "revert_overcounted",
     "decode_geometry",
     "encode_geometry_backup",
     "STATE_CLEAN",
@@ -339,8 +340,15 @@ def decode_geometry(block: bytes | bytearray | memoryview) -> Geometry:
     return geometry
 
 
-def decode_superblock(block: bytes | bytearray | memoryview) -> Superblock:
+def decode_superblock(
+    block: bytes | bytearray | memoryview, *, revert_overcount: bool = False
+) -> Superblock:
     """Decode and validate block 0 in full.
+
+    Args:
+        revert_overcount: accept a revert whose restored count exceeds its
+            total (`revert_overcounted`), for csnap-check to report and
+            repair; everything else is validated as always.
 
     Raises:
         FormatError: a subclass naming what is wrong.
@@ -387,7 +395,7 @@ def decode_superblock(block: bytes | bytearray | memoryview) -> Superblock:
         registry_sequence=registry_sequence,
         repairing=state == STATE_REPAIRING,
     )
-    problems += _state_problems(sb)
+    problems += _state_problems(sb, revert_overcount)
     if problems:
         raise CorruptBlockError("; ".join(problems), block=SUPERBLOCK_ADDRESS, kind=_NAME)
     return sb
@@ -402,7 +410,7 @@ def _reserved_zero(block: bytes | bytearray | memoryview, block_size: int) -> bo
     )
 
 
-def _state_problems(sb: Superblock) -> list[str]:
+def _state_problems(sb: Superblock, revert_overcount: bool) -> list[str]:
     """What is out of range in a superblock's state fields."""
     g = sb.geometry
     problems = []
@@ -431,10 +439,22 @@ def _state_problems(sb: Superblock) -> list[str]:
     )
     if sb.sweep_mask & ~reclaimed:
         problems.append("the sweep clears bits of snapshots neither deleting nor squashed")
-    return problems + _revert_problems(sb)
+    return problems + _revert_problems(sb, revert_overcount)
 
 
-def _revert_problems(sb: Superblock) -> list[str]:
+def revert_overcounted(sb: Superblock) -> bool:
+    """Whether the revert in progress counts more chunks restored than its total.
+
+    Servers before the rule that parks origin writes without applying them
+    while a revert runs (docs/rules.md, "revert in journaled steps") could
+    leave such a count: the writes gave the snapshot copies its total never
+    counted. The data is whole; only the count is wrong, and csnap-check
+    --repair recounts it.
+    """
+    return sb.revert is not None and sb.revert.restored > sb.revert.total
+
+
+def _revert_problems(sb: Superblock, overcount: bool) -> list[str]:
     """What is wrong with the revert in progress, if one is."""
     revert = sb.revert
     if revert is None:
@@ -443,8 +463,13 @@ def _revert_problems(sb: Superblock) -> list[str]:
     record = sb.snapshots[revert.bit] if revert.bit < MAX_SNAPSHOTS else None
     if record is None or record.tag != revert.tag or record.state != SnapshotState.LIVE:
         problems.append(f"the revert names snapshot {revert.tag}, not live at bit {revert.bit}")
-    if revert.cursor > sb.geometry.origin_chunks or revert.restored > revert.total:
-        problems.append("the revert's cursor or count is out of range")
+    if revert.cursor > sb.geometry.origin_chunks:
+        problems.append(f"the revert's cursor {revert.cursor} is past the origin's end")
+    if revert.restored > revert.total and not overcount:
+        problems.append(
+            f"the revert counts {revert.restored} chunks restored of {revert.total}"
+            " (csnap-check --repair recounts them)"
+        )
     return problems
 
 

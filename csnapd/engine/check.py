@@ -143,7 +143,7 @@ def _superblock(
         FormatError: block 0 is damaged and the journal holds no copy.
     """
     try:
-        home = decode_superblock(view.block(0))
+        home = decode_superblock(view.block(0), revert_overcount=True)
     except FormatError as first:
         size = g.block_size
         try:
@@ -156,7 +156,7 @@ def _superblock(
             if int.from_bytes(block[4:6], "little") != BlockType.SUPERBLOCK:
                 continue
             try:
-                copy = decode_superblock(block)
+                copy = decode_superblock(block, revert_overcount=True)
             except FormatError:
                 continue
             # A resize changes sizes only (csnapd.engine.resize): the same store.
@@ -171,7 +171,7 @@ def _superblock(
     newer = committed.get(0)
     if newer is not None and newer[0] > home.sequence:
         try:
-            copy = decode_superblock(newer[1])
+            copy = decode_superblock(newer[1], revert_overcount=True)
         except FormatError:
             return home, None
         return copy, (

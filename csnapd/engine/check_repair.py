@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from dataclasses import replace
 
 from csnap_format import (
     HEADER_SIZE,
@@ -21,6 +22,7 @@ from csnap_format import (
     decode_bitmap,
     decode_leaf,
     encode_superblock,
+    revert_overcounted,
 )
 from csnapd.engine.check_index import meta_bitmap
 from csnapd.engine.check_report import CheckReport
@@ -166,6 +168,14 @@ def rewrite_counts(
     state.meta_free = geometry.meta_blocks - report.meta_used
     state.data_free = geometry.data_chunks - report.data_used
     state.exceptions = checker.exceptions
+    if revert_overcounted(sb):
+        assert state.revert is not None
+        bit = state.revert.bit
+        state.revert = replace(
+            state.revert,
+            restored=checker.revert_passed,
+            total=checker.unique[bit] + checker.shared[bit],
+        )
     for bit, record in enumerate(state.snapshots):
         if record is not None:
             state.unique[bit], state.shared[bit] = (
@@ -185,6 +195,7 @@ def rewrite_counts(
         raise StoreIOError(f"writing the repair: {exc.strerror or exc}") from exc
     report.repaired.append(
         f"rewrote {len(fixes)} bitmap blocks, the free counts and the snapshot counters"
+        + (", and recounted the revert's progress" if revert_overcounted(sb) else "")
     )
 
 

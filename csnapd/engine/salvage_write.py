@@ -267,6 +267,15 @@ def write_tree(
     used_chunks = sum(byte.bit_count() for byte in writer.data_marks)
     state.data_free = g.data_chunks - used_chunks
     state.registry = registry_address
+    if state.revert is not None:
+        # The revert's total is the snapshot's exceptions when it started;
+        # the rebuilt tree may hold fewer, and an overcount earlier servers
+        # left (csnap_format.revert_overcounted) is mended the same way.
+        # The counts only report progress: the cursor decides what is left.
+        bit = state.revert.bit
+        total = state.unique[bit] + state.shared[bit]
+        if state.revert.restored > total:
+            state.revert = dataclasses.replace(state.revert, restored=total, total=total)
     pages = _pages(g, meta_used, writer.data_marks)
     _switch(journal, g, sb, state, pages, registry, keep_registry)
     return Written(len(writer.used), state.exceptions)

@@ -1,0 +1,71 @@
+"""A store whose revert counts more chunks restored than in all (as servers
+that applied origin writes during a revert left it) is refused with a
+pointer to the repair; csnap-check reports it, and --repair recounts it so
+that the store opens and the revert finishes."""
+
+from __future__ import annotations
+
+import pytest
+
+from csnap_format import decode_superblock
+from csnapd.engine import Engine, StoreOpenError
+from csnapd.engine import revert as revert_module
+from csnapd.engine.check import check_store
+from tests.engine.helpers import assert_clean, new_store, pattern, read_snapshot, write_origin
+
+CHUNKS = 64
+#: Chunks one revert step restores here: small, so the revert is cut mid-way.
+STEP_CHUNKS = 4
+
+
+def test_an_overcounted_revert_is_refused_reported_and_recounted(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(revert_module, "RESTORE_CHUNKS_PER_STEP", STEP_CHUNKS)
+    store, origin, g = new_store(store_bytes=8 << 20, origin_bytes=CHUNKS * 4096)
+    engine = Engine.open(store, origin)
+    for chunk in range(CHUNKS):
+        write_origin(origin, g, chunk, 1)
+    engine.create_snapshot(1)
+    engine.commit()
+    engine.origin_write([(0, 8)])
+    engine.commit()
+    for chunk in range(8):
+        write_origin(origin, g, chunk, 2)
+    engine.start_revert(1)
+    engine.commit()
+    # What those servers did: applied an origin write while the revert ran,
+    # which gave snapshot 1 copies its total (8) never counted.
+    engine.origin_write([(8, 16)])
+    engine.commit()
+    while (progress := engine.revert_progress) is not None and progress.restored <= 8:
+        engine.revert_step()
+        engine.commit()
+    assert progress is not None and progress.restored == 12 and progress.cursor == 12
+    engine.close()
+
+    with pytest.raises(StoreOpenError, match=r"12 chunks restored of 8 \(csnap-check --repair"):
+        Engine.open(store, origin)
+
+    report = check_store(store)
+    assert report.fatal is None
+    [problem] = report.problems
+    assert problem.rule == "revert-counts" and problem.repairable
+    assert "counts 12 of 8 chunks restored; recount: 12 passed of 24" in problem.message
+
+    repaired = check_store(store, repair=True)
+    assert repaired.fatal is None and repaired.fixed == set(repaired.problems)
+    assert any("recounted the revert's progress" in line for line in repaired.repaired)
+    revert = decode_superblock(store.read(0, g.block_size)).revert
+    assert revert is not None and (revert.cursor, revert.restored, revert.total) == (12, 12, 24)
+
+    engine = Engine.open(store, origin)
+    engine.finish_revert()
+    assert engine.revert_progress is None
+    for chunk in range(CHUNKS):
+        assert origin.read(chunk * g.chunk_size, g.chunk_size) == pattern(chunk, 1, g.chunk_size)
+    assert read_snapshot(engine, store, origin, 1, 0, CHUNKS) == [
+        pattern(chunk, 1, g.chunk_size) for chunk in range(CHUNKS)
+    ]
+    engine.close()
+    assert_clean(store)
