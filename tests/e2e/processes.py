@@ -10,6 +10,7 @@ and a stop that times out or is cancelled kill the process themselves.
 from __future__ import annotations
 
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -101,6 +102,42 @@ async def start_csnapd(
     assert word == "listening", daemon.first_line
     host, _, port = address.rpartition(":")
     return daemon, host, int(port)
+
+
+#: Lowest port this helper picks for a csnapd that is restarted.
+_KEPT_PORT_LOW = 20000
+
+
+def _below_ephemeral_ports() -> range:
+    """Loopback ports no process gets by binding port 0 or connecting: those
+    below the kernel's ephemeral range (net.ipv4.ip_local_port_range)."""
+    with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+        low = int(f.read().split()[0])
+    if low <= _KEPT_PORT_LOW + 1000:
+        raise RuntimeError(f"the ephemeral port range starts at {low}: no room below it")
+    return range(_KEPT_PORT_LOW, low)
+
+
+async def start_csnapd_on_kept_port(
+    store: Path, origin: Path, log: Path, *extra: str
+) -> tuple[Daemon, str, int]:
+    """A csnapd to kill and start again on the same loopback port.
+
+    The port is below the ephemeral range: while csnapd is down, another
+    test's server binding port 0 cannot take it, so the clients that
+    reconnect meanwhile reach only this store's csnapd (a server of another
+    store would fail their TLS handshake). A port another test took first
+    is passed over.
+    """
+    ports = _below_ephemeral_ports()
+    for _ in range(20):
+        port = random.choice(ports)
+        try:
+            return await start_csnapd(store, origin, log, "--listen", f"127.0.0.1:{port}", *extra)
+        except RuntimeError as exc:
+            if "cannot listen" not in str(exc):
+                raise
+    raise RuntimeError(f"20 ports in {ports} were taken")
 
 
 async def start_agent(socket_path: Path, log: Path) -> Daemon:

@@ -14,7 +14,7 @@ import trio
 from csnap_client import open_admin, open_client
 from csnap_format.mkcsnap import format_store
 from tests.credentials import connector
-from tests.e2e.processes import start_csnapd
+from tests.e2e.processes import start_csnapd, start_csnapd_on_kept_port
 from tests.server.support import label, pread, pwrite
 
 pytestmark = pytest.mark.e2e
@@ -30,7 +30,7 @@ async def test_a_writer_connected_across_a_restart_waits_for_the_grace_period(
     for chunk in (7, 9):
         pwrite(origin, chunk, label(chunk, 1))
     log = tmp_path / "csnapd.log"
-    daemon, host, port = await start_csnapd(store, origin, log)
+    daemon, host, port = await start_csnapd_on_kept_port(store, origin, log)
     connect = connector(host, port, store)
     async with open_admin(connect) as admin:
         await admin.create_snapshot(3)

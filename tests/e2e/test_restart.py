@@ -17,7 +17,7 @@ from csnap_format.mkcsnap import format_store
 from csnapd.engine import FileDevice
 from csnapd.engine.check import check_store
 from tests.credentials import connector
-from tests.e2e.processes import start_csnapd
+from tests.e2e.processes import start_csnapd, start_csnapd_on_kept_port
 from tests.server.support import CHUNK, label, pread, pwrite
 
 pytestmark = pytest.mark.e2e
@@ -44,7 +44,7 @@ async def test_kill_9_under_load_loses_no_acknowledged_write(tmp_path: Path) -> 
     log = tmp_path / "csnapd.log"
     for chunk in range(CHUNKS):
         pwrite(origin, chunk, label(chunk, 1))
-    daemon, host, port = await start_csnapd(store, origin, log, "--grace", "5")
+    daemon, host, port = await start_csnapd_on_kept_port(store, origin, log, "--grace", "5")
     connect = connector(host, port, store)
     async with open_admin(connect) as admin:
         await admin.create_snapshot(1)
@@ -108,7 +108,7 @@ async def test_a_read_lock_held_across_a_crash_still_holds(tmp_path: Path) -> No
     store, origin = make(tmp_path)
     log = tmp_path / "csnapd.log"
     pwrite(origin, 4, label(4, 1))
-    daemon, host, port = await start_csnapd(store, origin, log)
+    daemon, host, port = await start_csnapd_on_kept_port(store, origin, log)
     connect = connector(host, port, store)
     async with open_admin(connect) as admin:
         await admin.create_snapshot(3)
@@ -145,7 +145,7 @@ async def test_a_read_lock_held_across_a_crash_still_holds(tmp_path: Path) -> No
 async def test_grace_ends_when_a_reader_never_comes_back(tmp_path: Path) -> None:
     store, origin = make(tmp_path)
     log = tmp_path / "csnapd.log"
-    daemon, host, port = await start_csnapd(store, origin, log)
+    daemon, host, port = await start_csnapd_on_kept_port(store, origin, log)
     connect = connector(host, port, store)
     async with open_admin(connect) as admin:
         await admin.create_snapshot(3)
