@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Awaitable, Callable, Sequence
@@ -118,26 +119,41 @@ def _below_ephemeral_ports() -> range:
     return range(_KEPT_PORT_LOW, low)
 
 
+def kept_port() -> int:
+    """A free loopback port below the ephemeral range, for a server that is
+    killed and started again on the same port.
+
+    While the server is down, another test's server binding port 0 cannot
+    take this port, so the clients that reconnect meanwhile reach only this
+    server (a server of another store would fail their TLS handshake).
+    Another test may still pick the same port first: a start that finds it
+    taken fails loudly ("cannot listen"), and start_csnapd_on_kept_port
+    passes it over.
+    """
+    ports = _below_ephemeral_ports()
+    for _ in range(100):
+        port = random.choice(ports)
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError(f"100 ports in {ports} were taken")
+
+
 async def start_csnapd_on_kept_port(
     store: Path, origin: Path, log: Path, *extra: str
 ) -> tuple[Daemon, str, int]:
-    """A csnapd to kill and start again on the same loopback port.
-
-    The port is below the ephemeral range: while csnapd is down, another
-    test's server binding port 0 cannot take it, so the clients that
-    reconnect meanwhile reach only this store's csnapd (a server of another
-    store would fail their TLS handshake). A port another test took first
-    is passed over.
-    """
-    ports = _below_ephemeral_ports()
+    """A csnapd on a kept_port(), to kill and start again on that port."""
     for _ in range(20):
-        port = random.choice(ports)
+        port = kept_port()
         try:
             return await start_csnapd(store, origin, log, "--listen", f"127.0.0.1:{port}", *extra)
         except RuntimeError as exc:
             if "cannot listen" not in str(exc):
                 raise
-    raise RuntimeError(f"20 ports in {ports} were taken")
+    raise RuntimeError("20 kept ports were taken before csnapd could listen on them")
 
 
 async def start_agent(socket_path: Path, log: Path) -> Daemon:

@@ -23,7 +23,7 @@ from csnap_nbd.wire import handshake as hs
 from csnap_nbd.wire.constants import Command, Errno, Option, Reply
 from tests.compare import assert_same_bytes
 from tests.credentials import connector
-from tests.e2e.processes import ROOT, start_agent, start_csnapd
+from tests.e2e.processes import ROOT, kept_port, start_agent, start_csnapd
 from tests.nbd.rawclient import RawClient
 from tests.nbd.support import (
     CHUNK,
@@ -164,10 +164,7 @@ async def test_connections_to_one_export_share_one_csnapd_client(tmp_path: Path)
 async def test_gateway_rides_out_a_csnapd_crash_and_restart(tmp_path: Path) -> None:
     need("qemu-io")
     image = origin_image()
-    with trio.socket.socket() as sock:
-        await sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    listen = ("--listen", f"127.0.0.1:{port}", "--grace", "5")
+    listen = ("--listen", f"127.0.0.1:{kept_port()}", "--grace", "5")
     async with gateway(tmp_path, image=image, csnapd_args=listen) as gw:
         await gw.create(1)
         await run(*qemu_io(gw.url(), "write -P 0x61 0 8192"))
