@@ -32,7 +32,9 @@ Without FUA, csnap still commits each copy-out's metadata before replying;
 qemu-nbd keeps qcow2 metadata in its caches until a flush.
 
 A round runs every system through every phase, each on fresh state
-(a newly formatted store, a new qcow2 image); the systems' order rotates
+(a newly formatted store, a new qcow2 image) and with nothing of the
+system before it left to write back (a sync of every file system between
+systems); the systems' order rotates
 from round to round so that drift on a shared machine falls on all of
 them. The figure for each phase is the median over rounds of the IOPS
 qemu-img reports ("Run completed in T seconds": writes / T); ratios are
@@ -472,6 +474,9 @@ async def _rounds(d: Path, plan: Plan, systems: Sequence[str]) -> dict[str, list
     for number in range(plan.rounds):
         shift = number % len(systems)
         for system in [*systems[shift:], *systems[:shift]]:
+            # What the system before wrote is on disk before this one starts:
+            # a sync of its own must not wait for another system's writeback.
+            os.sync()
             result: RoundResult = await runs[system]()
             results[system].append(result)
             times, _, memory = result
