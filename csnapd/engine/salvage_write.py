@@ -89,6 +89,12 @@ class _Writer:
     used: list[int] = field(default_factory=list)
     masks: Counter[int] = field(default_factory=Counter)
     data_marks: bytearray = field(default_factory=bytearray)
+    #: The share bit of the snapshot a revert in progress restores (0: none)
+    #: and its cursor; the chunks below the cursor holding an exception
+    #: with that bit, counted as the revert counts them (once per chunk).
+    revert_mask: int = 0
+    revert_cursor: int = 0
+    revert_passed: int = 0
 
     def take(self) -> int:
         address = next(self.free, None)
@@ -113,6 +119,8 @@ class _Writer:
         base = 0
         masks, marks = self.masks, self.data_marks
         for chunk, pairs in groups:
+            if chunk < self.revert_cursor and any(share & self.revert_mask for share, _ in pairs):
+                self.revert_passed += 1
             fits = leaf_bytes_used(len(chunks) + 1, len(shares) + len(pairs)) <= room
             if (chunks and not fits) or chunk - base >= RCHUNK_LIMIT:
                 self.leaf(base, chunks, counts, shares, targets)
@@ -252,6 +260,8 @@ def write_tree(
     fresh = (a for a in range(g.meta_start, g.meta_end) if a not in avoided)
     writer = _Writer(device, g, journal.next_sequence, fresh)
     writer.data_marks = bytearray((g.store_chunks + 7) // 8)
+    if sb.revert is not None:
+        writer.revert_mask, writer.revert_cursor = 1 << sb.revert.bit, sb.revert.cursor
     writer.leaves(groups)
     root, depth = writer.index()
     registry_address = _registry_address(g, registry, keep_registry, avoided | set(writer.used))
@@ -267,15 +277,17 @@ def write_tree(
     used_chunks = sum(byte.bit_count() for byte in writer.data_marks)
     state.data_free = g.data_chunks - used_chunks
     state.registry = registry_address
-    if state.revert is not None:
+    revert = state.revert
+    if revert is not None:
         # The revert's total is the snapshot's exceptions when it started;
-        # the rebuilt tree may hold fewer, and an overcount earlier servers
-        # left (csnap_format.revert_overcounted) is mended the same way.
-        # The counts only report progress: the cursor decides what is left.
-        bit = state.revert.bit
-        total = state.unique[bit] + state.shared[bit]
-        if state.revert.restored > total:
-            state.revert = dataclasses.replace(state.revert, restored=total, total=total)
+        # the rebuilt tree may hold fewer, or earlier servers may have left
+        # more restored than that (csnap_format.revert_overcounted). Either
+        # way both counts become the recount, as csnap-check's counter
+        # repair sets them; they only report progress, and the cursor
+        # decides what is left.
+        total = state.unique[revert.bit] + state.shared[revert.bit]
+        if revert.restored > min(revert.total, total):
+            state.revert = dataclasses.replace(revert, restored=writer.revert_passed, total=total)
     pages = _pages(g, meta_used, writer.data_marks)
     _switch(journal, g, sb, state, pages, registry, keep_registry)
     return Written(len(writer.used), state.exceptions)

@@ -1,6 +1,9 @@
-"""csnapd killed with SIGKILL while a gateway's first writes share its
-grants (csnap_nbd.gathered), and started again on the same port: the
-gateway asks again for what was in flight, every write is answered, every
+"""csnapd killed with SIGKILL around a gateway's first writes, which share
+its grants (csnap_nbd.gathered), and started again on the same port:
+before a round of them is sent, or as it is sent (the kill lands while the
+writes are being received, asked for or answered: which of these is not
+pinned down). The gateway asks again for what was in flight, every write
+is answered, every
 acknowledged write is in the origin, the snapshot still reads what it held
 before any of them, and the store checks clean."""
 
@@ -95,8 +98,8 @@ async def test_kill_9_of_csnapd_during_gathered_first_writes_loses_none(
             first = round_number * DEPTH
             async with trio.open_nursery() as nursery:
                 if round_number < KILLS:
-                    # Killed while the round's grants are asked for, or
-                    # before, so that they are asked while it is down.
+                    # Killed as the round is sent, or before it, so that
+                    # its grants are asked for while csnapd is down.
                     before = round_number % 2 == 0
                     if before:
                         await gw.csnapd.kill()
