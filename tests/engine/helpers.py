@@ -83,6 +83,25 @@ def read_snapshot(
     return out
 
 
+def reverting(chunks: int) -> tuple[Engine, MemoryDevice, MemoryDevice, Geometry]:
+    """Snapshots 1 and 2 of an origin of `chunks` chunks; its first 8 chunks
+    changed since (copied out for both); a revert to 1 started and committed."""
+    store, origin, g = new_store(store_bytes=8 << 20, origin_bytes=chunks * 4096)
+    engine = Engine.open(store, origin)
+    for chunk in range(chunks):
+        write_origin(origin, g, chunk, 1)
+    engine.create_snapshot(1)
+    engine.create_snapshot(2)
+    engine.commit()
+    engine.origin_write([(0, 8)])
+    engine.commit()
+    for chunk in range(8):
+        write_origin(origin, g, chunk, 2)
+    engine.start_revert(1)
+    engine.commit()
+    return engine, store, origin, g
+
+
 def assert_clean(store: BlockDevice) -> CheckReport:
     report = check_store(store)
     assert report.fatal is None, report.fatal

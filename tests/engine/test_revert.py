@@ -15,26 +15,14 @@ from csnapd.engine import (
     SnapshotNotFoundError,
     SnapshotUnavailableError,
 )
-from tests.engine.helpers import assert_clean, new_store, read_snapshot, write_origin
+from tests.engine.helpers import assert_clean, new_store, read_snapshot, reverting
 
 CHUNKS = 64
 
 
 def _reverting() -> tuple[Engine, MemoryDevice, MemoryDevice]:
     """Snapshots 1 and 2; the origin changed since; a revert to 1 started."""
-    store, origin, g = new_store(store_bytes=8 << 20, origin_bytes=CHUNKS * 4096)
-    engine = Engine.open(store, origin)
-    for chunk in range(CHUNKS):
-        write_origin(origin, g, chunk, 1)
-    engine.create_snapshot(1)
-    engine.create_snapshot(2)
-    engine.commit()
-    engine.origin_write([(0, 8)])
-    engine.commit()
-    for chunk in range(8):
-        write_origin(origin, g, chunk, 2)
-    engine.start_revert(1)
-    engine.commit()
+    engine, store, origin, _ = reverting(CHUNKS)
     return engine, store, origin
 
 

@@ -13,7 +13,7 @@ from csnapd.engine import Engine, MemoryDevice, StoreOpenError
 from csnapd.engine import revert as revert_module
 from csnapd.engine.check import check_store
 from csnapd.engine.journal import Journal
-from tests.engine.helpers import assert_clean, new_store, pattern, read_snapshot, write_origin
+from tests.engine.helpers import assert_clean, pattern, read_snapshot, reverting
 
 CHUNKS = 64
 #: Chunks one revert step restores here: small, so the revert is cut mid-way.
@@ -23,18 +23,7 @@ STEP_CHUNKS = 4
 def _overcounted(monkeypatch: pytest.MonkeyPatch) -> tuple[MemoryDevice, MemoryDevice, Geometry]:
     """A store closed mid-revert with 12 chunks counted restored of 8."""
     monkeypatch.setattr(revert_module, "RESTORE_CHUNKS_PER_STEP", STEP_CHUNKS)
-    store, origin, g = new_store(store_bytes=8 << 20, origin_bytes=CHUNKS * 4096)
-    engine = Engine.open(store, origin)
-    for chunk in range(CHUNKS):
-        write_origin(origin, g, chunk, 1)
-    engine.create_snapshot(1)
-    engine.commit()
-    engine.origin_write([(0, 8)])
-    engine.commit()
-    for chunk in range(8):
-        write_origin(origin, g, chunk, 2)
-    engine.start_revert(1)
-    engine.commit()
+    engine, store, origin, g = reverting(CHUNKS)
     # What those servers did: applied an origin write while the revert ran,
     # which gave snapshot 1 copies its total (8) never counted.
     engine.origin_write([(8, 16)])
