@@ -15,16 +15,7 @@ nothing; a write done twice writes the same bytes to the same place).
 
 One task asks at a time: the writes that arrive while csnapd commits a
 batch's copies make the next batch, whole (with two asking, batches halve
-and both processes' CPU per write grows by a fifth).
-
-After a batch is answered, a client such as a VM's block layer sends its
-next writes one by one as it reads the replies. A write that comes within
-`REFILL_WINDOW` of those answers waits, for at most `MOST_LINGER`, until
-as many writes wait as the batch answered, rather than being asked for
-alone: that split a queue of 16 into asks of 1 and 15, two commits where
-one does.
-
-A grant that does not
+and both processes' CPU per write grows by a fifth). A grant that does not
 come within `PATIENCE` (csnapd parks a write while a snapshot reader holds
 a read lock on one of its chunks, or a create barrier runs) is given up,
 and its writes are served alone: one write to a locked chunk then holds up
@@ -54,7 +45,7 @@ from csnap_nbd.stats import ExportStats
 from csnap_nbd.wire import transmission as tx
 from csnap_nbd.wire.constants import CommandFlag
 
-__all__ = ["GatheredWrites", "PATIENCE", "BATCH_BYTES", "MOST_LINGER", "REFILL_WINDOW"]
+__all__ = ["GatheredWrites", "PATIENCE", "BATCH_BYTES"]
 
 log = logging.getLogger("csnap.nbd.commands")
 
@@ -65,11 +56,6 @@ _FUA = int(CommandFlag.FUA)
 PATIENCE = 0.25
 #: Most bytes one batch writes.
 BATCH_BYTES = 2 << 20
-#: Longest wait for a client's refill before the next ask (module docstring).
-MOST_LINGER = 0.002
-#: A write that comes later than this after a batch was answered does not
-#: refill that batch's slots: it is asked for as it comes.
-REFILL_WINDOW = 0.02
 
 #: Serves one request in a task of its own (Transmission._serve).
 Serve = Callable[[tx.Request, bytearray | None, int], Awaitable[None]]
@@ -85,34 +71,6 @@ class _Waiting(NamedTuple):
     chunks: range
     #: It carries FUA: its reply waits for a sync after the batch.
     fua: bool
-
-
-class _Refill:
-    """The wait, after a batch is answered, for the writes the client sends
-    again in the slots the answers freed (module docstring)."""
-
-    def __init__(self) -> None:
-        #: Writes the last batch answered: the refill to wait for.
-        self.expected = 0
-        #: When the last batch was answered.
-        self._answered_at = 0.0
-        self.arrived = trio.Event()
-
-    def added(self, waiting: int) -> None:
-        if waiting >= self.expected:
-            self.arrived.set()
-
-    def answered(self, answered: int) -> None:
-        self.expected, self._answered_at = answered, time.perf_counter()
-
-    async def linger(self, waiting: Callable[[], int]) -> None:
-        """Wait for the refill while it may still come."""
-        since = time.perf_counter() - self._answered_at
-        if waiting() >= self.expected or since >= REFILL_WINDOW:
-            return
-        self.arrived = trio.Event()
-        with trio.move_on_after(MOST_LINGER):
-            await self.arrived.wait()
 
 
 class GatheredWrites:
@@ -134,7 +92,6 @@ class GatheredWrites:
         self._waiting: deque[_Waiting] = deque()
         #: A task is asking (one at a time; module docstring).
         self._asking = False
-        self._refill = _Refill()
 
     def add(self, req: tx.Request, payload: bytearray, held: int, nursery: trio.Nursery) -> None:
         """Take a WRITE the path gathers (DataPath.gathers); its reply follows
@@ -142,7 +99,6 @@ class GatheredWrites:
         chunks = self._path.chunks_of(req.offset, req.length)
         fua = bool(req.flags & _FUA)
         self._waiting.append(_Waiting(req, payload, held, time.perf_counter(), chunks, fua))
-        self._refill.added(len(self._waiting))
         if not self._asking:
             self._asking = True
             nursery.start_soon(self._ask, nursery)
@@ -150,7 +106,6 @@ class GatheredWrites:
     async def _ask(self, nursery: trio.Nursery) -> None:
         try:
             while self._waiting:
-                await self._refill.linger(lambda: len(self._waiting))
                 batch = self._take()
                 done = False
                 # Given up at PATIENCE: only the wait for the grant can be
@@ -172,7 +127,6 @@ class GatheredWrites:
                     continue
                 for waiting in durable:
                     self._answer(waiting)
-                self._refill.answered(len(batch))
         finally:
             self._asking = False
 

@@ -85,45 +85,6 @@ async def test_first_writes_in_flight_share_grants_and_copy_out_first(
     await csnap_check(gw.store)
 
 
-async def test_a_refill_after_a_batch_is_waited_for_and_asked_for_whole(
-    tmp_path: Path,
-) -> None:
-    """After a batch of 16 is answered, the client's next write comes alone
-    and the other 15 a moment later, as a VM's block layer refills its
-    queue: the ask waits for them (csnap_nbd.gathered) instead of going with
-    the first alone, so one csnapd request serves each 16, not two."""
-    depth, rounds = 16, 16
-    async with gateway(tmp_path, image=IMAGE) as gw:
-        await gw.create(1)
-        client = await RawClient.unix(gw.socket)
-        await client.go("origin")
-
-        async def round_of(first: int, gap: float) -> None:
-            await client.send(_request(first))
-            await trio.sleep(gap)
-            await client.send(b"".join(_request(n) for n in range(first + 1, first + depth)))
-            answers = [await client.answer() for _ in range(depth)]
-            assert sorted(a.cookie for a in answers) == list(range(first, first + depth))
-            assert not any(a.errors for a in answers)
-
-        with trio.fail_after(60):
-            await round_of(0, 0)
-            before = await gw.server_info()
-            for first in range(depth, depth * (rounds + 1), depth):
-                await round_of(first, 0.0005)
-        after = await gw.server_info()
-        asked = int(str(after["requests"])) - int(str(before["requests"])) - 1
-        # One per round when the refill is waited for, two when not.
-        assert rounds <= asked <= rounds * 3 // 2, asked
-        await client.request(Command.DISC)
-        assert await client.closed()
-        written = range(depth * (rounds + 1))
-        assert await gw.copied(1) == {_offset(n) // CHUNK for n in written}
-        await stop(gw.nbd)
-        await stop(gw.csnapd)
-    await csnap_check(gw.store)
-
-
 async def test_a_shared_grant_refused_for_space_is_asked_again_write_by_write(
     tmp_path: Path,
 ) -> None:
