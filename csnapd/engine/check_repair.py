@@ -168,14 +168,10 @@ def rewrite_counts(
     state.meta_free = geometry.meta_blocks - report.meta_used
     state.data_free = geometry.data_chunks - report.data_used
     state.exceptions = checker.exceptions
-    if revert_overcounted(sb):
-        assert state.revert is not None
-        bit = state.revert.bit
-        state.revert = replace(
-            state.revert,
-            restored=checker.revert_passed,
-            total=checker.unique[bit] + checker.shared[bit],
-        )
+    revert = state.revert
+    if revert is not None and revert_overcounted(sb):
+        total = checker.unique[revert.bit] + checker.shared[revert.bit]
+        state.revert = replace(revert, restored=checker.revert_passed, total=total)
     for bit, record in enumerate(state.snapshots):
         if record is not None:
             state.unique[bit], state.shared[bit] = (
