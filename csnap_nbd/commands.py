@@ -90,7 +90,12 @@ class Transmission:
         self._confirming = False
         #: Small origin writes waiting for a grant they share.
         self._gathered = GatheredWrites(
-            self.path, self._writer, self._slots, self.stats, self._serve
+            self.path,
+            self._writer,
+            self._slots,
+            self.stats,
+            self._serve,
+            in_flight=lambda: settings.max_in_flight - self._slots.value,
         )
         self._reading = trio.CancelScope()
 
@@ -136,6 +141,7 @@ class Transmission:
         try:
             await self._read_requests(nursery)
         finally:
+            self._gathered.reader_stopped()
             # The replies the reader queued itself wake nobody: they go now,
             # not when the requests still running end (DISC, bad framing, stop).
             self._writer.send_now()
@@ -190,9 +196,15 @@ class Transmission:
             nursery.start_soon(self._serve, req, payload, held)
 
     async def _take_slot(self) -> None:
-        if not self._slots.value:
+        # Without a checkpoint while one is free: the request reaches its
+        # place before anyone else runs, so the slots in use never count one
+        # still on its way (GatheredWrites waits for a queue to fill).
+        await trio.lowlevel.checkpoint_if_cancelled()  # stop() takes no more
+        try:
+            self._slots.acquire_nowait()
+        except trio.WouldBlock:
             self._writer.send_now()  # replies free no slot, but they should not wait
-        await self._slots.acquire()
+            await self._slots.acquire()
 
     def _answered_now(self, req: tx.Request, payload: bytearray | None, held: int) -> bool:
         """Serve a READ or WRITE here, without a task, if the export can at once."""

@@ -6,11 +6,13 @@ write gets its own answer."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
 import trio
 
+from csnap_nbd.gathered import REFILL_GAP
 from csnap_nbd.wire import transmission as tx
 from csnap_nbd.wire.constants import Command, CommandFlag, Errno
 from tests.nbd.rawclient import Answer, RawClient
@@ -80,6 +82,56 @@ async def test_first_writes_in_flight_share_grants_and_copy_out_first(
         for n in range(0, WRITES, 7):
             assert await _read(gw, "origin", _offset(n)) == _data(n)
             assert await _read(gw, "snap-1", _offset(n)) == IMAGE[_offset(n) : _offset(n) + CHUNK]
+        await stop(gw.nbd)
+        await stop(gw.csnapd)
+    await csnap_check(gw.store)
+
+
+async def test_a_refill_after_a_batch_is_waited_for_and_asked_for_whole(
+    tmp_path: Path,
+) -> None:
+    """After a batch of 16 is answered, the client's next write comes alone
+    and the other 15 a moment later, as a VM's block layer refills its
+    queue: the ask waits for them (csnap_nbd.gathered) instead of going with
+    the first alone, so one csnapd request serves each 16, not two. (A
+    round whose 15 come later than REFILL_GAP, on a busy host, splits: the
+    bound allows half of them to.) Every write is a first write: offsets
+    do not wrap."""
+    depth, rounds = 16, 16
+    async with gateway(tmp_path, image=IMAGE) as gw:
+        await gw.create(1)
+        client = await RawClient.unix(gw.socket)
+        await client.go("origin")
+
+        async def round_of(first: int, gap: float) -> None:
+            await client.send(_request(first))
+            # Not trio.sleep: its timers round up to a millisecond.
+            time.sleep(gap)  # noqa: ASYNC251
+            await client.send(b"".join(_request(n) for n in range(first + 1, first + depth)))
+            answers = [await client.answer() for _ in range(depth)]
+            assert sorted(a.cookie for a in answers) == list(range(first, first + depth))
+            assert not any(a.errors for a in answers)
+
+        with trio.fail_after(60):
+            await round_of(0, 0)
+            counts: list[int] = []
+            # A busy host can hold either process past a gap in many rounds
+            # running: up to three tries of 16 rounds, and one must do.
+            for attempt in range(3):
+                start = depth * (1 + attempt * rounds)
+                before = await gw.server_info()
+                for first in range(start, start + depth * rounds, depth):
+                    await round_of(first, REFILL_GAP / 5)
+                after = await gw.server_info()
+                counts.append(int(str(after["requests"])) - int(str(before["requests"])) - 1)
+                if counts[-1] <= rounds * 3 // 2:
+                    break
+        # One per round when the refill is waited for, two when not.
+        assert rounds <= counts[-1] <= rounds * 3 // 2, counts
+        await client.request(Command.DISC)
+        assert await client.closed()
+        written = range(start + depth * rounds)
+        assert await gw.copied(1) == {_offset(n) // CHUNK for n in written}
         await stop(gw.nbd)
         await stop(gw.csnapd)
     await csnap_check(gw.store)
