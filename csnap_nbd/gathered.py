@@ -138,10 +138,9 @@ class RefillWait:
 
     def added(self) -> None:
         """A write to gather came."""
-        in_flight = self._in_flight()
-        self._peak = max(self._peak, in_flight)
+        self._peak = max(self._peak, self._in_flight())
         self._arrivals += 1
-        if in_flight >= self.depth or self._batch_full():
+        if not self._waits():
             self._full.set()
 
     def answered(self) -> None:
@@ -155,6 +154,7 @@ class RefillWait:
         self._full.set()
 
     def _waits(self) -> bool:
+        """The queue may fill further: no reason to end a wait at once."""
         return not (self._closed or self._in_flight() >= self.depth or self._batch_full())
 
     async def linger(self) -> None:
