@@ -22,6 +22,7 @@ __all__ = [
     "BarrierExpired",
     "GraceExpired",
     "SweepTick",
+    "Wake",
     "Item",
     "Outcome",
     "Batch",
@@ -101,7 +102,13 @@ class SweepTick:
     """Nothing else to do: reclaim some deleted snapshot space."""
 
 
-Item = Received | Connected | Disconnected | BarrierExpired | GraceExpired | SweepTick
+@dataclass(frozen=True)
+class Wake:
+    """Nothing to do: sent once when the server stops, so that an engine task
+    waiting for work notices the stop."""
+
+
+Item = Received | Connected | Disconnected | BarrierExpired | GraceExpired | SweepTick | Wake
 
 
 @dataclass

@@ -70,6 +70,7 @@ from csnapd.batch import (
     Received,
     Sends,
     SweepTick,
+    Wake,
     error_reply,
 )
 from csnapd.checks import RequestRefused
@@ -90,6 +91,7 @@ __all__ = [
     "BarrierExpired",
     "GraceExpired",
     "SweepTick",
+    "Wake",
     "Item",
     "Outcome",
     "Batch",
@@ -331,6 +333,8 @@ class Dispatcher:
                 return self.create_barrier.expired(barrier, batch.replies)
             case GraceExpired():
                 return self.gate.grace_expired()
+            case Wake():
+                return False
             case SweepTick():
                 if self._revert_due():
                     # Its copies and origin writes are done with the commit,
@@ -413,6 +417,13 @@ class Dispatcher:
         step or a reserve squash); when to hand one over is the transport's
         schedule (csnapd.sweep_schedule)."""
         return self._revert_due() or self._may_sweep() or self._reserve_due()
+
+    def backoff_left(self) -> float | None:
+        """Seconds until the back-off after a failed background step ends,
+        when one is running: sweep_due() may turn true then with no item
+        arriving."""
+        left = self._sweep_after - self._monotonic()
+        return left if left > 0 else None
 
     def _revert_due(self) -> bool:
         """A revert is in progress and may take a step."""

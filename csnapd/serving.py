@@ -34,6 +34,7 @@ from csnapd.dispatch import (
     Outcome,
     Peer,
     SweepTick,
+    Wake,
 )
 from csnapd.engine import Engine
 from csnapd.fencing import Fence
@@ -131,6 +132,8 @@ class Server:
                 nursery.start_soon(self._after, self.config.grace, GraceExpired())
             task_status.started()
             await self._stopping.wait()
+            # An engine task waiting for work waits without a deadline.
+            self._send.send_nowait(Wake())
             log.info("shutting down", extra={"event": "server.stopping", "address": self.address})
             notify_stopping()
             accepting.cancel()  # closes the listeners
@@ -313,7 +316,12 @@ class Server:
                 # Still a checkpoint: applying a batch may not yield at all.
                 await trio.lowlevel.checkpoint()
                 return SweepTick()
-            with trio.move_on_after(schedule.wait() if background else 0.5):
+            wait = schedule.wait() if background else self.dispatcher.backoff_left()
+            if wait is None:
+                # The common idle wait, without a cancel scope: nothing but an
+                # item can make work due (a stop sends Wake).
+                return await self._receive.receive()
+            with trio.move_on_after(wait):
                 return await self._receive.receive()
 
     def _deliver_outcome(self, outcome: Outcome) -> None:
