@@ -27,6 +27,10 @@ writes every figure, with a description of the machine, as JSON.
   tls        metadata queries and connections per second, plaintext beside
              mutual TLS (bench.tls_bench)
 
+After the parts, the speed targets (bench.targets) are checked against
+the figures of the server and nbd parts, when either ran: a table, and
+"targets" in the JSON.
+
 --quick runs every part small, in seconds, as a smoke test; --only PART
 (repeatable) runs only those parts. Peers whose tools are missing are
 reported as skipped, with the reason, and the rest still runs.
@@ -56,6 +60,7 @@ from bench.recovery_bench import recovery_part
 from bench.scale_bench import scale_part
 from bench.server_bench import lifecycle_part, server_part
 from bench.snapshots_bench import snapshots_part
+from bench.targets import evaluate, targets_table
 from bench.tls_bench import tls_part
 
 PARTS: dict[str, tuple[str, Callable[..., Part]]] = {
@@ -120,6 +125,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\n== {name}: {title} ({seconds:.0f} s)\n{part.table}", flush=True)
             # Written after every part: a long run that fails late keeps the rest.
             Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    targets = evaluate(results["parts"])
+    if any(row["measured"] is not None for row in targets):
+        results["targets"] = targets
+        print(f"\n== targets\n{targets_table(targets, quick=args.quick)}", flush=True)
     results["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
     if failed:

@@ -135,6 +135,11 @@ def test_suite_quick(tmp_path: Path) -> None:
     assert not list(work.iterdir())
     check_server_part(parts["server"])
     check_nbd_part(parts["nbd"])
+    # Both parts the targets read ran: every target is measured, and shown.
+    assert "== targets" in done.stdout
+    for row in results["targets"]:
+        assert row["measured"] is not None and row["measured"] > 0, row["target"]
+        assert row["target"] in done.stdout
     check_snapshots_part(parts["snapshots"])
     check_scale_part(parts["scale"])
     check_recovery_part(parts["recovery"])
