@@ -94,6 +94,12 @@ class FileDevice:
     `direct`: None goes direct (O_DIRECT) for a block device only, True for
     a file too, False never. Opening raises DirectIOError (an OSError) where
     the file system refuses O_DIRECT.
+
+    `random_reads`: the page cache reads nothing ahead for this descriptor.
+    csnapd reads the origin only where a copy-out needs it; what readahead
+    adds is read for nothing, and it lands in the page cache as large
+    folios, into which every later small write of the gateway costs more
+    (docs/performance.md, "Origin pages without readahead").
     """
 
     def __init__(
@@ -103,6 +109,7 @@ class FileDevice:
         writable: bool = True,
         lock: bool = False,
         direct: bool | None = None,
+        random_reads: bool = False,
     ):
         self.path = os.fspath(path)
         self.stats = DeviceStats()
@@ -121,6 +128,8 @@ class FileDevice:
             self._block_device = stat.S_ISBLK(os.fstat(self._fd).st_mode)
             if choose_direct(self._fd, direct):
                 self.direct = DirectFile.enable(self._fd, what=self.path)
+            elif random_reads:
+                os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_RANDOM)
         except BaseException:
             os.close(self._fd)
             raise

@@ -140,7 +140,7 @@ def open_devices(
     except OSError as exc:
         raise StoreOpenError(f"cannot open store {store_path}: {exc.strerror}") from exc
     try:
-        origin = FileDevice(origin_path, writable=origin_writable, direct=direct)
+        origin = FileDevice(origin_path, writable=origin_writable, direct=direct, random_reads=True)
     except OSError as exc:
         store.close()
         raise StoreOpenError(f"cannot open origin {origin_path}: {exc.strerror}") from exc

@@ -5,8 +5,11 @@ group commit.
 
 from __future__ import annotations
 
+import ctypes
+import mmap
 import os
 import random
+import struct
 from pathlib import Path
 
 import pytest
@@ -140,6 +143,68 @@ def test_open_files_takes_the_store_lock(tmp_path: Path) -> None:
     finally:
         engine.close()
     Engine.open_files(store, origin).close()
+
+
+def _pages_in_large_folios(path: Path, length: int) -> int:
+    """How many of the first `length` bytes' pages of `path` the page cache
+    holds in large folios (several pages as one), read from /proc/kpageflags
+    through a shared mapping of the file (root only)."""
+    compound = (1 << 15) | (1 << 16)  # KPF_COMPOUND_HEAD, KPF_COMPOUND_TAIL
+    fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        mapping = mmap.mmap(fd, length)
+    finally:
+        os.close(fd)
+    found = 0
+    try:
+        first = ctypes.addressof(ctypes.c_char.from_buffer(mapping)) // mmap.PAGESIZE
+        with (
+            open("/proc/self/pagemap", "rb", buffering=0) as pagemap,
+            open("/proc/kpageflags", "rb", buffering=0) as kpageflags,
+        ):
+            for page in range(length // mmap.PAGESIZE):
+                mapping[page * mmap.PAGESIZE]  # maps the cached page, reading nothing new
+                pagemap.seek((first + page) * 8)
+                (entry,) = struct.unpack("<Q", pagemap.read(8))
+                assert entry >> 63, f"page {page} is not mapped"
+                kpageflags.seek((entry & ((1 << 55) - 1)) * 8)
+                (flags,) = struct.unpack("<Q", kpageflags.read(8))
+                found += bool(flags & compound)
+    finally:
+        mapping.close()
+    return found
+
+
+def test_copy_outs_leave_the_origin_files_pages_in_small_folios(tmp_path: Path) -> None:
+    """csnapd reads the origin file without readahead: consecutive copy-outs
+    read with it leave the origin's pages in large folios, into which every
+    later small write of the gateway costs more (FileDevice random_reads;
+    docs/performance.md, "Origin pages without readahead")."""
+    g = new_geometry(chunk_size=64 << 10)
+    store = tmp_path / "store"
+    origin = tmp_path / "origin"
+    with open(store, "wb") as f:
+        f.truncate(g.store_bytes)
+    dev = FileDevice(store)
+    format_device(dev, g)
+    dev.close()
+    chunks = 16
+    fd = os.open(origin, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC)
+    try:
+        os.pwrite(fd, b"\x5a" * g.origin_bytes, 0)
+        os.fdatasync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    engine = Engine.open_files(store, origin)
+    try:
+        engine.create_snapshot(1)
+        for chunk in range(chunks):
+            engine.origin_write([(chunk, 1)])
+            engine.commit()
+    finally:
+        engine.close()
+    assert _pages_in_large_folios(origin, chunks * g.chunk_size) == 0
 
 
 def test_a_clean_close_marks_the_store_clean_and_open_marks_it_busy() -> None:
