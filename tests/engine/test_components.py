@@ -204,7 +204,8 @@ def test_copy_outs_leave_the_origin_files_pages_in_small_folios(tmp_path: Path) 
             engine.commit()
     finally:
         engine.close()
-    assert _pages_in_large_folios(origin, chunks * g.chunk_size) == 0
+    found = _pages_in_large_folios(origin, chunks * g.chunk_size)
+    assert found == 0, found
 
 
 def test_a_clean_close_marks_the_store_clean_and_open_marks_it_busy() -> None:
