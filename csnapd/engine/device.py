@@ -71,6 +71,10 @@ class BlockDevice(Protocol):
         """Read exactly `length` bytes at `offset`."""
         ...
 
+    def read_into(self, offset: int, into: memoryview) -> None:
+        """Fill all of `into` from `offset` (a buffer the caller reuses)."""
+        ...
+
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         """Write all of `data` at `offset`."""
         ...
@@ -168,6 +172,24 @@ class FileDevice:
             parts.append(more)
             got += len(more)
         return b"".join(parts)
+
+    def read_into(self, offset: int, into: memoryview) -> None:
+        length = len(into)
+        self.stats.reads += 1
+        self.stats.bytes_read += length
+        if self.direct is not None:
+            self.direct.read_into(into, offset)
+            return
+        got = 0
+        while got < length:
+            done = os.preadv(self._fd, [into[got:]], offset + got)
+            if not done:
+                raise OSError(
+                    errno.EIO,
+                    f"short read: {got} of {length} bytes at offset {offset}",
+                    self.path,
+                )
+            got += done
 
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         self.stats.writes += 1
@@ -295,6 +317,9 @@ class MemoryDevice:
     def read(self, offset: int, length: int) -> bytes:
         with self._lock:
             return self._read(offset, length)
+
+    def read_into(self, offset: int, into: memoryview) -> None:
+        into[:] = self.read(offset, len(into))
 
     def _read(self, offset: int, length: int) -> bytes:
         self._check(offset, length)

@@ -143,6 +143,10 @@ class CutDevice:
             raise PowerCut(errno.EIO, "simulated power cut")
         return self.inner.read(offset, length)
 
+    def read_into(self, offset: int, into: memoryview) -> None:
+        # Through read(), so that whatever it does to a read applies here too.
+        into[:] = self.read(offset, len(into))
+
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         self._spend()
         self.inner.write(offset, data)

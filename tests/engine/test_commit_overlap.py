@@ -41,6 +41,10 @@ class HeldSync:
     def read(self, offset: int, length: int) -> bytes:
         return self.inner.read(offset, length)
 
+    def read_into(self, offset: int, into: memoryview) -> None:
+        # Through read(), so that whatever it does to a read applies here too.
+        into[:] = self.read(offset, len(into))
+
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         self.inner.write(offset, data)
 

@@ -27,6 +27,7 @@ from csnapd.engine import (
     StoreOpenError,
     TooManySnapshotsError,
 )
+from csnapd.engine.copyout import KEPT_READ_BYTES
 from csnapd.engine.device import SECTOR
 from tests.engine.helpers import (
     assert_clean,
@@ -206,6 +207,58 @@ def test_copy_outs_leave_the_origin_files_pages_in_small_folios(tmp_path: Path) 
         engine.close()
     found = _pages_in_large_folios(origin, chunks * g.chunk_size)
     assert found == 0, found
+
+
+def test_copy_outs_of_every_size_copy_the_right_bytes_through_the_kept_buffer(
+    tmp_path: Path,
+) -> None:
+    """Copy-out reads reuse one buffer up to KEPT_READ_BYTES and take a new one
+    beyond: runs smaller, larger and smaller again, on real files, each copy
+    holds what the origin held before it was written."""
+    g = new_geometry(chunk_size=64 << 10, origin_bytes=16 << 20, store_bytes=64 << 20)
+    store_path, origin_path = tmp_path / "store", tmp_path / "origin"
+    with open(store_path, "wb") as f:
+        f.truncate(g.store_bytes)
+    dev = FileDevice(store_path)
+    format_device(dev, g)
+    dev.close()
+    with open(origin_path, "wb") as f:
+        f.truncate(g.origin_bytes)
+    origin = FileDevice(origin_path)
+    for chunk in range(g.origin_chunks):
+        write_origin(origin, g, chunk, 1)
+    origin.sync()
+    runs = [(0, 1), (1, KEPT_READ_BYTES // g.chunk_size + 8), (100, 3), (110, 2)]
+    store = FileDevice(store_path)
+    engine = Engine.open(store, origin)
+    try:
+        engine.create_snapshot(1)
+        for start, count in runs:
+            engine.origin_write([(start, count)])
+            engine.commit()
+            for chunk in range(start, start + count):
+                write_origin(origin, g, chunk, 2)
+        for start, count in runs:
+            copies = read_snapshot(engine, store, origin, 1, start, count)
+            assert copies == [pattern(c, 1, g.chunk_size) for c in range(start, start + count)]
+    finally:
+        engine.close()
+        store.close()
+        origin.close()
+
+
+def test_a_read_into_past_the_end_of_a_file_fails(tmp_path: Path) -> None:
+    path = tmp_path / "short"
+    path.write_bytes(b"x" * 6000)
+    dev = FileDevice(path, writable=False)
+    try:
+        into = memoryview(bytearray(4096))
+        dev.read_into(0, into)
+        assert bytes(into) == b"x" * 4096
+        with pytest.raises(OSError, match="short read: 1904 of 4096 bytes"):
+            dev.read_into(4096, into)
+    finally:
+        dev.close()
 
 
 def test_a_clean_close_marks_the_store_clean_and_open_marks_it_busy() -> None:

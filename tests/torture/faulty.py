@@ -118,6 +118,10 @@ class FaultyDevice:
         self.stats.bytes_read += length
         return self.inner.read(offset, length)
 
+    def read_into(self, offset: int, into: memoryview) -> None:
+        # Through read(), so that whatever it does to a read applies here too.
+        into[:] = self.read(offset, len(into))
+
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         self._count("write")
         data = bytes(data)
