@@ -214,11 +214,9 @@ NBD_PHASES = (
 def check_nbd_part(part: dict[str, Any]) -> None:
     assert part["io_bytes"] == 4096 and part["queue_depth"] == 16
     skipped = part["skipped"]
-    assert "csnap" not in skipped, skipped
+    # scripts/test installs the peers (qemu-utils, nbdkit): none may be missing.
+    assert not skipped, f"systems skipped: {skipped}"
     for system in ("csnap", "csnap_direct", "qcow2", "file"):
-        if system in skipped:
-            assert skipped[system]  # a reason, not just a name
-            continue
         for phase in NBD_PHASES:
             assert part[system]["iops"][phase] > 0, (system, phase)
             assert len(part[system]["round_iops"][phase]) == part["rounds"]
@@ -241,8 +239,7 @@ def check_nbd_part(part: dict[str, Any]) -> None:
             assert len(tls[mode][phase]["round_iops"]) == part["rounds"]
     assert all(r is not None and r > 0 for r in tls["tls_vs_plaintext"].values())
     for peer in ("qcow2", "file"):
-        if peer not in skipped:
-            assert all(r is not None and r > 0 for r in part["ratios"][peer].values())
+        assert all(r is not None and r > 0 for r in part["ratios"][peer].values()), peer
 
 
 def check_snapshots_part(part: dict[str, Any]) -> None:
@@ -265,10 +262,9 @@ def check_scale_part(part: dict[str, Any]) -> None:
     assert server["lookups"] > 0 and 0 < server["lookup_p50_us"] <= server["lookup_p99_us"]
     assert server["rss_mib"] > 0 and server["peak_rss_mib"] >= server["rss_mib"]
     assert part["csnap_check"]["seconds"] > 0 and part["csnap_check"]["mappings_per_s"] > 0
-    if "thin_check" in part["skipped"]:
-        assert part["thin_check"] is None and part["check_ratio"] is None
-    else:
-        assert part["thin_check"]["seconds"] > 0 and part["check_ratio"] > 0
+    # scripts/test installs thin-provisioning-tools: the peer must have run.
+    assert "thin_check" not in part["skipped"], part["skipped"]
+    assert part["thin_check"]["seconds"] > 0 and part["check_ratio"] > 0
     assert part["csnap_repair"]["seconds"] > 0
     assert part["thin_repair"] is None or part["thin_repair"]["seconds"] > 0
 
