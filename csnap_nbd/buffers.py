@@ -14,8 +14,12 @@ from csnap_common.allocator import MMAP_THRESHOLD
 
 __all__ = ["BufferPool", "BUFFERS", "POOL_BYTES"]
 
-#: Most bytes of free buffers kept.
-POOL_BYTES = 4 << 20
+#: Most bytes of free buffers kept: twice a queue of 16 requests of 256 KiB
+#: (a backup's usual shape). A connection holds a few more buffers than its
+#: client has requests in flight (the next request is read while a reply is
+#: still being sent); a pool exactly one queue deep ran empty on one large
+#: read in six.
+POOL_BYTES = 8 << 20
 
 
 class BufferPool:
