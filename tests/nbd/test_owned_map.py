@@ -5,7 +5,9 @@ a write was acknowledged returns what that write replaced; a deleted
 snapshot's addresses are never read again, even once its store chunks hold
 another snapshot's data; origin chunks read without read locks while the
 other gateway writes the origin are always the snapshot's, several reads in
-flight sharing each confirmation.
+flight sharing each confirmation; a full store squashes another snapshot
+rather than one whose reader holds its owned map, and once squashed, a
+snapshot's chunks are never read through it again.
 """
 
 from __future__ import annotations
@@ -19,9 +21,20 @@ import pytest
 import trio
 
 from csnap_nbd.wire.constants import Command
-from tests.e2e.processes import Daemon
+from tests.e2e.processes import Daemon, poll
 from tests.nbd.rawclient import RawClient
-from tests.nbd.support import CHUNK, Gateway, gateway, origin_image, start_gateway, stop
+from tests.nbd.support import (
+    CHUNK,
+    ORIGIN_SIZE,
+    Gateway,
+    gateway,
+    need,
+    origin_image,
+    qemu_io,
+    run,
+    start_gateway,
+    stop,
+)
 
 pytestmark = [pytest.mark.e2e]
 
@@ -244,3 +257,73 @@ async def test_origin_reads_without_locks_never_return_an_origin_write(tmp_path:
                     await trio.sleep(0.005)
                 done.set()
             assert checked > 0
+
+
+#: A store with room for two and a half copies of the origin (as in
+#: tests/nbd/test_store_full.py): every third whole-origin write squashes.
+SQUASH_STORE_SIZE = 44 << 20
+
+
+async def snapshot_states(gw: Gateway) -> dict[int, str]:
+    async with gw.admin() as admin:
+        return {s["tag"]: s["state"] for s in await admin.list_snapshots()}
+
+
+async def test_a_squash_never_takes_a_snapshot_under_its_owned_map_readers(
+    tmp_path: Path,
+) -> None:
+    need("qemu-io")
+    image = origin_image()
+    original = {c: image[c * CHUNK : (c + 1) * CHUNK] for c in range(CHUNKS)}
+    async with (
+        gateway(tmp_path, image=image, store_size=SQUASH_STORE_SIZE) as gw,
+        AsyncExitStack() as stack,
+    ):
+
+        async def write_origin(byte: int) -> None:
+            await run(*qemu_io(gw.url(), f"write -P {byte:#x} 0 {ORIGIN_SIZE}"))
+
+        async with gw.admin() as admin:
+            await admin.create_snapshot(1, -100)  # the first a full store squashes
+        await write_origin(0x11)  # the whole origin copied for snapshot 1
+        reader = await export(stack, gw.socket, "snap-1")
+        for c in range(CHUNKS):
+            assert await read_chunk(reader, c) == (0, original[c]), c
+        # Warm: its chunks are read from the owned map, without csnapd.
+        before = await server_requests(gw)
+        for c in range(CHUNKS):
+            assert await read_chunk(reader, c) == (0, original[c]), c
+        assert await server_requests(gw) - before < CHUNKS // 4
+
+        async with gw.admin() as admin:
+            await admin.create_snapshot(2, -100)
+        await write_origin(0x22)  # copies for snapshot 2: the store is nearly full
+        async with gw.admin() as admin:
+            await admin.create_snapshot(3, 0)
+        # Snapshot 3's copies need room: snapshot 1 is the most expendable,
+        # but its reader is connected, so snapshot 2 goes instead.
+        await write_origin(0x33)
+        assert await snapshot_states(gw) == {1: "live", 2: "squashed", 3: "live"}
+        # The addresses the reader's map holds are still snapshot 1's own.
+        for c in range(CHUNKS):
+            assert await read_chunk(reader, c) == (0, original[c]), c
+
+        # Once its reader has gone, snapshot 1 is expendable again.
+        await reader.aclose()
+
+        async def no_snapshot_client() -> bool:
+            return (await gw.server_info())["snapshot_clients"] == 0
+
+        with trio.fail_after(30):
+            await poll(no_snapshot_client)
+        async with gw.admin() as admin:
+            await admin.change_use_count(3, 1)  # in use: never squashed
+            await admin.create_snapshot(4, 0)
+        # Snapshot 4's copies (the origin's 0x33) go into the chunks snapshot
+        # 1's squash freed: a new reader of snapshot 1 gets an error, never them.
+        await write_origin(0x44)
+        assert await snapshot_states(gw) == {1: "squashed", 2: "squashed", 3: "live", 4: "live"}
+        gone = await run(*qemu_io(gw.url("snap-1"), "read 0 4096", read_only=True), check=False)
+        assert gone.returncode != 0, gone
+        assert "snapshot 1 was squashed" in gw.log(), gw.log()
+        assert "read 4096/4096" not in gone.stdout, gone
