@@ -194,12 +194,18 @@ class Agent(Servers):
         try:
             while (message := await peer.messages.receive()) is not None:
                 if not await self._admit(peer, message):
-                    return
+                    break
         except RemoteProtocolError as exc:
             log.warning("%s: protocol error: %s", peer, exc)
             await peer.send(Error(None, int(exc.code), exc.code.symbol, str(exc)[:1024]))
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             return
+        # The error that ends the connection may have joined the write of
+        # another of the peer's tasks (an answer to need_server, say): it
+        # goes out before the close cancels that task, within a bound for a
+        # peer that does not read.
+        with trio.move_on_after(REFUSE_LINGER):
+            await peer.messages.flush()
 
     async def _admit(self, peer: Peer, message: Message) -> bool:
         """Handle one message; False ends the connection."""

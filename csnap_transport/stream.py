@@ -40,6 +40,9 @@ class MessageStream:
         #: Encoded bytes waiting for the task that is writing.
         self._unsent = bytearray()
         self._writing = False
+        #: Set once the task writing (if any) has ended; replaced when one starts.
+        self._written = trio.Event()
+        self._written.set()
 
     async def receive(self) -> Message | None:
         """The next message from the peer; None once it has closed its side.
@@ -103,6 +106,7 @@ class MessageStream:
         if self._writing:
             return
         self._writing = True
+        self._written = trio.Event()
         try:
             while self._unsent:
                 pending = bytes(self._unsent)
@@ -115,6 +119,19 @@ class MessageStream:
             raise
         finally:
             self._writing = False
+            self._written.set()
+
+    async def flush(self) -> None:
+        """Wait until the bytes handed to send_bytes so far have been written
+        (or their write failed: then the stream is broken).
+
+        Bytes that joined another task's write were not sent when their
+        send_bytes returned: whoever closes the stream after saying its last
+        word (an error, say) flushes first, or the close may cut that task's
+        write short and the word with it.
+        """
+        while self._writing:
+            await self._written.wait()
 
     async def aclose(self) -> None:
         """Close the stream at once (what is unsent is dropped)."""

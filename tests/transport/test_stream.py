@@ -2,7 +2,7 @@
 cut, None at a clean end, a protocol error for a frame cut short; writes
 from several tasks joined without interleaving; a reply too large for the
 peer answered with request_too_large; a write cancelled mid-frame closes the
-stream.
+stream; flush waits for bytes that joined another task's write.
 """
 
 from __future__ import annotations
@@ -90,6 +90,34 @@ async def test_a_write_cancelled_mid_frame_closes_the_stream() -> None:
         await stream.send_bytes(client.hello())  # nobody reads: blocks mid-frame
     with pytest.raises(trio.ClosedResourceError):
         await left.send_all(b"x")
+
+
+async def test_flush_waits_for_bytes_that_joined_another_tasks_write() -> None:
+    left, right = trio.testing.lockstep_stream_pair()
+    client = Connection(Role.CLIENT, name="client")
+    stream = MessageStream(left, client)
+    first, last = client.hello(), client.send(Keepalive(1))
+    flushed = False
+    received = bytearray()
+
+    async def flush() -> None:
+        nonlocal flushed
+        await stream.flush()
+        flushed = True
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(stream.send_bytes, first)  # blocks until read
+        await trio.testing.wait_all_tasks_blocked()
+        await stream.send_bytes(last)  # joins that write: returns at once
+        nursery.start_soon(flush)
+        await trio.testing.wait_all_tasks_blocked()
+        assert not flushed  # nothing of either has been written yet
+        while len(received) < len(first) + len(last):
+            received += await right.receive_some()
+        await trio.testing.wait_all_tasks_blocked()
+        assert flushed
+    assert bytes(received) == first + last
+    await stream.flush()  # nobody writing: returns at once
 
 
 async def _all(stream: MessageStream) -> list[Message]:
