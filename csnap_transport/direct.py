@@ -285,20 +285,25 @@ class DirectStream(trio.abc.Stream):
 
     def _decrypt(self, max_bytes: int) -> bytes | None:
         """One TLS read, reading the socket as long as it gives bytes; None for nothing yet."""
-        assert self._tls is not None
+        tls = self._tls
+        assert tls is not None
         while True:
-            try:
-                return self._tls.read(max_bytes)
-            except ssl.SSLWantReadError as exc:
-                if self._transport_eof:
+            # With no bytes for it and none decrypted, TLS could only say it
+            # wants more: the socket is read first, sparing a read that
+            # fails (and its exception) for every message.
+            if self._transport_eof or self._incoming.pending or tls.pending():
+                try:
+                    return tls.read(max_bytes)
+                except ssl.SSLWantReadError as exc:
+                    if self._transport_eof:
+                        raise self._break(exc) from exc
+                except (ssl.SSLError, ssl.CertificateError) as exc:
                     raise self._break(exc) from exc
-            except (ssl.SSLError, ssl.CertificateError) as exc:
-                raise self._break(exc) from exc
-            finally:
-                # Reading may make TLS answer (a key update): it goes out in order.
-                if self._outgoing.pending:
-                    self._unsent += self._outgoing.read()
-                    self._write_quietly()
+                finally:
+                    # Reading may make TLS answer (a key update): it goes out in order.
+                    if self._outgoing.pending:
+                        self._unsent += self._outgoing.read()
+                        self._write_quietly()
             received = self._read(RECEIVE_SIZE)
             if received is None:
                 return None

@@ -1,9 +1,10 @@
 """DirectStream's promises, over real loopback TCP with the cluster's mutual
 TLS: bytes arrive whole and in order however the sends are cut; what the
 kernel does not take waits in the stream, in order, until flushed; a peer
-that keeps the socket full does not keep other tasks from running; a
-forced close cuts the stream short where a plain close ends TLS cleanly; a
-credential of another CA fails the handshake.
+that keeps the socket full does not keep other tasks from running; records
+that arrive a byte at a time are read whole; a forced close cuts the stream
+short where a plain close ends TLS cleanly; a credential of another CA fails
+the handshake.
 """
 
 from __future__ import annotations
@@ -169,3 +170,29 @@ async def test_a_credential_of_another_ca_fails_the_handshake(tmp_path: Path) ->
             assert isinstance(failure.value.__cause__, ssl.SSLError)
             await trio.aclose_forcefully(client)
     assert refused == [True]
+
+
+async def test_a_record_arriving_a_byte_at_a_time_is_read_whole(tmp_path: Path) -> None:
+    with trio.fail_after(30):
+        async with _pair(tmp_path / "keys") as (client, server):
+            # Two TLS records made by the client's TLS layer, handed to its
+            # socket one byte per segment: the server's reads find partial
+            # records, and nothing for TLS between them.
+            tls = client._tls
+            assert tls is not None
+            tls.write(b"first record")
+            tls.write(b"second")
+            records = client._outgoing.read()
+            raw = client.transport_stream
+            raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+            async def trickle() -> None:
+                for byte in records:
+                    await raw.send_all(bytes([byte]))
+                    await trio.sleep(0.0005)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(trickle)
+                assert await _read_exactly(server, 18) == b"first recordsecond"
+            server.send_now(b"ok")
+            assert await _read_exactly(client, 2) == b"ok"
