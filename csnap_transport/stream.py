@@ -39,8 +39,7 @@ class MessageStream:
         self.codec = codec
         #: Encoded bytes waiting for the task that is writing.
         self._unsent = bytearray()
-        self._writing = False
-        #: Set once the task writing (if any) has ended; replaced when one starts.
+        #: Set while no task is writing; a new one when a task starts to write.
         self._written = trio.Event()
         self._written.set()
 
@@ -103,9 +102,8 @@ class MessageStream:
             trio.BrokenResourceError, trio.ClosedResourceError: the stream broke.
         """
         self._unsent += data
-        if self._writing:
-            return
-        self._writing = True
+        if not self._written.is_set():
+            return  # another task is writing: these bytes join its next write
         self._written = trio.Event()
         try:
             while self._unsent:
@@ -118,7 +116,6 @@ class MessageStream:
             await trio.aclose_forcefully(self.stream)
             raise
         finally:
-            self._writing = False
             self._written.set()
 
     async def flush(self) -> None:
@@ -130,8 +127,7 @@ class MessageStream:
         word (an error, say) flushes first, or the close may cut that task's
         write short and the word with it.
         """
-        while self._writing:
-            await self._written.wait()
+        await self._written.wait()
 
     async def aclose(self) -> None:
         """Close the stream at once (what is unsent is dropped)."""
