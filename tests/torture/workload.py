@@ -129,10 +129,13 @@ class FaultRun:
             # after the snapshot was taken (csnapd's barrier prevents it).
             if kind == "create" and granted:
                 kind = "origin"
-            followup = self._alone(partial(self._stage, engine, kind))
-            if followup is not None:
+            staged = self._alone(partial(self._stage, engine, kind))
+            if staged is not None:
+                ran, followup = staged
                 followups.append(followup)
-                granted |= kind == "origin"
+                # What ran, not what was drawn: a kind with nothing to act
+                # on stands in as an origin write.
+                granted |= ran == "origin"
         engine.commit()
         self._acknowledge()
         for followup in followups:
@@ -153,8 +156,10 @@ class FaultRun:
         deleted = {tag for kind, tag, _ in self.staged if kind == "delete"}
         return sorted(t for t in self.snaps if t not in deleted)
 
-    def _stage(self, engine: Engine, kind: str) -> Callable[[], None]:
-        """Apply one request of `kind`; returns what its client does once acknowledged."""
+    def _stage(self, engine: Engine, kind: str) -> tuple[str, Callable[[], None]]:
+        """Apply one request of `kind`, or an origin write when there is nothing for
+        it to act on; returns the kind that ran and what its client does once
+        acknowledged."""
         rng = self.rng
         live = self._acknowledged_live()
         if kind == "create" and len(self.snaps) + len(self.staged) < 6:
@@ -162,21 +167,21 @@ class FaultRun:
             tag = rng.choice([t for t in range(12) if t not in taken])
             engine.create_snapshot(tag, rng.randrange(-128, 128))
             self.staged.append(("create", tag, list(self.origin_versions)))
-            return _nothing
+            return kind, _nothing
         if kind == "delete" and live:
             tag = rng.choice(live)
             engine.delete_snapshot(tag)
             self.staged.append(("delete", tag, None))
-            return _nothing
+            return kind, _nothing
         if kind == "snapshot" and live:
-            return self._snapshot_write(engine, rng.choice(live))
+            return kind, self._snapshot_write(engine, rng.choice(live))
         if kind == "read" and live:
             self._read(engine, rng.choice(live))
-            return _nothing
+            return kind, _nothing
         if kind == "priority" and live:
             engine.set_priority(rng.choice(live), rng.randrange(-128, 128))
-            return _nothing
-        return self._origin_write(engine)
+            return kind, _nothing
+        return "origin", self._origin_write(engine)
 
     def _snapshot_write(self, engine: Engine, tag: int) -> Callable[[], None]:
         # Without the store-full policy: this model knows no squashed
