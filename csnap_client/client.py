@@ -66,7 +66,7 @@ from contextlib import asynccontextmanager
 import trio
 import trio.lowlevel
 
-from csnap_client.grant_blocks import OriginWriteNow, OwnedRead
+from csnap_client.grant_blocks import OwnedRead
 from csnap_client.reconnecting import (
     TRUST_FRACTION,
     ClientClosedError,
@@ -154,16 +154,22 @@ class DataClient(ReconnectingClient):
         without asking csnapd (origin_write would grant it from memory)."""
         return self._known_unique(ranges)
 
-    def origin_write_now(self, ranges: Ranges) -> OriginWriteNow:
-        """A grant from memory, if every chunk is known unique: True inside the block.
+    def may_write_now(self, ranges: Ranges) -> bool:
+        """Whether the origin chunks of `ranges` may be written at once, from
+        memory: every one is known unique and the lease deadline has not
+        passed. False: ask through origin_write.
 
-        For callers that write without awaiting inside the block: no barrier
-        can come between the check and the write. False (nothing granted)
-        when a chunk is not known unique or the lease deadline has passed:
-        use origin_write. (A class, not a generator: inline rewrites enter
-        one per request.)
+        Only for a caller that writes them before its next await (the
+        gateway's inline rewrites): nothing can come between this answer and
+        the write (a barrier, a reconnection, a close), so no grant is opened
+        that anyone would have to wait for.
         """
-        return OriginWriteNow(self, ranges)
+        if not self._known_unique(ranges) or not (
+            trio.current_time() < self.lease_deadline(self._session)
+        ):
+            return False
+        self.remembered_grants += 1
+        return True
 
     async def _origin_grant(self, ranges: Ranges) -> WriteOk:
         if self._known_unique(ranges):
@@ -305,16 +311,6 @@ class DataClient(ReconnectingClient):
         self._answered_on[request] = session
         self.owned_reads += 1
         return ReadPlan(*found, request)
-
-    def _open_origin_write_now(self, ranges: Ranges) -> int | None:
-        if not self._known_unique(ranges) or not (
-            trio.current_time() < self.lease_deadline(self._session)
-        ):
-            return None
-        request = -next(self._local_grants)
-        self._grants.add(request)
-        self.remembered_grants += 1
-        return request
 
     async def confirm_read(self, plan: ReadPlan) -> bool:
         """Whether what was just read under `plan` is the snapshot's; if not, read again.

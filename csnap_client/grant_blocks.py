@@ -1,7 +1,7 @@
-"""The blocks of the grants a data client opens without awaiting:
-DataClient.owned_read and DataClient.origin_write_now.
+"""The block of the grant a data client opens without awaiting:
+DataClient.owned_read.
 
-Classes, not generators: the gateway's reader enters one per inline
+A class, not a generator: the gateway's reader enters one per inline
 request, and entering a generator-based context costs several times more.
 """
 
@@ -10,12 +10,12 @@ from __future__ import annotations
 from types import TracebackType
 from typing import TYPE_CHECKING
 
-from csnap_client.reconnecting import Ranges, ReadPlan
+from csnap_client.reconnecting import ReadPlan
 
 if TYPE_CHECKING:
     from csnap_client.client import DataClient
 
-__all__ = ["OwnedRead", "OriginWriteNow"]
+__all__ = ["OwnedRead"]
 
 
 class OwnedRead:
@@ -42,27 +42,3 @@ class OwnedRead:
     ) -> None:
         if self._plan is not None:
             self._client._close_grant(self._plan.request)
-
-
-class OriginWriteNow:
-    """DataClient.origin_write_now's block: whether the grant is open, until it ends."""
-
-    __slots__ = ("_client", "_ranges", "_request")
-
-    def __init__(self, client: DataClient, ranges: Ranges):
-        self._client = client
-        self._ranges = ranges
-        self._request: int | None = None
-
-    def __enter__(self) -> bool:
-        self._request = self._client._open_origin_write_now(self._ranges)
-        return self._request is not None
-
-    def __exit__(
-        self,
-        kind: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        if self._request is not None:
-            self._client._close_grant(self._request)

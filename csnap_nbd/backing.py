@@ -168,6 +168,18 @@ class Backing:
         """`write` on this thread, for callers that know the transfer is small."""
         _write_all(transfers, data, self.direct)
 
+    def write_origin_now(self, position: int, data: memoryview) -> None:
+        """All of `data` at byte `position` of the origin, on this thread: a
+        small write to an origin not opened with O_DIRECT (the inline rewrite,
+        which builds no placements for its one piece).
+
+        Raises:
+            BackingIOError: the write failed.
+        """
+        if self.origin in self.direct:
+            raise ValueError("the origin is opened with O_DIRECT: write it through write()")
+        _pwrite_all(self.origin, "origin", position, data)
+
     async def sync(self, *, origin: bool = True, store: bool = True) -> None:
         """fdatasync: every write that returned before this call is durable after it.
 
@@ -319,19 +331,19 @@ def _write_all(
                     ) from exc
             continue
         for p in transfer.placements:
-            done = 0
-            while done < p.size:
-                try:
-                    done += os.pwrite(
-                        transfer.fd,
-                        data[p.buffer + done : p.buffer + p.size],
-                        p.position + done,
-                    )
-                except OSError as exc:
-                    raise BackingIOError(
-                        f"writing the {transfer.what} at {p.position + done}: {exc.strerror}",
-                        exc.errno,
-                    ) from exc
+            _pwrite_all(transfer.fd, transfer.what, p.position, data[p.buffer : p.buffer + p.size])
+
+
+def _pwrite_all(fd: int, what: str, position: int, data: memoryview) -> None:
+    """pwrite all of `data` at `position` of `fd` (`what` names it in errors)."""
+    done, size = 0, len(data)
+    while done < size:
+        try:
+            done += os.pwrite(fd, data[done:] if done else data, position + done)
+        except OSError as exc:
+            raise BackingIOError(
+                f"writing the {what} at {position + done}: {exc.strerror}", exc.errno
+            ) from exc
 
 
 def _sync_all(fds: Sequence[tuple[int, str]]) -> None:

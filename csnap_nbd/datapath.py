@@ -340,14 +340,11 @@ class OriginPath(DataPath):
         chunks = self.chunks_of(offset, len(data))
         if len(chunks) > self.client.max_chunks:
             return False
-        with self.client.origin_write_now([(chunks.start, len(chunks))]) as granted:
-            if not granted:
-                return False
-            placement = [Placement(offset, 0, len(data))]
-            with _translated:
-                self.backing.write_now(
-                    [Transfer(self.backing.origin, "origin", placement)], memoryview(data)
-                )
+        if not self.client.may_write_now([(chunks.start, len(chunks))]):
+            return False
+        # No await from the answer to the end of the write (may_write_now).
+        with _translated:
+            self.backing.write_origin_now(offset, memoryview(data))
         return True
 
     async def _write_piece(self, piece: Piece, offset: int, data: memoryview, zeroes: bool) -> None:
