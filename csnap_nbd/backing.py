@@ -169,15 +169,14 @@ class Backing:
         _write_all(transfers, data, self.direct)
 
     def write_origin_now(self, position: int, data: memoryview) -> None:
-        """All of `data` at byte `position` of the origin, on this thread: a
-        small write to an origin not opened with O_DIRECT (the inline rewrite,
-        which builds no placements for its one piece).
+        """All of `data` at byte `position` of the origin, on this thread: the
+        inline rewrite's one piece, without placements. Only for an origin
+        not opened with O_DIRECT (its caller checks): one that is takes
+        aligned writes, through `write`.
 
         Raises:
             BackingIOError: the write failed.
         """
-        if self.origin in self.direct:
-            raise ValueError("the origin is opened with O_DIRECT: write it through write()")
         _pwrite_all(self.origin, "origin", position, data)
 
     async def sync(self, *, origin: bool = True, store: bool = True) -> None:
