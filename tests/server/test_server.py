@@ -481,3 +481,28 @@ async def test_an_origin_client_remembers_chunks_until_the_next_snapshot(tmp_pat
                 assert await read_snapshot(reader, server, 5) == [label(5, 3)]
             async with server.client(1) as reader:
                 assert await read_snapshot(reader, server, 5) == [bytes(CHUNK)]
+
+
+async def test_an_origin_client_writes_at_once_only_chunks_it_knows_unique(
+    tmp_path: Path,
+) -> None:
+    """may_write_now, the gateway's inline rewrite: no grant, so it must say
+    no for any chunk a snapshot may still share."""
+    config = make_store(tmp_path)
+    with trio.fail_after(30):
+        async with running(config) as server, server.admin() as admin, server.client() as origin:
+            await admin.create_snapshot(1)
+            assert not origin.may_write_now([(5, 1)])  # never asked: snapshot 1 shares it
+            await write_origin(origin, server.origin, 5, 1)  # asks: copies for snapshot 1
+            assert origin.may_write_now([(5, 1)])
+            assert not origin.may_write_now([(5, 2)])  # chunk 6 still shared
+            assert not origin.may_write_now([(4, 1), (5, 1)])
+            assert origin.remembered_grants == 1  # the one that said yes
+            # The create returns only once the client has forgotten: its
+            # barrier waits for the client's answer.
+            await admin.create_snapshot(2)
+            assert not origin.may_write_now([(5, 1)])
+            await write_origin(origin, server.origin, 5, 2)
+            assert origin.may_write_now([(5, 1)])
+            async with server.client(2) as reader:
+                assert await read_snapshot(reader, server, 5) == [label(5, 1)]
