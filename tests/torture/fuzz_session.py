@@ -143,6 +143,8 @@ class Sent:
     log_at: int = 0
     #: Creates and deletes sent or answered before it (see ProtocolFuzz.admin_changes).
     admin_at: int = 0
+    #: The last version written when it was sent (ProtocolFuzz.next_version).
+    version_at: int = 0
 
 
 @dataclass(eq=False)
@@ -273,7 +275,9 @@ class Session:
         if isinstance(message, CreateSnapshot | DeleteSnapshot):
             self.admin_changes += 1
         if request is not None:
-            peer.pending[request] = Sent(message, must, self.log.length, self.admin_changes)
+            peer.pending[request] = Sent(
+                message, must, self.log.length, self.admin_changes, self.versions
+            )
         if isinstance(message, Identify):
             peer.identifying = True
         if peer.deaf and isinstance(message, QuerySnapshotRead | UploadLock):
@@ -382,11 +386,11 @@ class Session:
         elif isinstance(request, QueryWrite) and isinstance(reply, SnapshotWriteOk):
             self.snapshot_write(peer, request.ranges, reply.segments)
         elif isinstance(request, QuerySnapshotRead) and isinstance(reply, SnapshotReadOk):
-            self.snapshot_read(peer, request.ranges, reply)
+            self.snapshot_read(peer, request.ranges, reply, sent.version_at)
         elif isinstance(request, QueryMap) and isinstance(reply, MapReply):
             self.check_map(peer, request.ranges, reply.ranges)
         elif isinstance(request, QueryOwned) and isinstance(reply, OwnedReply):
-            self.check_owned(peer, request.ranges, reply.segments, reply.origin)
+            self.check_owned(peer, request.ranges, reply.segments, reply.origin, sent.version_at)
         elif isinstance(request, FinishSnapshotRead) and isinstance(reply, Ok):
             peer.locks.subtract(_chunk_list(request.ranges))
             peer.locks += Counter()  # drop counts of zero
@@ -438,10 +442,14 @@ class Session:
             for k in range(count):
                 version = self.next_version()
                 pwrite(self.store, store_chunk + k, label(chunk + k, version))
-                peer.target.own[chunk + k] = version
+                peer.target.own.setdefault(chunk + k, []).append(version)
 
-    def snapshot_read(self, peer: Peer, ranges: Ranges, reply: SnapshotReadOk) -> None:
-        """Read where told and check it against the model; the origin ranges are now locked."""
+    def snapshot_read(
+        self, peer: Peer, ranges: Ranges, reply: SnapshotReadOk, sent_after: int
+    ) -> None:
+        """Read where told and check it against the model (`sent_after`: the
+        last version written when the read was sent); the origin ranges are
+        now locked."""
         assert peer.target is not None
         reads = self.read_plan(reply)
         asked = chunks_of(ranges, ORIGIN_CHUNKS)
@@ -453,7 +461,7 @@ class Session:
         peer.locks.update(_chunk_list(reply.origin))
         if not peer.target.deleted:
             try:
-                peer.target.check(self.log, reads)
+                peer.target.check(self.log, reads, sent_after)
             except Mismatch as exc:
                 raise self.finding(f"{peer}: {exc}") from exc
 
@@ -475,9 +483,11 @@ class Session:
         asked: Ranges,
         segments: tuple[tuple[int, int, int], ...],
         origin: Ranges,
+        sent_after: int,
     ) -> None:
         """Owned addresses: inside what was asked, ascending, holding the snapshot's
-        data; the origin ranges inside what was asked and apart from them."""
+        data (`sent_after`: as for snapshot_read); the origin ranges inside what
+        was asked and apart from them."""
         spans = tuple((chunk, count) for chunk, count, _ in segments)
         named = chunks_of(asked, ORIGIN_CHUNKS)
         if not chunks_of(spans, ORIGIN_CHUNKS) <= named or overlapping(spans):
@@ -489,7 +499,8 @@ class Session:
         assert peer.target is not None
         if not peer.target.deleted:
             try:
-                peer.target.check(self.log, self.read_plan(SnapshotReadOk(0, segments, ())))
+                reads = self.read_plan(SnapshotReadOk(0, segments, ()))
+                peer.target.check(self.log, reads, sent_after)
             except Mismatch as exc:
                 raise self.finding(f"{peer}: owned: {exc}") from exc
 

@@ -76,24 +76,32 @@ class SnapshotModel:
     #: The cut window: lo writes at least, hi at most (None: reply not yet seen).
     lo: int
     hi: int | None = None
-    #: chunk -> version written through snapshot_write_ok.
-    own: dict[int, int] = field(default_factory=dict)
+    #: chunk -> the versions written through snapshot_write_ok, in order.
+    own: dict[int, list[int]] = field(default_factory=dict)
     use_count: int = 0
     deleted: bool = False
 
-    def check(self, origin: OriginLog, reads: dict[int, bytes]) -> None:
-        """Every chunk of `reads` is the model's, all shared ones from one cut."""
+    def check(self, origin: OriginLog, reads: dict[int, bytes], sent_after: int) -> None:
+        """Every chunk of `reads` is the model's, all shared ones from one cut.
+
+        `sent_after`: the last version written when the read was sent. A
+        write through the snapshot done by then must be seen (or one done
+        since); one done since may be seen or not: another connection's
+        read may have been answered before that write was granted.
+        """
         assert self.hi is not None, "a snapshot is checked only once created"
         lo, hi = self.lo, self.hi
         for chunk in sorted(reads):
             version = decode_chunk(chunk, reads[chunk])
-            if chunk in self.own:
-                if version != self.own[chunk]:
-                    raise Mismatch(
-                        f"snapshot {self.tag} chunk {chunk}: version {version}, but its own"
-                        f" write (snapshot_write_ok) was version {self.own[chunk]}"
-                    )
+            written = self.own.get(chunk, [])
+            settled = [v for v in written if v <= sent_after]
+            if version in written and (version > sent_after or version == settled[-1]):
                 continue
+            if settled:
+                raise Mismatch(
+                    f"snapshot {self.tag} chunk {chunk}: version {version}, but its own"
+                    f" write (snapshot_write_ok) was version {settled[-1]}"
+                )
             cuts = origin.cuts_with(chunk, version)
             if cuts is None:
                 raise Mismatch(
