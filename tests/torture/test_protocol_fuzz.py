@@ -109,6 +109,7 @@ class ProtocolFuzz(Session, RuleBasedStateMachine):
     def scene(self, tag: int, max_frame: int) -> None:
         """Most steps should do real work: an admin, an origin client, a snapshot and its client."""
         with self.step():
+            self.opened = 3
             admin = self.connect(Role.ADMIN, 1 << 20)
             origin = self.connect(Role.CLIENT, max_frame)
             self.send(origin, Identify(origin.wire.next_id(), 1, None), Must.SUCCEED)
@@ -118,7 +119,15 @@ class ProtocolFuzz(Session, RuleBasedStateMachine):
             self.send(reader, Identify(reader.wire.next_id(), 2, tag), Must.SUCCEED)
             self.settle()
 
-    @precondition(lambda self: len(self.peers) < PEERS_EVER)
+    #: Peers scene and connect_peer opened. Not len(self.peers): that also
+    #: counts the short-lived peers of probes and of reply_beyond_frame,
+    #: which open or not depending on replies (locks held, snapshots live
+    #: after a burst whose requests csnapd took in either order), and a
+    #: precondition that depends on replies makes hypothesis's replay draw
+    #: differently (FlakyStrategyDefinition).
+    opened = 0
+
+    @precondition(lambda self: self.opened < PEERS_EVER)
     @rule(
         role=st.sampled_from([Role.CLIENT, Role.CLIENT, Role.ADMIN]),
         max_frame=FRAME_LIMITS,
@@ -128,6 +137,7 @@ class ProtocolFuzz(Session, RuleBasedStateMachine):
     def connect_peer(self, role: Role, max_frame: int, deaf: bool, draft: Draft) -> None:
         """A new peer; a client identifies at once (origin, a snapshot, or an absent tag)."""
         with self.step():
+            self.opened += 1
             peer = self.connect(role, max_frame, deaf=deaf)
             if role is Role.CLIENT:
                 tag = self.pick_tag(draft.target)
