@@ -536,8 +536,16 @@ class Session:
     def check_list(self, peer: Peer, sent: Sent, tags: list[int]) -> None:
         if self.admin_in_flight() or sent.admin_at != self.admin_changes:
             return  # creates or deletes on their way meanwhile
-        if sorted(tags) != sorted(self.snapshots):
-            raise self.finding(f"{peer}: csnapd lists snapshots {tags}, model {self.snapshots}")
+        # A create or delete left unanswered by a connection that ended (a
+        # deaf admin csnapd closed, say) may or may not have taken effect:
+        # its tag is left to the final check (resolve_indeterminate).
+        unsure = self.indeterminate
+        listed = sorted(tag for tag in tags if tag not in unsure)
+        if listed != sorted(tag for tag in self.snapshots if tag not in unsure):
+            raise self.finding(
+                f"{peer}: csnapd lists snapshots {tags}, model {self.snapshots}"
+                f" (not known: {sorted(unsure)})"
+            )
 
     def admin_in_flight(self) -> bool:
         return any(
