@@ -26,6 +26,8 @@ writes every figure, with a description of the machine, as JSON.
              visited, longest pause (bench.reclaim_bench)
   tls        metadata queries and connections per second, plaintext beside
              mutual TLS (bench.tls_bench)
+  floor      server CPU per request and reply of a bare trio echo server
+             beside csnapd's per lookup, plaintext and TLS (bench.floor_bench)
 
 After the parts, the speed targets (bench.targets) are checked against
 the figures of the server and nbd parts, when either ran: a table, and
@@ -53,6 +55,7 @@ from bench.changes_bench import changes_part
 from bench.cluster_bench import cluster_part
 from bench.common import Part, machine, progress
 from bench.failover_bench import failover_part
+from bench.floor_bench import floor_part
 from bench.metrics_bench import metrics_part
 from bench.nbd_bench import nbd_part
 from bench.reclaim_bench import reclaim_part
@@ -76,6 +79,7 @@ PARTS: dict[str, tuple[str, Callable[..., Part]]] = {
     "changes": ("the changelist over a million exceptions; delta size and speed", changes_part),
     "reclaim": ("delete and squash cost against what the snapshot owns", reclaim_part),
     "tls": ("metadata queries and connections per second, plaintext beside TLS", tls_part),
+    "floor": ("the event loop's cost per request beside csnapd's per lookup", floor_part),
 }
 
 

@@ -126,6 +126,7 @@ def test_suite_quick(tmp_path: Path) -> None:
         "changes",
         "reclaim",
         "tls",
+        "floor",
     }
     for name, part in parts.items():
         assert "error" not in part, name
@@ -145,6 +146,7 @@ def test_suite_quick(tmp_path: Path) -> None:
     check_recovery_part(parts["recovery"])
     check_failover_part(parts["failover"])
     check_metrics_part(parts["metrics"])
+    check_floor_part(parts["floor"])
     cluster = parts["cluster"]
     assert cluster["one_node_queries_per_s"] > 0 and cluster["three_nodes_queries_per_s"] > 0
     assert parts["lifecycle"]["exceptions_swept"] == parts["lifecycle"]["exceptions"]
@@ -285,6 +287,18 @@ def check_failover_part(part: dict[str, Any]) -> None:
     assert all(t > 0 for t in part["failover_s"])
     assert 0 < part["failover_median_s"] <= part["failover_max_s"]
     assert part["check_clean"] is True
+
+
+def check_floor_part(part: dict[str, Any]) -> None:
+    for clients in (1, 8):
+        figures = part[f"{clients}_clients"]
+        for server in ("echo", "csnapd_plaintext", "csnapd_tls"):
+            assert figures[server]["replies"] > 0, (clients, server)
+            assert figures[server]["replies_per_s"] > 0, (clients, server)
+            assert figures[server]["cpu_us_per_reply"] >= 0, (clients, server)
+        for server in ("csnapd_plaintext", "csnapd_tls"):
+            own = figures[server]["own_us_per_reply"]
+            assert own == figures[server]["cpu_us_per_reply"] - figures["echo"]["cpu_us_per_reply"]
 
 
 def check_metrics_part(part: dict[str, Any]) -> None:
