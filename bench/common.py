@@ -217,6 +217,18 @@ def rss_kib(pid: int) -> dict[str, int]:
     return out
 
 
+def cpu_ns(pid: int) -> int | None:
+    """CPU time a live process used so far (all its threads), from /proc;
+    None once it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return None
+    # utime and stime, fields 14 and 15 of stat(5), in clock ticks.
+    ticks = int(fields[11]) + int(fields[12])
+    return ticks * 1_000_000_000 // os.sysconf("SC_CLK_TCK")
+
+
 def peak_rss_kib(pid: int) -> int | None:
     """Peak resident memory (VmHWM) of a live process so far, KiB; None once it is gone."""
     return rss_kib(pid).get("VmHWM")

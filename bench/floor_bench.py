@@ -43,7 +43,7 @@ from typing import Any
 
 import trio
 
-from bench.common import Part, listening, progress, table
+from bench.common import Part, cpu_ns, listening, progress, table
 from bench.server_bench import (
     CHUNK,
     FULL,
@@ -107,10 +107,12 @@ async def echo_server(log: Path) -> AsyncIterator[EchoServer]:
         yield EchoServer(int(started.said.rpartition(":")[2]), started.process)
 
 
-def cpu_ns(pid: int) -> int:
-    """CPU time process `pid` used so far (all its threads), from /proc."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) * 1_000_000_000 // os.sysconf("SC_CLK_TCK")
+def server_cpu_ns(process: trio.Process) -> int:
+    """CPU time the echo server used so far; it must still be running."""
+    used = cpu_ns(process.pid)
+    if used is None:
+        raise RuntimeError(f"the echo server (pid {process.pid}) is gone")
+    return used
 
 
 # -- measuring -------------------------------------------------------------------
@@ -140,7 +142,7 @@ async def echo_round(
     budget = count
     replies = 0
     message = bytes(MESSAGE)
-    before = cpu_ns(server.process.pid)
+    before = server_cpu_ns(server.process)
     start = time.perf_counter_ns()
     deadline = start + int(seconds * 1e9)
 
@@ -162,7 +164,7 @@ async def echo_round(
             for stream in streams:
                 nursery.start_soon(loop, stream)
     elapsed = time.perf_counter_ns() - start
-    return Measured(replies, cpu_ns(server.process.pid) - before, elapsed)
+    return Measured(replies, server_cpu_ns(server.process) - before, elapsed)
 
 
 async def csnapd_round(

@@ -67,7 +67,7 @@ from typing import Any
 
 import trio
 
-from bench.common import Part, listening, progress, rss_kib
+from bench.common import Part, cpu_ns, listening, progress, rss_kib
 from csnap_client import AdminClient, Connector, DataClient, open_admin, open_client, tcp_connector
 from csnap_common.credentials import ROLE_ADMIN, client_context, store_credentials
 from csnap_format.mkcsnap import format_store
@@ -163,13 +163,7 @@ class Server:
 
     def cpu_ns(self) -> int | None:
         """CPU time the server used so far (all its threads), if /proc says."""
-        try:
-            fields = Path(f"/proc/{self.pid}/stat").read_text().rpartition(")")[2].split()
-        except OSError:
-            return None
-        # utime and stime, fields 14 and 15 of stat(5), in clock ticks.
-        ticks = int(fields[11]) + int(fields[12])
-        return ticks * 1_000_000_000 // os.sysconf("SC_CLK_TCK")
+        return cpu_ns(self.pid)
 
 
 def free_port() -> int:
