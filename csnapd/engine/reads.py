@@ -86,7 +86,9 @@ class ChunkReads:
         others = self._state.live_mask & ~bit
         owned: list[tuple[int, int, int]] = []
         origin: list[tuple[int, int]] = []
-        for start, count in ranges:
+        # Both lists go out ascending (docs/protocol.md, "owned"), whatever
+        # order the ranges were asked in (they do not overlap: checked).
+        for start, count in sorted(ranges):
             for chunk, leaf, i, found in self._tree.entries(start, count):
                 j = leaf.exception_of(i, bit) if found else -1
                 if j < 0:

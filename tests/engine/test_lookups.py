@@ -46,3 +46,20 @@ def test_an_origin_write_of_unique_chunks_leaves_nothing_to_commit() -> None:
     assert engine.origin_copied([(0, 16)]) == [(0, 12)]
     engine.commit()
     engine.close()
+
+
+def test_owned_chunks_and_origin_ranges_come_ascending_whatever_order_they_were_asked_in() -> None:
+    store, origin, _ = new_store()
+    engine = Engine.open(store, origin)
+    engine.create_snapshot(1)
+    engine.commit()
+    for chunk in (29, 1, 3):
+        assert engine.origin_write([(chunk, 1)]).copied == 1
+        engine.commit()
+    owned, shared = engine.snapshot_owned(1, [(28, 2), (0, 5)])
+    assert [(chunk, count) for chunk, count, _ in owned] == [(1, 1), (3, 1), (29, 1)]
+    assert shared == [(0, 1), (2, 1), (4, 1), (28, 1)]
+    # The same answer as when asked in order.
+    assert engine.snapshot_owned(1, [(0, 5), (28, 2)]) == (owned, shared)
+    engine.commit()
+    engine.close()
