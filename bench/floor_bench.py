@@ -34,7 +34,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -51,6 +51,7 @@ from bench.server_bench import (
     SNAPSHOT,
     Chunks,
     Plan,
+    Round,
     Server,
     csnapd,
     data_clients,
@@ -168,7 +169,7 @@ async def echo_round(
 
 
 async def csnapd_round(
-    server: Server, measure: Callable[..., Any], count: int, seconds: float
+    measure: Callable[[int, float], Awaitable[Round]], count: int, seconds: float
 ) -> Measured:
     measured = await measure(count, seconds)
     # run_round's own two counter reads are requests too: left out here.
@@ -198,7 +199,7 @@ async def compare(directory: Path, plan: Plan) -> dict[str, Any]:
                     stream = await trio.open_tcp_stream("127.0.0.1", echo.port)
                     clients_stack.push_async_callback(stream.aclose)
                     streams.append(stream)
-                rounds: dict[str, Callable[[int, float], Any]] = {
+                rounds: dict[str, Callable[[int, float], Awaitable[Measured]]] = {
                     "echo": partial(echo_round, echo, streams)
                 }
                 for name, server in servers.items():
@@ -210,7 +211,7 @@ async def compare(directory: Path, plan: Plan) -> dict[str, Any]:
                     measure = partial(
                         run_round, server, admin, clients, snapshot_read_store, chunks
                     )
-                    rounds[name] = partial(csnapd_round, server, measure)
+                    rounds[name] = partial(csnapd_round, measure)
                 measured: dict[str, list[Measured]] = {name: [] for name in SERVERS}
                 for number in range(plan.rounds + 1):  # the first is warm-up
                     order = SERVERS if number % 2 else tuple(reversed(SERVERS))
@@ -231,11 +232,11 @@ async def compare(directory: Path, plan: Plan) -> dict[str, Any]:
             for name in ("csnapd_plaintext", "csnapd_tls"):
                 figs[name]["own_us_per_reply"] = figs[name]["cpu_us_per_reply"] - floor
             results[f"{count}_clients"] = figs
-            progress(f"floor: {count} client(s): {render_row(count, figs)}")
+            progress(f"floor: {count} client(s): {render_row(figs)}")
     return results
 
 
-def render_row(count: int, figs: dict[str, Any]) -> str:
+def render_row(figs: dict[str, Any]) -> str:
     return ", ".join(f"{name} {figs[name]['cpu_us_per_reply']:.1f} us" for name in SERVERS)
 
 
