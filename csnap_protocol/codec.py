@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import enum
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,7 +46,7 @@ from csnap_protocol.messages import (
     Message,
     Role,
 )
-from csnap_protocol.schema import FieldError, Spec
+from csnap_protocol.schema import FieldError
 
 __all__ = [
     "Connection",
@@ -104,7 +105,7 @@ def _pack(wire: dict[str, Any]) -> bytes:
     return packer.pack(wire)
 
 
-def _decode(payload: bytes) -> Message:
+def _decode(payload: bytes | bytearray) -> Message:
     """Turn one frame's payload into a message; RemoteProtocolError otherwise."""
     try:
         body = msgpack.unpackb(payload, raw=False, strict_map_key=True, use_list=True)
@@ -118,29 +119,43 @@ def _decode(payload: bytes) -> Message:
     cls = MESSAGES.get(kind)
     if cls is None:
         raise RemoteProtocolError(f"unknown message type {kind!r}")
-    names, fields = _layout(cls)
-    if not body.keys() <= names:
-        extra = set(body) - names
+    layout = _layout(cls)
+    if not body.keys() <= layout.names:
+        extra = set(body) - layout.names
         raise RemoteProtocolError(f"{kind}: unknown fields {sorted(map(str, extra))}")
     try:
-        values = {name: spec.check(body.get(name), where) for name, spec, where in fields}
+        # The fields in their declared order: the dataclass's own.
+        values = [check(body.get(name), where) for name, check, _, where in layout.fields]
     except FieldError as exc:
         raise RemoteProtocolError(str(exc)) from exc
-    return cls(**values)
+    return cls(*values)
 
 
-#: Per message kind: its field names, and each field's (name, spec, name
-#: in error messages); built once per kind, not for every message.
-_LAYOUTS: dict[type[Message], tuple[frozenset[str], tuple[tuple[str, Spec, str], ...]]] = {}
+_Check = Callable[[Any, str], Any]
 
 
-def _layout(
-    cls: type[Message],
-) -> tuple[frozenset[str], tuple[tuple[str, Spec, str], ...]]:
+@dataclass(frozen=True, slots=True)
+class _Layout:
+    """A message kind's fields, as the codec walks them."""
+
+    #: The field names a map of this kind may carry.
+    names: frozenset[str]
+    #: Per field, in declared order: its name, its spec's check (a value
+    #: from the wire) and out (a value to send), and its name in errors.
+    fields: tuple[tuple[str, _Check, _Check, str], ...]
+
+
+#: Per message kind, built once per kind, not for every message.
+_LAYOUTS: dict[type[Message], _Layout] = {}
+
+
+def _layout(cls: type[Message]) -> _Layout:
     layout = _LAYOUTS.get(cls)
     if layout is None:
-        fields = tuple((name, spec, f"{cls.TYPE}.{name}") for name, spec in cls.FIELDS.items())
-        layout = _LAYOUTS[cls] = (frozenset(cls.FIELDS), fields)
+        fields = tuple(
+            (name, spec.check, spec.out, f"{cls.TYPE}.{name}") for name, spec in cls.FIELDS.items()
+        )
+        layout = _LAYOUTS[cls] = _Layout(frozenset(cls.FIELDS), fields)
     return layout
 
 
@@ -161,6 +176,9 @@ class Connection:
         self._eof = False
         self._sent_hello = False
         self._received_hello = False
+        self._sendable: dict[type[Message], bool] = {}
+        #: Filled only once the peer's role is known (its hello).
+        self._receivable: dict[type[Message], bool] = {}
 
     # -- sending -----------------------------------------------------------
 
@@ -178,15 +196,18 @@ class Connection:
         """
         if self.state is ConnectionState.ERROR and not isinstance(message, Error):
             raise LocalProtocolError("the connection is in the ERROR state")
-        if self.our_role not in message.SENDERS:
+        kind = type(message)
+        if not self._may_send(kind):
             raise LocalProtocolError(f"a {self.our_role.value} may not send {message.TYPE}")
         refusal = isinstance(message, Error) and not self._sent_hello
         if isinstance(message, Hello) == self._sent_hello and not refusal:
             raise LocalProtocolError("hello must be the first message, and only the first")
-        wire = message.to_wire()
+        # The map message.to_wire() makes, each field checked as the peer
+        # will check it, in one pass.
+        wire: dict[str, Any] = {"type": message.TYPE}
         try:
-            for name, spec, where in _layout(type(message))[1]:
-                spec.check(_as_wire(wire[name]), where)
+            for name, _, out, where in _layout(kind).fields:
+                wire[name] = out(getattr(message, name), where)
         except FieldError as exc:
             # Nothing was produced: the connection is as it was.
             raise LocalProtocolError(str(exc)) from exc
@@ -247,7 +268,7 @@ class Connection:
             if self._eof:
                 raise RemoteProtocolError("the peer closed in the middle of a frame")
             return None
-        payload = bytes(buffer[4 : 4 + length])
+        payload = buffer[4 : 4 + length]
         del buffer[: 4 + length]
         message = _decode(payload)
         return self._admit(message)
@@ -275,24 +296,28 @@ class Connection:
             return message
         if isinstance(message, Hello):
             raise RemoteProtocolError("a second hello")
-        assert self.peer_role is not None
-        if self.peer_role not in message.SENDERS:
+        if not self._may_receive(type(message)):
+            assert self.peer_role is not None
             raise RemoteProtocolError(
                 f"a {self.peer_role.value} may not send {message.TYPE}", ErrorCode.WRONG_ROLE
             )
         return message
 
+    def _may_send(self, kind: type[Message]) -> bool:
+        """Whether our role may send messages of `kind` (kept per kind: a
+        role's membership in a set of roles is a Python-level hash)."""
+        allowed = self._sendable.get(kind)
+        if allowed is None:
+            allowed = self._sendable[kind] = self.our_role in kind.SENDERS
+        return allowed
+
+    def _may_receive(self, kind: type[Message]) -> bool:
+        """Whether the peer's role may send messages of `kind` (after its hello)."""
+        allowed = self._receivable.get(kind)
+        if allowed is None:
+            allowed = self._receivable[kind] = self.peer_role in kind.SENDERS
+        return allowed
+
     def _maybe_open(self) -> None:
         if self._sent_hello and self._received_hello and self.state is ConnectionState.HANDSHAKE:
             self.state = ConnectionState.OPEN
-
-
-def _as_wire(value: Any) -> Any:
-    """What msgpack turns a Python value into (tuples become lists)."""
-    if type(value) is int or value is None:
-        return value
-    if isinstance(value, tuple | list):
-        return [_as_wire(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _as_wire(v) for k, v in value.items()}
-    return value

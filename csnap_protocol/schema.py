@@ -32,6 +32,7 @@ __all__ = [
     "S8",
     "S32",
     "FieldError",
+    "as_wire",
 ]
 
 
@@ -53,6 +54,39 @@ class Spec:
         """What msgpack is given for `value` (a value check() returned)."""
         return value
 
+    def out(self, value: Any, where: str) -> Any:
+        """What msgpack is given for `value`, a field of a message about to
+        be sent, refusing what check() would refuse once it came back from
+        the wire (FieldError): a sender finds out before its peer does.
+
+        Specs whose values go on the wire as they are override this with
+        their own check, sparing the conversion.
+        """
+        wire = self.to_wire(value)
+        self.check(as_wire(wire), where)
+        return wire
+
+
+def _sent_as_it_is(spec: Spec, value: Any, where: str) -> Any:
+    """Spec.out for a spec whose values go on the wire as they are: checking
+    one is enough. What it refuses is refused the general way, for the
+    general way's words."""
+    try:
+        return spec.check(value, where)
+    except FieldError:
+        return Spec.out(spec, value, where)
+
+
+def as_wire(value: Any) -> Any:
+    """What msgpack turns a Python value into (tuples become lists)."""
+    if type(value) is int or value is None:
+        return value
+    if isinstance(value, tuple | list):
+        return [as_wire(v) for v in value]
+    if isinstance(value, dict):
+        return {k: as_wire(v) for k, v in value.items()}
+    return value
+
 
 @dataclass(frozen=True)
 class Int(Spec):
@@ -69,6 +103,8 @@ class Int(Spec):
         if not self.low <= value <= self.high:
             raise FieldError(f"{where}: {value} is not in {self.low}..{self.high}")
         return value
+
+    out = _sent_as_it_is
 
 
 U8 = Int(0, 0xFF, "u8")
@@ -97,6 +133,8 @@ class Text(Spec):
             )
         return value
 
+    out = _sent_as_it_is
+
 
 @dataclass(frozen=True)
 class Choice(Spec):
@@ -109,6 +147,8 @@ class Choice(Spec):
         if type(value) is not str or value not in self.values:
             raise FieldError(f"{where}: expected one of {', '.join(self.values)}")
         return value
+
+    out = _sent_as_it_is
 
 
 @dataclass(frozen=True)
@@ -123,6 +163,8 @@ class Blob(Spec):
             raise FieldError(f"{where}: expected {self.length} bytes of binary")
         return value
 
+    out = _sent_as_it_is
+
 
 @dataclass(frozen=True)
 class Flag(Spec):
@@ -133,6 +175,8 @@ class Flag(Spec):
         if type(value) is not bool:
             raise FieldError(f"{where}: expected true or false")
         return value
+
+    out = _sent_as_it_is
 
 
 @dataclass(frozen=True)
@@ -147,6 +191,9 @@ class Nullable(Spec):
 
     def to_wire(self, value: Any) -> Any:
         return None if value is None else self.inner.to_wire(value)
+
+    def out(self, value: Any, where: str) -> Any:
+        return None if value is None else self.inner.out(value, where)
 
 
 def _list(value: object, where: str, most: int) -> list[object]:
@@ -191,6 +238,23 @@ class Ranges(Spec):
             out.append((chunk, count))
         return tuple(out)
 
+    def out(self, value: Any, where: str) -> Any:
+        # Ranges go on the wire as they are (msgpack packs tuples as
+        # arrays); any that check() would refuse take the general way, for
+        # its error.
+        if (type(value) is tuple or type(value) is list) and len(value) <= self.most:
+            for item in value:
+                if (type(item) is not tuple and type(item) is not list) or len(item) != 2:
+                    break
+                chunk, count = item
+                if type(chunk) is not int or type(count) is not int:
+                    break
+                if not (0 <= chunk <= _U64_HIGH and 1 <= count <= _U32_HIGH):
+                    break
+            else:
+                return value
+        return super().out(value, where)
+
 
 @dataclass(frozen=True)
 class Segments(Spec):
@@ -228,6 +292,23 @@ class Segments(Spec):
             store = U64.check(triple[2], f"{where}[{n}] store chunk")
             out.append((chunk, count, store))
         return tuple(out)
+
+    def out(self, value: Any, where: str) -> Any:
+        # As Ranges.out.
+        if (type(value) is tuple or type(value) is list) and len(value) <= self.most:
+            for item in value:
+                if (type(item) is not tuple and type(item) is not list) or len(item) != 3:
+                    break
+                chunk, count, store = item
+                if type(chunk) is not int or type(count) is not int or type(store) is not int:
+                    break
+                if not (
+                    0 <= chunk <= _U64_HIGH and 1 <= count <= _U32_HIGH and 0 <= store <= _U64_HIGH
+                ):
+                    break
+            else:
+                return value
+        return super().out(value, where)
 
 
 @dataclass(frozen=True)
