@@ -61,7 +61,7 @@ class Peer:
         `error` `request_too_large`, so that every request is answered."""
         with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
             # A broken stream: the reader sees the end and cleans up.
-            await self.messages.send_bytes(self.messages.encode_answer(message, str(self)))
+            await self.messages.send_bytes(self.messages.encode_answer(message, self))
 
     async def answer(self, message: Message) -> None:
         """Send `message`, the answer to its request: the id is free again."""

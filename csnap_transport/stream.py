@@ -59,12 +59,12 @@ class MessageStream:
                 return message
             self.codec.receive_data(await self.stream.receive_some(RECEIVE_SIZE))
 
-    def encode_answer(self, message: Message, peer: str) -> bytes:
+    def encode_answer(self, message: Message, peer: object) -> bytes:
         """The bytes of `message`; for a reply that cannot be sent as it is
         (larger than the peer's frame limit, say), those of an error
         `request_too_large` for its request, so that every request is
         answered; b"" for a notice or error that cannot be sent. `peer`
-        names the peer in the log line that says so.
+        names the peer in the log line that says so (formatted only then).
 
         Raises nothing the peer could cause.
         """

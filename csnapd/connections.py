@@ -486,7 +486,7 @@ class Connections:
             return b""  # the peer broke the protocol: only our error goes out
         if message is _HELLO:
             return link.codec.hello()
-        return link.messages.encode_answer(message, str(link.peer))
+        return link.messages.encode_answer(message, link.peer)
 
     def _deliver(self, link: _Link, message: Message, *, finished: bool = True) -> None:
         """Queue `message`; `finished`: it answers its request id."""
