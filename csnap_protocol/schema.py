@@ -104,7 +104,8 @@ class Int(Spec):
             raise FieldError(f"{where}: {value} is not in {self.low}..{self.high}")
         return value
 
-    out = _sent_as_it_is
+    def out(self, value: Any, where: str) -> Any:
+        return _sent_as_it_is(self, value, where)
 
 
 U8 = Int(0, 0xFF, "u8")
@@ -133,7 +134,8 @@ class Text(Spec):
             )
         return value
 
-    out = _sent_as_it_is
+    def out(self, value: Any, where: str) -> Any:
+        return _sent_as_it_is(self, value, where)
 
 
 @dataclass(frozen=True)
@@ -148,7 +150,8 @@ class Choice(Spec):
             raise FieldError(f"{where}: expected one of {', '.join(self.values)}")
         return value
 
-    out = _sent_as_it_is
+    def out(self, value: Any, where: str) -> Any:
+        return _sent_as_it_is(self, value, where)
 
 
 @dataclass(frozen=True)
@@ -163,7 +166,8 @@ class Blob(Spec):
             raise FieldError(f"{where}: expected {self.length} bytes of binary")
         return value
 
-    out = _sent_as_it_is
+    def out(self, value: Any, where: str) -> Any:
+        return _sent_as_it_is(self, value, where)
 
 
 @dataclass(frozen=True)
@@ -176,7 +180,8 @@ class Flag(Spec):
             raise FieldError(f"{where}: expected true or false")
         return value
 
-    out = _sent_as_it_is
+    def out(self, value: Any, where: str) -> Any:
+        return _sent_as_it_is(self, value, where)
 
 
 @dataclass(frozen=True)
