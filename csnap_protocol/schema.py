@@ -32,7 +32,6 @@ __all__ = [
     "S8",
     "S32",
     "FieldError",
-    "as_wire",
 ]
 
 
@@ -63,7 +62,7 @@ class Spec:
         their own check, sparing the conversion.
         """
         wire = self.to_wire(value)
-        self.check(as_wire(wire), where)
+        self.check(_as_wire(wire), where)
         return wire
 
 
@@ -77,14 +76,14 @@ def _sent_as_it_is(spec: Spec, value: Any, where: str) -> Any:
         return Spec.out(spec, value, where)
 
 
-def as_wire(value: Any) -> Any:
+def _as_wire(value: Any) -> Any:
     """What msgpack turns a Python value into (tuples become lists)."""
     if type(value) is int or value is None:
         return value
     if isinstance(value, tuple | list):
-        return [as_wire(v) for v in value]
+        return [_as_wire(v) for v in value]
     if isinstance(value, dict):
-        return {k: as_wire(v) for k, v in value.items()}
+        return {k: _as_wire(v) for k, v in value.items()}
     return value
 
 
@@ -209,6 +208,26 @@ def _list(value: object, where: str, most: int) -> list[object]:
     return value
 
 
+def _runs_as_they_are(value: Any, most: int, width: int) -> bool:
+    """Whether `value`, ranges (`width` 2) or segments (3) as a sender holds
+    them, tuples or lists, is what check() accepts once on the wire: at most
+    `most` runs of a u64 chunk, a u32 count of at least 1 and, for a
+    segment, a u64 store chunk."""
+    if (type(value) is not tuple and type(value) is not list) or len(value) > most:
+        return False
+    for run in value:
+        if (type(run) is not tuple and type(run) is not list) or len(run) != width:
+            return False
+        chunk, count = run[0], run[1]
+        if type(chunk) is not int or type(count) is not int:
+            return False
+        if not (0 <= chunk <= _U64_HIGH and 1 <= count <= _U32_HIGH):
+            return False
+        if width == 3 and (type(run[2]) is not int or not 0 <= run[2] <= _U64_HIGH):
+            return False
+    return True
+
+
 @dataclass(frozen=True)
 class Ranges(Spec):
     """Chunk ranges: [[first chunk u64, count u32 >= 1], ...]."""
@@ -247,18 +266,7 @@ class Ranges(Spec):
         # Ranges go on the wire as they are (msgpack packs tuples as
         # arrays); any that check() would refuse take the general way, for
         # its error.
-        if (type(value) is tuple or type(value) is list) and len(value) <= self.most:
-            for item in value:
-                if (type(item) is not tuple and type(item) is not list) or len(item) != 2:
-                    break
-                chunk, count = item
-                if type(chunk) is not int or type(count) is not int:
-                    break
-                if not (0 <= chunk <= _U64_HIGH and 1 <= count <= _U32_HIGH):
-                    break
-            else:
-                return value
-        return super().out(value, where)
+        return value if _runs_as_they_are(value, self.most, 2) else super().out(value, where)
 
 
 @dataclass(frozen=True)
@@ -300,20 +308,7 @@ class Segments(Spec):
 
     def out(self, value: Any, where: str) -> Any:
         # As Ranges.out.
-        if (type(value) is tuple or type(value) is list) and len(value) <= self.most:
-            for item in value:
-                if (type(item) is not tuple and type(item) is not list) or len(item) != 3:
-                    break
-                chunk, count, store = item
-                if type(chunk) is not int or type(count) is not int or type(store) is not int:
-                    break
-                if not (
-                    0 <= chunk <= _U64_HIGH and 1 <= count <= _U32_HIGH and 0 <= store <= _U64_HIGH
-                ):
-                    break
-            else:
-                return value
-        return super().out(value, where)
+        return value if _runs_as_they_are(value, self.most, 3) else super().out(value, where)
 
 
 @dataclass(frozen=True)
