@@ -94,3 +94,29 @@ def test_ranges_and_segments_over_their_limit_are_refused_on_send(spec: Spec) ->
     assert spec.out((item,) * 3, "f") == (item,) * 3
     with pytest.raises(FieldError, match="4 items exceed the limit of 3"):
         spec.out((item,) * 4, "f")
+
+
+#: A good run of each kind, then each of its values pushed just out of range
+#: or to a type the wire does not carry as an integer.
+_EDGES: dict[str, tuple[Spec, tuple[int, ...]]] = {
+    "ranges": (Ranges(8), (5, 1)),
+    "segments": (Segments(8), (5, 1, 9)),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(_EDGES))
+def test_every_value_of_a_run_is_checked_on_send_at_its_bounds(kind: str) -> None:
+    spec, good = _EDGES[kind]
+    highs = (1 << 64) - 1, 0xFFFF_FFFF, (1 << 64) - 1
+    lows = 0, 1, 0
+    for position in range(len(good)):
+        for fine in (lows[position], highs[position]):
+            run = (*good[:position], fine, *good[position + 1 :])
+            assert spec.out((run,), "f") == (run,)
+        wrongs: tuple[object, ...] = (lows[position] - 1, highs[position] + 1, True, 1.0, None)
+        for wrong in wrongs:
+            bad = (*good[:position], wrong, *good[position + 1 :])
+            with pytest.raises(FieldError):
+                spec.out((good, bad), "f")
+            with pytest.raises(FieldError):
+                spec.out([list(bad)], "f")
