@@ -280,15 +280,17 @@ async def listening(
     word: str = "listening",
     seconds: float = 120,
     env: Mapping[str, str] | None = None,
+    cwd: Path | None = None,
 ) -> AsyncIterator[Started]:
     """A process whose first stdout line is "WORD REST" once it serves.
 
-    stderr goes to `log`; the process gets SIGTERM when the block ends.
+    stderr goes to `log`; the process gets SIGTERM when the block ends. It
+    runs in `cwd`, this process's own directory by default.
     """
     with _open_log(log) as err:
         spawned = time.perf_counter_ns()
         process = await trio.lowlevel.open_process(
-            list(argv), stdout=subprocess.PIPE, stderr=err, env=dict(env or PYTHON_ENV)
+            list(argv), stdout=subprocess.PIPE, stderr=err, env=dict(env or PYTHON_ENV), cwd=cwd
         )
     try:
         assert process.stdout is not None

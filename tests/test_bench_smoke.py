@@ -310,3 +310,45 @@ def check_metrics_part(part: dict[str, Any]) -> None:
             assert row["scrapes"] >= 1 and row["scrape_bytes"] > 0
             assert row["scrape_ms_p50"] > 0
     assert part["counting_ns_per_request"] > 0
+
+
+def test_trees_compares_a_revision_with_this_checkout_each_from_its_own_tree(
+    tmp_path: Path,
+) -> None:
+    out = tmp_path / "trees.json"
+    subprocess.run(
+        [
+            *(sys.executable, "-m", "bench.trees", "HEAD", "--workload", "origin_write_copy"),
+            *("--clients", "2", "--rounds", "2", "--count", "40", "--json", str(out)),
+        ],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    figures = json.loads(out.read_text())
+    assert figures["workload"] == "origin_write_copy"
+    base, new = figures["trees"]["base"], figures["trees"]["new"]
+    assert base["revision"] == "HEAD" and Path(new["path"]) == ROOT
+    for tree in (base, new):
+        assert len(tree["cpu_us"]) == len(tree["per_s"]) == 2
+        assert all(cpu > 0 for cpu in tree["cpu_us"]) and all(rate > 0 for rate in tree["per_s"])
+    # The revision's worktree is gone with the run.
+    assert not Path(base["path"]).exists()
+    listed = subprocess.run(
+        ["git", "-C", str(ROOT), "worktree", "list"], check=True, capture_output=True, text=True
+    )
+    assert base["path"] not in listed.stdout
+
+
+def test_a_csnapd_started_inside_a_checkout_runs_that_checkouts_code(tmp_path: Path) -> None:
+    # Why bench.trees starts each csnapd elsewhere: `python -m` looks in the
+    # current directory first, whatever PYTHONPATH says.
+    from bench.trees import csnapd_source
+
+    other = tmp_path / "other"
+    (other / "csnapd").mkdir(parents=True)
+    (other / "csnapd" / "__init__.py").write_text("")
+    assert csnapd_source(other, ROOT) == ROOT / "csnapd"
+    assert csnapd_source(other, tmp_path) == other / "csnapd"
