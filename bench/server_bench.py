@@ -58,7 +58,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from functools import partial
@@ -174,12 +174,19 @@ def free_port() -> int:
 
 @asynccontextmanager
 async def csnapd(
-    store: Path, origin: Path, log: Path, *options: str, metrics: bool = False
+    store: Path,
+    origin: Path,
+    log: Path,
+    *options: str,
+    metrics: bool = False,
+    env: Mapping[str, str] | None = None,
+    cwd: Path | None = None,
 ) -> AsyncIterator[Server]:
     """A real csnapd on loopback; stopped with SIGTERM when the block ends.
 
     With `metrics`, it serves metrics on a free loopback port, and the
-    Server can say how many fsyncs it did.
+    Server can say how many fsyncs it did. `env` and `cwd`: as for
+    bench.common.listening (this checkout, from this directory, by default).
     """
     argv = [sys.executable, "-m", "csnapd", str(store), str(origin), "--listen", "127.0.0.1:0"]
     metrics_url = None
@@ -187,7 +194,7 @@ async def csnapd(
         metrics_port = free_port()
         options = (*options, "--metrics", f"127.0.0.1:{metrics_port}")
         metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
-    async with listening([*argv, *options], log) as started:
+    async with listening([*argv, *options], log, env=env, cwd=cwd) as started:
         host, _, port = started.said.rpartition(":")
         credentials = client_context(store_credentials(store), ROLE_ADMIN)
         yield Server(

@@ -40,20 +40,20 @@ from typing import Any
 
 import trio
 
-from bench.common import PYTHON_ENV, ROOT, listening, progress
+from bench.common import PYTHON_ENV, ROOT, progress
 from bench.server_bench import (
     CHUNK,
     SNAPSHOT,
     WORKLOADS,
     Chunks,
     Server,
+    csnapd,
     data_clients,
     fill,
     make_store,
     run_round,
 )
-from csnap_client import open_admin, tcp_connector
-from csnap_common.credentials import ROLE_ADMIN, client_context, store_credentials
+from csnap_client import open_admin
 
 #: Chunks each workload cycles over (or uses up, for those that copy).
 REGION = 4096
@@ -120,19 +120,9 @@ async def tree_csnapd(tree: Path, store: Path, origin: Path, cwd: Path) -> Async
     source = csnapd_source(tree, cwd)
     if source != tree / "csnapd":
         raise RuntimeError(f"csnapd would come from {source}, not from the tree {tree}")
-    argv = [sys.executable, "-m", "csnapd", str(store), str(origin), "--listen", "127.0.0.1:0"]
     log = store.with_suffix(".log")
-    async with listening(argv, log, env=tree_env(tree), cwd=cwd) as started:
-        host, _, port = started.said.rpartition(":")
-        credentials = client_context(store_credentials(store), ROLE_ADMIN)
-        yield Server(
-            tcp_connector(host.strip("[]"), int(port), credentials),
-            started.process,
-            started.said,
-            started.spawned_ns,
-            started.listening_ns,
-            None,
-        )
+    async with csnapd(store, origin, log, env=tree_env(tree), cwd=cwd) as server:
+        yield server
 
 
 async def compare(trees: list[Tree], directory: Path, args: argparse.Namespace) -> None:
