@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -127,8 +126,10 @@ async def tree_csnapd(tree: Path, store: Path, origin: Path, cwd: Path) -> Async
 
 async def compare(trees: list[Tree], directory: Path, args: argparse.Namespace) -> None:
     (workload,) = (w for w in WORKLOADS if w.name == args.workload)
+    # As the server part does it: "region" cycles over chunks copied out
+    # first, "untouched" over chunks never written, and "fresh" uses its
+    # chunks up, so it gets room for every round's.
     copies = workload.chunks == "fresh"
-    # A workload that copies uses its chunks up: room for every round's.
     origin_chunks = max(REGION, (args.rounds + 1) * args.count) if copies else REGION
     async with AsyncExitStack() as stack:
         rounds = {}
@@ -141,7 +142,7 @@ async def compare(trees: list[Tree], directory: Path, args: argparse.Namespace) 
             )
             admin = await stack.enter_async_context(open_admin(server.connect))
             await admin.create_snapshot(SNAPSHOT)
-            if not copies:
+            if workload.chunks == "region":
                 await fill(server.connect, 0, REGION)
             clients = await stack.enter_async_context(
                 data_clients(server.connect, args.clients, workload.snapshot)
@@ -229,5 +230,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("PYTHONUNBUFFERED", "1")
     sys.exit(main())
