@@ -37,6 +37,7 @@ from csnap_protocol.schema import (
     U16,
     U32,
     U64,
+    Bytes,
     Choice,
     Flag,
     ListOf,
@@ -56,6 +57,7 @@ __all__ = [
     "MESSAGES",
     "PROTOCOL_MAGIC",
     "PROTOCOL_VERSION",
+    "MAX_WRITE_DATA",
     "MAX_RANGES",
     "SnapshotRecord",
     "StoreRecord",
@@ -72,6 +74,8 @@ __all__ = [
     "QueryWrite",
     "WriteOk",
     "SnapshotWriteOk",
+    "WriteSnapshotData",
+    "SnapshotDataWritten",
     "QuerySnapshotRead",
     "SnapshotReadOk",
     "FinishSnapshotRead",
@@ -113,9 +117,12 @@ __all__ = [
 #: First field of every hello: this is the csnap protocol.
 PROTOCOL_MAGIC = "csnap"
 #: Bumped on any incompatible change; peers of other versions are refused.
-PROTOCOL_VERSION = 4
+PROTOCOL_VERSION = 5
 #: Most ranges (or segments) one message may carry.
 MAX_RANGES = 8192
+#: Most bytes one write_snapshot_data carries (a small write; larger ones
+#: take query_write's grant and go straight to the store).
+MAX_WRITE_DATA = 64 << 10
 #: Most snapshots a list carries (the table has 64 slots).
 MAX_LIST = 64
 
@@ -308,6 +315,31 @@ class WriteOk(Reply):
 @dataclass(frozen=True, slots=True)
 class SnapshotWriteOk(Reply):
     """A snapshot client writes its chunks at these store chunks."""
+
+    segments: SegmentList
+
+
+@_message("write_snapshot_data", CLIENT)
+@dataclass(frozen=True, slots=True)
+class WriteSnapshotData(Request):
+    """Write `data` at byte `offset` of my snapshot (snapshot connections only).
+
+    If every chunk the bytes touch needs a copy of its own, csnapd writes
+    the bytes into the copies itself, with their old contents around them,
+    and answers snapshot_data_written once that is durable: one sync, no
+    grant. Otherwise it answers snapshot_write_ok, as to query_write for
+    those chunks, and the client writes the bytes there itself.
+    """
+
+    offset: Annotated[int, U64]
+    data: Annotated[bytes, Bytes(MAX_WRITE_DATA)]
+
+
+@_message("snapshot_data_written", SERVER)
+@dataclass(frozen=True, slots=True)
+class SnapshotDataWritten(Reply):
+    """write_snapshot_data is done and durable: the chunks it touched are now the
+    snapshot's alone, at these store chunks."""
 
     segments: SegmentList
 

@@ -19,6 +19,7 @@ __all__ = [
     "Text",
     "Choice",
     "Blob",
+    "Bytes",
     "Flag",
     "Nullable",
     "Ranges",
@@ -163,6 +164,26 @@ class Blob(Spec):
     def check(self, value: object, where: str) -> bytes:
         if type(value) is not bytes or len(value) != self.length:
             raise FieldError(f"{where}: expected {self.length} bytes of binary")
+        return value
+
+    def out(self, value: Any, where: str) -> Any:
+        return _sent_as_it_is(self, value, where)
+
+
+@dataclass(frozen=True)
+class Bytes(Spec):
+    """Binary of 1 to `max_length` bytes."""
+
+    max_length: int
+
+    def wire(self) -> str:
+        return "bin"
+
+    def check(self, value: object, where: str) -> bytes:
+        if type(value) is not bytes:
+            raise FieldError(f"{where}: expected binary, got {type(value).__name__}")
+        if not 1 <= len(value) <= self.max_length:
+            raise FieldError(f"{where}: {len(value)} bytes of binary is not 1..{self.max_length}")
         return value
 
     def out(self, value: Any, where: str) -> Any:

@@ -6,18 +6,24 @@ leaves no committed chunk overwritten; consecutive chunks move in one read and
 one write, in pieces of at most COPY_IO_BYTES. Each write's CRC goes to the
 transaction, whose record carries it (rule: data before pointers), and the
 chunks a snapshot write returns are handed out for the client to write.
+
+A small snapshot write may bring its bytes along (snapshot_write_data):
+when every chunk it touches needs a copy, the bytes are laid over the old
+contents in the copy before it is written, so the copy's CRC covers them,
+and nothing is handed out: the write is durable with the commit's one sync.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from csnap_format import LOST_CHUNK, Geometry
 from csnap_format.runs import append_mapped_run
 from csnapd.engine.allocator import Allocator
 from csnapd.engine.btree import ExceptionTree
 from csnapd.engine.device import BlockDevice
-from csnapd.engine.errors import StoreIOError, lost_chunk_error
+from csnapd.engine.errors import InvalidRequestError, StoreIOError, lost_chunk_error
 from csnapd.engine.results import OriginWriteResult, WriteSegment
 from csnapd.engine.snapshots import SnapshotTable
 from csnapd.engine.state import StoreState
@@ -135,7 +141,39 @@ class CopyOut:
         self._txn.hand_out((s.store_chunk, s.count) for s in segments)
         return segments
 
-    def _snapshot_write(self, tag: int, ranges: Ranges) -> list[WriteSegment]:
+    def snapshot_write_data(
+        self, tag: int, offset: int, data: bytes
+    ) -> tuple[list[WriteSegment], bool]:
+        """Write `data` at byte `offset` of snapshot `tag`'s view, if every
+        chunk it touches needs a copy of its own: the bytes go into the new
+        copies, over their old contents. Returns the segments and True.
+
+        If the snapshot already owns one of the chunks alone, this is
+        snapshot_write() of the chunks instead (nothing written, the segments
+        handed out for the client to write into) and returns False with them.
+        """
+        if not data:
+            raise InvalidRequestError("a snapshot data write carries no bytes")
+        if offset < 0:
+            raise InvalidRequestError(f"a snapshot data write at negative offset {offset}")
+        size = self._geometry.chunk_size
+        first = offset // size
+        ranges = [(first, -(-(offset + len(data)) // size) - first)]
+        check_ranges(ranges, self._snapshots.view_chunks(tag))
+        if self._txn.lookup(lambda: bool(self._classify(tag, ranges)[0])):
+            return self.snapshot_write(tag, ranges), False
+        overlay = _Overlay(offset, data, size)
+        pieces = self._txn.split_request(
+            ranges, lambda piece: self._snapshot_write(tag, piece, overlay)
+        )
+        return _joined([s for piece in pieces for s in piece]), True
+
+    def _classify(
+        self, tag: int, ranges: Ranges
+    ) -> tuple[dict[int, int], list[int], list[tuple[int, int]]]:
+        """The chunks of `ranges` in snapshot `tag`'s view: those it owns alone
+        (chunk -> store chunk), those it shares with the origin, and those it
+        shares with other snapshots in the store ((chunk, store chunk))."""
         bit = 1 << self._snapshots.io_bit(tag)
         others = self._state.live_mask & ~bit
         where: dict[int, int] = {}
@@ -152,6 +190,16 @@ class CopyOut:
                     from_store.append((chunk, leaf.targets[j]))
                 else:
                     where[chunk] = leaf.targets[j]
+        return where, from_origin, from_store
+
+    def _snapshot_write(
+        self, tag: int, ranges: Ranges, overlay: _Overlay | None = None
+    ) -> list[WriteSegment]:
+        bit = 1 << self._snapshots.io_bit(tag)
+        where, from_origin, from_store = self._classify(tag, ranges)
+        if overlay is not None and where:
+            # snapshot_write_data looked first, in the same request.
+            raise RuntimeError("a snapshot data write found a chunk owned already")
         targets = self._allocate_chunks(len(from_origin) + len(from_store))
         origin_targets, store_targets = (
             targets[: len(from_origin)],
@@ -162,10 +210,12 @@ class CopyOut:
                 list(zip(from_origin, origin_targets, strict=True)),
                 self._origin,
                 "origin",
+                overlay.over(from_origin) if overlay else None,
             )
         if from_store:
             pairs = [(src, dst) for (_, src), dst in zip(from_store, store_targets, strict=True)]
-            self._move(pairs, self._store, "store")
+            chunks = [chunk for chunk, _ in from_store]
+            self._move(pairs, self._store, "store", overlay.over(chunks) if overlay else None)
         for chunk, target in zip(from_origin, origin_targets, strict=True):
             self._add_own(chunk, bit, target, shared=False)
             where[chunk] = target
@@ -197,8 +247,15 @@ class CopyOut:
             chunks.extend(range(first, first + length))
         return chunks
 
-    def _move(self, pairs: Sequence[tuple[int, int]], source: BlockDevice, name: str) -> None:
-        """Copy chunk `src` of `source` to store chunk `dst` for each pair.
+    def _move(
+        self,
+        pairs: Sequence[tuple[int, int]],
+        source: BlockDevice,
+        name: str,
+        overlay: _ChunkOverlay | None = None,
+    ) -> None:
+        """Copy chunk `src` of `source` to store chunk `dst` for each pair,
+        with the bytes of `overlay` laid over the copies before they are written.
 
         Consecutive sources are read together and consecutive targets written
         together, in pieces of at most COPY_IO_BYTES.
@@ -219,6 +276,8 @@ class CopyOut:
                     f"reading {name} chunks {src}..{src + j - i - 1}: {exc.strerror or exc}"
                 ) from exc
             self._stats.copy_reads += 1
+            if overlay is not None:
+                overlay.lay(i, j, data)
             self._write_copies(pairs[i:j], data)
             i = j
         self._stats.copied_chunks += len(pairs)
@@ -270,3 +329,36 @@ def _joined(segments: list[WriteSegment]) -> list[WriteSegment]:
     for segment in sorted(segments, key=lambda s: s.chunk):
         append_mapped_run(runs, segment.chunk, segment.count, segment.store_chunk)
     return [WriteSegment(*run) for run in runs]
+
+
+@dataclass(frozen=True, slots=True)
+class _Overlay:
+    """The bytes of a snapshot data write: `data` at byte `offset` of the view."""
+
+    offset: int
+    data: bytes
+    chunk_size: int
+
+    def over(self, chunks: Sequence[int]) -> _ChunkOverlay:
+        """The overlay for copies of these view chunks, in the order they are moved."""
+        return _ChunkOverlay(self, chunks)
+
+
+@dataclass(frozen=True, slots=True)
+class _ChunkOverlay:
+    """An overlay for copies of `chunks`, the k-th pair of a move copying chunks[k]."""
+
+    overlay: _Overlay
+    chunks: Sequence[int]
+
+    def lay(self, i: int, j: int, data: memoryview) -> None:
+        """Lay the bytes over `data`, read for the move's pairs i..j-1."""
+        size = self.overlay.chunk_size
+        start, payload = self.overlay.offset, self.overlay.data
+        end = start + len(payload)
+        for k in range(i, j):
+            base = self.chunks[k] * size
+            low, high = max(start, base), min(end, base + size)
+            if low < high:
+                at = (k - i) * size + low - base
+                data[at : at + high - low] = payload[low - start : high - start]

@@ -364,13 +364,31 @@ class Engine(SnapshotRequests, OnlineResize):
         A full store squashes as for origin_write, never snapshot `tag` itself.
         """
         self._reverter.refuse_if_reverting(tag, "writing the snapshot")
-        terms = room or (lambda: (spare, reclaim))
+        return self._squasher.with_room(
+            lambda: self._copy.snapshot_write(tag, ranges), _sparing(tag, spare, reclaim, room)
+        )
 
-        def sparing_tag() -> tuple[Collection[int], bool]:
-            others, may_reclaim = terms()
-            return {tag, *others}, may_reclaim
+    def snapshot_write_data(
+        self,
+        tag: int,
+        offset: int,
+        data: bytes,
+        *,
+        spare: Collection[int] = (),
+        reclaim: bool = True,
+        room: Room | None = None,
+    ) -> tuple[list[WriteSegment], bool]:
+        """Write `data` at byte `offset` of snapshot `tag` into its new copies,
+        or hand the chunks out as snapshot_write does (see
+        CopyOut.snapshot_write_data): the segments, and whether it wrote.
 
-        return self._squasher.with_room(lambda: self._copy.snapshot_write(tag, ranges), sparing_tag)
+        A full store squashes as for snapshot_write.
+        """
+        self._reverter.refuse_if_reverting(tag, "writing the snapshot")
+        return self._squasher.with_room(
+            lambda: self._copy.snapshot_write_data(tag, offset, data),
+            _sparing(tag, spare, reclaim, room),
+        )
 
     def snapshot_read(self, tag: int, ranges: Ranges) -> list[ReadSegment]:
         """Where snapshot `tag`'s chunks are (see ChunkReads.snapshot_read)."""
@@ -474,3 +492,14 @@ class Engine(SnapshotRequests, OnlineResize):
         remains to do.
         """
         return self._sweeper.sweep()
+
+
+def _sparing(tag: int, spare: Collection[int], reclaim: bool, room: Room | None) -> Room:
+    """The room terms of a write to snapshot `tag`: never squash `tag` itself."""
+    terms = room or (lambda: (spare, reclaim))
+
+    def sparing_tag() -> tuple[Collection[int], bool]:
+        others, may_reclaim = terms()
+        return {tag, *others}, may_reclaim
+
+    return sparing_tag

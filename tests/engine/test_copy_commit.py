@@ -13,7 +13,7 @@ import pytest
 
 from csnap_format import CommitRecord, DataRun, Geometry, decode_commit, encode_commit
 from csnap_format.errors import FormatError
-from csnapd.engine import Engine, MemoryDevice
+from csnapd.engine import Engine, InvalidRequestError, MemoryDevice
 from csnapd.engine.journal import scan_journal
 from tests.engine.helpers import assert_clean, new_store, pattern, read_snapshot, write_origin
 
@@ -164,3 +164,121 @@ def test_a_record_carries_its_data_runs_and_one_without_reads_as_before() -> Non
     outside = CommitRecord(g.journal_start, 5, 4, 0, (0,), (DataRun(first - 1, 1, 0),))
     with pytest.raises(FormatError, match="data area"):
         decode_commit(encode_commit(outside, ctx), ctx, g.journal_start)
+
+
+# -- snapshot writes that bring their bytes -----------------------------------
+
+
+def _laid(old: bytes, at: int, new: bytes) -> bytes:
+    return old[:at] + new + old[at + len(new) :]
+
+
+def test_a_snapshot_data_write_costs_one_sync_and_lands_in_the_copy() -> None:
+    store, origin, engine, _ = _copy_out_store()
+    size = engine.chunk_size
+    syncs = store.stats.syncs
+    data = b"\xa5" * 1024
+    segments, written = engine.snapshot_write_data(1, 2 * size + 512, data)
+    assert written
+    assert [(s.chunk, s.count) for s in segments] == [(2, 1)]
+    engine.commit()
+    # One sync: the copy's CRC covers the written bytes; nothing is handed out.
+    assert store.stats.syncs - syncs == 1
+    assert not engine.pending
+    crashed = store.durable_copy()
+    recovered = Engine.open(crashed, origin)
+    assert recovered.recovery.uncommitted is None
+    assert read_snapshot(recovered, crashed, origin, 1, 2, 1) == [
+        _laid(pattern(2, 1, size), 512, data)
+    ]
+    assert read_snapshot(recovered, crashed, origin, 1, 1, 1) == [pattern(1, 1, size)]
+    recovered.close()
+    assert_clean(crashed)
+
+
+def test_a_snapshot_data_write_across_chunks_shared_with_another_snapshot() -> None:
+    store, origin, engine, _ = _copy_out_store()
+    size = engine.chunk_size
+    engine.create_snapshot(2)
+    engine.commit()
+    # Chunks 0..1 are copied out once, shared by snapshots 1 and 2.
+    engine.origin_write([(0, 2)])
+    engine.commit()
+    write_origin(origin, engine.geometry, 0, 5)
+    write_origin(origin, engine.geometry, 1, 5)
+    data = bytes(range(256)) * 16
+    offset = size - 1024  # the last KiB of chunk 0, the first 3 KiB of chunk 1
+    segments, written = engine.snapshot_write_data(1, offset, data)
+    assert written
+    assert sum(s.count for s in segments) == 2
+    engine.commit()
+    crashed = store.durable_copy()
+    recovered = Engine.open(crashed, origin)
+    view = b"".join(read_snapshot(recovered, crashed, origin, 1, 0, 2))
+    old = pattern(0, 1, size) + pattern(1, 1, size)
+    assert view == _laid(old, offset, data)
+    # Snapshot 2 still reads the copy they shared, untouched.
+    assert b"".join(read_snapshot(recovered, crashed, origin, 2, 0, 2)) == old
+    recovered.close()
+    assert_clean(crashed)
+
+
+def test_a_snapshot_data_write_to_an_owned_chunk_hands_it_out() -> None:
+    store, origin, engine, _ = _copy_out_store()
+    size = engine.chunk_size
+    engine.snapshot_write_data(1, 2 * size, b"x" * 100)
+    engine.commit()
+    syncs = store.stats.syncs
+    # The snapshot owns chunk 2 alone now: nothing is written, the chunk is
+    # handed out, and its copy (the newest record's) is sealed first.
+    segments, written = engine.snapshot_write_data(1, 2 * size + 8, b"y" * 100)
+    assert not written
+    engine.commit()
+    assert store.stats.syncs - syncs == 1
+    [segment] = segments
+    store.write_through(segment.store_chunk * size + 8, b"y" * 100)
+    crashed = store.durable_copy()
+    recovered = Engine.open(crashed, origin)
+    assert recovered.recovery.uncommitted is None
+    expected = _laid(_laid(pattern(2, 1, size), 0, b"x" * 100), 8, b"y" * 100)
+    assert read_snapshot(recovered, crashed, origin, 1, 2, 1) == [expected]
+
+
+def test_a_snapshot_data_write_that_missed_its_sync_left_nothing() -> None:
+    store, origin, engine, g = _copy_out_store()
+    size = engine.chunk_size
+
+    def write() -> None:
+        engine.snapshot_write_data(1, size, b"z" * 4096)
+        engine.commit()
+
+    image = _unsynced_writes(store, write)
+    copies = _data_writes(image, g)
+    assert copies
+    kept: dict[int, list[int] | None] = {
+        i: None for i in range(len(image.pending)) if i not in copies
+    }
+    recovered = Engine.open(image.crash(kept), origin)
+    assert recovered.recovery.uncommitted is not None
+    assert recovered.snapshot(1).unique_chunks == 0
+
+
+@pytest.mark.parametrize(
+    ("where", "length", "refused"),
+    [
+        ("start", 0, "no bytes"),
+        ("end", 1, "not inside"),
+        ("end-1", 2, "not inside"),
+        ("-1", 1, "negative"),
+    ],
+)
+def test_a_snapshot_data_write_is_refused_before_it_does_anything(
+    where: str, length: int, refused: str
+) -> None:
+    _, _, engine, _ = _copy_out_store()
+    end = engine.snapshot_chunks(1) * engine.chunk_size
+    offset = {"start": 0, "end": end, "end-1": end - 1, "-1": -1}[where]
+    with pytest.raises(InvalidRequestError, match=refused):
+        engine.snapshot_write_data(1, offset, b"q" * length)
+    assert not engine.pending
+    assert engine.snapshot(1).unique_chunks == 0

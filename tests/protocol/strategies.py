@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 from csnap_protocol import MESSAGES, Message
 from csnap_protocol.schema import (
     Blob,
+    Bytes,
     Choice,
     Flag,
     Int,
@@ -32,6 +33,8 @@ def values(spec: Spec) -> st.SearchStrategy[Any]:
         return st.sampled_from(spec.values)
     if isinstance(spec, Blob):
         return st.binary(min_size=spec.length, max_size=spec.length)
+    if isinstance(spec, Bytes):
+        return st.binary(min_size=1, max_size=min(spec.max_length, 64))
     if isinstance(spec, Flag):
         return st.booleans()
     if isinstance(spec, Nullable):
