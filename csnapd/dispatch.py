@@ -55,6 +55,7 @@ from csnap_protocol import (
     QueryWrite,
     Request,
     ServerRecord,
+    WriteSnapshotData,
     message_id,
 )
 from csnapd.batch import (
@@ -112,7 +113,12 @@ DEFAULT_MAX_SERVER_READ_LOCKS = 1 << 20
 #: Requests that change neither which snapshot clients are connected nor
 #: which clients the registry still awaits: after a batch of only these the
 #: registry is what the last batch left (WriteGate.sync_registry).
-_REGISTRY_KEPT: tuple[type[Message], ...] = (*LOOKUPS, QueryWrite, FinishSnapshotRead)
+_REGISTRY_KEPT: tuple[type[Message], ...] = (
+    *LOOKUPS,
+    QueryWrite,
+    WriteSnapshotData,
+    FinishSnapshotRead,
+)
 
 
 def _engine_refusal(request: int | None, exc: EngineError) -> Error:

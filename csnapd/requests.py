@@ -45,12 +45,14 @@ from csnap_protocol import (
     ServerRecord,
     SetPriority,
     Shutdown,
+    SnapshotDataWritten,
     SnapshotDeleted,
     SnapshotList,
     SnapshotReadOk,
     SnapshotReply,
     SnapshotWriteOk,
     UploadLock,
+    WriteSnapshotData,
     largest_payload,
 )
 from csnap_protocol.bounds import RANGE_BYTES
@@ -84,6 +86,7 @@ Answered = (
 Inbound = (
     Answered
     | QueryWrite
+    | WriteSnapshotData
     | FinishSnapshotRead
     | FinishUploadLock
     | DeleteSnapshot
@@ -153,6 +156,9 @@ class RequestHandlers:
                 reply = self._query_write(peer, message, batch.writes)
                 if reply is not None:
                     batch.replies.append((peer, reply))
+                return False
+            case WriteSnapshotData():
+                batch.replies.append((peer, self._write_data(peer, message)))
                 return False
             case BarrierDone():
                 return self._barrier.done(peer, message.barrier, batch.replies)
@@ -298,6 +304,33 @@ class RequestHandlers:
         self._check_reply_fits(peer, SnapshotWriteOk, chunks)
         segments = self._engine.snapshot_write(peer.snapshot, message.ranges, room=self._room)
         triples = tuple((s.chunk, s.count, s.store_chunk) for s in segments)
+        return SnapshotWriteOk(message.id, triples)
+
+    def _write_data(
+        self, peer: Peer, message: WriteSnapshotData
+    ) -> SnapshotDataWritten | SnapshotWriteOk:
+        """A small snapshot write with its bytes: written into the copies by
+        the engine when each chunk needs one, else handed out as query_write's."""
+        self._need_identified(peer)
+        snapshot = peer.snapshot
+        if snapshot is None:
+            raise RequestRefused(
+                ErrorCode.INVALID_REQUEST,
+                "write_snapshot_data is for snapshot connections; an origin client writes"
+                " the origin itself once query_write grants it",
+            )
+        size = self._engine.chunk_size
+        first = message.offset // size
+        end = -(-(message.offset + len(message.data)) // size)
+        chunks = self._check_ranges(((first, end - first),))
+        # Either reply lists at most one segment per chunk.
+        self._check_reply_fits(peer, SnapshotWriteOk, chunks)
+        segments, written = self._engine.snapshot_write_data(
+            snapshot, message.offset, message.data, room=self._room
+        )
+        triples = tuple((s.chunk, s.count, s.store_chunk) for s in segments)
+        if written:
+            return SnapshotDataWritten(message.id, triples)
         return SnapshotWriteOk(message.id, triples)
 
     def _query_read(self, peer: Peer, message: QuerySnapshotRead) -> SnapshotReadOk:

@@ -12,6 +12,7 @@ hypothesis.
 from __future__ import annotations
 
 import shutil
+import struct
 import tempfile
 import time
 from collections import Counter
@@ -24,6 +25,7 @@ from hypothesis import strategies as st
 
 from csnap_format.mkcsnap import format_store
 from csnap_protocol import (
+    MAX_WRITE_DATA,
     Barrier,
     BarrierDone,
     ChangeUseCount,
@@ -46,6 +48,7 @@ from csnap_protocol import (
     QuerySnapshotRead,
     QueryWrite,
     Role,
+    SnapshotDataWritten,
     SnapshotDeleted,
     SnapshotList,
     SnapshotReadOk,
@@ -54,6 +57,7 @@ from csnap_protocol import (
     StatusReply,
     UploadLock,
     WriteOk,
+    WriteSnapshotData,
 )
 from tests.server.support import CHUNK, label, pread, pwrite
 from tests.torture.daemon import Csnapd, csnap_check, start_csnapd
@@ -122,6 +126,7 @@ DRAFTS = st.builds(
     delta=st.sampled_from([-1, 0, 1, 1, -(1 << 31), (1 << 31) - 1]),
     client=st.sampled_from(
         ["write"] * 4
+        + ["data"] * 3
         + ["read"] * 4
         + ["map", "owned", "finish", "finish", "upload", "upload", "done", "id"]
     ),
@@ -198,6 +203,8 @@ class Session:
     #: Where each example makes its store (set by the test), and how many ran.
     root: Path
     examples = 0
+    #: write_snapshot_data answered by reply type, over the whole run.
+    data_replies: Counter[str] = Counter()
     #: The first failure: (seconds since the test started, examples run, what).
     first_failure: tuple[float, int, str] | None = None
     started = 0.0
@@ -361,7 +368,7 @@ class Session:
 
     def failed(self, peer: Peer, sent: Sent, error: Error) -> None:
         if sent.must is Must.SUCCEED and not (
-            isinstance(sent.message, QueryWrite) and error.code in STORE_LIMITS
+            isinstance(sent.message, QueryWrite | WriteSnapshotData) and error.code in STORE_LIMITS
         ):
             raise self.finding(
                 f"{peer}: {describe(sent.message)} must succeed,"
@@ -381,10 +388,8 @@ class Session:
         request = sent.message
         if isinstance(request, Identify) and isinstance(reply, Identified):
             self.identified(peer, request, reply)
-        elif isinstance(request, QueryWrite) and isinstance(reply, WriteOk):
-            self.origin_write(peer, request.ranges)
-        elif isinstance(request, QueryWrite) and isinstance(reply, SnapshotWriteOk):
-            self.snapshot_write(peer, request.ranges, reply.segments)
+        elif self.wrote(peer, request, reply):
+            pass
         elif isinstance(request, QuerySnapshotRead) and isinstance(reply, SnapshotReadOk):
             self.snapshot_read(peer, request.ranges, reply, sent.version_at)
         elif isinstance(request, QueryMap) and isinstance(reply, MapReply):
@@ -406,6 +411,20 @@ class Session:
             self.check_list(peer, sent, [s.tag for s in reply.snapshots])
         else:
             raise self.finding(f"{peer}: {describe(request)} answered by {describe(reply)}")
+
+    def wrote(self, peer: Peer, request: Message, reply: Message) -> bool:
+        """Whether `reply` answered a write, which the model has now done."""
+        if isinstance(request, QueryWrite) and isinstance(reply, WriteOk):
+            self.origin_write(peer, request.ranges)
+        elif isinstance(request, QueryWrite) and isinstance(reply, SnapshotWriteOk):
+            self.snapshot_write(peer, request.ranges, reply.segments)
+        elif isinstance(request, WriteSnapshotData) and isinstance(
+            reply, SnapshotDataWritten | SnapshotWriteOk
+        ):
+            self.snapshot_data(peer, request, reply)
+        else:
+            return False
+        return True
 
     def identified(self, peer: Peer, request: Identify, reply: Identified) -> None:
         peer.identifying = False
@@ -442,6 +461,32 @@ class Session:
             for k in range(count):
                 version = self.next_version()
                 pwrite(self.store, store_chunk + k, label(chunk + k, version))
+                peer.target.own.setdefault(chunk + k, []).append(version)
+
+    def snapshot_data(
+        self, peer: Peer, request: WriteSnapshotData, reply: SnapshotDataWritten | SnapshotWriteOk
+    ) -> None:
+        """csnapd wrote the labels the request carries into the snapshot's new
+        copies, or (snapshot_write_ok) the client writes them where told."""
+        ranges = _ranges(request)
+        given = [chunk + k for chunk, count, _ in reply.segments for k in range(count)]
+        if sorted(given) != sorted(chunks_of(ranges, ORIGIN_CHUNKS)) or len(given) != len(
+            set(given)
+        ):
+            raise self.finding(
+                f"{peer}: {reply.TYPE} for {_short(ranges)} names chunks"
+                f" {_short(tuple((c, n) for c, n, _ in reply.segments))}"
+            )
+        assert peer.target is not None
+        type(self).data_replies[reply.TYPE] += 1
+        first = request.offset // CHUNK
+        for chunk, count, store_chunk in reply.segments:
+            for k in range(count):
+                at = (chunk + k - first) * CHUNK
+                data = request.data[at : at + CHUNK]
+                if isinstance(reply, SnapshotWriteOk):
+                    pwrite(self.store, store_chunk + k, data)
+                _, version = struct.unpack_from("<QQ", data)
                 peer.target.own.setdefault(chunk + k, []).append(version)
 
     def snapshot_read(
@@ -588,7 +633,9 @@ class Session:
             return Must.EITHER
         if not peer.identified or peer.detaching or (peer.target and peer.target.deleted):
             return Must.FAIL
-        snapshot_only = isinstance(message, QuerySnapshotRead | QueryOwned | UploadLock)
+        snapshot_only = isinstance(
+            message, QuerySnapshotRead | QueryOwned | UploadLock | WriteSnapshotData
+        )
         if snapshot_only and peer.target is None:
             return Must.FAIL
         if isinstance(message, FinishSnapshotRead):
@@ -661,6 +708,16 @@ class Session:
         if draft.client == "finish" and peer.locks and draft.release_held:
             held = sorted(peer.locks)
             return FinishSnapshotRead(request, ((held[draft.held % len(held)], 1),))
+        if draft.client in ("write", "data") and self.writing_data(peer, draft.client == "data"):
+            # Which of two writes to one chunk took effect last is known only
+            # when a data write (csnapd writes it) has nothing to race with.
+            return None
+        if draft.client == "data":
+            # Whole chunks of labels, as many as one message carries.
+            start, count = draft.ranges[0] if draft.ranges else (0, 1)
+            count = min(count, MAX_WRITE_DATA // CHUNK, max(1, ORIGIN_CHUNKS - start))
+            data = b"".join(label(start + k, self.next_version()) for k in range(count))
+            return WriteSnapshotData(request, start * CHUNK, data)
         build = {
             "write": QueryWrite,
             "read": QuerySnapshotRead,
@@ -670,6 +727,19 @@ class Session:
             "upload": UploadLock,
         }[draft.client]
         return build(request, tuple(draft.ranges))
+
+    def writing_data(self, peer: Peer, any_write: bool) -> bool:
+        """Whether a write_snapshot_data (or, with `any_write`, any write) to
+        `peer`'s snapshot is in flight."""
+        if peer.target is None:
+            return False
+        kinds = (QueryWrite, WriteSnapshotData) if any_write else (WriteSnapshotData,)
+        return any(
+            isinstance(sent.message, kinds)
+            for other in self.open_peers()
+            if other.target is peer.target
+            for sent in other.pending.values()
+        )
 
     def pick_tag(self, pick: int | None) -> int | None:
         """A tag for an identify: an index below len(TAG_VALUES) names any tag, above a live one."""
@@ -845,6 +915,9 @@ def request_id(message: Message) -> int | None:
 
 
 def _ranges(message: Message) -> Ranges:
+    if isinstance(message, WriteSnapshotData):
+        first = message.offset // CHUNK
+        return ((first, -(-(message.offset + len(message.data)) // CHUNK) - first),)
     ranges = getattr(message, "ranges", ())
     assert isinstance(ranges, tuple)
     return ranges

@@ -351,6 +351,7 @@ class ProtocolFuzz(Session, RuleBasedStateMachine):
 def test_protocol_fuzz(tmp_path: Path) -> None:
     ProtocolFuzz.root = tmp_path
     ProtocolFuzz.examples = 0
+    ProtocolFuzz.data_replies.clear()
     ProtocolFuzz.first_failure = None
     ProtocolFuzz.started = started = time.monotonic()
     try:
@@ -367,6 +368,7 @@ def test_protocol_fuzz(tmp_path: Path) -> None:
     finally:
         print(
             f"\nprotocol fuzz: {ProtocolFuzz.examples} examples"
+            f" (write_snapshot_data answered: {dict(ProtocolFuzz.data_replies)})"
             f" in {time.monotonic() - started:.1f}s"
         )
         if ProtocolFuzz.first_failure is not None:
