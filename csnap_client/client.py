@@ -80,6 +80,7 @@ from csnap_client.session import ConnectionLostError, Connector, ServerError
 from csnap_common import single_errors
 from csnap_protocol import (
     MAX_RANGES,
+    MAX_WRITE_DATA,
     ChangesReply,
     FinishSnapshotRead,
     MapReply,
@@ -89,9 +90,11 @@ from csnap_protocol import (
     QueryOwned,
     QuerySnapshotRead,
     QueryWrite,
+    SnapshotDataWritten,
     SnapshotReadOk,
     SnapshotWriteOk,
     WriteOk,
+    WriteSnapshotData,
 )
 
 __all__ = [
@@ -109,6 +112,9 @@ log = logging.getLogger("csnap.client")
 #: Grants asked for in a row that arrive past the lease deadline before the
 #: write fails (each is a fresh round trip; one is almost always enough).
 GRANT_ATTEMPTS = 4
+#: Most bytes a write_snapshot_data frame takes beyond its data: the map's
+#: keys, the id, the offset and the headers, at their widest.
+_DATA_WRITE_OVERHEAD = 80
 
 
 class LeaseExpiredError(Exception):
@@ -219,6 +225,55 @@ class DataClient(ReconnectingClient):
         finally:
             self._close_grant(reply.id)
 
+    def data_write_fits(self, length: int) -> bool:
+        """Whether `length` bytes go to csnapd in one write_snapshot_data now:
+        at most MAX_WRITE_DATA, in a frame csnapd takes."""
+        session = self._session
+        return (
+            0 < length <= MAX_WRITE_DATA
+            and session is not None
+            and length + _DATA_WRITE_OVERHEAD <= session.codec.peer_max_frame
+        )
+
+    @asynccontextmanager
+    async def snapshot_write_data(
+        self, offset: int, data: bytes
+    ) -> AsyncIterator[tuple[tuple[int, int, int], ...] | None]:
+        """Write `data` at byte `offset` of the snapshot through csnapd.
+
+        Inside the block: None when csnapd wrote the bytes into new copies
+        of the chunks (durable already: nothing is left to do); else the
+        (chunk, count, store chunk) segments to write the bytes into, a grant
+        open inside the block as in snapshot_write(). Bytes that would not
+        fit one message go the snapshot_write() way.
+        """
+        if not self.data_write_fits(len(data)):
+            size = self.chunk_size
+            first = offset // size
+            ranges = [(first, -(-(offset + len(data)) // size) - first)]
+            async with self.snapshot_write(ranges) as segments:
+                yield segments
+            return
+        for _ in range(GRANT_ATTEMPTS):
+            reply = await self._call(lambda rid: WriteSnapshotData(rid, offset, data))
+            if isinstance(reply, SnapshotDataWritten):
+                yield None
+                return
+            assert isinstance(reply, SnapshotWriteOk)
+            if self._grant_in_lease(reply.id):
+                break
+            # As in snapshot_write: past the lease deadline, ask again
+            # (csnapd now finds the chunks owned and hands them out again).
+            self._close_grant(reply.id)
+        else:
+            raise LeaseExpiredError(
+                f"{GRANT_ATTEMPTS} snapshot write grants in a row came past the lease deadline"
+            )
+        try:
+            yield reply.segments
+        finally:
+            self._close_grant(reply.id)
+
     @asynccontextmanager
     async def read_plan(self, first: int, count: int) -> AsyncIterator[ReadPlan]:
         """Where to read chunks first..first+count-1 of the snapshot, the fastest way.
@@ -281,6 +336,12 @@ class DataClient(ReconnectingClient):
             return -1
         self.owned_reads += 1
         return store
+
+    def knows_owned(self, chunk: int) -> bool:
+        """Whether the owned map places snapshot chunk `chunk` in the store
+        (the snapshot owned it alone when last heard): a hint, not a plan."""
+        owned = self._owned
+        return owned is not None and owned.store_chunk(chunk) >= 0
 
     def owned_still_trusted(self) -> bool:
         """After a read placed by owned_store_chunk (no await since): whether it

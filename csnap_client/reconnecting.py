@@ -42,6 +42,7 @@ from csnap_protocol import (
     Message,
     Request,
     Role,
+    SnapshotDataWritten,
     SnapshotDeleted,
     SnapshotReadOk,
     SnapshotWriteOk,
@@ -315,8 +316,9 @@ class ReconnectingClient:
             for start, count in asked:
                 for chunk in range(start, start + count):
                     bits[chunk >> 3] |= 1 << (chunk & 7)
-        if isinstance(message, SnapshotWriteOk) and self._owned is not None:
-            # Every chunk a snapshot write is given is the snapshot's alone.
+        if isinstance(message, SnapshotWriteOk | SnapshotDataWritten) and self._owned is not None:
+            # Every chunk a snapshot write is given (or csnapd wrote for it)
+            # is the snapshot's alone.
             self._owned.note(message.segments)
         if isinstance(message, WriteOk | SnapshotWriteOk):
             self._grants.add(message.id)

@@ -16,7 +16,10 @@ status turned into csnapd requests and file I/O.
                    addresses", "verified origin reads")
   snapshot write   snapshot_write segments: the server has already copied
                    each chunk's old contents into the store chunk it gives,
-                   so only the bytes asked for are written there
+                   so only the bytes asked for are written there. A small
+                   write to chunks the owned map does not place carries its
+                   bytes (write_snapshot_data): csnapd writes them into the
+                   copies itself, or gives segments as above
 
 Requests are split into pieces of at most max_chunks chunks (csnapd's
 announced limit), one grant at a time: holding one grant while asking for
@@ -519,10 +522,38 @@ class SnapshotPath(DataPath):
         return into
 
     async def _write_piece(self, piece: Piece, offset: int, data: memoryview, zeroes: bool) -> None:
+        if self._sends_data(piece, zeroes):
+            own = bytes(data[piece.start - offset : piece.end - offset])
+            async with self.client.snapshot_write_data(piece.start, own) as given:
+                if given is not None:
+                    await self._write_into(given, piece, offset, data, zeroes)
+            return
         async with self.client.snapshot_write([(piece.first, piece.count)]) as segments:
-            placements = store_placements(segments, piece, offset, self.chunk_size)
-            transfer = Transfer(self.backing.store, "store", placements)
-            _check_covers(piece, [transfer], "snapshot_write")
-            if zeroes:
-                transfer = Transfer(self.backing.store, "store", _zero_placements(placements))
-            await self.backing.write([transfer], data)
+            await self._write_into(segments, piece, offset, data, zeroes)
+
+    def _sends_data(self, piece: Piece, zeroes: bool) -> bool:
+        """Whether the piece's bytes go to csnapd with the request: a small
+        write whose first chunk the owned map does not place (it most likely
+        needs a copy, which csnapd then writes the bytes into, with one sync
+        and no seal: docs/protocol.md, "Snapshot writes with their data")."""
+        return (
+            not zeroes
+            and self.client.data_write_fits(piece.end - piece.start)
+            and not self.client.knows_owned(piece.first)
+        )
+
+    async def _write_into(
+        self,
+        segments: Sequence[tuple[int, int, int]],
+        piece: Piece,
+        offset: int,
+        data: memoryview,
+        zeroes: bool,
+    ) -> None:
+        """Write the piece's bytes (or zeroes) where csnapd's segments place its chunks."""
+        placements = store_placements(segments, piece, offset, self.chunk_size)
+        transfer = Transfer(self.backing.store, "store", placements)
+        _check_covers(piece, [transfer], "snapshot_write")
+        if zeroes:
+            transfer = Transfer(self.backing.store, "store", _zero_placements(placements))
+        await self.backing.write([transfer], data)

@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 from hypothesis import strategies as st
 
@@ -204,7 +205,7 @@ class Session:
     root: Path
     examples = 0
     #: write_snapshot_data answered by reply type, over the whole run.
-    data_replies: Counter[str] = Counter()
+    data_replies: ClassVar[Counter[str]] = Counter()
     #: The first failure: (seconds since the test started, examples run, what).
     first_failure: tuple[float, int, str] | None = None
     started = 0.0
