@@ -38,6 +38,7 @@ REQUIRED_CONSTANTS: dict[str, object] = {
     "MAX_RANGES": messages.MAX_RANGES,
     "DEFAULT_MAX_FRAME": DEFAULT_MAX_FRAME,
     "MIN_MAX_FRAME": MIN_MAX_FRAME,
+    "MAX_WRITE_DATA": messages.MAX_WRITE_DATA,
 }
 #: Constants it may quote besides.
 OTHER_CONSTANTS: dict[str, object] = {"MAX_LIST": messages.MAX_LIST}
