@@ -11,6 +11,14 @@ The trace is one ordered list of events:
   ("view", tag, chunk|version) the model learns a snapshot chunk's new version
   ("ack", n, b"")            commit n returned: its effects are acknowledged
 
+A snapshot write that brings its bytes (whole chunks of a new version) is
+written into its copies by the engine, inside the request: which version a
+snapshot reads is then an effect of the commit ("data"), in flight with it,
+and a crash state that cannot tell from the snapshots whether that commit
+landed tells from what the snapshot reads. When the engine hands the chunks
+out instead, the client writes them after the commit, as for any snapshot
+write.
+
 A request that finds the store full squashes snapshots in commits of its
 own before the one that acknowledges it: those squashes are effects of the
 acknowledging commit, and a crash state may hold any of them early (a
@@ -66,7 +74,9 @@ from tests.engine.helpers import UUID, format_device, pattern, read_snapshot
 Event = tuple[str, int, bytes]
 #: A commit's effect: (kind, tag, created_ns) for "create", "delete",
 #: "squash", "revert" (started) and "reverted" (finished); ("grow_origin",
-#: origin chunks, 0) and ("grow_store", store chunks, 0) for a resize.
+#: origin chunks, 0) and ("grow_store", store chunks, 0) for a resize;
+#: ("data", created_ns, version and chunk) for a chunk csnapd wrote into a
+#: snapshot's copy (data_effect).
 Effect = tuple[str, int, int]
 
 #: Geometry of the crash workloads: small, so that a state costs milliseconds,
@@ -115,6 +125,16 @@ class Workload:
 
 def _pack(chunk: int, version: int) -> bytes:
     return struct.pack("<QQ", chunk, version)
+
+
+#: A "data" effect packs the chunk into the low bits of its third field.
+_DATA_CHUNK_BITS = 24
+
+
+def data_effect(created_ns: int, chunk: int, version: int) -> Effect:
+    """The effect of a commit that wrote `version` of `chunk` into the copy
+    of the snapshot created at `created_ns` (a snapshot data write)."""
+    return ("data", created_ns, version << _DATA_CHUNK_BITS | chunk)
 
 
 class _Runner:
@@ -178,8 +198,8 @@ class _Runner:
     # -- one request, staged; returns its effect and the client's follow-up --
 
     def _stage(self, after_origin_write: bool) -> tuple[str, list[Effect], Callable[[], object]]:
-        kinds = ["create", "delete", "origin", "snapshot", "priority"]
-        weights = [4, 1, 8, 2, 1] if self.filling else [3, 2, 8, 5, 1]
+        kinds = ["create", "delete", "origin", "snapshot", "data", "priority"]
+        weights = [4, 1, 8, 2, 1, 1] if self.filling else [3, 2, 8, 3, 2, 1]
         if self.lifecycle:
             kinds.append("revert")
             weights.append(1)
@@ -220,6 +240,8 @@ class _Runner:
                     and self._client_snapshot_writes(tag, segments)
                 ),
             )
+        if kind == "data" and others:
+            return self._data_write(self.rng.choice(others))
         if kind == "priority" and self.live:
             self.engine.set_priority(
                 self.rng.choice(sorted(self.live)), self.rng.randrange(-128, 128)
@@ -240,6 +262,35 @@ class _Runner:
         self.engine.origin_write([r], reclaim=self.reclaim)
         return "origin", [], lambda: self._client_origin_writes(r)
 
+    def _data_write(self, tag: int) -> tuple[str, list[Effect], Callable[[], object]]:
+        """A snapshot write that brings its bytes (whole chunks of a new
+        version): csnapd writes them into the copies, part of the commit
+        (effects "data"), or hands the chunks out for the client to write
+        after it, as a snapshot write's."""
+        size = self.g.chunk_size
+        start, count = self._range(self.engine.snapshot(tag).origin_chunks)
+        count = min(count, 16)
+        self.version += 1
+        version = self.version
+        data = b"".join(pattern(start + k, version, size) for k in range(count))
+        segments, written = self.engine.snapshot_write_data(tag, start * size, data)
+        if written:
+            created_ns = self.live[tag]
+            return (
+                "data",
+                [data_effect(created_ns, start + k, version) for k in range(count)],
+                (lambda: None),
+            )
+        return (
+            "data",
+            [],
+            lambda: (
+                tag in self.live
+                and tag not in self.squashed
+                and self._client_snapshot_writes(tag, segments, version)
+            ),
+        )
+
     def _squashes(self) -> list[Effect]:
         """The snapshots the last request squashed to make room, as effects."""
         effects: list[Effect] = []
@@ -255,15 +306,19 @@ class _Runner:
             self.trace.append(("origin", chunk, struct.pack("<Q", self.version)))
             self.origin.write(chunk * size, pattern(chunk, self.version, size))
 
-    def _client_snapshot_writes(self, tag: int, segments: list[WriteSegment]) -> bool:
-        self.version += 1
+    def _client_snapshot_writes(
+        self, tag: int, segments: list[WriteSegment], version: int | None = None
+    ) -> bool:
+        if version is None:
+            self.version += 1
+            version = self.version
         size = self.g.chunk_size
         for segment in segments:
             for k in range(segment.count):
                 chunk = segment.chunk + k
-                self.trace.append(("view", tag, _pack(chunk, self.version)))
+                self.trace.append(("view", tag, _pack(chunk, version)))
                 address = (segment.store_chunk + k) * size
-                self.store.write_through(address, pattern(chunk, self.version, size))
+                self.store.write_through(address, pattern(chunk, version, size))
         return True
 
     def _revert_step(self) -> None:
@@ -577,6 +632,12 @@ def _apply(model: _Model, effects: list[Effect]) -> None:
             model.reverting = created_ns
         elif kind == "reverted":
             model.reverting = None
+        elif kind == "data":
+            # `tag` is the snapshot's created_ns here; the list may be shared
+            # with the model this one was copied from.
+            versions = model.contents[tag] = list(model.contents[tag])
+            chunk = created_ns & ((1 << _DATA_CHUNK_BITS) - 1)
+            versions[chunk] = created_ns >> _DATA_CHUNK_BITS
         elif kind == "grow_origin":
             model.origin_chunks = tag
         else:
@@ -631,7 +692,14 @@ def _verify(
         )
 
     landed = False
-    if now != wanted() and in_flight:
+    if in_flight and (
+        now != wanted()
+        # Only a snapshot's data may tell whether the commit landed.
+        or (
+            any(kind == "data" for kind, _, _ in in_flight)
+            and not _reads_as_modelled(engine, image, origin, expected, squashed, g)
+        )
+    ):
         _apply(expected, in_flight)
         landed = True
     assert now == wanted(), (
@@ -669,6 +737,22 @@ def _check_snapshots(
         for chunk, data in enumerate(got):
             if data != pattern(chunk, versions[chunk], size):
                 raise AssertionError(f"snapshot {tag} chunk {chunk} reads the wrong data")
+
+
+def _reads_as_modelled(
+    engine: Engine,
+    image: MemoryDevice,
+    origin: MemoryDevice,
+    expected: _Model,
+    squashed: set[int],
+    g: Geometry,
+) -> bool:
+    """Whether _check_snapshots finds nothing wrong."""
+    try:
+        _check_snapshots(engine, image, origin, expected, squashed, g)
+    except AssertionError:
+        return False
+    return True
 
 
 def _finish_revert(

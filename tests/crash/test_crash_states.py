@@ -14,7 +14,7 @@ import pytest
 from tests.crash.harness import CrashStats, enumerate_crashes, lifecycle_seed, run_workload
 
 SEEDS = int(os.environ.get("CSNAP_CRASH_SEEDS", "3"))
-OPERATIONS = int(os.environ.get("CSNAP_CRASH_OPS", "100"))
+OPERATIONS = int(os.environ.get("CSNAP_CRASH_OPS", "110"))
 #: Crash states each workload must reach (the three together about 20,000).
 MINIMUM_STATES = int(os.environ.get("CSNAP_CRASH_MIN_STATES", "5000"))
 
@@ -60,11 +60,13 @@ def test_every_crash_state_recovers(seed: int) -> None:
         f" {stats.reverting} mid-revert ({stats.reverts_finished} finished and checked);"
         f" {done.count('reverted')} of {done.count('revert')} reverts finished;"
         f" data allocation wrapped {workload.data_wraps} times,"
-        f" the journal {workload.journal_wraps} times"
+        f" the journal {workload.journal_wraps} times;"
+        f" {done.count('data')} chunks written into copies by snapshot data writes"
     )
     assert stats.states >= MINIMUM_STATES
     assert stats.torn > 0 and stats.in_flight_landed > 0
     assert workload.journal_wraps > 0
+    assert "data" in done
     if store_bytes(seed) == SMALL:
         assert workload.data_wraps > 0
     if lifecycle_seed(seed):

@@ -152,6 +152,10 @@ class EngineMachine(RuleBasedStateMachine):
     def store_device(self) -> BlockDevice:
         return self.mem
 
+    def client_write(self, address: int, data: bytes) -> None:
+        """A snapshot client's write into the store, durable when it returns."""
+        self.mem.write_through(address, data)
+
     def pick_tag(self, data: st.DataObject) -> int:
         """Mostly a tag that exists, so that steps are rarely wasted."""
         if self.snaps and data.draw(st.integers(0, 9), label="existing") > 0:
@@ -366,6 +370,33 @@ class EngineMachine(RuleBasedStateMachine):
                 self.mem.write_through(
                     (segment.store_chunk + k) * size, pattern(chunk, version, size)
                 )
+                self.snaps[tag][chunk] = version
+
+    @rule(data=st.data(), r=chunk_ranges())
+    def snapshot_write_data(self, data: st.DataObject, r: tuple[int, int]) -> None:
+        """A snapshot write bringing its bytes (a new version of whole chunks):
+        written into the copies by the engine, or handed out to be written."""
+        tag = self.pick_tag(data)
+        if tag not in self.snaps or tag == self.reverting:
+            return
+        start, count = fit(r, len(self.snaps[tag]))
+        count = min(count, 16)
+        size = self.g.chunk_size
+        version = self.next_version()
+        whole = b"".join(pattern(start + k, version, size) for k in range(count))
+        try:
+            segments, written = self.engine.snapshot_write_data(tag, start * size, whole)
+        except RequestTooLargeError:
+            return
+        self.engine.commit()
+        assert sum(s.count for s in segments) == count
+        for segment in segments:
+            for k in range(segment.count):
+                chunk = segment.chunk + k
+                if not written:
+                    self.client_write(
+                        (segment.store_chunk + k) * size, pattern(chunk, version, size)
+                    )
                 self.snaps[tag][chunk] = version
 
     @rule(data=st.data(), r=chunk_ranges())
@@ -600,6 +631,9 @@ class FileEngineMachine(EngineMachine):
 
     def store_device(self) -> BlockDevice:
         return self.file_store
+
+    def client_write(self, address: int, data: bytes) -> None:
+        self.file_store.write(address, data)
 
     @rule(data=st.data(), r=chunk_ranges())
     def snapshot_write(self, data: st.DataObject, r: tuple[int, int]) -> None:
