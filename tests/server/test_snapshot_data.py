@@ -1,0 +1,87 @@
+"""Snapshot writes that bring their bytes (write_snapshot_data) against a real
+csnapd: written into the copy with one sync when the chunk needs one, handed
+out like query_write's otherwise, refused on an origin connection, and too
+large ones going the query_write way (docs/protocol.md, "Snapshot writes
+with their data").
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import trio
+
+from csnap_client import ServerError
+from csnap_protocol import MAX_WRITE_DATA, ErrorCode
+from csnapd.engine import FileDevice
+from csnapd.engine.check import check_store
+from tests.server.support import (
+    CHUNK,
+    label,
+    make_store,
+    pread,
+    read_snapshot,
+    running,
+    write_origin,
+)
+
+pytestmark = pytest.mark.slow
+
+
+def _laid(old: bytes, at: int, new: bytes) -> bytes:
+    return old[:at] + new + old[at + len(new) :]
+
+
+async def test_snapshot_data_writes_land_in_the_snapshot_alone(tmp_path: Path) -> None:
+    config = make_store(tmp_path)
+    with trio.fail_after(60):
+        async with running(config) as server, server.admin() as admin, server.client() as origin:
+            for chunk in range(8):
+                await write_origin(origin, server.origin, chunk, 1)
+            await admin.create_snapshot(1)
+            async with server.client(1) as snap:
+                before = await admin.server_info()
+                # Chunk 2 is shared with the origin: csnapd writes the bytes.
+                async with snap.snapshot_write_data(2 * CHUNK + 100, b"a" * 300) as given:
+                    assert given is None
+                after = await admin.server_info()
+                # One commit for the write and its copy: no seal after it.
+                assert after["commits"] - before["commits"] == 1
+                first = _laid(label(2, 1), 100, b"a" * 300)
+                assert await read_snapshot(snap, server, 2) == [first]
+                # Now the snapshot owns chunk 2: the client writes itself.
+                async with snap.snapshot_write_data(2 * CHUNK + 1000, b"b" * 50) as given:
+                    assert given is not None
+                    [(chunk, count, store_chunk)] = given
+                    assert (chunk, count) == (2, 1)
+                    with open(server.store, "r+b") as store:
+                        store.seek(store_chunk * CHUNK + 1000)
+                        store.write(b"b" * 50)
+                second = _laid(first, 1000, b"b" * 50)
+                assert await read_snapshot(snap, server, 2) == [second]
+                # Across two chunks, both shared.
+                async with snap.snapshot_write_data(5 * CHUNK - 10, b"c" * 20) as given:
+                    assert given is None
+                assert await read_snapshot(snap, server, 4, 2) == [
+                    _laid(label(4, 1), CHUNK - 10, b"c" * 10),
+                    _laid(label(5, 1), 0, b"c" * 10),
+                ]
+                # More than one message carries goes the query_write way.
+                big = bytes(range(256)) * ((MAX_WRITE_DATA + CHUNK) // 256)
+                async with snap.snapshot_write_data(0, big[: MAX_WRITE_DATA + 1]) as given:
+                    assert given is not None
+            # The origin never changed; a new connection reads the same.
+            assert pread(server.origin, 0, 8) == b"".join(label(c, 1) for c in range(8))
+            async with server.client(1) as snap:
+                assert (await read_snapshot(snap, server, 2)) == [second]
+            with pytest.raises(ServerError) as refused:
+                async with origin.snapshot_write_data(0, b"x"):
+                    pass
+            assert refused.value.error is ErrorCode.INVALID_REQUEST
+            assert "snapshot connections" in refused.value.message
+    device = FileDevice(Path(config.store), writable=False)
+    try:
+        assert check_store(device).exit_code == 0
+    finally:
+        device.close()
