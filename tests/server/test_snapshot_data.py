@@ -7,6 +7,7 @@ with their data").
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,14 @@ from tests.server.support import (
 )
 
 pytestmark = pytest.mark.slow
+
+
+def pwrite_at(path: Path, offset: int, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.pwrite(fd, data, offset)
+    finally:
+        os.close(fd)
 
 
 def _laid(old: bytes, at: int, new: bytes) -> bytes:
@@ -55,9 +64,7 @@ async def test_snapshot_data_writes_land_in_the_snapshot_alone(tmp_path: Path) -
                     assert given is not None
                     [(chunk, count, store_chunk)] = given
                     assert (chunk, count) == (2, 1)
-                    with open(server.store, "r+b") as store:
-                        store.seek(store_chunk * CHUNK + 1000)
-                        store.write(b"b" * 50)
+                    pwrite_at(server.store, store_chunk * CHUNK + 1000, b"b" * 50)
                 second = _laid(first, 1000, b"b" * 50)
                 assert await read_snapshot(snap, server, 2) == [second]
                 # Across two chunks, both shared.
