@@ -14,6 +14,10 @@ connection each, one request in flight each), one chunk per request:
                         origin: a read lock taken, then released with
                         finish (two round trips, both in the latency)
   snapshot_write        first writes into snapshot chunks (copy, commit)
+  snapshot_write_data   first small writes (4 KiB, at most half a chunk)
+                        into snapshot chunks, bringing their bytes: csnapd
+                        lays them into the copy it makes, one commit and
+                        no seal
 Each is warmed up, then measured in rounds, each bounded by an operation
 count and a time limit. Rates and latency percentiles are the median of
 the rounds' figures; commit figures are totals over all rounds.
@@ -434,6 +438,19 @@ async def snapshot_write(client: DataClient, chunk: int) -> int:
     return 1
 
 
+#: What snapshot_write_data writes: 4 KiB (at most half a chunk), a quarter
+#: of the way into its chunk.
+DATA_WRITE = bytes(range(256)) * 16
+
+
+async def snapshot_write_data(client: DataClient, chunk: int) -> int:
+    size = client.chunk_size
+    data = DATA_WRITE[: size // 2]
+    async with client.snapshot_write_data(chunk * size + size // 4, data) as given:
+        assert given is None, f"chunk {chunk} was not written by csnapd: it was owned already"
+    return 1
+
+
 @dataclass(frozen=True)
 class Workload:
     name: str
@@ -455,6 +472,7 @@ WORKLOADS = (
     Workload("snapshot_read_store", snapshot_read_store, SNAPSHOT, "region", 1),
     Workload("snapshot_read_locked", snapshot_read_locked, SNAPSHOT, "untouched", 1),
     Workload("snapshot_write", snapshot_write, SNAPSHOT, "fresh", 2),
+    Workload("snapshot_write_data", snapshot_write_data, SNAPSHOT, "fresh", 1),
 )
 
 
@@ -490,8 +508,9 @@ class Layout:
         self.fresh = {
             "origin_write_copy": (2 * plan.region, plan.fresh),
             "snapshot_write": (2 * plan.region + plan.fresh, plan.fresh),
+            "snapshot_write_data": (2 * plan.region + 2 * plan.fresh, plan.fresh),
         }
-        self.origin_chunks = 2 * plan.region + 2 * plan.fresh
+        self.origin_chunks = 2 * plan.region + 3 * plan.fresh
 
     def chunks(self, workload: Workload) -> Chunks:
         if workload.chunks == "region":

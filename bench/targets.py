@@ -93,6 +93,14 @@ TARGETS: tuple[Target, ...] = (
         "fsyncs_per_reply",
         at_most=True,
     ),
+    Target(
+        "fsyncs per small snapshot write with its data, 1 client",
+        "server",
+        ("snapshot_write_data_1_clients", "fsyncs_per_reply"),
+        1.0,
+        "fsyncs_per_reply",
+        at_most=True,
+    ),
 )
 
 #: Reported beside the targets: (label, part, keys to the peak in KiB).

@@ -23,9 +23,10 @@ SERVER_WORKLOADS = (
     "snapshot_read_store",
     "snapshot_read_locked",
     "snapshot_write",
+    "snapshot_write_data",
 )
 #: Workloads whose every request copies a chunk, so every batch commits.
-COPYING = ("origin_write_copy", "snapshot_write")
+COPYING = ("origin_write_copy", "snapshot_write", "snapshot_write_data")
 
 
 def run_quick(module: str, tmp_path: Path) -> dict[str, Any]:
