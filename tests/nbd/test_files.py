@@ -90,7 +90,7 @@ def test_a_reported_path_needs_a_given_file_or_a_vouched_server(tmp_path: Path) 
 
 
 def test_a_vouched_server_names_only_absolute_plain_files_of_our_user_or_root(
-    tmp_path: Path,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     need_root()
     mine, other = files(tmp_path)
@@ -102,7 +102,9 @@ def test_a_vouched_server_names_only_absolute_plain_files_of_our_user_or_root(
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)
     os.chown(other, NOBODY, NOBODY)
-    os.chdir(tmp_path)
+    # Back where it was after the test: a later test in this worker may
+    # resolve relative paths after tmp_path is gone.
+    monkeypatch.chdir(tmp_path)
     refusals = {
         "mine.img": "relative path",
         str(link): "symbolic link",
