@@ -60,7 +60,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 
 import trio
@@ -90,6 +90,7 @@ from csnap_protocol import (
     QueryOwned,
     QuerySnapshotRead,
     QueryWrite,
+    Request,
     SnapshotDataWritten,
     SnapshotReadOk,
     SnapshotWriteOk,
@@ -208,18 +209,8 @@ class DataClient(ReconnectingClient):
         self, ranges: Ranges
     ) -> AsyncIterator[tuple[tuple[int, int, int], ...]]:
         """Where to write snapshot chunks: (chunk, count, store chunk) segments."""
-        for _ in range(GRANT_ATTEMPTS):
-            reply = await self._call(lambda rid: QueryWrite(rid, tuple(ranges)))
-            assert isinstance(reply, SnapshotWriteOk)
-            if self._grant_in_lease(reply.id):
-                break
-            # Past the lease deadline: the snapshot may have been deleted
-            # and its store chunks reused meanwhile. Ask again.
-            self._close_grant(reply.id)
-        else:
-            raise LeaseExpiredError(
-                f"{GRANT_ATTEMPTS} snapshot write grants in a row came past the lease deadline"
-            )
+        reply = await self._snapshot_grant(lambda rid: QueryWrite(rid, tuple(ranges)))
+        assert isinstance(reply, SnapshotWriteOk)
         try:
             yield reply.segments
         finally:
@@ -254,25 +245,32 @@ class DataClient(ReconnectingClient):
             async with self.snapshot_write(ranges) as segments:
                 yield segments
             return
-        for _ in range(GRANT_ATTEMPTS):
-            reply = await self._call(lambda rid: WriteSnapshotData(rid, offset, data))
-            if isinstance(reply, SnapshotDataWritten):
-                yield None
-                return
-            assert isinstance(reply, SnapshotWriteOk)
-            if self._grant_in_lease(reply.id):
-                break
-            # As in snapshot_write: past the lease deadline, ask again
-            # (csnapd now finds the chunks owned and hands them out again).
-            self._close_grant(reply.id)
-        else:
-            raise LeaseExpiredError(
-                f"{GRANT_ATTEMPTS} snapshot write grants in a row came past the lease deadline"
-            )
+        reply = await self._snapshot_grant(lambda rid: WriteSnapshotData(rid, offset, data))
+        if isinstance(reply, SnapshotDataWritten):
+            yield None
+            return
         try:
             yield reply.segments
         finally:
             self._close_grant(reply.id)
+
+    async def _snapshot_grant(
+        self, make: Callable[[int], Request]
+    ) -> SnapshotWriteOk | SnapshotDataWritten:
+        """The reply to a snapshot write request: snapshot_write_ok opens a
+        grant, asked again while it comes past the lease deadline (the
+        snapshot may have been deleted and its store chunks reused
+        meanwhile; asked again, csnapd hands out the chunks it now finds
+        owned). snapshot_data_written opens none: nothing is left to write."""
+        for _ in range(GRANT_ATTEMPTS):
+            reply = await self._call(make)
+            assert isinstance(reply, SnapshotWriteOk | SnapshotDataWritten)
+            if isinstance(reply, SnapshotDataWritten) or self._grant_in_lease(reply.id):
+                return reply
+            self._close_grant(reply.id)
+        raise LeaseExpiredError(
+            f"{GRANT_ATTEMPTS} snapshot write grants in a row came past the lease deadline"
+        )
 
     @asynccontextmanager
     async def read_plan(self, first: int, count: int) -> AsyncIterator[ReadPlan]:

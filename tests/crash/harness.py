@@ -691,14 +691,18 @@ def _verify(
             expected.reverting,
         )
 
+    def reads_as_modelled() -> bool:
+        try:
+            _check_snapshots(engine, image, origin, expected, squashed, g)
+        except AssertionError:
+            return False
+        return True
+
     landed = False
     if in_flight and (
         now != wanted()
         # Only a snapshot's data may tell whether the commit landed.
-        or (
-            any(kind == "data" for kind, _, _ in in_flight)
-            and not _reads_as_modelled(engine, image, origin, expected, squashed, g)
-        )
+        or (any(kind == "data" for kind, _, _ in in_flight) and not reads_as_modelled())
     ):
         _apply(expected, in_flight)
         landed = True
@@ -737,22 +741,6 @@ def _check_snapshots(
         for chunk, data in enumerate(got):
             if data != pattern(chunk, versions[chunk], size):
                 raise AssertionError(f"snapshot {tag} chunk {chunk} reads the wrong data")
-
-
-def _reads_as_modelled(
-    engine: Engine,
-    image: MemoryDevice,
-    origin: MemoryDevice,
-    expected: _Model,
-    squashed: set[int],
-    g: Geometry,
-) -> bool:
-    """Whether _check_snapshots finds nothing wrong."""
-    try:
-        _check_snapshots(engine, image, origin, expected, squashed, g)
-    except AssertionError:
-        return False
-    return True
 
 
 def _finish_revert(
