@@ -62,6 +62,13 @@ Ranges = Sequence[tuple[int, int]]
 TRUST_FRACTION = 0.9
 #: Keepalives per lease.
 KEEPALIVES_PER_LEASE = 3
+#: Grants asked for in a row that arrive past the lease deadline before the
+#: write fails (each is a fresh round trip; one is almost always enough).
+GRANT_ATTEMPTS = 4
+
+
+class LeaseExpiredError(Exception):
+    """Every grant the server gave arrived past this client's lease deadline."""
 
 
 class SnapshotDeletedError(Exception):

@@ -41,6 +41,7 @@ from csnap_nbd.buffers import BUFFERS
 from csnap_nbd.failures import TRANSLATED as _translated
 from csnap_nbd.failures import ExportGoneError, IOFailedError
 from csnap_nbd.geometry import (
+    ZEROES,
     Piece,
     Placement,
     chunk_runs,
@@ -50,6 +51,7 @@ from csnap_nbd.geometry import (
     origin_placements,
     pieces,
     store_placements,
+    zero_placements,
 )
 from csnap_nbd.holes import origin_allocation, snapshot_allocation
 from csnap_nbd.wire.constants import Errno
@@ -76,18 +78,6 @@ STATUS_PIECES = 4
 #: Plans one snapshot read piece may take whose origin data came past the
 #: lease deadline before the read fails with EIO.
 READ_ATTEMPTS = 4
-#: Zeroes are written from one shared buffer of this size.
-_ZERO_SLICE = 1 << 20
-_ZEROES = memoryview(bytes(_ZERO_SLICE))
-
-
-def _zero_placements(placements: list[Placement]) -> list[Placement]:
-    """Placements that all read from the start of the shared zero buffer."""
-    return [
-        Placement(p.position + done, 0, min(_ZERO_SLICE, p.size - done))
-        for p in placements
-        for done in range(0, p.size, _ZERO_SLICE)
-    ]
 
 
 def _read_here(backing: Backing, transfers: list[Transfer], into: bytearray) -> bytearray | None:
@@ -231,7 +221,7 @@ class DataPath:
 
     async def zero(self, offset: int, length: int, *, fua: bool) -> None:
         async def zero(piece: Piece) -> None:
-            await self._write_piece(piece, offset, _ZEROES, True)
+            await self._write_piece(piece, offset, ZEROES, True)
 
         with _translated:
             await self._each_write_piece(offset, length, zero)
@@ -353,7 +343,7 @@ class OriginPath(DataPath):
     async def _write_piece(self, piece: Piece, offset: int, data: memoryview, zeroes: bool) -> None:
         placements = [Placement(piece.start, piece.start - offset, piece.end - piece.start)]
         if zeroes:
-            placements = _zero_placements(placements)
+            placements = zero_placements(placements)
         transfer = Transfer(self.backing.origin, "origin", placements)
         async with self.client.origin_write([(piece.first, piece.count)]):
             await self.backing.write([transfer], data)
@@ -555,5 +545,5 @@ class SnapshotPath(DataPath):
         transfer = Transfer(self.backing.store, "store", placements)
         _check_covers(piece, [transfer], "snapshot_write")
         if zeroes:
-            transfer = Transfer(self.backing.store, "store", _zero_placements(placements))
+            transfer = Transfer(self.backing.store, "store", zero_placements(placements))
         await self.backing.write([transfer], data)

@@ -22,6 +22,8 @@ __all__ = [
     "extents",
     "join_extent",
     "chunk_runs",
+    "ZEROES",
+    "zero_placements",
 ]
 
 
@@ -154,3 +156,17 @@ def chunk_runs(chunks: Iterable[int]) -> list[tuple[int, int]]:
         else:
             runs.append((chunk, 1))
     return runs
+
+
+#: Zeroes are written from one shared buffer of this size.
+ZERO_SLICE = 1 << 20
+ZEROES = memoryview(bytes(ZERO_SLICE))
+
+
+def zero_placements(placements: list[Placement]) -> list[Placement]:
+    """Placements that all read from the start of the shared zero buffer, ZEROES."""
+    return [
+        Placement(p.position + done, 0, min(ZERO_SLICE, p.size - done))
+        for p in placements
+        for done in range(0, p.size, ZERO_SLICE)
+    ]
