@@ -22,6 +22,7 @@ from csnap_protocol import (
     SnapshotDataWritten,
     SnapshotWriteOk,
     WriteSnapshotData,
+    touched_chunks,
 )
 
 __all__ = ["SnapshotWrites"]
@@ -69,9 +70,7 @@ class SnapshotWrites(ReconnectingClient):
         fit one message go the snapshot_write() way.
         """
         if not self.data_write_fits(len(data)):
-            size = self.chunk_size
-            first = offset // size
-            ranges = [(first, -(-(offset + len(data)) // size) - first)]
+            ranges = [touched_chunks(offset, len(data), self.chunk_size)]
             async with self.snapshot_write(ranges) as segments:
                 yield segments
             return

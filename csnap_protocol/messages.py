@@ -76,6 +76,7 @@ __all__ = [
     "SnapshotWriteOk",
     "WriteSnapshotData",
     "SnapshotDataWritten",
+    "touched_chunks",
     "QuerySnapshotRead",
     "SnapshotReadOk",
     "FinishSnapshotRead",
@@ -333,6 +334,13 @@ class WriteSnapshotData(Request):
 
     offset: Annotated[int, U64]
     data: Annotated[bytes, Bytes(MAX_WRITE_DATA)]
+
+
+def touched_chunks(offset: int, length: int, chunk_size: int) -> tuple[int, int]:
+    """(first chunk, count) of the chunks `length` bytes at byte `offset` touch:
+    the range a write_snapshot_data is checked as."""
+    first = offset // chunk_size
+    return first, -(-(offset + length) // chunk_size) - first
 
 
 @_message("snapshot_data_written", SERVER)

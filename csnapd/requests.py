@@ -54,6 +54,7 @@ from csnap_protocol import (
     UploadLock,
     WriteSnapshotData,
     largest_payload,
+    touched_chunks,
 )
 from csnap_protocol.bounds import RANGE_BYTES
 from csnapd.batch import Batch, ParkedWrite, Peer, Ranges
@@ -319,10 +320,8 @@ class RequestHandlers:
                 "write_snapshot_data is for snapshot connections; an origin client writes"
                 " the origin itself once query_write grants it",
             )
-        size = self._engine.chunk_size
-        first = message.offset // size
-        end = -(-(message.offset + len(message.data)) // size)
-        chunks = self._check_ranges(((first, end - first),))
+        touched = touched_chunks(message.offset, len(message.data), self._engine.chunk_size)
+        chunks = self._check_ranges((touched,))
         # Either reply lists at most one segment per chunk.
         self._check_reply_fits(peer, SnapshotWriteOk, chunks)
         segments, written = self._engine.snapshot_write_data(

@@ -210,12 +210,13 @@ class CopyOut:
                 list(zip(from_origin, origin_targets, strict=True)),
                 self._origin,
                 "origin",
-                overlay.over(from_origin) if overlay else None,
+                overlay,
+                from_origin,
             )
         if from_store:
             pairs = [(src, dst) for (_, src), dst in zip(from_store, store_targets, strict=True)]
             chunks = [chunk for chunk, _ in from_store]
-            self._move(pairs, self._store, "store", overlay.over(chunks) if overlay else None)
+            self._move(pairs, self._store, "store", overlay, chunks)
         for chunk, target in zip(from_origin, origin_targets, strict=True):
             self._add_own(chunk, bit, target, shared=False)
             where[chunk] = target
@@ -252,10 +253,12 @@ class CopyOut:
         pairs: Sequence[tuple[int, int]],
         source: BlockDevice,
         name: str,
-        overlay: _ChunkOverlay | None = None,
+        overlay: _Overlay | None = None,
+        chunks: Sequence[int] = (),
     ) -> None:
         """Copy chunk `src` of `source` to store chunk `dst` for each pair,
-        with the bytes of `overlay` laid over the copies before they are written.
+        with the bytes of `overlay` laid over the copies before they are
+        written (the k-th pair copying view chunk chunks[k]).
 
         Consecutive sources are read together and consecutive targets written
         together, in pieces of at most COPY_IO_BYTES.
@@ -277,7 +280,7 @@ class CopyOut:
                 ) from exc
             self._stats.copy_reads += 1
             if overlay is not None:
-                overlay.lay(i, j, data)
+                overlay.lay(chunks[i:j], data)
             self._write_copies(pairs[i:j], data)
             i = j
         self._stats.copied_chunks += len(pairs)
@@ -339,26 +342,13 @@ class _Overlay:
     data: bytes
     chunk_size: int
 
-    def over(self, chunks: Sequence[int]) -> _ChunkOverlay:
-        """The overlay for copies of these view chunks, in the order they are moved."""
-        return _ChunkOverlay(self, chunks)
-
-
-@dataclass(frozen=True, slots=True)
-class _ChunkOverlay:
-    """An overlay for copies of `chunks`, the k-th pair of a move copying chunks[k]."""
-
-    overlay: _Overlay
-    chunks: Sequence[int]
-
-    def lay(self, i: int, j: int, data: memoryview) -> None:
-        """Lay the bytes over `data`, read for the move's pairs i..j-1."""
-        size = self.overlay.chunk_size
-        start, payload = self.overlay.offset, self.overlay.data
-        end = start + len(payload)
-        for k in range(i, j):
-            base = self.chunks[k] * size
+    def lay(self, chunks: Sequence[int], data: memoryview) -> None:
+        """Lay the bytes over `data`, the old contents of view chunks `chunks`, in turn."""
+        size = self.chunk_size
+        start, end = self.offset, self.offset + len(self.data)
+        for k, chunk in enumerate(chunks):
+            base = chunk * size
             low, high = max(start, base), min(end, base + size)
             if low < high:
-                at = (k - i) * size + low - base
-                data[at : at + high - low] = payload[low - start : high - start]
+                at = k * size + low - base
+                data[at : at + high - low] = self.data[low - start : high - start]

@@ -50,13 +50,17 @@ async def test_snapshot_data_writes_land_in_the_snapshot_alone(tmp_path: Path) -
                 await write_origin(origin, server.origin, chunk, 1)
             await admin.create_snapshot(1)
             async with server.client(1) as snap:
-                before = await admin.server_info()
+                # Journal records written: a commit, and a seal when one follows.
+                before = (await admin.status()).store.sequence
+                async with snap.snapshot_write([(7, 1)]):
+                    pass
+                granted = (await admin.status()).store.sequence
+                assert granted - before == 2  # the copy's commit, then the seal
                 # Chunk 2 is shared with the origin: csnapd writes the bytes.
                 async with snap.snapshot_write_data(2 * CHUNK + 100, b"a" * 300) as given:
                     assert given is None
-                after = await admin.server_info()
-                # One commit for the write and its copy: no seal after it.
-                assert after["commits"] - before["commits"] == 1
+                # One record for the write and its copy: no seal after it.
+                assert (await admin.status()).store.sequence - granted == 1
                 first = _laid(label(2, 1), 100, b"a" * 300)
                 assert await read_snapshot(snap, server, 2) == [first]
                 # Now the snapshot owns chunk 2: the client writes itself.

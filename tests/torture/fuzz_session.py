@@ -59,6 +59,7 @@ from csnap_protocol import (
     UploadLock,
     WriteOk,
     WriteSnapshotData,
+    touched_chunks,
 )
 from tests.server.support import CHUNK, label, pread, pwrite
 from tests.torture.daemon import Csnapd, csnap_check, start_csnapd
@@ -917,8 +918,7 @@ def request_id(message: Message) -> int | None:
 
 def _ranges(message: Message) -> Ranges:
     if isinstance(message, WriteSnapshotData):
-        first = message.offset // CHUNK
-        return ((first, -(-(message.offset + len(message.data)) // CHUNK) - first),)
+        return (touched_chunks(message.offset, len(message.data), CHUNK),)
     ranges = getattr(message, "ranges", ())
     assert isinstance(ranges, tuple)
     return ranges
