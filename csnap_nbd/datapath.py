@@ -512,8 +512,9 @@ class SnapshotPath(DataPath):
         return into
 
     async def _write_piece(self, piece: Piece, offset: int, data: memoryview, zeroes: bool) -> None:
-        if self._sends_data(piece, zeroes):
-            own = bytes(data[piece.start - offset : piece.end - offset])
+        if self._sends_data(piece):
+            start, end = piece.start - offset, piece.end - offset
+            own = bytes(end - start) if zeroes else bytes(data[start:end])
             async with self.client.snapshot_write_data(piece.start, own) as given:
                 if given is not None:
                     await self._write_into(given, piece, offset, data, zeroes)
@@ -521,16 +522,14 @@ class SnapshotPath(DataPath):
         async with self.client.snapshot_write([(piece.first, piece.count)]) as segments:
             await self._write_into(segments, piece, offset, data, zeroes)
 
-    def _sends_data(self, piece: Piece, zeroes: bool) -> bool:
-        """Whether the piece's bytes go to csnapd with the request: a small
-        write whose first chunk the owned map does not place (it most likely
-        needs a copy, which csnapd then writes the bytes into, with one sync
-        and no seal: docs/protocol.md, "Snapshot writes with their data")."""
-        return (
-            not zeroes
-            and self.client.data_write_fits(piece.end - piece.start)
-            and not self.client.knows_owned(piece.first)
-        )
+    def _sends_data(self, piece: Piece) -> bool:
+        """Whether the piece's bytes (or its zeroes) go to csnapd with the
+        request: a write of at most MAX_WRITE_DATA whose first chunk the
+        owned map does not place (it most likely needs a copy, which csnapd
+        then writes the bytes into, with one sync and no seal:
+        docs/protocol.md, "Snapshot writes with their data")."""
+        fits = self.client.data_write_fits(piece.end - piece.start)
+        return fits and not self.client.knows_owned(piece.first)
 
     async def _write_into(
         self,

@@ -37,6 +37,7 @@ from csnap_protocol import (
     RemoteProtocolError,
     Request,
     Role,
+    WriteSnapshotData,
     message_id,
 )
 from csnap_transport import DirectStream, MessageStream
@@ -55,6 +56,11 @@ RECEIVE_SIZE = 1 << 16
 #: reader stops decoding until the engine has taken some. Requests are bounded
 #: by max_in_flight already; this bounds notices (barrier_done) too.
 QUEUED_LIMIT = 1024
+#: Bytes of snapshot data writes (write_snapshot_data) of one connection
+#: waiting for the engine task: past this, its reader stops decoding until
+#: the engine has taken some. max_in_flight of them at MAX_WRITE_DATA each
+#: would be a quarter of a gigabyte a connection.
+QUEUED_DATA_LIMIT = 4 << 20
 #: Most queued messages one send carries to a peer.
 WRITE_COALESCE = 256
 #: Seconds connections get at shutdown to send the replies already queued.
@@ -88,6 +94,8 @@ class _Link:
     dropped: bool = False
     #: Messages handed to the engine task that it has not taken yet.
     queued: int = 0
+    #: Bytes of the write_snapshot_data among them.
+    queued_data: int = 0
     #: Set once the writer has sent everything queued before the outbox closed.
     flushed: trio.Event = field(default_factory=trio.Event)
     #: The roles the peer's credential grants (csnapd.authenticate).
@@ -143,6 +151,13 @@ class Connections:
         """Connections accepted and not yet closed, hello said or not."""
         return self._accepted
 
+    @property
+    def queued_data(self) -> int:
+        """Bytes of write_snapshot_data received on every connection and not
+        yet taken by the engine task (QUEUED_DATA_LIMIT per connection, and
+        the write that crossed it)."""
+        return sum(link.queued_data for link in self._links.values())
+
     async def accept(
         self,
         listeners: list[trio.SocketListener],
@@ -175,6 +190,8 @@ class Connections:
                 link = self._links.get(item.peer)
                 if link is not None:
                     link.queued -= 1
+                    if isinstance(item.message, WriteSnapshotData):
+                        link.queued_data -= len(item.message.data)
         self._taken.set()
         self._taken = trio.Event()
 
@@ -351,7 +368,9 @@ class Connections:
                     return
                 link.heard = trio.current_time()
                 self._admit(link, message)
-                while link.queued >= QUEUED_LIMIT and not link.closing:
+                while not link.closing and (
+                    link.queued >= QUEUED_LIMIT or link.queued_data >= QUEUED_DATA_LIMIT
+                ):
                     await self._taken.wait()
         except RemoteProtocolError as exc:
             log.warning("%s: protocol error: %s", link.peer, exc)
@@ -372,6 +391,8 @@ class Connections:
         if isinstance(message, Request) and not self._take_request(link, message):
             return
         link.queued += 1
+        if isinstance(message, WriteSnapshotData):
+            link.queued_data += len(message.data)
         self._send.send_nowait(Received(link.peer, message))
 
     def _hello(self, link: _Link, message: Hello) -> None:

@@ -138,6 +138,11 @@ def _dispatcher(server: Server) -> Iterator[Metric]:
         "Connections open, counted from accept (hello said or not)",
         server.open_connections,
     )
+    yield gauge(
+        "csnapd_queued_data_bytes",
+        "Bytes of snapshot data writes received and not yet taken by the engine",
+        server.connections.queued_data,
+    )
     clients = dict.fromkeys(("origin", "snapshot", "admin", "unidentified"), 0)
     for peer in dispatcher.peers:
         if peer.role is Role.ADMIN:

@@ -28,6 +28,7 @@ from csnapd.authenticate import authenticate
 from csnapd.connections import (
     FLUSH_TIMEOUT,
     OUTBOX_LIMIT,
+    QUEUED_DATA_LIMIT,
     QUEUED_LIMIT,
     RECEIVE_SIZE,
     REFUSE_LINGER,
@@ -45,6 +46,7 @@ from csnapd.serving import Server
 __all__ = [
     "FLUSH_TIMEOUT",
     "OUTBOX_LIMIT",
+    "QUEUED_DATA_LIMIT",
     "QUEUED_LIMIT",
     "RECEIVE_SIZE",
     "REFUSE_LINGER",

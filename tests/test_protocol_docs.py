@@ -23,7 +23,7 @@ from csnap_protocol import (
 )
 from csnap_protocol.schema import Blob, Choice, ListOf, Nullable, Record, Spec, Text
 from csnapd.cli import _parser as csnapd_parser
-from csnapd.server import OUTBOX_LIMIT, QUEUED_LIMIT, ServerConfig
+from csnapd.server import OUTBOX_LIMIT, QUEUED_DATA_LIMIT, QUEUED_LIMIT, ServerConfig
 from tests.docs_tables import doc_lines, marked_table, marked_table_list, marker_of
 
 DOC = "protocol.md"
@@ -62,6 +62,7 @@ LIMITS: dict[str, object] = {
 }
 LIMITS["OUTBOX_LIMIT"] = OUTBOX_LIMIT
 LIMITS["QUEUED_LIMIT"] = QUEUED_LIMIT
+LIMITS["QUEUED_DATA_LIMIT"] = QUEUED_DATA_LIMIT
 #: The agent's limits, for the "agent_limits" table.
 AGENT_LIMITS = {
     name: getattr(csnap_agent, name)

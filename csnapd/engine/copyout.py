@@ -272,18 +272,29 @@ class CopyOut:
                 j += 1
             src = pairs[i][0]
             data = self._read_buffer((j - i) * size)
-            try:
-                source.read_into(src * size, data)
-            except OSError as exc:
-                raise StoreIOError(
-                    f"reading {name} chunks {src}..{src + j - i - 1}: {exc.strerror or exc}"
-                ) from exc
-            self._stats.copy_reads += 1
-            if overlay is not None:
+            if overlay is None:
+                self._read_old(source, name, src, data)
+            else:
+                # Only chunks the bytes leave part of need their old
+                # contents: at most the first and the last of the run.
+                for k in overlay.partly_covered(chunks[i:j]):
+                    self._read_old(source, name, src + k, data[k * size : (k + 1) * size])
                 overlay.lay(chunks[i:j], data)
             self._write_copies(pairs[i:j], data)
             i = j
         self._stats.copied_chunks += len(pairs)
+
+    def _read_old(self, source: BlockDevice, name: str, first: int, into: memoryview) -> None:
+        """Read chunks from `first` of `source` into `into` (whole chunks)."""
+        size = self._geometry.chunk_size
+        try:
+            source.read_into(first * size, into)
+        except OSError as exc:
+            last = first + len(into) // size - 1
+            raise StoreIOError(
+                f"reading {name} chunks {first}..{last}: {exc.strerror or exc}"
+            ) from exc
+        self._stats.copy_reads += 1
 
     def _read_buffer(self, length: int) -> memoryview:
         """Room for a read of `length` bytes, used before the next read: the
@@ -341,6 +352,15 @@ class _Overlay:
     offset: int
     data: bytes
     chunk_size: int
+
+    def partly_covered(self, chunks: Sequence[int]) -> list[int]:
+        """The positions in `chunks` of the view chunks whose old contents
+        the bytes do not overwrite whole."""
+        size = self.chunk_size
+        start, end = self.offset, self.offset + len(self.data)
+        return [
+            k for k, chunk in enumerate(chunks) if start > chunk * size or end < (chunk + 1) * size
+        ]
 
     def lay(self, chunks: Sequence[int], data: memoryview) -> None:
         """Lay the bytes over `data`, the old contents of view chunks `chunks`, in turn."""

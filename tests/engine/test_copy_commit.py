@@ -223,6 +223,38 @@ def test_a_snapshot_data_write_across_chunks_shared_with_another_snapshot() -> N
     assert_clean(crashed)
 
 
+def test_a_snapshot_data_write_reads_only_the_chunks_it_covers_in_part() -> None:
+    store, origin, engine, _ = _copy_out_store()
+    size = engine.chunk_size
+    # From byte 512 of chunk 0 to byte 512 of chunk 3: chunks 1 and 2 are
+    # overwritten whole, so only chunks 0 and 3 need their old contents.
+    data = bytes(range(251)) * (3 * size // 251 + 1)
+    data = data[: 3 * size]
+    reads, read_bytes = origin.stats.reads, origin.stats.bytes_read
+    segments, written = engine.snapshot_write_data(1, 512, data)
+    assert written
+    assert [(s.chunk, s.count) for s in segments] == [(0, 4)]
+    assert origin.stats.reads - reads == 2
+    assert origin.stats.bytes_read - read_bytes == 2 * size
+    engine.commit()
+    crashed = store.durable_copy()
+    recovered = Engine.open(crashed, origin)
+    old = b"".join(pattern(chunk, 1, size) for chunk in range(4))
+    assert b"".join(read_snapshot(recovered, crashed, origin, 1, 0, 4)) == _laid(old, 512, data)
+    recovered.close()
+    assert_clean(crashed)
+
+    # Whole chunks: nothing old is read at all.
+    store, origin, engine, _ = _copy_out_store()
+    reads = origin.stats.reads
+    _, written = engine.snapshot_write_data(1, size, data[: 2 * size])
+    assert written
+    assert origin.stats.reads == reads
+    engine.commit()
+    view = b"".join(read_snapshot(engine, store, origin, 1, 0, 4))
+    assert view == _laid(old, size, data[: 2 * size])
+
+
 def test_a_snapshot_data_write_to_an_owned_chunk_hands_it_out() -> None:
     store, origin, engine, _ = _copy_out_store()
     size = engine.chunk_size

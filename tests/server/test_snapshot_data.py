@@ -17,6 +17,7 @@ from csnap_client import ServerError
 from csnap_protocol import MAX_WRITE_DATA, ErrorCode
 from csnapd.engine import FileDevice
 from csnapd.engine.check import check_store
+from csnapd.server import QUEUED_DATA_LIMIT
 from tests.server.support import (
     CHUNK,
     label,
@@ -78,10 +79,22 @@ async def test_snapshot_data_writes_land_in_the_snapshot_alone(tmp_path: Path) -
                     _laid(label(4, 1), CHUNK - 10, b"c" * 10),
                     _laid(label(5, 1), 0, b"c" * 10),
                 ]
-                # More than one message carries goes the query_write way.
-                big = bytes(range(256)) * ((MAX_WRITE_DATA + CHUNK) // 256)
-                async with snap.snapshot_write_data(0, big[: MAX_WRITE_DATA + 1]) as given:
+                # The most one message carries, over chunks all shared: one record.
+                big = bytes(range(251)) * (MAX_WRITE_DATA // 251 + 1)
+                at = 64 * CHUNK + 7
+                before = (await admin.status()).store.sequence
+                async with snap.snapshot_write_data(at, big[:MAX_WRITE_DATA]) as given:
+                    assert given is None
+                assert (await admin.status()).store.sequence - before == 1
+                count = MAX_WRITE_DATA // CHUNK + 1
+                view = b"".join(await read_snapshot(snap, server, 64, count))
+                assert view == _laid(pread(server.origin, 64, count), 7, big[:MAX_WRITE_DATA])
+                # More than one message carries goes the query_write way,
+                # though these chunks too are all shared.
+                at = 512 * CHUNK
+                async with snap.snapshot_write_data(at, big[: MAX_WRITE_DATA + 1]) as given:
                     assert given is not None
+                    assert sum(count for _, count, _ in given) == MAX_WRITE_DATA // CHUNK + 1
             # The origin never changed; a new connection reads the same.
             assert pread(server.origin, 0, 8) == b"".join(label(c, 1) for c in range(8))
             async with server.client(1) as snap:
@@ -96,3 +109,43 @@ async def test_snapshot_data_writes_land_in_the_snapshot_alone(tmp_path: Path) -
         assert check_store(device).exit_code == 0
     finally:
         device.close()
+
+
+async def test_a_connection_queues_no_more_data_than_its_limit(tmp_path: Path) -> None:
+    """While the engine task cannot commit, a connection pipelining data
+    writes has at most QUEUED_DATA_LIMIT of them (and the one that crossed
+    it) waiting in csnapd; csnapd reads the rest once the engine takes some,
+    and every write lands."""
+    config = make_store(tmp_path)
+    data = (bytes(range(251)) * (MAX_WRITE_DATA // 251 + 1))[:MAX_WRITE_DATA]
+    writes = 3 * QUEUED_DATA_LIMIT // MAX_WRITE_DATA
+    written: list[int] = []
+    with trio.fail_after(60):
+        async with running(config) as server, server.admin() as admin:
+            await admin.create_snapshot(1)
+            async with server.client(1) as snap:
+
+                async def write(n: int) -> None:
+                    async with snap.snapshot_write_data(n * MAX_WRITE_DATA, data) as given:
+                        assert given is None
+                    written.append(n)
+
+                queued = server.server.connections
+                peak = 0
+                # The first write's batch waits for the lock; the rest queue.
+                # The lock is released before the nursery waits for the writes.
+                async with trio.open_nursery() as nursery, server.server.engine_lock:
+                    for n in range(writes):
+                        nursery.start_soon(write, n)
+                    with trio.move_on_after(1.0):
+                        while True:
+                            peak = max(peak, queued.queued_data)
+                            await trio.sleep(0.005)
+                    assert not written
+                assert QUEUED_DATA_LIMIT <= peak < QUEUED_DATA_LIMIT + MAX_WRITE_DATA
+                assert queued.queued_data == 0
+                assert sorted(written) == list(range(writes))
+                chunks = MAX_WRITE_DATA // CHUNK
+                for n in (0, writes - 1):
+                    view = await read_snapshot(snap, server, n * chunks, chunks)
+                    assert b"".join(view) == data
