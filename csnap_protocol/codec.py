@@ -57,9 +57,8 @@ __all__ = [
     "encode_frame",
 ]
 
-#: Largest frame accepted by default: a write_snapshot_data of MAX_WRITE_DATA
-#: bytes with room to spare, ample for 8192 ranges or segments.
-DEFAULT_MAX_FRAME = (1 << 20) + (64 << 10)
+#: Largest frame accepted by default: ample for 8192 ranges or segments.
+DEFAULT_MAX_FRAME = 1 << 20
 #: No peer may ask for frames smaller than this (a hello must fit).
 MIN_MAX_FRAME = 4096
 _LENGTH = struct.Struct(">I")

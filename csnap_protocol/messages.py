@@ -118,12 +118,12 @@ __all__ = [
 #: First field of every hello: this is the csnap protocol.
 PROTOCOL_MAGIC = "csnap"
 #: Bumped on any incompatible change; peers of other versions are refused.
-PROTOCOL_VERSION = 6
+PROTOCOL_VERSION = 5
 #: Most ranges (or segments) one message may carry.
 MAX_RANGES = 8192
-#: Most bytes one write_snapshot_data carries (larger writes take
-#: query_write's grant and go straight to the store).
-MAX_WRITE_DATA = 1 << 20
+#: Most bytes one write_snapshot_data carries (a small write; larger ones
+#: take query_write's grant and go straight to the store).
+MAX_WRITE_DATA = 64 << 10
 #: Most snapshots a list carries (the table has 64 slots).
 MAX_LIST = 64
 

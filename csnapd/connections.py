@@ -59,7 +59,7 @@ QUEUED_LIMIT = 1024
 #: Bytes of snapshot data writes (write_snapshot_data) of one connection
 #: waiting for the engine task: past this, its reader stops decoding until
 #: the engine has taken some. max_in_flight of them at MAX_WRITE_DATA each
-#: would be a quarter of a gigabyte a connection.
+#: would be 16 MiB a connection, and a thousand connections 16 GiB.
 QUEUED_DATA_LIMIT = 4 << 20
 #: Most queued messages one send carries to a peer.
 WRITE_COALESCE = 256

@@ -343,6 +343,34 @@ def test_trees_compares_a_revision_with_this_checkout_each_from_its_own_tree(
     assert base["path"] not in listed.stdout
 
 
+def test_gateway_trees_writes_into_a_snapshot_through_each_trees_gateway(
+    tmp_path: Path,
+) -> None:
+    out = tmp_path / "gateway_trees.json"
+    subprocess.run(
+        [
+            *(sys.executable, "-m", "bench.gateway_trees", "HEAD", "--size", "4096"),
+            *("--rounds", "2", "--count", "8", "--json", str(out)),
+        ],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    figures = json.loads(out.read_text())
+    assert (figures["size"], figures["depth"], figures["count"]) == (4096, 1, 8)
+    base, new = figures["trees"]["base"], figures["trees"]["new"]
+    assert base["revision"] == "HEAD" and Path(new["path"]) == ROOT
+    for tree in (base, new):
+        assert len(tree["per_s"]) == len(tree["fsyncs_per_write"]) == 2
+        assert all(rate > 0 for rate in tree["per_s"])
+        # Every write is the first into its chunk: each copies, and its
+        # commit is synced before the write is answered.
+        assert all(fsyncs >= 1.0 for fsyncs in tree["fsyncs_per_write"])
+    assert not Path(base["path"]).exists()
+
+
 def test_a_csnapd_started_inside_a_checkout_runs_that_checkouts_code(tmp_path: Path) -> None:
     # Why bench.trees starts each csnapd elsewhere: `python -m` looks in the
     # current directory first, whatever PYTHONPATH says.

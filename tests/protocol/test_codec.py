@@ -14,7 +14,6 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from csnap_protocol import (
-    DEFAULT_MAX_FRAME,
     MESSAGES,
     PROTOCOL_VERSION,
     Connection,
@@ -137,7 +136,7 @@ def open_server() -> Connection:
     ("data", "message"),
     [
         (struct.pack(">I", 0), "empty frame"),
-        (struct.pack(">I", DEFAULT_MAX_FRAME + 1), "exceeds the limit"),
+        (struct.pack(">I", (1 << 20) + 1), "exceeds the limit"),
         (frame_of([1, 2]), "must be a map"),
         (frame_of({"id": 1}), "needs a string 'type'"),
         (frame_of({"type": "launch_missiles"}), "unknown message type"),

@@ -1,0 +1,223 @@
+"""python -m bench.gateway_trees: first writes into a snapshot through
+csnap-nbd in two source trees, side by side, in alternating rounds of one
+run.
+
+  python -m bench.gateway_trees BASE [NEW] [--size S] [--depth D]
+                                [--count N] [--rounds R] [--zero]
+
+BASE and NEW are as for bench.trees (git revisions checked out into
+temporary worktrees, or directories); NEW defaults to this checkout. Each
+round formats a fresh store for each tree over a filled origin, starts
+that tree's csnapd (serving metrics) and csnap-nbd from a directory
+outside both trees, creates snapshot 1 with that tree's own admin client
+(the trees may speak different protocol versions), and writes into the
+snap-1 export: `qemu-img bench` with S-byte requests (one per
+max(S, 64 KiB), so each is the first write to its chunks since the
+snapshot), D in flight, N of them; with --zero, `qemu-io` zeroes the same
+ranges one at a time (`write -z`) and D is 1. The order of the trees turns
+every round, so that a slow stretch of the machine falls on both.
+
+Prints each tree's writes per second (qemu-img's own timing; qemu-io's run
+by the wall clock) and csnapd's fsyncs per write (csnapd_fsyncs before and
+after), each round's and their medians; --json FILE writes the same.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import sys
+import tempfile
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from bench.common import ROOT, fill_file, listening, missing_tools, progress, run_tool
+from bench.server_bench import csnapd
+from bench.trees import checked_out, csnapd_source, tree_env
+
+#: csnap chunk size: one request per chunk at most.
+CHUNK = 64 << 10
+PATTERN = 0xA5
+
+#: Run by the tree's own interpreter path: snapshot 1 through its admin client.
+_CREATE_SNAPSHOT = """
+import sys
+from pathlib import Path
+import trio
+from csnap_client import open_admin, tcp_connector
+from csnap_common.credentials import ROLE_ADMIN, client_context, store_credentials
+host, port, store = sys.argv[1], int(sys.argv[2]), Path(sys.argv[3])
+connect = tcp_connector(host, port, client_context(store_credentials(store), ROLE_ADMIN))
+async def create():
+    async with open_admin(connect) as admin:
+        await admin.create_snapshot(1)
+trio.run(create)
+"""
+
+
+@dataclass
+class Tree:
+    """One source tree under comparison."""
+
+    name: str
+    revision: str
+    path: Path
+    per_s: list[float] = field(default_factory=list)
+    fsyncs_per_write: list[float] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Plan:
+    size: int
+    depth: int
+    count: int
+    zero: bool
+
+    @property
+    def stride(self) -> int:
+        return max(self.size, CHUNK)
+
+    @property
+    def region(self) -> int:
+        return self.count * self.stride
+
+
+async def _writes(plan: Plan, url: str) -> float:
+    """Seconds the writes (or zeroes) into `url` took."""
+    if plan.zero:
+        commands = []
+        for n in range(plan.count):
+            commands += ["-c", f"write -z {n * plan.stride} {plan.size}"]
+        started = time.monotonic()
+        await run_tool(["qemu-io", "-f", "raw", *commands, url])
+        return time.monotonic() - started
+    argv = ["qemu-img", "bench", "-f", "raw", "-w", f"--pattern={PATTERN}", "-t", "none"]
+    argv += ["-c", str(plan.count), "-s", str(plan.size), "-S", str(plan.stride)]
+    out = await run_tool([*argv, "-d", str(plan.depth), url])
+    found = re.search(r"Run completed in ([0-9.]+) seconds", out)
+    if found is None:
+        raise RuntimeError(f"qemu-img bench said {out!r}")
+    return max(float(found.group(1)), 1e-3)
+
+
+async def one_round(tree: Tree, plan: Plan, directory: Path) -> None:
+    """Fresh store, the tree's csnapd and gateway, snapshot 1, the writes."""
+    env = tree_env(tree.path)
+    source = csnapd_source(tree.path, directory)
+    if source != tree.path / "csnapd":
+        raise RuntimeError(f"csnapd would come from {source}, not from the tree {tree.path}")
+    origin = directory / "origin"
+    if not origin.exists():
+        fill_file(origin, plan.region, 0x5A)
+    store = directory / f"{tree.name}.store"
+    store.unlink(missing_ok=True)
+    mkcsnap = [sys.executable, "-m", "csnap_format.mkcsnap", str(store), str(origin)]
+    mkcsnap += ["--chunk-size", str(CHUNK), "--store-size", str(2 * plan.region + (64 << 20))]
+    await trio.run_process(mkcsnap, env=env, cwd=directory, capture_stdout=True)
+    sock = directory / f"{tree.name}.sock"
+    log = directory / f"{tree.name}.csnapd.log"
+    options = ("--log-level", "warning")
+    async with csnapd(store, origin, log, *options, metrics=True, env=env, cwd=directory) as server:
+        host, _, port = server.address.rpartition(":")
+        create = [sys.executable, "-c", _CREATE_SNAPSHOT, host.strip("[]"), port, str(store)]
+        await trio.run_process(create, env=env, cwd=directory, capture_stdout=True)
+        gateway = [sys.executable, "-m", "csnap_nbd", "--unix", str(sock), *options]
+        gateway += ["--server", server.address, "--origin", str(origin), "--store", str(store)]
+        async with listening(gateway, directory / f"{tree.name}.nbd.log", env=env, cwd=directory):
+            before = await trio.to_thread.run_sync(server.fsyncs)
+            seconds = await _writes(plan, f"nbd+unix:///snap-1?socket={sock}")
+            after = await trio.to_thread.run_sync(server.fsyncs)
+    store.unlink()
+    if before is None or after is None:
+        raise RuntimeError("csnapd did not report its fsyncs")
+    tree.per_s.append(plan.count / seconds)
+    tree.fsyncs_per_write.append((after - before) / plan.count)
+
+
+async def compare(trees: list[Tree], plan: Plan, rounds: int, directory: Path) -> None:
+    for number in range(rounds):
+        for tree in trees if number % 2 == 0 else trees[::-1]:
+            await one_round(tree, plan, directory)
+            progress(f"gateway_trees: round {number + 1}: {tree.name} {tree.per_s[-1]:,.1f}/s")
+
+
+def render(trees: list[Tree], plan: Plan) -> str:
+    what = "zeroes" if plan.zero else "writes"
+    lines = [
+        f"# first {plan.size}-byte {what} into snap-1, {plan.depth} in flight,"
+        f" {plan.count} per round"
+    ]
+    for tree in trees:
+        rounds = " / ".join(f"{x:,.1f}" for x in tree.per_s)
+        lines.append(
+            f"{tree.name:5s} {tree.revision}: median {statistics.median(tree.per_s):,.1f}/s,"
+            f" {statistics.median(tree.fsyncs_per_write):.3f} fsyncs/write (rounds: {rounds})"
+        )
+    base, new = trees
+    change = statistics.median(new.per_s) / statistics.median(base.per_s) - 1
+    lines.append(f"new against base: {change:+.1%} writes per second")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.gateway_trees",
+        description="first writes into a snapshot through csnap-nbd, two trees, alternating",
+    )
+    parser.add_argument("base", help="a git revision of this repository, or a directory")
+    parser.add_argument("new", nargs="?", default=None, help="the same (default: this checkout)")
+    parser.add_argument("--size", type=int, default=CHUNK, help="bytes per request")
+    parser.add_argument("--depth", type=int, default=1, help="requests in flight")
+    parser.add_argument("--count", type=int, default=256, help="requests per round")
+    parser.add_argument("--rounds", type=int, default=6, help="rounds per tree")
+    parser.add_argument(
+        "--zero", action="store_true", help="zero the ranges (qemu-io, one at a time)"
+    )
+    parser.add_argument("--json", help="also write the figures to this file")
+    args = parser.parse_args(argv)
+    if min(args.size, args.depth, args.count, args.rounds) < 1:
+        parser.error("--size, --depth, --count and --rounds must be at least 1")
+    missing = missing_tools("qemu-io" if args.zero else "qemu-img")
+    if missing is not None:
+        parser.error(f"{missing} (scripts/bench installs it)")
+    plan = Plan(args.size, 1 if args.zero else args.depth, args.count, args.zero)
+    new = args.new if args.new is not None else str(ROOT)
+    with tempfile.TemporaryDirectory(prefix="csnap-gw-trees-") as scratch, ExitStack() as stack:
+        directory = Path(scratch)
+        trees = [
+            Tree(name, revision, stack.enter_context(checked_out(revision, directory / name)))
+            for name, revision in (("base", args.base), ("new", new))
+        ]
+        work = directory / "work"
+        work.mkdir()
+        trio.run(compare, trees, plan, args.rounds, work)
+    print(render(trees, plan))
+    if args.json:
+        figures: dict[str, Any] = {
+            "size": plan.size,
+            "depth": plan.depth,
+            "count": plan.count,
+            "zero": plan.zero,
+            "trees": {
+                tree.name: {
+                    "revision": tree.revision,
+                    "path": str(tree.path),
+                    "per_s": tree.per_s,
+                    "fsyncs_per_write": tree.fsyncs_per_write,
+                }
+                for tree in trees
+            },
+        }
+        Path(args.json).write_text(json.dumps(figures, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
