@@ -1,12 +1,13 @@
 """csnapd's connections: accepting, authenticating and serving each peer.
 
 Owns what belongs to one connection and no further: the accept loop
-(trio.serve_listeners) and the refusal beyond `max_connections`; per
-connection, a reader (MessageStream -> the engine task's queue) and a writer
-(outbox -> MessageStream), so a slow reader never blocks anyone; the hello
-timer; the lease watch that drops an identified data-path client silent for
-longer than `lease` (docs/protocol.md, "Liveness"); the per-connection
-limits (`max_in_flight`, `max_frame`, the outbox). Every message queued to a
+(trio.serve_listeners; the refusal beyond `max_connections` is
+csnapd.refusals'); per connection, a reader (MessageStream -> the engine
+task's queue) and a writer (outbox -> MessageStream), so a slow reader never
+blocks anyone; the hello timer; the lease watch that drops an identified
+data-path client silent for longer than `lease` (docs/protocol.md,
+"Liveness"); the per-connection limits (`max_in_flight`, `max_frame`, the
+outbox, the data waiting for the engine task). Every message queued to a
 peer goes through Connections._queue, so none of these touches any other
 connection. The engine task (csnapd.serving) hands replies back through
 Connections.deliver_to.
@@ -43,6 +44,7 @@ from csnap_protocol import (
 from csnap_transport import DirectStream, MessageStream
 from csnapd.authenticate import Authenticated, authenticate, hello_refusal, request_refusal
 from csnapd.dispatch import Connected, Disconnected, Item, Peer, Received
+from csnapd.refusals import Refusals
 from csnapd.server_config import ServerConfig
 from csnapd.server_stats import ServerStats
 
@@ -65,11 +67,6 @@ QUEUED_DATA_LIMIT = 4 << 20
 WRITE_COALESCE = 256
 #: Seconds connections get at shutdown to send the replies already queued.
 FLUSH_TIMEOUT = 2.0
-#: Connections being refused at once for max_connections (each is given a
-#: moment to read its error); beyond this, one is closed without a word.
-REFUSING_LIMIT = 64
-#: Seconds a refused connection gets to read its error before it is closed.
-REFUSE_LINGER = 1.0
 #: Seconds between looks at whether connections closed, to give their
 #: memory back (release_free_pages).
 RELEASE_INTERVAL = 2.0
@@ -138,8 +135,7 @@ class Connections:
         self._links: dict[Peer, _Link] = {}
         #: Connections accepted and not yet closed, hello said or not.
         self._accepted = 0
-        #: Connections being refused for max_connections.
-        self._refusing = 0
+        self._refusals = Refusals(config.max_connections, self._authenticate)
         #: Connections closed so far (see release_memory).
         self._closed = 0
         self._numbers = itertools.count(1)
@@ -208,7 +204,7 @@ class Connections:
     async def _connection(self, stream: trio.SocketStream) -> None:
         # Counted before the first checkpoint: a burst of accepts sees every one.
         if self._accepted >= self.config.max_connections:
-            await self._refuse_connection(stream)
+            await self._refusals.refuse(stream)
             return
         self._accepted += 1
         try:
@@ -216,40 +212,6 @@ class Connections:
         finally:
             self._accepted -= 1
             self._closed += 1
-
-    async def _refuse_connection(self, stream: trio.SocketStream) -> None:
-        """One connection too many: say so (when not too busy refusing) and close."""
-        if self._refusing >= REFUSING_LIMIT:
-            log.warning("too many connections: closing a new one without a message")
-            return  # serve_listeners closes the stream
-        self._refusing += 1
-        log.warning("too many connections (%d): refusing a new one", self.config.max_connections)
-        await self._send_refusal(stream)
-
-    async def _send_refusal(self, stream: trio.SocketStream) -> None:
-        codec = Connection(Role.SERVER, name="csnapd")
-        secured = await self._authenticate(stream, REFUSE_LINGER, "refused")
-        if secured is None:
-            self._refusing -= 1
-            return
-        refusal = _error_message(
-            None,
-            ErrorCode.TOO_MANY_CONNECTIONS,
-            f"csnapd has {self.config.max_connections} connections open, its limit;"
-            " try again later",
-        )
-        try:
-            with trio.move_on_after(REFUSE_LINGER):
-                async with secured.stream:
-                    with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-                        await secured.stream.send_all(codec.send(refusal))
-                        # Read what the peer sent (its hello) before closing, so
-                        # that closing with unread data does not reset the
-                        # connection under our error.
-                        while await secured.stream.receive_some(RECEIVE_SIZE):
-                            pass
-        finally:
-            self._refusing -= 1
 
     async def _authenticate(
         self, stream: trio.SocketStream, within: float, label: str

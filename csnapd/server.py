@@ -31,8 +31,6 @@ from csnapd.connections import (
     QUEUED_DATA_LIMIT,
     QUEUED_LIMIT,
     RECEIVE_SIZE,
-    REFUSE_LINGER,
-    REFUSING_LIMIT,
     WRITE_COALESCE,
     _error_message,
 )
@@ -40,6 +38,7 @@ from csnapd.credentials import server_tls
 from csnapd.dispatch import error_code
 from csnapd.engine import Engine, EngineError, FencedError
 from csnapd.fencing import Fence
+from csnapd.refusals import REFUSE_LINGER, REFUSING_LIMIT
 from csnapd.server_config import ServerConfig, ServerFailedError, ServerFencedError
 from csnapd.serving import Server
 
