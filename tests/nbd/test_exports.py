@@ -3,7 +3,8 @@ shared csnapd client per export in use, a snapshot's client lingering for a
 reconnect and closed at the linger's end, at shutdown or when its snapshot
 is deleted, one admin connection for the gateway's questions (opened again
 after a csnapd restart), a refused snapshot, and the data paths'
-partial-chunk writes as csnapd places them.
+partial-chunk writes as csnapd places them, and what a snapshot write costs
+in journal records by its size.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from csnap_nbd.exports import (
     parse_export_name,
     snapshot_export,
 )
+from csnap_protocol import MAX_WRITE_DATA
 from tests.compare import assert_same_bytes
 from tests.server.support import CHUNK, Running, label, make_store, pread, pwrite, running
 
@@ -258,3 +260,43 @@ async def test_partial_chunk_writes_keep_the_rest_of_the_chunk(tmp_path: Path) -
                 (3 * CHUNK, 1),
             ]
             assert await snap1.exceptions(0, 8 * CHUNK, req_one=True) == [(5 * CHUNK, 0)]
+
+
+async def test_a_snapshot_write_or_zeroing_up_to_max_write_data_costs_one_record(
+    tmp_path: Path,
+) -> None:
+    """A write or zeroing of a snapshot's shared chunks of at most
+    MAX_WRITE_DATA goes to csnapd with its bytes: one journal record (the
+    commit, one sync). A larger one takes the grant: the commit and its seal.
+    Either way the snapshot reads what was written and nothing else moved."""
+    async with exports_of(tmp_path) as (server, exports):
+        for chunk in range(64):
+            pwrite(server.origin, chunk, label(chunk, 1))
+        async with server.admin() as admin:
+            await admin.create_snapshot(1)
+
+            async def records() -> int:
+                sequence: int = (await admin.status()).store.sequence
+                return sequence
+
+            expected = bytearray(b"".join(label(c, 1) for c in range(64)))
+            async with exports.use(1) as snap:
+                pieces = [
+                    # (offset, length, zeroes, records)
+                    (2 * CHUNK + 100, 4096, True, 1),
+                    (4 * CHUNK + 7, MAX_WRITE_DATA, True, 1),
+                    (24 * CHUNK + 9, MAX_WRITE_DATA, False, 1),
+                    (44 * CHUNK + 3, MAX_WRITE_DATA + 1, True, 2),
+                ]
+                for offset, length, zeroes, written in pieces:
+                    before = await records()
+                    if zeroes:
+                        await snap.zero(offset, length, fua=False)
+                        expected[offset : offset + length] = bytes(length)
+                    else:
+                        data = os.urandom(length)
+                        await snap.write(offset, memoryview(data), fua=False)
+                        expected[offset : offset + length] = data
+                    assert await records() - before == written, (offset, length, zeroes)
+                assert_same_bytes(await snap.read(0, 64 * CHUNK), expected, "snapshot 1")
+        assert pread(server.origin, 0, 64) == b"".join(label(c, 1) for c in range(64))
