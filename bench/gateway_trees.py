@@ -29,18 +29,16 @@ import json
 import re
 import statistics
 import sys
-import tempfile
 import time
-from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import trio
 
-from bench.common import ROOT, fill_file, listening, missing_tools, progress, run_tool
+from bench.common import fill_file, listening, missing_tools, progress, run_tool
 from bench.server_bench import csnapd
-from bench.trees import checked_out, csnapd_source, tree_env
+from bench.trees import add_tree_arguments, both_checked_out, csnapd_source, tree_env
 
 #: csnap chunk size: one request per chunk at most.
 CHUNK = 64 << 10
@@ -171,8 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m bench.gateway_trees",
         description="first writes into a snapshot through csnap-nbd, two trees, alternating",
     )
-    parser.add_argument("base", help="a git revision of this repository, or a directory")
-    parser.add_argument("new", nargs="?", default=None, help="the same (default: this checkout)")
+    add_tree_arguments(parser)
     parser.add_argument("--size", type=int, default=CHUNK, help="bytes per request")
     parser.add_argument("--depth", type=int, default=1, help="requests in flight")
     parser.add_argument("--count", type=int, default=256, help="requests per round")
@@ -188,13 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     if missing is not None:
         parser.error(f"{missing} (scripts/bench installs it)")
     plan = Plan(args.size, 1 if args.zero else args.depth, args.count, args.zero)
-    new = args.new if args.new is not None else str(ROOT)
-    with tempfile.TemporaryDirectory(prefix="csnap-gw-trees-") as scratch, ExitStack() as stack:
-        directory = Path(scratch)
-        trees = [
-            Tree(name, revision, stack.enter_context(checked_out(revision, directory / name)))
-            for name, revision in (("base", args.base), ("new", new))
-        ]
+    with both_checked_out(args.base, args.new) as (directory, checked):
+        trees = [Tree(*tree) for tree in checked]
         work = directory / "work"
         work.mkdir()
         trio.run(compare, trees, plan, args.rounds, work)

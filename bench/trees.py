@@ -96,6 +96,30 @@ def checked_out(revision: str, path: Path) -> Iterator[Path]:
         )
 
 
+def add_tree_arguments(parser: argparse.ArgumentParser) -> None:
+    """The two trees a comparison takes: BASE, and NEW (this checkout by default)."""
+    parser.add_argument("base", help="a git revision of this repository, or a directory")
+    parser.add_argument(
+        "new", nargs="?", default=str(ROOT), help="the same (default: this checkout as it is)"
+    )
+
+
+@contextmanager
+def both_checked_out(base: str, new: str) -> Iterator[tuple[Path, list[tuple[str, str, Path]]]]:
+    """A scratch directory, and (name, revision, path) of the trees "base"
+    and "new" checked out in it (or as they are, for directories); all
+    removed when the block ends."""
+    with tempfile.TemporaryDirectory(prefix="csnap-trees-") as scratch, ExitStack() as stack:
+        directory = Path(scratch)
+        yield (
+            directory,
+            [
+                (name, revision, stack.enter_context(checked_out(revision, directory / name)))
+                for name, revision in (("base", base), ("new", new))
+            ],
+        )
+
+
 def tree_env(tree: Path) -> dict[str, str]:
     return {**PYTHON_ENV, "PYTHONPATH": str(tree)}
 
@@ -189,10 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m bench.trees",
         description="csnapd's CPU per request in two source trees, in alternating rounds",
     )
-    parser.add_argument("base", help="a git revision of this repository, or a directory")
-    parser.add_argument(
-        "new", nargs="?", default=str(ROOT), help="the same (default: this checkout as it is)"
-    )
+    add_tree_arguments(parser)
     names = [w.name for w in WORKLOADS]
     parser.add_argument("--workload", choices=names, default="snapshot_read_store")
     parser.add_argument("--clients", type=int, default=8, help="clients, one request each")
@@ -203,12 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if min(args.clients, args.rounds, args.count) < 1:
         parser.error("--clients, --rounds and --count must be at least 1")
-    with tempfile.TemporaryDirectory(prefix="csnap-trees-") as scratch, ExitStack() as stack:
-        directory = Path(scratch)
-        trees = [
-            Tree(name, revision, stack.enter_context(checked_out(revision, directory / name)))
-            for name, revision in (("base", args.base), ("new", args.new))
-        ]
+    with both_checked_out(args.base, args.new) as (directory, checked):
+        trees = [Tree(*tree) for tree in checked]
         trio.run(compare, trees, directory, args)
     print(render(trees, args))
     if args.json:

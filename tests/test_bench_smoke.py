@@ -313,62 +313,57 @@ def check_metrics_part(part: dict[str, Any]) -> None:
     assert part["counting_ns_per_request"] > 0
 
 
-def test_trees_compares_a_revision_with_this_checkout_each_from_its_own_tree(
-    tmp_path: Path,
-) -> None:
-    out = tmp_path / "trees.json"
+def compare_trees(module: str, out: Path, *options: str) -> dict[str, Any]:
+    """Run a two-tree comparison of HEAD against this checkout; its figures,
+    after checking both trees are named and the revision's worktree is gone."""
     subprocess.run(
-        [
-            *(sys.executable, "-m", "bench.trees", "HEAD", "--workload", "origin_write_copy"),
-            *("--clients", "2", "--rounds", "2", "--count", "40", "--json", str(out)),
-        ],
+        [sys.executable, "-m", module, "HEAD", *options, "--json", str(out)],
         cwd=ROOT,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
         check=True,
         capture_output=True,
         timeout=300,
     )
-    figures = json.loads(out.read_text())
-    assert figures["workload"] == "origin_write_copy"
+    figures: dict[str, Any] = json.loads(out.read_text())
     base, new = figures["trees"]["base"], figures["trees"]["new"]
     assert base["revision"] == "HEAD" and Path(new["path"]) == ROOT
-    for tree in (base, new):
-        assert len(tree["cpu_us"]) == len(tree["per_s"]) == 2
-        assert all(cpu > 0 for cpu in tree["cpu_us"]) and all(rate > 0 for rate in tree["per_s"])
-    # The revision's worktree is gone with the run.
     assert not Path(base["path"]).exists()
     listed = subprocess.run(
         ["git", "-C", str(ROOT), "worktree", "list"], check=True, capture_output=True, text=True
     )
     assert base["path"] not in listed.stdout
+    return figures
+
+
+def test_trees_compares_a_revision_with_this_checkout_each_from_its_own_tree(
+    tmp_path: Path,
+) -> None:
+    figures = compare_trees(
+        "bench.trees",
+        tmp_path / "trees.json",
+        *("--workload", "origin_write_copy", "--clients", "2", "--rounds", "2", "--count", "40"),
+    )
+    assert figures["workload"] == "origin_write_copy"
+    for tree in figures["trees"].values():
+        assert len(tree["cpu_us"]) == len(tree["per_s"]) == 2
+        assert all(cpu > 0 for cpu in tree["cpu_us"]) and all(rate > 0 for rate in tree["per_s"])
 
 
 def test_gateway_trees_writes_into_a_snapshot_through_each_trees_gateway(
     tmp_path: Path,
 ) -> None:
-    out = tmp_path / "gateway_trees.json"
-    subprocess.run(
-        [
-            *(sys.executable, "-m", "bench.gateway_trees", "HEAD", "--size", "4096"),
-            *("--rounds", "2", "--count", "8", "--json", str(out)),
-        ],
-        cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-        check=True,
-        capture_output=True,
-        timeout=300,
+    figures = compare_trees(
+        "bench.gateway_trees",
+        tmp_path / "gateway_trees.json",
+        *("--size", "4096", "--rounds", "2", "--count", "8"),
     )
-    figures = json.loads(out.read_text())
     assert (figures["size"], figures["depth"], figures["count"]) == (4096, 1, 8)
-    base, new = figures["trees"]["base"], figures["trees"]["new"]
-    assert base["revision"] == "HEAD" and Path(new["path"]) == ROOT
-    for tree in (base, new):
+    for tree in figures["trees"].values():
         assert len(tree["per_s"]) == len(tree["fsyncs_per_write"]) == 2
         assert all(rate > 0 for rate in tree["per_s"])
         # Every write is the first into its chunk: each copies, and its
         # commit is synced before the write is answered.
         assert all(fsyncs >= 1.0 for fsyncs in tree["fsyncs_per_write"])
-    assert not Path(base["path"]).exists()
 
 
 def test_a_csnapd_started_inside_a_checkout_runs_that_checkouts_code(tmp_path: Path) -> None:
