@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import statistics
 import sys
 import time
@@ -37,6 +36,7 @@ from typing import Any
 import trio
 
 from bench.common import fill_file, listening, missing_tools, progress, run_tool
+from bench.nbd_bench import qemu_bench_seconds
 from bench.server_bench import csnapd
 from bench.trees import add_tree_arguments, both_checked_out, csnapd_source, tree_env
 
@@ -98,11 +98,7 @@ async def _writes(plan: Plan, url: str) -> float:
         return time.monotonic() - started
     argv = ["qemu-img", "bench", "-f", "raw", "-w", f"--pattern={PATTERN}", "-t", "none"]
     argv += ["-c", str(plan.count), "-s", str(plan.size), "-S", str(plan.stride)]
-    out = await run_tool([*argv, "-d", str(plan.depth), url])
-    found = re.search(r"Run completed in ([0-9.]+) seconds", out)
-    if found is None:
-        raise RuntimeError(f"qemu-img bench said {out!r}")
-    return max(float(found.group(1)), 1e-3)
+    return await qemu_bench_seconds([*argv, "-d", str(plan.depth), url])
 
 
 async def one_round(tree: Tree, plan: Plan, directory: Path) -> None:

@@ -161,7 +161,12 @@ async def qemu_bench(url: str, count: int, *, write: bool, fua: bool = False) ->
     argv += ["-d", str(DEPTH), "-t", "directsync" if fua else "none"]
     if write:
         argv += ["-w", f"--pattern={PATTERN}"]
-    out = await run_tool([*argv, url])
+    return await qemu_bench_seconds([*argv, url])
+
+
+async def qemu_bench_seconds(argv: Sequence[str]) -> float:
+    """Run `qemu-img bench` as `argv` says; the seconds it says the run took."""
+    out = await run_tool(argv)
     found = re.search(r"Run completed in ([0-9.]+) seconds", out)
     if found is None:
         raise RuntimeError(f"qemu-img bench said {out!r}")

@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable
 import trio
 
 from csnap_protocol import Connection, Error, ErrorCode, Role
+from csnap_transport.direct import RECEIVE_SIZE
 from csnapd.authenticate import Authenticated
 
 log = logging.getLogger("csnapd")
@@ -26,8 +27,6 @@ log = logging.getLogger("csnapd")
 REFUSING_LIMIT = 64
 #: Seconds a refused connection gets to read its error before it is closed.
 REFUSE_LINGER = 1.0
-#: Bytes read at once from a refused peer while it reads its error.
-_DRAIN_SIZE = 1 << 16
 
 #: Authenticates a new connection within so many seconds, under a label for logs.
 Authenticator = Callable[[trio.SocketStream, float, str], Awaitable[Authenticated | None]]
@@ -70,5 +69,5 @@ class Refusals:
                     # Read what the peer sent (its hello) before closing, so
                     # that closing with unread data does not reset the
                     # connection under our error.
-                    while await secured.stream.receive_some(_DRAIN_SIZE):
+                    while await secured.stream.receive_some(RECEIVE_SIZE):
                         pass
