@@ -8,8 +8,10 @@ reads, which need no csnapd round trip, are answered by the reader itself
 without a task. Snapshot reads of chunks the owned map
 places, some of them on the origin, are read by the reader too, and one
 task confirms every such read waiting with csnapd at once before their
-replies go. Small origin writes that need csnapd's grant wait for one they
-share (csnap_nbd.gathered).
+replies go; after a confirmation's answers, it waits for the client's
+refill of its queue as gathered writes do (csnap_nbd.gathered, RefillWait),
+so that a backup's queue of reads shares one query_map. Small origin
+writes that need csnapd's grant wait for one they share (csnap_nbd.gathered).
 
 Memory per connection is bounded twice: at most `max_in_flight` requests,
 and at most `connection_budget` bytes of READ/WRITE data held at once, from
@@ -33,7 +35,7 @@ from csnap_nbd.buffers import BUFFERS
 from csnap_nbd.connection import Connection, PeerClosedError
 from csnap_nbd.datapath import ExportGoneError, IOFailedError, UnconfirmedRead
 from csnap_nbd.exports import Exports
-from csnap_nbd.gathered import GatheredWrites
+from csnap_nbd.gathered import GatheredWrites, RefillWait
 from csnap_nbd.negotiation import Negotiated
 from csnap_nbd.replies import Budget, ReplyWriter
 from csnap_nbd.settings import Settings
@@ -88,6 +90,8 @@ class Transmission:
         #: Reads done that wait for csnapd's confirmation, and whether a task asks for it.
         self._unconfirmed: list[tuple[tx.Request, int, UnconfirmedRead]] = []
         self._confirming = False
+        #: Chunks the reads waiting touch (overlaps counted twice).
+        self._unconfirmed_chunks = 0
         #: Small origin writes waiting for a grant they share.
         self._gathered = GatheredWrites(
             self.path,
@@ -95,9 +99,14 @@ class Transmission:
             self._slots,
             self.stats,
             self._serve,
-            in_flight=lambda: settings.max_in_flight - self._slots.value,
+            in_flight=self._in_flight,
         )
+        #: After a batch is confirmed, its refill is waited for as for writes.
+        self._confirm_refill = RefillWait(self._in_flight, self._confirm_batch_full)
         self._reading = trio.CancelScope()
+
+    def _in_flight(self) -> int:
+        return self.settings.max_in_flight - self._slots.value
 
     def stop(self) -> None:
         """Take no more requests; those in flight finish and are answered."""
@@ -142,6 +151,7 @@ class Transmission:
             await self._read_requests(nursery)
         finally:
             self._gathered.reader_stopped()
+            self._confirm_refill.closed()
             # The replies the reader queued itself wake nobody: they go now,
             # not when the requests still running end (DISC, bad framing, stop).
             self._writer.send_now()
@@ -249,6 +259,8 @@ class Transmission:
         if read is None:
             return False
         self._unconfirmed.append((req, held, read))
+        self._unconfirmed_chunks += len(self.path.chunks_of(req.offset, req.length))
+        self._confirm_refill.added()
         if not self._confirming:
             self._confirming = True
             nursery.start_soon(self._confirm, nursery)
@@ -259,7 +271,9 @@ class Transmission:
         not confirmed is served again in a task of its own."""
         try:
             while self._unconfirmed:
+                await self._confirm_refill.linger()
                 batch, self._unconfirmed = self._unconfirmed, []
+                self._unconfirmed_chunks = 0
                 answers: list[bool] = []
                 try:
                     answers = await self.path.confirm_reads([read for _, _, read in batch])
@@ -275,8 +289,13 @@ class Transmission:
                     else:
                         BUFFERS.give(read.data)
                         nursery.start_soon(self._serve, req, None, held)
+                self._confirm_refill.answered()
         finally:
             self._confirming = False
+
+    def _confirm_batch_full(self) -> bool:
+        """The reads waiting touch as many chunks as one query_map may name."""
+        return self._unconfirmed_chunks >= self.path.gather_limit()
 
     async def _drain(self, req: tx.Request) -> None:
         """A WRITE longer than advertised: skip its payload if we can, refuse it.
