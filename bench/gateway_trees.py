@@ -4,6 +4,7 @@ run.
 
   python -m bench.gateway_trees BASE [NEW] [--size S] [--depth D]
                                 [--count N] [--rounds R] [--zero]
+                                [--backup [--passes P]]
 
 BASE and NEW are as for bench.trees (git revisions checked out into
 temporary worktrees, or directories); NEW defaults to this checkout. Each
@@ -17,9 +18,17 @@ snapshot), D in flight, N of them; with --zero, `qemu-io` zeroes the same
 ranges one at a time (`write -z`) and D is 1. The order of the trees turns
 every round, so that a slow stretch of the machine falls on both.
 
+With --backup, the round backs snap-1 up instead: 4 KiB into every other
+chunk of an N-chunk origin after the snapshot (untimed: half the snapshot
+copied, half still shared with the origin), then P passes (--passes) of
+`nbdcopy` of snap-1 to null: with 256 KiB requests, 16 in flight.
+
 Prints each tree's writes per second (qemu-img's own timing; qemu-io's run
 by the wall clock) and csnapd's fsyncs per write (csnapd_fsyncs before and
-after), each round's and their medians; --json FILE writes the same.
+after), each round's and their medians; with --backup, MiB/s (the median
+of each round's passes), the gateway's and csnapd's CPU per pass
+(/proc) and csnapd's query_map requests per pass. --json FILE writes the
+same.
 """
 
 from __future__ import annotations
@@ -35,9 +44,9 @@ from typing import Any
 
 import trio
 
-from bench.common import fill_file, listening, missing_tools, progress, run_tool
-from bench.nbd_bench import qemu_bench_seconds
-from bench.server_bench import csnapd
+from bench.common import cpu_ns, fill_file, listening, missing_tools, progress, run_tool
+from bench.nbd_bench import BACKUP_REQUEST, half_write, nbdcopy_seconds, qemu_bench_seconds
+from bench.server_bench import Server, csnapd
 from bench.trees import add_tree_arguments, both_checked_out, csnapd_source, tree_env
 
 #: csnap chunk size: one request per chunk at most.
@@ -67,8 +76,14 @@ class Tree:
     name: str
     revision: str
     path: Path
+    #: Writes per second, or with --backup MiB/s, per round.
     per_s: list[float] = field(default_factory=list)
     fsyncs_per_write: list[float] = field(default_factory=list)
+    #: With --backup, per round (medians of its passes): CPU ms per pass
+    #: of the gateway and of csnapd, and csnapd's query_maps per pass.
+    gateway_ms: list[float] = field(default_factory=list)
+    csnapd_ms: list[float] = field(default_factory=list)
+    query_maps: list[float] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -77,6 +92,8 @@ class Plan:
     depth: int
     count: int
     zero: bool
+    #: Passes of nbdcopy per round; 0: the writes instead.
+    backup_passes: int = 0
 
     @property
     def stride(self) -> int:
@@ -124,7 +141,13 @@ async def one_round(tree: Tree, plan: Plan, directory: Path) -> None:
         await trio.run_process(create, env=env, cwd=directory, capture_stdout=True)
         gateway = [sys.executable, "-m", "csnap_nbd", "--unix", str(sock), *options]
         gateway += ["--server", server.address, "--origin", str(origin), "--store", str(store)]
-        async with listening(gateway, directory / f"{tree.name}.nbd.log", env=env, cwd=directory):
+        async with listening(
+            gateway, directory / f"{tree.name}.nbd.log", env=env, cwd=directory
+        ) as gateway_process:
+            if plan.backup_passes:
+                await _backups(tree, plan, sock, server, gateway_process.pid)
+                store.unlink()
+                return
             before = await trio.to_thread.run_sync(server.fsyncs)
             seconds = await _writes(plan, f"nbd+unix:///snap-1?socket={sock}")
             after = await trio.to_thread.run_sync(server.fsyncs)
@@ -135,6 +158,35 @@ async def one_round(tree: Tree, plan: Plan, directory: Path) -> None:
     tree.fsyncs_per_write.append((after - before) / plan.count)
 
 
+def _cpu_ms(pid: int) -> float:
+    used = cpu_ns(pid)
+    if used is None:
+        raise RuntimeError(f"the CPU time of process {pid} is not readable")
+    return used / 1e6
+
+
+async def _backups(tree: Tree, plan: Plan, sock: Path, server: Server, gateway_pid: int) -> None:
+    """Half of snap-1 copied, then plan.backup_passes nbdcopy passes of it."""
+    await half_write(f"nbd+unix:///origin?socket={sock}", plan.count)
+    rates: list[float] = []
+    gateway_ms: list[float] = []
+    csnapd_ms: list[float] = []
+    query_maps: list[float] = []
+    for _ in range(plan.backup_passes):
+        gateway, server_cpu = _cpu_ms(gateway_pid), _cpu_ms(server.pid)
+        asked = await trio.to_thread.run_sync(server.requests, "query_map")
+        url = f"nbd+unix:///snap-1?socket={sock}"
+        seconds = await nbdcopy_seconds(url, "null:", BACKUP_REQUEST)
+        gateway_ms.append(_cpu_ms(gateway_pid) - gateway)
+        csnapd_ms.append(_cpu_ms(server.pid) - server_cpu)
+        query_maps.append(await trio.to_thread.run_sync(server.requests, "query_map") - asked)
+        rates.append(plan.region / seconds / (1 << 20))
+    tree.per_s.append(statistics.median(rates))
+    tree.gateway_ms.append(statistics.median(gateway_ms))
+    tree.csnapd_ms.append(statistics.median(csnapd_ms))
+    tree.query_maps.append(statistics.median(query_maps))
+
+
 async def compare(trees: list[Tree], plan: Plan, rounds: int, directory: Path) -> None:
     for number in range(rounds):
         for tree in trees if number % 2 == 0 else trees[::-1]:
@@ -143,6 +195,8 @@ async def compare(trees: list[Tree], plan: Plan, rounds: int, directory: Path) -
 
 
 def render(trees: list[Tree], plan: Plan) -> str:
+    if plan.backup_passes:
+        return _render_backups(trees, plan)
     what = "zeroes" if plan.zero else "writes"
     lines = [
         f"# first {plan.size}-byte {what} into snap-1, {plan.depth} in flight,"
@@ -160,6 +214,25 @@ def render(trees: list[Tree], plan: Plan) -> str:
     return "\n".join(lines)
 
 
+def _render_backups(trees: list[Tree], plan: Plan) -> str:
+    lines = [
+        f"# nbdcopy of snap-1 ({plan.count} chunks, every other one copied),"
+        f" {BACKUP_REQUEST >> 10} KiB requests, {plan.backup_passes} passes per round"
+    ]
+    for tree in trees:
+        rounds = " / ".join(f"{x:,.0f}" for x in tree.per_s)
+        lines.append(
+            f"{tree.name:5s} {tree.revision}: median {statistics.median(tree.per_s):,.0f} MiB/s;"
+            f" per pass: gateway {statistics.median(tree.gateway_ms):,.0f} ms CPU,"
+            f" csnapd {statistics.median(tree.csnapd_ms):,.0f} ms CPU,"
+            f" {statistics.median(tree.query_maps):,.0f} query_maps (rounds: {rounds} MiB/s)"
+        )
+    base, new = trees
+    change = statistics.median(new.per_s) / statistics.median(base.per_s) - 1
+    lines.append(f"new against base: {change:+.1%} MiB/s")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m bench.gateway_trees",
@@ -173,14 +246,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--zero", action="store_true", help="zero the ranges (qemu-io, one at a time)"
     )
+    parser.add_argument(
+        "--backup",
+        action="store_true",
+        help="back snap-1 up with nbdcopy, half of it copied, instead of writing",
+    )
+    parser.add_argument("--passes", type=int, default=5, help="nbdcopy passes per round")
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args(argv)
-    if min(args.size, args.depth, args.count, args.rounds) < 1:
-        parser.error("--size, --depth, --count and --rounds must be at least 1")
-    missing = missing_tools("qemu-io" if args.zero else "qemu-img")
+    if min(args.size, args.depth, args.count, args.rounds, args.passes) < 1:
+        parser.error("--size, --depth, --count, --rounds and --passes must be at least 1")
+    if args.backup and args.zero:
+        parser.error("--backup and --zero are two different runs")
+    tools = ("qemu-img", "nbdcopy") if args.backup else ("qemu-io" if args.zero else "qemu-img",)
+    missing = missing_tools(*tools)
     if missing is not None:
         parser.error(f"{missing} (scripts/bench installs it)")
-    plan = Plan(args.size, 1 if args.zero else args.depth, args.count, args.zero)
+    depth = 1 if args.zero else args.depth
+    if args.backup:
+        # One chunk per request of the half writes: every other chunk copied.
+        plan = Plan(CHUNK, depth, args.count, False, args.passes)
+    else:
+        plan = Plan(args.size, depth, args.count, args.zero)
     with both_checked_out(args.base, args.new) as (directory, checked):
         trees = [Tree(*tree) for tree in checked]
         work = directory / "work"
@@ -193,12 +280,16 @@ def main(argv: list[str] | None = None) -> int:
             "depth": plan.depth,
             "count": plan.count,
             "zero": plan.zero,
+            "backup_passes": plan.backup_passes,
             "trees": {
                 tree.name: {
                     "revision": tree.revision,
                     "path": str(tree.path),
                     "per_s": tree.per_s,
                     "fsyncs_per_write": tree.fsyncs_per_write,
+                    "gateway_ms_per_pass": tree.gateway_ms,
+                    "csnapd_ms_per_pass": tree.csnapd_ms,
+                    "query_maps_per_pass": tree.query_maps,
                 }
                 for tree in trees
             },

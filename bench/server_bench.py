@@ -151,13 +151,22 @@ class Server:
 
     def fsyncs(self) -> int | None:
         """fsyncs of the store so far (csnapd_fsyncs), if it serves metrics."""
+        return self._counter(("csnapd_fsyncs", "csnapd_fsyncs_total"))
+
+    def requests(self, kind: str) -> int:
+        """Requests of type `kind` received so far (csnapd_requests); it must serve metrics."""
+        label = f'{{type="{kind}"}}'
+        names = (f"csnapd_requests{label}", f"csnapd_requests_total{label}")
+        return self._counter(names) or 0
+
+    def _counter(self, names: tuple[str, ...]) -> int | None:
         if self.metrics_url is None:
             return None
         with urllib.request.urlopen(self.metrics_url, timeout=10) as response:
             text = response.read().decode()
         for line in text.splitlines():
-            name, _, value = line.partition(" ")
-            if name in ("csnapd_fsyncs", "csnapd_fsyncs_total"):
+            name, _, value = line.rpartition(" ")
+            if name in names:
                 return int(float(value))
         return None
 

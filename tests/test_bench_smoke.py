@@ -366,6 +366,24 @@ def test_gateway_trees_writes_into_a_snapshot_through_each_trees_gateway(
         assert all(fsyncs >= 1.0 for fsyncs in tree["fsyncs_per_write"])
 
 
+def test_gateway_trees_backs_up_a_half_copied_snapshot_through_each_trees_gateway(
+    tmp_path: Path,
+) -> None:
+    figures = compare_trees(
+        "bench.gateway_trees",
+        tmp_path / "gateway_trees.json",
+        *("--backup", "--count", "64", "--rounds", "2", "--passes", "2"),
+    )
+    assert (figures["count"], figures["backup_passes"]) == (64, 2)
+    for tree in figures["trees"].values():
+        assert len(tree["per_s"]) == len(tree["query_maps_per_pass"]) == 2
+        assert all(rate > 0 for rate in tree["per_s"])
+        assert all(ms > 0 for ms in tree["gateway_ms_per_pass"] + tree["csnapd_ms_per_pass"])
+        # Half the chunks are still shared with the origin: each pass reads
+        # them unlocked and asks csnapd to confirm them.
+        assert all(asked >= 1 for asked in tree["query_maps_per_pass"])
+
+
 def test_a_csnapd_started_inside_a_checkout_runs_that_checkouts_code(tmp_path: Path) -> None:
     # Why bench.trees starts each csnapd elsewhere: `python -m` looks in the
     # current directory first, whatever PYTHONPATH says.
