@@ -195,41 +195,41 @@ async def compare(trees: list[Tree], plan: Plan, rounds: int, directory: Path) -
 
 
 def render(trees: list[Tree], plan: Plan) -> str:
+    median = statistics.median
     if plan.backup_passes:
-        return _render_backups(trees, plan)
-    what = "zeroes" if plan.zero else "writes"
-    lines = [
-        f"# first {plan.size}-byte {what} into snap-1, {plan.depth} in flight,"
-        f" {plan.count} per round"
-    ]
-    for tree in trees:
-        rounds = " / ".join(f"{x:,.1f}" for x in tree.per_s)
-        lines.append(
-            f"{tree.name:5s} {tree.revision}: median {statistics.median(tree.per_s):,.1f}/s,"
-            f" {statistics.median(tree.fsyncs_per_write):.3f} fsyncs/write (rounds: {rounds})"
+        title = (
+            f"# nbdcopy of snap-1 ({plan.count} chunks, every other one copied),"
+            f" {BACKUP_REQUEST >> 10} KiB requests, {plan.backup_passes} passes per round"
         )
-    base, new = trees
-    change = statistics.median(new.per_s) / statistics.median(base.per_s) - 1
-    lines.append(f"new against base: {change:+.1%} writes per second")
-    return "\n".join(lines)
+        unit, places = "MiB/s", 0
 
-
-def _render_backups(trees: list[Tree], plan: Plan) -> str:
-    lines = [
-        f"# nbdcopy of snap-1 ({plan.count} chunks, every other one copied),"
-        f" {BACKUP_REQUEST >> 10} KiB requests, {plan.backup_passes} passes per round"
-    ]
-    for tree in trees:
-        rounds = " / ".join(f"{x:,.0f}" for x in tree.per_s)
-        lines.append(
-            f"{tree.name:5s} {tree.revision}: median {statistics.median(tree.per_s):,.0f} MiB/s;"
-            f" per pass: gateway {statistics.median(tree.gateway_ms):,.0f} ms CPU,"
-            f" csnapd {statistics.median(tree.csnapd_ms):,.0f} ms CPU,"
-            f" {statistics.median(tree.query_maps):,.0f} query_maps (rounds: {rounds} MiB/s)"
+        def figures(tree: Tree) -> str:
+            return (
+                f"median {median(tree.per_s):,.0f} MiB/s; per pass: gateway"
+                f" {median(tree.gateway_ms):,.0f} ms CPU, csnapd {median(tree.csnapd_ms):,.0f}"
+                f" ms CPU, {median(tree.query_maps):,.0f} query_maps"
+            )
+    else:
+        what = "zeroes" if plan.zero else "writes"
+        title = (
+            f"# first {plan.size}-byte {what} into snap-1, {plan.depth} in flight,"
+            f" {plan.count} per round"
         )
+        unit, places = f"{what} per second", 1
+
+        def figures(tree: Tree) -> str:
+            return (
+                f"median {median(tree.per_s):,.1f}/s,"
+                f" {median(tree.fsyncs_per_write):.3f} fsyncs/write"
+            )
+
+    lines = [title]
+    for tree in trees:
+        rounds = " / ".join(f"{x:,.{places}f}" for x in tree.per_s)
+        lines.append(f"{tree.name:5s} {tree.revision}: {figures(tree)} (rounds: {rounds})")
     base, new = trees
-    change = statistics.median(new.per_s) / statistics.median(base.per_s) - 1
-    lines.append(f"new against base: {change:+.1%} MiB/s")
+    change = median(new.per_s) / median(base.per_s) - 1
+    lines.append(f"new against base: {change:+.1%} {unit}")
     return "\n".join(lines)
 
 
