@@ -27,7 +27,7 @@ Rules:
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 from csnap_format import (
     EXCEPTION_BYTES,
@@ -45,10 +45,12 @@ from csnapd.engine.pager import Pager
 from csnapd.engine.pages import IndexPage, LeafPage
 from csnapd.engine.state import StoreState
 
-__all__ = ["ExceptionTree", "Path"]
+__all__ = ["Entry", "ExceptionTree", "Path"]
 
 #: The index nodes from the root down to a leaf, with the slot taken in each.
 Path = list[tuple[IndexPage, int]]
+#: What ExceptionTree.entries yields: (chunk, leaf, entry index, where its exceptions start or -1).
+Entry = tuple[int, LeafPage, int, int]
 
 
 class ExceptionTree:
@@ -96,34 +98,57 @@ class ExceptionTree:
             raise StoreCorruptError(f"leaf {address} has base {leaf.base}; its parent expects {lo}")
         return leaf, path, hi
 
-    def entries(self, start: int, count: int) -> Iterator[tuple[int, LeafPage, int, bool]]:
-        """(chunk, leaf, entry index, found) for chunks start..start+count-1.
+    def entries(self, start: int, count: int) -> Iterator[Entry]:
+        """entries_of(((start, count),))."""
+        return self.entries_of(((start, count),))
 
-        One descent per leaf. The caller must not edit the tree while iterating.
+    def entries_of(self, ranges: Iterable[tuple[int, int]]) -> Iterator[Entry]:
+        """(chunk, leaf, entry index, at) for the chunks of each (start, count)
+        range in turn: `at` is where the entry's exceptions start in the
+        leaf's shares and targets, or -1 when the chunk has no entry (the
+        index is then where it would go).
+
+        One descent per leaf, none for a range inside the leaf the one before
+        ended in (a query naming chunks one by one), and the positions are
+        counted as the walk goes (LeafPage.span counts from the leaf's start
+        every time). The caller must not edit the tree while iterating.
 
         Raises:
-            InvalidRequestError: the range is not inside the origin (callers
+            InvalidRequestError: a range is not inside the origin (callers
                 check first; the walk refuses rather than run past its end).
             StoreCorruptError: the index bounds do not advance the walk.
         """
-        chunk, end = start, start + count
-        if count < 1 or start < 0 or end > self._end:
-            raise InvalidRequestError(
-                f"the btree walk of chunks {start}..{end - 1} goes beyond the origin's"
-                f" {self._end} chunks"
-            )
-        while chunk < end:
-            leaf, _, hi = self.descend(chunk)
-            if hi <= chunk:
-                raise StoreCorruptError(
-                    f"leaf {leaf.address} holding chunk {chunk} ends at {hi}: the walk"
-                    " would make no progress"
+        leaf: LeafPage | None = None
+        lo = hi = 0
+        for start, count in ranges:
+            chunk, end = start, start + count
+            if count < 1 or start < 0 or end > self._end:
+                raise InvalidRequestError(
+                    f"the btree walk of chunks {start}..{end - 1} goes beyond the origin's"
+                    f" {self._end} chunks"
                 )
-            stop = min(end, hi)
-            for c in range(chunk, stop):
-                i, found = leaf.find(c)
-                yield c, leaf, i, found
-            chunk = stop
+            while chunk < end:
+                if leaf is None or not lo <= chunk < hi:
+                    leaf, _, hi = self.descend(chunk)
+                    lo = leaf.base
+                    if hi <= chunk:
+                        raise StoreCorruptError(
+                            f"leaf {leaf.address} holding chunk {chunk} ends at {hi}: the walk"
+                            " would make no progress"
+                        )
+                stop = min(end, hi)
+                i, _ = leaf.find(chunk)
+                at = sum(leaf.counts[:i])
+                chunks, counts = leaf.chunks, leaf.counts
+                entries = len(chunks)
+                for c in range(chunk, stop):
+                    if i < entries and chunks[i] == c:
+                        yield c, leaf, i, at
+                        at += counts[i]
+                        i += 1
+                    else:
+                        yield c, leaf, i, -1
+                chunk = stop
 
     def seek(self, chunk: int, mask: int) -> int | None:
         """The first chunk from `chunk` on whose leaf may hold a bit of `mask`.

@@ -93,15 +93,14 @@ class CopyOut:
         todo: list[tuple[int, int]] = []
         if not masks.live:
             return todo
-        for start, count in ranges:
-            for chunk, leaf, i, found in self._tree.entries(start, count):
-                # Snapshots taken before the origin grew past `chunk` have no such chunk.
-                live = masks.at(chunk)
-                missing = live & ~leaf.using(i) if found else live
-                if missing:
-                    todo.append((chunk, missing))
-                    if first:
-                        return todo
+        for chunk, leaf, i, at in self._tree.entries_of(ranges):
+            # Snapshots taken before the origin grew past `chunk` have no such chunk.
+            live = masks.at(chunk)
+            missing = live & ~leaf.using_at(i, at) if at >= 0 else live
+            if missing:
+                todo.append((chunk, missing))
+                if first:
+                    return todo
         return todo
 
     def _origin_write(self, ranges: Ranges) -> OriginWriteResult:
@@ -179,17 +178,16 @@ class CopyOut:
         where: dict[int, int] = {}
         from_origin: list[int] = []
         from_store: list[tuple[int, int]] = []
-        for start, count in ranges:
-            for chunk, leaf, i, found in self._tree.entries(start, count):
-                j = leaf.exception_of(i, bit) if found else -1
-                if j < 0:
-                    from_origin.append(chunk)
-                elif leaf.targets[j] == LOST_CHUNK:
-                    raise lost_chunk_error(tag, chunk)
-                elif leaf.shares[j] & others:
-                    from_store.append((chunk, leaf.targets[j]))
-                else:
-                    where[chunk] = leaf.targets[j]
+        for chunk, leaf, i, at in self._tree.entries_of(ranges):
+            j = leaf.exception_at(i, at, bit) if at >= 0 else -1
+            if j < 0:
+                from_origin.append(chunk)
+            elif leaf.targets[j] == LOST_CHUNK:
+                raise lost_chunk_error(tag, chunk)
+            elif leaf.shares[j] & others:
+                from_store.append((chunk, leaf.targets[j]))
+            else:
+                where[chunk] = leaf.targets[j]
         return where, from_origin, from_store
 
     def _snapshot_write(

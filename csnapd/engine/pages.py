@@ -112,17 +112,24 @@ class LeafPage:
 
     def using(self, i: int) -> int:
         """Union of the share masks of entry i."""
-        start, end = self.span(i)
+        return self.using_at(i, self.span(i)[0])
+
+    def using_at(self, i: int, at: int) -> int:
+        """using(i) for an entry whose exceptions start at `at` (ExceptionTree.entries)."""
         mask = 0
-        for share in self.shares[start:end]:
+        for share in self.shares[at : at + self.counts[i]]:
             mask |= share
         return mask
 
     def exception_of(self, i: int, bit_mask: int) -> int:
         """Position of entry i's exception whose mask holds `bit_mask`, or -1."""
-        start, end = self.span(i)
-        for j in range(start, end):
-            if self.shares[j] & bit_mask:
+        return self.exception_at(i, self.span(i)[0], bit_mask)
+
+    def exception_at(self, i: int, at: int, bit_mask: int) -> int:
+        """exception_of(i, bit_mask) for an entry whose exceptions start at `at`."""
+        shares = self.shares
+        for j in range(at, at + self.counts[i]):
+            if shares[j] & bit_mask:
                 return j
         return -1
 

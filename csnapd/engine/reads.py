@@ -50,13 +50,12 @@ class ChunkReads:
     def _snapshot_read(self, tag: int, ranges: Ranges) -> list[ReadSegment]:
         bit = 1 << self._snapshots.io_bit(tag)
         runs: list[tuple[int, int, int | None]] = []
-        for start, count in ranges:
-            for chunk, leaf, i, found in self._tree.entries(start, count):
-                j = leaf.exception_of(i, bit) if found else -1
-                target = leaf.targets[j] if j >= 0 else None
-                if target == LOST_CHUNK:
-                    raise lost_chunk_error(tag, chunk)
-                append_mapped_run(runs, chunk, 1, target)
+        for chunk, leaf, i, at in self._tree.entries_of(ranges):
+            j = leaf.exception_at(i, at, bit) if at >= 0 else -1
+            target = leaf.targets[j] if j >= 0 else None
+            if target == LOST_CHUNK:
+                raise lost_chunk_error(tag, chunk)
+            append_mapped_run(runs, chunk, 1, target)
         return [ReadSegment(*run) for run in runs]
 
     def snapshot_owned(
@@ -88,17 +87,16 @@ class ChunkReads:
         origin: list[tuple[int, int]] = []
         # Both lists go out ascending (docs/protocol.md, "owned"), whatever
         # order the ranges were asked in (they do not overlap: checked).
-        for start, count in sorted(ranges):
-            for chunk, leaf, i, found in self._tree.entries(start, count):
-                j = leaf.exception_of(i, bit) if found else -1
-                if j < 0:
-                    append_run(origin, chunk, 1)
-                elif leaf.targets[j] == LOST_CHUNK:
-                    # In neither list: the client asks for it as a read,
-                    # which fails store_corrupt (docs/format.md, "Lost copies").
-                    continue
-                elif not leaf.shares[j] & others:
-                    append_mapped_run(owned, chunk, 1, leaf.targets[j])
+        for chunk, leaf, i, at in self._tree.entries_of(sorted(ranges)):
+            j = leaf.exception_at(i, at, bit) if at >= 0 else -1
+            if j < 0:
+                append_run(origin, chunk, 1)
+            elif leaf.targets[j] == LOST_CHUNK:
+                # In neither list: the client asks for it as a read,
+                # which fails store_corrupt (docs/format.md, "Lost copies").
+                continue
+            elif not leaf.shares[j] & others:
+                append_mapped_run(owned, chunk, 1, leaf.targets[j])
         return owned, origin
 
     def origin_shared(self, ranges: Ranges) -> list[tuple[int, int]]:
@@ -130,11 +128,11 @@ class ChunkReads:
         out: list[tuple[int, int]] = []
         if not masks.live:
             return out
-        for start, count in ranges:
-            for chunk, leaf, i, found in self._tree.entries(start, count):
-                live = masks.at(chunk)
-                if live and wanted(found, leaf.using(i) if found else 0, live):
-                    append_run(out, chunk, 1)
+        for chunk, leaf, i, at in self._tree.entries_of(ranges):
+            live = masks.at(chunk)
+            found = at >= 0
+            if live and wanted(found, leaf.using_at(i, at) if found else 0, live):
+                append_run(out, chunk, 1)
         return out
 
     def exceptions(self, start: int, count: int) -> list[tuple[int, int, int]]:
