@@ -44,7 +44,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import time
 import traceback
 from collections.abc import Callable
@@ -53,7 +52,7 @@ from typing import Any
 
 from bench.changes_bench import changes_part
 from bench.cluster_bench import cluster_part
-from bench.common import Part, machine, progress
+from bench.common import Part, machine, progress, scratch_directory
 from bench.failover_bench import failover_part
 from bench.floor_bench import floor_part
 from bench.metrics_bench import metrics_part
@@ -107,9 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     chosen = [name for name in PARTS if args.only is None or name in args.only]
     results: dict[str, Any] = {"machine": machine(), "quick": args.quick, "parts": {}}
     failed = []
-    with tempfile.TemporaryDirectory(
-        prefix="csnap-bench-", dir=os.environ.get("CSNAP_BENCH_DIR")
-    ) as tmp:
+    with scratch_directory("csnap-bench-") as tmp:
         for name in chosen:
             title, run = PARTS[name]
             directory = Path(tmp) / name

@@ -26,14 +26,13 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import trio
 
-from bench.common import Part, median, progress, run_tool, table
+from bench.common import Part, median, progress, run_tool, scratch_directory, table
 from bench.common import listening as listening_process
 from bench.engine_bench import CHUNK, build_large, make_store
 from bench.server_bench import Server, csnapd
@@ -279,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--json", default=None, metavar="FILE")
     args = parser.parse_args(argv)
-    with tempfile.TemporaryDirectory(dir=os.environ.get("CSNAP_BENCH_DIR")) as tmp:
+    with scratch_directory() as tmp:
         part = changes_part(Path(tmp), quick=args.quick)
     print(part.table)
     if args.json:

@@ -16,6 +16,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager, suppress
@@ -125,6 +126,16 @@ def sync_file(path: Path) -> None:
 
 
 # -- tools -----------------------------------------------------------------------
+
+
+def scratch_directory(prefix: str = "tmp") -> tempfile.TemporaryDirectory[str]:
+    """A temporary directory for a run, under $CSNAP_BENCH_DIR when that is
+    set, as an absolute path: Unix socket paths are made from it, and
+    qemu-nbd takes only absolute ones."""
+    parent = os.environ.get("CSNAP_BENCH_DIR") or None
+    if parent is not None:
+        parent = os.path.abspath(parent)
+    return tempfile.TemporaryDirectory(prefix=prefix, dir=parent)
 
 
 def find_tool(name: str) -> str | None:

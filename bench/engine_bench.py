@@ -15,10 +15,10 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
+from bench.common import scratch_directory
 from csnap_format import decode_superblock, format_blocks, plan_geometry
 from csnapd.engine import Engine, FileDevice
 from csnapd.engine.check import check_store
@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     requests = 500 if args.quick else 5000
     exceptions = 20_000 if args.quick else args.exceptions
     results: dict[str, object] = {}
-    with tempfile.TemporaryDirectory(dir=os.environ.get("CSNAP_BENCH_DIR")) as tmp:
+    with scratch_directory() as tmp:
         directory = Path(tmp)
         for snapshots in (1, 64):
             for batch in (1, 64):

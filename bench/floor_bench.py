@@ -29,10 +29,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -43,7 +41,7 @@ from typing import Any
 
 import trio
 
-from bench.common import Part, cpu_ns, listening, progress, table
+from bench.common import Part, cpu_ns, listening, progress, scratch_directory, table
 from bench.server_bench import (
     CHUNK,
     FULL,
@@ -292,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.serve:
         trio.run(serve)
         return 0
-    with tempfile.TemporaryDirectory(dir=os.environ.get("CSNAP_BENCH_DIR")) as tmp:
+    with scratch_directory() as tmp:
         part = floor_part(Path(tmp), quick=args.quick)
     print(part.table)
     if args.json:

@@ -55,11 +55,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import socket
 import statistics
 import sys
-import tempfile
 import time
 import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
@@ -71,7 +69,7 @@ from typing import Any
 
 import trio
 
-from bench.common import Part, cpu_ns, listening, progress, rss_kib
+from bench.common import Part, cpu_ns, listening, progress, rss_kib, scratch_directory
 from csnap_client import AdminClient, Connector, DataClient, open_admin, open_client, tcp_connector
 from csnap_common.credentials import ROLE_ADMIN, client_context, store_credentials
 from csnap_format.mkcsnap import format_store
@@ -705,7 +703,7 @@ async def run(plan: Plan) -> dict[str, Any]:
         results[key] = figs
         print(_row(key, figs), flush=True)
 
-    with tempfile.TemporaryDirectory(dir=os.environ.get("CSNAP_BENCH_DIR")) as tmp:
+    with scratch_directory() as tmp:
         directory = Path(tmp)
         print(_HEADER, flush=True)
         await data_path(directory, plan, report)

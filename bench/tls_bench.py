@@ -18,10 +18,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -31,7 +29,7 @@ from typing import Any
 
 import trio
 
-from bench.common import Part, listening, progress, ratio, table
+from bench.common import Part, listening, progress, ratio, scratch_directory, table
 from bench.server_bench import (
     FULL,
     QUICK,
@@ -148,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="a small smoke run")
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args(argv)
-    with tempfile.TemporaryDirectory(dir=os.environ.get("CSNAP_BENCH_DIR")) as tmp:
+    with scratch_directory() as tmp:
         results = trio.run(compare, Path(tmp), QUICK if args.quick else FULL)
     print(render(results))
     if args.json:

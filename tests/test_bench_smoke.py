@@ -394,3 +394,21 @@ def test_a_csnapd_started_inside_a_checkout_runs_that_checkouts_code(tmp_path: P
     (other / "csnapd" / "__init__.py").write_text("")
     assert csnapd_source(other, ROOT) == ROOT / "csnapd"
     assert csnapd_source(other, tmp_path) == other / "csnapd"
+
+
+def test_scratch_directories_are_absolute_under_a_relative_bench_dir(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Unix socket paths are made from it, and qemu-nbd refuses relative ones.
+    from bench.common import scratch_directory
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    for setting, parent in (("runs", tmp_path / "runs"), ("", None)):
+        monkeypatch.setenv("CSNAP_BENCH_DIR", setting)
+        with scratch_directory("csnap-bench-") as made:
+            path = Path(made)
+            assert path.is_absolute() and path.is_dir()
+            assert path.name.startswith("csnap-bench-")
+            if parent is not None:
+                assert path.parent == parent
