@@ -49,7 +49,8 @@ __all__ = ["Entry", "ExceptionTree", "Path"]
 
 #: The index nodes from the root down to a leaf, with the slot taken in each.
 Path = list[tuple[IndexPage, int]]
-#: What ExceptionTree.entries yields: (chunk, leaf, entry index, where its exceptions start or -1).
+#: What ExceptionTree.entries_of yields: (chunk, leaf, entry index, where its
+#: exceptions start or -1).
 Entry = tuple[int, LeafPage, int, int]
 
 
@@ -97,10 +98,6 @@ class ExceptionTree:
         if leaf.base != lo:
             raise StoreCorruptError(f"leaf {address} has base {leaf.base}; its parent expects {lo}")
         return leaf, path, hi
-
-    def entries(self, start: int, count: int) -> Iterator[Entry]:
-        """entries_of(((start, count),))."""
-        return self.entries_of(((start, count),))
 
     def entries_of(self, ranges: Iterable[tuple[int, int]]) -> Iterator[Entry]:
         """(chunk, leaf, entry index, at) for the chunks of each (start, count)

@@ -110,12 +110,9 @@ class LeafPage:
         start = sum(self.counts[:i])
         return start, start + self.counts[i]
 
-    def using(self, i: int) -> int:
-        """Union of the share masks of entry i."""
-        return self.using_at(i, self.span(i)[0])
-
     def using_at(self, i: int, at: int) -> int:
-        """using(i) for an entry whose exceptions start at `at` (ExceptionTree.entries)."""
+        """Union of the share masks of entry i, whose exceptions start at `at`
+        (ExceptionTree.entries_of)."""
         mask = 0
         for share in self.shares[at : at + self.counts[i]]:
             mask |= share

@@ -96,10 +96,10 @@ def test_the_btree_walk_refuses_to_run_past_the_origin() -> None:
     engine, end = _engine_with_many_leaves()
     tree = engine._tree
     assert len(list(tree.leaves())) > 2
-    assert [c for c, *_ in tree.entries(end - 3, 3)] == [end - 3, end - 2, end - 1]
+    assert [c for c, *_ in tree.entries_of([(end - 3, 3)])] == [end - 3, end - 2, end - 1]
     for start, count in [(end - 1, 2), (end, 1), (0, end + 1), (-1, 1), (0, 0)]:
         with pytest.raises(InvalidRequestError, match="goes beyond the origin"):
-            list(tree.entries(start, count))
+            list(tree.entries_of([(start, count)]))
     for chunk in (end, end + 1, -1):
         with pytest.raises(InvalidRequestError, match="not in the btree's range"):
             tree.descend(chunk)
