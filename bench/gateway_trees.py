@@ -4,7 +4,7 @@ run.
 
   python -m bench.gateway_trees BASE [NEW] [--size S] [--depth D]
                                 [--count N] [--rounds R] [--zero]
-                                [--backup [--passes P]]
+                                [--backup | --reads] [--passes P]
 
 BASE and NEW are as for bench.trees (git revisions checked out into
 temporary worktrees, or directories); NEW defaults to this checkout. Each
@@ -23,12 +23,19 @@ chunk of an N-chunk origin after the snapshot (untimed: half the snapshot
 copied, half still shared with the origin), then P passes (--passes) of
 `nbdcopy` of snap-1 to null: with 256 KiB requests, 16 in flight.
 
+With --reads, the round reads snap-1 instead: 4 KiB into every chunk of an
+N-chunk origin after the snapshot (untimed: the whole snapshot copied, each
+chunk owned alone in the store), then P passes (--passes) of `qemu-img
+bench` reading 4 KiB of every chunk of snap-1, D in flight; each pass is a
+new NBD connection, which learns its owned map anew.
+
 Prints each tree's writes per second (qemu-img's own timing; qemu-io's run
 by the wall clock) and csnapd's fsyncs per write (csnapd_fsyncs before and
 after), each round's and their medians; with --backup, MiB/s (the median
 of each round's passes), the gateway's and csnapd's CPU per pass
-(/proc) and csnapd's query_map requests per pass. --json FILE writes the
-same.
+(/proc) and csnapd's query_map requests per pass; with --reads, reads per
+second, the same CPU times and csnapd's query_owned requests per pass.
+--json FILE writes the same.
 """
 
 from __future__ import annotations
@@ -38,14 +45,21 @@ import json
 import statistics
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import trio
 
 from bench.common import cpu_ns, fill_file, listening, missing_tools, progress, run_tool
-from bench.nbd_bench import BACKUP_REQUEST, half_write, nbdcopy_seconds, qemu_bench_seconds
+from bench.nbd_bench import (
+    BACKUP_REQUEST,
+    DEPTH,
+    IO,
+    half_write,
+    nbdcopy_seconds,
+    qemu_bench_seconds,
+)
 from bench.server_bench import Server, csnapd
 from bench.trees import add_tree_arguments, both_checked_out, csnapd_source, tree_env
 
@@ -76,14 +90,15 @@ class Tree:
     name: str
     revision: str
     path: Path
-    #: Writes per second, or with --backup MiB/s, per round.
+    #: Writes (or reads) per second, or with --backup MiB/s, per round.
     per_s: list[float] = field(default_factory=list)
     fsyncs_per_write: list[float] = field(default_factory=list)
-    #: With --backup, per round (medians of its passes): CPU ms per pass
-    #: of the gateway and of csnapd, and csnapd's query_maps per pass.
+    #: With --backup or --reads, per round (medians of its passes): CPU ms
+    #: per pass of the gateway and of csnapd, and csnapd's requests per
+    #: pass of the kind the run counts (query_map, query_owned).
     gateway_ms: list[float] = field(default_factory=list)
     csnapd_ms: list[float] = field(default_factory=list)
-    query_maps: list[float] = field(default_factory=list)
+    asked: list[float] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -94,6 +109,17 @@ class Plan:
     zero: bool
     #: Passes of nbdcopy per round; 0: the writes instead.
     backup_passes: int = 0
+    #: Passes of 4 KiB reads per round; 0: the writes instead.
+    read_passes: int = 0
+
+    @property
+    def passes(self) -> int:
+        return self.backup_passes or self.read_passes
+
+    @property
+    def counted(self) -> str:
+        """The csnapd requests a pass counts."""
+        return "query_map" if self.backup_passes else "query_owned"
 
     @property
     def stride(self) -> int:
@@ -144,8 +170,8 @@ async def one_round(tree: Tree, plan: Plan, directory: Path) -> None:
         async with listening(
             gateway, directory / f"{tree.name}.nbd.log", env=env, cwd=directory
         ) as gateway_process:
-            if plan.backup_passes:
-                await _backups(tree, plan, sock, server, gateway_process.pid)
+            if plan.passes:
+                await _passes(tree, plan, sock, server, gateway_process.pid)
                 store.unlink()
                 return
             before = await trio.to_thread.run_sync(server.fsyncs)
@@ -165,26 +191,36 @@ def _cpu_ms(pid: int) -> float:
     return used / 1e6
 
 
-async def _backups(tree: Tree, plan: Plan, sock: Path, server: Server, gateway_pid: int) -> None:
-    """Half of snap-1 copied, then plan.backup_passes nbdcopy passes of it."""
-    await half_write(f"nbd+unix:///origin?socket={sock}", plan.count)
+async def _passes(tree: Tree, plan: Plan, sock: Path, server: Server, gateway_pid: int) -> None:
+    """Snap-1 made ready (half or all of it copied), then plan.passes timed
+    passes over it: nbdcopy backups or 4 KiB reads."""
+    origin = f"nbd+unix:///origin?socket={sock}"
+    snapshot = f"nbd+unix:///snap-1?socket={sock}"
+    if plan.backup_passes:
+        await half_write(origin, plan.count)
+    else:
+        await _writes(replace(plan, size=IO, depth=DEPTH), origin)
     rates: list[float] = []
     gateway_ms: list[float] = []
     csnapd_ms: list[float] = []
-    query_maps: list[float] = []
-    for _ in range(plan.backup_passes):
+    asked: list[float] = []
+    for _ in range(plan.passes):
         gateway, server_cpu = _cpu_ms(gateway_pid), _cpu_ms(server.pid)
-        asked = await trio.to_thread.run_sync(server.requests, "query_map")
-        url = f"nbd+unix:///snap-1?socket={sock}"
-        seconds = await nbdcopy_seconds(url, "null:", BACKUP_REQUEST)
+        before = await trio.to_thread.run_sync(server.requests, plan.counted)
+        if plan.backup_passes:
+            seconds = await nbdcopy_seconds(snapshot, "null:", BACKUP_REQUEST)
+            rates.append(plan.region / seconds / (1 << 20))
+        else:
+            argv = ["qemu-img", "bench", "-f", "raw", "-c", str(plan.count), "-s", str(IO)]
+            argv += ["-S", str(CHUNK), "-d", str(plan.depth), "-t", "none", snapshot]
+            rates.append(plan.count / await qemu_bench_seconds(argv))
         gateway_ms.append(_cpu_ms(gateway_pid) - gateway)
         csnapd_ms.append(_cpu_ms(server.pid) - server_cpu)
-        query_maps.append(await trio.to_thread.run_sync(server.requests, "query_map") - asked)
-        rates.append(plan.region / seconds / (1 << 20))
+        asked.append(await trio.to_thread.run_sync(server.requests, plan.counted) - before)
     tree.per_s.append(statistics.median(rates))
     tree.gateway_ms.append(statistics.median(gateway_ms))
     tree.csnapd_ms.append(statistics.median(csnapd_ms))
-    tree.query_maps.append(statistics.median(query_maps))
+    tree.asked.append(statistics.median(asked))
 
 
 async def compare(trees: list[Tree], plan: Plan, rounds: int, directory: Path) -> None:
@@ -196,18 +232,25 @@ async def compare(trees: list[Tree], plan: Plan, rounds: int, directory: Path) -
 
 def render(trees: list[Tree], plan: Plan) -> str:
     median = statistics.median
-    if plan.backup_passes:
-        title = (
-            f"# nbdcopy of snap-1 ({plan.count} chunks, every other one copied),"
-            f" {BACKUP_REQUEST >> 10} KiB requests, {plan.backup_passes} passes per round"
-        )
-        unit, places = "MiB/s", 0
+    if plan.passes:
+        if plan.backup_passes:
+            title = (
+                f"# nbdcopy of snap-1 ({plan.count} chunks, every other one copied),"
+                f" {BACKUP_REQUEST >> 10} KiB requests, {plan.passes} passes per round"
+            )
+            unit, places = "MiB/s", 0
+        else:
+            title = (
+                f"# 4 KiB reads of snap-1, one per chunk of {plan.count}, each owned alone,"
+                f" {plan.depth} in flight, {plan.passes} passes (connections) per round"
+            )
+            unit, places = "reads per second", 0
 
         def figures(tree: Tree) -> str:
             return (
-                f"median {median(tree.per_s):,.0f} MiB/s; per pass: gateway"
+                f"median {median(tree.per_s):,.0f} {unit}; per pass: gateway"
                 f" {median(tree.gateway_ms):,.0f} ms CPU, csnapd {median(tree.csnapd_ms):,.0f}"
-                f" ms CPU, {median(tree.query_maps):,.0f} query_maps"
+                f" ms CPU, {median(tree.asked):,.0f} {plan.counted}s"
             )
     else:
         what = "zeroes" if plan.zero else "writes"
@@ -240,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     add_tree_arguments(parser)
     parser.add_argument("--size", type=int, default=CHUNK, help="bytes per request")
-    parser.add_argument("--depth", type=int, default=1, help="requests in flight")
+    parser.add_argument("--depth", type=int, help=f"requests in flight (1; with --reads {DEPTH})")
     parser.add_argument("--count", type=int, default=256, help="requests per round")
     parser.add_argument("--rounds", type=int, default=6, help="rounds per tree")
     parser.add_argument(
@@ -251,13 +294,20 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="back snap-1 up with nbdcopy, half of it copied, instead of writing",
     )
-    parser.add_argument("--passes", type=int, default=5, help="nbdcopy passes per round")
+    parser.add_argument(
+        "--reads",
+        action="store_true",
+        help="read 4 KiB of every chunk of snap-1, all of it copied, instead of writing",
+    )
+    parser.add_argument("--passes", type=int, default=5, help="nbdcopy or read passes per round")
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args(argv)
+    if args.depth is None:
+        args.depth = DEPTH if args.reads else 1
     if min(args.size, args.depth, args.count, args.rounds, args.passes) < 1:
         parser.error("--size, --depth, --count, --rounds and --passes must be at least 1")
-    if args.backup and args.zero:
-        parser.error("--backup and --zero are two different runs")
+    if args.backup + args.zero + args.reads > 1:
+        parser.error("--backup, --reads and --zero are different runs: choose one")
     tools = ("qemu-img", "nbdcopy") if args.backup else ("qemu-io" if args.zero else "qemu-img",)
     missing = missing_tools(*tools)
     if missing is not None:
@@ -265,7 +315,9 @@ def main(argv: list[str] | None = None) -> int:
     depth = 1 if args.zero else args.depth
     if args.backup:
         # One chunk per request of the half writes: every other chunk copied.
-        plan = Plan(CHUNK, depth, args.count, False, args.passes)
+        plan = Plan(CHUNK, depth, args.count, False, backup_passes=args.passes)
+    elif args.reads:
+        plan = Plan(IO, depth, args.count, False, read_passes=args.passes)
     else:
         plan = Plan(args.size, depth, args.count, args.zero)
     with both_checked_out(args.base, args.new) as (directory, checked):
@@ -281,6 +333,7 @@ def main(argv: list[str] | None = None) -> int:
             "count": plan.count,
             "zero": plan.zero,
             "backup_passes": plan.backup_passes,
+            "read_passes": plan.read_passes,
             "trees": {
                 tree.name: {
                     "revision": tree.revision,
@@ -289,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
                     "fsyncs_per_write": tree.fsyncs_per_write,
                     "gateway_ms_per_pass": tree.gateway_ms,
                     "csnapd_ms_per_pass": tree.csnapd_ms,
-                    "query_maps_per_pass": tree.query_maps,
+                    f"{plan.counted}s_per_pass": tree.asked,
                 }
                 for tree in trees
             },
