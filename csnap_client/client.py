@@ -67,6 +67,7 @@ import trio
 import trio.lowlevel
 
 from csnap_client.grant_blocks import OwnedRead
+from csnap_client.owned import OwnedMap
 from csnap_client.reconnecting import (
     GRANT_ATTEMPTS,
     TRUST_FRACTION,
@@ -251,6 +252,8 @@ class DataClient(SnapshotWrites):
         if store < 0:
             return -1
         self.owned_reads += 1
+        if owned.ahead:
+            self._read_ahead(owned, chunk, 1)
         return store
 
     def knows_owned(self, chunk: int) -> bool:
@@ -283,6 +286,8 @@ class DataClient(SnapshotWrites):
         found = owned.lookup(first, count, origin=origin)
         if found is None:
             return None
+        if owned.ahead:
+            self._read_ahead(owned, first, count)
         request = -next(self._local_grants)
         self._grants.add(request)
         self._answered_on[request] = session
@@ -380,33 +385,68 @@ class DataClient(SnapshotWrites):
         return batch
 
     async def _learn_owned(self, first: int, count: int) -> None:
-        """Ask query_owned about the windows of these chunks the owned map lacks."""
+        """Ask query_owned about the windows of these chunks the owned map lacks.
+
+        A window a read needed is followed by the next one, asked for in the
+        background, when the reader came forward from the window before it
+        (or starts at the first): see _read_ahead.
+        """
         owned = self._owned
         if owned is None:
             return
         for index in owned.missing(first, count):
-            asking = self._owned_asking.get(index)
-            if asking is not None:
-                await asking.wait()
-                continue
-            done = trio.Event()
-            self._owned_asking[index] = done
-            span = owned.span(index)
-            try:
-                reply = await self._call(functools.partial(QueryOwned, ranges=(span,)))
-            except ServerError as exc:
-                # Reads still work, through query_snapshot_read.
-                log.info("query_owned refused (%s): reading without the owned map", exc)
-                if self._owned is owned:
-                    self._owned = None
-                return
-            finally:
-                done.set()
-                if self._owned_asking.get(index) is done:
-                    del self._owned_asking[index]
-            assert isinstance(reply, OwnedReply)
+            await self._learn_window(owned, index, ahead=False)
+            if self._owned is not owned:
+                return  # refused, or the session or the snapshot ended
+            if index == 0 or owned.knows(index - 1):
+                self._ask_ahead(owned, index + 1)
+
+    def _read_ahead(self, owned: OwnedMap, first: int, count: int) -> None:
+        """A read from the owned map of chunks first..first+count-1: the first
+        read of a window learnt ahead asks for the window after it."""
+        for index in owned.first_use(first, count):
+            self._ask_ahead(owned, index + 1)
+
+    def _ask_ahead(self, owned: OwnedMap, index: int) -> None:
+        """Learn window `index` in the background if it exists and nobody asks yet."""
+        if index >= owned.window_count or owned.knows(index) or index in self._owned_asking:
+            return
+        if self._owned is not owned or self._closing or self._deleted:
+            return
+        self._nursery.start_soon(self._learn_ahead, owned, index)
+
+    async def _learn_ahead(self, owned: OwnedMap, index: int) -> None:
+        # Nothing waits for it: a read that needs the window before it is
+        # known waits for this query (_owned_asking) or asks itself.
+        try:
+            await self._learn_window(owned, index, ahead=True)
+        except (ConnectionLostError, ClientClosedError, SnapshotDeletedError) as exc:
+            log.debug("owned map window %d not learnt ahead: %s", index, exc)
+
+    async def _learn_window(self, owned: OwnedMap, index: int, *, ahead: bool) -> None:
+        """Ask query_owned about window `index` of `owned` (once at a time)."""
+        asking = self._owned_asking.get(index)
+        if asking is not None:
+            await asking.wait()
+            return
+        done = trio.Event()
+        self._owned_asking[index] = done
+        span = owned.span(index)
+        try:
+            reply = await self._call(functools.partial(QueryOwned, ranges=(span,)))
+        except ServerError as exc:
+            # Reads still work, through query_snapshot_read.
+            log.info("query_owned refused (%s): reading without the owned map", exc)
             if self._owned is owned:
-                owned.learn(index, reply.segments, reply.origin)
+                self._owned = None
+            return
+        finally:
+            done.set()
+            if self._owned_asking.get(index) is done:
+                del self._owned_asking[index]
+        assert isinstance(reply, OwnedReply)
+        if self._owned is owned:
+            owned.learn(index, reply.segments, reply.origin, ahead=ahead)
 
     async def copied_ranges(self, ranges: Ranges) -> tuple[tuple[int, int], ...]:
         """Which of these chunks have store copies (query_map); takes no locks.

@@ -14,6 +14,12 @@ chunk is still shared (rule: verified origin reads).
 
 Memory is bounded: at most MAX_WINDOWS windows of 8 bytes per chunk; the
 oldest window goes first when a new one comes.
+
+Read-ahead: a window learnt ahead of its reads (the client asks for the
+next window while a reader goes forward through one) is `ahead` until a
+read first uses it; that read is the client's cue to ask for the window
+after it, so a reader going forward finds each window known before it
+gets there.
 """
 
 from __future__ import annotations
@@ -42,6 +48,8 @@ class OwnedMap:
         self.origin_chunks = origin_chunks
         self.window = max(1, window)
         self._windows: dict[int, array[int]] = {}
+        #: Windows learnt ahead of their reads that no read has used yet.
+        self.ahead: set[int] = set()
 
     def __len__(self) -> int:
         return len(self._windows)
@@ -55,14 +63,29 @@ class OwnedMap:
         """The indexes of the windows chunks first..first+count-1 fall in."""
         return range(first // self.window, (first + count - 1) // self.window + 1)
 
+    @property
+    def window_count(self) -> int:
+        """How many windows the origin's chunks make."""
+        return -(-self.origin_chunks // self.window)
+
     def missing(self, first: int, count: int) -> list[int]:
         """Windows of these chunks not known yet."""
         return [w for w in self.windows(first, count) if w not in self._windows]
 
+    def knows(self, index: int) -> bool:
+        """Whether window `index` is known."""
+        return index in self._windows
+
     def learn(
-        self, index: int, segments: Iterable[Segment], origin: Iterable[tuple[int, int]] = ()
+        self,
+        index: int,
+        segments: Iterable[Segment],
+        origin: Iterable[tuple[int, int]] = (),
+        *,
+        ahead: bool = False,
     ) -> None:
-        """Window `index` as a query_owned about its whole span answered."""
+        """Window `index` as a query_owned about its whole span answered;
+        `ahead`: asked for before any read needed it."""
         start, count = self.span(index)
         entries = array("q", [UNKNOWN]) * count
         for chunk, run, store in segments:
@@ -72,8 +95,21 @@ class OwnedMap:
             for k in range(max(chunk, start), min(chunk + run, start + count)):
                 entries[k - start] = ORIGIN
         if index not in self._windows and len(self._windows) >= MAX_WINDOWS:
-            del self._windows[next(iter(self._windows))]
+            oldest = next(iter(self._windows))
+            del self._windows[oldest]
+            self.ahead.discard(oldest)
         self._windows[index] = entries
+        if ahead:
+            self.ahead.add(index)
+        else:
+            self.ahead.discard(index)
+
+    def first_use(self, first: int, count: int) -> list[int]:
+        """Windows of chunks first..first+count-1 learnt ahead that a read
+        uses now for the first time (no longer `ahead` afterwards)."""
+        used = [w for w in self.windows(first, count) if w in self.ahead]
+        self.ahead.difference_update(used)
+        return used
 
     def note(self, segments: Iterable[Segment]) -> None:
         """Chunks the snapshot now owns alone (a snapshot write's reply), in known windows."""

@@ -35,3 +35,26 @@ def test_the_map_keeps_at_most_max_windows() -> None:
     assert len(owned) == MAX_WINDOWS
     assert owned.missing(0, 2) == [0]  # the oldest went first
     assert owned.lookup((MAX_WINDOWS + 4) * 2, 2) is not None
+
+
+def test_a_window_learnt_ahead_is_ahead_until_a_read_first_uses_it() -> None:
+    owned = OwnedMap(origin_chunks=40, window=16)
+    assert owned.window_count == 3  # the last window is short
+    owned.learn(0, [(0, 16, 100)])
+    owned.learn(1, [(16, 16, 200)], ahead=True)
+    assert owned.ahead == {1}
+    assert owned.first_use(0, 4) == []  # window 0 was asked for by a read
+    assert owned.first_use(14, 4) == [1]  # the read that reaches window 1
+    assert owned.first_use(16, 1) == [] and owned.ahead == set()
+    # Asked again by a read (a new answer), a window is no longer ahead.
+    owned.learn(2, [], ahead=True)
+    owned.learn(2, [(32, 8, 300)])
+    assert owned.ahead == set()
+
+
+def test_a_window_learnt_ahead_leaves_the_ahead_set_with_the_map() -> None:
+    owned = OwnedMap(origin_chunks=(MAX_WINDOWS + 1) * 2, window=2)
+    owned.learn(0, [(0, 2, 0)], ahead=True)
+    for index in range(1, MAX_WINDOWS + 1):
+        owned.learn(index, [(index * 2, 2, index * 2)])
+    assert not owned.knows(0) and owned.ahead == set()

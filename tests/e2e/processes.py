@@ -94,6 +94,19 @@ async def start(
     return Daemon(process, line.decode().strip(), log)
 
 
+async def next_line(daemon: Daemon) -> str:
+    """The next line a daemon prints after its first."""
+    assert daemon.process.stdout is not None
+    line = b""
+    with trio.fail_after(30):
+        while not line.endswith(b"\n"):
+            data = await daemon.process.stdout.receive_some(1)
+            if not data:
+                raise AssertionError(f"exited: {tail(daemon.log)}")
+            line += data
+    return line.decode().strip()
+
+
 async def start_csnapd(
     store: Path, origin: Path, log: Path, *extra: str
 ) -> tuple[Daemon, str, int]:

@@ -45,7 +45,7 @@ from csnap_client import (
 from csnap_common.credentials import make_credentials, store_credentials
 from tests.e2e.etcd import Etcd, running_etcd
 from tests.e2e.namespaces import Host, hosts, inside, kill_host, start_agent_in, start_candidate_in
-from tests.e2e.processes import ROOT, Daemon, agent_names, start, tail
+from tests.e2e.processes import ROOT, Daemon, agent_names, next_line, start, tail
 from tests.e2e.test_agent import make, store_is_clean
 from tests.e2e.test_cluster import TTL, token_of
 from tests.e2e.test_failover import reaped
@@ -85,19 +85,6 @@ class Node:
 
     def inside(self, *argv: str) -> list[str]:
         return ["ip", "netns", "exec", self.host.namespace, *argv]
-
-
-async def next_line(daemon: Daemon) -> str:
-    """The next line a daemon prints after its first."""
-    assert daemon.process.stdout is not None
-    line = b""
-    with trio.fail_after(30):
-        while not line.endswith(b"\n"):
-            data = await daemon.process.stdout.receive_some(1)
-            if not data:
-                raise AssertionError(f"exited: {tail(daemon.log)}")
-            line += data
-    return line.decode().strip()
 
 
 async def start_node(
