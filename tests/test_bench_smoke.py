@@ -384,6 +384,22 @@ def test_gateway_trees_backs_up_a_half_copied_snapshot_through_each_trees_gatewa
         assert all(asked >= 1 for asked in tree["query_maps_per_pass"])
 
 
+def test_gateway_trees_reads_a_copied_snapshot_through_each_trees_gateway(
+    tmp_path: Path,
+) -> None:
+    figures = compare_trees(
+        "bench.gateway_trees",
+        tmp_path / "gateway_trees.json",
+        *("--reads", "--count", "64", "--rounds", "2", "--passes", "2"),
+    )
+    assert (figures["count"], figures["depth"], figures["read_passes"]) == (64, 16, 2)
+    for tree in figures["trees"].values():
+        assert len(tree["per_s"]) == len(tree["query_owneds_per_pass"]) == 2
+        assert all(rate > 0 for rate in tree["per_s"])
+        # Each pass is a new connection: it learns the one window of its map.
+        assert tree["query_owneds_per_pass"] == [1, 1]
+
+
 def test_a_csnapd_started_inside_a_checkout_runs_that_checkouts_code(tmp_path: Path) -> None:
     # Why bench.trees starts each csnapd elsewhere: `python -m` looks in the
     # current directory first, whatever PYTHONPATH says.
