@@ -247,6 +247,12 @@ class Session:
         #: Counts creates and deletes sent and answered: a list is compared
         #: with the model only if none happened while it was on its way.
         self.admin_changes = 0
+        #: Every request sent and every message handled, in order, beside
+        #: csnapd's log: what a failure's report cannot show.
+        self._trace = (self.dir / "trace.log").open("w", buffering=1)
+
+    def trace(self, line: str) -> None:
+        self._trace.write(f"{time.monotonic() - self.started:9.3f} {line}\n")
 
     # -- plumbing ----------------------------------------------------------
 
@@ -277,12 +283,15 @@ class Session:
         return Finding(f"{text}\n--- csnapd log ---\n{self.csnapd.log_tail()}")
 
     def send(self, peer: Peer, message: Message, must: Must) -> None:
+        self.trace(f"-> {peer} {must.name} {traced(message)}")
         request = request_id(message)
         ranges = _ranges(message)
         if total(ranges) <= MAX_CHUNKS:
             self.named |= chunks_of(ranges, ORIGIN_CHUNKS)
         if isinstance(message, CreateSnapshot | DeleteSnapshot):
             self.admin_changes += 1
+        if isinstance(message, DeleteSnapshot):
+            self.delete_races(message.tag)
         if request is not None:
             peer.pending[request] = Sent(
                 message, must, self.log.length, self.admin_changes, self.versions
@@ -292,10 +301,33 @@ class Session:
         if peer.deaf and isinstance(message, QuerySnapshotRead | UploadLock):
             # Its replies are never read: whatever it may have locked counts as locked.
             peer.unsure |= chunks_of(ranges, ORIGIN_CHUNKS)
+        if peer.deaf and isinstance(message, WriteSnapshotData):
+            self.unseen_data_write(peer, message)  # its reply is never read
         try:
             peer.wire.send(message)
         except PeerClosed:
             self.gone(peer)
+
+    def delete_races(self, tag: int) -> None:
+        """A delete of snapshot `tag` goes out while requests of its clients
+        are in flight on their own connections: csnapd may take the delete
+        first, so each of them may now end either way."""
+        for peer in self.open_peers():
+            if peer.target is not None and peer.target.tag == tag:
+                for sent in peer.pending.values():
+                    if sent.must is Must.SUCCEED:
+                        sent.must = Must.EITHER
+
+    def unseen_data_write(self, peer: Peer, message: WriteSnapshotData) -> None:
+        """A write_snapshot_data whose reply the test will never read: csnapd
+        writes its bytes itself, so they may be in the snapshot or not."""
+        if peer.target is None:
+            return  # refused: an origin connection's
+        first = message.offset // CHUNK
+        for k in range(len(message.data) // CHUNK):
+            data = message.data[k * CHUNK : (k + 1) * CHUNK]
+            _, version = struct.unpack_from("<QQ", data)
+            peer.target.maybe.setdefault(first + k, set()).add(version)
 
     def gone(self, peer: Peer) -> None:
         """The connection ended: csnapd dropped its locks and its unanswered requests.
@@ -306,6 +338,8 @@ class Session:
         for sent in peer.pending.values():
             if isinstance(sent.message, CreateSnapshot | DeleteSnapshot | ChangeUseCount):
                 self.indeterminate.add(sent.message.tag)
+            if isinstance(sent.message, WriteSnapshotData):
+                self.unseen_data_write(peer, sent.message)
         peer.wire.close()
         peer.pending.clear()
         peer.locks.clear()
@@ -342,6 +376,7 @@ class Session:
         self.gone(peer)
 
     def handle(self, peer: Peer, message: Message) -> None:
+        self.trace(f"<- {peer} {traced(message)}")
         if isinstance(message, Barrier):
             # Every message before the notice is handled (writes performed):
             # this client's granted writes are done.
@@ -718,6 +753,8 @@ class Session:
             # Whole chunks of labels, as many as one message carries.
             start, count = draft.ranges[0] if draft.ranges else (0, 1)
             count = min(count, MAX_WRITE_DATA // CHUNK, max(1, ORIGIN_CHUNKS - start))
+            # Far past the origin, but an offset the wire can carry (u64).
+            start = min(start, (1 << 64) // CHUNK - count)
             data = b"".join(label(start + k, self.next_version()) for k in range(count))
             return WriteSnapshotData(request, start * CHUNK, data)
         build = {
@@ -846,6 +883,7 @@ class Session:
             for peer in self.peers:
                 peer.wire.close()
             self.csnapd.kill()
+            self._trace.close()
             if not self.broken:  # a failed run's store and log stay, to be looked at
                 shutil.rmtree(self.dir, ignore_errors=True)
 
@@ -922,6 +960,18 @@ def _ranges(message: Message) -> Ranges:
     ranges = getattr(message, "ranges", ())
     assert isinstance(ranges, tuple)
     return ranges
+
+
+def traced(message: Message) -> str:
+    """A message for the trace: a data write by its chunks and versions."""
+    if isinstance(message, WriteSnapshotData):
+        versions = [
+            struct.unpack_from("<Q", message.data, at + 8)[0]
+            for at in range(0, len(message.data) - 15, CHUNK)
+        ]
+        first = message.offset // CHUNK
+        return f"write_snapshot_data(id={message.id}, chunk={first}, versions={versions})"
+    return describe(message)[:240]
 
 
 def describe(message: Message) -> str:
