@@ -213,10 +213,7 @@ class ProtocolFuzz(Session, RuleBasedStateMachine):
             message.ranges, ORIGIN_CHUNKS
         ):
             return  # the documented partial release: the held chunks were let go
-        # A peer silent past its lease, dropped meanwhile, leaves the
-        # store's client registry in a commit of its own.
-        registry = self.lease_drops() > dropped
-        self.check_no_effect(peer, message, error, before, registry_changed=registry)
+        self.check_no_effect(peer, message, error, before, lease_drops=dropped)
 
     def lease_drops(self) -> int:
         """Peers csnapd has dropped so far for silence past their lease (its log)."""
@@ -230,11 +227,16 @@ class ProtocolFuzz(Session, RuleBasedStateMachine):
         error: Error,
         before: StatusReply,
         *,
-        registry_changed: bool = False,
+        lease_drops: int | None = None,
     ) -> None:
+        """`lease_drops`: lease_drops() before `before` was taken, if peers
+        dropped for silence meanwhile are to be allowed for."""
         what = f"{peer}: {describe(message)} answered {error.name} ({error.message})"
         after = get_status(self.address(), self.csnapd.tls)
-        if registry_changed:
+        # A peer dropped for silence past its lease leaves the store's client
+        # registry in a commit of its own. csnapd logs the drop before that
+        # commit, so the log, read after `after`, names every drop it shows.
+        if lease_drops is not None and self.lease_drops() > lease_drops:
             # That commit moves the journal's sequence on, and nothing else.
             before = dataclasses.replace(
                 before, store=dataclasses.replace(before.store, sequence=after.store.sequence)
