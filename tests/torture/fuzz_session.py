@@ -24,6 +24,7 @@ from typing import ClassVar
 
 from hypothesis import strategies as st
 
+from csnap_client.reconnecting import TRUST_FRACTION
 from csnap_format.mkcsnap import format_store
 from csnap_protocol import (
     MAX_WRITE_DATA,
@@ -152,6 +153,8 @@ class Sent:
     admin_at: int = 0
     #: The last version written when it was sent (ProtocolFuzz.next_version).
     version_at: int = 0
+    #: time.monotonic() when it was sent: csnapd heard it no earlier.
+    sent_at: float = field(default_factory=time.monotonic)
 
 
 @dataclass(eq=False)
@@ -177,6 +180,14 @@ class Peer:
     unsure: set[int] = field(default_factory=set)
     #: It sent a frame the protocol forbids: csnapd must close it.
     must_close: bool = False
+    #: Seconds of silence after which csnapd drops it (from identified); 0: none.
+    lease: float = 0.0
+
+    def trusts(self, sent: Sent) -> bool:
+        """Whether a grant or read plan answering `sent` may still be used, as
+        a client judges it (docs/protocol.md, "Liveness"): csnapd drops a
+        silent peer after its lease and lets others write what it held."""
+        return not self.lease or time.monotonic() < sent.sent_at + self.lease * TRUST_FRACTION
 
     def __str__(self) -> str:
         bound = "admin" if self.role is Role.ADMIN else self.bound()
@@ -321,13 +332,23 @@ class Session:
     def unseen_data_write(self, peer: Peer, message: WriteSnapshotData) -> None:
         """A write_snapshot_data whose reply the test will never read: csnapd
         writes its bytes itself, so they may be in the snapshot or not."""
-        if peer.target is None:
-            return  # refused: an origin connection's
+        target = peer.target
+        if target is None:
+            # Sent before its identify was answered (never, if it does not
+            # read): csnapd writes into the snapshot that identify names.
+            tags = [
+                sent.message.snapshot
+                for sent in peer.pending.values()
+                if isinstance(sent.message, Identify) and sent.message.snapshot is not None
+            ]
+            target = self.snapshots.get(tags[0]) if tags else None
+        if target is None:
+            return  # refused: an origin connection's, or one never identified
         first = message.offset // CHUNK
         for k in range(len(message.data) // CHUNK):
             data = message.data[k * CHUNK : (k + 1) * CHUNK]
             _, version = struct.unpack_from("<QQ", data)
-            peer.target.maybe.setdefault(first + k, set()).add(version)
+            target.maybe.setdefault(first + k, set()).add(version)
 
     def gone(self, peer: Peer) -> None:
         """The connection ended: csnapd dropped its locks and its unanswered requests.
@@ -425,7 +446,7 @@ class Session:
         request = sent.message
         if isinstance(request, Identify) and isinstance(reply, Identified):
             self.identified(peer, request, reply)
-        elif self.wrote(peer, request, reply):
+        elif self.past_lease(peer, sent, reply) or self.wrote(peer, request, reply):
             pass
         elif isinstance(request, QuerySnapshotRead) and isinstance(reply, SnapshotReadOk):
             self.snapshot_read(peer, request.ranges, reply, sent.version_at)
@@ -449,6 +470,23 @@ class Session:
         else:
             raise self.finding(f"{peer}: {describe(request)} answered by {describe(reply)}")
 
+    def past_lease(self, peer: Peer, sent: Sent, reply: Message) -> bool:
+        """A grant or read plan that came past the lease, which a client does
+        not use (csnapd may have dropped this peer and let others change what
+        it held): True once the model has done what such a client does."""
+        if peer.trusts(sent):
+            return False
+        if isinstance(sent.message, QueryWrite | WriteSnapshotData) and isinstance(
+            reply, WriteOk | SnapshotWriteOk
+        ):
+            self.trace(f"   {peer}: {reply.TYPE} came past the lease: given back unused")
+            return True
+        if isinstance(reply, SnapshotReadOk):
+            self.trace(f"   {peer}: {reply.TYPE} came past the lease: not read")
+            peer.locks.update(_chunk_list(reply.origin))
+            return True
+        return False
+
     def wrote(self, peer: Peer, request: Message, reply: Message) -> bool:
         """Whether `reply` answered a write, which the model has now done."""
         if isinstance(request, QueryWrite) and isinstance(reply, WriteOk):
@@ -465,6 +503,7 @@ class Session:
 
     def identified(self, peer: Peer, request: Identify, reply: Identified) -> None:
         peer.identifying = False
+        peer.lease = reply.lease_ms / 1000
         if (reply.origin_chunks, reply.max_chunks, reply.chunk_size) != (
             ORIGIN_CHUNKS,
             MAX_CHUNKS,
