@@ -344,11 +344,8 @@ class Session:
             target = self.snapshots.get(tags[0]) if tags else None
         if target is None:
             return  # refused: an origin connection's, or one never identified
-        first = message.offset // CHUNK
-        for k in range(len(message.data) // CHUNK):
-            data = message.data[k * CHUNK : (k + 1) * CHUNK]
-            _, version = struct.unpack_from("<QQ", data)
-            target.maybe.setdefault(first + k, set()).add(version)
+        for chunk, version in data_versions(message).items():
+            target.maybe.setdefault(chunk, set()).add(version)
 
     def gone(self, peer: Peer) -> None:
         """The connection ended: csnapd dropped its locks and its unanswered requests.
@@ -556,14 +553,13 @@ class Session:
         assert peer.target is not None
         type(self).data_replies[reply.TYPE] += 1
         first = request.offset // CHUNK
+        versions = data_versions(request)
         for chunk, count, store_chunk in reply.segments:
             for k in range(count):
-                at = (chunk + k - first) * CHUNK
-                data = request.data[at : at + CHUNK]
                 if isinstance(reply, SnapshotWriteOk):
-                    pwrite(self.store, store_chunk + k, data)
-                _, version = struct.unpack_from("<QQ", data)
-                peer.target.own.setdefault(chunk + k, []).append(version)
+                    at = (chunk + k - first) * CHUNK
+                    pwrite(self.store, store_chunk + k, request.data[at : at + CHUNK])
+                peer.target.own.setdefault(chunk + k, []).append(versions[chunk + k])
 
     def snapshot_read(
         self, peer: Peer, ranges: Ranges, reply: SnapshotReadOk, sent_after: int
@@ -1004,13 +1000,20 @@ def _ranges(message: Message) -> Ranges:
 def traced(message: Message) -> str:
     """A message for the trace: a data write by its chunks and versions."""
     if isinstance(message, WriteSnapshotData):
-        versions = [
-            struct.unpack_from("<Q", message.data, at + 8)[0]
-            for at in range(0, len(message.data) - 15, CHUNK)
-        ]
+        versions = list(data_versions(message).values())
         first = message.offset // CHUNK
         return f"write_snapshot_data(id={message.id}, chunk={first}, versions={versions})"
     return describe(message)[:240]
+
+
+def data_versions(message: WriteSnapshotData) -> dict[int, int]:
+    """chunk -> the version of the label a data write (of whole chunks, as
+    the fuzzer makes them) carries for it."""
+    first = message.offset // CHUNK
+    return {
+        first + k: struct.unpack_from("<QQ", message.data, k * CHUNK)[1]
+        for k in range(len(message.data) // CHUNK)
+    }
 
 
 def describe(message: Message) -> str:

@@ -227,16 +227,15 @@ class ProtocolFuzz(Session, RuleBasedStateMachine):
         error: Error,
         before: StatusReply,
         *,
-        lease_drops: int | None = None,
+        lease_drops: int,
     ) -> None:
-        """`lease_drops`: lease_drops() before `before` was taken, if peers
-        dropped for silence meanwhile are to be allowed for."""
+        """`lease_drops`: lease_drops() before `before` was taken."""
         what = f"{peer}: {describe(message)} answered {error.name} ({error.message})"
         after = get_status(self.address(), self.csnapd.tls)
         # A peer dropped for silence past its lease leaves the store's client
         # registry in a commit of its own. csnapd logs the drop before that
         # commit, so the log, read after `after`, names every drop it shows.
-        if lease_drops is not None and self.lease_drops() > lease_drops:
+        if self.lease_drops() > lease_drops:
             # That commit moves the journal's sequence on, and nothing else.
             before = dataclasses.replace(
                 before, store=dataclasses.replace(before.store, sequence=after.store.sequence)
