@@ -4,7 +4,7 @@ run.
 
   python -m bench.gateway_trees BASE [NEW] [--size S] [--depth D]
                                 [--count N] [--rounds R] [--zero]
-                                [--backup | --reads] [--passes P]
+                                [--origin] [--backup | --reads] [--passes P]
 
 BASE and NEW are as for bench.trees (git revisions checked out into
 temporary worktrees, or directories); NEW defaults to this checkout. Each
@@ -15,8 +15,11 @@ outside both trees, creates snapshot 1 with that tree's own admin client
 snap-1 export: `qemu-img bench` with S-byte requests (one per
 max(S, 64 KiB), so each is the first write to its chunks since the
 snapshot), D in flight, N of them; with --zero, `qemu-io` zeroes the same
-ranges one at a time (`write -z`) and D is 1. The order of the trees turns
-every round, so that a slow stretch of the machine falls on both.
+ranges one at a time (`write -z`) and D is 1. With --origin the writes
+go to the origin export instead: each the first to its chunk since the
+snapshot, so each makes csnapd copy the chunk out (the nbd part's
+first_write phase). The order of the trees turns every round, so that a
+slow stretch of the machine falls on both.
 
 With --backup, the round backs snap-1 up instead: 4 KiB into every other
 chunk of an N-chunk origin after the snapshot (untimed: half the snapshot
@@ -111,6 +114,8 @@ class Plan:
     backup_passes: int = 0
     #: Passes of 4 KiB reads per round; 0: the writes instead.
     read_passes: int = 0
+    #: The export the writes go to: snap-1, or the origin (copy-outs).
+    export: str = "snap-1"
 
     @property
     def passes(self) -> int:
@@ -175,7 +180,7 @@ async def one_round(tree: Tree, plan: Plan, directory: Path) -> None:
                 store.unlink()
                 return
             before = await trio.to_thread.run_sync(server.fsyncs)
-            seconds = await _writes(plan, f"nbd+unix:///snap-1?socket={sock}")
+            seconds = await _writes(plan, f"nbd+unix:///{plan.export}?socket={sock}")
             after = await trio.to_thread.run_sync(server.fsyncs)
     store.unlink()
     if before is None or after is None:
@@ -255,8 +260,8 @@ def render(trees: list[Tree], plan: Plan) -> str:
     else:
         what = "zeroes" if plan.zero else "writes"
         title = (
-            f"# first {plan.size}-byte {what} into snap-1, {plan.depth} in flight,"
-            f" {plan.count} per round"
+            f"# first {plan.size}-byte {what} into {plan.export} since snapshot 1,"
+            f" {plan.depth} in flight, {plan.count} per round"
         )
         unit, places = f"{what} per second", 1
 
@@ -290,6 +295,11 @@ def main(argv: list[str] | None = None) -> int:
         "--zero", action="store_true", help="zero the ranges (qemu-io, one at a time)"
     )
     parser.add_argument(
+        "--origin",
+        action="store_true",
+        help="write into the origin (each write copies its chunk out), not into snap-1",
+    )
+    parser.add_argument(
         "--backup",
         action="store_true",
         help="back snap-1 up with nbdcopy, half of it copied, instead of writing",
@@ -308,6 +318,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--size, --depth, --count, --rounds and --passes must be at least 1")
     if args.backup + args.zero + args.reads > 1:
         parser.error("--backup, --reads and --zero are different runs: choose one")
+    if args.origin and (args.backup or args.reads):
+        parser.error("--origin chooses where writes go: not with --backup or --reads")
     tools = ("qemu-img", "nbdcopy") if args.backup else ("qemu-io" if args.zero else "qemu-img",)
     missing = missing_tools(*tools)
     if missing is not None:
@@ -319,7 +331,9 @@ def main(argv: list[str] | None = None) -> int:
     elif args.reads:
         plan = Plan(IO, depth, args.count, False, read_passes=args.passes)
     else:
-        plan = Plan(args.size, depth, args.count, args.zero)
+        plan = Plan(
+            args.size, depth, args.count, args.zero, export="origin" if args.origin else "snap-1"
+        )
     with both_checked_out(args.base, args.new) as (directory, checked):
         trees = [Tree(*tree) for tree in checked]
         work = directory / "work"
@@ -332,6 +346,7 @@ def main(argv: list[str] | None = None) -> int:
             "depth": plan.depth,
             "count": plan.count,
             "zero": plan.zero,
+            "export": plan.export,
             "backup_passes": plan.backup_passes,
             "read_passes": plan.read_passes,
             "trees": {
