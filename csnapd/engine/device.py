@@ -263,7 +263,8 @@ class FileDevice:
         if self.direct is not None or _SYNC_FILE_RANGE is None or length <= 0:
             return
         # A hint: where the kernel cannot start the writes, the sync that
-        # follows writes them and reports what fails.
+        # follows writes them and reports what fails. It may wait for room
+        # in the device's queue, as a write may; never for the writes.
         if _SYNC_FILE_RANGE(self._fd, offset, length, SYNC_FILE_RANGE_WRITE) == 0:
             self.stats.writebacks += 1
 
