@@ -19,9 +19,9 @@ useful message: magic, checksum, type, address, store id, reserved fields.
 from __future__ import annotations
 
 import struct
-import zlib
 from dataclasses import dataclass
 
+from csnap_format.checksum import crc32
 from csnap_format.constants import HEADER_SIZE, MAGIC, BlockType
 from csnap_format.errors import (
     BadMagicError,
@@ -94,7 +94,7 @@ class BlockHeader:
 def block_checksum(block: bytes | bytearray | memoryview) -> int:
     """CRC32 of a whole metadata block, skipping its checksum field."""
     view = memoryview(block)
-    return zlib.crc32(view[_CHECKSUM_AT + 4 :], zlib.crc32(view[:_CHECKSUM_AT]))
+    return crc32(view[_CHECKSUM_AT + 4 :], crc32(view[:_CHECKSUM_AT]))
 
 
 def write_header(

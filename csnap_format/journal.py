@@ -25,11 +25,11 @@ See docs/format.md, "Journal", for the write order and recovery rule.
 from __future__ import annotations
 
 import struct
-import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from csnap_format._structs import is_zero, u64_array
+from csnap_format.checksum import crc32
 from csnap_format.constants import HEADER_SIZE, SUPERBLOCK_ADDRESS, BlockType
 from csnap_format.errors import CorruptBlockError
 from csnap_format.geometry import COMMIT_BODY_OFFSET, commit_capacity
@@ -83,7 +83,7 @@ def payload_crc(images: Iterable[bytes | bytearray | memoryview]) -> int:
     """CRC32 over a transaction's block images, in journal order."""
     crc = 0
     for image in images:
-        crc = zlib.crc32(image, crc)
+        crc = crc32(image, crc)
     return crc
 
 

@@ -23,10 +23,10 @@ from __future__ import annotations
 
 import dataclasses
 import struct
-import zlib
 from dataclasses import dataclass
 
 from csnap_format._structs import is_zero
+from csnap_format.checksum import crc32
 from csnap_format.constants import (
     FORMAT_VERSION,
     GEOMETRY_BACKUP_ADDRESS,
@@ -204,7 +204,7 @@ def _pack_geometry(block: bytearray, g: Geometry) -> None:
         g.data_start,
         g.data_chunks,
     )
-    crc = zlib.crc32(memoryview(block)[_GEOMETRY_AT:_GEOMETRY_CRC_AT])
+    crc = crc32(memoryview(block)[_GEOMETRY_AT:_GEOMETRY_CRC_AT])
     struct.pack_into("<I", block, _GEOMETRY_CRC_AT, crc)
 
 
@@ -302,7 +302,7 @@ def decode_geometry(block: bytes | bytearray | memoryview) -> Geometry:
         raise WrongBlockTypeError(f"block type {kind} is not a superblock", kind=_NAME)
     name = "superblock" if kind == BlockType.SUPERBLOCK else "geometry backup"
     stored_crc = struct.unpack_from("<I", block, _GEOMETRY_CRC_AT)[0]
-    crc = zlib.crc32(memoryview(block)[_GEOMETRY_AT:_GEOMETRY_CRC_AT])
+    crc = crc32(memoryview(block)[_GEOMETRY_AT:_GEOMETRY_CRC_AT])
     if crc != stored_crc:
         raise ChecksumError(
             f"geometry checksum mismatch (stored {stored_crc:#010x}, computed {crc:#010x})",

@@ -33,7 +33,6 @@ or damaged transaction (rule: replay in order, docs/rules.md).
 
 from __future__ import annotations
 
-import zlib
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -52,6 +51,7 @@ from csnap_format import (
     payload_crc,
     read_header,
 )
+from csnap_format.checksum import crc32
 from csnap_format.constants import MAGIC
 from csnapd.engine.device import BlockDevice
 from csnapd.engine.errors import StoreIOError, StoreOpenError
@@ -183,7 +183,7 @@ def data_mismatch(device: BlockDevice, g: Geometry, runs: Sequence[DataRun]) -> 
         try:
             while done < run.chunks:
                 step = min(run.chunks - done, max(1, _CHECK_IO_BYTES // size))
-                crc = zlib.crc32(device.read((run.first_chunk + done) * size, step * size), crc)
+                crc = crc32(device.read((run.first_chunk + done) * size, step * size), crc)
                 done += step
         except OSError as exc:
             raise StoreIOError(f"reading copy-out data: {exc.strerror or exc}") from exc

@@ -31,12 +31,12 @@ from __future__ import annotations
 
 import bisect
 import logging
-import zlib
 from collections.abc import Callable, Iterable
 from functools import partial
 from typing import TypeVar
 
 from csnap_format import DataRun, Geometry, encode_superblock
+from csnap_format.checksum import crc32
 from csnapd.engine.allocator import Allocator
 from csnapd.engine.errors import (
     EngineFailedError,
@@ -203,9 +203,9 @@ class Transaction:
         runs = self._runs
         if runs and runs[-1].first_chunk + runs[-1].chunks == first_chunk:
             last = runs[-1]
-            runs[-1] = DataRun(last.first_chunk, last.chunks + chunks, zlib.crc32(data, last.crc))
+            runs[-1] = DataRun(last.first_chunk, last.chunks + chunks, crc32(data, last.crc))
         else:
-            runs.append(DataRun(first_chunk, chunks, zlib.crc32(data)))
+            runs.append(DataRun(first_chunk, chunks, crc32(data)))
 
     def hand_out(self, ranges: Iterable[tuple[int, int]]) -> None:
         """Note that a reply lets a client write into these (store chunk, count)
