@@ -323,9 +323,6 @@ class CopyOut:
                     f"writing copies to store chunks {dst}..{dst + m - k - 1}:"
                     f" {exc.strerror or exc}"
                 ) from exc
-            # Its sync comes with the commit: the disk may start meanwhile,
-            # while the rest of the batch is copied.
-            self._store.start_writeback(dst * size, len(piece))
             self._stats.copy_writes += 1
             k = m
 

@@ -6,8 +6,6 @@ write durable. Two implementations:
 
   FileDevice    a regular file or a block device, with pread, pwrite and
                 fdatasync, and an exclusive flock on request (rule: one server per store).
-                Writes the engine syncs soon after may be started early
-                (start_writeback: sync_file_range on Linux).
                 A block device is read and written with O_DIRECT (another host
                 may share it, and a page cache would keep bytes it replaced);
                 a file too on request (csnap_common.direct_io).
@@ -20,15 +18,13 @@ Devices raise OSError; the engine translates it at its own boundary.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import fcntl
 import os
 import random
 import stat
-import sys
 import threading
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -59,28 +55,6 @@ class DeviceStats:
     syncs: int = 0
     bytes_read: int = 0
     bytes_written: int = 0
-    #: start_writeback calls that reached the kernel.
-    writebacks: int = 0
-
-
-#: sync_file_range's flag: start writing the range's dirty pages, wait for nothing.
-SYNC_FILE_RANGE_WRITE = 2
-
-
-def _sync_file_range() -> Callable[[int, int, int, int], int] | None:
-    """libc's sync_file_range (Linux), which the os module does not offer."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        function = ctypes.CDLL(None, use_errno=True).sync_file_range
-    except (OSError, AttributeError):
-        return None
-    function.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
-    function.restype = ctypes.c_int
-    return function
-
-
-_SYNC_FILE_RANGE = _sync_file_range()
 
 
 class BlockDevice(Protocol):
@@ -111,13 +85,6 @@ class BlockDevice(Protocol):
 
     def sync(self) -> None:
         """Make every write issued so far durable."""
-        ...
-
-    def start_writeback(self, offset: int, length: int) -> None:
-        """Begin writing `length` bytes from `offset`, written already, to
-        the disk without waiting: a sync soon after then has less left to
-        wait for. Nothing becomes durable before that sync; a device may
-        ignore the hint."""
         ...
 
     def close(self) -> None:
@@ -258,16 +225,6 @@ class FileDevice:
         self.stats.syncs += 1
         os.fdatasync(self._fd)
 
-    def start_writeback(self, offset: int, length: int) -> None:
-        # With O_DIRECT the bytes went to the device with the write itself.
-        if self.direct is not None or _SYNC_FILE_RANGE is None or length <= 0:
-            return
-        # A hint: where the kernel cannot start the writes, the sync that
-        # follows writes them and reports what fails. It may wait for room
-        # in the device's queue, as a write may; never for the writes.
-        if _SYNC_FILE_RANGE(self._fd, offset, length, SYNC_FILE_RANGE_WRITE) == 0:
-            self.stats.writebacks += 1
-
     def close(self) -> None:
         if self._fd >= 0:
             os.close(self._fd)
@@ -307,8 +264,6 @@ class MemoryDevice:
         self.stats = DeviceStats()
         self._pages: dict[int, bytes] = {}
         self.pending: list[PendingWrite] = []
-        #: (offset, length) of each start_writeback since the last sync.
-        self.started: list[tuple[int, int]] = []
         #: A commit's writes and sync may run in another thread than the
         #: reads of lookups (csnapd answers lookups while it commits): a
         #: read must not see a sync half done.
@@ -414,17 +369,8 @@ class MemoryDevice:
             for write in self.pending:
                 self._durable_write(write.offset, write.data)
             self.pending.clear()
-            self.started.clear()
         if self.log is not None:
             self.log.append(("sync", 0, b""))
-
-    def start_writeback(self, offset: int, length: int) -> None:
-        """Noted in `started` only: a crash may still keep any part of the
-        pending writes, as of a disk that had begun writing them."""
-        self._check(offset, length)
-        self.stats.writebacks += 1
-        with self._lock:
-            self.started.append((offset, length))
 
     def close(self) -> None:
         pass

@@ -2,8 +2,7 @@
 not closed cleanly is brought back (docs/format.md, "Journal").
 
 Writing transaction s with blocks b1..bn and copy-out data d1..dm:
-  1. d1..dm were written to chunks the transaction allocated (not synced;
-     the disk may have begun writing them: BlockDevice.start_writeback)
+  1. d1..dm were written to chunks the transaction allocated (not synced)
   2. write the commit record, with the CRC32 of each run of d1..dm, and
      b1..bn to free journal slots
   3. sync                                   -> durable: replies may go out

@@ -159,8 +159,5 @@ class CutDevice:
         self._spend()
         self.inner.sync()
 
-    def start_writeback(self, offset: int, length: int) -> None:
-        self.inner.start_writeback(offset, length)
-
     def close(self) -> None:
         pass

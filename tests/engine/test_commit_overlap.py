@@ -56,9 +56,6 @@ class HeldSync:
         assert self.release.wait(30), "the test never let the sync go"
         self.inner.sync()
 
-    def start_writeback(self, offset: int, length: int) -> None:
-        self.inner.start_writeback(offset, length)
-
     def close(self) -> None:
         pass
 

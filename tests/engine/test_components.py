@@ -10,7 +10,6 @@ import mmap
 import os
 import random
 import struct
-import time
 from pathlib import Path
 
 import pytest
@@ -147,8 +146,7 @@ def test_open_files_takes_the_store_lock(tmp_path: Path) -> None:
     Engine.open_files(store, origin).close()
 
 
-#: /proc/kpageflags bits: KPF_DIRTY, and KPF_COMPOUND_HEAD | KPF_COMPOUND_TAIL.
-KPF_DIRTY = 1 << 4
+#: /proc/kpageflags bits: KPF_COMPOUND_HEAD | KPF_COMPOUND_TAIL.
 KPF_COMPOUND = (1 << 15) | (1 << 16)
 
 
@@ -186,53 +184,6 @@ def _pages_in_large_folios(path: Path, length: int) -> int:
     """How many of the first `length` bytes' pages of `path` the page cache
     holds in large folios (several pages as one)."""
     return sum(bool(flags & KPF_COMPOUND) for flags in _page_flags(path, 0, length))
-
-
-def _dirty_pages(path: Path, offset: int, length: int) -> int:
-    return sum(bool(flags & KPF_DIRTY) for flags in _page_flags(path, offset, length))
-
-
-def test_start_writeback_sends_a_range_to_the_disk_without_a_sync(tmp_path: Path) -> None:
-    """FileDevice.start_writeback starts the disk writes of a written range
-    (sync_file_range) and waits for none: the range's pages stop being dirty
-    soon, while pages written beside it stay dirty until a sync."""
-    size = 1 << 20
-    path = tmp_path / "device"
-    with open(path, "wb") as f:
-        f.truncate(2 * size)
-    dev = FileDevice(path)
-    try:
-        dev.write(0, b"\xa5" * size)
-        dev.write(size, b"\x5a" * size)
-        pages = size // mmap.PAGESIZE
-        assert _dirty_pages(path, 0, size) == pages
-        dev.start_writeback(0, size)
-        assert dev.stats.writebacks == 1
-        deadline = time.monotonic() + 10
-        while _dirty_pages(path, 0, size) and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert _dirty_pages(path, 0, size) == 0
-        assert _dirty_pages(path, size, size) == pages, "the range beside it was written too"
-        dev.sync()
-        assert _dirty_pages(path, size, size) == 0
-        assert dev.read(0, size) == b"\xa5" * size
-    finally:
-        dev.close()
-
-
-def test_start_writeback_is_no_work_with_o_direct(tmp_path: Path) -> None:
-    """With O_DIRECT the write went to the disk itself: nothing to start."""
-    path = tmp_path / "device"
-    with open(path, "wb") as f:
-        f.truncate(1 << 20)
-    dev = FileDevice(path, direct=True)
-    try:
-        dev.write(0, b"\xa5" * 4096)
-        dev.start_writeback(0, 4096)
-        assert dev.stats.writebacks == 0
-        assert dev.read(0, 4096) == b"\xa5" * 4096
-    finally:
-        dev.close()
 
 
 def test_copy_outs_leave_the_origin_files_pages_in_small_folios(tmp_path: Path) -> None:

@@ -103,23 +103,6 @@ def test_a_copy_out_with_all_its_writes_landed_is_committed() -> None:
     ]
 
 
-def test_each_copy_is_started_towards_the_disk_before_its_commit_syncs() -> None:
-    """The disk may write a copy while the rest of the batch is copied
-    (BlockDevice.start_writeback): every copy written to the data area is
-    started, once, before the commit's one sync, and nothing else is."""
-    store, _, engine, g = _copy_out_store()
-    assert engine.origin_write([(0, 2)]).copied == 2
-    assert engine.origin_write([(3, 1)]).copied == 1
-    data_at = g.data_start * g.chunk_size
-    copies = [(w.offset, len(w.data)) for w in store.pending if w.offset >= data_at]
-    assert sum(length for _, length in copies) == 3 * g.chunk_size
-    assert store.started == copies
-    syncs = store.stats.syncs
-    engine.commit()
-    assert store.stats.syncs - syncs == 1
-    assert store.started == []
-
-
 def test_an_origin_copy_out_costs_one_sync() -> None:
     store, _, engine, _ = _copy_out_store()
     syncs = store.stats.syncs

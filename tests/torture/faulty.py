@@ -150,10 +150,6 @@ class FaultyDevice:
         self._epoch.clear()
         self._before.clear()
 
-    def start_writeback(self, offset: int, length: int) -> None:
-        # A hint that writes nothing: no fault of its own.
-        self.inner.start_writeback(offset, length)
-
     def close(self) -> None:
         self.inner.close()
 
