@@ -38,7 +38,9 @@ systems); the systems' order rotates
 from round to round so that drift on a shared machine falls on all of
 them. The figure for each phase is the median over rounds of the IOPS
 qemu-img reports ("Run completed in T seconds": writes / T); ratios are
-csnap's median over the peer's median.
+csnap's median over the peer's median. The JSON also keeps each round's
+ratio (round_ratios: csnap's round over the peer's round of the same
+number), whose spread the targets table shows.
 
 csnap's copies are counted from the store: data chunks free before and
 after the first-write pass; qcow2's from the image's allocated bytes.
@@ -571,6 +573,20 @@ def nbd_part(directory: Path, *, quick: bool) -> Part:
         if peer in iops and "csnap" in iops
     }
     figures["ratios"] = ratios
+    # Round by round: csnap's round against the peer's round of the same
+    # number, which ran next to it (the systems take turns within a round).
+    figures["round_ratios"] = {
+        peer: {
+            p: [
+                ratio(ours, theirs)
+                for ours, theirs in zip(
+                    figures["csnap"]["round_iops"][p], figures[peer]["round_iops"][p], strict=True
+                )
+            ]
+            for p in (*PHASES, *BACKUPS)
+        }
+        for peer in ratios
+    }
     direct_ratio = {
         p: ratio(iops["csnap_direct"][p], iops["csnap"][p])
         for p in (*PHASES, *BACKUPS)

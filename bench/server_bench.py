@@ -379,14 +379,13 @@ def figures(rounds: Sequence[Round], fsyncs_per_commit: int) -> dict[str, Any]:
         else commits * fsyncs_per_commit + 2 * checkpoints
     )
     rates = [r.ops / (r.elapsed_ns / 1e9) for r in measured]
+    request_rates = [r.server_requests / (r.elapsed_ns / 1e9) for r in measured]
     server_cpu = [r.server_cpu_ns for r in measured]
     return {
         "chunks_per_s": statistics.median(rates),
         # What csnapd itself answered per second (the operations' rate
         # counts those the client answered from memory too).
-        "server_requests_per_s": statistics.median(
-            r.server_requests / (r.elapsed_ns / 1e9) for r in measured
-        ),
+        "server_requests_per_s": statistics.median(request_rates),
         "p50_ms": statistics.median(percentile(r.latencies_ns, 0.5) / 1e6 for r in measured),
         "p99_ms": statistics.median(percentile(r.latencies_ns, 0.99) / 1e6 for r in measured),
         "commits_per_reply": commits / replies,
@@ -401,6 +400,7 @@ def figures(rounds: Sequence[Round], fsyncs_per_commit: int) -> dict[str, Any]:
         "checkpoints": checkpoints,
         "rounds": len(measured),
         "round_chunks_per_s": rates,
+        "round_server_requests_per_s": request_rates,
         # Which side is busy: the server has one core's worth of event loop.
         # Per request csnapd answered (not per operation: some were not its).
         "server_cpu_us_per_reply": None

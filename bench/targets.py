@@ -5,7 +5,10 @@ targets come from): the nbd part's ratios against qemu-nbd + qcow2 and
 nbdkit file in the same run, and csnapd's own rates and fsync counts from
 the server part. `evaluate` turns the figures of whatever parts ran into
 rows: the goal, what was measured, how far along the goal it is, and whether
-it was reached; a target whose part did not run is "not measured". The peak
+it was reached; where the part keeps the figure per round, the lowest and
+highest round and how many rounds reached the goal (on a shared machine the
+rounds of one run spread widely, and the median alone hides it); a target
+whose part did not run is "not measured". The peak
 memory of the gateway and of csnapd have no figure to reach: they are
 reported beside the targets. python -m bench prints the rows after the parts
 and writes them to its JSON under "targets".
@@ -35,16 +38,44 @@ class Target:
     #: "fsyncs_per_reply".
     unit: str
     at_most: bool = False
+    #: Keys down to the figure's value in each round, where the part keeps
+    #: them: how the rounds spread around the median, and how many of them
+    #: reached the goal.
+    rounds: tuple[str, ...] | None = None
 
 
 TARGETS: tuple[Target, ...] = (
-    Target("rewrites vs qemu-nbd + qcow2", "nbd", ("ratios", "qcow2", "rewrite"), 1.0, "ratio"),
-    Target("rewrites vs nbdkit file", "nbd", ("ratios", "file", "rewrite"), 0.5, "ratio"),
     Target(
-        "snapshot 4 KiB reads vs qcow2", "nbd", ("ratios", "qcow2", "snapshot_read"), 1.0, "ratio"
+        "rewrites vs qemu-nbd + qcow2",
+        "nbd",
+        ("ratios", "qcow2", "rewrite"),
+        1.0,
+        "ratio",
+        rounds=("round_ratios", "qcow2", "rewrite"),
     ),
     Target(
-        "backup of a whole snapshot vs qcow2", "nbd", ("ratios", "qcow2", "backup"), 1.0, "ratio"
+        "rewrites vs nbdkit file",
+        "nbd",
+        ("ratios", "file", "rewrite"),
+        0.5,
+        "ratio",
+        rounds=("round_ratios", "file", "rewrite"),
+    ),
+    Target(
+        "snapshot 4 KiB reads vs qcow2",
+        "nbd",
+        ("ratios", "qcow2", "snapshot_read"),
+        1.0,
+        "ratio",
+        rounds=("round_ratios", "qcow2", "snapshot_read"),
+    ),
+    Target(
+        "backup of a whole snapshot vs qcow2",
+        "nbd",
+        ("ratios", "qcow2", "backup"),
+        1.0,
+        "ratio",
+        rounds=("round_ratios", "qcow2", "backup"),
     ),
     Target(
         "backup, half in the store, vs qcow2",
@@ -52,9 +83,15 @@ TARGETS: tuple[Target, ...] = (
         ("ratios", "qcow2", "backup_half"),
         1.0,
         "ratio",
+        rounds=("round_ratios", "qcow2", "backup_half"),
     ),
     Target(
-        "first writes (durable) vs qcow2", "nbd", ("ratios", "qcow2", "first_write"), 2.0, "ratio"
+        "first writes (durable) vs qcow2",
+        "nbd",
+        ("ratios", "qcow2", "first_write"),
+        2.0,
+        "ratio",
+        rounds=("round_ratios", "qcow2", "first_write"),
     ),
     Target(
         "csnapd already-unique checks, 8 clients",
@@ -62,6 +99,7 @@ TARGETS: tuple[Target, ...] = (
         ("origin_write_unique_8_clients", "server_requests_per_s"),
         20_000,
         "per_s",
+        rounds=("origin_write_unique_8_clients", "round_server_requests_per_s"),
     ),
     Target(
         "csnapd copy-outs, 8 clients",
@@ -69,6 +107,7 @@ TARGETS: tuple[Target, ...] = (
         ("origin_write_copy_8_clients", "chunks_per_s"),
         5_000,
         "per_s",
+        rounds=("origin_write_copy_8_clients", "round_chunks_per_s"),
     ),
     Target(
         "csnapd replies per fsync, 8 clients",
@@ -111,15 +150,44 @@ MEMORY: tuple[tuple[str, str, tuple[str, ...]], ...] = (
 )
 
 
-def _lookup(figures: Mapping[str, Any], keys: Sequence[str]) -> float | None:
+def _walk(figures: Mapping[str, Any], keys: Sequence[str]) -> Any:
+    """What lies under `keys`, or None where a key is missing."""
     value: Any = figures
     for key in keys:
         if not isinstance(value, Mapping) or key not in value:
             return None
         value = value[key]
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    return value
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _lookup(figures: Mapping[str, Any], keys: Sequence[str]) -> float | None:
+    value = _walk(figures, keys)
+    return float(value) if _number(value) else None
+
+
+def _lookup_rounds(figures: Mapping[str, Any], keys: Sequence[str] | None) -> list[float] | None:
+    """The per-round values under `keys`, those a round could not give left out."""
+    value = None if keys is None else _walk(figures, keys)
+    if not isinstance(value, Sequence) or isinstance(value, str):
         return None
-    return float(value)
+    rounds = [float(v) for v in value if _number(v)]
+    return rounds or None
+
+
+def _reaches(value: float, target: Target) -> bool:
+    return value <= target.goal if target.at_most else value >= target.goal
+
+
+def _rounds_shown(rounds: list[float] | None, reached: int | None, unit: str) -> str:
+    """'lowest to highest, k of n': the spread of a figure's rounds."""
+    if rounds is None or reached is None:
+        return "-"
+    low, high = _format(min(rounds), unit), _format(max(rounds), unit)
+    return f"{low} to {high}, {reached} of {len(rounds)}"
 
 
 def _format(value: float, unit: str) -> str:
@@ -137,15 +205,18 @@ def evaluate(parts: Mapping[str, Any]) -> list[dict[str, Any]]:
     parts that ran (a part that failed has only an "error")."""
     rows: list[dict[str, Any]] = []
     for target in TARGETS:
-        measured = _lookup(parts.get(target.part, {}), target.figure)
+        figures = parts.get(target.part, {})
+        measured = _lookup(figures, target.figure)
         if measured is None:
             reached, progress = None, None
-        elif target.at_most:
-            reached = measured <= target.goal
-            progress = target.goal / measured if measured else None
         else:
-            reached = measured >= target.goal
-            progress = measured / target.goal
+            reached = _reaches(measured, target)
+            if target.at_most:
+                progress = target.goal / measured if measured else None
+            else:
+                progress = measured / target.goal
+        rounds = _lookup_rounds(figures, target.rounds) if measured is not None else None
+        rounds_reached = None if rounds is None else sum(_reaches(v, target) for v in rounds)
         rows.append(
             {
                 "target": target.name,
@@ -154,6 +225,9 @@ def evaluate(parts: Mapping[str, Any]) -> list[dict[str, Any]]:
                 "shown": "not measured" if measured is None else _format(measured, target.unit),
                 "of_goal": progress,
                 "reached": reached,
+                "rounds": rounds,
+                "rounds_reached": rounds_reached,
+                "rounds_shown": _rounds_shown(rounds, rounds_reached, target.unit),
             }
         )
     for label, part, keys in MEMORY:
@@ -166,13 +240,20 @@ def evaluate(parts: Mapping[str, Any]) -> list[dict[str, Any]]:
                 "shown": "not measured" if kib is None else f"{kib / 1024:.1f} MiB",
                 "of_goal": None,
                 "reached": None,
+                "rounds": None,
+                "rounds_reached": None,
+                "rounds_shown": "-",
             }
         )
     return rows
 
 
 def targets_table(rows: Sequence[Mapping[str, Any]], *, quick: bool) -> str:
-    notes = ["one run's figures: the nbd part's ratios are against peers measured beside csnap"]
+    notes = [
+        "one run's figures: the nbd part's ratios are against peers measured beside csnap",
+        "rounds: the lowest and highest of the figure's rounds (a ratio: csnap's round over"
+        " the peer's round of the same number), and how many reached the goal",
+    ]
     if quick:
         notes.append("a --quick run: smoke-test sizes, not a measurement")
     body = [
@@ -182,7 +263,8 @@ def targets_table(rows: Sequence[Mapping[str, Any]], *, quick: bool) -> str:
             row["shown"],
             "" if row["of_goal"] is None else f"{row['of_goal']:.0%}",
             {True: "yes", False: "no", None: "-"}[row["reached"]],
+            row["rounds_shown"],
         ]
         for row in rows
     ]
-    return table(["target", "goal", "measured", "of goal", "reached"], body, notes=notes)
+    return table(["target", "goal", "measured", "of goal", "reached", "rounds"], body, notes=notes)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -201,6 +202,10 @@ def check_server_part(part: dict[str, Any]) -> None:
             row = part[f"{workload}_{clients}_clients"]
             assert row["ops"] > 0 and row["chunks_per_s"] > 0
             assert 0 < row["csnapd_peak_rss_kib"] <= part["csnapd_peak_rss_kib"]
+            # The medians come from the rounds kept beside them.
+            for figure in ("chunks_per_s", "server_requests_per_s"):
+                rounds = row[f"round_{figure}"]
+                assert len(rounds) == row["rounds"] and row[figure] == statistics.median(rounds)
 
 
 NBD_PHASES = (
@@ -241,6 +246,10 @@ def check_nbd_part(part: dict[str, Any]) -> None:
     assert all(r is not None and r > 0 for r in tls["tls_vs_plaintext"].values())
     for peer in ("qcow2", "file"):
         assert all(r is not None and r > 0 for r in part["ratios"][peer].values()), peer
+        # Each round's ratio: csnap's round over the peer's round of that number.
+        for phase, rounds in part["round_ratios"][peer].items():
+            ours, theirs = part["csnap"]["round_iops"][phase], part[peer]["round_iops"][phase]
+            assert rounds == [a / b for a, b in zip(ours, theirs, strict=True)], (peer, phase)
 
 
 def check_snapshots_part(part: dict[str, Any]) -> None:

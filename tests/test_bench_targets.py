@@ -19,10 +19,14 @@ def test_each_target_reads_its_figure_and_compares_it_the_right_way() -> None:
                 "qcow2": {"rewrite": 1.25, "snapshot_read": 0.8, "first_write": 2.0},
                 "file": {"rewrite": 0.4},
             },
+            "round_ratios": {"qcow2": {"rewrite": [0.9, 1.25, 1.4, None, 1.0]}},
             "csnap": {"peak_rss_kib": {"csnap-nbd": {"max": 51_200}}},
         },
         "server": {
-            "origin_write_unique_8_clients": {"server_requests_per_s": 10_000.0},
+            "origin_write_unique_8_clients": {
+                "server_requests_per_s": 10_000.0,
+                "round_server_requests_per_s": [9_000.0, 10_000.0, 21_000.0],
+            },
             "origin_write_copy_1_clients": {"fsyncs_per_reply": 1.0},
             "snapshot_write_1_clients": {"fsyncs_per_reply": 2.0},
             "origin_write_copy_8_clients": {"chunks_per_s": 6_000, "replies_per_fsync": None},
@@ -50,6 +54,36 @@ def test_each_target_reads_its_figure_and_compares_it_the_right_way() -> None:
     assert rows["csnap-nbd peak RSS, nbd part"]["shown"] == "50.0 MiB"
     assert rows["csnapd peak RSS, nbd part"]["measured"] is None
     assert rows["csnapd peak RSS, server part"]["measured"] == 60_000
+
+
+def test_rounds_show_their_spread_and_how_many_reached_the_goal() -> None:
+    parts = {
+        "nbd": {
+            "ratios": {"qcow2": {"rewrite": 1.25, "snapshot_read": 0.8}},
+            # A round a peer could not give (None) is left out; exactly at
+            # the goal reaches it.
+            "round_ratios": {"qcow2": {"rewrite": [0.9, 1.25, 1.4, None, 1.0]}},
+        },
+        "server": {
+            "origin_write_unique_8_clients": {
+                "server_requests_per_s": 10_000.0,
+                "round_server_requests_per_s": [9_000.0, 10_000.0, 21_000.0],
+            },
+            "origin_write_copy_1_clients": {"fsyncs_per_reply": 1.0},
+        },
+    }
+    rows = _rows(parts)
+    rewrite = rows["rewrites vs qemu-nbd + qcow2"]
+    assert rewrite["rounds"] == [0.9, 1.25, 1.4, 1.0]
+    assert (rewrite["rounds_reached"], rewrite["rounds_shown"]) == (3, "0.90x to 1.40x, 3 of 4")
+    checks = rows["csnapd already-unique checks, 8 clients"]
+    assert checks["rounds_shown"] == "9,000/s to 21,000/s, 1 of 3"
+    # No rounds kept for the figure: nothing to show.
+    reads = rows["snapshot 4 KiB reads vs qcow2"]
+    assert (reads["rounds"], reads["rounds_shown"]) == (None, "-")
+    assert rows["fsyncs per origin copy-out, 1 client"]["rounds_shown"] == "-"
+    text = targets_table(list(rows.values()), quick=False)
+    assert "0.90x to 1.40x, 3 of 4" in text and "how many reached the goal" in text
 
 
 def test_parts_that_did_not_run_or_failed_measure_nothing() -> None:
