@@ -5,7 +5,8 @@ commit record's payload, the data runs of copied chunks) is this one
 function. It is computed by zlib-ng, whose CRC-32 gives zlib's answer for
 every input and runs several times faster on a machine with carry-less
 multiply: a batch of first writes checksums every chunk it copies on the
-server's event loop (docs/performance.md). Where zlib-ng cannot be
+server's event loop (docs/performance-log.md, "The store's CRC through
+zlib-ng"). Where zlib-ng cannot be
 imported, the standard library's zlib computes the same value.
 """
 

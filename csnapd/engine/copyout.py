@@ -38,7 +38,7 @@ COPY_IO_BYTES = 8 << 20
 #: Reads of up to this many bytes go into one buffer kept for the next: a
 #: new buffer of a megabyte is fresh memory the kernel zeroes page by page,
 #: which cost csnapd a quarter of its CPU during gathered first writes
-#: (docs/performance.md, "Copy-outs read into a kept buffer").
+#: (docs/performance-log.md, "Copy-outs read into a kept buffer").
 KEPT_READ_BYTES = 2 << 20
 
 

@@ -103,7 +103,7 @@ class FileDevice:
     csnapd reads the origin only where a copy-out needs it; what readahead
     adds is read for nothing, and it lands in the page cache as large
     folios, into which every later small write of the gateway costs more
-    (docs/performance.md, "Origin pages without readahead").
+    (docs/performance-log.md, "Origin pages without readahead").
     """
 
     def __init__(

@@ -190,7 +190,7 @@ def test_copy_outs_leave_the_origin_files_pages_in_small_folios(tmp_path: Path) 
     """csnapd reads the origin file without readahead: consecutive copy-outs
     read with it leave the origin's pages in large folios, into which every
     later small write of the gateway costs more (FileDevice random_reads;
-    docs/performance.md, "Origin pages without readahead")."""
+    docs/performance-log.md, "Origin pages without readahead")."""
     g = new_geometry(chunk_size=64 << 10)
     store = tmp_path / "store"
     origin = tmp_path / "origin"
