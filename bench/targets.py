@@ -44,55 +44,20 @@ class Target:
     rounds: tuple[str, ...] | None = None
 
 
+def _against_peer(name: str, peer: str, phase: str, goal: float) -> Target:
+    """A ratio of the nbd part: csnap's median over the peer's in one phase."""
+    return Target(
+        name, "nbd", ("ratios", peer, phase), goal, "ratio", rounds=("round_ratios", peer, phase)
+    )
+
+
 TARGETS: tuple[Target, ...] = (
-    Target(
-        "rewrites vs qemu-nbd + qcow2",
-        "nbd",
-        ("ratios", "qcow2", "rewrite"),
-        1.0,
-        "ratio",
-        rounds=("round_ratios", "qcow2", "rewrite"),
-    ),
-    Target(
-        "rewrites vs nbdkit file",
-        "nbd",
-        ("ratios", "file", "rewrite"),
-        0.5,
-        "ratio",
-        rounds=("round_ratios", "file", "rewrite"),
-    ),
-    Target(
-        "snapshot 4 KiB reads vs qcow2",
-        "nbd",
-        ("ratios", "qcow2", "snapshot_read"),
-        1.0,
-        "ratio",
-        rounds=("round_ratios", "qcow2", "snapshot_read"),
-    ),
-    Target(
-        "backup of a whole snapshot vs qcow2",
-        "nbd",
-        ("ratios", "qcow2", "backup"),
-        1.0,
-        "ratio",
-        rounds=("round_ratios", "qcow2", "backup"),
-    ),
-    Target(
-        "backup, half in the store, vs qcow2",
-        "nbd",
-        ("ratios", "qcow2", "backup_half"),
-        1.0,
-        "ratio",
-        rounds=("round_ratios", "qcow2", "backup_half"),
-    ),
-    Target(
-        "first writes (durable) vs qcow2",
-        "nbd",
-        ("ratios", "qcow2", "first_write"),
-        2.0,
-        "ratio",
-        rounds=("round_ratios", "qcow2", "first_write"),
-    ),
+    _against_peer("rewrites vs qemu-nbd + qcow2", "qcow2", "rewrite", 1.0),
+    _against_peer("rewrites vs nbdkit file", "file", "rewrite", 0.5),
+    _against_peer("snapshot 4 KiB reads vs qcow2", "qcow2", "snapshot_read", 1.0),
+    _against_peer("backup of a whole snapshot vs qcow2", "qcow2", "backup", 1.0),
+    _against_peer("backup, half in the store, vs qcow2", "qcow2", "backup_half", 1.0),
+    _against_peer("first writes (durable) vs qcow2", "qcow2", "first_write", 2.0),
     Target(
         "csnapd already-unique checks, 8 clients",
         "server",
