@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from bench.common import fmt_ratio, table
+from bench.common import table
 
 __all__ = ["TARGETS", "Target", "evaluate", "targets_table"]
 
@@ -155,14 +155,28 @@ def _rounds_shown(rounds: list[float] | None, reached: int | None, unit: str) ->
     return f"{low} to {high}, {reached} of {len(rounds)}"
 
 
-def _format(value: float, unit: str) -> str:
+#: Decimals each unit is shown with.
+_DECIMALS = {"ratio": 2, "per_s": 0, "replies_per_fsync": 1, "fsyncs_per_reply": 3}
+
+
+def _format(value: float, unit: str, extra: int = 0) -> str:
+    digits = _DECIMALS.get(unit, 3) + extra
     if unit == "ratio":
-        return fmt_ratio(value)
+        return f"{value:.{digits}f}x"
     if unit == "per_s":
-        return f"{value:,.0f}/s"
-    if unit == "replies_per_fsync":
-        return f"{value:.1f}"
-    return f"{value:.3f}"
+        return f"{value:,.{digits}f}/s"
+    return f"{value:.{digits}f}"
+
+
+def _shown(value: float, target: Target) -> str:
+    """The figure as the table shows it; with more decimals when it would
+    otherwise read as the goal itself without reaching it (1.9995x of 2x)."""
+    goal = _format(target.goal, target.unit)
+    for extra in range(4):
+        shown = _format(value, target.unit, extra)
+        if _reaches(value, target) or shown != _format(target.goal, target.unit, extra):
+            return shown
+    return f"{shown} (short of {goal})"
 
 
 def evaluate(parts: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -187,7 +201,7 @@ def evaluate(parts: Mapping[str, Any]) -> list[dict[str, Any]]:
                 "target": target.name,
                 "goal": ("≤ " if target.at_most else "≥ ") + _format(target.goal, target.unit),
                 "measured": measured,
-                "shown": "not measured" if measured is None else _format(measured, target.unit),
+                "shown": "not measured" if measured is None else _shown(measured, target),
                 "of_goal": progress,
                 "reached": reached,
                 "rounds": rounds,

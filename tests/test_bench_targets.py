@@ -94,3 +94,17 @@ def test_parts_that_did_not_run_or_failed_measure_nothing() -> None:
     assert text.count("not measured") == len(rows)
     assert "quick" not in text
     assert "smoke-test sizes" in targets_table(rows, quick=True)
+
+
+def test_a_figure_just_short_of_its_goal_never_reads_as_the_goal() -> None:
+    parts = {
+        "nbd": {"ratios": {"qcow2": {"first_write": 1.9995044, "rewrite": 1.004}}},
+        "server": {"origin_write_unique_8_clients": {"server_requests_per_s": 19_999.6}},
+    }
+    rows = _rows(parts)
+    first = rows["first writes (durable) vs qcow2"]
+    assert (first["shown"], first["reached"]) == ("1.9995x", False)
+    checks = rows["csnapd already-unique checks, 8 clients"]
+    assert (checks["shown"], checks["reached"]) == ("19,999.6/s", False)
+    # Reached, or plainly apart from the goal: the usual decimals.
+    assert rows["rewrites vs qemu-nbd + qcow2"]["shown"] == "1.00x"
