@@ -171,12 +171,15 @@ def _format(value: float, unit: str, extra: int = 0) -> str:
 def _shown(value: float, target: Target) -> str:
     """The figure as the table shows it; with more decimals when it would
     otherwise read as the goal itself without reaching it (1.9995x of 2x)."""
-    goal = _format(target.goal, target.unit)
+    unit = target.unit
+    shown = _format(value, unit)
+    if _reaches(value, target):
+        return shown
     for extra in range(4):
-        shown = _format(value, target.unit, extra)
-        if _reaches(value, target) or shown != _format(target.goal, target.unit, extra):
+        shown = _format(value, unit, extra)
+        if shown != _format(target.goal, unit, extra):
             return shown
-    return f"{shown} (short of {goal})"
+    return f"{shown} (short of {_format(target.goal, unit)})"
 
 
 def evaluate(parts: Mapping[str, Any]) -> list[dict[str, Any]]:
