@@ -221,6 +221,15 @@ NBD_PHASES = (
 
 def check_nbd_part(part: dict[str, Any]) -> None:
     assert part["io_bytes"] == 4096 and part["queue_depth"] == 16
+    # Rewrites and snapshot reads pass over the region more than once, first
+    # writes (which cannot repeat) and FUA rewrites once.
+    assert part["passes"] == {
+        "first_write": 1,
+        "rewrite": 2,
+        "snapshot_read": 2,
+        "first_write_fua": 1,
+        "rewrite_fua": 1,
+    }
     skipped = part["skipped"]
     # scripts/test installs the peers (qemu-utils, nbdkit): none may be missing.
     assert not skipped, f"systems skipped: {skipped}"
