@@ -4,7 +4,8 @@ run.
 
   python -m bench.gateway_trees BASE [NEW] [--size S] [--depth D]
                                 [--count N] [--rounds R] [--zero]
-                                [--origin] [--backup | --reads] [--passes P]
+                                [--origin] [--backup | --reads | --rewrites]
+                                [--passes P]
 
 BASE and NEW are as for bench.trees (git revisions checked out into
 temporary worktrees, or directories); NEW defaults to this checkout. Each
@@ -32,12 +33,19 @@ chunk owned alone in the store), then P passes (--passes) of `qemu-img
 bench` reading 4 KiB of every chunk of snap-1, D in flight; each pass is a
 new NBD connection, which learns its owned map anew.
 
+With --rewrites, the round rewrites the origin instead: 4 KiB into every
+chunk of an N-chunk origin after the snapshot (untimed: each chunk copied
+out, so unique), then P passes of `qemu-img bench` writing the same 4 KiB
+again, D in flight (the nbd part's rewrite phase).
+
 Prints each tree's writes per second (qemu-img's own timing; qemu-io's run
 by the wall clock) and csnapd's fsyncs per write (csnapd_fsyncs before and
 after), each round's and their medians; with --backup, MiB/s (the median
 of each round's passes), the gateway's and csnapd's CPU per pass
 (/proc) and csnapd's query_map requests per pass; with --reads, reads per
-second, the same CPU times and csnapd's query_owned requests per pass.
+second, the same CPU times and csnapd's query_owned requests per pass;
+with --rewrites, writes per second, the same CPU times and csnapd's
+query_write requests per pass.
 --json FILE writes the same.
 """
 
@@ -114,16 +122,20 @@ class Plan:
     backup_passes: int = 0
     #: Passes of 4 KiB reads per round; 0: the writes instead.
     read_passes: int = 0
+    #: Passes of 4 KiB rewrites of the origin per round; 0: not those.
+    rewrite_passes: int = 0
     #: The export the writes go to: snap-1, or the origin (copy-outs).
     export: str = "snap-1"
 
     @property
     def passes(self) -> int:
-        return self.backup_passes or self.read_passes
+        return self.backup_passes or self.read_passes or self.rewrite_passes
 
     @property
     def counted(self) -> str:
         """The csnapd requests a pass counts."""
+        if self.rewrite_passes:
+            return "query_write"
         return "query_map" if self.backup_passes else "query_owned"
 
     @property
@@ -198,7 +210,7 @@ def _cpu_ms(pid: int) -> float:
 
 async def _passes(tree: Tree, plan: Plan, sock: Path, server: Server, gateway_pid: int) -> None:
     """Snap-1 made ready (half or all of it copied), then plan.passes timed
-    passes over it: nbdcopy backups or 4 KiB reads."""
+    passes over it: nbdcopy backups, 4 KiB reads or 4 KiB rewrites."""
     origin = f"nbd+unix:///origin?socket={sock}"
     snapshot = f"nbd+unix:///snap-1?socket={sock}"
     if plan.backup_passes:
@@ -215,6 +227,8 @@ async def _passes(tree: Tree, plan: Plan, sock: Path, server: Server, gateway_pi
         if plan.backup_passes:
             seconds = await nbdcopy_seconds(snapshot, "null:", BACKUP_REQUEST)
             rates.append(plan.region / seconds / (1 << 20))
+        elif plan.rewrite_passes:
+            rates.append(plan.count / await _writes(replace(plan, size=IO), origin))
         else:
             argv = ["qemu-img", "bench", "-f", "raw", "-c", str(plan.count), "-s", str(IO)]
             argv += ["-S", str(CHUNK), "-d", str(plan.depth), "-t", "none", snapshot]
@@ -244,6 +258,12 @@ def render(trees: list[Tree], plan: Plan) -> str:
                 f" {BACKUP_REQUEST >> 10} KiB requests, {plan.passes} passes per round"
             )
             unit, places = "MiB/s", 0
+        elif plan.rewrite_passes:
+            title = (
+                f"# 4 KiB rewrites of the origin, one per chunk of {plan.count}, each unique,"
+                f" {plan.depth} in flight, {plan.passes} passes per round"
+            )
+            unit, places = "writes per second", 0
         else:
             title = (
                 f"# 4 KiB reads of snap-1, one per chunk of {plan.count}, each owned alone,"
@@ -288,7 +308,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     add_tree_arguments(parser)
     parser.add_argument("--size", type=int, default=CHUNK, help="bytes per request")
-    parser.add_argument("--depth", type=int, help=f"requests in flight (1; with --reads {DEPTH})")
+    parser.add_argument(
+        "--depth", type=int, help=f"requests in flight (1; with --reads or --rewrites {DEPTH})"
+    )
     parser.add_argument("--count", type=int, default=256, help="requests per round")
     parser.add_argument("--rounds", type=int, default=6, help="rounds per tree")
     parser.add_argument(
@@ -309,17 +331,24 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="read 4 KiB of every chunk of snap-1, all of it copied, instead of writing",
     )
-    parser.add_argument("--passes", type=int, default=5, help="nbdcopy or read passes per round")
+    parser.add_argument(
+        "--rewrites",
+        action="store_true",
+        help="rewrite 4 KiB of every chunk of the origin, each unique, instead",
+    )
+    parser.add_argument(
+        "--passes", type=int, default=5, help="nbdcopy, read or rewrite passes per round"
+    )
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args(argv)
     if args.depth is None:
-        args.depth = DEPTH if args.reads else 1
+        args.depth = DEPTH if args.reads or args.rewrites else 1
     if min(args.size, args.depth, args.count, args.rounds, args.passes) < 1:
         parser.error("--size, --depth, --count, --rounds and --passes must be at least 1")
-    if args.backup + args.zero + args.reads > 1:
-        parser.error("--backup, --reads and --zero are different runs: choose one")
-    if args.origin and (args.backup or args.reads):
-        parser.error("--origin chooses where writes go: not with --backup or --reads")
+    if args.backup + args.zero + args.reads + args.rewrites > 1:
+        parser.error("--backup, --reads, --rewrites and --zero are different runs: choose one")
+    if args.origin and (args.backup or args.reads or args.rewrites):
+        parser.error("--origin chooses where writes go: not with --backup, --reads or --rewrites")
     tools = ("qemu-img", "nbdcopy") if args.backup else ("qemu-io" if args.zero else "qemu-img",)
     missing = missing_tools(*tools)
     if missing is not None:
@@ -330,6 +359,8 @@ def main(argv: list[str] | None = None) -> int:
         plan = Plan(CHUNK, depth, args.count, False, backup_passes=args.passes)
     elif args.reads:
         plan = Plan(IO, depth, args.count, False, read_passes=args.passes)
+    elif args.rewrites:
+        plan = Plan(IO, depth, args.count, False, rewrite_passes=args.passes, export="origin")
     else:
         plan = Plan(
             args.size, depth, args.count, args.zero, export="origin" if args.origin else "snap-1"
@@ -349,6 +380,7 @@ def main(argv: list[str] | None = None) -> int:
             "export": plan.export,
             "backup_passes": plan.backup_passes,
             "read_passes": plan.read_passes,
+            "rewrite_passes": plan.rewrite_passes,
             "trees": {
                 tree.name: {
                     "revision": tree.revision,

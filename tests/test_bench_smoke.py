@@ -433,6 +433,25 @@ def test_gateway_trees_reads_a_copied_snapshot_through_each_trees_gateway(
         assert tree["query_owneds_per_pass"] == [1, 1]
 
 
+def test_gateway_trees_rewrites_unique_origin_chunks_through_each_trees_gateway(
+    tmp_path: Path,
+) -> None:
+    figures = compare_trees(
+        "bench.gateway_trees",
+        tmp_path / "gateway_trees.json",
+        *("--rewrites", "--count", "64", "--rounds", "2", "--passes", "2"),
+    )
+    assert (figures["count"], figures["depth"], figures["rewrite_passes"]) == (64, 16, 2)
+    assert figures["export"] == "origin"
+    for tree in figures["trees"].values():
+        assert len(tree["per_s"]) == len(tree["query_writes_per_pass"]) == 2
+        assert all(rate > 0 for rate in tree["per_s"])
+        assert all(ms > 0 for ms in tree["gateway_ms_per_pass"])
+        # The untimed writes copied every chunk out: the gateway knows each
+        # unique, so a rewrite asks csnapd nothing.
+        assert tree["query_writes_per_pass"] == [0, 0]
+
+
 def test_a_csnapd_started_inside_a_checkout_runs_that_checkouts_code(tmp_path: Path) -> None:
     # Why bench.trees starts each csnapd elsewhere: `python -m` looks in the
     # current directory first, whatever PYTHONPATH says.
