@@ -59,24 +59,31 @@ devices are by default (no page cache: what a disk shared between hosts
 costs); csnap_direct/csnap is its median over csnap's.
 
 Then what TLS costs (a third table): one csnap-nbd with --tls=on serves
-the same store to plaintext and TLS clients, and nbdcopy (libnbd) is the
-client both ways, one connection, 16 requests in flight, so the only
-difference is TLS (Python's ssl in the gateway, GnuTLS in libnbd). Per
-round, on a fresh store with snapshot 1 whose region has been written
-once since (so every timed write is a rewrite, whichever mode goes first):
-  read_4k    the snapshot export to null:, 4 KiB requests
-  write_4k   a file to the origin export, 4 KiB requests
-  read_256k  the snapshot export to null:, 256 KiB requests
-The modes swap order each round; the time is the nbdcopy run's wall clock,
-connecting and the TLS handshake included.
+the same store to plaintext and TLS clients, with the same client both
+ways, one connection, 16 requests in flight, so the only difference is TLS
+(Python's ssl in the gateway, GnuTLS in the client). Per round, on a fresh
+store with snapshot 1 whose region has been written once since (so every
+timed write is a rewrite, whichever mode goes first):
+  read_4k    bench/nbd_load.py (libnbd): 4 KiB reads of the snapshot
+             export, in order over the first quarter of the region
+  write_4k   bench/nbd_load.py: 4 KiB writes to the origin export, the same
+  read_256k  nbdcopy (libnbd): the snapshot export to null:, 256 KiB requests
+The 4 KiB phases do not use nbdcopy: it raises its request size to the
+export's preferred block size (csnap-nbd advertises its chunk size), nor
+qemu-img bench, which takes no TLS credentials. The modes swap order each
+round; the time runs from connecting (the TLS handshake included) to the
+last reply (nbdcopy: its run's wall clock). The gateway's own count of the
+requests it read is checked against what each phase sends.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -150,9 +157,29 @@ class Plan:
         return self.writes * STRIDE
 
 
-#: The TLS table's phases and their request sizes.
-TLS_PHASES = {"read_4k": 4096, "write_4k": 4096, "read_256k": 256 << 10}
+@dataclass(frozen=True)
+class TlsPhase:
+    """One phase of the TLS table."""
+
+    #: Bytes per request.
+    request: int
+    write: bool
+    #: Run by bench/nbd_load.py over the first quarter of the region; else
+    #: by nbdcopy over all of it. nbdcopy raises its request size to the
+    #: export's preferred block size, so it cannot send 4 KiB requests here.
+    small: bool
+
+
+#: The TLS table's phases.
+TLS_PHASES = {
+    "read_4k": TlsPhase(4096, write=False, small=True),
+    "write_4k": TlsPhase(4096, write=True, small=True),
+    "read_256k": TlsPhase(256 << 10, write=False, small=False),
+}
 TLS_MODES = ("plaintext", "tls")
+#: The TLS table's client of 4 KiB requests, and the Python that has libnbd.
+NBD_LOAD = Path(__file__).resolve().parent / "nbd_load.py"
+SYSTEM_PYTHON = "/usr/bin/python3"
 #: Makes the CA, server and client certificates for the TLS runs.
 NBD_CERTS = Path(__file__).resolve().parents[1] / "scripts" / "nbd-certs"
 
@@ -358,6 +385,58 @@ def _csnap_url(sock: Path, export: str, certificates: Path | None) -> str:
     return f"nbds+unix:///{export}?socket={sock}&tls-certificates={certificates}"
 
 
+def tls_requests(plan: Plan, phase: str) -> int:
+    """Requests one run of a TLS phase makes."""
+    spec = TLS_PHASES[phase]
+    covered = plan.region // 4 if spec.small else plan.region
+    return covered // spec.request
+
+
+async def _metrics_url(gateway: trio.Process) -> str:
+    """The URL csnap-nbd prints on its "metrics URL" line, after "listening"."""
+    assert gateway.stdout is not None
+    line = b""
+    with trio.fail_after(30):
+        while not line.endswith(b"\n"):
+            data = await gateway.stdout.receive_some(1)
+            if not data:
+                raise RuntimeError("csnap-nbd ended before printing its metrics URL")
+            line += data
+    word, _, url = line.decode().strip().partition(" ")
+    if word != "metrics":
+        raise RuntimeError(f"csnap-nbd said {line!r}, not 'metrics URL'")
+    return url
+
+
+def _gateway_requests(metrics_url: str, command: str) -> int:
+    """NBD requests of `command` (read, write...) the gateway has read, every export."""
+    with urllib.request.urlopen(metrics_url, timeout=10) as response:
+        text = response.read().decode()
+    total = 0
+    for line in text.splitlines():
+        name, _, value = line.rpartition(" ")
+        if name.startswith("csnap_nbd_requests_total{") and f'command="{command}"' in name:
+            total += int(float(value))
+    return total
+
+
+async def _tls_phase_seconds(
+    plan: Plan, phase: str, sock: Path, source: Path, certificates: Path | None
+) -> float:
+    """Wall-clock seconds of one TLS phase's client run, connecting included."""
+    spec = TLS_PHASES[phase]
+    if spec.small:
+        url = _csnap_url(sock, "origin" if spec.write else "snap-1", certificates)
+        argv = [SYSTEM_PYTHON, str(NBD_LOAD), url, str(tls_requests(plan, phase))]
+        argv += [str(spec.request), str(DEPTH), "write" if spec.write else "read"]
+        return max(float((await run_tool(argv)).strip()), 1e-3)
+    if spec.write:
+        copy = (str(source), _csnap_url(sock, "origin", certificates))
+    else:
+        copy = (_csnap_url(sock, "snap-1", certificates), "null:")
+    return await nbdcopy_seconds(*copy, spec.request)
+
+
 async def nbdcopy_seconds(source: str, target: str, request: int) -> float:
     """Wall-clock seconds of one nbdcopy run: one connection, DEPTH requests."""
     argv = ["nbdcopy", "--connections=1", "--threads=1", f"--requests={DEPTH}"]
@@ -384,29 +463,38 @@ async def tls_round(
     if not source.exists():
         fill_file(source, plan.region, 0xC3)
     sock = d / "csnap-tls.sock"
-    gateway = ["-m", "csnap_nbd", "--unix", str(sock), "--log-level", "warning"]
-    gateway += ["--tls=on", f"--tls-certificates={certificates}"]
+    argv = ["-m", "csnap_nbd", "--unix", str(sock), "--log-level", "warning"]
+    argv += ["--tls=on", f"--tls-certificates={certificates}", "--metrics", "127.0.0.1:0"]
     seconds: dict[str, dict[str, float]] = {mode: {} for mode in order}
     async with (
         csnapd(store, origin, d / "csnapd-tls.log", "--log-level", "warning") as server,
         open_admin(server.connect) as admin,
         listening(
             [
-                *(sys.executable, *gateway, "--server", server.address),
+                *(sys.executable, *argv, "--server", server.address),
                 *("--origin", str(origin), "--store", str(store)),
             ],
             d / "nbd-tls.log",
-        ),
+        ) as gateway,
     ):
+        metrics = await _metrics_url(gateway.process)
         await admin.create_snapshot(1)
         # Every chunk copied out once, untimed: the timed writes only rewrite.
         await nbdcopy_seconds(str(source), _url(sock, "origin"), 256 << 10)
-        for phase, request in TLS_PHASES.items():
+        for phase in TLS_PHASES:
             for mode in order:
                 tls = certificates if mode == "tls" else None
-                snap, to_origin = _csnap_url(sock, "snap-1", tls), _csnap_url(sock, "origin", tls)
-                copy = (str(source), to_origin) if phase.startswith("write") else (snap, "null:")
-                seconds[mode][phase] = await nbdcopy_seconds(*copy, request)
+                command = "write" if TLS_PHASES[phase].write else "read"
+                before = await trio.to_thread.run_sync(_gateway_requests, metrics, command)
+                seconds[mode][phase] = await _tls_phase_seconds(plan, phase, sock, source, tls)
+                seen = await trio.to_thread.run_sync(_gateway_requests, metrics, command) - before
+                # The figure is per request: the client must have sent the
+                # requests the phase names, of the size it names.
+                if seen != tls_requests(plan, phase):
+                    raise RuntimeError(
+                        f"{phase} ({mode}): the gateway read {seen} {command} requests,"
+                        f" not the {tls_requests(plan, phase)} the phase sends"
+                    )
     store.unlink()
     return seconds
 
@@ -422,7 +510,7 @@ async def _tls_rounds(d: Path, plan: Plan) -> list[dict[str, dict[str, float]]]:
         seconds = await tls_round(d, origin, plan, certificates, order)
         rounds.append(seconds)
         rates = "  ".join(
-            f"{phase} {mode} {plan.region / TLS_PHASES[phase] / seconds[mode][phase]:,.0f}"
+            f"{phase} {mode} {tls_requests(plan, phase) / seconds[mode][phase]:,.0f}"
             for phase in TLS_PHASES
             for mode in TLS_MODES
         )
@@ -431,16 +519,25 @@ async def _tls_rounds(d: Path, plan: Plan) -> list[dict[str, dict[str, float]]]:
 
 
 def _tls_figures(plan: Plan, rounds: list[dict[str, dict[str, float]]]) -> dict[str, Any]:
-    figures: dict[str, Any] = {"requests_in_flight": DEPTH, "bytes": plan.region}
+    figures: dict[str, Any] = {
+        "requests_in_flight": DEPTH,
+        "requests": {phase: tls_requests(plan, phase) for phase in TLS_PHASES},
+        "request_bytes": {phase: spec.request for phase, spec in TLS_PHASES.items()},
+        "client": {
+            phase: "bench/nbd_load.py" if spec.small else "nbdcopy"
+            for phase, spec in TLS_PHASES.items()
+        },
+    }
     for mode in TLS_MODES:
-        figures[mode] = {
-            phase: {
-                "iops": median([plan.region / request / r[mode][phase] for r in rounds]),
-                "mib_per_s": median([plan.region / (1 << 20) / r[mode][phase] for r in rounds]),
-                "round_iops": [plan.region / request / r[mode][phase] for r in rounds],
+        figures[mode] = {}
+        for phase, spec in TLS_PHASES.items():
+            requests = tls_requests(plan, phase)
+            round_iops = [requests / r[mode][phase] for r in rounds]
+            figures[mode][phase] = {
+                "iops": median(round_iops),
+                "mib_per_s": median([iops * spec.request / (1 << 20) for iops in round_iops]),
+                "round_iops": round_iops,
             }
-            for phase, request in TLS_PHASES.items()
-        }
     figures["tls_vs_plaintext"] = {
         phase: ratio(figures["tls"][phase]["iops"], figures["plaintext"][phase]["iops"])
         for phase in TLS_PHASES
@@ -462,14 +559,30 @@ def _tls_table(plan: Plan, figures: dict[str, Any]) -> str:
     ]
     notes = [
         f"csnap-nbd --tls=on, plaintext and TLS clients side by side, median of"
-        f" {plan.rounds} rounds: nbdcopy, 1 connection, {DEPTH} requests in flight,"
-        f" {plan.region >> 20} MiB per run, Unix socket; writes rewrite the origin",
+        f" {plan.rounds} rounds: 1 connection, {DEPTH} requests in flight, Unix socket;"
+        f" writes rewrite the origin",
+        f"*_4k: bench/nbd_load.py (libnbd), {tls_requests(plan, 'read_4k'):,} requests in"
+        f" order over {plan.region >> 22} MiB; read_256k: nbdcopy of {plan.region >> 20} MiB"
+        f" (nbdcopy would send the export's preferred 64 KiB, not 4 KiB)",
     ]
     headers = ["phase", "IOPS plain", "IOPS TLS", "MiB/s plain", "MiB/s TLS", "TLS/plain"]
     return table(headers, rows, notes=notes)
 
 
 # -- the part --------------------------------------------------------------------
+
+
+def _libnbd_missing() -> str | None:
+    """Why bench/nbd_load.py cannot run, or None when the system Python has libnbd."""
+    try:
+        found = subprocess.run(
+            [SYSTEM_PYTHON, "-c", "import nbd"], capture_output=True, timeout=30, check=False
+        )
+    except OSError as exc:
+        return f"{SYSTEM_PYTHON}: {exc} (scripts/bench installs python3-libnbd on Debian)"
+    if found.returncode != 0:
+        return "libnbd's Python binding not installed (scripts/bench installs python3-libnbd)"
+    return None
 
 
 def _skips() -> dict[str, str]:
@@ -646,7 +759,7 @@ def nbd_part(directory: Path, *, quick: bool) -> Part:
                 else ""
             )
         )
-    tls_skip = missing_tools("nbdcopy", "openssl")
+    tls_skip = missing_tools("nbdcopy", "openssl") or _libnbd_missing()
     if tls_skip is not None:
         skipped["csnap_tls"] = tls_skip
     notes += [f"skipped {s}: {why}" for s, why in skipped.items()]

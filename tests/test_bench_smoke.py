@@ -252,6 +252,16 @@ def check_nbd_part(part: dict[str, Any]) -> None:
         for phase in ("read_4k", "write_4k", "read_256k"):
             assert tls[mode][phase]["iops"] > 0, (mode, phase)
             assert len(tls[mode][phase]["round_iops"]) == part["rounds"]
+    # The 4 KiB phases send 4 KiB requests (the part checked the gateway's
+    # count of them): a quarter of the region each, the 256 KiB phase all of it.
+    assert tls["request_bytes"] == {"read_4k": 4096, "write_4k": 4096, "read_256k": 256 << 10}
+    assert tls["client"]["read_4k"] == tls["client"]["write_4k"] == "bench/nbd_load.py"
+    region = part["writes"] * part["stride_bytes"]
+    assert tls["requests"] == {
+        "read_4k": region // 4 // 4096,
+        "write_4k": region // 4 // 4096,
+        "read_256k": region // (256 << 10),
+    }
     assert all(r is not None and r > 0 for r in tls["tls_vs_plaintext"].values())
     for peer in ("qcow2", "file"):
         assert all(r is not None and r > 0 for r in part["ratios"][peer].values()), peer
