@@ -30,7 +30,7 @@ from typing import Any
 
 import trio
 
-from bench.common import PYTHON_ENV, Part, listening, median, progress, stop, table
+from bench.common import PYTHON_ENV, Part, listening, median, progress, stdout_line, stop, table
 from bench.failover_bench import TTL, etcd
 from bench.server_bench import SNAPSHOT, fill, make_store
 from csnap_client import (
@@ -120,15 +120,7 @@ async def _round(socks: list[Path], clients: int, plan: Plan) -> float:
 
 
 async def _line(process: trio.Process) -> str:
-    assert process.stdout is not None
-    line = b""
-    with trio.fail_after(120):
-        while not line.endswith(b"\n"):
-            data = await process.stdout.receive_some(1)
-            if not data:
-                raise RuntimeError("a worker exited early")
-            line += data
-    return line.decode().strip()
+    return await stdout_line(process, seconds=120, ended="a worker exited early")
 
 
 async def _cluster(directory: Path, plan: Plan) -> dict[str, Any]:

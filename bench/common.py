@@ -283,6 +283,27 @@ class Started:
         return self.process.pid
 
 
+class OutputEndedError(RuntimeError):
+    """A process's stdout closed before the line that was waited for."""
+
+
+async def stdout_line(process: trio.Process, *, seconds: float, ended: str) -> str:
+    """The next line `process` writes on its stdout (a pipe), stripped;
+    OutputEndedError(`ended`) if the pipe closes first.
+
+    Read a byte at a time: what follows the line is the next caller's.
+    """
+    assert process.stdout is not None
+    line = b""
+    with trio.fail_after(seconds):
+        while not line.endswith(b"\n"):
+            data = await process.stdout.receive_some(1)
+            if not data:
+                raise OutputEndedError(ended)
+            line += data
+    return line.decode().strip()
+
+
 @asynccontextmanager
 async def listening(
     argv: Sequence[str],
@@ -304,19 +325,15 @@ async def listening(
             list(argv), stdout=subprocess.PIPE, stderr=err, env=dict(env or PYTHON_ENV), cwd=cwd
         )
     try:
-        assert process.stdout is not None
-        line = b""
-        with trio.fail_after(seconds):
-            while not line.endswith(b"\n"):
-                data = await process.stdout.receive_some(1)
-                if not data:
-                    await process.wait()
-                    raise RuntimeError(
-                        f"{argv[0]} exited ({process.returncode}) before listening: {_tail(log)}"
-                    )
-                line += data
+        try:
+            line = await stdout_line(process, seconds=seconds, ended=f"{argv[0]} said nothing")
+        except OutputEndedError:
+            await process.wait()
+            raise RuntimeError(
+                f"{argv[0]} exited ({process.returncode}) before listening: {_tail(log)}"
+            ) from None
         said_at = time.perf_counter_ns()
-        first, _, rest = line.decode().strip().partition(" ")
+        first, _, rest = line.partition(" ")
         if first != word:
             raise RuntimeError(f"{argv[0]} said {line!r}, not '{word} ...'")
         yield Started(process, rest, spawned, said_at)

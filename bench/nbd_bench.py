@@ -104,6 +104,7 @@ from bench.common import (
     ratio,
     run_tool,
     serving_unix,
+    stdout_line,
     sync_file,
     table,
 )
@@ -394,15 +395,10 @@ def tls_requests(plan: Plan, phase: str) -> int:
 
 async def _metrics_url(gateway: trio.Process) -> str:
     """The URL csnap-nbd prints on its "metrics URL" line, after "listening"."""
-    assert gateway.stdout is not None
-    line = b""
-    with trio.fail_after(30):
-        while not line.endswith(b"\n"):
-            data = await gateway.stdout.receive_some(1)
-            if not data:
-                raise RuntimeError("csnap-nbd ended before printing its metrics URL")
-            line += data
-    word, _, url = line.decode().strip().partition(" ")
+    line = await stdout_line(
+        gateway, seconds=30, ended="csnap-nbd ended before printing its metrics URL"
+    )
+    word, _, url = line.partition(" ")
     if word != "metrics":
         raise RuntimeError(f"csnap-nbd said {line!r}, not 'metrics URL'")
     return url
