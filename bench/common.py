@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
@@ -281,6 +282,19 @@ class Started:
     @property
     def pid(self) -> int:
         return self.process.pid
+
+
+def scrape(metrics_url: str) -> dict[str, float]:
+    """Every sample a Prometheus text endpoint serves: its name with its
+    labels, as written (`csnapd_requests_total{type="query_owned"}`), to its value."""
+    with urllib.request.urlopen(metrics_url, timeout=10) as response:
+        text = response.read().decode()
+    samples = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            samples[name] = float(value)
+    return samples
 
 
 class OutputEndedError(RuntimeError):

@@ -83,7 +83,6 @@ import re
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -103,6 +102,7 @@ from bench.common import (
     progress,
     ratio,
     run_tool,
+    scrape,
     serving_unix,
     stdout_line,
     sync_file,
@@ -406,14 +406,11 @@ async def _metrics_url(gateway: trio.Process) -> str:
 
 def _gateway_requests(metrics_url: str, command: str) -> int:
     """NBD requests of `command` (read, write...) the gateway has read, every export."""
-    with urllib.request.urlopen(metrics_url, timeout=10) as response:
-        text = response.read().decode()
-    total = 0
-    for line in text.splitlines():
-        name, _, value = line.rpartition(" ")
-        if name.startswith("csnap_nbd_requests_total{") and f'command="{command}"' in name:
-            total += int(float(value))
-    return total
+    return sum(
+        int(value)
+        for name, value in scrape(metrics_url).items()
+        if name.startswith("csnap_nbd_requests_total{") and f'command="{command}"' in name
+    )
 
 
 async def _tls_phase_seconds(

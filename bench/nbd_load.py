@@ -36,9 +36,7 @@ def main(argv: list[str]) -> int:
             failed.append(int(value))  # type: ignore[call-overload]
         return 1  # retire the command at once
 
-    buffer = nbd.Buffer(size)
-    if kind == "write":
-        buffer = nbd.Buffer.from_bytearray(bytearray(b"\x5a" * size))
+    buffer = nbd.Buffer.from_bytearray(bytearray(b"\x5a" * size))  # what writes write
     started = time.perf_counter()
     handle = nbd.NBD()
     # The URI names the client's certificate directory (tls-certificates=),

@@ -59,7 +59,6 @@ import socket
 import statistics
 import sys
 import time
-import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
@@ -69,7 +68,7 @@ from typing import Any
 
 import trio
 
-from bench.common import Part, cpu_ns, listening, progress, rss_kib, scratch_directory
+from bench.common import Part, cpu_ns, listening, progress, rss_kib, scrape, scratch_directory
 from csnap_client import AdminClient, Connector, DataClient, open_admin, open_client, tcp_connector
 from csnap_common.credentials import ROLE_ADMIN, client_context, store_credentials
 from csnap_format.mkcsnap import format_store
@@ -160,12 +159,10 @@ class Server:
     def _counter(self, names: tuple[str, ...]) -> int | None:
         if self.metrics_url is None:
             return None
-        with urllib.request.urlopen(self.metrics_url, timeout=10) as response:
-            text = response.read().decode()
-        for line in text.splitlines():
-            name, _, value = line.rpartition(" ")
-            if name in names:
-                return int(float(value))
+        samples = scrape(self.metrics_url)
+        for name in names:
+            if name in samples:
+                return int(samples[name])
         return None
 
     @property
