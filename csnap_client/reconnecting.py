@@ -17,6 +17,7 @@ import itertools
 import logging
 import math
 import random
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -282,6 +283,38 @@ class ReconnectingClient:
                 await session.request(Keepalive(next(self._ids)))
             except (ConnectionLostError, ServerError):
                 return
+
+    def rewrite_window(self) -> tuple[bytearray, float] | None:
+        """may_write_now for a run of writes made without an await: the
+        bitmap of origin chunks known unique (bit `c % 8` of byte `c // 8`),
+        and the lease deadline as a `time.perf_counter()` value, which the
+        caller compares with the clock before each write. None: nothing
+        may be written from memory now. Both hold only until the caller's
+        next await (a barrier or a new session changes them); the caller
+        counts what it wrote with wrote_now.
+        """
+        bits, session = self._unique, self._session
+        if bits is None or session is None or session.closed.is_set():
+            return None
+        deadline = self.lease_window()
+        if not time.perf_counter() < deadline:
+            return None
+        return bits, deadline
+
+    def lease_window(self) -> float:
+        """The lease deadline of what the current session answered, as a
+        `time.perf_counter()` value, for a caller that checks it without
+        an await in between (-inf: nothing it answered is trusted)."""
+        deadline = self.lease_deadline(self._session)
+        if deadline in (math.inf, -math.inf):
+            return deadline
+        # trio's clock is perf_counter() plus an offset: the same instant
+        # on the clock the caller can read without trio's machinery.
+        return deadline - trio.current_time() + time.perf_counter()
+
+    def wrote_now(self, writes: int) -> None:
+        """`writes` writes went ahead from rewrite_window's answer."""
+        self.remembered_grants += writes
 
     def lease_deadline(self, session: Session | None) -> float:
         """trio.current_time() until which what `session` answered is trusted."""

@@ -38,6 +38,7 @@ from csnap_nbd.exports import Exports
 from csnap_nbd.gathered import GatheredWrites, RefillWait
 from csnap_nbd.negotiation import Negotiated
 from csnap_nbd.replies import Budget, ReplyWriter
+from csnap_nbd.runs import Runs
 from csnap_nbd.settings import Settings
 from csnap_nbd.stats import ExportStats
 from csnap_nbd.wire import NbdProtocolError
@@ -104,6 +105,10 @@ class Transmission:
         #: After a batch is confirmed, its refill is waited for as for writes.
         self._confirm_refill = RefillWait(self._in_flight, self._confirm_batch_full)
         self._reading = trio.CancelScope()
+        #: Small reads and rewrites answered in runs, straight from the receive buffer.
+        self._runs = Runs(
+            conn, self.path, self.shape, self._writer, self._budget, self.stats, _REPLY_COST
+        )
 
     def _in_flight(self) -> int:
         return self.settings.max_in_flight - self._slots.value
@@ -163,7 +168,9 @@ class Transmission:
         counts = self.stats.requests
         writer = self._writer
         writer.reader = trio.lowlevel.current_task()
+        answer_runs = self._runs.answer if self._runs.commands else _no_runs
         while True:
+            answer_runs()
             # Without an await when the header is already received: most
             # requests at a queue depth above one come several to a receive.
             req = conn.parse_now(header_size, tx.parse_request)
@@ -454,6 +461,11 @@ class _Reply:
             self.transmission._error(self.req, error, message, self.held)
         else:
             log.warning("%s failed after its reply: %s", _name(self.req.command), message)
+
+
+def _no_runs() -> int:
+    """Runs.answer for a connection that has none."""
+    return 0
 
 
 def _name(command: int) -> str:

@@ -66,6 +66,12 @@ class Connection:
         self._unwaited = 0
 
     @property
+    def received(self) -> bytearray:
+        """The bytes received that no read has taken yet, to parse in place
+        (csnap_nbd.runs); whoever takes some deletes them from its front."""
+        return self._buffer
+
+    @property
     def buffered(self) -> int:
         """Bytes received from the peer that no read has taken yet."""
         return len(self._buffer)

@@ -70,6 +70,7 @@ class GatewayMetrics(ScrapeCollector):
             ["export"],
             [((name,), export.written_bytes) for name, export in exports],
         )
+        yield from _runs(exports)
         yield labelled_histogram(
             "csnap_nbd_request_duration_seconds",
             "Seconds from reading a request to queueing its reply, by export and command"
@@ -81,6 +82,24 @@ class GatewayMetrics(ScrapeCollector):
                 for command, observed in export.latency.items()
             ],
         )
+
+
+def _runs(exports: list[tuple[str, ExportStats]]) -> Iterator[Metric]:
+    """Requests answered in runs (csnap_nbd.runs), by export."""
+    yield labelled_counter(
+        "csnap_nbd_run_writes",
+        "WRITEs of chunks known unique answered in a run straight from the"
+        " receive buffer, by export (counted in csnap_nbd_requests_total too)",
+        ["export"],
+        [((name,), export.run_writes) for name, export in exports],
+    )
+    yield labelled_counter(
+        "csnap_nbd_run_reads",
+        "READs answered in a run straight from the receive buffer, by export"
+        " (counted in csnap_nbd_requests_total too)",
+        ["export"],
+        [((name,), export.run_reads) for name, export in exports],
+    )
 
 
 def _requests(exports: list[tuple[str, ExportStats]]) -> Iterator[Metric]:

@@ -68,6 +68,13 @@ class ReplyWriter:
         #: Set when a send failed: the client is gone.
         self.broken = trio.Event()
 
+    @property
+    def queued(self) -> list[_Queued]:
+        """The replies queued and not yet taken for a send: the reader may
+        append to it (csnap_nbd.runs), as put() would from the reader, until
+        its next await."""
+        return self._queue
+
     def put(self, header: bytes, data: bytes | bytearray | memoryview = b"", held: int = 0) -> None:
         """Queue one reply (never waits); `held` budget is released once it is sent."""
         if self.broken.is_set():

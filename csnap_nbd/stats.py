@@ -12,8 +12,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from csnap_common.latency import Histogram
+from csnap_nbd.wire.constants import Command
 
 __all__ = ["ExportStats", "GatewayStats"]
+
+_READ = int(Command.READ)
 
 
 @dataclass(eq=False, slots=True)
@@ -28,6 +31,11 @@ class ExportStats:
     read_bytes: int = 0
     #: Bytes of WRITE data written.
     written_bytes: int = 0
+    #: WRITEs answered in a run straight from the receive buffer
+    #: (csnap_nbd.runs), among those counted in `requests`.
+    run_writes: int = 0
+    #: READs answered in a run (csnap_nbd.runs), among those in `requests`.
+    run_reads: int = 0
     #: Connections in transmission on this export now.
     connections: int = 0
     #: Seconds from reading a request to queueing its reply, by command
@@ -37,6 +45,16 @@ class ExportStats:
 
     def request(self, command: int) -> None:
         self.requests[command] = self.requests.get(command, 0) + 1
+
+    def ran(self, command: int, answered: int, size: int) -> None:
+        """A run answered `answered` READs or WRITEs of `size` bytes in all."""
+        self.requests[command] = self.requests.get(command, 0) + answered
+        if command == _READ:
+            self.read_bytes += size
+            self.run_reads += answered
+        else:
+            self.written_bytes += size
+            self.run_writes += answered
 
     def error(self, errno: str) -> None:
         self.errors[errno] = self.errors.get(errno, 0) + 1

@@ -82,6 +82,8 @@ class Gateway:
     tcp: str
     #: The gateway's Unix socket.
     socket: Path
+    #: Its metrics endpoint's URL, when started with --metrics.
+    metrics: str | None = None
 
     def url(self, export: str = "origin", *, unix: bool = False) -> str:
         if unix:
@@ -166,12 +168,14 @@ async def start_gateway(
     process = await trio.lowlevel.open_process(argv, stdout=subprocess.PIPE, stderr=err, env=env)
     err.close()
     listeners = sum(1 for a in extra if a in ("--listen", "--unix")) or 1
-    text = await ready_lines(process, listeners, "csnap-nbd", log)
+    metrics = sum(1 for a in extra if a == "--metrics")
+    text = await ready_lines(process, listeners + metrics, "csnap-nbd", log)
     urls = []
     for line in text.splitlines():
         word, _, url = line.partition(" ")
-        assert word == "listening", line
-        urls.append(url)
+        assert word in ("listening", "metrics"), line
+        # The metrics URL comes last (Gateway.metrics).
+        urls.append(url if word == "listening" else f"metrics {url}")
     return Daemon(process, urls[0], log), urls
 
 
@@ -218,8 +222,18 @@ async def gateway(
             server=f"127.0.0.1:{port}",
         )
         tcp = next(u for u in urls if u.startswith(("nbd://", "nbds://")))
+        metrics = next((u.split(" ", 1)[1] for u in urls if u.startswith("metrics ")), None)
         running = Gateway(
-            directory, store, origin, csnapd, port, nbd, directory / "nbd.log", tcp, socket_path
+            directory,
+            store,
+            origin,
+            csnapd,
+            port,
+            nbd,
+            directory / "nbd.log",
+            tcp,
+            socket_path,
+            metrics,
         )
         yield running
     finally:
