@@ -170,7 +170,12 @@ class Transmission:
         writer.reader = trio.lowlevel.current_task()
         answer_runs = self._runs.answer if self._runs.commands else _no_runs
         while True:
-            answer_runs()
+            if answer_runs():
+                # What has come of the next request is one a run takes:
+                # wait for the rest, and take it in the next run.
+                writer.send_now()
+                await conn.fill()
+                continue
             # Without an await when the header is already received: most
             # requests at a queue depth above one come several to a receive.
             req = conn.parse_now(header_size, tx.parse_request)
@@ -195,12 +200,7 @@ class Transmission:
             if not budget.acquire_now(held):
                 writer.send_now()
                 await budget.acquire(held)
-            payload: bytearray | None = None
-            if command == _WRITE:
-                payload = BUFFERS.take(req.length)
-                if not conn.receive_now(payload):
-                    writer.send_now()
-                    await conn.receive_into(payload)
+            payload = await self._payload(req) if command == _WRITE else None
             refusal = tx.check_request(req, self.shape)
             if refusal is not None:
                 self._error(req, refusal.error, refusal.message, held)
@@ -211,6 +211,14 @@ class Transmission:
             if self._served_later(req, payload, held, nursery):
                 continue
             nursery.start_soon(self._serve, req, payload, held)
+
+    async def _payload(self, req: tx.Request) -> bytearray:
+        """The data of a WRITE, received whole."""
+        payload = BUFFERS.take(req.length)
+        if not self.conn.receive_now(payload):
+            self._writer.send_now()
+            await self.conn.receive_into(payload)
+        return payload
 
     async def _take_slot(self) -> None:
         # Without a checkpoint while one is free: the request reaches its
@@ -463,9 +471,9 @@ class _Reply:
             log.warning("%s failed after its reply: %s", _name(self.req.command), message)
 
 
-def _no_runs() -> int:
+def _no_runs() -> bool:
     """Runs.answer for a connection that has none."""
-    return 0
+    return False
 
 
 def _name(command: int) -> str:

@@ -29,6 +29,8 @@ _Parsed = TypeVar("_Parsed")
 
 #: Most bytes asked of the socket per receive for headers and small data.
 _RECEIVE = 1 << 16
+#: Replies of at most this many bytes in all are joined into one before a send.
+_JOINED = 1 << 16
 #: Replies at most this long are joined into one send; longer data is sent
 #: after its header without copying it.
 _JOIN = 1 << 16
@@ -75,6 +77,10 @@ class Connection:
     def buffered(self) -> int:
         """Bytes received from the peer that no read has taken yet."""
         return len(self._buffer)
+
+    async def fill(self) -> None:
+        """Receive more (at least one byte, or PeerClosedError)."""
+        await self._fill()
 
     async def _fill(self) -> None:
         if self._fd < 0:
@@ -212,6 +218,10 @@ class Connection:
         return self._send_direct(parts)
 
     def _send_direct(self, parts: Sequence[bytes | bytearray | memoryview]) -> list[memoryview]:
+        if len(parts) > 1 and sum(map(len, parts)) <= _JOINED:
+            # Many small replies (a run's): one copy costs less than a
+            # memoryview and a step of the loop below for each.
+            parts = [b"".join(parts)]
         views = [memoryview(p).cast("B") for p in parts if len(p)]
         try:
             while views:

@@ -97,27 +97,45 @@ class Runs:
             command for command, fd in ((_READ, self._source), (_WRITE, self._origin)) if fd >= 0
         )
 
-    def answer(self) -> int:
+    def answer(self) -> bool:
         """Answer the run at the head of the receive buffer and take it out
-        of it; how many requests were answered."""
+        of it. True: what is left has not all come, and as far as it has,
+        it is a request a run may take (receive more and answer again)."""
         received = self._conn.received
         end = len(received)
-        if end < _HEADER or self._writer.broken.is_set():
-            return 0
+        if end < _HEADER:
+            return True
+        if self._writer.broken.is_set():
+            return False
         # The cheapest look first: most requests that end a run are neither.
         if _COMMAND.unpack_from(received, 6)[0] not in self.commands:
-            return 0
-        at = answered = 0
+            return False
+        at = 0
         with memoryview(received) as view:
             while True:
                 writes, at = self._writes(view, at, end)
                 reads, at = self._reads(received, at, end)
                 if not writes and not reads:
                     break
-                answered += writes + reads
         if at:
             del received[:at]
-        return answered
+        return self._incomplete(received)
+
+    def _incomplete(self, received: bytearray) -> bool:
+        """Whether the head of `received` is a part of a request a run may
+        take: a header not whole, or a plain small WRITE without all its data
+        (the usual path would wait for it too, then take it the long way)."""
+        if len(received) < _HEADER:
+            return True
+        magic, flags, command, _, _, length = tx.REQUEST.unpack_from(received)
+        return (
+            command == _WRITE
+            and self._origin >= 0
+            and magic == REQUEST_MAGIC
+            and not flags
+            and 0 < length <= INLINE_BYTES
+            and len(received) - _HEADER < length
+        )
 
     def _writes(self, view: memoryview, at: int, end: int) -> tuple[int, int]:
         """Answer the rewrites from `at` on; how many, and where they end."""
