@@ -60,6 +60,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
 
@@ -255,6 +256,30 @@ class DataClient(SnapshotWrites):
         if owned.ahead:
             self._read_ahead(owned, chunk, 1)
         return store
+
+    def owned_window(self) -> tuple[OwnedMap, float] | None:
+        """owned_store_chunk for a run of reads made without an await: the
+        owned map and the lease deadline on `time.perf_counter()`'s clock,
+        which the caller compares with the clock after each read. None:
+        the map may not be used now. For each chunk it places, the caller
+        calls owned_placed(map, chunk) when the map's `ahead` is not empty,
+        and counts its reads with owned_read_now; all before its next await.
+        """
+        owned = self._owned
+        if owned is None:
+            return None
+        deadline = self.lease_window()
+        if not time.perf_counter() < deadline:
+            return None
+        return owned, deadline
+
+    def owned_placed(self, owned: OwnedMap, chunk: int) -> None:
+        """A read of `chunk` placed by owned_window's map (read-ahead's cue)."""
+        self._read_ahead(owned, chunk, 1)
+
+    def owned_read_now(self, reads: int) -> None:
+        """`reads` reads were placed by owned_window's map."""
+        self.owned_reads += reads
 
     def knows_owned(self, chunk: int) -> bool:
         """Whether the owned map places snapshot chunk `chunk` in the store

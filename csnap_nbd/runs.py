@@ -38,6 +38,7 @@ import time
 from struct import Struct
 
 from csnap_client.client import DataClient
+from csnap_client.owned import OwnedMap
 from csnap_nbd.backing import INLINE_BYTES
 from csnap_nbd.connection import Connection
 from csnap_nbd.datapath import DataPath, OriginPath, SnapshotPath
@@ -194,8 +195,10 @@ class Runs:
         budget, queue, reply_cost = self._budget, self._writer.queued, self._reply_cost
         used, limit = budget.used, budget.limit
         size, structured = self._size, self._structured
-        place = self._owned_position if self._owned else None
-        deadline = self._client.lease_window() if self._owned else 0.0
+        window = self._client.owned_window() if self._owned else (None, 0.0)
+        if window is None:
+            return 0, at
+        owned, deadline = window
         header, pread, clock = tx.REQUEST.unpack_from, os.pread, time.perf_counter
         sent = answered = 0
         while end - at >= _HEADER:
@@ -210,14 +213,14 @@ class Runs:
                 or (used and used + held > limit)
             ):
                 break
-            position = offset if place is None else place(offset, length)
+            position = offset if owned is None else self._owned_position(owned, offset, length)
             if position < 0:
                 break
             try:
                 data = pread(source, length, position)
             except OSError:
                 break  # the usual path reads it again and reports the error
-            if len(data) != length or (place is not None and not clock() < deadline):
+            if len(data) != length or (owned is not None and not clock() < deadline):
                 break
             if structured:
                 reply = tx.offset_data_header(cookie, offset, length, done=True)
@@ -231,13 +234,19 @@ class Runs:
         if answered:
             budget.used = used
             self._stats.ran(_READ, answered, sent)
+            if owned is not None:
+                self._client.owned_read_now(answered)
         return answered, at
 
-    def _owned_position(self, offset: int, length: int) -> int:
+    def _owned_position(self, owned: OwnedMap, offset: int, length: int) -> int:
         """Where in the store bytes offset..offset+length-1 of the snapshot
-        are, if within one chunk the owned map places; else -1."""
+        are, if within one chunk `owned` places; else -1."""
         chunk, within = divmod(offset, self._chunk_size)
         if within + length > self._chunk_size:
             return -1
-        store = self._client.owned_store_chunk(chunk)
-        return -1 if store < 0 else store * self._chunk_size + within
+        store = owned.store_chunk(chunk)
+        if store < 0:
+            return -1
+        if owned.ahead:
+            self._client.owned_placed(owned, chunk)
+        return store * self._chunk_size + within
