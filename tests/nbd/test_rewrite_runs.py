@@ -188,3 +188,29 @@ async def test_a_snapshot_taken_between_runs_keeps_what_the_runs_wrote_before_it
         await origin.client.aclose()
         await snapshot.aclose()
     await csnap_check(gw.store)
+
+
+async def test_broken_framing_after_a_run_ends_the_connection_after_its_answers(
+    tmp_path: Path,
+) -> None:
+    async with gateway(tmp_path, image=IMAGE) as gw:
+        origin = await _origin(gw)
+        await origin.packet([_rewrite(chunk) for chunk in range(8)])
+        out = bytearray()
+        for chunk in range(8):
+            cookie = 100 + chunk
+            out += tx.request(Command.WRITE, cookie, chunk * CHUNK + 512, 256)
+            out += _payload(cookie, 256)
+            origin.model[chunk * CHUNK + 512 : chunk * CHUNK + 768] = _payload(cookie, 256)
+        # A request header with a bad magic: the framing is lost.
+        out += b"\x00" * tx.REQUEST.size
+        await origin.client.send(bytes(out))
+        answered = {(await origin.client.answer()).cookie for _ in range(8)}
+        assert answered == set(range(100, 108))
+        assert await origin.client.closed()
+        # Everyone else, this client's next connection included, goes on.
+        again = await _origin(gw)
+        again.model = origin.model
+        assert await again.read_all() == bytes(origin.model)
+        await again.client.aclose()
+    await csnap_check(gw.store)
