@@ -293,8 +293,8 @@ class ReconnectingClient:
         next await (a barrier or a new session changes them); the caller
         counts what it wrote with wrote_now.
         """
-        bits, session = self._unique, self._session
-        if bits is None or session is None or session.closed.is_set():
+        bits = self._unique_now()
+        if bits is None:
             return None
         deadline = self.lease_window()
         if not time.perf_counter() < deadline:
@@ -410,9 +410,8 @@ class ReconnectingClient:
 
     def _known_unique(self, ranges: Ranges) -> bool:
         """Whether every chunk of `ranges` is known unique (a write may go ahead)."""
-        bits = self._unique
-        session = self._session
-        if bits is None or session is None or session.closed.is_set():
+        bits = self._unique_now()
+        if bits is None:
             return False
         for start, count in ranges:
             if start < 0 or count < 1 or start + count > len(bits) * 8:
@@ -421,6 +420,14 @@ class ReconnectingClient:
                 if not bits[chunk >> 3] & (1 << (chunk & 7)):
                     return False
         return True
+
+    def _unique_now(self) -> bytearray | None:
+        """The bitmap of chunks known unique, while a session that answered
+        it is open; else None (nothing is known unique)."""
+        session = self._session
+        if session is None or session.closed.is_set():
+            return None
+        return self._unique
 
     def _notify(self) -> None:
         self._changed.set()

@@ -29,9 +29,8 @@ _Parsed = TypeVar("_Parsed")
 
 #: Most bytes asked of the socket per receive for headers and small data.
 _RECEIVE = 1 << 16
-#: Replies of at most this many bytes in all are joined into one before a send.
-_JOINED = 1 << 16
-#: Replies at most this long are joined into one send; longer data is sent
+#: Replies at most this long are joined into one send, and so are replies
+#: of at most this many bytes in all sent together; longer data is sent
 #: after its header without copying it.
 _JOIN = 1 << 16
 #: Most buffers one vectored send carries (Linux's IOV_MAX is 1024).
@@ -191,7 +190,8 @@ class Connection:
         """Send `parts` back to back as one unit on the stream.
 
         On a plain socket they go by sendmsg, without being copied into one
-        buffer first; over TLS they are joined (the record layer copies anyway).
+        buffer first unless they are _JOIN bytes or less in all; over TLS they
+        are joined (the record layer copies anyway).
         """
         async with self._send_lock:
             if self._fd < 0:
@@ -218,7 +218,7 @@ class Connection:
         return self._send_direct(parts)
 
     def _send_direct(self, parts: Sequence[bytes | bytearray | memoryview]) -> list[memoryview]:
-        if len(parts) > 1 and sum(map(len, parts)) <= _JOINED:
+        if len(parts) > 1 and sum(map(len, parts)) <= _JOIN:
             # Many small replies (a run's): one copy costs less than a
             # memoryview and a step of the loop below for each.
             parts = [b"".join(parts)]

@@ -50,7 +50,8 @@ from csnap_nbd.wire.constants import REQUEST_MAGIC, SIMPLE_REPLY_MAGIC, Command,
 __all__ = ["Runs"]
 
 _HEADER = tx.REQUEST.size
-_COMMAND = Struct(">H")
+#: A request's command and length, from its byte 6 on (cookie and offset skipped).
+_COMMAND_LENGTH = Struct(">H16xI")
 _READ = int(Command.READ)
 _WRITE = int(Command.WRITE)
 _READ_ONLY = int(TransmissionFlag.READ_ONLY)
@@ -108,8 +109,10 @@ class Runs:
             return True
         if self._writer.broken.is_set():
             return False
-        # The cheapest look first: most requests that end a run are neither.
-        if _COMMAND.unpack_from(received, 6)[0] not in self.commands:
+        # The cheapest look first: most requests that end a run are neither
+        # a command nor a length a run takes.
+        command, length = _COMMAND_LENGTH.unpack_from(received, 6)
+        if command not in self.commands or length > INLINE_BYTES:
             return False
         at = 0
         with memoryview(received) as view:
